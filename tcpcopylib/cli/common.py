@@ -1,0 +1,178 @@
+"""The Tool base class: shared flags, stream I/O, errors -> exit codes, signals.
+
+Every tc-* tool subclasses Tool, adds its own arguments and implements run(args).
+Library code raises tcpcopylib.errors.TcError subclasses; only Tool.main() turns them
+into a one-line message on stderr and an exit status (see tcpcopy(7), EXIT STATUS).
+
+Keep this module light: tools import dpkt, pcapy, sockets etc. inside run(), so that
+`tc-dump --version` starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from tcpcopylib import __version__
+from tcpcopylib.errors import EX_FAIL, EX_OK, EX_USAGE, NoInputError, TcError
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; sources stop cleanly, filters exit 130/143."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+class Tool:
+    name = "tc-?"
+    summary = ""
+    epilog = None
+    #: sources (tc-readpcap, tc-capture) exit 0 after a Ctrl-C, like tcpdump
+    interrupt_is_success = False
+    #: tools that write records to stdout refuse a terminal there
+    writes_records = True
+
+    def __init__(self, stdout_fd: int | None = None, stderr=None):
+        self.stdout_fd = sys.stdout.fileno() if stdout_fd is None else stdout_fd
+        self.stderr = stderr if stderr is not None else sys.stderr
+        self.started = time.monotonic()
+        self.args = None
+
+    # -- to override -------------------------------------------------------------
+    def add_arguments(self, parser) -> None:
+        pass
+
+    def run(self, args) -> int | None:
+        raise NotImplementedError
+
+    def stats_line(self) -> str | None:
+        """One-line summary for --stats and SIGUSR1; None if the tool has none."""
+        return None
+
+    # -- shared ------------------------------------------------------------------
+    def build_parser(self):
+        import argparse
+
+        p = argparse.ArgumentParser(
+            prog=self.name, description=self.summary, epilog=self.epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("-V", "--version", action="version",
+                       version=f"%(prog)s (tcpcopylib) {__version__}")
+        p.add_argument("-v", "--verbose", action="count", default=0,
+                       help="more detail on stderr; -vv also shows tracebacks")
+        p.add_argument("--stats", action="store_true",
+                       help="print a summary line on stderr at exit")
+        self.add_arguments(p)
+        return p
+
+    def warn(self, msg: str) -> None:
+        print(f"{self.name}: {msg}", file=self.stderr, flush=True)
+
+    def info(self, msg: str, level: int = 1) -> None:
+        if self.args is not None and self.args.verbose >= level:
+            self.warn(msg)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def open_input(self, path: str) -> int:
+        """An fd for a named input ('-' = stdin); missing file -> NoInputError (66)."""
+        if path == "-":
+            return sys.stdin.fileno()
+        try:
+            return os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise NoInputError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise NoInputError(f"{path}: is a directory") from None
+        except PermissionError:
+            raise NoInputError(f"{path}: permission denied") from None
+
+    def record_writer(self, hdr: dict):
+        from tcpcopylib.records import RecordWriter
+
+        return RecordWriter(self.stdout_fd, hdr)
+
+    def _print_stats(self, *_):
+        line = self.stats_line()
+        if line:
+            self.warn(line)
+
+    def main(self, argv=None) -> int:
+        parser = self.build_parser()
+        args = parser.parse_args(argv)
+        self.args = args
+        if self.writes_records and os.isatty(self.stdout_fd) and not getattr(
+                args, "allow_tty", False):
+            self.warn("error: refusing to write a binary record stream to a terminal; "
+                      "pipe it into tc-dump or another tc-* tool")
+            return EX_USAGE
+        signal.signal(signal.SIGTERM, _raise_interrupted)
+        signal.signal(signal.SIGINT, _raise_interrupted)
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, self._print_stats)
+        status = EX_FAIL
+        try:
+            try:
+                status = self.run(args) or EX_OK
+            finally:
+                # Ignore a second signal while we wrap up.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        except Interrupted as e:
+            status = EX_OK if self.interrupt_is_success else 128 + e.signum
+        except BrokenPipeError:
+            return self._die_of_sigpipe()
+        except TcError as e:
+            self.warn(f"error: {e}")
+            status = e.exit_code
+        except OSError as e:
+            if e.errno == 32:  # EPIPE surfacing as a plain OSError
+                return self._die_of_sigpipe()
+            if args.verbose >= 2:
+                raise
+            self.warn(f"error: {e}")
+            status = EX_FAIL
+        except Exception as e:  # noqa: BLE001 - the last line of defence: no tracebacks
+            if args.verbose >= 2:
+                raise
+            self.warn(f"error: {type(e).__name__}: {e} (-vv for a traceback)")
+            status = EX_FAIL
+        if args.stats:
+            self._print_stats()
+        return status
+
+    def _die_of_sigpipe(self) -> int:
+        """Downstream closed the pipe: exit quietly with 141, as C filters do."""
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stdout_fd)
+        except OSError:
+            pass
+        if self.stdout_fd == 1:
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGPIPE)
+        return 141
+
+
+def run_tool(tool_cls, argv=None) -> int:
+    return tool_cls().main(argv)
+
+
+class NotBuiltTool(Tool):
+    """Placeholder for a tool of the family that is not implemented yet (exit 69)."""
+
+    writes_records = False
+
+    def run(self, args):
+        from tcpcopylib.errors import NotBuiltError
+
+        raise NotBuiltError(f"{self.name} is not implemented yet in tcpcopylib {__version__}")
