@@ -47,3 +47,17 @@ def tool_env():
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
     env.pop("PYTHONUNBUFFERED", None)
     return env
+
+
+@pytest.fixture
+def lab(request):
+    """A fresh namespace lab (tcpcopylib.lab.Lab, ~0.5 s), always torn down.
+
+    Parametrize indirectly with a dict of Lab() keyword arguments, e.g.
+    ``@pytest.mark.parametrize("lab", [{"without_target_route": True}], indirect=True)``.
+    """
+    from tcpcopylib.lab import Lab
+
+    kw = getattr(request, "param", None) or {}
+    with Lab(**kw) as the_lab:
+        yield the_lab
