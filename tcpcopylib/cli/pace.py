@@ -1,11 +1,97 @@
-"""tc-pace: not implemented yet."""
+"""tc-pace: release records at their recorded pace, reshaped by speed, gap clamp, rate cap, delay."""
 
-from tcpcopylib.cli.common import NotBuiltTool
+from tcpcopylib.cli.common import Tool as BaseTool
+from tcpcopylib.errors import UsageError
 
 
-class Tool(NotBuiltTool):
+def _number(kind, low, inclusive):
+    def parse(text):
+        import argparse
+
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (v >= low if inclusive else v > low) or v != v or v == float("inf"):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>=' if inclusive else '>'} {low}: {text!r}")
+        return v
+    return parse
+
+
+class Tool(BaseTool):
     name = "tc-pace"
-    summary = "(not implemented yet)"
+    summary = ("Release records when due: at the recorded pace, reshaped by --speed and "
+               "--max-gap, capped by --rate, shifted by --delay. Records without a ts pass "
+               "through in order.")
+
+    def __init__(self, *a, clock=None, sleep=None, **kw):
+        super().__init__(*a, **kw)
+        self.clock, self.sleep = clock, sleep
+        self.records_in = self.records_out = 0
+        self.pacer = None
+
+    def add_arguments(self, p):
+        p.add_argument("input", nargs="?", default="-", metavar="FILE",
+                       help="record stream to read (default: stdin)")
+        p.add_argument("--speed", type=_number(float, 0, False), default=1.0, metavar="F",
+                       help="replay F times faster (F < 1: slower); default 1")
+        p.add_argument("--max-gap", type=_number(float, 0, True), metavar="S",
+                       help="shorten gaps between consecutive timestamps to S seconds "
+                            "(recording time, before --speed)")
+        p.add_argument("--rate", type=_number(float, 0, False), metavar="N",
+                       help="release at most N timed records per second (queue, never drop)")
+        p.add_argument("--delay", type=_number(float, 0, True), default=0.0, metavar="MS",
+                       help="add MS milliseconds of latency to every timed record")
+        p.add_argument("--keep-ts", action="store_true",
+                       help="leave ts as read instead of rewriting it to the planned release time")
+
+    def run(self, args):
+        import time
+
+        from tcpcopylib.pacing import Pacer
+        from tcpcopylib.records import RecordReader, RecordWriter, header, merged_header
+
+        try:
+            self.pacer = pacer = Pacer(
+                speed=args.speed, max_gap=args.max_gap, rate=args.rate,
+                delay=args.delay / 1000.0,
+                clock=self.clock or time.monotonic_ns, sleep=self.sleep or time.sleep)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        fd = self.open_input(args.input)
+        name = "<stdin>" if args.input == "-" else args.input
+        writer = None
+
+        def flush():
+            if writer is not None:
+                writer.flush()
+
+        reader = RecordReader(fd, on_idle=flush, headers=True, name=name)
+        release, keep_ts = pacer.release, args.keep_ts
+        try:
+            for rec in reader:
+                if rec.get("t") == "header" and reader.records == self.records_in:
+                    # a section header (not a record that happens to say "header")
+                    hdr = merged_header(self.name, rec)
+                    if writer is None:
+                        writer = RecordWriter(self.stdout_fd, hdr)
+                    else:
+                        writer.new_section(hdr)
+                    continue
+                self.records_in += 1
+                writer.write(release(rec, writer.flush, keep_ts))
+                self.records_out += 1
+        finally:
+            flush()  # what was released before an error or a signal still goes out
+        if writer is None:  # empty input: still write a valid (empty) stream
+            RecordWriter(self.stdout_fd, header(self.name)).flush()
+
+    def stats_line(self):
+        p = self.pacer
+        late = 0.0 if p is None else p.max_late_ns / 1e6
+        return (f"records in {self.records_in} out {self.records_out}, "
+                f"max lateness {late:.3f} ms, elapsed {self.elapsed():.3f} s")
 
 
 def main(argv=None):

@@ -1,0 +1,123 @@
+"""Release timed records on a schedule: the timing contract of DESIGN.md section 4.
+
+A record with an integer ``ts`` (ns) is due at ``anchor_wall + (ts - anchor_ts) / speed``,
+anchored at the first timed record seen. Options reshape that schedule:
+
+- ``max_gap`` (s, recording time): a jump between consecutive timestamps larger than this
+  (forwards or backwards) counts as exactly ``max_gap``; the anchor is shifted, so the rest
+  of the recording keeps its pace.
+- ``delay`` (s): added to every due time.
+- ``rate`` (records/s): releases are at least ``1/rate`` apart; records queue, never drop.
+
+Every release time is computed from an anchor (``anchor + n * interval``), never by adding
+up sleeps, so oversleeping does not accumulate into drift. Records without an integer ``ts``
+are not paced. ``clock`` (ns, monotonic) and ``sleep`` (s) are injectable for tests.
+"""
+
+from __future__ import annotations
+
+import time
+
+NS = 1_000_000_000
+
+
+class Pacer:
+    def __init__(self, speed: float = 1.0, max_gap: float | None = None,
+                 rate: float | None = None, delay: float = 0.0,
+                 clock=time.monotonic_ns, sleep=time.sleep):
+        if not speed > 0:
+            raise ValueError("speed must be > 0")
+        if rate is not None and not rate > 0:
+            raise ValueError("rate must be > 0")
+        if max_gap is not None and not max_gap >= 0:
+            raise ValueError("max-gap must be >= 0")
+        if not delay >= 0:
+            raise ValueError("delay must be >= 0")
+        self.speed = speed
+        self.max_gap_ns = None if max_gap is None else round(max_gap * NS)
+        self.rate = rate
+        self.interval_ns = None if rate is None else NS / rate
+        self.delay_ns = round(delay * NS)
+        self.clock = clock
+        self.sleep = sleep
+        self.origin_ts: int | None = None   # first ts seen (for rewriting ts)
+        self.anchor_ts: int | None = None   # moves with max_gap clamping
+        self.anchor_wall: int | None = None
+        self.prev_ts: int | None = None
+        self._slot_base: int | None = None  # rate schedule: slot n = base + n * interval
+        self._slot_n = 0
+        # statistics
+        self.timed = 0
+        self.max_late_ns = 0
+        self.sleeps = 0
+
+    def due(self, ts: int, now: int) -> int:
+        """Clock time at which a record stamped ``ts`` is due (before delay and rate)."""
+        if self.anchor_ts is None:
+            self.origin_ts = self.anchor_ts = self.prev_ts = ts
+            self.anchor_wall = now
+        else:
+            limit = self.max_gap_ns
+            if limit is not None:
+                gap = ts - self.prev_ts
+                if gap > limit:
+                    self.anchor_ts += gap - limit
+                elif gap < -limit:
+                    self.anchor_ts += gap - limit
+            self.prev_ts = ts
+        offset = ts - self.anchor_ts
+        if self.speed != 1:
+            offset = round(offset / self.speed)
+        return self.anchor_wall + offset
+
+    def plan(self, ts: int, now: int) -> int:
+        """The planned release time of a record stamped ``ts`` that was read at ``now``."""
+        t = self.due(ts, now) + self.delay_ns
+        if self.interval_ns is None:
+            return t
+        base = self._slot_base
+        if base is not None:
+            slot = base + round(self._slot_n * self.interval_ns)
+            if t < slot:
+                if slot < now - self.interval_ns:
+                    # We fell behind the schedule (input stalled): restart it from now
+                    # rather than releasing a burst to catch up.
+                    self._slot_base, self._slot_n = now, 1
+                else:
+                    self._slot_n += 1
+                return slot
+        self._slot_base, self._slot_n = t, 1
+        return t
+
+    def release(self, rec: dict, flush=None, keep_ts: bool = False) -> dict:
+        """Wait until ``rec`` is due (calling ``flush`` before any sleep) and return it.
+
+        A timed record's ``ts`` is rewritten to its planned release time on the recording's
+        clock (``origin_ts + (planned - anchor_wall)``), unless ``keep_ts``; with no option
+        set that is the original ``ts``.
+        """
+        ts = rec.get("ts")
+        if type(ts) is not int:
+            return rec
+        clock = self.clock
+        now = clock()
+        planned = self.plan(ts, now)
+        if planned > now:
+            if flush is not None:
+                flush()
+            sleep = self.sleep
+            for _ in range(1000):  # sleep() may return early (signals); bounded anyway
+                sleep((planned - now) / NS)
+                self.sleeps += 1
+                now = clock()
+                if now >= planned:
+                    break
+        self.timed += 1
+        late = now - planned
+        if late > self.max_late_ns:
+            self.max_late_ns = late
+        if not keep_ts:
+            new_ts = self.origin_ts + (planned - self.anchor_wall)
+            if new_ts != ts:
+                rec["ts"] = new_ts
+        return rec

@@ -1,0 +1,265 @@
+"""tc-pace: the schedule of every option (fake clock), and real-clock behaviour of the tool."""
+
+import importlib.util
+import os
+import random
+import select
+import subprocess
+import time
+
+import cbor2
+import pytest
+
+from tc import BIN, REPO, decode, env, run, stream
+from tcpcopylib.pacing import NS, Pacer
+
+S = NS
+MS = NS // 1000
+T0 = 1_700_000_000 * NS  # an epoch timestamp, like a capture's
+
+
+class FakeClock:
+    """A monotonic ns clock that only moves when slept on (optionally oversleeping)."""
+
+    def __init__(self, start=5 * S, overshoot=None):
+        self.now = start
+        self.slept = []
+        self.overshoot = overshoot or (lambda: 0)
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        assert seconds > 0
+        self.slept.append(seconds)
+        self.now += round(seconds * NS) + self.overshoot()
+
+
+def replay(offsets_s, clock=None, arrivals=None, **opts):
+    """Release records stamped T0+offset; return (release times relative to start, records)."""
+    clock = clock or FakeClock()
+    start = clock.now
+    p = Pacer(clock=clock, sleep=clock.sleep, **opts)
+    out, recs = [], []
+    for i, off in enumerate(offsets_s):
+        if arrivals is not None:  # the record is read at this time (live input, stalls)
+            clock.now = max(clock.now, start + round(arrivals[i] * NS))
+        rec = p.release({"t": "pkt", "ts": T0 + round(off * NS), "data": b""})
+        out.append(clock.now - start)
+        recs.append(rec)
+    return out, recs, p
+
+
+def secs(*values):
+    return [round(v * NS) for v in values]
+
+
+def test_default_plays_at_recorded_pace_and_keeps_ts():
+    offsets = [0, 1, 1.5, 10, 10.000001]
+    out, recs, p = replay(offsets)
+    assert out == secs(*offsets)
+    assert [r["ts"] for r in recs] == [T0 + v for v in secs(*offsets)]
+    assert p.max_late_ns == 0
+
+
+@pytest.mark.parametrize("speed", [2, 30, 0.5, 1.7])
+def test_speed(speed):
+    offsets = [0, 1, 1.5, 10, 60]
+    out, recs, _ = replay(offsets, speed=speed)
+    assert out == [round(v / speed) for v in secs(*offsets)]
+    # ts now describes the reshaped timeline, so a later stage that paces by ts agrees
+    assert [r["ts"] - T0 for r in recs] == out
+
+
+def test_live_stream_passes_straight_through():
+    """Records read at (about) their own ts are released at once: no sleep at all."""
+    offsets = [0, 0.001, 0.5, 0.5, 2]
+    clock = FakeClock()
+    out, recs, p = replay(offsets, clock=clock, arrivals=[o + 0.0001 for o in offsets])
+    assert clock.slept == []
+    assert out == [round((o + 0.0001) * NS) for o in offsets]
+
+
+def test_max_gap_clamps_idle_gaps_by_shifting_the_anchor():
+    offsets = [0, 1, 6, 6.5, 106, 107]   # gaps 1, 5, 0.5, 99.5, 1
+    out, recs, _ = replay(offsets, max_gap=2)
+    assert out == secs(0, 1, 3, 3.5, 5.5, 6.5)
+    assert [r["ts"] - T0 for r in recs] == out
+
+
+def test_max_gap_applies_before_speed_and_to_backward_jumps():
+    # a second recording concatenated after the first, but stamped an hour earlier
+    offsets = [0, 1, 2, -3600, -3599]
+    out, _, _ = replay(offsets, max_gap=0.5, speed=2)
+    assert out == secs(0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_max_gap_zero_is_as_fast_as_possible():
+    clock = FakeClock()
+    out, _, _ = replay([0, 5, 10, 3600], clock=clock, max_gap=0)
+    assert out == [0, 0, 0, 0] and clock.slept == []
+
+
+def test_delay_shifts_every_record():
+    out, recs, _ = replay([0, 1, 3], delay=0.25)
+    assert out == secs(0.25, 1.25, 3.25)
+
+
+def test_rate_queues_bursts_and_never_drops():
+    offsets = [0] * 5 + [10, 10.01, 10.5]
+    out, recs, _ = replay(offsets, rate=10)
+    assert len(recs) == len(offsets)
+    assert out == secs(0, 0.1, 0.2, 0.3, 0.4, 10, 10.1, 10.5)
+
+
+def test_rate_with_fractional_interval_is_exact_over_long_runs():
+    n = 30_000
+    out, _, _ = replay([0] * n, rate=3)   # interval 1/3 s: summing it would drift
+    assert abs(out[-1] - (n - 1) * NS / 3) <= 1
+    assert all(0 < b - a <= NS // 3 + 1 for a, b in zip(out, out[1:]))
+
+
+def test_rate_after_an_input_stall_does_not_burst():
+    # live records spaced 10 ms; the input stalls for 1 s after the third one
+    offsets = [0, 0.01, 0.02] + [0.03 + i * 0.01 for i in range(10)]
+    arrivals = [0, 0.01, 0.02] + [1.03] * 10
+    out, _, p = replay(offsets, arrivals=arrivals, rate=20)
+    gaps = [b - a for a, b in zip(out, out[1:])]
+    assert out[3] == secs(1.03)[0]
+    assert all(g >= 50 * MS for g in gaps[3:]), gaps
+
+
+def test_rate_and_delay_and_speed_together():
+    out, _, _ = replay([0, 0, 2], rate=2, delay=0.1, speed=2)
+    assert out == secs(0.1, 0.6, 1.1)
+
+
+def test_no_drift_when_sleep_oversleeps():
+    rng = random.Random(7)
+    clock = FakeClock(overshoot=lambda: rng.randrange(0, 300_000))  # 0..0.3 ms late per sleep
+    offsets = [i * 0.001 for i in range(100_000)]                   # 100 s at 1 kHz
+    out, _, p = replay(offsets, clock=clock)
+    lateness = [o - d for o, d in zip(out, secs(*offsets))]
+    assert min(lateness) >= 0
+    assert max(lateness) < 300_000
+    assert p.max_late_ns == max(lateness)
+
+
+def test_records_without_ts_pass_untouched_and_never_wait():
+    clock = FakeClock()
+    p = Pacer(clock=clock, sleep=clock.sleep)
+    for rec in [{"t": "claim", "add": []}, {"t": "stats", "ts": "x"}, {"t": "new", "ts": 1.5}]:
+        before = dict(rec)
+        assert p.release(rec) is rec and rec == before
+    assert clock.slept == [] and p.timed == 0
+
+
+def test_flush_before_every_sleep():
+    clock = FakeClock()
+    events = []
+    p = Pacer(clock=clock, sleep=lambda s: (events.append("sleep"), clock.sleep(s)))
+    for off in (0, 0, 1, 2):
+        p.release({"t": "pkt", "ts": T0 + off * S}, flush=lambda: events.append("flush"))
+    assert events == ["flush", "sleep", "flush", "sleep"]
+
+
+@pytest.mark.parametrize("opts", [{"speed": 0}, {"speed": -1}, {"rate": 0}, {"delay": -1},
+                                  {"max_gap": -0.1}])
+def test_bad_values_rejected(opts):
+    with pytest.raises(ValueError):
+        Pacer(**opts)
+
+
+# ---- the tool --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["--speed", "0"], ["--speed", "-2"], ["--speed", "nan"],
+                                  ["--rate", "0"], ["--delay", "-5"], ["--max-gap", "x"]])
+def test_bad_options_exit_2(args):
+    r = run(["tc-pace", *args], input=stream([]))
+    assert r.returncode == 2 and b"tc-pace: error" in r.stderr
+
+
+def test_bad_stream_exits_65():
+    r = run(["tc-pace"], input=b"GET / HTTP/1.0\r\n\r\n")
+    assert r.returncode == 65 and b"not a tcpcopy record stream" in r.stderr
+
+
+def test_missing_file_exits_66():
+    assert run(["tc-pace", "/nonexistent/x.cbor"]).returncode == 66
+
+
+def test_empty_input_gives_an_empty_valid_stream():
+    r = run(["tc-pace"], input=b"")
+    assert r.returncode == 0 and decode(r.stdout) == []
+
+
+def test_tool_passes_everything_in_order_across_sections():
+    a = [{"t": "pkt", "ts": T0 + i * MS, "data": bytes([i]), "sid": 3} for i in range(5)]
+    b = [{"t": "claim", "add": [["10.0.0.1", 1, "10.0.0.2", 80]]}, {"t": "stats", "n": 1},
+         {"t": "zzz", "ts": T0 + 6 * MS, "k": [1]}, {"t": "header", "weird": 1}]
+    r = run(["tc-pace", "--stats", "--speed", "10"], input=stream(a, "a") + stream(b, "b"))
+    assert r.returncode == 0, r.stderr
+    out = decode(r.stdout, headers=True)
+    assert [x.get("upstream") for x in out if x["t"] == "header" and "v" in x] == ["a", "b"]
+    body = [x for x in out if not (x["t"] == "header" and "v" in x)]
+    assert [x["t"] for x in body] == ["pkt"] * 5 + ["claim", "stats", "zzz", "header"]
+    assert body[5:7] == b[:2] and body[8] == b[3]
+    assert [x["data"] for x in body[:5]] == [bytes([i]) for i in range(5)]
+    assert [x["ts"] - T0 for x in body[:5]] == [i * MS // 10 for i in range(5)]
+    assert b"records in 9 out 9" in r.stderr
+
+
+def test_keep_ts():
+    recs = [{"t": "pkt", "ts": T0 + i * MS} for i in range(3)]
+    r = run(["tc-pace", "--speed", "4", "--keep-ts"], input=stream(recs))
+    assert decode(r.stdout) == recs
+
+
+def test_a_due_record_does_not_wait_for_the_next_input():
+    """Live input: each record comes out while tc-pace is still waiting for the next one."""
+    p = subprocess.Popen([str(BIN / "tc-pace")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         env=env())
+    try:
+        os.set_blocking(p.stdout.fileno(), False)
+        got = b""
+        p.stdin.write(stream([]))
+        for i in range(3):
+            now = time.time_ns()
+            p.stdin.write(cbor2.dumps({"t": "pkt", "ts": now, "data": b"r%d" % i}))
+            p.stdin.flush()
+            deadline = time.monotonic() + 5
+            while b"r%d" % i not in got and time.monotonic() < deadline:
+                select.select([p.stdout], [], [], 0.5)
+                got += p.stdout.read() or b""
+            assert b"r%d" % i in got, f"record {i} held back"
+        p.stdin.close()
+        assert p.wait(timeout=10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_downstream_closed_exits_141_quietly():
+    recs = [{"t": "pkt", "ts": T0, "data": b"x" * 1000}] * 2000
+    r = subprocess.run(f"set -o pipefail; tc-pace | head -c 100 > /dev/null",
+                       shell=True, executable="/bin/bash", input=stream(recs),
+                       capture_output=True, env=env(), timeout=30)
+    assert r.returncode == 141 and r.stderr == b""
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_pace", REPO / "bench" / "bench_pace.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_real_clock_replay_at_speed_30_is_on_time():
+    """60 s of recording at --speed 30: every record arrives within 20 ms of its due time."""
+    bench = _bench()
+    recs = bench.recording(seconds=60, per_second=20, seed=1)
+    lateness = bench.measure(recs, ["--speed", "30"], speed=30)
+    assert len(lateness) == len(recs)
+    assert min(lateness) > -5e-3, "released early"
+    assert max(lateness) < 20e-3, f"max lateness {max(lateness) * 1e3:.1f} ms"
