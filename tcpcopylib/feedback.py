@@ -1,0 +1,676 @@
+"""The feedback channel: tc-feedback's router and the FeedbackClient that tc-session uses.
+
+Both directions of a feedback connection carry the ordinary record stream (label + header
++ records). The client announces the sessions it owns with "claim" records
+({"t": "claim", "add"|"del": [[client_ip, client_port, target_ip, target_port], ...]});
+the server sends it the "fb" records whose (dst ip, dst port, src ip, src port) match one
+of its claims. Replies that arrive before their claim are held for a while (the SYN-ACK
+may race the registration) and delivered when the claim arrives.
+
+Addresses: "unix:/path", "tcp:HOST:PORT" (HOST may be [v6]), "tcp::PORT" (all addresses,
+for listening). Clients default to $TC_FEEDBACK, else DEFAULT_ADDRESS.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import io
+import os
+import select
+import socket
+import struct
+import time
+
+import cbor2
+
+from tcpcopylib.errors import PeerVersionError, StreamError, UnavailableError, UsageError
+from tcpcopylib.records import FORMAT_VERSION, LABEL, T_CLAIM, T_FB, T_HEADER, encode_section, header
+
+DEFAULT_PORT = 36524
+DEFAULT_ADDRESS = f"tcp:127.0.0.1:{DEFAULT_PORT}"
+ENV_ADDRESS = "TC_FEEDBACK"
+T_ERROR = "error"  # server -> client, just before it closes the connection
+
+_U16 = struct.Struct("!H")
+_PORTS = struct.Struct("!HH")
+
+
+# -- addresses -------------------------------------------------------------------------
+
+def parse_address(text: str, listen: bool = False):
+    """'unix:/p' | 'tcp:HOST:PORT' | 'tcp::PORT' -> (family, sockaddr); UsageError if bad."""
+    kind, sep, rest = text.partition(":")
+    if kind == "unix" and sep and rest:
+        return socket.AF_UNIX, rest
+    if kind == "tcp" and sep:
+        host, sep2, port = rest.rpartition(":")
+        if sep2 and port.isdigit() and 0 < int(port) < 65536:
+            host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+            if not host:
+                if not listen:
+                    host = "127.0.0.1"
+                elif socket.has_ipv6:
+                    return socket.AF_INET6, ("::", int(port))
+                else:
+                    return socket.AF_INET, ("0.0.0.0", int(port))
+            try:
+                infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except socket.gaierror as e:
+                raise UsageError(f"feedback address {text!r}: {e.strerror}") from None
+            fam, _, _, _, sa = infos[0]
+            return fam, sa
+    raise UsageError(f"bad feedback address {text!r} "
+                     "(use unix:/path, tcp:HOST:PORT, tcp:[v6]:PORT or tcp::PORT)")
+
+
+def default_address() -> str:
+    return os.environ.get(ENV_ADDRESS) or DEFAULT_ADDRESS
+
+
+# -- incremental stream decoding (non-blocking sockets and pipes) ------------------------
+
+class StreamDecoder:
+    """Feed bytes, get back complete (item, raw_bytes) pairs, headers included.
+
+    raw_bytes is the item's own CBOR encoding, so a router can forward a record without
+    re-encoding it. Raises StreamError for anything that is not a record stream.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.buf = b""
+        self.header: dict | None = None
+        self._expect_header = False
+        self.consumed = 0
+
+    def feed(self, data: bytes) -> list:
+        buf = self.buf + data if self.buf else data
+        if self.header is None and not self._expect_header:
+            n = min(len(buf), len(LABEL))
+            if buf[:n] != LABEL[:n]:
+                raise StreamError(f"{self.name}: not a tcpcopy record stream (no TCPR label)")
+        out = []
+        bio = io.BytesIO(buf)
+        dec = cbor2.CBORDecoder(bio)
+        pos, end = 0, len(buf)
+        while pos < end:
+            if buf.startswith(LABEL, pos):
+                pos += len(LABEL)
+                bio.seek(pos)
+                self._expect_header = True
+                continue
+            if end - pos < len(LABEL) and LABEL.startswith(buf[pos:]):
+                break  # maybe a label cut in two
+            try:
+                item = dec.decode()
+            except cbor2.CBORDecodeEOF:
+                break
+            except (cbor2.CBORDecodeError, ValueError, OverflowError) as e:
+                raise StreamError(f"{self.name}: not a valid record at byte "
+                                  f"{self.consumed + pos}: {e}") from None
+            newpos = bio.tell()
+            if type(item) is not dict or "t" not in item:
+                raise StreamError(f"{self.name}: unexpected {type(item).__name__} item "
+                                  f"(records are maps with a 't' key)")
+            if self._expect_header:
+                if item.get("t") != T_HEADER or not isinstance(item.get("v"), int):
+                    raise StreamError(f"{self.name}: label not followed by a header")
+                self.header = item
+                self._expect_header = False
+            elif self.header is None:
+                raise StreamError(f"{self.name}: record before any header")
+            out.append((item, buf[pos:newpos]))
+            pos = newpos
+        self.consumed += pos
+        self.buf = buf[pos:]
+        if len(self.buf) > (64 << 20):
+            raise StreamError(f"{self.name}: no complete record in {len(self.buf)} bytes")
+        return out
+
+
+def version_error(peer_v, who: str) -> str | None:
+    """A message if a peer's format version differs from ours, else None."""
+    if peer_v == FORMAT_VERSION:
+        return None
+    rel = "newer" if isinstance(peer_v, int) and peer_v > FORMAT_VERSION else "other"
+    return (f"{who} speaks record format version {peer_v}, {rel} than this tcpcopylib's "
+            f"{FORMAT_VERSION}; run the same tcpcopylib version on both ends")
+
+
+# -- routing keys ------------------------------------------------------------------------
+
+def reply_key(data) -> tuple | None:
+    """(client ip, client port, target ip, target port) of a reply: its dst, then its src."""
+    if len(data) < 20:
+        return None
+    v = data[0] >> 4
+    if v == 4:
+        ihl = (data[0] & 0x0F) * 4
+        if len(data) < ihl + 4:
+            return None
+        sport, dport = _PORTS.unpack_from(data, ihl)
+        return (bytes(data[16:20]), dport, bytes(data[12:16]), sport)
+    if v == 6 and len(data) >= 44:
+        sport, dport = _PORTS.unpack_from(data, 40)
+        return (bytes(data[24:40]), dport, bytes(data[8:24]), sport)
+    return None
+
+
+def _ip_text(packed: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
+
+
+def _ip_packed(text: str) -> bytes:
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return socket.inet_pton(fam, text)
+        except (OSError, TypeError):
+            pass
+    raise ValueError(f"not an IP address: {text!r}")
+
+
+def claim_key(entry) -> tuple:
+    """A claim entry [client_ip_str, client_port, target_ip_str, target_port] -> key."""
+    cip, cport, tip, tport = entry
+    return (_ip_packed(cip), int(cport), _ip_packed(tip), int(tport))
+
+
+# -- the client ------------------------------------------------------------------------
+
+class FeedbackClient:
+    """tc-session's end of the channel: claim sessions, read their replies."""
+
+    def __init__(self, address: str | None = None, name: str = "tc-session"):
+        self.address = address or default_address()
+        self.name = name
+        self.sock: socket.socket | None = None
+        self._ops: list = []  # [kind, entries] in call order
+        self._decoder = StreamDecoder(f"feedback server {self.address}")
+        self._pending: list = []
+        self._eof = False
+        self.server_header: dict | None = None
+        self.send_timeout = 5.0
+
+    def connect(self, timeout: float = 5.0) -> None:
+        fam, sa = parse_address(self.address)
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(sa)
+        except OSError as e:
+            s.close()
+            why = e.strerror or str(e)
+            raise UnavailableError(
+                f"cannot connect to tc-feedback at {self.address}: {why} (is tc-feedback "
+                f"running there? set --feedback ADDR or ${ENV_ADDRESS})") from None
+        if fam != socket.AF_UNIX:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setblocking(False)
+        self.sock = s
+        self._send(encode_section(header(self.name)))
+        # The server answers with its own header (or an error record and a close).
+        deadline = time.monotonic() + timeout
+        while self.server_header is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.close()
+                raise UnavailableError(f"tc-feedback at {self.address}: no stream header "
+                                       f"within {timeout:g} s")
+            select.select([s], [], [], left)
+            self._receive()
+            if self.server_header is None and self._eof:
+                self.close()
+                raise UnavailableError(f"tc-feedback at {self.address} closed the connection")
+
+    def _receive(self) -> None:
+        """Read what the socket holds; fb records go to self._pending."""
+        while not self._eof:
+            try:
+                data = self.sock.recv(1 << 18)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._eof = True
+                self._error = e
+                return
+            if not data:
+                self._eof = True
+                return
+            for item, _raw in self._decoder.feed(data):
+                t = item.get("t")
+                if t == T_FB:
+                    self._pending.append(item)
+                elif t == T_HEADER:
+                    msg = version_error(item.get("v"), f"tc-feedback at {self.address}")
+                    if msg:
+                        self.close()
+                        raise PeerVersionError(msg)
+                    self.server_header = item
+                elif t == T_ERROR:
+                    self.close()
+                    exc = PeerVersionError if item.get("error") == "version" else UnavailableError
+                    raise exc(f"tc-feedback at {self.address}: {item.get('msg', 'error')}")
+
+    def _send(self, data: bytes) -> None:
+        view = memoryview(data)
+        deadline = None
+        while view:
+            try:
+                n = self.sock.send(view, socket.MSG_NOSIGNAL)
+                view = view[n:]
+                continue
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as e:
+                raise UnavailableError(f"tc-feedback at {self.address}: {e.strerror or e}") from None
+            now = time.monotonic()
+            deadline = deadline or now + self.send_timeout
+            if now >= deadline:
+                raise UnavailableError(f"tc-feedback at {self.address} is not reading "
+                                       f"(send blocked for {self.send_timeout:g} s)")
+            # Keep reading while we wait, so two full buffers cannot deadlock.
+            r, _, _ = select.select([self.sock], [self.sock], [], deadline - now)
+            if r:
+                self._receive()
+
+    def _op(self, kind: str, cip: bytes, cport: int, tip: bytes, tport: int) -> None:
+        entry = [_ip_text(cip), cport, _ip_text(tip), tport]
+        if self._ops and self._ops[-1][0] == kind:
+            self._ops[-1][1].append(entry)
+        else:
+            self._ops.append([kind, [entry]])
+
+    def claim(self, client_ip: bytes, client_port: int, target_ip: bytes, target_port: int) -> None:
+        self._op("add", client_ip, client_port, target_ip, target_port)
+
+    def release(self, client_ip: bytes, client_port: int, target_ip: bytes, target_port: int) -> None:
+        self._op("del", client_ip, client_port, target_ip, target_port)
+
+    def flush(self) -> None:
+        if not self._ops or self.sock is None:
+            return
+        data = b"".join(cbor2.dumps({"t": T_CLAIM, kind: entries}) for kind, entries in self._ops)
+        self._ops = []
+        self._send(data)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read_available(self) -> list[dict]:
+        if self.sock is None:
+            raise UnavailableError(f"tc-feedback at {self.address}: not connected")
+        self._receive()
+        out, self._pending = self._pending, []
+        if not out and self._eof:
+            raise UnavailableError(f"tc-feedback at {self.address} closed the connection")
+        return out
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            finally:
+                self.sock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# -- the server ------------------------------------------------------------------------
+
+class _Client:
+    __slots__ = ("sock", "name", "decoder", "out", "keys", "dropped", "delivered", "peer",
+                 "want_write", "closing", "warned")
+
+    def __init__(self, sock, peer):
+        self.sock = sock
+        self.peer = peer
+        self.name = peer
+        self.decoder = StreamDecoder(f"client {peer}")
+        self.out = bytearray()
+        self.keys: set = set()
+        self.dropped = 0
+        self.delivered = 0
+        self.want_write = False
+        self.closing = False
+        self.warned = 0.0
+
+
+class FeedbackServer:
+    """Route fb records (raw CBOR, as read from the input) to the clients that claimed them.
+
+    Single-threaded around a selector: the input fd, the listening socket and every client
+    socket. Nothing blocks: each client has an output buffer capped at ``client_buffer``
+    bytes; replies that do not fit are dropped and counted for that client.
+    """
+
+    def __init__(self, listen: str, hold_ms: int = 2000, hold_max: int = 100_000,
+                 client_buffer: int = 8 << 20, warn=print, info=None, tool: str = "tc-feedback"):
+        self.listen_address = listen
+        self.hold_s = hold_ms / 1000.0
+        self.hold_max = hold_max
+        self.client_buffer = client_buffer
+        self.warn = warn
+        self.info = info or (lambda msg, level=1: None)
+        self.tool = tool
+        self.routes: dict = {}      # key -> _Client
+        self.held: dict = {}        # key -> [entry, ...]; entry = [deadline, key, raw]
+        self.hold_order = collections.deque()
+        self.clients: dict = {}     # fd -> _Client
+        self.counts = dict(replies=0, delivered=0, held=0, held_delivered=0, unclaimed=0,
+                           hold_overflow=0, dropped_slow=0, not_tcp=0, clients=0,
+                           clients_now=0, claims=0, releases=0)
+        self._hello = encode_section(header(tool))
+        self._dirty: set = set()
+        self.lsock = None
+        self.unix_path = None
+
+    # -- setup ---------------------------------------------------------------------------
+    def open(self) -> None:
+        fam, sa = parse_address(self.listen_address, listen=True)
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        try:
+            if fam == socket.AF_UNIX:
+                try:
+                    if os.path.exists(sa) and not _unix_in_use(sa):
+                        os.unlink(sa)  # a stale socket left by a killed server
+                except OSError:
+                    pass
+            else:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if fam == socket.AF_INET6 and sa[0] == "::":
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind(sa)
+            s.listen(64)
+        except OSError as e:
+            s.close()
+            if e.errno in (errno.EACCES, errno.EPERM):
+                from tcpcopylib.errors import NoPermissionError
+                raise NoPermissionError(f"cannot listen on {self.listen_address}: {e.strerror}") from None
+            raise UnavailableError(f"cannot listen on {self.listen_address}: {e.strerror or e}") from None
+        s.setblocking(False)
+        self.lsock = s
+        if fam == socket.AF_UNIX:
+            self.unix_path = sa
+
+    def close(self) -> None:
+        for c in list(self.clients.values()):
+            self._drop_client(c, None)
+        if self.lsock is not None:
+            self.lsock.close()
+            self.lsock = None
+        if self.unix_path:
+            try:
+                os.unlink(self.unix_path)
+            except OSError:
+                pass
+            self.unix_path = None
+
+    # -- the loop ------------------------------------------------------------------------
+    def serve(self, in_fd: int, drain_s: float = 5.0, tick=None, tick_s: float = 0.0) -> None:
+        """Run until the input ends, then until held replies and client buffers are done
+        (at most hold time + drain_s)."""
+        import selectors
+
+        sel = selectors.PollSelector()  # poll, unlike epoll, accepts regular files
+        self.sel = sel
+        sel.register(self.lsock, selectors.EVENT_READ, "listen")
+        sel.register(in_fd, selectors.EVENT_READ, "input")
+        decoder = StreamDecoder("<stdin>" if in_fd == 0 else f"input fd {in_fd}")
+        eof_at = None
+        next_tick = time.monotonic() + tick_s if tick else None
+        while True:
+            now = time.monotonic()
+            self._expire(now)
+            if eof_at is not None:
+                pending = any(c.out for c in self.clients.values())
+                if (not self.held and not pending) or now > eof_at + self.hold_s + drain_s:
+                    break
+            timeout = 1.0
+            if self.hold_order:
+                timeout = min(timeout, max(0.0, self.hold_order[0][0] - now) + 0.001)
+            if next_tick is not None:
+                if now >= next_tick:
+                    tick()
+                    next_tick = now + tick_s
+                timeout = min(timeout, max(0.0, next_tick - now))
+            for key, _ev in sel.select(timeout):
+                what = key.data
+                if what == "input":
+                    data = os.read(in_fd, 1 << 18)
+                    if not data:
+                        sel.unregister(in_fd)
+                        eof_at = time.monotonic()
+                        self.info("input ended; draining", 1)
+                        continue
+                    for item, raw in decoder.feed(data):
+                        if item.get("t") == T_FB:
+                            self.route(item.get("data"), raw, time.monotonic())
+                elif what == "listen":
+                    self._accept()
+                else:
+                    c = what
+                    if c.sock is None:
+                        continue
+                    if _ev & selectors.EVENT_READ:
+                        self._client_readable(c)
+                    if c.sock is not None and _ev & selectors.EVENT_WRITE:
+                        self._dirty.add(c)
+            self._flush_clients()
+        if decoder.buf:
+            raise StreamError(f"{decoder.name}: truncated record at end of input")
+
+    # -- routing -------------------------------------------------------------------------
+    def route(self, data, raw: bytes, now: float) -> None:
+        self.counts["replies"] += 1
+        key = reply_key(data) if data else None
+        if key is None:
+            self.counts["not_tcp"] += 1
+            return
+        c = self.routes.get(key)
+        if c is not None:
+            self._deliver(c, raw)
+            return
+        if self.hold_s <= 0:
+            self.counts["unclaimed"] += 1
+            return
+        if len(self.hold_order) >= self.hold_max:
+            self._expire_one(overflow=True)
+        entry = [now + self.hold_s, key, raw]
+        self.held.setdefault(key, []).append(entry)
+        self.hold_order.append(entry)
+        self.counts["held"] += 1
+
+    def _expire(self, now: float) -> None:
+        order = self.hold_order
+        while order and (order[0][2] is None or order[0][0] <= now):
+            self._expire_one()
+
+    def _expire_one(self, overflow: bool = False) -> None:
+        entry = self.hold_order.popleft()
+        if entry[2] is None:
+            return  # delivered already
+        lst = self.held.get(entry[1])
+        if lst:
+            lst.remove(entry)
+            if not lst:
+                del self.held[entry[1]]
+        self.counts["unclaimed"] += 1
+        if overflow:
+            self.counts["hold_overflow"] += 1
+
+    def _deliver(self, c: _Client, raw: bytes) -> bool:
+        if len(c.out) + len(raw) > self.client_buffer:
+            c.dropped += 1
+            self.counts["dropped_slow"] += 1
+            now = time.monotonic()
+            if now - c.warned > 5.0:
+                c.warned = now
+                self.warn(f"client {c.name} is not reading fast enough: {c.dropped} replies "
+                          f"dropped for it so far")
+            return False
+        c.out += raw
+        c.delivered += 1
+        self.counts["delivered"] += 1
+        self._dirty.add(c)
+        return True
+
+    def claim(self, c: _Client, entries, add: bool) -> None:
+        for e in entries:
+            try:
+                key = claim_key(e)
+            except (ValueError, TypeError):
+                self.warn(f"client {c.name}: ignoring a malformed claim entry {e!r}")
+                continue
+            if add:
+                self.counts["claims"] += 1
+                old = self.routes.get(key)
+                if old is not None and old is not c:
+                    old.keys.discard(key)
+                self.routes[key] = c
+                c.keys.add(key)
+                held = self.held.pop(key, None)
+                if held:
+                    for entry in held:
+                        if self._deliver(c, entry[2]):
+                            self.counts["held_delivered"] += 1
+                        entry[2] = None
+            else:
+                self.counts["releases"] += 1
+                if self.routes.get(key) is c:
+                    del self.routes[key]
+                c.keys.discard(key)
+
+    # -- clients -------------------------------------------------------------------------
+    def _accept(self) -> None:
+        import selectors
+
+        for _ in range(64):
+            try:
+                s, peer = self.lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self.warn(f"accept failed: {e.strerror or e}")
+                return
+            s.setblocking(False)
+            if s.family != socket.AF_UNIX:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = f"{peer[0]}:{peer[1]}" if s.family == socket.AF_INET else f"[{peer[0]}]:{peer[1]}"
+            else:
+                peer = f"unix#{s.fileno()}"
+            c = _Client(s, peer)
+            c.out += self._hello
+            self.clients[s.fileno()] = c
+            self.sel.register(s, selectors.EVENT_READ, c)
+            self.counts["clients"] += 1
+            self.counts["clients_now"] = len(self.clients)
+            self._dirty.add(c)
+            self.info(f"client {peer} connected", 1)
+
+    def _client_readable(self, c: _Client) -> None:
+        try:
+            data = c.sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._drop_client(c, e.strerror or str(e))
+            return
+        if not data:
+            self._drop_client(c, "disconnected")
+            return
+        try:
+            items = c.decoder.feed(data)
+        except StreamError as e:
+            self._refuse(c, "stream", str(e))
+            return
+        for item, _raw in items:
+            t = item.get("t")
+            if t == T_HEADER:
+                msg = version_error(item.get("v"), f"client {c.peer}")
+                if msg:
+                    self._refuse(c, "version", msg)
+                    return
+                if item.get("tool"):
+                    c.name = f"{item['tool']}@{c.peer}"
+            elif t == T_CLAIM:
+                if "add" in item:
+                    self.claim(c, item["add"] or (), True)
+                if "del" in item:
+                    self.claim(c, item["del"] or (), False)
+
+    def _refuse(self, c: _Client, kind: str, msg: str) -> None:
+        self.warn(f"refusing client {c.peer}: {msg}")
+        try:
+            c.sock.send(bytes(c.out) + cbor2.dumps({"t": T_ERROR, "error": kind, "msg": msg}),
+                        socket.MSG_NOSIGNAL)
+        except OSError:
+            pass
+        c.out.clear()
+        self._drop_client(c, None)
+
+    def _drop_client(self, c: _Client, why: str | None) -> None:
+        if c.sock is None:
+            return
+        for key in c.keys:
+            if self.routes.get(key) is c:
+                del self.routes[key]
+        c.keys.clear()
+        try:
+            self.sel.unregister(c.sock)
+        except (KeyError, ValueError, AttributeError):
+            pass
+        self.clients.pop(c.sock.fileno(), None)
+        c.sock.close()
+        c.sock = None
+        self._dirty.discard(c)
+        self.counts["clients_now"] = len(self.clients)
+        if why:
+            extra = f", {c.dropped} replies dropped (slow)" if c.dropped else ""
+            self.info(f"client {c.name} {why}: {c.delivered} replies delivered{extra}", 1)
+
+    def _flush_clients(self) -> None:
+        import selectors
+
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        for c in dirty:
+            if c.sock is None:
+                continue
+            if c.out:
+                try:
+                    n = c.sock.send(c.out, socket.MSG_NOSIGNAL)
+                    del c.out[:n]
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError as e:  # EPIPE, ECONNRESET: this client's problem only
+                    self._drop_client(c, e.strerror or str(e))
+                    continue
+            want = bool(c.out)
+            if want != c.want_write:
+                c.want_write = want
+                ev = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+                self.sel.modify(c.sock, ev, c)
+
+    def stats_line(self) -> str:
+        k = self.counts
+        return (f"{k['replies']} replies in, {k['delivered']} delivered "
+                f"({k['held_delivered']} held then delivered), {k['unclaimed']} unclaimed, "
+                f"{k['dropped_slow']} dropped (slow client), {len(self.held)} held now, "
+                f"{k['clients']} clients ({k['clients_now']} connected)")
+
+
+def _unix_in_use(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()

@@ -1,0 +1,361 @@
+"""tc-feedback + FeedbackClient: routing replies to the clients that claimed them (no root)."""
+
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import cbor2
+import pytest
+
+import tc
+from tcpcopylib.errors import PeerVersionError, UnavailableError
+from tcpcopylib.feedback import FeedbackClient, StreamDecoder, parse_address, reply_key
+from tcpcopylib.packet import build_tcp, ip_bytes
+from tcpcopylib.records import encode_section
+
+T4 = ip_bytes("10.0.0.5")
+C4 = ip_bytes("10.9.0.1")
+T6 = ip_bytes("2001:db8::5")
+C6 = ip_bytes("2001:db8:9::1")
+
+
+def fb(cport, client=C4, target=T4, tport=8080, seq=1):
+    d = build_tcp(target, client, tport, cport, seq, 2, 0x12)
+    return {"t": "fb", "ts": time.time_ns(), "data": d, "len": len(d)}
+
+
+class Server:
+    """tc-feedback on a Unix socket in tmp_path, fed through a pipe we hold open."""
+
+    def __init__(self, tmp_path, *opts):
+        self.path = str(tmp_path / "fb.sock")
+        self.addr = "unix:" + self.path
+        self.p = subprocess.Popen(
+            [str(tc.BIN / "tc-feedback"), "--listen", self.addr, "--stats", "-v", *opts],
+            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=tc.env())
+        self.p.stdin.write(encode_section({"t": "header", "v": 1, "tool": "test"}))
+        self.p.stdin.flush()
+        self.clients = []
+
+    def client(self, name="test"):
+        deadline = time.monotonic() + 10
+        while True:
+            c = FeedbackClient(self.addr, name=name)
+            try:
+                c.connect(timeout=5)
+                self.clients.append(c)
+                return c
+            except UnavailableError:
+                if time.monotonic() > deadline or self.p.poll() is not None:
+                    raise
+                time.sleep(0.02)
+
+    def send(self, *recs):
+        self.p.stdin.write(b"".join(cbor2.dumps(r) for r in recs))
+        self.p.stdin.flush()
+
+    def finish(self, timeout=15):
+        for c in self.clients:
+            c.close()
+        self.p.stdin.close()
+        rc = self.p.wait(timeout)
+        err = self.p.stderr.read().decode()
+        return rc, err
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    made = []
+
+    def start(*opts):
+        s = Server(tmp_path, *opts)
+        made.append(s)
+        return s
+
+    yield start
+    for s in made:
+        s.kill()
+
+
+def collect(c, n, timeout=3.0):
+    """Read until n fb records arrived or timeout; returns the client ports seen."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        import select
+
+        select.select([c], [], [], 0.05)
+        got += c.read_available()
+    return got
+
+
+def stats(err):
+    """The --stats line as {label: number}."""
+    import re
+
+    line = [ln for ln in err.splitlines() if "replies in" in ln][-1]
+    out = {}
+    for num, label in re.findall(r"(\d+) ([a-z][a-z ()]*[a-z)])", line):
+        out[label.split(" (")[0] if label.startswith("delivered (") else label] = int(num)
+    out["held then delivered"] = int(re.search(r"(\d+) held then", line).group(1))
+    return out
+
+
+def ports(recs):
+    return sorted(reply_key(r["data"])[1] for r in recs)
+
+
+def test_two_clients_each_get_only_their_sessions(server):
+    s = server()
+    a, b = s.client("A"), s.client("B")
+    a.claim(C4, 1000, T4, 8080)
+    a.claim(C6, 1002, T6, 8080)
+    b.claim(C4, 1001, T4, 8080)
+    a.flush()
+    b.flush()
+    s.send(fb(1000), fb(1001), fb(1002, C6, T6), fb(1000, seq=7), fb(1001, seq=9))
+    got_a, got_b = collect(a, 3), collect(b, 2)
+    assert ports(got_a) == [1000, 1000, 1002]
+    assert ports(got_b) == [1001, 1001]
+    assert [r["data"] for r in got_b] == [fb(1001)["data"], fb(1001, seq=9)["data"]]
+    time.sleep(0.1)
+    assert a.read_available() == [] and b.read_available() == []
+    rc, err = s.finish()
+    assert rc == 0
+    assert "5 replies in, 5 delivered" in err
+
+
+def test_unclaimed_reply_counted_not_delivered(server):
+    s = server("--hold-ms", "100")
+    a = s.client()
+    a.claim(C4, 1000, T4, 8080)
+    a.flush()
+    s.send(fb(4444), fb(1000))
+    got = collect(a, 1)
+    time.sleep(0.3)
+    got += a.read_available()
+    assert ports(got) == [1000]
+    rc, err = s.finish()
+    assert rc == 0
+    st = stats(err)
+    assert (st["replies in"], st["delivered"], st["unclaimed"]) == (2, 1, 1)
+
+
+def test_reply_before_claim_is_held_then_delivered(server):
+    s = server("--hold-ms", "3000")
+    a = s.client()
+    s.send(fb(1000))
+    time.sleep(0.3)  # the reply is in tc-feedback before the claim
+    assert a.read_available() == []
+    a.claim(C4, 1000, T4, 8080)
+    a.flush()
+    assert ports(collect(a, 1)) == [1000]
+    rc, err = s.finish()
+    assert "1 delivered (1 held then delivered), 0 unclaimed" in err
+
+
+def test_held_reply_expires_as_unclaimed(server):
+    s = server("--hold-ms", "100")
+    a = s.client()
+    s.send(fb(1000))
+    time.sleep(0.5)
+    a.claim(C4, 1000, T4, 8080)
+    a.flush()
+    assert collect(a, 1, timeout=0.5) == []
+    rc, err = s.finish()
+    assert "0 delivered (0 held then delivered), 1 unclaimed" in err
+
+
+def test_disconnect_frees_entries(server):
+    s = server("--hold-ms", "3000")
+    a, b = s.client("A"), s.client("B")
+    a.claim(C4, 1000, T4, 8080)
+    a.flush()
+    time.sleep(0.2)
+    a.close()
+    time.sleep(0.2)
+    s.send(fb(1000))  # A's route is gone: held, not sent into A's dead socket
+    time.sleep(0.2)
+    b.claim(C4, 1000, T4, 8080)
+    b.flush()
+    assert ports(collect(b, 1)) == [1000]
+    rc, err = s.finish()
+    assert "1 held then delivered" in err
+
+
+def test_release_stops_delivery(server):
+    s = server("--hold-ms", "300")
+    a = s.client()
+    a.claim(C4, 1000, T4, 8080)
+    a.flush()
+    s.send(fb(1000))
+    assert len(collect(a, 1)) == 1
+    a.release(C4, 1000, T4, 8080)
+    a.flush()
+    time.sleep(0.2)
+    s.send(fb(1000))
+    assert collect(a, 1, timeout=0.5) == []
+    rc, err = s.finish()
+    assert "2 replies in, 1 delivered (0 held then delivered), 1 unclaimed" in err
+
+
+def test_slow_client_drops_are_counted_and_others_unaffected(server):
+    s = server("--client-buffer", "16384", "--hold-ms", "0", "--drain-s", "1")
+    slow, fast = s.client("slow"), s.client("fast")
+    slow.claim(C4, 1000, T4, 8080)
+    fast.claim(C4, 1001, T4, 8080)
+    slow.flush()
+    fast.flush()
+    time.sleep(0.2)
+    n = 5000  # ~400 KB for the slow client: more than socket buffers + 16 KiB
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(collect(fast, n, timeout=20)))
+    reader.start()
+    for i in range(0, n, 100):
+        s.send(*[r for j in range(i, i + 100) for r in (fb(1000, seq=j), fb(1001, seq=j))])
+        time.sleep(0.002)
+    reader.join()
+    assert len(got) == n
+    assert [reply_key(r["data"])[1] for r in got] == [1001] * n
+    rc, err = s.finish()
+    assert rc == 0
+    assert "not reading fast enough" in err
+    st = stats(err)
+    assert st["dropped (slow client)"] > 0
+    assert st["delivered"] + st["dropped (slow client)"] == 2 * n
+
+
+def test_connect_failure_unavailable(tmp_path):
+    c = FeedbackClient("unix:" + str(tmp_path / "nobody.sock"))
+    with pytest.raises(UnavailableError, match="cannot connect to tc-feedback"):
+        c.connect(timeout=1)
+
+    from tcpcopylib.cli.common import Tool
+
+    class Probe(Tool):
+        name = "tc-probe"
+        writes_records = False
+
+        def run(self, args):
+            FeedbackClient("unix:" + str(tmp_path / "nobody.sock")).connect(timeout=1)
+
+    import io
+
+    err = io.StringIO()
+    assert Probe(stderr=err).main([]) == 69
+    assert "tc-probe: error: cannot connect to tc-feedback" in err.getvalue()
+
+
+def test_cannot_listen_exit_69(tmp_path):
+    r = tc.run(["tc-feedback", "--listen", f"unix:{tmp_path}/no/such/dir/fb.sock"], input=b"")
+    assert r.returncode == 69
+    assert b"cannot listen" in r.stderr
+
+
+def test_newer_client_version_refused(server):
+    s = server()
+    s.client().close()  # wait until it listens
+    raw = socket.socket(socket.AF_UNIX)
+    raw.connect(s.path)
+    raw.sendall(encode_section({"t": "header", "v": 99, "tool": "future"}))
+    raw.settimeout(3)
+    data = b""
+    while True:
+        chunk = raw.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    raw.close()
+    items = [i for i, _ in StreamDecoder("t").feed(data)]
+    assert items[0]["t"] == "header" and items[0]["v"] == 1
+    assert items[-1]["t"] == "error" and items[-1]["error"] == "version"
+    assert "version 99" in items[-1]["msg"]
+    rc, err = s.finish()
+    assert "refusing client" in err and "version 99" in err
+
+
+def test_client_refuses_newer_server(tmp_path):
+    path = str(tmp_path / "fake.sock")
+    ls = socket.socket(socket.AF_UNIX)
+    ls.bind(path)
+    ls.listen(1)
+
+    def fake():
+        s, _ = ls.accept()
+        s.sendall(encode_section({"t": "header", "v": 2, "tool": "tc-feedback"}))
+        time.sleep(1)
+        s.close()
+
+    t = threading.Thread(target=fake)
+    t.start()
+    try:
+        with pytest.raises(PeerVersionError, match="version 2"):
+            FeedbackClient("unix:" + path).connect(timeout=3)
+    finally:
+        t.join()
+        ls.close()
+
+
+def test_tcp_address_and_server_exit_seen_by_client(server, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    p = subprocess.Popen([str(tc.BIN / "tc-feedback"), "--listen", f"tcp:127.0.0.1:{port}"],
+                         stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=tc.env())
+    try:
+        p.stdin.write(tc.stream([]))
+        p.stdin.flush()
+        c = None
+        for _ in range(200):
+            try:
+                c = FeedbackClient(f"tcp:127.0.0.1:{port}")
+                c.connect(timeout=2)
+                break
+            except UnavailableError:
+                c = None
+                time.sleep(0.02)
+        assert c is not None
+        c.claim(C4, 1000, T4, 8080)
+        c.flush()
+        time.sleep(0.1)
+        p.stdin.write(cbor2.dumps(fb(1000)))
+        p.stdin.close()
+        assert ports(collect(c, 1)) == [1000]
+        assert p.wait(10) == 0
+        with pytest.raises(UnavailableError, match="closed"):
+            for _ in range(100):
+                c.read_available()
+                time.sleep(0.02)
+        c.close()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_parse_address():
+    assert parse_address("unix:/x/y") == (socket.AF_UNIX, "/x/y")
+    assert parse_address("tcp:127.0.0.1:5") == (socket.AF_INET, ("127.0.0.1", 5))
+    assert parse_address("tcp:[::1]:5")[0] == socket.AF_INET6
+    assert parse_address("tcp::36524", listen=True)[1][1] == 36524
+    from tcpcopylib.errors import UsageError
+
+    for bad in ("tcp:host", "udp:1.2.3.4:5", "unix:", "tcp:1.2.3.4:0"):
+        with pytest.raises(UsageError):
+            parse_address(bad)
+
+
+def test_decoder_split_anywhere():
+    data = tc.stream([fb(1000), fb(1001)]) + tc.stream([fb(1002)])
+    for cut in range(1, len(data)):
+        d = StreamDecoder("t")
+        items = d.feed(data[:cut]) + d.feed(data[cut:])
+        assert [i["t"] for i, _ in items] == ["header", "fb", "fb", "header", "fb"]
+        assert cbor2.loads(items[2][1]) == items[2][0]
