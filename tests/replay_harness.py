@@ -1,0 +1,456 @@
+"""End-to-end replay harness: record real traffic in the lab, replay it, compare streams.
+
+Pieces (each usable on its own):
+  - pcap reading and TCP stream reassembly (dpkt): ``tcp_streams(pcap, server_port)``
+  - the recording servers' logs: ``logged_streams(log_dir)``
+  - comparison: ``compare_streams(captured, logged)``
+  - lab orchestration: ``record()`` (real client -> online server under tcpdump) and
+    ``replay()`` (tc-readpcap | tc-session | tc-pace | tc-emit on online, tc-intercept |
+    tc-feedback on the assistant, recording server on the target).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SERVERS = REPO / "tests" / "servers"
+BIN = REPO / "bin"
+PY = sys.executable
+
+# ---------------------------------------------------------------------------------------
+# pcap -> TCP streams
+# ---------------------------------------------------------------------------------------
+
+_SYN, _FIN, _RST = 0x02, 0x01, 0x04
+
+
+def pcap_ip_packets(path):
+    """Yield (ts_float, ip_datagram_bytes) from a pcap/pcapng file (any common link type)."""
+    import dpkt
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+        f.seek(0)
+        reader = dpkt.pcapng.Reader(f) if magic == b"\x0a\x0d\x0d\x0a" else dpkt.pcap.Reader(f)
+        dlt = reader.datalink()
+        for ts, buf in reader:
+            ip = _strip_link(dlt, buf)
+            if ip:
+                yield ts, ip
+
+
+def _strip_link(dlt, buf):
+    if dlt == 1:  # Ethernet, possibly VLAN-tagged
+        off, etype = 14, int.from_bytes(buf[12:14], "big")
+        while etype in (0x8100, 0x88A8) and len(buf) >= off + 4:
+            etype = int.from_bytes(buf[off + 2:off + 4], "big")
+            off += 4
+        return buf[off:] if etype in (0x0800, 0x86DD) else None
+    if dlt == 113:  # Linux cooked v1
+        return buf[16:] if int.from_bytes(buf[14:16], "big") in (0x0800, 0x86DD) else None
+    if dlt == 276:  # Linux cooked v2
+        return buf[20:] if int.from_bytes(buf[0:2], "big") in (0x0800, 0x86DD) else None
+    if dlt in (12, 14, 101, 228, 229):  # raw IP
+        return buf
+    if dlt in (0, 108):  # BSD loopback
+        return buf[4:]
+    raise ValueError(f"unsupported pcap link type {dlt}")
+
+
+def parse_tcp(ip: bytes):
+    """(src_ip_str, dst_ip_str, sport, dport, seq, ack, flags, payload) or None."""
+    v = ip[0] >> 4
+    if v == 4:
+        if ip[9] != 6:
+            return None
+        ihl = (ip[0] & 0x0F) * 4
+        total = int.from_bytes(ip[2:4], "big")
+        src, dst = socket.inet_ntop(socket.AF_INET, ip[12:16]), socket.inet_ntop(
+            socket.AF_INET, ip[16:20])
+        tcp = ip[ihl:total]
+    elif v == 6:
+        if ip[6] != 6:  # no extension headers in our lab traffic
+            return None
+        plen = int.from_bytes(ip[4:6], "big")
+        src, dst = socket.inet_ntop(socket.AF_INET6, ip[8:24]), socket.inet_ntop(
+            socket.AF_INET6, ip[24:40])
+        tcp = ip[40:40 + plen]
+    else:
+        return None
+    sport, dport = int.from_bytes(tcp[0:2], "big"), int.from_bytes(tcp[2:4], "big")
+    seq, ack = int.from_bytes(tcp[4:8], "big"), int.from_bytes(tcp[8:12], "big")
+    off = (tcp[12] >> 4) * 4
+    return src, dst, sport, dport, seq, ack, tcp[13], bytes(tcp[off:])
+
+
+@dataclass
+class Stream:
+    """One direction of one TCP connection, reassembled."""
+
+    client: tuple  # (ip, port)
+    server: tuple  # (ip, port)
+    syn: bool = False  # the connection's SYN was captured
+    fin: bool = False
+    rst: bool = False
+    base: int | None = None  # seq of the first stream byte
+    segments: dict = field(default_factory=dict)  # relative offset -> bytes
+    packets: int = 0
+    first_ts: float = 0.0
+
+    def add(self, seq, flags, payload):
+        self.packets += 1
+        if flags & _SYN:
+            self.syn = True
+            self.base = (seq + 1) & 0xFFFFFFFF
+            return
+        if flags & _RST:
+            self.rst = True
+        if flags & _FIN:
+            self.fin = True
+        if not payload:
+            return
+        if self.base is None:
+            self.base = seq
+        rel = (seq - self.base) & 0xFFFFFFFF
+        if rel >= 0x80000000:  # before the base: an earlier segment seen late (no SYN)
+            shift = (self.base - seq) & 0xFFFFFFFF
+            self.segments = {k + shift: v for k, v in self.segments.items()}
+            self.base, rel = seq, 0
+        old = self.segments.get(rel)
+        if old is None or len(payload) > len(old):
+            self.segments[rel] = payload
+
+    def data(self) -> tuple[bytes, list]:
+        """(contiguous bytes from the start, list of (offset, length) holes)."""
+        out = bytearray()
+        holes = []
+        for rel in sorted(self.segments):
+            seg = self.segments[rel]
+            end = len(out)
+            if rel > end:
+                holes.append((end, rel - end))
+                out.extend(b"\0" * (rel - end))
+                end = rel
+            if rel + len(seg) > end:
+                out.extend(seg[end - rel:])
+        return bytes(out), holes
+
+    @property
+    def bytes(self) -> bytes:
+        return self.data()[0]
+
+
+def tcp_streams(pcap, server_port: int, direction: str = "c2s") -> list[Stream]:
+    """Reassemble every connection to server_port in a capture, in order of first packet.
+
+    direction "c2s" gives client->server streams, "s2c" server->client. A new SYN on a
+    4-tuple that already carried data starts a new Stream (port reuse).
+    """
+    streams: list[Stream] = []
+    current: dict = {}
+    for ts, ip in pcap_ip_packets(pcap):
+        t = parse_tcp(ip)
+        if t is None:
+            continue
+        src, dst, sport, dport, seq, ack, flags, payload = t
+        if dport == server_port:
+            client, server, c2s = (src, sport), (dst, dport), True
+        elif sport == server_port:
+            client, server, c2s = (dst, dport), (src, sport), False
+        else:
+            continue
+        key = (client, server)
+        st = current.get(key)
+        if c2s and flags & _SYN and not flags & 0x10 and st is not None and (
+                st.segments or st.fin or st.rst):
+            st = None  # a new connection on a reused 4-tuple
+        if st is None:
+            st = Stream(client, server, first_ts=ts)
+            current[key] = st
+            streams.append(st)
+            st.other = Stream(client, server, first_ts=ts)
+        if (direction == "c2s") == c2s:
+            st.add(seq, flags, payload)
+        else:
+            st.other.add(seq, flags, payload)
+    return streams
+
+
+def capture_summary(pcap, server_port: int) -> dict:
+    """Counts useful in assertion messages."""
+    ss = tcp_streams(pcap, server_port)
+    return {"connections": len(ss), "with_syn": sum(s.syn for s in ss),
+            "bytes": sum(len(s.bytes) for s in ss),
+            "holes": sum(len(s.data()[1]) for s in ss)}
+
+
+# ---------------------------------------------------------------------------------------
+# recording-server logs
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Logged:
+    order: int
+    ip: str
+    port: int
+    data: bytes
+
+
+def logged_streams(log_dir) -> list[Logged]:
+    """The connections a recording server accepted, in accept order."""
+    out = []
+    for p in Path(log_dir).glob("*.bin"):
+        n, ip, port = p.stem.split("_", 2) if p.stem.count("_") == 2 else _v6_name(p.stem)
+        out.append(Logged(int(n), ip.replace("_", ":"), int(port), p.read_bytes()))
+    out.sort(key=lambda c: c.order)
+    return out
+
+
+def _v6_name(stem):
+    n, rest = stem.split("_", 1)
+    ip, _, port = rest.rpartition("_")
+    return n, ip, port
+
+
+def _norm_ip(ip: str) -> str:
+    ip = ip.removeprefix("::ffff:") if "." in ip else ip
+    return str(ipaddress.ip_address(ip))
+
+
+@dataclass
+class Comparison:
+    identical: int = 0
+    missing: list = field(default_factory=list)   # captured client streams never seen
+    different: list = field(default_factory=list)  # (key, detail)
+    extra: list = field(default_factory=list)     # logged connections with no capture
+    empty_skipped: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.different or self.extra)
+
+    def describe(self, limit=5) -> str:
+        return (f"identical={self.identical} missing={len(self.missing)} "
+                f"different={len(self.different)} extra={len(self.extra)} "
+                f"empty_skipped={self.empty_skipped}; missing[:{limit}]={self.missing[:limit]} "
+                f"different[:{limit}]={self.different[:limit]} extra[:{limit}]={self.extra[:limit]}")
+
+
+def first_difference(a: bytes, b: bytes) -> str:
+    n = min(len(a), len(b))
+    i = next((k for k in range(n) if a[k] != b[k]), n)
+    return (f"len {len(a)} vs {len(b)}, first difference at {i}: "
+            f"{a[max(0, i - 16):i + 24]!r} vs {b[max(0, i - 16):i + 24]!r}")
+
+
+def compare_streams(captured: list[Stream], logged: list[Logged],
+                    skip_empty: bool = True, join_reconnects: bool = True) -> Comparison:
+    """Every captured client stream must equal what the server received from that client.
+
+    Logged connections from the same client ip:port are joined in accept order when
+    join_reconnects (a replay that reconnects continues the stream on a new connection).
+    Captured streams with no payload are skipped when skip_empty (nothing to deliver).
+    """
+    by_peer: dict = {}
+    for c in logged:
+        by_peer.setdefault((_norm_ip(c.ip), c.port), []).append(c)
+    cap_by_peer: dict = {}
+    for s in captured:
+        cap_by_peer.setdefault((_norm_ip(s.client[0]), s.client[1]), []).append(s)
+    res = Comparison()
+    for key, streams in cap_by_peer.items():
+        want = [s.bytes for s in streams]
+        conns = by_peer.pop(key, [])
+        if all(not w for w in want) and skip_empty:
+            res.empty_skipped += len(want)
+            continue
+        if not conns:
+            res.missing.append(key)
+            continue
+        if len(streams) == 1 and join_reconnects:
+            got = [b"".join(c.data for c in conns)]
+        else:
+            got = [c.data for c in conns]
+        if got == want:
+            res.identical += len(want)
+        else:
+            res.different.append((key, first_difference(b"|".join(want), b"|".join(got))))
+    res.extra = [k for k, conns in by_peer.items() if any(c.data for c in conns)]
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# lab orchestration
+# ---------------------------------------------------------------------------------------
+
+PORT = 8080
+
+
+class Proc:
+    """A process started in a lab host, with its stderr collected by a thread."""
+
+    def __init__(self, lab, host, argv, stdin=None, stdout=None, name=None, **kw):
+        import threading
+
+        self.name = name or Path(str(argv[0])).name
+        self.p = lab.popen(host, argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, **kw)
+        self.err = bytearray()
+        self._t = threading.Thread(target=self._drain, daemon=True)
+        self._t.start()
+
+    def _drain(self):
+        for chunk in iter(lambda: self.p.stderr.read1(65536), b""):
+            self.err.extend(chunk)
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def wait_stderr(self, needle: bytes, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.err:
+                return True
+            if self.p.poll() is not None:
+                time.sleep(0.05)
+                return needle in self.err
+            time.sleep(0.02)
+        return False
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, sig=signal.SIGTERM, timeout=3.0) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+            if self.wait(timeout) is None:
+                self.p.kill()
+                self.p.wait(3)
+        self._t.join(2)
+        return self.p.returncode
+
+    @property
+    def stderr(self) -> str:
+        return self.err.decode(errors="replace")
+
+    def __repr__(self):
+        return f"<{self.name} pid={self.pid} rc={self.p.returncode} stderr={self.stderr[-800:]!r}>"
+
+
+def server_cmd(log_dir, port=PORT, mode="http", delay=0.0, close_after_first=False, ready=None):
+    argv = [PY, str(SERVERS / "recording_server.py"), "--listen", f"[::]:{port}",
+            "--log-dir", str(log_dir), "--mode", mode]
+    if delay:
+        argv += ["--delay", str(delay)]
+    if close_after_first:
+        argv.append("--close-after-first")
+    if ready:
+        argv += ["--ready", str(ready)]
+    return argv
+
+
+def start_recording_server(lab, host, log_dir, port=PORT, **kw):
+    """A recording server in `host`, listening on [::]:port (v4 and v6); stopped at teardown."""
+    return lab.start_server(host, server_cmd(log_dir, port, **kw), port=port, timeout=10)
+
+
+@dataclass
+class Recording:
+    pcap: Path
+    online_logs: Path
+    client: dict
+    tcpdump: str
+    port: int
+
+    def streams(self) -> list[Stream]:
+        return tcp_streams(self.pcap, self.port)
+
+
+def start_tcpdump(lab, host, iface, pcap, port, timeout=10.0) -> Proc:
+    td = Proc(lab, host, ["tcpdump", "-i", iface, "-n", "-s", "0", "-U", "--immediate-mode",
+                          "-B", "32768",
+                          "-w", str(pcap), f"tcp port {port}"])
+    if not td.wait_stderr(b"listening on", timeout):
+        td.stop()
+        raise RuntimeError(f"tcpdump did not start: {td!r}")
+    return td
+
+
+def stop_tcpdump(td: Proc) -> str:
+    time.sleep(0.5)  # let the last packets (final ACKs) through
+    td.stop(signal.SIGINT)
+    return td.stderr
+
+
+def tcpdump_counts(stderr: str) -> dict:
+    """{"captured": n, "received by filter": n, "dropped by kernel": n} from tcpdump's exit."""
+    import re
+
+    return {m.group(2): int(m.group(1))
+            for m in re.finditer(r"^(\d+) packets? (captured|received by filter|dropped by kernel)",
+                                 stderr, re.M)}
+
+
+def record(lab, workdir, scenario, *client_args, port=PORT, v6=False, server_kw=None,
+           midconn=False, timeout=120.0) -> Recording:
+    """Record a real client talking to a recording server on online (tcpdump on cli0).
+
+    midconn: tcpdump starts only after every connection is established (the client is run
+    with --hold-after-connect), so the capture has no SYNs.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    pcap = workdir / f"{scenario}.pcap"
+    logs = workdir / f"online-{scenario}"
+    srv = start_recording_server(lab, "online", logs, port, **(server_kw or {}))
+    addr = f"[{lab.online_cli_ip6}]:{port}" if v6 else f"{lab.online_cli_ip}:{port}"
+    argv = [PY, str(SERVERS / "traffic_client.py"), scenario, "--server", addr,
+            *map(str, client_args)]
+    td = None
+    try:
+        if midconn:
+            hold = workdir / f"{scenario}.go"
+            argv += ["--hold-after-connect", str(hold)]
+            cl = lab.popen("client", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 30
+            while not Path(str(hold) + ".connected").exists():
+                if time.monotonic() > deadline or cl.poll() is not None:
+                    cl.kill()
+                    raise RuntimeError(f"client never connected: {cl.communicate()}")
+                time.sleep(0.02)
+            time.sleep(0.2)  # handshakes fully done on the wire
+            td = start_tcpdump(lab, "online", lab.online_cli_if, pcap, port)
+            hold.write_text("go\n")
+            out, err = cl.communicate(timeout=timeout)
+            rc = cl.returncode
+        else:
+            td = start_tcpdump(lab, "online", lab.online_cli_if, pcap, port)
+            r = lab.run("client", argv, capture_output=True, timeout=timeout)
+            out, err, rc = r.stdout, r.stderr, r.returncode
+        tdout = stop_tcpdump(td)
+        td = None
+    finally:
+        if td is not None:
+            td.stop(signal.SIGINT)
+        lab.stop(srv)
+    lines = out.decode().strip().splitlines()
+    if rc != 0 or not lines:
+        raise RuntimeError(f"traffic client failed rc={rc}: {out!r} {err!r}")
+    res = json.loads(lines[-1])
+    n = tcpdump_counts(tdout)
+    if n.get("dropped by kernel") or n.get("captured") != n.get("received by filter"):
+        raise RuntimeError(f"tcpdump lost packets: {tdout}")
+    return Recording(pcap, logs, res, tdout, port)
