@@ -1,0 +1,557 @@
+"""Live capture of the client->server direction of TCP traffic to this host (tc-capture).
+
+What is kept: inbound TCP datagrams (IPv4, or IPv6 with TCP as the first next header) whose
+destination is a local address of this host. The replay's own packets are therefore never
+captured again, whatever the BPF filter: tc-emit sends them *out* of this host (outgoing,
+dropped by the direction check) and addresses them to the target (not a local address,
+dropped by the destination check). Both checks are applied in Python on every packet, on
+top of the kernel-side direction setting (pcap_setdirection / PACKET_IGNORE_OUTGOING).
+
+GRO/LRO super-segments longer than the MTU are split back into MTU-sized segments
+(``split_segment``) with their own sequence numbers, IP lengths/ids and checksums.
+
+Engines: ``PcapEngine`` (libpcap's TPACKET_V3 ring through pcapy-ng, batch reads with
+``next_batch``) and ``AfPacketEngine`` (a plain AF_PACKET socket, one recv per packet).
+Both feed link-layer frames to ``Capturer``, which strips the link layer, filters, splits
+and writes "pkt" records. The hot path is struct/bytes slicing, no per-packet objects.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import socket
+import struct
+import time
+
+from tcpcopylib.errors import NoInputError, NoPermissionError, UsageError
+from tcpcopylib.packet import fix_checksums
+
+# pcap LINKTYPE_* / DLT_* values of the frames handed to Capturer
+LINKTYPE_NULL = 0
+LINKTYPE_ETHERNET = 1
+LINKTYPE_RAW = 101        # pcap files
+DLT_RAW_LINUX = 14        # DLT_RAW as libpcap on Linux reports it (12 on some systems)
+DLT_RAW_BSD = 12
+LINKTYPE_LOOP = 108
+LINKTYPE_LINUX_SLL = 113
+LINKTYPE_LINUX_SLL2 = 276
+
+# Linux packet types (sll_pkttype)
+PACKET_HOST, PACKET_BROADCAST, PACKET_MULTICAST, PACKET_OTHERHOST, PACKET_OUTGOING = range(5)
+
+ETH_P_ALL = 0x0003
+ETH_P_IP = 0x0800
+_ETH_IP4 = b"\x08\x00"
+_ETH_IP6 = b"\x86\xdd"
+_VLAN_TYPES = (b"\x81\x00", b"\x88\xa8", b"\x91\x00")
+
+TH_FIN, TH_PSH, TH_CWR = 0x01, 0x08, 0x80
+
+DEFAULT_SNAPLEN = 262144
+DEFAULT_BUFFER_KIB = 32768
+DEFAULT_MTU = 1500
+ADDR_REFRESH_S = 2.0
+
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_U64 = struct.Struct("!Q")
+
+
+# -- record encoding ------------------------------------------------------------------------
+# {"t": "pkt", "ts": <uint64>, "data": <bytes>} hand-encoded, byte for byte what cbor2.dumps
+# writes for that dict (checked by tests): the per-packet cost is one struct pack and a concat.
+_PKT_HEAD = b"\xa3\x61t\x63pkt\x62ts\x1b"
+_DATA_KEY = b"\x64data"
+
+
+def _bstr_head(n: int) -> bytes:
+    if n < 24:
+        return bytes((0x40 + n,))
+    if n < 0x100:
+        return bytes((0x58, n))
+    if n < 0x10000:
+        return b"\x59" + _U16.pack(n)
+    return b"\x5a" + _U32.pack(n)
+
+
+def encode_pkt(ts: int, data: bytes, orig_len: int | None = None) -> bytes:
+    """One "pkt" record, CBOR-encoded (``orig_len`` adds the "len" key of a truncated packet)."""
+    if orig_len is not None or not 0x100000000 <= ts < 1 << 64:
+        import cbor2
+
+        rec = {"t": "pkt", "ts": ts, "data": bytes(data)}
+        if orig_len is not None:
+            rec["len"] = orig_len
+        return cbor2.dumps(rec)
+    return _PKT_HEAD + _U64.pack(ts) + _DATA_KEY + _bstr_head(len(data)) + data
+
+
+# -- GRO/LRO super-segment splitting ------------------------------------------------------------
+def split_segment(dgram: bytes, mtu: int) -> list[bytes]:
+    """Split one IPv4/IPv6 TCP datagram longer than ``mtu`` into datagrams of at most ``mtu``.
+
+    Like GSO: the IP and TCP headers (with options) are copied to every piece; the sequence
+    number advances by the payload already sent; the IPv4 id increases by one per piece;
+    FIN and PSH stay on the last piece only, CWR on the first only; IP length and
+    checksums are recomputed. A datagram that fits, or whose headers alone exceed ``mtu``,
+    is returned unchanged.
+    """
+    v = dgram[0] >> 4
+    if v == 4:
+        ihl = (dgram[0] & 0x0F) * 4
+        total = _U16.unpack_from(dgram, 2)[0]
+    elif v == 6:
+        ihl = 40
+        plen = _U16.unpack_from(dgram, 4)[0]
+        total = 40 + plen if plen else len(dgram)  # payload length 0: jumbogram/BIG TCP
+    else:
+        return [dgram]
+    total = min(total, len(dgram))
+    if total <= mtu or total < ihl + 20:
+        return [dgram]
+    doff = (dgram[ihl + 12] >> 4) * 4
+    hlen = ihl + doff
+    mss = mtu - hlen
+    if mss <= 0 or hlen > total:
+        return [dgram]
+    payload = memoryview(dgram)[hlen:total]
+    seq = _U32.unpack_from(dgram, ihl + 4)[0]
+    flags = dgram[ihl + 13]
+    ident = _U16.unpack_from(dgram, 4)[0] if v == 4 else 0
+    headers = bytes(dgram[:hlen])
+    out = []
+    n = len(payload)
+    for i, start in enumerate(range(0, n, mss)):
+        chunk = payload[start:start + mss]
+        buf = bytearray(headers)
+        buf += chunk
+        if v == 4:
+            _U16.pack_into(buf, 2, hlen + len(chunk))
+            _U16.pack_into(buf, 4, (ident + i) & 0xFFFF)
+        else:
+            _U16.pack_into(buf, 4, doff + len(chunk))
+        _U32.pack_into(buf, ihl + 4, (seq + start) & 0xFFFFFFFF)
+        f = flags
+        if start + mss < n:
+            f &= ~(TH_FIN | TH_PSH)
+        if i:
+            f &= ~TH_CWR
+        buf[ihl + 13] = f
+        out.append(bytes(fix_checksums(buf)))
+    return out
+
+
+# -- host facts (all namespace-correct: netlink, ioctl, /proc/net) ------------------------------
+_NLMSG_HDR = struct.Struct("=IHHII")
+_IFADDRMSG = struct.Struct("=BBBBI")
+_RTATTR = struct.Struct("=HH")
+_NLMSG_DONE, _NLMSG_ERROR, _RTM_GETADDR = 3, 2, 22
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+
+
+def local_addresses() -> frozenset:
+    """Every IPv4/IPv6 address configured on this host (this network namespace), packed."""
+    addrs = set()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
+        s.settimeout(2.0)
+        req = _NLMSG_HDR.pack(_NLMSG_HDR.size + _IFADDRMSG.size, _RTM_GETADDR,
+                              _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + _IFADDRMSG.pack(0, 0, 0, 0, 0)
+        s.sendto(req, (0, 0))
+        for _ in range(10000):  # bounded: a dump ends with NLMSG_DONE long before this
+            data = s.recv(1 << 16)
+            pos = 0
+            while pos + _NLMSG_HDR.size <= len(data):
+                ln, typ, _fl, _seq, _pid = _NLMSG_HDR.unpack_from(data, pos)
+                if ln < _NLMSG_HDR.size:
+                    return frozenset(addrs)
+                if typ == _NLMSG_DONE or typ == _NLMSG_ERROR:
+                    return frozenset(addrs)
+                if typ == _RTM_GETADDR - 2:  # RTM_NEWADDR (20)
+                    fam = data[pos + _NLMSG_HDR.size]
+                    a = pos + _NLMSG_HDR.size + _IFADDRMSG.size
+                    end = pos + ln
+                    while a + 4 <= end:
+                        alen, atype = _RTATTR.unpack_from(data, a)
+                        if alen < 4:
+                            break
+                        if atype in (_IFA_ADDRESS, _IFA_LOCAL) and fam in (
+                                socket.AF_INET, socket.AF_INET6):
+                            addrs.add(bytes(data[a + 4:a + alen]))
+                        a += (alen + 3) & ~3
+                pos += (ln + 3) & ~3
+    return frozenset(addrs)
+
+
+def interface_mtu(iface: str) -> int:
+    """The MTU of ``iface`` (SIOCGIFMTU), or DEFAULT_MTU if it cannot be read."""
+    import fcntl
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            r = fcntl.ioctl(s.fileno(), 0x8921, struct.pack("16si12x", iface.encode()[:15], 0))
+        except OSError:
+            return DEFAULT_MTU
+    return struct.unpack_from("i", r, 16)[0]
+
+
+def interface_rx_drops(iface: str) -> int:
+    """Receive drops counted by the interface (``any``: all interfaces), from /proc/net/dev."""
+    total = 0
+    try:
+        with open("/proc/net/dev") as f:
+            lines = f.readlines()[2:]
+    except OSError:
+        return 0
+    for line in lines:
+        name, _, rest = line.partition(":")
+        if iface == "any" or name.strip() == iface:
+            fields = rest.split()
+            if len(fields) > 3:
+                total += int(fields[3])
+    return total
+
+
+def check_interface(iface: str) -> None:
+    """NoInputError (66) if ``iface`` does not exist here (``any`` always does)."""
+    if iface == "any":
+        return
+    try:
+        socket.if_nametoindex(iface)
+    except OSError:
+        raise NoInputError(f"{iface}: no such interface") from None
+
+
+def _bad_filter(expr: str, err) -> UsageError:
+    return UsageError(f"bad filter expression {expr!r}: {err}")
+
+
+# -- the packet path -------------------------------------------------------------------------
+class Capturer:
+    """Turns captured link-layer frames into "pkt" records on a RecordWriter.
+
+    Counters: frames (seen), records (written), foreign (not inbound TCP to a local
+    address: dropped), truncated, supersegs (datagrams longer than the MTU) and
+    split_records (the records made from them).
+    """
+
+    def __init__(self, writer, mtu: int = DEFAULT_MTU, count: int = 0, addresses=None):
+        self.writer = writer
+        self.mtu = mtu
+        self.count = count  # stop after this many records (0: never)
+        self._fixed_addrs = addresses
+        self.local = frozenset(addresses) if addresses is not None else local_addresses()
+        self._next_refresh = time.monotonic() + ADDR_REFRESH_S
+        self.frames = self.records = self.foreign = self.truncated = 0
+        self.supersegs = self.split_records = 0
+        self.done = False
+
+    def refresh(self, now: float) -> None:
+        """Re-read the local addresses every ADDR_REFRESH_S (call between batches)."""
+        if now >= self._next_refresh:
+            self._next_refresh = now + ADDR_REFRESH_S
+            if self._fixed_addrs is None:
+                self.local = local_addresses()
+
+    def frame(self, buf, off: int, end: int, linktype: int, ts: int) -> None:
+        """One link-layer frame buf[off:end]; buf is bytes (a slice copies)."""
+        self.frames += 1
+        if linktype == LINKTYPE_ETHERNET:
+            et = buf[off + 12:off + 14]
+            p = off + 14
+            while et in _VLAN_TYPES:
+                et = buf[p + 2:p + 4]
+                p += 4
+            if et != _ETH_IP4 and et != _ETH_IP6:
+                self.foreign += 1
+                return
+        elif linktype == LINKTYPE_LINUX_SLL:
+            if _U16.unpack_from(buf, off)[0] == PACKET_OUTGOING:
+                self.foreign += 1
+                return
+            p = off + 16
+        elif linktype == LINKTYPE_LINUX_SLL2:
+            if buf[off + 10] == PACKET_OUTGOING:
+                self.foreign += 1
+                return
+            p = off + 20
+        elif linktype in (LINKTYPE_RAW, DLT_RAW_LINUX, DLT_RAW_BSD):
+            p = off
+        elif linktype in (LINKTYPE_NULL, LINKTYPE_LOOP):
+            p = off + 4
+        else:
+            self.foreign += 1
+            return
+        self.datagram(buf, p, end, ts)
+
+    def datagram(self, buf, p: int, end: int, ts: int) -> None:
+        """One IP datagram at buf[p:end] (end = end of the captured bytes)."""
+        if end - p < 40:
+            self.foreign += 1
+            return
+        v = buf[p] >> 4
+        if v == 4:
+            if buf[p + 9] != 6:
+                self.foreign += 1
+                return
+            dst = buf[p + 16:p + 20]
+            total = (buf[p + 2] << 8) | buf[p + 3]
+        elif v == 6:
+            if buf[p + 6] != 6:
+                self.foreign += 1
+                return
+            dst = buf[p + 24:p + 40]
+            plen = (buf[p + 4] << 8) | buf[p + 5]
+            total = 40 + plen if plen else end - p
+        else:
+            self.foreign += 1
+            return
+        if dst not in self.local:
+            self.foreign += 1
+            return
+        avail = end - p
+        w = self.writer
+        if total <= avail:
+            data = buf[p:p + total]  # drops Ethernet padding
+            if total > self.mtu:
+                self.supersegs += 1
+                for piece in split_segment(data, self.mtu):
+                    self.split_records += 1
+                    w.write_raw(encode_pkt(ts, piece))
+                    self.records += 1
+                    if self.records == self.count:
+                        self.done = True
+                        return
+                return
+            w.write_raw(encode_pkt(ts, data))
+        else:  # cut by the snaplen
+            self.truncated += 1
+            w.write_raw(encode_pkt(ts, buf[p:end], orig_len=total))
+        self.records += 1
+        if self.records == self.count:
+            self.done = True
+
+
+# -- engines ----------------------------------------------------------------------------------
+def _perm_or_missing(iface: str, msg: str):
+    low = msg.lower()
+    if "permission" in low or "not permitted" in low:
+        return NoPermissionError(f"{iface}: {msg} (needs root or CAP_NET_RAW)")
+    if "no such device" in low or "doesn't exist" in low or "no such" in low:
+        return NoInputError(f"{iface}: no such interface")
+    return None
+
+
+class PcapEngine:
+    """libpcap via pcapy-ng: TPACKET_V3 ring, inbound only, non-blocking batch reads."""
+
+    name = "pcap"
+
+    def __init__(self, iface: str, bpf: str, snaplen: int, buffer_kib: int):
+        import pcapy
+
+        self.iface = iface
+        try:
+            cap = pcapy.create(iface)
+            cap.set_snaplen(snaplen)
+            cap.set_promisc(0)
+            cap.set_timeout(1)  # ms; no immediate mode in pcapy-ng: a 1 ms block timer instead
+            cap.set_buffer_size(buffer_kib * 1024)
+            cap.activate()
+        except pcapy.PcapError as e:
+            raise _perm_or_missing(iface, str(e)) or NoInputError(f"{iface}: {e}") from None
+        try:
+            cap.setdirection(pcapy.PCAP_D_IN)  # never see what this host sends
+        except pcapy.PcapError as e:
+            raise NoInputError(f"{iface}: cannot capture inbound only: {e}") from None
+        try:
+            cap.setfilter(bpf)
+        except pcapy.PcapError as e:
+            raise _bad_filter(bpf, e) from None
+        cap.setnonblock(1)
+        self.cap = cap
+        self.linktype = cap.datalink()
+        self.fd = cap.getfd()
+        self._batch = getattr(cap, "next_batch", None)
+
+    def read(self, capturer: Capturer, max_n: int = 1024) -> int:
+        """Feed what the ring holds now to ``capturer``; returns the number of frames."""
+        lt = self.linktype
+        frame = capturer.frame
+        if self._batch is not None:
+            buf, meta = self._batch(max_n)
+            if not meta:
+                return 0
+            n = 0
+            for sec, usec, off, caplen in struct.iter_unpack("=IIII", meta):
+                frame(buf, off, off + caplen, lt, sec * 1_000_000_000 + usec * 1000)
+                n += 1
+                if capturer.done:
+                    break
+            return n
+        n = 0
+        while n < max_n and not capturer.done:  # pcapy without next_batch
+            hdr, data = self.cap.next()
+            if hdr is None:
+                break
+            sec, usec = hdr.getts()
+            frame(data, 0, len(data), lt, sec * 1_000_000_000 + usec * 1000)
+            n += 1
+        return n
+
+    def drops(self) -> tuple[int, int]:
+        """(kernel drops, interface drops as libpcap counts them)."""
+        _recv, drop, ifdrop = self.cap.stats()
+        return drop, ifdrop
+
+    def close(self) -> None:
+        self.cap.close()
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8),
+                ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+SO_ATTACH_FILTER = 26
+SO_RCVBUFFORCE = 33
+SOL_PACKET = 263
+PACKET_STATISTICS = 6
+PACKET_IGNORE_OUTGOING = 23
+_ARPHRD_ETHER, _ARPHRD_LOOPBACK = 1, 772
+
+
+def attach_bpf(sock: socket.socket, expr: str, linktype: int, snaplen: int) -> None:
+    """Compile a tcpdump expression with libpcap (pcapy.compile) and attach it to ``sock``."""
+    import pcapy
+
+    try:
+        insns = pcapy.compile(linktype, snaplen, expr, 1, 0xFFFFFFFF).get_bpf()
+    except pcapy.PcapError as e:
+        raise _bad_filter(expr, e) from None
+    arr = (_SockFilter * len(insns))(*[_SockFilter(*i) for i in insns])
+    prog = _SockFprog(len(insns), arr)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                    bytes(ctypes.string_at(ctypes.addressof(prog), ctypes.sizeof(prog))))
+
+
+class AfPacketEngine:
+    """A plain AF_PACKET socket with a kernel BPF filter; one recvfrom per packet.
+
+    A named Ethernet (or loopback) interface is read with SOCK_RAW and an Ethernet filter;
+    ``any`` and other link types with SOCK_DGRAM (the kernel strips the link layer) and a
+    raw-IP filter. Outgoing packets are ignored by the kernel (PACKET_IGNORE_OUTGOING) and
+    dropped again here by their packet type.
+    """
+
+    name = "afpacket"
+
+    def __init__(self, iface: str, bpf: str, snaplen: int, buffer_kib: int):
+        import pcapy
+
+        self.iface = iface
+        hatype = None
+        if iface != "any":
+            try:
+                with open(f"/sys/class/net/{iface}/type") as f:
+                    hatype = int(f.read())
+            except OSError:
+                hatype = _ARPHRD_ETHER  # sysfs of another namespace: assume Ethernet
+        raw = hatype in (_ARPHRD_ETHER, _ARPHRD_LOOPBACK)
+        self.linktype = LINKTYPE_ETHERNET if raw else DLT_RAW_LINUX
+        try:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW if raw else socket.SOCK_DGRAM,
+                              socket.htons(ETH_P_ALL))
+        except PermissionError as e:
+            raise NoPermissionError(f"{iface}: {e.strerror} (needs root or CAP_NET_RAW)") from None
+        try:
+            attach_bpf(s, bpf, pcapy.DLT_EN10MB if raw else pcapy.DLT_RAW, snaplen)
+            try:
+                s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            except OSError:
+                pass  # kernel < 4.20: the packet-type check below still drops them
+            try:
+                s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer_kib * 1024)
+            except OSError:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_kib * 1024)
+            if iface != "any":  # unbound: every interface
+                s.bind((iface, 0))
+        except OSError as e:
+            s.close()
+            raise NoInputError(f"{iface}: {e.strerror or e}") from None
+        except BaseException:
+            s.close()
+            raise
+        s.setblocking(False)
+        self.sock = s
+        self.fd = s.fileno()
+        self.buf = bytearray(snaplen)
+        self._drops = 0
+
+    def read(self, capturer: Capturer, max_n: int = 1024) -> int:
+        recv = self.sock.recvfrom_into
+        buf = self.buf
+        lt = self.linktype
+        frame = capturer.frame
+        now = time.time_ns
+        n = 0
+        while n < max_n:
+            try:
+                size, addr = recv(buf)
+            except BlockingIOError:
+                break
+            n += 1
+            if addr[2] == PACKET_OUTGOING:
+                capturer.frames += 1
+                capturer.foreign += 1
+                continue
+            frame(bytes(buf[:size]), 0, size, lt, now())
+            if capturer.done:
+                break
+        return n
+
+    def drops(self) -> tuple[int, int]:
+        raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+        self._drops += struct.unpack("II", raw)[1]  # the counters reset on read
+        return self._drops, 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+ENGINES = {"pcap": PcapEngine, "afpacket": AfPacketEngine}
+
+
+def open_engine(kind: str, iface: str, bpf: str, snaplen: int = DEFAULT_SNAPLEN,
+                buffer_kib: int = DEFAULT_BUFFER_KIB):
+    check_interface(iface)
+    return ENGINES[kind](iface, bpf, snaplen, buffer_kib)
+
+
+def capture_loop(engine, capturer: Capturer, stop, on_tick=None, idle_wait: float = 0.25,
+                 extra_fds=()) -> None:
+    """Read until ``capturer.done`` or ``stop()`` is true.
+
+    When the ring is empty the writer is flushed (an idle link never holds records back)
+    and the loop waits in select() on the capture fd plus ``extra_fds`` (a signal wakeup
+    pipe) for at most ``idle_wait`` s. ``on_tick(now)`` runs between batches.
+    """
+    fds = [engine.fd, *extra_fds]
+    flush = capturer.writer.flush
+    read = engine.read
+    while not capturer.done and not stop():
+        if read(capturer) == 0:
+            flush()
+            if stop():
+                break
+            select.select(fds, [], [], idle_wait)
+        now = time.monotonic()
+        capturer.refresh(now)
+        if on_tick is not None:
+            on_tick(now)
