@@ -454,3 +454,125 @@ def record(lab, workdir, scenario, *client_args, port=PORT, v6=False, server_kw=
     if n.get("dropped by kernel") or n.get("captured") != n.get("received by filter"):
         raise RuntimeError(f"tcpdump lost packets: {tdout}")
     return Recording(pcap, logs, res, tdout, port)
+
+
+# ---------------------------------------------------------------------------------------
+# replay: tc-readpcap | tc-session | tc-pace | tc-emit  ->  target  ->  assistant
+# ---------------------------------------------------------------------------------------
+
+def tool(name) -> str:
+    return str(BIN / name)
+
+
+def tool_env() -> dict:
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}:{e.get('PATH', '')}"
+    e.pop("PYTHONUNBUFFERED", None)
+    e.pop("TC_FEEDBACK", None)
+    return e
+
+
+@dataclass
+class Replay:
+    target_logs: Path
+    stats: dict | None
+    procs: dict
+    elapsed: float
+    timed_out: bool
+
+    def rc(self, name):
+        return self.procs[name].p.returncode
+
+    def diagnostics(self) -> str:
+        return "\n".join(repr(p) for p in self.procs.values())
+
+    def logged(self) -> list[Logged]:
+        return logged_streams(self.target_logs)
+
+
+def wait_settled(log_dir, quiet=0.5, timeout=10.0) -> int:
+    """Wait until the bytes a recording server logged stop growing; returns the total."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        total = sum(p.stat().st_size for p in Path(log_dir).glob("*.bin"))
+        if total != last:
+            last, since = total, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+        time.sleep(0.05)
+    return last
+
+
+def start_feedback(lab, workdir, port, sock_name="fb.sock", v6=False):
+    """tc-intercept lan0 | tc-feedback --listen unix:SOCK in the assistant; returns procs, addr."""
+    sock = Path(workdir) / sock_name
+    sock.unlink(missing_ok=True)
+    env = tool_env()
+    ic = Proc(lab, "assistant", [tool("tc-intercept"), lab.assist_if, "-F",
+                                 f"tcp and src port {port}", "--stats"],
+              stdout=subprocess.PIPE, env=env, name="tc-intercept")
+    fb = Proc(lab, "assistant", [tool("tc-feedback"), "--listen", f"unix:{sock}", "--stats"],
+              stdin=ic.p.stdout, env=env, name="tc-feedback")
+    ic.p.stdout.close()
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        if time.monotonic() > deadline or fb.p.poll() is not None or ic.p.poll() is not None:
+            ic.stop()
+            fb.stop()
+            raise RuntimeError(f"feedback side did not start: {ic!r} {fb!r}")
+        time.sleep(0.02)
+    time.sleep(0.3)  # tc-intercept's capture socket is open by now (it starts in parallel)
+    return {"tc-intercept": ic, "tc-feedback": fb}, f"unix:{sock}"
+
+
+def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=None,
+           session_args=(), pace_args=(), timeout=120.0, start_target=True,
+           emit_args=()) -> Replay:
+    """Replay pcap into a recording server on the target; every process bounded and stopped."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tport = target_port or port
+    logs = workdir / "target"
+    srv = start_recording_server(lab, "target", logs, tport, **(server_kw or {})) \
+        if start_target else None
+    stats_json = workdir / "session-stats.json"
+    stats_json.unlink(missing_ok=True)
+    procs: dict = {}
+    timed_out = False
+    t0 = time.monotonic()
+    try:
+        fbprocs, addr = start_feedback(lab, workdir, tport)
+        procs.update(fbprocs)
+        target = f"[{lab.target_ip6}]:{tport}" if v6 else f"{lab.target_ip}:{tport}"
+        env = tool_env()
+        chain = [("tc-readpcap", [str(pcap)]),
+                 ("tc-session", ["--target", target, "--feedback", addr,
+                                 "--stats-json", str(stats_json), *map(str, session_args)]),
+                 ("tc-pace", list(map(str, pace_args))),
+                 ("tc-emit", list(map(str, emit_args)))]
+        prev = None
+        for i, (name, args) in enumerate(chain):
+            last = i == len(chain) - 1
+            p = Proc(lab, "online", [tool(name), "--stats", *args],
+                     stdin=prev.p.stdout if prev else subprocess.DEVNULL,
+                     stdout=None if last else subprocess.PIPE, env=env, name=name)
+            if prev:
+                prev.p.stdout.close()
+            procs[name] = p
+            prev = p
+        if procs["tc-emit"].wait(timeout) is None:
+            timed_out = True
+        elapsed = time.monotonic() - t0
+        if srv is not None:
+            wait_settled(logs)
+    finally:
+        for name in ("tc-readpcap", "tc-session", "tc-pace", "tc-emit", "tc-intercept"):
+            if name in procs:
+                procs[name].stop()
+        if "tc-feedback" in procs:
+            procs["tc-feedback"].stop(timeout=8)
+        if srv is not None:
+            lab.stop(srv)
+    stats = json.loads(stats_json.read_text()) if stats_json.exists() else None
+    return Replay(logs, stats, procs, elapsed, timed_out)

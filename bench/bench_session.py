@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Replay benchmark: generated short HTTP sessions replayed into a real server in the lab.
+
+    python3 bench/bench_session.py [--sessions N] [--rate R] [--requests K]
+                                   [--speeds 1,2,4,8] [--server nginx|python]
+
+Generates a pcap of N short HTTP/1.1 sessions (K requests each, client closes first),
+starting at R sessions/s of recording time, from client addresses spread over the lab's
+client net. Then, for each speed S, in a fresh namespace lab:
+
+  online:    tc-readpcap gen.pcap | tc-pace --speed S | tc-session --target T | tc-emit
+  assistant: tc-intercept lan0 -F 'tcp and src port 8080' | tc-feedback --listen unix:SOCK
+  target:    nginx (a minimal nginx.conf in a temp dir; python recording server if no nginx)
+
+and prints the offered load (R*S sessions/s), the achieved rates measured at the target
+(sessions/s and requests/s between the first and last request it logged; client packets/s =
+client packets of the completed sessions over the same span), completion % (requests the
+target logged / requests in the pcap) and tc-session's own outcome counts.
+Needs root (network namespaces). Every run is bounded (--timeout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import replay_harness as h  # noqa: E402
+from tcpcopylib.lab import Lab  # noqa: E402
+
+PORT = 8080
+ONLINE_PORT = 80
+
+
+# -- pcap generation (struct only: fast) -----------------------------------------------------
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def _packet(src, dst, sport, dport, seq, ack, flags, payload=b"", opts=b""):
+    off = (20 + len(opts)) // 4
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, off << 4, flags, 64240, 0, 0)
+    tcp += opts + payload
+    pseudo = src + dst + struct.pack("!BBH", 0, 6, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    return b"\x02\x00\x00\x00\x09\x01\x02\x00\x00\x00\x09\x02\x08\x00" + ip + tcp
+
+
+def generate_pcap(path, sessions, rate, requests, server_ip="10.200.9.1"):
+    """Write the pcap; returns (client_packets, total_requests)."""
+    srv = socket.inet_aton(server_ip)
+    gap = 1.0 / rate
+    events = []  # (ts, frame)
+    client_pkts = 0
+    mss = b"\x02\x04\x05\xb4"
+    for i in range(sessions):
+        t = 1_700_000_000.0 + i * gap
+        cli = socket.inet_aton(f"10.200.9.{10 + i % 240}")
+        port = 20000 + i // 240
+        c_isn, s_isn = (i * 7919 * 1000) & 0xFFFFFFFF, (i * 104729) & 0xFFFFFFFF
+        c, s = c_isn + 1, s_isn + 1
+        pk = [(0.0, _packet(cli, srv, port, ONLINE_PORT, c_isn, 0, 0x02, opts=mss), True),
+              (0.0001, _packet(srv, cli, ONLINE_PORT, port, s_isn, c, 0x12, opts=mss), False),
+              (0.0002, _packet(cli, srv, port, ONLINE_PORT, c, s, 0x10), True)]
+        dt = 0.0003
+        for k in range(requests):
+            req = (f"GET /s{i}/r{k} HTTP/1.1\r\nHost: bench\r\nUser-Agent: tc-bench\r\n"
+                   f"Accept: */*\r\n\r\n").encode()
+            body = b"ok\n"
+            resp = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
+                    f"{len(body)}\r\nConnection: keep-alive\r\n\r\n").encode() + body
+            pk.append((dt, _packet(cli, srv, port, ONLINE_PORT, c, s, 0x18, req), True))
+            c += len(req)
+            pk.append((dt + 0.0004, _packet(srv, cli, ONLINE_PORT, port, s, c, 0x18, resp), False))
+            s += len(resp)
+            pk.append((dt + 0.0005, _packet(cli, srv, port, ONLINE_PORT, c, s, 0x10), True))
+            dt += 0.0010
+        pk += [(dt, _packet(cli, srv, port, ONLINE_PORT, c, s, 0x11), True),
+               (dt + 0.0001, _packet(srv, cli, ONLINE_PORT, port, s, c + 1, 0x11), False),
+               (dt + 0.0002, _packet(cli, srv, port, ONLINE_PORT, c + 1, s + 1, 0x10), True)]
+        for off, frame, from_client in pk:
+            events.append((t + off, frame))
+            client_pkts += from_client
+    events.sort(key=lambda e: e[0])
+    with open(path, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 262144, 1))  # ns pcap
+        for ts, frame in events:
+            sec = int(ts)
+            ns = int(round((ts - sec) * 1e9))
+            f.write(struct.pack("<IIII", sec, ns, len(frame), len(frame)) + frame)
+    return client_pkts, sessions * requests
+
+
+# -- the target server ---------------------------------------------------------------------------
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    log_format tiny '$msec $connection $remote_addr:$remote_port $request_uri';
+    keepalive_requests 100000;
+    keepalive_timeout 60s;
+    server {{
+        listen {port} backlog=8192 reuseport;
+        listen [::]:{port} backlog=8192 reuseport;
+        access_log {d}/access.log tiny buffer=256k flush=1s;
+        location / {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+
+def start_target(lab, kind, workdir):
+    if kind == "nginx":
+        d = Path(workdir) / "nginx"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "nginx.conf").write_text(NGINX_CONF.format(d=d, port=PORT))
+        return lab.start_server("target", ["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)],
+                                port=PORT, timeout=10), d / "access.log"
+    logs = Path(workdir) / "target"
+    return h.start_recording_server(lab, "target", logs, PORT), logs
+
+
+def target_requests(kind, log) -> tuple[int, int, float]:
+    """(requests, distinct sessions, span seconds) the target served."""
+    if kind == "nginx":
+        times, conns, n = [], set(), 0
+        if Path(log).exists():
+            for line in Path(log).read_text().splitlines():
+                f = line.split()
+                if len(f) >= 4:
+                    n += 1
+                    times.append(float(f[0]))
+                    conns.add(f[2])
+        span = (max(times) - min(times)) if len(times) > 1 else 0.0
+        return n, len(conns), span
+    conns = h.logged_streams(log)
+    n = sum(c.data.count(b" HTTP/1.1\r\n") for c in conns)
+    mt = [os.stat(p).st_mtime for p in Path(log).glob("*.bin")]
+    return n, len({(c.ip, c.port) for c in conns}), (max(mt) - min(mt)) if mt else 0.0
+
+
+# -- one run --------------------------------------------------------------------------------------
+
+def run_once(pcap, speed, kind, workdir, timeout, session_args):
+    with Lab() as lab:
+        srv, log = start_target(lab, kind, workdir)
+        fbprocs, addr = h.start_feedback(lab, workdir, PORT)
+        stats_json = Path(workdir) / "stats.json"
+        env = h.tool_env()
+        chain = [["tc-readpcap", str(pcap)],
+                 ["tc-pace", "--speed", str(speed)],
+                 ["tc-session", "--target", f"{lab.target_ip}:{PORT}", "--feedback", addr,
+                  "--stats-json", str(stats_json), *session_args],
+                 ["tc-emit"]]
+        procs, prev = [], None
+        t0 = time.monotonic()
+        for i, argv in enumerate(chain):
+            last = i == len(chain) - 1
+            p = h.Proc(lab, "online", [h.tool(argv[0]), "--stats", *argv[1:]],
+                       stdin=prev.p.stdout if prev else subprocess.DEVNULL,
+                       stdout=None if last else subprocess.PIPE, env=env, name=argv[0])
+            if prev:
+                prev.p.stdout.close()
+            procs.append(p)
+            prev = p
+        done = procs[-1].wait(timeout) is not None
+        wall = time.monotonic() - t0
+        for p in procs:
+            p.stop()
+        for p in fbprocs.values():
+            p.stop(timeout=8)
+        lab.stop(srv)  # nginx flushes its access log on exit
+        stats = json.loads(stats_json.read_text()) if stats_json.exists() else {}
+        errs = {p.name: p.stderr.strip().splitlines()[-3:] for p in [*procs, *fbprocs.values()]
+                if p.p.returncode not in (0, None)}
+        return done, wall, stats, target_requests(kind, log), errs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sessions", type=int, default=6000)
+    ap.add_argument("--rate", type=float, default=1000.0,
+                    help="session arrivals per second in the generated recording")
+    ap.add_argument("--requests", type=int, default=1, help="requests per session")
+    ap.add_argument("--speeds", default="1,2,3,4,6")
+    ap.add_argument("--server", choices=("nginx", "python"),
+                    default="nginx" if shutil.which("nginx") else "python")
+    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--session-arg", action="append", default=[],
+                    help="extra tc-session argument (repeatable)")
+    ap.add_argument("--keep", help="keep the work directory here")
+    a = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench_session: needs root (network namespaces)", file=sys.stderr)
+        return 77
+    work = Path(a.keep or tempfile.mkdtemp(prefix="tc-bench-session-"))
+    work.mkdir(parents=True, exist_ok=True)
+    pcap = work / "gen.pcap"
+    t = time.monotonic()
+    client_pkts, total_req = generate_pcap(pcap, a.sessions, a.rate, a.requests)
+    per_session = client_pkts / a.sessions
+    print(f"generated {a.sessions} sessions x {a.requests} requests, {client_pkts} client packets "
+          f"({per_session:.0f}/session) at {a.rate:.0f} sessions/s in "
+          f"{time.monotonic() - t:.1f} s; target: {a.server}")
+    print(f"{'offered s/s':>11} {'sessions/s':>10} {'req/s':>8} {'cli pkt/s':>9} "
+          f"{'complete%':>9} {'wall s':>6}  tc-session outcomes")
+    for speed in [float(x) for x in a.speeds.split(",")]:
+        rd = work / f"speed{speed:g}"
+        rd.mkdir(exist_ok=True)
+        done, wall, stats, (nreq, nsess, span), errs = run_once(
+            pcap, speed, a.server, rd, a.timeout, a.session_arg)
+        span = max(span, 1e-3)
+        outcomes = stats.get("outcomes", stats)
+        print(f"{a.rate * speed:11.0f} {nsess / span:10.0f} {nreq / span:8.0f} "
+              f"{nsess * per_session / span:9.0f} {100.0 * nreq / total_req:9.2f} {wall:6.1f}  "
+              f"{json.dumps(outcomes, sort_keys=True)[:200]}"
+              + ("" if done else "  TIMED OUT") + (f"  errors: {errs}" if errs else ""),
+              flush=True)
+    if not a.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
