@@ -75,10 +75,11 @@ class Interface:
 class _Buffer:
     """A growable window over an fd: ``need(n)`` makes n bytes from ``pos`` available."""
 
-    __slots__ = ("fd", "buf", "pos", "offset", "eof")
+    __slots__ = ("fd", "buf", "pos", "offset", "eof", "on_idle")
 
-    def __init__(self, fd: int, initial: bytes = b""):
+    def __init__(self, fd: int, on_idle=None, initial: bytes = b""):
         self.fd = fd
+        self.on_idle = on_idle
         self.buf = initial
         self.pos = 0
         self.offset = 0  # file offset of buf[0]
@@ -89,6 +90,8 @@ class _Buffer:
         while len(self.buf) - self.pos < n:
             if self.eof:
                 return False
+            if self.on_idle is not None:
+                self.on_idle()
             chunk = os.read(self.fd, max(CHUNK, n))
             if not chunk:
                 self.eof = True
@@ -107,11 +110,14 @@ class CaptureReader:
 
     Raises CaptureFormatError (exit 65) for a file that is not a capture, and for a
     capture cut off mid-packet (after yielding every complete packet before the cut).
+    ``on_idle`` is called before every read that may block (flush downstream output
+    there, so a live ``tcpdump -U -w - | tc-readpcap -`` is not held back).
     """
 
-    def __init__(self, fd: int, name: str):
+    def __init__(self, fd: int, name: str, on_idle=None):
         self.fd = fd
         self.name = name
+        self.on_idle = on_idle
         self.format = None  # "pcap" / "pcapng"
         self.frames_read = 0
 
@@ -121,7 +127,7 @@ class CaptureReader:
             f"(after {self.frames_read} packets)")
 
     def frames(self):
-        b = _Buffer(self.fd)
+        b = _Buffer(self.fd, self.on_idle)
         if not b.need(4):
             if b.buf:
                 raise CaptureFormatError(f"{self.name}: not a capture file (too short)")

@@ -54,13 +54,14 @@ class Tool(BaseTool):
         if args.filter:
             self._compile(args.filter, LT_ETHERNET)  # a bad expression fails before any input
         # Open every input and check its magic before writing anything.
+        writer = None
         inputs = []
         for path in args.files:
             fd = self.open_input(path)
-            reader = CaptureReader(fd, "<stdin>" if path == "-" else path)
+            reader = CaptureReader(fd, "<stdin>" if path == "-" else path,
+                                   on_idle=lambda: writer and writer.flush())
             inputs.append((reader, reader.frames()))
         status = 0
-        writer = None
         limit = args.count
         try:
             for reader, frames in inputs:
