@@ -203,7 +203,8 @@ def test_release_stops_delivery(server):
     s.send(fb(1000))
     assert collect(a, 1, timeout=0.5) == []
     rc, err = s.finish()
-    assert "2 replies in, 1 delivered (0 held then delivered), 1 unclaimed" in err
+    st = stats(err)
+    assert (st["replies in"], st["delivered"], st["unclaimed"]) == (2, 1, 1)
 
 
 def test_slow_client_drops_are_counted_and_others_unaffected(server):
@@ -215,21 +216,17 @@ def test_slow_client_drops_are_counted_and_others_unaffected(server):
     fast.flush()
     time.sleep(0.2)
     n = 5000  # ~400 KB for the slow client: more than socket buffers + 16 KiB
-    got = []
-    reader = threading.Thread(target=lambda: got.extend(collect(fast, n, timeout=20)))
-    reader.start()
-    for i in range(0, n, 100):
-        s.send(*[r for j in range(i, i + 100) for r in (fb(1000, seq=j), fb(1001, seq=j))])
-        time.sleep(0.002)
-    reader.join()
-    assert len(got) == n
-    assert [reply_key(r["data"])[1] for r in got] == [1001] * n
+    for i in range(0, n, 500):
+        s.send(*[fb(1000, seq=j) for j in range(i, i + 500)])
+    s.send(*[fb(1001, seq=j) for j in range(20)])  # behind the slow client's flood
+    got = collect(fast, 20, timeout=10)
+    assert [r["data"] for r in got] == [fb(1001, seq=j)["data"] for j in range(20)]
     rc, err = s.finish()
     assert rc == 0
     assert "not reading fast enough" in err
     st = stats(err)
     assert st["dropped (slow client)"] > 0
-    assert st["delivered"] + st["dropped (slow client)"] == 2 * n
+    assert st["delivered"] + st["dropped (slow client)"] == n + 20
 
 
 def test_connect_failure_unavailable(tmp_path):
