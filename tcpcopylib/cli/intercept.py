@@ -1,11 +1,79 @@
-"""tc-intercept: not implemented yet."""
+"""tc-intercept: capture the target's replies on the assistant, write fb records."""
 
-from tcpcopylib.cli.common import NotBuiltTool
+from tcpcopylib.cli.common import Tool as _Tool
 
 
-class Tool(NotBuiltTool):
+def _payload(text: str) -> int:
+    import argparse
+
+    if text == "all":
+        return -1
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError("N bytes, or 'all'")
+
+
+class Tool(_Tool):
     name = "tc-intercept"
-    summary = "(not implemented yet)"
+    summary = ("Capture the target's replies (live, libpcap) and write them as fb records: "
+               "IP and TCP headers, optionally the first bytes of payload.")
+    epilog = ("example (on the assistant):\n  tc-intercept eth1 -F 'tcp and src port 8080' | "
+              "tc-feedback --listen tcp::36524")
+    interrupt_is_success = True
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.icpt = None
+
+    def add_arguments(self, p):
+        p.add_argument("iface", nargs="?", metavar="IFACE",
+                       help="interface to capture on ('any' for all)")
+        p.add_argument("-i", "--interface", dest="iface_opt", metavar="IFACE",
+                       help="same as IFACE")
+        p.add_argument("-F", "--filter", default="tcp", metavar="EXPR",
+                       help="BPF filter in tcpdump syntax (default: 'tcp')")
+        p.add_argument("--payload", type=_payload, default=0, metavar="N|all",
+                       help="also keep the first N payload bytes of each reply (default 0)")
+        p.add_argument("-p", "--no-promisc", action="store_true",
+                       help="do not put the interface into promiscuous mode")
+        p.add_argument("-B", "--buffer-size", type=int, default=16384, metavar="KIB",
+                       help="kernel capture buffer in KiB (default 16384)")
+        p.add_argument("-c", "--count", type=int, default=0, metavar="N",
+                       help="exit after writing N records (default: run until stopped)")
+        p.add_argument("--stats-interval", type=float, default=10.0, metavar="S",
+                       help="with -v, print the counters every S seconds (default 10)")
+
+    def run(self, args):
+        from tcpcopylib.errors import UsageError
+        from tcpcopylib.intercept import Interceptor, open_capture, snaplen_for
+        from tcpcopylib.records import header
+
+        iface = args.iface_opt or args.iface
+        if not iface or (args.iface_opt and args.iface and args.iface != args.iface_opt):
+            raise UsageError("give one interface: tc-intercept IFACE (or -i IFACE)")
+        if args.buffer_size < 64 or args.count < 0 or args.stats_interval <= 0:
+            raise UsageError("--buffer-size >= 64, --count >= 0, --stats-interval > 0")
+        cap = open_capture(iface, args.filter, snaplen_for(args.payload),
+                           promisc=not args.no_promisc, buffer_size=args.buffer_size << 10)
+        writer = self.record_writer(header(self.name, iface=iface, filter=args.filter))
+        tick = (lambda: self.warn(self.stats_line())) if args.verbose else None
+        self.icpt = Interceptor(cap, writer, payload=args.payload, tick=tick,
+                                tick_s=args.stats_interval)
+        self.info(f"capturing on {iface}, filter {args.filter!r}")
+        try:
+            self.icpt.run(limit=args.count)
+        finally:
+            writer.flush()
+        return 0
+
+    def stats_line(self):
+        i = self.icpt
+        if i is None:
+            return None
+        recv, drop, ifdrop = i.kernel_stats()
+        return (f"{i.captured} packets captured, {i.written} replies written, {i.skipped} "
+                f"skipped (not TCP); kernel: {recv} received, {drop} dropped, "
+                f"{ifdrop} dropped by interface")
 
 
 def main(argv=None):
