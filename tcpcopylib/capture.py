@@ -344,6 +344,13 @@ def _perm_or_missing(iface: str, msg: str):
     return None
 
 
+# pcap_activate() status codes (pcap/pcap.h)
+_PCAP_ERROR_NO_SUCH_DEVICE = -5
+_PCAP_ERROR_PERM_DENIED = -8
+_PCAP_ERROR_IFACE_NOT_UP = -9
+_PCAP_ERROR_PROMISC_PERM_DENIED = -11
+
+
 class PcapEngine:
     """libpcap via pcapy-ng: TPACKET_V3 ring, inbound only, non-blocking batch reads."""
 
@@ -359,9 +366,17 @@ class PcapEngine:
             cap.set_promisc(0)
             cap.set_timeout(1)  # ms; no immediate mode in pcapy-ng: a 1 ms block timer instead
             cap.set_buffer_size(buffer_kib * 1024)
-            cap.activate()
+            status = cap.activate()  # pcapy-ng returns libpcap's status, it does not raise
         except pcapy.PcapError as e:
             raise _perm_or_missing(iface, str(e)) or NoInputError(f"{iface}: {e}") from None
+        if status is not None and status < 0:
+            if status in (_PCAP_ERROR_PERM_DENIED, _PCAP_ERROR_PROMISC_PERM_DENIED):
+                raise NoPermissionError(f"{iface}: permission denied (needs root or CAP_NET_RAW)")
+            if status == _PCAP_ERROR_NO_SUCH_DEVICE:
+                raise NoInputError(f"{iface}: no such interface")
+            if status == _PCAP_ERROR_IFACE_NOT_UP:
+                raise NoInputError(f"{iface}: interface is down")
+            raise NoInputError(f"{iface}: cannot capture (libpcap status {status})")
         try:
             cap.setdirection(pcapy.PCAP_D_IN)  # never see what this host sends
         except pcapy.PcapError as e:

@@ -1,0 +1,417 @@
+"""tc-capture: record encoding, GRO splitting, link-layer/inbound filtering, and live captures
+in the namespace lab compared with tcpdump of the same interface."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import cbor2
+import dpkt
+import pytest
+
+from tc import BIN, decode, env, run
+from tcpcopylib import capture as cap
+from tcpcopylib.packet import (TH_ACK, TH_CWR, TH_FIN, TH_PSH, build_tcp, checksum, ip_bytes,
+                               parse_tcp, tcp_checksum_ok)
+
+A4, B4 = ip_bytes("10.1.0.2"), ip_bytes("10.1.0.1")
+A6, B6 = ip_bytes("fd00::2"), ip_bytes("fd00::1")
+TS = 1_700_000_000_123_456_000
+TS_OPT = b"\x01\x01\x08\x0a" + struct.pack("!II", 1234, 5678)
+
+
+# -- encoding ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [0, 1, 23, 24, 255, 256, 65535, 65536, 70000])
+def test_encode_pkt_is_what_cbor2_writes(n):
+    data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    assert cap.encode_pkt(TS, data) == cbor2.dumps({"t": "pkt", "ts": TS, "data": data})
+
+
+def test_encode_pkt_truncated_and_small_ts():
+    assert cbor2.loads(cap.encode_pkt(TS, b"abc", orig_len=9000)) == {
+        "t": "pkt", "ts": TS, "data": b"abc", "len": 9000}
+    assert cbor2.loads(cap.encode_pkt(5, b"x")) == {"t": "pkt", "ts": 5, "data": b"x"}
+
+
+# -- GRO split -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("src,dst", [(A4, B4), (A6, B6)], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("seq", [1000, 0xFFFFF000], ids=["seq", "seq-wraps"])
+def test_split_segment(src, dst, seq):
+    payload = os.urandom(10_000)
+    big = build_tcp(src, dst, 40000, 80, seq, 777, TH_ACK | TH_PSH | TH_FIN | TH_CWR,
+                    options=TS_OPT, payload=payload, ident=65530)
+    pieces = cap.split_segment(big, 1500)
+    hdr = (20 if src == A4 else 40) + 32
+    mss = 1500 - hdr
+    assert len(pieces) == -(-len(payload) // mss)
+    got = b""
+    for i, p in enumerate(pieces):
+        t = parse_tcp(p)
+        assert len(p) <= 1500 and t.ip_len == len(p)
+        assert t.seq == (seq + len(got)) & 0xFFFFFFFF
+        assert t.ack == 777 and t.options == TS_OPT and (t.sport, t.dport) == (40000, 80)
+        assert tcp_checksum_ok(p)
+        last = i == len(pieces) - 1
+        assert bool(t.flags & TH_FIN) == last and bool(t.flags & TH_PSH) == last
+        assert bool(t.flags & TH_CWR) == (i == 0) and t.flags & TH_ACK
+        if src == A4:
+            assert checksum(p[:20]) == 0
+            assert struct.unpack_from("!H", p, 4)[0] == (65530 + i) & 0xFFFF
+            assert p[6] & 0x40  # DF kept
+        else:
+            assert struct.unpack_from("!H", p, 4)[0] == len(p) - 40
+        got += t.payload
+    assert got == payload
+
+
+def test_split_segment_leaves_small_packets_alone():
+    small = build_tcp(A4, B4, 1, 2, 3, 4, TH_ACK, payload=b"x" * 1000)
+    assert cap.split_segment(small, 1500) == [small]
+
+
+# -- the packet path (Capturer) with synthetic frames --------------------------------------------
+class _Writer:
+    def __init__(self):
+        self.recs = []
+
+    def write_raw(self, b):
+        self.recs.append(cbor2.loads(b))
+
+    def flush(self):
+        pass
+
+
+def _eth(ip: bytes, vlan: bool = False) -> bytes:
+    et = b"\x86\xdd" if ip[0] >> 4 == 6 else b"\x08\x00"
+    tag = b"\x81\x00\x00\x05" if vlan else b""
+    frame = b"\x02" * 6 + b"\x04" * 6 + tag + et + ip
+    return frame + bytes(max(0, 60 - len(frame)))  # Ethernet padding
+
+
+def _sll(ip: bytes, pkttype: int) -> bytes:
+    et = b"\x86\xdd" if ip[0] >> 4 == 6 else b"\x08\x00"
+    return struct.pack("!HHH8s", pkttype, 1, 6, b"\x02" * 6) + et + ip
+
+
+def _sll2(ip: bytes, pkttype: int) -> bytes:
+    et = b"\x86\xdd" if ip[0] >> 4 == 6 else b"\x08\x00"
+    return et + b"\0\0" + struct.pack("!IHBB8s", 2, 1, pkttype, 6, b"\x02" * 6) + ip
+
+
+def _feed(frames, linktype, count=0, mtu=1500, local=(B4, B6)):
+    w = _Writer()
+    c = cap.Capturer(w, mtu=mtu, count=count, addresses=local)
+    for f in frames:
+        c.frame(f, 0, len(f), linktype, TS)
+        if c.done:
+            break
+    return c, [r["data"] for r in w.recs]
+
+
+def test_capturer_keeps_inbound_tcp_to_local_addresses_only():
+    to_me = build_tcp(A4, B4, 5000, 80, 1, 0, 0x02)
+    to_me6 = build_tcp(A6, B6, 5000, 80, 1, 0, 0x02)
+    elsewhere = build_tcp(A4, ip_bytes("10.9.9.9"), 5000, 80, 1, 0, 0x02)  # e.g. replayed
+    udp = bytearray(to_me)
+    udp[9] = 17
+    frames = [_eth(to_me), _eth(elsewhere), _eth(bytes(udp)), _eth(to_me6, vlan=True),
+              b"\x02" * 12 + b"\x08\x06" + bytes(28)]  # ARP
+    c, out = _feed(frames, cap.LINKTYPE_ETHERNET)
+    assert out == [to_me, to_me6]  # padding trimmed, VLAN tag skipped
+    assert (c.frames, c.records, c.foreign) == (5, 2, 3)
+
+
+@pytest.mark.parametrize("make,lt", [(_sll, cap.LINKTYPE_LINUX_SLL),
+                                     (_sll2, cap.LINKTYPE_LINUX_SLL2)], ids=["sll", "sll2"])
+def test_capturer_cooked_drops_outgoing(make, lt):
+    p = build_tcp(A4, B4, 5000, 80, 1, 0, 0x02, payload=b"hello")
+    c, out = _feed([make(p, cap.PACKET_HOST), make(p, cap.PACKET_OUTGOING)], lt)
+    assert out == [p] and c.foreign == 1
+
+
+def test_capturer_splits_supersegments_and_counts():
+    payload = os.urandom(5000)
+    big = build_tcp(A4, B4, 5000, 80, 100, 1, TH_ACK | TH_PSH, payload=payload)
+    c, out = _feed([_eth(big)], cap.LINKTYPE_ETHERNET)
+    assert len(out) == 4 and b"".join(parse_tcp(d).payload for d in out) == payload
+    assert (c.supersegs, c.split_records, c.records) == (1, 4, 4)
+    c, out = _feed([_eth(big)], cap.LINKTYPE_ETHERNET, count=2)  # -c stops mid-split
+    assert len(out) == 2 and c.done
+
+
+def test_capturer_marks_truncated_packets():
+    p = build_tcp(A4, B4, 5000, 80, 1, 0, TH_ACK, payload=b"z" * 500)
+    w = _Writer()
+    c = cap.Capturer(w, addresses=(B4,))
+    f = _eth(p)
+    c.frame(f, 0, 14 + 100, cap.LINKTYPE_ETHERNET, TS)
+    assert w.recs == [{"t": "pkt", "ts": TS, "data": p[:100], "len": len(p)}]
+    assert c.truncated == 1
+
+
+def test_local_addresses_has_loopback():
+    addrs = cap.local_addresses()
+    assert socket.inet_aton("127.0.0.1") in addrs
+
+
+# -- command line without a lab ------------------------------------------------------------------
+def test_unknown_interface_is_66():
+    r = run(["tc-capture", "nosuchif0"])
+    assert r.returncode == 66, r.stderr
+    assert r.stderr.decode().count("\n") == 1 and b"nosuchif0" in r.stderr
+
+
+def test_no_interface_is_usage_error():
+    r = run(["tc-capture"])
+    assert r.returncode == 2 and b"no interface" in r.stderr
+
+
+def test_version_is_fast_and_imports_nothing_heavy():
+    r = subprocess.run([sys.executable, "-X", "importtime", str(BIN / "tc-capture"), "--version"],
+                       capture_output=True, env=env())
+    assert r.returncode == 0 and b"tc-capture" in r.stdout
+    assert b"pcapy" not in r.stderr and b"dpkt" not in r.stderr
+
+
+# -- live captures in the lab --------------------------------------------------------------------
+def _tool(lab, host, args, **kw):
+    return lab.popen(host, [str(BIN / "tc-capture"), *args], env=env(), **kw)
+
+
+def _wait_file(path, deadline_s=5.0):
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{path} stayed empty")
+
+
+def _tcpdump(lab, host, iface, path, expr="tcp"):
+    p = lab.popen(host, ["tcpdump", "--immediate-mode", "-i", iface, "-Q", "in", "-s", "0", "-U", "-w", str(path),
+                         expr], stderr=subprocess.PIPE)
+    line = p.stderr.readline()  # "listening on ..." once the capture is active
+    assert b"listening" in line, line
+    return p
+
+
+def _stop(p, timeout=10):
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, err.decode()
+
+
+def _pcap_datagrams(path, local):
+    """Inbound TCP datagrams to a local address in a tcpdump file, link layer stripped."""
+    out = []
+    with open(path, "rb") as f:
+        for _ts, frame in dpkt.pcap.Reader(f):
+            ip = frame[14:]
+            t = parse_tcp(ip)
+            if t is not None and t.dst in local:
+                out.append(bytes(ip[:t.ip_len]))
+    return out
+
+
+def _pkts(path):
+    with open(path, "rb") as f:
+        recs = decode(f.read(), headers=True)
+    assert recs[0]["t"] == "header"
+    return recs[0], [r for r in recs[1:] if r["t"] == "pkt"]
+
+
+def _curl(lab, url, n=3):
+    for _ in range(n):
+        r = lab.run("client", ["curl", "-sS", "-o", "/dev/null", "--max-time", "5", url],
+                    capture_output=True)
+        assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("engine", ["pcap", "afpacket"])
+@pytest.mark.parametrize("iface", ["cli0", "any"])
+def test_capture_matches_tcpdump(lab, tmp_path, engine, iface):
+    lab.start_server("online", port=8080)
+    out = tmp_path / "cap.cbor"
+    p = _tool(lab, "online", ["-i", iface, "--engine", engine, "-w", out, "--stats"],
+              stderr=subprocess.PIPE)
+    _wait_file(out)
+    td = _tcpdump(lab, "online", "cli0", tmp_path / "td.pcap")
+    _curl(lab, f"http://{lab.online_cli_ip}:8080/")
+    _curl(lab, f"http://[{lab.online_cli_ip6}]:8080/", n=2)
+    time.sleep(0.3)
+    rc, err = _stop(p)
+    _stop(td)
+    assert rc == 0, err
+    assert "packets written" in err
+    hdr, pkts = _pkts(out)
+    assert hdr["tool"] == "tc-capture" and hdr["source"] == iface and hdr["filter"] == ""
+    local = {ip_bytes(a) for a in (lab.online_cli_ip, lab.online_cli_ip6)}
+    want = _pcap_datagrams(tmp_path / "td.pcap", local)
+    got = [r["data"] for r in pkts]
+    assert len(want) >= 5 * 6  # five HTTP exchanges
+    assert got == want
+    assert all(parse_tcp(d).dport == 8080 for d in got)
+    assert all(type(r["ts"]) is int and r["ts"] > 1.6e18 for r in pkts)
+    assert sorted(r["ts"] for r in pkts) == [r["ts"] for r in pkts]
+
+
+@pytest.mark.netns
+def test_count_filter_and_stdout(lab):
+    lab.start_server("online", port=8080)
+    p = _tool(lab, "online", ["cli0", "tcp", "dst", "port", "8080", "-c", "4"],
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    label = os.read(p.stdout.fileno(), 12)  # the stream starts once the capture is open
+    _curl(lab, f"http://{lab.online_cli_ip}:8080/", n=2)
+    out, err = p.communicate(timeout=10)
+    out = label + out
+    assert p.returncode == 0, err
+    hdr, = decode(out, headers=True)[:1]
+    assert hdr["filter"] == "tcp dst port 8080"
+    pkts = [r for r in decode(out) if r["t"] == "pkt"]
+    assert len(pkts) == 4
+    assert parse_tcp(pkts[0]["data"]).flags == 0x02  # the first SYN
+
+
+@pytest.mark.netns
+def test_sigterm_while_idle_exits_0_with_counts(lab, tmp_path):
+    out = tmp_path / "cap.cbor"
+    p = _tool(lab, "online", ["cli0", "-w", out], stderr=subprocess.PIPE)
+    _wait_file(out)
+    t0 = time.monotonic()
+    rc, err = _stop(p)
+    assert rc == 0 and time.monotonic() - t0 < 2
+    assert "0 packets written" in err and "dropped by kernel" in err
+    assert _pkts(out)[1] == []
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("engine", ["pcap", "afpacket"])
+def test_no_permission_is_77(lab, engine):
+    drop = ["setpriv", "--bounding-set=-net_raw,-net_admin", "--inh-caps=-net_raw,-net_admin"]
+    r = lab.run("online", [*drop, str(BIN / "tc-capture"), "--engine", engine, "cli0"],
+                capture_output=True, env=env(), timeout=30)
+    assert r.returncode == 77, r.stderr
+
+
+@pytest.mark.netns
+def test_bad_filter_is_usage_error(lab):
+    r = lab.run("online", [str(BIN / "tc-capture"), "cli0", "-F", "tcp and prot 80"],
+                capture_output=True, env=env(), timeout=30)
+    assert r.returncode == 2 and b"filter" in r.stderr
+
+
+SINK = """
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", 9000)); s.listen(4); s.settimeout(20)
+c, _ = s.accept(); c.settimeout(10); n = 0
+while True:
+    d = c.recv(1 << 16)
+    if not d: break
+    n += len(d)
+c.sendall(str(n).encode()); c.close()
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("engine", ["pcap", "afpacket"])
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_gro_supersegments_are_split(lab, tmp_path, engine, family):
+    lab.run("online", ["ethtool", "-K", "cli0", "gro", "on", "rx", "on"], capture_output=True)
+    lab.run("client", ["ethtool", "-K", "up0", "tx", "on", "sg", "on", "tso", "on", "gso", "on"],
+            capture_output=True)
+    lab.start_server("online", ["python3", "-c", SINK], port=9000)
+    out = tmp_path / "cap.cbor"
+    p = _tool(lab, "online", ["cli0", "--engine", engine, "-w", out, "--stats"],
+              stderr=subprocess.PIPE)
+    _wait_file(out)
+    td = _tcpdump(lab, "online", "cli0", tmp_path / "td.pcap", "tcp port 9000")
+    data = bytes(range(256)) * 8192  # 2 MiB
+    server = lab.online_cli_ip if family == "ipv4" else lab.online_cli_ip6
+    client = f"""
+import socket
+s = socket.create_connection(({server!r}, 9000), timeout=10)
+s.sendall(bytes(range(256)) * 8192); s.shutdown(socket.SHUT_WR)
+assert s.recv(100) == b"{len(data)}"
+"""
+    r = lab.run("client", ["python3", "-c", client], capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    time.sleep(0.3)
+    rc, err = _stop(p)
+    _stop(td)
+    assert rc == 0, err
+    local = {ip_bytes(lab.online_cli_ip), ip_bytes(lab.online_cli_ip6)}
+    big = [d for d in _pcap_datagrams(tmp_path / "td.pcap", local) if len(d) > 1500]
+    assert big, "GRO did not coalesce anything: the test proves nothing"
+    _, pkts = _pkts(out)
+    segs = [parse_tcp(r["data"]) for r in pkts]
+    segs = [t for t in segs if t.dport == 9000]
+    assert max(t.ip_len for t in segs) <= 1500
+    # every super-segment tcpdump saw arrives as MTU-sized pieces with valid checksums
+    by_seq = {t.seq: t for t in segs}
+    for d in big:
+        b = parse_tcp(d)
+        seq, got = b.seq, b""
+        while len(got) < b.payload_len:
+            t = by_seq[(seq + len(got)) & 0xFFFFFFFF]
+            assert tcp_checksum_ok(t.data)
+            got += t.payload
+        assert got == b.payload
+    # the whole byte stream reassembles identically, in order, no gaps or overlaps
+    isn = next(t.seq for t in segs if t.flags & 0x02)
+    stream, nxt = bytearray(), (isn + 1) & 0xFFFFFFFF
+    for t in segs:
+        if t.payload_len:
+            assert t.seq == nxt
+            stream += t.payload
+            nxt = (nxt + t.payload_len) & 0xFFFFFFFF
+    assert bytes(stream) == data
+    assert f"{len(big)} super-segments split into" in err or "super-segments split" in err
+    assert " 0 super-segments" not in err
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("engine", ["pcap", "afpacket"])
+@pytest.mark.parametrize("iface", ["lan0", "cli0", "any"])
+def test_own_emitted_packets_are_never_captured(lab, tmp_path, engine, iface):
+    """Forged client packets sent from the online host (raw IP and AF_PACKET, as tc-emit
+    does) towards the target and the client are not captured, even by a filter matching them."""
+    lab.start_server("online", port=8080)
+    out = tmp_path / "cap.cbor"
+    p = _tool(lab, "online", [iface, "--engine", engine, "-w", out, "-F", "tcp"],
+              stderr=subprocess.PIPE)
+    _wait_file(out)
+    marker = b"FORGED-BY-REPLAY"
+    target, client, online = (ip_bytes(a) for a in (lab.target_ip, lab.client_ip, lab.online_ip))
+    with lab.enter("online"):
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        pk = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        pk.bind(("lan0", 0))
+    try:
+        for i in range(20):
+            fwd = build_tcp(client, target, 40000 + i, 8080, 1000, 1, TH_ACK | TH_PSH,
+                            payload=marker)
+            raw.sendto(fwd, (lab.target_ip, 0))
+            back = build_tcp(online, client, 8080, 40000 + i, 1000, 1, TH_ACK, payload=marker)
+            raw.sendto(back, (lab.client_ip, 0))
+            mac = lambda s: bytes.fromhex(s.replace(":", ""))  # noqa: E731
+            pk.send(mac(lab.target_mac) + mac(lab.online_mac) + b"\x08\x00" + fwd)
+    finally:
+        raw.close()
+        pk.close()
+    _curl(lab, f"http://{lab.online_cli_ip}:8080/", n=1)  # the capture does work meanwhile
+    time.sleep(0.3)
+    rc, err = _stop(p)
+    assert rc == 0, err
+    _, pkts = _pkts(out)
+    assert not [r for r in pkts if marker in r["data"]]
+    if iface != "lan0":
+        assert len(pkts) >= 5
