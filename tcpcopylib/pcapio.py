@@ -442,13 +442,14 @@ class PcapWriter:
         self.buf = bytearray(struct.pack("<IHHiIII", PCAP_MAGIC_NS, 2, 4, 0, 0,
                                          self.SNAPLEN, linktype))
 
-    def write(self, ts_ns: int, data, orig_len: int | None = None) -> None:
-        sec, frac = divmod(ts_ns, 1_000_000_000)
+    def write(self, ts_ns: int, data, orig_len: int = 0) -> None:
         n = len(data)
-        self.buf += self._rec(sec, frac, n, orig_len if orig_len and orig_len > n else n)
-        self.buf += data
+        buf = self.buf
+        buf += self._rec(ts_ns // 1_000_000_000, ts_ns % 1_000_000_000, n,
+                         orig_len if orig_len > n else n)
+        buf += data
         self.packets += 1
-        if len(self.buf) >= self.bufsize:
+        if len(buf) >= self.bufsize:
             self.flush()
 
     def flush(self) -> None:

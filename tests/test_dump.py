@@ -132,9 +132,12 @@ def test_pcap_output_has_pkts_and_optionally_fb():
     assert [f[2] for f in _read_pcap(r.stdout)] == [ip4(1), ip4(2), ip6(3)[:50]]
 
 
-def test_pcap_rejects_a_pkt_without_data():
+def test_pcap_rejects_a_pkt_without_data_or_with_a_bad_ts():
     r = dump([{"t": "pkt", "ts": 1}], "--pcap")
     assert r.returncode == 65 and b"without bytes 'data'" in r.stderr
+    r = dump([{"t": "pkt", "ts": 1, "data": b"E"}, {"t": "pkt", "ts": -1, "data": b"E"}],
+             "--pcap")
+    assert r.returncode == 65 and b"record 3: ts -1" in r.stderr and r.stderr.count(b"\n") == 1
 
 
 def _capture_with_everything() -> tuple[bytes, list]:

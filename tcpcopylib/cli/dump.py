@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 from tcpcopylib.cli.common import Tool as BaseTool
 from tcpcopylib.errors import EX_USAGE, StreamError
@@ -124,20 +125,27 @@ class Tool(BaseTool):
         from tcpcopylib.pcapio import PcapWriter
 
         writer = PcapWriter(self.stdout_fd)
+        write = writer.write
         wanted = ("pkt", "fb") if args.fb else ("pkt",)
         counts = self.counts
+        n = 0
         try:
             for rec in self._records(args.files, writer.flush):
-                t = rec.get("t")
+                n += 1
+                t = rec["t"]
                 counts[t] = counts.get(t, 0) + 1
                 if t not in wanted:
                     continue
                 data, ts = rec.get("data"), rec.get("ts")
-                if not isinstance(data, (bytes, bytearray)) or not isinstance(ts, int):
-                    raise StreamError(f"a {t} record without bytes 'data' and integer 'ts' "
-                                      f"(record {sum(counts.values())})")
+                if type(ts) is not int or type(data) is not bytes:
+                    raise StreamError(f"record {n}: a {t} record without bytes 'data' and "
+                                      f"integer 'ts'")
                 orig = rec.get("len")
-                writer.write(ts, data, orig if isinstance(orig, int) else None)
+                try:
+                    write(ts, data, orig if type(orig) is int else 0)
+                except struct.error:
+                    raise StreamError(f"record {n}: ts {ts} or len {orig} does not fit in a "
+                                      f"pcap file") from None
         finally:
             writer.flush()
         return 0
