@@ -1,11 +1,309 @@
-"""tc-session: not implemented yet."""
+"""tc-session: replay captured client TCP sessions against a target, as forged packets.
 
-from tcpcopylib.cli.common import NotBuiltTool
+Reads "pkt" records (captured client->server datagrams), writes the datagrams to send
+to the target ("pkt" records with "sid"); learns the target's replies from tc-feedback.
+The engine lives in tcpcopylib.session; this module is the select() loop around it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+from tcpcopylib.cli.common import Tool as BaseTool
+from tcpcopylib.errors import UsageError
+
+SEC = 1_000_000_000
+MAX_PENDING = 100_000   # records held for their due time before we stop reading stdin
+CHUNK = 1 << 17
 
 
-class Tool(NotBuiltTool):
+class _Claims:
+    """Claims go to tc-feedback before the packets that need them (see _emit)."""
+
+    def __init__(self, client):
+        self.client = client
+        self.dirty = False
+
+    def claim(self, *tup):
+        self.client.claim(*tup)
+        self.dirty = True
+
+    def release(self, *tup):
+        self.client.release(*tup)
+        self.dirty = True
+
+
+class Tool(BaseTool):
     name = "tc-session"
-    summary = "(not implemented yet)"
+    summary = "replay captured client TCP sessions against a target (the TCP client simulation)"
+    epilog = """examples:
+  tc-readpcap prod.pcap | tc-session --target 10.0.0.5:8080 | tc-pace | tc-emit
+  tc-capture eth0 | tc-session -x 80-10.0.0.5:8080,81-10.0.0.6:8081 --stats | tc-emit
+
+outcomes, counters and troubleshooting: see tc-session(1)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.engine = None
+
+    def add_arguments(self, p):
+        g = p.add_argument_group("mapping")
+        g.add_argument("--target", metavar="HOST:PORT",
+                       help="replay sessions to captured server port PORT onto HOST:PORT "
+                            "([v6]:PORT for IPv6)")
+        g.add_argument("-x", "--transfer", metavar="LIST",
+                       help="TCPCopy transfer list: [IP:]PORT-IP:PORT,... (first match wins)")
+        g.add_argument("--any-port", action="store_true",
+                       help="with --target: replay every TCP session; --target HOST keeps "
+                            "each server port, HOST:PORT sends all to PORT")
+        g.add_argument("-O", "--only-syn", action="store_true",
+                       help="replay only sessions whose SYN was captured")
+        g.add_argument("-r", "--sample", type=int, default=100, metavar="PCT",
+                       help="replay only PCT%% of the sessions (deterministic per client "
+                            "address and port)")
+        f = p.add_argument_group("feedback")
+        f.add_argument("--feedback", metavar="ADDR",
+                       help="tc-feedback address: unix:/path or tcp:HOST:PORT "
+                            "(default $TC_FEEDBACK, else tcp:127.0.0.1:36524)")
+        f.add_argument("--no-feedback", action="store_true",
+                       help="run without a feedback channel (no session gets established; "
+                            "for inspecting the SYNs)")
+        b = p.add_argument_group("session behaviour")
+        b.add_argument("-W", "--no-wait", action="store_true",
+                       help="do not hold a request until the response to the previous one")
+        b.add_argument("--quiet", type=float, default=100, metavar="MS",
+                       help="a response is complete after the target was silent this long "
+                            "(default 100 ms)")
+        b.add_argument("--gate-timeout", type=float, default=2.0, metavar="SECONDS",
+                       help="release held data anyway when the target acked everything and "
+                            "sent nothing for this long (default 2)")
+        b.add_argument("-t", "--timeout", type=float, default=600, metavar="SECONDS",
+                       help="end a busy session after this much target silence (default 600)")
+        b.add_argument("-k", "--keepalive", type=float, default=None, metavar="SECONDS",
+                       help="end an idle session after this much silence (default -t + 120)")
+        b.add_argument("--connect-timeout", type=float, default=3.0, metavar="SECONDS",
+                       help="give up on a SYN without SYN-ACK after this long (default 3)")
+        b.add_argument("--gap-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="end a session whose capture misses bytes after this long "
+                            "(default 10)")
+        b.add_argument("-D", "--mss", type=int, default=1460,
+                       help="MSS option of fake SYNs (default 1460)")
+        b.add_argument("--max-reconnects", type=int, default=5, metavar="N",
+                       help="new connections per session when the target closes early "
+                            "(default 5; 0 disables)")
+        b.add_argument("--drain", type=float, default=5.0, metavar="SECONDS",
+                       help="after the input ends, wait this long for the last responses "
+                            "before resetting unfinished sessions (default 5)")
+        b.add_argument("--asap", action="store_true",
+                       help="send records when read, not at their recorded pace")
+        s = p.add_argument_group("statistics")
+        s.add_argument("--stats-every", type=float, metavar="N",
+                       help="print the summary every N seconds")
+        s.add_argument("--stats-json", metavar="FILE",
+                       help="write counters and outcomes as JSON to FILE at exit")
+        p.add_argument("file", nargs="?", default="-", help="input stream (default stdin)")
+
+    def stats_line(self):
+        return self.engine.stats_line() if self.engine else None
+
+    def _print_summary(self):
+        if self.engine is not None:
+            for line in self.engine.summary().splitlines():
+                self.warn(line)
+
+    # --------------------------------------------------------------------------------
+    def _build_engine(self, args, emit, claims):
+        from tcpcopylib.session import Config, Engine, Mapper, parse_target, parse_transfer
+
+        if bool(args.target) == bool(args.transfer):
+            raise UsageError("give exactly one of --target HOST:PORT and -x LIST")
+        if args.any_port and not args.target:
+            raise UsageError("--any-port goes with --target")
+        if not 0 < args.sample <= 100:
+            raise UsageError("-r/--sample takes a percentage in 1..100")
+        if not 88 <= args.mss <= 65495:
+            raise UsageError("--mss out of range")
+        rules = (parse_target(args.target, args.any_port) if args.target
+                 else parse_transfer(args.transfer))
+        ka = args.keepalive if args.keepalive is not None else args.timeout + 120
+        cfg = Config(
+            no_wait=args.no_wait, only_syn=args.only_syn, fake_mss=args.mss,
+            quiet=int(args.quiet * 1e6), gate_timeout=int(args.gate_timeout * SEC),
+            connect_timeout=int(args.connect_timeout * SEC),
+            idle_timeout=int(args.timeout * SEC), keepalive_timeout=int(ka * SEC),
+            gap_timeout=int(args.gap_timeout * SEC), max_reconnects=args.max_reconnects,
+            sample_pct=args.sample)
+        return Engine(Mapper(rules), emit, cfg, claims)
+
+    def run(self, args):
+        import selectors
+
+        import cbor2
+
+        from tcpcopylib.records import header
+        from tcpcopylib.session.timing import DueQueue
+        from tcpcopylib.streamparse import StreamParser
+
+        fb = None
+        claims = None
+        if not args.no_feedback:
+            from tcpcopylib.feedback import FeedbackClient
+
+            fb = FeedbackClient(args.feedback, name=self.name)
+            claims = _Claims(fb)
+        writer = self.record_writer(header(self.name))
+        dumps = cbor2.dumps
+
+        def emit(data, sid, now):
+            if claims is not None and claims.dirty:
+                fb.flush()  # the claim must reach tc-feedback before the SYN's reply
+                claims.dirty = False
+            writer.write_raw(dumps({"t": "pkt", "ts": now, "data": data, "sid": sid}))
+
+        engine = self.engine = self._build_engine(args, emit, claims)
+        if fb is not None:
+            fb.connect()
+        in_fd = self.open_input(args.file)
+        os.set_blocking(in_fd, False)
+        parser = StreamParser(name="<stdin>" if args.file == "-" else args.file)
+        due = DueQueue(asap=args.asap)
+
+        # Signals: stop reading and drain (a second one ends at once).
+        stop = {"sig": 0, "count": 0}
+        rpipe, wpipe = os.pipe()
+        os.set_blocking(rpipe, False)
+        os.set_blocking(wpipe, False)
+
+        def on_signal(signum, frame):
+            stop["sig"] = signum
+            stop["count"] += 1
+            try:
+                os.write(wpipe, b"x")
+            except OSError:
+                pass
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+        sel = selectors.DefaultSelector()
+        sel.register(in_fd, selectors.EVENT_READ, "in")
+        sel.register(rpipe, selectors.EVENT_READ, "sig")
+        if fb is not None:
+            sel.register(fb.fileno(), selectors.EVENT_READ, "fb")
+        reading = True
+        eof = False
+        drain_until = None
+        next_stats = (time.monotonic() + args.stats_every) if args.stats_every else None
+        try:
+            while True:
+                now = time.time_ns()
+                for data in due.pop_due(now):
+                    engine.client_packet(data, now)
+                engine.on_timer(now)
+                if stop["sig"] or eof and not due.q:
+                    if drain_until is None:  # the input is over: drain, then reset
+                        drain_until = now + int(args.drain * SEC)
+                        if reading:
+                            sel.unregister(in_fd)
+                            reading = False
+                        due.q.clear()  # after a signal, what is not due is dropped
+                    if (not engine.sessions or now >= drain_until or stop["count"] > 1
+                            or engine.quiescent(now)):
+                        engine.close_all(now)
+                        break
+                if next_stats is not None and time.monotonic() >= next_stats:
+                    self._print_summary()
+                    next_stats += args.stats_every
+                if fb is not None:
+                    fb.flush()
+                writer.flush()
+                # back-pressure: hold at most MAX_PENDING records for their due time
+                if reading and len(due) >= MAX_PENDING:
+                    sel.unregister(in_fd)
+                    reading = False
+                elif not reading and not eof and drain_until is None and \
+                        len(due) < MAX_PENDING // 2:
+                    sel.register(in_fd, selectors.EVENT_READ, "in")
+                    reading = True
+                timeout = self._timeout(now, due.next_due(), engine.next_deadline(),
+                                        drain_until, next_stats)
+                for key, _ in sel.select(timeout):
+                    what = key.data
+                    now = time.time_ns()
+                    if what == "in":
+                        eof = self._read_input(in_fd, parser, due, writer, engine, now)
+                        if eof:
+                            sel.unregister(in_fd)
+                            reading = False
+                    elif what == "fb":
+                        for rec in fb.read_available():
+                            data = rec.get("data")
+                            if isinstance(data, (bytes, bytearray)):
+                                engine.feedback_packet(data, now, rec.get("len"))
+                    else:
+                        try:
+                            os.read(rpipe, 64)
+                        except OSError:
+                            pass
+        finally:
+            if fb is not None:
+                try:
+                    fb.flush()
+                except Exception:  # noqa: BLE001 - best effort at exit
+                    pass
+            writer.flush()
+            if fb is not None:
+                fb.close()
+            os.close(rpipe)
+            os.close(wpipe)
+            if args.stats_json:
+                self._write_json(args.stats_json)
+        if args.stats:
+            self._print_summary()
+            args.stats = False  # Tool.main would print the one-line version too
+        return 0
+
+    @staticmethod
+    def _timeout(now, *deadlines):
+        """select() timeout in seconds until the earliest deadline (None: block)."""
+        ds = [d for d in deadlines[:3] if d is not None]
+        t = (min(ds) - now) / SEC if ds else None
+        if deadlines[3] is not None:
+            left = deadlines[3] - time.monotonic()
+            t = left if t is None else min(t, left)
+        if t is not None and deadlines[2] is not None:
+            t = min(t, 0.05)  # while draining, look at quiescence often
+        return None if t is None else max(t, 0)
+
+    def _read_input(self, fd, parser, due, writer, engine, now) -> bool:
+        """Read what stdin holds; True at end of input."""
+        try:
+            chunk = os.read(fd, CHUNK)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            parser.close()
+            return True
+        for rec in parser.feed(chunk):
+            if rec.get("t") == "pkt":
+                data = rec.get("data")
+                if isinstance(data, (bytes, bytearray)):
+                    due.push(rec.get("ts"), data, now)
+            else:
+                writer.write(rec)  # records we do not know pass through
+        return False
+
+    def _write_json(self, path):
+        e = self.engine
+        if e is None:
+            return
+        d = {"tool": self.name, "active": e.active(), **e.st.as_dict()}
+        with open(path, "w") as f:
+            json.dump(d, f, indent=1, sort_keys=True)
+            f.write("\n")
 
 
 def main(argv=None):

@@ -1,0 +1,977 @@
+"""The TCP client simulation behind tc-session.
+
+One ``Engine`` replays many captured client connections against a target. It is
+driven from outside (the CLI's select loop, or a test with a fake clock):
+
+* ``client_packet(data, now)``  -- a captured client->server datagram that is due now;
+* ``feedback_packet(data, now, orig_len)`` -- a reply of the target (tc-feedback);
+* ``next_deadline()`` / ``on_timer(now)`` -- the engine's timers;
+* ``emit(data, sid, now)`` -- callback receiving every datagram to send to the target;
+* ``claims`` -- an object with claim()/release() (tcpcopylib.feedback.FeedbackClient).
+
+Times are integers in ns. Sequence numbers are kept as *offsets*: client data offset 0
+is the byte after the client's SYN (captured or faked), target offset 0 the byte after
+the target's SYN-ACK; Python ints never wrap, the 32-bit wire values are derived.
+
+Request/response gating ("response complete" rule, see tc-session(1)): captured client
+data is grouped by its captured ack number (the online server's bytes the client had
+seen). A group whose captured ack differs from the previous group's followed a server
+response online, so it waits until the target's response to the previous group is
+complete: the target sent at least as many bytes as the online server did (the ack
+advance), or it sent some data and then went quiet for ``quiet`` ns, or it sent nothing,
+has acknowledged everything and stayed silent for ``gate_timeout`` ns (no deadlock), or
+it closed. A client FIN or RST waits the same way.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import struct
+
+from tcpcopylib.packet import (TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, build_tcp,
+                               parse_options)
+
+M32 = 0xFFFFFFFF
+MS = 1_000_000
+SEC = 1_000_000_000
+WINDOW = 65535          # the window we advertise: we are an infinite sink
+TIME_WAIT = 60 * SEC    # Linux TCP_TIMEWAIT_LEN
+
+_IP4 = struct.Struct("!BBHHHBBH4s4s")
+_IP6 = struct.Struct("!IHBB16s16s")
+_TCP = struct.Struct("!HHIIBBH")
+_TSOPT = struct.Struct("!BBBBII")
+
+# connection states (to the target)
+NEW, SYN_SENT, ESTAB, CLOSED, DONE = range(5)
+
+# outcomes, with the hint printed next to failures
+OUTCOMES = {
+    "completed": "",
+    "reconnected": "completed on a new connection after the target closed early",
+    "closed_early": "the target closed before the client did; data was left unsent",
+    "reset_by_target": "the target reset the connection (nothing listening on the target "
+                       "port? server error?)",
+    "no_synack": "never established, no SYN-ACK: check the route to the assistant "
+                 "(ip route on the target), tc-intercept and tc-feedback",
+    "capture_gap": "packets missing from the capture: check capture drops and offloads",
+    "timed_out": "the target went silent (-t/-k)",
+    "unfinished": "input ended or a signal arrived first: raise --drain",
+    "filtered": "not replayed (-r sampling, --only-syn)",
+}
+FAILURES = ("closed_early", "reset_by_target", "no_synack", "capture_gap", "timed_out",
+            "unfinished")
+
+
+class Config:
+    """Engine parameters (times in ns)."""
+
+    def __init__(self, **kw):
+        self.no_wait = False
+        self.only_syn = False
+        self.fake_mss = 1460
+        self.quiet = 100 * MS           # response over after this much target silence
+        self.gate_timeout = 2 * SEC     # held data released after this (no deadlock)
+        self.connect_timeout = 3 * SEC  # no SYN-ACK
+        self.idle_timeout = 600 * SEC   # -t
+        self.keepalive_timeout = 720 * SEC  # -k
+        self.gap_timeout = 10 * SEC     # a capture gap not filled by then ends the session
+        self.linger = 10 * SEC          # after a one-sided close
+        self.delack = 40 * MS
+        self.rto_init = SEC
+        self.rto_min = 200 * MS
+        self.rto_max = 60 * SEC
+        self.max_reconnects = 5
+        self.sample_pct = 100
+        for k, v in kw.items():
+            if not hasattr(self, k):
+                raise TypeError(f"unknown engine option {k}")
+            setattr(self, k, v)
+
+
+class Stats:
+    __slots__ = ("pkts_in", "pkts_ignored", "pkts_server", "pkts_out", "bytes_out",
+                 "sessions", "syn_sent", "fake_syn", "retransmits", "rto_expired",
+                 "fast_retransmits", "syn_retransmits", "fb_in", "fb_unmatched",
+                 "acks_sent", "reconnections", "port_remaps", "client_dups",
+                 "client_trimmed", "window_waits", "zero_window_probes", "gate_bytes",
+                 "gate_quiet", "gate_timeout", "gate_closed", "outcomes")
+
+    def __init__(self):
+        for k in self.__slots__:
+            setattr(self, k, 0)
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__slots__ if k != "outcomes"}
+        d["outcomes"] = dict(self.outcomes)
+        return d
+
+
+class Seg:
+    """Captured client data (or a bare FIN/RST) waiting to be sent."""
+
+    __slots__ = ("off", "data", "flags", "cack")
+
+    def __init__(self, off, data, flags, cack):
+        self.off = off      # client offset of data[0]
+        self.data = data    # bytes
+        self.flags = flags  # TH_FIN / TH_RST / TH_PSH
+        self.cack = cack    # captured ack number (32-bit) or None
+
+
+class Session:
+    __slots__ = (
+        "sid", "key", "cip", "cport", "tip", "tport", "state", "created",
+        # client sequence space
+        "base", "syn_off", "syn_opts", "syn_win", "fake", "exp", "ooo", "queue",
+        "fin_off", "client_rst", "gap_since",
+        # sending
+        "snd_una", "snd_nxt", "unacked", "fin_sent", "ip_id", "req_sent",
+        # target sequence space
+        "t_base", "rcv_nxt", "t_fin", "t_wnd", "t_wscale", "t_mss", "ts_ok", "ts_recent",
+        "ts_base", "ts_t0", "ts_last", "ack_pending", "t_fin_first",
+        # timers and RTT
+        "srtt", "rttvar", "rto", "rtt_off", "rtt_t", "rto_at", "delack_at", "gate_at",
+        "linger_at", "syn_t0", "wake", "dupacks", "recover", "last_rx", "last_data_rx",
+        # gating
+        "last_cack", "mark", "group_t", "group_data",
+        "reconnects",
+    )
+
+    def __init__(self, sid, key, now):
+        self.sid = sid
+        self.key = key
+        self.cip = key[0]
+        self.cport = key[1]
+        self.tip = None
+        self.tport = None
+        self.state = NEW
+        self.created = now
+        self.base = None
+        self.syn_off = -1
+        self.syn_opts = None
+        self.syn_win = WINDOW
+        self.fake = False
+        self.exp = 0
+        self.ooo = None
+        self.queue = collections.deque()
+        self.fin_off = None
+        self.client_rst = False
+        self.gap_since = None
+        self.reconnects = 0
+        self.srtt = None
+        self.rttvar = 0
+        self.rto = 0
+        self.ip_id = 0
+        self.last_cack = None
+        self.wake = None
+        self._reset_conn(now)
+
+    def _reset_conn(self, now):
+        """Per-connection state (a reconnection starts it afresh)."""
+        self.snd_una = self.snd_nxt = self.syn_off + 1
+        self.unacked = bytearray()
+        self.fin_sent = False
+        self.req_sent = False
+        self.t_base = 0
+        self.rcv_nxt = 0
+        self.t_fin = False
+        self.t_fin_first = False
+        self.t_wnd = WINDOW
+        self.t_wscale = 0
+        self.t_mss = 536
+        self.ts_ok = False
+        self.ts_recent = 0
+        self.ts_base = 0
+        self.ts_t0 = now
+        self.ts_last = 0
+        self.ack_pending = 0
+        self.rtt_off = None
+        self.rtt_t = 0
+        self.rto_at = 0
+        self.delack_at = 0
+        self.gate_at = 0
+        self.linger_at = 0
+        self.syn_t0 = now
+        self.dupacks = 0
+        self.recover = None
+        self.last_rx = now
+        self.last_data_rx = 0
+        self.mark = 0
+        self.group_t = now
+        self.group_data = False
+
+
+def _signed(d):
+    """A 32-bit difference as a signed int."""
+    return ((d + 0x80000000) & M32) - 0x80000000
+
+
+def parse_tcp_fast(data, orig_len=None):
+    """(src, dst, ihl, sport, dport, seq, ack, doff, flags, win, payload_len) or None."""
+    n = len(data)
+    if n < 40:
+        return None
+    v = data[0] >> 4
+    if v == 4:
+        vhl, _tos, tot, _id, frag, _ttl, proto, _s, src, dst = _IP4.unpack_from(data)
+        ihl = (vhl & 15) * 4
+        if proto != 6 or ihl < 20 or frag & 0x1FFF or n < ihl + 20:
+            return None
+    elif v == 6:
+        if n < 60:
+            return None
+        _vtf, plen, nxt, _hl, src, dst = _IP6.unpack_from(data)
+        if nxt != 6:
+            return None
+        ihl = 40
+        tot = 40 + plen
+    else:
+        return None
+    sport, dport, seq, ack, off, flags, win = _TCP.unpack_from(data, ihl)
+    doff = (off >> 4) * 4
+    if orig_len:
+        tot = orig_len  # feedback may carry headers only
+    elif tot > n:
+        tot = n
+    plen = tot - ihl - doff
+    if doff < 20 or plen < 0:
+        return None
+    return src, dst, ihl, sport, dport, seq, ack, doff, flags, win, plen
+
+
+def _ts_option(opts: bytes):
+    """(tsval, tsecr) from raw TCP options, or None (fast path for the usual layout)."""
+    if len(opts) >= 12 and opts[0] == 1 and opts[1] == 1 and opts[2] == 8:
+        return struct.unpack_from("!II", opts, 4)
+    o = parse_options(opts)
+    return o.get("ts")
+
+
+class Engine:
+    def __init__(self, mapper, emit, config: Config | None = None, claims=None):
+        self.mapper = mapper
+        self.emit = emit
+        self.cfg = config or Config()
+        self.claims = claims
+        self.st = Stats()
+        self.sessions = {}      # captured 4-tuple -> Session
+        self.by_target = {}     # (cip, cport, tip, tport) as sent -> Session
+        self.time_wait = {}     # target tuples the target holds in TIME_WAIT -> expiry
+        self.filtered = set()   # captured 4-tuples not replayed
+        self.heap = []
+        self._tick = itertools.count()
+        self.next_sid = 1
+        self.now = 0
+
+    # == input ==========================================================================
+    def client_packet(self, data, now: int) -> None:
+        """A captured packet, due now."""
+        self.now = now
+        self.st.pkts_in += 1
+        p = parse_tcp_fast(data)
+        if p is None:
+            self.st.pkts_ignored += 1
+            return
+        src, dst, ihl, sport, dport, seq, ack, doff, flags, win, plen = p
+        key = (src, sport, dst, dport)
+        s = self.sessions.get(key)
+        if s is None:
+            s = self._new_session(key, data, p, now)
+            if s is None:
+                return
+        elif flags & TH_SYN:
+            if not flags & TH_ACK and s.base is not None and seq != (s.base - 1) & M32:
+                # the client reused the 4-tuple for a new connection
+                self._finish(s, self._end_outcome(s), now)
+                s = self._new_session(key, data, p, now)
+            return
+        payload = bytes(data[ihl + doff:ihl + doff + plen]) if plen else b""
+        self._client_segment(s, seq, ack, flags, payload, now)
+
+    def _new_session(self, key, data, p, now):
+        src, dst, ihl, sport, dport, seq, ack, doff, flags, win, plen = p
+        st = self.st
+        if key in self.filtered:
+            if flags & (TH_FIN | TH_RST):
+                self.filtered.discard(key)
+            st.pkts_ignored += 1
+            return None
+        if self._is_server_side(key, flags):
+            st.pkts_server += 1
+            return None
+        target = self.mapper.target(dst, dport)
+        if target is None:
+            st.pkts_ignored += 1
+            return None
+        syn = flags & (TH_SYN | TH_ACK) == TH_SYN
+        if not syn and (plen == 0 or self.cfg.only_syn) or not self._sampled(src, sport):
+            if syn or plen:
+                self.filtered.add(key)
+                st.outcomes["filtered"] += 1
+            st.pkts_ignored += 1
+            return None
+        s = Session(self.next_sid, key, now)
+        self.next_sid += 1
+        st.sessions += 1
+        self.sessions[key] = s
+        self._attach(s, target[0], target[1], now)
+        if syn:
+            s.base = (seq + 1) & M32
+            s.syn_opts = bytes(data[ihl + 20:ihl + doff])
+            s.syn_win = win
+            s.ts_base = (_ts_option(s.syn_opts) or (0, 0))[0]
+            self._send_syn(s, now)
+            return None  # the SYN is consumed
+        s.base = seq  # mid-stream: offset 0 is the first captured byte
+        s.fake = True
+        return s
+
+    def _is_server_side(self, key, flags) -> bool:
+        """A server->client packet of a capture holding both directions."""
+        src, sport, dst, dport = key
+        if (dst, dport, src, sport) in self.sessions:
+            return True
+        if self.mapper.is_service(src, sport):
+            return True
+        if self.mapper.any_port and not flags & TH_SYN:
+            return dport > sport  # mid-stream, direction unknown: the lower port serves
+        return False
+
+    def _sampled(self, ip, port) -> bool:
+        pct = self.cfg.sample_pct
+        if pct >= 100:
+            return True
+        k = (port + int.from_bytes(ip[-4:], "big")) & 0xFFFF
+        return ((k >> 8) + (k & 0xFF)) % 100 < pct
+
+    def _attach(self, s, tip, tport, now):
+        """Give s a target 4-tuple the target holds no state for; claim it."""
+        cport = s.cport
+        tup = (s.cip, cport, tip, tport)
+        tries = 0
+        while tup in self.by_target or self.time_wait.get(tup, 0) > now:
+            tries += 1
+            cport = 1024 + (s.cport - 1024 + 7919 * tries) % 64512
+            tup = (s.cip, cport, tip, tport)
+        if tries:
+            self.st.port_remaps += 1
+        if len(self.time_wait) > 50000:
+            self.time_wait = {k: v for k, v in self.time_wait.items() if v > now}
+        s.tip, s.tport, s.cport = tip, tport, cport
+        self.by_target[tup] = s
+        if self.claims is not None:
+            self.claims.claim(s.cip, cport, tip, tport)
+
+    def _detach(self, s):
+        tup = (s.cip, s.cport, s.tip, s.tport)
+        if self.by_target.get(tup) is s:
+            del self.by_target[tup]
+            if self.claims is not None:
+                self.claims.release(*tup)
+
+    def _client_segment(self, s, seq, ack, flags, payload, now):
+        """Queue captured data/FIN/RST in sequence order, trimming duplicates."""
+        if s.state == DONE:
+            return
+        if s.fin_off is not None or s.client_rst:
+            if payload:
+                self.st.client_dups += 1
+            return  # nothing after the client's FIN/RST
+        if flags & TH_RST:
+            s.client_rst = True
+            s.queue.append(Seg(s.exp, b"", TH_RST, ack if flags & TH_ACK else None))
+            self._push(s, now)
+            return
+        cack = ack if flags & TH_ACK else s.last_cack
+        if not payload and not flags & TH_FIN:
+            # a pure ACK: never forwarded; before any data it tells the online server's
+            # ISN, which lets us spot greetings (server speaks first)
+            if s.last_cack is None and not s.queue and s.exp == 0 and flags & TH_ACK:
+                s.last_cack = ack
+            return
+        off = s.exp + _signed(seq - s.base - s.exp)
+        if off > s.exp:
+            self._hold_gap(s, off, payload, flags, cack, now)
+            return
+        self._append(s, off, payload, flags, cack)
+        self._fill_from_ooo(s)
+        self._push(s, now)
+
+    def _append(self, s, off, payload, flags, cack):
+        end = off + len(payload)
+        if end < s.exp or end == s.exp and not flags & TH_FIN:
+            self.st.client_dups += 1
+            return
+        if off < s.exp:
+            self.st.client_trimmed += 1
+            payload = payload[s.exp - off:]
+            off = s.exp
+        s.queue.append(Seg(off, payload, flags & (TH_FIN | TH_PSH), cack))
+        s.exp = end
+        if flags & TH_FIN:
+            s.fin_off = end
+
+    def _hold_gap(self, s, off, payload, flags, cack, now):
+        if s.ooo is None:
+            s.ooo = []
+        s.ooo.append((off, payload, flags, cack))
+        s.ooo.sort(key=lambda x: x[0])
+        if s.gap_since is None:
+            s.gap_since = now
+            self._arm(s)
+
+    def _fill_from_ooo(self, s):
+        ooo = s.ooo
+        while ooo and ooo[0][0] <= s.exp and s.fin_off is None:
+            self._append(s, *ooo.pop(0))
+        if not ooo:
+            s.ooo = None
+            s.gap_since = None
+
+    # == sending ========================================================================
+    def _out(self, s, seq, ack, flags, payload=b"", options=b"", window=WINDOW):
+        s.ip_id = (s.ip_id + 1) & 0xFFFF
+        pkt = build_tcp(s.cip, s.tip, s.cport, s.tport, seq & M32, ack & M32, flags,
+                        window, options, payload, 64, s.ip_id)
+        st = self.st
+        st.pkts_out += 1
+        st.bytes_out += len(pkt)
+        self.emit(pkt, s.sid, self.now)
+
+    def _tsopt(self, s, now):
+        if not s.ts_ok:
+            return b""
+        v = (s.ts_base + (now - s.ts_t0) // MS) & M32
+        if _signed(v - s.ts_last) < 0:
+            v = s.ts_last
+        s.ts_last = v
+        return _TSOPT.pack(1, 1, 8, 10, v, s.ts_recent)
+
+    def _ack_no(self, s):
+        return s.t_base + s.rcv_nxt + s.t_fin
+
+    def _seq(self, s, off):
+        return s.base + off
+
+    def _send_syn(self, s, now, retransmit=False):
+        if s.fake:
+            opts = struct.pack("!BBH", 2, 4, self.cfg.fake_mss)
+            win = WINDOW
+        else:
+            opts, win = s.syn_opts, s.syn_win
+        if not retransmit:
+            s.state = SYN_SENT
+            s.syn_t0 = now
+            s.rto = self.cfg.rto_init
+            if s.fake:
+                self.st.fake_syn += 1
+            self.st.syn_sent += 1
+        else:
+            self.st.syn_retransmits += 1
+            self.st.retransmits += 1
+        self._out(s, self._seq(s, s.syn_off), 0, TH_SYN, b"", opts, win)
+        s.rto_at = now + s.rto
+        self._arm(s)
+
+    def _send_ack(self, s, now):
+        self.st.acks_sent += 1
+        s.ack_pending = 0
+        s.delack_at = 0
+        self._out(s, self._seq(s, s.snd_nxt), self._ack_no(s), TH_ACK, b"",
+                  self._tsopt(s, now))
+
+    def _send_rst(self, s):
+        self._out(s, self._seq(s, s.snd_nxt), self._ack_no(s), TH_RST | TH_ACK)
+
+    def _send_segment(self, s, off, data, flags, now, retransmit=False):
+        """One data (and/or FIN) segment at client offset off."""
+        self._out(s, self._seq(s, off), self._ack_no(s), flags | TH_ACK, data,
+                  self._tsopt(s, now))
+        s.ack_pending = 0
+        s.delack_at = 0
+        end = off + len(data) + (1 if flags & TH_FIN else 0)
+        if not retransmit:
+            if end > s.snd_nxt:
+                s.unacked += data
+                s.snd_nxt = end
+            if s.rtt_off is None:
+                s.rtt_off, s.rtt_t = end, now
+        if not s.rto_at:
+            s.rto_at = now + s.rto
+
+    def _push(self, s, now):
+        """Send what may be sent now: the heart of request/response gating."""
+        if s.state == NEW:
+            if s.queue:
+                self._send_syn(s, now)
+            return
+        if s.state == CLOSED:
+            if any(seg.data for seg in s.queue):
+                self._reconnect(s, now)
+            return
+        if s.state != ESTAB:
+            return
+        q = s.queue
+        if s.t_fin and q and q[0].data and not s.fin_sent:
+            # the target closed before the client's remaining data went out
+            self._reconnect(s, now)
+            return
+        no_wait = self.cfg.no_wait
+        sent_any = False
+        while q:
+            seg = q[0]
+            if not seg.data and s.snd_una < s.snd_nxt and not no_wait:
+                break  # a FIN/RST goes once every byte before it is acknowledged
+            if not self._may_release(s, seg, now):
+                break
+            if seg.flags & TH_RST:
+                self._send_rst(s)
+                q.clear()
+                self._finish(s, "reconnected" if s.reconnects else "completed", now,
+                             rst=False)
+                return
+            if not seg.data:  # a bare FIN
+                self._send_segment(s, seg.off, b"", TH_FIN, now)
+                s.fin_sent = True
+                q.popleft()
+                sent_any = True
+                continue
+            avail = s.t_wnd - (s.snd_nxt - s.snd_una)
+            if avail <= 0:
+                self.st.window_waits += 1
+                if s.snd_una == s.snd_nxt and not s.rto_at:
+                    s.rto_at = now + s.rto  # persist timer: probe the zero window
+                break
+            n = min(len(seg.data), avail, s.t_mss - (12 if s.ts_ok else 0))
+            last = n == len(seg.data)
+            self._send_segment(s, seg.off, seg.data[:n], seg.flags & TH_PSH if last else 0,
+                               now)
+            s.req_sent = s.group_data = sent_any = True
+            if not last:
+                seg.data = seg.data[n:]
+                seg.off += n
+            elif seg.flags & TH_FIN:
+                # data+FIN captured together: the FIN follows as a bare FIN, gated
+                seg.off += n
+                seg.data = b""
+                seg.flags = TH_FIN
+            else:
+                q.popleft()
+        if sent_any or s.gate_at:
+            self._arm(s)
+
+    def _may_release(self, s, seg, now) -> bool:
+        """Gating: may the head of the queue go now?"""
+        if self.cfg.no_wait:
+            s.last_cack = seg.cack
+            return True
+        bare = not seg.data
+        new_group = seg.cack is not None and s.last_cack is not None and \
+            seg.cack != s.last_cack and _signed(seg.cack - s.last_cack) > 0
+        if not new_group and not (bare and s.group_data):
+            if s.last_cack is None:
+                s.last_cack = seg.cack
+            return True
+        expected = _signed(seg.cack - s.last_cack) if new_group else None
+        reason = self._response_complete(s, expected, now)
+        if reason is None:
+            return False
+        setattr(self.st, reason, getattr(self.st, reason) + 1)
+        s.gate_at = 0
+        if new_group:
+            s.last_cack = seg.cack
+            s.mark = s.rcv_nxt + s.t_fin
+            s.group_t = now
+            s.group_data = False
+        return True
+
+    def _response_complete(self, s, expected, now):
+        """The reason the target's response counts as complete, or None (timer armed)."""
+        got = s.rcv_nxt + s.t_fin - s.mark
+        if expected and got >= expected:
+            return "gate_bytes"
+        if s.t_fin:
+            return "gate_closed"
+        cfg = self.cfg
+        if got > 0:
+            when = max(s.last_data_rx, s.group_t) + cfg.quiet
+            reason = "gate_quiet"
+        elif s.snd_una < s.snd_nxt:
+            s.gate_at = 0  # the target has not even got the request: acks re-check
+            return None
+        else:
+            when = max(s.last_rx, s.group_t) + cfg.gate_timeout
+            reason = "gate_timeout"
+        if now >= when:
+            return reason
+        if s.gate_at != when:
+            s.gate_at = when
+            self._arm(s)
+        return None
+
+    # == feedback =======================================================================
+    def feedback_packet(self, data, now: int, orig_len=None) -> None:
+        self.now = now
+        st = self.st
+        st.fb_in += 1
+        p = parse_tcp_fast(data, orig_len)
+        if p is None:
+            st.fb_unmatched += 1
+            return
+        src, dst, ihl, sport, dport, seq, ack, doff, flags, win, plen = p
+        s = self.by_target.get((dst, dport, src, sport))
+        if s is None or s.state in (NEW, DONE):
+            st.fb_unmatched += 1
+            return
+        opts = bytes(data[ihl + 20:ihl + doff]) if doff > 20 else b""
+        if s.state == SYN_SENT:
+            self._fb_syn_sent(s, seq, ack, flags, win, opts, now)
+            return
+        if s.state == CLOSED:
+            if not flags & TH_RST:
+                self._out(s, ack, 0, TH_RST)  # a straggler of the old connection
+            return
+        if flags & TH_RST:
+            self._target_reset(s, now)
+            return
+        s.last_rx = now
+        if flags & TH_SYN:
+            if flags & TH_ACK:
+                self._send_ack(s, now)  # our handshake ACK was lost
+            return
+        if s.ts_ok and opts:
+            ts = _ts_option(opts)
+            if ts:
+                s.ts_recent = ts[0]
+        self._fb_ack(s, ack, win, plen, flags, now)
+        if plen or flags & TH_FIN:
+            self._fb_data(s, seq, plen, flags, now)
+        if s.state == ESTAB:
+            self._push(s, now)
+            self._check_closed(s, now)
+        self._arm(s)
+
+    def _fb_syn_sent(self, s, seq, ack, flags, win, opts, now):
+        syn_ack = (self._seq(s, s.syn_off) + 1) & M32
+        if flags & TH_RST:
+            if flags & TH_ACK and ack == syn_ack:
+                self._finish(s, "reset_by_target", now, rst=False)  # refused
+            return
+        if flags & (TH_SYN | TH_ACK) != TH_SYN | TH_ACK or ack != syn_ack:
+            # e.g. a challenge ACK from an old connection still on this 4-tuple
+            self._out(s, ack, 0, TH_RST)
+            return
+        s.state = ESTAB
+        s.t_base = (seq + 1) & M32
+        s.last_rx = now
+        o = parse_options(opts) if opts else {}
+        mine = parse_options(s.syn_opts) if s.syn_opts else {}
+        s.t_mss = o.get("mss", 536)
+        if "wscale" in o and "wscale" in mine:
+            s.t_wscale = min(o["wscale"], 14)
+        if "ts" in o and "ts" in mine:
+            s.ts_ok = True
+            s.ts_recent = o["ts"][0]
+        s.t_wnd = win  # never scaled in a SYN-ACK
+        if s.rto == self.cfg.rto_init:  # Karn: not after a SYN retransmission
+            self._rtt_sample(s, now - s.syn_t0)
+        s.rto_at = 0
+        s.mark = 0
+        s.group_t = now
+        self._send_ack(s, now)
+        self._push(s, now)
+        self._arm(s)
+
+    def _fb_ack(self, s, ack, win, plen, flags, now):
+        una = s.snd_una
+        a = una + _signed(ack - self._seq(s, una))
+        if a > s.snd_nxt:
+            a = s.snd_nxt  # acks data we never sent: ignore the excess
+        new_wnd = win << s.t_wscale
+        if a > una:
+            acked = a - una
+            del s.unacked[:acked]
+            s.snd_una = a
+            s.dupacks = 0
+            if s.rtt_off is not None and a >= s.rtt_off:
+                self._rtt_sample(s, now - s.rtt_t)
+                s.rtt_off = None
+            if a >= s.snd_nxt:
+                s.rto_at = 0
+                s.recover = None
+            else:
+                s.rto_at = now + s.rto
+                if s.recover is not None:
+                    if a < s.recover:
+                        self._retransmit(s, now)  # partial ack: the next hole
+                    else:
+                        s.recover = None
+        elif (a == una and una < s.snd_nxt and not plen and not flags & TH_FIN
+              and new_wnd == s.t_wnd):
+            s.dupacks += 1
+            if s.dupacks == 3 and s.recover is None:
+                self.st.fast_retransmits += 1
+                s.recover = s.snd_nxt
+                self._retransmit(s, now)
+        if new_wnd and not s.t_wnd and s.snd_una == s.snd_nxt:
+            s.rto_at = 0  # the window opened: stop probing
+        s.t_wnd = new_wnd
+
+    def _fb_data(self, s, seq, plen, flags, now):
+        off = s.rcv_nxt + _signed(seq - s.t_base - s.rcv_nxt)
+        if plen:
+            if off <= s.rcv_nxt < off + plen:
+                s.rcv_nxt = off + plen
+                s.last_data_rx = now
+                s.ack_pending += 1
+            else:
+                s.ack_pending = 2  # duplicate or out of order: ack at once
+        if flags & TH_FIN and off + plen == s.rcv_nxt and not s.t_fin:
+            s.t_fin = True
+            s.t_fin_first = not s.fin_sent
+            s.ack_pending = 2
+            if not s.fin_sent:
+                s.linger_at = now + self.cfg.linger
+        if s.ack_pending >= 2:
+            self._send_ack(s, now)
+        elif s.ack_pending and not s.delack_at:
+            s.delack_at = now + self.cfg.delack
+
+    def _rtt_sample(self, s, r):
+        """RFC 6298 §2."""
+        if s.srtt is None:
+            s.srtt = r
+            s.rttvar = r // 2
+        else:
+            s.rttvar = (3 * s.rttvar + abs(s.srtt - r)) // 4
+            s.srtt = (7 * s.srtt + r) // 8
+        cfg = self.cfg
+        s.rto = min(max(s.srtt + max(4 * s.rttvar, MS), cfg.rto_min), cfg.rto_max)
+
+    def _retransmit(self, s, now):
+        self.st.retransmits += 1
+        s.rtt_off = None  # Karn: no RTT sample from retransmitted data
+        mss = s.t_mss - (12 if s.ts_ok else 0)
+        data = bytes(s.unacked[:mss])
+        flags = TH_PSH if data else 0
+        if s.fin_sent and s.snd_una + len(data) + 1 == s.snd_nxt:
+            flags |= TH_FIN
+        self._send_segment(s, s.snd_una, data, flags, now, retransmit=True)
+
+    def _target_reset(self, s, now):
+        s.state = CLOSED
+        if s.queue and any(seg.data for seg in s.queue) or s.unacked:
+            self._reconnect(s, now, rst=False)
+        elif s.fin_sent and s.snd_una == s.snd_nxt or s.t_fin:
+            self._finish(s, "reconnected" if s.reconnects else "completed", now, rst=False)
+        else:
+            self._finish(s, "reset_by_target", now, rst=False)
+
+    def _check_closed(self, s, now):
+        """Both FINs exchanged and acknowledged: the connection is over."""
+        if not (s.fin_sent and s.t_fin and s.snd_una == s.snd_nxt):
+            if s.fin_sent and s.snd_una == s.snd_nxt and not s.linger_at:
+                s.linger_at = now + self.cfg.linger  # waiting for the target's FIN
+            return
+        if s.t_fin_first:
+            self.time_wait[(s.cip, s.cport, s.tip, s.tport)] = now + TIME_WAIT
+        self._finish(s, "reconnected" if s.reconnects else "completed", now, rst=False)
+
+    def _reconnect(self, s, now, rst=True):
+        """The target closed early: carry the rest on a new connection (new port)."""
+        if s.reconnects >= self.cfg.max_reconnects:
+            self._finish(s, "closed_early", now, rst=rst)
+            return
+        if rst and s.state == ESTAB:
+            self._send_rst(s)
+        self.st.reconnections += 1
+        s.reconnects += 1
+        if s.unacked:  # sent but never acknowledged: resend on the new connection
+            s.queue.appendleft(Seg(s.snd_una, bytes(s.unacked), TH_PSH, None))
+        s.fin_sent = False
+        s.last_cack = None  # the old response is over: release the rest at once
+        old = (s.cip, s.cport, s.tip, s.tport)
+        self._detach(s)
+        self.time_wait[old] = now + TIME_WAIT  # never reuse the old tuple soon
+        s.cport = s.key[1]
+        s.syn_off = s.snd_una - 1
+        s._reset_conn(now)
+        s.fake = True
+        s.state = NEW
+        self._attach(s, s.tip, s.tport, now)
+        self._send_syn(s, now)
+
+    # == timers =========================================================================
+    def _arm(self, s):
+        if s.state == DONE:
+            return
+        cfg = self.cfg
+        if s.state == SYN_SENT:
+            idle = s.syn_t0 + cfg.connect_timeout
+        elif s.queue or s.unacked or not s.req_sent:
+            idle = s.last_rx + cfg.idle_timeout
+        else:
+            idle = s.last_rx + cfg.keepalive_timeout
+        w = idle
+        for t in (s.rto_at, s.delack_at, s.gate_at, s.linger_at):
+            if t and t < w:
+                w = t
+        if s.gap_since is not None and s.gap_since + cfg.gap_timeout < w:
+            w = s.gap_since + cfg.gap_timeout
+        if w != s.wake:
+            s.wake = w
+            heapq.heappush(self.heap, (w, next(self._tick), s))
+
+    def next_deadline(self):
+        h = self.heap
+        while h:
+            w, _, s = h[0]
+            if s.wake == w and s.state != DONE:
+                return w
+            heapq.heappop(h)
+        return None
+
+    def on_timer(self, now: int) -> None:
+        self.now = now
+        h = self.heap
+        while h and h[0][0] <= now:
+            w, _, s = heapq.heappop(h)
+            if s.wake != w or s.state == DONE:
+                continue
+            s.wake = None
+            self._session_timer(s, now)
+            if s.state != DONE:
+                self._arm(s)
+
+    def _session_timer(self, s, now):
+        cfg = self.cfg
+        if s.state == SYN_SENT:
+            if now >= s.syn_t0 + cfg.connect_timeout:
+                self._out(s, self._seq(s, s.syn_off + 1), 0, TH_RST)
+                self._finish(s, "no_synack", now, rst=False)
+            elif s.rto_at and now >= s.rto_at:
+                s.rto = min(s.rto * 2, cfg.rto_max)
+                self._send_syn(s, now, retransmit=True)
+            return
+        if s.gap_since is not None and now >= s.gap_since + cfg.gap_timeout:
+            self._finish(s, "capture_gap", now)
+            return
+        if s.state == ESTAB:
+            if s.rto_at and now >= s.rto_at:
+                s.rto_at = 0
+                if s.snd_una < s.snd_nxt:
+                    self.st.rto_expired += 1
+                    s.rto = min(s.rto * 2, cfg.rto_max)
+                    s.recover = s.snd_nxt
+                    self._retransmit(s, now)
+                elif s.queue and s.t_wnd <= s.snd_nxt - s.snd_una:
+                    self.st.zero_window_probes += 1
+                    self._out(s, self._seq(s, s.snd_nxt - 1), self._ack_no(s), TH_ACK)
+                    s.rto = min(s.rto * 2, cfg.rto_max)
+                    s.rto_at = now + s.rto
+            if s.delack_at and now >= s.delack_at:
+                self._send_ack(s, now)
+            if s.gate_at and now >= s.gate_at:
+                s.gate_at = 0
+                self._push(s, now)
+                if s.state != ESTAB:
+                    return
+            if s.linger_at and now >= s.linger_at:
+                s.linger_at = 0
+                if not s.queue or not any(seg.data for seg in s.queue):
+                    # one side closed long ago and nothing is left: end it
+                    self._finish(s, "reconnected" if s.reconnects else "completed", now)
+                    return
+        if s.state in (ESTAB, CLOSED):
+            self._check_idle(s, now)
+
+    def _check_idle(self, s, now):
+        cfg = self.cfg
+        busy = s.queue or s.unacked or not s.req_sent
+        limit = cfg.idle_timeout if busy else cfg.keepalive_timeout
+        if now >= s.last_rx + limit:
+            self._finish(s, "timed_out" if busy else "completed", now)
+
+    # == ending =========================================================================
+    def _end_outcome(self, s) -> str:
+        """The outcome of a session cut short (end of input, signal, tuple reuse)."""
+        if s.state in (NEW, SYN_SENT):
+            return "no_synack" if s.state == SYN_SENT else "unfinished"
+        if s.ooo:
+            return "capture_gap"
+        if any(seg.data for seg in s.queue) or s.unacked:
+            return "unfinished"
+        return "reconnected" if s.reconnects else "completed"
+
+    def _finish(self, s, outcome, now, rst=True):
+        if s.state == DONE:
+            return
+        if rst and s.state == ESTAB and not (s.fin_sent and s.t_fin):
+            self._send_rst(s)
+        s.state = DONE
+        self._detach(s)
+        if self.sessions.get(s.key) is s:
+            del self.sessions[s.key]
+        self.st.outcomes[outcome] += 1
+        s.queue.clear()
+        s.unacked = bytearray()
+        s.ooo = None
+
+    def quiescent(self, now) -> bool:
+        """True if no session is waiting for anything that is still likely to come."""
+        q = self.cfg.quiet
+        for s in self.sessions.values():
+            if s.state in (NEW, SYN_SENT) or s.queue or s.unacked:
+                return False
+            if s.fin_sent and not s.t_fin:
+                return False
+            if now < s.last_rx + q:
+                return False
+        return True
+
+    def close_all(self, now) -> None:
+        """End every session (RST to the target where still open)."""
+        self.now = now
+        for s in list(self.sessions.values()):
+            self._finish(s, self._end_outcome(s), now)
+        self.heap.clear()
+
+    # == reporting ======================================================================
+    def active(self) -> int:
+        return len(self.sessions)
+
+    def stats_line(self) -> str:
+        st = self.st
+        done = sum(st.outcomes.values()) - st.outcomes["filtered"]
+        failed = sum(st.outcomes[k] for k in FAILURES)
+        return (f"{st.sessions} sessions ({self.active()} active, {done} ended, "
+                f"{st.outcomes['completed'] + st.outcomes['reconnected']} completed, "
+                f"{failed} failed), {st.pkts_in} packets in, {st.pkts_out} out, "
+                f"{st.retransmits} retransmitted, {st.fb_in} feedback")
+
+    def summary(self) -> str:
+        st = self.st
+        lines = [self.stats_line(), "outcomes:"]
+        for k, hint in OUTCOMES.items():
+            n = st.outcomes[k]
+            if n or k == "completed":
+                lines.append(f"  {k:<16} {n:>9}" + (f"  ({hint})" if hint and n else ""))
+        lines.append(
+            f"packets: {st.pkts_in} in ({st.pkts_ignored} ignored, {st.pkts_server} "
+            f"server->client), {st.pkts_out} out, {st.syn_sent} SYN ({st.fake_syn} fake), "
+            f"{st.acks_sent} ACKs made")
+        lines.append(
+            f"retransmissions: {st.retransmits} ({st.rto_expired} timeouts, "
+            f"{st.fast_retransmits} fast, {st.syn_retransmits} SYN); "
+            f"reconnections: {st.reconnections}; client duplicates: {st.client_dups} "
+            f"dropped, {st.client_trimmed} trimmed")
+        lines.append(
+            f"gating: {st.gate_bytes} by bytes, {st.gate_quiet} after quiet, "
+            f"{st.gate_timeout} by timeout, {st.gate_closed} on close; window waits "
+            f"{st.window_waits}, zero-window probes {st.zero_window_probes}")
+        lines.append(f"feedback: {st.fb_in} received, {st.fb_unmatched} unmatched")
+        return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""When an input record is due (DESIGN.md §4): anchor_wall + (ts - anchor_ts).
+
+The anchor is the first packet record seen. Live records (ts close to the wall clock)
+come out due at once; a pcap read at full speed is held and released at its recorded
+pace. Due times never go backwards, so records keep their input order.
+"""
+
+from __future__ import annotations
+
+import collections
+
+
+class DueQueue:
+    def __init__(self, asap: bool = False):
+        self.asap = asap
+        self.anchor_wall = None
+        self.anchor_ts = 0
+        self.last_due = 0
+        self.q = collections.deque()
+
+    def due_time(self, ts, now: int) -> int:
+        if self.asap or not isinstance(ts, int):
+            due = now
+        else:
+            if self.anchor_wall is None:
+                self.anchor_wall, self.anchor_ts = now, ts
+            due = self.anchor_wall + (ts - self.anchor_ts)
+        if due < self.last_due:
+            due = self.last_due
+        self.last_due = due
+        return due
+
+    def push(self, ts, item, now: int) -> None:
+        self.q.append((self.due_time(ts, now), item))
+
+    def pop_due(self, now: int):
+        """Items due at or before now, in order."""
+        q = self.q
+        out = []
+        while q and q[0][0] <= now:
+            out.append(q.popleft()[1])
+        return out
+
+    def next_due(self):
+        return self.q[0][0] if self.q else None
+
+    def __len__(self):
+        return len(self.q)
