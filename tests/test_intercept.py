@@ -1,0 +1,189 @@
+"""tc-intercept in the namespace lab: replies captured with correct headers, v4 and v6, latency."""
+
+import os
+import queue
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import tc
+from tcpcopylib.feedback import StreamDecoder
+from tcpcopylib.intercept import DLT_EN10MB, DLT_LINUX_SLL, fb_record, link_offset
+from tcpcopylib.packet import TH_ACK, TH_SYN, build_tcp, ip_bytes, parse_tcp
+
+import cbor2
+
+
+class Intercept:
+    """tc-intercept running in a lab host; records collected by a thread with arrival times."""
+
+    def __init__(self, lab, host, *args):
+        self.p = lab.popen(host, [sys.executable, str(tc.BIN / "tc-intercept"), *args,
+                                  "-v", "--stats"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tc.env())
+        line = self.p.stderr.readline().decode()  # "capturing on ..." once the capture is open
+        assert "capturing on" in line, line + self.p.stderr.read().decode()
+        self.q = queue.Queue()
+        self.header = None
+        self.t = threading.Thread(target=self._read, daemon=True)
+        self.t.start()
+
+    def _read(self):
+        dec = StreamDecoder("tc-intercept")
+        fd = self.p.stdout.fileno()
+        while True:
+            data = os.read(fd, 1 << 16)
+            now = time.perf_counter()
+            if not data:
+                return
+            for item, _raw in dec.feed(data):
+                if item["t"] == "header":
+                    self.header = item
+                else:
+                    self.q.put((now, item))
+
+    def wait(self, pred, timeout=5.0):
+        """The first record (arrival time, record) matching pred, or None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                t, rec = self.q.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if pred(rec):
+                return t, rec
+        return None
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.terminate()
+        rc = self.p.wait(5)
+        self.t.join(2)
+        return rc, self.p.stderr.read().decode()
+
+
+def forge_syn(lab, src, dst, sport, dport, seq):
+    """Send a SYN from `online` with a client's source address (a raw IPPROTO_RAW socket)."""
+    fam = socket.AF_INET if ":" not in src else socket.AF_INET6
+    pkt = build_tcp(ip_bytes(src), ip_bytes(dst), sport, dport, seq, 0, TH_SYN,
+                    options=b"\x02\x04\x05\xb4")
+    with lab.enter("online"):
+        s = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    with s:
+        t0 = time.perf_counter()
+        s.sendto(pkt, (dst, 0))
+    return t0
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_synack_captured_on_assistant(lab, v6):
+    lab.start_server("target", port=8080)
+    client = lab.client_ip6 if v6 else lab.client_ip
+    target = lab.target_ip6 if v6 else lab.target_ip
+    ic = Intercept(lab, "assistant", "lan0", "-F", "tcp and src port 8080")
+    try:
+        time.sleep(0.2)  # an idle link: the latency below is the idle-link case
+        sport, seq = random.randint(20000, 60000), random.getrandbits(32)
+        t0 = forge_syn(lab, client, target, sport, 8080, seq)
+        got = ic.wait(lambda r: parse_tcp(r["data"]).dport == sport)
+        assert got is not None, "no SYN-ACK record from tc-intercept"
+        t1, rec = got
+        latency_ms = (t1 - t0) * 1000
+        print(f"\n{'IPv6' if v6 else 'IPv4'}: SYN sent -> SYN-ACK record on stdout: "
+              f"{latency_ms:.2f} ms")
+        assert latency_ms < 50
+        tcp = parse_tcp(rec["data"])
+        assert tcp.version == (6 if v6 else 4)
+        assert tcp.src == ip_bytes(target) and tcp.dst == ip_bytes(client)
+        assert tcp.sport == 8080 and tcp.dport == sport
+        assert tcp.flags & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK
+        assert tcp.ack == (seq + 1) & 0xFFFFFFFF
+        assert rec["len"] == len(rec["data"]) == tcp.ihl + tcp.doff  # headers only
+        assert abs(rec["ts"] - time.time_ns()) < 10 * 10**9
+        assert ic.header["tool"] == "tc-intercept"
+    finally:
+        rc, err = ic.stop()
+    assert rc == 0
+    assert "replies written" in err and "dropped" in err
+
+
+@pytest.mark.netns
+def test_payload_of_a_real_connection(lab, tmp_path):
+    """A real HTTP exchange online -> target, captured on the target's side: payload kept."""
+    (tmp_path / "index.html").write_text("x" * 3000)
+    lab.start_server("target", port=8080, directory=tmp_path)
+    full = Intercept(lab, "target", "-i", "lan0", "-F", "tcp and src port 8080",
+                     "--payload", "all")
+    cut = Intercept(lab, "target", "lan0", "-F", "tcp and src port 8080", "--payload", "5")
+    try:
+        fetch = ("import urllib.request,sys; "
+                 "print(len(urllib.request.urlopen(sys.argv[1], timeout=3).read()))")
+        r = lab.run("online", [sys.executable, "-c", fetch, f"http://{lab.target_ip}:8080/"],
+                    capture_output=True, text=True, timeout=10)
+        assert r.stdout.strip() == "3000", r.stderr
+
+        def first_data(ic):
+            got = ic.wait(lambda rec: parse_tcp(rec["data"]).payload_len > 0)
+            assert got is not None
+            return got[1]
+
+        rec = first_data(full)
+        tcp = parse_tcp(rec["data"])
+        assert tcp.payload.startswith(b"HTTP/1.0 200")
+        assert rec["len"] == len(rec["data"])
+        rec = first_data(cut)
+        tcp = parse_tcp(rec["data"])
+        assert tcp.payload == b"HTTP/"
+        assert rec["len"] > len(rec["data"]) == tcp.ihl + tcp.doff + 5
+    finally:
+        full.stop()
+        cut.stop()
+
+
+def test_unknown_interface_exit_66():
+    r = tc.run(["tc-intercept", "nosuch-if0"])
+    assert r.returncode == 66
+    assert b"no such interface" in r.stderr
+
+
+def test_usage_errors():
+    assert tc.run(["tc-intercept"]).returncode == 2
+    assert tc.run(["tc-intercept", "lo", "--payload", "lots"]).returncode == 2
+
+
+@pytest.mark.netns
+def test_no_permission_exit_77():
+    """Without CAP_NET_RAW (dropped from the bounding set, as root): 77."""
+    import shutil
+
+    assert shutil.which("setpriv"), "setpriv (util-linux) is needed"
+    r = subprocess.run(["setpriv", "--bounding-set=-net_raw", "--inh-caps=-net_raw",
+                        sys.executable, str(tc.BIN / "tc-intercept"), "lo"],
+                       capture_output=True, env=tc.env(), timeout=30)
+    assert r.returncode == 77, r.stderr
+    assert b"root or CAP_NET_RAW" in r.stderr
+
+
+def test_link_layers_and_record():
+    ip = build_tcp(ip_bytes("10.0.0.5"), ip_bytes("10.9.0.1"), 8080, 1000, 5, 6, 0x18,
+                   payload=b"hello")
+    eth = b"\x02" * 12
+    assert link_offset(DLT_EN10MB, eth + b"\x08\x00" + ip) == 14
+    assert link_offset(DLT_EN10MB, eth + b"\x81\x00\x00\x05\x08\x00" + ip) == 18
+    assert link_offset(DLT_EN10MB, eth + b"\x88\xa8\x00\x05\x81\x00\x00\x06\x86\xdd") == 22
+    assert link_offset(DLT_EN10MB, eth + b"\x08\x06" + ip) == -1  # ARP
+    sll = b"\x00\x00\x00\x01\x00\x06" + b"\x02" * 8 + b"\x08\x00"
+    assert link_offset(DLT_LINUX_SLL, sll + ip) == 16
+    r = cbor2.loads(fb_record(ip, 7, 0))
+    assert r == {"t": "fb", "ts": 7, "data": ip[:40], "len": len(ip)}
+    assert cbor2.loads(fb_record(ip, 7, 3))["data"] == ip[:43]
+    assert cbor2.loads(fb_record(ip, 7, -1))["data"] == ip
+    udp = bytearray(ip)
+    udp[9] = 17
+    assert fb_record(bytes(udp), 7, 0) is None
