@@ -1,0 +1,618 @@
+"""The tc-session engine against a scripted target, with a fake clock (no network)."""
+
+import pytest
+
+from tcpcopylib.errors import UsageError
+from tcpcopylib.packet import (TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, build_tcp, ip_bytes,
+                               parse_options, parse_tcp, tcp_checksum_ok)
+from tcpcopylib.session import Config, Engine, Mapper, parse_target, parse_transfer
+from tcpcopylib.session.timing import DueQueue
+from tcpcopylib.streamparse import StreamParser
+
+MS = 1_000_000
+SEC = 1_000_000_000
+C = ip_bytes("10.9.0.2")       # client
+O = ip_bytes("10.1.0.1")       # online server
+T = ip_bytes("10.2.0.5")       # target
+TPORT = 8080
+CISN = 1000
+TISN = 700000
+SISN = 50000                   # online server's ISN (captured acks)
+MSS_OPT = b"\x02\x04\x05\xb4"
+
+
+class Claims:
+    def __init__(self, log):
+        self.log = log
+
+    def claim(self, *tup):
+        self.log.append(("claim", tup))
+
+    def release(self, *tup):
+        self.log.append(("release", tup))
+
+
+class H:
+    """Harness: an engine, a fake clock, captured client packets in, target replies in."""
+
+    def __init__(self, rules=None, **cfg):
+        self.log = []
+        self.now = 0
+        cfg.setdefault("rto_min", 200 * MS)
+        self.e = Engine(Mapper(rules or parse_target(f"10.2.0.5:{80}", False)), self._emit,
+                        Config(**cfg), Claims(self.log))
+        self.tport = 80 if rules is None else TPORT
+
+    def _emit(self, data, sid, now):
+        assert tcp_checksum_ok(data)
+        assert now == self.now
+        p = parse_tcp(data)
+        self.log.append(("pkt", p))
+
+    def pkts(self):
+        """Packets emitted since the last call."""
+        out = [x[1] for x in self.log if x[0] == "pkt"]
+        self.log[:] = [x for x in self.log if x[0] != "pkt"]
+        return out
+
+    def client(self, flags, seq, ack=0, payload=b"", sport=5000, opts=b"", dport=80):
+        self.e.client_packet(build_tcp(C, O, sport, dport, seq, ack, flags, 65535, opts,
+                                       payload), self.now)
+
+    def target(self, flags, seq, ack, payload=b"", win=65535, opts=b"", dport=5000,
+               hdr_only=False):
+        data = build_tcp(T, C, self.tport, dport, seq, ack, flags, win, opts, payload)
+        if hdr_only:  # feedback carrying headers only, with the original length
+            n = len(data) - len(payload)
+            self.e.feedback_packet(data[:n], self.now, len(data))
+        else:
+            self.e.feedback_packet(data, self.now)
+
+    def advance(self, ms):
+        end = self.now + int(ms * MS)
+        while True:
+            d = self.e.next_deadline()
+            if d is None or d > end:
+                break
+            self.now = max(self.now, d)
+            self.e.on_timer(self.now)
+        self.now = end
+
+    def outcomes(self):
+        return {k: v for k, v in self.e.st.outcomes.items() if v}
+
+    # common openings
+    def open(self, sport=5000, synack_opts=MSS_OPT, client_opts=MSS_OPT, cack=SISN + 1):
+        """Captured SYN + handshake ACK, target SYN-ACK; returns the packets sent."""
+        self.client(TH_SYN, CISN, 0, opts=client_opts, sport=sport)
+        self.client(TH_ACK, CISN + 1, cack, sport=sport)
+        self.now += 1 * MS
+        self.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=synack_opts, dport=sport)
+        return self.pkts()
+
+
+def flags(p):
+    return p.flags
+
+
+# -- handshake ------------------------------------------------------------------------
+
+def test_captured_syn_forwarded_with_isn_options_and_claim_first():
+    h = H()
+    opts = MSS_OPT + b"\x01\x03\x03\x07"
+    h.client(TH_SYN, CISN, 0, opts=opts)
+    assert h.log[0] == ("claim", (C, 5000, T, 80))  # claimed before the SYN
+    syn = h.log[1][1]
+    assert syn.flags == TH_SYN and syn.seq == CISN and syn.options == opts
+    assert (syn.src, syn.sport, syn.dst, syn.dport) == (C, 5000, T, 80)
+    h.pkts()
+    h.client(TH_ACK, CISN + 1, SISN + 1)
+    assert h.pkts() == []  # captured handshake ACK is not forwarded
+    h.now += MS
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    (ack,) = h.pkts()
+    assert ack.flags == TH_ACK and ack.seq == CISN + 1 and ack.ack == TISN + 1
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"hello")
+    (d,) = h.pkts()
+    assert d.payload == b"hello" and d.seq == CISN + 1 and d.ack == TISN + 1
+    assert h.e.st.syn_sent == 1 and h.e.st.fake_syn == 0
+
+
+def test_ack_numbers_follow_target_bytes_and_fin():
+    h = H()
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.pkts()
+    h.target(TH_ACK, TISN + 1, CISN + 4, b"x" * 10)
+    h.target(TH_ACK, TISN + 11, CISN + 4, b"y" * 10)  # second segment: ACK at once
+    (a,) = h.pkts()
+    assert a.flags == TH_ACK and a.ack == TISN + 1 + 20
+    h.target(TH_ACK | TH_FIN, TISN + 21, CISN + 4)
+    (a,) = h.pkts()
+    assert a.ack == TISN + 22
+
+
+def test_fake_syn_for_midstream_session():
+    h = H()
+    h.client(TH_ACK | TH_PSH, 90000, SISN, b"GET / HTTP/1.1\r\n\r\n")
+    (syn,) = h.pkts()
+    assert syn.flags == TH_SYN and syn.seq == 89999 and syn.window == 65535
+    assert parse_options(syn.options) == {"mss": 1460}
+    h.target(TH_SYN | TH_ACK, TISN, 90000, opts=MSS_OPT)
+    ack, data = h.pkts()
+    assert ack.flags == TH_ACK and ack.seq == 90000 and ack.ack == TISN + 1
+    assert data.payload.startswith(b"GET") and data.seq == 90000
+    assert h.e.st.fake_syn == 1
+
+
+def test_only_syn_filters_midstream_sessions():
+    h = H(only_syn=True)
+    h.client(TH_ACK | TH_PSH, 90000, SISN, b"data")
+    h.client(TH_ACK | TH_PSH, 90004, SISN, b"more")
+    assert h.pkts() == []
+    assert h.outcomes() == {"filtered": 1}
+
+
+def test_pure_ack_before_syn_ack_and_unmapped_port_ignored():
+    h = H()
+    h.client(TH_ACK | TH_PSH, 1, 1, b"x", dport=81)
+    assert h.pkts() == [] and h.e.st.pkts_ignored == 1
+
+
+# -- gating ---------------------------------------------------------------------------
+
+def test_next_request_waits_for_response_bytes():
+    h = H()
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    assert [p.payload for p in h.pkts()] == [b"req1"]
+    # online, the server answered 100 bytes before req2
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")
+    assert h.pkts() == []
+    h.target(TH_ACK, TISN + 1, CISN + 5, b"r" * 60)
+    assert [p.payload for p in h.pkts()] == []
+    h.target(TH_ACK | TH_PSH, TISN + 61, CISN + 5, b"r" * 40)
+    out = h.pkts()
+    assert out[-1].payload == b"req2" and out[-1].ack == TISN + 101
+    assert h.e.st.gate_bytes == 1
+
+
+def test_response_shorter_than_online_released_after_quiet():
+    h = H(quiet=100 * MS)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")
+    h.pkts()
+    h.target(TH_ACK, TISN + 1, CISN + 5, b"r" * 30, hdr_only=True)
+    h.advance(90)
+    assert not [p for p in h.pkts() if p.payload]
+    h.advance(20)
+    assert [p.payload for p in h.pkts() if p.payload] == [b"req2"]
+    assert h.e.st.gate_quiet == 1
+
+
+def test_gating_never_deadlocks_when_target_acked_and_went_quiet():
+    h = H(gate_timeout=2 * SEC)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"part1")
+    h.client(TH_ACK | TH_PSH, CISN + 6, SISN + 300, b"part2")  # new captured ack
+    h.pkts()
+    h.target(TH_ACK, TISN + 1, CISN + 6)  # acked, no response
+    h.advance(1900)
+    assert not [p for p in h.pkts() if p.payload]
+    h.advance(200)
+    assert [p.payload for p in h.pkts() if p.payload] == [b"part2"]
+    assert h.e.st.gate_timeout == 1
+
+
+def test_pipelined_requests_and_segments_go_back_to_back():
+    h = H()
+    h.open()
+    for i in range(3):
+        h.client(TH_ACK | TH_PSH, CISN + 1 + 4 * i, SISN + 1, b"seg%d" % i)
+    assert [p.payload for p in h.pkts()] == [b"seg0", b"seg1", b"seg2"]
+
+
+def test_no_wait_sends_at_once():
+    h = H(no_wait=True)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")
+    assert [p.payload for p in h.pkts()] == [b"req1", b"req2"]
+
+
+def test_greeting_waits_for_server_first_bytes():
+    h = H()
+    h.open(cack=SISN + 1)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1 + 20, b"LOGIN")  # after a 20-byte greeting
+    assert h.pkts() == []
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 1, b"g" * 20)
+    out = h.pkts()
+    assert out[-1].payload == b"LOGIN" and out[-1].ack == TISN + 21
+
+
+def test_client_fin_waits_for_complete_response():
+    h = H()
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.client(TH_ACK | TH_FIN, CISN + 4, SISN + 1 + 3000)  # FIN after a 3000-byte reply
+    (req,) = h.pkts()
+    h.target(TH_ACK, TISN + 1, CISN + 4, b"r" * 1448)
+    assert not [p for p in h.pkts() if p.flags & TH_FIN]
+    h.target(TH_ACK, TISN + 1449, CISN + 4, b"r" * 1448)
+    assert not [p for p in h.pkts() if p.flags & TH_FIN]
+    h.advance(50)  # silence shorter than the quiet period: still no FIN
+    assert not [p for p in h.pkts() if p.flags & TH_FIN]
+    h.target(TH_ACK | TH_PSH, TISN + 2897, CISN + 4, b"r" * 104)
+    fins = [p for p in h.pkts() if p.flags & TH_FIN]
+    assert len(fins) == 1 and fins[0].seq == CISN + 4 and fins[0].ack == TISN + 3001
+    h.target(TH_ACK | TH_FIN, TISN + 3001, CISN + 5)
+    (last,) = h.pkts()
+    assert last.flags == TH_ACK and last.ack == TISN + 3002
+    assert h.outcomes() == {"completed": 1}
+    assert h.e.active() == 0
+
+
+# -- retransmission -------------------------------------------------------------------
+
+def test_rto_retransmit_adaptive_and_backoff():
+    h = H(rto_min=10 * MS)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.client(TH_ACK, CISN + 1, SISN + 1)
+    h.now += 50 * MS  # 50 ms RTT to the target
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.pkts()
+    h.advance(140)
+    assert h.pkts() == []
+    h.advance(20)  # RTO = srtt + 4 * rttvar = 50 + 100 = 150 ms, not 1 s
+    (r,) = h.pkts()
+    assert r.payload == b"req" and r.seq == CISN + 1
+    h.advance(250)
+    assert h.pkts() == []
+    h.advance(60)  # backed off: 300 ms
+    assert [p.payload for p in h.pkts()] == [b"req"]
+    assert h.e.st.retransmits == 2 and h.e.st.rto_expired == 2
+
+
+def test_retransmit_keeps_working_after_responses():
+    h = H()
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"resp")
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 5, b"req2")
+    h.pkts()
+    h.advance(150)
+    assert h.pkts() == []
+    h.advance(100)  # RTO from the 1 ms SYN RTT is the 200 ms floor
+    assert [p.payload for p in h.pkts() if p.payload] == [b"req2"]
+
+
+def test_fast_retransmit_on_three_dupacks():
+    h = H()
+    h.open()
+    for i in range(4):
+        h.client(TH_ACK | TH_PSH, CISN + 1 + 10 * i, SISN + 1, bytes([65 + i]) * 10)
+    h.pkts()
+    h.target(TH_ACK, TISN + 1, CISN + 11)  # first segment arrived, second lost
+    for _ in range(2):
+        h.target(TH_ACK, TISN + 1, CISN + 11)
+    assert h.pkts() == []
+    h.target(TH_ACK, TISN + 1, CISN + 11)
+    (r,) = h.pkts()
+    assert r.seq == CISN + 11 and r.payload.startswith(b"B" * 10)  # may re-segment
+    assert h.e.st.fast_retransmits == 1
+    h.target(TH_ACK, TISN + 1, CISN + 21)  # partial ack: the next hole goes at once
+    (r,) = h.pkts()
+    assert r.seq == CISN + 21
+
+
+# -- flow control ---------------------------------------------------------------------
+
+def test_never_more_in_flight_than_window_and_window_update_resumes():
+    h = H()
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, win=100, opts=MSS_OPT)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 300)
+    sent = [p for p in h.pkts() if p.payload]
+    assert sum(len(p.payload) for p in sent) == 100
+    h.target(TH_ACK, TISN + 1, CISN + 101, win=0)  # zero window
+    assert h.pkts() == []
+    h.advance(1100)  # persist probe
+    probes = h.pkts()
+    assert probes and not probes[0].payload and probes[0].seq == CISN + 100
+    h.target(TH_ACK, TISN + 1, CISN + 101, win=150)  # pure window update, same ack
+    sent = [p for p in h.pkts() if p.payload]
+    assert sum(len(p.payload) for p in sent) == 150 and sent[0].seq == CISN + 101
+    assert h.e.st.zero_window_probes >= 1
+
+
+def test_window_scale_applies_only_when_both_negotiated():
+    wsopt = b"\x01\x03\x03\x02"  # wscale 2
+    h = H()
+    h.open(client_opts=MSS_OPT + wsopt, synack_opts=MSS_OPT + wsopt)
+    h.target(TH_ACK, TISN + 1, CISN + 1, win=100)  # 400 bytes
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 1000)
+    assert sum(len(p.payload) for p in h.pkts()) == 400
+    h = H()
+    h.open(client_opts=MSS_OPT, synack_opts=MSS_OPT + wsopt)  # client did not offer it
+    h.target(TH_ACK, TISN + 1, CISN + 1, win=100)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 1000)
+    assert sum(len(p.payload) for p in h.pkts()) == 100
+
+
+def test_segments_larger_than_target_mss_are_split():
+    h = H()
+    h.open(synack_opts=b"\x02\x04\x02\x00")  # MSS 512
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 1200)
+    assert [len(p.payload) for p in h.pkts()] == [512, 512, 176]
+
+
+def test_timestamps_echo_target_tsval_and_stay_monotonic():
+    ts_c = b"\x01\x01\x08\x0a" + (5000).to_bytes(4, "big") + (0).to_bytes(4, "big")
+    ts_t = b"\x01\x01\x08\x0a" + (777).to_bytes(4, "big") + (5000).to_bytes(4, "big")
+    h = H()
+    h.open(client_opts=MSS_OPT + ts_c, synack_opts=MSS_OPT + ts_t)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    ts_t2 = b"\x01\x01\x08\x0a" + (900).to_bytes(4, "big") + (5001).to_bytes(4, "big")
+    h.now += 10 * MS
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"a" * 5, opts=ts_t2)
+    h.target(TH_ACK | TH_PSH, TISN + 6, CISN + 4, b"a" * 5, opts=ts_t2)
+    vals = [parse_options(p.options)["ts"] for p in h.pkts() if p.flags == TH_ACK or p.payload]
+    assert vals[-1][1] == 900 and vals[0][1] == 777
+    assert all(b[0] >= a[0] for a, b in zip(vals, vals[1:])) and vals[0][0] >= 5000
+
+
+# -- capture defects ------------------------------------------------------------------
+
+def test_duplicate_and_overlapping_captured_segments_are_trimmed():
+    h = H()
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"abcdef")
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"abcdef")     # retransmission
+    h.client(TH_ACK | TH_PSH, CISN + 4, SISN + 1, b"defghi")     # overlap
+    out = [p for p in h.pkts() if p.payload]
+    assert [(p.seq, p.payload) for p in out] == [(CISN + 1, b"abcdef"), (CISN + 7, b"ghi")]
+    assert h.e.st.client_dups == 1 and h.e.st.client_trimmed == 1
+
+
+def test_gap_holds_later_data_until_filled():
+    h = H()
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 4, SISN + 1, b"def")
+    assert h.pkts() == []
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"abc")
+    assert [p.payload for p in h.pkts()] == [b"abc", b"def"]
+
+
+def test_unfilled_gap_ends_as_capture_gap():
+    h = H(gap_timeout=5 * SEC)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"abc")
+    h.target(TH_ACK, TISN + 1, CISN + 4)
+    h.client(TH_ACK | TH_PSH, CISN + 10, SISN + 1, b"later")
+    h.pkts()
+    h.advance(5100)
+    assert any(p.flags & TH_RST for p in h.pkts())
+    assert h.outcomes() == {"capture_gap": 1}
+
+
+# -- closing --------------------------------------------------------------------------
+
+def test_target_closes_first_then_client_fin():
+    h = H()
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_ACK | TH_PSH | TH_FIN, TISN + 1, CISN + 4, b"resp")
+    acks = h.pkts()[-1]
+    assert acks.ack == TISN + 6 and not acks.flags & TH_RST
+    h.client(TH_ACK | TH_FIN, CISN + 4, SISN + 6)
+    (fin,) = h.pkts()
+    assert fin.flags & TH_FIN and fin.ack == TISN + 6
+    h.target(TH_ACK, TISN + 6, CISN + 5)
+    assert h.outcomes() == {"completed": 1}
+    assert (C, 5000, T, 80) in h.e.time_wait  # the target holds TIME_WAIT: don't reuse
+
+
+def test_rst_from_target():
+    h = H()
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_ACK, TISN + 1, CISN + 4)
+    h.pkts()
+    h.target(TH_RST | TH_ACK, TISN + 1, CISN + 4)
+    assert h.pkts() == []
+    assert h.outcomes() == {"reset_by_target": 1}
+    assert ("release", (C, 5000, T, 80)) in h.log
+
+
+def test_connection_refused():
+    h = H()
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.target(TH_RST | TH_ACK, 0, CISN + 1)
+    assert h.outcomes() == {"reset_by_target": 1}
+
+
+def test_early_close_reconnects_on_a_new_port():
+    h = H()
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"resp1")
+    h.target(TH_ACK | TH_FIN, TISN + 6, CISN + 5)  # target closes (keep-alive limit)
+    h.pkts()
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 6, b"req2")
+    out = h.pkts()
+    rst = [p for p in out if p.flags & TH_RST]
+    syn = [p for p in out if p.flags & TH_SYN]
+    assert rst and rst[0].sport == 5000
+    assert len(syn) == 1 and syn[0].seq == CISN + 4 and syn[0].sport != 5000
+    newport = syn[0].sport
+    assert ("claim", (C, newport, T, 80)) in h.log
+    h.log.clear()
+    h.target(TH_SYN | TH_ACK, 9000, CISN + 5, opts=MSS_OPT, dport=newport)
+    out = h.pkts()
+    assert [p.payload for p in out if p.payload] == [b"req2"]
+    assert out[-1].sport == newport and out[-1].ack == 9001
+    h.target(TH_ACK | TH_PSH, 9001, CISN + 9, b"resp2", dport=newport)
+    h.client(TH_ACK | TH_FIN, CISN + 9, SISN + 11)
+    h.target(TH_ACK | TH_FIN, 9006, CISN + 10, dport=newport)
+    assert h.e.st.reconnections == 1
+    assert h.outcomes() == {"reconnected": 1}
+
+
+def test_no_synack_times_out_with_rst():
+    h = H(connect_timeout=3 * SEC)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.pkts()
+    h.advance(2900)
+    out = h.pkts()
+    assert all(p.flags == TH_SYN for p in out) and len(out) == 1  # retransmitted at 1 s
+    h.advance(200)
+    (rst,) = h.pkts()
+    assert rst.flags & TH_RST and rst.seq == CISN + 1
+    assert h.outcomes() == {"no_synack": 1}
+
+
+def test_idle_timeout_with_pending_data():
+    h = H(idle_timeout=30 * SEC, keepalive_timeout=60 * SEC)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")  # waits for a response
+    h.advance(29_000)
+    assert h.e.active() == 1
+    h.advance(2_000)
+    assert h.outcomes() == {"timed_out": 1}
+
+
+def test_close_all_resets_unfinished_sessions():
+    h = H()
+    h.open(sport=5000)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req", sport=5000)
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"ok")
+    h.open(sport=5001)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req", sport=5001)
+    h.client(TH_ACK | TH_PSH, CISN + 4, SISN + 500, b"req2", sport=5001)
+    h.pkts()
+    h.now += 10 * MS
+    assert not h.e.quiescent(h.now)
+    h.e.close_all(h.now)
+    rsts = [p for p in h.pkts() if p.flags & TH_RST]
+    assert sorted(p.sport for p in rsts) == [5000, 5001]
+    assert h.outcomes() == {"completed": 1, "unfinished": 1}
+
+
+def test_client_rst_forwarded_after_response():
+    h = H()
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.client(TH_RST | TH_ACK, CISN + 4, SISN + 11)
+    assert not [p for p in h.pkts() if p.flags & TH_RST]
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"x" * 10)
+    (rst,) = [p for p in h.pkts() if p.flags & TH_RST]
+    assert rst.seq == CISN + 4
+    assert h.outcomes() == {"completed": 1}
+
+
+def test_sessions_keyed_on_full_four_tuple():
+    rules = parse_transfer("80-10.2.0.5:8080,81-10.2.0.5:8081")
+    h = H(rules)
+    h.client(TH_ACK | TH_PSH, 100, SISN, b"a", dport=80)
+    h.client(TH_ACK | TH_PSH, 900, SISN, b"b", dport=81)  # same client port, other service
+    syns = h.pkts()
+    assert [(p.seq, p.dport) for p in syns] == [(99, 8080), (899, 8081)]
+    assert h.e.active() == 2
+
+
+def test_sampling_is_deterministic_per_client():
+    h = H(sample_pct=30)
+    for port in range(6000, 6100):
+        h.client(TH_SYN, CISN, 0, opts=MSS_OPT, sport=port)
+    picked = {p.sport for p in h.pkts()}
+    assert 10 < len(picked) < 60
+    assert h.e.st.outcomes["filtered"] == 100 - len(picked)
+
+
+# -- mapping, parsing, timing -----------------------------------------------------------
+
+def test_transfer_list_parsing():
+    r = parse_transfer("80-10.0.0.5:8080, 10.1.1.1:81-10.0.0.6:8081,"
+                       "[2001:db8::1]:443-[2001:db8::5]:8443,82@00:11:22:33:44:55-10.0.0.7:80")
+    assert [(x.online_port, x.target_port) for x in r] == [(80, 8080), (81, 8081),
+                                                          (443, 8443), (82, 80)]
+    m = Mapper(r)
+    assert m.target(ip_bytes("192.0.2.1"), 80) == (ip_bytes("10.0.0.5"), 8080)
+    assert m.target(ip_bytes("10.1.1.1"), 81) == (ip_bytes("10.0.0.6"), 8081)
+    assert m.target(ip_bytes("10.1.1.2"), 81) is None  # other local address
+    assert m.target(ip_bytes("2001:db8::1"), 443) == (ip_bytes("2001:db8::5"), 8443)
+    assert m.target(ip_bytes("192.0.2.1"), 443) is None
+    for bad in ("80", "80-10.0.0.5", "x-10.0.0.5:1", "80-10.0.0.5:0", "10.0.0.1:80-[::1]:80"):
+        with pytest.raises(UsageError):
+            parse_transfer(bad)
+
+
+def test_target_and_any_port():
+    m = Mapper(parse_target("10.0.0.5:8080", False))
+    assert m.target(O, 8080) == (ip_bytes("10.0.0.5"), 8080) and m.target(O, 80) is None
+    m = Mapper(parse_target("10.0.0.5", True))
+    assert m.target(O, 443) == (ip_bytes("10.0.0.5"), 443)
+    m = Mapper(parse_target("10.0.0.5:8080", True))
+    assert m.target(O, 443) == (ip_bytes("10.0.0.5"), 8080)
+    m = Mapper(parse_target("[2001:db8::5]:80", False))
+    assert m.target(ip_bytes("2001:db8::1"), 80) == (ip_bytes("2001:db8::5"), 80)
+    assert m.target(O, 80) is None  # an IPv4 session is not sent to an IPv6 target
+
+
+def test_server_to_client_packets_ignored():
+    h = H()
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.pkts()
+    h.e.client_packet(build_tcp(O, C, 80, 5000, SISN, CISN + 1, TH_SYN | TH_ACK), h.now)
+    h.e.client_packet(build_tcp(O, C, 80, 5000, SISN + 1, CISN + 1, TH_ACK, payload=b"x"),
+                      h.now)
+    assert h.pkts() == [] and h.e.st.pkts_server == 2 and h.e.active() == 1
+
+
+def test_ipv6_session():
+    c6, o6, t6 = (ip_bytes(x) for x in ("2001:db8::2", "2001:db8::1", "2001:db8::5"))
+    out = []
+    e = Engine(Mapper(parse_target("[2001:db8::5]:80", False)),
+               lambda d, sid, now: out.append(parse_tcp(d)), Config())
+    e.client_packet(build_tcp(c6, o6, 5000, 80, 1, 9, TH_ACK | TH_PSH, payload=b"hi"), 0)
+    e.feedback_packet(build_tcp(t6, c6, 80, 5000, 77, 1, TH_SYN | TH_ACK, options=MSS_OPT), 1)
+    assert [(p.version, p.dst, p.flags) for p in out] == [
+        (6, t6, TH_SYN), (6, t6, TH_ACK), (6, t6, TH_ACK | TH_PSH)]
+    assert out[-1].payload == b"hi"
+
+
+def test_due_queue_replays_recorded_offsets():
+    q = DueQueue()
+    q.push(1_000 * SEC, "a", now=50 * SEC)
+    q.push(1_000 * SEC + 300 * MS, "b", now=50 * SEC + 1 * MS)
+    q.push(1_000 * SEC + 200 * MS, "c", now=50 * SEC + 1 * MS)  # out of order: not earlier
+    assert q.pop_due(50 * SEC) == ["a"]
+    assert q.next_due() == 50 * SEC + 300 * MS
+    assert q.pop_due(50 * SEC + 299 * MS) == []
+    assert q.pop_due(50 * SEC + 300 * MS) == ["b", "c"]
+    assert DueQueue(asap=True).due_time(5, now=77) == 77
+
+
+def test_stream_parser_incremental():
+    import cbor2
+
+    from tcpcopylib.errors import StreamError
+    from tcpcopylib.records import encode_section, header
+
+    data = encode_section(header("t")) + b"".join(
+        cbor2.dumps({"t": "pkt", "ts": i, "data": b"x" * i}) for i in range(20))
+    p = StreamParser()
+    got = []
+    for i in range(0, len(data), 7):
+        got += p.feed(data[i:i + 7])
+    p.close()
+    assert [r["ts"] for r in got] == list(range(20))
+    p = StreamParser()
+    p.feed(data[:-3])
+    with pytest.raises(StreamError):
+        p.close()
+    with pytest.raises(StreamError):
+        StreamParser().feed(b"GET / HTTP/1.0\r\n")
