@@ -88,7 +88,7 @@ class Tool(BaseTool):
         """The hot loop: frames -> encoded pkt records (counters kept in locals)."""
         from tcpcopylib.pcapio import LINK_SPANS, encode_pkt
 
-        write = writer.write_raw
+        buf, flush, bufsize = writer.buf, writer.flush, writer.bufsize  # write_raw, inlined
         cur_lt = span = bpf = None
         read = emitted = non_ip = filtered = nbytes = 0
         limit = -1 if limit is None else limit
@@ -114,13 +114,16 @@ class Tool(BaseTool):
                     non_ip += 1
                     continue
                 start, end, ip_orig = s
-                write(encode_pkt(ts, frame[start:end] if start or end != len(frame) else frame,
-                                 ip_orig))
+                buf += encode_pkt(ts, frame[start:end] if start or end != len(frame) else frame,
+                                  ip_orig)
+                if len(buf) >= bufsize:
+                    flush()
                 nbytes += end - start
                 emitted += 1
                 if emitted == limit:
                     return
         finally:
+            writer.records += emitted
             self.read += read
             self.emitted += emitted
             self.non_ip += non_ip
