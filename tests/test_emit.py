@@ -90,13 +90,14 @@ def test_emitter_counts_fixes_skips_and_errors():
     d4 = packet.ip_bytes("10.200.1.4")
     good, bad = syn(C4, T4, 1), corrupt_tcp_sum(syn(C6, T6, 2))
     assert em.emit(good) and em.emit(bad)
-    assert s.sent[0] == good and s.sent[1] == syn(C6, T6, 2)  # recomputed
     for _ in range(3):
-        assert not em.emit(syn(C4, d3, 3))
-    assert not em.emit(syn(C4, d4, 4))
+        em.emit(syn(C4, d3, 3))
+    em.emit(syn(C4, d4, 4))
     assert not em.emit(b"\x45" + b"\0" * 10)          # too short
     assert not em.emit(syn(C4, T4, 5)[:30], orig_len=44)  # truncated
     assert em.emit(syn(C4, T4, 6))  # errors never stop the stream
+    em.close()
+    assert s.sent == [good, syn(C6, T6, 2), syn(C4, T4, 6)]  # the bad checksum recomputed
     assert (em.sent, em.fixed, em.failed) == (3, 1, 4)
     assert em.errors == {"EPERM": 3, "ENETUNREACH": 1}
     assert warned == ["EPERM", "ENETUNREACH"]  # once per kind
@@ -111,7 +112,20 @@ def test_link_layer_fixes_ip_header_checksum():
     b = bytearray(syn(C4, T4, 1))
     b[10:12] = b"\0\0"
     assert em.emit(bytes(b))
+    em.close()
     assert s.sent == [syn(C4, T4, 1)] and em.fixed == 1
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_emitter_batches_in_order(threaded):
+    s = FakeSender()
+    em = Emitter(s, batch=4, threaded=threaded)
+    pkts = [syn(C4, T4, i) for i in range(10)]
+    for p in pkts:
+        em.emit(p)
+    em.flush()
+    em.close()
+    assert s.sent == pkts and em.sent == 10
 
 
 def test_usage_errors():

@@ -58,13 +58,18 @@ class Tool(BaseTool):
             sender = LinkSender(args.interface, dst, src)
         else:
             sender = RawSender()
-        self.emitter = em = Emitter(sender, self._new_error)
         # every input opens before anything is sent (missing file: 66)
-        fds = [(self.open_input(p), "<stdin>" if p == "-" else p) for p in args.files]
+        try:
+            fds = [(self.open_input(p), "<stdin>" if p == "-" else p) for p in args.files]
+        except BaseException:
+            sender.close()
+            raise
+        # batches of up to 64 per sendmmsg; what is pending goes out before a read may block
+        self.emitter = em = Emitter(sender, self._new_error)
         emit = em.emit
         try:
             for fd, name in fds:
-                for rec in RecordReader(fd, name=name):
+                for rec in RecordReader(fd, on_idle=em.flush, name=name):
                     if rec["t"] == "pkt":
                         data = rec.get("data")
                         if type(data) is bytes:
@@ -74,7 +79,10 @@ class Tool(BaseTool):
                     else:
                         self.ignored += 1
         finally:
-            sender.close()
+            try:
+                em.close()
+            finally:
+                sender.close()
 
 
 def main(argv=None):
