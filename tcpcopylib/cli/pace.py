@@ -21,9 +21,13 @@ def _number(kind, low, inclusive):
 
 class Tool(BaseTool):
     name = "tc-pace"
-    summary = ("Release records when due: at the recorded pace, reshaped by --speed and "
-               "--max-gap, capped by --rate, shifted by --delay. Records without a ts pass "
-               "through in order.")
+    summary = ("Release records when due: at the recorded pace, reshaped by --speed and\n"
+               "--max-gap, capped by --rate, shifted by --delay. Records without a ts pass\n"
+               "through untouched, in order. See tc-pace(1).")
+    epilog = ("examples:\n"
+              "  tc-readpcap day.pcap | tc-pace --speed 2 --max-gap 1 | tc-session ...\n"
+              "  tc-capture eth0 | tc-session ... | tc-pace --rate 500 --delay 50 | tc-emit\n"
+              "  tc-pace cap.cbor | tc-dump          # watch a recording in real time")
 
     def __init__(self, *a, clock=None, sleep=None, **kw):
         super().__init__(*a, **kw)
