@@ -15,7 +15,7 @@ static (no ARP/ND delay or noise), veth offloads are off unless ``offloads=True`
 
 Every Lab gets its own namespace names (``tcl<pid>x<n>-<host>``), so parallel tests never
 clash; labs still alive at interpreter exit are removed by an atexit hook, and
-``cleanup_stale()`` removes the namespaces of dead processes.
+``cleanup_stale()`` (run by every ``up()``) removes the namespaces of dead processes.
 
     with Lab() as lab:
         srv = lab.start_server("online", port=8080)
@@ -255,6 +255,7 @@ class Lab:
             return self
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces)")
+        cleanup_stale()  # leftovers of killed runs (SIGKILL skips atexit)
         clash = set(self.namespaces) & set(netns_list())
         if clash:
             raise LabError(f"namespaces exist already: {' '.join(sorted(clash))} "
