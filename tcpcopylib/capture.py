@@ -47,6 +47,11 @@ _ETH_IP4 = b"\x08\x00"
 _ETH_IP6 = b"\x86\xdd"
 _VLAN_TYPES = (b"\x81\x00", b"\x88\xa8", b"\x91\x00")
 
+# link types with a fast path in Capturer.batch: (ethertype offset, header length,
+# packet-type byte offset or -1)
+_FAST_LINKTYPES = {LINKTYPE_ETHERNET: (12, 14, -1), LINKTYPE_LINUX_SLL: (14, 16, 1),
+                   LINKTYPE_LINUX_SLL2: (0, 20, 10)}
+
 TH_FIN, TH_PSH, TH_CWR = 0x01, 0x08, 0x80
 
 DEFAULT_SNAPLEN = 262144
@@ -64,6 +69,17 @@ _U64 = struct.Struct("!Q")
 # writes for that dict (checked by tests): the per-packet cost is one struct pack and a concat.
 _PKT_HEAD = b"\xa3\x61t\x63pkt\x62ts\x1b"
 _DATA_KEY = b"\x64data"
+
+
+# fast path: the same bytes up to the byte-string length (1-byte or 2-byte form)
+# (after _PKT_HEAD) ts, "data" key + byte-string major type, 1- or 2-byte length
+_ENC8 = struct.Struct("!Q6sB")
+_ENC16 = struct.Struct("!Q6sH")
+_DKEY8, _DKEY16 = _DATA_KEY + b"\x58", _DATA_KEY + b"\x59"
+# from the ethertype: (ethertype, IPv4 total length, protocol, destination)
+_FAST_IP4 = struct.Struct("!H2xH5xB6x4s")
+# from the ethertype: (IPv6 payload length, next header, destination)
+_FAST_IP6 = struct.Struct("!6xHB17x16s")
 
 
 def _bstr_head(n: int) -> bytes:
@@ -228,6 +244,14 @@ def _bad_filter(expr: str, err) -> UsageError:
     return UsageError(f"bad filter expression {expr!r}: {err}")
 
 
+def _index_of(meta, off: int) -> int:
+    """Index of the frame at buffer offset ``off`` in next_batch() metadata."""
+    for i, (_s, _u, o, _c) in enumerate(struct.iter_unpack("=IIII", meta)):
+        if o == off:
+            return i
+    return len(meta) >> 4
+
+
 # -- the packet path -------------------------------------------------------------------------
 class Capturer:
     """Turns captured link-layer frames into "pkt" records on a RecordWriter.
@@ -285,6 +309,82 @@ class Capturer:
             self.foreign += 1
             return
         self.datagram(buf, p, end, ts)
+
+    def batch(self, buf, meta, linktype: int) -> int:
+        """A next_batch() result: ``meta`` holds (sec, usec, offset, caplen) per frame.
+
+        The common case (an IPv4/IPv6 TCP datagram to a local address, no VLAN tag, not
+        longer than the MTU, not truncated) is handled inline, encoding straight into the
+        writer's buffer; everything else goes through frame(). Returns the frame count.
+        """
+        n = len(meta) >> 4
+        spec = _FAST_LINKTYPES.get(linktype)
+        frame = self.frame
+        if spec is None:
+            for sec, usec, off, caplen in struct.iter_unpack("=IIII", meta):
+                frame(buf, off, off + caplen, linktype, sec * 1_000_000_000 + usec * 1000)
+                if self.done:
+                    break
+            return n
+        et_pos, l2, pk_pos = spec
+        min_cap = l2 + 40
+        local, mtu, count = self.local, self.mtu, self.count
+        w = self.writer
+        out = w.buf
+        mv = memoryview(buf)
+        ip4, ip6 = _FAST_IP4.unpack_from, _FAST_IP6.unpack_from
+        pack8, pack16 = _ENC8.pack, _ENC16.pack
+        head, dkey8, dkey16 = _PKT_HEAD, _DKEY8, _DKEY16
+        slow = foreign = 0
+        last_sec = sec_ns = -1
+        records = self.records
+        try:
+            for sec, usec, off, caplen in struct.iter_unpack("=IIII", meta):
+                if caplen >= min_cap and (pk_pos < 0 or buf[off + pk_pos] != PACKET_OUTGOING):
+                    et, total, proto, dst = ip4(buf, off + et_pos)
+                    if et != 0x0800:
+                        if et == 0x86DD:
+                            total, proto, dst = ip6(buf, off + et_pos)
+                            total = total + 40 if total else 0  # 0: jumbogram, general path
+                        else:
+                            proto = 0
+                    if proto == 6 and 40 <= total <= mtu and total <= caplen - l2:
+                        if dst not in local:
+                            foreign += 1
+                            continue
+                        if sec != last_sec:
+                            last_sec, sec_ns = sec, sec * 1_000_000_000
+                        p = off + l2
+                        out += head
+                        if total < 256:
+                            out += pack8(sec_ns + usec * 1000, dkey8, total)
+                        else:
+                            out += pack16(sec_ns + usec * 1000, dkey16, total)
+                        out += mv[p:p + total]
+                        records += 1
+                        if records == count:
+                            self.done = True
+                            n = _index_of(meta, off) + 1
+                            break
+                        continue
+                # anything else: the general path (it counts its own frames)
+                slow += 1
+                w.records += records - self.records  # sync the fast path's records
+                self.records = records
+                frame(buf, off, off + caplen, linktype, sec * 1_000_000_000 + usec * 1000)
+                records = self.records
+                if self.done:
+                    n = _index_of(meta, off) + 1
+                    break
+        finally:
+            mv.release()
+            w.records += records - self.records
+            self.frames += n - slow
+            self.foreign += foreign
+            self.records = records
+        if len(out) >= w.bufsize:
+            w.flush()
+        return n
 
     def datagram(self, buf, p: int, end: int, ts: int) -> None:
         """One IP datagram at buf[p:end] (end = end of the captured bytes)."""
@@ -399,13 +499,7 @@ class PcapEngine:
             buf, meta = self._batch(max_n)
             if not meta:
                 return 0
-            n = 0
-            for sec, usec, off, caplen in struct.iter_unpack("=IIII", meta):
-                frame(buf, off, off + caplen, lt, sec * 1_000_000_000 + usec * 1000)
-                n += 1
-                if capturer.done:
-                    break
-            return n
+            return capturer.batch(buf, meta, lt)
         n = 0
         while n < max_n and not capturer.done:  # pcapy without next_batch
             hdr, data = self.cap.next()

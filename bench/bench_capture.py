@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Benchmark tc-capture: packets/s captured, kernel drops, CPU per packet.
+
+Builds two namespaces joined by one veth (offloads off), then blasts TCP RST segments
+addressed to the capturing side's local address into it (the kernel drops them silently,
+so the receiver does only the capture work), with tcpreplay --topspeed if installed
+(apt-get install tcpreplay), else a Python AF_PACKET sender. tc-capture runs on the
+receiving veth and writes to /dev/null. Everything is torn down at the end.
+
+    python3 bench/bench_capture.py [--packets N] [--size BYTES] [--engine pcap|afpacket]
+                                   [--pps RATE] [--repeat R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tcpcopylib.packet import TH_ACK, TH_RST, build_tcp, ip_bytes  # noqa: E402
+
+NS_TX, NS_RX = f"tcb{os.getpid()}-tx", f"tcb{os.getpid()}-rx"
+TX_IP, RX_IP = "10.201.0.2", "10.201.0.1"
+TX_MAC, RX_MAC = "02:00:00:00:c0:02", "02:00:00:00:c0:01"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def sh(*argv, check=True, **kw):
+    return subprocess.run(argv, check=check, capture_output=True, text=True, **kw)
+
+
+def lab_up():
+    sh("ip", "netns", "add", NS_TX)
+    sh("ip", "netns", "add", NS_RX)
+    sh("ip", "-n", NS_TX, "link", "add", "tx0", "type", "veth", "peer", "name", "rx0",
+       "netns", NS_RX)
+    for ns, dev, mac, ip in ((NS_TX, "tx0", TX_MAC, TX_IP), (NS_RX, "rx0", RX_MAC, RX_IP)):
+        sh("ip", "-n", ns, "link", "set", dev, "address", mac)
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "netns", "exec", ns, "sh", "-c",
+           f"for f in tso gso gro tx rx sg; do ethtool -K {dev} $f off 2>/dev/null; done; true")
+
+
+def lab_down():
+    for ns in (NS_TX, NS_RX):
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def frames(n_flows: int, size: int) -> list[bytes]:
+    """Ethernet frames: RST|ACK from TX to RX:8080 (dropped quietly by RX's TCP)."""
+    mac = lambda s: bytes.fromhex(s.replace(":", ""))  # noqa: E731
+    out = []
+    payload = b"x" * max(0, size - 14 - 40)
+    for i in range(n_flows):
+        ip = build_tcp(ip_bytes(TX_IP), ip_bytes(RX_IP), 10000 + i, 8080, 1000 * i, 1,
+                       TH_RST | TH_ACK, payload=payload)
+        out.append(mac(RX_MAC) + mac(TX_MAC) + b"\x08\x00" + ip)
+    return out
+
+
+def write_pcap(path: Path, fr: list[bytes], count: int) -> None:
+    import dpkt
+
+    with open(path, "wb") as f:
+        w = dpkt.pcap.Writer(f)
+        t = time.time()
+        for i in range(count):
+            w.writepkt(fr[i % len(fr)], t + i * 1e-6)
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def blast_python(fr: list[bytes], count: int, pps: int) -> None:
+    """Fallback sender: AF_PACKET send() in the TX namespace (a child process)."""
+    code = f"""
+import socket, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind(("tx0", 0))
+fr = {fr!r}; n = len(fr); send = s.send; pps = {pps}
+t0 = time.monotonic()
+for i in range({count}):
+    send(fr[i % n])
+    if pps and i % 256 == 0:
+        ahead = i / pps - (time.monotonic() - t0)
+        if ahead > 0: time.sleep(ahead)
+"""
+    sh("ip", "netns", "exec", NS_TX, sys.executable, "-c", code)
+
+
+def one_run(args, pcap: Path | None, fr) -> dict:
+    cmd = ["ip", "netns", "exec", NS_RX, str(REPO / "bin" / "tc-capture"), "rx0",
+           "--engine", args.engine, "-w", "/dev/null", "--stats"]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # start-up (imports, ring set-up) is not measured
+        if p.poll() is not None:
+            raise SystemExit(f"tc-capture exited early: {p.stderr.read()}")
+        cpu0 = cpu_seconds(p.pid)
+        t0 = time.monotonic()
+        if pcap is not None:
+            rate = ["--pps", str(args.pps)] if args.pps else ["--topspeed"]
+            r = sh("ip", "netns", "exec", NS_TX, "tcpreplay", "-q", *rate, "-i", "tx0",
+                   str(pcap), check=False)
+            if r.returncode != 0:
+                raise SystemExit(f"tcpreplay failed: {r.stderr.strip()}")
+        else:
+            blast_python(fr, args.packets, args.pps)
+        t_send = time.monotonic() - t0
+        time.sleep(0.5)  # let the capture drain its ring
+        cpu = cpu_seconds(p.pid) - cpu0
+    finally:
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=20)
+    m = re.search(r"(\d+) packets written, (\d+) captured.* (\d+) dropped by kernel, "
+                  r"(-?\d+) dropped by interface", err)
+    if not m:
+        raise SystemExit(f"no stats from tc-capture: {err}")
+    written, captured, kdrop, ifdrop = map(int, m.groups())
+    return {"sent": args.packets, "send_s": t_send, "offered_pps": args.packets / t_send,
+            "written": written, "captured_pps": written / t_send, "kernel_drops": kdrop,
+            "if_drops": ifdrop, "cpu_s": cpu, "cpu_us_per_pkt": cpu / max(written, 1) * 1e6}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--packets", type=int, default=1_000_000)
+    ap.add_argument("--size", type=int, default=100, help="frame size (default 100)")
+    ap.add_argument("--engine", choices=("pcap", "afpacket"), default="pcap")
+    ap.add_argument("--pps", type=int, default=0, help="offered rate (default: top speed)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--python-sender", action="store_true", help="do not use tcpreplay")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 77
+    fr = frames(64, args.size)
+    use_tcpreplay = shutil.which("tcpreplay") and not args.python_sender
+    lab_up()
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            pcap = None
+            if use_tcpreplay:
+                pcap = Path(d) / "load.pcap"
+                write_pcap(pcap, fr, args.packets)
+            print(f"tc-capture bench: engine {args.engine}, {args.packets} x {args.size} B "
+                  f"frames, sender {'tcpreplay' if use_tcpreplay else 'python AF_PACKET'}, "
+                  f"rate {args.pps or 'top speed'}")
+            for i in range(args.repeat):
+                r = one_run(args, pcap, fr)
+                print(f"run {i + 1}: offered {r['offered_pps'] / 1e3:7.1f} kpps, captured "
+                      f"{r['captured_pps'] / 1e3:7.1f} kpps ({r['written']}/{r['sent']}), "
+                      f"kernel drops {r['kernel_drops']}, interface drops {r['if_drops']}, "
+                      f"tc-capture CPU {r['cpu_s']:.2f} s = {r['cpu_us_per_pkt']:.2f} us/pkt",
+                      flush=True)
+    finally:
+        lab_down()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
