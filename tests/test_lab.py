@@ -126,12 +126,12 @@ def test_parallel_labs_do_not_clash():
 
 def test_cleanup_stale_removes_dead_owners():
     dead = f"tcl{2**31 - 7}x1-client"  # no such pid
-    mine = Lab()
     subprocess.run(["ip", "netns", "add", dead], check=True)
     try:
-        with mine:
-            removed = cleanup_stale()
-            assert dead in removed
+        with Lab() as mine:
+            assert dead not in netns_list()  # up() removed it
+            subprocess.run(["ip", "netns", "add", dead], check=True)
+            assert dead in cleanup_stale()
             assert set(mine.namespaces) <= set(netns_list())  # our pid is alive
     finally:
         subprocess.run(["ip", "netns", "del", dead], capture_output=True)
