@@ -273,3 +273,21 @@ def test_real_clock_replay_at_speed_30_is_on_time():
             return
         failures.append(f"{worst * 1e3:.1f} ms")
     pytest.fail(f"max lateness over 20 ms in every run: {failures}")
+
+
+@pytest.mark.parametrize("keep_ts", [False, True])
+def test_reshaped_timeline_survives_a_later_pacer(keep_ts):
+    """tc-pace --speed 4 | tc-pace: the second stage (like tc-session) paces by ts, so the
+    speed-up holds only because the first rewrites ts to the reshaped timeline."""
+    recs = stream([{"t": "pkt", "ts": T0 + i * 100 * MS, "data": b""} for i in range(21)])
+    first = "tc-pace --speed 4" + (" --keep-ts" if keep_ts else "")
+    t = time.monotonic()
+    r = subprocess.run(f"set -o pipefail; {first} | tc-pace", shell=True,
+                       executable="/bin/bash", input=recs, capture_output=True, env=env(),
+                       timeout=30)
+    elapsed = time.monotonic() - t
+    assert r.returncode == 0 and len(decode(r.stdout)) == 21
+    if keep_ts:
+        assert elapsed >= 2.0      # the second stage restores the recorded 2 s pace
+    else:
+        assert 0.5 <= elapsed < 1.9, elapsed  # 0.5 s, plus two startups
