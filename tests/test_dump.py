@@ -13,6 +13,7 @@ import pytest
 import capfiles as cf
 from capfiles import A4, A6, B4, B6, TS0, eth, ip4, ip6, udp4
 from tc import BIN, decode, env, run, stream
+from tcpcopylib.errors import CaptureFormatError
 from tcpcopylib.dumpfmt import TextFormatter, from_json, tcp_options_str, to_json
 from tcpcopylib.packet import build_tcp
 from tcpcopylib.pcapio import CaptureReader
@@ -272,6 +273,19 @@ def netns():
         subprocess.run(["ip", "netns", "del", name], timeout=10)
 
 
+def _count_frames(path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    reader = CaptureReader(fd, str(path))
+    try:
+        for _frame in reader.frames():
+            pass
+    except CaptureFormatError:  # empty, or being written
+        pass
+    finally:
+        os.close(fd)
+    return reader.frames_read
+
+
 def _tcpdump_lines(path, strip_sll2=False):
     r = subprocess.run(["tcpdump", "-nn", "-S", "--time-stamp-precision=nano", "-r", str(path)],
                        capture_output=True, text=True, timeout=60)
@@ -290,11 +304,13 @@ def test_text_and_pcap_match_tcpdump_on_real_captures(netns, tmp_path):
                                                       ["--time-stamp-precision=nano"])}
     procs, errs = [], []
     try:
+        # a small snaplen and a big buffer: in immediate mode the kernel ring holds only
+        # buffer/snaplen frames, and a busy machine overflows it
         for iface, (path, extra) in caps.items():
             errs.append(open(tmp_path / f"{iface}.err", "wb"))
             procs.append(subprocess.Popen(
                 ["ip", "netns", "exec", netns, "tcpdump", "-i", iface, "-U", "--immediate-mode",
-                 "-Z", "root", "-w", str(path),
+                 "-Z", "root", "-s", "4096", "-B", "8192", "-w", str(path),
                  *extra], stdout=subprocess.DEVNULL, stderr=errs[-1]))
         for iface in caps:
             for _ in range(200):  # bounded: up to 10 s
@@ -303,7 +319,14 @@ def test_text_and_pcap_match_tcpdump_on_real_captures(netns, tmp_path):
                 time.sleep(0.05)
         subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", _TRAFFIC],
                        check=True, timeout=30)
-        time.sleep(0.3)
+        # tcpdump drops what it has not read yet at SIGINT: wait until both files stop growing
+        last = None
+        for _ in range(60):  # bounded: up to 15 s
+            time.sleep(0.25)
+            counts = [_count_frames(path) for path, _extra in caps.values()]
+            if counts == last and min(counts) >= 16:
+                break
+            last = counts
     finally:
         for p in procs:
             p.send_signal(signal.SIGINT)
