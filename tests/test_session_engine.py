@@ -616,3 +616,29 @@ def test_stream_parser_incremental():
         p.close()
     with pytest.raises(StreamError):
         StreamParser().feed(b"GET / HTTP/1.0\r\n")
+
+
+def test_tuple_in_time_wait_kept_for_captured_syn_avoided_by_fake_syn():
+    h = H()
+    h.e.time_wait[(C, 5000, T, 80)] = 10 * SEC
+    h.e.time_wait[(C, 5001, T, 80)] = 10 * SEC
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT, sport=5000)           # as the client did
+    h.client(TH_ACK | TH_PSH, 9, 9, b"mid", sport=5001)           # our own fake SYN
+    a, b = h.pkts()
+    assert a.sport == 5000 and b.sport != 5001
+    assert h.e.st.port_remaps == 1
+
+
+def test_captured_port_reuse_starts_a_new_session():
+    h = H()
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_ACK | TH_PSH | TH_FIN, TISN + 1, CISN + 4, b"resp")
+    h.client(TH_ACK | TH_FIN, CISN + 4, SISN + 6)
+    h.target(TH_ACK, TISN + 6, CISN + 5)
+    assert h.outcomes() == {"completed": 1}
+    h.pkts()
+    h.client(TH_SYN, CISN + 100000, 0, opts=MSS_OPT)              # same 4-tuple, new ISN
+    (syn,) = h.pkts()
+    assert syn.sport == 5000 and syn.seq == CISN + 100000
+    assert h.e.st.sessions == 2

@@ -77,15 +77,15 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         b.add_argument("--quiet", type=float, default=100, metavar="MS",
                        help="a response is complete after the target was silent this long "
                             "(default 100 ms)")
-        b.add_argument("--gate-timeout", type=float, default=2.0, metavar="SECONDS",
+        b.add_argument("--gate-timeout", type=float, default=5.0, metavar="SECONDS",
                        help="release held data anyway when the target acked everything and "
-                            "sent nothing for this long (default 2)")
+                            "sent nothing for this long (default 5)")
         b.add_argument("-t", "--timeout", type=float, default=600, metavar="SECONDS",
                        help="end a busy session after this much target silence (default 600)")
         b.add_argument("-k", "--keepalive", type=float, default=None, metavar="SECONDS",
                        help="end an idle session after this much silence (default -t + 120)")
-        b.add_argument("--connect-timeout", type=float, default=3.0, metavar="SECONDS",
-                       help="give up on a SYN without SYN-ACK after this long (default 3)")
+        b.add_argument("--connect-timeout", type=float, default=6.0, metavar="SECONDS",
+                       help="give up on a SYN without SYN-ACK after this long (default 6)")
         b.add_argument("--gap-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="end a session whose capture misses bytes after this long "
                             "(default 10)")

@@ -30,8 +30,7 @@ import heapq
 import itertools
 import struct
 
-from tcpcopylib.packet import (TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, build_tcp,
-                               parse_options)
+from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, checksum, parse_options
 
 M32 = 0xFFFFFFFF
 MS = 1_000_000
@@ -43,6 +42,19 @@ _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIBBH")
 _TSOPT = struct.Struct("!BBBBII")
+_TCPH = struct.Struct("!HHIIBBHHH")
+_U16 = struct.Struct("!H")
+_LITTLE = struct.pack("=H", 1) == b"\x01\x00"
+
+
+def _pseudo_base(src: bytes, dst: bytes) -> int:
+    """Host-order partial sum of the TCP pseudo-header without its length field."""
+    return sum(memoryview(src + dst + b"\0\6").cast("H"))
+
+
+def _len_word(n: int) -> int:
+    """A 16-bit length as it adds into a host-order sum of network-order words."""
+    return ((n & 0xFF) << 8 | n >> 8) if _LITTLE else n
 
 # connection states (to the target)
 NEW, SYN_SENT, ESTAB, CLOSED, DONE = range(5)
@@ -73,8 +85,8 @@ class Config:
         self.only_syn = False
         self.fake_mss = 1460
         self.quiet = 100 * MS           # response over after this much target silence
-        self.gate_timeout = 2 * SEC     # held data released after this (no deadlock)
-        self.connect_timeout = 3 * SEC  # no SYN-ACK
+        self.gate_timeout = 5 * SEC     # held data released after this (no deadlock)
+        self.connect_timeout = 6 * SEC  # no SYN-ACK
         self.idle_timeout = 600 * SEC   # -t
         self.keepalive_timeout = 720 * SEC  # -k
         self.gap_timeout = 10 * SEC     # a capture gap not filled by then ends the session
@@ -138,7 +150,7 @@ class Session:
         "linger_at", "syn_t0", "wake", "dupacks", "recover", "last_rx", "last_data_rx",
         # gating
         "last_cack", "mark", "group_t", "group_data",
-        "reconnects",
+        "reconnects", "psum",
     )
 
     def __init__(self, sid, key, now):
@@ -318,16 +330,17 @@ class Engine:
         self.next_sid += 1
         st.sessions += 1
         self.sessions[key] = s
-        self._attach(s, target[0], target[1], now)
         if syn:
             s.base = (seq + 1) & M32
             s.syn_opts = bytes(data[ihl + 20:ihl + doff])
             s.syn_win = win
             s.ts_base = (_ts_option(s.syn_opts) or (0, 0))[0]
+            self._attach(s, target[0], target[1], now)
             self._send_syn(s, now)
             return None  # the SYN is consumed
         s.base = seq  # mid-stream: offset 0 is the first captured byte
         s.fake = True
+        self._attach(s, target[0], target[1], now)
         return s
 
     def _is_server_side(self, key, flags) -> bool:
@@ -353,7 +366,10 @@ class Engine:
         cport = s.cport
         tup = (s.cip, cport, tip, tport)
         tries = 0
-        while tup in self.by_target or self.time_wait.get(tup, 0) > now:
+        # A captured SYN reusing a tuple is what the online client did (the server's
+        # TIME_WAIT accepts a newer SYN): keep it. Our own fake SYNs avoid TIME_WAIT.
+        avoid_tw = s.fake
+        while tup in self.by_target or avoid_tw and self.time_wait.get(tup, 0) > now:
             tries += 1
             cport = 1024 + (s.cport - 1024 + 7919 * tries) % 64512
             tup = (s.cip, cport, tip, tport)
@@ -362,6 +378,7 @@ class Engine:
         if len(self.time_wait) > 50000:
             self.time_wait = {k: v for k, v in self.time_wait.items() if v > now}
         s.tip, s.tport, s.cport = tip, tport, cport
+        s.psum = _pseudo_base(s.cip, tip)
         self.by_target[tup] = s
         if self.claims is not None:
             self.claims.claim(s.cip, cport, tip, tport)
@@ -434,9 +451,24 @@ class Engine:
 
     # == sending ========================================================================
     def _out(self, s, seq, ack, flags, payload=b"", options=b"", window=WINDOW):
-        s.ip_id = (s.ip_id + 1) & 0xFFFF
-        pkt = build_tcp(s.cip, s.tip, s.cport, s.tport, seq & M32, ack & M32, flags,
-                        window, options, payload, 64, s.ip_id)
+        """Build one datagram from s's addresses (checksums computed) and emit it."""
+        s.ip_id = ip_id = (s.ip_id + 1) & 0xFFFF
+        if len(options) & 3:
+            options += b"\1" * (4 - (len(options) & 3))
+        doff = 20 + len(options)
+        tcp = bytearray(_TCPH.pack(s.cport, s.tport, seq & M32, ack & M32, doff << 2, flags,
+                                   window, 0, 0))
+        tcp += options
+        tcp += payload
+        tl = len(tcp)
+        _U16.pack_into(tcp, 16, checksum(tcp, s.psum + _len_word(tl)))
+        if len(s.cip) == 4:
+            ip = bytearray(_IP4.pack(0x45, 0, 20 + tl, ip_id, 0x4000, 64, 6, 0, s.cip, s.tip))
+            _U16.pack_into(ip, 10, checksum(ip))
+        else:
+            ip = bytearray(_IP6.pack(0x60000000, tl, 6, 64, s.cip, s.tip))
+        ip += tcp
+        pkt = bytes(ip)
         st = self.st
         st.pkts_out += 1
         st.bytes_out += len(pkt)
