@@ -27,7 +27,6 @@ LT_IPV6 = 229
 LT_LINUX_SLL2 = 276
 #: DLT_RAW as some files carry it (12 on most systems, 14 on OpenBSD)
 RAW_LINKTYPES = (LT_RAW, 12, 14, LT_IPV4, LT_IPV6)
-SUPPORTED_LINKTYPES = (LT_NULL, LT_ETHERNET, LT_LOOP, LT_LINUX_SLL, LT_LINUX_SLL2) + RAW_LINKTYPES
 
 ETH_IPV4, ETH_IPV6 = 0x0800, 0x86DD
 VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
@@ -39,7 +38,6 @@ PCAP_MAGIC_US = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
 PCAP_MAGIC_MODIFIED = 0xA1B2CD34  # Kuznetzov's patched libpcap: 8 more bytes per record
 PCAPNG_SHB = 0x0A0D0D0A
-PCAPNG_BOM = 0x1A2B3C4D
 
 CHUNK = 1 << 20
 MAX_FRAME = 1 << 28  # a larger captured length means a corrupt file
@@ -101,9 +99,6 @@ class _Buffer:
             self.pos = 0
         return True
 
-    def at_eof(self) -> bool:
-        return not self.need(1)
-
 
 class CaptureReader:
     """Frames from a pcap or pcapng stream on ``fd``; ``name`` is used in messages.
@@ -134,7 +129,7 @@ class CaptureReader:
             raise CaptureFormatError(f"{self.name}: empty file, not a capture")
         magic_be = struct.unpack_from(">I", b.buf)[0]
         magic_le = struct.unpack_from("<I", b.buf)[0]
-        if PCAPNG_SHB in (magic_be,):
+        if magic_be == PCAPNG_SHB:  # a palindrome: either byte order
             self.format = "pcapng"
             return self._pcapng(b)
         for endian, magic in ((">", magic_be), ("<", magic_le)):
@@ -148,8 +143,7 @@ class CaptureReader:
     def _pcap(self, b: _Buffer, endian: str, magic: int):
         if not b.need(24):
             raise CaptureFormatError(f"{self.name}: pcap file header cut off")
-        _m, _vmaj, _vmin, _zone, _sig, snaplen, network = struct.unpack_from(
-            endian + "IHHiIII", b.buf, 0)
+        network = struct.unpack_from(endian + "I", b.buf, 20)[0]
         b.pos = 24
         linktype = network & 0xFFFF
         return self._pcap_loop(b, endian, linktype, 1 if magic == PCAP_MAGIC_NS else 1000,
