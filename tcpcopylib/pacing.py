@@ -51,8 +51,8 @@ class Pacer:
         self.max_late_ns = 0
         self.sleeps = 0
 
-    def due(self, ts: int, now: int) -> int:
-        """Clock time at which a record stamped ``ts`` is due (before delay and rate)."""
+    def plan(self, ts: int, now: int) -> int:
+        """The planned release time (clock ns) of a record stamped ``ts``, read at ``now``."""
         if self.anchor_ts is None:
             self.origin_ts = self.anchor_ts = self.prev_ts = ts
             self.anchor_wall = now
@@ -60,19 +60,13 @@ class Pacer:
             limit = self.max_gap_ns
             if limit is not None:
                 gap = ts - self.prev_ts
-                if gap > limit:
-                    self.anchor_ts += gap - limit
-                elif gap < -limit:
+                if gap > limit or gap < -limit:
                     self.anchor_ts += gap - limit
             self.prev_ts = ts
         offset = ts - self.anchor_ts
         if self.speed != 1:
             offset = round(offset / self.speed)
-        return self.anchor_wall + offset
-
-    def plan(self, ts: int, now: int) -> int:
-        """The planned release time of a record stamped ``ts`` that was read at ``now``."""
-        t = self.due(ts, now) + self.delay_ns
+        t = self.anchor_wall + offset + self.delay_ns
         if self.interval_ns is None:
             return t
         base = self._slot_base
