@@ -230,20 +230,26 @@ def _norm_ip(ip: str) -> str:
 @dataclass
 class Comparison:
     identical: int = 0
-    missing: list = field(default_factory=list)   # captured client streams never seen
-    different: list = field(default_factory=list)  # (key, detail)
-    extra: list = field(default_factory=list)     # logged connections with no capture
+    missing: list = field(default_factory=list)    # captured streams nothing of arrived
+    different: list = field(default_factory=list)  # (key, detail): partly delivered
+    extra: list = field(default_factory=list)      # (key, detail): logged data matching nothing
+    remapped: list = field(default_factory=list)   # (captured key, logged key) port changes
+    connections: int = 0                           # logged connections with data
     empty_skipped: int = 0
+    allow_remap: bool = False
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.different or self.extra)
+        return not (self.missing or self.different or self.extra
+                    or (self.remapped and not self.allow_remap))
 
     def describe(self, limit=5) -> str:
         return (f"identical={self.identical} missing={len(self.missing)} "
                 f"different={len(self.different)} extra={len(self.extra)} "
+                f"remapped={len(self.remapped)} connections={self.connections} "
                 f"empty_skipped={self.empty_skipped}; missing[:{limit}]={self.missing[:limit]} "
-                f"different[:{limit}]={self.different[:limit]} extra[:{limit}]={self.extra[:limit]}")
+                f"different[:{limit}]={self.different[:limit]} extra[:{limit}]={self.extra[:limit]}"
+                f" remapped[:{limit}]={self.remapped[:limit]}")
 
 
 def first_difference(a: bytes, b: bytes) -> str:
@@ -253,39 +259,61 @@ def first_difference(a: bytes, b: bytes) -> str:
             f"{a[max(0, i - 16):i + 24]!r} vs {b[max(0, i - 16):i + 24]!r}")
 
 
-def compare_streams(captured: list[Stream], logged: list[Logged],
-                    skip_empty: bool = True, join_reconnects: bool = True) -> Comparison:
-    """Every captured client stream must equal what the server received from that client.
+class _Want:
+    __slots__ = ("key", "data", "pos", "conns")
 
-    Logged connections from the same client ip:port are joined in accept order when
-    join_reconnects (a replay that reconnects continues the stream on a new connection).
-    Captured streams with no payload are skipped when skip_empty (nothing to deliver).
+    def __init__(self, key, data):
+        self.key, self.data, self.pos, self.conns = key, data, 0, []
+
+
+def compare_streams(captured: list[Stream], logged: list[Logged], skip_empty: bool = True,
+                    allow_remap: bool = False) -> Comparison:
+    """Every captured client stream must arrive, byte for byte, at the server.
+
+    Logged connections are matched to captured streams by content, in accept order: a
+    connection's bytes must continue some stream of the same client IP exactly where its
+    delivered part ends (so a stream may be split over several connections: reconnections).
+    A connection from the captured client port is preferred; one from another port is a
+    "remap" (allowed only with allow_remap). Captured streams with no payload are skipped.
     """
-    by_peer: dict = {}
-    for c in logged:
-        by_peer.setdefault((_norm_ip(c.ip), c.port), []).append(c)
-    cap_by_peer: dict = {}
+    res = Comparison(allow_remap=allow_remap)
+    wants: dict = {}
     for s in captured:
-        cap_by_peer.setdefault((_norm_ip(s.client[0]), s.client[1]), []).append(s)
-    res = Comparison()
-    for key, streams in cap_by_peer.items():
-        want = [s.bytes for s in streams]
-        conns = by_peer.pop(key, [])
-        if all(not w for w in want) and skip_empty:
-            res.empty_skipped += len(want)
+        data = s.bytes
+        if not data and skip_empty:
+            res.empty_skipped += 1
             continue
-        if not conns:
-            res.missing.append(key)
+        key = (_norm_ip(s.client[0]), s.client[1])
+        wants.setdefault(key[0], []).append(_Want(key, data))
+    for c in logged:
+        if not c.data:
             continue
-        if len(streams) == 1 and join_reconnects:
-            got = [b"".join(c.data for c in conns)]
-        else:
-            got = [c.data for c in conns]
-        if got == want:
-            res.identical += len(want)
-        else:
-            res.different.append((key, first_difference(b"|".join(want), b"|".join(got))))
-    res.extra = [k for k, conns in by_peer.items() if any(c.data for c in conns)]
+        res.connections += 1
+        ckey = (_norm_ip(c.ip), c.port)
+        cands = [w for w in wants.get(ckey[0], ())
+                 if w.data.startswith(c.data, w.pos) and len(w.data) - w.pos >= len(c.data)]
+        same = [w for w in cands if w.key == ckey]
+        pick = (same or cands or [None])[0]
+        if pick is None:
+            near = [w for w in wants.get(ckey[0], ()) if w.key == ckey]
+            detail = first_difference(near[0].data[near[0].pos:], c.data) if near else \
+                f"{len(c.data)} bytes: {c.data[:48]!r}"
+            res.extra.append((ckey, detail))
+            continue
+        if pick.key != ckey:
+            res.remapped.append((pick.key, ckey))
+        pick.pos += len(c.data)
+        pick.conns.append(c)
+    for ws in wants.values():
+        for w in ws:
+            if w.pos == len(w.data):
+                res.identical += 1
+            elif w.pos == 0:
+                res.missing.append(w.key)
+            else:
+                res.different.append((w.key, f"only {w.pos} of {len(w.data)} bytes arrived "
+                                      f"(over {len(w.conns)} connections); next: "
+                                      f"{w.data[w.pos:w.pos + 48]!r}"))
     return res
 
 
@@ -479,12 +507,14 @@ class Replay:
     procs: dict
     elapsed: float
     timed_out: bool
+    target_nstat: dict = field(default_factory=dict)
 
     def rc(self, name):
         return self.procs[name].p.returncode
 
     def diagnostics(self) -> str:
-        return "\n".join(repr(p) for p in self.procs.values())
+        return "\n".join([f"target TCP counters: {self.target_nstat}",
+                          *(repr(p) for n, p in self.procs.items() if n != "tcpdump")])
 
     def logged(self) -> list[Logged]:
         return logged_streams(self.target_logs)
@@ -528,8 +558,11 @@ def start_feedback(lab, workdir, port, sock_name="fb.sock", v6=False):
 
 def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=None,
            session_args=(), pace_args=(), timeout=120.0, start_target=True,
-           emit_args=()) -> Replay:
-    """Replay pcap into a recording server on the target; every process bounded and stopped."""
+           emit_args=(), trace=True) -> Replay:
+    """Replay pcap into a recording server on the target; every process bounded and stopped.
+
+    trace: tcpdump on the target's lan0 writes WORKDIR/target.pcap (for diagnosis).
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tport = target_port or port
@@ -542,6 +575,9 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
     timed_out = False
     t0 = time.monotonic()
     try:
+        if trace:
+            procs["tcpdump"] = start_tcpdump(lab, "target", lab.target_if,
+                                             workdir / "target.pcap", tport)
         fbprocs, addr = start_feedback(lab, workdir, tport)
         procs.update(fbprocs)
         target = f"[{lab.target_ip6}]:{tport}" if v6 else f"{lab.target_ip}:{tport}"
@@ -566,13 +602,34 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
         elapsed = time.monotonic() - t0
         if srv is not None:
             wait_settled(logs)
+        nstat = netstat_counters(lab, "target")
     finally:
         for name in ("tc-readpcap", "tc-session", "tc-pace", "tc-emit", "tc-intercept"):
             if name in procs:
                 procs[name].stop()
         if "tc-feedback" in procs:
             procs["tc-feedback"].stop(timeout=8)
+        if "tcpdump" in procs:
+            procs["tcpdump"].stop(signal.SIGINT)
         if srv is not None:
             lab.stop(srv)
     stats = json.loads(stats_json.read_text()) if stats_json.exists() else None
-    return Replay(logs, stats, procs, elapsed, timed_out)
+    return Replay(logs, stats, procs, elapsed, timed_out, nstat)
+
+
+NSTAT_KEYS = ("TcpExtListenDrops", "TcpExtListenOverflows", "TcpExtTCPReqQFullDrop",
+              "TcpExtTCPBacklogDrop", "TcpExtPAWSEstab", "TcpExtTW", "TcpExtTWRecycled",
+              "TcpExtTCPTimeWaitOverflow", "TcpExtTCPChallengeACK", "TcpExtTCPSynRetrans",
+              "TcpAttemptFails", "TcpEstabResets", "TcpRetransSegs", "TcpInSegs", "TcpOutRsts",
+              "TcpInErrs", "TcpPassiveOpens", "TcpExtSyncookiesSent")
+
+
+def netstat_counters(lab, host) -> dict:
+    """Non-zero TCP counters of a lab host (nstat -as), for diagnostics."""
+    r = lab.run(host, ["nstat", "-asz", *NSTAT_KEYS], capture_output=True, text=True)
+    out = {}
+    for ln in r.stdout.splitlines():
+        f = ln.split()
+        if len(f) >= 2 and f[1].isdigit() and int(f[1]):
+            out[f[0]] = int(f[1])
+    return out

@@ -29,13 +29,14 @@ def count(stats, *names) -> int:
 
 
 def completed(stats):
-    return count(stats, "completed")
+    """Sessions that ended well (on their first connection or after reconnecting)."""
+    return count(stats["outcomes"], "completed", "reconnected")
 
 
 def failed(stats):
-    """Every outcome that is not a success."""
-    outcomes = stats.get("outcomes", {})
-    return sum(v for k, v in outcomes.items() if k not in ("completed",) and isinstance(v, int))
+    """Every outcome that is neither a success nor a deliberate skip."""
+    return sum(v for k, v in stats["outcomes"].items()
+               if k not in ("completed", "reconnected", "filtered"))
 
 
 def replay_ok(rep, expect_rc=0):
@@ -45,10 +46,11 @@ def replay_ok(rep, expect_rc=0):
     assert rep.stats is not None, f"no --stats-json written\n{rep.diagnostics()}"
 
 
-def assert_identical(rec, rep, n_streams):
-    res = h.compare_streams(rec.streams(), rep.logged())
+def assert_identical(rec, rep, n_streams, allow_remap=False):
+    res = h.compare_streams(rec.streams(), rep.logged(), allow_remap=allow_remap)
     assert res.ok and res.identical == n_streams, (
         f"{res.describe()}\nstats={rep.stats}\n{rep.diagnostics()}")
+    return res
 
 
 # -- (1) + (7): every scenario, IPv4 and IPv6 -----------------------------------------------------
@@ -96,7 +98,7 @@ def test_replay_midconnection_capture_and_only_syn(lab, tmp_path):
                    timeout=TIMEOUT)
     replay_ok(rep)
     assert rep.logged() == [], "--only-syn replayed a session whose SYN was not captured"
-    assert completed(rep.stats) == 0, rep.stats
+    assert completed(rep.stats) == 0 and count(rep.stats["outcomes"], "filtered") == 3, rep.stats
 
 
 # -- (3) a slow target ------------------------------------------------------------------------------
@@ -116,17 +118,21 @@ def test_replay_slow_target_gets_every_request_in_order(lab, tmp_path):
 # -- (4) packet loss between online and target --------------------------------------------------------
 
 def test_replay_survives_5_percent_loss(lab, tmp_path):
+    """5 % of the packets from online to the target are dropped (iptables on the target;
+    the kernel here has no sch_netem)."""
     rec = h.record(lab, tmp_path / "rec", "keepalive", "--conns", 10, "--requests", 4)
-    r = lab.run("online", ["tc", "qdisc", "add", "dev", lab.online_if, "root", "netem",
-                           "loss", "5%"], capture_output=True, text=True)
+    rule = ["INPUT", "-i", lab.target_if, "-p", "tcp", "--dport", str(h.PORT), "-m",
+            "statistic", "--mode", "random", "--probability", "0.05", "-j", "DROP"]
+    r = lab.run("target", ["iptables", "-w", "-A", *rule], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rep = h.replay(lab, rec.pcap, tmp_path / "replay", timeout=TIMEOUT)
-    qd = lab.run("online", ["tc", "-s", "qdisc", "show", "dev", lab.online_if],
-                 capture_output=True, text=True).stdout
+    out = lab.run("target", ["iptables", "-w", "-L", "INPUT", "-v", "-n", "-x"],
+                  capture_output=True, text=True).stdout
+    dropped = int(next(ln for ln in out.splitlines() if "DROP" in ln).split()[0])
     replay_ok(rep)
     assert_identical(rec, rep, 10)
-    assert "dropped 0 " not in qd, f"netem dropped nothing: {qd}"
-    assert count(rep.stats, "retransmissions", "retransmitted", "retransmits") > 0, rep.stats
+    assert dropped > 0, out
+    assert count(rep.stats, "retransmits") > 0, rep.stats
     assert completed(rep.stats) == 10 and failed(rep.stats) == 0, rep.stats
 
 
@@ -138,10 +144,13 @@ def test_replay_target_closing_early_gets_reconnections(lab, tmp_path):
                    server_kw={"close_after_first": True}, timeout=TIMEOUT)
     replay_ok(rep)
     logged = rep.logged()
-    # every request went to the target, each on its own connection from the same client port
+    # every request went to the target, each on its own connection (tc-session may pick a
+    # new client port for them: the target keeps the old connection in TIME_WAIT)
     assert len(logged) == 9, [(c.ip, c.port, c.data[:40]) for c in logged]
-    assert_identical(rec, rep, 3)
-    assert count(rep.stats, "reconnections", "reconnects", "reconnected") == 6, rep.stats
+    res = assert_identical(rec, rep, 3, allow_remap=True)
+    assert res.connections == 9
+    assert count(rep.stats, "reconnections") == 6
+    assert count(rep.stats["outcomes"], "reconnected") == 3 and failed(rep.stats) == 0, rep.stats
 
 
 # -- (6) the target's replies never reach the assistant ----------------------------------------------
@@ -152,7 +161,7 @@ def test_replay_without_route_to_assistant_never_established(lab, tmp_path):
     rep = h.replay(lab, rec.pcap, tmp_path / "replay", timeout=TIMEOUT)
     replay_ok(rep)
     assert all(not c.data for c in rep.logged()), "a request reached the target"
-    assert count(rep.stats, "never_established", "never-established") == 3, rep.stats
+    assert count(rep.stats["outcomes"], "no_synack") == 3, rep.stats
     assert completed(rep.stats) == 0, rep.stats
 
 
@@ -164,6 +173,13 @@ def test_replay_2000_sessions_all_byte_identical(lab, tmp_path):
     assert rec.client["conns"] == 2000 and rec.client["n_errors"] == 0, rec.client
     rep = h.replay(lab, rec.pcap, tmp_path / "replay", timeout=180)
     replay_ok(rep)
-    assert_identical(rec, rep, 2000)
+    streams = rec.streams()
+    keys = [s.client for s in streams]
+    reused = {k for k in keys if keys.count(k) > 1} if len(set(keys)) < len(keys) else set()
+    # a client port reused in the capture may be replayed from another port (the first
+    # connection can still be in TIME_WAIT on the target); nothing else may move
+    res = assert_identical(rec, rep, 2000, allow_remap=True)
+    assert {(ip, port) for (ip, port), _ in res.remapped} <= {
+        (h._norm_ip(ip), port) for ip, port in reused}, res.remapped
     assert completed(rep.stats) == 2000, rep.stats
     assert failed(rep.stats) == 0, rep.stats

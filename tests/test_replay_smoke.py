@@ -81,18 +81,30 @@ def test_reassembly_ethernet_and_port_reuse(tmp_path):
 
 
 def test_compare_streams_reports_each_kind():
-    st = h.Stream(("10.0.0.1", 1), ("10.0.0.2", 80))
-    st.add(99, 0x02, b"")
-    st.add(100, 0x18, b"hello")
-    other = h.Stream(("10.0.0.1", 2), ("10.0.0.2", 80))
-    other.add(5, 0x18, b"abc")
-    logged = [h.Logged(1, "::ffff:10.0.0.1", 1, b"hel"), h.Logged(2, "10.0.0.1", 1, b"lo"),
-              h.Logged(3, "10.0.0.9", 9, b"x")]
-    res = h.compare_streams([st, other], logged)
-    assert res.identical == 1 and res.missing == [("10.0.0.1", 2)]
-    assert res.extra == [("10.0.0.9", 9)] and not res.ok
-    res = h.compare_streams([st], logged[:2], join_reconnects=False)
-    assert res.different and "len 5 vs 6" in res.different[0][1]
+    def stream(port, data, seq=100):
+        st = h.Stream(("10.0.0.1", port), ("10.0.0.2", 80))
+        st.add(seq - 1, 0x02, b"")
+        st.add(seq, 0x18, data)
+        return st
+
+    a, b, c = stream(1, b"hello world"), stream(2, b"abc"), stream(3, b"xyz")
+    logged = [h.Logged(1, "::ffff:10.0.0.1", 1, b"hello "),   # split over 2 connections
+              h.Logged(2, "10.0.0.1", 1, b"world"),
+              h.Logged(3, "10.0.0.1", 7, b"ab"),             # another port: a remap
+              h.Logged(4, "10.0.0.9", 9, b"x"),              # nobody sent that
+              h.Logged(5, "10.0.0.1", 3, b"")]               # empty: ignored
+    res = h.compare_streams([a, b, c, stream(4, b"")], logged)
+    assert res.identical == 1 and res.missing == [("10.0.0.1", 3)]
+    assert res.different[0][0] == ("10.0.0.1", 2) and "only 2 of 3" in res.different[0][1]
+    assert res.remapped == [(("10.0.0.1", 2), ("10.0.0.1", 7))]
+    assert [k for k, _ in res.extra] == [("10.0.0.9", 9)] and res.empty_skipped == 1
+    assert not res.ok
+    ok = h.compare_streams([a, b], logged[:3] + [h.Logged(6, "10.0.0.1", 7, b"c")],
+                           allow_remap=True)
+    assert ok.ok and ok.identical == 2 and ok.connections == 4
+    assert not h.compare_streams([a, b], logged[:3] + [h.Logged(6, "10.0.0.1", 7, b"c")]).ok
+    bad = h.compare_streams([a], [h.Logged(1, "10.0.0.1", 1, b"hellO world")])
+    assert bad.missing == [("10.0.0.1", 1)] and "first difference at 4" in bad.extra[0][1]
 
 
 # -- the recording server on loopback ----------------------------------------------------------

@@ -18,165 +18,191 @@ Options: --delay S sleeps S seconds before each answer (a slow target);
 
 Runs until SIGTERM/SIGINT; with --ready FILE, "PID PORT" is written to FILE once the
 socket listens (port 0 picks a free port).
-Only the standard library is used; one thread per connection.
+Only the standard library is used; one thread, a selectors event loop (so accepting
+stays fast under load: a slow accept loop overflows the listen queue).
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import os
 import re
+import selectors
 import signal
 import socket
 import sys
-import threading
 import time
 
 _SIZE = re.compile(rb"[?&]size=(\d+)")
+_R, _W = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 class Recorder:
     def __init__(self, log_dir: str):
         self.log_dir = log_dir
-        self.lock = threading.Lock()
         self.count = 0
         os.makedirs(log_dir, exist_ok=True)
         self.index = open(os.path.join(log_dir, "connections.log"), "a", buffering=1)
 
     def open(self, peer) -> tuple[int, object]:
-        with self.lock:
-            self.count += 1
-            n = self.count
-        ip = peer[0].replace(":", "_") if ":" in peer[0] else peer[0]
+        self.count += 1
+        n = self.count
+        ip = peer[0].replace(":", "_")
         path = os.path.join(self.log_dir, f"{n:06d}_{ip}_{peer[1]}.bin")
         return n, open(path, "wb", buffering=0)
 
     def done(self, n, peer, nbytes, nreq, how):
-        with self.lock:
-            self.index.write(f"{n:06d} {peer[0]} {peer[1]} {nbytes} {nreq} {how}\n")
+        self.index.write(f"{n:06d} {peer[0]} {peer[1]} {nbytes} {nreq} {how}\n")
 
 
 class Connection:
+    """One accepted connection: non-blocking, driven by Server's event loop."""
+
     def __init__(self, server, sock, peer):
         self.server = server
         self.sock = sock
         self.peer = peer
         self.n, self.log = server.recorder.open(peer)
         self.buf = b""
+        self.out = bytearray()
         self.nbytes = 0
         self.requests = 0
         self.eof = False
+        self.waiting = False     # an answer is delayed (--delay)
+        self.closing = False     # close once the output is sent
+        self.shut = False        # our FIN is out; still logging what the peer sends
+        self.deadline = None     # linger end after our FIN
+        self.done = False
+        self.events = _R
+        if server.mode == "greeting":
+            self.out += f"220 greeting {self.n:06d}\r\n".encode()
+            self.events = _R | _W
 
-    # -- io ---------------------------------------------------------------------
-    def fill(self) -> bool:
-        """Read more bytes into buf; False at EOF."""
-        data = self.sock.recv(65536)
-        if not data:
-            self.eof = True
-            return False
-        self.log.write(data)
-        self.nbytes += len(data)
-        self.buf += data
-        return True
-
-    def answer(self, data: bytes) -> None:
-        if self.server.delay:
-            time.sleep(self.server.delay)
-        self.sock.sendall(data)
-
-    # -- protocols ----------------------------------------------------------------
-    def next_http_request(self):
-        """(method, path, headers) of the next complete request, consuming it; None at EOF."""
-        while True:
-            end = self.buf.find(b"\r\n\r\n")
-            if end >= 0:
-                head = self.buf[:end].decode("latin-1").split("\r\n")
-                parts = head[0].split()
-                headers = {}
-                for line in head[1:]:
-                    k, _, v = line.partition(":")
-                    headers[k.strip().lower()] = v.strip()
-                length = int(headers.get("content-length", "0") or 0)
-                need = end + 4 + length
-                while len(self.buf) < need:
-                    if not self.fill():
-                        return None
-                self.buf = self.buf[need:]
-                method = parts[0] if parts else ""
-                path = parts[1] if len(parts) > 1 else "/"
-                version = parts[2] if len(parts) > 2 else "HTTP/1.0"
-                return method, path, version, headers
-            if not self.fill():
-                return None
-
-    def serve_http(self) -> str:
-        while True:
-            req = self.next_http_request()
-            if req is None:
-                return "peer-closed"
-            method, path, version, headers = req
-            self.requests += 1
-            conn_hdr = headers.get("connection", "").lower()
-            close = (conn_hdr == "close" or (version == "HTTP/1.0" and conn_hdr != "keep-alive")
-                     or self.server.close_after_first)
-            body = f"{self.n:06d}/{self.requests} {method} {path}\n".encode()
-            m = _SIZE.search(path.encode("latin-1"))
-            if m:
-                size = int(m.group(1))
-                body = (body + b"x" * size)[:max(size, len(body))]
-            head = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                    f"Content-Length: {len(body)}\r\n"
-                    f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n").encode()
-            self.answer(head + body)
-            if close:
-                return "server-closed"
-
-    def serve_greeting(self) -> str:
-        self.sock.sendall(f"220 greeting {self.n:06d}\r\n".encode())
-        while True:
+    # -- protocol: complete requests -> answers ----------------------------------------
+    def next_answer(self):
+        """(answer bytes, close) for the next complete request in buf, or None."""
+        if self.server.mode == "greeting":
             end = self.buf.find(b"\n")
             if end < 0:
-                if not self.fill():
-                    return "peer-closed"
-                continue
+                return None
             line, self.buf = self.buf[:end].rstrip(b"\r"), self.buf[end + 1:]
             self.requests += 1
             if line.upper() == b"QUIT":
-                self.answer(b"221 bye\r\n")
-                return "server-closed"
-            self.answer(b"250 " + line + b"\r\n")
-            if self.server.close_after_first:
-                return "server-closed"
+                return b"221 bye\r\n", True
+            return b"250 " + line + b"\r\n", self.server.close_after_first
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        head = self.buf[:end].decode("latin-1").split("\r\n")
+        headers = {}
+        for line in head[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        need = end + 4 + int(headers.get("content-length", "0") or 0)
+        if len(self.buf) < need:
+            return None
+        self.buf = self.buf[need:]
+        parts = head[0].split()
+        method = parts[0] if parts else ""
+        path = parts[1] if len(parts) > 1 else "/"
+        version = parts[2] if len(parts) > 2 else "HTTP/1.0"
+        self.requests += 1
+        conn_hdr = headers.get("connection", "").lower()
+        close = (conn_hdr == "close" or (version == "HTTP/1.0" and conn_hdr != "keep-alive")
+                 or self.server.close_after_first)
+        body = f"{self.n:06d}/{self.requests} {method} {path}\n".encode()
+        m = _SIZE.search(path.encode("latin-1"))
+        if m:
+            size = int(m.group(1))
+            body = (body + b"x" * size)[:max(size, len(body))]
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n").encode()
+        return head + body, close
 
-    def run(self):
-        how = "error"
+    def pump(self):
+        """Answer every complete request (in order; a delayed answer holds the rest)."""
+        while not (self.waiting or self.closing or self.shut):
+            ans = self.next_answer()
+            if ans is None:
+                break
+            if self.server.delay:
+                self.waiting = True
+                self.server.later(self.server.delay, self, ans)
+            else:
+                self.queue(*ans)
+
+    def queue(self, data, close):
+        self.out += data
+        self.closing = self.closing or close
+        self.waiting = False
+
+    # -- io ------------------------------------------------------------------------------
+    def on_read(self):
         try:
-            how = self.serve_greeting() if self.server.mode == "greeting" else self.serve_http()
-            if how == "server-closed":
-                # Keep recording what the client still sends until it closes too.
-                self.sock.shutdown(socket.SHUT_WR)
-                self.sock.settimeout(self.server.linger)
-                try:
-                    while self.fill():
-                        pass
-                except OSError:
-                    pass
+            data = self.sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return
         except ConnectionResetError:
-            how = "reset"
-        except OSError as e:
-            how = f"error:{e.errno}"
-        finally:
-            self.log.close()
-            self.server.recorder.done(self.n, self.peer, self.nbytes, self.requests, how)
+            return self.finish("reset")
+        if not data:
+            self.eof = True
+            return
+        self.log.write(data)
+        self.nbytes += len(data)
+        if not self.shut:
+            self.buf += data
+            self.pump()
+
+    def on_write(self):
+        if self.out:
             try:
-                self.sock.close()
+                n = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (ConnectionResetError, BrokenPipeError):
+                return self.finish("reset")
+            del self.out[:n]
+
+    def settle(self):
+        """After any event: close/shutdown when due; the events we wait for now."""
+        if self.done:
+            return
+        if not self.out and self.closing and not self.shut:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+            self.shut = True
+            self.deadline = time.monotonic() + self.server.linger
+        if self.eof and not self.out and not self.waiting:
+            return self.finish("server-closed" if self.shut else "peer-closed")
+        if self.shut and time.monotonic() >= self.deadline:
+            return self.finish("server-closed")
+        ev = (0 if self.eof else _R) | (_W if self.out else 0)
+        if ev != self.events:
+            if ev:
+                self.server.sel.modify(self.sock, ev, self)
+            else:
+                self.server.sel.unregister(self.sock)
+            self.events = ev
+
+    def finish(self, how):
+        if self.done:
+            return
+        self.done = True
+        if self.events:
+            self.server.sel.unregister(self.sock)
+        self.log.close()
+        self.server.recorder.done(self.n, self.peer, self.nbytes, self.requests, how)
+        self.sock.close()
+        self.server.conns.discard(self)
 
 
 class Server:
     def __init__(self, host, port, log_dir, mode="http", delay=0.0, close_after_first=False,
-                 linger=2.0, backlog=1024):
+                 linger=2.0, backlog=4096):
         self.mode = mode
         self.delay = delay
         self.close_after_first = close_after_first
@@ -189,16 +215,55 @@ class Server:
             self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         self.sock.bind((host, port))
         self.sock.listen(backlog)
+        self.sock.setblocking(False)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.sock, _R, None)
+        self.timers: list = []
+        self.seq = 0
+        self.conns: set = set()
+
+    def later(self, delay, conn, answer):
+        self.seq += 1
+        heapq.heappush(self.timers, (time.monotonic() + delay, self.seq, conn, answer))
+
+    def accept(self):
+        for _ in range(256):
+            try:
+                sock, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(self, sock, peer)
+            self.conns.add(conn)
+            self.sel.register(sock, conn.events, conn)
 
     def serve_forever(self):
         while True:
-            try:
-                sock, peer = self.sock.accept()
-            except OSError:
-                return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(self, sock, peer)
-            threading.Thread(target=conn.run, daemon=True).start()
+            now = time.monotonic()
+            timeout = 0.5
+            if self.timers:
+                timeout = min(timeout, max(0.0, self.timers[0][0] - now))
+            for key, ev in self.sel.select(timeout):
+                conn = key.data
+                if conn is None:
+                    self.accept()
+                    continue
+                if ev & _R:
+                    conn.on_read()
+                if (ev & _W or conn.out) and not conn.done:
+                    conn.on_write()
+                conn.settle()
+            now = time.monotonic()
+            while self.timers and self.timers[0][0] <= now:
+                _, _, conn, ans = heapq.heappop(self.timers)
+                if not conn.done:
+                    conn.queue(*ans)
+                    conn.pump()
+                    conn.on_write()
+                    conn.settle()
+            for conn in [c for c in self.conns if c.shut]:
+                conn.settle()  # linger deadlines
 
 
 def parse_listen(s: str):
