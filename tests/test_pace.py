@@ -291,3 +291,25 @@ def test_reshaped_timeline_survives_a_later_pacer(keep_ts):
         assert elapsed >= 2.0      # the second stage restores the recorded 2 s pace
     else:
         assert 0.5 <= elapsed < 1.9, elapsed  # 0.5 s, plus two startups
+
+
+def test_interrupt_while_waiting_exits_130_with_released_records_written(tmp_path):
+    recs = [{"t": "pkt", "ts": T0, "data": b"a"}, {"t": "pkt", "ts": T0 + 100 * S, "data": b"b"}]
+    out = tmp_path / "out.cbor"
+    with open(out, "wb") as f:
+        p = subprocess.Popen([str(BIN / "tc-pace")], stdin=subprocess.PIPE, stdout=f,
+                             stderr=subprocess.PIPE, env=env())
+    try:
+        p.stdin.write(stream(recs))
+        p.stdin.flush()
+        deadline = time.monotonic() + 10
+        while b"\x41a" not in out.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first record is flushed before tc-pace sleeps
+        p.send_signal(2)
+        assert p.wait(timeout=10) == 130
+        assert p.stderr.read() == b""
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert decode(out.read_bytes()) == recs[:1]
