@@ -523,13 +523,15 @@ class Demo:
         self._session(report)
 
     def run_record(self, report):
-        """Record a capture on the online host's client side while the load runs."""
+        """Record what tc-capture would see (client->server packets, as tcpdump on the online
+        host's client side) while the load runs."""
         a, lab = self.a, self.lab
         kind = self.server_kind()
         online = WebServer(lab, "online", self.work, a.port, kind).start()
         out = Path(a.record).resolve()
         td = self.start("online", ["tcpdump", "-i", lab.online_cli_if, "-n", "-s", "0", "-U",
-                                   "--immediate-mode", "-w", str(out), f"tcp port {a.port}"],
+                                   "--immediate-mode", "-Z", "root", "-w", str(out),
+                                   f"tcp dst port {a.port}"],
                         "tcpdump")
         deadline = time.monotonic() + 10
         while b"listening on" not in td.log.read_bytes():
