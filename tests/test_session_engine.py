@@ -642,3 +642,29 @@ def test_captured_port_reuse_starts_a_new_session():
     (syn,) = h.pkts()
     assert syn.sport == 5000 and syn.seq == CISN + 100000
     assert h.e.st.sessions == 2
+
+
+def test_drain_waits_for_the_last_response_the_client_acknowledged():
+    h = H()
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.client(TH_ACK, CISN + 4, SISN + 1 + 50)  # online, the client got 50 bytes back
+    h.target(TH_ACK, TISN + 1, CISN + 4)
+    h.advance(500)
+    assert not h.e.quiescent(h.now)  # the response is still expected
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"r" * 50)
+    h.advance(200)
+    assert h.e.quiescent(h.now)
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"completed": 1}
+
+
+def test_last_request_without_response_is_unfinished():
+    h = H()
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.client(TH_ACK, CISN + 4, SISN + 1 + 50)
+    h.target(TH_ACK, TISN + 1, CISN + 4)
+    h.advance(500)
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"unfinished": 1}

@@ -150,7 +150,7 @@ class Session:
         "linger_at", "syn_t0", "wake", "dupacks", "recover", "last_rx", "last_data_rx",
         # gating
         "last_cack", "mark", "group_t", "group_data",
-        "reconnects", "psum",
+        "reconnects", "psum", "max_cack",
     )
 
     def __init__(self, sid, key, now):
@@ -179,6 +179,7 @@ class Session:
         self.rto = 0
         self.ip_id = 0
         self.last_cack = None
+        self.max_cack = None  # highest captured ack: the online server's bytes seen
         self.wake = None
         self._reset_conn(now)
 
@@ -403,6 +404,8 @@ class Engine:
             s.queue.append(Seg(s.exp, b"", TH_RST, ack if flags & TH_ACK else None))
             self._push(s, now)
             return
+        if flags & TH_ACK and (s.max_cack is None or _signed(ack - s.max_cack) > 0):
+            s.max_cack = ack
         cack = ack if flags & TH_ACK else s.last_cack
         if not payload and not flags & TH_FIN:
             # a pure ACK: never forwarded; before any data it tells the online server's
@@ -937,7 +940,16 @@ class Engine:
             return "capture_gap"
         if any(seg.data for seg in s.queue) or s.unacked:
             return "unfinished"
+        if self._response_missing(s) > 0 and s.rcv_nxt + s.t_fin == s.mark:
+            return "unfinished"  # the last request never got a response
         return "reconnected" if s.reconnects else "completed"
+
+    def _response_missing(self, s) -> int:
+        """Bytes the online server sent for the last released group (as the client's
+        later acks show) that the target has not sent (yet)."""
+        if s.max_cack is None or s.last_cack is None:
+            return 0
+        return _signed(s.max_cack - s.last_cack) - (s.rcv_nxt + s.t_fin - s.mark)
 
     def _finish(self, s, outcome, now, rst=True):
         if s.state == DONE:
@@ -963,6 +975,9 @@ class Engine:
                 return False
             if now < s.last_rx + q:
                 return False
+            if self._response_missing(s) > 0 and (s.rcv_nxt + s.t_fin == s.mark
+                                                  or now < s.last_data_rx + q):
+                return False  # the last response is still expected
         return True
 
     def close_all(self, now) -> None:
