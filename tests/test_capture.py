@@ -296,10 +296,11 @@ def _pkts(path):
 
 
 def _curl(lab, url, n=3):
-    for _ in range(n):
-        r = lab.run("client", ["curl", "-sS", "-o", "/dev/null", "--max-time", "5", url],
-                    capture_output=True)
-        assert r.returncode == 0, r.stderr
+    """n HTTP GETs from the client host, one connection each (Python, like curl)."""
+    code = ("import sys, urllib.request\n"
+            f"for _ in range({n}): urllib.request.urlopen(sys.argv[1], timeout=5).read()")
+    r = lab.run("client", [sys.executable, "-c", code, url], capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.netns
@@ -397,7 +398,7 @@ def test_gro_supersegments_are_split(lab, tmp_path, engine, family):
     lab.run("online", ["ethtool", "-K", "cli0", "gro", "on", "rx", "on"], capture_output=True)
     lab.run("client", ["ethtool", "-K", "up0", "tx", "on", "sg", "on", "tso", "on", "gso", "on"],
             capture_output=True)
-    lab.start_server("online", ["python3", "-c", SINK], port=9000)
+    lab.start_server("online", [sys.executable, "-c", SINK], port=9000)
     out = tmp_path / "cap.cbor"
     p = _tool(lab, "online", ["cli0", "--engine", engine, "-w", out, "--stats"],
               stderr=subprocess.PIPE)
@@ -411,7 +412,7 @@ s = socket.create_connection(({server!r}, 9000), timeout=10)
 s.sendall(bytes(range(256)) * 8192); s.shutdown(socket.SHUT_WR)
 assert s.recv(100) == b"{len(data)}"
 """
-    r = lab.run("client", ["python3", "-c", client], capture_output=True, timeout=30)
+    r = lab.run("client", [sys.executable, "-c", client], capture_output=True, timeout=30)
     assert r.returncode == 0, r.stderr
     time.sleep(0.3)
     rc, err = _stop(p)
