@@ -151,8 +151,8 @@ class Tool(BaseTool):
             return None
         from tcpcopylib.capture import interface_rx_drops
 
-        kdrop, _ = self._drops()
-        ifdrop = interface_rx_drops(self.iface) - self.if_drops0
+        kdrop, pcap_ifdrop = self._drops()  # ps_drop, ps_ifdrop
+        ifdrop = max(pcap_ifdrop, interface_rx_drops(self.iface) - self.if_drops0)
         return (f"{c.records} packets written, {c.frames} captured, {c.foreign} not inbound "
                 f"TCP to this host, {c.supersegs} super-segments split into "
                 f"{c.split_records}, {c.truncated} truncated, {kdrop} dropped by kernel, "
