@@ -41,7 +41,7 @@ import replay_harness as h  # noqa: E402
 from tcpcopylib.lab import Lab  # noqa: E402
 
 PORT = 8080
-ONLINE_PORT = 80
+ONLINE_PORT = 8080  # the captured server port (= the target port: --target HOST:PORT)
 
 
 # -- pcap generation (struct only: fast) -----------------------------------------------------
@@ -146,9 +146,11 @@ def start_target(lab, kind, workdir):
         d = Path(workdir) / "nginx"
         d.mkdir(parents=True, exist_ok=True)
         (d / "nginx.conf").write_text(NGINX_CONF.format(d=d, port=PORT))
+        (d / "access.log").unlink(missing_ok=True)
         return lab.start_server("target", ["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)],
                                 port=PORT, timeout=10), d / "access.log"
     logs = Path(workdir) / "target"
+    shutil.rmtree(logs, ignore_errors=True)
     return h.start_recording_server(lab, "target", logs, PORT), logs
 
 
@@ -195,17 +197,39 @@ def run_once(pcap, speed, kind, workdir, timeout, session_args):
                 prev.p.stdout.close()
             procs.append(p)
             prev = p
-        done = procs[-1].wait(timeout) is not None
+        cpu = {}
+        done = reap(procs[-1], timeout, cpu)
         wall = time.monotonic() - t0
-        for p in procs:
-            p.stop()
+        for p in procs[:-1]:
+            reap(p, 5, cpu)
         for p in fbprocs.values():
-            p.stop(timeout=8)
+            p.p.terminate()
+            reap(p, 8, cpu)
         lab.stop(srv)  # nginx flushes its access log on exit
         stats = json.loads(stats_json.read_text()) if stats_json.exists() else {}
         errs = {p.name: p.stderr.strip().splitlines()[-3:] for p in [*procs, *fbprocs.values()]
                 if p.p.returncode not in (0, None)}
-        return done, wall, stats, target_requests(kind, log), errs
+        return done, wall, stats, target_requests(kind, log), errs, cpu
+
+
+def reap(proc, timeout, cpu) -> bool:
+    """Wait for a tool with wait4 (its CPU seconds go into cpu[name]); kill it after timeout.
+
+    Returns False if it had to be killed."""
+    deadline = time.monotonic() + timeout
+    killed = False
+    while True:
+        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.p.returncode = os.waitstatus_to_exitcode(status)
+            cpu[proc.name] = ru.ru_utime + ru.ru_stime
+            return not killed
+        if time.monotonic() > deadline:
+            if killed:
+                return False
+            proc.p.kill()
+            killed, deadline = True, time.monotonic() + 5
+        time.sleep(0.02)
 
 
 def main(argv=None):
@@ -239,7 +263,7 @@ def main(argv=None):
     for speed in [float(x) for x in a.speeds.split(",")]:
         rd = work / f"speed{speed:g}"
         rd.mkdir(exist_ok=True)
-        done, wall, stats, (nreq, nsess, span), errs = run_once(
+        done, wall, stats, (nreq, nsess, span), errs, cpu = run_once(
             pcap, speed, a.server, rd, a.timeout, a.session_arg)
         span = max(span, 1e-3)
         outcomes = stats.get("outcomes", stats)
@@ -248,6 +272,8 @@ def main(argv=None):
               f"{json.dumps(outcomes, sort_keys=True)[:200]}"
               + ("" if done else "  TIMED OUT") + (f"  errors: {errs}" if errs else ""),
               flush=True)
+        print("            CPU s: " + ", ".join(f"{k.removeprefix('tc-')} {v:.2f}"
+                                                 for k, v in cpu.items()), flush=True)
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -80,6 +80,7 @@ def test_replay_scenario_byte_identical(lab, tmp_path, scenario, v6):
     assert_identical(rec, rep, n)
     assert completed(rep.stats) == n, rep.stats
     assert failed(rep.stats) == 0, rep.stats
+    assert rep.stats["sessions"] == n and rep.stats["fake_syn"] == 0, rep.stats
 
 
 # -- (2) a capture that starts mid-connection ----------------------------------------------------
@@ -92,7 +93,8 @@ def test_replay_midconnection_capture_and_only_syn(lab, tmp_path):
     rep = h.replay(lab, rec.pcap, tmp_path / "replay", timeout=TIMEOUT)
     replay_ok(rep)
     assert_identical(rec, rep, 3)
-    assert completed(rep.stats) == 3, rep.stats
+    assert completed(rep.stats) == 3 and failed(rep.stats) == 0, rep.stats
+    assert rep.stats["fake_syn"] == 3, rep.stats
 
     rep = h.replay(lab, rec.pcap, tmp_path / "only-syn", session_args=["--only-syn"],
                    timeout=TIMEOUT)
