@@ -857,7 +857,9 @@ class Engine:
                 w = t
         if s.gap_since is not None and s.gap_since + cfg.gap_timeout < w:
             w = s.gap_since + cfg.gap_timeout
-        if w != s.wake:
+        # Only an earlier deadline needs a heap entry: a later one is found when the
+        # current entry fires (an early wake-up does nothing and re-arms).
+        if s.wake is None or w < s.wake:
             s.wake = w
             heapq.heappush(self.heap, (w, next(self._tick), s))
 
