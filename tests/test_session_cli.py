@@ -58,7 +58,7 @@ def test_offline_offsets_kept_and_unknown_records_pass(tmp_path):
             pkt(t0 + 600 * MS, O, C, 80, 5000, SISN, CISN + 1, TH_SYN | TH_ACK)]
     js = tmp_path / "s.json"
     r = tc.run(["tc-session", "--target", "10.2.0.5:80", "--no-feedback",
-                "--connect-timeout", "0.2", "--stats", "--stats-json", js],
+                "--connect-timeout", "0.2", "--stats", "--stats-json", js, "-v"],
                input=tc.stream(recs))
     assert r.returncode == 0, r.stderr
     out = tc.decode(r.stdout)
@@ -74,6 +74,7 @@ def test_offline_offsets_kept_and_unknown_records_pass(tmp_path):
     assert st["outcomes"]["no_synack"] == 3 and st["fake_syn"] == 1
     assert st["pkts_server"] == 1
     assert b"no SYN-ACK: check the route to the assistant" in r.stderr
+    assert b"session 1 10.9.0.2:5000 -> 10.2.0.5:80: no_synack (" in r.stderr  # -v
 
 
 class Proc:

@@ -164,6 +164,8 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             writer.write_raw(dumps({"t": "pkt", "ts": now, "data": data, "sid": sid}))
 
         engine = self.engine = self._build_engine(args, emit, claims)
+        if args.verbose:
+            engine.on_end = self._log_end
         if fb is not None:
             fb.connect()
         in_fd = self.open_input(args.file)
@@ -265,6 +267,17 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             self._print_summary()
             args.stats = False  # Tool.main would print the one-line version too
         return 0
+
+    def _log_end(self, s, outcome):
+        """-v: one line per failed session (-vv: per session)."""
+        from tcpcopylib.packet import endpoint_str
+        from tcpcopylib.session.engine import FAILURES, OUTCOMES
+
+        if outcome in FAILURES or self.args.verbose >= 2:
+            hint = OUTCOMES[outcome]
+            self.warn(f"session {s.sid} {endpoint_str(s.cip, s.key[1])} -> "
+                      f"{endpoint_str(s.tip, s.tport)}: {outcome}"
+                      + (f" ({hint})" if hint and outcome in FAILURES else ""))
 
     @staticmethod
     def _timeout(now, *deadlines):

@@ -279,6 +279,7 @@ class Engine:
         self._tick = itertools.count()
         self.next_sid = 1
         self.now = 0
+        self.on_end = None      # optional callback(session, outcome), e.g. for -v
 
     # == input ==========================================================================
     def client_packet(self, data, now: int) -> None:
@@ -963,6 +964,8 @@ class Engine:
         if self.sessions.get(s.key) is s:
             del self.sessions[s.key]
         self.st.outcomes[outcome] += 1
+        if self.on_end is not None:
+            self.on_end(s, outcome)
         s.queue.clear()
         s.unacked = bytearray()
         s.ooo = None
