@@ -250,6 +250,11 @@ class WebServer:
         return info
 
 
+def server_kind() -> str:
+    """nginx if installed, else Python's http.server."""
+    return "nginx" if shutil.which("nginx") else "python"
+
+
 def wait_settled(count, quiet=1.0, timeout=15.0, want=None) -> int:
     """Poll count() until it reaches `want` or stops changing for `quiet` s (bounded)."""
     deadline = time.monotonic() + timeout
@@ -361,7 +366,7 @@ class Demo:
     def server_kind(self) -> str:
         if self.a.server != "auto":
             return self.a.server
-        return "nginx" if shutil.which("nginx") else "python"
+        return server_kind()
 
     # -- pieces --------------------------------------------------------------------------
     def start_feedback(self):

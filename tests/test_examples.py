@@ -1,0 +1,209 @@
+"""Every script in examples/ runs in the namespace lab and does what its comments say.
+
+Each example examples/NAME.sh has a test here named test_NAME (dashes as underscores);
+test_every_example_has_a_test fails when an example is added without one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tc import decode
+from tcpcopylib.demo import FB_PORT, WebServer, pcap_requests, server_kind, wait_settled
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+PCAP = EXAMPLES / "http-lab.pcap"
+PORT = 8080
+SCRIPTS = sorted(EXAMPLES.glob("*.sh"))
+
+
+def script_env(**kw) -> dict:
+    e = dict(os.environ)
+    e.pop("TC_FEEDBACK", None)
+    e.pop("PYTHONUNBUFFERED", None)
+    e.update({k: str(v) for k, v in kw.items()})
+    return e
+
+
+def run_script(lab, host, name, *args, timeout=60, **env) -> subprocess.CompletedProcess:
+    return lab.run(host, [str(EXAMPLES / name), *map(str, args)], capture_output=True,
+                   text=True, timeout=timeout, env=script_env(**env))
+
+
+class Background:
+    """A script started in a lab host in its own process group (stopped with the group)."""
+
+    def __init__(self, lab, host, name, args, tmp, **env):
+        self.log = tmp / f"{name}-{host}.log"
+        with open(self.log, "wb") as f:
+            self.p = lab.popen(host, [str(EXAMPLES / name), *args], stdout=f, stderr=f,
+                               env=script_env(**env), start_new_session=True)
+
+    def stop(self, timeout=15.0) -> str:
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, signal.SIGINT)  # our own group (start_new_session)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait(5)
+        return self.output()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_capturing(lab, host, tool, bg: Background, timeout=10.0):
+    """Until a `tool` process in `host` has a socket open (its capture started)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert bg.p.poll() is None, f"{tool} side exited: {bg.output()}"
+        pids = subprocess.run(["ip", "netns", "pids", lab.ns(host)], capture_output=True,
+                              text=True).stdout.split()
+        for pid in pids:
+            try:
+                if tool.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    continue
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+                       for fd in os.listdir(f"/proc/{pid}/fd")):
+                    time.sleep(0.3)
+                    return
+            except OSError:
+                continue
+        time.sleep(0.05)
+    raise AssertionError(f"{tool} did not start capturing in {host}: {bg.output()}")
+
+
+@pytest.fixture
+def assistant(lab, tmp_path):
+    """live-mirror.sh assistant: tc-intercept | tc-feedback on the assistant host."""
+    bg = Background(lab, "assistant", "live-mirror.sh", ["assistant"], tmp_path,
+                    IFACE=lab.assist_if, PORT=PORT)
+    try:
+        lab.wait_listening("assistant", FB_PORT, 10, proc=bg.p)
+        wait_capturing(lab, "assistant", "tc-intercept", bg)
+        yield bg
+    finally:
+        bg.stop()
+
+
+def target_server(lab, tmp_path, host="target") -> WebServer:
+    return WebServer(lab, host, tmp_path, PORT, server_kind()).start()
+
+
+# -- static checks -----------------------------------------------------------------------
+
+def test_every_example_has_a_test():
+    assert SCRIPTS, "no examples found"
+    missing = [s.name for s in SCRIPTS
+               if f"test_{s.stem.replace('-', '_')}" not in globals()]
+    assert not missing, f"examples without a test in {__file__}: {missing}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.name)
+def test_example_is_a_short_commented_script(script):
+    text = script.read_text()
+    lines = text.splitlines()
+    assert lines[0] == "#!/usr/bin/env bash" and lines[1].startswith("# ")
+    assert len(lines) <= 40, f"{script.name}: {len(lines)} lines"
+    assert "set -euo pipefail" in text
+    assert os.access(script, os.X_OK)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_bundled_pcap_is_small_and_real():
+    assert PCAP.stat().st_size < 200_000
+    v = pcap_requests(PCAP, PORT)
+    assert v["requests"] >= 100 and v["clients"] == 1
+
+
+def test_scripts_print_usage_without_arguments():
+    for s in SCRIPTS:
+        r = subprocess.run([str(s)], capture_output=True, text=True, timeout=10,
+                           env=script_env())
+        assert r.returncode != 0 and "usage" in r.stderr, (s.name, r.stderr)
+
+
+# -- each example in the lab -------------------------------------------------------------
+
+@pytest.mark.netns
+def test_offline_replay(lab, tmp_path, assistant):
+    srv = target_server(lab, tmp_path)
+    want = pcap_requests(PCAP, PORT)["requests"]
+    r = run_script(lab, "online", "offline-replay.sh", PCAP, f"{lab.target_ip}:{PORT}",
+                   f"tcp:{lab.assist_ip}:{FB_PORT}", SPEED=4)
+    assert r.returncode == 0, r.stderr
+    assert wait_settled(srv.requests, quiet=0.5, timeout=5, want=want) == want, r.stderr
+    assert re.search(r"tc-session: \d+ sessions .* 0 failed", r.stderr), r.stderr
+    assert srv.log_info()["clients"] == {lab.client_ip: want}
+
+
+@pytest.mark.netns
+def test_live_mirror(lab, tmp_path, assistant):
+    online = WebServer(lab, "online", tmp_path, PORT, server_kind()).start()
+    target = target_server(lab, tmp_path)
+    r = run_script(lab, "target", "live-mirror.sh", "target", CLIENT_NET=lab.client_net,
+                   ASSISTANT=lab.assist_ip)
+    assert r.returncode == 0 and f"ip route replace {lab.client_net}" in r.stdout, r.stderr
+    on = Background(lab, "online", "live-mirror.sh", ["online"], tmp_path,
+                    IFACE=lab.online_cli_if, TARGET=lab.target_ip, ASSISTANT=lab.assist_ip,
+                    PORT=PORT)
+    try:
+        wait_capturing(lab, "online", "tc-capture", on)
+        load = lab.run("client", [sys.executable, "-m", "tcpcopylib.demo", "_load",
+                                  f"{lab.online_cli_ip}:{PORT}", "--rate", "50",
+                                  "--duration", "2"], capture_output=True, text=True,
+                       timeout=60, cwd=str(REPO))
+        assert load.returncode == 0, load.stderr
+        n = wait_settled(online.requests, quiet=0.5, timeout=5)
+        assert n == 100
+        assert wait_settled(target.requests, quiet=1.0, timeout=15, want=n) == n, on.output()
+    finally:
+        out = on.stop()
+    assert target.log_info()["clients"] == {lab.client_ip: 100}, out
+
+
+@pytest.mark.netns
+def test_tee_and_inspect(lab, tmp_path, assistant):
+    srv = target_server(lab, tmp_path)
+    out = tmp_path / "out"
+    want = pcap_requests(PCAP, PORT)["requests"]
+    r = run_script(lab, "online", "tee-and-inspect.sh", PCAP, f"{lab.target_ip}:{PORT}", out,
+                   f"tcp:{lab.assist_ip}:{FB_PORT}", SPEED=4)
+    assert r.returncode == 0, r.stderr
+    assert wait_settled(srv.requests, quiet=0.5, timeout=5, want=want) == want, r.stderr
+    read = [x for x in decode((out / "cap.cbor").read_bytes()) if x.get("t") == "pkt"]
+    sent = [x for x in decode((out / "out.cbor").read_bytes()) if x.get("t") == "pkt"]
+    assert len(read) > want and len(sent) > want
+    assert len((out / "cap.txt").read_text().splitlines()) >= len(read)
+    assert len((out / "out.jsonl").read_text().splitlines()) >= len(sent)
+    td = subprocess.run(["tcpdump", "-nn", "-r", str(out / "out.pcap")], capture_output=True,
+                        text=True)
+    assert td.returncode == 0 and len(td.stdout.splitlines()) == len(sent), td.stderr
+    assert f"> {lab.target_ip}.{PORT}:" in td.stdout
+    assert "first packets sent to the target:" in r.stdout
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("lab", [{"without_target_route": True}], indirect=True)
+def test_same_machine(lab, tmp_path):
+    srv = target_server(lab, tmp_path)
+    want = pcap_requests(PCAP, PORT)["requests"]
+    r = run_script(lab, "target", "same-machine.sh", PCAP, f"{lab.target_ip}:{PORT}",
+                   lab.client_net, SPEED=4)
+    assert r.returncode == 0, r.stderr
+    assert wait_settled(srv.requests, quiet=0.5, timeout=5, want=want) == want, r.stderr
+    assert re.search(r"tc-session: \d+ sessions .* 0 failed", r.stderr), r.stderr
+    # the black hole and its route are gone again
+    assert lab.run("target", ["ip", "link", "show", "tcbh0"], capture_output=True).returncode
+    routes = lab.run("target", ["ip", "route"], capture_output=True, text=True).stdout
+    assert lab.client_net not in routes
