@@ -540,7 +540,8 @@ def start_feedback(lab, workdir, port, sock_name="fb.sock", v6=False):
     sock.unlink(missing_ok=True)
     env = tool_env()
     ic = Proc(lab, "assistant", [tool("tc-intercept"), lab.assist_if, "-F",
-                                 f"tcp and src port {port}", "--stats"],
+                                 f"tcp and src port {port}", "--stats", "-v",
+                                 "--stats-interval", "3600"],
               stdout=subprocess.PIPE, env=env, name="tc-intercept")
     fb = Proc(lab, "assistant", [tool("tc-feedback"), "--listen", f"unix:{sock}", "--stats"],
               stdin=ic.p.stdout, env=env, name="tc-feedback")
@@ -552,7 +553,10 @@ def start_feedback(lab, workdir, port, sock_name="fb.sock", v6=False):
             fb.stop()
             raise RuntimeError(f"feedback side did not start: {ic!r} {fb!r}")
         time.sleep(0.02)
-    time.sleep(0.3)  # tc-intercept's capture socket is open by now (it starts in parallel)
+    if not ic.wait_stderr(b"capturing on", 10):  # -v: said once the capture is open
+        ic.stop()
+        fb.stop()
+        raise RuntimeError(f"tc-intercept did not start capturing: {ic!r}")
     return {"tc-intercept": ic, "tc-feedback": fb}, f"unix:{sock}"
 
 

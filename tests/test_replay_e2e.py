@@ -68,8 +68,6 @@ SCENARIOS = {
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_replay_scenario_byte_identical(lab, tmp_path, scenario, v6):
-    if v6 and scenario == "concurrent":
-        pytest.skip("covered by IPv4; keeps the suite short")
     args, server_kw = SCENARIOS[scenario]
     rec = h.record(lab, tmp_path / "rec", scenario, *args, server_kw=server_kw, v6=v6)
     assert rec.client["n_errors"] == 0, rec.client
