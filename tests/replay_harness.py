@@ -186,6 +186,16 @@ def tcp_streams(pcap, server_port: int, direction: str = "c2s") -> list[Stream]:
     return streams
 
 
+def syn_times(pcap, server_port: int) -> dict:
+    """{(client_ip, client_port): time of the first SYN (no ACK) to server_port}."""
+    out = {}
+    for ts, ip in pcap_ip_packets(pcap):
+        t = parse_tcp(ip)
+        if t and t[3] == server_port and t[6] & 0x12 == _SYN:
+            out.setdefault((_norm_ip(t[0]), t[2]), ts)
+    return out
+
+
 def capture_summary(pcap, server_port: int) -> dict:
     """Counts useful in assertion messages."""
     ss = tcp_streams(pcap, server_port)

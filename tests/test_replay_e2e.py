@@ -165,6 +165,22 @@ def test_replay_without_route_to_assistant_never_established(lab, tmp_path):
     assert completed(rep.stats) == 0, rep.stats
 
 
+# -- timing: sessions start at their recorded times --------------------------------------------------
+
+def test_replay_keeps_session_arrival_times(lab, tmp_path):
+    rec = h.record(lab, tmp_path / "rec", "close", "--conns", 6, "--gap", 0.25)
+    rep = h.replay(lab, rec.pcap, tmp_path / "replay", timeout=TIMEOUT)
+    replay_ok(rep)
+    assert_identical(rec, rep, 6)
+    want = h.syn_times(rec.pcap, h.PORT)
+    got = h.syn_times(tmp_path / "replay" / "target.pcap", h.PORT)
+    assert sorted(got) == sorted(want), (got, want)
+    first = min(want, key=want.get)
+    for k in want:  # offsets from the first session, recorded vs seen at the target
+        w, g = want[k] - want[first], got[k] - got[first]
+        assert abs(g - w) < 0.05, f"session {k}: recorded at +{w:.3f} s, replayed at +{g:.3f} s"
+
+
 # -- (8) 2,000 sessions -------------------------------------------------------------------------------
 
 def test_replay_2000_sessions_all_byte_identical(lab, tmp_path):

@@ -5,7 +5,8 @@
 Scenarios (HTTP unless noted):
   keepalive   --conns C --requests K: C connections, K requests each, each answer read
               before the next request; the client closes first
-  close       --conns C: one request per connection with "Connection: close"
+  close       --conns C [--gap S]: one request per connection with "Connection: close",
+              S seconds between connections
   bigbody     --conns C --body-size N: one POST with an N-byte body per connection
   pipelined   --conns C --requests K: K requests sent in one write, then K answers read
   greeting    --conns C --requests K: server speaks first (recording_server --mode greeting);
@@ -149,6 +150,8 @@ class Runner:
 
     def close(self):
         for i in range(self.a.conns):
+            if i and self.a.gap:
+                time.sleep(self.a.gap)
             c = self.client(f"cl{i}")
             c.send_request(f"/close/{i}", close=True)
             c.read_http_answer()
@@ -248,6 +251,8 @@ def main(argv=None):
     p.add_argument("--body-size", type=int, default=1 << 20)
     p.add_argument("--parallel", type=int, default=20)
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--gap", type=float, default=0.0,
+                   help="close: seconds between one connection's end and the next")
     p.add_argument("--hold-after-connect", metavar="FILE")
     a = p.parse_args(argv)
     r = Runner(a)
