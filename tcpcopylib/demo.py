@@ -173,6 +173,7 @@ def _load_main(argv) -> int:
 # ---------------------------------------------------------------------------------------
 
 NGINX_CONF = """\
+user root;
 worker_processes 1;
 daemon off;
 pid {dir}/nginx.pid;
@@ -202,7 +203,6 @@ class WebServer:
         self.lab, self.host, self.port, self.kind = lab, host, port, kind
         self.dir = workdir / f"{host}-server"
         (self.dir / "www").mkdir(parents=True, exist_ok=True)
-        self.dir.chmod(0o755)  # nginx workers run as nobody
         for name, size in FILES.items():
             (self.dir / "www" / name).write_bytes((name.encode() + b"\n") * (size // (len(name) + 1)))
         self.log = self.dir / "access.log"
@@ -583,12 +583,18 @@ class Demo:
 def goal(report) -> list[str]:
     """What keeps the report from meeting the goal (empty: met)."""
     if report["mode"] == "record":
-        return [] if report.get("pcap_view", {}).get("requests") else ["nothing recorded"]
+        c = report["client"]
+        return [] if report["pcap_view"]["requests"] and not c["errors"] else [
+            f"{report['pcap_view']['requests']} requests recorded, {c['errors']} client errors"]
     s, problems = report["sessions"], []
     if s["replayed"] == 0:
         problems.append("no session was replayed")
     elif s["completion_pct"] < GOAL_PCT:
         problems.append(f"completion {s['completion_pct']:.2f} % < {GOAL_PCT} %")
+    c = report.get("client")
+    if c and c["errors"]:
+        problems.append(f"{c['errors']} client requests failed or were not answered 200 "
+                        f"(see the online access log)")
     if report["target"]["requests"] != report["online"]["requests"]:
         problems.append(f"target served {report['target']['requests']} requests, online "
                         f"{report['online']['requests']}")

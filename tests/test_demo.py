@@ -1,0 +1,129 @@
+"""python3 -m tcpcopylib.demo: the one-command demo, shortened, checked against the servers' logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tcpcopylib.demo import GOAL_PCT, format_report, goal
+
+REPO = Path(__file__).resolve().parent.parent
+PCAP = REPO / "examples" / "http-lab.pcap"
+
+
+def demo(*args, timeout=120) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("TC_FEEDBACK", None)
+    return subprocess.run([sys.executable, "-m", "tcpcopylib.demo", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=str(REPO),
+                          env=env)
+
+
+def log_lines(path) -> int:
+    return sum(1 for ln in Path(path).read_text().splitlines() if ln.strip())
+
+
+def lab_namespaces(name) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [ln.split()[0] for ln in out.splitlines() if ln.startswith(name + "-")]
+
+
+def check_report(rep, work: Path):
+    s = rep["sessions"]
+    assert s["replayed"] > 0 and s["completion_pct"] >= GOAL_PCT, s
+    assert s["completed"] + sum(s["failed"].values()) + sum(s["other"].values()) == s["seen"]
+    # the report's counts are the target server's own (its access log)
+    assert rep["target"]["requests"] == log_lines(work / "target-server" / "access.log")
+    assert rep["target"]["requests"] == rep["online"]["requests"]
+    assert rep["goal_met"] is True
+    assert rep["namespaces_left"] == [] and lab_namespaces(rep["lab"]) == []
+    assert rep["duration_s"] < 120
+
+
+@pytest.mark.netns
+def test_live_demo(tmp_path):
+    work, js = tmp_path / "work", tmp_path / "report.json"
+    r = demo("--duration", 5, "--rate", 100, "--json", js, "--workdir", work)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads(js.read_text())
+    check_report(rep, work)
+    assert rep["mode"] == "live"
+    assert rep["online"]["requests"] == log_lines(work / "online-server" / "access.log")
+    c = rep["client"]
+    assert c["errors"] == 0 and c["ok"] == rep["online"]["requests"] >= 450
+    assert 0 < c["keepalive_connections"] < c["connections"]  # both kinds of connection
+    assert rep["sessions"]["seen"] == c["connections"]
+    if rep["server"] == "nginx":  # the target saw the original client address
+        assert set(rep["target"]["clients"]) == {"10.200.9.2"}
+    assert "completed = 100.00 %" in r.stdout or f"(goal >= {GOAL_PCT} %)" in r.stdout
+    assert "result         OK" in r.stdout
+
+
+@pytest.mark.netns
+def test_pcap_demo(tmp_path):
+    work, js = tmp_path / "work", tmp_path / "report.json"
+    r = demo("--pcap", PCAP, "--json", js, "--workdir", work)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads(js.read_text())
+    check_report(rep, work)
+    assert rep["mode"] == "pcap" and rep["online"]["requests"] == 300
+    assert "tc-readpcap" in r.stdout
+
+
+@pytest.mark.netns
+def test_sigterm_tears_everything_down(tmp_path):
+    work = tmp_path / "work"
+    p = subprocess.Popen([sys.executable, "-m", "tcpcopylib.demo", "--duration", "60",
+                          "--rate", "50", "--workdir", str(work)], cwd=str(REPO),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (work / "tc-emit.stderr").exists():  # the pipeline is starting
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(2)  # the load is running
+        name = f"tcl{p.pid}x1"
+        assert len(lab_namespaces(name)) == 5
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err
+    assert lab_namespaces(name) == []
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(work) not in ps  # no tool of this demo (their arguments name the workdir)
+
+
+def test_usage_errors(tmp_path):
+    assert demo("--duration", 0).returncode == 2
+    assert demo("--pcap", tmp_path / "nope.pcap").returncode in (66, 77)
+    assert demo("--pcap", PCAP, "--record", tmp_path / "x.pcap").returncode == 2
+
+
+def _report(completed, seen, target, online):
+    return {"mode": "live", "duration_s": 9.0, "namespaces_left": [],
+            "online": {"requests": online}, "target": {"requests": target, "clients": {}},
+            "sessions": {"seen": seen, "replayed": seen, "completed": completed,
+                         "failed": {"no_synack": seen - completed} if seen > completed else {},
+                         "other": {}, "active_at_exit": 0, "retransmits": 0,
+                         "reconnections": 0,
+                         "completion_pct": round(100.0 * completed / seen, 3)}}
+
+
+def test_goal_and_report_text():
+    ok = _report(1000, 1000, 2000, 2000)
+    assert goal(ok) == [] and "result         OK" in format_report(ok)
+    low = _report(998, 1000, 2000, 2000)
+    assert goal(low) and "MISSED: completion 99.80 %" in format_report(low)
+    assert "no_synack 2" in format_report(low)
+    short = _report(1000, 1000, 1999, 2000)
+    assert goal(short) == ["target served 1999 requests, online 2000"]
