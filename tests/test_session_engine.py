@@ -668,3 +668,26 @@ def test_last_request_without_response_is_unfinished():
     h.advance(500)
     h.e.close_all(h.now)
     assert h.outcomes() == {"unfinished": 1}
+
+
+def test_any_port_replays_every_service_and_tells_directions():
+    h = H(parse_target("10.2.0.5", True))
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT, sport=40000, dport=6379)
+    h.e.client_packet(build_tcp(O, C, 6379, 40000, SISN, CISN + 1, TH_SYN | TH_ACK), h.now)
+    h.client(TH_ACK | TH_PSH, 77, 9, b"mid", sport=40001, dport=443)   # mid-stream
+    h.e.client_packet(build_tcp(O, C, 443, 40002, 5, 9, TH_ACK, payload=b"srv"), h.now)
+    out = h.pkts()
+    assert [(p.sport, p.dport, p.flags) for p in out] == [(40000, 6379, TH_SYN),
+                                                          (40001, 443, TH_SYN)]
+    assert h.e.st.pkts_server == 2
+
+
+def test_truncated_captured_packet_is_not_sent():
+    h = H(gap_timeout=SEC)
+    h.open()
+    full = build_tcp(C, O, 5000, 80, CISN + 1, SISN + 1, TH_ACK | TH_PSH, payload=b"x" * 100)
+    h.e.client_packet(full[:80], h.now)  # snap length 80
+    h.client(TH_ACK | TH_PSH, CISN + 101, SISN + 1, b"next")
+    assert h.pkts() == [] and h.e.st.pkts_truncated == 1
+    h.advance(1100)
+    assert h.outcomes() == {"capture_gap": 1}

@@ -104,7 +104,7 @@ class Config:
 
 
 class Stats:
-    __slots__ = ("pkts_in", "pkts_ignored", "pkts_server", "pkts_out", "bytes_out",
+    __slots__ = ("pkts_in", "pkts_ignored", "pkts_truncated", "pkts_server", "pkts_out", "bytes_out",
                  "sessions", "syn_sent", "fake_syn", "retransmits", "rto_expired",
                  "fast_retransmits", "syn_retransmits", "fb_in", "fb_unmatched",
                  "acks_sent", "reconnections", "port_remaps", "client_dups",
@@ -247,9 +247,7 @@ def parse_tcp_fast(data, orig_len=None):
     sport, dport, seq, ack, off, flags, win = _TCP.unpack_from(data, ihl)
     doff = (off >> 4) * 4
     if orig_len:
-        tot = orig_len  # feedback may carry headers only
-    elif tot > n:
-        tot = n
+        tot = orig_len  # feedback may carry headers only: lengths come from the headers
     plen = tot - ihl - doff
     if doff < 20 or plen < 0:
         return None
@@ -291,6 +289,11 @@ class Engine:
             self.st.pkts_ignored += 1
             return
         src, dst, ihl, sport, dport, seq, ack, doff, flags, win, plen = p
+        if ihl + doff + plen > len(data):
+            # cut by the capture's snap length: sending it would corrupt the stream;
+            # dropped, it leaves a gap that ends the session as "capture_gap"
+            self.st.pkts_truncated += 1
+            return
         key = (src, sport, dst, dport)
         s = self.sessions.get(key)
         if s is None:
@@ -1014,7 +1017,7 @@ class Engine:
                 lines.append(f"  {k:<16} {n:>9}" + (f"  ({hint})" if hint and n else ""))
         lines.append(
             f"packets: {st.pkts_in} in ({st.pkts_ignored} ignored, {st.pkts_server} "
-            f"server->client), {st.pkts_out} out, {st.syn_sent} SYN ({st.fake_syn} fake), "
+            f"server->client, {st.pkts_truncated} truncated), {st.pkts_out} out, {st.syn_sent} SYN ({st.fake_syn} fake), "
             f"{st.acks_sent} ACKs made")
         lines.append(
             f"retransmissions: {st.retransmits} ({st.rto_expired} timeouts, "
