@@ -15,7 +15,9 @@ client net. Then, for each speed S, in a fresh namespace lab:
 and prints the offered load (R*S sessions/s), the achieved rates measured at the target
 (sessions/s and requests/s between the first and last request it logged; client packets/s =
 client packets of the completed sessions over the same span), completion % (requests the
-target logged / requests in the pcap) and tc-session's own outcome counts.
+target logged / requests in the pcap) and tc-session's own outcome counts; then the CPU
+seconds each tool used (wait4), and the rate its busiest tool alone would allow on an
+otherwise idle core (the machine may be shared: wall-clock rates are noisy, CPU is not).
 Needs root (network namespaces). Every run is bounded (--timeout).
 """
 
@@ -272,8 +274,14 @@ def main(argv=None):
               f"{json.dumps(outcomes, sort_keys=True)[:200]}"
               + ("" if done else "  TIMED OUT") + (f"  errors: {errs}" if errs else ""),
               flush=True)
+        busiest = max(cpu, key=cpu.get) if cpu else None
         print("            CPU s: " + ", ".join(f"{k.removeprefix('tc-')} {v:.2f}"
-                                                 for k, v in cpu.items()), flush=True)
+                                                 for k, v in cpu.items())
+              + (f"; all tools {1000 * sum(cpu.values()) / a.sessions:.2f} ms/session; "
+                 f"busiest ({busiest}) alone would allow "
+                 f"{a.sessions / max(cpu[busiest], 1e-3):.0f} sessions/s, "
+                 f"{client_pkts / max(cpu[busiest], 1e-3):.0f} client pkt/s" if cpu else ""),
+              flush=True)
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0
