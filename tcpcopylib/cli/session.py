@@ -256,13 +256,15 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                     fb.flush()
                 except Exception:  # noqa: BLE001 - best effort at exit
                     pass
-            writer.flush()
-            if fb is not None:
-                fb.close()
-            os.close(rpipe)
-            os.close(wpipe)
-            if args.stats_json:
-                self._write_json(args.stats_json)
+            try:
+                writer.flush()
+            finally:
+                if fb is not None:
+                    fb.close()
+                os.close(rpipe)
+                os.close(wpipe)
+                if args.stats_json:
+                    self._write_json(args.stats_json)
         if args.stats:
             self._print_summary()
             args.stats = False  # Tool.main would print the one-line version too
