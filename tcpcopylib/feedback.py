@@ -70,6 +70,72 @@ def default_address() -> str:
 
 # -- incremental stream decoding (non-blocking sockets and pipes) ------------------------
 
+FB_PREFIX = b"\xa4\x61t\x62fb\x62ts"   # {"t": "fb", "ts": ...} as tc-intercept encodes it
+_FB_DATA = b"\x64data"
+_FB_LEN = b"\x63len"
+_UINT_SIZE = {24: 1, 25: 2, 26: 4, 27: 8}
+
+
+def _head(buf, pos: int, major: int):
+    """(value, next pos) of a CBOR head of `major` type at pos; None if not that/incomplete."""
+    if pos >= len(buf):
+        return None
+    ib = buf[pos]
+    if ib >> 5 != major:
+        return None
+    ai = ib & 31
+    if ai < 24:
+        return ai, pos + 1
+    n = _UINT_SIZE.get(ai)
+    if n is None or pos + 1 + n > len(buf):
+        return None
+    return int.from_bytes(buf[pos + 1:pos + 1 + n], "big"), pos + 1 + n
+
+
+_FB8 = FB_PREFIX + b"\x1b"
+_FB8_MID = _FB_DATA + b"\x58"
+
+
+def fast_fb(buf, pos: int):
+    """(record, end) for an fb record in exactly tc-intercept's layout at pos, else None.
+
+    {"t": "fb", "ts": uint, "data": bytes, "len": uint}, keys in this order: the hot path
+    of tc-feedback and FeedbackClient, about 5x cheaper than a general CBOR decode.
+    Anything else (other keys, other order, incomplete) returns None: use cbor2.
+    """
+    if buf.startswith(_FB8_MID, pos + 18) and len(buf) > pos + 24 and buf.startswith(_FB8, pos):
+        # the usual shape: 8-byte ts, 24..255 bytes of data, 1- or 2-byte len
+        p = pos + 25 + buf[pos + 24]
+        if buf.startswith(_FB_LEN, p) and len(buf) > p + 6:
+            lb = buf[p + 4]
+            if lb == 0x19:
+                return ({"t": "fb", "ts": int.from_bytes(buf[pos + 10:pos + 18], "big"),
+                         "data": buf[pos + 25:p], "len": (buf[p + 5] << 8) | buf[p + 6]}, p + 7)
+            if lb == 0x18:
+                return ({"t": "fb", "ts": int.from_bytes(buf[pos + 10:pos + 18], "big"),
+                         "data": buf[pos + 25:p], "len": buf[p + 5]}, p + 6)
+    if not buf.startswith(FB_PREFIX, pos):
+        return None
+    h = _head(buf, pos + 9, 0)
+    if h is None:
+        return None
+    ts, p = h
+    if not buf.startswith(_FB_DATA, p):
+        return None
+    h = _head(buf, p + 5, 2)
+    if h is None:
+        return None
+    n, p = h
+    data = buf[p:p + n]
+    p += n
+    if len(data) < n or not buf.startswith(_FB_LEN, p):
+        return None
+    h = _head(buf, p + 4, 0)
+    if h is None:
+        return None
+    ln, p = h
+    return {"t": "fb", "ts": ts, "data": data, "len": ln}, p
+
 class StreamDecoder:
     """Feed bytes, get back complete (item, raw_bytes) pairs, headers included.
 
@@ -100,8 +166,18 @@ class StreamDecoder:
                 bio.seek(pos)
                 self._expect_header = True
                 continue
+            if not self._expect_header:
+                got = fast_fb(buf, pos)
+                if got is not None:
+                    if self.header is None:
+                        raise StreamError(f"{self.name}: record before any header")
+                    item, newpos = got
+                    out.append((item, buf[pos:newpos]))
+                    pos = newpos
+                    continue
             if end - pos < len(LABEL) and LABEL.startswith(buf[pos:]):
                 break  # maybe a label cut in two
+            bio.seek(pos)
             try:
                 item = dec.decode()
             except cbor2.CBORDecodeEOF:

@@ -14,8 +14,6 @@ import socket
 import struct
 import time
 
-import cbor2
-
 from tcpcopylib.errors import NoInputError, NoPermissionError, TcError, UnavailableError, UsageError
 
 # Link types (libpcap DLT_ values on Linux)
@@ -32,7 +30,6 @@ BATCH = 1024
 
 _U16 = struct.Struct("!H")
 _META = struct.Struct("=IIII")   # next_batch: sec, usec, offset, caplen
-_dumps = cbor2.dumps
 
 
 def link_offset(dlt: int, frame) -> int:
@@ -59,32 +56,71 @@ def link_offset(dlt: int, frame) -> int:
     raise UsageError(f"unsupported link type {dlt} (Ethernet, Linux cooked, raw IP, loopback)")
 
 
-def fb_record(ip, ts: int, payload: int) -> bytes | None:
-    """The encoded fb record for one captured IP datagram; None if it is not IP+TCP.
+def _cbor_head(major: int, n: int) -> bytes:
+    m = major << 5
+    if n < 24:
+        return bytes((m | n,))
+    if n < 0x100:
+        return bytes((m | 24, n))
+    if n < 0x10000:
+        return bytes((m | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((m | 26,)) + n.to_bytes(4, "big")
+    return bytes((m | 27,)) + n.to_bytes(8, "big")
+
+
+_FB_TS = b"\xa4\x61t\x62fb\x62ts"
+_FB_DATA = b"\x64data"
+_FB_LEN = b"\x63len"
+
+
+_FB_HEAD = struct.Struct("!10sQ6sB")   # the common case: 8-byte ts, 24..255 data bytes
+_FB_HEAD_C1, _FB_HEAD_C2 = _FB_TS + b"\x1b", _FB_DATA + b"\x58"
+_FB_TAIL16 = struct.Struct("!5sH")
+_FB_TAIL_C = _FB_LEN + b"\x19"
+
+
+def encode_fb(ts: int, data: bytes, length: int) -> bytes:
+    """cbor2.dumps({"t": "fb", "ts": ts, "data": data, "len": length}), byte for byte, faster."""
+    n = len(data)
+    if ts >= 0x100000000 and 24 <= n < 256 and 256 <= length < 0x10000:
+        return (_FB_HEAD.pack(_FB_HEAD_C1, ts, _FB_HEAD_C2, n) + data
+                + _FB_TAIL16.pack(_FB_TAIL_C, length))
+    if ts >= 0x100000000:
+        tsb = b"\x1b" + ts.to_bytes(8, "big")
+    else:
+        tsb = _cbor_head(0, ts)
+    db = bytes((0x40 | n,)) if n < 24 else bytes((0x58, n)) if n < 256 else _cbor_head(2, n)
+    lb = bytes((0x19,)) + length.to_bytes(2, "big") if 256 <= length < 0x10000 else _cbor_head(0, length)
+    return b"".join((_FB_TS, tsb, _FB_DATA, db, data, _FB_LEN, lb))
+
+
+def fb_record(buf, ts: int, payload: int, off: int = 0, end: int = -1) -> bytes | None:
+    """The encoded fb record for the IP datagram at buf[off:end]; None if it is not IP+TCP.
 
     ``payload`` is the number of TCP payload bytes to keep (-1: all captured).
     """
-    n = len(ip)
+    n = (len(buf) if end < 0 else end) - off
     if n < 20:
         return None
-    v = ip[0] >> 4
+    v = buf[off] >> 4
     if v == 4:
-        ihl = (ip[0] & 0x0F) * 4
-        if ip[9] != 6 or ihl < 20 or (_U16.unpack_from(ip, 6)[0] & 0x1FFF):
+        ihl = (buf[off] & 0x0F) * 4
+        if buf[off + 9] != 6 or ihl < 20 or (buf[off + 6] & 0x1F) or buf[off + 7]:
             return None
-        tot = _U16.unpack_from(ip, 2)[0]
+        tot = (buf[off + 2] << 8) | buf[off + 3]
     elif v == 6:
-        if n < 40 or ip[6] != 6:
+        if n < 40 or buf[off + 6] != 6:
             return None
         ihl = 40
-        tot = 40 + _U16.unpack_from(ip, 4)[0]
+        tot = 40 + ((buf[off + 4] << 8) | buf[off + 5])
     else:
         return None
     if n < ihl + 13:
         return None
-    hdr = ihl + (ip[ihl + 12] >> 4) * 4
+    hdr = ihl + (buf[off + ihl + 12] >> 4) * 4
     keep = n if payload < 0 else min(n, hdr + payload)
-    return _dumps({"t": "fb", "ts": ts, "data": bytes(ip[:keep]), "len": tot})
+    return encode_fb(ts, buf[off:off + keep], tot)
 
 
 def snaplen_for(payload: int) -> int:
@@ -153,17 +189,21 @@ class Interceptor:
         except Exception:  # noqa: BLE001 - a closed or odd handle: no numbers
             return (0, 0, 0)
 
-    def _frame(self, frame, ts: int) -> None:
+    def _frame(self, buf, ts: int, start: int = 0, end: int = -1) -> None:
+        """One captured frame, buf[start:end] (a batch buffer, or a whole frame)."""
         self.captured += 1
-        dlt = self.dlt
-        if dlt == DLT_EN10MB and len(frame) > 14 and frame[12] == 8 and frame[13] == 0:
-            off = 14  # the common case: untagged IPv4
+        if end < 0:
+            end = len(buf)
+        if self.dlt == DLT_EN10MB and end - start > 14 and buf[start + 12] == 8 \
+                and buf[start + 13] == 0:
+            off = start + 14  # the common case: untagged IPv4
         else:
-            off = link_offset(dlt, frame)
+            off = link_offset(self.dlt, buf[start:end])
             if off < 0:
                 self.skipped += 1
                 return
-        rec = fb_record(memoryview(frame)[off:], ts, self.payload)
+            off += start
+        rec = fb_record(buf, ts, self.payload, off, end)
         if rec is None:
             self.skipped += 1
             return
@@ -184,7 +224,7 @@ class Interceptor:
                 buf, meta = batch(BATCH)
                 if meta:
                     for sec, usec, off, caplen in iter_meta(meta):
-                        frame(buf[off:off + caplen], sec * 1_000_000_000 + usec * 1000)
+                        frame(buf, sec * 1_000_000_000 + usec * 1000, off, off + caplen)
                     got = len(meta) // 16
             else:
                 hdr, data = cap.next()

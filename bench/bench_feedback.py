@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Replies/s through tc-intercept | tc-feedback to one FeedbackClient (needs root).
+
+Two network namespaces joined by a veth pair (offloads off): tcpreplay sends prebuilt
+target replies (Ethernet, to the assistant's MAC, for client addresses the assistant does
+not own, so its kernel drops them as a real assistant does) at a fixed rate or top speed;
+in the assistant namespace ``tc-intercept veth -F 'tcp and src port 8080' | tc-feedback``
+serves them on a Unix socket to a FeedbackClient in this process, which claimed every
+connection. Prints, per run: offered rate, delivered replies/s, kernel drops, losses.
+
+    python3 bench/bench_feedback.py                 # 50k pps, then top speed
+    python3 bench/bench_feedback.py --rates 20000 100000 top --count 300000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from tcpcopylib.feedback import FeedbackClient  # noqa: E402
+from tcpcopylib.packet import TH_ACK, build_tcp, ip_bytes  # noqa: E402
+
+GEN_MAC, AS_MAC = "02:00:00:00:0b:01", "02:00:00:00:0b:02"
+TARGET, CLIENT_NET = "10.201.1.2", "10.201.9."
+KEYS = 2000
+
+
+def sh(*args, check=True, **kw):
+    return subprocess.run(args, check=check, capture_output=True, text=True, **kw)
+
+
+def make_pcap(path: str, n: int) -> list:
+    """n reply frames over KEYS connections; returns the connections (for claims)."""
+    import dpkt
+
+    conns = [(ip_bytes(CLIENT_NET + str(1 + i % 200)), 10000 + i) for i in range(KEYS)]
+    dst, src = bytes.fromhex(AS_MAC.replace(":", "")), bytes.fromhex(GEN_MAC.replace(":", ""))
+    tip = ip_bytes(TARGET)
+    with open(path, "wb") as f:
+        w = dpkt.pcap.Writer(f)
+        for i in range(n):
+            cip, cport = conns[i % KEYS]
+            ip = build_tcp(tip, cip, 8080, cport, 1000 + i, 5000, TH_ACK, payload=b"x" * 40)
+            w.writepkt(dst + src + b"\x08\x00" + ip, ts=i * 1e-6)
+    return conns
+
+
+def run_one(ns_gen, ns_as, pcap, conns, rate, count, per_file, tmp) -> dict:
+    addr = f"unix:{tmp}/fb.sock"
+    env = dict(os.environ, PATH=f"{REPO}/bin:{os.environ['PATH']}")
+    icpt = subprocess.Popen(["ip", "netns", "exec", ns_as, sys.executable, f"{REPO}/bin/tc-intercept",
+                             "bas0", "-F", "tcp and src port 8080", "-v", "--stats"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    fbk = subprocess.Popen([sys.executable, f"{REPO}/bin/tc-feedback", "--listen", addr,
+                            "--stats", "--hold-ms", "100"],
+                           stdin=icpt.stdout, stderr=subprocess.PIPE, env=env)
+    icpt.stdout.close()
+    try:
+        if b"capturing on" not in icpt.stderr.readline():
+            raise SystemExit("tc-intercept did not start")
+        c = FeedbackClient(addr, "bench")
+        for _ in range(250):
+            try:
+                c.connect(timeout=2)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.02)
+        for cip, cport in conns:
+            c.claim(cip, cport, ip_bytes(TARGET), 8080)
+        c.flush()
+        time.sleep(0.3)
+        loops = max(1, count // per_file)
+        speed = ["--topspeed"] if rate == "top" else [f"--pps={rate}"]
+        t_start = time.monotonic()
+        gen = subprocess.Popen(["ip", "netns", "exec", ns_gen, "tcpreplay", "-q", "-K",
+                                "-i", "bgen0", f"--loop={loops}", *speed, pcap],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        got, first, last = 0, None, None
+        expect = loops * per_file
+        idle_since = time.monotonic()
+        while got < expect:
+            r, _, _ = select.select([c], [], [], 0.2)
+            if r:
+                n = len(c.read_available())
+                if n:
+                    now = time.monotonic()
+                    first = first or now
+                    last = now
+                    got += n
+                    idle_since = now
+                    continue
+            if gen.poll() is not None and time.monotonic() - idle_since > 1.5:
+                break
+            if time.monotonic() - t_start > 120:
+                break
+        out = gen.communicate(timeout=60)[0]
+        c.close()
+    finally:
+        if icpt.poll() is None:
+            icpt.terminate()
+        icpt.wait(10)
+        fbk.wait(20)
+    ierr, ferr = icpt.stderr.read().decode(), fbk.stderr.read().decode()
+    m = re.search(r"(\d+) received, (\d+) dropped, (\d+) dropped by interface", ierr)
+    offered = re.search(r"Rated: [\d.]+ Bps, [\d.]+ Mbps, ([\d.]+) pps", out)
+    return {
+        "rate": rate, "sent": expect, "delivered": got,
+        "offered_pps": float(offered.group(1)) if offered else float("nan"),
+        "delivered_per_s": (got - 1) / (last - first) if last and last > first else 0.0,
+        "kernel_recv": int(m.group(1)) if m else -1, "kernel_drop": int(m.group(2)) if m else -1,
+        "fb_stats": [ln for ln in ferr.splitlines() if "replies in" in ln][-1:],
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rates", nargs="+", default=["50000", "top"],
+                    help="packets/s for each run, or 'top' (default: 50000 top)")
+    ap.add_argument("--count", type=int, default=250_000, help="replies per run")
+    args = ap.parse_args()
+    if os.geteuid() != 0 or not shutil.which("tcpreplay"):
+        raise SystemExit("needs root and tcpreplay (apt-get install tcpreplay)")
+    tag = f"tcbf{os.getpid()}"
+    ns_gen, ns_as = f"{tag}-gen", f"{tag}-as"
+    tmp = tempfile.mkdtemp(prefix="bench_fb")
+    per_file = min(args.count, 50_000)
+    try:
+        sh("ip", "netns", "add", ns_gen)
+        sh("ip", "netns", "add", ns_as)
+        sh("ip", "-n", ns_gen, "link", "add", "bgen0", "type", "veth", "peer", "name", "bas0",
+           "netns", ns_as)
+        for ns, dev, mac in ((ns_gen, "bgen0", GEN_MAC), (ns_as, "bas0", AS_MAC)):
+            sh("ip", "-n", ns, "link", "set", dev, "address", mac)
+            if shutil.which("ethtool"):
+                sh("ip", "netns", "exec", ns, "ethtool", "-K", dev, "tso", "off", "gso", "off",
+                   "gro", "off", "tx", "off", check=False)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", ns_as, "addr", "add", "10.201.1.3/24", "dev", "bas0")
+        sh("ip", "netns", "exec", ns_as, "sysctl", "-qw", "net.ipv4.ip_forward=0")
+        pcap = os.path.join(tmp, "replies.pcap")
+        conns = make_pcap(pcap, per_file)
+        print(f"tc-intercept | tc-feedback -> 1 client, {KEYS} claimed connections, "
+              f"94-byte frames, {os.cpu_count()} CPUs")
+        for rate in args.rates:
+            r = run_one(ns_gen, ns_as, pcap, conns, rate, args.count, per_file, tmp)
+            lost = r["sent"] - r["delivered"]
+            print(f"rate {rate:>7}: offered {r['offered_pps']:>9,.0f} pps, delivered "
+                  f"{r['delivered']:,}/{r['sent']:,} at {r['delivered_per_s']:>9,.0f} replies/s, "
+                  f"kernel drops {r['kernel_drop']:,} (of {r['kernel_recv']:,}), lost {lost:,}")
+            for ln in r["fb_stats"]:
+                print("   ", ln)
+    finally:
+        for ns in (ns_gen, ns_as):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
