@@ -212,3 +212,21 @@ def test_man_page_lints_and_lists_every_option():
     for outcome in ("completed", "reconnected", "closed_early", "reset_by_target",
                     "no_synack", "capture_gap", "timed_out", "unfinished", "filtered"):
         assert outcome in text
+
+
+def test_stats_every_and_sigusr1_while_running():
+    s = Proc(["tc-session", "--target", "10.2.0.5:80", "--no-feedback", "--stats-every", "0.2",
+              "--drain", "0.3"])
+    try:
+        s.send(tc.stream([pkt(time.time_ns(), C, O, 5000, 80, CISN, 0, TH_SYN, options=MSS)]))
+        s.expect(lambda p: p.flags & TH_SYN)
+        time.sleep(0.7)
+        s.p.send_signal(signal.SIGUSR1)
+        time.sleep(0.3)
+        s.p.stdin.close()
+        assert s.p.wait(timeout=20) == 0
+        err = s.p.stderr.read().decode()
+        assert err.count("tc-session: outcomes:") >= 2, err
+        assert "1 sessions (1 active" in err  # the SIGUSR1 line or a periodic summary
+    finally:
+        s.stop()
