@@ -708,7 +708,7 @@ class Engine:
         s.t_base = (seq + 1) & M32
         s.last_rx = now
         o = parse_options(opts) if opts else {}
-        mine = parse_options(s.syn_opts) if s.syn_opts else {}
+        mine = parse_options(s.syn_opts) if s.syn_opts and not s.fake else {}
         s.t_mss = o.get("mss", 536)
         if "wscale" in o and "wscale" in mine:
             s.t_wscale = min(o["wscale"], 14)
