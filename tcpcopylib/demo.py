@@ -193,7 +193,7 @@ http {{
 }}
 """
 
-_PY_LOG_RE = re.compile(r'"[A-Z]+ \S+ HTTP/[\d.]+" \d{3}')
+_PY_LOG_RE = re.compile(r'^(?:::ffff:)?(\S+) .*"[A-Z]+ \S+ HTTP/[\d.]+" (\d{3})', re.M)
 
 
 class WebServer:
@@ -235,7 +235,12 @@ class WebServer:
         """Per-status counts, client addresses, and the log's rate (nginx: from $msec)."""
         lines = [ln for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()]
         info = {"requests": self.requests(), "statuses": {}, "clients": {}}
-        if self.kind != "nginx" or not lines:
+        if self.kind != "nginx":
+            for ip, status in _PY_LOG_RE.findall("\n".join(lines)):
+                info["clients"][ip] = info["clients"].get(ip, 0) + 1
+                info["statuses"][status] = info["statuses"].get(status, 0) + 1
+            return info
+        if not lines:
             return info
         ts = []
         for ln in lines:
