@@ -1,6 +1,7 @@
 """tc-session as a process: options, exit codes, timing, the loop with tc-feedback, man page."""
 
 import json
+import os
 import queue
 import re
 import signal
@@ -230,3 +231,17 @@ def test_stats_every_and_sigusr1_while_running():
         assert "1 sessions (1 active" in err  # the SIGUSR1 line or a periodic summary
     finally:
         s.stop()
+
+
+def test_input_from_a_regular_file(tmp_path):
+    f = tmp_path / "in.cbor"
+    f.write_bytes(tc.stream([pkt(0, C, O, 5000 + i, 80, CISN, 0, TH_SYN, options=MSS)
+                             for i in range(3)]))
+    for args, stdin in (([f], None), ([], f)):
+        with open(stdin or os.devnull, "rb") as fh:
+            r = subprocess.run([str(tc.BIN / "tc-session"), "--target", "10.2.0.5:80",
+                                "--no-feedback", "--drain", "0", *map(str, args)],
+                               stdin=fh, capture_output=True, env=tc.env(), timeout=30)
+        assert r.returncode == 0, r.stderr
+        flags = [parse_tcp(x["data"]).flags for x in tc.decode(r.stdout)]
+        assert flags == [TH_SYN] * 3 + [TH_RST] * 3  # SYNs, then aborted at the end

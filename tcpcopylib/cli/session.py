@@ -190,7 +190,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
-        sel = selectors.DefaultSelector()
+        sel = selectors.PollSelector()  # epoll refuses regular files (tc-session < file)
         sel.register(in_fd, selectors.EVENT_READ, "in")
         sel.register(rpipe, selectors.EVENT_READ, "sig")
         if fb is not None:

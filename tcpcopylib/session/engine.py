@@ -962,6 +962,8 @@ class Engine:
             return
         if rst and s.state == ESTAB and not (s.fin_sent and s.t_fin):
             self._send_rst(s)
+        elif rst and s.state == SYN_SENT:  # a SYN-ACK may be on its way: abort it
+            self._out(s, self._seq(s, s.syn_off + 1), 0, TH_RST)
         s.state = DONE
         self._detach(s)
         if self.sessions.get(s.key) is s:
