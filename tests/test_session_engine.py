@@ -691,3 +691,15 @@ def test_truncated_captured_packet_is_not_sent():
     assert h.pkts() == [] and h.e.st.pkts_truncated == 1
     h.advance(1100)
     assert h.outcomes() == {"capture_gap": 1}
+
+
+def test_keepalive_timeout_for_an_idle_session_with_nothing_pending():
+    h = H(idle_timeout=30 * SEC, keepalive_timeout=60 * SEC)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"resp")
+    h.advance(45_000)  # beyond -t: an idle keep-alive connection survives
+    assert h.e.active() == 1
+    h.advance(16_000)
+    assert any(p.flags & TH_RST for p in h.pkts())
+    assert h.outcomes() == {"completed": 1}
