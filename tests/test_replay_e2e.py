@@ -53,7 +53,7 @@ def assert_identical(rec, rep, n_streams, allow_remap=False):
     return res
 
 
-# -- (1) + (7): every scenario, IPv4 and IPv6 -----------------------------------------------------
+# -- (1) + (7): every scenario, IPv4 and IPv6 --------------------------------------------------
 
 SCENARIOS = {
     "keepalive": (["--conns", 3, "--requests", 4], {}),
@@ -81,7 +81,7 @@ def test_replay_scenario_byte_identical(lab, tmp_path, scenario, v6):
     assert rep.stats["sessions"] == n and rep.stats["fake_syn"] == 0, rep.stats
 
 
-# -- (2) a capture that starts mid-connection ----------------------------------------------------
+# -- (2) a capture that starts mid-connection --------------------------------------------------
 
 def test_replay_midconnection_capture_and_only_syn(lab, tmp_path):
     rec = h.record(lab, tmp_path / "rec", "keepalive", "--conns", 3, "--requests", 3,
@@ -101,7 +101,7 @@ def test_replay_midconnection_capture_and_only_syn(lab, tmp_path):
     assert completed(rep.stats) == 0 and count(rep.stats["outcomes"], "filtered") == 3, rep.stats
 
 
-# -- (3) a slow target ------------------------------------------------------------------------------
+# -- (3) a slow target -------------------------------------------------------------------------
 
 def test_replay_slow_target_gets_every_request_in_order(lab, tmp_path):
     rec = h.record(lab, tmp_path / "rec", "keepalive", "--conns", 2, "--requests", 4)
@@ -115,7 +115,7 @@ def test_replay_slow_target_gets_every_request_in_order(lab, tmp_path):
     assert completed(rep.stats) == 2 and failed(rep.stats) == 0, rep.stats
 
 
-# -- (4) packet loss between online and target --------------------------------------------------------
+# -- (4) packet loss between online and target -------------------------------------------------
 
 def test_replay_survives_5_percent_loss(lab, tmp_path):
     """5 % of the packets from online to the target are dropped (iptables on the target;
@@ -136,7 +136,7 @@ def test_replay_survives_5_percent_loss(lab, tmp_path):
     assert completed(rep.stats) == 10 and failed(rep.stats) == 0, rep.stats
 
 
-# -- (5) a target that closes after the first response -------------------------------------------------
+# -- (5) a target that closes after the first response -----------------------------------------
 
 def test_replay_target_closing_early_gets_reconnections(lab, tmp_path):
     rec = h.record(lab, tmp_path / "rec", "keepalive", "--conns", 3, "--requests", 3)
@@ -153,7 +153,7 @@ def test_replay_target_closing_early_gets_reconnections(lab, tmp_path):
     assert count(rep.stats["outcomes"], "reconnected") == 3 and failed(rep.stats) == 0, rep.stats
 
 
-# -- (6) the target's replies never reach the assistant ----------------------------------------------
+# -- (6) the target's replies never reach the assistant ----------------------------------------
 
 @pytest.mark.parametrize("lab", [{"without_target_route": True}], indirect=True)
 def test_replay_without_route_to_assistant_never_established(lab, tmp_path):
@@ -165,7 +165,7 @@ def test_replay_without_route_to_assistant_never_established(lab, tmp_path):
     assert completed(rep.stats) == 0, rep.stats
 
 
-# -- timing: sessions start at their recorded times --------------------------------------------------
+# -- timing: sessions start at their recorded times --------------------------------------------
 
 def test_replay_keeps_session_arrival_times(lab, tmp_path):
     rec = h.record(lab, tmp_path / "rec", "close", "--conns", 6, "--gap", 0.25)
@@ -181,7 +181,7 @@ def test_replay_keeps_session_arrival_times(lab, tmp_path):
         assert abs(g - w) < 0.05, f"session {k}: recorded at +{w:.3f} s, replayed at +{g:.3f} s"
 
 
-# -- (8) 2,000 sessions -------------------------------------------------------------------------------
+# -- (8) 2,000 sessions ------------------------------------------------------------------------
 
 def test_replay_2000_sessions_all_byte_identical(lab, tmp_path):
     rec = h.record(lab, tmp_path / "rec", "many", "--conns", 2000, "--requests", 2,
