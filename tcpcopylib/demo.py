@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -594,8 +595,9 @@ def goal(report) -> list[str]:
     s, problems = report["sessions"], []
     if s["replayed"] == 0:
         problems.append("no session was replayed")
-    elif s["completion_pct"] < GOAL_PCT:
-        problems.append(f"completion {s['completion_pct']:.2f} % < {GOAL_PCT} %")
+    elif 100.0 * s["completed"] / s["replayed"] < GOAL_PCT:
+        problems.append(f"completion {100.0 * s['completed'] / s['replayed']:.3f} % "
+                        f"< {GOAL_PCT} %")
     c = report.get("client")
     if c and c["errors"]:
         problems.append(f"{c['errors']} client requests failed or were not answered 200 "
@@ -624,9 +626,10 @@ def format_report(r) -> str:
     on, tg, s = r["online"], r["target"], r["sessions"]
     src = "in the capture" if r["mode"] == "pcap" else "in its access log"
     lines.append(f"online         {on['requests']} requests {src}")
+    shown = math.floor(10000.0 * s["completed"] / max(s["replayed"], 1)) / 100
     fails = ", ".join(f"{k} {v}" for k, v in s["failed"].items()) or "none"
     lines.append(f"tc-session     {s['seen']} sessions seen, {s['replayed']} replayed, "
-                 f"{s['completed']} completed = {s['completion_pct']:.2f} % "
+                 f"{s['completed']} completed = {shown:.2f} % "
                  f"(goal >= {GOAL_PCT} %); failed: {fails}")
     if s["retransmits"] or s["reconnections"]:
         lines.append(f"               {s['retransmits']} retransmissions, "
@@ -690,10 +693,13 @@ def main(argv=None) -> int:
         print(f"demo: error: {a.pcap}: no such file", file=sys.stderr)
         return 66
 
-    def on_term(signum, frame):
-        raise _Stop()
+    def on_signal(signum, frame):
+        # a second Ctrl-C / SIGTERM must not cut the teardown short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt if signum == signal.SIGINT else _Stop()
 
-    old = signal.signal(signal.SIGTERM, on_term)
+    old = signal.signal(signal.SIGTERM, on_signal), signal.signal(signal.SIGINT, on_signal)
     demo = Demo(a)
     try:
         report = demo.run()
@@ -711,7 +717,8 @@ def main(argv=None) -> int:
         print(f"demo: error: {e}", file=sys.stderr)
         return 69
     finally:
-        signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGTERM, old[0])
+        signal.signal(signal.SIGINT, old[1])
     print(format_report(report), flush=True)
     if a.json:
         report["goal_met"] = not goal(report)

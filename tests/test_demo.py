@@ -130,7 +130,9 @@ def test_goal_and_report_text():
     ok = _report(1000, 1000, 2000, 2000)
     assert goal(ok) == [] and "result         OK" in format_report(ok)
     low = _report(998, 1000, 2000, 2000)
-    assert goal(low) and "MISSED: completion 99.80 %" in format_report(low)
+    assert goal(low) and "MISSED: completion 99.800 %" in format_report(low)
     assert "no_synack 2" in format_report(low)
+    edge = _report(9989, 9999, 2000, 2000)  # 99.8999 % is not shown as 99.90 %
+    assert goal(edge) and "completed = 99.89 %" in format_report(edge)
     short = _report(1000, 1000, 1999, 2000)
     assert goal(short) == ["target served 1999 requests, online 2000"]
