@@ -55,6 +55,12 @@ def make_pcap(path: str, n: int) -> list:
     return conns
 
 
+def _cpu(pid: int) -> float:
+    """user + system CPU seconds of a live process."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_one(ns_gen, ns_as, pcap, conns, rate, count, per_file, tmp) -> dict:
     addr = f"unix:{tmp}/fb.sock"
     env = dict(os.environ, PATH=f"{REPO}/bin:{os.environ['PATH']}")
@@ -82,6 +88,7 @@ def run_one(ns_gen, ns_as, pcap, conns, rate, count, per_file, tmp) -> dict:
         loops = max(1, count // per_file)
         speed = ["--topspeed"] if rate == "top" else [f"--pps={rate}"]
         t_start = time.monotonic()
+        cpu0 = time.process_time()
         gen = subprocess.Popen(["ip", "netns", "exec", ns_gen, "tcpreplay", "-q", "-K",
                                 "-i", "bgen0", f"--loop={loops}", *speed, pcap],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -104,7 +111,9 @@ def run_one(ns_gen, ns_as, pcap, conns, rate, count, per_file, tmp) -> dict:
             if time.monotonic() - t_start > 120:
                 break
         out = gen.communicate(timeout=60)[0]
+        client_cpu = time.process_time() - cpu0
         c.close()
+        cpu = {"intercept": _cpu(icpt.pid), "feedback": _cpu(fbk.pid), "client": client_cpu}
     finally:
         if icpt.poll() is None:
             icpt.terminate()
@@ -118,6 +127,7 @@ def run_one(ns_gen, ns_as, pcap, conns, rate, count, per_file, tmp) -> dict:
         "offered_pps": float(offered.group(1)) if offered else float("nan"),
         "delivered_per_s": (got - 1) / (last - first) if last and last > first else 0.0,
         "kernel_recv": int(m.group(1)) if m else -1, "kernel_drop": int(m.group(2)) if m else -1,
+        "cpu_us": {k: v / got * 1e6 if got else 0.0 for k, v in cpu.items()},
         "fb_stats": [ln for ln in ferr.splitlines() if "replies in" in ln][-1:],
     }
 
@@ -157,6 +167,8 @@ def main():
             print(f"rate {rate:>7}: offered {r['offered_pps']:>9,.0f} pps, delivered "
                   f"{r['delivered']:,}/{r['sent']:,} at {r['delivered_per_s']:>9,.0f} replies/s, "
                   f"kernel drops {r['kernel_drop']:,} (of {r['kernel_recv']:,}), lost {lost:,}")
+            print("    CPU per reply: " + ", ".join(f"{k} {v:.2f} us"
+                                                  for k, v in r["cpu_us"].items()))
             for ln in r["fb_stats"]:
                 print("   ", ln)
     finally:

@@ -96,6 +96,22 @@ _FB8 = FB_PREFIX + b"\x1b"
 _FB8_MID = _FB_DATA + b"\x58"
 
 
+def fb_span(buf, pos: int):
+    """(end, data start, data end) of an fb record of the usual shape at pos, else None.
+
+    The router's path: it needs the record's bytes and the reply's addresses, not a dict.
+    """
+    if buf.startswith(_FB8_MID, pos + 18) and len(buf) > pos + 24 and buf.startswith(_FB8, pos):
+        d1 = pos + 25 + buf[pos + 24]
+        if buf.startswith(_FB_LEN, d1) and len(buf) > d1 + 6:
+            lb = buf[d1 + 4]
+            if lb == 0x19:
+                return d1 + 7, pos + 25, d1
+            if lb == 0x18:
+                return d1 + 6, pos + 25, d1
+    return None
+
+
 def fast_fb(buf, pos: int):
     """(record, end) for an fb record in exactly tc-intercept's layout at pos, else None.
 
@@ -150,7 +166,9 @@ class StreamDecoder:
         self._expect_header = False
         self.consumed = 0
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data: bytes, fb_sink=None) -> list:
+        """Records completed by `data`. With fb_sink, fb records of the usual shape are not
+        decoded but passed as fb_sink(buf, start, end, data_start, data_end)."""
         buf = self.buf + data if self.buf else data
         if self.header is None and not self._expect_header:
             n = min(len(buf), len(LABEL))
@@ -166,6 +184,12 @@ class StreamDecoder:
                 bio.seek(pos)
                 self._expect_header = True
                 continue
+            if fb_sink is not None and self.header is not None and not self._expect_header:
+                span = fb_span(buf, pos)
+                if span is not None:
+                    fb_sink(buf, pos, *span)
+                    pos = span[0]
+                    continue
             if not self._expect_header:
                 got = fast_fb(buf, pos)
                 if got is not None:
@@ -216,20 +240,22 @@ def version_error(peer_v, who: str) -> str | None:
 
 # -- routing keys ------------------------------------------------------------------------
 
-def reply_key(data) -> tuple | None:
-    """(client ip, client port, target ip, target port) of a reply: its dst, then its src."""
-    if len(data) < 20:
+def reply_key(data, off: int = 0, end: int = -1) -> tuple | None:
+    """(client ip, client port, target ip, target port) of the reply at data[off:end]:
+    its destination, then its source."""
+    n = (len(data) if end < 0 else end) - off
+    if n < 20:
         return None
-    v = data[0] >> 4
+    v = data[off] >> 4
     if v == 4:
-        ihl = (data[0] & 0x0F) * 4
-        if len(data) < ihl + 4:
+        ihl = (data[off] & 0x0F) * 4
+        if n < ihl + 4:
             return None
-        sport, dport = _PORTS.unpack_from(data, ihl)
-        return (bytes(data[16:20]), dport, bytes(data[12:16]), sport)
-    if v == 6 and len(data) >= 44:
-        sport, dport = _PORTS.unpack_from(data, 40)
-        return (bytes(data[24:40]), dport, bytes(data[8:24]), sport)
+        sport, dport = _PORTS.unpack_from(data, off + ihl)
+        return (bytes(data[off + 16:off + 20]), dport, bytes(data[off + 12:off + 16]), sport)
+    if v == 6 and n >= 44:
+        sport, dport = _PORTS.unpack_from(data, off + 40)
+        return (bytes(data[off + 24:off + 40]), dport, bytes(data[off + 8:off + 24]), sport)
     return None
 
 
@@ -523,9 +549,10 @@ class FeedbackServer:
                         eof_at = time.monotonic()
                         self.info("input ended; draining", 1)
                         continue
-                    for item, raw in decoder.feed(data):
+                    for item, raw in self._feed_input(decoder, data):
                         if item.get("t") == T_FB:
-                            self.route(item.get("data"), raw, time.monotonic())
+                            d = item.get("data")
+                            self.route(reply_key(d) if d else None, raw)
                 elif what == "listen":
                     self._accept()
                 else:
@@ -541,9 +568,56 @@ class FeedbackServer:
             raise StreamError(f"{decoder.name}: truncated record at end of input")
 
     # -- routing -------------------------------------------------------------------------
-    def route(self, data, raw: bytes, now: float) -> None:
+    def _feed_input(self, decoder: StreamDecoder, data: bytes) -> list:
+        """Route the leading run of usual-shape fb records of the input inline (the hot
+        loop: no calls per record); the rest goes through the decoder."""
+        buf = decoder.buf + data if decoder.buf else data
+        decoder.buf = b""
+        if decoder.header is None or decoder._expect_header:
+            return decoder.feed(buf, self._route_span)
+        pos, n_buf, routes, cap = 0, len(buf), self.routes, self.client_buffer
+        dirty, startswith = self._dirty, buf.startswith
+        delivered = 0
+        while n_buf > pos + 24 and startswith(_FB8_MID, pos + 18) and startswith(_FB8, pos):
+            d0 = pos + 25
+            d1 = d0 + buf[pos + 24]
+            if n_buf <= d1 + 6 or not startswith(_FB_LEN, d1):
+                break
+            lb = buf[d1 + 4]
+            if lb == 0x19:
+                end = d1 + 7
+            elif lb == 0x18:
+                end = d1 + 6
+            else:
+                break
+            b0 = buf[d0]
+            o = d0 + (b0 & 15) * 4
+            if b0 >> 4 == 4 and o + 4 <= d1:
+                key = (buf[d0 + 16:d0 + 20], (buf[o + 2] << 8) | buf[o + 3],
+                       buf[d0 + 12:d0 + 16], (buf[o] << 8) | buf[o + 1])
+            else:
+                key = reply_key(buf, d0, d1)
+            c = routes.get(key)
+            if c is not None and len(c.out) + end - pos <= cap:
+                c.out += buf[pos:end]
+                c.delivered += 1
+                delivered += 1
+                dirty.add(c)
+            else:
+                self.route(key, buf[pos:end])
+                self.counts["replies"] -= 1  # counted below with the others
+            self.counts["replies"] += 1
+            pos = end
+        self.counts["delivered"] += delivered
+        decoder.consumed += pos
+        return decoder.feed(buf[pos:] if pos else buf, self._route_span)
+
+    def _route_span(self, buf, start: int, end: int, d0: int, d1: int) -> None:
+        self.route(reply_key(buf, d0, d1), buf[start:end])
+
+    def route(self, key, raw: bytes) -> None:
+        """Deliver one encoded fb record whose reply has `key` (None: not TCP)."""
         self.counts["replies"] += 1
-        key = reply_key(data) if data else None
         if key is None:
             self.counts["not_tcp"] += 1
             return
@@ -556,7 +630,7 @@ class FeedbackServer:
             return
         if len(self.hold_order) >= self.hold_max:
             self._expire_one(overflow=True)
-        entry = [now + self.hold_s, key, raw]
+        entry = [time.monotonic() + self.hold_s, key, raw]
         self.held.setdefault(key, []).append(entry)
         self.hold_order.append(entry)
         self.counts["held"] += 1
