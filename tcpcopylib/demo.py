@@ -281,32 +281,54 @@ def wait_settled(count, quiet=1.0, timeout=15.0, want=None) -> int:
 # the demo
 # ---------------------------------------------------------------------------------------
 
-def pcap_requests(path: Path, port: int) -> dict:
-    """HTTP requests and client addresses in a capture (client->server segments that start
-    with a method)."""
+_LINK_HEADER = {1: 14, 113: 16, 276: 20, 0: 4, 108: 4}  # Ethernet, cooked v1/v2, loopback
+_METHODS = (b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH")
+
+
+def _pcap_tcp(path: Path):
+    """Yield (ts, ip, tcp) dpkt objects of a capture's TCP packets (plain Ethernet, cooked,
+    loopback or raw IP links; that is enough for a report)."""
     import dpkt
 
-    n, clients, first, last = 0, set(), None, None
     with open(path, "rb") as f:
         magic = f.read(4)
         f.seek(0)
         rd = dpkt.pcapng.Reader(f) if magic == b"\x0a\x0d\x0d\x0a" else dpkt.pcap.Reader(f)
-        dlt = rd.datalink()
+        skip = _LINK_HEADER.get(rd.datalink(), 0)
         for ts, buf in rd:
-            ip = buf[14:] if dlt == 1 else buf[16:] if dlt == 113 else buf
+            ip = buf[skip:]
             try:
                 pkt = dpkt.ip.IP(ip) if ip[0] >> 4 == 4 else dpkt.ip6.IP6(ip)
             except (dpkt.UnpackError, IndexError):
                 continue
-            tcp = pkt.data
-            if not isinstance(tcp, dpkt.tcp.TCP) or tcp.dport != port:
-                continue
-            clients.add(pkt.src)
-            first = ts if first is None else first
-            last = ts
-            if tcp.data[:8].split(b" ", 1)[0] in (b"GET", b"POST", b"HEAD", b"PUT", b"DELETE",
-                                                 b"OPTIONS", b"PATCH"):
-                n += 1
+            if isinstance(pkt.data, dpkt.tcp.TCP):
+                yield float(ts), pkt, pkt.data  # ns pcaps give a Decimal
+
+
+def pcap_server_port(path: Path) -> int:
+    """The port most SYNs (else most HTTP requests) of a capture go to; PORT if none."""
+    syns, reqs = {}, {}
+    for _, _, tcp in _pcap_tcp(path):
+        if tcp.flags & 0x12 == 0x02:
+            syns[tcp.dport] = syns.get(tcp.dport, 0) + 1
+        elif tcp.data[:8].split(b" ", 1)[0] in _METHODS:
+            reqs[tcp.dport] = reqs.get(tcp.dport, 0) + 1
+    counts = syns or reqs
+    return max(counts, key=counts.get) if counts else PORT
+
+
+def pcap_requests(path: Path, port: int) -> dict:
+    """HTTP requests and client addresses in a capture (client->server segments that start
+    with a method)."""
+    n, clients, first, last = 0, set(), None, None
+    for ts, pkt, tcp in _pcap_tcp(path):
+        if tcp.dport != port:
+            continue
+        clients.add(pkt.src)
+        first = ts if first is None else first
+        last = ts
+        if tcp.data[:8].split(b" ", 1)[0] in _METHODS:
+            n += 1
     return {"requests": n, "clients": len(clients),
             "span_s": round((last - first), 3) if first is not None else 0.0}
 
@@ -449,6 +471,8 @@ class Demo:
         self.work.mkdir(parents=True, exist_ok=True)
         self.work.chmod(0o755)
         self.lab = Lab()
+        if a.port is None:
+            a.port = pcap_server_port(Path(a.pcap)) if a.pcap else PORT
         report = {"mode": "record" if a.record else "pcap" if a.pcap else "live",
                   "lab": self.lab.name, "workdir": str(self.work), "port": a.port}
         try:
@@ -667,8 +691,9 @@ def build_parser():
                       help="replay this capture (tc-readpcap) instead of live traffic")
     mode.add_argument("--record", metavar="FILE",
                       help="only record a capture of the client load (tcpdump) into FILE")
-    p.add_argument("--port", type=int, default=PORT,
-                   help=f"server port on online and target (default {PORT})")
+    p.add_argument("--port", type=int,
+                   help=f"server port on online and target (default {PORT}; with --pcap: "
+                        "the port the capture's SYNs go to)")
     p.add_argument("--server", choices=("auto", "nginx", "python"), default="auto",
                    help="web server: nginx if installed (auto), or Python's http.server")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")

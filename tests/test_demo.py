@@ -136,3 +136,22 @@ def test_goal_and_report_text():
     assert goal(edge) and "completed = 99.89 %" in format_report(edge)
     short = _report(1000, 1000, 1999, 2000)
     assert goal(short) == ["target served 1999 requests, online 2000"]
+
+
+def test_pcap_port_and_requests_any_link(tmp_path):
+    """--pcap finds the capture's server port and counts its HTTP requests (cooked v2 link)."""
+    from capfiles import A4, B4, TS0, pcap, sll2
+
+    from tcpcopylib.demo import pcap_requests, pcap_server_port
+    from tcpcopylib.packet import build_tcp
+
+    pkts = [build_tcp(A4, B4, 40001, 80, 1, 0, 0x02),             # SYN to 80
+            build_tcp(A4, B4, 40001, 80, 2, 9, 0x18, payload=b"GET / HTTP/1.1\r\n\r\n"),
+            build_tcp(B4, A4, 80, 40001, 9, 20, 0x18, payload=b"HTTP/1.1 200 OK\r\n\r\n"),
+            build_tcp(A4, B4, 40002, 8080, 1, 0, 0x18, payload=b"POST /x HTTP/1.1\r\n\r\n")]
+    f = tmp_path / "c.pcap"
+    f.write_bytes(pcap([(TS0 + i * 10**9, sll2(0x0800, p)) for i, p in enumerate(pkts)],
+                       linktype=276))
+    assert pcap_server_port(f) == 80
+    assert pcap_requests(f, 80) == {"requests": 1, "clients": 1, "span_s": 1.0}
+    assert pcap_requests(f, 8080)["requests"] == 1
