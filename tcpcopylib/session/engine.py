@@ -150,7 +150,7 @@ class Session:
         "linger_at", "syn_t0", "wake", "dupacks", "recover", "last_rx", "last_data_rx",
         # gating
         "last_cack", "mark", "group_t", "group_data",
-        "reconnects", "psum", "max_cack",
+        "reconnects", "psum", "ipsum", "max_cack",
     )
 
     def __init__(self, sid, key, now):
@@ -384,6 +384,8 @@ class Engine:
             self.time_wait = {k: v for k, v in self.time_wait.items() if v > now}
         s.tip, s.tport, s.cport = tip, tport, cport
         s.psum = _pseudo_base(s.cip, tip)
+        if len(tip) == 4:  # the IPv4 header's constant words (see _out)
+            s.ipsum = 0x4500 + 0x4000 + 0x4006 + sum(struct.unpack("!4H", s.cip + tip))
         self.by_target[tup] = s
         if self.claims is not None:
             self.claims.claim(s.cip, cport, tip, tport)
@@ -470,8 +472,11 @@ class Engine:
         tl = len(tcp)
         _U16.pack_into(tcp, 16, checksum(tcp, s.psum + _len_word(tl)))
         if len(s.cip) == 4:
-            ip = bytearray(_IP4.pack(0x45, 0, 20 + tl, ip_id, 0x4000, 64, 6, 0, s.cip, s.tip))
-            _U16.pack_into(ip, 10, checksum(ip))
+            c = s.ipsum + 20 + tl + ip_id  # RFC 1071 on big-endian words, folded here
+            c = (c & 0xFFFF) + (c >> 16)
+            c = (c & 0xFFFF) + (c >> 16)
+            ip = bytearray(_IP4.pack(0x45, 0, 20 + tl, ip_id, 0x4000, 64, 6, ~c & 0xFFFF,
+                                     s.cip, s.tip))
         else:
             ip = bytearray(_IP6.pack(0x60000000, tl, 6, 64, s.cip, s.tip))
         ip += tcp
