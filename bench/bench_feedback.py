@@ -61,11 +61,12 @@ def _cpu(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_one(ns_gen, ns_as, pcap, conns, rate, count, per_file, tmp) -> dict:
+def run_one(ns_gen, ns_as, pcap, conns, rate, count, per_file, tmp, buffer_kib) -> dict:
     addr = f"unix:{tmp}/fb.sock"
     env = dict(os.environ, PATH=f"{REPO}/bin:{os.environ['PATH']}")
     icpt = subprocess.Popen(["ip", "netns", "exec", ns_as, sys.executable, f"{REPO}/bin/tc-intercept",
-                             "bas0", "-F", "tcp and src port 8080", "-v", "--stats"],
+                             "bas0", "-F", "tcp and src port 8080", "-v", "--stats",
+                             "-B", str(buffer_kib)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     fbk = subprocess.Popen([sys.executable, f"{REPO}/bin/tc-feedback", "--listen", addr,
                             "--stats", "--hold-ms", "100"],
@@ -137,6 +138,8 @@ def main():
     ap.add_argument("--rates", nargs="+", default=["50000", "top"],
                     help="packets/s for each run, or 'top' (default: 50000 top)")
     ap.add_argument("--count", type=int, default=250_000, help="replies per run")
+    ap.add_argument("-B", "--buffer", type=int, default=65536,
+                    help="tc-intercept's kernel buffer in KiB (default 65536, its default)")
     args = ap.parse_args()
     if os.geteuid() != 0 or not shutil.which("tcpreplay"):
         raise SystemExit("needs root and tcpreplay (apt-get install tcpreplay)")
@@ -160,9 +163,10 @@ def main():
         pcap = os.path.join(tmp, "replies.pcap")
         conns = make_pcap(pcap, per_file)
         print(f"tc-intercept | tc-feedback -> 1 client, {KEYS} claimed connections, "
-              f"94-byte frames, {os.cpu_count()} CPUs")
+              f"94-byte frames, {os.cpu_count()} CPUs, capture buffer {args.buffer} KiB, "
+              f"load average {os.getloadavg()[0]:.1f} before")
         for rate in args.rates:
-            r = run_one(ns_gen, ns_as, pcap, conns, rate, args.count, per_file, tmp)
+            r = run_one(ns_gen, ns_as, pcap, conns, rate, args.count, per_file, tmp, args.buffer)
             lost = r["sent"] - r["delivered"]
             print(f"rate {rate:>7}: offered {r['offered_pps']:>9,.0f} pps, delivered "
                   f"{r['delivered']:,}/{r['sent']:,} at {r['delivered_per_s']:>9,.0f} replies/s, "

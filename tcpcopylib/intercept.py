@@ -25,7 +25,7 @@ ETH_VLANS = (0x8100, 0x88A8, 0x9100)
 
 MAX_L2 = 28         # Ethernet + 2 VLAN tags, or Linux cooked v2 (20)
 MAX_HEADERS = 120   # IPv4 (<= 60) + TCP (<= 60); IPv6 fixed header 40 + TCP 60
-BUFFER_SIZE = 16 << 20
+BUFFER_SIZE = 64 << 20
 BATCH = 1024
 
 _U16 = struct.Struct("!H")

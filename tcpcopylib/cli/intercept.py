@@ -36,8 +36,8 @@ class Tool(_Tool):
                        help="also keep the first N payload bytes of each reply (default 0)")
         p.add_argument("-p", "--no-promisc", action="store_true",
                        help="do not put the interface into promiscuous mode")
-        p.add_argument("-B", "--buffer-size", type=int, default=16384, metavar="KIB",
-                       help="kernel capture buffer in KiB (default 16384)")
+        p.add_argument("-B", "--buffer-size", type=int, default=65536, metavar="KIB",
+                       help="kernel capture buffer in KiB (default 65536)")
         p.add_argument("-c", "--count", type=int, default=0, metavar="N",
                        help="exit after writing N records (default: run until stopped)")
         p.add_argument("--stats-interval", type=float, default=10.0, metavar="S",
