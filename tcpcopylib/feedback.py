@@ -30,6 +30,7 @@ from tcpcopylib.records import FORMAT_VERSION, LABEL, T_CLAIM, T_FB, T_HEADER, e
 DEFAULT_PORT = 36524
 DEFAULT_ADDRESS = f"tcp:127.0.0.1:{DEFAULT_PORT}"
 ENV_ADDRESS = "TC_FEEDBACK"
+HOLD_BYTES = 64 << 20  # held replies never take more memory than this
 T_ERROR = "error"  # server -> client, just before it closes the connection
 
 _U16 = struct.Struct("!H")
@@ -462,6 +463,7 @@ class FeedbackServer:
         self.routes: dict = {}      # key -> _Client
         self.held: dict = {}        # key -> [entry, ...]; entry = [deadline, key, raw]
         self.hold_order = collections.deque()
+        self.held_bytes = 0
         self.clients: dict = {}     # fd -> _Client
         self.counts = dict(replies=0, delivered=0, held=0, held_delivered=0, unclaimed=0,
                            hold_overflow=0, dropped_slow=0, not_tcp=0, clients=0,
@@ -628,8 +630,10 @@ class FeedbackServer:
         if self.hold_s <= 0:
             self.counts["unclaimed"] += 1
             return
-        if len(self.hold_order) >= self.hold_max:
+        while self.hold_order and (len(self.hold_order) >= self.hold_max
+                                   or self.held_bytes + len(raw) > HOLD_BYTES):
             self._expire_one(overflow=True)
+        self.held_bytes += len(raw)
         entry = [time.monotonic() + self.hold_s, key, raw]
         self.held.setdefault(key, []).append(entry)
         self.hold_order.append(entry)
@@ -644,6 +648,7 @@ class FeedbackServer:
         entry = self.hold_order.popleft()
         if entry[2] is None:
             return  # delivered already
+        self.held_bytes -= len(entry[2])
         lst = self.held.get(entry[1])
         if lst:
             lst.remove(entry)
@@ -686,6 +691,7 @@ class FeedbackServer:
                 held = self.held.pop(key, None)
                 if held:
                     for entry in held:
+                        self.held_bytes -= len(entry[2])
                         if self._deliver(c, entry[2]):
                             self.counts["held_delivered"] += 1
                         entry[2] = None

@@ -356,3 +356,50 @@ def test_decoder_split_anywhere():
         items = d.feed(data[:cut]) + d.feed(data[cut:])
         assert [i["t"] for i, _ in items] == ["header", "fb", "fb", "header", "fb"]
         assert cbor2.loads(items[2][1]) == items[2][0]
+
+
+def test_hold_is_bounded(server):
+    s = server("--hold-max", "2", "--hold-ms", "5000")
+    a = s.client()
+    s.send(fb(1000), fb(1001), fb(1002))  # the oldest held reply is pushed out
+    time.sleep(0.3)
+    for port in (1000, 1001, 1002):
+        a.claim(C4, port, T4, 8080)
+    a.flush()
+    assert ports(collect(a, 2)) == [1001, 1002]
+    assert collect(a, 1, timeout=0.3) == []
+    rc, err = s.finish()
+    st = stats(err)
+    assert (st["delivered"], st["unclaimed"]) == (2, 1)
+
+
+def test_file_input_and_sigterm(tmp_path):
+    """A regular file as input; SIGTERM stops a server cleanly (exit 0, socket removed)."""
+    import signal
+
+    f = tmp_path / "in.cbor"
+    f.write_bytes(tc.stream([fb(1000)]))
+    sock = tmp_path / "s.sock"
+    r = tc.run(["tc-feedback", "--listen", f"unix:{sock}", "--stats", "--hold-ms", "50", f])
+    assert r.returncode == 0, r.stderr
+    assert b"1 replies in, 0 delivered" in r.stderr and b"1 unclaimed" in r.stderr
+    p = subprocess.Popen([str(tc.BIN / "tc-feedback"), "--listen", f"unix:{sock}"],
+                         stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=tc.env())
+    try:
+        for _ in range(250):
+            if sock.exists():
+                break
+            time.sleep(0.02)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(10) == 0
+        assert not sock.exists()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_bad_input_exit_65(tmp_path):
+    r = tc.run(["tc-feedback", "--listen", f"unix:{tmp_path}/s.sock"], input=b"not a stream")
+    assert r.returncode == 65
+    assert b"not a tcpcopy record stream" in r.stderr
