@@ -205,7 +205,8 @@ class WebServer:
         self.dir = workdir / f"{host}-server"
         (self.dir / "www").mkdir(parents=True, exist_ok=True)
         for name, size in FILES.items():
-            (self.dir / "www" / name).write_bytes((name.encode() + b"\n") * (size // (len(name) + 1)))
+            line = name.encode() + b"\n"
+            (self.dir / "www" / name).write_bytes(line * (size // len(line)))
         self.log = self.dir / "access.log"
         self.log.touch()
         self.proc = None
@@ -218,11 +219,11 @@ class WebServer:
             self.proc = self.lab.start_server(self.host, argv, port=self.port,
                                               start_new_session=True)
         else:
-            self._err = open(self.log, "ab")
             argv = [sys.executable, "-m", "http.server", str(self.port), "--bind", "::",
                     "--protocol", "HTTP/1.1", "--directory", str(self.dir / "www")]
-            self.proc = self.lab.start_server(self.host, argv, port=self.port,
-                                              stderr=self._err, start_new_session=True)
+            with open(self.log, "ab") as log:  # http.server logs requests on stderr
+                self.proc = self.lab.start_server(self.host, argv, port=self.port,
+                                                  stderr=log, start_new_session=True)
         return self
 
     def requests(self) -> int:

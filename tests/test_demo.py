@@ -1,4 +1,5 @@
-"""python3 -m tcpcopylib.demo: the one-command demo, shortened, checked against the servers' logs."""
+"""python3 -m tcpcopylib.demo: the one-command demo, shortened, checked against the servers'
+access logs."""
 
 from __future__ import annotations
 
