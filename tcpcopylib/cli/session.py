@@ -18,6 +18,7 @@ from tcpcopylib.errors import UsageError
 SEC = 1_000_000_000
 MAX_PENDING = 100_000   # records held for their due time before we stop reading stdin
 CHUNK = 1 << 17
+OUT_BATCH = 1 << 16     # output bytes buffered before a flush within one loop turn
 
 
 class _Claims:
@@ -143,7 +144,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
 
         import cbor2
 
-        from tcpcopylib.records import header
+        from tcpcopylib.records import RecordWriter, header
         from tcpcopylib.session.timing import DueQueue
         from tcpcopylib.streamparse import StreamParser
 
@@ -154,14 +155,21 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
 
             fb = FeedbackClient(args.feedback, name=self.name)
             claims = _Claims(fb)
-        writer = self.record_writer(header(self.name))
+        # The writer never flushes by itself: flush_out() sends pending claims first, so a
+        # claim always reaches tc-feedback before the SYN that needs it leaves this process.
+        writer = RecordWriter(self.stdout_fd, header(self.name), bufsize=1 << 62)
         dumps = cbor2.dumps
 
-        def emit(data, sid, now):
+        def flush_out():
             if claims is not None and claims.dirty:
-                fb.flush()  # the claim must reach tc-feedback before the SYN's reply
+                fb.flush()
                 claims.dirty = False
+            writer.flush()
+
+        def emit(data, sid, now):
             writer.write_raw(dumps({"t": "pkt", "ts": now, "data": data, "sid": sid}))
+            if len(writer.buf) >= OUT_BATCH:
+                flush_out()
 
         engine = self.engine = self._build_engine(args, emit, claims)
         if args.verbose:
@@ -219,9 +227,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                 if next_stats is not None and time.monotonic() >= next_stats:
                     self._print_summary()
                     next_stats += args.stats_every
-                if fb is not None:
-                    fb.flush()
-                writer.flush()
+                flush_out()
                 # back-pressure: hold at most MAX_PENDING records for their due time
                 if reading and len(due) >= MAX_PENDING:
                     sel.unregister(in_fd)
