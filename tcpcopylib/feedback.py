@@ -335,7 +335,6 @@ class FeedbackClient:
                 return
             except OSError as e:
                 self._eof = True
-                self._error = e
                 return
             if not data:
                 self._eof = True

@@ -1,6 +1,5 @@
 """tc-feedback + FeedbackClient: routing replies to the clients that claimed them (no root)."""
 
-import os
 import socket
 import subprocess
 import threading
