@@ -43,6 +43,7 @@ _IP6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIBBH")
 _TSOPT = struct.Struct("!BBBBII")
 _TCPH = struct.Struct("!HHIIBBHHH")
+_IP4TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBH")
 _U16 = struct.Struct("!H")
 _LITTLE = struct.pack("=H", 1) == b"\x01\x00"
 
@@ -228,6 +229,16 @@ def parse_tcp_fast(data, orig_len=None):
     n = len(data)
     if n < 40:
         return None
+    if data[0] == 0x45:  # the usual case: IPv4 without options, one unpack
+        (_vhl, _tos, tot, _id, frag, _ttl, proto, _s, src, dst, sport, dport, seq, ack, off,
+         flags, win) = _IP4TCP.unpack_from(data)
+        if proto != 6 or frag & 0x1FFF:
+            return None
+        doff = (off >> 4) * 4
+        plen = (orig_len or tot) - 20 - doff
+        if doff < 20 or plen < 0:
+            return None
+        return src, dst, 20, sport, dport, seq, ack, doff, flags, win, plen
     v = data[0] >> 4
     if v == 4:
         vhl, _tos, tot, _id, frag, _ttl, proto, _s, src, dst = _IP4.unpack_from(data)
