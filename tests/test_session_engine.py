@@ -91,10 +91,6 @@ class H:
         return self.pkts()
 
 
-def flags(p):
-    return p.flags
-
-
 # -- handshake ------------------------------------------------------------------------
 
 def test_captured_syn_forwarded_with_isn_options_and_claim_first():
