@@ -31,7 +31,9 @@ def pkt(ts, *a, **kw):
 def test_usage_errors_exit_2():
     for args in ([], ["--target", "10.0.0.1:80", "-x", "80-10.0.0.1:80"],
                  ["-x", "80-nohost:80"], ["--target", "10.0.0.1"],
-                 ["--any-port", "-x", "80-10.0.0.1:80"], ["--target", "1.2.3.4:80", "-r", "0"]):
+                 ["--any-port", "-x", "80-10.0.0.1:80"], ["--target", "1.2.3.4:80", "-r", "0"],
+                 ["--target", "1.2.3.4:80", "-t", "0"], ["--target", "1.2.3.4:80", "--drain", "-1"],
+                 ["--target", "1.2.3.4:80", "--timeout", "x"]):
         r = tc.run(["tc-session", "--no-feedback", *args], input=tc.stream([]))
         assert r.returncode == 2, args
         assert r.stderr.startswith(b"tc-session")

@@ -127,6 +127,13 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             raise UsageError("-r/--sample takes a percentage in 1..100")
         if not 88 <= args.mss <= 65495:
             raise UsageError("--mss out of range")
+        for name in ("gate_timeout", "timeout", "keepalive", "connect_timeout", "gap_timeout",
+                     "stats_every"):
+            v = getattr(args, name)
+            if v is not None and not v > 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive")
+        if args.quiet < 0 or args.drain < 0 or args.max_reconnects < 0:
+            raise UsageError("--quiet, --drain and --max-reconnects cannot be negative")
         rules = (parse_target(args.target, args.any_port) if args.target
                  else parse_transfer(args.transfer))
         ka = args.keepalive if args.keepalive is not None else args.timeout + 120
