@@ -28,6 +28,13 @@ def demo(*args, timeout=120) -> subprocess.CompletedProcess:
                           env=env)
 
 
+def diag(r, work: Path) -> str:
+    """The demo's output and its tools' stderr, for assertion messages."""
+    logs = "".join(f"\n--- {f.name}\n{f.read_text(errors='replace')[-1500:]}"
+                   for f in sorted(Path(work).glob("*.stderr")))
+    return f"rc={r.returncode}\n{r.stdout}\n{r.stderr}{logs}"
+
+
 def log_lines(path) -> int:
     """Request lines in an access log (nginx's and http.server's both quote the request line
     and follow it with the status)."""
@@ -57,7 +64,7 @@ def test_live_demo(tmp_path, server, duration, rate):
     work, js = tmp_path / "work", tmp_path / "report.json"
     r = demo("--duration", duration, "--rate", rate, "--server", server, "--json", js,
              "--workdir", work)
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 0, diag(r, work)
     rep = json.loads(js.read_text())
     check_report(rep, work)
     assert rep["mode"] == "live"
@@ -78,7 +85,7 @@ def test_live_demo(tmp_path, server, duration, rate):
 def test_pcap_demo(tmp_path):
     work, js = tmp_path / "work", tmp_path / "report.json"
     r = demo("--pcap", PCAP, "--json", js, "--workdir", work)
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 0, diag(r, work)
     rep = json.loads(js.read_text())
     check_report(rep, work)
     assert rep["mode"] == "pcap" and rep["online"]["requests"] == 300
