@@ -647,3 +647,130 @@ def netstat_counters(lab, host) -> dict:
         if len(f) >= 2 and f[1].isdigit() and int(f[1]):
             out[f[0]] = int(f[1])
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# live: tc-capture IFACE | tc-session | tc-pace | tc-emit on online, real clients meanwhile
+# ---------------------------------------------------------------------------------------
+
+LIVE_CHAIN = ("tc-capture", "tee", "tc-session", "tc-pace", "tc-emit")
+
+
+@dataclass
+class Live:
+    """A running live pipeline (start_live); stop() ends it from the capture on."""
+
+    procs: dict
+    stats_json: Path
+    target_logs: Path | None
+    stats: dict | None = None
+    stopped: bool = False
+
+    def stop(self, timeout=30.0) -> dict | None:
+        """SIGTERM to tc-capture: the rest drains and ends on EOF; then the feedback side."""
+        if self.stopped:
+            return self.stats
+        self.stopped = True
+        try:
+            self.procs["tc-capture"].stop(timeout=5)
+            deadline = time.monotonic() + timeout
+            for name in LIVE_CHAIN[1:]:
+                if name in self.procs:
+                    self.procs[name].wait(max(0.1, deadline - time.monotonic()))
+        finally:
+            for name in (*LIVE_CHAIN, "tc-intercept"):
+                if name in self.procs:
+                    self.procs[name].stop()
+            if "tc-feedback" in self.procs:
+                self.procs["tc-feedback"].stop(timeout=8)
+        if self.stats_json.exists():
+            self.stats = json.loads(self.stats_json.read_text())
+        return self.stats
+
+    def rc(self, name):
+        return self.procs[name].p.returncode
+
+    def diagnostics(self) -> str:
+        return "\n".join(repr(p) for p in self.procs.values())
+
+    def capture_counts(self) -> dict:
+        """tc-capture's last stats line as {"packets written": n, "dropped by kernel": n, ...}."""
+        import re
+
+        lines = [ln for ln in self.procs["tc-capture"].stderr.splitlines() if "written" in ln]
+        if not lines:
+            return {}
+        last = lines[-1].rsplit(",", 1)[0]  # without the elapsed time
+        return {m.group(2): int(m.group(1))
+                for m in re.finditer(r"(\d+) ([a-z][a-z -]*?)(?:,|$| into)", last)}
+
+
+def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, tee=None,
+               capture_args=(), session_args=(), pace_args=(), emit_args=(),
+               feedback=True) -> Live:
+    """Start, on online: tc-capture IFACE | [tee FILE |] tc-session | tc-pace | tc-emit.
+
+    The feedback side (tc-intercept | tc-feedback) runs in the assistant. IFACE defaults to
+    the online host's client-facing interface, the capture filter to 'tcp dst port PORT'.
+    Returns once tc-capture is capturing; the caller starts the target's server and ends
+    the pipeline with Live.stop() (always: use try/finally).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tport = target_port or port
+    stats_json = workdir / "session-stats.json"
+    stats_json.unlink(missing_ok=True)
+    procs: dict = {}
+    live = Live(procs, stats_json, None)
+    ok = False
+    try:
+        if feedback:
+            fbprocs, addr = start_feedback(lab, workdir, tport)
+            procs.update(fbprocs)
+        target = f"[{lab.target_ip6}]:{tport}" if v6 else f"{lab.target_ip}:{tport}"
+        env = tool_env()
+        fbargs = ["--feedback", addr] if feedback else ["--no-feedback"]
+        chain = [("tc-capture", [tool("tc-capture"), "-v", "--stats",
+                                 iface or lab.online_cli_if, *map(str, capture_args)]
+                  + ([] if capture_args else [f"tcp dst port {port}"])),
+                 ("tee", ["tee", str(tee)]) if tee else None,
+                 ("tc-session", [tool("tc-session"), "--stats", "--target", target, *fbargs,
+                                 "--stats-json", str(stats_json), *map(str, session_args)]),
+                 ("tc-pace", [tool("tc-pace"), "--stats", *map(str, pace_args)]),
+                 ("tc-emit", [tool("tc-emit"), "--stats", *map(str, emit_args)])]
+        chain = [c for c in chain if c]
+        prev = None
+        for i, (name, argv) in enumerate(chain):
+            last = i == len(chain) - 1
+            p = Proc(lab, "online", argv, stdin=prev.p.stdout if prev else subprocess.DEVNULL,
+                     stdout=None if last else subprocess.PIPE, env=env, name=name)
+            if prev:
+                prev.p.stdout.close()
+            procs[name] = p
+            prev = p
+        if not procs["tc-capture"].wait_stderr(b"capturing on", 15):
+            raise RuntimeError(f"tc-capture did not start: {live.diagnostics()}")
+        ok = True
+        return live
+    finally:
+        if not ok:
+            live.stop(timeout=5)
+
+
+@dataclass
+class LoggedStream:
+    """A server's per-connection log seen as a captured client stream (for compare_streams)."""
+
+    client: tuple
+    data: bytes
+
+    @property
+    def bytes(self) -> bytes:
+        return self.data
+
+
+def compare_logs(online_dir, target_dir, allow_remap=False) -> Comparison:
+    """What the online recording server received, connection by connection, must have
+    reached the target's recording server byte for byte (from the same client addresses)."""
+    want = [LoggedStream((c.ip, c.port), c.data) for c in logged_streams(online_dir)]
+    return compare_streams(want, logged_streams(target_dir), allow_remap=allow_remap)
