@@ -19,6 +19,10 @@ from tcpcopylib import __version__
 from tcpcopylib.errors import EX_FAIL, EX_OK, EX_USAGE, NoInputError, TcError
 
 
+# seconds between status lines with --progress (the environment variable is for tests)
+PROGRESS_INTERVAL = float(os.environ.get("TC_PROGRESS_INTERVAL", "5"))
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived; sources stop cleanly, filters exit 130/143."""
 
@@ -54,8 +58,12 @@ class Tool:
         raise NotImplementedError
 
     def stats_line(self) -> str | None:
-        """One-line summary for --stats and SIGUSR1; None if the tool has none."""
+        """One-line summary for --stats, --progress and SIGUSR1; None if the tool has none."""
         return None
+
+    def stats_dict(self) -> dict:
+        """Counters for --stats-json; tools with structured counters extend this."""
+        return {"summary": self.stats_line()}
 
     # -- shared ------------------------------------------------------------------
     def build_parser(self):
@@ -70,6 +78,11 @@ class Tool:
                        help="more detail on stderr; -vv also shows tracebacks")
         p.add_argument("--stats", action="store_true",
                        help="print a summary line on stderr at exit")
+        p.add_argument("--stats-json", metavar="FILE",
+                       help="write the counters as a JSON object to FILE at exit")
+        p.add_argument("--progress", action="store_true",
+                       help=f"print a status line on stderr every {PROGRESS_INTERVAL:g} s "
+                            "(default when stderr is a terminal)")
         self.add_arguments(p)
         return p
 
@@ -117,8 +130,12 @@ class Tool:
             return EX_USAGE
         signal.signal(signal.SIGTERM, _raise_interrupted)
         signal.signal(signal.SIGINT, _raise_interrupted)
-        if hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, self._print_stats)
+        signal.signal(signal.SIGUSR1, self._print_stats)  # dd's convention: report, go on
+        if args.progress or (hasattr(self.stderr, "isatty") and self.stderr.isatty()):
+            # A timer signal, so no tool loop needs to know about progress: blocking reads
+            # and sleeps resume after the handler (PEP 475).
+            signal.signal(signal.SIGALRM, self._print_stats)
+            signal.setitimer(signal.ITIMER_REAL, PROGRESS_INTERVAL, PROGRESS_INTERVAL)
         status = EX_FAIL
         try:
             try:
@@ -127,6 +144,7 @@ class Tool:
                 # Ignore a second signal while we wrap up.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                signal.setitimer(signal.ITIMER_REAL, 0)
         except Interrupted as e:
             status = EX_OK if self.interrupt_is_success else 128 + e.signum
         except BrokenPipeError:
@@ -148,7 +166,22 @@ class Tool:
             status = EX_FAIL
         if args.stats:
             self._print_stats()
+        if args.stats_json:
+            self._write_stats_json(args.stats_json, status)
         return status
+
+    def _write_stats_json(self, path: str, status: int) -> None:
+        import json
+
+        d = {"tool": self.name, "version": __version__, "exit_status": status,
+             "elapsed_s": round(self.elapsed(), 6)}
+        try:
+            d.update(self.stats_dict())
+            with open(path, "w") as f:
+                json.dump(d, f, indent=1, sort_keys=True)
+                f.write("\n")
+        except (OSError, TypeError, ValueError) as e:
+            self.warn(f"warning: cannot write --stats-json {path}: {e}")
 
     def _die_of_sigpipe(self) -> int:
         """Downstream closed the pipe: exit quietly with 141, as C filters do."""

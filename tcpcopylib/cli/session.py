@@ -7,7 +7,6 @@ The engine lives in tcpcopylib.session; this module is the select() loop around 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -103,8 +102,6 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         s = p.add_argument_group("statistics")
         s.add_argument("--stats-every", type=float, metavar="N",
                        help="print the summary every N seconds")
-        s.add_argument("--stats-json", metavar="FILE",
-                       help="write counters and outcomes as JSON to FILE at exit")
         p.add_argument("file", nargs="?", default="-", help="input stream (default stdin)")
 
     def stats_line(self):
@@ -276,8 +273,6 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                     fb.close()
                 os.close(rpipe)
                 os.close(wpipe)
-                if args.stats_json:
-                    self._write_json(args.stats_json)
         if args.stats:
             self._print_summary()
             args.stats = False  # Tool.main would print the one-line version too
@@ -324,14 +319,12 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                 writer.write(rec)  # records we do not know pass through
         return False
 
-    def _write_json(self, path):
+    def stats_dict(self):
+        """--stats-json: every counter and the outcome counts (see tc-session(1))."""
         e = self.engine
         if e is None:
-            return
-        d = {"tool": self.name, "active": e.active(), **e.st.as_dict()}
-        with open(path, "w") as f:
-            json.dump(d, f, indent=1, sort_keys=True)
-            f.write("\n")
+            return super().stats_dict()
+        return {"active": e.active(), **e.st.as_dict()}
 
 
 def main(argv=None):
