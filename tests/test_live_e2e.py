@@ -111,3 +111,74 @@ def test_live_http_mirrored_byte_identical(lab, tmp_path):
     assert cap["packets written"] >= SESSIONS * 3, cap
     if lab.offloads:  # the client's TSO hands the capture 30 kB super-segments
         assert cap["super-segments split"] > 0, cap
+
+
+# -- 3: redis-server online and on the target, redis-benchmark as the client ---------------
+
+REDIS_PORT = 6379
+
+
+def start_redis(lab, host, ip, workdir):
+    workdir.mkdir(parents=True, exist_ok=True)
+    return lab.start_server(host, [
+        "/usr/bin/redis-server", "--port", REDIS_PORT, "--bind", f"{ip} 127.0.0.1",
+        "--protected-mode", "no", "--save", "", "--appendonly", "no", "--daemonize", "no",
+        "--dir", workdir, "--logfile", workdir / "redis.log"], port=REDIS_PORT, timeout=10)
+
+
+def redis_cli(lab, host, *args) -> str:
+    """redis-cli over the host's own loopback (never captured: the capture is on cli0)."""
+    r = lab.run(host, ["redis-cli", "-h", "127.0.0.1", "-p", REDIS_PORT, *args],
+                capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r
+    return r.stdout
+
+
+def commandstats(lab, host) -> dict:
+    """{command: calls} from INFO commandstats (the INFO asking is left out)."""
+    out = redis_cli(lab, host, "INFO", "commandstats")
+    return {m.group(1): int(m.group(2))
+            for m in re.finditer(r"^cmdstat_([\w|]+):calls=(\d+)", out, re.M)
+            if m.group(1) != "info"}
+
+
+def wait_same(fn, timeout=20.0):
+    """Poll fn() -> (a, b) until a == b (bounded); returns the last pair."""
+    deadline = time.monotonic() + timeout
+    while True:
+        a, b = fn()
+        if a == b or time.monotonic() > deadline:
+            return a, b
+        time.sleep(0.3)
+
+
+def test_live_redis_every_command_reaches_target(lab, tmp_path):
+    assert shutil.which("redis-benchmark"), "redis-benchmark missing: apt-get install redis-tools"
+    start_redis(lab, "online", lab.online_cli_ip, tmp_path / "redis-online")
+    start_redis(lab, "target", lab.target_ip, tmp_path / "redis-target")
+    live = h.start_live(lab, tmp_path / "live", port=REDIS_PORT)
+    try:
+        bench = lab.run("client", [
+            "redis-benchmark", "-h", lab.online_cli_ip, "-p", REDIS_PORT, "-c", 8, "-n", 500,
+            "-r", 100, "-t", "set,get,incr,lpush,rpop,sadd,hset,mset", "--csv"],
+            capture_output=True, text=True, timeout=120)
+        pipelined = lab.run("client", [
+            "redis-benchmark", "-h", lab.online_cli_ip, "-p", REDIS_PORT, "-c", 4, "-n", 400,
+            "-r", 100, "-P", 8, "-t", "set,incr", "--csv"],
+            capture_output=True, text=True, timeout=120)
+        online, target = wait_same(lambda: (commandstats(lab, "online"),
+                                            commandstats(lab, "target")))
+    finally:
+        live.stop()
+    for r in (bench, pipelined):
+        assert r.returncode == 0 and "ERR" not in r.stdout + r.stderr, r
+    assert bench.stdout.count("\n") >= 9 and pipelined.stdout.count("\n") >= 3, (
+        bench.stdout, pipelined.stdout)
+    assert_pipeline_ok(live)
+    # every command the benchmark sent online arrived at the target (the data need not be
+    # equal: replayed connections interleave differently, e.g. RPOP before a LPUSH)
+    assert sum(v for k, v in online.items() if k != "config|get") >= 8 * 500 + 2 * 400, online
+    assert target == online, (f"target {target}\nonline {online}\n{live.stats}\n"
+                              f"{live.diagnostics()}")
+    assert not failed(live.stats), f"{live.stats}\n{live.diagnostics()}"
+    assert resets(lab, "client") == 0, h.netstat_counters(lab, "client")
