@@ -182,3 +182,50 @@ def test_live_redis_every_command_reaches_target(lab, tmp_path):
                               f"{live.diagnostics()}")
     assert not failed(live.stats), f"{live.stats}\n{live.diagnostics()}"
     assert resets(lab, "client") == 0, h.netstat_counters(lab, "client")
+
+
+# -- 4: connections opened before the capture started ---------------------------------------
+
+def test_live_sessions_open_before_capture_replayed_from_next_request(lab, tmp_path):
+    conns, later = 10, 3
+    onl, tgt = tmp_path / "online", tmp_path / "target"
+    h.start_recording_server(lab, "online", onl)
+    h.start_recording_server(lab, "target", tgt)
+    hold = tmp_path / "go"
+    cl = lab.popen("client", [h.PY, CLIENT, "--server", f"{lab.online_cli_ip}:{h.PORT}",
+                              "--hold", hold, "--hold-conns", conns, "--requests", later],
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    live = None
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "go.ready").exists():
+            assert time.monotonic() < deadline and cl.poll() is None, cl.communicate()
+            time.sleep(0.02)
+        time.sleep(0.2)  # the first answers' ACKs are on the wire before the capture
+        live = h.start_live(lab, tmp_path / "live")
+        hold.write_text("go\n")
+        out, err = cl.communicate(timeout=60)
+        h.wait_settled(tgt, quiet=1.0, timeout=30)
+    finally:
+        if cl.poll() is None:
+            cl.kill()
+            cl.wait()
+        if live is not None:
+            live.stop()
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["n_errors"] == 0 and res["answers"] == conns * (later + 1), (res, err)
+    assert_pipeline_ok(live)
+    assert live.stats["fake_syn"] == conns and live.stats["syn_sent"] == conns, live.stats
+    assert not failed(live.stats), f"{live.stats}\n{live.diagnostics()}"
+    # the target got each connection from its second request on, from the same client port
+    want = []
+    for c in h.logged_streams(onl):
+        first, sep, rest = c.data.partition(b"\r\n\r\n")
+        assert sep and b" /h" in first and b"/r0 " in first, c.data[:80]
+        want.append(h.LoggedStream((c.ip, c.port), rest))
+    assert len(want) == conns
+    got = h.logged_streams(tgt)
+    cmp = h.compare_streams(want, got)
+    assert cmp.ok and cmp.identical == conns and len(got) == conns, (
+        f"{cmp.describe()}\n{live.stats}\n{live.diagnostics()}")
+    assert all(c.data.count(b"GET ") == later and b"/r0 " not in c.data for c in got)
