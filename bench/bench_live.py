@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Live replay benchmark: the whole live pipeline under real HTTP client load.
+
+    python3 bench/bench_live.py [--rates 500,1000,2000,3000] [--duration 10] [--conns 20]
+                                [--close] [--client wrk|python] [--offloads]
+
+For each rate R, in a fresh namespace lab:
+
+  client:    wrk (a Lua delay() paces each of --conns keep-alive connections to R/conns
+             requests/s; --close: every request on a new connection) or, without wrk, the
+             checking client tests/servers/live_http_client.py --rate R (threads)
+  online:    nginx :8080, and tc-capture cli0 | tc-session --target T | tc-pace | tc-emit
+  assistant: tc-intercept lan0 -F 'tcp and src port 8080' | tc-feedback --listen unix:SOCK
+  target:    nginx :8080
+
+and prints the client's requests/s, completion % (requests in the target's access log over
+requests in the online server's), the kernel drops of both captures (tc-capture on cli0,
+tc-intercept on the assistant), tc-session's failed sessions, and the CPU each tool used
+during the run (% of one core). Needs root; every step is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import bench_session  # same directory: NGINX_CONF
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import replay_harness as h  # noqa: E402
+from tcpcopylib.lab import Lab  # noqa: E402
+
+PORT = 8080
+TOOLS = ("tc-capture", "tc-session", "tc-pace", "tc-emit", "tc-intercept", "tc-feedback")
+CLK = 100  # USER_HZ
+
+WRK_LUA = """\
+local delay_ms = tonumber(os.getenv("WRK_DELAY_MS") or "0")
+function delay() return delay_ms end
+"""
+
+
+def start_nginx(lab, host, workdir):
+    d = Path(workdir) / f"nginx-{host}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "nginx.conf").write_text(bench_session.NGINX_CONF.format(d=d, port=PORT))
+    srv = lab.start_server(host, ["nginx", "-c", d / "nginx.conf", "-p", d], port=PORT,
+                           timeout=10)
+    return srv, d / "access.log"
+
+
+def cpu_ticks(pid) -> int:
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(f[11]) + int(f[12])  # utime + stime
+
+
+def run_client(lab, a, rate, workdir) -> dict:
+    url_host = f"{lab.online_cli_ip}:{PORT}"
+    if a.client == "wrk":
+        lua = Path(workdir) / "rate.lua"
+        lua.write_text(WRK_LUA)
+        delay_ms = max(0, round(a.conns * 1000 / rate))
+        argv = ["env", f"WRK_DELAY_MS={delay_ms}", "wrk", "-t", "1", "-c", a.conns,
+                "-d", f"{a.duration}s", "--timeout", "5s", "-s", lua]
+        if a.close:
+            argv += ["-H", "Connection: close"]
+        r = lab.run("client", [*argv, f"http://{url_host}/"], capture_output=True, text=True,
+                    timeout=a.duration + 60)
+        m = re.search(r"(\d+) requests in ([\d.]+)s", r.stdout)
+        errs = re.search(r"Socket errors: (.*)", r.stdout)
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", r.stdout)
+        return {"requests": int(m.group(1)) if m else 0,
+                "rps": float(m.group(1)) / float(m.group(2)) if m else 0.0,
+                "errors": (errs.group(1) if errs else "") + (
+                    f" non-2xx {non2xx.group(1)}" if non2xx else ""),
+                "rc": r.returncode}
+    requests = 1 if a.close else 50
+    r = lab.run("client", [h.PY, h.SERVERS / "live_http_client.py", "--server", url_host,
+                           "--rate", rate, "--duration", a.duration, "--parallel", a.conns,
+                           "--requests", requests], capture_output=True, text=True,
+                timeout=a.duration + 60)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"requests": res["requests"], "rps": res["requests"] / max(res["elapsed"], 1e-9),
+            "errors": f"{res['n_errors']} ({res['errors'][:1]})" if res["n_errors"] else "",
+            "rc": r.returncode}
+
+
+def count_lines(path) -> int:
+    p = Path(path)
+    return sum(1 for _ in p.open()) if p.exists() else 0
+
+
+def kernel_drops(live) -> str:
+    cap = live.capture_counts()
+    m = re.search(r"(\d+) dropped(?:,| by)", live.procs["tc-intercept"].stderr)
+    return (f"{cap.get('dropped by kernel', '?')}+{cap.get('dropped by interface', '?')}"
+            f"/{m.group(1) if m else '?'}")
+
+
+def run_rate(a, rate, workdir) -> dict:
+    with Lab(offloads=a.offloads) as lab:
+        onl, onl_log = start_nginx(lab, "online", workdir)
+        tgt, tgt_log = start_nginx(lab, "target", workdir)
+        live = h.start_live(lab, Path(workdir) / "live", port=PORT)
+        try:
+            pids = {n: live.procs[n].pid for n in TOOLS}
+            cpu0 = {n: cpu_ticks(p) for n, p in pids.items()}
+            t0 = time.monotonic()
+            client = run_client(lab, a, rate, workdir)
+            time.sleep(1.5)  # the last replies and FINs
+            wall = time.monotonic() - t0
+            cpu = {n: (cpu_ticks(p) - cpu0[n]) / CLK / wall * 100 for n, p in pids.items()}
+        finally:
+            live.stop()
+        lab.stop(onl)  # nginx flushes its access log on exit
+        lab.stop(tgt)
+        online_n, target_n = count_lines(onl_log), count_lines(tgt_log)
+    st = live.stats or {}
+    failed = {k: v for k, v in st.get("outcomes", {}).items()
+              if v and k not in ("completed", "reconnected")}
+    return {"rate": rate, "client": client, "online": online_n, "target": target_n,
+            "completion": 100.0 * target_n / online_n if online_n else 0.0,
+            "drops": kernel_drops(live), "failed": failed, "cpu": cpu,
+            "sessions": st.get("sessions", 0),
+            "rcs": {n: live.rc(n) for n in h.LIVE_CHAIN if n in live.procs}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rates", default="500,1000,2000,3000",
+                    help="offered requests/s, comma-separated (default 500,1000,2000,3000)")
+    ap.add_argument("--duration", type=int, default=10, help="seconds of load per rate")
+    ap.add_argument("--conns", type=int, default=20, help="client connections (threads)")
+    ap.add_argument("--close", action="store_true", help="one request per connection")
+    ap.add_argument("--client", choices=("wrk", "python"),
+                    default="wrk" if shutil.which("wrk") else "python")
+    ap.add_argument("--offloads", action="store_true", help="kernel default veth offloads")
+    a = ap.parse_args(argv)
+    print(f"live pipeline, client {a.client}, {a.conns} connections, "
+          f"{'short' if a.close else 'keep-alive'} connections, {a.duration} s per rate, "
+          f"offloads {'on' if a.offloads else 'off'}")
+    print(f"{'offered':>8} {'client rps':>10} {'online':>7} {'target':>7} {'complete':>9} "
+          f"{'drops c+i/a':>11}  cpu % of a core: "
+          + " ".join(f"{t.removeprefix('tc-'):>9}" for t in TOOLS))
+    worst = 100.0
+    for rate in (int(r) for r in a.rates.split(",")):
+        with tempfile.TemporaryDirectory(prefix="bench-live-") as wd:
+            r = run_rate(a, rate, wd)
+        c = r["client"]
+        print(f"{rate:>8} {c['rps']:>10.0f} {r['online']:>7} {r['target']:>7} "
+              f"{r['completion']:>8.2f}% {r['drops']:>11}  {'':16}"
+              + " ".join(f"{r['cpu'][t]:>9.0f}" for t in TOOLS), flush=True)
+        notes = []
+        if c["errors"] or c["rc"]:
+            notes.append(f"client rc={c['rc']} errors: {c['errors']}")
+        if r["failed"]:
+            notes.append(f"tc-session failed sessions: {r['failed']}")
+        if any(r["rcs"].values()):
+            notes.append(f"exit codes: {r['rcs']}")
+        for n in notes:
+            print(f"{'':8} {n}")
+        worst = min(worst, r["completion"])
+    print(f"lowest completion: {worst:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
