@@ -145,6 +145,55 @@ def one_run(args, pcap: Path | None, fr) -> dict:
             "if_drops": ifdrop, "cpu_s": cpu, "cpu_us_per_pkt": cpu / max(written, 1) * 1e6}
 
 
+def wchar(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("wchar:"):
+                return int(line.split()[1])
+    return 0
+
+
+def drain_run(args, pcap: Path | None, fr) -> dict:
+    """Capacity without the sender in the way: stop tc-capture (SIGSTOP), let the load fill
+    its ring, continue it and time until it has written every record (watching the bytes
+    it wrote in /proc/PID/io), taking its CPU time at that moment."""
+    from tcpcopylib.capture import encode_pkt
+
+    expected = args.packets * len(encode_pkt(1 << 60, fr[0][14:]))
+    cmd = ["ip", "netns", "exec", NS_RX, str(REPO / "bin" / "tc-capture"), "rx0",
+           "--engine", args.engine, "-w", "/dev/null", "--stats", "-B", str(args.buffer_kib)]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        base = wchar(p.pid)  # the stream header
+        cpu0 = cpu_seconds(p.pid)
+        p.send_signal(signal.SIGSTOP)
+        if pcap is not None:
+            sh("ip", "netns", "exec", NS_TX, "tcpreplay", "-K", "--topspeed", "-i", "tx0",
+               str(pcap))
+        else:
+            blast_python(fr, args.packets, 0)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGCONT)
+        done = False
+        while time.monotonic() - t0 < 30:
+            if wchar(p.pid) - base >= expected:
+                done = True
+                break
+            time.sleep(0.001)
+        dt = time.monotonic() - t0
+        cpu = cpu_seconds(p.pid) - cpu0
+    finally:
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    m = re.search(r"(\d+) packets written, (\d+) captured.* (\d+) dropped by kernel", err)
+    if not m:
+        raise SystemExit(f"no stats from tc-capture: {err}")
+    written, _captured, kdrop = map(int, m.groups())
+    return {"written": written, "kernel_drops": kdrop, "drain_s": dt, "complete": done,
+            "pps": written / dt, "cpu_s": cpu, "cpu_us_per_pkt": cpu / max(written, 1) * 1e6}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--packets", type=int, default=1_000_000)
@@ -156,6 +205,11 @@ def main() -> int:
     ap.add_argument("--deliver", action="store_true",
                     help="address frames to RX's MAC, so its IP/TCP input runs too (slower "
                          "sender); default: a foreign MAC, dropped after the capture taps")
+    ap.add_argument("--drain", action="store_true",
+                    help="measure capacity: fill the stopped capture's ring, then time the "
+                         "drain (COUNT must fit in -B)")
+    ap.add_argument("--buffer-kib", type=int, default=262144,
+                    help="tc-capture -B for --drain (default 262144)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
@@ -174,6 +228,18 @@ def main() -> int:
                   f"rate {args.pps or 'top speed'}, "
                   f"{'delivered to RX' if args.deliver else 'foreign MAC'}")
             for i in range(args.repeat):
+                if args.drain:
+                    r = drain_run(args, pcap, fr)
+                    if not r["complete"]:
+                        print(f"run {i + 1}: the ring overflowed while stopped "
+                              f"({r['kernel_drops']} drops): use fewer --packets or more "
+                              f"--buffer-kib", flush=True)
+                        continue
+                    print(f"run {i + 1}: drained {r['written']} packets in {r['drain_s']:.2f} s "
+                          f"= {r['pps'] / 1e3:7.1f} kpps, kernel drops {r['kernel_drops']}, "
+                          f"tc-capture CPU {r['cpu_s']:.2f} s = {r['cpu_us_per_pkt']:.2f} "
+                          f"us/pkt", flush=True)
+                    continue
                 r = one_run(args, pcap, fr)
                 print(f"run {i + 1}: offered {r['offered_pps'] / 1e3:7.1f} kpps, captured "
                       f"{r['captured_pps'] / 1e3:7.1f} kpps ({r['written']}/{r['sent']}), "
