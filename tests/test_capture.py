@@ -4,6 +4,7 @@ in the namespace lab compared with tcpdump of the same interface."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import struct
@@ -347,6 +348,35 @@ def test_count_filter_and_stdout(lab):
     pkts = [r for r in decode(out) if r["t"] == "pkt"]
     assert len(pkts) == 4
     assert parse_tcp(pkts[0]["data"]).flags == 0x02  # the first SYN
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("engine", ["pcap", "afpacket"])
+def test_idle_link_does_not_hold_records_back(lab, engine):
+    """One packet on an otherwise idle link reaches the output at once (flush on idle)."""
+    p = _tool(lab, "online", ["cli0", "--engine", engine], stdout=subprocess.PIPE,
+              stderr=subprocess.PIPE)
+    try:
+        fd = p.stdout.fileno()
+        head = os.read(fd, 4096)  # label + header, written as soon as the capture is open
+        with lab.enter("client"):
+            s = socket.socket()
+            s.setblocking(False)
+            t0 = time.monotonic()
+            s.connect_ex((lab.online_cli_ip, 9))  # closed port: one SYN, an RST back
+        data = b""
+        while time.monotonic() - t0 < 5 and b"pkt" not in data:
+            r, _, _ = select.select([fd], [], [], 0.1)
+            if r:
+                data += os.read(fd, 4096)
+        took = time.monotonic() - t0
+        s.close()
+    finally:
+        p.terminate()
+        p.communicate(timeout=10)
+    recs = decode(head + data)
+    assert [parse_tcp(r["data"]).dport for r in recs] == [9]
+    assert took < 1.0, f"first record after {took:.3f} s on an idle link"
 
 
 @pytest.mark.netns
