@@ -18,6 +18,13 @@ SEC = 1_000_000_000
 MAX_PENDING = 100_000   # records held for their due time before we stop reading stdin
 CHUNK = 1 << 17
 OUT_BATCH = 1 << 16     # output bytes buffered before a flush within one loop turn
+RSS_EVERY = 0.2         # seconds between --max-memory checks
+
+
+def _rss() -> int:
+    """This process's resident memory in bytes."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class _Claims:
@@ -63,7 +70,24 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                        help="replay only sessions whose SYN was captured")
         g.add_argument("-r", "--sample", type=int, default=100, metavar="PCT",
                        help="replay only PCT%% of the sessions (deterministic per client "
-                            "address and port)")
+                            "address and port, the same on every run and host)")
+        g.add_argument("-g", "--ramp", type=float, metavar="SECONDS",
+                       help="the replayed share grows from 1%% to PCT (-r, default 100) "
+                            "over SECONDS from the first packet")
+        w = p.add_argument_group("shaping")
+        w.add_argument("-c", "--client-pool", metavar="LIST",
+                       help="replay from client addresses of this pool: addresses, "
+                            "CIDR networks, FIRST-LAST ranges, a.b.c.x (= .1-.254); the "
+                            "target needs a route for it via the assistant")
+        w.add_argument("-n", "--copies", type=int, default=1, metavar="N",
+                       help="replay each captured session N times, each copy its own "
+                            "connection (default 1)")
+        w.add_argument("-f", "--instance", metavar="K[/M]",
+                       help="instance K of M (default M 16) replaying into one target: "
+                            "client ports come from block K of M of 1024-65535")
+        w.add_argument("-m", "--max-memory", type=float, metavar="MB",
+                       help="while the resident memory is above MB, shed new sessions "
+                            "(outcome shed) instead of growing")
         f = p.add_argument_group("feedback")
         f.add_argument("--feedback", metavar="ADDR",
                        help="tc-feedback address: unix:/path or tcp:HOST:PORT "
@@ -122,6 +146,12 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             raise UsageError("--any-port goes with --target")
         if not 0 < args.sample <= 100:
             raise UsageError("-r/--sample takes a percentage in 1..100")
+        if args.ramp is not None and not args.ramp > 0:
+            raise UsageError("-g/--ramp takes a positive number of seconds")
+        if args.max_memory is not None and not args.max_memory > 0:
+            raise UsageError("-m/--max-memory takes a positive number of MB")
+        if not args.copies >= 1:
+            raise UsageError("-n/--copies takes a number of copies >= 1")
         if not 88 <= args.mss <= 65495:
             raise UsageError("--mss out of range")
         for name in ("gate_timeout", "timeout", "keepalive", "connect_timeout", "gap_timeout",
@@ -133,6 +163,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             raise UsageError("--quiet, --drain and --max-reconnects cannot be negative")
         rules = (parse_target(args.target, args.any_port) if args.target
                  else parse_transfer(args.transfer))
+        alloc = self._build_allocator(args, rules)
         ka = args.keepalive if args.keepalive is not None else args.timeout + 120
         cfg = Config(
             no_wait=args.no_wait, only_syn=args.only_syn, fake_mss=args.mss,
@@ -140,8 +171,27 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             connect_timeout=int(args.connect_timeout * SEC),
             idle_timeout=int(args.timeout * SEC), keepalive_timeout=int(ka * SEC),
             gap_timeout=int(args.gap_timeout * SEC), max_reconnects=args.max_reconnects,
-            sample_pct=args.sample)
-        return Engine(Mapper(rules), emit, cfg, claims)
+            sample_pct=args.sample, ramp=int((args.ramp or 0) * SEC), copies=args.copies)
+        return Engine(Mapper(rules), emit, cfg, claims, alloc)
+
+    @staticmethod
+    def _build_allocator(args, rules):
+        """-c, -n and -f: the client address:port allocator, checked against the targets."""
+        from tcpcopylib.session.alloc import Allocator, parse_instance, parse_pool
+
+        k, m = parse_instance(args.instance) if args.instance else (0, 1)
+        targets = {r.target_ip for r in rules}
+        pools = parse_pool(args.client_pool, exclude=targets) if args.client_pool else None
+        alloc = Allocator(pools, k, m)
+        fam = {4: "IPv4", 16: "IPv6"}
+        for width in sorted({len(ip) for ip in targets}):
+            cap = alloc.capacity(width)
+            if cap == 0:
+                raise UsageError(f"-c has no {fam[width]} address for an {fam[width]} target")
+            if args.copies > (cap or alloc.block):
+                raise UsageError(f"-n {args.copies}: more copies than client address:port "
+                                 f"pairs ({cap or alloc.block}) for one session")
+        return alloc
 
     def run(self, args):
         import selectors
@@ -176,6 +226,9 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                 flush_out()
 
         engine = self.engine = self._build_engine(args, emit, claims)
+        engine.warn = self.warn
+        max_rss = int(args.max_memory * (1 << 20)) if args.max_memory else None
+        next_rss = 0.0
         if args.verbose:
             engine.on_end = self._log_end
         if fb is not None:
@@ -213,6 +266,9 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         next_stats = (time.monotonic() + args.stats_every) if args.stats_every else None
         try:
             while True:
+                if max_rss is not None and time.monotonic() >= next_rss:
+                    engine.shedding = _rss() > max_rss
+                    next_rss = time.monotonic() + RSS_EVERY
                 now = time.time_ns()
                 for data in due.pop_due(now):
                     engine.client_packet(data, now)
@@ -285,8 +341,10 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
 
         if outcome in FAILURES or self.args.verbose >= 2:
             hint = OUTCOMES[outcome]
-            self.warn(f"session {s.sid} {endpoint_str(s.cip, s.key[1])} -> "
-                      f"{endpoint_str(s.tip, s.tport)}: {outcome}"
+            moved = (s.cip, s.cport) != s.ckey[:2]
+            self.warn(f"session {s.sid} {endpoint_str(s.ckey[0], s.ckey[1])}"
+                      + (f" (as {endpoint_str(s.cip, s.cport)})" if moved else "")
+                      + f" -> {endpoint_str(s.tip, s.tport)}: {outcome}"
                       + (f" ({hint})" if hint and outcome in FAILURES else ""))
 
     @staticmethod
@@ -324,7 +382,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         e = self.engine
         if e is None:
             return super().stats_dict()
-        return {"active": e.active(), **e.st.as_dict()}
+        return {"active": e.active(), **e.st.as_dict(), "early_reuses": e.alloc.early_reuses}
 
 
 def main(argv=None):

@@ -31,6 +31,7 @@ import itertools
 import struct
 
 from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, checksum, parse_options
+from tcpcopylib.session.alloc import Allocator, sample_share
 
 M32 = 0xFFFFFFFF
 MS = 1_000_000
@@ -73,9 +74,13 @@ OUTCOMES = {
     "timed_out": "the target went silent (-t/-k)",
     "unfinished": "input ended or a signal arrived first: raise --drain",
     "filtered": "not replayed (-r sampling, --only-syn)",
+    "shed": "not replayed: --max-memory was exceeded when it began",
+    "pool_exhausted": "not replayed: every client address:port of the -c pool was in use "
+                      "(give -c more addresses, or lower -n)",
 }
 FAILURES = ("closed_early", "reset_by_target", "no_synack", "capture_gap", "timed_out",
             "unfinished")
+NOT_REPLAYED = ("filtered", "shed", "pool_exhausted")
 
 
 class Config:
@@ -98,6 +103,8 @@ class Config:
         self.rto_max = 60 * SEC
         self.max_reconnects = 5
         self.sample_pct = 100
+        self.ramp = 0                   # -g: the sampled share grows from 1 % over this
+        self.copies = 1                 # -n: connections per captured session
         for k, v in kw.items():
             if not hasattr(self, k):
                 raise TypeError(f"unknown engine option {k}")
@@ -137,7 +144,7 @@ class Seg:
 
 class Session:
     __slots__ = (
-        "sid", "key", "cip", "cport", "tip", "tport", "state", "created",
+        "sid", "key", "ckey", "copy", "cip", "cport", "tip", "tport", "state", "created",
         # client sequence space
         "base", "syn_off", "syn_opts", "syn_win", "fake", "exp", "ooo", "queue",
         "fin_off", "client_rst", "gap_since",
@@ -154,11 +161,13 @@ class Session:
         "reconnects", "psum", "ipsum", "max_cack",
     )
 
-    def __init__(self, sid, key, now):
+    def __init__(self, sid, key, now, ckey=None, copy=0):
         self.sid = sid
-        self.key = key
-        self.cip = key[0]
-        self.cport = key[1]
+        self.key = key              # in Engine.sessions: ckey, or (ckey, copy) for copies
+        self.ckey = ckey or key     # the captured 4-tuple
+        self.copy = copy            # -n: which copy of the captured session
+        self.cip = self.ckey[0]     # the client address and port as replayed (_attach)
+        self.cport = self.ckey[1]
         self.tip = None
         self.tport = None
         self.state = NEW
@@ -274,16 +283,23 @@ def _ts_option(opts: bytes):
 
 
 class Engine:
-    def __init__(self, mapper, emit, config: Config | None = None, claims=None):
+    def __init__(self, mapper, emit, config: Config | None = None, claims=None,
+                 alloc: Allocator | None = None):
         self.mapper = mapper
         self.emit = emit
         self.cfg = config or Config()
         self.claims = claims
+        self.alloc = alloc or Allocator()
         self.st = Stats()
-        self.sessions = {}      # captured 4-tuple -> Session
+        self.sessions = {}      # captured 4-tuple (copies: (4-tuple, copy)) -> Session
         self.by_target = {}     # (cip, cport, tip, tport) as sent -> Session
         self.time_wait = {}     # target tuples the target holds in TIME_WAIT -> expiry
         self.filtered = set()   # captured 4-tuples not replayed
+        self.shed_keys = set()  # session keys shed (--max-memory, pool exhausted)
+        self.shedding = False   # set from outside (--max-memory): new sessions are shed
+        self.t0 = None          # first captured packet (-g)
+        self.warn = None        # optional callback(message), each kind said once
+        self._warned = set()
         self.heap = []
         self._tick = itertools.count()
         self.next_sid = 1
@@ -306,58 +322,92 @@ class Engine:
             self.st.pkts_truncated += 1
             return
         key = (src, sport, dst, dport)
-        s = self.sessions.get(key)
-        if s is None:
-            s = self._new_session(key, data, p, now)
-            if s is None:
-                return
-        elif flags & TH_SYN:
-            if not flags & TH_ACK and s.base is not None and seq != (s.base - 1) & M32:
-                # the client reused the 4-tuple for a new connection
-                self._finish(s, self._end_outcome(s), now)
-                s = self._new_session(key, data, p, now)
-            return
+        if self.t0 is None:
+            self.t0 = now
         payload = bytes(data[ihl + doff:ihl + doff + plen]) if plen else b""
-        self._client_segment(s, seq, ack, flags, payload, now)
+        for copy in range(self.cfg.copies):  # -n: each copy is a session of its own
+            k = (key, copy) if copy else key
+            s = self.sessions.get(k)
+            if s is None:
+                s = self._new_session(key, k, copy, data, p, now)
+                if s is False:
+                    return  # not replayed at all
+                if s is None:
+                    continue
+            elif flags & TH_SYN:
+                if not flags & TH_ACK and s.base is not None and seq != (s.base - 1) & M32:
+                    # the client reused the 4-tuple for a new connection
+                    self._finish(s, self._end_outcome(s), now)
+                    if self._new_session(key, k, copy, data, p, now) is False:
+                        return
+                continue
+            self._client_segment(s, seq, ack, flags, payload, now)
 
-    def _new_session(self, key, data, p, now):
+    def _new_session(self, key, k, copy, data, p, now):
+        """A new session for copy `copy` of captured key; None if the packet was consumed
+        (a SYN, or the session is shed), False if the captured session is not replayed."""
         src, dst, ihl, sport, dport, seq, ack, doff, flags, win, plen = p
         st = self.st
         if key in self.filtered:
             if flags & (TH_FIN | TH_RST):
                 self.filtered.discard(key)
             st.pkts_ignored += 1
+            return False
+        if k in self.shed_keys:
+            if flags & (TH_FIN | TH_RST):
+                self.shed_keys.discard(k)
+            st.pkts_ignored += 1
             return None
         if self._is_server_side(key, flags):
             st.pkts_server += 1
-            return None
+            return False
         target = self.mapper.target(dst, dport)
         if target is None:
             st.pkts_ignored += 1
-            return None
+            return False
         syn = flags & (TH_SYN | TH_ACK) == TH_SYN
-        if not syn and (plen == 0 or self.cfg.only_syn) or not self._sampled(src, sport):
+        if not syn and (plen == 0 or self.cfg.only_syn) or not self._sampled(src, sport, now):
             if syn or plen:
                 self.filtered.add(key)
                 st.outcomes["filtered"] += 1
             st.pkts_ignored += 1
+            return False
+        if self.shedding:
+            self._shed(k, flags, "shed", "--max-memory exceeded: new sessions are shed "
+                       "(outcome \"shed\") until the memory use falls below it")
             return None
-        s = Session(self.next_sid, key, now)
-        self.next_sid += 1
-        st.sessions += 1
-        self.sessions[key] = s
+        s = Session(self.next_sid, k, now, key, copy)
         if syn:
             s.base = (seq + 1) & M32
             s.syn_opts = bytes(data[ihl + 20:ihl + doff])
             s.syn_win = win
             s.ts_base = (_ts_option(s.syn_opts) or (0, 0))[0]
-            self._attach(s, target[0], target[1], now)
+        else:
+            s.base = seq  # mid-stream: offset 0 is the first captured byte
+            s.fake = True
+        if not self._attach(s, target[0], target[1], now):
+            self._shed(k, flags, "pool_exhausted", "every client address:port of the -c "
+                       "pool is in use: sessions are not replayed (outcome "
+                       "\"pool_exhausted\"); give -c more addresses or lower -n")
+            return None
+        self.next_sid += 1
+        st.sessions += 1
+        self.sessions[k] = s
+        if syn:
             self._send_syn(s, now)
             return None  # the SYN is consumed
-        s.base = seq  # mid-stream: offset 0 is the first captured byte
-        s.fake = True
-        self._attach(s, target[0], target[1], now)
         return s
+
+    def _shed(self, k, flags, outcome, warning):
+        """Session k is not replayed: counted once, its later packets ignored."""
+        self.st.outcomes[outcome] += 1
+        self.st.pkts_ignored += 1
+        if not flags & (TH_FIN | TH_RST):
+            self.shed_keys.add(k)
+        if outcome not in self._warned:
+            self._warned.add(outcome)
+            if self.warn is not None:
+                self.warn("warning: " + warning)
 
     def _is_server_side(self, key, flags) -> bool:
         """A server->client packet of a capture holding both directions."""
@@ -370,41 +420,52 @@ class Engine:
             return dport > sport  # mid-stream, direction unknown: the lower port serves
         return False
 
-    def _sampled(self, ip, port) -> bool:
+    def share(self, now) -> float:
+        """The percentage of sessions replayed now (-r, ramped up by -g)."""
         pct = self.cfg.sample_pct
-        if pct >= 100:
-            return True
-        k = (port + int.from_bytes(ip[-4:], "big")) & 0xFFFF
-        return ((k >> 8) + (k & 0xFF)) % 100 < pct
+        ramp = self.cfg.ramp
+        if ramp and self.t0 is not None and now - self.t0 < ramp:
+            pct = 1 + (pct - 1) * (now - self.t0) / ramp
+        return pct
 
-    def _attach(self, s, tip, tport, now):
-        """Give s a target 4-tuple the target holds no state for; claim it."""
-        cport = s.cport
-        tup = (s.cip, cport, tip, tport)
-        tries = 0
+    def _sampled(self, ip, port, now) -> bool:
+        pct = self.share(now)
+        return pct >= 100 or sample_share(ip, port) < pct
+
+    def _attach(self, s, tip, tport, now) -> bool:
+        """Give s a client address:port free towards tip:tport and claim the 4-tuple;
+        False if the -c pool has none left."""
+        by_target, time_wait = self.by_target, self.time_wait
+
         # A captured SYN reusing a tuple is what the online client did (the server's
-        # TIME_WAIT accepts a newer SYN): keep it. Our own fake SYNs avoid TIME_WAIT.
-        avoid_tw = s.fake
-        while tup in self.by_target or avoid_tw and self.time_wait.get(tup, 0) > now:
-            tries += 1
-            cport = 1024 + (s.cport - 1024 + 7919 * tries) % 64512
-            tup = (s.cip, cport, tip, tport)
-        if tries:
+        # TIME_WAIT accepts a newer SYN): keep it. Our own choices avoid TIME_WAIT.
+        def taken(addr, port, strict):
+            tup = (addr, port, tip, tport)
+            return tup in by_target or strict and time_wait.get(tup, 0) > now
+
+        got = self.alloc.allocate(s.ckey[0], s.ckey[1], s.copy, now, taken, s.fake)
+        if got is None:
+            return False
+        cip, cport = got
+        tup = (cip, cport, tip, tport)
+        if cport != self.alloc.hint(s.ckey[1]):
             self.st.port_remaps += 1
-        if len(self.time_wait) > 50000:
-            self.time_wait = {k: v for k, v in self.time_wait.items() if v > now}
-        s.tip, s.tport, s.cport = tip, tport, cport
+        if len(time_wait) > 50000:
+            self.time_wait = {k: v for k, v in time_wait.items() if v > now}
+        s.cip, s.tip, s.tport, s.cport = cip, tip, tport, cport
         s.psum = _pseudo_base(s.cip, tip)
         if len(tip) == 4:  # the IPv4 header's constant words (see _out)
             s.ipsum = 0x4500 + 0x4000 + 0x4006 + sum(struct.unpack("!4H", s.cip + tip))
         self.by_target[tup] = s
         if self.claims is not None:
-            self.claims.claim(s.cip, cport, tip, tport)
+            self.claims.claim(cip, cport, tip, tport)
+        return True
 
     def _detach(self, s):
         tup = (s.cip, s.cport, s.tip, s.tport)
         if self.by_target.get(tup) is s:
             del self.by_target[tup]
+            self.alloc.release(s.cip, s.cport, (s.ckey[0], s.ckey[1], s.copy), self.now)
             if self.claims is not None:
                 self.claims.release(*tup)
 
@@ -852,12 +913,13 @@ class Engine:
         old = (s.cip, s.cport, s.tip, s.tport)
         self._detach(s)
         self.time_wait[old] = now + TIME_WAIT  # never reuse the old tuple soon
-        s.cport = s.key[1]
         s.syn_off = s.snd_una - 1
         s._reset_conn(now)
         s.fake = True
         s.state = NEW
-        self._attach(s, s.tip, s.tport, now)
+        if not self._attach(s, s.tip, s.tport, now):  # the -c pool is full
+            self._finish(s, "closed_early", now, rst=False)
+            return
         self._send_syn(s, now)
 
     # == timers =========================================================================
@@ -1019,11 +1081,13 @@ class Engine:
 
     def stats_line(self) -> str:
         st = self.st
-        done = sum(st.outcomes.values()) - st.outcomes["filtered"]
+        done = sum(st.outcomes.values()) - sum(st.outcomes[k] for k in NOT_REPLAYED)
         failed = sum(st.outcomes[k] for k in FAILURES)
+        shed = st.outcomes["shed"] + st.outcomes["pool_exhausted"]
         return (f"{st.sessions} sessions ({self.active()} active, {done} ended, "
                 f"{st.outcomes['completed'] + st.outcomes['reconnected']} completed, "
-                f"{failed} failed), {st.pkts_in} packets in, {st.pkts_out} out, "
+                f"{failed} failed{f', {shed} shed' if shed else ''}), "
+                f"{st.pkts_in} packets in, {st.pkts_out} out, "
                 f"{st.retransmits} retransmitted, {st.fb_in} feedback")
 
     def summary(self) -> str:

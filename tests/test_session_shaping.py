@@ -1,0 +1,358 @@
+"""tc-session's workload shaping with the engine's fake clock: -c pools, -n copies, -f
+instances, -r/-g sampling, shedding (pool exhaustion, --max-memory); and the CLI checks."""
+
+import json
+
+import pytest
+import tc
+
+from tcpcopylib.errors import UsageError
+from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_SYN, build_tcp, ip_bytes, parse_tcp
+from tcpcopylib.session import Config, Engine, Mapper, parse_target
+from tcpcopylib.session.alloc import (Allocator, parse_instance, parse_pool, sample_share,
+                                      stable_hash)
+
+MS = 1_000_000
+SEC = 1_000_000_000
+O = ip_bytes("10.1.0.1")       # online server
+T = ip_bytes("10.2.0.5")       # target
+MSS = b"\x02\x04\x05\xb4"
+CISN = 1000
+SISN = 50000
+
+
+def client_ip(i):
+    return ip_bytes(f"10.77.{i // 250}.{i % 250 + 1}")
+
+
+class Rig:
+    """An engine with a fake clock and an automatic target: SYN-ACK for every SYN, and
+    for every request an answer "ok" with a FIN (an HTTP server with Connection: close)."""
+
+    def __init__(self, alloc=None, auto=True, **cfg):
+        self.now = 0
+        self.sent = []          # every datagram the engine emitted (parsed)
+        self.claims = []
+        self.warnings = []
+        self.auto = auto
+        self.replies = []
+        self.conns = {}         # 4-tuple (as sent) -> bytes the target received
+        self.e = Engine(Mapper(parse_target("10.2.0.5:80", False)), self._emit,
+                        Config(**cfg), self, alloc)
+        self.e.warn = self.warnings.append
+
+    # the claims interface
+    def claim(self, *tup):
+        self.claims.append(("add", tup))
+
+    def release(self, *tup):
+        self.claims.append(("del", tup))
+
+    def _emit(self, data, sid, now):
+        p = parse_tcp(data)
+        self.sent.append(p)
+        if not self.auto:
+            return
+        tup = (p.src, p.sport, p.dst, p.dport)
+        if p.flags & TH_SYN:
+            self.conns.setdefault(tup, b"")
+            self.replies.append(build_tcp(T, p.src, 80, p.sport, 7000, p.seq + 1,
+                                          TH_SYN | TH_ACK, 65535, MSS))
+        elif p.payload:
+            self.conns[tup] += p.payload
+            self.replies.append(build_tcp(T, p.src, 80, p.sport, 7001,
+                                          p.seq + len(p.payload),
+                                          TH_ACK | TH_PSH | TH_FIN, 65535, b"", b"ok"))
+        elif p.flags & TH_FIN:
+            self.replies.append(build_tcp(T, p.src, 80, p.sport, 7004, p.seq + 1, TH_ACK))
+
+    def pump(self):
+        """Deliver the target's replies until nothing more is said."""
+        for _ in range(100):
+            if not self.replies:
+                return
+            batch, self.replies = self.replies, []
+            for r in batch:
+                self.e.feedback_packet(r, self.now)
+
+    def client(self, cip, sport, flags, seq, ack=0, payload=b""):
+        self.e.client_packet(build_tcp(cip, O, sport, 80, seq, ack, flags, 65535,
+                                       MSS if flags & TH_SYN else b"", payload), self.now)
+
+    def session(self, cip, sport, payload=b"GET / HTTP/1.1\r\n\r\n", close=True):
+        """A whole captured client session: SYN, ACK, request, FIN."""
+        self.client(cip, sport, TH_SYN, CISN)
+        self.pump()
+        self.client(cip, sport, TH_ACK, CISN + 1, SISN + 1)
+        self.client(cip, sport, TH_ACK | TH_PSH, CISN + 1, SISN + 1, payload)
+        self.pump()
+        if close:
+            self.client(cip, sport, TH_ACK | TH_FIN, CISN + 1 + len(payload), SISN + 4)
+            self.pump()
+
+    def advance(self, ms):
+        end = self.now + int(ms * MS)
+        for _ in range(100000):
+            d = self.e.next_deadline()
+            if d is None or d > end:
+                break
+            self.now = max(self.now, d)
+            self.e.on_timer(self.now)
+            self.pump()
+        self.now = end
+
+    def syns(self):
+        return [(p.src, p.sport) for p in self.sent if p.flags & TH_SYN]
+
+    def outcomes(self):
+        return {k: v for k, v in self.e.st.outcomes.items() if v}
+
+
+# -- option parsing --------------------------------------------------------------------
+
+def test_pool_forms():
+    p = parse_pool("10.9.9.x")[4]
+    assert p.size == 254 and p.addr(0) == ip_bytes("10.9.9.1") and p.addr(253) == \
+        ip_bytes("10.9.9.254")
+    p = parse_pool("10.8.0.0/30, 10.8.0.10-10.8.0.12, 10.8.0.11, 192.0.2.7")[4]
+    assert [p.addr(i) for i in range(p.size)] == [ip_bytes(a) for a in (
+        "10.8.0.1", "10.8.0.2", "10.8.0.10", "10.8.0.11", "10.8.0.12", "192.0.2.7")]
+    p = parse_pool("10.8.0.0/24", exclude=[ip_bytes("10.8.0.5")])[4]
+    assert p.size == 253 and ip_bytes("10.8.0.5") not in {p.addr(i) for i in range(253)}
+    pools = parse_pool("fd00:77::/64,10.0.0.1")
+    assert pools[16].size == 1 << 64 and pools[4].size == 1
+    assert pools[16].addr(5) == ip_bytes("fd00:77::5")
+    for bad in ("10.9.9.0/33", "10.1.1.5-10.1.1.1", "10.0.0.1-::1", "nohost", "", "1.2.3.x.x",
+                "10.2.0.5/32"):
+        with pytest.raises(UsageError):
+            parse_pool(bad, exclude=[T])
+    assert parse_instance("3") == (3, 16) and parse_instance("1/2") == (1, 2)
+    for bad in ("2/2", "-1", "a", "0/0", "0/1000"):
+        with pytest.raises(UsageError):
+            parse_instance(bad)
+
+
+def test_sample_is_a_stable_keyed_hash():
+    # pinned: the same share on every run and every host (no Python hash())
+    assert stable_hash(ip_bytes("10.0.0.1"), 1234) == stable_hash(ip_bytes("10.0.0.1"), 1234)
+    assert sample_share(ip_bytes("10.0.0.1"), 1234) == pytest.approx(
+        stable_hash(ip_bytes("10.0.0.1"), 1234) % 1_000_000 / 10_000)
+    assert stable_hash(ip_bytes("10.0.0.1"), 1234) == 0x3346B5ECF0196A9F
+    shares = [sample_share(client_ip(i), 40000) for i in range(4000)]
+    assert 900 < sum(s < 25 for s in shares) < 1100
+
+
+# -- -c: pools -------------------------------------------------------------------------
+
+def test_pool_of_two_5000_concurrent_same_port_no_collision_and_deterministic():
+    def run():
+        r = Rig(Allocator(parse_pool("10.99.0.1,10.99.0.2")), auto=False)
+        for i in range(5000):
+            r.client(client_ip(i), 40000, TH_SYN, CISN)
+        return r
+    r = run()
+    syns = r.syns()
+    assert len(syns) == 5000 == len(set(syns))
+    assert {a for a, _ in syns} == {ip_bytes("10.99.0.1"), ip_bytes("10.99.0.2")}
+    assert all(1024 <= p < 65536 or p == 40000 for _, p in syns)
+    # claims name the replayed addresses, not the captured ones
+    assert {t[0] for _, t in r.claims} == {ip_bytes("10.99.0.1"), ip_bytes("10.99.0.2")}
+    assert run().syns() == syns
+
+
+def test_pool_sessions_complete_and_released_pairs_cool_down():
+    r = Rig(Allocator(parse_pool("10.99.0.1")))
+    r.session(client_ip(0), 40000, b"first")
+    assert r.outcomes() == {"completed": 1}
+    r.now += 1 * SEC
+    r.session(client_ip(1), 40000, b"second")  # another client, same captured port
+    assert r.outcomes() == {"completed": 2}
+    a, b = r.syns()
+    assert a == (ip_bytes("10.99.0.1"), 40000)
+    assert b[0] == a[0] and b[1] != 40000  # the pair is still cooling (target TIME_WAIT)
+    assert sorted(r.conns.values()) == [b"first", b"second"]
+    r.now += 61 * SEC
+    r.session(client_ip(2), 40000, b"third")
+    assert r.syns()[-1] == a  # cooled down: the captured port again
+
+
+def test_pool_exhaustion_sheds_with_one_warning_and_recovers():
+    alloc = Allocator(parse_pool("10.99.0.1"), instance=0, instances=256)  # 252 ports
+    r = Rig(alloc, auto=False)
+    for i in range(300):
+        r.client(client_ip(i), 40000, TH_SYN, CISN)
+        r.client(client_ip(i), 40000, TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"x")
+    assert len(set(r.syns())) == len(r.syns()) == 252
+    assert r.outcomes() == {"pool_exhausted": 48}
+    assert len(r.warnings) == 1 and "pool" in r.warnings[0]
+    assert r.e.active() == 252
+    # the shed sessions' later packets start nothing
+    r.client(client_ip(299), 40000, TH_ACK | TH_PSH, CISN + 2, SISN + 1, b"y")
+    assert len(r.syns()) == 252
+    r.e.close_all(r.now)
+    r.now += 1 * SEC
+    r.client(client_ip(500), 40000, TH_SYN, CISN)
+    assert len(r.syns()) == 253  # pairs free again: early reuse rather than shedding
+    assert alloc.early_reuses == 1
+
+
+def test_pool_ipv6_and_family_of_the_target():
+    c6 = ip_bytes("fd00:9::2")
+    t6 = ip_bytes("fd00:1::5")
+    e_sent = []
+    e = Engine(Mapper(parse_target("[fd00:1::5]:80", False)),
+               lambda d, sid, now: e_sent.append(parse_tcp(d)), Config(),
+               None, Allocator(parse_pool("fd00:99::/120")))
+    for port in (5000, 5001):
+        e.client_packet(build_tcp(c6, ip_bytes("fd00:1::1"), port, 80, CISN, 0, TH_SYN,
+                                  65535, MSS), 0)
+    assert [p.dst for p in e_sent] == [t6, t6]
+    assert all(p.src.startswith(ip_bytes("fd00:99::")[:15]) for p in e_sent)
+    assert len({(p.src, p.sport) for p in e_sent}) == 2
+
+
+# -- -n: copies ------------------------------------------------------------------------
+
+def test_copies_each_complete_with_the_same_bytes_on_distinct_ports():
+    r = Rig(copies=50)
+    for i in range(4):
+        r.session(client_ip(0), 40000 + i, b"req %d" % i)
+    syns = r.syns()
+    assert len(syns) == 200 == len(set(syns))
+    assert r.outcomes() == {"completed": 200}
+    got = sorted(r.conns.values())
+    assert got == sorted(b"req %d" % i for i in range(4) for _ in range(50))
+    assert r.e.st.sessions == 200 and r.e.active() == 0
+
+
+def test_copies_1000_and_midstream():
+    r = Rig(copies=1000, auto=False)
+    r.client(client_ip(0), 40000, TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"mid")
+    assert len(set(r.syns())) == 1000 and r.e.st.fake_syn == 1000
+
+
+def test_copies_sampled_and_filtered_together():
+    r = Rig(copies=5, sample_pct=50, auto=False)
+    for i in range(200):
+        r.client(client_ip(i), 40000, TH_SYN, CISN)
+    picked = len(r.syns())
+    assert picked % 5 == 0 and 60 < picked // 5 < 140
+    assert r.e.st.outcomes["filtered"] == 200 - picked // 5
+
+
+# -- -f: instances ---------------------------------------------------------------------
+
+def test_instances_never_share_a_tuple():
+    tuples = []
+    for k in (0, 1):
+        r = Rig(Allocator(None, k, 2), copies=3, auto=False)
+        for i in range(500):
+            r.client(client_ip(i % 7), 30000 + i, TH_SYN, CISN)
+        syns = r.syns()
+        assert len(syns) == 1500 == len(set(syns))
+        lo = 1024 + k * 32256
+        assert all(lo <= p < lo + 32256 for _, p in syns)
+        tuples.append(set(syns))
+    assert not tuples[0] & tuples[1]
+    # with a pool too
+    a = Rig(Allocator(parse_pool("10.99.0.1"), 0, 2), auto=False)
+    b = Rig(Allocator(parse_pool("10.99.0.1"), 1, 2), auto=False)
+    for r in (a, b):
+        for i in range(300):
+            r.client(client_ip(i), 40000, TH_SYN, CISN)
+    assert not set(a.syns()) & set(b.syns())
+
+
+# -- -r / -g -----------------------------------------------------------------------------
+
+def test_ramp_grows_the_share_from_1_percent():
+    r = Rig(ramp=100 * SEC, auto=False)
+    assert r.e.share(0) == 100  # before the first packet
+    picked = []
+    for i in range(4000):  # one new session every 25 ms: 100 s
+        r.now = i * 25 * MS
+        n = len(r.sent)
+        r.client(client_ip(i), 40000, TH_SYN, CISN)
+        picked.append(len(r.sent) > n)
+    first, last = sum(picked[:400]), sum(picked[-400:])  # first / last 10 s
+    assert first < 40 and last > 360, (first, last)
+    assert r.e.share(50 * SEC) == pytest.approx(50.5)
+    assert r.e.share(200 * SEC) == 100
+    # with -r 20 the share ends at 20 %
+    r = Rig(ramp=10 * SEC, sample_pct=20, auto=False)
+    r.client(client_ip(0), 40000, TH_SYN, CISN)
+    assert r.e.share(5 * SEC) == pytest.approx(10.5) and r.e.share(11 * SEC) == 20
+
+
+def test_sampled_session_gets_all_its_packets_unsampled_none():
+    r = Rig(sample_pct=25)
+    for i in range(400):
+        r.session(client_ip(i), 40000, b"r%d" % i)
+    chosen = {i for i in range(400) if sample_share(client_ip(i), 40000) < 25}
+    assert r.outcomes() == {"completed": len(chosen), "filtered": 400 - len(chosen)}
+    assert sorted(r.conns.values()) == sorted(b"r%d" % i for i in chosen)
+
+
+# -- --max-memory ------------------------------------------------------------------------
+
+def test_shedding_new_sessions_while_existing_continue():
+    r = Rig()
+    r.client(client_ip(0), 40000, TH_SYN, CISN)
+    r.pump()
+    r.e.shedding = True
+    r.client(client_ip(1), 40000, TH_SYN, CISN)
+    r.client(client_ip(2), 40000, TH_SYN, CISN)
+    r.client(client_ip(1), 40000, TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"shed")
+    r.client(client_ip(0), 40000, TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"kept")
+    r.pump()
+    r.client(client_ip(0), 40000, TH_ACK | TH_FIN, CISN + 5, SISN + 4)
+    r.pump()
+    assert r.outcomes() == {"completed": 1, "shed": 2}
+    assert list(r.conns.values()) == [b"kept"]
+    assert len(r.warnings) == 1 and "--max-memory" in r.warnings[0]
+    assert "2 shed" in r.e.stats_line()
+    r.e.shedding = False
+    r.client(client_ip(3), 40000, TH_SYN, CISN)
+    assert len(r.syns()) == 2
+
+
+# -- the command line -------------------------------------------------------------------
+
+def test_bad_shaping_values_exit_2_with_one_line():
+    base = ["tc-session", "--no-feedback", "--target", "10.2.0.5:80"]
+    for args in (["-r", "0"], ["-r", "101"], ["-n", "0"], ["-n", "-3"], ["-c", "10.9.9.0/33"],
+                 ["-c", "10.9.9.9-10.9.9.1"], ["-c", "10.9.9.y"], ["-c", "fd00::/64"],
+                 ["-c", "10.2.0.5"], ["-c", "10.9.9.1", "-n", "70000"],
+                 ["-f", "2/2"], ["-f", "x"], ["-g", "0"], ["-m", "0"], ["-n", "40000",
+                                                                     "-f", "1/2"]):
+        r = tc.run([*base, *args], input=tc.stream([]))
+        err = r.stderr.decode()
+        assert r.returncode == 2, (args, err)
+        assert err.count("\n") == 1 and err.startswith("tc-session: error: "), (args, err)
+
+
+def test_max_memory_cli_sheds_and_warns_once(tmp_path):
+    C = ip_bytes("10.9.0.2")
+    recs = [{"t": "pkt", "ts": i, "data": build_tcp(C, O, 5000 + i, 80, CISN, 0, TH_SYN,
+                                                     65535, MSS)} for i in range(3)]
+    js = tmp_path / "s.json"
+    r = tc.run(["tc-session", "--no-feedback", "--target", "10.2.0.5:80", "--drain", "0",
+                "-m", "1", "--stats-json", js], input=tc.stream(recs))
+    assert r.returncode == 0, r.stderr
+    assert tc.decode(r.stdout) == []
+    assert r.stderr.decode().count("--max-memory") == 1, r.stderr
+    assert json.loads(js.read_text())["outcomes"]["shed"] == 3
+
+
+def test_cli_pool_copies_and_instance_rewrite_the_syns():
+    C = ip_bytes("10.9.0.2")
+    recs = [{"t": "pkt", "ts": i, "data": build_tcp(C, O, 40000 + i, 80, CISN, 0, TH_SYN,
+                                                     65535, MSS)} for i in range(4)]
+    r = tc.run(["tc-session", "--no-feedback", "--target", "10.2.0.5:80", "--drain", "0",
+                "-c", "10.99.0.0/30", "-n", "3", "-f", "1/4"], input=tc.stream(recs))
+    assert r.returncode == 0, r.stderr
+    syns = [parse_tcp(x["data"]) for x in tc.decode(r.stdout)]
+    syns = [(p.src, p.sport) for p in syns if p.flags & TH_SYN]
+    assert len(syns) == 12 == len(set(syns))
+    assert {a for a, _ in syns} <= {ip_bytes("10.99.0.1"), ip_bytes("10.99.0.2")}
+    assert all(1024 + 16128 <= p < 1024 + 2 * 16128 for _, p in syns)
