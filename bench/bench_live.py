@@ -89,7 +89,7 @@ def run_client(lab, a, rate, workdir) -> dict:
     requests = 1 if a.close else 50
     r = lab.run("client", [h.PY, h.SERVERS / "live_http_client.py", "--server", url_host,
                            "--rate", rate, "--duration", a.duration, "--parallel", a.conns,
-                           "--requests", requests], capture_output=True, text=True,
+                           "--requests", requests, "--status-only"], capture_output=True, text=True,
                 timeout=a.duration + 60)
     res = json.loads(r.stdout.strip().splitlines()[-1])
     return {"requests": res["requests"], "rps": res["requests"] / max(res["elapsed"], 1e-9),
@@ -113,7 +113,8 @@ def run_rate(a, rate, workdir) -> dict:
     with Lab(offloads=a.offloads) as lab:
         onl, onl_log = start_nginx(lab, "online", workdir)
         tgt, tgt_log = start_nginx(lab, "target", workdir)
-        live = h.start_live(lab, Path(workdir) / "live", port=PORT)
+        live = h.start_live(lab, Path(workdir) / "live", port=PORT,
+                            capture_args=a.capture_arg, session_args=a.session_arg)
         try:
             pids = {n: live.procs[n].pid for n in TOOLS}
             cpu0 = {n: cpu_ticks(p) for n, p in pids.items()}
@@ -147,6 +148,10 @@ def main(argv=None) -> int:
     ap.add_argument("--client", choices=("wrk", "python"),
                     default="wrk" if shutil.which("wrk") else "python")
     ap.add_argument("--offloads", action="store_true", help="kernel default veth offloads")
+    ap.add_argument("--capture-arg", action="append", default=[],
+                    help="extra tc-capture option (repeatable), e.g. --capture-arg=-s1600")
+    ap.add_argument("--session-arg", action="append", default=[],
+                    help="extra tc-session option (repeatable)")
     a = ap.parse_args(argv)
     print(f"live pipeline, client {a.client}, {a.conns} connections, "
           f"{'short' if a.close else 'keep-alive'} connections, {a.duration} s per rate, "

@@ -706,12 +706,13 @@ class Live:
 
 
 def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, tee=None,
-               capture_args=(), session_args=(), pace_args=(), emit_args=(),
-               feedback=True) -> Live:
+               capture_args=(), capture_filter=None, session_args=(), pace_args=(),
+               emit_args=(), feedback=True) -> Live:
     """Start, on online: tc-capture IFACE | [tee FILE |] tc-session | tc-pace | tc-emit.
 
     The feedback side (tc-intercept | tc-feedback) runs in the assistant. IFACE defaults to
-    the online host's client-facing interface, the capture filter to 'tcp dst port PORT'.
+    the online host's client-facing interface, the capture filter (capture_filter; "" for
+    none) to 'tcp dst port PORT'; capture_args are options put before IFACE.
     Returns once tc-capture is capturing; the caller starts the target's server and ends
     the pipeline with Live.stop() (always: use try/finally).
     """
@@ -730,9 +731,9 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
         target = f"[{lab.target_ip6}]:{tport}" if v6 else f"{lab.target_ip}:{tport}"
         env = tool_env()
         fbargs = ["--feedback", addr] if feedback else ["--no-feedback"]
-        chain = [("tc-capture", [tool("tc-capture"), "-v", "--stats",
-                                 iface or lab.online_cli_if, *map(str, capture_args)]
-                  + ([] if capture_args else [f"tcp dst port {port}"])),
+        cap_filter = f"tcp dst port {port}" if capture_filter is None else capture_filter
+        chain = [("tc-capture", [tool("tc-capture"), "-v", "--stats", *map(str, capture_args),
+                                 iface or lab.online_cli_if, *([cap_filter] if cap_filter else [])]),
                  ("tee", ["tee", str(tee)]) if tee else None,
                  ("tc-session", [tool("tc-session"), "--stats", "--target", target, *fbargs,
                                  "--stats-json", str(stats_json), *map(str, session_args)]),

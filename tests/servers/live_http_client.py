@@ -47,6 +47,7 @@ class Conn:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
         self.k = 0
+        self.status_only = False
 
     def _fill(self):
         data = self.sock.recv(65536)
@@ -74,6 +75,8 @@ class Conn:
         while len(self.buf) < n:
             self._fill()
         body, self.buf = self.buf[:n], self.buf[n:]
+        if self.status_only:
+            return
         m = _BODY.match(body)
         if not m or int(m.group(1)) != self.k or m.group(2).decode() != method \
                 or m.group(3).decode() != path:
@@ -128,6 +131,7 @@ class Run:
 
     def session(self, i):
         c = Conn(self.server, self.a.timeout)
+        c.status_only = self.a.status_only
         try:
             n = 1 if i % 2 else self.a.requests
             post = self.a.post_every and i % self.a.post_every == 0
@@ -193,6 +197,8 @@ def main(argv=None):
     p.add_argument("--post-every", type=int, default=0, metavar="M",
                    help="the first request of every M-th session is a POST")
     p.add_argument("--body-size", type=int, default=20000, help="POST body bytes")
+    p.add_argument("--status-only", action="store_true",
+                   help="check only the status line (a server other than recording_server)")
     p.add_argument("--hold", metavar="FILE")
     p.add_argument("--hold-conns", type=int, default=10)
     a = p.parse_args(argv)
