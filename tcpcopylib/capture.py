@@ -648,8 +648,8 @@ def capture_loop(engine, capturer: Capturer, stop, on_tick=None, idle_wait: floa
     """Read until ``capturer.done`` or ``stop()`` is true.
 
     When the ring is empty the writer is flushed (an idle link never holds records back)
-    and the loop waits in select() on the capture fd plus ``extra_fds`` (a signal wakeup
-    pipe) for at most ``idle_wait`` s. ``on_tick(now)`` runs between batches.
+    and the loop waits in select() on the capture fd plus ``extra_fds`` (non-blocking
+    signal wakeup pipes, drained here) for at most ``idle_wait`` s. ``on_tick(now)`` runs between batches.
     """
     fds = [engine.fd, *extra_fds]
     flush = capturer.writer.flush
@@ -659,7 +659,13 @@ def capture_loop(engine, capturer: Capturer, stop, on_tick=None, idle_wait: floa
             flush()
             if stop():
                 break
-            select.select(fds, [], [], idle_wait)
+            ready = select.select(fds, [], [], idle_wait)[0]
+            for fd in extra_fds:  # drain wakeup pipes, or select would stay ready
+                if fd in ready:
+                    try:
+                        os.read(fd, 4096)
+                    except BlockingIOError:
+                        pass
         now = time.monotonic()
         capturer.refresh(now)
         if on_tick is not None:

@@ -271,6 +271,12 @@ def _tcpdump(lab, host, iface, path, expr="tcp"):
     return p
 
 
+def _cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def _stop(p, timeout=10):
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=timeout)
@@ -384,10 +390,15 @@ def test_sigterm_while_idle_exits_0_with_counts(lab, tmp_path):
     out = tmp_path / "cap.cbor"
     p = _tool(lab, "online", ["cli0", "-w", out], stderr=subprocess.PIPE)
     _wait_file(out)
+    p.send_signal(signal.SIGUSR1)  # counts now; must not leave the idle loop spinning
+    time.sleep(0.2)
+    cpu0 = _cpu_ticks(p.pid)
+    time.sleep(1.0)
+    assert _cpu_ticks(p.pid) - cpu0 < 30, "busy while idle"
     t0 = time.monotonic()
     rc, err = _stop(p)
     assert rc == 0 and time.monotonic() - t0 < 2
-    assert "0 packets written" in err and "dropped by kernel" in err
+    assert err.count("0 packets written") == 2 and "dropped by kernel" in err
     assert _pkts(out)[1] == []
 
 
