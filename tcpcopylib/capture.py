@@ -645,7 +645,7 @@ def open_engine(kind: str, iface: str, bpf: str, snaplen: int = DEFAULT_SNAPLEN,
 
 def capture_loop(engine, capturer: Capturer, stop, on_tick=None, idle_wait: float = 0.25,
                  extra_fds=()) -> None:
-    """Read until ``capturer.done`` or ``stop()`` is true.
+    """Read until ``capturer.done`` or ``stop()`` is true, then drain what is readable.
 
     When the ring is empty the writer is flushed (an idle link never holds records back)
     and the loop waits in select() on the capture fd plus ``extra_fds`` (non-blocking
@@ -670,3 +670,6 @@ def capture_loop(engine, capturer: Capturer, stop, on_tick=None, idle_wait: floa
         capturer.refresh(now)
         if on_tick is not None:
             on_tick(now)
+    for _ in range(64):  # stopped: take what the kernel already holds (bounded)
+        if capturer.done or read(capturer) == 0:
+            break
