@@ -710,7 +710,9 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
                emit_args=(), feedback=True) -> Live:
     """Start, on online: tc-capture IFACE | [tee FILE |] tc-session | tc-pace | tc-emit.
 
-    The feedback side (tc-intercept | tc-feedback) runs in the assistant. IFACE defaults to
+    The feedback side (tc-intercept | tc-feedback) runs in the assistant, reached over a
+    Unix socket (feedback=True) or across hosts over TCP (feedback="tcp"); feedback=False
+    runs tc-session --no-feedback. IFACE defaults to
     the online host's client-facing interface, the capture filter (capture_filter; "" for
     none) to 'tcp dst port PORT'; capture_args are options put before IFACE.
     Returns once tc-capture is capturing; the caller starts the target's server and ends
@@ -725,7 +727,10 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
     live = Live(procs, stats_json, None)
     ok = False
     try:
-        if feedback:
+        if feedback == "tcp":
+            fbprocs, addr = start_feedback_tcp(lab, tport)
+            procs.update(fbprocs)
+        elif feedback:
             fbprocs, addr = start_feedback(lab, workdir, tport)
             procs.update(fbprocs)
         target = f"[{lab.target_ip6}]:{tport}" if v6 else f"{lab.target_ip}:{tport}"
@@ -756,6 +761,31 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
     finally:
         if not ok:
             live.stop(timeout=5)
+
+
+FEEDBACK_PORT = 36524
+
+
+def start_feedback_tcp(lab, port, listen_port=FEEDBACK_PORT):
+    """tc-intercept lan0 | tc-feedback --listen tcp::LISTEN_PORT in the assistant (the
+    documented cross-host set-up); returns procs and tc-session's --feedback address."""
+    env = tool_env()
+    ic = Proc(lab, "assistant", [tool("tc-intercept"), lab.assist_if, "-F",
+                                 f"tcp and src port {port}", "--stats", "-v",
+                                 "--stats-interval", "3600"],
+              stdout=subprocess.PIPE, env=env, name="tc-intercept")
+    fb = Proc(lab, "assistant", [tool("tc-feedback"), "--listen", f"tcp::{listen_port}",
+                                 "--stats"], stdin=ic.p.stdout, env=env, name="tc-feedback")
+    ic.p.stdout.close()
+    try:
+        lab.wait_listening("assistant", listen_port, 10, proc=fb.p)
+        if not ic.wait_stderr(b"capturing on", 10):
+            raise RuntimeError("tc-intercept did not start capturing")
+    except Exception as e:
+        ic.stop()
+        fb.stop()
+        raise RuntimeError(f"feedback side did not start: {e}: {ic!r} {fb!r}") from None
+    return {"tc-intercept": ic, "tc-feedback": fb}, f"tcp:{lab.assist_ip}:{listen_port}"
 
 
 @dataclass

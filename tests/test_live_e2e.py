@@ -232,6 +232,7 @@ def test_live_sessions_open_before_capture_replayed_from_next_request(lab, tmp_p
 
 
 # -- 5: tee the capture; tc-dump it; tc-readpcap of a simultaneous tcpdump agrees -----------
+# (feedback here crosses hosts over TCP: tc-feedback --listen tcp::36524 on the assistant)
 
 def test_live_tee_capture_matches_tcpdump(lab, tmp_path):
     import tc
@@ -246,7 +247,7 @@ def test_live_tee_capture_matches_tcpdump(lab, tmp_path):
     live = None
     try:
         assert td.wait_stderr(b"listening on", 10), td
-        live = h.start_live(lab, tmp_path / "live", tee=cap)
+        live = h.start_live(lab, tmp_path / "live", tee=cap, feedback="tcp")
         res = run_client(lab, "--sessions", 40, "--requests", 3, "--post-every", 5)
         h.wait_settled(tgt, quiet=1.0, timeout=30)
     finally:
