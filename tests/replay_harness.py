@@ -707,12 +707,13 @@ class Live:
 
 def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, tee=None,
                capture_args=(), capture_filter=None, session_args=(), pace_args=(),
-               emit_args=(), feedback=True) -> Live:
+               emit_args=(), feedback=True, feedback_env=False) -> Live:
     """Start, on online: tc-capture IFACE | [tee FILE |] tc-session | tc-pace | tc-emit.
 
     The feedback side (tc-intercept | tc-feedback) runs in the assistant, reached over a
     Unix socket (feedback=True) or across hosts over TCP (feedback="tcp"); feedback=False
-    runs tc-session --no-feedback. IFACE defaults to
+    runs tc-session --no-feedback; feedback_env passes the address in $TC_FEEDBACK instead
+    of --feedback. IFACE defaults to
     the online host's client-facing interface, the capture filter (capture_filter; "" for
     none) to 'tcp dst port PORT'; capture_args are options put before IFACE.
     Returns once tc-capture is capturing; the caller starts the target's server and ends
@@ -736,6 +737,8 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
         target = f"[{lab.target_ip6}]:{tport}" if v6 else f"{lab.target_ip}:{tport}"
         env = tool_env()
         fbargs = ["--feedback", addr] if feedback else ["--no-feedback"]
+        if feedback and feedback_env:  # the documented short pipeline: no --feedback
+            env["TC_FEEDBACK"], fbargs = addr, []
         cap_filter = f"tcp dst port {port}" if capture_filter is None else capture_filter
         chain = [("tc-capture", [tool("tc-capture"), "-v", "--stats", *map(str, capture_args),
                                  iface or lab.online_cli_if, *([cap_filter] if cap_filter else [])]),

@@ -202,7 +202,8 @@ def test_live_sessions_open_before_capture_replayed_from_next_request(lab, tmp_p
             assert time.monotonic() < deadline and cl.poll() is None, cl.communicate()
             time.sleep(0.02)
         time.sleep(0.2)  # the first answers' ACKs are on the wire before the capture
-        live = h.start_live(lab, tmp_path / "live")
+        # tc-session as in the manual's short pipeline: the feedback address in $TC_FEEDBACK
+        live = h.start_live(lab, tmp_path / "live", feedback_env=True)
         hold.write_text("go\n")
         out, err = cl.communicate(timeout=60)
         h.wait_settled(tgt, quiet=1.0, timeout=30)
