@@ -405,10 +405,19 @@ def test_sigterm_while_idle_exits_0_with_counts(lab, tmp_path):
 @pytest.mark.netns
 @pytest.mark.parametrize("engine", ["pcap", "afpacket"])
 def test_no_permission_is_77(lab, engine):
-    drop = ["setpriv", "--bounding-set=-net_raw,-net_admin", "--inh-caps=-net_raw,-net_admin"]
-    r = lab.run("online", [*drop, str(BIN / "tc-capture"), "--engine", engine, "cli0"],
-                capture_output=True, env=env(), timeout=30)
-    assert r.returncode == 77, r.stderr
+    # As user nobody when this Python and the checkout are reachable for it (not when the
+    # interpreter lives under /root); otherwise as root without CAP_NET_RAW/CAP_NET_ADMIN.
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run(
+        [*nobody, sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+         "import cbor2, pcapy, tcpcopylib.cli.capture", str(BIN.parent)],
+        capture_output=True, cwd="/")
+    drop = nobody if probe.returncode == 0 else [
+        "setpriv", "--bounding-set=-net_raw,-net_admin", "--inh-caps=-net_raw,-net_admin"]
+    r = lab.run("online", [*drop, sys.executable, str(BIN / "tc-capture"), "--engine", engine,
+                           "cli0"], capture_output=True, env=env(), timeout=30, cwd="/")
+    assert r.returncode == 77, (drop, r.stderr)
+    assert r.stderr.count(b"\n") == 1
 
 
 @pytest.mark.netns
