@@ -44,23 +44,24 @@ def index_outcomes(log_dir) -> dict:
     return out
 
 
-def run_client(lab, *args, timeout=120):
-    r = lab.run("client", [h.PY, CLIENT, "--server", f"{lab.online_cli_ip}:{h.PORT}",
-                           *map(str, args)], capture_output=True, text=True, timeout=timeout)
+def run_client(lab, *args, timeout=120, v6=False):
+    server = f"[{lab.online_cli_ip6}]:{h.PORT}" if v6 else f"{lab.online_cli_ip}:{h.PORT}"
+    r = lab.run("client", [h.PY, CLIENT, "--server", server, *map(str, args)],
+                capture_output=True, text=True, timeout=timeout)
     lines = r.stdout.strip().splitlines()
     assert lines, f"client printed nothing: rc={r.returncode} {r.stderr[-2000:]}"
     return json.loads(lines[-1])
 
 
-def live_http(lab, tmp_path, client_args, **live_kw):
+def live_http(lab, tmp_path, client_args, v6=False, **live_kw):
     """Recording servers on online and target, the live pipeline, the client; returns
     (client result, stopped Live, online log dir, target log dir)."""
     onl, tgt = tmp_path / "online", tmp_path / "target"
     h.start_recording_server(lab, "online", onl)
     h.start_recording_server(lab, "target", tgt)
-    live = h.start_live(lab, tmp_path / "live", **live_kw)
+    live = h.start_live(lab, tmp_path / "live", v6=v6, **live_kw)
     try:
-        res = run_client(lab, *client_args)
+        res = run_client(lab, *client_args, v6=v6)
         h.wait_settled(tgt, quiet=1.0, timeout=30)
     finally:
         live.stop()
@@ -111,6 +112,17 @@ def test_live_http_mirrored_byte_identical(lab, tmp_path):
     assert cap["packets written"] >= SESSIONS * 3, cap
     if lab.offloads:  # the client's TSO hands the capture 30 kB super-segments
         assert cap["super-segments split"] > 0, cap
+
+
+
+def test_live_http_ipv6(lab, tmp_path):
+    sessions = 60
+    res, live, onl, tgt = live_http(lab, tmp_path, ["--sessions", sessions, "--requests", 3,
+                                                    "--post-every", 10], v6=True)
+    assert_pipeline_ok(live)
+    assert_mirrored(lab, res, live, onl, tgt, sessions // 2 * 3 + sessions // 2)
+    peers = {c.ip for c in h.logged_streams(tgt)}
+    assert peers == {lab.client_ip6}, peers
 
 
 # -- 3: redis-server online and on the target, redis-benchmark as the client ---------------
