@@ -50,7 +50,7 @@ _live: set = set()
 _live_lock = threading.Lock()
 _libc = ctypes.CDLL(None, use_errno=True)
 _CLONE_NEWNET = 0x40000000
-_STALE_RE = re.compile(r"^tcl(\d+)x\d+-(?:%s)$" % "|".join(HOSTS))
+_STALE_RE = re.compile(r"^tcl(\d+)x\d+-[a-z][a-z0-9]*$")  # HOSTS and add_host() names
 
 
 class LabError(RuntimeError):
@@ -223,16 +223,17 @@ class Lab:
         self.without_target_route = without_target_route
         self.procs: list[subprocess.Popen] = []
         self.is_up = False
+        self.extra_hosts: dict[str, tuple] = {}  # add_host(): name -> (ip, ip6, mac)
 
     # -- names -------------------------------------------------------------------------
     def ns(self, host: str) -> str:
-        if host not in HOSTS:
+        if host not in HOSTS and host not in self.extra_hosts:
             raise ValueError(f"unknown lab host {host!r} (one of {', '.join(HOSTS)})")
         return f"{self.name}-{host}"
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.ns(h) for h in HOSTS]
+        return [self.ns(h) for h in (*HOSTS, *self.extra_hosts)]
 
     def interfaces(self) -> list[tuple[str, str]]:
         """(host, interface) for every lab link end."""
@@ -352,6 +353,47 @@ class Lab:
             *link(self.assist_if, self.assist_mac, f"{self.assist_ip}/24", f"{self.assist_ip6}/64"),
             *lan_neigh("assistant")])
 
+    def add_host(self, name: str, ip: str, ip6: str, mac: str | None = None) -> str:
+        """One more host on the switch (a second online host, say): namespace NAME with
+        lan0 at ip/24 and ip6/64 on the LAN, static neighbour entries both ways, offloads
+        as the lab's. Removed with the lab. Returns the namespace name."""
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", name) or name in HOSTS or \
+                name in self.extra_hosts:
+            raise ValueError(f"bad or used lab host name {name!r}")
+        mac = mac or "02:00:00:00:01:%02x" % (0x10 + len(self.extra_hosts))
+        self.extra_hosts[name] = (ip, ip6, mac)
+        ns = self.ns(name)
+        port = f"sw-{name}"
+        _ip("netns", "add", ns)
+        self._sysctl(name, {"net.ipv4.ip_forward": 0, "net.ipv6.conf.all.forwarding": 0,
+                            "net.ipv4.conf.all.rp_filter": 0,
+                            "net.ipv4.conf.default.rp_filter": 0,
+                            "net.ipv6.conf.all.accept_dad": 0,
+                            "net.ipv6.conf.default.accept_dad": 0,
+                            "net.ipv6.conf.default.accept_ra": 0})
+        self._batch("switch", [f"link add {port} type veth peer name lan0 netns {ns}",
+                               f"link set {port} master br0", f"link set {port} up"])
+        if not self.offloads:
+            script = "; ".join(f"ethtool -K {d} {f} off 2>/dev/null" for d in ("lan0",)
+                               for f in OFFLOAD_FEATURES)
+            subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", script + "; true"],
+                           capture_output=True)
+            script = "; ".join(f"ethtool -K {port} {f} off 2>/dev/null"
+                               for f in OFFLOAD_FEATURES)
+            subprocess.run(["ip", "netns", "exec", self.ns("switch"), "sh", "-c",
+                            script + "; true"], capture_output=True)
+        lan = [(self.online_ip, self.online_mac), (self.online_ip6, self.online_mac),
+               (self.target_ip, self.target_mac), (self.target_ip6, self.target_mac),
+               (self.assist_ip, self.assist_mac), (self.assist_ip6, self.assist_mac)]
+        self._batch(name, [
+            "link set lo up", f"link set lan0 address {mac}", "link set lan0 up",
+            f"addr add {ip}/24 dev lan0", f"addr add {ip6}/64 dev lan0 nodad",
+            *(f"neigh replace {a} lladdr {m} nud permanent dev lan0" for a, m in lan)])
+        for host in ("online", "target", "assistant"):
+            self._batch(host, [f"neigh replace {a} lladdr {mac} nud permanent dev lan0"
+                               for a in (ip, ip6)])
+        return ns
+
     def set_offloads(self, on: bool) -> None:
         """Turn the veth/bridge offloads (tso gso gro tx rx sg) on or off on every lab link."""
         if shutil.which("ethtool") is None:
@@ -373,6 +415,7 @@ class Lab:
             self._stop(p)
         self.procs.clear()
         delete_namespaces(self.namespaces)
+        self.extra_hosts.clear()
         self.is_up = False
         with _live_lock:
             _live.discard(self)
