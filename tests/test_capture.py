@@ -316,8 +316,8 @@ def _curl(lab, url, n=3):
 def test_capture_matches_tcpdump(lab, tmp_path, engine, iface):
     lab.start_server("online", port=8080)
     out = tmp_path / "cap.cbor"
-    p = _tool(lab, "online", ["-i", iface, "--engine", engine, "-w", out, "--stats"],
-              stderr=subprocess.PIPE)
+    p = _tool(lab, "online", ["-i", iface, "--engine", engine, "-w", out, "--stats",
+                              "--stats-json", tmp_path / "stats.json"], stderr=subprocess.PIPE)
     _wait_file(out)
     td = _tcpdump(lab, "online", "cli0", tmp_path / "td.pcap")
     _curl(lab, f"http://{lab.online_cli_ip}:8080/")
@@ -335,6 +335,10 @@ def test_capture_matches_tcpdump(lab, tmp_path, engine, iface):
     assert len(want) >= 5 * 6  # five HTTP exchanges
     assert got == want
     assert all(parse_tcp(d).dport == 8080 for d in got)
+    import json
+
+    st = json.loads((tmp_path / "stats.json").read_text())
+    assert st["records"] == len(got) and st["kernel_drops"] == 0 and st["exit_status"] == 0
     assert all(type(r["ts"]) is int and r["ts"] > 1.6e18 for r in pkts)
     assert sorted(r["ts"] for r in pkts) == [r["ts"] for r in pkts]
 

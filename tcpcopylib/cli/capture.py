@@ -145,7 +145,7 @@ class Tool(BaseTool):
             return self.engine.drops()
         return getattr(self, "final_drops", (0, 0))
 
-    def stats_line(self):
+    def counters(self) -> dict | None:
         c = getattr(self, "capturer", None)
         if c is None:
             return None
@@ -153,10 +153,24 @@ class Tool(BaseTool):
 
         kdrop, pcap_ifdrop = self._drops()  # ps_drop, ps_ifdrop
         ifdrop = max(pcap_ifdrop, interface_rx_drops(self.iface) - self.if_drops0)
-        return (f"{c.records} packets written, {c.frames} captured, {c.foreign} not inbound "
-                f"TCP to this host, {c.supersegs} super-segments split into "
-                f"{c.split_records}, {c.truncated} truncated, {kdrop} dropped by kernel, "
-                f"{ifdrop} dropped by interface, {self.elapsed():.2f} s")
+        return {"records": c.records, "frames": c.frames, "foreign": c.foreign,
+                "supersegs": c.supersegs, "split_records": c.split_records,
+                "truncated": c.truncated, "kernel_drops": kdrop, "if_drops": ifdrop}
+
+    def stats_line(self):
+        d = self.counters()
+        if d is None:
+            return None
+        return (f"{d['records']} packets written, {d['frames']} captured, {d['foreign']} not "
+                f"inbound TCP to this host, {d['supersegs']} super-segments split into "
+                f"{d['split_records']}, {d['truncated']} truncated, {d['kernel_drops']} "
+                f"dropped by kernel, {d['if_drops']} dropped by interface, "
+                f"{self.elapsed():.2f} s")
+
+    def stats_dict(self) -> dict:
+        d = self.counters() or {}
+        d["summary"] = self.stats_line()
+        return d
 
 
 def main(argv=None):
