@@ -170,6 +170,7 @@ def test_pool_of_two_addresses_5000_concurrent_same_port(lab, tmp_path, many_fds
     assert {ip for ip, _, _ in logged} == set(pool)
     no_collision(logged)
     assert st["early_reuses"] == 0
+    assert st["peak_active"] > 4500, st  # they were live at the same time
 
 
 # -- 3: -r 25 over 4,000 sessions, twice ---------------------------------------------------

@@ -117,7 +117,7 @@ class Stats:
                  "fast_retransmits", "syn_retransmits", "fb_in", "fb_unmatched",
                  "acks_sent", "reconnections", "port_remaps", "client_dups",
                  "client_trimmed", "window_waits", "zero_window_probes", "gate_bytes",
-                 "gate_quiet", "gate_timeout", "gate_closed", "outcomes")
+                 "gate_quiet", "gate_timeout", "gate_closed", "peak_active", "outcomes")
 
     def __init__(self):
         for k in self.__slots__:
@@ -393,6 +393,8 @@ class Engine:
         self.next_sid += 1
         st.sessions += 1
         self.sessions[k] = s
+        if len(self.sessions) > st.peak_active:
+            st.peak_active = len(self.sessions)
         if syn:
             self._send_syn(s, now)
             return None  # the SYN is consumed
