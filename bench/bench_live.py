@@ -16,13 +16,15 @@ For each rate R, in a fresh namespace lab:
 and prints the client's requests/s, completion % (requests in the target's access log over
 requests in the online server's), the kernel drops of both captures (tc-capture on cli0,
 tc-intercept on the assistant), tc-session's failed sessions, and the CPU each tool used
-during the run (% of one core). Needs root; every step is bounded.
+during the run (% of one core). --nice N runs the tools at nice N (the client and servers
+share the same cores in the lab). Needs root; every step is bounded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -117,6 +119,8 @@ def run_rate(a, rate, workdir) -> dict:
                             capture_args=a.capture_arg, session_args=a.session_arg)
         try:
             pids = {n: live.procs[n].pid for n in TOOLS}
+            for pid in pids.values() if a.nice else ():
+                os.setpriority(os.PRIO_PROCESS, pid, a.nice)
             cpu0 = {n: cpu_ticks(p) for n, p in pids.items()}
             t0 = time.monotonic()
             client = run_client(lab, a, rate, workdir)
@@ -152,10 +156,14 @@ def main(argv=None) -> int:
                     help="extra tc-capture option (repeatable), e.g. --capture-arg=-s1600")
     ap.add_argument("--session-arg", action="append", default=[],
                     help="extra tc-session option (repeatable)")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="run the pipeline's tools at this nice value (e.g. -10: ahead of "
+                         "the client and servers sharing the machine)")
     a = ap.parse_args(argv)
     print(f"live pipeline, client {a.client}, {a.conns} connections, "
           f"{'short' if a.close else 'keep-alive'} connections, {a.duration} s per rate, "
-          f"offloads {'on' if a.offloads else 'off'}")
+          f"offloads {'on' if a.offloads else 'off'}"
+          + (f", tools at nice {a.nice}" if a.nice else ""))
     print(f"{'offered':>8} {'client rps':>10} {'online':>7} {'target':>7} {'complete':>9} "
           f"{'drops c+i/a':>11}  cpu % of a core: "
           + " ".join(f"{t.removeprefix('tc-'):>9}" for t in TOOLS))
