@@ -282,6 +282,9 @@ class Capturer:
     def frame(self, buf, off: int, end: int, linktype: int, ts: int) -> None:
         """One link-layer frame buf[off:end]; buf is bytes (a slice copies)."""
         self.frames += 1
+        if end - off < 40:  # no IP+TCP header fits: a runt, whatever the link layer
+            self.foreign += 1
+            return
         if linktype == LINKTYPE_ETHERNET:
             et = buf[off + 12:off + 14]
             p = off + 14

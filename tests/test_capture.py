@@ -225,6 +225,29 @@ def _split_cbor(data):
         yield data[start:f.tell()]
 
 
+@pytest.mark.parametrize("lt", [cap.LINKTYPE_ETHERNET, cap.LINKTYPE_LINUX_SLL,
+                                cap.LINKTYPE_LINUX_SLL2, cap.LINKTYPE_RAW, cap.LINKTYPE_NULL])
+def test_garbage_frames_never_raise(lt):
+    import random
+
+    rnd = random.Random(lt)
+    good = _eth(build_tcp(A4, B4, 5000, 80, 1, 0, TH_ACK, payload=b"p" * 100))
+    frames = [bytes(rnd.getrandbits(8) for _ in range(rnd.randrange(0, 120)))
+              for _ in range(300)]
+    frames += [b"\x81\x00" * 40, b"\x08\x00" * 40]
+    frames += [good[:n] for n in range(len(good))]  # every truncation, the last one last
+    buf = b"".join(frames)
+    meta, off = b"", 0
+    for f in frames:
+        meta += struct.pack("=IIII", 1_700_000_000, 0, off, len(f))
+        off += len(f)
+    c = cap.Capturer(_BufWriter(), addresses=(B4, B6))
+    c.batch(buf, meta, lt)
+    assert c.frames == len(frames)
+    for f in frames:
+        c.frame(f, 0, len(f), lt, TS)
+
+
 def test_local_addresses_has_loopback():
     addrs = cap.local_addresses()
     assert socket.inet_aton("127.0.0.1") in addrs
