@@ -228,6 +228,7 @@ def main() -> int:
         return 77
     fr = frames(64, args.size, RX_MAC if args.deliver else "02:00:00:00:00:99")
     use_tcpreplay = shutil.which("tcpreplay") and not args.python_sender
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still tear the lab down
     lab_up()
     try:
         with tempfile.TemporaryDirectory() as d:
