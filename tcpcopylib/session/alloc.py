@@ -10,8 +10,9 @@ Every replayed connection gets its client (address, port) from an ``Allocator``:
   recently released one.
 
 A pair is live for at most one connection at a time (with the captured address and no
--f, for at most one connection per target, as the captured client had it), so replayed
-connections never collide by construction. A pair released by another session is not
+-f, for at most one connection per target, as the captured client had it: there the
+engine's by_target map is the authority, and an address is tracked here only once one of
+its ports had to move), so replayed connections never collide by construction. A pair released by another session is not
 handed out as a captured port again before ``reuse_after`` (the target may hold it in
 TIME_WAIT); the engine's ``taken`` callback vetoes tuples it knows the target still holds.
 With the same input, sessions start in the same order and get the same pairs.
@@ -202,6 +203,8 @@ class Allocator:
         owner = (cip, cport, copy)
         hint = self.hint(cport)
         width = len(cip)
+        if self.identity and cip not in self.spaces and not taken(cip, hint, fake):
+            return cip, hint  # the usual case: nothing to track until a port moves
         if self.pools is None:
             got = self._from_space(cip, hint, owner, now, taken, fake, True) or \
                 self._from_space(cip, hint, owner, now, taken, fake, False)

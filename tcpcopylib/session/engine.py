@@ -325,9 +325,14 @@ class Engine:
         if self.t0 is None:
             self.t0 = now
         payload = bytes(data[ihl + doff:ihl + doff + plen]) if plen else b""
+        s = self.sessions.get(key)
+        if s is not None and self.cfg.copies == 1 and not flags & TH_SYN:
+            self._client_segment(s, seq, ack, flags, payload, now)  # the usual case
+            return
         for copy in range(self.cfg.copies):  # -n: each copy is a session of its own
             k = (key, copy) if copy else key
-            s = self.sessions.get(k)
+            if copy:
+                s = self.sessions.get(k)
             if s is None:
                 s = self._new_session(key, k, copy, data, p, now)
                 if s is False:
