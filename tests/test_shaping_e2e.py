@@ -27,7 +27,7 @@ from tcpcopylib.session.alloc import sample_share
 
 pytestmark = pytest.mark.netns
 
-ONLINE = "10.200.1.1"
+ONLINE, ONLINE6 = "10.200.1.1", "fd00:200:1::1"
 MSS = b"\x02\x04\x05\xb4"
 SISN = 50000
 
@@ -53,7 +53,7 @@ def synth(path, sessions, t0=1_700_000_000.0):
     """
     pkts = []
     for ip, port, payload, ts, td, tf in sessions:
-        c, s = ip_bytes(ip), ip_bytes(ONLINE)
+        c, s = ip_bytes(ip), ip_bytes(ONLINE6 if ":" in ip else ONLINE)
         isn = (port * 7919 + 12345) & 0xFFFFFFFF
         pkts += [(t0 + ts, build_tcp(c, s, port, h.PORT, isn, 0, TH_SYN, 64240, MSS)),
                  (t0 + ts + 0.001, build_tcp(c, s, port, h.PORT, isn + 1, SISN + 1, TH_ACK)),
@@ -102,14 +102,14 @@ def read_log(log, want, timeout=15.0):
     return out
 
 
-def replay(lab, pcap, workdir, args, want, timeout=240):
+def replay(lab, pcap, workdir, args, want, timeout=240, v6=False):
     """h.replay() into the counting server; returns (Replay, logged connections)."""
     log = workdir / "target.log"
     workdir.mkdir(parents=True, exist_ok=True)
     srv = start_target(lab, log)
     try:
         rep = h.replay(lab, pcap, workdir, session_args=[*SLACK, *args], trace=False,
-                       start_target=False, timeout=timeout)
+                       start_target=False, timeout=timeout, v6=v6)
         read_log(log, want)  # every connection closed and logged
     finally:
         lab.stop(srv)
@@ -171,6 +171,22 @@ def test_pool_of_two_addresses_5000_concurrent_same_port(lab, tmp_path, many_fds
     no_collision(logged)
     assert st["early_reuses"] == 0
     assert st["peak_active"] > 4500, st  # they were live at the same time
+
+
+def test_ipv6_pool_with_copies(lab, tmp_path):
+    r = lab.run("target", ["ip", "-6", "route", "add", "fd00:200:50::/64", "via",
+                           lab.assist_ip6], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    sessions = [(f"fd00:200:9::{0x100 + i:x}", 40000 + i % 7, request(f"v6/{i}"),
+                 i * 0.005, i * 0.005 + 0.005, i * 0.005 + 0.5) for i in range(300)]
+    pcap = tmp_path / "v6.pcap"
+    synth(pcap, sessions)
+    rep, logged = replay(lab, pcap, tmp_path / "rep", ["-c", "fd00:200:50::/120", "-n", "3"],
+                         900, v6=True)
+    ok(rep, 900)
+    assert collections.Counter(d for _, _, d in logged) == {p: 3 for _, _, p, *_ in sessions}
+    assert all(ip.startswith("fd00:200:50::") for ip, _, _ in logged), logged[:3]
+    no_collision(logged)
 
 
 # -- 3: -r 25 over 4,000 sessions, twice ---------------------------------------------------

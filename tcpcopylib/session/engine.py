@@ -295,7 +295,7 @@ class Engine:
         self.by_target = {}     # (cip, cport, tip, tport) as sent -> Session
         self.time_wait = {}     # target tuples the target holds in TIME_WAIT -> expiry
         self.filtered = set()   # captured 4-tuples not replayed
-        self.shed_keys = set()  # session keys shed (--max-memory, pool exhausted)
+        self.shed_keys = set()  # hash() of session keys shed (--max-memory, pool): small
         self.shedding = False   # set from outside (--max-memory): new sessions are shed
         self.t0 = None          # first captured packet (-g)
         self.warn = None        # optional callback(message), each kind said once
@@ -358,9 +358,9 @@ class Engine:
                 self.filtered.discard(key)
             st.pkts_ignored += 1
             return False
-        if k in self.shed_keys:
+        if self.shed_keys and hash(k) in self.shed_keys:
             if flags & (TH_FIN | TH_RST):
-                self.shed_keys.discard(k)
+                self.shed_keys.discard(hash(k))
             st.pkts_ignored += 1
             return None
         if self._is_server_side(key, flags):
@@ -410,7 +410,7 @@ class Engine:
         self.st.outcomes[outcome] += 1
         self.st.pkts_ignored += 1
         if not flags & (TH_FIN | TH_RST):
-            self.shed_keys.add(k)
+            self.shed_keys.add(hash(k))
         if outcome not in self._warned:
             self._warned.add(outcome)
             if self.warn is not None:
