@@ -362,6 +362,7 @@ def test_capture_matches_tcpdump(lab, tmp_path, engine, iface):
 
     st = json.loads((tmp_path / "stats.json").read_text())
     assert st["records"] == len(got) and st["kernel_drops"] == 0 and st["exit_status"] == 0
+    assert 0 < st["cpu_us_per_packet"] and "µs CPU per packet" in err
     assert all(type(r["ts"]) is int and r["ts"] > 1.6e18 for r in pkts)
     assert sorted(r["ts"] for r in pkts) == [r["ts"] for r in pkts]
 

@@ -155,7 +155,8 @@ class Tool(BaseTool):
         ifdrop = max(pcap_ifdrop, interface_rx_drops(self.iface) - self.if_drops0)
         return {"records": c.records, "frames": c.frames, "foreign": c.foreign,
                 "supersegs": c.supersegs, "split_records": c.split_records,
-                "truncated": c.truncated, "kernel_drops": kdrop, "if_drops": ifdrop}
+                "truncated": c.truncated, "kernel_drops": kdrop, "if_drops": ifdrop,
+                "cpu_us_per_packet": round(_cpu_seconds() * 1e6 / max(c.frames, 1), 3)}
 
     def stats_line(self):
         d = self.counters()
@@ -165,12 +166,20 @@ class Tool(BaseTool):
                 f"inbound TCP to this host, {d['supersegs']} super-segments split into "
                 f"{d['split_records']}, {d['truncated']} truncated, {d['kernel_drops']} "
                 f"dropped by kernel, {d['if_drops']} dropped by interface, "
-                f"{self.elapsed():.2f} s")
+                f"{self.elapsed():.2f} s, {d['cpu_us_per_packet']:.2f} µs CPU per packet")
 
     def stats_dict(self) -> dict:
         d = self.counters() or {}
         d["summary"] = self.stats_line()
         return d
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (the production-safety figure in --stats)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def main(argv=None):
