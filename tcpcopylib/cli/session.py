@@ -49,6 +49,8 @@ class Tool(BaseTool):
     epilog = """examples:
   tc-readpcap prod.pcap | tc-session --target 10.0.0.5:8080 | tc-pace | tc-emit
   tc-capture eth0 | tc-session -x 80-10.0.0.5:8080,81-10.0.0.6:8081 --stats | tc-emit
+  tc-readpcap prod.pcap | tc-session --target 10.0.0.5:80 -c 10.9.9.0/24 -n 3 | tc-pace | tc-emit
+    (on the target: ip route add 10.9.9.0/24 via ASSISTANT)
 
 outcomes, counters and troubleshooting: see tc-session(1)."""
 
