@@ -360,3 +360,22 @@ def test_cli_pool_copies_and_instance_rewrite_the_syns():
     assert len(syns) == 12 == len(set(syns))
     assert {a for a, _ in syns} <= {ip_bytes("10.99.0.1"), ip_bytes("10.99.0.2")}
     assert all(1024 + 16128 <= p < 1024 + 2 * 16128 for _, p in syns)
+
+
+def test_allocator_forgets_idle_addresses_and_keeps_cooling_ones():
+    a = Allocator(None, 0, 2)  # -f: every address is tracked
+
+    def never(addr, port, strict):
+        return False
+
+    for i in range(100):
+        ip = client_ip(i)
+        got = a.allocate(ip, 40000, 0, 0, never)
+        assert got == (ip, 1024 + (40000 - 1024) % 32256)
+        if i:
+            a.release(*got, (ip, 40000, 0), i * SEC)
+    a._gc(70 * SEC)
+    # live (client 0) and released 60 s ago or less (clients 10..99) are kept
+    assert set(a.spaces) == {client_ip(i) for i in (0, *range(10, 100))}
+    a._gc(200 * SEC)
+    assert set(a.spaces) == {client_ip(0)}

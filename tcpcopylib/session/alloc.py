@@ -283,5 +283,5 @@ class Allocator:
         """Forget addresses with nothing live and nothing released recently."""
         old = now - self.reuse_after
         for addr in [a for a, sp in self.spaces.items() if not sp.live and
-                     all(t < old for t, _o in sp.released.values())]:
-            del self.spaces[addr]
+                     (not sp.released or next(reversed(sp.released.values()))[0] < old)]:
+            del self.spaces[addr]  # released is in release order: the last is the newest
