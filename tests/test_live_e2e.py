@@ -279,9 +279,14 @@ def test_live_tee_capture_matches_tcpdump(lab, tmp_path):
     assert rp.returncode == 0, rp.stderr
     from_pcap = [r for r in tc.decode(rp.stdout) if r.get("t") == "pkt"]
     assert len(teed) == live.capture_counts()["packets written"] == n["captured"]
-    assert [r["data"] for r in teed] == [r["data"] for r in from_pcap]
-    # capture times agree to within the capture engines' delivery (same packets, same clock)
-    assert all(abs(a["ts"] - b["ts"]) < 50_000_000 for a, b in zip(teed, from_pcap))
+    # the same datagrams (two capture sockets may interleave the two cores' packets
+    # differently, so as multisets), each stamped at about the same time (each socket takes
+    # its own kernel timestamp: microseconds apart)
+    assert sorted(r["data"] for r in teed) == sorted(r["data"] for r in from_pcap)
+    ts_pcap = {r["data"]: r["ts"] for r in from_pcap}
+    late = [r["ts"] - ts_pcap[r["data"]] for r in teed
+            if abs(r["ts"] - ts_pcap[r["data"]]) > 50_000_000]
+    assert not late, late[:10]
 
     dump = tc.run(["tc-dump", cap])
     assert dump.returncode == 0, dump.stderr
