@@ -1118,4 +1118,6 @@ class Engine:
             f"{st.gate_timeout} by timeout, {st.gate_closed} on close; window waits "
             f"{st.window_waits}, zero-window probes {st.zero_window_probes}")
         lines.append(f"feedback: {st.fb_in} received, {st.fb_unmatched} unmatched")
+        lines.append(f"client ports: {st.port_remaps} moved, {self.alloc.early_reuses} reused "
+                     f"early; at most {st.peak_active} sessions live at once")
         return "\n".join(lines)
