@@ -700,9 +700,12 @@ class Live:
         lines = [ln for ln in self.procs["tc-capture"].stderr.splitlines() if "written" in ln]
         if not lines:
             return {}
-        last = lines[-1].rsplit(",", 1)[0]  # without the elapsed time
-        return {m.group(2): int(m.group(1))
-                for m in re.finditer(r"(\d+) ([a-z][a-z -]*?)(?:,|$| into)", last)}
+        out = {}
+        for part in lines[-1].removeprefix("tc-capture: ").split(", "):
+            m = re.fullmatch(r"(\d+) ([a-z][A-Za-z -]*?)(?: into \d+)?", part)
+            if m:  # integer counts only (not the elapsed time or CPU cost)
+                out[m.group(2)] = int(m.group(1))
+        return out
 
 
 def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, tee=None,
