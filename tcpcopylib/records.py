@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 
 import cbor2
 
@@ -65,90 +66,248 @@ def _check_header(item, offset: int) -> dict:
     return item
 
 
-class RecordReader:
-    """Iterate over the records of a stream read from a file descriptor.
+# The layout our tools write for pkt/fb records (cbor2.dumps of a dict in this key order):
+# {"t": "pkt"|"fb", "ts": <uint64>, "data": <bytes>[, "len"/"sid": <uint>]...}.
+_PKT_HEAD = b"\x61t\x63pkt\x62ts\x1b"  # after the map head byte
+_FB_HEAD = b"\x61t\x62fb\x62ts\x1b"
+_PKT_TS, _FB_TS = 1 + len(_PKT_HEAD), 1 + len(_FB_HEAD)  # offsets of the ts value
+_DATA_KEY = b"\x64data"
+_SID_KEY, _LEN_KEY = b"\x63sid", b"\x63len"
+_U64 = struct.Struct(">Q").unpack_from
+_U32 = struct.Struct(">I").unpack_from
+_U16 = struct.Struct(">H").unpack_from
 
-    Yields record dicts. Header records are consumed (available as ``self.header``)
-    unless ``headers=True``. Raises StreamError for anything that is not a stream.
+
+def fast_record(buf, pos: int, end: int):
+    """Decode the record at ``buf[pos:end]`` if it has the common pkt/fb layout, in the
+    shortest encoding (what cbor2.dumps writes); else None (decode it with cbor2: another
+    layout, a non-shortest encoding, or not complete yet).
+
+    Returns ``(record, stop)`` where ``buf[pos:stop] == cbor2.dumps(record)``, so a stage can
+    forward those bytes instead of re-encoding the record.
+    """
+    n = buf[pos] - 0xA0
+    if not 3 <= n <= 5:
+        return None
+    try:
+        if buf.startswith(_PKT_HEAD, pos + 1):
+            t, p = "pkt", pos + _PKT_TS
+        elif buf.startswith(_FB_HEAD, pos + 1):
+            t, p = "fb", pos + _FB_TS
+        else:
+            return None
+        ts = _U64(buf, p)[0]
+        if ts <= 0xFFFFFFFF or not buf.startswith(_DATA_KEY, p + 8):
+            return None
+        p += 13
+        h = buf[p]
+        if 0x40 <= h < 0x58:
+            p, q = p + 1, p + 1 + h - 0x40
+        elif h == 0x58:
+            q = buf[p + 1]
+            if q < 24:
+                return None
+            p += 2
+            q += p
+        elif h == 0x59:
+            q = _U16(buf, p + 1)[0]
+            if q < 256:
+                return None
+            p += 3
+            q += p
+        else:
+            return None
+        if q > end:
+            return None
+        rec = {"t": t, "ts": ts, "data": buf[p:q]}
+        while n > 3:
+            n -= 1
+            key = buf[q:q + 4]
+            if key == _SID_KEY:
+                key = "sid"
+            elif key == _LEN_KEY:
+                key = "len"
+            else:
+                return None
+            if key in rec:
+                return None
+            h = buf[q + 4]
+            if h < 24:
+                v = h
+                q += 5
+            elif h == 0x19:
+                v = _U16(buf, q + 5)[0]
+                if v < 256:
+                    return None
+                q += 7
+            elif h == 0x18:
+                v = buf[q + 5]
+                if v < 24:
+                    return None
+                q += 6
+            elif h == 0x1A:
+                v = _U32(buf, q + 5)[0]
+                if v < 65536:
+                    return None
+                q += 9
+            else:
+                return None
+            rec[key] = v
+    except (IndexError, struct.error):
+        return None
+    if q > end:
+        return None
+    return rec, q
+
+
+# a section header, in the raw slot of RecordReader.iter_raw()
+HEADER = "header"
+
+
+class StreamDecoder:
+    """The parsing state shared by RecordReader (pull) and StreamParser (push).
+
+    ``parse(buf)`` decodes the complete items at the start of ``buf``. Records in the common
+    pkt/fb layout are decoded in Python (fast_record); everything else by cbor2.
     """
 
-    def __init__(self, fd: int, on_idle=None, headers: bool = False, name: str = "<stdin>"):
-        self.fd = fd
-        self.on_idle = on_idle
-        self.headers = headers
+    def __init__(self, name: str = "<stdin>", headers: bool = False):
         self.name = name
+        self.headers = headers
         self.header: dict | None = None
         self.records = 0
         self.sections = 0
         self.consumed = 0  # bytes of complete items so far
+        self._expect_header = False
+
+    def parse(self, buf: bytes, raw: bool = False):
+        """(items, bytes used, error or None). Items are records, or (record, raw) pairs
+        with ``raw``: the record's bytes when they are what cbor2.dumps(record) gives, None
+        when unknown, HEADER for a section header. Items before an error are returned."""
+        out: list = []
+        append = out.append
+        if self.header is None and not self._expect_header:
+            # The very first bytes must be the label: reject garbage early and clearly.
+            n = min(len(buf), len(LABEL))
+            if buf[:n] != LABEL[:n]:
+                return out, 0, StreamError(
+                    f"{self.name}: not a tcpcopy record stream (no TCPR label at byte 0)")
+        pos, end, base, records = 0, len(buf), self.consumed, self.records
+        bio = dec = None
+        err = None
+        fast = fast_record
+        while pos < end:
+            if not self._expect_header and 0xA3 <= buf[pos] <= 0xA5:
+                r = fast(buf, pos, end)
+                if r is not None:
+                    records += 1
+                    if raw:
+                        append((r[0], buf[pos:r[1]]))
+                    else:
+                        append(r[0])
+                    pos = r[1]
+                    continue
+            if buf.startswith(LABEL, pos):
+                pos += len(LABEL)
+                self._expect_header = True
+                continue
+            if end - pos < len(LABEL) and LABEL.startswith(buf[pos:]):
+                break  # maybe the start of a label: wait for more bytes
+            if dec is None:
+                bio = io.BytesIO(buf)
+                dec = cbor2.CBORDecoder(bio)
+            bio.seek(pos)
+            try:
+                item = dec.decode()
+            except cbor2.CBORDecodeEOF:
+                break
+            except (cbor2.CBORDecodeError, ValueError, OverflowError) as e:
+                err = StreamError(
+                    f"{self.name}: not a valid record at byte {base + pos}: {e}")
+                break
+            newpos = bio.tell()
+            if self._expect_header:
+                try:
+                    self.header = _check_header(item, base + newpos)
+                except StreamError as e:
+                    err = e
+                    break
+                pos = newpos
+                self.sections += 1
+                self._expect_header = False
+                if self.headers:
+                    append((item, HEADER) if raw else item)
+                continue
+            if type(item) is not dict or "t" not in item:
+                err = StreamError(
+                    f"{self.name}: unexpected {type(item).__name__} item at byte "
+                    f"{base + newpos} (records are maps with a 't' key)")
+                break
+            if self.header is None:
+                err = StreamError(f"{self.name}: record before any header")
+                break
+            pos = newpos
+            records += 1
+            append((item, None) if raw else item)
+        self.consumed = base + pos
+        self.records = records
+        if err is None and end - pos > MAX_PENDING:
+            err = StreamError(
+                f"{self.name}: no complete record in {end - pos} bytes at byte "
+                f"{self.consumed}; not a record stream")
+        return out, pos, err
+
+    def _end_error(self, pending: int) -> StreamError | None:
+        """The error for an input that ended with ``pending`` bytes unparsed, if any."""
+        if pending:
+            return StreamError(
+                f"{self.name}: truncated record at byte {self.consumed} "
+                f"({pending} trailing bytes)")
+        if self._expect_header:
+            return StreamError(f"{self.name}: label without a header at end of stream")
+        return None
+
+
+class RecordReader(StreamDecoder):
+    """Iterate over the records of a stream read from a file descriptor.
+
+    Yields record dicts. Header records are consumed (available as ``self.header``)
+    unless ``headers=True``. Raises StreamError for anything that is not a stream.
+    ``iter_raw()`` yields (record, raw) pairs instead (see StreamDecoder.parse).
+    Counters (``records``, ``consumed``) advance a chunk at a time.
+    """
+
+    def __init__(self, fd: int, on_idle=None, headers: bool = False, name: str = "<stdin>"):
+        super().__init__(name, headers)
+        self.fd = fd
+        self.on_idle = on_idle
         self.eof = False
 
     def __iter__(self):
-        fd, on_idle, want_headers = self.fd, self.on_idle, self.headers
+        return self._items(False)
+
+    def iter_raw(self):
+        return self._items(True)
+
+    def _items(self, raw: bool):
+        fd, on_idle, parse = self.fd, self.on_idle, self.parse
         buf = b""
-        expect_header = False
         while True:
             if on_idle is not None:
                 on_idle()
             chunk = os.read(fd, CHUNK)
             if not chunk:
                 self.eof = True
-                if buf:
-                    raise StreamError(
-                        f"{self.name}: truncated record at byte {self.consumed} "
-                        f"({len(buf)} trailing bytes)")
-                if expect_header:
-                    raise StreamError(f"{self.name}: label without a header at end of stream")
+                err = self._end_error(len(buf))
+                if err is not None:
+                    raise err
                 return
             buf = buf + chunk if buf else chunk
-            if self.header is None and not expect_header:
-                # The very first bytes must be the label: reject garbage early and clearly.
-                n = min(len(buf), len(LABEL))
-                if buf[:n] != LABEL[:n]:
-                    raise StreamError(
-                        f"{self.name}: not a tcpcopy record stream (no TCPR label at byte 0)")
-            bio = io.BytesIO(buf)
-            dec = cbor2.CBORDecoder(bio)
-            pos = 0
-            end = len(buf)
-            while pos < end:
-                if buf.startswith(LABEL, pos):
-                    pos += len(LABEL)
-                    bio.seek(pos)
-                    expect_header = True
-                    self.consumed += len(LABEL)
-                    continue
-                try:
-                    item = dec.decode()
-                except cbor2.CBORDecodeEOF:
-                    bio.seek(pos)
-                    break
-                except (cbor2.CBORDecodeError, ValueError, OverflowError) as e:
-                    raise StreamError(
-                        f"{self.name}: not a valid record at byte {self.consumed}: {e}") from None
-                newpos = bio.tell()
-                self.consumed += newpos - pos
-                pos = newpos
-                if expect_header:
-                    self.header = _check_header(item, self.consumed)
-                    self.sections += 1
-                    expect_header = False
-                    if want_headers:
-                        yield item
-                    continue
-                if type(item) is not dict or "t" not in item:
-                    raise StreamError(
-                        f"{self.name}: unexpected {type(item).__name__} item at byte "
-                        f"{self.consumed} (records are maps with a 't' key)")
-                if self.header is None:
-                    raise StreamError(f"{self.name}: record before any header")
-                self.records += 1
-                yield item
+            items, pos, err = parse(buf, raw)
+            yield from items
+            if err is not None:
+                raise err
             buf = buf[pos:]
-            if len(buf) > MAX_PENDING:
-                raise StreamError(
-                    f"{self.name}: no complete record in {len(buf)} bytes at byte "
-                    f"{self.consumed}; not a record stream")
 
 
 def read_records(fd: int, on_idle=None, headers: bool = False, name: str = "<stdin>"):

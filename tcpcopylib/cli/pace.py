@@ -54,7 +54,7 @@ class Tool(BaseTool):
         import time
 
         from tcpcopylib.pacing import Pacer
-        from tcpcopylib.records import RecordReader, RecordWriter, header, merged_header
+        from tcpcopylib.records import HEADER, RecordReader, RecordWriter, header, merged_header
 
         try:
             self.pacer = pacer = Pacer(
@@ -74,9 +74,8 @@ class Tool(BaseTool):
         reader = RecordReader(fd, on_idle=flush, headers=True, name=name)
         release, keep_ts = pacer.release, args.keep_ts
         try:
-            for rec in reader:
-                if rec.get("t") == "header" and reader.records == self.records_in:
-                    # a section header (not a record that happens to say "header")
+            for rec, raw in reader.iter_raw():
+                if raw is HEADER:
                     hdr = merged_header(self.name, rec)
                     if writer is None:
                         writer = RecordWriter(self.stdout_fd, hdr)
@@ -84,7 +83,12 @@ class Tool(BaseTool):
                         writer.new_section(hdr)
                     continue
                 self.records_in += 1
-                writer.write(release(rec, writer.flush, keep_ts))
+                ts = rec.get("ts")
+                release(rec, writer.flush, keep_ts)
+                if raw is not None and rec["ts"] == ts:
+                    writer.write_raw(raw)  # unchanged: forward the bytes as read
+                else:
+                    writer.write(rec)
                 self.records_out += 1
         finally:
             flush()  # what was released before an error or a signal still goes out

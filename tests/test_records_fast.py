@@ -1,0 +1,217 @@
+"""The fast paths of the record stream: fast_record (Python decoding of the common pkt/fb
+layout) and the raw bytes RecordReader.iter_raw() hands to pass-through stages must agree
+with cbor2 on every record, common layout or not."""
+
+import io
+import os
+import random
+import struct
+
+import cbor2
+import pytest
+
+from tc import decode, run, stream
+from tcpcopylib.errors import StreamError
+from tcpcopylib.records import (HEADER, LABEL, RecordReader, encode_section, fast_record,
+                                header)
+from tcpcopylib.streamparse import StreamParser
+
+TS = 1_700_000_000_123_456_789
+U64 = struct.Struct(">Q").pack
+
+
+def _varied() -> list[dict]:
+    """Records in and around the common layout: every one must decode as cbor2 decodes it."""
+    recs = [
+        {"t": "pkt", "ts": TS, "data": bytes(20)},                       # tc-readpcap
+        {"t": "pkt", "ts": TS, "data": b""},
+        {"t": "pkt", "ts": TS + 1, "data": bytes(23)},
+        {"t": "pkt", "ts": TS + 2, "data": bytes(24)},
+        {"t": "pkt", "ts": TS + 3, "data": bytes(255)},
+        {"t": "pkt", "ts": TS + 4, "data": bytes(256)},
+        {"t": "pkt", "ts": TS + 5, "data": bytes(1500)},
+        {"t": "pkt", "ts": TS + 6, "data": bytes(70000)},                 # 4-byte length
+        {"t": "pkt", "ts": TS, "data": b"\x45" * 60, "sid": 0},           # tc-session
+        {"t": "pkt", "ts": TS, "data": b"\x45" * 60, "sid": 23},
+        {"t": "pkt", "ts": TS, "data": b"\x45" * 60, "sid": 24},
+        {"t": "pkt", "ts": TS, "data": b"\x45" * 60, "sid": 300},
+        {"t": "pkt", "ts": TS, "data": b"\x45" * 60, "sid": 70000},
+        {"t": "pkt", "ts": TS, "data": b"\x45" * 60, "sid": 2**40},
+        {"t": "pkt", "ts": TS, "data": b"x", "len": 1500, "sid": 7},
+        {"t": "pkt", "ts": TS, "data": b"x", "sid": 7, "len": 1500},
+        {"t": "fb", "ts": TS, "data": bytes(40), "len": 40},              # tc-feedback
+        {"t": "fb", "ts": TS, "data": bytes(40)},
+        {"t": "pkt", "ts": 5, "data": b"small ts"},
+        {"t": "pkt", "ts": 0xFFFFFFFF, "data": b"ts fits in 32 bits"},
+        {"t": "pkt", "ts": 2**64 + 5, "data": b"big int ts"},
+        {"t": "pkt", "ts": -TS, "data": b"negative"},
+        {"t": "pkt", "ts": 1.5, "data": b"float ts"},
+        {"t": "pkt", "ts": TS, "data": "text data"},
+        {"t": "pkt", "ts": TS, "data": b"x", "sid": -1},
+        {"t": "pkt", "ts": TS, "data": b"x", "sid": "s1"},
+        {"t": "pkt", "ts": TS, "data": b"x", "sid": [1, {"a": b"b"}]},
+        {"t": "pkt", "ts": TS, "data": b"x", "zzz": 1},                    # unknown key
+        {"t": "pkt", "ts": TS, "data": b"x", "sid": 1, "len": 2, "extra": None},
+        {"ts": TS, "t": "pkt", "data": b"x"},                              # other key order
+        {"t": "pkt", "data": b"x", "ts": TS},
+        {"t": "pkt", "ts": TS},
+        {"t": "pkt", "ts": TS, "data": b"x", "len": 2**70},
+        {"t": "pktx", "ts": TS, "data": b"x"},
+        {"t": "stats", "sent": 5, "nested": {"a": [1, 2.5, None, True]}},
+        {"t": "claim", "add": [["10.0.0.1", 5000, "10.0.0.2", 80]]},
+        {"t": "pkt", "ts": TS, "data": b"x", "tag": cbor2.CBORTag(4242, [1, b"2"])},
+        {"t": "header", "v": 1},                                           # a record, not a header
+    ]
+    rng = random.Random(7)
+    for i in range(300):
+        r = {"t": rng.choice(["pkt", "fb"]), "ts": TS + rng.randrange(10**12),
+             "data": rng.randbytes(rng.choice([0, 1, 23, 24, 60, 255, 256, 1500]))}
+        for k in rng.sample(["len", "sid"], rng.randrange(3)):
+            r[k] = rng.choice([0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1])
+        recs.append(r)
+    return recs
+
+
+# Hand-encoded maps cbor2.dumps would write differently (a longer head than needed, a
+# duplicate key): they decode to records whose re-encoding differs from the bytes read.
+_HEAD = b"\xa3\x61t\x63pkt\x62ts"
+NON_SHORTEST = [
+    _HEAD + b"\x1b" + U64(5) + b"\x64data\x41x",                        # small ts in 8 bytes
+    _HEAD + b"\x1b" + U64(TS) + b"\x64data\x58\x01x",                   # 1 byte, 1-byte length
+    _HEAD + b"\x1b" + U64(TS) + b"\x64data\x59\x00\x30" + bytes(48),    # 48 bytes, 2-byte length
+    b"\xa4" + _HEAD[1:] + b"\x1b" + U64(TS) + b"\x64data\x41x\x63sid\x19\x00\x05",
+    b"\xa4" + _HEAD[1:] + b"\x1b" + U64(TS) + b"\x64data\x41x\x63sid\x18\x05",
+    b"\xa4" + _HEAD[1:] + b"\x1b" + U64(TS) + b"\x64data\x41x\x63sid\x1a\x00\x00\x00\x05",
+    b"\xa5" + _HEAD[1:] + b"\x1b" + U64(TS) + b"\x64data\x41x\x63sid\x01\x63sid\x02",  # dup
+    b"\xbf" + _HEAD[1:] + b"\x1b" + U64(TS) + b"\x64data\x41x\xff",      # indefinite map
+    _HEAD + b"\x1b" + U64(TS) + b"\x64data\x5f\x41x\xff",                # indefinite bytes
+]
+
+
+def _cbor_items(body: bytes) -> list:
+    bio, out = io.BytesIO(body), []
+    dec = cbor2.CBORDecoder(bio)
+    while bio.tell() < len(body):
+        out.append(dec.decode())
+    return out
+
+
+def _iter_raw(data: bytes, headers: bool = False) -> list:
+    r, w = os.pipe()
+    import threading
+
+    t = threading.Thread(target=lambda: (os.write(w, data) if len(data) < 60000 else
+                                         os.fdopen(w, "wb", closefd=False).write(data),
+                                         os.close(w)))
+    t.start()
+    try:
+        return list(RecordReader(r, headers=headers).iter_raw())
+    finally:
+        t.join()
+        os.close(r)
+
+
+def test_fast_record_agrees_with_cbor2():
+    fast = 0
+    for rec in _varied():
+        enc = cbor2.dumps(rec)
+        got = fast_record(enc, 0, len(enc)) if 0xA3 <= enc[0] <= 0xA5 else None
+        if got is not None:
+            fast += 1
+            assert got[0] == rec and got[1] == len(enc)
+            assert [type(v) for v in got[0].values()] == [type(v) for v in rec.values()]
+        # a cut-off record is never decoded (it waits for more bytes)
+        for cut in (1, 5, 12, 20, len(enc) - 1):
+            if 0 < cut < len(enc) and 0xA3 <= enc[0] <= 0xA5:
+                assert fast_record(enc, 0, cut) is None, (rec, cut)
+                assert fast_record(enc[:cut], 0, cut) is None, (rec, cut)
+    assert fast > 300  # the common layouts do take the fast path
+    for enc in NON_SHORTEST:
+        assert fast_record(enc, 0, len(enc)) is None, enc
+
+
+def test_reader_decodes_like_cbor2_and_raw_is_the_encoding():
+    recs = _varied()
+    body = b"".join(cbor2.dumps(r) for r in recs) + b"".join(NON_SHORTEST)
+    data = encode_section(header("a")) + body
+    want = _cbor_items(body)
+    assert decode(data) == want
+    pairs = _iter_raw(data)
+    assert [r for r, _ in pairs] == want
+    known = 0
+    for rec, raw in pairs:
+        if raw is not None:
+            known += 1
+            assert raw == cbor2.dumps(rec)
+    assert known > 300
+    # the non-shortest encodings are never handed out as raw bytes
+    assert all(raw is None for _, raw in pairs[len(recs):])
+    # as many sections as we like: headers marked as such
+    pairs = _iter_raw(data + data, headers=True)
+    assert [raw for _, raw in pairs].count(HEADER) == 2
+    assert [r for r, raw in pairs if raw is not HEADER] == want + want
+
+
+@pytest.mark.parametrize("step", [1, 7, 64, 4096])
+def test_stream_parser_any_chunking(step):
+    recs = _varied()
+    data = stream(recs, "a") + stream(recs[:5], "b") + b"".join(NON_SHORTEST)
+    want = _cbor_items(stream(recs, "a")[len(LABEL):])[1:] + recs[:5] + \
+        _cbor_items(b"".join(NON_SHORTEST))
+    p = StreamParser()
+    got = []
+    for i in range(0, len(data), step):
+        got += p.feed(data[i:i + step])
+    p.close()
+    assert got == want
+    assert p.records == len(want) and p.sections == 2 and p.consumed == len(data)
+
+
+def test_errors_after_fast_records_keep_their_offsets():
+    good = [{"t": "pkt", "ts": TS, "data": bytes(10)}] * 3
+    data = stream(good) + b"\xff\xff"
+    with pytest.raises(StreamError, match=f"not a valid record at byte {len(data) - 2}"):
+        decode(data)
+    # records before the error are still delivered
+    r, w = os.pipe()
+    os.write(w, data)
+    os.close(w)
+    it = iter(RecordReader(r))
+    assert [next(it) for _ in range(3)] == good
+    with pytest.raises(StreamError):
+        next(it)
+    os.close(r)
+    # a pkt record right after a label is not a header, even in the common layout
+    with pytest.raises(StreamError, match="not followed by a header"):
+        decode(LABEL + cbor2.dumps(good[0]))
+    with pytest.raises(StreamError, match="truncated"):
+        decode(stream(good)[:-1])
+
+
+@pytest.mark.parametrize("opts", [[], ["--keep-ts"], ["--speed", "1000000"],
+                                  ["--delay", "0"]])
+def test_tc_pace_output_is_the_reencoded_input(opts):
+    """Whether tc-pace forwards the bytes it read or re-encodes the record, the output is
+    what re-encoding every record gives."""
+    recs = [r for r in _varied() if r.get("t") != "header"]
+    for i, r in enumerate(recs):
+        if type(r.get("ts")) is int and r["ts"] > 10**15:
+            r["ts"] = TS + i  # in order, so nothing waits long
+    body = b"".join(cbor2.dumps(r) for r in recs) + b"".join(NON_SHORTEST)
+    res = run(["tc-pace", *opts], input=encode_section(header("a")) + body, timeout=60)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert out.startswith(LABEL)
+    items = _cbor_items(out[len(LABEL):])
+    assert items[0]["t"] == "header" and items[0]["tool"] == "tc-pace"
+    got = items[1:]
+    assert len(got) == len(recs) + len(NON_SHORTEST)
+    if not opts or opts == ["--keep-ts"] or opts == ["--delay", "0"]:
+        assert got == _cbor_items(body)  # ts unchanged
+    else:
+        # --speed rewrites ts of timed records and nothing else
+        for g, w in zip(got, _cbor_items(body)):
+            assert {k: v for k, v in g.items() if k != "ts"} == \
+                {k: v for k, v in w.items() if k != "ts"}
+    assert out[len(LABEL) + len(cbor2.dumps(items[0])):] == \
+        b"".join(cbor2.dumps(r) for r in got)
