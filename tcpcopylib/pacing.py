@@ -46,6 +46,7 @@ class Pacer:
         self.prev_ts: int | None = None
         self._slot_base: int | None = None  # rate schedule: slot n = base + n * interval
         self._slot_n = 0
+        self._shift: int | None = None  # planned - ts, when that is constant
         # statistics
         self.timed = 0
         self.max_late_ns = 0
@@ -83,23 +84,22 @@ class Pacer:
         self._slot_base, self._slot_n = t, 1
         return t
 
-    def release(self, rec: dict, flush=None, keep_ts: bool = False) -> dict:
-        """Wait until ``rec`` is due (calling ``flush`` before any sleep) and return it.
-
-        A timed record's ``ts`` is rewritten to its planned release time on the recording's
-        clock (``origin_ts + (planned - anchor_wall)``), unless ``keep_ts``; with no option
-        set that is the original ``ts``.
-        """
-        ts = rec.get("ts")
-        if type(ts) is not int:
-            return rec
-        clock = self.clock
-        now = clock()
-        planned = self.plan(ts, now)
+    def due(self, ts: int, flush=None) -> int:
+        """Wait until a record stamped ``ts`` is due (calling ``flush`` before any sleep);
+        return its planned release time on the recording's clock
+        (``origin_ts + (planned - anchor_wall)``): ``ts`` itself with no option set."""
+        now = self.clock()
+        shift = self._shift
+        if shift is not None:  # speed 1, no gap clamp, no rate: a constant offset
+            planned = ts + shift
+        else:
+            planned = self.plan(ts, now)
+            if self.speed == 1 and self.max_gap_ns is None and self.interval_ns is None:
+                self._shift = planned - ts
         if planned > now:
             if flush is not None:
                 flush()
-            sleep = self.sleep
+            clock, sleep = self.clock, self.sleep
             for _ in range(1000):  # sleep() may return early (signals); bounded anyway
                 sleep((planned - now) / NS)
                 self.sleeps += 1
@@ -107,11 +107,22 @@ class Pacer:
                 if now >= planned:
                     break
         self.timed += 1
-        late = now - planned
-        if late > self.max_late_ns:
-            self.max_late_ns = late
-        if not keep_ts:
-            new_ts = self.origin_ts + (planned - self.anchor_wall)
-            if new_ts != ts:
-                rec["ts"] = new_ts
+        if now - planned > self.max_late_ns:
+            self.max_late_ns = now - planned
+        if shift is not None:
+            return ts + self.delay_ns
+        return self.origin_ts + (planned - self.anchor_wall)
+
+    def release(self, rec: dict, flush=None, keep_ts: bool = False) -> dict:
+        """Wait until ``rec`` is due (calling ``flush`` before any sleep) and return it.
+
+        A timed record's ``ts`` is rewritten to its planned release time (see ``due``),
+        unless ``keep_ts``; with no option set that is the original ``ts``.
+        """
+        ts = rec.get("ts")
+        if type(ts) is not int:
+            return rec
+        new_ts = self.due(ts, flush)
+        if not keep_ts and new_ts != ts:
+            rec["ts"] = new_ts
         return rec

@@ -72,7 +72,7 @@ class Tool(BaseTool):
                 writer.flush()
 
         reader = RecordReader(fd, on_idle=flush, headers=True, name=name)
-        release, keep_ts = pacer.release, args.keep_ts
+        due, keep_ts = pacer.due, args.keep_ts
         try:
             for rec, raw in reader.iter_raw():
                 if raw is HEADER:
@@ -84,8 +84,12 @@ class Tool(BaseTool):
                     continue
                 self.records_in += 1
                 ts = rec.get("ts")
-                release(rec, writer.flush, keep_ts)
-                if raw is not None and rec["ts"] == ts:
+                if type(ts) is int:
+                    new_ts = due(ts, writer.flush)
+                    if new_ts != ts and not keep_ts:
+                        rec["ts"] = new_ts
+                        raw = None
+                if raw is not None:
                     writer.write_raw(raw)  # unchanged: forward the bytes as read
                 else:
                     writer.write(rec)
