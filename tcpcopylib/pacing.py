@@ -46,7 +46,7 @@ class Pacer:
         self.prev_ts: int | None = None
         self._slot_base: int | None = None  # rate schedule: slot n = base + n * interval
         self._slot_n = 0
-        self._shift: int | None = None  # planned - ts, when that is constant
+        self._base: int | None = None  # anchor_wall + delay, when plan() is plain arithmetic
         # statistics
         self.timed = 0
         self.max_late_ns = 0
@@ -89,13 +89,16 @@ class Pacer:
         return its planned release time on the recording's clock
         (``origin_ts + (planned - anchor_wall)``): ``ts`` itself with no option set."""
         now = self.clock()
-        shift = self._shift
-        if shift is not None:  # speed 1, no gap clamp, no rate: a constant offset
-            planned = ts + shift
+        base = self._base
+        if base is not None:  # no gap clamp, no rate: plan() reduced to its arithmetic
+            offset = ts - self.anchor_ts
+            if self.speed != 1:
+                offset = round(offset / self.speed)
+            planned = base + offset
         else:
             planned = self.plan(ts, now)
-            if self.speed == 1 and self.max_gap_ns is None and self.interval_ns is None:
-                self._shift = planned - ts
+            if self.max_gap_ns is None and self.interval_ns is None:
+                self._base = self.anchor_wall + self.delay_ns
         if planned > now:
             if flush is not None:
                 flush()
@@ -109,8 +112,6 @@ class Pacer:
         self.timed += 1
         if now - planned > self.max_late_ns:
             self.max_late_ns = now - planned
-        if shift is not None:
-            return ts + self.delay_ns
         return self.origin_ts + (planned - self.anchor_wall)
 
     def release(self, rec: dict, flush=None, keep_ts: bool = False) -> dict:

@@ -160,6 +160,24 @@ def fast_record(buf, pos: int, end: int):
     return rec, q
 
 
+_P64 = struct.Struct(">Q").pack
+
+
+def replace_ts(raw: bytes, ts: int) -> bytes | None:
+    """The bytes of record ``raw`` (as fast_record accepted it) with ``ts`` instead of its
+    timestamp, equal to re-encoding the changed record; None if ``ts`` needs another
+    length (then re-encode)."""
+    if not 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF:
+        return None
+    if raw.startswith(_PKT_HEAD, 1):
+        k = _PKT_TS
+    elif raw.startswith(_FB_HEAD, 1):
+        k = _FB_TS
+    else:
+        return None
+    return b"".join((raw[:k], _P64(ts), raw[k + 8:]))
+
+
 # a section header, in the raw slot of RecordReader.iter_raw()
 HEADER = "header"
 

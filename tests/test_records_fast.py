@@ -215,3 +215,22 @@ def test_tc_pace_output_is_the_reencoded_input(opts):
                 {k: v for k, v in w.items() if k != "ts"}
     assert out[len(LABEL) + len(cbor2.dumps(items[0])):] == \
         b"".join(cbor2.dumps(r) for r in got)
+
+
+def test_replace_ts_equals_reencoding():
+    from tcpcopylib.records import replace_ts
+
+    n = 0
+    for rec in _varied():
+        enc = cbor2.dumps(rec)
+        got = fast_record(enc, 0, len(enc)) if 0xA3 <= enc[0] <= 0xA5 else None
+        if got is None:
+            continue
+        for ts in (2**32, 2**32 + 1, TS * 3, 2**64 - 1, 2**64, 2**32 - 1, 5, -1):
+            new = replace_ts(enc, ts)
+            if new is not None:
+                n += 1
+                assert new == cbor2.dumps(dict(rec, ts=ts)), (rec, ts)
+            else:
+                assert not 2**32 <= ts < 2**64
+    assert n > 1000

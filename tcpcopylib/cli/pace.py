@@ -54,7 +54,8 @@ class Tool(BaseTool):
         import time
 
         from tcpcopylib.pacing import Pacer
-        from tcpcopylib.records import HEADER, RecordReader, RecordWriter, header, merged_header
+        from tcpcopylib.records import (HEADER, RecordReader, RecordWriter, header,
+                                        merged_header, replace_ts)
 
         try:
             self.pacer = pacer = Pacer(
@@ -88,7 +89,8 @@ class Tool(BaseTool):
                     new_ts = due(ts, writer.flush)
                     if new_ts != ts and not keep_ts:
                         rec["ts"] = new_ts
-                        raw = None
+                        if raw is not None:
+                            raw = replace_ts(raw, new_ts)
                 if raw is not None:
                     writer.write_raw(raw)  # unchanged: forward the bytes as read
                 else:
