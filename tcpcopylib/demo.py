@@ -40,8 +40,9 @@ GOAL_PCT = 99.9
 KEEPALIVE_REQUESTS = 20   # requests per keep-alive connection before the client closes it
 FILES = {"index.html": 612, "small.txt": 64, "page.html": 6000}  # served files and sizes
 REPO_BIN = Path(__file__).resolve().parent.parent / "bin"
-FAILED_OUTCOMES = ("closed_early", "reset_by_target", "no_synack", "capture_gap",
-                   "timed_out", "unfinished")
+# tc-session's own lists, so a new outcome cannot be missed
+from tcpcopylib.session.engine import FAILURES as FAILED_OUTCOMES  # noqa: E402
+from tcpcopylib.session.engine import NOT_REPLAYED  # noqa: E402
 
 
 class DemoError(Exception):
@@ -597,7 +598,7 @@ class Demo:
                             f"{self.work / 'tc-session.stderr'}") from None
         oc = st.get("outcomes", {})
         seen = st.get("sessions", 0)
-        replayed = seen - oc.get("filtered", 0)
+        replayed = seen - sum(oc.get(k, 0) for k in NOT_REPLAYED)
         completed = oc.get("completed", 0) + oc.get("reconnected", 0)
         report["sessions"] = {
             "seen": seen, "replayed": replayed, "completed": completed,
