@@ -26,7 +26,7 @@ import struct
 import time
 
 from tcpcopylib.errors import NoInputError, NoPermissionError, UsageError
-from tcpcopylib.packet import fix_checksums
+from tcpcopylib.packet import TH_ACK, TH_FIN, TH_RST, TH_SYN, fix_checksums
 
 # pcap LINKTYPE_* / DLT_* values of the frames handed to Capturer
 LINKTYPE_NULL = 0
@@ -58,6 +58,8 @@ DEFAULT_SNAPLEN = 262144
 DEFAULT_BUFFER_KIB = 32768
 DEFAULT_MTU = 1500
 ADDR_REFRESH_S = 2.0
+RSS_CHECK_S = 0.2     # how often --max-memory looks at the resident size
+MAX_SHED_KEYS = 1 << 16
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -168,6 +170,12 @@ _NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
 _IFA_ADDRESS, _IFA_LOCAL = 1, 2
 
 
+def resident_bytes() -> int:
+    """This process's resident set size (Linux /proc)."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def local_addresses() -> frozenset:
     """Every IPv4/IPv6 address configured on this host (this network namespace), packed."""
     addrs = set()
@@ -261,7 +269,8 @@ class Capturer:
     split_records (the records made from them).
     """
 
-    def __init__(self, writer, mtu: int = DEFAULT_MTU, count: int = 0, addresses=None):
+    def __init__(self, writer, mtu: int = DEFAULT_MTU, count: int = 0, addresses=None,
+                 max_rss: int = 0):
         self.writer = writer
         self.mtu = mtu
         self.count = count  # stop after this many records (0: never)
@@ -271,6 +280,13 @@ class Capturer:
         self.frames = self.records = self.foreign = self.truncated = 0
         self.supersegs = self.split_records = 0
         self.done = False
+        # --max-memory: above max_rss bytes, new sessions (a SYN without ACK) are shed with
+        # every later packet of theirs, so no half session reaches tc-session.
+        self.max_rss = max_rss
+        self.shedding = False
+        self.shed_keys: dict = {}
+        self.shed_sessions = self.shed_packets = 0
+        self._next_rss_check = 0.0
 
     def refresh(self, now: float) -> None:
         """Re-read the local addresses every ADDR_REFRESH_S (call between batches)."""
@@ -278,6 +294,29 @@ class Capturer:
             self._next_refresh = now + ADDR_REFRESH_S
             if self._fixed_addrs is None:
                 self.local = local_addresses()
+        if self.max_rss and now >= self._next_rss_check:
+            self._next_rss_check = now + RSS_CHECK_S
+            self.shedding = resident_bytes() > self.max_rss
+
+    def _shed(self, buf, p: int, v: int) -> bool:
+        """True if the datagram at buf[p:] belongs to a shed session (or starts one)."""
+        ihl = (buf[p] & 0x0F) * 4 if v == 4 else 40
+        src = buf[p + 12:p + 16] if v == 4 else buf[p + 8:p + 24]
+        key = (src, buf[p + ihl:p + ihl + 4])  # client address, both ports
+        flags = buf[p + ihl + 13]
+        if key in self.shed_keys:
+            self.shed_packets += 1
+            if flags & (TH_FIN | TH_RST):
+                del self.shed_keys[key]
+            return True
+        if self.shedding and flags & TH_SYN and not flags & TH_ACK:
+            if len(self.shed_keys) >= MAX_SHED_KEYS:
+                del self.shed_keys[next(iter(self.shed_keys))]  # forget the oldest
+            self.shed_keys[key] = True
+            self.shed_sessions += 1
+            self.shed_packets += 1
+            return True
+        return False
 
     def frame(self, buf, off: int, end: int, linktype: int, ts: int) -> None:
         """One link-layer frame buf[off:end]; buf is bytes (a slice copies)."""
@@ -321,7 +360,7 @@ class Capturer:
         writer's buffer; everything else goes through frame(). Returns the frame count.
         """
         n = len(meta) >> 4
-        spec = _FAST_LINKTYPES.get(linktype)
+        spec = None if self.shedding or self.shed_keys else _FAST_LINKTYPES.get(linktype)
         frame = self.frame
         if spec is None:
             for sec, usec, off, caplen in struct.iter_unpack("=IIII", meta):
@@ -413,6 +452,8 @@ class Capturer:
             return
         if dst not in self.local:
             self.foreign += 1
+            return
+        if (self.shedding or self.shed_keys) and self._shed(buf, p, v):
             return
         avail = end - p
         w = self.writer

@@ -572,3 +572,24 @@ def test_own_emitted_packets_are_never_captured(lab, tmp_path, engine, iface):
     assert not [r for r in pkts if marker in r["data"]]
     if iface != "lan0":
         assert len(pkts) >= 5
+
+
+def test_max_memory_sheds_whole_new_sessions_and_keeps_running_ones():
+    w = _Writer()
+    c = cap.Capturer(w, addresses=(B4, B6), max_rss=1)  # 1 byte: always over the limit
+    running = build_tcp(A4, B4, 4000, 80, 10, 1, TH_ACK, payload=b"old")   # began before
+    c.refresh(time.monotonic())
+    assert c.shedding
+    syn = build_tcp(A4, B4, 5000, 80, 1, 0, 0x02)
+    data = build_tcp(A4, B4, 5000, 80, 2, 1, TH_ACK, payload=b"new")
+    fin = build_tcp(A4, B4, 5000, 80, 5, 1, TH_ACK | 0x01)
+    for ip in (running, syn, data, fin):
+        c.frame(_eth(ip), 0, len(_eth(ip)), cap.LINKTYPE_ETHERNET, TS)
+    assert [r["data"] for r in w.recs] == [running]
+    assert (c.shed_sessions, c.shed_packets) == (1, 3)
+    assert not c.shed_keys  # the FIN ended the shed session
+    c.max_rss = 1 << 40      # memory is fine again: new sessions are captured
+    c._next_rss_check = 0
+    c.refresh(time.monotonic())
+    c.frame(_eth(syn), 0, len(_eth(syn)), cap.LINKTYPE_ETHERNET, TS)
+    assert not c.shedding and w.recs[-1]["data"] == syn

@@ -52,6 +52,9 @@ class Tool(BaseTool):
                             "interface MTU; 1500 for 'any')")
         p.add_argument("-s", "--snaplen", type=int, default=262144, metavar="BYTES",
                        help="bytes captured per packet (default 262144)")
+        p.add_argument("-m", "--max-memory", type=int, default=0, metavar="MB",
+                       help="above MB of resident memory, shed new sessions (counted) "
+                            "instead of growing (default: no limit)")
         p.add_argument("-B", "--buffer-size", type=int, default=32768, metavar="KIB",
                        help="kernel capture buffer in KiB (default 32768)")
 
@@ -68,6 +71,8 @@ class Tool(BaseTool):
         expr = args.filter or expr
         if args.count < 0 or args.snaplen < 68 or args.buffer_size < 1:
             raise UsageError("-c must be >= 0, -s >= 68, -B >= 1")
+        if args.max_memory < 0:
+            raise UsageError("-m/--max-memory takes a size in MB (0: no limit)")
         if args.mtu and args.mtu < 68:
             raise UsageError("--mtu must be at least 68")
         return iface, expr
@@ -77,6 +82,7 @@ class Tool(BaseTool):
         from tcpcopylib.records import RecordWriter, header
 
         iface, expr = self._resolve(args)
+        self.shed_warned = False
         self.capturer = None
         self.engine = None
         bpf = expr or "tcp"
@@ -96,7 +102,8 @@ class Tool(BaseTool):
         hdr = header(self.name, source=iface, filter=expr, linktype=cap.LINKTYPE_RAW,
                      snaplen=args.snaplen, mtu=mtu, engine=engine.name, ts_clock="realtime")
         writer = RecordWriter(out_fd, hdr)
-        capturer = cap.Capturer(writer, mtu=mtu, count=args.count)
+        capturer = cap.Capturer(writer, mtu=mtu, count=args.count,
+                                max_rss=args.max_memory << 20)
         self.capturer = capturer
         self.info(f"capturing on {iface} ({engine.name}, linktype {engine.linktype}, "
                   f"filter {bpf!r}, mtu {mtu}, {len(capturer.local)} local addresses)")
@@ -117,6 +124,10 @@ class Tool(BaseTool):
         next_report = [time.monotonic() + STATS_EVERY_S]
 
         def tick(now):
+            if capturer.shed_sessions and not self.shed_warned:
+                self.shed_warned = True
+                self.warn(f"warning: over --max-memory {args.max_memory} MB: shedding new "
+                          f"sessions (counted in --stats)")
             if args.verbose and now >= next_report[0]:
                 next_report[0] = now + STATS_EVERY_S
                 self.warn(self.stats_line())
@@ -156,6 +167,7 @@ class Tool(BaseTool):
         return {"records": c.records, "frames": c.frames, "foreign": c.foreign,
                 "supersegs": c.supersegs, "split_records": c.split_records,
                 "truncated": c.truncated, "kernel_drops": kdrop, "if_drops": ifdrop,
+                "shed_sessions": c.shed_sessions, "shed_packets": c.shed_packets,
                 "cpu_us_per_packet": round(_cpu_seconds() * 1e6 / max(c.frames, 1), 3)}
 
     def stats_line(self):
@@ -164,7 +176,8 @@ class Tool(BaseTool):
             return None
         return (f"{d['records']} packets written, {d['frames']} captured, {d['foreign']} not "
                 f"inbound TCP to this host, {d['supersegs']} super-segments split into "
-                f"{d['split_records']}, {d['truncated']} truncated, {d['kernel_drops']} "
+                f"{d['split_records']}, {d['truncated']} truncated, {d['shed_sessions']} "
+                f"sessions shed ({d['shed_packets']} packets), {d['kernel_drops']} "
                 f"dropped by kernel, {d['if_drops']} dropped by interface, "
                 f"{self.elapsed():.2f} s, {d['cpu_us_per_packet']:.2f} µs CPU per packet")
 
