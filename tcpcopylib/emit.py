@@ -242,16 +242,19 @@ class RawSender:
     def _name(self, dst: bytes) -> int:
         a = self._addr.get(dst)
         if a is None:
-            if len(self._addr) > 4096:
-                self._addr.clear()  # (the batch in flight holds its own addresses' buffers)
             buf = _sockaddr(dst)
             a = self._addr[dst] = (buf, ctypes.addressof(buf))
         return a[1]
 
     def send_batch(self, datas) -> list[tuple[int, OSError]]:
         """Send runs of same-family datagrams with one sendmmsg each."""
+        if len(self._addr) > 4096:
+            self._addr.clear()  # only between batches: a batch's addresses stay alive
+        addr_get, name = self._addr.get, self._name
+        if all(d[0] >> 4 != 6 for d in datas):  # the common case: IPv4 only
+            names = [(addr_get(d[16:20]) or (None, name(d[16:20])))[1] for d in datas]
+            return self.b4.send(datas, names, 16)
         failures, i, n = [], 0, len(datas)
-        keep = []  # sockaddr buffers stay alive until the calls are done
         while i < n:
             v6 = datas[i][0] >> 4 == 6
             j = i
@@ -268,15 +271,7 @@ class RawSender:
                 lo, hi, namelen = 24, 40, 28
             else:
                 batch, lo, hi, namelen = self.b4, 16, 20, 16
-            names = []
-            for d in run:
-                dst = d[lo:hi]
-                a = self._addr.get(dst)
-                if a is None:
-                    self._name(dst)
-                    a = self._addr[dst]
-                keep.append(a[0])
-                names.append(a[1])
+            names = [(addr_get(d[lo:hi]) or (None, name(d[lo:hi])))[1] for d in run]
             failures += [(i + k, e) for k, e in batch.send(run, names, namelen)]
             i = j
         return failures
