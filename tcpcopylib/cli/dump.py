@@ -8,6 +8,8 @@ import struct
 from tcpcopylib.cli.common import Tool as BaseTool
 from tcpcopylib.errors import EX_USAGE, StreamError
 
+_PCAP_REC = struct.Struct("<IIII").pack  # pcap record header: sec, nsec, caplen, len
+
 
 class TextOut:
     """Buffered text lines to an fd (flushed on idle, like RecordWriter)."""
@@ -125,12 +127,13 @@ class Tool(BaseTool):
         from tcpcopylib.pcapio import PcapWriter
 
         writer = PcapWriter(self.stdout_fd)
-        write = writer.write
+        # PcapWriter.write, inlined: the hot loop of tc-dump --pcap
+        buf, flush, bufsize, pack = writer.buf, writer.flush, writer.bufsize, _PCAP_REC
         wanted = ("pkt", "fb") if args.fb else ("pkt",)
         counts = self.counts
         n = 0
         try:
-            for rec in self._records(args.files, writer.flush):
+            for rec in self._records(args.files, flush):
                 n += 1
                 t = rec["t"]
                 counts[t] = counts.get(t, 0) + 1
@@ -141,13 +144,19 @@ class Tool(BaseTool):
                     raise StreamError(f"record {n}: a {t} record without bytes 'data' and "
                                       f"integer 'ts'")
                 orig = rec.get("len")
+                size = len(data)
                 try:
-                    write(ts, data, orig if type(orig) is int else 0)
+                    buf += pack(ts // 1_000_000_000, ts % 1_000_000_000, size,
+                                orig if type(orig) is int and orig > size else size)
                 except struct.error:
                     raise StreamError(f"record {n}: ts {ts} or len {orig} does not fit in a "
                                       f"pcap file") from None
+                buf += data
+                writer.packets += 1
+                if len(buf) >= bufsize:
+                    flush()
         finally:
-            writer.flush()
+            flush()
         return 0
 
     def _from_json(self, args):
