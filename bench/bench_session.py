@@ -68,12 +68,21 @@ def _packet(src, dst, sport, dport, seq, ack, flags, payload=b"", opts=b""):
     return b"\x02\x00\x00\x00\x09\x01\x02\x00\x00\x00\x09\x02\x08\x00" + ip + tcp
 
 
-def generate_pcap(path, sessions, rate, requests, server_ip="10.200.9.1"):
-    """Write the pcap; returns (client_packets, total_requests)."""
+def http_exchange(i, k):
+    """(request, response) bytes of request k of session i."""
+    req = (f"GET /s{i}/r{k} HTTP/1.1\r\nHost: bench\r\nUser-Agent: tc-bench\r\n"
+           f"Accept: */*\r\n\r\n").encode()
+    body = b"ok\n"
+    resp = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
+            f"{len(body)}\r\nConnection: keep-alive\r\n\r\n").encode() + body
+    return req, resp
+
+
+def session_events(sessions, rate, requests, server_ip="10.200.9.1"):
+    """[(ts seconds, Ethernet frame, from client)] of the generated sessions, in time order."""
     srv = socket.inet_aton(server_ip)
     gap = 1.0 / rate
-    events = []  # (ts, frame)
-    client_pkts = 0
+    events = []
     mss = b"\x02\x04\x05\xb4"
     for i in range(sessions):
         t = 1_700_000_000.0 + i * gap
@@ -86,11 +95,7 @@ def generate_pcap(path, sessions, rate, requests, server_ip="10.200.9.1"):
               (0.0002, _packet(cli, srv, port, ONLINE_PORT, c, s, 0x10), True)]
         dt = 0.0003
         for k in range(requests):
-            req = (f"GET /s{i}/r{k} HTTP/1.1\r\nHost: bench\r\nUser-Agent: tc-bench\r\n"
-                   f"Accept: */*\r\n\r\n").encode()
-            body = b"ok\n"
-            resp = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
-                    f"{len(body)}\r\nConnection: keep-alive\r\n\r\n").encode() + body
+            req, resp = http_exchange(i, k)
             pk.append((dt, _packet(cli, srv, port, ONLINE_PORT, c, s, 0x18, req), True))
             c += len(req)
             pk.append((dt + 0.0004, _packet(srv, cli, ONLINE_PORT, port, s, c, 0x18, resp), False))
@@ -101,16 +106,21 @@ def generate_pcap(path, sessions, rate, requests, server_ip="10.200.9.1"):
                (dt + 0.0001, _packet(srv, cli, ONLINE_PORT, port, s, c + 1, 0x11), False),
                (dt + 0.0002, _packet(cli, srv, port, ONLINE_PORT, c + 1, s + 1, 0x10), True)]
         for off, frame, from_client in pk:
-            events.append((t + off, frame))
-            client_pkts += from_client
+            events.append((t + off, frame, from_client))
     events.sort(key=lambda e: e[0])
+    return events
+
+
+def generate_pcap(path, sessions, rate, requests, server_ip="10.200.9.1"):
+    """Write the pcap; returns (client_packets, total_requests)."""
+    events = session_events(sessions, rate, requests, server_ip)
     with open(path, "wb") as f:
         f.write(struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 262144, 1))  # ns pcap
-        for ts, frame in events:
+        for ts, frame, _c in events:
             sec = int(ts)
             ns = int(round((ts - sec) * 1e9))
             f.write(struct.pack("<IIII", sec, ns, len(frame), len(frame)) + frame)
-    return client_pkts, sessions * requests
+    return sum(e[2] for e in events), sessions * requests
 
 
 # -- the target server ---------------------------------------------------------------------------

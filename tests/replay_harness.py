@@ -570,6 +570,9 @@ def start_feedback(lab, workdir, port, sock_name="fb.sock", v6=False):
     return {"tc-intercept": ic, "tc-feedback": fb}, f"unix:{sock}"
 
 
+DRAIN = 30  # tc-session --drain for replays (seconds)
+
+
 def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=None,
            session_args=(), pace_args=(), timeout=120.0, start_target=True,
            emit_args=(), trace=True) -> Replay:
@@ -596,8 +599,11 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
         procs.update(fbprocs)
         target = f"[{lab.target_ip6}]:{tport}" if v6 else f"{lab.target_ip}:{tport}"
         env = tool_env()
+        # A generous --drain: under machine load the last responses may come late, and the
+        # drain ends early anyway once every session is quiescent.
+        drain = [] if "--drain" in map(str, session_args) else ["--drain", str(DRAIN)]
         chain = [("tc-readpcap", [str(pcap)]),
-                 ("tc-session", ["--target", target, "--feedback", addr,
+                 ("tc-session", ["--target", target, "--feedback", addr, *drain,
                                  "--stats-json", str(stats_json), *map(str, session_args)]),
                  ("tc-pace", list(map(str, pace_args))),
                  ("tc-emit", list(map(str, emit_args)))]

@@ -1,0 +1,346 @@
+#!/usr/bin/env python3
+"""tc-session CPU cost per session and per client packet, without a lab.
+
+    python3 bench/bench_engine.py [--sessions N] [--requests K] [--rate R] [--repeat N]
+                                  [--cases engine,cli,cli-asap,nofb] [--compare DIR]
+                                  [--profile FILE]
+
+The sessions are bench_session.py's generated short HTTP sessions. The target is a fake
+TCP server (FakeTarget: answers a SYN with a SYN-ACK, every request with the captured
+response length, a FIN with a FIN-ACK; replies are headers only with their original
+length, as tc-intercept sends them). Cases:
+
+  engine    the Engine alone, in process, with a fake clock; the fake target's own time
+            is left out (CPU us per session and per client packet);
+  cli       tc-session as a process, input a record file paced at --rate sessions/s of
+            recording time, feedback from a fake tc-feedback process that is the target
+            (the whole tc-session path: select loop, stream parsing, record encoding,
+            DueQueue, FeedbackClient decoding); CPU of tc-session only (wait4);
+  cli-asap  the same with --asap (input as fast as it can be read);
+  nofb      tc-session --asap --no-feedback (parsing and encoding only; no session gets
+            established).
+
+--compare DIR measures another checkout alternately (the "before" column).
+--profile FILE: cProfile of one engine run written to FILE (this checkout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TARGET = "10.200.9.1:8080"
+TS0 = 1_700_000_000 * 10**9
+
+
+# -- the fake target ---------------------------------------------------------------------------
+
+class FakeTarget:
+    """A TCP server per 4-tuple: SYN -> SYN-ACK, data -> ACK + response, FIN -> FIN-ACK.
+
+    ``packet(data)`` returns the replies to one datagram the target receives, as
+    (headers, original length) pairs.
+    """
+
+    def __init__(self, packet_mod, resp_len):
+        self.p = packet_mod
+        self.resp_len = resp_len
+        self.conns = {}
+
+    def packet(self, data):
+        p = self.p
+        t = p.parse_tcp(data)
+        if t is None:
+            return ()
+        key = (t.src, t.sport)
+        f = t.flags
+        build = p.build_tcp
+        if f & p.TH_RST:
+            self.conns.pop(key, None)
+            return ()
+        if f & p.TH_SYN:
+            isn = (t.sport * 7777 + 12345) & 0xFFFFFFFF
+            self.conns[key] = c = [t.seq + 1, isn + 1]
+            r = build(t.dst, t.src, t.dport, t.sport, isn, c[0], p.TH_SYN | p.TH_ACK,
+                      options=b"\x02\x04\x05\xb4")
+            return ((r, len(r)),)
+        c = self.conns.get(key)
+        if c is None:
+            return ()
+        out = []
+        if t.payload_len:
+            c[0] = (t.seq + t.payload_len) & 0xFFFFFFFF
+            r = build(t.dst, t.src, t.dport, t.sport, c[1], c[0], p.TH_ACK | p.TH_PSH)
+            out.append((r, len(r) + self.resp_len))
+            c[1] += self.resp_len
+        if f & p.TH_FIN:
+            c[0] = (t.seq + t.payload_len + 1) & 0xFFFFFFFF
+            r = build(t.dst, t.src, t.dport, t.sport, c[1], c[0], p.TH_FIN | p.TH_ACK)
+            out.append((r, len(r)))
+            c[1] += 1
+            del self.conns[key]
+        return out
+
+
+def client_packets(sessions, rate, requests):
+    """[(ts ns, IP datagram)] of the generated client packets, and the response length."""
+    sys.path.insert(0, str(HERE))
+    import bench_session
+
+    ev = bench_session.session_events(sessions, rate, requests)
+    resp_len = len(bench_session.http_exchange(0, 0)[1])
+    return [(TS0 + round((ts - 1_700_000_000.0) * 1e9), frame[14:]) for ts, frame, c in ev
+            if c], resp_len
+
+
+# -- engine case (run in a child with the measured checkout first on sys.path) -----------------
+
+def engine_child(repo, sessions, rate, requests, profile=None):
+    sys.path.insert(0, str(repo))
+    from tcpcopylib import packet
+    from tcpcopylib.session import Config, Engine, Mapper, parse_target
+
+    pkts, resp_len = client_packets(sessions, rate, requests)
+    target = FakeTarget(packet, resp_len)
+    out = []
+    eng = Engine(Mapper(parse_target(TARGET, False)), lambda d, sid, now: out.append(d),
+                 Config())
+    clock = time.process_time_ns
+    spent = [0]
+
+    def serve(now):
+        while out:
+            batch = out[:]
+            out.clear()
+            t0 = clock()
+            replies = [r for d in batch for r in target.packet(d)]
+            spent[0] += clock() - t0
+            for data, n in replies:
+                eng.feedback_packet(data, now, n)
+
+    def run():
+        for ts, data in pkts:
+            now = ts - TS0
+            eng.on_timer(now)
+            serve(now)
+            eng.client_packet(data, now)
+            serve(now)
+        for _ in range(100 * sessions):
+            d = eng.next_deadline()
+            if d is None:
+                break
+            eng.on_timer(d)
+            serve(d)
+        eng.close_all(eng.now)
+
+    t0 = clock()
+    if profile:
+        import cProfile
+
+        cProfile.runctx("run()", globals(), {"run": run}, profile)
+    else:
+        run()
+    cpu = clock() - t0 - spent[0]
+    oc = eng.st.outcomes
+    print(json.dumps({"cpu_ns": cpu, "pkts": len(pkts),
+                      "completed": oc["completed"] + oc["reconnected"]}))
+
+
+# -- the fake tc-feedback process (cli cases) ----------------------------------------------------
+
+def target_child(repo, sock_path, resp_len):
+    """Serve feedback on sock_path; tc-session's output on stdin is what the target gets."""
+    sys.path.insert(0, str(repo))
+    import cbor2
+
+    from tcpcopylib import packet
+    from tcpcopylib.intercept import encode_fb
+    from tcpcopylib.records import LABEL, StreamDecoder
+
+    target = FakeTarget(packet, resp_len)
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(sock_path)
+    ls.listen(1)
+    print("ready", flush=True)
+    ls.settimeout(30)
+    conn, _ = ls.accept()
+    conn.setblocking(True)
+    conn.sendall(LABEL + cbor2.dumps({"t": "header", "v": 1, "tool": "bench-target"}))
+    conn.setblocking(False)
+    dec = StreamDecoder("tc-session output")
+    sel = selectors.DefaultSelector()
+    sel.register(0, selectors.EVENT_READ, "in")
+    sel.register(conn, selectors.EVENT_READ, "fb")
+    buf = b""
+    pending = bytearray()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if pending:
+            try:
+                n = conn.send(pending)
+                del pending[:n]
+            except BlockingIOError:
+                pass
+        for key, _ in sel.select(0.01 if pending else 1.0):
+            if key.data == "fb":
+                try:
+                    if not conn.recv(1 << 16):
+                        sel.unregister(conn)
+                except BlockingIOError:
+                    pass
+                continue
+            chunk = os.read(0, 1 << 17)
+            if not chunk:
+                return
+            buf = buf + chunk if buf else chunk
+            items, pos, err = dec.parse(buf)
+            if err:
+                raise err
+            buf = buf[pos:]
+            now = time.time_ns()
+            for rec in items:
+                if rec.get("t") == "pkt":
+                    for data, n in target.packet(rec["data"]):
+                        pending += encode_fb(now, data, n)
+
+
+# -- cli cases -------------------------------------------------------------------------------
+
+def write_records(repo, path, pkts, rate_scale):
+    sys.path.insert(0, str(repo))
+    import cbor2
+
+    from tcpcopylib.records import LABEL
+
+    with open(path, "wb") as f:
+        f.write(LABEL + cbor2.dumps({"t": "header", "v": 1, "tool": "bench"}))
+        f.write(b"".join(cbor2.dumps({"t": "pkt", "ts": ts, "data": d}) for ts, d in pkts))
+
+
+def run_cli(repo, case, records, resp_len, tmp, timeout=300):
+    """(CPU s of tc-session, wall s, completed sessions)."""
+    stats = tmp / "stats.json"
+    stats.unlink(missing_ok=True)
+    argv = [sys.executable, str(repo / "bin" / "tc-session"), "--target", TARGET,
+            "--stats-json", str(stats), "--drain", "10"]
+    if case in ("cli-asap", "nofb"):
+        argv.append("--asap")
+    target = None
+    if case == "nofb":
+        argv += ["--no-feedback", str(records)]
+        out = subprocess.DEVNULL
+    else:
+        sock = tmp / "fb.sock"
+        sock.unlink(missing_ok=True)
+        r, w = os.pipe()
+        target = subprocess.Popen([sys.executable, __file__, "_target", str(REPO), str(sock),
+                                   str(resp_len)], stdin=r, stdout=subprocess.PIPE)
+        os.close(r)
+        target.stdout.readline()
+        argv += ["--feedback", f"unix:{sock}", str(records)]
+        out = w
+    t0 = time.monotonic()
+    p = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE)
+    if target is not None:
+        os.close(w)
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            p.kill()
+        time.sleep(0.01)
+    wall = time.monotonic() - t0
+    err = p.stderr.read().decode()
+    if target is not None:
+        try:
+            target.wait(10)
+        except subprocess.TimeoutExpired:
+            target.kill()
+            target.wait()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"tc-session failed: {err}")
+    st = json.loads(stats.read_text())
+    oc = st["outcomes"]
+    return ru.ru_utime + ru.ru_stime, wall, oc["completed"] + oc["reconnected"]
+
+
+def measure(repo, case, a, records, resp_len, tmp):
+    """(CPU us per session, CPU us per client packet, completed %)."""
+    n = a.sessions
+    if case == "engine":
+        r = subprocess.run([sys.executable, __file__, "_engine", str(repo), str(n),
+                            str(a.rate), str(a.requests)], capture_output=True, text=True,
+                           check=True, timeout=600)
+        d = json.loads(r.stdout.strip().splitlines()[-1])
+        cpu, pkts, done = d["cpu_ns"] / 1e9, d["pkts"], d["completed"]
+    else:
+        cpu, _wall, done = run_cli(repo, case, records, resp_len, tmp)
+        pkts = a.pkts
+    return cpu / n * 1e6, cpu / pkts * 1e6, 100.0 * done / n
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_engine":
+        engine_child(Path(argv[1]), int(argv[2]), float(argv[3]), int(argv[4]),
+                     argv[5] if len(argv) > 5 else None)
+        return 0
+    if argv and argv[0] == "_target":
+        target_child(Path(argv[1]), argv[2], int(argv[3]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sessions", type=int, default=5000)
+    ap.add_argument("--requests", type=int, default=1)
+    ap.add_argument("--rate", type=float, default=2000.0,
+                    help="sessions/s of recording time (cli case paces at it)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per case (median reported)")
+    ap.add_argument("--cases", default="engine,cli,cli-asap,nofb")
+    ap.add_argument("--compare", metavar="DIR", type=Path)
+    ap.add_argument("--profile", metavar="FILE", help="cProfile one engine run to FILE")
+    a = ap.parse_args(argv)
+    if a.profile:
+        engine_child(REPO, a.sessions, a.rate, a.requests, a.profile)
+        return 0
+    pkts, resp_len = client_packets(a.sessions, a.rate, a.requests)
+    a.pkts = len(pkts)
+    repos = [("this", REPO)] + ([("compare", a.compare.resolve())] if a.compare else [])
+    print(f"{a.sessions} sessions x {a.requests} requests, {a.pkts} client packets "
+          f"({a.pkts / a.sessions:.1f}/session); median of {a.repeat}; load average "
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    cols = "".join(f" {name + ' us/sess':>16} {name + ' us/pkt':>14} {'done%':>6}"
+                   for name, _ in repos)
+    print(f"{'case':<9}{cols}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        records = tmp / "in.cbor"
+        write_records(REPO, records, pkts, 1)
+        for case in a.cases.split(","):
+            runs = {name: [] for name, _ in repos}
+            for _ in range(a.repeat):
+                for name, repo in repos:  # interleaved
+                    runs[name].append(measure(repo, case, a, records, resp_len, tmp))
+            row = ""
+            for name, _ in repos:
+                us_s = statistics.median(r[0] for r in runs[name])
+                us_p = statistics.median(r[1] for r in runs[name])
+                done = min(r[2] for r in runs[name])
+                row += f" {us_s:>16.1f} {us_p:>14.2f} {done:>6.1f}"
+            print(f"{case:<9}{row}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
