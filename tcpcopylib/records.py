@@ -202,6 +202,8 @@ class StreamDecoder:
         """(items, bytes used, error or None). Items are records, or (record, raw) pairs
         with ``raw``: the record's bytes when they are what cbor2.dumps(record) gives, None
         when unknown, HEADER for a section header. Items before an error are returned."""
+        if type(buf) is not bytes:
+            buf = bytes(buf)  # (slices of it become the records' bytes values)
         out: list = []
         append = out.append
         if self.header is None and not self._expect_header:

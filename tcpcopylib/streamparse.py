@@ -18,6 +18,8 @@ class StreamParser(StreamDecoder):
 
     def feed(self, chunk: bytes) -> list[dict]:
         """Parse ``chunk`` (appended to any incomplete tail); return complete records."""
+        if type(chunk) is not bytes:
+            chunk = bytes(chunk)  # the tail is kept: never a view of the caller's buffer
         buf = self._buf + chunk if self._buf else chunk
         out, pos, err = self.parse(buf)
         if err is not None:

@@ -234,3 +234,10 @@ def test_replace_ts_equals_reencoding():
             else:
                 assert not 2**32 <= ts < 2**64
     assert n > 1000
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_stream_parser_other_buffers_give_bytes(kind):
+    recs = [{"t": "pkt", "ts": TS, "data": b"abc", "sid": 3}, {"t": "pkt", "ts": 1, "data": b"d"}]
+    got = StreamParser().feed(kind(stream(recs)))
+    assert got == recs and all(type(r["data"]) is bytes for r in got)
