@@ -447,14 +447,6 @@ class PcapWriter:
             self.flush()
 
     def flush(self) -> None:
-        buf = self.buf
-        if not buf:
-            return
-        view = memoryview(buf)
-        total = 0
-        try:
-            while total < len(buf):
-                total += os.write(self.fd, view[total:])
-        finally:
-            view.release()
-            del buf[:total]
+        from tcpcopylib.records import drain
+
+        drain(self.fd, self.buf)

@@ -369,17 +369,22 @@ class RecordWriter:
         self.buf += encode_section(hdr)
 
     def flush(self) -> None:
-        buf = self.buf
-        if not buf:
-            return
-        view = memoryview(buf)
-        total = 0
-        try:
-            while total < len(buf):
-                total += os.write(self.fd, view[total:])
-        finally:
-            view.release()
-            del buf[:total]
+        drain(self.fd, self.buf)
+
+
+def drain(fd: int, buf: bytearray) -> None:
+    """Write all of ``buf`` to ``fd`` and empty it; what was written is removed even when
+    a write fails (EPIPE, say), so a retry never duplicates bytes."""
+    if not buf:
+        return
+    view = memoryview(buf)
+    total = 0
+    try:
+        while total < len(buf):
+            total += os.write(fd, view[total:])
+    finally:
+        view.release()
+        del buf[:total]
 
 
 def merged_header(tool: str, upstream: dict | None, **fields) -> dict:
