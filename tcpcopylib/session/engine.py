@@ -30,7 +30,7 @@ import heapq
 import itertools
 import struct
 
-from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, checksum, parse_options
+from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, parse_options
 from tcpcopylib.session.alloc import Allocator, sample_share
 
 M32 = 0xFFFFFFFF
@@ -43,20 +43,16 @@ _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIBBH")
 _TSOPT = struct.Struct("!BBBBII")
-_TCPH = struct.Struct("!HHIIBBHHH")
 _IP4TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBH")
-_U16 = struct.Struct("!H")
-_LITTLE = struct.pack("=H", 1) == b"\x01\x00"
+# whole headers as sent (TCP without options): IPv4 + TCP, IPv6 + TCP
+_OUT4 = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
+_OUT6 = struct.Struct("!IHBB16s16sHHIIBBHHH")
+_MSS_OPT = struct.Struct("!BBH")
 
-
-def _pseudo_base(src: bytes, dst: bytes) -> int:
-    """Host-order partial sum of the TCP pseudo-header without its length field."""
-    return sum(memoryview(src + dst + b"\0\6").cast("H"))
-
-
-def _len_word(n: int) -> int:
-    """A 16-bit length as it adds into a host-order sum of network-order words."""
-    return ((n & 0xFF) << 8 | n >> 8) if _LITTLE else n
+# Checksums (RFC 1071) as integer arithmetic: 2**16 == 1 (mod 0xFFFF), so the one's
+# complement sum of big-endian 16-bit words is the value of the bytes mod 0xFFFF, and
+# the checksum is minus that sum mod 0xFFFF (0 for a sum that is a multiple of 0xFFFF,
+# exactly as folding and complementing gives for a non-zero sum).
 
 # connection states (to the target)
 NEW, SYN_SENT, ESTAB, CLOSED, DONE = range(5)
@@ -460,9 +456,10 @@ class Engine:
         if len(time_wait) > 50000:
             self.time_wait = {k: v for k, v in time_wait.items() if v > now}
         s.cip, s.tip, s.tport, s.cport = cip, tip, tport, cport
-        s.psum = _pseudo_base(s.cip, tip)
-        if len(tip) == 4:  # the IPv4 header's constant words (see _out)
-            s.ipsum = 0x4500 + 0x4000 + 0x4006 + sum(struct.unpack("!4H", s.cip + tip))
+        # constant parts of the checksums (see _out): the pseudo-header and the ports;
+        # the IPv4 header's version/ihl, DF, ttl/protocol and addresses
+        s.psum = int.from_bytes(cip + tip, "big") + 6 + cport + tport
+        s.ipsum = 0x4500 + 0x4000 + 0x4006 + int.from_bytes(cip + tip, "big")
         self.by_target[tup] = s
         if self.claims is not None:
             self.claims.claim(cip, cport, tip, tport)
@@ -541,25 +538,33 @@ class Engine:
     def _out(self, s, seq, ack, flags, payload=b"", options=b"", window=WINDOW):
         """Build one datagram from s's addresses (checksums computed) and emit it."""
         s.ip_id = ip_id = (s.ip_id + 1) & 0xFFFF
-        if len(options) & 3:
-            options += b"\1" * (4 - (len(options) & 3))
-        doff = 20 + len(options)
-        tcp = bytearray(_TCPH.pack(s.cport, s.tport, seq & M32, ack & M32, doff << 2, flags,
-                                   window, 0, 0))
-        tcp += options
-        tcp += payload
-        tl = len(tcp)
-        _U16.pack_into(tcp, 16, checksum(tcp, s.psum + _len_word(tl)))
+        seq &= M32
+        ack &= M32
+        olen = len(options)
+        if olen & 3:
+            options += b"\1" * (4 - (olen & 3))
+            olen = len(options)
+        tl = 20 + olen + len(payload)
+        doff_flags = (20 + olen) << 10 | flags
+        # the TCP checksum (see _OUT4): pseudo-header and ports, length, header, options
+        # (a multiple of 4 bytes), payload (an odd one padded with a zero byte)
+        c = s.psum + tl + seq + ack + doff_flags + window
+        if olen:
+            c += int.from_bytes(options, "big")
+        if payload:
+            c += int.from_bytes(payload, "big") << ((len(payload) & 1) << 3)
         if len(s.cip) == 4:
-            c = s.ipsum + 20 + tl + ip_id  # RFC 1071 on big-endian words, folded here
-            c = (c & 0xFFFF) + (c >> 16)
-            c = (c & 0xFFFF) + (c >> 16)
-            ip = bytearray(_IP4.pack(0x45, 0, 20 + tl, ip_id, 0x4000, 64, 6, ~c & 0xFFFF,
-                                     s.cip, s.tip))
+            pkt = _OUT4.pack(0x45, 0, 20 + tl, ip_id, 0x4000, 64, 6,
+                             -(s.ipsum + 20 + tl + ip_id) % 0xFFFF, s.cip, s.tip,
+                             s.cport, s.tport, seq, ack, doff_flags >> 8, flags, window,
+                             -c % 0xFFFF, 0)
         else:
-            ip = bytearray(_IP6.pack(0x60000000, tl, 6, 64, s.cip, s.tip))
-        ip += tcp
-        pkt = bytes(ip)
+            pkt = _OUT6.pack(0x60000000, tl, 6, 64, s.cip, s.tip, s.cport, s.tport, seq, ack,
+                             doff_flags >> 8, flags, window, -c % 0xFFFF, 0)
+        if olen:
+            pkt += options
+        if payload:
+            pkt += payload
         st = self.st
         st.pkts_out += 1
         st.bytes_out += len(pkt)
@@ -582,7 +587,7 @@ class Engine:
 
     def _send_syn(self, s, now, retransmit=False):
         if s.fake:
-            opts = struct.pack("!BBH", 2, 4, self.cfg.fake_mss)
+            opts = _MSS_OPT.pack(2, 4, self.cfg.fake_mss)
             win = WINDOW
         else:
             opts, win = s.syn_opts, s.syn_win
