@@ -15,13 +15,14 @@ length, as tc-intercept sends them). Cases:
   cli       tc-session as a process, input a record file paced at --rate sessions/s of
             recording time, feedback from a fake tc-feedback process that is the target
             (the whole tc-session path: select loop, stream parsing, record encoding,
-            DueQueue, FeedbackClient decoding); CPU of tc-session only (wait4);
+            DueQueue, FeedbackClient decoding); CPU of tc-session only (wait4), less
+            that of a run on an empty input (interpreter start-up);
   cli-asap  the same with --asap (input as fast as it can be read);
   nofb      tc-session --asap --no-feedback (parsing and encoding only; no session gets
             established).
 
 --compare DIR measures another checkout alternately (the "before" column).
---profile FILE: cProfile of one engine run written to FILE (this checkout).
+--profile FILE: cProfile of one run of the first case written to FILE (this checkout).
 """
 
 from __future__ import annotations
@@ -228,11 +229,12 @@ def write_records(repo, path, pkts, rate_scale):
         f.write(b"".join(cbor2.dumps({"t": "pkt", "ts": ts, "data": d}) for ts, d in pkts))
 
 
-def run_cli(repo, case, records, resp_len, tmp, timeout=300):
+def run_cli(repo, case, records, resp_len, tmp, timeout=300, profile=None):
     """(CPU s of tc-session, wall s, completed sessions)."""
     stats = tmp / "stats.json"
     stats.unlink(missing_ok=True)
-    argv = [sys.executable, str(repo / "bin" / "tc-session"), "--target", TARGET,
+    prof = ["-m", "cProfile", "-o", profile] if profile else []
+    argv = [sys.executable, *prof, str(repo / "bin" / "tc-session"), "--target", TARGET,
             "--stats-json", str(stats), "--drain", "10"]
     if case in ("cli-asap", "nofb"):
         argv.append("--asap")
@@ -288,6 +290,7 @@ def measure(repo, case, a, records, resp_len, tmp):
         cpu, pkts, done = d["cpu_ns"] / 1e9, d["pkts"], d["completed"]
     else:
         cpu, _wall, done = run_cli(repo, case, records, resp_len, tmp)
+        cpu -= run_cli(repo, "nofb", tmp / "empty.cbor", resp_len, tmp)[0]  # start-up
         pkts = a.pkts
     return cpu / n * 1e6, cpu / pkts * 1e6, 100.0 * done / n
 
@@ -309,9 +312,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per case (median reported)")
     ap.add_argument("--cases", default="engine,cli,cli-asap,nofb")
     ap.add_argument("--compare", metavar="DIR", type=Path)
-    ap.add_argument("--profile", metavar="FILE", help="cProfile one engine run to FILE")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="cProfile one run of the first case to FILE (this checkout)")
     a = ap.parse_args(argv)
-    if a.profile:
+    case0 = a.cases.split(",")[0]
+    if a.profile and case0 == "engine":
         engine_child(REPO, a.sessions, a.rate, a.requests, a.profile)
         return 0
     pkts, resp_len = client_packets(a.sessions, a.rate, a.requests)
@@ -327,6 +332,10 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         records = tmp / "in.cbor"
         write_records(REPO, records, pkts, 1)
+        write_records(REPO, tmp / "empty.cbor", [], 1)
+        if a.profile:
+            print(run_cli(REPO, case0, records, resp_len, tmp, profile=a.profile))
+            return 0
         for case in a.cases.split(","):
             runs = {name: [] for name, _ in repos}
             for _ in range(a.repeat):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import time
 
 from tcpcopylib.cli.common import Tool as BaseTool
@@ -19,6 +20,39 @@ MAX_PENDING = 100_000   # records held for their due time before we stop reading
 CHUNK = 1 << 17
 OUT_BATCH = 1 << 16     # output bytes buffered before a flush within one loop turn
 RSS_EVERY = 0.2         # seconds between --max-memory checks
+
+
+_PKT_TS = b"\xa4\x61t\x63pkt\x62ts\x1b"   # {"t": "pkt", "ts": <8-byte uint>, ...
+_PKT8 = struct.Struct("!11sQ6sB")   # ... "data": <24..255 bytes>
+_PKT16 = struct.Struct("!11sQ6sH")  # ... "data": <256..65535 bytes>
+_DATA8, _DATA16 = b"\x64data\x58", b"\x64data\x59"
+_SID = b"\x63sid"
+
+
+def _uint(n: int) -> bytes:
+    """The shortest CBOR head of unsigned integer n (major type 0)."""
+    if n < 24:
+        return bytes((n,))
+    if n < 0x100:
+        return bytes((0x18, n))
+    if n < 0x10000:
+        return b"\x19" + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return b"\x1a" + n.to_bytes(4, "big")
+    return b"\x1b" + n.to_bytes(8, "big")
+
+
+def encode_pkt(ts: int, data: bytes, sid: int) -> bytes:
+    """cbor2.dumps({"t": "pkt", "ts": ts, "data": data, "sid": sid}), byte for byte."""
+    n = len(data)
+    if 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF and 0 <= sid <= 0xFFFFFFFFFFFFFFFF:
+        if 24 <= n < 0x100:
+            return b"".join((_PKT8.pack(_PKT_TS, ts, _DATA8, n), data, _SID, _uint(sid)))
+        if 0x100 <= n < 0x10000:
+            return b"".join((_PKT16.pack(_PKT_TS, ts, _DATA16, n), data, _SID, _uint(sid)))
+    import cbor2
+
+    return cbor2.dumps({"t": "pkt", "ts": ts, "data": data, "sid": sid})
 
 
 def _rss() -> int:
@@ -198,8 +232,6 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
     def run(self, args):
         import selectors
 
-        import cbor2
-
         from tcpcopylib.records import RecordWriter, header
         from tcpcopylib.session.timing import DueQueue
         from tcpcopylib.streamparse import StreamParser
@@ -214,7 +246,6 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         # The writer never flushes by itself: flush_out() sends pending claims first, so a
         # claim always reaches tc-feedback before the SYN that needs it leaves this process.
         writer = RecordWriter(self.stdout_fd, header(self.name), bufsize=1 << 62)
-        dumps = cbor2.dumps
 
         def flush_out():
             if claims is not None and claims.dirty:
@@ -223,7 +254,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             writer.flush()
 
         def emit(data, sid, now):
-            writer.write_raw(dumps({"t": "pkt", "ts": now, "data": data, "sid": sid}))
+            writer.write_raw(encode_pkt(now, data, sid))
             if len(writer.buf) >= OUT_BATCH:
                 flush_out()
 
