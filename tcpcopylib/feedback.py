@@ -292,6 +292,7 @@ class FeedbackClient:
         self._decoder = StreamDecoder(f"feedback server {self.address}")
         self._pending: list = []
         self._eof = False
+        self._ip_texts: dict = {}  # packed address -> text, for claims
         self.server_header: dict | None = None
         self.send_timeout = 5.0
 
@@ -326,11 +327,13 @@ class FeedbackClient:
                 self.close()
                 raise UnavailableError(f"tc-feedback at {self.address} closed the connection")
 
-    def _receive(self) -> None:
-        """Read what the socket holds; fb records go to self._pending."""
+    def _receive(self, replies: list | None = None) -> None:
+        """Read what the socket holds; fb records go to self._pending, or as (data, len)
+        pairs to `replies` if given."""
+        size = 1 << 18
         while not self._eof:
             try:
-                data = self.sock.recv(1 << 18)
+                data = self.sock.recv(size)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -339,10 +342,20 @@ class FeedbackClient:
             if not data:
                 self._eof = True
                 return
+            more = len(data) == size  # else the socket is drained: no failing recv()
+            if replies is not None:
+                data = self._fast_replies(data, replies)
+                if not data:
+                    if more:
+                        continue
+                    return
             for item, _raw in self._decoder.feed(data):
                 t = item.get("t")
                 if t == T_FB:
-                    self._pending.append(item)
+                    if replies is None:
+                        self._pending.append(item)
+                    elif isinstance(item.get("data"), (bytes, bytearray)):
+                        replies.append((item["data"], item.get("len")))
                 elif t == T_HEADER:
                     msg = version_error(item.get("v"), f"tc-feedback at {self.address}")
                     if msg:
@@ -353,6 +366,33 @@ class FeedbackClient:
                     self.close()
                     exc = PeerVersionError if item.get("error") == "version" else UnavailableError
                     raise exc(f"tc-feedback at {self.address}: {item.get('msg', 'error')}")
+            if not more:
+                return
+
+    def _fast_replies(self, data: bytes, replies: list) -> bytes:
+        """Append (data, len) of the leading run of usual-shape fb records (fb_span) of the
+        stream to `replies`, inline; return the rest (for the decoder)."""
+        dec = self._decoder
+        if dec.header is None or dec._expect_header:
+            return data
+        buf = dec.buf + data if dec.buf else data
+        dec.buf = b""
+        pos, n, startswith, append = 0, len(buf), buf.startswith, replies.append
+        while n > pos + 24 and startswith(_FB8_MID, pos + 18) and startswith(_FB8, pos):
+            d1 = pos + 25 + buf[pos + 24]
+            if n <= d1 + 6 or not startswith(_FB_LEN, d1):
+                break
+            lb = buf[d1 + 4]
+            if lb == 0x19:
+                append((buf[pos + 25:d1], buf[d1 + 5] << 8 | buf[d1 + 6]))
+                pos = d1 + 7
+            elif lb == 0x18:
+                append((buf[pos + 25:d1], buf[d1 + 5]))
+                pos = d1 + 6
+            else:
+                break
+        dec.consumed += pos
+        return buf[pos:] if pos else buf
 
     def _send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -377,7 +417,14 @@ class FeedbackClient:
                 self._receive()
 
     def _op(self, kind: str, cip: bytes, cport: int, tip: bytes, tport: int) -> None:
-        entry = [_ip_text(cip), cport, _ip_text(tip), tport]
+        texts = self._ip_texts
+        c, t = texts.get(cip), texts.get(tip)
+        if c is None or t is None:
+            if len(texts) > 4096:
+                texts.clear()
+            c = texts[cip] = _ip_text(cip)
+            t = texts[tip] = _ip_text(tip)
+        entry = [c, cport, t, tport]
         if self._ops and self._ops[-1][0] == kind:
             self._ops[-1][1].append(entry)
         else:
@@ -404,6 +451,21 @@ class FeedbackClient:
             raise UnavailableError(f"tc-feedback at {self.address}: not connected")
         self._receive()
         out, self._pending = self._pending, []
+        if not out and self._eof:
+            raise UnavailableError(f"tc-feedback at {self.address} closed the connection")
+        return out
+
+    def read_replies(self) -> list[tuple]:
+        """(data, len) of each fb record available (len None if absent): read_available()
+        without a dict per reply (tc-session's loop)."""
+        if self.sock is None:
+            raise UnavailableError(f"tc-feedback at {self.address}: not connected")
+        out = []
+        if self._pending:
+            out = [(r["data"], r.get("len")) for r in self._pending
+                   if isinstance(r.get("data"), (bytes, bytearray))]
+            self._pending = []
+        self._receive(out)
         if not out and self._eof:
             raise UnavailableError(f"tc-feedback at {self.address} closed the connection")
         return out

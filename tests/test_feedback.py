@@ -402,3 +402,53 @@ def test_bad_input_exit_65(tmp_path):
     r = tc.run(["tc-feedback", "--listen", f"unix:{tmp_path}/s.sock"], input=b"not a stream")
     assert r.returncode == 65
     assert b"not a tcpcopy record stream" in r.stderr
+
+
+def _client_on(sock):
+    """A FeedbackClient on one end of a socketpair; the test writes the server side."""
+    c = FeedbackClient("unix:/nonexistent")
+    sock.setblocking(False)
+    c.sock = sock
+    return c
+
+
+def test_read_replies_equals_read_available_in_any_split():
+    """The fast (data, len) path gives what the dict path gives, however the stream is cut,
+    with usual-shape records (tc-intercept's layout) and others mixed."""
+    import random
+
+    recs = [fb(1000 + i, seq=i) for i in range(40)]
+    recs[3]["len"] = 70000                                   # 4-byte len
+    recs[7] = {"t": "fb", "data": recs[7]["data"], "ts": 5, "len": 40}  # other key order
+    recs[11]["data"] = recs[11]["data"][:20]                 # short data
+    recs[15] = {"t": "stats", "n": 1}                        # not fb: skipped
+    recs[19]["len"] = 100                                    # 1-byte len
+    for r in recs[20:30]:
+        r["len"] = 1500                                      # 2-byte len
+    stream = encode_section({"t": "header", "v": 1, "tool": "t"}) + b"".join(
+        cbor2.dumps(r) for r in recs)
+    want = [(r["data"], r["len"]) for r in recs if r["t"] == "fb"]
+    rnd = random.Random(3)
+    for trial in range(30):
+        cuts = sorted(rnd.sample(range(1, len(stream)), rnd.randrange(1, 40)))
+        pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+        outs = []
+        for method in ("read_replies", "read_available"):
+            a, b = socket.socketpair()
+            c = _client_on(a)
+            got = []
+            for piece in pieces:
+                b.sendall(piece)
+                time.sleep(0.0005 if trial < 3 else 0)
+                got += getattr(c, method)()
+            for _ in range(100):
+                if len(got) >= len(want):
+                    break
+                time.sleep(0.002)
+                got += getattr(c, method)()
+            if method == "read_available":
+                got = [(r["data"], r["len"]) for r in got]
+            outs.append(got)
+            c.close()
+            b.close()
+        assert outs[0] == outs[1] == want, trial

@@ -340,10 +340,8 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                             sel.unregister(in_fd)
                             reading = False
                     elif what == "fb":
-                        for rec in fb.read_available():
-                            data = rec.get("data")
-                            if isinstance(data, (bytes, bytearray)):
-                                engine.feedback_packet(data, now, rec.get("len"))
+                        for data, n in fb.read_replies():
+                            engine.feedback_packet(data, now, n)
                     else:
                         try:
                             os.read(rpipe, 64)
