@@ -33,6 +33,7 @@ import os
 import selectors
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -47,47 +48,56 @@ TS0 = 1_700_000_000 * 10**9
 
 # -- the fake target ---------------------------------------------------------------------------
 
+_IP4 = struct.Struct("!BBHHHBBH4s4s")
+_TCP = struct.Struct("!HHIIBBHHH")
+
+
 class FakeTarget:
     """A TCP server per 4-tuple: SYN -> SYN-ACK, data -> ACK + response, FIN -> FIN-ACK.
 
-    ``packet(data)`` returns the replies to one datagram the target receives, as
-    (headers, original length) pairs.
+    ``packet(data)`` returns the replies to one IPv4 datagram the target receives, as
+    (headers, original length) pairs. Checksums are left 0 (tc-session does not check
+    them), so the fake target stays cheap next to what is measured.
     """
 
-    def __init__(self, packet_mod, resp_len):
-        self.p = packet_mod
+    def __init__(self, resp_len):
         self.resp_len = resp_len
         self.conns = {}
 
+    @staticmethod
+    def _reply(src, dst, sport, dport, seq, ack, flags, opts=b""):
+        tl = 40 + len(opts)
+        return (_IP4.pack(0x45, 0, tl, 0, 0x4000, 64, 6, 0, src, dst)
+                + _TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
+                            (20 + len(opts)) << 2, flags, 65535, 0, 0) + opts)
+
     def packet(self, data):
-        p = self.p
-        t = p.parse_tcp(data)
-        if t is None:
-            return ()
-        key = (t.src, t.sport)
-        f = t.flags
-        build = p.build_tcp
-        if f & p.TH_RST:
+        ihl = (data[0] & 15) * 4
+        tot = (data[2] << 8) | data[3]
+        src, dst = data[12:16], data[16:20]
+        sport, dport, seq, _ack, off, f, _w, _c, _u = _TCP.unpack_from(data, ihl)
+        plen = tot - ihl - (off >> 4) * 4
+        key = (src, sport)
+        if f & 0x04:  # RST
             self.conns.pop(key, None)
             return ()
-        if f & p.TH_SYN:
-            isn = (t.sport * 7777 + 12345) & 0xFFFFFFFF
-            self.conns[key] = c = [t.seq + 1, isn + 1]
-            r = build(t.dst, t.src, t.dport, t.sport, isn, c[0], p.TH_SYN | p.TH_ACK,
-                      options=b"\x02\x04\x05\xb4")
+        if f & 0x02:  # SYN
+            isn = (sport * 7777 + 12345) & 0xFFFFFFFF
+            self.conns[key] = c = [seq + 1, isn + 1]
+            r = self._reply(dst, src, dport, sport, isn, c[0], 0x12, b"\x02\x04\x05\xb4")
             return ((r, len(r)),)
         c = self.conns.get(key)
         if c is None:
             return ()
         out = []
-        if t.payload_len:
-            c[0] = (t.seq + t.payload_len) & 0xFFFFFFFF
-            r = build(t.dst, t.src, t.dport, t.sport, c[1], c[0], p.TH_ACK | p.TH_PSH)
+        if plen:
+            c[0] = seq + plen
+            r = self._reply(dst, src, dport, sport, c[1], c[0], 0x18)
             out.append((r, len(r) + self.resp_len))
             c[1] += self.resp_len
-        if f & p.TH_FIN:
-            c[0] = (t.seq + t.payload_len + 1) & 0xFFFFFFFF
-            r = build(t.dst, t.src, t.dport, t.sport, c[1], c[0], p.TH_FIN | p.TH_ACK)
+        if f & 0x01:  # FIN
+            c[0] = seq + plen + 1
+            r = self._reply(dst, src, dport, sport, c[1], c[0], 0x11)
             out.append((r, len(r)))
             c[1] += 1
             del self.conns[key]
@@ -109,11 +119,10 @@ def client_packets(sessions, rate, requests):
 
 def engine_child(repo, sessions, rate, requests, profile=None):
     sys.path.insert(0, str(repo))
-    from tcpcopylib import packet
     from tcpcopylib.session import Config, Engine, Mapper, parse_target
 
     pkts, resp_len = client_packets(sessions, rate, requests)
-    target = FakeTarget(packet, resp_len)
+    target = FakeTarget(resp_len)
     out = []
     eng = Engine(Mapper(parse_target(TARGET, False)), lambda d, sid, now: out.append(d),
                  Config())
@@ -165,11 +174,10 @@ def target_child(repo, sock_path, resp_len):
     sys.path.insert(0, str(repo))
     import cbor2
 
-    from tcpcopylib import packet
     from tcpcopylib.intercept import encode_fb
     from tcpcopylib.records import LABEL, StreamDecoder
 
-    target = FakeTarget(packet, resp_len)
+    target = FakeTarget(resp_len)
     ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     ls.bind(sock_path)
     ls.listen(1)

@@ -293,6 +293,8 @@ class FeedbackClient:
         self._pending: list = []
         self._eof = False
         self._ip_texts: dict = {}  # packed address -> text, for claims
+        # one receive buffer: a fresh 256 KiB bytes per recv() costs an mmap/munmap pair
+        self._rbuf = memoryview(bytearray(1 << 18))
         self.server_header: dict | None = None
         self.send_timeout = 5.0
 
@@ -330,19 +332,21 @@ class FeedbackClient:
     def _receive(self, replies: list | None = None) -> None:
         """Read what the socket holds; fb records go to self._pending, or as (data, len)
         pairs to `replies` if given."""
-        size = 1 << 18
+        rbuf = self._rbuf
+        size = len(rbuf)
         while not self._eof:
             try:
-                data = self.sock.recv(size)
+                n = self.sock.recv_into(rbuf)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 self._eof = True
                 return
-            if not data:
+            if not n:
                 self._eof = True
                 return
-            more = len(data) == size  # else the socket is drained: no failing recv()
+            data = rbuf[:n].tobytes()
+            more = n == size  # else the socket is drained: no failing recv()
             if replies is not None:
                 data = self._fast_replies(data, replies)
                 if not data:

@@ -91,6 +91,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.engine = None
+        self._rbuf = memoryview(bytearray(CHUNK))
 
     def add_arguments(self, p):
         g = p.add_argument_group("mapping")
@@ -393,12 +394,14 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
     def _read_input(self, fd, parser, due, writer, engine, now) -> bool:
         """Read what stdin holds; True at end of input."""
         try:
-            chunk = os.read(fd, CHUNK)
+            # into one buffer: a fresh 128 KiB bytes per read() costs an mmap/munmap pair
+            n = os.readv(fd, (self._rbuf,))
         except BlockingIOError:
             return False
-        if not chunk:
+        if not n:
             parser.close()
             return True
+        chunk = self._rbuf[:n].tobytes()
         for rec in parser.feed(chunk):
             if rec.get("t") == "pkt":
                 data = rec.get("data")
