@@ -113,6 +113,21 @@ def fb_span(buf, pos: int):
     return None
 
 
+def _fb_prefix(rest: bytes) -> bool:
+    """True if rest is an incomplete start of a usual-shape fb record (see fb_span)."""
+    k = len(rest)
+    if k < 25:
+        return _FB8.startswith(rest[:10]) and (k <= 18 or _FB8_MID.startswith(rest[18:]))
+    if not (rest.startswith(_FB8) and rest.startswith(_FB8_MID, 18)):
+        return False
+    d1 = 25 + rest[24]
+    if k <= d1 + 4:
+        return _FB_LEN.startswith(rest[d1:])
+    lb = rest[d1 + 4]
+    return rest.startswith(_FB_LEN, d1) and (lb == 0x19 and k < d1 + 7
+                                             or lb == 0x18 and k < d1 + 6)
+
+
 def fast_fb(buf, pos: int):
     """(record, end) for an fb record in exactly tc-intercept's layout at pos, else None.
 
@@ -384,19 +399,28 @@ class FeedbackClient:
         pos, n, startswith, append = 0, len(buf), buf.startswith, replies.append
         while n > pos + 24 and startswith(_FB8_MID, pos + 18) and startswith(_FB8, pos):
             d1 = pos + 25 + buf[pos + 24]
-            if n <= d1 + 6 or not startswith(_FB_LEN, d1):
+            if n <= d1 + 4 or not startswith(_FB_LEN, d1):
                 break
             lb = buf[d1 + 4]
             if lb == 0x19:
+                end = d1 + 7
+                if n < end:
+                    break
                 append((buf[pos + 25:d1], buf[d1 + 5] << 8 | buf[d1 + 6]))
-                pos = d1 + 7
             elif lb == 0x18:
+                end = d1 + 6
+                if n < end:
+                    break
                 append((buf[pos + 25:d1], buf[d1 + 5]))
-                pos = d1 + 6
             else:
                 break
+            pos = end
         dec.consumed += pos
-        return buf[pos:] if pos else buf
+        rest = buf[pos:] if pos else buf
+        if rest and _fb_prefix(rest):
+            dec.buf = rest  # the start of the next one: wait for more, no decoder set-up
+            return b""
+        return rest
 
     def _send(self, data: bytes) -> None:
         view = memoryview(data)
