@@ -18,3 +18,26 @@ def test_encode_pkt_is_cbor2_byte_for_byte():
                 data = rnd.randbytes(n)
                 want = cbor2.dumps({"t": "pkt", "ts": ts, "data": data, "sid": sid})
                 assert encode_pkt(ts, data, sid) == want, (n, sid, ts)
+
+
+def test_ended_sessions_leave_the_timer_heap():
+    """An ended session's timer entries are dropped (not kept until they come due, up to
+    -k seconds later): the heap stays small and the session is freed."""
+    import gc
+
+    from test_session_engine import CISN, TH_ACK, TH_RST, TH_SYN, H
+
+    from tcpcopylib.session.engine import Session
+
+    h = H()
+    h.e._compact_min = h.e._compact_at = 256  # as COMPACT_MIN, smaller: a faster test
+    n = 1500
+    for i in range(n):
+        sport = 10_000 + i
+        h.client(TH_SYN, CISN, 0, sport=sport)
+        h.target(TH_RST | TH_ACK, 0, CISN + 1, dport=sport)  # refused: the session ends
+        h.pkts()
+    assert h.e.st.outcomes["reset_by_target"] == n and not h.e.sessions
+    assert len(h.e.heap) < 600
+    gc.collect()
+    assert sum(isinstance(o, Session) for o in gc.get_objects()) < 600

@@ -38,6 +38,7 @@ MS = 1_000_000
 SEC = 1_000_000_000
 WINDOW = 65535          # the window we advertise: we are an infinite sink
 TIME_WAIT = 60 * SEC    # Linux TCP_TIMEWAIT_LEN
+COMPACT_MIN = 4096      # timer heap entries before ended sessions' ones are dropped
 
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
@@ -298,6 +299,7 @@ class Engine:
         self._warned = set()
         self.heap = []
         self._tick = itertools.count()
+        self._compact_min = self._compact_at = COMPACT_MIN  # see _compact()
         self.next_sid = 1
         self.now = 0
         self.on_end = None      # optional callback(session, outcome), e.g. for -v
@@ -955,7 +957,19 @@ class Engine:
         # current entry fires (an early wake-up does nothing and re-arms).
         if s.wake is None or w < s.wake:
             s.wake = w
-            heapq.heappush(self.heap, (w, next(self._tick), s))
+            h = self.heap
+            heapq.heappush(h, (w, next(self._tick), s))
+            if len(h) >= self._compact_at:
+                self._compact()
+
+    def _compact(self):
+        """Drop the heap entries of ended sessions (skipped anyway when they come due):
+        otherwise each ended session stays in memory until its last deadline, up to -k
+        seconds later, and the heap grows with the session rate."""
+        h = self.heap
+        h[:] = [e for e in h if e[2].state != DONE]  # in place: on_timer holds h
+        heapq.heapify(h)
+        self._compact_at = max(2 * len(h), self._compact_min)
 
     def next_deadline(self):
         h = self.heap
