@@ -41,3 +41,32 @@ def test_ended_sessions_leave_the_timer_heap():
     assert len(h.e.heap) < 600
     gc.collect()
     assert sum(isinstance(o, Session) for o in gc.get_objects()) < 600
+
+
+def test_push_records_equals_push_one_by_one():
+    from tcpcopylib.session.timing import DueQueue
+
+    rnd = random.Random(5)
+    recs = []
+    for i in range(300):
+        kind = rnd.random()
+        if kind < 0.1:
+            recs.append({"t": "stats", "n": i})
+        elif kind < 0.15:
+            recs.append({"t": "pkt", "ts": 5, "data": "not bytes"})
+        else:
+            ts = rnd.choice([None, 1.5, 10**18 + rnd.randrange(-10**9, 10**9)])
+            recs.append({"t": "pkt", "ts": ts, "data": bytes([i % 256])})
+    for asap in (False, True):
+        a, b = DueQueue(asap), DueQueue(asap)
+        other_a, other_b = [], []
+        for k in range(0, 300, 37):
+            now = 10**18 + k * 1000
+            a.push_records(recs[k:k + 37], now, other_a.append)
+            for rec in recs[k:k + 37]:
+                if rec["t"] != "pkt":
+                    other_b.append(rec)
+                elif isinstance(rec["data"], bytes):
+                    b.push(rec["ts"], rec["data"], now)
+        assert list(a.q) == list(b.q) and other_a == other_b
+        assert a.last_due == b.last_due

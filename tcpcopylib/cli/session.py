@@ -61,22 +61,6 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class _Claims:
-    """Claims go to tc-feedback before the packets that need them (see _emit)."""
-
-    def __init__(self, client):
-        self.client = client
-        self.dirty = False
-
-    def claim(self, *tup):
-        self.client.claim(*tup)
-        self.dirty = True
-
-    def release(self, *tup):
-        self.client.release(*tup)
-        self.dirty = True
-
-
 class Tool(BaseTool):
     name = "tc-session"
     summary = "replay captured client TCP sessions against a target (the TCP client simulation)"
@@ -238,20 +222,18 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         from tcpcopylib.streamparse import StreamParser
 
         fb = None
-        claims = None
         if not args.no_feedback:
             from tcpcopylib.feedback import FeedbackClient
 
             fb = FeedbackClient(args.feedback, name=self.name)
-            claims = _Claims(fb)
-        # The writer never flushes by itself: flush_out() sends pending claims first, so a
-        # claim always reaches tc-feedback before the SYN that needs it leaves this process.
+        # The writer never flushes by itself: flush_out() sends pending claims first (the
+        # engine's claim()/release() go to fb, which sends them on flush()), so a claim
+        # always reaches tc-feedback before the SYN that needs it leaves this process.
         writer = RecordWriter(self.stdout_fd, header(self.name), bufsize=1 << 62)
 
         def flush_out():
-            if claims is not None and claims.dirty:
+            if fb is not None:
                 fb.flush()
-                claims.dirty = False
             writer.flush()
 
         def emit(data, sid, now):
@@ -259,7 +241,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             if len(writer.buf) >= OUT_BATCH:
                 flush_out()
 
-        engine = self.engine = self._build_engine(args, emit, claims)
+        engine = self.engine = self._build_engine(args, emit, fb)
         engine.warn = self.warn
         max_rss = int(args.max_memory * (1 << 20)) if args.max_memory else None
         next_rss = 0.0
@@ -402,13 +384,8 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             parser.close()
             return True
         chunk = self._rbuf[:n].tobytes()
-        for rec in parser.feed(chunk):
-            if rec.get("t") == "pkt":
-                data = rec.get("data")
-                if isinstance(data, (bytes, bytearray)):
-                    due.push(rec.get("ts"), data, now)
-            else:
-                writer.write(rec)  # records we do not know pass through
+        # pkt records are queued; records we do not know pass through
+        due.push_records(parser.feed(chunk), now, writer.write)
         return False
 
     def stats_dict(self):

@@ -33,6 +33,31 @@ class DueQueue:
     def push(self, ts, item, now: int) -> None:
         self.q.append((self.due_time(ts, now), item))
 
+    def push_records(self, records, now: int, other) -> None:
+        """push(ts, data) for each "pkt" record with bytes data (the others of that type
+        are dropped); other(record) for records of any other type, in order."""
+        append, asap = self.q.append, self.asap
+        last = self.last_due
+        for rec in records:
+            if rec.get("t") != "pkt":
+                other(rec)
+                continue
+            data = rec.get("data")
+            if not isinstance(data, (bytes, bytearray)):
+                continue
+            ts = rec.get("ts")
+            if asap or not isinstance(ts, int):
+                due = now
+            else:  # due_time(), inline
+                if self.anchor_wall is None:
+                    self.anchor_wall, self.anchor_ts = now, ts
+                due = self.anchor_wall + (ts - self.anchor_ts)
+            if due < last:
+                due = last
+            last = due
+            append((due, data))
+        self.last_due = last
+
     def pop_due(self, now: int):
         """Items due at or before now, in order."""
         q = self.q
