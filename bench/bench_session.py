@@ -187,7 +187,7 @@ def target_requests(kind, log) -> tuple[int, int, float]:
 
 # -- one run --------------------------------------------------------------------------------------
 
-def run_once(pcap, speed, kind, workdir, timeout, session_args):
+def run_once(pcap, speed, kind, workdir, timeout, session_args, session_repo=None):
     with Lab() as lab:
         srv, log = start_target(lab, kind, workdir)
         fbprocs, addr = h.start_feedback(lab, workdir, PORT)
@@ -202,7 +202,10 @@ def run_once(pcap, speed, kind, workdir, timeout, session_args):
         t0 = time.monotonic()
         for i, argv in enumerate(chain):
             last = i == len(chain) - 1
-            p = h.Proc(lab, "online", [h.tool(argv[0]), "--stats", *argv[1:]],
+            exe = h.tool(argv[0])
+            if argv[0] == "tc-session" and session_repo is not None:
+                exe = str(Path(session_repo) / "bin" / "tc-session")
+            p = h.Proc(lab, "online", [exe, "--stats", *argv[1:]],
                        stdin=prev.p.stdout if prev else subprocess.DEVNULL,
                        stdout=None if last else subprocess.PIPE, env=env, name=argv[0])
             if prev:
@@ -231,7 +234,10 @@ def reap(proc, timeout, cpu) -> bool:
     deadline = time.monotonic() + timeout
     killed = False
     while True:
-        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        try:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: its CPU is unknown
+            return not killed
         if pid:
             proc.p.returncode = os.waitstatus_to_exitcode(status)
             cpu[proc.name] = ru.ru_utime + ru.ru_stime
@@ -257,6 +263,9 @@ def main(argv=None):
     ap.add_argument("--session-arg", action="append", default=[],
                     help="extra tc-session argument (repeatable)")
     ap.add_argument("--keep", help="keep the work directory here")
+    ap.add_argument("--compare", metavar="DIR",
+                    help="also run each speed with DIR's tc-session (another checkout), "
+                         "alternately; the other tools are this checkout's")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_session: needs root (network namespaces)", file=sys.stderr)
@@ -272,11 +281,15 @@ def main(argv=None):
           f"{time.monotonic() - t:.1f} s; target: {a.server}")
     print(f"{'offered s/s':>11} {'sessions/s':>10} {'req/s':>8} {'cli pkt/s':>9} "
           f"{'complete%':>9} {'wall s':>6}  tc-session outcomes")
-    for speed in [float(x) for x in a.speeds.split(",")]:
+    runs = [(speed, repo) for speed in [float(x) for x in a.speeds.split(",")]
+            for repo in ([None, a.compare] if a.compare else [None])]
+    for speed, repo in runs:
         rd = work / f"speed{speed:g}"
         rd.mkdir(exist_ok=True)
+        if a.compare:
+            print(f"  tc-session of {repo or 'this checkout'}:")
         done, wall, stats, (nreq, nsess, span), errs, cpu = run_once(
-            pcap, speed, a.server, rd, a.timeout, a.session_arg)
+            pcap, speed, a.server, rd, a.timeout, a.session_arg, repo)
         span = max(span, 1e-3)
         outcomes = stats.get("outcomes", stats)
         print(f"{a.rate * speed:11.0f} {nsess / span:10.0f} {nreq / span:8.0f} "
