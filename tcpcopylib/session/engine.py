@@ -799,13 +799,14 @@ class Engine:
         s.t_base = (seq + 1) & M32
         s.last_rx = now
         o = parse_options(opts) if opts else {}
-        mine = parse_options(s.syn_opts) if s.syn_opts and not s.fake else {}
         s.t_mss = o.get("mss", 536)
-        if "wscale" in o and "wscale" in mine:
-            s.t_wscale = min(o["wscale"], 14)
-        if "ts" in o and "ts" in mine:
-            s.ts_ok = True
-            s.ts_recent = o["ts"][0]
+        if "wscale" in o or "ts" in o:  # what the SYN offered matters
+            mine = parse_options(s.syn_opts) if s.syn_opts and not s.fake else {}
+            if "wscale" in o and "wscale" in mine:
+                s.t_wscale = min(o["wscale"], 14)
+            if "ts" in o and "ts" in mine:
+                s.ts_ok = True
+                s.ts_recent = o["ts"][0]
         s.t_wnd = win  # never scaled in a SYN-ACK
         if s.rto == self.cfg.rto_init:  # Karn: not after a SYN retransmission
             self._rtt_sample(s, now - s.syn_t0)
@@ -880,7 +881,10 @@ class Engine:
             s.rttvar = (3 * s.rttvar + abs(s.srtt - r)) // 4
             s.srtt = (7 * s.srtt + r) // 8
         cfg = self.cfg
-        s.rto = min(max(s.srtt + max(4 * s.rttvar, MS), cfg.rto_min), cfg.rto_max)
+        rto = s.srtt + (4 * s.rttvar if 4 * s.rttvar > MS else MS)
+        if rto < cfg.rto_min:
+            rto = cfg.rto_min
+        s.rto = rto if rto < cfg.rto_max else cfg.rto_max
 
     def _retransmit(self, s, now):
         self.st.retransmits += 1
