@@ -42,14 +42,22 @@ def _uint(n: int) -> bytes:
     return b"\x1b" + n.to_bytes(8, "big")
 
 
+_SID_TAILS: dict = {}  # sid -> its '"sid": <uint>' bytes (a session's packets come in runs)
+
+
 def encode_pkt(ts: int, data: bytes, sid: int) -> bytes:
     """cbor2.dumps({"t": "pkt", "ts": ts, "data": data, "sid": sid}), byte for byte."""
     n = len(data)
-    if 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF and 0 <= sid <= 0xFFFFFFFFFFFFFFFF:
-        if 24 <= n < 0x100:
-            return b"".join((_PKT8.pack(_PKT_TS, ts, _DATA8, n), data, _SID, _uint(sid)))
-        if 0x100 <= n < 0x10000:
-            return b"".join((_PKT16.pack(_PKT_TS, ts, _DATA16, n), data, _SID, _uint(sid)))
+    if 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF and 24 <= n < 0x10000:
+        tail = _SID_TAILS.get(sid)
+        if tail is None and 0 <= sid <= 0xFFFFFFFFFFFFFFFF:
+            if len(_SID_TAILS) >= 256:
+                _SID_TAILS.clear()
+            tail = _SID_TAILS[sid] = _SID + _uint(sid)
+        if tail is not None:
+            if n < 0x100:
+                return b"".join((_PKT8.pack(_PKT_TS, ts, _DATA8, n), data, tail))
+            return b"".join((_PKT16.pack(_PKT_TS, ts, _DATA16, n), data, tail))
     import cbor2
 
     return cbor2.dumps({"t": "pkt", "ts": ts, "data": data, "sid": sid})
