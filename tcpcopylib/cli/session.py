@@ -223,7 +223,8 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         return alloc
 
     def run(self, args):
-        import selectors
+        import math
+        import select
 
         from tcpcopylib.records import RecordWriter, header
         from tcpcopylib.session.timing import DueQueue
@@ -279,11 +280,15 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
-        sel = selectors.PollSelector()  # epoll refuses regular files (tc-session < file)
-        sel.register(in_fd, selectors.EVENT_READ, "in")
-        sel.register(rpipe, selectors.EVENT_READ, "sig")
+        # poll, not epoll: epoll refuses regular files (tc-session < file)
+        poll = select.poll()
+        poll.register(in_fd, select.POLLIN)
+        poll.register(rpipe, select.POLLIN)
+        fb_fd = -1
         if fb is not None:
-            sel.register(fb.fileno(), selectors.EVENT_READ, "fb")
+            fb_fd = fb.fileno()
+            poll.register(fb_fd, select.POLLIN)
+        q = due.q
         reading = True
         eof = False
         drain_until = None
@@ -294,16 +299,16 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                     engine.shedding = _rss() > max_rss
                     next_rss = time.monotonic() + RSS_EVERY
                 now = time.time_ns()
-                for data in due.pop_due(now):
-                    engine.client_packet(data, now)
+                while q and q[0][0] <= now:  # due.pop_due(), inline
+                    engine.client_packet(q.popleft()[1], now)
                 engine.on_timer(now)
-                if stop["sig"] or eof and not due.q:
+                if stop["sig"] or eof and not q:
                     if drain_until is None:  # the input is over: drain, then reset
                         drain_until = now + int(args.drain * SEC)
                         if reading:
-                            sel.unregister(in_fd)
+                            poll.unregister(in_fd)
                             reading = False
-                        due.q.clear()  # after a signal, what is not due is dropped
+                        q.clear()  # after a signal, what is not due is dropped
                     if (not engine.sessions or now >= drain_until or stop["count"] > 1
                             or engine.quiescent(now)):
                         engine.close_all(now)
@@ -313,24 +318,25 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                     next_stats += args.stats_every
                 flush_out()
                 # back-pressure: hold at most MAX_PENDING records for their due time
-                if reading and len(due) >= MAX_PENDING:
-                    sel.unregister(in_fd)
+                if reading and len(q) >= MAX_PENDING:
+                    poll.unregister(in_fd)
                     reading = False
                 elif not reading and not eof and drain_until is None and \
-                        len(due) < MAX_PENDING // 2:
-                    sel.register(in_fd, selectors.EVENT_READ, "in")
+                        len(q) < MAX_PENDING // 2:
+                    poll.register(in_fd, select.POLLIN)
                     reading = True
-                timeout = self._timeout(now, due.next_due(), engine.next_deadline(),
+                timeout = self._timeout(now, q[0][0] if q else None, engine.next_deadline(),
                                         drain_until, next_stats)
-                for key, _ in sel.select(timeout):
-                    what = key.data
+                # as selectors does: milliseconds, rounded up (wait at least timeout)
+                for fd, _ in poll.poll(None if timeout is None else
+                                       math.ceil(timeout * 1e3) if timeout > 0 else 0):
                     now = time.time_ns()
-                    if what == "in":
+                    if fd == in_fd:
                         eof = self._read_input(in_fd, parser, due, writer, engine, now)
                         if eof:
-                            sel.unregister(in_fd)
+                            poll.unregister(in_fd)
                             reading = False
-                    elif what == "fb":
+                    elif fd == fb_fd:
                         for data, n in fb.read_replies():
                             engine.feedback_packet(data, now, n)
                     else:
