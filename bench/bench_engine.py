@@ -22,6 +22,7 @@ length, as tc-intercept sends them). Cases:
             established).
 
 --compare DIR measures another checkout alternately (the "before" column).
+--memory: bytes per idle session (every session open, before its FIN; tracemalloc).
 --profile FILE: cProfile of one run of the first case written to FILE (this checkout).
 """
 
@@ -44,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TARGET = "10.200.9.1:8080"
 TS0 = 1_700_000_000 * 10**9
+SEC_NS = 10**9
 
 
 # -- the fake target ---------------------------------------------------------------------------
@@ -169,6 +171,50 @@ def engine_child(repo, sessions, rate, requests, profile=None):
     oc = eng.st.outcomes
     print(json.dumps({"cpu_ns": cpu, "pkts": len(pkts),
                       "completed": oc["completed"] + oc["reconnected"]}))
+
+
+def memory_child(repo, sessions, rate, requests):
+    """Bytes (tracemalloc) per idle session: every session open, its FIN not sent yet."""
+    sys.path.insert(0, str(repo))
+    import gc
+    import tracemalloc
+
+    from tcpcopylib.session import Config, Engine, Mapper, parse_target
+
+    pkts, resp_len = client_packets(sessions, rate, requests)
+    pkts = [(ts, d) for ts, d in pkts if not d[33] & 0x01]  # no client FIN
+    target = FakeTarget(resp_len)
+    out = []
+
+    class Claims:
+        def claim(self, *tup):
+            pass
+
+        release = claim
+
+    eng = Engine(Mapper(parse_target(TARGET, False)), lambda d, sid, now: out.append(d),
+                 Config(), Claims())
+    gc.collect()
+    tracemalloc.start()
+    now = 0
+    for ts, data in pkts:
+        now = ts - TS0
+        eng.on_timer(now)
+        eng.client_packet(data, now)
+        while out:
+            batch = out[:]
+            out.clear()
+            for d in batch:
+                for r, n in target.packet(d):
+                    eng.feedback_packet(r, now, n)
+    end = now + SEC_NS  # delayed ACKs and the like are over
+    while (d := eng.next_deadline()) is not None and d <= end:
+        eng.on_timer(d)
+    out.clear()
+    target = None
+    gc.collect()
+    cur = tracemalloc.get_traced_memory()[0]
+    print(json.dumps({"bytes": cur, "sessions": eng.active()}))
 
 
 # -- the fake tc-feedback process (cli cases) ----------------------------------------------------
@@ -313,6 +359,9 @@ def main(argv=None) -> int:
         engine_child(Path(argv[1]), int(argv[2]), float(argv[3]), int(argv[4]),
                      argv[5] if len(argv) > 5 else None)
         return 0
+    if argv and argv[0] == "_memory":
+        memory_child(Path(argv[1]), int(argv[2]), float(argv[3]), int(argv[4]))
+        return 0
     if argv and argv[0] == "_target":
         target_child(Path(argv[1]), argv[2], int(argv[3]))
         return 0
@@ -324,6 +373,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per case (median reported)")
     ap.add_argument("--cases", default="engine,cli,cli-asap,nofb")
     ap.add_argument("--compare", metavar="DIR", type=Path)
+    ap.add_argument("--memory", action="store_true",
+                    help="also print the bytes per idle session (tracemalloc)")
     ap.add_argument("--profile", metavar="FILE",
                     help="cProfile one run of the first case to FILE (this checkout)")
     a = ap.parse_args(argv)
@@ -360,6 +411,15 @@ def main(argv=None) -> int:
                 done = min(r[2] for r in runs[name])
                 row += f" {us_s:>16.1f} {us_p:>14.2f} {done:>6.1f}"
             print(f"{case:<9}{row}", flush=True)
+    if a.memory:
+        row = ""
+        for name, repo in repos:
+            r = subprocess.run([sys.executable, __file__, "_memory", str(repo), str(a.sessions),
+                                str(a.rate), str(a.requests)], capture_output=True, text=True,
+                               check=True, timeout=600)
+            d = json.loads(r.stdout.strip().splitlines()[-1])
+            row += f" {name}: {d['bytes'] / max(1, d['sessions']):.0f} bytes/idle session"
+        print(f"memory  {row}")
     return 0
 
 
