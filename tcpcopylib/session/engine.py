@@ -459,8 +459,9 @@ class Engine:
         s.cip, s.tip, s.tport, s.cport = cip, tip, tport, cport
         # constant parts of the checksums (see _out): the pseudo-header and the ports;
         # the IPv4 header's version/ihl, DF, ttl/protocol and addresses
-        s.psum = int.from_bytes(cip + tip, "big") + 6 + cport + tport
-        s.ipsum = 0x4500 + 0x4000 + 0x4006 + int.from_bytes(cip + tip, "big")
+        addrs = int.from_bytes(cip + tip, "big")
+        s.psum = addrs + 6 + cport + tport
+        s.ipsum = 0x4500 + 0x4000 + 0x4006 + addrs
         self.by_target[tup] = s
         if self.claims is not None:
             self.claims.claim(cip, cport, tip, tport)
@@ -610,16 +611,17 @@ class Engine:
         self.st.acks_sent += 1
         s.ack_pending = 0
         s.delack_at = 0
-        self._out(s, self._seq(s, s.snd_nxt), self._ack_no(s), TH_ACK, b"",
-                  self._tsopt(s, now))
+        # _seq() and _ack_no() inline (hot path)
+        self._out(s, s.base + s.snd_nxt, s.t_base + s.rcv_nxt + s.t_fin, TH_ACK, b"",
+                  self._tsopt(s, now) if s.ts_ok else b"")
 
     def _send_rst(self, s):
         self._out(s, self._seq(s, s.snd_nxt), self._ack_no(s), TH_RST | TH_ACK)
 
     def _send_segment(self, s, off, data, flags, now, retransmit=False):
         """One data (and/or FIN) segment at client offset off."""
-        self._out(s, self._seq(s, off), self._ack_no(s), flags | TH_ACK, data,
-                  self._tsopt(s, now))
+        self._out(s, s.base + off, s.t_base + s.rcv_nxt + s.t_fin, flags | TH_ACK, data,
+                  self._tsopt(s, now) if s.ts_ok else b"")  # _seq(), _ack_no() inline
         s.ack_pending = 0
         s.delack_at = 0
         end = off + len(data) + (1 if flags & TH_FIN else 0)
