@@ -274,6 +274,8 @@ def _ts_option(opts: bytes):
     """(tsval, tsecr) from raw TCP options, or None (fast path for the usual layout)."""
     if len(opts) >= 12 and opts[0] == 1 and opts[1] == 1 and opts[2] == 8:
         return struct.unpack_from("!II", opts, 4)
+    if len(opts) < 10:
+        return None  # too short for a timestamp option (10 bytes)
     o = parse_options(opts)
     return o.get("ts")
 
