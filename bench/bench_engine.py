@@ -23,6 +23,7 @@ length, as tc-intercept sends them). Cases:
 
 --compare DIR measures another checkout alternately (the "before" column).
 --memory: bytes per idle session (every session open, before its FIN; tracemalloc).
+--check DIR: is what the engine sends (bytes, session ids, times) the same as DIR's engine?
 --profile FILE: cProfile of one run of the first case written to FILE (this checkout).
 """
 
@@ -217,6 +218,54 @@ def memory_child(repo, sessions, rate, requests):
     print(json.dumps({"bytes": cur, "sessions": eng.active()}))
 
 
+def trace_child(repo):
+    """A digest of everything the engine sends (bytes, sid, time) and counts, over lossy
+    and lossless runs with -n copies: equal digests = the same behaviour, packet for packet."""
+    sys.path.insert(0, str(repo))
+    import hashlib
+    import zlib
+
+    from tcpcopylib.session import Config, Engine, Mapper, parse_target
+
+    digest = hashlib.sha256()
+    for copies, drop, sessions, requests in ((1, 0.3, 400, 2), (3, 0.2, 200, 3), (2, 0.0, 300, 1)):
+        pkts, resp_len = client_packets(sessions, 3000, requests)
+        target = FakeTarget(resp_len)
+        out = []
+
+        def emit(d, sid, now):
+            out.append(d)
+            digest.update(d)
+            digest.update(f"{sid} {now}".encode())
+
+        eng = Engine(Mapper(parse_target(TARGET, False)), emit,
+                     Config(copies=copies, gate_timeout=300_000_000))
+
+        def serve(now):
+            while out:
+                batch = out[:]
+                out.clear()
+                for d in batch:
+                    if zlib.crc32(d) % 1000 < drop * 1000:
+                        continue  # lost on the way
+                    for data, n in target.packet(d):
+                        eng.feedback_packet(data, now + 1000, n)
+
+        def timers(until):
+            while (d := eng.next_deadline()) is not None and (until is None or d <= until):
+                eng.on_timer(d)
+                serve(d)
+
+        for ts, data in pkts:
+            timers(ts - TS0)
+            eng.client_packet(data, ts - TS0)
+            serve(ts - TS0)
+        timers(None)
+        eng.close_all(eng.now)
+        digest.update(json.dumps(eng.st.as_dict(), sort_keys=True).encode())
+    print(digest.hexdigest())
+
+
 # -- the fake tc-feedback process (cli cases) ----------------------------------------------------
 
 def target_child(repo, sock_path, resp_len):
@@ -359,6 +408,9 @@ def main(argv=None) -> int:
         engine_child(Path(argv[1]), int(argv[2]), float(argv[3]), int(argv[4]),
                      argv[5] if len(argv) > 5 else None)
         return 0
+    if argv and argv[0] == "_trace":
+        trace_child(Path(argv[1]))
+        return 0
     if argv and argv[0] == "_memory":
         memory_child(Path(argv[1]), int(argv[2]), float(argv[3]), int(argv[4]))
         return 0
@@ -373,11 +425,22 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per case (median reported)")
     ap.add_argument("--cases", default="engine,cli,cli-asap,nofb")
     ap.add_argument("--compare", metavar="DIR", type=Path)
+    ap.add_argument("--check", metavar="DIR", type=Path,
+                    help="only compare what the engine sends with DIR's engine, packet for "
+                         "packet (lossy and lossless runs, copies); exit 1 if they differ")
     ap.add_argument("--memory", action="store_true",
                     help="also print the bytes per idle session (tracemalloc)")
     ap.add_argument("--profile", metavar="FILE",
                     help="cProfile one run of the first case to FILE (this checkout)")
     a = ap.parse_args(argv)
+    if a.check:
+        digests = [subprocess.run([sys.executable, __file__, "_trace", str(r)], check=True,
+                                  capture_output=True, text=True).stdout.split()[-1]
+                   for r in (REPO, a.check.resolve())]
+        same = digests[0] == digests[1]
+        print(f"engine output {'identical to' if same else 'DIFFERS from'} {a.check}: "
+              f"{digests[0][:16]} {digests[1][:16]}")
+        return 0 if same else 1
     case0 = a.cases.split(",")[0]
     if a.profile and case0 == "engine":
         engine_child(REPO, a.sessions, a.rate, a.requests, a.profile)
