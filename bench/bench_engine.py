@@ -220,7 +220,8 @@ def memory_child(repo, sessions, rate, requests):
 
 def trace_child(repo):
     """A digest of everything the engine sends (bytes, sid, time) and counts, over lossy
-    and lossless runs with -n copies: equal digests = the same behaviour, packet for packet."""
+    and lossless runs, with -n copies, with the recording's pauses stretched (delayed ACKs,
+    gating by quiet time): equal digests = the same behaviour, packet for packet."""
     sys.path.insert(0, str(repo))
     import hashlib
     import zlib
@@ -228,8 +229,10 @@ def trace_child(repo):
     from tcpcopylib.session import Config, Engine, Mapper, parse_target
 
     digest = hashlib.sha256()
-    for copies, drop, sessions, requests in ((1, 0.3, 400, 2), (3, 0.2, 200, 3), (2, 0.0, 300, 1)):
+    for copies, drop, sessions, requests, stretch in ((1, 0.3, 400, 2, 1), (3, 0.2, 200, 3, 1),
+                                                      (2, 0.0, 300, 1, 1), (1, 0.1, 200, 3, 80)):
         pkts, resp_len = client_packets(sessions, 3000, requests)
+        pkts = [(TS0 + (ts - TS0) * stretch, d) for ts, d in pkts]
         target = FakeTarget(resp_len)
         out = []
 
