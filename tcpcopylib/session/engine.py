@@ -504,7 +504,8 @@ class Engine:
             self._hold_gap(s, off, payload, flags, cack, now)
             return
         self._append(s, off, payload, flags, cack)
-        self._fill_from_ooo(s)
+        if s.ooo is not None or s.gap_since is not None:  # else _fill_from_ooo is a no-op
+            self._fill_from_ooo(s)
         self._push(s, now)
 
     def _append(self, s, off, payload, flags, cack):
@@ -955,9 +956,18 @@ class Engine:
         else:
             idle = s.last_rx + cfg.keepalive_timeout
         w = idle
-        for t in (s.rto_at, s.delack_at, s.gate_at, s.linger_at):
-            if t and t < w:
-                w = t
+        t = s.rto_at
+        if t and t < w:
+            w = t
+        t = s.delack_at
+        if t and t < w:
+            w = t
+        t = s.gate_at
+        if t and t < w:
+            w = t
+        t = s.linger_at
+        if t and t < w:
+            w = t
         if s.gap_since is not None and s.gap_since + cfg.gap_timeout < w:
             w = s.gap_since + cfg.gap_timeout
         # Only an earlier deadline needs a heap entry: a later one is found when the
