@@ -3,6 +3,7 @@
 
     python3 bench/bench_session.py [--sessions N] [--rate R] [--requests K]
                                    [--speeds 1,2,4,8] [--server nginx|python]
+                                   [--compare DIR]
 
 Generates a pcap of N short HTTP/1.1 sessions (K requests each, client closes first),
 starting at R sessions/s of recording time, from client addresses spread over the lab's
@@ -18,6 +19,8 @@ client packets of the completed sessions over the same span), completion % (requ
 target logged / requests in the pcap) and tc-session's own outcome counts; then the CPU
 seconds each tool used (wait4), and the rate its busiest tool alone would allow on an
 otherwise idle core (the machine may be shared: wall-clock rates are noisy, CPU is not).
+--compare DIR runs each speed twice, alternately with this checkout's tc-session and DIR's
+(the other tools are this checkout's): before/after numbers in the same conditions.
 Needs root (network namespaces). Every run is bounded (--timeout).
 """
 
