@@ -26,7 +26,7 @@ import struct
 import time
 
 from tcpcopylib.errors import NoInputError, NoPermissionError, UsageError
-from tcpcopylib.packet import TH_ACK, TH_FIN, TH_RST, TH_SYN, fix_checksums
+from tcpcopylib.packet import TH_ACK, TH_CWR, TH_FIN, TH_PSH, TH_RST, TH_SYN, fix_checksums
 
 # pcap LINKTYPE_* / DLT_* values of the frames handed to Capturer
 LINKTYPE_NULL = 0
@@ -52,7 +52,6 @@ _VLAN_TYPES = (b"\x81\x00", b"\x88\xa8", b"\x91\x00")
 _FAST_LINKTYPES = {LINKTYPE_ETHERNET: (12, 14, -1), LINKTYPE_LINUX_SLL: (14, 16, 1),
                    LINKTYPE_LINUX_SLL2: (0, 20, 10)}
 
-TH_FIN, TH_PSH, TH_CWR = 0x01, 0x08, 0x80
 
 DEFAULT_SNAPLEN = 262144
 DEFAULT_BUFFER_KIB = 32768

@@ -354,7 +354,7 @@ class FeedbackClient:
                 n = self.sock.recv_into(rbuf)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:
+            except OSError:
                 self._eof = True
                 return
             if not n:

@@ -242,7 +242,7 @@ def test_a_due_record_does_not_wait_for_the_next_input():
 
 def test_downstream_closed_exits_141_quietly():
     recs = [{"t": "pkt", "ts": T0, "data": b"x" * 1000}] * 2000
-    r = subprocess.run(f"set -o pipefail; tc-pace | head -c 100 > /dev/null",
+    r = subprocess.run("set -o pipefail; tc-pace | head -c 100 > /dev/null",
                        shell=True, executable="/bin/bash", input=stream(recs),
                        capture_output=True, env=env(), timeout=30)
     assert r.returncode == 141 and r.stderr == b""
