@@ -529,7 +529,8 @@ assert s.recv(100) == b"{len(data)}"
             stream += t.payload
             nxt = (nxt + t.payload_len) & 0xFFFFFFFF
         elif t.payload_len:
-            assert (nxt - t.seq) & 0xFFFFFFFF < 1 << 31, "gap in the captured stream"
+            assert (nxt - t.seq) & 0xFFFFFFFF < 1 << 31, \
+                f"gap in the captured stream at {nxt} (next segment {t.seq}); tc-capture: {err}"
     assert bytes(stream) == data
     assert f"{len(big)} super-segments split into" in err or "super-segments split" in err
     assert " 0 super-segments" not in err
