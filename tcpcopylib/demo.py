@@ -427,6 +427,17 @@ class Demo:
             time.sleep(0.05)
         raise DemoError(f"{proc.name} did not start capturing on {host}:{iface}")
 
+    def drive_load(self, lab, a) -> dict:
+        """Run the bounded HTTP load from the client host; its JSON summary line."""
+        r = lab.run("client", [sys.executable, "-m", "tcpcopylib.demo", "_load",
+                               f"{lab.online_cli_ip}:{a.port}", "--rate", str(a.rate),
+                               "--duration", str(a.duration)],
+                    capture_output=True, text=True, timeout=a.duration + 40, env=self.env,
+                    cwd=str(Path(__file__).resolve().parent.parent))
+        if r.returncode != 0:
+            raise DemoError(f"load client failed ({r.returncode}): {r.stderr[-500:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
     def start_pipeline(self, source_argv, source_name):
         """source | tc-session | tc-pace | tc-emit on the online host; returns the procs."""
         lab, port = self.lab, self.a.port
@@ -512,14 +523,7 @@ class Demo:
                  f"tc-feedback --listen tcp::{FB_PORT}")
         self.say(f"client:    {a.rate:g} requests/s for {a.duration:g} s "
                  f"(half keep-alive, half short connections) ...")
-        r = lab.run("client", [sys.executable, "-m", "tcpcopylib.demo", "_load",
-                               f"{lab.online_cli_ip}:{a.port}", "--rate", str(a.rate),
-                               "--duration", str(a.duration)],
-                    capture_output=True, text=True, timeout=a.duration + 40, env=self.env,
-                    cwd=str(Path(__file__).resolve().parent.parent))
-        if r.returncode != 0:
-            raise DemoError(f"load client failed ({r.returncode}): {r.stderr[-500:]}")
-        report["client"] = json.loads(r.stdout.strip().splitlines()[-1])
+        report["client"] = self.drive_load(lab, a)
         n_online = wait_settled(online.requests, quiet=0.5, timeout=5)
         wait_settled(target.requests, quiet=1.5, timeout=20, want=n_online)
         report["rc"] = self.finish_pipeline(procs, stop_source=True)
@@ -577,12 +581,7 @@ class Demo:
             time.sleep(0.05)
         self.say(f"recording {out} on online {lab.online_cli_if}: {a.rate:g} requests/s for "
                  f"{a.duration:g} s ...")
-        r = lab.run("client", [sys.executable, "-m", "tcpcopylib.demo", "_load",
-                               f"{lab.online_cli_ip}:{a.port}", "--rate", str(a.rate),
-                               "--duration", str(a.duration)],
-                    capture_output=True, text=True, timeout=a.duration + 40, env=self.env,
-                    cwd=str(Path(__file__).resolve().parent.parent))
-        report["client"] = json.loads(r.stdout.strip().splitlines()[-1])
+        report["client"] = self.drive_load(lab, a)
         time.sleep(0.5)
         td.stop(signal.SIGINT)
         report["online"] = online.log_info()
