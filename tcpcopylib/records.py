@@ -78,13 +78,15 @@ _U32 = struct.Struct(">I").unpack_from
 _U16 = struct.Struct(">H").unpack_from
 
 
-def fast_record(buf, pos: int, end: int):
-    """Decode the record at ``buf[pos:end]`` if it has the common pkt/fb layout, in the
-    shortest encoding (what cbor2.dumps writes); else None (decode it with cbor2: another
-    layout, a non-shortest encoding, or not complete yet).
+def scan_record(buf, pos: int, end: int):
+    """Locate the parts of the record at ``buf[pos:end]`` if it has the common pkt/fb
+    layout in the shortest encoding (what cbor2.dumps writes), without copying anything;
+    else None (decode it with cbor2: another layout, a non-shortest encoding, or not
+    complete yet).
 
-    Returns ``(record, stop)`` where ``buf[pos:stop] == cbor2.dumps(record)``, so a stage can
-    forward those bytes instead of re-encoding the record.
+    Returns ``(kind, ts, ts_at, data_start, data_stop, stop, extra)``: kind "pkt" or "fb",
+    the timestamp and its offset in buf (8 bytes, big endian), the data's slice, the end of
+    the record, and extra the {"len"/"sid": int} keys that follow the data (None if none).
     """
     n = buf[pos] - 0xA0
     if not 3 <= n <= 5:
@@ -96,6 +98,7 @@ def fast_record(buf, pos: int, end: int):
             t, p = "fb", pos + _FB_TS
         else:
             return None
+        ts_at = p
         ts = _U64(buf, p)[0]
         if ts <= 0xFFFFFFFF or not buf.startswith(_DATA_KEY, p + 8):
             return None
@@ -119,45 +122,63 @@ def fast_record(buf, pos: int, end: int):
             return None
         if q > end:
             return None
-        rec = {"t": t, "ts": ts, "data": buf[p:q]}
+        data_stop = stop = q
+        extra = None
         while n > 3:
             n -= 1
-            key = buf[q:q + 4]
+            key = buf[stop:stop + 4]
             if key == _SID_KEY:
                 key = "sid"
             elif key == _LEN_KEY:
                 key = "len"
             else:
                 return None
-            if key in rec:
+            if extra is None:
+                extra = {}
+            elif key in extra:
                 return None
-            h = buf[q + 4]
+            h = buf[stop + 4]
             if h < 24:
                 v = h
-                q += 5
+                stop += 5
             elif h == 0x19:
-                v = _U16(buf, q + 5)[0]
+                v = _U16(buf, stop + 5)[0]
                 if v < 256:
                     return None
-                q += 7
+                stop += 7
             elif h == 0x18:
-                v = buf[q + 5]
+                v = buf[stop + 5]
                 if v < 24:
                     return None
-                q += 6
+                stop += 6
             elif h == 0x1A:
-                v = _U32(buf, q + 5)[0]
+                v = _U32(buf, stop + 5)[0]
                 if v < 65536:
                     return None
-                q += 9
+                stop += 9
             else:
                 return None
-            rec[key] = v
+            extra[key] = v
     except (IndexError, struct.error):
         return None
-    if q > end:
+    if stop > end:
         return None
-    return rec, q
+    return t, ts, ts_at, p, data_stop, stop, extra
+
+
+def fast_record(buf, pos: int, end: int):
+    """Decode the record at ``buf[pos:end]`` if scan_record() accepts it; else None.
+
+    Returns ``(record, stop)`` where ``buf[pos:stop] == cbor2.dumps(record)``, so a stage can
+    forward those bytes instead of re-encoding the record.
+    """
+    r = scan_record(buf, pos, end)
+    if r is None:
+        return None
+    rec = {"t": r[0], "ts": r[1], "data": buf[r[3]:r[4]]}
+    if r[6]:
+        rec.update(r[6])
+    return rec, r[5]
 
 
 _P64 = struct.Struct(">Q").pack
@@ -181,6 +202,9 @@ def replace_ts(raw: bytes, ts: int) -> bytes | None:
 # a section header, in the raw slot of RecordReader.iter_raw()
 HEADER = "header"
 
+# what StreamDecoder.parse() returns for each item (see there)
+AS_RECORDS, AS_RAW, AS_PKT, AS_SPANS = range(4)
+
 
 class StreamDecoder:
     """The parsing state shared by RecordReader (pull) and StreamParser (push).
@@ -198,10 +222,19 @@ class StreamDecoder:
         self.consumed = 0  # bytes of complete items so far
         self._expect_header = False
 
-    def parse(self, buf: bytes, raw: bool = False):
-        """(items, bytes used, error or None). Items are records, or (record, raw) pairs
-        with ``raw``: the record's bytes when they are what cbor2.dumps(record) gives, None
-        when unknown, HEADER for a section header. Items before an error are returned."""
+    def parse(self, buf: bytes, mode: int = AS_RECORDS):
+        """(items, bytes used, error or None). Items before an error are returned; what an
+        item is depends on ``mode``:
+
+        - AS_RECORDS: the records (headers only with ``headers=True``);
+        - AS_RAW: (record, raw) pairs, raw being the record's bytes when they are what
+          cbor2.dumps(record) gives, None when unknown, HEADER for a section header;
+        - AS_PKT: (ts, data) tuples for pkt records in the common layout, records otherwise;
+        - AS_SPANS: scan_record() tuples for records in the common layout (nothing copied:
+          a stage that forwards them patches and writes slices of ``buf``), else
+          ``(None, record, None, None, None, stop, None)`` and, for section headers,
+          ``(HEADER, header, None, None, None, stop, None)``.
+        """
         if type(buf) is not bytes:
             buf = bytes(buf)  # (slices of it become the records' bytes values)
         out: list = []
@@ -215,17 +248,22 @@ class StreamDecoder:
         pos, end, base, records = 0, len(buf), self.consumed, self.records
         bio = dec = None
         err = None
-        fast = fast_record
+        scan = scan_record
         while pos < end:
             if not self._expect_header and 0xA3 <= buf[pos] <= 0xA5:
-                r = fast(buf, pos, end)
+                r = scan(buf, pos, end)
                 if r is not None:
                     records += 1
-                    if raw:
-                        append((r[0], buf[pos:r[1]]))
+                    if mode == AS_SPANS:
+                        append(r)
+                    elif mode == AS_PKT and r[0] == "pkt":
+                        append((r[1], buf[r[3]:r[4]]))
                     else:
-                        append(r[0])
-                    pos = r[1]
+                        rec = {"t": r[0], "ts": r[1], "data": buf[r[3]:r[4]]}
+                        if r[6]:
+                            rec.update(r[6])
+                        append((rec, buf[pos:r[5]]) if mode == AS_RAW else rec)
+                    pos = r[5]
                     continue
             if buf.startswith(LABEL, pos):
                 pos += len(LABEL)
@@ -255,8 +293,10 @@ class StreamDecoder:
                 pos = newpos
                 self.sections += 1
                 self._expect_header = False
-                if self.headers:
-                    append((item, HEADER) if raw else item)
+                if mode == AS_SPANS:
+                    append((HEADER, item, None, None, None, pos, None))
+                elif self.headers:
+                    append((item, HEADER) if mode == AS_RAW else item)
                 continue
             if type(item) is not dict or "t" not in item:
                 err = StreamError(
@@ -268,7 +308,10 @@ class StreamDecoder:
                 break
             pos = newpos
             records += 1
-            append((item, None) if raw else item)
+            if mode == AS_SPANS:
+                append((None, item, None, None, None, pos, None))
+            else:
+                append((item, None) if mode == AS_RAW else item)
         self.consumed = base + pos
         self.records = records
         if err is None and end - pos > MAX_PENDING:
@@ -304,12 +347,17 @@ class RecordReader(StreamDecoder):
         self.eof = False
 
     def __iter__(self):
-        return self._items(False)
+        return self._items(AS_RECORDS)
 
     def iter_raw(self):
-        return self._items(True)
+        return self._items(AS_RAW)
 
-    def _items(self, raw: bool):
+    def iter_spans(self):
+        """(buf, items) per chunk read: items as StreamDecoder.parse(AS_SPANS) gives them,
+        locating records in buf (which starts with the first of them)."""
+        return self._items(AS_SPANS)
+
+    def _items(self, mode: int):
         fd, on_idle, parse = self.fd, self.on_idle, self.parse
         buf = b""
         while True:
@@ -323,8 +371,12 @@ class RecordReader(StreamDecoder):
                     raise err
                 return
             buf = buf + chunk if buf else chunk
-            items, pos, err = parse(buf, raw)
-            yield from items
+            items, pos, err = parse(buf, mode)
+            if mode == AS_SPANS:
+                if items:
+                    yield buf, items
+            else:
+                yield from items
             if err is not None:
                 raise err
             buf = buf[pos:]

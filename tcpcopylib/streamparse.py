@@ -8,7 +8,7 @@ Same rules and messages as tcpcopylib.records.RecordReader (both use StreamDecod
 
 from __future__ import annotations
 
-from tcpcopylib.records import StreamDecoder
+from tcpcopylib.records import AS_RECORDS, StreamDecoder
 
 
 class StreamParser(StreamDecoder):
@@ -16,12 +16,13 @@ class StreamParser(StreamDecoder):
         super().__init__(name, headers)
         self._buf = b""
 
-    def feed(self, chunk: bytes) -> list[dict]:
-        """Parse ``chunk`` (appended to any incomplete tail); return complete records."""
+    def feed(self, chunk: bytes, mode: int = AS_RECORDS) -> list:
+        """Parse ``chunk`` (appended to any incomplete tail); return the complete records
+        (or items as ``mode`` says: see StreamDecoder.parse)."""
         if type(chunk) is not bytes:
             chunk = bytes(chunk)  # the tail is kept: never a view of the caller's buffer
         buf = self._buf + chunk if self._buf else chunk
-        out, pos, err = self.parse(buf)
+        out, pos, err = self.parse(buf, mode)
         if err is not None:
             raise err
         self._buf = buf[pos:]

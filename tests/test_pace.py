@@ -209,6 +209,19 @@ def test_tool_passes_everything_in_order_across_sections():
     assert b"records in 9 out 9" in r.stderr
 
 
+def test_a_ts_that_changes_length_is_reencoded():
+    """A record forwarded as read gets its new ts patched in place, unless the new ts needs
+    another CBOR length: then it is re-encoded (here --max-gap 0 maps ts to ~5)."""
+    recs = [{"t": "pkt", "ts": 5, "data": b"a"},
+            {"t": "pkt", "ts": T0, "data": b"b", "sid": 9},
+            {"t": "pkt", "ts": T0 + MS, "data": b"c"}]
+    r = run(["tc-pace", "--max-gap", "0"], input=stream(recs))
+    assert r.returncode == 0, r.stderr
+    out = decode(r.stdout)
+    assert [x["data"] for x in out] == [b"a", b"b", b"c"]
+    assert out[1]["sid"] == 9 and all(5 <= x["ts"] < 5 + 10 * MS for x in out)
+
+
 def test_keep_ts():
     recs = [{"t": "pkt", "ts": T0 + i * MS} for i in range(3)]
     r = run(["tc-pace", "--speed", "4", "--keep-ts"], input=stream(recs))

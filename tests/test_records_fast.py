@@ -12,8 +12,8 @@ import pytest
 
 from tc import decode, run, stream
 from tcpcopylib.errors import StreamError
-from tcpcopylib.records import (HEADER, LABEL, RecordReader, encode_section, fast_record,
-                                header)
+from tcpcopylib.records import (AS_PKT, AS_SPANS, HEADER, LABEL, RecordReader, StreamDecoder,
+                                encode_section, fast_record, header)
 from tcpcopylib.streamparse import StreamParser
 
 TS = 1_700_000_000_123_456_789
@@ -165,6 +165,46 @@ def test_stream_parser_any_chunking(step):
     p.close()
     assert got == want
     assert p.records == len(want) and p.sections == 2 and p.consumed == len(data)
+
+
+@pytest.mark.parametrize("step", [1, 7, 4096])
+def test_pkt_mode_gives_ts_data_pairs_for_packets_and_records_for_the_rest(step):
+    recs = _varied()
+    data = stream(recs, "a") + b"".join(NON_SHORTEST)
+    want = decode(data)
+    p, got = StreamParser(), []
+    for i in range(0, len(data), step):
+        got += p.feed(data[i:i + step], AS_PKT)
+    p.close()
+    pairs = [g for g in got if type(g) is tuple]
+    assert len(got) == len(want) and len(pairs) > 100
+    for g, w in zip(got, want):
+        if type(g) is tuple:  # only common-layout pkt records come as (ts, data)
+            assert w["t"] == "pkt" and g == (w["ts"], w["data"]) and type(g[1]) is bytes
+            assert fast_record(cbor2.dumps(w), 0, len(cbor2.dumps(w))) is not None
+        else:
+            assert g == w
+
+
+def test_spans_locate_every_record_in_the_buffer():
+    recs = _varied()
+    data = stream(recs, "a") + stream(recs[:3], "b") + b"".join(NON_SHORTEST)
+    items, used, err = StreamDecoder(headers=True).parse(data, AS_SPANS)
+    assert err is None and used == len(data)
+    want = decode(data, headers=True)
+    assert len(items) == len(want)
+    start = 0
+    for (kind, val, ts_at, p, q, stop, extra), w in zip(items, want):
+        if kind is HEADER or kind is None:
+            assert val == w
+        else:  # nothing decoded but the ts: the record is data[start:stop]
+            assert kind == w["t"] and data[start:stop] == cbor2.dumps(w)
+            assert val == w["ts"] and data[ts_at:ts_at + 8] == U64(w["ts"])
+            assert data[p:q] == w["data"]
+            assert (extra or {}) == {k: v for k, v in w.items() if k in ("sid", "len")}
+        start = stop
+    assert items[-1][5] == len(data)
+    assert [i for i, item in enumerate(items) if item[0] is HEADER] == [0, len(recs) + 1]
 
 
 def test_errors_after_fast_records_keep_their_offsets():

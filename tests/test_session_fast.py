@@ -57,6 +57,9 @@ def test_push_records_equals_push_one_by_one():
         else:
             ts = rnd.choice([None, 1.5, 10**18 + rnd.randrange(-10**9, 10**9)])
             recs.append({"t": "pkt", "ts": ts, "data": bytes([i % 256])})
+            if rnd.random() < 0.5 and type(ts) is int:  # as StreamParser.feed(AS_PKT) gives
+                recs[-1] = (ts, bytes([i % 256]))
+    assert sum(type(r) is tuple for r in recs) > 30
     for asap in (False, True):
         a, b = DueQueue(asap), DueQueue(asap)
         other_a, other_b = [], []
@@ -64,7 +67,9 @@ def test_push_records_equals_push_one_by_one():
             now = 10**18 + k * 1000
             a.push_records(recs[k:k + 37], now, other_a.append)
             for rec in recs[k:k + 37]:
-                if rec["t"] != "pkt":
+                if type(rec) is tuple:
+                    b.push(*rec, now)
+                elif rec["t"] != "pkt":
                     other_b.append(rec)
                 elif isinstance(rec["data"], bytes):
                     b.push(rec["ts"], rec["data"], now)

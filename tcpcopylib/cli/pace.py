@@ -51,11 +51,11 @@ class Tool(BaseTool):
                        help="leave ts as read instead of rewriting it to the planned release time")
 
     def run(self, args):
+        import struct
         import time
 
         from tcpcopylib.pacing import Pacer
-        from tcpcopylib.records import (HEADER, RecordReader, RecordWriter, header,
-                                        merged_header, replace_ts)
+        from tcpcopylib.records import HEADER, RecordReader, RecordWriter, header, merged_header
 
         try:
             self.pacer = pacer = Pacer(
@@ -67,39 +67,78 @@ class Tool(BaseTool):
         fd = self.open_input(args.input)
         name = "<stdin>" if args.input == "-" else args.input
         writer = None
+        # Records in the common layout are forwarded as the bytes read, their ts patched in
+        # place: out is a copy of the chunk being released, out[mark:cur] the records released
+        # but not yet in the writer's buffer, cur the start of the next record.
+        out = None
+        mark = cur = 0
 
         def flush():
+            nonlocal mark
+            if cur > mark:
+                writer.buf += memoryview(out)[mark:cur]
+                mark = cur
             if writer is not None:
                 writer.flush()
 
         reader = RecordReader(fd, on_idle=flush, headers=True, name=name)
         due, keep_ts = pacer.due, args.keep_ts
+        patch_ts = struct.Struct(">Q").pack_into
         try:
-            for rec, raw in reader.iter_raw():
-                if raw is HEADER:
-                    hdr = merged_header(self.name, rec)
-                    if writer is None:
-                        writer = RecordWriter(self.stdout_fd, hdr)
-                    else:
-                        writer.new_section(hdr)
-                    continue
-                self.records_in += 1
-                ts = rec.get("ts")
-                if type(ts) is int:
-                    new_ts = due(ts, writer.flush)
+            for buf, items in reader.iter_spans():
+                out = bytearray(buf)
+                mark = cur = 0
+                for kind, ts, ts_at, _p, _q, stop, _extra in items:
+                    if kind is None or kind is HEADER:  # decoded by cbor2: re-encoded
+                        if cur > mark:
+                            writer.buf += memoryview(out)[mark:cur]
+                        mark = cur = stop
+                        rec = ts  # (in that slot: the decoded record or header)
+                        if kind is HEADER:
+                            hdr = merged_header(self.name, rec)
+                            if writer is None:
+                                writer = RecordWriter(self.stdout_fd, hdr)
+                            else:
+                                writer.new_section(hdr)
+                            continue
+                        self.records_in += 1
+                        rts = rec.get("ts")
+                        if type(rts) is int:
+                            new_ts = due(rts, flush)
+                            if not keep_ts:
+                                rec["ts"] = new_ts
+                        writer.write(rec)
+                        self.records_out += 1
+                        continue
+                    self.records_in += 1
+                    new_ts = due(ts, flush)
                     if new_ts != ts and not keep_ts:
-                        rec["ts"] = new_ts
-                        if raw is not None:
-                            raw = replace_ts(raw, new_ts)
-                if raw is not None:
-                    writer.write_raw(raw)  # unchanged: forward the bytes as read
-                else:
-                    writer.write(rec)
-                self.records_out += 1
+                        if 0xFFFFFFFF < new_ts <= 0xFFFFFFFFFFFFFFFF:
+                            patch_ts(out, ts_at, new_ts)
+                        else:  # another length: re-encoded
+                            if cur > mark:
+                                writer.buf += memoryview(out)[mark:cur]
+                            rec = self._decode(buf, cur, stop)
+                            rec["ts"] = new_ts
+                            writer.write(rec)
+                            mark = stop
+                    cur = stop
+                    self.records_out += 1
+                if cur > mark:
+                    writer.buf += memoryview(out)[mark:cur]
+                    mark = cur
+                if len(writer.buf) >= writer.bufsize:
+                    writer.flush()
         finally:
             flush()  # what was released before an error or a signal still goes out
         if writer is None:  # empty input: still write a valid (empty) stream
             RecordWriter(self.stdout_fd, header(self.name)).flush()
+
+    @staticmethod
+    def _decode(buf, start, stop) -> dict:
+        from tcpcopylib.records import fast_record
+
+        return fast_record(buf, start, stop)[0]
 
     def stats_line(self):
         p = self.pacer

@@ -226,7 +226,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         import math
         import select
 
-        from tcpcopylib.records import RecordWriter, header
+        from tcpcopylib.records import AS_PKT, RecordWriter, header
         from tcpcopylib.session.timing import DueQueue
         from tcpcopylib.streamparse import StreamParser
 
@@ -261,6 +261,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         in_fd = self.open_input(args.file)
         os.set_blocking(in_fd, False)
         parser = StreamParser(name="<stdin>" if args.file == "-" else args.file)
+        self._feed_mode = AS_PKT  # (ts, data) tuples for packets: no dict per record
         due = DueQueue(asap=args.asap)
 
         # Signals: stop reading and drain (a second one ends at once).
@@ -398,8 +399,8 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             parser.close()
             return True
         chunk = self._rbuf[:n].tobytes()
-        # pkt records are queued; records we do not know pass through
-        due.push_records(parser.feed(chunk), now, writer.write)
+        # packets are queued; records we do not know pass through
+        due.push_records(parser.feed(chunk, self._feed_mode), now, writer.write)
         return False
 
     def stats_dict(self):

@@ -33,19 +33,23 @@ class DueQueue:
     def push(self, ts, item, now: int) -> None:
         self.q.append((self.due_time(ts, now), item))
 
-    def push_records(self, records, now: int, other) -> None:
-        """push(ts, data) for each "pkt" record with bytes data (the others of that type
-        are dropped); other(record) for records of any other type, in order."""
+    def push_records(self, items, now: int, other) -> None:
+        """push(ts, data) for each packet: a (ts, data) tuple, or a "pkt" record with bytes
+        data (the others of that type are dropped); other(record) for records of any other
+        type, in order. (StreamParser.feed(mode=AS_PKT) gives such items.)"""
         append, asap = self.q.append, self.asap
         last = self.last_due
-        for rec in records:
-            if rec.get("t") != "pkt":
-                other(rec)
-                continue
-            data = rec.get("data")
-            if not isinstance(data, (bytes, bytearray)):
-                continue
-            ts = rec.get("ts")
+        for item in items:
+            if type(item) is tuple:
+                ts, data = item
+            else:
+                if item.get("t") != "pkt":
+                    other(item)
+                    continue
+                data = item.get("data")
+                if not isinstance(data, (bytes, bytearray)):
+                    continue
+                ts = item.get("ts")
             if asap or not isinstance(ts, int):
                 due = now
             else:  # due_time(), inline
