@@ -244,6 +244,8 @@ def reap(proc, timeout, cpu) -> bool:
         if pid:
             proc.p.returncode = os.waitstatus_to_exitcode(status)
             cpu[proc.name] = ru.ru_utime + ru.ru_stime
+            cpu.setdefault("_wakeups", {})[proc.name] = (ru.ru_nvcsw, ru.ru_nivcsw)
+            cpu.setdefault("_sys", {})[proc.name] = ru.ru_stime
             return not killed
         if time.monotonic() > deadline:
             if killed:
@@ -300,14 +302,18 @@ def main(argv=None):
               f"{json.dumps(outcomes, sort_keys=True)[:200]}"
               + ("" if done else "  TIMED OUT") + (f"  errors: {errs}" if errs else ""),
               flush=True)
+        wakeups = cpu.pop("_wakeups", {})
+        sys_s = cpu.pop("_sys", {})
         busiest = max(cpu, key=cpu.get) if cpu else None
-        print("            CPU s: " + ", ".join(f"{k.removeprefix('tc-')} {v:.2f}"
-                                                 for k, v in cpu.items())
+        print("            CPU s (of it system): " + ", ".join(
+            f"{k.removeprefix('tc-')} {v:.2f} ({sys_s.get(k, 0):.2f})" for k, v in cpu.items())
               + (f"; all tools {1000 * sum(cpu.values()) / a.sessions:.2f} ms/session; "
                  f"busiest ({busiest}) alone would allow "
                  f"{a.sessions / max(cpu[busiest], 1e-3):.0f} sessions/s, "
                  f"{client_pkts / max(cpu[busiest], 1e-3):.0f} client pkt/s" if cpu else ""),
               flush=True)
+        print("            wake-ups (voluntary context switches): "
+              + ", ".join(f"{k.removeprefix('tc-')} {v}" for k, v in wakeups.items()), flush=True)
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0
