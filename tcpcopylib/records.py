@@ -229,7 +229,8 @@ class StreamDecoder:
         - AS_RECORDS: the records (headers only with ``headers=True``);
         - AS_RAW: (record, raw) pairs, raw being the record's bytes when they are what
           cbor2.dumps(record) gives, None when unknown, HEADER for a section header;
-        - AS_PKT: (ts, data) tuples for pkt records in the common layout, records otherwise;
+        - AS_PKT: (ts, data) tuples for whole packets (pkt records in the common layout
+          without "len"), records otherwise;
         - AS_SPANS: scan_record() tuples for records in the common layout (nothing copied:
           a stage that forwards them patches and writes slices of ``buf``), else
           ``(None, record, None, None, None, stop, None)`` and, for section headers,
@@ -256,7 +257,7 @@ class StreamDecoder:
                     records += 1
                     if mode == AS_SPANS:
                         append(r)
-                    elif mode == AS_PKT and r[0] == "pkt":
+                    elif mode == AS_PKT and r[0] == "pkt" and not (r[6] and "len" in r[6]):
                         append((r[1], buf[r[3]:r[4]]))
                     else:
                         rec = {"t": r[0], "ts": r[1], "data": buf[r[3]:r[4]]}
@@ -351,6 +352,10 @@ class RecordReader(StreamDecoder):
 
     def iter_raw(self):
         return self._items(AS_RAW)
+
+    def iter_pkt(self):
+        """Items as StreamDecoder.parse(AS_PKT) gives them."""
+        return self._items(AS_PKT)
 
     def iter_spans(self):
         """(buf, items) per chunk read: items as StreamDecoder.parse(AS_SPANS) gives them,

@@ -177,10 +177,11 @@ def test_pkt_mode_gives_ts_data_pairs_for_packets_and_records_for_the_rest(step)
         got += p.feed(data[i:i + step], AS_PKT)
     p.close()
     pairs = [g for g in got if type(g) is tuple]
-    assert len(got) == len(want) and len(pairs) > 100
+    assert len(got) == len(want) and len(pairs) > 50
     for g, w in zip(got, want):
         if type(g) is tuple:  # only common-layout pkt records come as (ts, data)
             assert w["t"] == "pkt" and g == (w["ts"], w["data"]) and type(g[1]) is bytes
+            assert "len" not in w  # a truncated packet comes as a record, with its len
             assert fast_record(cbor2.dumps(w), 0, len(cbor2.dumps(w))) is not None
         else:
             assert g == w

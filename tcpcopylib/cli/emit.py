@@ -69,8 +69,10 @@ class Tool(BaseTool):
         emit = em.emit
         try:
             for fd, name in fds:
-                for rec in RecordReader(fd, on_idle=em.flush, name=name):
-                    if rec["t"] == "pkt":
+                for rec in RecordReader(fd, on_idle=em.flush, name=name).iter_pkt():
+                    if type(rec) is tuple:  # (ts, data) of a whole packet
+                        emit(rec[1])
+                    elif rec["t"] == "pkt":
                         data = rec.get("data")
                         if type(data) is bytes:
                             emit(data, rec.get("len"))

@@ -323,11 +323,12 @@ class Engine:
         key = (src, sport, dst, dport)
         if self.t0 is None:
             self.t0 = now
-        payload = bytes(data[ihl + doff:ihl + doff + plen]) if plen else b""
         s = self.sessions.get(key)
-        if s is not None and self.cfg.copies == 1 and not flags & TH_SYN:
-            self._client_segment(s, seq, ack, flags, payload, now)  # the usual case
+        if s is not None and self.cfg.copies == 1 and not flags & TH_SYN:  # the usual case
+            self._client_segment(s, seq, ack, flags,
+                                 bytes(data[ihl + doff:ihl + doff + plen]) if plen else b"", now)
             return
+        payload = None  # (not copied for the server->client packets of a capture)
         for copy in range(self.cfg.copies):  # -n: each copy is a session of its own
             k = (key, copy) if copy else key
             if copy:
@@ -345,6 +346,8 @@ class Engine:
                     if self._new_session(key, k, copy, data, p, now) is False:
                         return
                 continue
+            if payload is None:
+                payload = bytes(data[ihl + doff:ihl + doff + plen]) if plen else b""
             self._client_segment(s, seq, ack, flags, payload, now)
 
     def _new_session(self, key, k, copy, data, p, now):
