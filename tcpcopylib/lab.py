@@ -297,6 +297,12 @@ class Lab:
             if h == "switch":  # the bridge needs no IP at all
                 self._sysctl(h, {"net.ipv6.conf.all.disable_ipv6": 1,
                                  "net.ipv6.conf.default.disable_ipv6": 1})
+                if os.path.exists("/proc/sys/net/bridge"):
+                    # br_netfilter is loaded: bridged frames would go through this
+                    # namespace's (empty) netfilter hooks; a plain switch skips them
+                    # (~12 % of the kernel time of sending into the lab)
+                    self._sysctl(h, {f"net.bridge.bridge-nf-call-{t}": 0
+                                     for t in ("iptables", "ip6tables", "arptables")})
             else:
                 self._sysctl(h, common)
         on, tg, asn, cl = (self.ns(h) for h in ("online", "target", "assistant", "client"))
