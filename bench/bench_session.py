@@ -233,6 +233,21 @@ def run_once(pcap, speed, kind, workdir, timeout, session_args, session_repo=Non
         return done, wall, stats, target_requests(kind, log), errs, cpu
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU jiffies: user nice system idle iowait irq softirq steal."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:9]]
+
+
+def machine_share(before, after) -> str:
+    """How the machine's CPUs spent the run: busy, idle and stolen by the hypervisor."""
+    d = [b - a for a, b in zip(before, after)]
+    total = max(sum(d), 1)
+    idle, steal = d[3] + d[4], d[7]
+    return (f"machine: busy {100 * (total - idle - steal) / total:.0f} %, idle "
+            f"{100 * idle / total:.0f} %, stolen {100 * steal / total:.0f} %")
+
+
 def reap(proc, timeout, cpu) -> bool:
     """Wait for a tool with wait4 (its CPU seconds go into cpu[name]); kill it after timeout.
 
@@ -301,8 +316,10 @@ def main(argv=None):
         rd.mkdir(exist_ok=True)
         if a.compare:
             print(f"  tc-session of {repo or 'this checkout'}:")
+        before = cpu_times()
         done, wall, stats, (nreq, nsess, span), errs, cpu = run_once(
             pcap, speed, a.server, rd, a.timeout, a.session_arg, repo)
+        share = machine_share(before, cpu_times())
         span = max(span, 1e-3)
         outcomes = {k: v for k, v in stats.get("outcomes", stats).items() if v}
         print(f"{a.rate * speed:11.0f} {nsess / span:10.0f} {nreq / span:8.0f} "
@@ -321,8 +338,8 @@ def main(argv=None):
                  f"{client_pkts / max(cpu[busiest], 1e-3):.0f} client pkt/s" if cpu else ""),
               flush=True)
         print("            context switches (voluntary, involuntary): "
-              + ", ".join(f"{k.removeprefix('tc-')} {v[0]} {v[1]}" for k, v in wakeups.items()),
-              flush=True)
+              + ", ".join(f"{k.removeprefix('tc-')} {v[0]} {v[1]}" for k, v in wakeups.items())
+              + f"; {share} (whole run, lab set-up included)", flush=True)
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

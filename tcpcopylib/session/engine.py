@@ -328,6 +328,9 @@ class Engine:
             self._client_segment(s, seq, ack, flags,
                                  bytes(data[ihl + doff:ihl + doff + plen]) if plen else b"", now)
             return
+        if s is None and (dst, dport, src, sport) in self.sessions:
+            self.st.pkts_server += 1  # the server's side of a session being replayed
+            return
         payload = None  # (not copied for the server->client packets of a capture)
         for copy in range(self.cfg.copies):  # -n: each copy is a session of its own
             k = (key, copy) if copy else key
