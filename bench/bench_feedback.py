@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Replies/s through tc-intercept | tc-feedback to one FeedbackClient (needs root).
+"""Replies/s and CPU per reply through tc-intercept | tc-feedback to one FeedbackClient.
 
 Two network namespaces joined by a veth pair (offloads off): tcpreplay sends prebuilt
 target replies (Ethernet, to the assistant's MAC, for client addresses the assistant does
@@ -10,6 +10,12 @@ connection. Prints, per run: offered rate, delivered replies/s, kernel drops, lo
 
     python3 bench/bench_feedback.py                 # 50k pps, then top speed
     python3 bench/bench_feedback.py --rates 20000 100000 top --count 300000
+
+--pipe (no root): tc-feedback alone, fed through a pipe by this process, which writes
+--batch records at a time at each rate (like tc-intercept's 1 ms batches at a low rate)
+and reads them back as the client; prints tc-feedback's CPU per reply (on-CPU time from
+/proc/PID/schedstat, start-up excluded) and wake-ups. --compare DIR alternates each run
+with DIR's tc-feedback (another checkout): before/after in the same conditions.
 """
 
 from __future__ import annotations
@@ -55,10 +61,23 @@ def make_pcap(path: str, n: int) -> list:
     return conns
 
 
-def _cpu(pid: int) -> float:
-    """user + system CPU seconds of a live process."""
+def _cpu(pid: int, system_only: bool = False) -> float:
+    """user + system (or only system) CPU seconds of a live process."""
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(f[12]) + (0 if system_only else int(f[11]))) / os.sysconf("SC_CLK_TCK")
+
+
+def _oncpu(pid: int) -> float:
+    """Seconds a live process has run on a CPU (nanosecond scheduler accounting)."""
+    return int(open(f"/proc/{pid}/schedstat").read().split()[0]) / 1e9
+
+
+def _wakeups(pid: int) -> int:
+    """Voluntary context switches of a live process (about one per wake-up)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
 
 
 def run_one(ns_gen, ns_as, pcap, conns, rate, count, per_file, tmp, buffer_kib) -> dict:
@@ -90,6 +109,10 @@ def run_one(ns_gen, ns_as, pcap, conns, rate, count, per_file, tmp, buffer_kib) 
         speed = ["--topspeed"] if rate == "top" else [f"--pps={rate}"]
         t_start = time.monotonic()
         cpu0 = time.process_time()
+        # start-up (imports, claims) excluded: only what the replies cost
+        cpu_i0, cpu_f0 = _oncpu(icpt.pid), _oncpu(fbk.pid)
+        wake_i0, wake_f0 = _wakeups(icpt.pid), _wakeups(fbk.pid)
+        sys_i0, sys_f0 = _cpu(icpt.pid, True), _cpu(fbk.pid, True)
         gen = subprocess.Popen(["ip", "netns", "exec", ns_gen, "tcpreplay", "-q", "-K",
                                 "-i", "bgen0", f"--loop={loops}", *speed, pcap],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -114,7 +137,11 @@ def run_one(ns_gen, ns_as, pcap, conns, rate, count, per_file, tmp, buffer_kib) 
         out = gen.communicate(timeout=60)[0]
         client_cpu = time.process_time() - cpu0
         c.close()
-        cpu = {"intercept": _cpu(icpt.pid), "feedback": _cpu(fbk.pid), "client": client_cpu}
+        cpu = {"intercept": _oncpu(icpt.pid) - cpu_i0, "feedback": _oncpu(fbk.pid) - cpu_f0,
+               "client": client_cpu}
+        wake = {"intercept": _wakeups(icpt.pid) - wake_i0, "feedback": _wakeups(fbk.pid) - wake_f0}
+        sys_cpu = {"intercept": _cpu(icpt.pid, True) - sys_i0,
+                   "feedback": _cpu(fbk.pid, True) - sys_f0}
     finally:
         if icpt.poll() is None:
             icpt.terminate()
@@ -129,8 +156,86 @@ def run_one(ns_gen, ns_as, pcap, conns, rate, count, per_file, tmp, buffer_kib) 
         "delivered_per_s": (got - 1) / (last - first) if last and last > first else 0.0,
         "kernel_recv": int(m.group(1)) if m else -1, "kernel_drop": int(m.group(2)) if m else -1,
         "cpu_us": {k: v / got * 1e6 if got else 0.0 for k, v in cpu.items()},
+        "wakeups": wake,
+        "sys_us": {k: v / got * 1e6 if got else 0.0 for k, v in sys_cpu.items()},
         "fb_stats": [ln for ln in ferr.splitlines() if "replies in" in ln][-1:],
     }
+
+
+def pipe_one(repo: str, rate: int, batch: int, count: int, tmp: str) -> dict:
+    """tc-feedback of checkout `repo` fed `batch` records at a time at `rate` records/s."""
+    from tcpcopylib.intercept import encode_fb
+    from tcpcopylib.records import encode_section, header
+
+    addr = f"unix:{tmp}/fbp.sock"
+    conns = [(ip_bytes(CLIENT_NET + str(1 + i % 200)), 10000 + i) for i in range(KEYS)]
+    tip = ip_bytes(TARGET)
+    recs = [encode_fb(1_700_000_000_000_000_000 + i,
+                      build_tcp(tip, conns[i % KEYS][0], 8080, conns[i % KEYS][1], 1000 + i,
+                                5000, TH_ACK, payload=b"x" * 40)[:40], 80)
+            for i in range(KEYS)]
+    chunks = [b"".join(recs[(i * batch + j) % KEYS] for j in range(batch))
+              for i in range(KEYS)]
+    r_fd, w_fd = os.pipe()
+    fbk = subprocess.Popen([sys.executable, f"{repo}/bin/tc-feedback", "--listen", addr,
+                            "--stats", "--hold-ms", "100"], stdin=r_fd, stderr=subprocess.PIPE)
+    os.close(r_fd)
+    try:
+        os.write(w_fd, encode_section(header("bench")))
+        c = FeedbackClient(addr, "bench")
+        for _ in range(250):
+            try:
+                c.connect(timeout=2)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.02)
+        for cip, cport in conns:
+            c.claim(cip, cport, tip, 8080)
+        c.flush()
+        time.sleep(0.3)
+        cpu0, wake0 = _oncpu(fbk.pid), _wakeups(fbk.pid)
+        writes = count // batch
+        period = batch / rate
+        got, t0 = 0, time.monotonic()
+        deadline = t0 + writes * period + 10
+        for i in range(writes):
+            os.write(w_fd, chunks[i % KEYS])
+            due = t0 + (i + 1) * period
+            while True:
+                left = due - time.monotonic()
+                if left <= 0:
+                    break
+                if select.select([c], [], [], left)[0]:
+                    got += len(c.read_replies())
+        while got < writes * batch and time.monotonic() < deadline:
+            if select.select([c], [], [], 0.5)[0]:
+                got += len(c.read_replies())
+        wall = time.monotonic() - t0
+        cpu, wake = _oncpu(fbk.pid) - cpu0, _wakeups(fbk.pid) - wake0
+        c.close()
+    finally:
+        os.close(w_fd)
+        fbk.wait(20)
+    return {"sent": writes * batch, "got": got, "wall": wall,
+            "cpu_us": cpu / max(got, 1) * 1e6, "wakeups": wake}
+
+
+def main_pipe(args):
+    tmp = tempfile.mkdtemp(prefix="bench_fbp")
+    repos = [("this", REPO)] + ([("compare", args.compare)] if args.compare else [])
+    print(f"tc-feedback fed through a pipe, {args.batch} records per write, 1 client, "
+          f"{KEYS} claimed connections; load average {os.getloadavg()[0]:.1f} before")
+    try:
+        for rate in args.rates:
+            for rnd in range(args.repeat):
+                for name, repo in repos:
+                    r = pipe_one(repo, int(rate), args.batch, args.count, tmp)
+                    print(f"rate {rate:>7} {name:>7}: {r['got']:,}/{r['sent']:,} replies in "
+                          f"{r['wall']:.1f} s, tc-feedback {r['cpu_us']:.2f} us CPU per reply, "
+                          f"{r['wakeups'] / max(r['got'], 1):.2f} wake-ups per reply",
+                          flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main():
@@ -140,7 +245,16 @@ def main():
     ap.add_argument("--count", type=int, default=250_000, help="replies per run")
     ap.add_argument("-B", "--buffer", type=int, default=65536,
                     help="tc-intercept's kernel buffer in KiB (default 65536, its default)")
+    ap.add_argument("--pipe", action="store_true",
+                    help="tc-feedback alone, fed through a pipe (no root, no capture)")
+    ap.add_argument("--batch", type=int, default=5,
+                    help="--pipe: records per write (default 5)")
+    ap.add_argument("--repeat", type=int, default=3, help="--pipe: runs per rate (default 3)")
+    ap.add_argument("--compare", metavar="DIR",
+                    help="--pipe: alternate with DIR's tc-feedback (another checkout)")
     args = ap.parse_args()
+    if args.pipe:
+        return main_pipe(args)
     if os.geteuid() != 0 or not shutil.which("tcpreplay"):
         raise SystemExit("needs root and tcpreplay (apt-get install tcpreplay)")
     tag = f"tcbf{os.getpid()}"
@@ -171,8 +285,10 @@ def main():
             print(f"rate {rate:>7}: offered {r['offered_pps']:>9,.0f} pps, delivered "
                   f"{r['delivered']:,}/{r['sent']:,} at {r['delivered_per_s']:>9,.0f} replies/s, "
                   f"kernel drops {r['kernel_drop']:,} (of {r['kernel_recv']:,}), lost {lost:,}")
-            print("    CPU per reply: " + ", ".join(f"{k} {v:.2f} us"
-                                                  for k, v in r["cpu_us"].items()))
+            print("    CPU per reply (of it system): " + ", ".join(
+                f"{k} {v:.2f} us" + (f" ({r['sys_us'][k]:.2f})" if k in r["sys_us"] else "")
+                for k, v in r["cpu_us"].items())
+                  + "; wake-ups: " + ", ".join(f"{k} {v:,}" for k, v in r["wakeups"].items()))
             for ln in r["fb_stats"]:
                 print("   ", ln)
     finally:
