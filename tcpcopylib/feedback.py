@@ -104,12 +104,11 @@ def fb_span(buf, pos: int):
     """
     if buf.startswith(_FB8_MID, pos + 18) and len(buf) > pos + 24 and buf.startswith(_FB8, pos):
         d1 = pos + 25 + buf[pos + 24]
-        if buf.startswith(_FB_LEN, d1) and len(buf) > d1 + 6:
+        if buf.startswith(_FB_LEN, d1) and len(buf) > d1 + 4:
             lb = buf[d1 + 4]
-            if lb == 0x19:
-                return d1 + 7, pos + 25, d1
-            if lb == 0x18:
-                return d1 + 6, pos + 25, d1
+            end = d1 + 7 if lb == 0x19 else d1 + 6 if lb == 0x18 else -1
+            if 0 < end <= len(buf):
+                return end, pos + 25, d1
     return None
 
 
@@ -138,9 +137,9 @@ def fast_fb(buf, pos: int):
     if buf.startswith(_FB8_MID, pos + 18) and len(buf) > pos + 24 and buf.startswith(_FB8, pos):
         # the usual shape: 8-byte ts, 24..255 bytes of data, 1- or 2-byte len
         p = pos + 25 + buf[pos + 24]
-        if buf.startswith(_FB_LEN, p) and len(buf) > p + 6:
+        if buf.startswith(_FB_LEN, p) and len(buf) > p + 5:
             lb = buf[p + 4]
-            if lb == 0x19:
+            if lb == 0x19 and len(buf) > p + 6:
                 return ({"t": "fb", "ts": int.from_bytes(buf[pos + 10:pos + 18], "big"),
                          "data": buf[pos + 25:p], "len": (buf[p + 5] << 8) | buf[p + 6]}, p + 7)
             if lb == 0x18:
@@ -672,7 +671,7 @@ class FeedbackServer:
         while n_buf > pos + 24 and startswith(_FB8_MID, pos + 18) and startswith(_FB8, pos):
             d0 = pos + 25
             d1 = d0 + buf[pos + 24]
-            if n_buf <= d1 + 6 or not startswith(_FB_LEN, d1):
+            if n_buf <= d1 + 4 or not startswith(_FB_LEN, d1):
                 break
             lb = buf[d1 + 4]
             if lb == 0x19:
@@ -680,6 +679,8 @@ class FeedbackServer:
             elif lb == 0x18:
                 end = d1 + 6
             else:
+                break
+            if end > n_buf:
                 break
             b0 = buf[d0]
             o = d0 + (b0 & 15) * 4
@@ -701,6 +702,8 @@ class FeedbackServer:
             pos = end
         self.counts["delivered"] += delivered
         decoder.consumed += pos
+        if pos == n_buf:
+            return []  # all routed: no decoder set-up
         return decoder.feed(buf[pos:] if pos else buf, self._route_span)
 
     def _route_span(self, buf, start: int, end: int, d0: int, d1: int) -> None:

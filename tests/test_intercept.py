@@ -192,7 +192,7 @@ def test_link_layers_and_record():
 @pytest.mark.parametrize("ts", [0, 23, 300, 2**32 - 1, 2**32, 1795705702743837000])
 def test_encode_fb_is_cbor2_encoding(ts):
     """The hand-made encoding equals cbor2's, and tc-feedback's fast decoder reads it back."""
-    from tcpcopylib.feedback import fast_fb
+    from tcpcopylib.feedback import fast_fb, fb_span
     from tcpcopylib.intercept import encode_fb
 
     for n in (0, 23, 24, 40, 255, 256, 70000):
@@ -204,6 +204,10 @@ def test_encode_fb_is_cbor2_encoding(ts):
             assert fast_fb(b"x" + enc, 1) == (rec, len(enc) + 1)
             for cut in range(1, len(enc), max(1, len(enc) // 30)):
                 assert fast_fb(enc[:cut], 0) is None
+                assert fb_span(enc[:cut], 0) is None
+            if ts >= 2**32 and 24 <= n < 256 and 24 <= ln < 65536:  # the usual shape
+                # a record that ends exactly at the end of the buffer is taken too
+                assert fb_span(b"x" + enc, 1) == (len(enc) + 1, 26, 26 + n)
 
 
 @pytest.mark.parametrize("payload", [0, 5, -1])
