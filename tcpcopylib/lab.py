@@ -11,7 +11,8 @@ Topology (modelled on the feasibility lab's netlab.sh)::
 
 IPv6 mirrors it: client net fd00:200:9::/64 (client ::2, online ::1), LAN fd00:200:1::/64
 (online ::1, target ::2, assistant ::3). Nobody forwards, DAD is off, neighbour entries are
-static (no ARP/ND delay or noise), veth offloads are off unless ``offloads=True``.
+static (no ARP/ND delay or noise), veth offloads are off unless ``offloads=True``, and the
+switch is a plain bridge (frames it forwards skip netfilter even where br_netfilter is loaded).
 
 Every Lab gets its own namespace names (``tcl<pid>x<n>-<host>``), so parallel tests never
 clash; labs still alive at interpreter exit are removed by an atexit hook, and
