@@ -294,6 +294,38 @@ def claim_key(entry) -> tuple:
     return (_ip_packed(cip), int(cport), _ip_packed(tip), int(tport))
 
 
+# tc-feedback's routing keys are bytes: the reply's source and destination addresses, then
+# its source and destination ports, as they lie in an IPv4 header without options (one
+# slice of the datagram: 12 bytes) or an IPv6 header (36 bytes).
+
+def route_key(data, off: int = 0, end: int = -1) -> bytes | None:
+    """The routing key of the reply at data[off:end] (None if it is not IPv4/IPv6)."""
+    n = (len(data) if end < 0 else end) - off
+    if n < 20:
+        return None
+    b0 = data[off]
+    if b0 >> 4 == 4:
+        ihl = (b0 & 0x0F) * 4
+        if n < ihl + 4:
+            return None
+        if ihl == 20:
+            return bytes(data[off + 12:off + 24])
+        return bytes(data[off + 12:off + 20]) + bytes(data[off + ihl:off + ihl + 4])
+    if b0 >> 4 == 6 and n >= 44:
+        return bytes(data[off + 8:off + 44])
+    return None
+
+
+def claim_route_key(entry) -> bytes:
+    """The routing key of the replies a claim entry [client_ip_str, client_port,
+    target_ip_str, target_port] asks for; ValueError/TypeError if malformed."""
+    cip, cport, tip, tport = entry
+    cport, tport = int(cport), int(tport)
+    if not (0 <= cport < 65536 and 0 <= tport < 65536):
+        raise ValueError("port out of range")
+    return _ip_packed(tip) + _ip_packed(cip) + _PORTS.pack(tport, cport)
+
+
 # -- the client ------------------------------------------------------------------------
 
 class FeedbackClient:
@@ -645,10 +677,7 @@ class FeedbackServer:
                         eof_at = time.monotonic()
                         self.info("input ended; draining", 1)
                         continue
-                    for item, raw in self._feed_input(decoder, rview[:n].tobytes()):
-                        if item.get("t") == T_FB:
-                            d = item.get("data")
-                            self.route(reply_key(d) if d else None, raw)
+                    self._serve_input(decoder, rview[:n].tobytes())
                 elif fd == lfd:
                     self._accept()
                 else:
@@ -664,56 +693,81 @@ class FeedbackServer:
             raise StreamError(f"{decoder.name}: truncated record at end of input")
 
     # -- routing -------------------------------------------------------------------------
+    def _serve_input(self, decoder: StreamDecoder, data: bytes) -> None:
+        """Route the fb records of the next piece of input."""
+        for item, raw in self._feed_input(decoder, data):
+            if item.get("t") == T_FB:
+                d = item.get("data")
+                self.route(route_key(d) if d else None, raw)
+
     def _feed_input(self, decoder: StreamDecoder, data: bytes) -> list:
-        """Route the leading run of usual-shape fb records of the input inline (the hot
-        loop: no calls per record); the rest goes through the decoder."""
+        """Route the fb records at the start of the input inline (the hot loop: no calls
+        per usual-shape record; consecutive records for one client are appended to its
+        buffer at once), in order; what is left (a header, another record type, an
+        incomplete record) goes through the decoder: its records are returned."""
         buf = decoder.buf + data if decoder.buf else data
         decoder.buf = b""
         if decoder.header is None or decoder._expect_header:
-            return decoder.feed(buf, self._route_span)
+            return decoder.feed(buf)
         pos, n_buf, routes, cap = 0, len(buf), self.routes, self.client_buffer
-        dirty, startswith = self._dirty, buf.startswith
+        startswith = buf.startswith
         delivered = 0
-        while n_buf > pos + 24 and startswith(_FB8_MID, pos + 18) and startswith(_FB8, pos):
-            d0 = pos + 25
-            d1 = d0 + buf[pos + 24]
-            if n_buf <= d1 + 4 or not startswith(_FB_LEN, d1):
+        while True:
+            run_c, run_start, run_n = None, 0, 0  # buf[run_start:pos]: run_n records for run_c
+            while n_buf > pos + 24 and startswith(_FB8_MID, pos + 18) and startswith(_FB8, pos):
+                d0 = pos + 25
+                d1 = d0 + buf[pos + 24]
+                if n_buf <= d1 + 4 or not startswith(_FB_LEN, d1):
+                    break
+                lb = buf[d1 + 4]
+                if lb == 0x19:
+                    end = d1 + 7
+                elif lb == 0x18:
+                    end = d1 + 6
+                else:
+                    break
+                if end > n_buf:
+                    break
+                if buf[d0] == 0x45 and d0 + 24 <= d1:  # IPv4 without options: see route_key
+                    key = buf[d0 + 12:d0 + 24]
+                else:
+                    key = route_key(buf, d0, d1)
+                c = routes.get(key)
+                if c is not None and c is run_c and len(c.out) + end - run_start <= cap:
+                    run_n += 1
+                    pos = end
+                    continue
+                if run_n:
+                    self._add_run(run_c, buf[run_start:pos], run_n)
+                    delivered += run_n
+                if c is not None and len(c.out) + end - pos <= cap:
+                    run_c, run_start, run_n = c, pos, 1
+                else:
+                    run_c, run_n = None, 0
+                    self.route(key, buf[pos:end])
+                pos = end
+            if run_n:
+                self._add_run(run_c, buf[run_start:pos], run_n)
+                delivered += run_n
+            # an fb record of another layout (say more than 255 bytes of data): in order
+            got = fast_fb(buf, pos) if pos < n_buf else None
+            if got is None:
                 break
-            lb = buf[d1 + 4]
-            if lb == 0x19:
-                end = d1 + 7
-            elif lb == 0x18:
-                end = d1 + 6
-            else:
-                break
-            if end > n_buf:
-                break
-            b0 = buf[d0]
-            o = d0 + (b0 & 15) * 4
-            if b0 >> 4 == 4 and o + 4 <= d1:
-                key = (buf[d0 + 16:d0 + 20], (buf[o + 2] << 8) | buf[o + 3],
-                       buf[d0 + 12:d0 + 16], (buf[o] << 8) | buf[o + 1])
-            else:
-                key = reply_key(buf, d0, d1)
-            c = routes.get(key)
-            if c is not None and len(c.out) + end - pos <= cap:
-                c.out += buf[pos:end]
-                c.delivered += 1
-                delivered += 1
-                dirty.add(c)
-            else:
-                self.route(key, buf[pos:end])
-                self.counts["replies"] -= 1  # counted below with the others
-            self.counts["replies"] += 1
-            pos = end
-        self.counts["delivered"] += delivered
+            d = got[0]["data"]
+            self.route(route_key(d) if d else None, buf[pos:got[1]])
+            pos = got[1]
+        counts = self.counts
+        counts["replies"] += delivered  # the others counted by route()
+        counts["delivered"] += delivered
         decoder.consumed += pos
         if pos == n_buf:
             return []  # all routed: no decoder set-up
-        return decoder.feed(buf[pos:] if pos else buf, self._route_span)
+        return decoder.feed(buf[pos:] if pos else buf)
 
-    def _route_span(self, buf, start: int, end: int, d0: int, d1: int) -> None:
-        self.route(reply_key(buf, d0, d1), buf[start:end])
+    def _add_run(self, c: _Client, records: bytes, n: int) -> None:
+        c.out += records
+        c.delivered += n
+        self._dirty.add(c)
 
     def route(self, key, raw: bytes) -> None:
         """Deliver one encoded fb record whose reply has `key` (None: not TCP)."""
@@ -775,7 +829,7 @@ class FeedbackServer:
     def claim(self, c: _Client, entries, add: bool) -> None:
         for e in entries:
             try:
-                key = claim_key(e)
+                key = claim_route_key(e)
             except (ValueError, TypeError):
                 self.warn(f"client {c.name}: ignoring a malformed claim entry {e!r}")
                 continue

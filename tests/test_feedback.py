@@ -452,3 +452,65 @@ def test_read_replies_equals_read_available_in_any_split():
             c.close()
             b.close()
         assert outs[0] == outs[1] == want, trial
+
+
+def test_router_inline_path_equals_per_record_model():
+    """tc-feedback's inline routing (runs of records appended per client at once) delivers
+    what routing record by record would: order, per-client caps, unclaimed, held, IPv6,
+    IPv4 options, records of other shapes; however the input is cut."""
+    import random
+
+    from tcpcopylib.feedback import FeedbackServer, _Client, _ip_text
+    from tcpcopylib.intercept import encode_fb
+
+    rnd = random.Random(5)
+    keys = [(C4, 1000 + i, T4, 8080) for i in range(6)] + [(C6, 2000 + i, T6, 8080)
+                                                             for i in range(3)]
+    owner = {k: ("a" if i % 3 else "b") for i, k in enumerate(keys[:-2])}  # 2 unclaimed
+    raws = []
+    for i in range(400):
+        cip, cport, tip, tport = k = keys[rnd.randrange(len(keys))]
+        d = build_tcp(tip, cip, tport, cport, i, 2, 0x10, payload=b"p" * rnd.randrange(0, 30))
+        if k[0] == C4 and i % 17 == 0:  # IPv4 with 4 bytes of options (NOP x4)
+            d = bytes([0x46]) + d[1:20] + b"\x01" * 4 + d[20:]
+        if i % 13 == 0:
+            raws.append(cbor2.dumps({"t": "fb", "ts": i, "data": d, "len": len(d)}))
+        else:
+            raws.append(encode_fb(1_800_000_000_000_000_000 + i, d, len(d)))
+        if i % 50 == 7:
+            raws.append(cbor2.dumps({"t": "stats", "n": i}))  # passed over
+    cap = 6000
+    want = {"a": b"", "b": b""}
+    drops = unclaimed = 0
+    for raw in raws:
+        rec = cbor2.loads(raw)
+        if rec["t"] != "fb":
+            continue
+        who = owner.get(reply_key(rec["data"]))
+        if who is None:
+            unclaimed += 1
+        elif len(want[who]) + len(raw) > cap:
+            drops += 1
+        else:
+            want[who] += raw
+    assert drops and unclaimed and want["a"] and want["b"]
+    stream = encode_section({"t": "header", "v": 1, "tool": "t"}) + b"".join(raws)
+    for trial in range(10):
+        srv = FeedbackServer("unix:/nonexistent", hold_ms=0 if trial % 2 else 60_000,
+                             client_buffer=cap, warn=lambda msg: None)
+        clients = {"a": _Client(None, "a"), "b": _Client(None, "b")}
+        for k, who in owner.items():
+            srv.claim(clients[who], [[_ip_text(k[0]), k[1], _ip_text(k[2]), k[3]]], True)
+        dec = StreamDecoder("t")
+        cuts = sorted(rnd.sample(range(1, len(stream)), rnd.randrange(1, 60)))
+        for a, b in zip([0, *cuts], [*cuts, len(stream)]):
+            srv._serve_input(dec, stream[a:b])
+        assert not dec.buf
+        assert bytes(clients["a"].out) == want["a"], trial
+        assert bytes(clients["b"].out) == want["b"], trial
+        k = srv.counts
+        n_fb = sum(1 for r in raws if cbor2.loads(r)["t"] == "fb")
+        assert k["replies"] == n_fb and k["dropped_slow"] == drops
+        assert k["delivered"] == n_fb - drops - unclaimed
+        assert clients["a"].delivered + clients["b"].delivered == k["delivered"]
+        assert (k["unclaimed"] if trial % 2 else k["held"]) == unclaimed
