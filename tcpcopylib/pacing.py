@@ -34,6 +34,7 @@ class Pacer:
         if not delay >= 0:
             raise ValueError("delay must be >= 0")
         self.speed = speed
+        self._unit_speed = speed == 1
         self.max_gap_ns = None if max_gap is None else round(max_gap * NS)
         self.rate = rate
         self.interval_ns = None if rate is None else NS / rate
@@ -91,10 +92,8 @@ class Pacer:
         now = self.clock()
         base = self._base
         if base is not None:  # no gap clamp, no rate: plan() reduced to its arithmetic
-            offset = ts - self.anchor_ts
-            if self.speed != 1:
-                offset = round(offset / self.speed)
-            planned = base + offset
+            planned = base + (ts - self.anchor_ts if self._unit_speed
+                              else round((ts - self.anchor_ts) / self.speed))
         else:
             planned = self.plan(ts, now)
             if self.max_gap_ns is None and self.interval_ns is None:
@@ -110,8 +109,9 @@ class Pacer:
                 if now >= planned:
                     break
         self.timed += 1
-        if now - planned > self.max_late_ns:
-            self.max_late_ns = now - planned
+        late = now - planned
+        if late > self.max_late_ns:
+            self.max_late_ns = late
         return self.origin_ts + (planned - self.anchor_wall)
 
     def release(self, rec: dict, flush=None, keep_ts: bool = False) -> dict:
