@@ -15,7 +15,8 @@ connection. Prints, per run: offered rate, delivered replies/s, kernel drops, lo
 --batch records at a time at each rate (like tc-intercept's 1 ms batches at a low rate)
 and reads them back as the client; prints tc-feedback's CPU per reply (on-CPU time from
 /proc/PID/schedstat, start-up excluded) and wake-ups. --compare DIR alternates each run
-with DIR's tc-feedback (another checkout): before/after in the same conditions.
+with DIR's tools (another checkout), with or without --pipe: before/after in the same
+conditions.
 """
 
 from __future__ import annotations
@@ -80,14 +81,15 @@ def _wakeups(pid: int) -> int:
     return 0
 
 
-def run_one(ns_gen, ns_as, pcap, conns, rate, count, per_file, tmp, buffer_kib) -> dict:
+def run_one(ns_gen, ns_as, pcap, conns, rate, count, per_file, tmp, buffer_kib,
+            repo=REPO) -> dict:
     addr = f"unix:{tmp}/fb.sock"
-    env = dict(os.environ, PATH=f"{REPO}/bin:{os.environ['PATH']}")
-    icpt = subprocess.Popen(["ip", "netns", "exec", ns_as, sys.executable, f"{REPO}/bin/tc-intercept",
+    env = dict(os.environ, PATH=f"{repo}/bin:{os.environ['PATH']}")
+    icpt = subprocess.Popen(["ip", "netns", "exec", ns_as, sys.executable, f"{repo}/bin/tc-intercept",
                              "bas0", "-F", "tcp and src port 8080", "-v", "--stats",
                              "-B", str(buffer_kib)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    fbk = subprocess.Popen([sys.executable, f"{REPO}/bin/tc-feedback", "--listen", addr,
+    fbk = subprocess.Popen([sys.executable, f"{repo}/bin/tc-feedback", "--listen", addr,
                             "--stats", "--hold-ms", "100"],
                            stdin=icpt.stdout, stderr=subprocess.PIPE, env=env)
     icpt.stdout.close()
@@ -249,9 +251,9 @@ def main():
                     help="tc-feedback alone, fed through a pipe (no root, no capture)")
     ap.add_argument("--batch", type=int, default=5,
                     help="--pipe: records per write (default 5)")
-    ap.add_argument("--repeat", type=int, default=3, help="--pipe: runs per rate (default 3)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per rate (default 1)")
     ap.add_argument("--compare", metavar="DIR",
-                    help="--pipe: alternate with DIR's tc-feedback (another checkout)")
+                    help="alternate with DIR's tc-intercept and tc-feedback (another checkout)")
     args = ap.parse_args()
     if args.pipe:
         return main_pipe(args)
@@ -279,10 +281,13 @@ def main():
         print(f"tc-intercept | tc-feedback -> 1 client, {KEYS} claimed connections, "
               f"94-byte frames, {os.cpu_count()} CPUs, capture buffer {args.buffer} KiB, "
               f"load average {os.getloadavg()[0]:.1f} before")
-        for rate in args.rates:
-            r = run_one(ns_gen, ns_as, pcap, conns, rate, args.count, per_file, tmp, args.buffer)
+        repos = [("", REPO)] + ([(" compare", args.compare)] if args.compare else [])
+        for rate, _rnd, (name, repo) in ((r, k, x) for r in args.rates
+                                         for k in range(args.repeat) for x in repos):
+            r = run_one(ns_gen, ns_as, pcap, conns, rate, args.count, per_file, tmp, args.buffer,
+                        repo)
             lost = r["sent"] - r["delivered"]
-            print(f"rate {rate:>7}: offered {r['offered_pps']:>9,.0f} pps, delivered "
+            print(f"rate {rate:>7}{name}: offered {r['offered_pps']:>9,.0f} pps, delivered "
                   f"{r['delivered']:,}/{r['sent']:,} at {r['delivered_per_s']:>9,.0f} replies/s, "
                   f"kernel drops {r['kernel_drop']:,} (of {r['kernel_recv']:,}), lost {lost:,}")
             print("    CPU per reply (of it system): " + ", ".join(
