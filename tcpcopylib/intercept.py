@@ -279,7 +279,10 @@ class Interceptor:
                 if now >= next_tick:
                     next_tick = now + self.tick_s
                     self.tick()
-            if got == 0:
+            if got == 0 or batch is not None and got < BATCH:
+                # less than BATCH: the ring is drained (next_batch reads every block
+                # ready), so wait in poll() rather than ask pcap again (its own
+                # poll(fd, 0) and buffers for nothing, once per wake-up)
                 writer.flush()
                 poll.poll(1000 if next_tick is None else
                           max(1, int((next_tick - time.monotonic()) * 1000)))
