@@ -328,6 +328,33 @@ def claim_route_key(entry) -> bytes:
 
 # -- the client ------------------------------------------------------------------------
 
+_CLAIM_HEAD = {k: cbor2.dumps({"t": T_CLAIM, k: None})[:-1] for k in ("add", "del")}
+_UINTS = [cbor2.dumps(i) for i in range(256)]
+
+
+def _cbor_head(major: int, n: int) -> bytes:
+    m = major << 5
+    if n < 24:
+        return bytes((m | n,))
+    if n < 0x100:
+        return bytes((m | 24, n))
+    if n < 0x10000:
+        return bytes((m | 25, n >> 8, n & 0xFF))
+    if n < 0x100000000:
+        return bytes((m | 26,)) + n.to_bytes(4, "big")
+    return bytes((m | 27,)) + n.to_bytes(8, "big")
+
+
+def _cbor_uint(n: int) -> bytes:
+    """cbor2.dumps(n) for an int n >= 0 (a port)."""
+    return _UINTS[n] if n < 256 else _cbor_head(0, n)
+
+
+def _cbor_text(text: str) -> bytes:
+    b = text.encode()
+    return _cbor_head(3, len(b)) + b
+
+
 class FeedbackClient:
     """tc-session's end of the channel: claim sessions, read their replies."""
 
@@ -335,11 +362,11 @@ class FeedbackClient:
         self.address = address or default_address()
         self.name = name
         self.sock: socket.socket | None = None
-        self._ops: list = []  # [kind, entries] in call order
+        self._ops: list = []  # (kind, [encoded entry, ...]) in call order
         self._decoder = StreamDecoder(f"feedback server {self.address}")
         self._pending: list = []
         self._eof = False
-        self._ip_texts: dict = {}  # packed address -> text, for claims
+        self._ip_texts: dict = {}  # packed address -> its text CBOR-encoded, for claims
         # one receive buffer: a fresh 256 KiB bytes per recv() costs an mmap/munmap pair
         self._rbuf = memoryview(bytearray(1 << 18))
         self.server_header: dict | None = None
@@ -455,12 +482,14 @@ class FeedbackClient:
         return rest
 
     def _send(self, data: bytes) -> None:
-        view = memoryview(data)
+        view = data  # a memoryview only if sent in parts
         deadline = None
         while view:
             try:
                 n = self.sock.send(view, socket.MSG_NOSIGNAL)
-                view = view[n:]
+                if n == len(view):
+                    return
+                view = memoryview(view)[n:]
                 continue
             except (BlockingIOError, InterruptedError):
                 pass
@@ -477,18 +506,21 @@ class FeedbackClient:
                 self._receive()
 
     def _op(self, kind: str, cip: bytes, cport: int, tip: bytes, tport: int) -> None:
+        # each entry [client_ip_str, client_port, target_ip_str, target_port] is CBOR-encoded
+        # here (the address texts' encodings cached), records assembled by flush()
         texts = self._ip_texts
         c, t = texts.get(cip), texts.get(tip)
         if c is None or t is None:
             if len(texts) > 4096:
                 texts.clear()
-            c = texts[cip] = _ip_text(cip)
-            t = texts[tip] = _ip_text(tip)
-        entry = [c, cport, t, tport]
-        if self._ops and self._ops[-1][0] == kind:
-            self._ops[-1][1].append(entry)
+            c = texts[cip] = _cbor_text(_ip_text(cip))
+            t = texts[tip] = _cbor_text(_ip_text(tip))
+        entry = b"".join((b"\x84", c, _cbor_uint(cport), t, _cbor_uint(tport)))
+        ops = self._ops
+        if ops and ops[-1][0] == kind:
+            ops[-1][1].append(entry)
         else:
-            self._ops.append([kind, [entry]])
+            ops.append((kind, [entry]))
 
     def claim(self, client_ip: bytes, client_port: int, target_ip: bytes, target_port: int) -> None:
         self._op("add", client_ip, client_port, target_ip, target_port)
@@ -497,11 +529,17 @@ class FeedbackClient:
         self._op("del", client_ip, client_port, target_ip, target_port)
 
     def flush(self) -> None:
+        """Send the pending claims and releases: one claim record per run of either kind,
+        as cbor2.dumps({"t": "claim", kind: entries}) encodes it."""
         if not self._ops or self.sock is None:
             return
-        data = b"".join(cbor2.dumps({"t": T_CLAIM, kind: entries}) for kind, entries in self._ops)
+        parts = []
+        for kind, entries in self._ops:
+            parts.append(_CLAIM_HEAD[kind])
+            parts.append(_cbor_head(4, len(entries)))
+            parts += entries
         self._ops = []
-        self._send(data)
+        self._send(b"".join(parts))
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -514,3 +514,32 @@ def test_router_inline_path_equals_per_record_model():
         assert k["delivered"] == n_fb - drops - unclaimed
         assert clients["a"].delivered + clients["b"].delivered == k["delivered"]
         assert (k["unclaimed"] if trial % 2 else k["held"]) == unclaimed
+
+
+def test_claim_records_are_cbor2_encoding():
+    """FeedbackClient's hand-encoded claim records equal cbor2's, one per run of a kind."""
+    a, b = socket.socketpair()
+    c = _client_on(a)
+    ops = [("add", C4, 80, T4, 8080), ("add", C4, 23, T4, 24), ("del", C6, 255, T6, 256),
+           ("add", C6, 65535, T4, 0), ("add", C4, 1000, T6, 443)]
+    ops += [("del", C4, 30000 + i, T4, 8080) for i in range(30)]  # 1-byte array head
+    for kind, cip, cport, tip, tport in ops:
+        (c.claim if kind == "add" else c.release)(cip, cport, tip, tport)
+    c.flush()
+    c.flush()  # nothing more
+    want, runs = b"", []
+    for kind, cip, cport, tip, tport in ops:
+        e = [socket.inet_ntop(socket.AF_INET if len(cip) == 4 else socket.AF_INET6, cip), cport,
+             socket.inet_ntop(socket.AF_INET if len(tip) == 4 else socket.AF_INET6, tip), tport]
+        if runs and runs[-1][0] == kind:
+            runs[-1][1].append(e)
+        else:
+            runs.append((kind, [e]))
+    want = b"".join(cbor2.dumps({"t": "claim", kind: es}) for kind, es in runs)
+    b.settimeout(2)
+    got = b""
+    while len(got) < len(want):
+        got += b.recv(1 << 16)
+    assert got == want
+    c.close()
+    b.close()
