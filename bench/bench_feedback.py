@@ -164,8 +164,10 @@ def run_one(ns_gen, ns_as, pcap, conns, rate, count, per_file, tmp, buffer_kib,
     }
 
 
-def pipe_one(repo: str, rate: int, batch: int, count: int, tmp: str) -> dict:
-    """tc-feedback of checkout `repo` fed `batch` records at a time at `rate` records/s."""
+def pipe_one(repo: str, rate: int, batch: int, count: int, tmp: str, claims: bool = False) -> dict:
+    """tc-feedback of checkout `repo` fed `batch` records at a time at `rate` records/s;
+    with `claims`, the client also releases and claims again one connection per 5 records
+    (what a replayed session costs: ~5 replies, one claim, one release)."""
     from tcpcopylib.intercept import encode_fb
     from tcpcopylib.records import encode_section, header
 
@@ -201,6 +203,12 @@ def pipe_one(repo: str, rate: int, batch: int, count: int, tmp: str) -> dict:
         got, t0 = 0, time.monotonic()
         deadline = t0 + writes * period + 10
         for i in range(writes):
+            if claims:
+                for j in range(max(1, batch // 5)):
+                    cip, cport = conns[(i * batch + j * 5) % KEYS]
+                    c.release(cip, cport, tip, 8080)
+                    c.claim(cip, cport, tip, 8080)
+                c.flush()
             os.write(w_fd, chunks[i % KEYS])
             due = t0 + (i + 1) * period
             while True:
@@ -226,12 +234,13 @@ def main_pipe(args):
     tmp = tempfile.mkdtemp(prefix="bench_fbp")
     repos = [("this", REPO)] + ([("compare", args.compare)] if args.compare else [])
     print(f"tc-feedback fed through a pipe, {args.batch} records per write, 1 client, "
-          f"{KEYS} claimed connections; load average {os.getloadavg()[0]:.1f} before")
+          f"{KEYS} claimed connections{', a release+claim per 5 records' if args.claims else ''}"
+          f"; load average {os.getloadavg()[0]:.1f} before")
     try:
         for rate in args.rates:
             for rnd in range(args.repeat):
                 for name, repo in repos:
-                    r = pipe_one(repo, int(rate), args.batch, args.count, tmp)
+                    r = pipe_one(repo, int(rate), args.batch, args.count, tmp, args.claims)
                     print(f"rate {rate:>7} {name:>7}: {r['got']:,}/{r['sent']:,} replies in "
                           f"{r['wall']:.1f} s, tc-feedback {r['cpu_us']:.2f} us CPU per reply, "
                           f"{r['wakeups'] / max(r['got'], 1):.2f} wake-ups per reply",
@@ -251,6 +260,8 @@ def main():
                     help="tc-feedback alone, fed through a pipe (no root, no capture)")
     ap.add_argument("--batch", type=int, default=5,
                     help="--pipe: records per write (default 5)")
+    ap.add_argument("--claims", action="store_true",
+                    help="--pipe: a release and a claim per 5 records too (as in a replay)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per rate (default 1)")
     ap.add_argument("--compare", metavar="DIR",
                     help="alternate with DIR's tc-intercept and tc-feedback (another checkout)")
