@@ -326,6 +326,74 @@ def claim_route_key(entry) -> bytes:
     return _ip_packed(tip) + _ip_packed(cip) + _PORTS.pack(tport, cport)
 
 
+_CLAIM_RECORD = {cbor2.dumps({"t": T_CLAIM, k: None})[:-1]: k == "add" for k in ("add", "del")}
+_PACKED: dict = {}  # an IP address's text (UTF-8) -> the address packed, for claims
+
+
+def _claim_ip(buf, p: int):
+    """(packed address, next pos) of the CBOR text at p; ValueError if not an address."""
+    ib = buf[p]
+    if 0x60 <= ib < 0x78:
+        n, p = ib - 0x60, p + 1
+    elif ib == 0x78:
+        n, p = buf[p + 1], p + 2
+    else:
+        raise ValueError("not a short text")
+    text = buf[p:p + n]
+    ip = _PACKED.get(text)
+    if ip is None:
+        ip = _ip_packed(text.decode())
+        if len(_PACKED) > 4096:
+            _PACKED.clear()
+        _PACKED[text] = ip
+    return ip, p + n
+
+
+def _claim_port(buf, p: int):
+    ib = buf[p]
+    if ib < 24:
+        return ib, p + 1
+    if ib == 24:
+        return buf[p + 1], p + 2
+    if ib == 25:
+        return (buf[p + 1] << 8) | buf[p + 2], p + 3
+    raise ValueError("not a port")
+
+
+def claim_keys(buf, pos: int):
+    """(add?, [routing key, ...], end) of a claim record at pos in FeedbackClient's layout
+    ({"t": "claim", "add"|"del": [[ip text, port, ip text, port], ...]}, addresses valid);
+    None for anything else or an incomplete record (decode it in full)."""
+    add = _CLAIM_RECORD.get(buf[pos:pos + 13])
+    if add is None:
+        return None
+    try:
+        p = pos + 13
+        ib = buf[p]  # the array of entries: up to 65535
+        if 0x80 <= ib < 0x98:
+            n, p = ib - 0x80, p + 1
+        elif ib == 0x98:
+            n, p = buf[p + 1], p + 2
+        elif ib == 0x99:
+            n, p = (buf[p + 1] << 8) | buf[p + 2], p + 3
+        else:
+            return None
+        keys = []
+        for _ in range(n):
+            if buf[p] != 0x84:
+                return None
+            cip, p = _claim_ip(buf, p + 1)
+            cport, p = _claim_port(buf, p)
+            tip, p = _claim_ip(buf, p)
+            tport, p = _claim_port(buf, p)
+            keys.append(tip + cip + _PORTS.pack(tport, cport))
+    except (IndexError, ValueError):
+        return None
+    if p > len(buf):
+        return None
+    return add, keys, p
+
+
 # -- the client ------------------------------------------------------------------------
 
 _CLAIM_HEAD = {k: cbor2.dumps({"t": T_CLAIM, k: None})[:-1] for k in ("add", "del")}
@@ -865,19 +933,31 @@ class FeedbackServer:
         return True
 
     def claim(self, c: _Client, entries, add: bool) -> None:
+        keys = []
         for e in entries:
             try:
-                key = claim_route_key(e)
+                keys.append(claim_route_key(e))
             except (ValueError, TypeError):
                 self.warn(f"client {c.name}: ignoring a malformed claim entry {e!r}")
-                continue
-            if add:
-                self.counts["claims"] += 1
-                old = self.routes.get(key)
-                if old is not None and old is not c:
-                    old.keys.discard(key)
-                self.routes[key] = c
-                c.keys.add(key)
+        self._claim_keys(c, keys, add)
+
+    def _claim_keys(self, c: _Client, keys, add: bool) -> None:
+        routes = self.routes
+        if not add:
+            self.counts["releases"] += len(keys)
+            for key in keys:
+                if routes.get(key) is c:
+                    del routes[key]
+                c.keys.discard(key)
+            return
+        self.counts["claims"] += len(keys)
+        for key in keys:
+            old = routes.get(key)
+            if old is not None and old is not c:
+                old.keys.discard(key)
+            routes[key] = c
+            c.keys.add(key)
+            if self.held:
                 held = self.held.pop(key, None)
                 if held:
                     for entry in held:
@@ -885,11 +965,6 @@ class FeedbackServer:
                         if self._deliver(c, entry[2]):
                             self.counts["held_delivered"] += 1
                         entry[2] = None
-            else:
-                self.counts["releases"] += 1
-                if self.routes.get(key) is c:
-                    del self.routes[key]
-                c.keys.discard(key)
 
     # -- clients -------------------------------------------------------------------------
     def _accept(self) -> None:
@@ -927,8 +1002,24 @@ class FeedbackServer:
         if not data:
             self._drop_client(c, "disconnected")
             return
+        dec = c.decoder
+        if dec.header is not None and not dec._expect_header:
+            # claim records as FeedbackClient writes them: inline, no CBOR decoder
+            buf = dec.buf + data if dec.buf else data
+            pos, n = 0, len(buf)
+            while pos < n:
+                got = claim_keys(buf, pos)
+                if got is None:
+                    break
+                add, keys, pos = got
+                self._claim_keys(c, keys, add)
+            dec.consumed += pos
+            dec.buf = b""
+            data = buf[pos:] if pos else buf
+            if not data:
+                return
         try:
-            items = c.decoder.feed(data)
+            items = dec.feed(data)
         except StreamError as e:
             self._refuse(c, "stream", str(e))
             return

@@ -543,3 +543,24 @@ def test_claim_records_are_cbor2_encoding():
     assert got == want
     c.close()
     b.close()
+
+
+def test_claim_records_read_inline_as_decoded():
+    """tc-feedback's inline claim reader gives the keys the decoded record gives, and
+    leaves anything else (malformed, other layouts, incomplete) to the decoder."""
+    from tcpcopylib.feedback import claim_keys, claim_route_key
+
+    for entries in ([["10.0.0.1", 80, "10.0.0.5", 8080]], [["2001:db8::1", 65535, "10.0.0.5", 0]] * 30,
+                    [], [["ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255", 24, "::1", 255]] * 300):
+        for kind in ("add", "del"):
+            enc = cbor2.dumps({"t": "claim", kind: entries})
+            assert claim_keys(b"xy" + enc, 2) == (kind == "add", [claim_route_key(e) for e in entries],
+                                                  len(enc) + 2)
+            for cut in range(0, len(enc), 7):
+                assert claim_keys(enc[:cut], 0) is None
+    for bad in ({"t": "claim", "add": [["x", 1, "10.0.0.1", 2]]},
+                {"t": "claim", "add": [["10.0.0.1", 1, "10.0.0.1", 70000]]},
+                {"t": "claim", "add": [["10.0.0.1", 1, "10.0.0.1"]]},
+                {"t": "claim", "add": None}, {"t": "claim", "add": [], "del": []},
+                {"t": "claim", "del": [["10.0.0.1", -1, "10.0.0.1", 3]]}):
+        assert claim_keys(cbor2.dumps(bad), 0) is None, bad
