@@ -6,15 +6,18 @@ target replies (Ethernet, to the assistant's MAC, for client addresses the assis
 not own, so its kernel drops them as a real assistant does) at a fixed rate or top speed;
 in the assistant namespace ``tc-intercept veth -F 'tcp and src port 8080' | tc-feedback``
 serves them on a Unix socket to a FeedbackClient in this process, which claimed every
-connection. Prints, per run: offered rate, delivered replies/s, kernel drops, losses.
+connection. Prints, per run: offered rate, delivered replies/s, kernel drops, losses, and
+each tool's CPU per reply (start-up excluded) and wake-ups.
 
     python3 bench/bench_feedback.py                 # 50k pps, then top speed
     python3 bench/bench_feedback.py --rates 20000 100000 top --count 300000
+    python3 bench/bench_feedback.py --pipe --claims --rates 5000 --repeat 3 --compare ../old
 
 --pipe (no root): tc-feedback alone, fed through a pipe by this process, which writes
 --batch records at a time at each rate (like tc-intercept's 1 ms batches at a low rate)
 and reads them back as the client; prints tc-feedback's CPU per reply (on-CPU time from
-/proc/PID/schedstat, start-up excluded) and wake-ups. --compare DIR alternates each run
+/proc/PID/schedstat, start-up excluded) and wake-ups; --claims adds a release and a claim
+per 5 records, as a replay does. --compare DIR alternates each run
 with DIR's tools (another checkout), with or without --pipe: before/after in the same
 conditions.
 """
