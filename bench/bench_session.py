@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -224,7 +225,12 @@ def run_once(pcap, speed, kind, workdir, timeout, session_args, session_repo=Non
         for p in procs[:-1]:
             reap(p, 5, cpu)
         for p in fbprocs.values():
-            p.p.terminate()
+            # os.kill, not Popen.terminate(): that polls first, and reaping an exited
+            # tc-feedback there would lose its CPU time (wait4). Not reaped: still our PID.
+            try:
+                os.kill(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
             reap(p, 8, cpu)
         lab.stop(srv)  # nginx flushes its access log on exit
         stats = json.loads(stats_json.read_text()) if stats_json.exists() else {}
