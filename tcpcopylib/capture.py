@@ -617,9 +617,12 @@ class AfPacketEngine:
                 hatype = _ARPHRD_ETHER  # sysfs of another namespace: assume Ethernet
         raw = hatype in (_ARPHRD_ETHER, _ARPHRD_LOOPBACK)
         self.linktype = LINKTYPE_ETHERNET if raw else DLT_RAW_LINUX
+        # Named interface: opened for no protocol (it queues nothing) and bound for all only
+        # once the filter is in place, so no frame of another interface, or one the filter
+        # rejects, is queued in between. "any" has no name to bind to: open for all at once.
         try:
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW if raw else socket.SOCK_DGRAM,
-                              socket.htons(ETH_P_ALL))
+                              socket.htons(ETH_P_ALL) if iface == "any" else 0)
         except PermissionError as e:
             raise NoPermissionError(f"{iface}: {e.strerror} (needs root or CAP_NET_RAW)") from None
         try:
@@ -633,7 +636,7 @@ class AfPacketEngine:
             except OSError:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_kib * 1024)
             if iface != "any":  # unbound: every interface
-                s.bind((iface, 0))
+                s.bind((iface, ETH_P_ALL))  # (Python puts it in network order)
         except OSError as e:
             s.close()
             raise NoInputError(f"{iface}: {e.strerror or e}") from None

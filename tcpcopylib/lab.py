@@ -147,20 +147,25 @@ def attach_bpf(sock: socket.socket, expr: str) -> None:
                     bytes(ctypes.string_at(ctypes.addressof(prog), ctypes.sizeof(prog))))
 
 
+ETH_P_ALL = 3
+
+
 class Sniffer:
     """An AF_PACKET socket on one lab interface (opened inside its namespace).
 
     ``frames(wait)`` returns [(pkttype, ip_datagram)] seen so far (pkttype 0 host, 3 other
-    host, 4 outgoing); the filter is attached before bind, so nothing else slips in.
+    host, 4 outgoing). The socket is opened with protocol 0 (it receives nothing), the filter
+    attached, and only then bound to the interface for every protocol: a socket opened for
+    ETH_P_ALL would queue frames of any interface before the filter is in place.
     """
 
     def __init__(self, ns: str, iface: str, bpf: str | None = None):
         with in_netns(ns):
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             try:
                 if bpf:
                     attach_bpf(self.sock, bpf)
-                self.sock.bind((iface, 0))
+                self.sock.bind((iface, ETH_P_ALL))  # (Python puts it in network order)
             except BaseException:
                 self.sock.close()
                 raise
