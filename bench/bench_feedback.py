@@ -45,6 +45,18 @@ TARGET, CLIENT_NET = "10.201.1.2", "10.201.9."
 KEYS = 2000
 
 
+def connect_client(addr: str) -> FeedbackClient:
+    """A FeedbackClient connected to tc-feedback at addr, retried while it starts (<= 5 s)."""
+    c = FeedbackClient(addr, "bench")
+    for _ in range(250):
+        try:
+            c.connect(timeout=2)
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.02)
+    return c
+
+
 def sh(*args, check=True, **kw):
     return subprocess.run(args, check=check, capture_output=True, text=True, **kw)
 
@@ -99,13 +111,7 @@ def run_one(ns_gen, ns_as, pcap, conns, rate, count, per_file, tmp, buffer_kib,
     try:
         if b"capturing on" not in icpt.stderr.readline():
             raise SystemExit("tc-intercept did not start")
-        c = FeedbackClient(addr, "bench")
-        for _ in range(250):
-            try:
-                c.connect(timeout=2)
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(0.02)
+        c = connect_client(addr)
         for cip, cport in conns:
             c.claim(cip, cport, ip_bytes(TARGET), 8080)
         c.flush()
@@ -189,13 +195,7 @@ def pipe_one(repo: str, rate: int, batch: int, count: int, tmp: str, claims: boo
     os.close(r_fd)
     try:
         os.write(w_fd, encode_section(header("bench")))
-        c = FeedbackClient(addr, "bench")
-        for _ in range(250):
-            try:
-                c.connect(timeout=2)
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(0.02)
+        c = connect_client(addr)
         for cip, cport in conns:
             c.claim(cip, cport, tip, 8080)
         c.flush()

@@ -26,7 +26,8 @@ import time
 import cbor2
 
 from tcpcopylib.errors import PeerVersionError, StreamError, UnavailableError, UsageError
-from tcpcopylib.records import FORMAT_VERSION, LABEL, T_CLAIM, T_FB, T_HEADER, encode_section, header
+from tcpcopylib.records import (FORMAT_VERSION, LABEL, T_CLAIM, T_FB, T_HEADER, cbor_head,
+                                encode_section, header)
 
 DEFAULT_PORT = 36524
 DEFAULT_ADDRESS = f"tcp:127.0.0.1:{DEFAULT_PORT}"
@@ -400,27 +401,14 @@ _CLAIM_HEAD = {k: cbor2.dumps({"t": T_CLAIM, k: None})[:-1] for k in ("add", "de
 _UINTS = [cbor2.dumps(i) for i in range(256)]
 
 
-def _cbor_head(major: int, n: int) -> bytes:
-    m = major << 5
-    if n < 24:
-        return bytes((m | n,))
-    if n < 0x100:
-        return bytes((m | 24, n))
-    if n < 0x10000:
-        return bytes((m | 25, n >> 8, n & 0xFF))
-    if n < 0x100000000:
-        return bytes((m | 26,)) + n.to_bytes(4, "big")
-    return bytes((m | 27,)) + n.to_bytes(8, "big")
-
-
 def _cbor_uint(n: int) -> bytes:
     """cbor2.dumps(n) for an int n >= 0 (a port)."""
-    return _UINTS[n] if n < 256 else _cbor_head(0, n)
+    return _UINTS[n] if n < 256 else cbor_head(0, n)
 
 
 def _cbor_text(text: str) -> bytes:
     b = text.encode()
-    return _cbor_head(3, len(b)) + b
+    return cbor_head(3, len(b)) + b
 
 
 class FeedbackClient:
@@ -604,7 +592,7 @@ class FeedbackClient:
         parts = []
         for kind, entries in self._ops:
             parts.append(_CLAIM_HEAD[kind])
-            parts.append(_cbor_head(4, len(entries)))
+            parts.append(cbor_head(4, len(entries)))
             parts += entries
         self._ops = []
         self._send(b"".join(parts))

@@ -15,6 +15,7 @@ import struct
 import time
 
 from tcpcopylib.errors import NoInputError, NoPermissionError, TcError, UnavailableError, UsageError
+from tcpcopylib.records import cbor_head
 
 # Link types (libpcap DLT_ values on Linux)
 DLT_NULL, DLT_EN10MB, DLT_RAW, DLT_LOOP = 0, 1, 12, 108
@@ -56,19 +57,6 @@ def link_offset(dlt: int, frame) -> int:
     raise UsageError(f"unsupported link type {dlt} (Ethernet, Linux cooked, raw IP, loopback)")
 
 
-def _cbor_head(major: int, n: int) -> bytes:
-    m = major << 5
-    if n < 24:
-        return bytes((m | n,))
-    if n < 0x100:
-        return bytes((m | 24, n))
-    if n < 0x10000:
-        return bytes((m | 25,)) + n.to_bytes(2, "big")
-    if n < 0x100000000:
-        return bytes((m | 26,)) + n.to_bytes(4, "big")
-    return bytes((m | 27,)) + n.to_bytes(8, "big")
-
-
 _FB_TS = b"\xa4\x61t\x62fb\x62ts"
 _FB_DATA = b"\x64data"
 _FB_LEN = b"\x63len"
@@ -91,9 +79,9 @@ def encode_fb(ts: int, data: bytes, length: int) -> bytes:
     if ts >= 0x100000000:
         tsb = b"\x1b" + ts.to_bytes(8, "big")
     else:
-        tsb = _cbor_head(0, ts)
-    db = bytes((0x40 | n,)) if n < 24 else bytes((0x58, n)) if n < 256 else _cbor_head(2, n)
-    lb = bytes((0x19,)) + length.to_bytes(2, "big") if 256 <= length < 0x10000 else _cbor_head(0, length)
+        tsb = cbor_head(0, ts)
+    db = bytes((0x40 | n,)) if n < 24 else bytes((0x58, n)) if n < 256 else cbor_head(2, n)
+    lb = bytes((0x19,)) + length.to_bytes(2, "big") if 256 <= length < 0x10000 else cbor_head(0, length)
     return b"".join((_FB_TS, tsb, _FB_DATA, db, data, _FB_LEN, lb))
 
 

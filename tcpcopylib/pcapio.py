@@ -15,6 +15,7 @@ import os
 import struct
 
 from tcpcopylib.errors import CaptureFormatError
+from tcpcopylib.records import cbor_head
 
 # Link types (pcap LINKTYPE_* values as stored in files)
 LT_NULL = 0
@@ -366,17 +367,7 @@ _DATA_KEY = b"\x64data"
 _U64 = struct.Struct(">Q").pack
 
 
-def _bytes_head(n: int) -> bytes:
-    if n < 24:
-        return bytes((0x40 | n,))
-    if n < 256:
-        return bytes((0x58, n))
-    if n < 65536:
-        return b"\x59" + n.to_bytes(2, "big")
-    return b"\x5a" + n.to_bytes(4, "big")
-
-
-_HEADS = [_bytes_head(n) for n in range(2048)]
+_HEADS = [cbor_head(2, n) for n in range(2048)]
 
 
 def encode_pkt(ts: int, data: bytes, orig_len: int = 0) -> bytes:
@@ -391,7 +382,7 @@ def encode_pkt(ts: int, data: bytes, orig_len: int = 0) -> bytes:
         return cbor2.dumps(rec)
     n = len(data)
     return b"".join((_PKT_PREFIX, _U64(ts), _DATA_KEY,
-                     _HEADS[n] if n < 2048 else _bytes_head(n), data))
+                     _HEADS[n] if n < 2048 else cbor_head(2, n), data))
 
 
 _ETH_IP4 = struct.Struct("!HBBH").unpack_from

@@ -51,6 +51,21 @@ def encode_section(hdr: dict) -> bytes:
     return LABEL + cbor2.dumps(hdr)
 
 
+def cbor_head(major: int, n: int) -> bytes:
+    """The shortest CBOR head of major type ``major`` with argument ``n`` (0: unsigned int,
+    2: byte string, 3: text, 4: array, 5: map), for stages that encode records by hand."""
+    m = major << 5
+    if n < 24:
+        return bytes((m | n,))
+    if n < 0x100:
+        return bytes((m | 24, n))
+    if n < 0x10000:
+        return bytes((m | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((m | 26,)) + n.to_bytes(4, "big")
+    return bytes((m | 27,)) + n.to_bytes(8, "big")
+
+
 def _check_header(item, offset: int) -> dict:
     if type(item) is not dict or item.get("t") != T_HEADER:
         raise StreamError(f"byte {offset}: label not followed by a header record")

@@ -29,19 +29,6 @@ _DATA8, _DATA16 = b"\x64data\x58", b"\x64data\x59"
 _SID = b"\x63sid"
 
 
-def _uint(n: int) -> bytes:
-    """The shortest CBOR head of unsigned integer n (major type 0)."""
-    if n < 24:
-        return bytes((n,))
-    if n < 0x100:
-        return bytes((0x18, n))
-    if n < 0x10000:
-        return b"\x19" + n.to_bytes(2, "big")
-    if n < 0x100000000:
-        return b"\x1a" + n.to_bytes(4, "big")
-    return b"\x1b" + n.to_bytes(8, "big")
-
-
 _SID_TAILS: dict = {}  # sid -> its '"sid": <uint>' bytes (a session's packets come in runs)
 
 
@@ -51,9 +38,11 @@ def encode_pkt(ts: int, data: bytes, sid: int) -> bytes:
     if 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF and 24 <= n < 0x10000:
         tail = _SID_TAILS.get(sid)
         if tail is None and 0 <= sid <= 0xFFFFFFFFFFFFFFFF:
+            from tcpcopylib.records import cbor_head
+
             if len(_SID_TAILS) >= 256:
                 _SID_TAILS.clear()
-            tail = _SID_TAILS[sid] = _SID + _uint(sid)
+            tail = _SID_TAILS[sid] = _SID + cbor_head(0, sid)
         if tail is not None:
             if n < 0x100:
                 return b"".join((_PKT8.pack(_PKT_TS, ts, _DATA8, n), data, tail))
