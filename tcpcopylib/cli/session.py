@@ -27,26 +27,22 @@ _PKT8 = struct.Struct("!11sQ6sB")   # ... "data": <24..255 bytes>
 _PKT16 = struct.Struct("!11sQ6sH")  # ... "data": <256..65535 bytes>
 _DATA8, _DATA16 = b"\x64data\x58", b"\x64data\x59"
 _SID = b"\x63sid"
-
-
-_SID_TAILS: dict = {}  # sid -> its '"sid": <uint>' bytes (a session's packets come in runs)
+# '"sid": <uint>' for the first 256 session ids, then packed: sids are too many to cache
+# (concurrent sessions interleave their packets)
+_SID_TAILS = [_SID + (bytes((i,)) if i < 24 else bytes((0x18, i))) for i in range(256)]
+_SID16 = struct.Struct("!4sBH").pack
+_SID32 = struct.Struct("!4sBI").pack
 
 
 def encode_pkt(ts: int, data: bytes, sid: int) -> bytes:
     """cbor2.dumps({"t": "pkt", "ts": ts, "data": data, "sid": sid}), byte for byte."""
     n = len(data)
-    if 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF and 24 <= n < 0x10000:
-        tail = _SID_TAILS.get(sid)
-        if tail is None and 0 <= sid <= 0xFFFFFFFFFFFFFFFF:
-            from tcpcopylib.records import cbor_head
-
-            if len(_SID_TAILS) >= 256:
-                _SID_TAILS.clear()
-            tail = _SID_TAILS[sid] = _SID + cbor_head(0, sid)
-        if tail is not None:
-            if n < 0x100:
-                return b"".join((_PKT8.pack(_PKT_TS, ts, _DATA8, n), data, tail))
-            return b"".join((_PKT16.pack(_PKT_TS, ts, _DATA16, n), data, tail))
+    if 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF and 24 <= n < 0x10000 and 0 <= sid < 0x100000000:
+        tail = (_SID_TAILS[sid] if sid < 0x100 else _SID16(_SID, 0x19, sid) if sid < 0x10000
+                else _SID32(_SID, 0x1A, sid))
+        if n < 0x100:
+            return b"".join((_PKT8.pack(_PKT_TS, ts, _DATA8, n), data, tail))
+        return b"".join((_PKT16.pack(_PKT_TS, ts, _DATA16, n), data, tail))
     import cbor2
 
     return cbor2.dumps({"t": "pkt", "ts": ts, "data": data, "sid": sid})
