@@ -239,8 +239,11 @@ def main_pipe(args):
     print(f"tc-feedback fed through a pipe, {args.batch} records per write, 1 client, "
           f"{KEYS} claimed connections{', a release+claim per 5 records' if args.claims else ''}"
           f"; load average {os.getloadavg()[0]:.1f} before")
+    rates = [r for r in args.rates if r != "top"]  # a pipe has no top speed: paced writes
+    if not rates:
+        raise SystemExit("bench_feedback: --pipe needs --rates with a number")
     try:
-        for rate in args.rates:
+        for rate in rates:
             for rnd in range(args.repeat):
                 for name, repo in repos:
                     r = pipe_one(repo, int(rate), args.batch, args.count, tmp, args.claims)

@@ -66,12 +66,14 @@ def cbor_head(major: int, n: int) -> bytes:
     return bytes((m | 27,)) + n.to_bytes(8, "big")
 
 
-def _check_header(item, offset: int) -> dict:
+def _check_header(item, offset: int, any_version: bool = False) -> dict:
     if type(item) is not dict or item.get("t") != T_HEADER:
         raise StreamError(f"byte {offset}: label not followed by a header record")
     v = item.get("v")
     if not isinstance(v, int):
         raise StreamError(f"byte {offset}: header has no integer format version")
+    if any_version:
+        return item
     if v > FORMAT_VERSION:
         raise StreamError(
             f"stream format version {v} is newer than this tcpcopylib understands "
@@ -228,9 +230,10 @@ class StreamDecoder:
     pkt/fb layout are decoded in Python (fast_record); everything else by cbor2.
     """
 
-    def __init__(self, name: str = "<stdin>", headers: bool = False):
+    def __init__(self, name: str = "<stdin>", headers: bool = False, any_version: bool = False):
         self.name = name
         self.headers = headers
+        self.any_version = any_version  # accept headers of any version (the caller checks)
         self.header: dict | None = None
         self.records = 0
         self.sections = 0
@@ -302,7 +305,7 @@ class StreamDecoder:
             newpos = bio.tell()
             if self._expect_header:
                 try:
-                    self.header = _check_header(item, base + newpos)
+                    self.header = _check_header(item, base + newpos, self.any_version)
                 except StreamError as e:
                     err = e
                     break

@@ -12,24 +12,24 @@ from tcpcopylib.records import AS_RECORDS, StreamDecoder
 
 
 class StreamParser(StreamDecoder):
-    def __init__(self, name: str = "<stdin>", headers: bool = False):
-        super().__init__(name, headers)
-        self._buf = b""
+    def __init__(self, name: str = "<stdin>", headers: bool = False, any_version: bool = False):
+        super().__init__(name, headers, any_version)
+        self.buf = b""  # the start of an incomplete record (a caller's fast path may take it)
 
     def feed(self, chunk: bytes, mode: int = AS_RECORDS) -> list:
         """Parse ``chunk`` (appended to any incomplete tail); return the complete records
         (or items as ``mode`` says: see StreamDecoder.parse)."""
         if type(chunk) is not bytes:
             chunk = bytes(chunk)  # the tail is kept: never a view of the caller's buffer
-        buf = self._buf + chunk if self._buf else chunk
+        buf = self.buf + chunk if self.buf else chunk
         out, pos, err = self.parse(buf, mode)
         if err is not None:
             raise err
-        self._buf = buf[pos:]
+        self.buf = buf[pos:]
         return out
 
     def close(self) -> None:
         """End of input: raise StreamError if it ended inside a record."""
-        err = self._end_error(len(self._buf))
+        err = self._end_error(len(self.buf))
         if err is not None:
             raise err

@@ -191,9 +191,10 @@ def test_link_layers_and_record():
 
 @pytest.mark.parametrize("ts", [0, 23, 300, 2**32 - 1, 2**32, 1795705702743837000])
 def test_encode_fb_is_cbor2_encoding(ts):
-    """The hand-made encoding equals cbor2's, and tc-feedback's fast decoder reads it back."""
-    from tcpcopylib.feedback import fast_fb, fb_span
+    """The hand-made encoding equals cbor2's, and the fast decoders read it back."""
+    from tcpcopylib.feedback import fb_span
     from tcpcopylib.intercept import encode_fb
+    from tcpcopylib.records import fast_record
 
     for n in (0, 23, 24, 40, 255, 256, 70000):
         for ln in (0, 23, 24, 255, 256, 65535, 65536):
@@ -201,9 +202,11 @@ def test_encode_fb_is_cbor2_encoding(ts):
             rec = {"t": "fb", "ts": ts, "data": data, "len": ln}
             enc = encode_fb(ts, data, ln)
             assert enc == cbor2.dumps(rec)
-            assert fast_fb(b"x" + enc, 1) == (rec, len(enc) + 1)
+            got = fast_record(b"x" + enc, 1, len(enc) + 1)
+            if ts >= 2**32 and n < 0x10000 and ln < 0x100000000:  # its layout: else cbor2's
+                assert got == (rec, len(enc) + 1)
             for cut in range(1, len(enc), max(1, len(enc) // 30)):
-                assert fast_fb(enc[:cut], 0) is None
+                assert fast_record(enc[:cut], 0, cut) is None
                 assert fb_span(enc[:cut], 0) is None
             if ts >= 2**32 and 24 <= n < 256 and 24 <= ln < 65536:  # the usual shape
                 # a record that ends exactly at the end of the buffer is taken too
