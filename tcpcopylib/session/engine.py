@@ -328,9 +328,6 @@ class Engine:
             self._client_segment(s, seq, ack, flags,
                                  bytes(data[ihl + doff:ihl + doff + plen]) if plen else b"", now)
             return
-        if s is None and (dst, dport, src, sport) in self.sessions:
-            self.st.pkts_server += 1  # the server's side of a session being replayed
-            return
         payload = None  # (not copied for the server->client packets of a capture)
         for copy in range(self.cfg.copies):  # -n: each copy is a session of its own
             k = (key, copy) if copy else key
@@ -358,6 +355,9 @@ class Engine:
         (a SYN, or the session is shed), False if the captured session is not replayed."""
         src, dst, ihl, sport, dport, seq, ack, doff, flags, win, plen = p
         st = self.st
+        if self._is_server_side(key, flags):  # first: a capture's other half, the usual case
+            st.pkts_server += 1
+            return False
         if key in self.filtered:
             if flags & (TH_FIN | TH_RST):
                 self.filtered.discard(key)
@@ -368,9 +368,6 @@ class Engine:
                 self.shed_keys.discard(hash(k))
             st.pkts_ignored += 1
             return None
-        if self._is_server_side(key, flags):
-            st.pkts_server += 1
-            return False
         target = self.mapper.target(dst, dport)
         if target is None:
             st.pkts_ignored += 1
@@ -962,18 +959,9 @@ class Engine:
         else:
             idle = s.last_rx + cfg.keepalive_timeout
         w = idle
-        t = s.rto_at
-        if t and t < w:
-            w = t
-        t = s.delack_at
-        if t and t < w:
-            w = t
-        t = s.gate_at
-        if t and t < w:
-            w = t
-        t = s.linger_at
-        if t and t < w:
-            w = t
+        for t in (s.rto_at, s.delack_at, s.gate_at, s.linger_at):  # 0: not armed
+            if t and t < w:
+                w = t
         if s.gap_since is not None and s.gap_since + cfg.gap_timeout < w:
             w = s.gap_since + cfg.gap_timeout
         # Only an earlier deadline needs a heap entry: a later one is found when the
