@@ -442,6 +442,17 @@ def tcpdump_counts(stderr: str) -> dict:
                                  stderr, re.M)}
 
 
+# The lab recordings of issue 4's test (1): traffic client arguments, recording-server options
+SCENARIOS = {
+    "keepalive": (["--conns", 3, "--requests", 4], {}),
+    "close": (["--conns", 4], {}),
+    "bigbody": (["--conns", 1, "--body-size", 1 << 20], {}),
+    "pipelined": (["--conns", 2, "--requests", 5], {}),
+    "greeting": (["--conns", 2, "--requests", 3], {"mode": "greeting"}),
+    "concurrent": (["--conns", 200, "--requests", 2], {}),
+}
+
+
 def record(lab, workdir, scenario, *client_args, port=PORT, v6=False, server_kw=None,
            midconn=False, timeout=120.0) -> Recording:
     """Record a real client talking to a recording server on online (tcpdump on cli0).

@@ -55,14 +55,7 @@ def assert_identical(rec, rep, n_streams, allow_remap=False):
 
 # -- (1) + (7): every scenario, IPv4 and IPv6 --------------------------------------------------
 
-SCENARIOS = {
-    "keepalive": (["--conns", 3, "--requests", 4], {}),
-    "close": (["--conns", 4], {}),
-    "bigbody": (["--conns", 1, "--body-size", 1 << 20], {}),
-    "pipelined": (["--conns", 2, "--requests", 5], {}),
-    "greeting": (["--conns", 2, "--requests", 3], {"mode": "greeting"}),
-    "concurrent": (["--conns", 200, "--requests", 2], {}),
-}
+SCENARIOS = h.SCENARIOS
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])

@@ -185,14 +185,7 @@ def test_recording_server_greeting_delay_and_close(loopback_server):
 
 # -- record in the lab, reassemble, compare with what the online server logged ------------------
 
-SCENARIOS = {
-    "keepalive": (["--conns", 3, "--requests", 4], {}),
-    "close": (["--conns", 4], {}),
-    "bigbody": (["--conns", 1, "--body-size", 1 << 20], {}),
-    "pipelined": (["--conns", 2, "--requests", 5], {}),
-    "greeting": (["--conns", 2, "--requests", 3], {"mode": "greeting"}),
-    "concurrent": (["--conns", 200, "--requests", 2], {}),
-}
+SCENARIOS = h.SCENARIOS
 
 
 @pytest.mark.netns
