@@ -55,7 +55,8 @@ class Tool(BaseTool):
         import time
 
         from tcpcopylib.pacing import Pacer
-        from tcpcopylib.records import HEADER, RecordReader, RecordWriter, header, merged_header
+        from tcpcopylib.records import (HEADER, RecordReader, RecordWriter, fast_record, header,
+                                        merged_header)
 
         try:
             self.pacer = pacer = Pacer(
@@ -73,11 +74,15 @@ class Tool(BaseTool):
         out = None
         mark = cur = 0
 
-        def flush():
+        def take():
+            """out[mark:cur] into the writer's buffer."""
             nonlocal mark
             if cur > mark:
                 writer.buf += memoryview(out)[mark:cur]
                 mark = cur
+
+        def flush():
+            take()
             if writer is not None:
                 writer.flush()
 
@@ -90,8 +95,7 @@ class Tool(BaseTool):
                 mark = cur = 0
                 for kind, ts, ts_at, _p, _q, stop, _extra in items:
                     if kind is None or kind is HEADER:  # decoded by cbor2: re-encoded
-                        if cur > mark:
-                            writer.buf += memoryview(out)[mark:cur]
+                        take()
                         mark = cur = stop
                         rec = ts  # (in that slot: the decoded record or header)
                         if kind is HEADER:
@@ -116,29 +120,20 @@ class Tool(BaseTool):
                         if 0xFFFFFFFF < new_ts <= 0xFFFFFFFFFFFFFFFF:
                             patch_ts(out, ts_at, new_ts)
                         else:  # another length: re-encoded
-                            if cur > mark:
-                                writer.buf += memoryview(out)[mark:cur]
-                            rec = self._decode(buf, cur, stop)
+                            take()
+                            rec = fast_record(buf, cur, stop)[0]
                             rec["ts"] = new_ts
                             writer.write(rec)
                             mark = stop
                     cur = stop
                     self.records_out += 1
-                if cur > mark:
-                    writer.buf += memoryview(out)[mark:cur]
-                    mark = cur
+                take()
                 if len(writer.buf) >= writer.bufsize:
                     writer.flush()
         finally:
             flush()  # what was released before an error or a signal still goes out
         if writer is None:  # empty input: still write a valid (empty) stream
             RecordWriter(self.stdout_fd, header(self.name)).flush()
-
-    @staticmethod
-    def _decode(buf, start, stop) -> dict:
-        from tcpcopylib.records import fast_record
-
-        return fast_record(buf, start, stop)[0]
 
     def stats_line(self):
         p = self.pacer
