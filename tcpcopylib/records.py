@@ -192,10 +192,15 @@ def fast_record(buf, pos: int, end: int):
     r = scan_record(buf, pos, end)
     if r is None:
         return None
+    return _record(buf, r), r[5]
+
+
+def _record(buf, r) -> dict:
+    """The record that scan_record() located as r."""
     rec = {"t": r[0], "ts": r[1], "data": buf[r[3]:r[4]]}
     if r[6]:
         rec.update(r[6])
-    return rec, r[5]
+    return rec
 
 
 _P64 = struct.Struct(">Q").pack
@@ -277,11 +282,10 @@ class StreamDecoder:
                         append(r)
                     elif mode == AS_PKT and r[0] == "pkt" and not (r[6] and "len" in r[6]):
                         append((r[1], buf[r[3]:r[4]]))
+                    elif mode == AS_RAW:
+                        append((_record(buf, r), buf[pos:r[5]]))
                     else:
-                        rec = {"t": r[0], "ts": r[1], "data": buf[r[3]:r[4]]}
-                        if r[6]:
-                            rec.update(r[6])
-                        append((rec, buf[pos:r[5]]) if mode == AS_RAW else rec)
+                        append(_record(buf, r))
                     pos = r[5]
                     continue
             if buf.startswith(LABEL, pos):
