@@ -568,6 +568,40 @@ def test_server_to_client_packets_ignored():
     assert h.pkts() == [] and h.e.st.pkts_server == 2 and h.e.active() == 1
 
 
+def test_server_datagram_test_agrees_with_the_engine():
+    """The raw-bytes test tc-session runs before queueing says "server->client" only for
+    datagrams the engine itself counts as server->client; other forms go the parsed way."""
+    v6 = ip_bytes("2001:db8::1")
+    frag = bytearray(build_tcp(O, C, 80, 5000, 1, 1, TH_ACK))
+    frag[7] = 8  # a non-first fragment: no TCP header where one is expected
+    with_opts = bytearray(build_tcp(O, C, 80, 5000, 1, 1, TH_ACK))
+    with_opts[0] = 0x46  # IP options: not the plain form the fast test reads
+    datagrams = {
+        "from service": build_tcp(O, C, 80, 5000, 1, 1, TH_ACK, payload=b"resp"),
+        "SYN-ACK from service": build_tcp(O, C, 80, 5000, 1, 1, TH_SYN | TH_ACK),
+        "to service": build_tcp(C, O, 5000, 80, 1, 1, TH_ACK, payload=b"req"),
+        "other port": build_tcp(O, C, 81, 5000, 1, 1, TH_ACK),
+        "IPv6 from service": build_tcp(v6, v6, 80, 5000, 1, 1, TH_ACK),
+        "fragment": bytes(frag),
+        "IP options": bytes(with_opts),
+        "short": b"\x45\x00",
+    }
+    expect_fast = {"from service", "SYN-ACK from service"}
+    for rules in (parse_target("10.2.0.5:80", False),
+                  parse_transfer("10.1.0.1:80-10.2.0.5:80"),
+                  parse_transfer("10.1.0.9:80-10.2.0.5:80")):
+        test = Mapper(rules).server_datagram_test()
+        exact_elsewhere = rules[0].online_ip == ip_bytes("10.1.0.9")
+        for name, d in datagrams.items():
+            fast = test(d)
+            assert fast == (name in expect_fast and not exact_elsewhere), (rules, name)
+            if fast:  # the engine, given it, counts it as server->client too
+                e = Engine(Mapper(rules), lambda *a: None, Config())
+                e.client_packet(d, 1)
+                assert e.st.pkts_server == 1 and not e.sessions, name
+    assert Mapper(parse_target("10.2.0.5", True)).server_datagram_test() is None  # any port
+
+
 def test_ipv6_session():
     c6, o6, t6 = (ip_bytes(x) for x in ("2001:db8::2", "2001:db8::1", "2001:db8::5"))
     out = []

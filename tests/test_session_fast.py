@@ -75,3 +75,17 @@ def test_push_records_equals_push_one_by_one():
                     b.push(rec["ts"], rec["data"], now)
         assert list(a.q) == list(b.q) and other_a == other_b
         assert a.last_due == b.last_due
+
+
+def test_push_records_drop_keeps_the_anchor():
+    """Dropped packets (the server->client half) are not queued, but the first of them
+    still anchors the timeline: the packets after it keep their recorded offsets."""
+    from tcpcopylib.session.timing import DueQueue
+
+    q = DueQueue()
+    now = 10**18
+    recs = [(1000, b"s1"), (1500, b"c1"), {"t": "note"}, (2500, b"s2"), (3000, b"c2")]
+    other = []
+    dropped = q.push_records(recs, now, other.append, lambda d: d[:1] == b"s")
+    assert dropped == 2 and other == [{"t": "note"}]
+    assert list(q.q) == [(now + 500, b"c1"), (now + 2000, b"c2")]

@@ -247,6 +247,9 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         os.set_blocking(in_fd, False)
         parser = StreamParser(name="<stdin>" if args.file == "-" else args.file)
         self._feed_mode = AS_PKT  # (ts, data) tuples for packets: no dict per record
+        # the server->client half of a capture is dropped before it is queued (the engine
+        # would only count it; in real captures it is often most of the packets)
+        self._server_side = engine.mapper.server_datagram_test()
         due = DueQueue(asap=args.asap)
 
         # Signals: stop reading and drain (a second one ends at once).
@@ -385,7 +388,10 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             return True
         chunk = self._rbuf[:n].tobytes()
         # packets are queued; records we do not know pass through
-        due.push_records(parser.feed(chunk, self._feed_mode), now, writer.write)
+        dropped = due.push_records(parser.feed(chunk, self._feed_mode), now, writer.write,
+                                   self._server_side)
+        if dropped:
+            engine.count_server_side(dropped)
         return False
 
     def stats_dict(self):

@@ -418,6 +418,12 @@ class Engine:
             if self.warn is not None:
                 self.warn("warning: " + warning)
 
+    def count_server_side(self, n: int) -> None:
+        """n server->client packets taken out of the input before client_packet()
+        (Mapper.server_datagram_test): counted as that would have."""
+        self.st.pkts_in += n
+        self.st.pkts_server += n
+
     def _is_server_side(self, key, flags) -> bool:
         """A server->client packet of a capture holding both directions."""
         src, sport, dst, dport = key

@@ -125,3 +125,22 @@ class Mapper:
         if self.any_port:
             return False
         return (ip, port) in self._exact or port in self._port
+
+    def server_datagram_test(self):
+        """A test on a raw datagram, cheap enough to run on every input packet before it is
+        queued: True for a TCP segment of plain IPv4 (no IP options, not a fragment) sent
+        from a mapped service, i.e. the server->client half of a capture, which is only
+        counted (is_service() on the parsed packet says the same; other datagrams go the
+        parsed way). None if services are not known by port (any_port)."""
+        if self.any_port:
+            return None
+        ports = frozenset(port.to_bytes(2, "big") for port in self._port)
+        exact = frozenset(ip + port.to_bytes(2, "big") for ip, port in self._exact
+                          if len(ip) == 4)
+
+        def from_service(d) -> bool:
+            return (len(d) >= 40 and d[0] == 0x45 and d[9] == 6 and not d[6] & 0x1F
+                    and not d[7] and (d[20:22] in ports or bool(exact)
+                                      and d[12:16] + d[20:22] in exact))
+
+        return from_service

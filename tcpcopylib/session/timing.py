@@ -33,12 +33,15 @@ class DueQueue:
     def push(self, ts, item, now: int) -> None:
         self.q.append((self.due_time(ts, now), item))
 
-    def push_records(self, items, now: int, other) -> None:
+    def push_records(self, items, now: int, other, drop=None) -> int:
         """push(ts, data) for each packet: a (ts, data) tuple, or a "pkt" record with bytes
         data (the others of that type are dropped); other(record) for records of any other
-        type, in order. (StreamParser.feed(mode=AS_PKT) gives such items.)"""
+        type, in order. (StreamParser.feed(mode=AS_PKT) gives such items.) Packets for
+        which drop(data) is true still count for the anchor but are not queued; returns
+        how many were dropped so."""
         append, asap = self.q.append, self.asap
         last = self.last_due
+        dropped = 0
         for item in items:
             if type(item) is tuple:
                 ts, data = item
@@ -59,8 +62,12 @@ class DueQueue:
             if due < last:
                 due = last
             last = due
+            if drop is not None and drop(data):
+                dropped += 1
+                continue
             append((due, data))
         self.last_due = last
+        return dropped
 
     def pop_due(self, now: int):
         """Items due at or before now, in order."""
