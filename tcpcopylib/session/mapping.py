@@ -140,7 +140,11 @@ class Mapper:
 
         def from_service(d) -> bool:
             return (len(d) >= 40 and d[0] == 0x45 and d[9] == 6 and not d[6] & 0x1F
-                    and not d[7] and (d[20:22] in ports or bool(exact)
-                                      and d[12:16] + d[20:22] in exact))
+                    and not d[7] and (d[20:22] in ports or d[12:16] + d[20:22] in exact))
 
-        return from_service
+        def from_service_port(d) -> bool:
+            # the usual client packet fails at the first test (its source port)
+            return (d[20:22] in ports and len(d) >= 40 and d[0] == 0x45 and d[9] == 6
+                    and not d[6] & 0x1F and not d[7])
+
+        return from_service if exact else from_service_port
