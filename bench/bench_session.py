@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Replay benchmark: generated short HTTP sessions replayed into a real server in the lab.
 
-    python3 bench/bench_session.py [--sessions N] [--rate R] [--requests K]
+    python3 bench/bench_session.py [--sessions N] [--rate R] [--requests K] [--repeat N]
                                    [--speeds 1,2,4,8] [--server nginx|python]
                                    [--compare DIR]
 
@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import socket
 import struct
 import subprocess
@@ -53,6 +54,7 @@ from tcpcopylib.lab import Lab  # noqa: E402
 
 PORT = 8080
 ONLINE_PORT = 8080  # the captured server port (= the target port: --target HOST:PORT)
+TARGET_SESSIONS, TARGET_PKTS = 3000, 30000  # the issue's targets on the 2-core machine
 
 
 # -- pcap generation (struct only: fast) -----------------------------------------------------
@@ -298,6 +300,9 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--session-arg", action="append", default=[],
                     help="extra tc-session argument (repeatable)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each speed N times and end with a summary per speed (median, "
+                         "range, runs meeting the targets): the rates vary from run to run")
     ap.add_argument("--keep", help="keep the work directory here")
     ap.add_argument("--compare", metavar="DIR",
                     help="also run each speed with DIR's tc-session (another checkout), "
@@ -318,7 +323,9 @@ def main(argv=None):
     print(f"{'offered s/s':>11} {'sessions/s':>10} {'req/s':>8} {'cli pkt/s':>9} "
           f"{'complete%':>9} {'wall s':>6}  tc-session outcomes (not 0)")
     runs = [(speed, repo) for speed in [float(x) for x in a.speeds.split(",")]
+            for _ in range(max(a.repeat, 1))
             for repo in ([None, a.compare] if a.compare else [None])]
+    results = {}  # (speed, repo) -> [(sessions/s, client pkt/s, complete %)]
     for speed, repo in runs:
         rd = work / f"speed{speed:g}"
         rd.mkdir(exist_ok=True)
@@ -330,6 +337,8 @@ def main(argv=None):
         share = machine_share(before, cpu_times())
         span = max(span, 1e-3)
         outcomes = {k: v for k, v in stats.get("outcomes", stats).items() if v}
+        results.setdefault((speed, repo), []).append(
+            (nsess / span, nsess * per_session / span, 100.0 * nreq / total_req))
         print(f"{a.rate * speed:11.0f} {nsess / span:10.0f} {nreq / span:8.0f} "
               f"{nsess * per_session / span:9.0f} {100.0 * nreq / total_req:9.2f} {wall:6.1f}  "
               f"{json.dumps(outcomes, sort_keys=True)[:200]}"
@@ -348,9 +357,26 @@ def main(argv=None):
         print("            context switches (voluntary, involuntary): "
               + ", ".join(f"{k.removeprefix('tc-')} {v[0]} {v[1]}" for k, v in wakeups.items())
               + f"; {share} (whole run, lab set-up included)", flush=True)
+    if a.repeat > 1:
+        print_summary(results, a.rate)
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def print_summary(results, rate):
+    """Per speed: median and range of the rates, and the runs meeting the targets."""
+    print(f"summary ({TARGET_SESSIONS:,} sessions/s and {TARGET_PKTS:,} client pkt/s at "
+          f"100 % completion):")
+    for (speed, repo), rs in results.items():
+        ss, ps = sorted(r[0] for r in rs), sorted(r[1] for r in rs)
+        full = [r for r in rs if r[2] >= 100.0]
+        print(f"  offered {rate * speed:6.0f} s/s{' (' + repo + ')' if repo else ''}: "
+              f"{len(rs)} runs, sessions/s median {statistics.median(ss):.0f} "
+              f"({ss[0]:.0f}-{ss[-1]:.0f}), client pkt/s median {statistics.median(ps):.0f} "
+              f"({ps[0]:.0f}-{ps[-1]:.0f}); 100 % in {len(full)}, "
+              f">= {TARGET_SESSIONS:,} s/s in {sum(r[0] >= TARGET_SESSIONS for r in full)}, "
+              f">= {TARGET_PKTS:,} pkt/s in {sum(r[1] >= TARGET_PKTS for r in full)}")
 
 
 if __name__ == "__main__":
