@@ -80,6 +80,23 @@ def test_offline_offsets_kept_and_unknown_records_pass(tmp_path):
     assert b"session 1 10.9.0.2:5000 -> 10.2.0.5:80: no_synack (" in r.stderr  # -v
 
 
+def test_speed_replays_the_recording_faster(tmp_path):
+    """-a/--speed F (TCPCopy's -a): sessions start at their recorded offsets divided by F."""
+    t0 = 1_700_000_000 * 10**9
+    recs = [pkt(t0 + i * 400 * MS, C, O, 5000 + i, 80, CISN, 0, TH_SYN, options=MSS)
+            for i in range(3)]
+    r = tc.run(["tc-session", "--target", "10.2.0.5:80", "--no-feedback", "-a", "4",
+                "--connect-timeout", "0.2", "--drain", "0"], input=tc.stream(recs))
+    assert r.returncode == 0, r.stderr
+    syns = [x["ts"] for x in tc.decode(r.stdout) if x["t"] == "pkt"
+            and parse_tcp(x["data"]).flags == TH_SYN]
+    gaps = [(b - a) / MS for a, b in zip(syns[:3], syns[1:3])]
+    assert len(gaps) == 2 and all(abs(g - 100) < 40 for g in gaps), gaps
+    bad = tc.run(["tc-session", "--target", "10.2.0.5:80", "--no-feedback", "-a", "0"],
+                 input=tc.stream([]))
+    assert bad.returncode == 2 and b"must be > 0" in bad.stderr
+
+
 class Proc:
     """A tool with a stdin pipe and a reader thread decoding its stdout."""
 

@@ -60,8 +60,8 @@ def test_push_records_equals_push_one_by_one():
             if rnd.random() < 0.5 and type(ts) is int:  # as StreamParser.feed(AS_PKT) gives
                 recs[-1] = (ts, bytes([i % 256]))
     assert sum(type(r) is tuple for r in recs) > 30
-    for asap in (False, True):
-        a, b = DueQueue(asap), DueQueue(asap)
+    for asap, speed in ((False, 1.0), (True, 1.0), (False, 2.5)):
+        a, b = DueQueue(asap, speed), DueQueue(asap, speed)
         other_a, other_b = [], []
         for k in range(0, 300, 37):
             now = 10**18 + k * 1000
@@ -75,6 +75,17 @@ def test_push_records_equals_push_one_by_one():
                     b.push(rec["ts"], rec["data"], now)
         assert list(a.q) == list(b.q) and other_a == other_b
         assert a.last_due == b.last_due
+
+
+def test_speed_divides_the_recorded_offsets():
+    from tcpcopylib.session.timing import DueQueue
+
+    now = 10**18
+    for speed, want in ((1.0, [0, 300, 900]), (3.0, [0, 100, 300]), (0.5, [0, 600, 1800])):
+        q = DueQueue(speed=speed)
+        q.push_records([(5 * 10**17 + ms * 10**6, b"p") for ms in (0, 300, 900)], now,
+                       None)
+        assert [(due - now) // 10**6 for due, _ in q.q] == want, speed
 
 
 def test_push_records_drop_keeps_the_anchor():

@@ -23,6 +23,22 @@ from tcpcopylib.errors import EX_FAIL, EX_OK, EX_USAGE, NoInputError, TcError
 PROGRESS_INTERVAL = float(os.environ.get("TC_PROGRESS_INTERVAL", "5"))
 
 
+def number_arg(kind, low, inclusive):
+    """An argparse type: a finite number of `kind` above `low` (or equal, if inclusive)."""
+    def parse(text):
+        import argparse
+
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (v >= low if inclusive else v > low) or v != v or v == float("inf"):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>=' if inclusive else '>'} {low}: {text!r}")
+        return v
+    return parse
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived; sources stop cleanly, filters exit 130/143."""
 

@@ -1,22 +1,8 @@
 """tc-pace: release records at their recorded pace, reshaped by speed, gap clamp, rate cap, delay."""
 
 from tcpcopylib.cli.common import Tool as BaseTool
+from tcpcopylib.cli.common import number_arg as _number
 from tcpcopylib.errors import UsageError
-
-
-def _number(kind, low, inclusive):
-    def parse(text):
-        import argparse
-
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not (v >= low if inclusive else v > low) or v != v or v == float("inf"):
-            raise argparse.ArgumentTypeError(
-                f"must be {'>=' if inclusive else '>'} {low}: {text!r}")
-        return v
-    return parse
 
 
 class Tool(BaseTool):

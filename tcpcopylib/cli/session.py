@@ -13,6 +13,7 @@ import struct
 import time
 
 from tcpcopylib.cli.common import Tool as BaseTool
+from tcpcopylib.cli.common import number_arg
 from tcpcopylib.errors import UsageError
 
 SEC = 1_000_000_000
@@ -137,6 +138,9 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                             "before resetting unfinished sessions (default 5)")
         b.add_argument("--asap", action="store_true",
                        help="send records when read, not at their recorded pace")
+        b.add_argument("-a", "--speed", type=number_arg(float, 0, False), default=1.0,
+                       metavar="F", help="replay the recording F times faster (TCPCopy's "
+                       "-a; F < 1: slower); default 1")
         s = p.add_argument_group("statistics")
         s.add_argument("--stats-every", type=float, metavar="N",
                        help="print the summary every N seconds")
@@ -250,7 +254,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         # the server->client half of a capture is dropped before it is queued (the engine
         # would only count it; in real captures it is often most of the packets)
         self._server_side = engine.mapper.server_datagram_test()
-        due = DueQueue(asap=args.asap)
+        due = DueQueue(asap=args.asap, speed=args.speed)
 
         # Signals: stop reading and drain (a second one ends at once).
         stop = {"sig": 0, "count": 0}

@@ -1,4 +1,4 @@
-"""When an input record is due (DESIGN.md §4): anchor_wall + (ts - anchor_ts).
+"""When an input record is due (DESIGN.md §4): anchor_wall + (ts - anchor_ts) / speed.
 
 The anchor is the first packet record seen. Live records (ts close to the wall clock)
 come out due at once; a pcap read at full speed is held and released at its recorded
@@ -11,8 +11,9 @@ import collections
 
 
 class DueQueue:
-    def __init__(self, asap: bool = False):
+    def __init__(self, asap: bool = False, speed: float = 1.0):
         self.asap = asap
+        self.speed = speed
         self.anchor_wall = None
         self.anchor_ts = 0
         self.last_due = 0
@@ -24,7 +25,7 @@ class DueQueue:
         else:
             if self.anchor_wall is None:
                 self.anchor_wall, self.anchor_ts = now, ts
-            due = self.anchor_wall + (ts - self.anchor_ts)
+            due = self.anchor_wall + self._scaled(ts - self.anchor_ts)
         if due < self.last_due:
             due = self.last_due
         self.last_due = due
@@ -42,6 +43,7 @@ class DueQueue:
         append, asap = self.q.append, self.asap
         last = self.last_due
         dropped = 0
+        scaled = None if self.speed == 1 else self._scaled
         for item in items:
             if type(item) is tuple:
                 ts, data = item
@@ -58,7 +60,8 @@ class DueQueue:
             else:  # due_time(), inline
                 if self.anchor_wall is None:
                     self.anchor_wall, self.anchor_ts = now, ts
-                due = self.anchor_wall + (ts - self.anchor_ts)
+                due = ts - self.anchor_ts
+                due = self.anchor_wall + (due if scaled is None else scaled(due))
             if due < last:
                 due = last
             last = due
@@ -68,6 +71,9 @@ class DueQueue:
             append((due, data))
         self.last_due = last
         return dropped
+
+    def _scaled(self, offset: int) -> int:
+        return offset if self.speed == 1 else round(offset / self.speed)
 
     def pop_due(self, now: int):
         """Items due at or before now, in order."""
