@@ -2,6 +2,7 @@
 """Replay benchmark: generated short HTTP sessions replayed into a real server in the lab.
 
     python3 bench/bench_session.py [--sessions N] [--rate R] [--requests K] [--repeat N]
+                                   [--speed-by tc-pace|tc-session]
                                    [--speeds 1,2,4,8] [--server nginx|python]
                                    [--compare DIR]
 
@@ -10,6 +11,7 @@ starting at R sessions/s of recording time, from client addresses spread over th
 client net. Then, for each speed S, in a fresh namespace lab:
 
   online:    tc-readpcap gen.pcap | tc-pace --speed S | tc-session --target T | tc-emit
+             (--speed-by tc-session: tc-readpcap gen.pcap | tc-session -a S ... | tc-emit)
   assistant: tc-intercept lan0 -F 'tcp and src port 8080' | tc-feedback --listen unix:SOCK
   target:    nginx (a minimal nginx.conf in a temp dir; python recording server if no nginx)
 
@@ -198,16 +200,18 @@ def target_requests(kind, log) -> tuple[int, int, float]:
 
 # -- one run --------------------------------------------------------------------------------------
 
-def run_once(pcap, speed, kind, workdir, timeout, session_args, session_repo=None):
+def run_once(pcap, speed, kind, workdir, timeout, session_args, session_repo=None,
+             speed_by="tc-pace"):
     with Lab() as lab:
         srv, log = start_target(lab, kind, workdir)
         fbprocs, addr = h.start_feedback(lab, workdir, PORT)
         stats_json = Path(workdir) / "stats.json"
         env = h.tool_env()
-        chain = [["tc-readpcap", str(pcap)],
-                 ["tc-pace", "--speed", str(speed)],
+        pace = [] if speed_by == "tc-session" else [["tc-pace", "--speed", str(speed)]]
+        session_speed = ["-a", str(speed)] if speed_by == "tc-session" else []
+        chain = [["tc-readpcap", str(pcap)], *pace,
                  ["tc-session", "--target", f"{lab.target_ip}:{PORT}", "--feedback", addr,
-                  "--stats-json", str(stats_json), *session_args],
+                  "--stats-json", str(stats_json), *session_speed, *session_args],
                  ["tc-emit"]]
         procs, prev = [], None
         t0 = time.monotonic()
@@ -300,6 +304,9 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--session-arg", action="append", default=[],
                     help="extra tc-session argument (repeatable)")
+    ap.add_argument("--speed-by", choices=("tc-pace", "tc-session"), default="tc-pace",
+                    help="what speeds the recording up: tc-pace --speed S before tc-session "
+                         "(default), or tc-session -a S (one process less)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each speed N times and end with a summary per speed (median, "
                          "range, runs meeting the targets): the rates vary from run to run")
@@ -333,7 +340,7 @@ def main(argv=None):
             print(f"  tc-session of {repo or 'this checkout'}:")
         before = cpu_times()
         done, wall, stats, (nreq, nsess, span), errs, cpu = run_once(
-            pcap, speed, a.server, rd, a.timeout, a.session_arg, repo)
+            pcap, speed, a.server, rd, a.timeout, a.session_arg, repo, a.speed_by)
         share = machine_share(before, cpu_times())
         span = max(span, 1e-3)
         outcomes = {k: v for k, v in stats.get("outcomes", stats).items() if v}
