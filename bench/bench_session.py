@@ -201,7 +201,7 @@ def target_requests(kind, log) -> tuple[int, int, float]:
 # -- one run --------------------------------------------------------------------------------------
 
 def run_once(pcap, speed, kind, workdir, timeout, session_args, session_repo=None,
-             speed_by="tc-pace"):
+             speed_by="tc-pace", readpcap_args=()):
     with Lab() as lab:
         srv, log = start_target(lab, kind, workdir)
         fbprocs, addr = h.start_feedback(lab, workdir, PORT)
@@ -209,7 +209,7 @@ def run_once(pcap, speed, kind, workdir, timeout, session_args, session_repo=Non
         env = h.tool_env()
         pace = [] if speed_by == "tc-session" else [["tc-pace", "--speed", str(speed)]]
         session_speed = ["-a", str(speed)] if speed_by == "tc-session" else []
-        chain = [["tc-readpcap", str(pcap)], *pace,
+        chain = [["tc-readpcap", *readpcap_args, str(pcap)], *pace,
                  ["tc-session", "--target", f"{lab.target_ip}:{PORT}", "--feedback", addr,
                   "--stats-json", str(stats_json), *session_speed, *session_args],
                  ["tc-emit"]]
@@ -310,6 +310,9 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each speed N times and end with a summary per speed (median, "
                          "range, runs meeting the targets): the rates vary from run to run")
+    ap.add_argument("--readpcap-arg", action="append", default=[],
+                    help="extra tc-readpcap argument (repeatable); e.g. -F 'tcp dst port "
+                         "8080' reads only the client->server half, as TCPCopy does")
     ap.add_argument("--keep", help="keep the work directory here")
     ap.add_argument("--compare", metavar="DIR",
                     help="also run each speed with DIR's tc-session (another checkout), "
@@ -340,7 +343,8 @@ def main(argv=None):
             print(f"  tc-session of {repo or 'this checkout'}:")
         before = cpu_times()
         done, wall, stats, (nreq, nsess, span), errs, cpu = run_once(
-            pcap, speed, a.server, rd, a.timeout, a.session_arg, repo, a.speed_by)
+            pcap, speed, a.server, rd, a.timeout, a.session_arg, repo, a.speed_by,
+            a.readpcap_arg)
         share = machine_share(before, cpu_times())
         span = max(span, 1e-3)
         outcomes = {k: v for k, v in stats.get("outcomes", stats).items() if v}
