@@ -22,7 +22,8 @@ length, as tc-intercept sends them). Cases:
             established).
 
 --compare DIR measures another checkout alternately (the "before" column).
---memory: bytes per idle session (every session open, before its FIN; tracemalloc).
+--memory: bytes per idle session (every session open, before its FIN; tracemalloc), and
+          the resident memory growth with them all open (RSS; try --sessions 100000).
 --check DIR: is what the engine sends (bytes, session ids, times) the same as DIR's engine?
 --profile FILE: cProfile of one run of the first case written to FILE (this checkout).
 """
@@ -174,8 +175,15 @@ def engine_child(repo, sessions, rate, requests, profile=None):
                       "completed": oc["completed"] + oc["reconnected"]}))
 
 
-def memory_child(repo, sessions, rate, requests):
-    """Bytes (tracemalloc) per idle session: every session open, its FIN not sent yet."""
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(repo, sessions, rate, requests, rss=False):
+    """Bytes (tracemalloc) per idle session: every session open, its FIN not sent yet.
+    With rss: the process's resident memory growth instead, no tracemalloc (the fake
+    target's per-connection state included: an upper bound)."""
     sys.path.insert(0, str(repo))
     import gc
     import tracemalloc
@@ -196,7 +204,9 @@ def memory_child(repo, sessions, rate, requests):
     eng = Engine(Mapper(parse_target(TARGET, False)), lambda d, sid, now: out.append(d),
                  Config(), Claims())
     gc.collect()
-    tracemalloc.start()
+    base = _rss()
+    if not rss:
+        tracemalloc.start()
     now = 0
     for ts, data in pkts:
         now = ts - TS0
@@ -212,6 +222,9 @@ def memory_child(repo, sessions, rate, requests):
     while (d := eng.next_deadline()) is not None and d <= end:
         eng.on_timer(d)
     out.clear()
+    if rss:
+        print(json.dumps({"rss": _rss() - base, "sessions": eng.active()}))
+        return
     target = None
     gc.collect()
     cur = tracemalloc.get_traced_memory()[0]
@@ -415,7 +428,8 @@ def main(argv=None) -> int:
         trace_child(Path(argv[1]))
         return 0
     if argv and argv[0] == "_memory":
-        memory_child(Path(argv[1]), int(argv[2]), float(argv[3]), int(argv[4]))
+        memory_child(Path(argv[1]), int(argv[2]), float(argv[3]), int(argv[4]),
+                     len(argv) > 5 and argv[5] == "rss")
         return 0
     if argv and argv[0] == "_target":
         target_child(Path(argv[1]), argv[2], int(argv[3]))
@@ -484,7 +498,13 @@ def main(argv=None) -> int:
                                 str(a.rate), str(a.requests)], capture_output=True, text=True,
                                check=True, timeout=600)
             d = json.loads(r.stdout.strip().splitlines()[-1])
-            row += f" {name}: {d['bytes'] / max(1, d['sessions']):.0f} bytes/idle session"
+            r = subprocess.run([sys.executable, __file__, "_memory", str(repo), str(a.sessions),
+                                str(a.rate), str(a.requests), "rss"], capture_output=True,
+                               text=True, check=True, timeout=600)
+            m = json.loads(r.stdout.strip().splitlines()[-1])
+            row += (f" {name}: {d['bytes'] / max(1, d['sessions']):.0f} bytes/idle session; "
+                    f"RSS +{m['rss'] / 2**20:.1f} MB with {m['sessions']} open "
+                    f"(fake target included)")
         print(f"memory  {row}")
     return 0
 
