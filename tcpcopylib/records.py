@@ -33,6 +33,7 @@ PROTOCOL_TAG = 0x54435052  # "TCPR"
 # Record types (the "t" key).
 T_HEADER = "header"
 T_PKT = "pkt"        # an IP datagram: ts (int ns), data (IPv4/IPv6 bytes), [len, sid]
+T_PKTS = "pkts"      # a batch of whole datagrams, as columns (see encode_pkts)
 T_FB = "fb"          # feedback: a target's reply (IP+TCP headers, maybe payload)
 T_CLAIM = "claim"    # feedback client -> tc-feedback: sessions it owns
 T_STATS = "stats"    # counters from a stage
@@ -221,6 +222,119 @@ def replace_ts(raw: bytes, ts: int) -> bytes | None:
     return b"".join((raw[:k], _P64(ts), raw[k + 8:]))
 
 
+# -- batches: {"t": "pkts", "ts": h'..', "len": h'..', "data": h'..'} ---------------------
+# Several whole datagrams (no "len" of their own: a cut-off one goes alone, as a pkt record)
+# in one item, as columns: ts holds n big-endian uint64 timestamps (ns), len n big-endian
+# uint16 datagram lengths, data the datagrams back to back. A stage that only looks at
+# timestamps (tc-pace) handles a batch with a few C calls; readers expand a batch into its
+# packets, in order (StreamDecoder.parse), so a stage that does not know batches never
+# sees one.
+_PKTS_HEAD = b"\x61t\x64pkts\x62ts"  # after the map head byte (0xA4)
+_PKTS_LEN_KEY = b"\x63len"
+_BATCH_FMT = {}  # n -> (Struct(">nQ"), Struct(">nH"))
+
+
+def batch_structs(n: int):
+    """(timestamps, lengths) structs of a batch of n packets."""
+    f = _BATCH_FMT.get(n)
+    if f is None:
+        if len(_BATCH_FMT) > 4096:
+            _BATCH_FMT.clear()
+        f = _BATCH_FMT[n] = (struct.Struct(f">{n}Q"), struct.Struct(f">{n}H"))
+    return f
+
+
+def encode_pkts(stamps, datas) -> bytes:
+    """CBOR of a pkts record of these packets (each shorter than 64 KiB, ts >= 0), the
+    same bytes as cbor2.dumps({"t": "pkts", "ts": ..., "len": ..., "data": ...})."""
+    n = len(stamps)
+    ts_s, len_s = batch_structs(n)
+    blob = b"".join(datas)
+    return b"".join((b"\xa4", _PKTS_HEAD, cbor_head(2, 8 * n), ts_s.pack(*stamps),
+                     _PKTS_LEN_KEY, cbor_head(2, 2 * n), len_s.pack(*map(len, datas)),
+                     _DATA_KEY, cbor_head(2, len(blob)), blob))
+
+
+def _bytes_head(buf, p):
+    """(length, start) of the CBOR byte string whose head is at buf[p] (shortest form)."""
+    h = buf[p]
+    if 0x40 <= h < 0x58:
+        return h - 0x40, p + 1
+    if h == 0x58 and buf[p + 1] >= 24:
+        return buf[p + 1], p + 2
+    if h == 0x59 and _U16(buf, p + 1)[0] >= 256:
+        return _U16(buf, p + 1)[0], p + 3
+    if h == 0x5A and _U32(buf, p + 1)[0] >= 65536:
+        return _U32(buf, p + 1)[0], p + 5
+    return None, p
+
+
+def scan_batch(buf, pos: int, end: int):
+    """Locate a pkts record at ``buf[pos:end]`` in the layout encode_pkts() writes:
+    ``(n, ts_at, len_at, data_at, stop)``, the columns' offsets; None if it is not in that
+    layout or not complete (decode it with cbor2, batch_packets() checks it)."""
+    try:
+        if buf[pos] != 0xA4 or not buf.startswith(_PKTS_HEAD, pos + 1):
+            return None
+        lt, ts_at = _bytes_head(buf, pos + 1 + len(_PKTS_HEAD))
+        if not lt or lt & 7:
+            return None
+        n = lt >> 3
+        p = ts_at + lt
+        if not buf.startswith(_PKTS_LEN_KEY, p):
+            return None
+        ll, len_at = _bytes_head(buf, p + 4)
+        if ll != 2 * n:
+            return None
+        p = len_at + ll
+        if not buf.startswith(_DATA_KEY, p):
+            return None
+        ld, data_at = _bytes_head(buf, p + 5)
+        if ld is None:
+            return None
+    except (IndexError, struct.error):
+        return None
+    stop = data_at + ld
+    if stop > end:
+        return None
+    return n, ts_at, len_at, data_at, stop
+
+
+def batch_stamps(buf, ts_at: int, n: int) -> tuple:
+    """The n timestamps of a batch that scan_batch() located."""
+    return batch_structs(n)[0].unpack_from(buf, ts_at)
+
+
+def batch_datas(buf, pos: int, end: int) -> list:
+    """The datagrams of the batch at buf[pos:end] (in the layout scan_batch() accepts)."""
+    n, _ts_at, len_at, p, stop = scan_batch(buf, pos, end)
+    out = []
+    for k in batch_structs(n)[1].unpack_from(buf, len_at):
+        out.append(buf[p:p + k])
+        p += k
+    if p != stop:
+        raise StreamError("malformed pkts record (its lengths do not add up to its data)")
+    return out
+
+
+def batch_packets(rec: dict, where: str) -> list:
+    """The (ts, data) pairs of a decoded pkts record; StreamError if it is malformed."""
+    stamps, lens, blob = rec.get("ts"), rec.get("len"), rec.get("data")
+    if (isinstance(stamps, bytes) and isinstance(lens, bytes) and isinstance(blob, bytes)
+            and stamps and len(stamps) % 8 == 0 and len(lens) == len(stamps) // 4):
+        n = len(stamps) // 8
+        ts_s, len_s = batch_structs(n)
+        sizes = len_s.unpack(lens)
+        if sum(sizes) == len(blob):
+            out, p = [], 0
+            for ts, k in zip(ts_s.unpack(stamps), sizes):
+                out.append((ts, blob[p:p + k]))
+                p += k
+            return out
+    raise StreamError(f"{where}: malformed pkts record (ts: 8-byte timestamps, len: 2-byte "
+                      f"lengths, as many, data: that many bytes)")
+
+
 # a section header, in the raw slot of RecordReader.iter_raw()
 HEADER = "header"
 
@@ -257,7 +371,11 @@ class StreamDecoder:
         - AS_SPANS: scan_record() tuples for records in the common layout (nothing copied:
           a stage that forwards them patches and writes slices of ``buf``), else
           ``(None, record, None, None, None, stop, None)`` and, for section headers,
-          ``(HEADER, header, None, None, None, stop, None)``.
+          ``(HEADER, header, None, None, None, stop, None)``; a batch in the common
+          layout is ``(T_PKTS, first ts, ts_at, n, None, stop, None)`` (see scan_batch).
+
+        A batch (pkts record) is expanded into its packets, as pkt records or (ts, data)
+        tuples, in every mode but AS_SPANS with the common layout.
         """
         if type(buf) is not bytes:
             buf = bytes(buf)  # (slices of it become the records' bytes values)
@@ -276,6 +394,27 @@ class StreamDecoder:
         while pos < end:
             if not self._expect_header and 0xA3 <= buf[pos] <= 0xA5:
                 r = scan(buf, pos, end)
+                if r is None and buf.startswith(_PKTS_HEAD, pos + 1):
+                    b = scan_batch(buf, pos, end)
+                    if b is not None:
+                        n, ts_at, len_at, p, stop = b
+                        ts_s, len_s = batch_structs(n)
+                        records += 1
+                        if mode == AS_SPANS:
+                            append((T_PKTS, _U64(buf, ts_at)[0], ts_at, n, None, stop, None))
+                        else:
+                            pairs = []
+                            for ts, k in zip(ts_s.unpack_from(buf, ts_at),
+                                             len_s.unpack_from(buf, len_at)):
+                                pairs.append((ts, buf[p:p + k]))
+                                p += k
+                            if p != stop:
+                                err = StreamError(f"{self.name}: malformed pkts record at "
+                                                  f"byte {base + pos} (lengths do not add up)")
+                                break
+                            self._expand(pairs, mode, append)
+                        pos = stop
+                        continue
                 if r is not None:
                     records += 1
                     if mode == AS_SPANS:
@@ -331,6 +470,19 @@ class StreamDecoder:
                 break
             pos = newpos
             records += 1
+            if item.get("t") == T_PKTS:
+                try:
+                    pairs = batch_packets(item, f"{self.name}: byte {base + newpos}")
+                except StreamError as e:
+                    err = e
+                    break
+                if mode == AS_SPANS:
+                    for ts, data in pairs:
+                        append((None, {"t": T_PKT, "ts": ts, "data": data}, None, None, None,
+                                pos, None))
+                else:
+                    self._expand(pairs, mode, append)
+                continue
             if mode == AS_SPANS:
                 append((None, item, None, None, None, pos, None))
             else:
@@ -342,6 +494,19 @@ class StreamDecoder:
                 f"{self.name}: no complete record in {end - pos} bytes at byte "
                 f"{self.consumed}; not a record stream")
         return out, pos, err
+
+    @staticmethod
+    def _expand(pairs, mode, append) -> None:
+        """A batch's (ts, data) pairs as items of ``mode`` (not AS_SPANS)."""
+        if mode == AS_PKT:
+            for pair in pairs:
+                append(pair)
+        elif mode == AS_RAW:
+            for ts, data in pairs:
+                append(({"t": T_PKT, "ts": ts, "data": data}, None))
+        else:
+            for ts, data in pairs:
+                append({"t": T_PKT, "ts": ts, "data": data})
 
     def _end_error(self, pending: int) -> StreamError | None:
         """The error for an input that ended with ``pending`` bytes unparsed, if any."""

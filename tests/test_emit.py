@@ -12,6 +12,7 @@ from tc import BIN, stream
 from tcpcopylib import packet
 from tcpcopylib.emit import Emitter, fix_ip4_header, ip4_header_ok, parse_mac, tcp_sum_ok
 from tcpcopylib.errors import UsageError
+from tcpcopylib.records import encode_pkts
 
 C4, T4 = packet.ip_bytes("10.200.9.2"), packet.ip_bytes("10.200.1.2")
 C6, T6 = packet.ip_bytes("fd00:200:9::2"), packet.ip_bytes("fd00:200:1::2")
@@ -179,7 +180,9 @@ def test_forged_syn_reaches_target_synack_only_on_assistant(lab, v6, link):
         args += ["-o", lab.online_if, "--dst-mac", lab.target_mac]
     socks = watch(lab, client)
     try:
-        r = emit(lab, *args, input=stream([{"t": "pkt", "ts": 1, "data": p} for p in pkts]))
+        # the second one in a batch (a pkts record, as tc-readpcap --batch writes them)
+        r = emit(lab, *args, input=stream([{"t": "pkt", "ts": 1, "data": pkts[0]}])
+                 + encode_pkts([2], pkts[1:]))
         assert r.returncode == 0, r.stderr
         assert b"sent 2, failed 0, fixed checksums 1" in r.stderr
         got = synacks(socks["assistant"].frames(0.3))

@@ -326,3 +326,48 @@ def test_interrupt_while_waiting_exits_130_with_released_records_written(tmp_pat
             p.kill()
             p.wait()
     assert decode(out.read_bytes()) == recs[:1]
+
+
+def _raw_types(data: bytes) -> list:
+    """The "t" of every item as written (batches not expanded)."""
+    import io
+
+    dec, f, out = None, io.BytesIO(data), []
+    dec = cbor2.CBORDecoder(f)
+    while f.tell() < len(data):
+        item = dec.decode()
+        if isinstance(item, dict):
+            out.append(item["t"])
+    return out
+
+
+def test_a_batch_is_paced_as_one_and_keeps_its_spacing():
+    from tcpcopylib.records import encode_pkts, encode_section, header
+
+    s = (encode_section(header("test"))
+         + encode_pkts([T0, T0 + MS // 2, T0 + MS], [b"a", b"b", b"c"])
+         + encode_pkts([T0 + S, T0 + S + MS // 4, T0 + S + MS // 2], [b"d", b"e", b"f"]))
+    t = time.monotonic()
+    r = run(["tc-pace", "--speed", "4", "--stats"], input=s)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t >= 0.25
+    assert _raw_types(r.stdout) == ["header", "pkts", "pkts"]  # still batches
+    recs = decode(r.stdout)
+    assert [x["data"] for x in recs] == [b"a", b"b", b"c", b"d", b"e", b"f"]
+    # every ts moved with its batch's first, offsets scaled by the speed
+    assert [x["ts"] - T0 for x in recs] == [0, MS // 8, MS // 4, S // 4, S // 4 + MS // 16,
+                                            S // 4 + MS // 8]
+    assert b"records in 6 out 6" in r.stderr
+
+
+def test_a_rate_cap_takes_a_batch_apart():
+    from tcpcopylib.records import encode_pkts, encode_section, header
+
+    s = encode_section(header("test")) + encode_pkts([T0 + i for i in range(5)],
+                                                     [bytes([i]) for i in range(5)])
+    t = time.monotonic()
+    r = run(["tc-pace", "--rate", "20"], input=s)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t >= 0.19  # 5 records at 20/s: the last one 0.2 s after the first
+    assert _raw_types(r.stdout) == ["header"] + ["pkt"] * 5
+    assert [x["data"] for x in decode(r.stdout)] == [bytes([i]) for i in range(5)]

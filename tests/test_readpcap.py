@@ -281,3 +281,42 @@ def test_version_does_not_import_heavy_modules():
             "assert not {'dpkt', 'pcapy', 'cbor2'} & set(sys.modules), sys.modules.keys()")
     subprocess.run([sys.executable, "-c", code], check=True, env=env(), timeout=30,
                    cwd=str(BIN.parent))
+
+
+def test_batch_holds_the_same_packets_within_1ms(tmp_path):
+    import struct
+
+    big = ip4(7, b"y" * 1000)
+    # a packet every 0.3 ms: 4 fit in 1 ms, fewer than -B 8
+    frames = [(TS0 + i * 300_000, eth(ETH4, ip4(i % 50, b"p" * (i % 300)))) for i in range(60)]
+    frames.insert(30, (TS0 + 8_950_000, eth(ETH4, big)[:14 + 100], 14 + len(big)))  # cut off
+    content = cf.pcap(frames, snaplen=1500)
+    plain = readpcap(tmp_path, content).stdout
+    r = readpcap(tmp_path, content, "-B", "8", "--stats")
+    assert r.returncode == 0, r.stderr
+    assert pkts(r.stdout) == pkts(plain)  # expanded by every reader: the same records
+    assert "61 packets read, 61 emitted" in r.stderr.decode()
+    import io
+    f = io.BytesIO(r.stdout)
+    dec = cbor2.CBORDecoder(f)
+    items = []
+    while f.tell() < len(r.stdout):
+        items.append(dec.decode())
+    recs = [x for x in items if isinstance(x, dict) and x["t"] != "header"]
+    sizes = []
+    for x in recs:
+        if x["t"] == "pkts":
+            n = len(x["ts"]) // 8
+            stamps = struct.unpack(f">{n}Q", x["ts"])
+            assert n <= 8 and stamps[-1] - stamps[0] <= 1_000_000
+            sizes.append(n)
+        else:  # only the cut-off datagram goes alone, with its original length
+            assert x["t"] == "pkt" and x["len"] == len(big)
+            sizes.append("pkt")
+    assert sizes.count("pkt") == 1 and sum(n for n in sizes if n != "pkt") == 60
+    assert max(n for n in sizes if n != "pkt") == 4  # the 1 ms limit, not the count, bites
+    r = readpcap(tmp_path, cf.pcap([(TS0 + i, f) for i, (_t, f) in enumerate(frames[:30])]),
+                 "-B", "8")
+    assert pkts(r.stdout) == pkts(readpcap(tmp_path, cf.pcap(
+        [(TS0 + i, f) for i, (_t, f) in enumerate(frames[:30])])).stdout)
+    assert readpcap(tmp_path, content, "-B", "0").returncode == 2

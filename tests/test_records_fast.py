@@ -282,3 +282,71 @@ def test_stream_parser_other_buffers_give_bytes(kind):
     recs = [{"t": "pkt", "ts": TS, "data": b"abc", "sid": 3}, {"t": "pkt", "ts": 1, "data": b"d"}]
     got = StreamParser().feed(kind(stream(recs)))
     assert got == recs and all(type(r["data"]) is bytes for r in got)
+
+
+# -- batches (pkts records) ------------------------------------------------------------------
+
+def _batch(n, t0=TS):
+    stamps = [t0 + i * 1000 for i in range(n)]
+    datas = [bytes([i % 256]) * (20 + i * 37 % 1400) for i in range(n)]
+    return stamps, datas
+
+
+def _columns(stamps, datas):
+    n = len(stamps)
+    return {"ts": struct.pack(f">{n}Q", *stamps), "len": struct.pack(f">{n}H", *map(len, datas)),
+            "data": b"".join(datas)}
+
+
+def test_batch_encoding_is_cbor2s_and_every_mode_expands_it():
+    from tcpcopylib.records import (AS_RAW, AS_RECORDS, T_PKTS, batch_datas, batch_stamps,
+                                    encode_pkts)
+
+    stamps, datas = _batch(40)
+    raw = encode_pkts(stamps, datas)
+    assert raw == cbor2.dumps({"t": "pkts", **_columns(stamps, datas)})
+    # the same batch in another key order is not the common layout: cbor2 decodes it
+    other = cbor2.dumps({"data": b"".join(datas), "t": "pkts", **_columns(stamps, datas)})
+    head = encode_section(header("test"))
+    s = head + raw + cbor2.dumps({"t": "note"}) + other
+    pairs = list(zip(stamps, datas))
+    pkts = [{"t": "pkt", "ts": t, "data": d} for t, d in pairs]
+    items, pos, err = StreamDecoder().parse(s, AS_PKT)
+    assert err is None and pos == len(s) and items == pairs + [{"t": "note"}] + pairs
+    assert StreamDecoder().parse(s, AS_RECORDS)[0] == pkts + [{"t": "note"}] + pkts
+    assert StreamDecoder().parse(s, AS_RAW)[0] == (
+        [(p, None) for p in pkts] + [({"t": "note"}, None)] + [(p, None) for p in pkts])
+    spans = StreamDecoder().parse(s, AS_SPANS)[0]
+    kind, ts, ts_at, n, _, stop, _ = spans[1]
+    assert (kind, ts, n, stop) == (T_PKTS, stamps[0], 40, len(head) + len(raw))
+    assert batch_stamps(s, ts_at, n) == tuple(stamps)
+    assert batch_datas(s, len(head), stop) == datas
+    assert [x[1] for x in spans[3:]] == pkts  # the other layout: one decoded pkt each
+    # fed in pieces, as a pipe delivers it
+    p, got = StreamParser(), []
+    for i in range(0, len(s), 333):
+        got += p.feed(s[i:i + 333], AS_PKT)
+    p.close()
+    assert got == items
+    assert decode(s) == pkts + [{"t": "note"}] + pkts  # RecordReader
+
+
+@pytest.mark.parametrize("layout", ["common", "other"])
+def test_a_batch_whose_lengths_do_not_add_up_is_an_error(layout):
+    from tcpcopylib.records import encode_pkts
+
+    stamps, datas = _batch(5)
+    if layout == "common":
+        raw = bytearray(encode_pkts(stamps, datas))
+        at = raw.index(b"\x63len") + 5  # the first length (a 10-byte column: 0x4a head)
+        raw[at:at + 2] = b"\xff\xff"
+        raw = bytes(raw)
+    else:
+        cols = _columns(stamps, datas)
+        cols["len"] = cols["len"][:-2] + b"\x00\x01"
+        raw = cbor2.dumps({"data": cols.pop("data"), "t": "pkts", **cols})
+    s = encode_section(header("test")) + raw
+    _items, _pos, err = StreamDecoder().parse(s, AS_PKT)
+    assert isinstance(err, StreamError) and "malformed pkts record" in str(err)
+    r = run(["tc-dump"], input=s)
+    assert r.returncode == 65 and b"malformed pkts record" in r.stderr

@@ -97,6 +97,36 @@ def test_speed_replays_the_recording_faster(tmp_path):
     assert bad.returncode == 2 and b"must be > 0" in bad.stderr
 
 
+def test_batched_input_replays_like_single_packets():
+    """tc-readpcap --batch output (pkts records) gives tc-session the same packets at the
+    same recorded offsets as one pkt record each."""
+    from tcpcopylib.records import encode_pkts
+
+    t0 = 1_700_000_000 * 10**9
+    recs = [pkt(t0 + i * 50 * MS + k * MS // 4, C, O, 5000 + i, 80, CISN, 0, TH_SYN,
+                options=MSS) if k == 0 else
+            pkt(t0 + i * 50 * MS + k * MS // 4, O, C, 80, 5000 + i, SISN, CISN + 1,
+                TH_SYN | TH_ACK) for i in range(4) for k in range(2)]
+    plain = tc.stream(recs)
+    batched = encode_section(header("test")) + b"".join(
+        encode_pkts([r["ts"] for r in recs[j:j + 3]], [r["data"] for r in recs[j:j + 3]])
+        for j in range(0, len(recs), 3))
+    runs = []
+    for data in (plain, batched):
+        r = tc.run(["tc-session", "--target", "10.2.0.5:80", "--no-feedback", "--stats",
+                    "--connect-timeout", "0.2", "--drain", "0"], input=data)
+        assert r.returncode == 0, r.stderr
+        out = [x for x in tc.decode(r.stdout) if x["t"] == "pkt"]
+        runs.append(([(x["sid"], x["data"]) for x in out],
+                     [(x["ts"] - out[0]["ts"]) // MS for x in out[:4]],
+                     re.search(rb"packets: .*", r.stderr).group()))
+    assert runs[0][0] and runs[0][0] == runs[1][0]
+    assert runs[1][2].startswith(b"packets: 8 in (0 ignored, 4 server->client")
+    assert runs[0][2] == runs[1][2]
+    for gaps in (runs[0][1], runs[1][1]):  # the SYNs 50 ms apart, as recorded
+        assert all(abs(g - 50 * i) < 25 for i, g in enumerate(gaps)), gaps
+
+
 class Proc:
     """A tool with a stdin pipe and a reader thread decoding its stdout."""
 

@@ -41,8 +41,10 @@ class Tool(BaseTool):
         import time
 
         from tcpcopylib.pacing import Pacer
-        from tcpcopylib.records import (HEADER, RecordReader, RecordWriter, fast_record, header,
-                                        merged_header)
+        from tcpcopylib.errors import StreamError
+        from tcpcopylib.records import (HEADER, T_PKT, T_PKTS, RecordReader, RecordWriter,
+                                        batch_datas, batch_stamps, batch_structs, fast_record,
+                                        header, merged_header)
 
         try:
             self.pacer = pacer = Pacer(
@@ -75,6 +77,10 @@ class Tool(BaseTool):
         reader = RecordReader(fd, on_idle=flush, headers=True, name=name)
         due, keep_ts = pacer.due, args.keep_ts
         patch_ts = struct.Struct(">Q").pack_into
+        # A batch (pkts) moves as one item, every ts shifted with its first, unless records
+        # are rate-capped or gaps clamped: then each of its packets is paced on its own.
+        whole_batches = args.rate is None and args.max_gap is None
+        speed = args.speed
         try:
             for buf, items in reader.iter_spans():
                 out = bytearray(buf)
@@ -99,6 +105,28 @@ class Tool(BaseTool):
                                 rec["ts"] = new_ts
                         writer.write(rec)
                         self.records_out += 1
+                        continue
+                    if kind == T_PKTS:
+                        n = _p
+                        self.records_in += n
+                        self.records_out += n
+                        stamps = batch_stamps(out, ts_at, n)
+                        if whole_batches:  # one due(); every ts shifted with the first
+                            new0 = due(ts, flush)
+                            if (new0 != ts or speed != 1) and not keep_ts:
+                                new = [new0 + (t - ts if speed == 1 else
+                                               round((t - ts) / speed)) for t in stamps]
+                                if min(new) < 0 or max(new) > 0xFFFFFFFFFFFFFFFF:
+                                    raise StreamError("a timestamp out of range after pacing")
+                                batch_structs(n)[0].pack_into(out, ts_at, *new)
+                        else:  # rate cap or gap clamp: each packet goes when it is due
+                            take()
+                            for t, d in zip(stamps, batch_datas(buf, cur, stop)):
+                                new_ts = due(t, flush)
+                                writer.write({"t": T_PKT, "ts": t if keep_ts else new_ts,
+                                              "data": d})
+                            mark = stop
+                        cur = stop
                         continue
                     self.records_in += 1
                     new_ts = due(ts, flush)

@@ -6,6 +6,13 @@ from tcpcopylib.cli.common import Tool as BaseTool
 from tcpcopylib.errors import EX_DATAERR, CaptureFormatError, UsageError
 
 
+# --batch: a batch holds packets of at most 1 ms of recording time (a stage that releases
+# it as a whole, tc-pace, sends none of them more than that early) and about 48 KiB
+# (larger CBOR items hit glibc's heap-trim cost: feasibility.md section 3.1).
+BATCH_SPAN_NS = 1_000_000
+BATCH_BYTES = 48 << 10
+
+
 class Tool(BaseTool):
     name = "tc-readpcap"
     summary = ("Read pcap/pcapng capture files and write one \"pkt\" record per IPv4/IPv6 "
@@ -19,6 +26,7 @@ class Tool(BaseTool):
         super().__init__(*a, **kw)
         self.read = self.emitted = self.non_ip = self.filtered = self.bytes = 0
         self.unsupported = set()  # link types already warned about
+        self.batch_stamps, self.batch_datas = [], []  # --batch: the packets not yet written
 
     def add_arguments(self, p) -> None:
         p.add_argument("files", nargs="*", default=["-"], metavar="FILE",
@@ -27,6 +35,10 @@ class Tool(BaseTool):
                        help="only packets matching this pcap-filter(7) expression")
         p.add_argument("-c", "--count", type=int, metavar="N",
                        help="stop after emitting N packets")
+        p.add_argument("-B", "--batch", type=int, default=1, metavar="N",
+                       help="up to N packets per record (\"pkts\", within 1 ms of "
+                            "recording time): less work for every stage downstream; all "
+                            "tc-* tools read batches, scripts see tcpcopy-records(5)")
 
     def stats_line(self) -> str:
         t = self.elapsed()
@@ -51,6 +63,8 @@ class Tool(BaseTool):
 
         if args.count is not None and args.count < 0:
             raise UsageError("--count must be >= 0")
+        if args.batch < 1:
+            raise UsageError("--batch must be >= 1")
         if args.filter:
             self._compile(args.filter, LT_ETHERNET)  # a bad expression fails before any input
         # Open every input and check its magic before writing anything.
@@ -59,7 +73,7 @@ class Tool(BaseTool):
         for path in args.files:
             fd = self.open_input(path)
             reader = CaptureReader(fd, "<stdin>" if path == "-" else path,
-                                   on_idle=lambda: writer and writer.flush())
+                                   on_idle=lambda: writer and self._flush(writer))
             inputs.append((reader, reader.frames()))
         status = 0
         limit = args.count
@@ -75,20 +89,40 @@ class Tool(BaseTool):
                     break
                 try:
                     self._copy(frames, writer, args.filter,
-                               None if limit is None else limit - self.emitted)
+                               None if limit is None else limit - self.emitted, args.batch)
                 except CaptureFormatError as e:
                     self.warn(f"warning: {e}")
                     status = EX_DATAERR
+                finally:
+                    self._end_batch(writer)  # a batch never spans two files
         finally:
             if writer is not None:
-                writer.flush()
+                self._flush(writer)
         return status
 
-    def _copy(self, frames, writer, expr, limit):
-        """The hot loop: frames -> encoded pkt records (counters kept in locals)."""
+    def _end_batch(self, writer) -> None:
+        """The pending --batch packets into the writer's buffer."""
+        from tcpcopylib.records import encode_pkts
+
+        if self.batch_stamps:
+            writer.buf += encode_pkts(self.batch_stamps, self.batch_datas)
+            self.batch_stamps.clear()
+            self.batch_datas.clear()
+
+    def _flush(self, writer) -> None:
+        """Before a read that may block, and at the end: nothing is held back."""
+        self._end_batch(writer)
+        writer.flush()
+
+    def _copy(self, frames, writer, expr, limit, batch=1):
+        """The hot loop: frames -> encoded pkt records (counters kept in locals), or with
+        batch > 1 pkts records of up to batch whole datagrams within BATCH_SPAN_NS."""
         from tcpcopylib.pcapio import LINK_SPANS, encode_pkt
+        from tcpcopylib.records import encode_pkts
 
         buf, flush, bufsize = writer.buf, writer.flush, writer.bufsize  # write_raw, inlined
+        stamps, datas = self.batch_stamps, self.batch_datas
+        batch_bytes = 0
         cur_lt = span = bpf = None
         read = emitted = non_ip = filtered = nbytes = 0
         limit = -1 if limit is None else limit
@@ -114,8 +148,24 @@ class Tool(BaseTool):
                     non_ip += 1
                     continue
                 start, end, ip_orig = s
-                buf += encode_pkt(ts, frame[start:end] if start or end != len(frame) else frame,
-                                  ip_orig)
+                data = frame[start:end] if start or end != len(frame) else frame
+                if batch > 1 and not ip_orig and 0 <= ts and end - start < 0x10000:
+                    # (a cut-off datagram goes alone, as a pkt record with its "len")
+                    if not stamps:  # (also after _flush() emptied it)
+                        batch_bytes = 0
+                    elif (len(stamps) >= batch or ts - stamps[0] > BATCH_SPAN_NS
+                          or batch_bytes > BATCH_BYTES):
+                        buf += encode_pkts(stamps, datas)
+                        stamps.clear()
+                        datas.clear()
+                        batch_bytes = 0
+                    stamps.append(ts)
+                    datas.append(data)
+                    batch_bytes += end - start
+                else:
+                    if stamps:
+                        self._end_batch(writer)
+                    buf += encode_pkt(ts, data, ip_orig)
                 if len(buf) >= bufsize:
                     flush()
                 nbytes += end - start
