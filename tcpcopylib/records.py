@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+from itertools import accumulate
 
 import cbor2
 
@@ -403,16 +404,17 @@ class StreamDecoder:
                         if mode == AS_SPANS:
                             append((T_PKTS, _U64(buf, ts_at)[0], ts_at, n, None, stop, None))
                         else:
-                            pairs = []
-                            for ts, k in zip(ts_s.unpack_from(buf, ts_at),
-                                             len_s.unpack_from(buf, len_at)):
-                                pairs.append((ts, buf[p:p + k]))
-                                p += k
-                            if p != stop:
+                            offs = list(accumulate(len_s.unpack_from(buf, len_at), initial=p))
+                            if offs[-1] != stop:
                                 err = StreamError(f"{self.name}: malformed pkts record at "
                                                   f"byte {base + pos} (lengths do not add up)")
                                 break
-                            self._expand(pairs, mode, append)
+                            pairs = zip(ts_s.unpack_from(buf, ts_at),
+                                        [buf[a:q] for a, q in zip(offs, offs[1:])])
+                            if mode == AS_PKT:
+                                out.extend(pairs)
+                            else:
+                                self._expand(pairs, mode, append)
                         pos = stop
                         continue
                 if r is not None:
