@@ -2,7 +2,7 @@
 """Replay benchmark: generated short HTTP sessions replayed into a real server in the lab.
 
     python3 bench/bench_session.py [--sessions N] [--rate R] [--requests K] [--repeat N]
-                                   [--speed-by tc-pace|tc-session]
+                                   [--speed-by tc-pace|tc-session] [--batch N]
                                    [--speeds 1,2,4,8] [--server nginx|python]
                                    [--compare DIR]
 
@@ -10,8 +10,8 @@ Generates a pcap of N short HTTP/1.1 sessions (K requests each, client closes fi
 starting at R sessions/s of recording time, from client addresses spread over the lab's
 client net. Then, for each speed S, in a fresh namespace lab:
 
-  online:    tc-readpcap gen.pcap | tc-pace --speed S | tc-session --target T | tc-emit
-             (--speed-by tc-session: tc-readpcap gen.pcap | tc-session -a S ... | tc-emit)
+  online:    tc-readpcap -B 32 gen.pcap | tc-pace --speed S | tc-session --target T | tc-emit
+             (--speed-by tc-session: tc-readpcap -B 32 gen.pcap | tc-session -a S ... | tc-emit)
   assistant: tc-intercept lan0 -F 'tcp and src port 8080' | tc-feedback --listen unix:SOCK
   target:    nginx (a minimal nginx.conf in a temp dir; python recording server if no nginx)
 
@@ -310,6 +310,9 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each speed N times and end with a summary per speed (median, "
                          "range, runs meeting the targets): the rates vary from run to run")
+    ap.add_argument("--batch", type=int, default=32, metavar="N",
+                    help="tc-readpcap -B N: up to N packets per record (default 32; 1: one "
+                         "pkt record per packet)")
     ap.add_argument("--readpcap-arg", action="append", default=[],
                     help="extra tc-readpcap argument (repeatable); e.g. -F 'tcp dst port "
                          "8080' reads only the client->server half, as TCPCopy does")
@@ -329,7 +332,9 @@ def main(argv=None):
     per_session = client_pkts / a.sessions
     print(f"generated {a.sessions} sessions x {a.requests} requests, {client_pkts} client packets "
           f"({per_session:.0f}/session) at {a.rate:.0f} sessions/s in "
-          f"{time.monotonic() - t:.1f} s; target: {a.server}")
+          f"{time.monotonic() - t:.1f} s; target: {a.server}; tc-readpcap -B {a.batch}"
+          + (f" {' '.join(a.readpcap_arg)}" if a.readpcap_arg else "")
+          + (", tc-session -a S" if a.speed_by == "tc-session" else ", tc-pace --speed S"))
     print(f"{'offered s/s':>11} {'sessions/s':>10} {'req/s':>8} {'cli pkt/s':>9} "
           f"{'complete%':>9} {'wall s':>6}  tc-session outcomes (not 0)")
     runs = [(speed, repo) for speed in [float(x) for x in a.speeds.split(",")]
@@ -344,7 +349,7 @@ def main(argv=None):
         before = cpu_times()
         done, wall, stats, (nreq, nsess, span), errs, cpu = run_once(
             pcap, speed, a.server, rd, a.timeout, a.session_arg, repo, a.speed_by,
-            a.readpcap_arg)
+            ["-B", str(a.batch), *a.readpcap_arg])
         share = machine_share(before, cpu_times())
         span = max(span, 1e-3)
         outcomes = {k: v for k, v in stats.get("outcomes", stats).items() if v}
