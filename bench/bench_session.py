@@ -201,7 +201,7 @@ def target_requests(kind, log) -> tuple[int, int, float]:
 # -- one run --------------------------------------------------------------------------------------
 
 def run_once(pcap, speed, kind, workdir, timeout, session_args, session_repo=None,
-             speed_by="tc-pace", readpcap_args=()):
+             speed_by="tc-pace", readpcap_args=(), emit_link=False):
     with Lab() as lab:
         srv, log = start_target(lab, kind, workdir)
         fbprocs, addr = h.start_feedback(lab, workdir, PORT)
@@ -212,7 +212,8 @@ def run_once(pcap, speed, kind, workdir, timeout, session_args, session_repo=Non
         chain = [["tc-readpcap", *readpcap_args, str(pcap)], *pace,
                  ["tc-session", "--target", f"{lab.target_ip}:{PORT}", "--feedback", addr,
                   "--stats-json", str(stats_json), *session_speed, *session_args],
-                 ["tc-emit"]]
+                 ["tc-emit", *(["-o", lab.online_if, "--dst-mac", lab.target_mac]
+                               if emit_link else [])]]
         procs, prev = [], None
         t0 = time.monotonic()
         for i, argv in enumerate(chain):
@@ -313,6 +314,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32, metavar="N",
                     help="tc-readpcap -B N: up to N packets per record (default 32; 1: one "
                          "pkt record per packet)")
+    ap.add_argument("--emit-link", action="store_true",
+                    help="tc-emit -o IFACE --dst-mac MAC: Ethernet frames on the online "
+                         "host's interface (TCPCopy's --pcap-send -o) instead of raw IP")
     ap.add_argument("--readpcap-arg", action="append", default=[],
                     help="extra tc-readpcap argument (repeatable); e.g. -F 'tcp dst port "
                          "8080' reads only the client->server half, as TCPCopy does")
@@ -334,7 +338,8 @@ def main(argv=None):
           f"({per_session:.0f}/session) at {a.rate:.0f} sessions/s in "
           f"{time.monotonic() - t:.1f} s; target: {a.server}; tc-readpcap -B {a.batch}"
           + (f" {' '.join(a.readpcap_arg)}" if a.readpcap_arg else "")
-          + (", tc-session -a S" if a.speed_by == "tc-session" else ", tc-pace --speed S"))
+          + (", tc-session -a S" if a.speed_by == "tc-session" else ", tc-pace --speed S")
+          + (", tc-emit -o" if a.emit_link else ""))
     print(f"{'offered s/s':>11} {'sessions/s':>10} {'req/s':>8} {'cli pkt/s':>9} "
           f"{'complete%':>9} {'wall s':>6}  tc-session outcomes (not 0)")
     runs = [(speed, repo) for speed in [float(x) for x in a.speeds.split(",")]
@@ -349,7 +354,7 @@ def main(argv=None):
         before = cpu_times()
         done, wall, stats, (nreq, nsess, span), errs, cpu = run_once(
             pcap, speed, a.server, rd, a.timeout, a.session_arg, repo, a.speed_by,
-            ["-B", str(a.batch), *a.readpcap_arg])
+            ["-B", str(a.batch), *a.readpcap_arg], a.emit_link)
         share = machine_share(before, cpu_times())
         span = max(span, 1e-3)
         outcomes = {k: v for k, v in stats.get("outcomes", stats).items() if v}
