@@ -586,7 +586,7 @@ DRAIN = 30  # tc-session --drain for replays (seconds)
 
 def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=None,
            session_args=(), pace_args=(), timeout=120.0, start_target=True,
-           emit_args=(), trace=True) -> Replay:
+           emit_args=(), trace=True, readpcap_args=()) -> Replay:
     """Replay pcap into a recording server on the target; every process bounded and stopped.
 
     trace: tcpdump on the target's lan0 writes WORKDIR/target.pcap (for diagnosis).
@@ -613,7 +613,7 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
         # A generous --drain: under machine load the last responses may come late, and the
         # drain ends early anyway once every session is quiescent.
         drain = [] if "--drain" in map(str, session_args) else ["--drain", str(DRAIN)]
-        chain = [("tc-readpcap", [str(pcap)]),
+        chain = [("tc-readpcap", [*map(str, readpcap_args), str(pcap)]),
                  ("tc-session", ["--target", target, "--feedback", addr, *drain,
                                  "--stats-json", str(stats_json), *map(str, session_args)]),
                  ("tc-pace", list(map(str, pace_args))),
