@@ -118,7 +118,6 @@ class Tool(BaseTool):
         """The hot loop: frames -> encoded pkt records (counters kept in locals), or with
         batch > 1 pkts records of up to batch whole datagrams within BATCH_SPAN_NS."""
         from tcpcopylib.pcapio import LINK_SPANS, encode_pkt
-        from tcpcopylib.records import encode_pkts
 
         buf, flush, bufsize = writer.buf, writer.flush, writer.bufsize  # write_raw, inlined
         stamps, datas = self.batch_stamps, self.batch_datas
@@ -155,9 +154,7 @@ class Tool(BaseTool):
                         batch_bytes = 0
                     elif (len(stamps) >= batch or ts - stamps[0] > BATCH_SPAN_NS
                           or batch_bytes > BATCH_BYTES):
-                        buf += encode_pkts(stamps, datas)
-                        stamps.clear()
-                        datas.clear()
+                        self._end_batch(writer)  # (into buf: the writer's own buffer)
                         batch_bytes = 0
                     stamps.append(ts)
                     datas.append(data)
