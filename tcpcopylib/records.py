@@ -306,16 +306,22 @@ def batch_stamps(buf, ts_at: int, n: int) -> tuple:
     return batch_structs(n)[0].unpack_from(buf, ts_at)
 
 
+def _split(buf, start: int, sizes, stop: int):
+    """The slices of buf[start:stop] of these sizes, back to back; None unless they fill
+    it exactly (a malformed batch)."""
+    offs = list(accumulate(sizes, initial=start))
+    if offs[-1] != stop:
+        return None
+    return [buf[a:q] for a, q in zip(offs, offs[1:])]
+
+
 def batch_datas(buf, pos: int, end: int) -> list:
     """The datagrams of the batch at buf[pos:end] (in the layout scan_batch() accepts)."""
-    n, _ts_at, len_at, p, stop = scan_batch(buf, pos, end)
-    out = []
-    for k in batch_structs(n)[1].unpack_from(buf, len_at):
-        out.append(buf[p:p + k])
-        p += k
-    if p != stop:
+    n, _ts_at, len_at, data_at, stop = scan_batch(buf, pos, end)
+    datas = _split(buf, data_at, batch_structs(n)[1].unpack_from(buf, len_at), stop)
+    if datas is None:
         raise StreamError("malformed pkts record (its lengths do not add up to its data)")
-    return out
+    return datas
 
 
 def batch_packets(rec: dict, where: str) -> list:
@@ -323,15 +329,10 @@ def batch_packets(rec: dict, where: str) -> list:
     stamps, lens, blob = rec.get("ts"), rec.get("len"), rec.get("data")
     if (isinstance(stamps, bytes) and isinstance(lens, bytes) and isinstance(blob, bytes)
             and stamps and len(stamps) % 8 == 0 and len(lens) == len(stamps) // 4):
-        n = len(stamps) // 8
-        ts_s, len_s = batch_structs(n)
-        sizes = len_s.unpack(lens)
-        if sum(sizes) == len(blob):
-            out, p = [], 0
-            for ts, k in zip(ts_s.unpack(stamps), sizes):
-                out.append((ts, blob[p:p + k]))
-                p += k
-            return out
+        ts_s, len_s = batch_structs(len(stamps) // 8)
+        datas = _split(blob, 0, len_s.unpack(lens), len(blob))
+        if datas is not None:
+            return list(zip(ts_s.unpack(stamps), datas))
     raise StreamError(f"{where}: malformed pkts record (ts: 8-byte timestamps, len: 2-byte "
                       f"lengths, as many, data: that many bytes)")
 
@@ -398,23 +399,18 @@ class StreamDecoder:
                 if r is None and buf.startswith(_PKTS_HEAD, pos + 1):
                     b = scan_batch(buf, pos, end)
                     if b is not None:
-                        n, ts_at, len_at, p, stop = b
-                        ts_s, len_s = batch_structs(n)
+                        n, ts_at, len_at, data_at, stop = b
                         records += 1
                         if mode == AS_SPANS:
                             append((T_PKTS, _U64(buf, ts_at)[0], ts_at, n, None, stop, None))
                         else:
-                            offs = list(accumulate(len_s.unpack_from(buf, len_at), initial=p))
-                            if offs[-1] != stop:
+                            ts_s, len_s = batch_structs(n)
+                            datas = _split(buf, data_at, len_s.unpack_from(buf, len_at), stop)
+                            if datas is None:
                                 err = StreamError(f"{self.name}: malformed pkts record at "
                                                   f"byte {base + pos} (lengths do not add up)")
                                 break
-                            pairs = zip(ts_s.unpack_from(buf, ts_at),
-                                        [buf[a:q] for a, q in zip(offs, offs[1:])])
-                            if mode == AS_PKT:
-                                out.extend(pairs)
-                            else:
-                                self._expand(pairs, mode, append)
+                            self._expand(zip(ts_s.unpack_from(buf, ts_at), datas), mode, out)
                         pos = stop
                         continue
                 if r is not None:
@@ -478,12 +474,7 @@ class StreamDecoder:
                 except StreamError as e:
                     err = e
                     break
-                if mode == AS_SPANS:
-                    for ts, data in pairs:
-                        append((None, {"t": T_PKT, "ts": ts, "data": data}, None, None, None,
-                                pos, None))
-                else:
-                    self._expand(pairs, mode, append)
+                self._expand(pairs, mode, out, pos)
                 continue
             if mode == AS_SPANS:
                 append((None, item, None, None, None, pos, None))
@@ -498,17 +489,19 @@ class StreamDecoder:
         return out, pos, err
 
     @staticmethod
-    def _expand(pairs, mode, append) -> None:
-        """A batch's (ts, data) pairs as items of ``mode`` (not AS_SPANS)."""
+    def _expand(pairs, mode, out, stop=None) -> None:
+        """A batch's (ts, data) pairs appended to ``out`` as items of ``mode`` (AS_SPANS:
+        decoded pkt records, each ending at ``stop``, the batch's end)."""
         if mode == AS_PKT:
-            for pair in pairs:
-                append(pair)
-        elif mode == AS_RAW:
-            for ts, data in pairs:
-                append(({"t": T_PKT, "ts": ts, "data": data}, None))
+            out.extend(pairs)
+            return
+        recs = ({"t": T_PKT, "ts": ts, "data": data} for ts, data in pairs)
+        if mode == AS_RAW:
+            out.extend((rec, None) for rec in recs)
+        elif mode == AS_SPANS:
+            out.extend((None, rec, None, None, None, stop, None) for rec in recs)
         else:
-            for ts, data in pairs:
-                append({"t": T_PKT, "ts": ts, "data": data})
+            out.extend(recs)
 
     def _end_error(self, pending: int) -> StreamError | None:
         """The error for an input that ended with ``pending`` bytes unparsed, if any."""
