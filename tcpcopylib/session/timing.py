@@ -43,7 +43,7 @@ class DueQueue:
         append, asap = self.q.append, self.asap
         last = self.last_due
         dropped = 0
-        scaled = None if self.speed == 1 else self._scaled
+        speed = self.speed
         for item in items:
             if type(item) is tuple:
                 ts, data = item
@@ -60,8 +60,8 @@ class DueQueue:
             else:  # due_time(), inline
                 if self.anchor_wall is None:
                     self.anchor_wall, self.anchor_ts = now, ts
-                due = ts - self.anchor_ts
-                due = self.anchor_wall + (due if scaled is None else scaled(due))
+                due = self.anchor_wall + (ts - self.anchor_ts if speed == 1
+                                          else round((ts - self.anchor_ts) / speed))
             if due < last:
                 due = last
             last = due
