@@ -50,3 +50,17 @@ def decode(data: bytes, headers: bool = False) -> list[dict]:
     finally:
         t.join()
         os.close(r)
+
+
+def cbor_items(data: bytes) -> list:
+    """Every CBOR item of a stream as written (label, header, records; batches not
+    expanded), for tests that look at the encoding itself."""
+    import io
+
+    import cbor2
+
+    f, out = io.BytesIO(data), []
+    dec = cbor2.CBORDecoder(f)
+    while f.tell() < len(data):
+        out.append(dec.decode())
+    return out

@@ -10,7 +10,7 @@ import time
 import cbor2
 import pytest
 
-from tc import BIN, REPO, decode, env, run, stream
+from tc import BIN, REPO, cbor_items, decode, env, run, stream
 from tcpcopylib.pacing import NS, Pacer
 
 S = NS
@@ -330,15 +330,7 @@ def test_interrupt_while_waiting_exits_130_with_released_records_written(tmp_pat
 
 def _raw_types(data: bytes) -> list:
     """The "t" of every item as written (batches not expanded)."""
-    import io
-
-    dec, f, out = None, io.BytesIO(data), []
-    dec = cbor2.CBORDecoder(f)
-    while f.tell() < len(data):
-        item = dec.decode()
-        if isinstance(item, dict):
-            out.append(item["t"])
-    return out
+    return [x["t"] for x in cbor_items(data) if isinstance(x, dict)]
 
 
 def test_a_batch_is_paced_as_one_and_keeps_its_spacing():

@@ -9,7 +9,7 @@ import pytest
 
 import capfiles as cf
 from capfiles import TS0, ARP, eth, ip4, ip6, null, sll, sll2, udp4
-from tc import BIN, decode, env, run
+from tc import BIN, cbor_items, decode, env, run
 from tcpcopylib.pcapio import CaptureReader, encode_pkt
 
 ETH4, ETH6, VLAN, QINQ = 0x0800, 0x86DD, 0x8100, 0x88A8
@@ -296,13 +296,7 @@ def test_batch_holds_the_same_packets_within_1ms(tmp_path):
     assert r.returncode == 0, r.stderr
     assert pkts(r.stdout) == pkts(plain)  # expanded by every reader: the same records
     assert "61 packets read, 61 emitted" in r.stderr.decode()
-    import io
-    f = io.BytesIO(r.stdout)
-    dec = cbor2.CBORDecoder(f)
-    items = []
-    while f.tell() < len(r.stdout):
-        items.append(dec.decode())
-    recs = [x for x in items if isinstance(x, dict) and x["t"] != "header"]
+    recs = [x for x in cbor_items(r.stdout) if isinstance(x, dict) and x["t"] != "header"]
     sizes = []
     for x in recs:
         if x["t"] == "pkts":

@@ -2,7 +2,6 @@
 layout) and the raw bytes RecordReader.iter_raw() hands to pass-through stages must agree
 with cbor2 on every record, common layout or not."""
 
-import io
 import os
 import random
 import struct
@@ -10,7 +9,7 @@ import struct
 import cbor2
 import pytest
 
-from tc import decode, run, stream
+from tc import cbor_items, decode, run, stream
 from tcpcopylib.errors import StreamError
 from tcpcopylib.records import (AS_PKT, AS_SPANS, HEADER, LABEL, RecordReader, StreamDecoder,
                                 encode_section, fast_record, header)
@@ -88,14 +87,6 @@ NON_SHORTEST = [
 ]
 
 
-def _cbor_items(body: bytes) -> list:
-    bio, out = io.BytesIO(body), []
-    dec = cbor2.CBORDecoder(bio)
-    while bio.tell() < len(body):
-        out.append(dec.decode())
-    return out
-
-
 def _iter_raw(data: bytes, headers: bool = False) -> list:
     r, w = os.pipe()
     import threading
@@ -134,7 +125,7 @@ def test_reader_decodes_like_cbor2_and_raw_is_the_encoding():
     recs = _varied()
     body = b"".join(cbor2.dumps(r) for r in recs) + b"".join(NON_SHORTEST)
     data = encode_section(header("a")) + body
-    want = _cbor_items(body)
+    want = cbor_items(body)
     assert decode(data) == want
     pairs = _iter_raw(data)
     assert [r for r, _ in pairs] == want
@@ -156,8 +147,8 @@ def test_reader_decodes_like_cbor2_and_raw_is_the_encoding():
 def test_stream_parser_any_chunking(step):
     recs = _varied()
     data = stream(recs, "a") + stream(recs[:5], "b") + b"".join(NON_SHORTEST)
-    want = _cbor_items(stream(recs, "a")[len(LABEL):])[1:] + recs[:5] + \
-        _cbor_items(b"".join(NON_SHORTEST))
+    want = cbor_items(stream(recs, "a")[len(LABEL):])[1:] + recs[:5] + \
+        cbor_items(b"".join(NON_SHORTEST))
     p = StreamParser()
     got = []
     for i in range(0, len(data), step):
@@ -243,15 +234,15 @@ def test_tc_pace_output_is_the_reencoded_input(opts):
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert out.startswith(LABEL)
-    items = _cbor_items(out[len(LABEL):])
+    items = cbor_items(out[len(LABEL):])
     assert items[0]["t"] == "header" and items[0]["tool"] == "tc-pace"
     got = items[1:]
     assert len(got) == len(recs) + len(NON_SHORTEST)
     if not opts or opts == ["--keep-ts"] or opts == ["--delay", "0"]:
-        assert got == _cbor_items(body)  # ts unchanged
+        assert got == cbor_items(body)  # ts unchanged
     else:
         # --speed rewrites ts of timed records and nothing else
-        for g, w in zip(got, _cbor_items(body)):
+        for g, w in zip(got, cbor_items(body)):
             assert {k: v for k, v in g.items() if k != "ts"} == \
                 {k: v for k, v in w.items() if k != "ts"}
     assert out[len(LABEL) + len(cbor2.dumps(items[0])):] == \
