@@ -43,7 +43,9 @@ _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIBBH")
 _TSOPT = struct.Struct("!BBBBII")
-_IP4TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBH")
+# IPv4 (no options) + TCP, only the fields parse_tcp_fast() uses: total length, fragment,
+# protocol, addresses; ports, seq, ack, data offset, flags, window
+_IP4TCP = struct.Struct("!2xH2xHxB2x4s4sHHIIBBH")
 # whole headers as sent (TCP without options): IPv4 + TCP, IPv6 + TCP
 _OUT4 = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
 _OUT6 = struct.Struct("!IHBB16s16sHHIIBBHHH")
@@ -235,8 +237,8 @@ def parse_tcp_fast(data, orig_len=None):
     if n < 40:
         return None
     if data[0] == 0x45:  # the usual case: IPv4 without options, one unpack
-        (_vhl, _tos, tot, _id, frag, _ttl, proto, _s, src, dst, sport, dport, seq, ack, off,
-         flags, win) = _IP4TCP.unpack_from(data)
+        tot, frag, proto, src, dst, sport, dport, seq, ack, off, flags, win = \
+            _IP4TCP.unpack_from(data)
         if proto != 6 or frag & 0x1FFF:
             return None
         doff = (off >> 4) * 4
@@ -499,8 +501,8 @@ class Engine:
             s.queue.append(Seg(s.exp, b"", TH_RST, ack if flags & TH_ACK else None))
             self._push(s, now)
             return
-        if flags & TH_ACK and (s.max_cack is None or _signed(ack - s.max_cack) > 0):
-            s.max_cack = ack
+        if flags & TH_ACK and (s.max_cack is None or 0 < (ack - s.max_cack) & M32 < 0x80000000):
+            s.max_cack = ack  # (a later ack: _signed(ack - max_cack) > 0, inline)
         cack = ack if flags & TH_ACK else s.last_cack
         if not payload and not flags & TH_FIN:
             # a pure ACK: never forwarded; before any data it tells the online server's
@@ -508,7 +510,7 @@ class Engine:
             if s.last_cack is None and not s.queue and s.exp == 0 and flags & TH_ACK:
                 s.last_cack = ack
             return
-        off = s.exp + _signed(seq - s.base - s.exp)
+        off = s.exp + ((seq - s.base - s.exp + 0x80000000) & M32) - 0x80000000  # _signed()
         if off > s.exp:
             self._hold_gap(s, off, payload, flags, cack, now)
             return
@@ -794,8 +796,10 @@ class Engine:
         if plen or flags & TH_FIN:
             self._fb_data(s, seq, plen, flags, now)
         if s.state == ESTAB:
-            self._push(s, now)
-            self._check_closed(s, now)
+            if s.queue:  # (with nothing queued _push only arms the timer: done below)
+                self._push(s, now)
+            if s.fin_sent:
+                self._check_closed(s, now)
         self._arm(s)
 
     def _fb_syn_sent(self, s, seq, ack, flags, win, opts, now):
@@ -832,7 +836,7 @@ class Engine:
 
     def _fb_ack(self, s, ack, win, plen, flags, now):
         una = s.snd_una
-        a = una + _signed(ack - self._seq(s, una))
+        a = una + ((ack - s.base - una + 0x80000000) & M32) - 0x80000000  # _signed(), _seq()
         if a > s.snd_nxt:
             a = s.snd_nxt  # acks data we never sent: ignore the excess
         new_wnd = win << s.t_wscale
@@ -866,7 +870,7 @@ class Engine:
         s.t_wnd = new_wnd
 
     def _fb_data(self, s, seq, plen, flags, now):
-        off = s.rcv_nxt + _signed(seq - s.t_base - s.rcv_nxt)
+        off = s.rcv_nxt + ((seq - s.t_base - s.rcv_nxt + 0x80000000) & M32) - 0x80000000
         if plen:
             if off <= s.rcv_nxt < off + plen:
                 s.rcv_nxt = off + plen
@@ -965,9 +969,18 @@ class Engine:
         else:
             idle = s.last_rx + cfg.keepalive_timeout
         w = idle
-        for t in (s.rto_at, s.delack_at, s.gate_at, s.linger_at):  # 0: not armed
-            if t and t < w:
-                w = t
+        t = s.rto_at  # the timers, 0 when not armed (one by one: no tuple per call)
+        if t and t < w:
+            w = t
+        t = s.delack_at
+        if t and t < w:
+            w = t
+        t = s.gate_at
+        if t and t < w:
+            w = t
+        t = s.linger_at
+        if t and t < w:
+            w = t
         if s.gap_since is not None and s.gap_since + cfg.gap_timeout < w:
             w = s.gap_since + cfg.gap_timeout
         # Only an earlier deadline needs a heap entry: a later one is found when the
