@@ -3,6 +3,7 @@
 
     python3 bench/bench_session.py [--sessions N] [--rate R] [--requests K] [--repeat N]
                                    [--speed-by tc-pace|tc-session] [--batch N]
+                                   [--session-batch N]
                                    [--speeds 1,2,4,8] [--server nginx|python]
                                    [--compare DIR]
 
@@ -10,8 +11,9 @@ Generates a pcap of N short HTTP/1.1 sessions (K requests each, client closes fi
 starting at R sessions/s of recording time, from client addresses spread over the lab's
 client net. Then, for each speed S, in a fresh namespace lab:
 
-  online:    tc-readpcap -B 32 gen.pcap | tc-pace --speed S | tc-session --target T | tc-emit
-             (--speed-by tc-session: tc-readpcap -B 32 gen.pcap | tc-session -a S ... | tc-emit)
+  online:    tc-readpcap -B 32 gen.pcap | tc-pace --speed S | tc-session -B 32 --target T
+             | tc-emit  (--speed-by tc-session: tc-readpcap -B 32 gen.pcap | tc-session -a S
+             ... | tc-emit)
   assistant: tc-intercept lan0 -F 'tcp and src port 8080' | tc-feedback --listen unix:SOCK
   target:    nginx (a minimal nginx.conf in a temp dir; python recording server if no nginx)
 
@@ -314,6 +316,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32, metavar="N",
                     help="tc-readpcap -B N: up to N packets per record (default 32; 1: one "
                          "pkt record per packet)")
+    ap.add_argument("--session-batch", type=int, default=32, metavar="N",
+                    help="tc-session -B N: up to N packets per output record (default 32; "
+                         "1: one pkt record per packet, and no -B for an older tc-session)")
     ap.add_argument("--emit-link", action="store_true",
                     help="tc-emit -o IFACE --dst-mac MAC: Ethernet frames on the online "
                          "host's interface (TCPCopy's --pcap-send -o) instead of raw IP")
@@ -337,6 +342,7 @@ def main(argv=None):
     print(f"generated {a.sessions} sessions x {a.requests} requests, {client_pkts} client packets "
           f"({per_session:.0f}/session) at {a.rate:.0f} sessions/s in "
           f"{time.monotonic() - t:.1f} s; target: {a.server}; tc-readpcap -B {a.batch}"
+          + (f", tc-session -B {a.session_batch}" if a.session_batch > 1 else "")
           + (f" {' '.join(a.readpcap_arg)}" if a.readpcap_arg else "")
           + (", tc-session -a S" if a.speed_by == "tc-session" else ", tc-pace --speed S")
           + (", tc-emit -o" if a.emit_link else ""))
@@ -353,7 +359,9 @@ def main(argv=None):
             print(f"  tc-session of {repo or 'this checkout'}:")
         before = cpu_times()
         done, wall, stats, (nreq, nsess, span), errs, cpu = run_once(
-            pcap, speed, a.server, rd, a.timeout, a.session_arg, repo, a.speed_by,
+            pcap, speed, a.server, rd, a.timeout,
+            (["-B", str(a.session_batch)] if a.session_batch > 1 else []) + a.session_arg,
+            repo, a.speed_by,
             ["-B", str(a.batch), *a.readpcap_arg], a.emit_link)
         share = machine_share(before, cpu_times())
         span = max(span, 1e-3)

@@ -223,13 +223,13 @@ def replace_ts(raw: bytes, ts: int) -> bytes | None:
     return b"".join((raw[:k], _P64(ts), raw[k + 8:]))
 
 
-# -- batches: {"t": "pkts", "ts": h'..', "len": h'..', "data": h'..'} ---------------------
+# -- batches: {"t": "pkts", "ts": h'..', "len": h'..', "data": h'..'[, "sid": h'..']} -----
 # Several whole datagrams (no "len" of their own: a cut-off one goes alone, as a pkt record)
 # in one item, as columns: ts holds n big-endian uint64 timestamps (ns), len n big-endian
-# uint16 datagram lengths, data the datagrams back to back. A stage that only looks at
-# timestamps (tc-pace) handles a batch with a few C calls; readers expand a batch into its
-# packets, in order (StreamDecoder.parse), so a stage that does not know batches never
-# sees one.
+# uint16 datagram lengths, data the datagrams back to back, and sid (tc-session's output)
+# n big-endian uint32 session ids. A stage that only looks at timestamps (tc-pace) handles
+# a batch with a few C calls; readers expand a batch into its packets, in order
+# (StreamDecoder.parse), so a stage that does not know batches never sees one.
 _PKTS_HEAD = b"\x61t\x64pkts\x62ts"  # after the map head byte (0xA4)
 _PKTS_LEN_KEY = b"\x63len"
 _BATCH_FMT = {}  # n -> (Struct(">nQ"), Struct(">nH"))
@@ -245,15 +245,19 @@ def batch_structs(n: int):
     return f
 
 
-def encode_pkts(stamps, datas) -> bytes:
-    """CBOR of a pkts record of these packets (each shorter than 64 KiB, ts >= 0), the
-    same bytes as cbor2.dumps({"t": "pkts", "ts": ..., "len": ..., "data": ...})."""
+def encode_pkts(stamps, datas, sids=None) -> bytes:
+    """CBOR of a pkts record of these packets (each shorter than 64 KiB, ts >= 0; session
+    ids, if given, < 2**32), the same bytes as cbor2.dumps({"t": "pkts", "ts": ...,
+    "len": ..., "data": ...[, "sid": ...]})."""
     n = len(stamps)
     ts_s, len_s = batch_structs(n)
     blob = b"".join(datas)
-    return b"".join((b"\xa4", _PKTS_HEAD, cbor_head(2, 8 * n), ts_s.pack(*stamps),
-                     _PKTS_LEN_KEY, cbor_head(2, 2 * n), len_s.pack(*map(len, datas)),
-                     _DATA_KEY, cbor_head(2, len(blob)), blob))
+    parts = [b"\xa4" if sids is None else b"\xa5", _PKTS_HEAD, cbor_head(2, 8 * n),
+             ts_s.pack(*stamps), _PKTS_LEN_KEY, cbor_head(2, 2 * n),
+             len_s.pack(*map(len, datas)), _DATA_KEY, cbor_head(2, len(blob)), blob]
+    if sids is not None:
+        parts += (_SID_KEY, cbor_head(2, 4 * n), struct.pack(f">{n}I", *sids))
+    return b"".join(parts)
 
 
 def _bytes_head(buf, p):
@@ -272,10 +276,12 @@ def _bytes_head(buf, p):
 
 def scan_batch(buf, pos: int, end: int):
     """Locate a pkts record at ``buf[pos:end]`` in the layout encode_pkts() writes:
-    ``(n, ts_at, len_at, data_at, stop)``, the columns' offsets; None if it is not in that
-    layout or not complete (decode it with cbor2, batch_packets() checks it)."""
+    ``(n, ts_at, len_at, data_at, data_stop, sid_at, stop)``, the columns' offsets (sid_at
+    None without session ids) and the record's end; None if it is not in that layout or
+    not complete (decode it with cbor2, batch_packets() checks it)."""
     try:
-        if buf[pos] != 0xA4 or not buf.startswith(_PKTS_HEAD, pos + 1):
+        head = buf[pos]
+        if not 0xA4 <= head <= 0xA5 or not buf.startswith(_PKTS_HEAD, pos + 1):
             return None
         lt, ts_at = _bytes_head(buf, pos + 1 + len(_PKTS_HEAD))
         if not lt or lt & 7:
@@ -293,12 +299,20 @@ def scan_batch(buf, pos: int, end: int):
         ld, data_at = _bytes_head(buf, p + 5)
         if ld is None:
             return None
+        stop = data_stop = data_at + ld
+        sid_at = None
+        if head == 0xA5:
+            if not buf.startswith(_SID_KEY, stop):
+                return None
+            ls, sid_at = _bytes_head(buf, stop + 4)
+            if ls != 4 * n:
+                return None
+            stop = sid_at + ls
     except (IndexError, struct.error):
         return None
-    stop = data_at + ld
     if stop > end:
         return None
-    return n, ts_at, len_at, data_at, stop
+    return n, ts_at, len_at, data_at, data_stop, sid_at, stop
 
 
 def batch_stamps(buf, ts_at: int, n: int) -> tuple:
@@ -315,26 +329,45 @@ def _split(buf, start: int, sizes, stop: int):
     return [buf[a:q] for a, q in zip(offs, offs[1:])]
 
 
-def batch_datas(buf, pos: int, end: int) -> list:
-    """The datagrams of the batch at buf[pos:end] (in the layout scan_batch() accepts)."""
-    n, _ts_at, len_at, data_at, stop = scan_batch(buf, pos, end)
-    datas = _split(buf, data_at, batch_structs(n)[1].unpack_from(buf, len_at), stop)
+def _batch_columns(buf, b):
+    """(stamps, datas, sids or None) of the batch scan_batch() located as b; None if its
+    lengths do not add up to its data."""
+    n, ts_at, len_at, data_at, data_stop, sid_at, _stop = b
+    ts_s, len_s = batch_structs(n)
+    datas = _split(buf, data_at, len_s.unpack_from(buf, len_at), data_stop)
     if datas is None:
+        return None
+    sids = None if sid_at is None else struct.unpack_from(f">{n}I", buf, sid_at)
+    return ts_s.unpack_from(buf, ts_at), datas, sids
+
+
+def batch_records(buf, pos: int, end: int) -> list:
+    """The pkt records of the batch at buf[pos:end] (in the layout scan_batch() accepts),
+    with their "sid" if the batch has session ids."""
+    cols = _batch_columns(buf, scan_batch(buf, pos, end))
+    if cols is None:
         raise StreamError("malformed pkts record (its lengths do not add up to its data)")
-    return datas
+    out: list = []
+    StreamDecoder._expand(*cols, AS_RECORDS, out)
+    return out
 
 
-def batch_packets(rec: dict, where: str) -> list:
-    """The (ts, data) pairs of a decoded pkts record; StreamError if it is malformed."""
-    stamps, lens, blob = rec.get("ts"), rec.get("len"), rec.get("data")
+def batch_packets(rec: dict, where: str):
+    """(stamps, datas, sids or None) of a decoded pkts record; StreamError if it is
+    malformed."""
+    stamps, lens, blob, sids = rec.get("ts"), rec.get("len"), rec.get("data"), rec.get("sid")
     if (isinstance(stamps, bytes) and isinstance(lens, bytes) and isinstance(blob, bytes)
-            and stamps and len(stamps) % 8 == 0 and len(lens) == len(stamps) // 4):
-        ts_s, len_s = batch_structs(len(stamps) // 8)
+            and stamps and len(stamps) % 8 == 0 and len(lens) == len(stamps) // 4
+            and (sids is None or isinstance(sids, bytes) and len(sids) == len(lens) * 2)):
+        n = len(stamps) // 8
+        ts_s, len_s = batch_structs(n)
         datas = _split(blob, 0, len_s.unpack(lens), len(blob))
         if datas is not None:
-            return list(zip(ts_s.unpack(stamps), datas))
+            return (ts_s.unpack(stamps), datas,
+                    None if sids is None else struct.unpack(f">{n}I", sids))
     raise StreamError(f"{where}: malformed pkts record (ts: 8-byte timestamps, len: 2-byte "
-                      f"lengths, as many, data: that many bytes)")
+                      f"lengths, as many, data: that many bytes; sid: 4-byte session ids, "
+                      f"as many)")
 
 
 # a section header, in the raw slot of RecordReader.iter_raw()
@@ -399,18 +432,17 @@ class StreamDecoder:
                 if r is None and buf.startswith(_PKTS_HEAD, pos + 1):
                     b = scan_batch(buf, pos, end)
                     if b is not None:
-                        n, ts_at, len_at, data_at, stop = b
+                        n, ts_at, stop = b[0], b[1], b[6]
                         records += 1
                         if mode == AS_SPANS:
                             append((T_PKTS, _U64(buf, ts_at)[0], ts_at, n, None, stop, None))
                         else:
-                            ts_s, len_s = batch_structs(n)
-                            datas = _split(buf, data_at, len_s.unpack_from(buf, len_at), stop)
-                            if datas is None:
+                            cols = _batch_columns(buf, b)
+                            if cols is None:
                                 err = StreamError(f"{self.name}: malformed pkts record at "
                                                   f"byte {base + pos} (lengths do not add up)")
                                 break
-                            self._expand(zip(ts_s.unpack_from(buf, ts_at), datas), mode, out)
+                            self._expand(*cols, mode, out)
                         pos = stop
                         continue
                 if r is not None:
@@ -470,11 +502,11 @@ class StreamDecoder:
             records += 1
             if item.get("t") == T_PKTS:
                 try:
-                    pairs = batch_packets(item, f"{self.name}: byte {base + newpos}")
+                    cols = batch_packets(item, f"{self.name}: byte {base + newpos}")
                 except StreamError as e:
                     err = e
                     break
-                self._expand(pairs, mode, out, pos)
+                self._expand(*cols, mode, out, pos)
                 continue
             if mode == AS_SPANS:
                 append((None, item, None, None, None, pos, None))
@@ -489,13 +521,18 @@ class StreamDecoder:
         return out, pos, err
 
     @staticmethod
-    def _expand(pairs, mode, out, stop=None) -> None:
-        """A batch's (ts, data) pairs appended to ``out`` as items of ``mode`` (AS_SPANS:
-        decoded pkt records, each ending at ``stop``, the batch's end)."""
+    def _expand(stamps, datas, sids, mode, out, stop=None) -> None:
+        """A batch's packets appended to ``out`` as items of ``mode``: (ts, data) tuples
+        for AS_PKT, else pkt records (with "sid" if sids; AS_SPANS: decoded pkt records,
+        each ending at ``stop``, the batch's end)."""
         if mode == AS_PKT:
-            out.extend(pairs)
+            out.extend(zip(stamps, datas))
             return
-        recs = ({"t": T_PKT, "ts": ts, "data": data} for ts, data in pairs)
+        if sids is None:
+            recs = ({"t": T_PKT, "ts": ts, "data": data} for ts, data in zip(stamps, datas))
+        else:
+            recs = ({"t": T_PKT, "ts": ts, "data": data, "sid": sid}
+                    for ts, data, sid in zip(stamps, datas, sids))
         if mode == AS_RAW:
             out.extend((rec, None) for rec in recs)
         elif mode == AS_SPANS:

@@ -352,14 +352,18 @@ def test_a_batch_is_paced_as_one_and_keeps_its_spacing():
     assert b"records in 6 out 6" in r.stderr
 
 
-def test_a_rate_cap_takes_a_batch_apart():
+@pytest.mark.parametrize("sids", [None, [7, 8, 9, 70000, 2**32 - 1]])
+def test_a_rate_cap_takes_a_batch_apart(sids):
+    """(tc-session's batches carry session ids: each packet keeps its own.)"""
     from tcpcopylib.records import encode_pkts, encode_section, header
 
     s = encode_section(header("test")) + encode_pkts([T0 + i for i in range(5)],
-                                                     [bytes([i]) for i in range(5)])
+                                                     [bytes([i]) for i in range(5)], sids)
     t = time.monotonic()
     r = run(["tc-pace", "--rate", "20"], input=s)
     assert r.returncode == 0, r.stderr
     assert time.monotonic() - t >= 0.19  # 5 records at 20/s: the last one 0.2 s after the first
     assert _raw_types(r.stdout) == ["header"] + ["pkt"] * 5
-    assert [x["data"] for x in decode(r.stdout)] == [bytes([i]) for i in range(5)]
+    recs = decode(r.stdout)
+    assert [x["data"] for x in recs] == [bytes([i]) for i in range(5)]
+    assert [x.get("sid") for x in recs] == (sids or [None] * 5)

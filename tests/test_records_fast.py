@@ -290,7 +290,7 @@ def _columns(stamps, datas):
 
 
 def test_batch_encoding_is_cbor2s_and_every_mode_expands_it():
-    from tcpcopylib.records import (AS_RAW, AS_RECORDS, T_PKTS, batch_datas, batch_stamps,
+    from tcpcopylib.records import (AS_RAW, AS_RECORDS, T_PKTS, batch_records, batch_stamps,
                                     encode_pkts)
 
     stamps, datas = _batch(40)
@@ -311,7 +311,7 @@ def test_batch_encoding_is_cbor2s_and_every_mode_expands_it():
     kind, ts, ts_at, n, _, stop, _ = spans[1]
     assert (kind, ts, n, stop) == (T_PKTS, stamps[0], 40, len(head) + len(raw))
     assert batch_stamps(s, ts_at, n) == tuple(stamps)
-    assert batch_datas(s, len(head), stop) == datas
+    assert batch_records(s, len(head), stop) == pkts
     assert [x[1] for x in spans[3:]] == pkts  # the other layout: one decoded pkt each
     # fed in pieces, as a pipe delivers it
     p, got = StreamParser(), []
@@ -320,6 +320,32 @@ def test_batch_encoding_is_cbor2s_and_every_mode_expands_it():
     p.close()
     assert got == items
     assert decode(s) == pkts + [{"t": "note"}] + pkts  # RecordReader
+
+
+def test_a_batch_with_session_ids_keeps_them_except_as_bare_packets():
+    from tcpcopylib.records import AS_RECORDS, T_PKTS, batch_records, encode_pkts
+
+    stamps, datas = _batch(30)
+    sids = [1, 2, 70000, 2**32 - 1] + list(range(5, 31))
+    cols = {**_columns(stamps, datas), "sid": struct.pack(">30I", *sids)}
+    raw = encode_pkts(stamps, datas, sids)
+    assert raw == cbor2.dumps({"t": "pkts", **cols})
+    other = cbor2.dumps({"sid": cols["sid"], "t": "pkts", **_columns(stamps, datas)})
+    head = encode_section(header("test"))
+    s = head + raw + other
+    pkts = [{"t": "pkt", "ts": t, "data": d, "sid": i} for t, d, i in zip(stamps, datas, sids)]
+    assert StreamDecoder().parse(s, AS_RECORDS) == (pkts + pkts, len(s), None)
+    assert StreamDecoder().parse(s, AS_PKT)[0] == 2 * list(zip(stamps, datas))
+    spans = StreamDecoder().parse(s, AS_SPANS)[0]
+    kind, ts, _ts_at, n, _, stop, _ = spans[1]  # (spans[0]: the header)
+    assert (kind, ts, n, stop) == (T_PKTS, stamps[0], 30, len(head) + len(raw))
+    assert batch_records(s, len(head), stop) == pkts
+    assert decode(s) == pkts + pkts
+    # a sid column of another length than the batch's is malformed, in either layout
+    for bad in (raw[:-4 * 30 - 2] + bytes([0x58, 4 * 29]) + raw[-4 * 29:],
+                cbor2.dumps({"sid": cols["sid"][4:], "t": "pkts", **_columns(stamps, datas)})):
+        err = StreamDecoder().parse(head + bad, AS_RECORDS)[2]
+        assert isinstance(err, StreamError), err
 
 
 @pytest.mark.parametrize("layout", ["common", "other"])

@@ -170,14 +170,13 @@ def test_replay_without_route_to_assistant_never_established(lab, tmp_path):
 
 # -- timing: sessions start at their recorded times --------------------------------------------
 
-@pytest.mark.parametrize("readpcap_args,speed", [((), 1), (("-B", "32"), 2)],
-                         ids=["plain", "batched-a2"])
-def test_replay_keeps_session_arrival_times(lab, tmp_path, readpcap_args, speed):
+@pytest.mark.parametrize("batch,speed", [(1, 1), (32, 2)], ids=["plain", "batched-a2"])
+def test_replay_keeps_session_arrival_times(lab, tmp_path, batch, speed):
     """Sessions start at their recorded offsets (divided by tc-session -a), also when
-    tc-readpcap writes batches."""
+    tc-readpcap and tc-session write batches."""
     rec = h.record(lab, tmp_path / "rec", "close", "--conns", 6, "--gap", 0.25)
     rep = h.replay(lab, rec.pcap, tmp_path / "replay", timeout=TIMEOUT,
-                   readpcap_args=readpcap_args, session_args=["-a", speed])
+                   readpcap_args=["-B", batch], session_args=["-a", speed, "-B", batch])
     replay_ok(rep)
     assert_identical(rec, rep, 6)
     want = h.syn_times(rec.pcap, h.PORT)

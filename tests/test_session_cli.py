@@ -52,7 +52,9 @@ def test_bad_stream_exits_65():
     assert r.returncode == 65 and b"not a tcpcopy record stream" in r.stderr
 
 
-def test_offline_offsets_kept_and_unknown_records_pass(tmp_path):
+@pytest.mark.parametrize("batch", [1, 4])
+def test_offline_offsets_kept_and_unknown_records_pass(tmp_path, batch):
+    """(With -B 4 the packets go out as pkts batches; read back, they are the same.)"""
     t0 = 1_700_000_000 * 10**9
     recs = [pkt(t0, C, O, 5000, 80, CISN, 0, TH_SYN, options=MSS),
             {"t": "note", "x": 1},
@@ -61,9 +63,10 @@ def test_offline_offsets_kept_and_unknown_records_pass(tmp_path):
             pkt(t0 + 600 * MS, O, C, 80, 5000, SISN, CISN + 1, TH_SYN | TH_ACK)]
     js = tmp_path / "s.json"
     r = tc.run(["tc-session", "--target", "10.2.0.5:80", "--no-feedback",
-                "--connect-timeout", "0.2", "--stats", "--stats-json", js, "-v"],
+                "--connect-timeout", "0.2", "--stats", "--stats-json", js, "-v", "-B", batch],
                input=tc.stream(recs))
     assert r.returncode == 0, r.stderr
+    assert (b"\x64pkts" in r.stdout) == (batch > 1)
     out = tc.decode(r.stdout)
     assert {"t": "note", "x": 1} in out
     syns = [(x["ts"], x["sid"], parse_tcp(x["data"])) for x in out
@@ -135,6 +138,7 @@ class Proc:
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, env=tc.env())
         self.q = queue.Queue()
+        self.raw = bytearray()  # the stream as written
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
@@ -143,6 +147,7 @@ class Proc:
             chunk = self.p.stdout.read1(65536)
             if not chunk:
                 return
+            self.raw += chunk
             for rec in parser.feed(chunk):
                 self.q.put(rec)
 
@@ -191,11 +196,14 @@ def feedback(tmp_path):
     fb.wait(timeout=10)
 
 
-def test_full_loop_through_tc_feedback(tmp_path, feedback):
+@pytest.mark.parametrize("batch", [1, 8])
+def test_full_loop_through_tc_feedback(tmp_path, feedback, batch):
+    """Each packet goes out as soon as it is made, batched (-B 8) or not: every step
+    waits for the one before."""
     addr, reply = feedback
     js = tmp_path / "s.json"
     s = Proc(["tc-session", "--target", "10.2.0.5:80", "--feedback", addr, "--asap",
-              "--stats-json", js, "--drain", "5"])
+              "--stats-json", js, "--drain", "5", "-B", batch])
     try:
         now = time.time_ns()
         s.send(tc.stream([
@@ -218,6 +226,7 @@ def test_full_loop_through_tc_feedback(tmp_path, feedback):
         st = json.loads(js.read_text())
         assert st["outcomes"]["completed"] == 1 and st["active"] == 0
         assert st["gate_bytes"] == 1
+        assert (b"\x64pkts" in s.raw) == (batch > 1)
     finally:
         s.stop()
 

@@ -42,8 +42,8 @@ class Tool(BaseTool):
 
         from tcpcopylib.pacing import Pacer
         from tcpcopylib.errors import StreamError
-        from tcpcopylib.records import (HEADER, T_PKT, T_PKTS, RecordReader, RecordWriter,
-                                        batch_datas, batch_stamps, batch_structs, fast_record,
+        from tcpcopylib.records import (HEADER, T_PKTS, RecordReader, RecordWriter, batch_records,
+                                        batch_stamps, batch_structs, fast_record,
                                         header, merged_header)
 
         try:
@@ -121,10 +121,11 @@ class Tool(BaseTool):
                                 batch_structs(n)[0].pack_into(out, ts_at, *new)
                         else:  # rate cap or gap clamp: each packet goes when it is due
                             take()
-                            for t, d in zip(stamps, batch_datas(buf, cur, stop)):
-                                new_ts = due(t, flush)
-                                writer.write({"t": T_PKT, "ts": t if keep_ts else new_ts,
-                                              "data": d})
+                            for rec in batch_records(buf, cur, stop):  # (with their sid)
+                                new_ts = due(rec["ts"], flush)
+                                if not keep_ts:
+                                    rec["ts"] = new_ts
+                                writer.write(rec)
                             mark = stop
                         cur = stop
                         continue

@@ -1,7 +1,8 @@
 """tc-session: replay captured client TCP sessions against a target, as forged packets.
 
 Reads "pkt" records (captured client->server datagrams), writes the datagrams to send
-to the target ("pkt" records with "sid"); learns the target's replies from tc-feedback.
+to the target ("pkt" records with "sid", or with -B "pkts" batches with a sid column);
+learns the target's replies from tc-feedback.
 The engine lives in tcpcopylib.session; this module is the select() loop around it.
 """
 
@@ -141,6 +142,12 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         b.add_argument("-a", "--speed", type=number_arg(float, 0, False), default=1.0,
                        metavar="F", help="replay the recording F times faster (TCPCopy's "
                        "-a; F < 1: slower); default 1")
+        o = p.add_argument_group("output")
+        o.add_argument("-B", "--batch", type=number_arg(int, 1, True), default=1, metavar="N",
+                       help="up to N packets per record (\"pkts\" with a sid column, the "
+                            "packets of one turn of the loop): less work here and in "
+                            "tc-emit; all tc-* tools read batches, scripts see "
+                            "tcpcopy-records(5); default 1")
         s = p.add_argument_group("statistics")
         s.add_argument("--stats-every", type=float, metavar="N",
                        help="print the summary every N seconds")
@@ -215,7 +222,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         import math
         import select
 
-        from tcpcopylib.records import AS_PKT, RecordWriter, header
+        from tcpcopylib.records import AS_PKT, RecordWriter, encode_pkts, header
         from tcpcopylib.session.timing import DueQueue
         from tcpcopylib.streamparse import StreamParser
 
@@ -228,8 +235,20 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         # engine's claim()/release() go to fb, which sends them on flush()), so a claim
         # always reaches tc-feedback before the SYN that needs it leaves this process.
         writer = RecordWriter(self.stdout_fd, header(self.name), bufsize=1 << 62)
+        batch = args.batch
+        stamps, datas, sids = [], [], []  # -B: the packets of the batch being made
+
+        def end_batch():
+            if stamps:
+                writer.write_raw(encode_pkts(stamps, datas, sids))
+                stamps.clear()
+                datas.clear()
+                sids.clear()
+                if len(writer.buf) >= OUT_BATCH:
+                    flush_out()
 
         def flush_out():
+            end_batch()
             if fb is not None:
                 fb.flush()
             writer.flush()
@@ -239,7 +258,22 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             if len(writer.buf) >= OUT_BATCH:
                 flush_out()
 
-        engine = self.engine = self._build_engine(args, emit, fb)
+        def emit_batched(data, sid, now):
+            if sid > 0xFFFFFFFF:  # (a sid column holds 32 bits)
+                end_batch()
+                emit(data, sid, now)
+                return
+            stamps.append(now)
+            datas.append(data)
+            sids.append(sid)
+            if len(stamps) >= batch:
+                end_batch()
+
+        def write_other(rec):
+            end_batch()  # what came before it goes before it
+            writer.write(rec)
+
+        engine = self.engine = self._build_engine(args, emit if batch == 1 else emit_batched, fb)
         engine.warn = self.warn
         max_rss = int(args.max_memory * (1 << 20)) if args.max_memory else None
         next_rss = 0.0
@@ -325,7 +359,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                                        math.ceil(timeout * 1e3) if timeout > 0 else 0):
                     now = time.time_ns()
                     if fd == in_fd:
-                        eof = self._read_input(in_fd, parser, due, writer, engine, now)
+                        eof = self._read_input(in_fd, parser, due, write_other, engine, now)
                         if eof:
                             poll.unregister(in_fd)
                             reading = False
@@ -344,6 +378,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                 except Exception:  # noqa: BLE001 - best effort at exit
                     pass
             try:
+                end_batch()
                 writer.flush()
             finally:
                 if fb is not None:
@@ -380,7 +415,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             t = min(t, 0.05)  # while draining, look at quiescence often
         return None if t is None else max(t, 0)
 
-    def _read_input(self, fd, parser, due, writer, engine, now) -> bool:
+    def _read_input(self, fd, parser, due, write_other, engine, now) -> bool:
         """Read what stdin holds; True at end of input."""
         try:
             # into one buffer: a fresh 128 KiB bytes per read() costs an mmap/munmap pair
@@ -392,7 +427,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             return True
         chunk = self._rbuf[:n].tobytes()
         # packets are queued; records we do not know pass through
-        dropped = due.push_records(parser.feed(chunk, self._feed_mode), now, writer.write,
+        dropped = due.push_records(parser.feed(chunk, self._feed_mode), now, write_other,
                                    self._server_side)
         if dropped:
             engine.count_server_side(dropped)
