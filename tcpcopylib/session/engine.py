@@ -272,6 +272,20 @@ def parse_tcp_fast(data, orig_len=None):
     return src, dst, ihl, sport, dport, seq, ack, doff, flags, win, plen
 
 
+_OPTIONS_SEEN: dict = {}  # options bytes -> parse_options() result (read only)
+
+
+def _options(opts: bytes) -> dict:
+    """parse_options(), remembered: SYN and SYN-ACK options repeat from session to session
+    (the same few TCP stacks) unless they carry timestamps. The dict must not be changed."""
+    o = _OPTIONS_SEEN.get(opts)
+    if o is None:
+        if len(_OPTIONS_SEEN) >= 1024:
+            _OPTIONS_SEEN.clear()
+        o = _OPTIONS_SEEN[opts] = parse_options(opts)
+    return o
+
+
 def _ts_option(opts: bytes):
     """(tsval, tsecr) from raw TCP options, or None (fast path for the usual layout)."""
     if len(opts) >= 12 and opts[0] == 1 and opts[1] == 1 and opts[2] == 8:
@@ -815,10 +829,10 @@ class Engine:
         s.state = ESTAB
         s.t_base = (seq + 1) & M32
         s.last_rx = now
-        o = parse_options(opts) if opts else {}
+        o = _options(opts)
         s.t_mss = o.get("mss", 536)
         if "wscale" in o or "ts" in o:  # what the SYN offered matters
-            mine = parse_options(s.syn_opts) if s.syn_opts and not s.fake else {}
+            mine = _options(s.syn_opts) if s.syn_opts and not s.fake else {}
             if "wscale" in o and "wscale" in mine:
                 s.t_wscale = min(o["wscale"], 14)
             if "ts" in o and "ts" in mine:
