@@ -24,9 +24,10 @@ target logged / requests in the pcap) and tc-session's own outcome counts; then 
 seconds each tool used (wait4; in brackets the kernel's share, which for tc-emit includes
 the target's and the assistant's receive paths: a veth transmit runs them on the sender's
 CPU), its context switches (voluntary: it waited for input; involuntary: preempted), and
-the rate its busiest tool alone would allow on an otherwise idle core, and how busy the
-machine was. Rates follow the machine's load: on the 2-core development VM even the CPU time
-of identical work varied by about 25 % between runs, so compare runs made together
+the rate its busiest tool alone would allow on an otherwise idle core, the target server's
+CPU, how busy the machine was, and a reference loop's CPU time just before the run (the
+machine's speed then). Rates follow the machine: on the 2-core development VM even the CPU
+time of identical work varied by about 25 % between runs, so compare runs made together
 (--compare). Targets there: >= 3,000 sessions/s and >= 30k client packets/s at 100 %.
 --compare DIR runs each speed twice, alternately with this checkout's tc-session and DIR's
 (the other tools are this checkout's): before/after numbers in the same conditions.
@@ -243,11 +244,43 @@ def run_once(pcap, speed, kind, workdir, timeout, session_args, session_repo=Non
             except ProcessLookupError:
                 pass
             reap(p, 8, cpu)
+        cpu["_server"] = tree_cpu(srv.pid)  # (its worker ends with it: read before)
         lab.stop(srv)  # nginx flushes its access log on exit
         stats = json.loads(stats_json.read_text()) if stats_json.exists() else {}
         errs = {p.name: p.stderr.strip().splitlines()[-3:] for p in [*procs, *fbprocs.values()]
                 if p.p.returncode not in (0, None)}
         return done, wall, stats, target_requests(kind, log), errs, cpu
+
+
+def tree_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and its descendants, still running."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            user += int(fields[11]) / tick
+            system += int(fields[12]) / tick
+            for t in os.listdir(f"/proc/{p}/task"):
+                todo += map(int, Path(f"/proc/{p}/task/{t}/children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return user, system
+
+
+def reference_loop_ms() -> float:
+    """CPU milliseconds of a fixed piece of pure Python (best of 3): how fast the machine
+    runs right now (a noisy neighbour or a slower host CPU shows here first)."""
+    best = float("inf")
+    for _ in range(3):
+        t = time.process_time()
+        d = {}
+        for i in range(200_000):
+            d[i & 1023] = (i * 7) >> 3
+        best = min(best, time.process_time() - t)
+    return best * 1000
 
 
 def cpu_times() -> list[int]:
@@ -357,6 +390,7 @@ def main(argv=None):
         rd.mkdir(exist_ok=True)
         if a.compare:
             print(f"  tc-session of {repo or 'this checkout'}:")
+        ref_ms = reference_loop_ms()
         before = cpu_times()
         done, wall, stats, (nreq, nsess, span), errs, cpu = run_once(
             pcap, speed, a.server, rd, a.timeout,
@@ -375,6 +409,7 @@ def main(argv=None):
               flush=True)
         wakeups = cpu.pop("_wakeups", {})
         sys_s = cpu.pop("_sys", {})
+        server = cpu.pop("_server")
         busiest = max(cpu, key=cpu.get) if cpu else None
         print("            CPU s (of it system): " + ", ".join(
             f"{k.removeprefix('tc-')} {v:.2f} ({sys_s.get(k, 0):.2f})" for k, v in cpu.items())
@@ -385,7 +420,8 @@ def main(argv=None):
               flush=True)
         print("            context switches (voluntary, involuntary): "
               + ", ".join(f"{k.removeprefix('tc-')} {v[0]} {v[1]}" for k, v in wakeups.items())
-              + f"; {share} (whole run, lab set-up included)", flush=True)
+              + f"; target server CPU {sum(server):.2f} s ({server[1]:.2f}); {share} (whole "
+              f"run, lab set-up included); reference loop {ref_ms:.0f} ms", flush=True)
     if a.repeat > 1:
         print_summary(results, a.rate)
     if not a.keep:
