@@ -25,8 +25,7 @@ seconds each tool used (wait4; in brackets the kernel's share, which for tc-emit
 the target's and the assistant's receive paths: a veth transmit runs them on the sender's
 CPU), its context switches (voluntary: it waited for input; involuntary: preempted), and
 the rate its busiest tool alone would allow on an otherwise idle core, the target server's
-CPU, how busy the machine was, and a reference loop's CPU time just before the run (the
-machine's speed then). Rates follow the machine: on the 2-core development VM even the CPU
+CPU, and how busy the machine was. Rates follow the machine: on the 2-core development VM even the CPU
 time of identical work varied by about 25 % between runs, so compare runs made together
 (--compare). Targets there: >= 3,000 sessions/s and >= 30k client packets/s at 100 %.
 --compare DIR runs each speed twice, alternately with this checkout's tc-session and DIR's
@@ -270,19 +269,6 @@ def tree_cpu(pid: int) -> tuple[float, float]:
     return user, system
 
 
-def reference_loop_ms() -> float:
-    """CPU milliseconds of a fixed piece of pure Python (best of 3): how fast the machine
-    runs right now (a noisy neighbour or a slower host CPU shows here first)."""
-    best = float("inf")
-    for _ in range(3):
-        t = time.process_time()
-        d = {}
-        for i in range(200_000):
-            d[i & 1023] = (i * 7) >> 3
-        best = min(best, time.process_time() - t)
-    return best * 1000
-
-
 def cpu_times() -> list[int]:
     """The machine's CPU jiffies: user nice system idle iowait irq softirq steal."""
     with open("/proc/stat") as f:
@@ -390,7 +376,6 @@ def main(argv=None):
         rd.mkdir(exist_ok=True)
         if a.compare:
             print(f"  tc-session of {repo or 'this checkout'}:")
-        ref_ms = reference_loop_ms()
         before = cpu_times()
         done, wall, stats, (nreq, nsess, span), errs, cpu = run_once(
             pcap, speed, a.server, rd, a.timeout,
@@ -421,7 +406,7 @@ def main(argv=None):
         print("            context switches (voluntary, involuntary): "
               + ", ".join(f"{k.removeprefix('tc-')} {v[0]} {v[1]}" for k, v in wakeups.items())
               + f"; target server CPU {sum(server):.2f} s ({server[1]:.2f}); {share} (whole "
-              f"run, lab set-up included); reference loop {ref_ms:.0f} ms", flush=True)
+              f"run, lab set-up included)", flush=True)
     if a.repeat > 1:
         print_summary(results, a.rate)
     if not a.keep:
