@@ -25,9 +25,9 @@ seconds each tool used (wait4; in brackets the kernel's share, which for tc-emit
 the target's and the assistant's receive paths: a veth transmit runs them on the sender's
 CPU), its context switches (voluntary: it waited for input; involuntary: preempted), and
 the rate its busiest tool alone would allow on an otherwise idle core, the target server's
-CPU, and how busy the machine was. Rates follow the machine: on the 2-core development VM even the CPU
-time of identical work varied by about 25 % between runs, so compare runs made together
-(--compare). Targets there: >= 3,000 sessions/s and >= 30k client packets/s at 100 %.
+CPU, and how busy the machine was. Rates follow the machine: on the 2-core development VM
+even the CPU time of identical work varied by about 25 % between runs, so compare runs made
+together (--compare). Targets there: >= 3,000 sessions/s and >= 30k client packets/s at 100 %.
 --compare DIR runs each speed twice, alternately with this checkout's tc-session and DIR's
 (the other tools are this checkout's): before/after numbers in the same conditions.
 Needs root (network namespaces). Every run is bounded (--timeout).
