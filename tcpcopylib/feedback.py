@@ -281,9 +281,12 @@ _CLAIM_HEAD = {k: cbor2.dumps({"t": T_CLAIM, k: None})[:-1] for k in ("add", "de
 _UINTS = [cbor2.dumps(i) for i in range(256)]
 
 
+_UINT16 = struct.Struct(">BH").pack
+
+
 def _cbor_uint(n: int) -> bytes:
     """cbor2.dumps(n) for an int n >= 0 (a port)."""
-    return _UINTS[n] if n < 256 else cbor_head(0, n)
+    return _UINTS[n] if n < 256 else _UINT16(0x19, n) if n < 0x10000 else cbor_head(0, n)
 
 
 def _cbor_text(text: str) -> bytes:
@@ -303,6 +306,7 @@ class FeedbackClient:
         self._pending: list = []
         self._eof = False
         self._ip_texts: dict = {}  # packed address -> its text CBOR-encoded, for claims
+        self._target_ends: dict = {}  # (address, port) -> both CBOR-encoded, for claims
         # one receive buffer: a fresh 256 KiB bytes per recv() costs an mmap/munmap pair
         self._rbuf = memoryview(bytearray(1 << 18))
         self.server_header: dict | None = None
@@ -443,15 +447,16 @@ class FeedbackClient:
 
     def _op(self, kind: str, cip: bytes, cport: int, tip: bytes, tport: int) -> None:
         # each entry [client_ip_str, client_port, target_ip_str, target_port] is CBOR-encoded
-        # here (the address texts' encodings cached), records assembled by flush()
-        texts = self._ip_texts
-        c, t = texts.get(cip), texts.get(tip)
+        # here (client address texts and target ends cached), records assembled by flush()
+        texts, ends = self._ip_texts, self._target_ends
+        c, t = texts.get(cip), ends.get((tip, tport))
         if c is None or t is None:
-            if len(texts) > 4096:
+            if len(texts) > 4096 or len(ends) > 4096:
                 texts.clear()
+                ends.clear()
             c = texts[cip] = _cbor_text(_ip_text(cip))
-            t = texts[tip] = _cbor_text(_ip_text(tip))
-        entry = b"".join((b"\x84", c, _cbor_uint(cport), t, _cbor_uint(tport)))
+            t = ends[(tip, tport)] = _cbor_text(_ip_text(tip)) + _cbor_uint(tport)
+        entry = b"".join((b"\x84", c, _cbor_uint(cport), t))
         ops = self._ops
         if ops and ops[-1][0] == kind:
             ops[-1][1].append(entry)
