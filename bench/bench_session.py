@@ -3,7 +3,7 @@
 
     python3 bench/bench_session.py [--sessions N] [--rate R] [--requests K] [--repeat N]
                                    [--speed-by tc-pace|tc-session] [--batch N]
-                                   [--session-batch N]
+                                   [--session-batch N] [--session-nice N]
                                    [--speeds 1,2,4,8] [--server nginx|python]
                                    [--compare DIR]
 
@@ -11,9 +11,9 @@ Generates a pcap of N short HTTP/1.1 sessions (K requests each, client closes fi
 starting at R sessions/s of recording time, from client addresses spread over the lab's
 client net. Then, for each speed S, in a fresh namespace lab:
 
-  online:    tc-readpcap -B 32 gen.pcap | tc-pace --speed S | tc-session -B 32 --target T
-             | tc-emit  (--speed-by tc-session: tc-readpcap -B 32 gen.pcap | tc-session -a S
-             ... | tc-emit)
+  online:    tc-readpcap -B 32 gen.pcap | tc-pace --speed S
+             | nice -n -10 tc-session -B 32 --target T | tc-emit
+             (--speed-by tc-session: tc-readpcap -B 32 gen.pcap | tc-session -a S ... | tc-emit)
   assistant: tc-intercept lan0 -F 'tcp and src port 8080' | tc-feedback --listen unix:SOCK
   target:    nginx (a minimal nginx.conf in a temp dir; python recording server if no nginx)
 
@@ -203,7 +203,7 @@ def target_requests(kind, log) -> tuple[int, int, float]:
 # -- one run --------------------------------------------------------------------------------------
 
 def run_once(pcap, speed, kind, workdir, timeout, session_args, session_repo=None,
-             speed_by="tc-pace", readpcap_args=(), emit_link=False):
+             speed_by="tc-pace", readpcap_args=(), emit_link=False, session_nice=0):
     with Lab() as lab:
         srv, log = start_target(lab, kind, workdir)
         fbprocs, addr = h.start_feedback(lab, workdir, PORT)
@@ -223,7 +223,8 @@ def run_once(pcap, speed, kind, workdir, timeout, session_args, session_repo=Non
             exe = h.tool(argv[0])
             if argv[0] == "tc-session" and session_repo is not None:
                 exe = str(Path(session_repo) / "bin" / "tc-session")
-            p = h.Proc(lab, "online", [exe, "--stats", *argv[1:]],
+            nice = ["nice", "-n", str(session_nice)] if argv[0] == "tc-session" else []
+            p = h.Proc(lab, "online", [*nice, exe, "--stats", *argv[1:]],
                        stdin=prev.p.stdout if prev else subprocess.DEVNULL,
                        stdout=None if last else subprocess.PIPE, env=env, name=argv[0])
             if prev:
@@ -338,6 +339,10 @@ def main(argv=None):
     ap.add_argument("--session-batch", type=int, default=32, metavar="N",
                     help="tc-session -B N: up to N packets per output record (default 32; "
                          "1: one pkt record per packet, and no -B for an older tc-session)")
+    ap.add_argument("--session-nice", type=int, default=-10, metavar="N",
+                    help="run tc-session under nice -n N (default -10: the stage that limits "
+                         "the rate first in line for a CPU, see tc-session(1), PERFORMANCE; "
+                         "0: no priority)")
     ap.add_argument("--emit-link", action="store_true",
                     help="tc-emit -o IFACE --dst-mac MAC: Ethernet frames on the online "
                          "host's interface (TCPCopy's --pcap-send -o) instead of raw IP")
@@ -362,6 +367,7 @@ def main(argv=None):
           f"({per_session:.0f}/session) at {a.rate:.0f} sessions/s in "
           f"{time.monotonic() - t:.1f} s; target: {a.server}; tc-readpcap -B {a.batch}"
           + (f", tc-session -B {a.session_batch}" if a.session_batch > 1 else "")
+          + (f", nice -n {a.session_nice} tc-session" if a.session_nice else "")
           + (f" {' '.join(a.readpcap_arg)}" if a.readpcap_arg else "")
           + (", tc-session -a S" if a.speed_by == "tc-session" else ", tc-pace --speed S")
           + (", tc-emit -o" if a.emit_link else ""))
@@ -381,7 +387,7 @@ def main(argv=None):
             pcap, speed, a.server, rd, a.timeout,
             (["-B", str(a.session_batch)] if a.session_batch > 1 else []) + a.session_arg,
             repo, a.speed_by,
-            ["-B", str(a.batch), *a.readpcap_arg], a.emit_link)
+            ["-B", str(a.batch), *a.readpcap_arg], a.emit_link, a.session_nice)
         share = machine_share(before, cpu_times())
         span = max(span, 1e-3)
         outcomes = {k: v for k, v in stats.get("outcomes", stats).items() if v}
