@@ -664,15 +664,13 @@ class Engine:
 
     def _push(self, s, now):
         """Send what may be sent now: the heart of request/response gating."""
-        if s.state == NEW:
-            if s.queue:
-                self._send_syn(s, now)
-            return
-        if s.state == CLOSED:
-            if any(seg.data for seg in s.queue):
-                self._reconnect(s, now)
-            return
         if s.state != ESTAB:
+            if s.state == NEW:
+                if s.queue:
+                    self._send_syn(s, now)
+            elif s.state == CLOSED:
+                if any(seg.data for seg in s.queue):
+                    self._reconnect(s, now)
             return
         q = s.queue
         if s.t_fin and q and q[0].data and not s.fin_sent:
@@ -725,6 +723,8 @@ class Engine:
 
     def _may_release(self, s, seg, now) -> bool:
         """Gating: may the head of the queue go now?"""
+        if seg.cack == s.last_cack and (seg.data or not s.group_data):
+            return True  # the same group (or no ack known at all): the usual case
         if self.cfg.no_wait:
             s.last_cack = seg.cack
             return True
@@ -786,9 +786,8 @@ class Engine:
         if s is None or s.state in (NEW, DONE):
             st.fb_unmatched += 1
             return
-        opts = bytes(data[ihl + 20:ihl + doff]) if doff > 20 else b""
         if s.state == SYN_SENT:
-            self._fb_syn_sent(s, seq, ack, flags, win, opts, now)
+            self._fb_syn_sent(s, seq, ack, flags, win, bytes(data[ihl + 20:ihl + doff]), now)
             return
         if s.state == CLOSED:
             if not flags & TH_RST:
@@ -802,8 +801,8 @@ class Engine:
             if flags & TH_ACK:
                 self._send_ack(s, now)  # our handshake ACK was lost
             return
-        if s.ts_ok and opts:
-            ts = _ts_option(opts)
+        if s.ts_ok and doff > 20:
+            ts = _ts_option(bytes(data[ihl + 20:ihl + doff]))
             if ts:
                 s.ts_recent = ts[0]
         self._fb_ack(s, ack, win, plen, flags, now)

@@ -44,6 +44,8 @@ class DueQueue:
         last = self.last_due
         dropped = 0
         speed = self.speed
+        # due_time(), inline: at speed 1 a packet is due at its ts plus this offset
+        shift = None if self.anchor_wall is None else self.anchor_wall - self.anchor_ts
         for item in items:
             if type(item) is tuple:
                 ts, data = item
@@ -55,11 +57,14 @@ class DueQueue:
                 if not isinstance(data, (bytes, bytearray)):
                     continue
                 ts = item.get("ts")
-            if asap or not isinstance(ts, int):
+            if asap or type(ts) is not int:
                 due = now
-            else:  # due_time(), inline
+            elif shift is not None and speed == 1:
+                due = ts + shift
+            else:
                 if self.anchor_wall is None:
                     self.anchor_wall, self.anchor_ts = now, ts
+                    shift = now - ts
                 due = self.anchor_wall + (ts - self.anchor_ts if speed == 1
                                           else round((ts - self.anchor_ts) / speed))
             if due < last:
