@@ -662,8 +662,9 @@ class Engine:
         if not s.rto_at:
             s.rto_at = now + s.rto
 
-    def _push(self, s, now):
-        """Send what may be sent now: the heart of request/response gating."""
+    def _push(self, s, now, arm=True):
+        """Send what may be sent now: the heart of request/response gating. arm=False:
+        the caller arms s's timer itself when the event is over."""
         if s.state != ESTAB:
             if s.state == NEW:
                 if s.queue:
@@ -718,7 +719,7 @@ class Engine:
                 seg.flags = TH_FIN
             else:
                 q.pop(0)
-        if sent_any or s.gate_at:
+        if arm and (sent_any or s.gate_at):
             self._arm(s)
 
     def _may_release(self, s, seg, now) -> bool:
@@ -809,8 +810,8 @@ class Engine:
         if plen or flags & TH_FIN:
             self._fb_data(s, seq, plen, flags, now)
         if s.state == ESTAB:
-            if s.queue:  # (with nothing queued _push only arms the timer: done below)
-                self._push(s, now)
+            if s.queue:
+                self._push(s, now, arm=False)  # (armed below)
             if s.fin_sent:
                 self._check_closed(s, now)
         self._arm(s)
@@ -844,7 +845,7 @@ class Engine:
         s.mark = 0
         s.group_t = now
         self._send_ack(s, now)
-        self._push(s, now)
+        self._push(s, now, arm=False)
         self._arm(s)
 
     def _fb_ack(self, s, ack, win, plen, flags, now):
@@ -1065,7 +1066,7 @@ class Engine:
                 self._send_ack(s, now)
             if s.gate_at and now >= s.gate_at:
                 s.gate_at = 0
-                self._push(s, now)
+                self._push(s, now, arm=False)  # (on_timer arms it after)
                 if s.state != ESTAB:
                     return
             if s.linger_at and now >= s.linger_at:
