@@ -230,7 +230,7 @@ def replace_ts(raw: bytes, ts: int) -> bytes | None:
 # n big-endian uint32 session ids. A stage that only looks at timestamps (tc-pace) handles
 # a batch with a few C calls; readers expand a batch into its packets, in order
 # (StreamDecoder.parse), so a stage that does not know batches never sees one.
-_PKTS_HEAD = b"\x61t\x64pkts\x62ts"  # after the map head byte (0xA4)
+_PKTS_HEAD = b"\x61t\x64pkts\x62ts"  # after the map head byte (0xA4; 0xA5 with sids)
 _PKTS_LEN_KEY = b"\x63len"
 _BATCH_FMT = {}  # n -> (Struct(">nQ"), Struct(">nH"))
 

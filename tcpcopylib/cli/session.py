@@ -239,13 +239,12 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         stamps, datas, sids = [], [], []  # -B: the packets of the batch being made
 
         def end_batch():
+            """The -B packets made so far into the writer's buffer."""
             if stamps:
                 writer.write_raw(encode_pkts(stamps, datas, sids))
                 stamps.clear()
                 datas.clear()
                 sids.clear()
-                if len(writer.buf) >= OUT_BATCH:
-                    flush_out()
 
         def flush_out():
             end_batch()
@@ -268,6 +267,8 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             sids.append(sid)
             if len(stamps) >= batch:
                 end_batch()
+                if len(writer.buf) >= OUT_BATCH:
+                    flush_out()
 
         def write_other(rec):
             end_batch()  # what came before it goes before it
