@@ -768,9 +768,7 @@ class Engine:
             reason = "gate_timeout"
         if now >= when:
             return reason
-        if s.gate_at != when:
-            s.gate_at = when
-            self._arm(s)
+        s.gate_at = when  # (armed by _push, or by its caller at the end of the event)
         return None
 
     # == feedback =======================================================================
