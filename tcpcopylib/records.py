@@ -287,32 +287,30 @@ def scan_batch(buf, pos: int, end: int):
         if not lt or lt & 7:
             return None
         n = lt >> 3
-        p = ts_at + lt
-        if not buf.startswith(_PKTS_LEN_KEY, p):
-            return None
-        ll, len_at = _bytes_head(buf, p + 4)
-        if ll != 2 * n:
-            return None
-        p = len_at + ll
-        if not buf.startswith(_DATA_KEY, p):
-            return None
-        ld, data_at = _bytes_head(buf, p + 5)
-        if ld is None:
-            return None
-        stop = data_stop = data_at + ld
-        sid_at = None
-        if head == 0xA5:
-            if not buf.startswith(_SID_KEY, stop):
-                return None
-            ls, sid_at = _bytes_head(buf, stop + 4)
-            if ls != 4 * n:
-                return None
-            stop = sid_at + ls
-    except (IndexError, struct.error):
+        len_at, len_stop = _column(buf, ts_at + lt, _PKTS_LEN_KEY, 2 * n)
+        data_at, data_stop = _column(buf, len_stop, _DATA_KEY, None)
+        sid_at, stop = _column(buf, data_stop, _SID_KEY, 4 * n) if head == 0xA5 else \
+            (None, data_stop)
+    except (IndexError, struct.error, _NotThere):
         return None
     if stop > end:
         return None
     return n, ts_at, len_at, data_at, data_stop, sid_at, stop
+
+
+class _NotThere(Exception):
+    """_column() did not find what it looked for."""
+
+
+def _column(buf, p: int, key: bytes, size: int | None):
+    """(start, end) of the byte string after the text ``key`` at buf[p], if it holds
+    ``size`` bytes (None: any number); else _NotThere."""
+    if not buf.startswith(key, p):
+        raise _NotThere
+    n, at = _bytes_head(buf, p + len(key))
+    if n is None or size is not None and n != size:
+        raise _NotThere
+    return at, at + n
 
 
 def batch_stamps(buf, ts_at: int, n: int) -> tuple:
