@@ -260,6 +260,31 @@ def encode_pkts(stamps, datas, sids=None) -> bytes:
     return b"".join(parts)
 
 
+class PendingBatch:
+    """The packets of a pkts record being made, as columns (hot loops append to the lists
+    directly); ``write_to(writer)`` appends the record to the writer's buffer (counting
+    and flushing are the caller's) and starts a new one. With ``sids`` the record gets a
+    sid column (tc-session)."""
+
+    __slots__ = ("stamps", "datas", "sids")
+
+    def __init__(self, sids: bool = False):
+        self.stamps: list = []
+        self.datas: list = []
+        self.sids: list | None = [] if sids else None
+
+    def __len__(self) -> int:
+        return len(self.stamps)
+
+    def write_to(self, writer) -> None:
+        if self.stamps:
+            writer.buf += encode_pkts(self.stamps, self.datas, self.sids)
+            self.stamps.clear()
+            self.datas.clear()
+            if self.sids is not None:
+                self.sids.clear()
+
+
 def _bytes_head(buf, p):
     """(length, start) of the CBOR byte string whose head is at buf[p] (shortest form)."""
     h = buf[p]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tcpcopylib.cli.common import Tool as BaseTool
+from tcpcopylib.cli.common import number_arg
 from tcpcopylib.errors import EX_DATAERR, CaptureFormatError, UsageError
 
 
@@ -26,7 +27,7 @@ class Tool(BaseTool):
         super().__init__(*a, **kw)
         self.read = self.emitted = self.non_ip = self.filtered = self.bytes = 0
         self.unsupported = set()  # link types already warned about
-        self.batch_stamps, self.batch_datas = [], []  # --batch: the packets not yet written
+        self.pending = None  # --batch: the packets not yet written (a PendingBatch)
 
     def add_arguments(self, p) -> None:
         p.add_argument("files", nargs="*", default=["-"], metavar="FILE",
@@ -35,7 +36,7 @@ class Tool(BaseTool):
                        help="only packets matching this pcap-filter(7) expression")
         p.add_argument("-c", "--count", type=int, metavar="N",
                        help="stop after emitting N packets")
-        p.add_argument("-B", "--batch", type=int, default=1, metavar="N",
+        p.add_argument("-B", "--batch", type=number_arg(int, 1, True), default=1, metavar="N",
                        help="up to N packets per record (\"pkts\", within 1 ms of "
                             "recording time): less work for every stage downstream; all "
                             "tc-* tools read batches, scripts see tcpcopy-records(5)")
@@ -59,12 +60,11 @@ class Tool(BaseTool):
 
     def run(self, args):
         from tcpcopylib.pcapio import LT_ETHERNET, LT_RAW, CaptureReader
-        from tcpcopylib.records import header
+        from tcpcopylib.records import PendingBatch, header
 
         if args.count is not None and args.count < 0:
             raise UsageError("--count must be >= 0")
-        if args.batch < 1:
-            raise UsageError("--batch must be >= 1")
+        self.pending = PendingBatch()
         if args.filter:
             self._compile(args.filter, LT_ETHERNET)  # a bad expression fails before any input
         # Open every input and check its magic before writing anything.
@@ -102,12 +102,7 @@ class Tool(BaseTool):
 
     def _end_batch(self, writer) -> None:
         """The pending --batch packets into the writer's buffer."""
-        from tcpcopylib.records import encode_pkts
-
-        if self.batch_stamps:
-            writer.buf += encode_pkts(self.batch_stamps, self.batch_datas)
-            self.batch_stamps.clear()
-            self.batch_datas.clear()
+        self.pending.write_to(writer)
 
     def _flush(self, writer) -> None:
         """Before a read that may block, and at the end: nothing is held back."""
@@ -120,7 +115,7 @@ class Tool(BaseTool):
         from tcpcopylib.pcapio import LINK_SPANS, encode_pkt
 
         buf, flush, bufsize = writer.buf, writer.flush, writer.bufsize  # write_raw, inlined
-        stamps, datas = self.batch_stamps, self.batch_datas
+        stamps, datas = self.pending.stamps, self.pending.datas
         batch_bytes = 0
         cur_lt = span = bpf = None
         read = emitted = non_ip = filtered = nbytes = 0

@@ -222,7 +222,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         import math
         import select
 
-        from tcpcopylib.records import AS_PKT, RecordWriter, encode_pkts, header
+        from tcpcopylib.records import AS_PKT, PendingBatch, RecordWriter, header
         from tcpcopylib.session.timing import DueQueue
         from tcpcopylib.streamparse import StreamParser
 
@@ -236,18 +236,11 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         # always reaches tc-feedback before the SYN that needs it leaves this process.
         writer = RecordWriter(self.stdout_fd, header(self.name), bufsize=1 << 62)
         batch = args.batch
-        stamps, datas, sids = [], [], []  # -B: the packets of the batch being made
-
-        def end_batch():
-            """The -B packets made so far into the writer's buffer."""
-            if stamps:
-                writer.write_raw(encode_pkts(stamps, datas, sids))
-                stamps.clear()
-                datas.clear()
-                sids.clear()
+        pending = PendingBatch(sids=True)  # -B: the packets of the batch being made
+        stamps, datas, sids = pending.stamps, pending.datas, pending.sids
 
         def flush_out():
-            end_batch()
+            pending.write_to(writer)
             if fb is not None:
                 fb.flush()
             writer.flush()
@@ -259,19 +252,19 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
 
         def emit_batched(data, sid, now):
             if sid > 0xFFFFFFFF:  # (a sid column holds 32 bits)
-                end_batch()
+                pending.write_to(writer)
                 emit(data, sid, now)
                 return
             stamps.append(now)
             datas.append(data)
             sids.append(sid)
             if len(stamps) >= batch:
-                end_batch()
+                pending.write_to(writer)
                 if len(writer.buf) >= OUT_BATCH:
                     flush_out()
 
         def write_other(rec):
-            end_batch()  # what came before it goes before it
+            pending.write_to(writer)  # what came before it goes before it
             writer.write(rec)
 
         engine = self.engine = self._build_engine(args, emit if batch == 1 else emit_batched, fb)
@@ -379,7 +372,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                 except Exception:  # noqa: BLE001 - best effort at exit
                     pass
             try:
-                end_batch()
+                pending.write_to(writer)
                 writer.flush()
             finally:
                 if fb is not None:
