@@ -80,6 +80,30 @@ def test_reassembly_ethernet_and_port_reuse(tmp_path):
     assert [x.bytes for x in h.tcp_streams(pcap, 80)] == [b"first", b"second"]
 
 
+def test_recording_problem_checks_the_capture_against_the_server_log(tmp_path):
+    c, s = ("10.0.0.1", 40000), ("10.0.0.2", 80)
+    body = b"GET / HTTP/1.1\r\n\r\n"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / f"1_{c[0]}_{c[1]}.bin").write_bytes(body * 2)
+    whole = [_ip4_tcp(c[0], s[0], c[1], s[1], 99, 0x02),
+             _ip4_tcp(c[0], s[0], c[1], s[1], 100, 0x18, body),
+             _ip4_tcp(c[0], s[0], c[1], s[1], 100 + len(body), 0x18, body)]
+    pcap = tmp_path / "r.pcap"
+    _write_pcap(pcap, whole)
+    assert h.recording_problem(pcap, logs, 80) == ""
+    _write_pcap(pcap, whole[:2])  # the second request is not in the capture
+    assert "logged 36 bytes, captured 18 with 0 holes" in h.recording_problem(pcap, logs, 80)
+    _write_pcap(pcap, [whole[0], whole[2]])  # nor the first: a hole
+    assert "1 holes" in h.recording_problem(pcap, logs, 80)
+    # a capture started mid-connection holds the end of what the server logged
+    _write_pcap(pcap, whole[2:])
+    assert h.recording_problem(pcap, logs, 80, midconn=True) == ""
+    assert h.recording_problem(pcap, logs, 80) != ""
+    _write_pcap(pcap, [])
+    assert h.recording_problem(pcap, logs, 80, midconn=True) != ""
+
+
 def test_compare_streams_reports_each_kind():
     def stream(port, data, seq=100):
         st = h.Stream(("10.0.0.1", port), ("10.0.0.2", 80))
