@@ -505,30 +505,21 @@ def record(lab, workdir, scenario, *client_args, port=PORT, v6=False, server_kw=
     # "received by filter" can exceed "captured" by packets that came after tcpdump was told
     # to stop (a late retransmission); what matters is that the capture holds every stream the
     # online server received, which is checked against the server's own logs.
-    problem = recording_problem(pcap, logs, port, midconn)
+    problem = recording_problem(pcap, logs, port)
     if problem:
         raise RuntimeError(f"the recording is incomplete: {problem}\ntcpdump: {tdout}")
     return Recording(pcap, logs, res, tdout, port)
 
 
-def recording_problem(pcap, log_dir, port, midconn=False) -> str:
+def recording_problem(pcap, log_dir, port) -> str:
     """'' when every connection the recording server logged is in the capture, byte for
-    byte, with no holes (for a capture started mid-connection: as the end of the stream)."""
-    captured: dict = {}  # (ip, port) -> its streams in order (a port may be used again)
-    for s in tcp_streams(pcap, port):
-        captured.setdefault((_norm_ip(s.client[0]), s.client[1]), []).append(s)
-    problems = []
-    for c in logged_streams(log_dir):  # in accept order
-        streams = captured.get((_norm_ip(c.ip), c.port))
-        s = streams.pop(0) if streams else None
-        data, holes = s.data() if s is not None else (b"", [])
-        if not c.data:
-            continue
-        whole = (data and c.data.endswith(data)) if midconn else c.data == data
-        if s is None or holes or not whole:
-            problems.append(f"{c.ip}:{c.port} logged {len(c.data)} bytes, captured "
-                            f"{len(data)} with {len(holes)} holes")
-    return "; ".join(problems[:5])
+    byte, with no holes, and the capture holds no other stream."""
+    streams = tcp_streams(pcap, port)
+    holes = [s.client for s in streams if s.data()[1]]
+    if holes:
+        return f"holes in the streams of {holes[:5]}"
+    res = compare_streams(streams, logged_streams(log_dir))
+    return "" if res.ok and res.identical == res.connections else res.describe()
 
 
 # ---------------------------------------------------------------------------------------
