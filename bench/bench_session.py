@@ -96,13 +96,15 @@ def http_exchange(i, k):
     return req, resp
 
 
-def session_events(sessions, rate, requests, server_ip="10.200.9.1"):
-    """[(ts seconds, Ethernet frame, from client)] of the generated sessions, in time order."""
+def session_events(sessions, rate, requests, server_ip="10.200.9.1", first=0):
+    """[(ts seconds, Ethernet frame, from client)] of the generated sessions, in time order
+    (sessions first .. first + sessions - 1 of one endless series: bench/soak.py makes a long
+    run in slices)."""
     srv = socket.inet_aton(server_ip)
     gap = 1.0 / rate
     events = []
     mss = b"\x02\x04\x05\xb4"
-    for i in range(sessions):
+    for i in range(first, first + sessions):
         t = 1_700_000_000.0 + i * gap
         cli = socket.inet_aton(f"10.200.9.{10 + i % 240}")
         port = 20000 + i // 240
