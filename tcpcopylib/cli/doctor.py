@@ -76,11 +76,11 @@ class Tool(_Tool):
             if not args.json:
                 print(doctor.format_text(checks), flush=True)
             report["before"] = [c.to_dict() for c in checks]
-            for fn, c in zip(fns, checks):
+            for fn in fns:
+                # each check runs again just before its fix: an earlier fix may have mended
+                # it (rp_filter after the route), or made it checkable (mtu after the route)
+                c = doctor.safe(fn, ctx)
                 if c.verdict in (doctor.OK, doctor.SKIP) or not c.fix:
-                    continue
-                c = doctor.safe(fn, ctx)  # again: an earlier fix may have mended it
-                if c.verdict in (doctor.OK, doctor.SKIP):
                     continue
                 for cmd in c.fix:
                     fixes.append(self._apply(ctx, c, cmd, args))
