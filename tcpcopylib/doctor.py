@@ -425,33 +425,53 @@ def iptables_verdict(tables: dict, chain: str, port: int, src, dst, depth: int =
     return flt["policy"].get(chain, "ACCEPT"), None, chain
 
 
+def _nft_rule_matches(w: list, port: int) -> bool | None:
+    """Does an nft rule (its words) match a TCP packet to `port`? None: too specific to
+    judge here (addresses, interfaces, conntrack state, marks ...)."""
+    if "dport" in w:
+        spec = w[w.index("dport") + 1].strip("{},")
+        return _port_in(spec.replace("-", ":"), port)
+    if any(x in w for x in ("saddr", "daddr", "sport", "ct", "iifname", "oifname", "iif",
+                            "oif", "meta", "mark", "icmp", "udp", "@th")):
+        return None
+    return True
+
+
 def parse_nft(text: str, hook: str, port: int) -> list[dict]:
     """Rules of `nft -a list ruleset` in base chains of `hook` that drop or reject a TCP
-    packet to `port` (bare verdicts, or with a matching `dport`), and drop policies."""
+    packet to `port` (bare verdicts, or with a matching `dport`) before any rule accepts
+    it, and drop policies of such chains with no rule accepting it."""
     found, table, chain, chain_hook = [], None, None, None
+    accepted, policy_drop = False, False
+
+    def end_chain():
+        if chain and chain_hook == hook and policy_drop and not accepted:
+            found.append({"table": table, "chain": chain, "rule": "policy drop",
+                          "handle": None})
+
     for line in text.splitlines():
         s = line.strip()
         w = s.split()
         if s.startswith("table "):
+            end_chain()
             table, chain, chain_hook = (w[1], w[2]), None, None
         elif s.startswith("chain ") and table:
-            chain, chain_hook = w[1], None
+            end_chain()
+            chain, chain_hook, accepted, policy_drop = w[1], None, False, False
         elif s.startswith("type ") and " hook " in s and chain:
             chain_hook = w[w.index("hook") + 1].rstrip(";")
-            if chain_hook == hook and "policy drop" in s:
-                found.append({"table": table, "chain": chain, "rule": "policy drop",
-                              "handle": None})
-        elif chain and chain_hook == hook and ("drop" in w or "reject" in w):
-            body = s.split(" # handle ")[0]
-            handle = s.split(" # handle ")[1].strip() if " # handle " in s else None
-            if "dport" in w:
-                spec = w[w.index("dport") + 1].strip("{},")
-                if not _port_in(spec.replace("-", ":"), port):
-                    continue
-            elif any(x in w for x in ("saddr", "daddr", "sport", "ct", "iifname", "oifname",
-                                       "meta", "mark", "icmp", "udp")):
-                continue  # too specific to judge here
-            found.append({"table": table, "chain": chain, "rule": body, "handle": handle})
+            policy_drop = "policy drop" in s
+        elif chain and chain_hook == hook and not accepted:
+            body, _, handle = s.partition(" # handle ")
+            if _nft_rule_matches(w, port) is not True:
+                continue
+            if "accept" in w:
+                accepted = True
+            elif "drop" in w or "reject" in w:
+                found.append({"table": table, "chain": chain, "rule": body,
+                              "handle": handle.strip() or None})
+                accepted = True  # the first verdict decides
+    end_chain()
     return found
 
 

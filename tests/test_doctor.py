@@ -288,6 +288,8 @@ def test_firewall_nftables():
     assert fw(nft=ok).verdict == OK
     r = fw(nft=ok.replace("policy accept;\n\t\ttcp dport 22", "policy drop;\n\t\ttcp dport 22"))
     assert r.verdict == FAIL and "policy drop" in r.seen
+    accept = "\t\ttcp dport 8080 accept # handle 7\n\t\ttcp dport 8080 drop # handle 8\n"
+    assert fw(nft=ok.replace("policy accept;\n", "policy drop;\n" + accept, 1)).verdict == OK
 
 
 def test_firewall_iptables_nft_table_reported_once():
