@@ -735,26 +735,31 @@ def format_text(checks) -> str:
 # ------------------------------------------------------------------------------------
 
 def icmp_echo(dst: str, size: int, timeout: float = 0.5) -> bool | None:
-    """Send one IPv4 ICMP echo request of `size` bytes (IP header included) with DF set;
-    True if the reply came. None if it cannot be sent (not root, IPv6)."""
+    """Send one ICMP (or ICMPv6) echo request of `size` bytes, IP header included, that must
+    not be fragmented; True if the reply came, None if it cannot be sent (not root)."""
     import select
     import socket
     import struct
     import time
 
-    if ":" in dst:
-        return None
+    v6 = ":" in dst
     try:
-        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW,
+                          socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
     except OSError:
         return None
     with s:
-        s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO: DF
+        if v6:
+            s.setsockopt(socket.IPPROTO_IPV6, 62, 1)  # IPV6_DONTFRAG
+            s.setsockopt(socket.IPPROTO_IPV6, 23, 2)  # IPV6_MTU_DISCOVER = PMTUDISC_DO
+        else:
+            s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO: DF
         ident = (os.getpid() ^ size) & 0xFFFF
-        payload = bytes(max(0, size - 28))
-        hdr = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
-        csum = _checksum(hdr + payload)
-        pkt = struct.pack("!BBHHH", 8, 0, csum, ident, 1) + payload
+        payload = bytes(max(0, size - (48 if v6 else 28)))
+        kind, reply = (128, 129) if v6 else (8, 0)
+        hdr = struct.pack("!BBHHH", kind, 0, 0, ident, 1)
+        csum = 0 if v6 else _checksum(hdr + payload)  # the kernel sums ICMPv6 itself
+        pkt = struct.pack("!BBHHH", kind, 0, csum, ident, 1) + payload
         try:
             s.sendto(pkt, (dst, 0))
         except OSError:
@@ -765,9 +770,9 @@ def icmp_echo(dst: str, size: int, timeout: float = 0.5) -> bool | None:
             if left <= 0 or not select.select([s], [], [], left)[0]:
                 return False
             data, addr = s.recvfrom(65535)
-            ihl = (data[0] & 15) * 4
-            if addr[0] == dst and len(data) >= ihl + 8 and data[ihl] == 0 and \
-                    struct.unpack_from("!H", data, ihl + 4)[0] == ident:
+            off = 0 if v6 else (data[0] & 15) * 4  # raw ICMPv6 sockets get no IP header
+            if addr[0] == dst and len(data) >= off + 8 and data[off] == reply and \
+                    struct.unpack_from("!H", data, off + 4)[0] == ident:
                 return True
 
 

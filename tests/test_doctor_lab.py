@@ -19,11 +19,12 @@ PCAP = REPO / "examples" / "http-lab.pcap"
 PORT = 8080
 
 
-def doctor(lab, role, *extra, fb=None, assistant=None, probe=False):
+def doctor(lab, role, *extra, fb=None, assistant=None, probe=False, v6=False):
     """Run tc-doctor --json in the role's namespace: (exit status, report, seconds)."""
-    argv = [h.tool("tc-doctor"), "--role", role, "--json",
-            "--target", f"{lab.target_ip}:{PORT}", "--client-net", lab.client_net,
-            "--assistant", assistant or lab.assist_ip]
+    target = f"[{lab.target_ip6}]:{PORT}" if v6 else f"{lab.target_ip}:{PORT}"
+    argv = [h.tool("tc-doctor"), "--role", role, "--json", "--target", target,
+            "--client-net", lab.client_net6 if v6 else lab.client_net,
+            "--assistant", assistant or (lab.assist_ip6 if v6 else lab.assist_ip)]
     if role == "online":
         argv += ["--iface", lab.online_cli_if]
     if fb and role in ("online", "assistant"):
@@ -73,6 +74,15 @@ def test_correct_lab_is_all_ok_in_under_5_s(setup):
                                                 "listening", "mtu"}
     assert set(verdicts(reports["assistant"])) >= {"ip_forward", "feedback"}
     assert total < 5.0, f"three tc-doctor runs took {total:.2f} s"
+
+
+def test_correct_lab_is_all_ok_over_ipv6(setup):
+    """The same over IPv6 (ip6tables, ICMPv6 echo for the MTU, a forged IPv6 SYN)."""
+    lab, fb = setup
+    for role in ("target", "assistant", "online"):
+        rc, rep, _ = doctor(lab, role, fb=fb, probe=role == "online", v6=True)
+        assert rc == 0 and set(verdicts(rep).values()) == {"ok"}, rep
+        assert "fd00:200:" in json.dumps(rep)
 
 
 def _route_missing(lab):
