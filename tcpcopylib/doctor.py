@@ -682,6 +682,10 @@ def check_probe(ctx: Context) -> Check:
     if res["feedback"] is None:
         return Check(name, WARN, f"{what}: no SYN-ACK here (good); give --feedback to see it "
                      "arrive at the assistant")
+    if res.get("rst") and not res["feedback"]:
+        return Check(name, FAIL, f"{what}: the target answered RST (it reached the assistant): "
+                     f"nothing listens on port {ctx.target_port}, or a firewall resets",
+                     advice="run tc-doctor --role target there")
     if res["feedback"]:
         return Check(name, OK, f"{what}: SYN-ACK reached the assistant "
                      f"({res['ms']:.0f} ms, via tc-feedback) and not this host")
@@ -833,9 +837,13 @@ def syn_probe(ctx: Context, timeout: float = 2.0) -> dict:
                         res["here"] = True
             if fb is not None and fb in r:
                 for data, _ in fb.read_replies():
-                    if _is_synack(data, tip, cip, ctx.target_port, sport):
+                    flags = _flags_of(data, tip, cip, ctx.target_port, sport)
+                    if flags is not None and flags & 0x12 == 0x12:
                         res["feedback"] = True
                         res["ms"] = (time.monotonic() - t0) * 1000
+                    elif flags is not None and flags & TH_RST:
+                        res["rst"] = True
+                        deadline = time.monotonic()  # the answer is in
         if fb is not None and res["feedback"]:
             # a short wait for a copy of the SYN-ACK here, which must not come
             r, _, _ = select.select([sniff], [], [], 0.2)
@@ -857,21 +865,27 @@ def syn_probe(ctx: Context, timeout: float = 2.0) -> dict:
     return res
 
 
-def _is_synack(d: bytes, src: bytes, dst: bytes, sport: int, dport: int) -> bool:
+def _flags_of(d: bytes, src: bytes, dst: bytes, sport: int, dport: int) -> int | None:
+    """The TCP flags of datagram d if it goes src:sport -> dst:dport, else None."""
     if not d:
-        return False
+        return None
     if d[0] >> 4 == 4:
         off = (d[0] & 15) * 4
-        if d[9] != 6 or d[12:16] != src or d[16:20] != dst:
-            return False
+        if len(d) < 20 or d[9] != 6 or d[12:16] != src or d[16:20] != dst:
+            return None
     else:
         off = 40
         if len(d) < 60 or d[6] != 6 or d[8:24] != src or d[24:40] != dst:
-            return False
+            return None
     if len(d) < off + 14:
-        return False
+        return None
     sp, dp = int.from_bytes(d[off:off + 2], "big"), int.from_bytes(d[off + 2:off + 4], "big")
-    return sp == sport and dp == dport and d[off + 13] & 0x12 == 0x12
+    return d[off + 13] if sp == sport and dp == dport else None
+
+
+def _is_synack(d: bytes, src: bytes, dst: bytes, sport: int, dport: int) -> bool:
+    f = _flags_of(d, src, dst, sport, dport)
+    return f is not None and f & 0x12 == 0x12
 
 
 # ------------------------------------------------------------------------------------

@@ -422,12 +422,28 @@ def test_probe_verdicts():
                                ({"here": True, "feedback": False}, FAIL, "came back"),
                                ({"here": True, "feedback": True}, FAIL, "came back"),
                                ({"here": False, "feedback": False}, FAIL, "no SYN-ACK"),
-                               ({"here": False, "feedback": None}, WARN, "--feedback")):
+                               ({"here": False, "feedback": None}, WARN, "--feedback"),
+                               ({"here": False, "feedback": False, "rst": True}, FAIL,
+                                "answered RST")):
         c = ctx("online", {})
         c.probe = lambda res=res: dict(base, **res)
         r = doctor.check_probe(c)
         assert r.verdict == verdict and word in r.seen, (res, r)
     assert doctor.check_probe(ctx("target", {})).verdict == SKIP
+
+
+def test_packet_matching():
+    from tcpcopylib.packet import build_tcp
+
+    a, b = bytes([10, 0, 0, 5]), bytes([192, 0, 2, 254])
+    synack = build_tcp(a, b, 8080, 45000, 1, 2, 0x12)
+    assert doctor._is_synack(synack, a, b, 8080, 45000)
+    assert not doctor._is_synack(synack, a, b, 8080, 45001)
+    assert not doctor._is_synack(build_tcp(a, b, 8080, 45000, 1, 2, 0x14), a, b, 8080, 45000)
+    assert doctor._flags_of(build_tcp(a, b, 8080, 45000, 1, 2, 0x14), a, b, 8080, 45000) == 0x14
+    a6, b6 = bytes(15) + b"\x05", bytes(15) + b"\x09"
+    assert doctor._is_synack(build_tcp(a6, b6, 80, 4000, 1, 2, 0x12), a6, b6, 80, 4000)
+    assert doctor._flags_of(b"", a, b, 1, 2) is None
 
 
 def test_sample_client_and_bad_options():

@@ -155,6 +155,20 @@ def test_probe_sees_a_bad_route_end_to_end(setup, case, where):
     assert where in failing(rep)["probe"]["seen"]
 
 
+def test_probe_reports_a_reset(lab):
+    """Nothing listens on the target port: the probe's SYN is answered with RST, which
+    reaches the assistant; the probe says so (and the target's own run warns)."""
+    procs, fb = h.start_feedback_tcp(lab, PORT)
+    try:
+        rc, rep, _ = doctor(lab, "online", fb=fb, probe=True)
+        assert rc == 2 and "answered RST" in failing(rep)["probe"]["seen"], rep
+        rc, rep, _ = doctor(lab, "target")
+        assert rc == 1 and set(failing(rep)) == {"listening"}, rep
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
 def _second_leg(lab):
     """The target reaches the assistant over a second link (10.200.2.0/24, as1 <-> tg1), and
     routes the clients there; replayed packets still arrive on lan0."""
