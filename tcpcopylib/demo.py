@@ -335,6 +335,26 @@ def pcap_requests(path: Path, port: int) -> dict:
             "span_s": round((last - first), 3) if first is not None else 0.0}
 
 
+def requirements(a, which=shutil.which) -> tuple[dict, list[str]]:
+    """What this run needs on the machine, checked as tc-doctor checks programs: the Lab()
+    keyword arguments to use and notes for the user; DemoError if something required is
+    missing. Without ethtool the veth offloads stay as the kernel sets them (tc-capture
+    splits the super-segments they make), and the demo says so."""
+    from tcpcopylib.doctor import FAIL, WARN, check_programs
+
+    required = ("ip", "ss", "sysctl") + (("tcpdump",) if a.record else ())
+    checks = check_programs(required=required, optional=("ethtool",), which=which)
+    missing = [c for c in checks if c.verdict == FAIL]
+    if missing:
+        raise DemoError("; ".join(c.seen for c in missing) + " (apt-get install iproute2 "
+                        "procps" + (" tcpdump" if a.record else "") + ")")
+    no_ethtool = any(c.name == "program ethtool" and c.verdict == WARN for c in checks)
+    notes = ["ethtool not found: the lab's veth offloads are left as the kernel sets them "
+             "(tc-capture splits the super-segments they make); apt-get install ethtool to "
+             "turn them off"] if no_ethtool else []
+    return {"offloads": no_ethtool}, notes
+
+
 class Proc:
     """A process in a lab host, its stderr in a file, stopped by PID."""
 
@@ -479,15 +499,19 @@ class Demo:
 
         t_start = time.monotonic()
         a = self.a
+        lab_kw, notes = requirements(a)
+        for note in notes:
+            self.say(f"demo: {note}")
         keep = a.workdir is not None
         self.work = Path(a.workdir) if keep else Path(tempfile.mkdtemp(prefix="tc-demo-"))
         self.work.mkdir(parents=True, exist_ok=True)
         self.work.chmod(0o755)
-        self.lab = Lab()
+        self.lab = Lab(**lab_kw)
         if a.port is None:
             a.port = pcap_server_port(Path(a.pcap)) if a.pcap else PORT
         report = {"mode": "record" if a.record else "pcap" if a.pcap else "live",
-                  "lab": self.lab.name, "workdir": str(self.work), "port": a.port}
+                  "lab": self.lab.name, "workdir": str(self.work), "port": a.port,
+                  "offloads": "kernel default" if lab_kw["offloads"] else "off"}
         try:
             self.lab.up()
             if a.pcap:
@@ -665,7 +689,9 @@ def format_report(r) -> str:
     lines.append(f"target         {tg['requests']} requests in its access log = {pct:.2f} % of "
                  f"online{rate}" + (f"; clients seen: {who}" if who else ""))
     lines.append(f"duration       {r['duration_s']:.1f} s; namespaces left: "
-                 f"{len(r['namespaces_left'])}")
+                 f"{len(r['namespaces_left'])}"
+                 + ("; veth offloads: kernel default (no ethtool)"
+                    if r.get("offloads") == "kernel default" else ""))
     problems = goal(r)
     lines.append("result         " + ("OK" if not problems else "MISSED: " + "; ".join(problems)))
     return "\n".join(lines)

@@ -569,6 +569,10 @@ def main(argv=None) -> int:
             s.add_argument("--stale", action="store_true",
                            help="also remove auto-named lab namespaces of dead processes")
     a = p.parse_args(argv)
+    if a.cmd == "up" and not a.offloads and shutil.which("ethtool") is None:
+        print("lab: ethtool not found: veth offloads left as the kernel sets them "
+              "(apt-get install ethtool to turn them off)", file=sys.stderr)
+        a.offloads = True
     lab = Lab(name=a.name, **({"offloads": a.offloads,
                                 "without_target_route": a.without_target_route}
                                if a.cmd == "up" else {}))

@@ -163,3 +163,61 @@ def test_pcap_port_and_requests_any_link(tmp_path):
     assert pcap_server_port(f) == 80
     assert pcap_requests(f, 80) == {"requests": 1, "clients": 1, "span_s": 1.0}
     assert pcap_requests(f, 8080)["requests"] == 1
+
+
+def test_requirements_checked_like_tc_doctor():
+    """What the demo needs, checked with tc-doctor's check_programs: without ethtool it goes
+    on with the kernel's veth offloads and says so; without ip/ss/sysctl it stops (69)."""
+    import argparse
+
+    from tcpcopylib.demo import DemoError, requirements
+
+    live = argparse.Namespace(record=None)
+    everything = {p: f"/usr/bin/{p}" for p in ("ip", "ss", "sysctl", "ethtool", "tcpdump")}
+    assert requirements(live, which=everything.get) == ({"offloads": False}, [])
+    no_ethtool = dict(everything, ethtool=None)
+    kw, notes = requirements(live, which=no_ethtool.get)
+    assert kw == {"offloads": True}
+    assert len(notes) == 1 and notes[0].startswith("ethtool not found") and "kernel" in notes[0]
+    with pytest.raises(DemoError) as e:
+        requirements(live, which=dict(everything, ss=None).get)
+    assert "ss not found" in str(e.value) and e.value.code == 69
+    with pytest.raises(DemoError, match="tcpdump not found"):
+        requirements(argparse.Namespace(record="x.pcap"),
+                     which=dict(everything, tcpdump=None).get)
+
+
+def _path_without(tmp_path, *hidden) -> str:
+    """A PATH of one directory with a link to every program on this PATH but `hidden`
+    (a fresh machine without them, as far as the demo can tell)."""
+    d = tmp_path / "path"
+    d.mkdir()
+    for dirname in os.environ["PATH"].split(":"):
+        if not os.path.isdir(dirname):
+            continue
+        for name in os.listdir(dirname):
+            src = os.path.join(dirname, name)
+            if name not in hidden and not (d / name).exists() and os.access(src, os.X_OK):
+                (d / name).symlink_to(src)
+    return str(d)
+
+
+@pytest.mark.netns
+def test_quick_start_without_ethtool(tmp_path):
+    """The README's quick start on a machine without ethtool: the demo runs, with the
+    kernel's veth offloads, says so, and meets its goal."""
+    work, js = tmp_path / "work", tmp_path / "report.json"
+    env = dict(os.environ)
+    env.pop("TC_FEEDBACK", None)
+    env["PATH"] = _path_without(tmp_path, "ethtool")
+    probe = subprocess.run(["sh", "-c", "command -v ethtool"], env=env, capture_output=True)
+    assert probe.returncode != 0  # really hidden
+    r = subprocess.run([sys.executable, "-m", "tcpcopylib.demo", "--duration", "2", "--rate",
+                        "50", "--server", "python", "--json", str(js), "--workdir", str(work)],
+                       capture_output=True, text=True, timeout=120, cwd=str(REPO), env=env)
+    assert r.returncode == 0, diag(r, work)
+    assert "ethtool not found" in r.stdout and "kernel" in r.stdout
+    assert "veth offloads: kernel default (no ethtool)" in r.stdout
+    rep = json.loads(js.read_text())
+    assert rep["offloads"] == "kernel default"
+    check_report(rep, work)

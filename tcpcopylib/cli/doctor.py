@@ -1,0 +1,156 @@
+"""tc-doctor: check this host's set-up for its TCPCopy role; with --fix, repair it."""
+
+from tcpcopylib.cli.common import Tool as _Tool
+
+
+class Tool(_Tool):
+    name = "tc-doctor"
+    summary = ("Check that this host is set up for its role in a replay (online, target or "
+               "assistant): each check prints ok, warn or fail, what it saw and the command "
+               "that fixes it. Read-only unless --fix.")
+    epilog = ("examples:\n"
+              "  tc-doctor --role target --target 10.0.0.5:8080 --assistant 10.0.0.7 "
+              "--client-net 192.0.2.0/24\n"
+              "  tc-doctor --role assistant --assistant 10.0.0.7 --feedback tcp::36524\n"
+              "  tc-doctor --role online --iface eth0 --target 10.0.0.5:8080 "
+              "--client-net 192.0.2.0/24 --feedback tcp:10.0.0.7:36524 --probe\n"
+              "exit status: 0 all ok, 1 warnings, 2 failures (or a usage error)")
+    writes_records = False
+
+    def __init__(self, *a, runner=None, tty=None, context_hook=None, **kw):
+        super().__init__(*a, **kw)
+        self.runner = runner            # tests: a fake command runner
+        self.tty = tty                  # tests: a file object to ask on instead of /dev/tty
+        self.context_hook = context_hook  # tests: adjust the Context (fake probes)
+        self.counts = {}
+
+    def add_arguments(self, p):
+        from tcpcopylib.doctor import ROLES
+
+        p.add_argument("--role", required=True, choices=ROLES,
+                       help="the role of this host in the replay")
+        p.add_argument("--target", metavar="HOST:PORT",
+                       help="the service under test, as tc-session --target gets it")
+        p.add_argument("--assistant", metavar="ADDR",
+                       help="the assistant's address (the target routes the clients there)")
+        p.add_argument("--feedback", metavar="ADDR",
+                       help="tc-feedback's address, as tc-session --feedback gets it "
+                            "(default: $TC_FEEDBACK)")
+        p.add_argument("--client-net", metavar="CIDR",
+                       help="the replayed client addresses (the network the target routes "
+                            "to the assistant)")
+        p.add_argument("--iface", metavar="IFACE",
+                       help="online: the capture interface; target: where the replayed "
+                            "packets arrive (default: the interface of the target address)")
+        p.add_argument("--json", action="store_true",
+                       help="print the checks as one JSON object instead of text")
+        p.add_argument("--fix", action="store_true",
+                       help="print the fix commands of failed checks and apply them one by "
+                            "one, asking on the terminal")
+        p.add_argument("--yes", action="store_true",
+                       help="with --fix: apply without asking")
+        p.add_argument("--probe", action="store_true",
+                       help="online: send one forged SYN to the target and watch its SYN-ACK "
+                            "reach the assistant (via --feedback) and not this host")
+
+    def run(self, args):
+        from tcpcopylib import doctor
+        from tcpcopylib.errors import UsageError
+
+        if args.yes and not args.fix:
+            raise UsageError("--yes goes with --fix")
+        try:
+            ctx = doctor.Context(args.role, target=args.target, assistant=args.assistant,
+                                 feedback=args.feedback, client_net=args.client_net,
+                                 iface=args.iface,
+                                 runner=self.runner or doctor.run_command)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if self.context_hook:
+            self.context_hook(ctx)
+        fns = doctor.role_checks(args.role, args.probe)
+        checks = [doctor.safe(fn, ctx) for fn in fns]
+        report = {"role": args.role, "tool": self.name}
+        fixes = []
+        if args.fix:
+            if not args.json:
+                print(doctor.format_text(checks), flush=True)
+            report["before"] = [c.to_dict() for c in checks]
+            for fn in fns:
+                # each check runs again just before its fix: an earlier fix may have mended
+                # it (rp_filter after the route), or made it checkable (mtu after the route)
+                c = doctor.safe(fn, ctx)
+                if c.verdict in (doctor.OK, doctor.SKIP) or not c.fix:
+                    continue
+                for cmd in c.fix:
+                    fixes.append(self._apply(ctx, c, cmd, args))
+            if not fixes and not args.json:
+                print("tc-doctor: nothing to fix with a command on this host", flush=True)
+            checks = [doctor.safe(fn, ctx) for fn in fns]
+            if not args.json:
+                print("-- after the fixes:", flush=True)
+        verdict = doctor.worst(checks)
+        status = doctor.EXIT[verdict]
+        self.counts = {v: sum(c.verdict == v for c in checks)
+                       for v in (doctor.OK, doctor.WARN, doctor.FAIL, doctor.SKIP)}
+        if args.json:
+            import json
+
+            report.update(verdict=verdict, exit_status=status,
+                          checks=[c.to_dict() for c in checks])
+            if args.fix:
+                report["fixes"] = fixes
+            print(json.dumps(report, indent=1), flush=True)
+        else:
+            print(doctor.format_text(checks), flush=True)
+            print(f"tc-doctor: {args.role}: {self.stats_line()}", flush=True)
+        return status
+
+    def _apply(self, ctx, check, cmd, args) -> dict:
+        import shlex
+
+        text = shlex.join(cmd)
+        rec = {"check": check.name, "command": text, "applied": False}
+        if not args.json:
+            print(f"fix ({check.name}): {text}", flush=True)
+        if not args.yes and not self._ask(f"apply `{text}`? [y/N] "):
+            rec["skipped"] = "not confirmed"
+            if not args.json:
+                print("      not applied", flush=True)
+            return rec
+        r = ctx.run(cmd)
+        rec.update(applied=r.rc == 0, rc=r.rc, error=(r.err or "").strip())
+        if not args.json:
+            print("      done" if r.rc == 0 else f"      failed ({r.rc}): {r.err.strip()}",
+                  flush=True)
+        return rec
+
+    def _ask(self, prompt: str) -> bool:
+        try:
+            tty = self.tty or open("/dev/tty", "r+")
+        except OSError:
+            self.warn("no terminal to ask on: fix not applied (use --fix --yes)")
+            return False
+        try:
+            tty.write(prompt)
+            tty.flush()
+            return tty.readline().strip().lower() in ("y", "yes")
+        finally:
+            if tty is not self.tty:
+                tty.close()
+
+    def stats_line(self):
+        if not self.counts:
+            return None
+        return ", ".join(f"{n} {v}" for v, n in self.counts.items() if n)
+
+    def stats_dict(self):
+        return {"summary": self.stats_line(), **self.counts}
+
+
+def main(argv=None):
+    return Tool().main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
