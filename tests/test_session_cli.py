@@ -274,19 +274,54 @@ def test_man_page_lints_and_lists_every_option():
 
 
 def test_stats_every_and_sigusr1_while_running():
+    """--stats-every prints the summary (the stats line, then "outcomes:" and the rest) every
+    N s; SIGUSR1 prints the stats line alone, once, and the tool goes on."""
     s = Proc(["tc-session", "--target", "10.2.0.5:80", "--no-feedback", "--stats-every", "0.2",
               "--drain", "0.3"])
+    err = []
+
+    def read_stderr():
+        for ln in s.p.stderr:
+            err.append(ln.decode())
+
+    def wait_for(cond, what, timeout=20):
+        end = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < end and s.p.poll() is None, f"{what}: {''.join(err)}"
+            time.sleep(0.05)
+
+    stats = re.compile(r"^tc-session: \d+ sessions \(\d+ active, .* feedback$")
+
+    def counts():
+        """(stats lines, summaries) up to the end of the last whole summary: each summary
+        has one stats line; SIGUSR1's lines are the rest (they may land between a summary's
+        lines, so they are told apart by count, not place)."""
+        lines = list(err)
+        ends = [i for i, ln in enumerate(lines) if ln.startswith("tc-session: client ports:")]
+        lines = lines[:ends[-1] + 1] if ends else []
+        return (sum(1 for ln in lines if stats.match(ln)),
+                lines.count("tc-session: outcomes:\n"))
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     try:
         s.send(tc.stream([pkt(time.time_ns(), C, O, 5000, 80, CISN, 0, TH_SYN, options=MSS)]))
         s.expect(lambda p: p.flags & TH_SYN)
-        time.sleep(0.7)
+        wait_for(lambda: counts()[1] >= 2, "two periodic summaries")
+        n_stats, n_summaries = counts()
+        assert n_stats == n_summaries, err  # one stats line per summary, none alone yet
         s.p.send_signal(signal.SIGUSR1)
-        time.sleep(0.3)
+        wait_for(lambda: counts()[0] - counts()[1] >= 1, "the SIGUSR1 line")
+        assert s.p.poll() is None, "SIGUSR1 must not end the tool"
         s.p.stdin.close()
         assert s.p.wait(timeout=20) == 0
-        err = s.p.stderr.read().decode()
-        assert err.count("tc-session: outcomes:") >= 2, err
-        assert "1 sessions (1 active" in err  # the SIGUSR1 line or a periodic summary
+        reader.join(timeout=10)
+        n_stats, n_summaries = counts()
+        assert n_stats - n_summaries == 1, err  # one SIGUSR1, one line
+        alone = [ln for ln, nxt in zip(err, err[1:] + [""])
+                 if stats.match(ln) and nxt != "tc-session: outcomes:\n"]
+        assert len(alone) == 1 and alone[0].startswith("tc-session: 1 sessions ("), err
+        assert "tc-session: 1 sessions (1 active" in "".join(err)
     finally:
         s.stop()
 
