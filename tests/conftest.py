@@ -1,13 +1,12 @@
 """Shared test fixtures.
 
 Tests marked ``netns`` need root and network namespaces. On a developer machine
-without them they skip with the reason; in CI (TC_REQUIRE_NETNS=1, set by .ci/run)
-a skip is turned into a failure so the lab tests can never silently not run.
+without them they skip with the reason; in CI (TC_REQUIRE_NETNS=1, set by .ci/test)
+a netns test that is skipped, xfailed or deselected fails the run, so the lab tests can
+never silently not run (the plugin tests/netns_guard.py).
 """
 
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,27 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = REPO / "bin"
 sys.path.insert(0, str(REPO / "tests"))
 
-
-def _netns_unavailable_reason():
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, raw sockets)"
-    if shutil.which("ip") is None:
-        return "needs iproute2's ip command"
-    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"ip netns unusable: {r.stderr.strip()}"
-    return None
-
-
-def pytest_runtest_setup(item):
-    if item.get_closest_marker("netns") is None:
-        return
-    reason = _netns_unavailable_reason()
-    if reason is None:
-        return
-    if os.environ.get("TC_REQUIRE_NETNS") == "1":
-        pytest.fail(f"netns test cannot run but CI requires it: {reason}")
-    pytest.skip(reason)
+pytest_plugins = ["netns_guard"]
 
 
 @pytest.fixture

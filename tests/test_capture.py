@@ -546,7 +546,9 @@ assert s.recv(100) == b"{len(data)}"
 @pytest.mark.parametrize("iface", ["lan0", "cli0", "any"])
 def test_own_emitted_packets_are_never_captured(lab, tmp_path, engine, iface):
     """Forged client packets sent from the online host (raw IP and AF_PACKET, as tc-emit
-    does) towards the target and the client are not captured, even by a filter matching them."""
+    does) towards the target and the client are not captured, even by a filter matching them.
+    Positive control, sent between them: packets from the target to the online host arrive on
+    lan0 and are captured there (and on "any"), so a capture that records nothing fails."""
     lab.start_server("online", port=8080)
     out = tmp_path / "cap.cbor"
     p = _tool(lab, "online", [iface, "--engine", engine, "-w", out, "-F", "tcp"],
@@ -554,10 +556,13 @@ def test_own_emitted_packets_are_never_captured(lab, tmp_path, engine, iface):
     _wait_file(out)
     marker = b"FORGED-BY-REPLAY"
     target, client, online = (ip_bytes(a) for a in (lab.target_ip, lab.client_ip, lab.online_ip))
+    control = b"FROM-THE-TARGET"
     with lab.enter("online"):
         raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         pk = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
         pk.bind(("lan0", 0))
+    with lab.enter("target"):
+        ctl = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     try:
         for i in range(20):
             fwd = build_tcp(client, target, 40000 + i, 8080, 1000, 1, TH_ACK | TH_PSH,
@@ -567,15 +572,20 @@ def test_own_emitted_packets_are_never_captured(lab, tmp_path, engine, iface):
             raw.sendto(back, (lab.client_ip, 0))
             mac = lambda s: bytes.fromhex(s.replace(":", ""))  # noqa: E731
             pk.send(mac(lab.target_mac) + mac(lab.online_mac) + b"\x08\x00" + fwd)
+            ctl.sendto(build_tcp(target, online, 41000 + i, 8080, 1000, 1, TH_ACK | TH_PSH,
+                                 payload=control), (lab.online_ip, 0))
     finally:
         raw.close()
         pk.close()
+        ctl.close()
     _curl(lab, f"http://{lab.online_cli_ip}:8080/", n=1)  # the capture does work meanwhile
     time.sleep(0.3)
     rc, err = _stop(p)
     assert rc == 0, err
     _, pkts = _pkts(out)
     assert not [r for r in pkts if marker in r["data"]]
+    got_control = sorted(parse_tcp(r["data"]).sport for r in pkts if control in r["data"])
+    assert got_control == ([] if iface == "cli0" else list(range(41000, 41020))), got_control
     if iface != "lan0":
         assert len(pkts) >= 5
 

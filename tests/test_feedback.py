@@ -300,9 +300,12 @@ def test_client_refuses_newer_server(tmp_path):
 
 
 def test_tcp_address_and_server_exit_seen_by_client(server, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    # The port stays ours: a bound socket (SO_REUSEADDR, never listening) is held to the end;
+    # tc-feedback (SO_REUSEADDR) binds it too, while no one else gets it as an ephemeral port.
+    probe = socket.socket()
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
     p = subprocess.Popen([str(tc.BIN / "tc-feedback"), "--listen", f"tcp:127.0.0.1:{port}"],
                          stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=tc.env())
     try:
@@ -334,6 +337,7 @@ def test_tcp_address_and_server_exit_seen_by_client(server, tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait()
+        probe.close()
 
 
 def test_parse_address():

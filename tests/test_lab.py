@@ -2,6 +2,7 @@
 
 import errno
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -125,13 +126,22 @@ def test_parallel_labs_do_not_clash():
 
 
 def test_cleanup_stale_removes_dead_owners():
-    dead = f"tcl{2**31 - 7}x1-client"  # no such pid
+    # a lab name whose owner pid cannot be alive (above the kernel's largest pid, 2**22),
+    # unique to this run: concurrent runs each make their own
+    dead = f"tcl{2**22 + os.getpid()}x{secrets.randbelow(10**9)}-client"
     subprocess.run(["ip", "netns", "add", dead], check=True)
     try:
         with Lab() as mine:
             assert dead not in netns_list()  # up() removed it
-            subprocess.run(["ip", "netns", "add", dead], check=True)
-            assert dead in cleanup_stale()
+            # Any concurrent run's Lab.up() also removes stale namespaces, ours included: if
+            # one takes it first, make it again (that run's cleanup worked; ours must too).
+            for _ in range(20):
+                subprocess.run(["ip", "netns", "add", dead], check=True)
+                removed = cleanup_stale()
+                if dead in removed:
+                    break
+                assert dead not in netns_list(), "cleanup_stale() left a dead owner's namespace"
+            assert dead in removed and dead not in netns_list()
             assert set(mine.namespaces) <= set(netns_list())  # our pid is alive
     finally:
         subprocess.run(["ip", "netns", "del", dead], capture_output=True)

@@ -1,9 +1,11 @@
 """tc-pace: the schedule of every option (fake clock), and real-clock behaviour of the tool."""
 
 import importlib.util
+import io
 import os
 import random
 import select
+import signal
 import subprocess
 import time
 
@@ -12,6 +14,7 @@ import pytest
 
 from tc import BIN, REPO, cbor_items, decode, env, run, stream
 from tcpcopylib.pacing import NS, Pacer
+from tcpcopylib.records import encode_section, header
 
 S = NS
 MS = NS // 1000
@@ -268,11 +271,64 @@ def _bench():
     return mod
 
 
+def run_tool_on_fake_clock(tmp_path, args, data: bytes, clock: FakeClock, name="pace"):
+    """tc-pace (its Tool, in this process) over `data` as a file, on `clock`, output to a
+    file. Returns (exit status, output, [(output size, clock) at every sleep and at exit]):
+    tc-pace flushes before every sleep, so what is out by a sleep was out at that time."""
+    from tcpcopylib.cli.pace import Tool
+
+    src, dst = tmp_path / f"{name}.in", tmp_path / f"{name}.out"
+    src.write_bytes(data)
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    seen = []
+
+    def sleep(seconds):
+        seen.append((os.fstat(fd).st_size, clock.now))
+        clock.sleep(seconds)
+
+    handlers = {sig: signal.getsignal(sig) for sig in
+                (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGALRM)}
+    try:
+        status = Tool(stdout_fd=fd, stderr=io.StringIO(), clock=clock, sleep=sleep).main(
+            [*args, str(src)])
+    finally:
+        for sig, h in handlers.items():  # the tool's main() sets its own
+            signal.signal(sig, h)
+        os.close(fd)
+    seen.append((dst.stat().st_size, clock.now))
+    return status, dst.read_bytes(), seen
+
+
+def test_replay_at_speed_30_is_on_time_fake_clock(tmp_path):
+    """60 s of recording at --speed 30 through the tool on a clock whose every sleep
+    oversleeps by up to 0.3 ms: each record is out by its due time + one oversleep, and
+    none before it is due (no drift, no record waiting for the next input, no early
+    release)."""
+    bench = _bench()
+    recs = bench.recording(seconds=60, per_second=20, seed=1)
+    rng = random.Random(3)
+    clock = FakeClock(overshoot=lambda: rng.randrange(0, 300_000))
+    start = clock.now
+    data = encode_section(header("test")) + b"".join(cbor2.dumps(r) for r in recs)
+    status, out, seen = run_tool_on_fake_clock(tmp_path, ["--speed", "30"], data, clock)
+    assert status == 0
+    arrivals = bench._arrivals(out, seen)  # the clock when each record was first seen out
+    assert len(arrivals) == len(recs)
+    ts0 = recs[0]["ts"]
+    late = [a - (start + round((r["ts"] - ts0) / 30)) for r, a in zip(recs, arrivals)]
+    assert min(late) >= 0, "released early"
+    assert max(late) < 300_000, f"{max(late) / 1e6:.3f} ms late"
+    assert len(clock.slept) > len(recs) // 2  # it does wait between records
+
+
 def test_real_clock_replay_at_speed_30_is_on_time():
-    """60 s of recording at --speed 30: every record arrives within 20 ms of its due time.
+    """The same on the real clock (a separate process, its own clock): every record arrives
+    within 250 ms of its due time. The fake-clock test above holds the exact timing; here
+    the margin is for a loaded machine (a few ms when idle) and still catches a tool that
+    does not sleep (records ~2 s early) or holds records back to the end (~2 s late).
 
     A run may be disturbed by other load on the machine, so up to three runs are made; a
-    real fault (drift, a record waiting for the next input, no sleeping) fails them all.
+    real fault fails them all.
     """
     bench = _bench()
     recs = bench.recording(seconds=60, per_second=20, seed=1)
@@ -280,30 +336,60 @@ def test_real_clock_replay_at_speed_30_is_on_time():
     for _ in range(3):
         d = bench.measure(recs, ["--speed", "30"], speed=30)  # arrival - due, vs first record
         assert len(d) == len(recs)
-        assert min(d) > -20e-3, "released early"  # not sleeping at all gives about -2 s
         worst = max(x - min(d) for x in d)
-        if worst < 20e-3:
+        if min(d) > -250e-3 and worst < 250e-3:  # not sleeping at all gives about -2 s
             return
-        failures.append(f"{worst * 1e3:.1f} ms")
-    pytest.fail(f"max lateness over 20 ms in every run: {failures}")
+        failures.append(f"earliest {min(d) * 1e3:.1f} ms, latest {worst * 1e3:.1f} ms")
+    pytest.fail(f"over 250 ms off in every run: {failures}")
 
 
 @pytest.mark.parametrize("keep_ts", [False, True])
 def test_reshaped_timeline_survives_a_later_pacer(keep_ts):
     """tc-pace --speed 4 | tc-pace: the second stage (like tc-session) paces by ts, so the
-    speed-up holds only because the first rewrites ts to the reshaped timeline."""
+    speed-up holds only because the first rewrites ts to the reshaped timeline. (Exact on a
+    fake clock in the next test; here the real pipeline, with margins for a loaded machine.)"""
+    bench = _bench()
     recs = stream([{"t": "pkt", "ts": T0 + i * 100 * MS, "data": b""} for i in range(21)])
     first = "tc-pace --speed 4" + (" --keep-ts" if keep_ts else "")
     t = time.monotonic()
-    r = subprocess.run(f"set -o pipefail; {first} | tc-pace", shell=True,
-                       executable="/bin/bash", input=recs, capture_output=True, env=env(),
-                       timeout=30)
+    p = subprocess.Popen(f"set -o pipefail; {first} | tc-pace", shell=True,
+                         executable="/bin/bash", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         env=env())
+    p.stdin.write(recs)
+    p.stdin.close()
+    buf, chunks = bytearray(), []  # (output size, arrival) per read
+    try:
+        while chunk := os.read(p.stdout.fileno(), 1 << 16):
+            buf += chunk
+            chunks.append((len(buf), time.monotonic()))
+        assert p.wait(timeout=30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     elapsed = time.monotonic() - t
-    assert r.returncode == 0 and len(decode(r.stdout)) == 21
+    assert len(decode(bytes(buf))) == 21
+    arrivals = bench._arrivals(bytes(buf), chunks)
+    span = arrivals[-1] - arrivals[0]  # first record out to last: no process startup in it
     if keep_ts:
         assert elapsed >= 2.0      # the second stage restores the recorded 2 s pace
     else:
-        assert 0.5 <= elapsed < 1.9, elapsed  # 0.5 s, plus two startups
+        # 0.5 s (the recorded 2 s would mean the second stage undid the speed-up)
+        assert elapsed >= 0.5 and span < 1.5, (elapsed, span)
+
+
+@pytest.mark.parametrize("keep_ts", [False, True])
+def test_reshaped_timeline_survives_a_later_pacer_fake_clock(tmp_path, keep_ts):
+    """The same two stages on fake clocks: the second stage waits exactly 0.5 s in all
+    (2 s with --keep-ts in the first)."""
+    recs = stream([{"t": "pkt", "ts": T0 + i * 100 * MS, "data": b""} for i in range(21)])
+    c1, c2 = FakeClock(), FakeClock()
+    st, out1, _ = run_tool_on_fake_clock(tmp_path, ["--speed", "4"] + ["--keep-ts"] * keep_ts,
+                                         recs, c1, "first")
+    assert st == 0 and sum(c1.slept) == pytest.approx(0.5)
+    st, out2, _ = run_tool_on_fake_clock(tmp_path, [], out1, c2, "second")
+    assert st == 0 and len(decode(out2)) == 21
+    assert c2.now - 5 * S == (2 * S if keep_ts else S // 2)
 
 
 def test_interrupt_while_waiting_exits_130_with_released_records_written(tmp_path):
