@@ -23,6 +23,18 @@ T = ip_bytes("10.2.0.5")       # target
 TPORT = 8080
 CISN, TISN, SISN = FIXED       # client's, target's, online server's ISN (captured acks)
 MSS_OPT = b"\x02\x04\x05\xb4"
+MSS_512 = b"\x02\x04\x02\x00"
+
+
+def ts_opt(val, ecr):
+    """A timestamp option as Linux sends it: NOP, NOP, kind 8 (12 bytes)."""
+    return b"\x01\x01\x08\x0a" + (val & 0xFFFFFFFF).to_bytes(4, "big") + \
+        (ecr & 0xFFFFFFFF).to_bytes(4, "big")
+
+
+def not_before(a, b):
+    """a is b or later in 32-bit serial number order (RFC 1982)."""
+    return (a - b) & 0xFFFFFFFF < 0x80000000
 
 
 class Claims:
@@ -214,6 +226,40 @@ def test_gating_never_deadlocks_when_target_acked_and_went_quiet(isns):
     assert h.e.st.gate_timeout == 1
 
 
+def test_quiet_gate_counts_from_the_last_byte_of_a_trickling_response(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, quiet=100 * MS)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")  # online: a 100-byte response
+    h.pkts()
+    for i in range(4):  # 40 bytes in pieces 60 ms apart: never 100 ms of silence
+        h.advance(60)
+        h.target(TH_ACK, TISN + 1 + 10 * i, CISN + 5, b"r" * 10)
+        assert not [p for p in h.pkts() if p.payload], f"released before piece {i + 2}"
+    h.advance(90)
+    assert not [p for p in h.pkts() if p.payload]
+    h.advance(20)  # 100 ms after the last piece
+    assert [(p.payload, p.ack) for p in h.pkts() if p.payload] == [(b"req2", TISN + 41)]
+    assert h.e.st.gate_quiet == 1
+
+
+def test_gate_timeout_counts_from_the_targets_last_ack(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, gate_timeout=2 * SEC)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"part1")
+    h.client(TH_ACK | TH_PSH, CISN + 6, SISN + 300, b"part2")
+    h.pkts()
+    h.advance(1500)  # the target acknowledges part1 late (after retransmissions)
+    h.target(TH_ACK, TISN + 1, CISN + 6)
+    h.advance(1900)
+    assert b"part2" not in [p.payload for p in h.pkts()]
+    h.advance(200)  # 2 s after the ack
+    assert [p.payload for p in h.pkts() if p.payload] == [b"part2"]
+    assert h.e.st.gate_timeout == 1
+
+
 def test_pipelined_requests_and_segments_go_back_to_back(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
@@ -362,20 +408,30 @@ def test_window_scale_applies_only_when_both_negotiated(isns):
 def test_segments_larger_than_target_mss_are_split(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
-    h.open(synack_opts=b"\x02\x04\x02\x00")  # MSS 512
+    h.open(synack_opts=MSS_512)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 1200)
     assert [len(p.payload) for p in h.pkts()] == [512, 512, 176]
 
 
-def ts_opt(val, ecr):
-    """A timestamp option as Linux sends it: NOP, NOP, kind 8 (12 bytes)."""
-    return b"\x01\x01\x08\x0a" + (val & 0xFFFFFFFF).to_bytes(4, "big") + \
-        (ecr & 0xFFFFFFFF).to_bytes(4, "big")
+def test_segments_and_retransmissions_leave_room_for_the_timestamp_option(isns):
+    """The target's MSS counts the 12 bytes of the timestamp option too: with timestamps
+    on, no segment, first or retransmitted, carries more than MSS - 12 data bytes."""
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open(client_opts=MSS_OPT + ts_opt(5000, 0), synack_opts=MSS_512 + ts_opt(777, 5000))
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 1200)
 
-
-def not_before(a, b):
-    """a is b or later in 32-bit serial number order (RFC 1982)."""
-    return (a - b) & 0xFFFFFFFF < 0x80000000
+    def segs():
+        return [(p.seq, len(p.payload), len(p.options)) for p in h.pkts()]
+    assert segs() == [(CISN + 1, 500, 12), (CISN + 501, 500, 12), (CISN + 1001, 200, 12)]
+    h.advance(250)  # RTO (the 200 ms floor): the first segment again, no larger
+    assert segs() == [(CISN + 1, 500, 12)]
+    h.target(TH_ACK, TISN + 1, CISN + 501, opts=ts_opt(800, 5200))  # partial ack: next hole
+    assert segs() == [(CISN + 501, 500, 12)]
+    h.target(TH_ACK, TISN + 1, CISN + 1001, opts=ts_opt(801, 5200))
+    assert segs() == [(CISN + 1001, 200, 12)]
+    h.target(TH_ACK, TISN + 1, CISN + 1201, opts=ts_opt(802, 5200))
+    assert segs() == [] and h.e.st.rto_expired == 1 and h.e.st.retransmits == 3
 
 
 @pytest.mark.parametrize("tsval", [5000, 2**32 - 5], ids=["ts", "ts-wraps"])
