@@ -251,13 +251,38 @@ def test_gate_timeout_counts_from_the_targets_last_ack(isns):
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"part1")
     h.client(TH_ACK | TH_PSH, CISN + 6, SISN + 300, b"part2")
     h.pkts()
-    h.advance(1500)  # the target acknowledges part1 late (after retransmissions)
+    # the target acknowledges part1 only after retransmissions, later than 2 s: until then
+    # the response has not even begun, after it the timeout counts from the ack
+    h.advance(2500)
+    assert b"part2" not in [p.payload for p in h.pkts()]
     h.target(TH_ACK, TISN + 1, CISN + 6)
     h.advance(1900)
     assert b"part2" not in [p.payload for p in h.pkts()]
     h.advance(200)  # 2 s after the ack
     assert [p.payload for p in h.pkts() if p.payload] == [b"part2"]
     assert h.e.st.gate_timeout == 1
+
+
+def test_client_fin_without_a_new_ack_waits_for_the_response(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, quiet=100 * MS)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.client(TH_ACK | TH_FIN, CISN + 4, SISN + 1)  # a half-close: the response came after
+
+    def fins():
+        return [p for p in h.pkts() if p.flags & TH_FIN]
+    assert not fins()
+    h.target(TH_ACK, TISN + 1, CISN + 4)  # the request arrived: its response is awaited
+    assert not fins()
+    h.advance(50)
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"r" * 30)
+    h.advance(90)
+    assert not fins()
+    h.advance(20)  # quiet for 100 ms after the response
+    (fin,) = fins()
+    assert fin.seq == CISN + 4 and fin.ack == TISN + 31
+    assert h.e.st.gate_quiet == 1
 
 
 def test_pipelined_requests_and_segments_go_back_to_back(isns):
@@ -349,6 +374,27 @@ def test_retransmit_keeps_working_after_responses(isns):
     assert [p.payload for p in h.pkts() if p.payload] == [b"req2"]
 
 
+def test_retransmissions_carry_the_fin_only_with_the_last_byte(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, no_wait=True)  # the FIN goes before the data is acknowledged
+    h.open(synack_opts=MSS_512)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 600)
+    h.client(TH_ACK | TH_FIN, CISN + 601, SISN + 1)
+
+    def segs():
+        return [(p.seq, len(p.payload), bool(p.flags & TH_FIN)) for p in h.pkts()]
+    assert segs() == [(CISN + 1, 512, False), (CISN + 513, 88, False), (CISN + 601, 0, True)]
+    h.advance(250)  # RTO
+    assert segs() == [(CISN + 1, 512, False)]
+    h.target(TH_ACK, TISN + 1, CISN + 513)  # partial acks: the next holes
+    assert segs() == [(CISN + 513, 88, True)]
+    h.target(TH_ACK, TISN + 1, CISN + 601)
+    assert segs() == [(CISN + 601, 0, True)]
+    h.target(TH_ACK | TH_FIN, TISN + 1, CISN + 602)
+    assert [p.ack for p in h.pkts()] == [TISN + 2]
+    assert h.outcomes() == {"completed": 1}
+
+
 def test_fast_retransmit_on_three_dupacks(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
@@ -367,6 +413,34 @@ def test_fast_retransmit_on_three_dupacks(isns):
     h.target(TH_ACK, TISN + 1, CISN + 21)  # partial ack: the next hole goes at once
     (r,) = h.pkts()
     assert r.seq == CISN + 21
+
+
+# -- the target's bytes ------------------------------------------------------------------
+
+def test_target_data_overlapping_what_arrived_counts_only_the_new_bytes(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.pkts()
+    h.target(TH_ACK, TISN + 1, CISN + 4, b"a" * 10)
+    h.target(TH_ACK, TISN + 6, CISN + 4, b"a" * 15)  # re-segmented: 5 old bytes, 10 new
+    assert [p.ack for p in h.pkts()] == [TISN + 21]
+    h.target(TH_ACK, TISN + 1, CISN + 4, b"a" * 10)  # all old: a duplicate ack at once
+    assert [p.ack for p in h.pkts()] == [TISN + 21]
+
+
+def test_target_fin_is_taken_in_sequence_only(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.pkts()
+    h.target(TH_ACK | TH_FIN, TISN + 11, CISN + 4)  # the FIN overtook 10 bytes
+    assert all(p.ack == TISN + 1 for p in h.pkts())
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"x" * 10)
+    h.target(TH_ACK | TH_FIN, TISN + 11, CISN + 4)  # sent again
+    assert [p.ack for p in h.pkts()][-1] == TISN + 12
 
 
 # -- flow control ---------------------------------------------------------------------
@@ -539,6 +613,7 @@ def test_early_close_reconnects_on_a_new_port(isns):
     rst = [p for p in out if p.flags & TH_RST]
     syn = [p for p in out if p.flags & TH_SYN]
     assert rst and rst[0].sport == 5000
+    assert rst[0].seq == CISN + 5 and rst[0].ack == TISN + 7  # after resp1 and the FIN
     assert len(syn) == 1 and syn[0].seq == CISN + 4 and syn[0].sport != 5000
     newport = syn[0].sport
     assert ("claim", (C, newport, T, 80)) in h.log
