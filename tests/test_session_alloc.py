@@ -24,10 +24,10 @@ class Alloc:
     def open(self, cip, cport, t, copy=0, fake=False):
         """The (address, port) for a connection of captured client cip:cport at t s
         (fake: the engine's own SYN, not the captured one)."""
-        return self.a.allocate(cip, cport, copy, t * SEC, self._taken, fake)
+        return self.a.allocate(cip, cport, copy, int(t * SEC), self._taken, fake)
 
     def close(self, pair, cip, cport, t, copy=0):
-        self.a.release(*pair, (cip, cport, copy), t * SEC)
+        self.a.release(*pair, (cip, cport, copy), int(t * SEC))
 
 
 def pool_alloc():
