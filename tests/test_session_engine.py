@@ -1,6 +1,12 @@
-"""The tc-session engine against a scripted target, with a fake clock (no network)."""
+"""The tc-session engine against a scripted target, with a fake clock (no network).
+
+Tests that take the ``isns`` fixture run once with sequence numbers far from 2**32 and once
+per case where the client's, the target's or the online server's numbers cross it mid-session
+(tests/seqnums.py); the module-level CISN, TISN and SISN are the fixed case.
+"""
 
 import pytest
+from seqnums import FIXED, isns  # noqa: F401 (isns: a fixture)
 
 from tcpcopylib.errors import UsageError
 from tcpcopylib.packet import (TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, build_tcp, ip_bytes,
@@ -15,10 +21,20 @@ C = ip_bytes("10.9.0.2")       # client
 O = ip_bytes("10.1.0.1")       # online server
 T = ip_bytes("10.2.0.5")       # target
 TPORT = 8080
-CISN = 1000
-TISN = 700000
-SISN = 50000                   # online server's ISN (captured acks)
+CISN, TISN, SISN = FIXED       # client's, target's, online server's ISN (captured acks)
 MSS_OPT = b"\x02\x04\x05\xb4"
+MSS_512 = b"\x02\x04\x02\x00"
+
+
+def ts_opt(val, ecr):
+    """A timestamp option as Linux sends it: NOP, NOP, kind 8 (12 bytes)."""
+    return b"\x01\x01\x08\x0a" + (val & 0xFFFFFFFF).to_bytes(4, "big") + \
+        (ecr & 0xFFFFFFFF).to_bytes(4, "big")
+
+
+def not_before(a, b):
+    """a is b or later in 32-bit serial number order (RFC 1982)."""
+    return (a - b) & 0xFFFFFFFF < 0x80000000
 
 
 class Claims:
@@ -35,7 +51,8 @@ class Claims:
 class H:
     """Harness: an engine, a fake clock, captured client packets in, target replies in."""
 
-    def __init__(self, rules=None, **cfg):
+    def __init__(self, isns=FIXED, rules=None, **cfg):
+        self.isns = isns
         self.log = []
         self.now = 0
         cfg.setdefault("rto_min", 200 * MS)
@@ -82,19 +99,22 @@ class H:
         return {k: v for k, v in self.e.st.outcomes.items() if v}
 
     # common openings
-    def open(self, sport=5000, synack_opts=MSS_OPT, client_opts=MSS_OPT, cack=SISN + 1):
-        """Captured SYN + handshake ACK, target SYN-ACK; returns the packets sent."""
-        self.client(TH_SYN, CISN, 0, opts=client_opts, sport=sport)
-        self.client(TH_ACK, CISN + 1, cack, sport=sport)
+    def open(self, sport=5000, synack_opts=MSS_OPT, client_opts=MSS_OPT, cack=None):
+        """Captured SYN + handshake ACK (acking cack, by default the online server's SYN),
+        target SYN-ACK; returns the packets sent."""
+        cisn, tisn, sisn = self.isns
+        self.client(TH_SYN, cisn, 0, opts=client_opts, sport=sport)
+        self.client(TH_ACK, cisn + 1, sisn + 1 if cack is None else cack, sport=sport)
         self.now += 1 * MS
-        self.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=synack_opts, dport=sport)
+        self.target(TH_SYN | TH_ACK, tisn, cisn + 1, opts=synack_opts, dport=sport)
         return self.pkts()
 
 
 # -- handshake ------------------------------------------------------------------------
 
-def test_captured_syn_forwarded_with_isn_options_and_claim_first():
-    h = H()
+def test_captured_syn_forwarded_with_isn_options_and_claim_first(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     opts = MSS_OPT + b"\x01\x03\x03\x07"
     h.client(TH_SYN, CISN, 0, opts=opts)
     assert h.log[0] == ("claim", (C, 5000, T, 80))  # claimed before the SYN
@@ -114,8 +134,9 @@ def test_captured_syn_forwarded_with_isn_options_and_claim_first():
     assert h.e.st.syn_sent == 1 and h.e.st.fake_syn == 0
 
 
-def test_ack_numbers_follow_target_bytes_and_fin():
-    h = H()
+def test_ack_numbers_follow_target_bytes_and_fin(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.pkts()
@@ -128,16 +149,17 @@ def test_ack_numbers_follow_target_bytes_and_fin():
     assert a.ack == TISN + 22
 
 
-def test_fake_syn_for_midstream_session():
-    h = H()
-    h.client(TH_ACK | TH_PSH, 90000, SISN, b"GET / HTTP/1.1\r\n\r\n")
+def test_fake_syn_for_midstream_session(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"GET / HTTP/1.1\r\n\r\n")
     (syn,) = h.pkts()
-    assert syn.flags == TH_SYN and syn.seq == 89999 and syn.window == 65535
+    assert syn.flags == TH_SYN and syn.seq == CISN and syn.window == 65535
     assert parse_options(syn.options) == {"mss": 1460}
-    h.target(TH_SYN | TH_ACK, TISN, 90000, opts=MSS_OPT)
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
     ack, data = h.pkts()
-    assert ack.flags == TH_ACK and ack.seq == 90000 and ack.ack == TISN + 1
-    assert data.payload.startswith(b"GET") and data.seq == 90000
+    assert ack.flags == TH_ACK and ack.seq == CISN + 1 and ack.ack == TISN + 1
+    assert data.payload.startswith(b"GET") and data.seq == CISN + 1 and data.ack == TISN + 1
     assert h.e.st.fake_syn == 1
 
 
@@ -157,8 +179,9 @@ def test_pure_ack_before_syn_ack_and_unmapped_port_ignored():
 
 # -- gating ---------------------------------------------------------------------------
 
-def test_next_request_waits_for_response_bytes():
-    h = H()
+def test_next_request_waits_for_response_bytes(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     assert [p.payload for p in h.pkts()] == [b"req1"]
@@ -173,8 +196,9 @@ def test_next_request_waits_for_response_bytes():
     assert h.e.st.gate_bytes == 1
 
 
-def test_response_shorter_than_online_released_after_quiet():
-    h = H(quiet=100 * MS)
+def test_response_shorter_than_online_released_after_quiet(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, quiet=100 * MS)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")
@@ -187,8 +211,9 @@ def test_response_shorter_than_online_released_after_quiet():
     assert h.e.st.gate_quiet == 1
 
 
-def test_gating_never_deadlocks_when_target_acked_and_went_quiet():
-    h = H(gate_timeout=2 * SEC)
+def test_gating_never_deadlocks_when_target_acked_and_went_quiet(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, gate_timeout=2 * SEC)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"part1")
     h.client(TH_ACK | TH_PSH, CISN + 6, SISN + 300, b"part2")  # new captured ack
@@ -201,24 +226,86 @@ def test_gating_never_deadlocks_when_target_acked_and_went_quiet():
     assert h.e.st.gate_timeout == 1
 
 
-def test_pipelined_requests_and_segments_go_back_to_back():
-    h = H()
+def test_quiet_gate_counts_from_the_last_byte_of_a_trickling_response(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, quiet=100 * MS)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")  # online: a 100-byte response
+    h.pkts()
+    for i in range(4):  # 40 bytes in pieces 60 ms apart: never 100 ms of silence
+        h.advance(60)
+        h.target(TH_ACK, TISN + 1 + 10 * i, CISN + 5, b"r" * 10)
+        assert not [p for p in h.pkts() if p.payload], f"released before piece {i + 2}"
+    h.advance(90)
+    assert not [p for p in h.pkts() if p.payload]
+    h.advance(20)  # 100 ms after the last piece
+    assert [(p.payload, p.ack) for p in h.pkts() if p.payload] == [(b"req2", TISN + 41)]
+    assert h.e.st.gate_quiet == 1
+
+
+def test_gate_timeout_counts_from_the_targets_last_ack(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, gate_timeout=2 * SEC)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"part1")
+    h.client(TH_ACK | TH_PSH, CISN + 6, SISN + 300, b"part2")
+    h.pkts()
+    # the target acknowledges part1 only after retransmissions, later than 2 s: until then
+    # the response has not even begun, after it the timeout counts from the ack
+    h.advance(2500)
+    assert b"part2" not in [p.payload for p in h.pkts()]
+    h.target(TH_ACK, TISN + 1, CISN + 6)
+    h.advance(1900)
+    assert b"part2" not in [p.payload for p in h.pkts()]
+    h.advance(200)  # 2 s after the ack
+    assert [p.payload for p in h.pkts() if p.payload] == [b"part2"]
+    assert h.e.st.gate_timeout == 1
+
+
+def test_client_fin_without_a_new_ack_waits_for_the_response(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, quiet=100 * MS)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.client(TH_ACK | TH_FIN, CISN + 4, SISN + 1)  # a half-close: the response came after
+
+    def fins():
+        return [p for p in h.pkts() if p.flags & TH_FIN]
+    assert not fins()
+    h.target(TH_ACK, TISN + 1, CISN + 4)  # the request arrived: its response is awaited
+    assert not fins()
+    h.advance(50)
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"r" * 30)
+    h.advance(90)
+    assert not fins()
+    h.advance(20)  # quiet for 100 ms after the response
+    (fin,) = fins()
+    assert fin.seq == CISN + 4 and fin.ack == TISN + 31
+    assert h.e.st.gate_quiet == 1
+
+
+def test_pipelined_requests_and_segments_go_back_to_back(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open()
     for i in range(3):
         h.client(TH_ACK | TH_PSH, CISN + 1 + 4 * i, SISN + 1, b"seg%d" % i)
     assert [p.payload for p in h.pkts()] == [b"seg0", b"seg1", b"seg2"]
 
 
-def test_no_wait_sends_at_once():
-    h = H(no_wait=True)
+def test_no_wait_sends_at_once(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, no_wait=True)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")
     assert [p.payload for p in h.pkts()] == [b"req1", b"req2"]
 
 
-def test_greeting_waits_for_server_first_bytes():
-    h = H()
+def test_greeting_waits_for_server_first_bytes(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open(cack=SISN + 1)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1 + 20, b"LOGIN")  # after a 20-byte greeting
     assert h.pkts() == []
@@ -227,8 +314,9 @@ def test_greeting_waits_for_server_first_bytes():
     assert out[-1].payload == b"LOGIN" and out[-1].ack == TISN + 21
 
 
-def test_client_fin_waits_for_complete_response():
-    h = H()
+def test_client_fin_waits_for_complete_response(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.client(TH_ACK | TH_FIN, CISN + 4, SISN + 1 + 3000)  # FIN after a 3000-byte reply
@@ -251,8 +339,9 @@ def test_client_fin_waits_for_complete_response():
 
 # -- retransmission -------------------------------------------------------------------
 
-def test_rto_retransmit_adaptive_and_backoff():
-    h = H(rto_min=10 * MS)
+def test_rto_retransmit_adaptive_and_backoff(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, rto_min=10 * MS)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.client(TH_ACK, CISN + 1, SISN + 1)
     h.now += 50 * MS  # 50 ms RTT to the target
@@ -271,8 +360,9 @@ def test_rto_retransmit_adaptive_and_backoff():
     assert h.e.st.retransmits == 2 and h.e.st.rto_expired == 2
 
 
-def test_retransmit_keeps_working_after_responses():
-    h = H()
+def test_retransmit_keeps_working_after_responses(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"resp")
@@ -284,8 +374,30 @@ def test_retransmit_keeps_working_after_responses():
     assert [p.payload for p in h.pkts() if p.payload] == [b"req2"]
 
 
-def test_fast_retransmit_on_three_dupacks():
-    h = H()
+def test_retransmissions_carry_the_fin_only_with_the_last_byte(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, no_wait=True)  # the FIN goes before the data is acknowledged
+    h.open(synack_opts=MSS_512)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 600)
+    h.client(TH_ACK | TH_FIN, CISN + 601, SISN + 1)
+
+    def segs():
+        return [(p.seq, len(p.payload), bool(p.flags & TH_FIN)) for p in h.pkts()]
+    assert segs() == [(CISN + 1, 512, False), (CISN + 513, 88, False), (CISN + 601, 0, True)]
+    h.advance(250)  # RTO
+    assert segs() == [(CISN + 1, 512, False)]
+    h.target(TH_ACK, TISN + 1, CISN + 513)  # partial acks: the next holes
+    assert segs() == [(CISN + 513, 88, True)]
+    h.target(TH_ACK, TISN + 1, CISN + 601)
+    assert segs() == [(CISN + 601, 0, True)]
+    h.target(TH_ACK | TH_FIN, TISN + 1, CISN + 602)
+    assert [p.ack for p in h.pkts()] == [TISN + 2]
+    assert h.outcomes() == {"completed": 1}
+
+
+def test_fast_retransmit_on_three_dupacks(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open()
     for i in range(4):
         h.client(TH_ACK | TH_PSH, CISN + 1 + 10 * i, SISN + 1, bytes([65 + i]) * 10)
@@ -303,10 +415,39 @@ def test_fast_retransmit_on_three_dupacks():
     assert r.seq == CISN + 21
 
 
+# -- the target's bytes ------------------------------------------------------------------
+
+def test_target_data_overlapping_what_arrived_counts_only_the_new_bytes(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.pkts()
+    h.target(TH_ACK, TISN + 1, CISN + 4, b"a" * 10)
+    h.target(TH_ACK, TISN + 6, CISN + 4, b"a" * 15)  # re-segmented: 5 old bytes, 10 new
+    assert [p.ack for p in h.pkts()] == [TISN + 21]
+    h.target(TH_ACK, TISN + 1, CISN + 4, b"a" * 10)  # all old: a duplicate ack at once
+    assert [p.ack for p in h.pkts()] == [TISN + 21]
+
+
+def test_target_fin_is_taken_in_sequence_only(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.pkts()
+    h.target(TH_ACK | TH_FIN, TISN + 11, CISN + 4)  # the FIN overtook 10 bytes
+    assert all(p.ack == TISN + 1 for p in h.pkts())
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"x" * 10)
+    h.target(TH_ACK | TH_FIN, TISN + 11, CISN + 4)  # sent again
+    assert [p.ack for p in h.pkts()][-1] == TISN + 12
+
+
 # -- flow control ---------------------------------------------------------------------
 
-def test_never_more_in_flight_than_window_and_window_update_resumes():
-    h = H()
+def test_never_more_in_flight_than_window_and_window_update_resumes(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, win=100, opts=MSS_OPT)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 300)
@@ -323,46 +464,71 @@ def test_never_more_in_flight_than_window_and_window_update_resumes():
     assert h.e.st.zero_window_probes >= 1
 
 
-def test_window_scale_applies_only_when_both_negotiated():
+def test_window_scale_applies_only_when_both_negotiated(isns):
+    CISN, TISN, SISN = isns
     wsopt = b"\x01\x03\x03\x02"  # wscale 2
-    h = H()
+    h = H(isns)
     h.open(client_opts=MSS_OPT + wsopt, synack_opts=MSS_OPT + wsopt)
     h.target(TH_ACK, TISN + 1, CISN + 1, win=100)  # 400 bytes
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 1000)
     assert sum(len(p.payload) for p in h.pkts()) == 400
-    h = H()
+    h = H(isns)
     h.open(client_opts=MSS_OPT, synack_opts=MSS_OPT + wsopt)  # client did not offer it
     h.target(TH_ACK, TISN + 1, CISN + 1, win=100)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 1000)
     assert sum(len(p.payload) for p in h.pkts()) == 100
 
 
-def test_segments_larger_than_target_mss_are_split():
-    h = H()
-    h.open(synack_opts=b"\x02\x04\x02\x00")  # MSS 512
+def test_segments_larger_than_target_mss_are_split(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open(synack_opts=MSS_512)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 1200)
     assert [len(p.payload) for p in h.pkts()] == [512, 512, 176]
 
 
-def test_timestamps_echo_target_tsval_and_stay_monotonic():
-    ts_c = b"\x01\x01\x08\x0a" + (5000).to_bytes(4, "big") + (0).to_bytes(4, "big")
-    ts_t = b"\x01\x01\x08\x0a" + (777).to_bytes(4, "big") + (5000).to_bytes(4, "big")
+def test_segments_and_retransmissions_leave_room_for_the_timestamp_option(isns):
+    """The target's MSS counts the 12 bytes of the timestamp option too: with timestamps
+    on, no segment, first or retransmitted, carries more than MSS - 12 data bytes."""
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open(client_opts=MSS_OPT + ts_opt(5000, 0), synack_opts=MSS_512 + ts_opt(777, 5000))
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 1200)
+
+    def segs():
+        return [(p.seq, len(p.payload), len(p.options)) for p in h.pkts()]
+    assert segs() == [(CISN + 1, 500, 12), (CISN + 501, 500, 12), (CISN + 1001, 200, 12)]
+    h.advance(250)  # RTO (the 200 ms floor): the first segment again, no larger
+    assert segs() == [(CISN + 1, 500, 12)]
+    h.target(TH_ACK, TISN + 1, CISN + 501, opts=ts_opt(800, 5200))  # partial ack: next hole
+    assert segs() == [(CISN + 501, 500, 12)]
+    h.target(TH_ACK, TISN + 1, CISN + 1001, opts=ts_opt(801, 5200))
+    assert segs() == [(CISN + 1001, 200, 12)]
+    h.target(TH_ACK, TISN + 1, CISN + 1201, opts=ts_opt(802, 5200))
+    assert segs() == [] and h.e.st.rto_expired == 1 and h.e.st.retransmits == 3
+
+
+@pytest.mark.parametrize("tsval", [5000, 2**32 - 5], ids=["ts", "ts-wraps"])
+def test_timestamps_echo_target_tsval_and_stay_monotonic(tsval):
     h = H()
-    h.open(client_opts=MSS_OPT + ts_c, synack_opts=MSS_OPT + ts_t)
+    h.open(client_opts=MSS_OPT + ts_opt(tsval, 0), synack_opts=MSS_OPT + ts_opt(777, tsval))
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
-    ts_t2 = b"\x01\x01\x08\x0a" + (900).to_bytes(4, "big") + (5001).to_bytes(4, "big")
-    h.now += 10 * MS
-    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"a" * 5, opts=ts_t2)
-    h.target(TH_ACK | TH_PSH, TISN + 6, CISN + 4, b"a" * 5, opts=ts_t2)
+    h.now += 10 * MS  # our TSval moves on by 10 (ms), across 2**32 in the "ts-wraps" case
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"a" * 5, opts=ts_opt(900, tsval + 1))
+    h.target(TH_ACK | TH_PSH, TISN + 6, CISN + 4, b"a" * 5, opts=ts_opt(900, tsval + 1))
     vals = [parse_options(p.options)["ts"] for p in h.pkts() if p.flags == TH_ACK or p.payload]
     assert vals[-1][1] == 900 and vals[0][1] == 777
-    assert all(b[0] >= a[0] for a, b in zip(vals, vals[1:])) and vals[0][0] >= 5000
+    assert all(not_before(b[0], a[0]) for a, b in zip(vals, vals[1:]))
+    assert not_before(vals[0][0], tsval)
+    # the client's clock: its SYN's TSval plus the ms since (the SYN came at time 0)
+    assert vals[-1][0] == (tsval + h.now // MS) & 0xFFFFFFFF
 
 
 # -- capture defects ------------------------------------------------------------------
 
-def test_duplicate_and_overlapping_captured_segments_are_trimmed():
-    h = H()
+def test_duplicate_and_overlapping_captured_segments_are_trimmed(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"abcdef")
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"abcdef")     # retransmission
@@ -372,8 +538,9 @@ def test_duplicate_and_overlapping_captured_segments_are_trimmed():
     assert h.e.st.client_dups == 1 and h.e.st.client_trimmed == 1
 
 
-def test_gap_holds_later_data_until_filled():
-    h = H()
+def test_gap_holds_later_data_until_filled(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 4, SISN + 1, b"def")
     assert h.pkts() == []
@@ -381,8 +548,9 @@ def test_gap_holds_later_data_until_filled():
     assert [p.payload for p in h.pkts()] == [b"abc", b"def"]
 
 
-def test_unfilled_gap_ends_as_capture_gap():
-    h = H(gap_timeout=5 * SEC)
+def test_unfilled_gap_ends_as_capture_gap(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, gap_timeout=5 * SEC)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"abc")
     h.target(TH_ACK, TISN + 1, CISN + 4)
@@ -395,8 +563,9 @@ def test_unfilled_gap_ends_as_capture_gap():
 
 # -- closing --------------------------------------------------------------------------
 
-def test_target_closes_first_then_client_fin():
-    h = H()
+def test_target_closes_first_then_client_fin(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.target(TH_ACK | TH_PSH | TH_FIN, TISN + 1, CISN + 4, b"resp")
@@ -410,8 +579,9 @@ def test_target_closes_first_then_client_fin():
     assert (C, 5000, T, 80) in h.e.time_wait  # the target holds TIME_WAIT: don't reuse
 
 
-def test_rst_from_target():
-    h = H()
+def test_rst_from_target(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.target(TH_ACK, TISN + 1, CISN + 4)
@@ -422,15 +592,17 @@ def test_rst_from_target():
     assert ("release", (C, 5000, T, 80)) in h.log
 
 
-def test_connection_refused():
-    h = H()
+def test_connection_refused(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.target(TH_RST | TH_ACK, 0, CISN + 1)
     assert h.outcomes() == {"reset_by_target": 1}
 
 
-def test_early_close_reconnects_on_a_new_port():
-    h = H()
+def test_early_close_reconnects_on_a_new_port(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"resp1")
@@ -441,23 +613,26 @@ def test_early_close_reconnects_on_a_new_port():
     rst = [p for p in out if p.flags & TH_RST]
     syn = [p for p in out if p.flags & TH_SYN]
     assert rst and rst[0].sport == 5000
+    assert rst[0].seq == CISN + 5 and rst[0].ack == TISN + 7  # after resp1 and the FIN
     assert len(syn) == 1 and syn[0].seq == CISN + 4 and syn[0].sport != 5000
     newport = syn[0].sport
     assert ("claim", (C, newport, T, 80)) in h.log
     h.log.clear()
-    h.target(TH_SYN | TH_ACK, 9000, CISN + 5, opts=MSS_OPT, dport=newport)
+    tisn2 = TISN - 2  # the new connection's ISN (crossing 2**32 where TISN does)
+    h.target(TH_SYN | TH_ACK, tisn2, CISN + 5, opts=MSS_OPT, dport=newport)
     out = h.pkts()
     assert [p.payload for p in out if p.payload] == [b"req2"]
-    assert out[-1].sport == newport and out[-1].ack == 9001
-    h.target(TH_ACK | TH_PSH, 9001, CISN + 9, b"resp2", dport=newport)
+    assert out[-1].sport == newport and out[-1].ack == tisn2 + 1 and out[-1].seq == CISN + 5
+    h.target(TH_ACK | TH_PSH, tisn2 + 1, CISN + 9, b"resp2", dport=newport)
     h.client(TH_ACK | TH_FIN, CISN + 9, SISN + 11)
-    h.target(TH_ACK | TH_FIN, 9006, CISN + 10, dport=newport)
+    h.target(TH_ACK | TH_FIN, tisn2 + 6, CISN + 10, dport=newport)
     assert h.e.st.reconnections == 1
     assert h.outcomes() == {"reconnected": 1}
 
 
-def test_no_synack_times_out_with_rst():
-    h = H(connect_timeout=3 * SEC)
+def test_no_synack_times_out_with_rst(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, connect_timeout=3 * SEC)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.pkts()
     h.advance(2900)
@@ -469,8 +644,9 @@ def test_no_synack_times_out_with_rst():
     assert h.outcomes() == {"no_synack": 1}
 
 
-def test_idle_timeout_with_pending_data():
-    h = H(idle_timeout=30 * SEC, keepalive_timeout=60 * SEC)
+def test_idle_timeout_with_pending_data(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, idle_timeout=30 * SEC, keepalive_timeout=60 * SEC)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")  # waits for a response
@@ -480,8 +656,9 @@ def test_idle_timeout_with_pending_data():
     assert h.outcomes() == {"timed_out": 1}
 
 
-def test_close_all_resets_unfinished_sessions():
-    h = H()
+def test_close_all_resets_unfinished_sessions(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open(sport=5000)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req", sport=5000)
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"ok")
@@ -497,8 +674,9 @@ def test_close_all_resets_unfinished_sessions():
     assert h.outcomes() == {"completed": 1, "unfinished": 1}
 
 
-def test_client_rst_forwarded_after_response():
-    h = H()
+def test_client_rst_forwarded_after_response(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.client(TH_RST | TH_ACK, CISN + 4, SISN + 11)
@@ -511,7 +689,7 @@ def test_client_rst_forwarded_after_response():
 
 def test_sessions_keyed_on_full_four_tuple():
     rules = parse_transfer("80-10.2.0.5:8080,81-10.2.0.5:8081")
-    h = H(rules)
+    h = H(rules=rules)
     h.client(TH_ACK | TH_PSH, 100, SISN, b"a", dport=80)
     h.client(TH_ACK | TH_PSH, 900, SISN, b"b", dport=81)  # same client port, other service
     syns = h.pkts()
@@ -602,16 +780,19 @@ def test_server_datagram_test_agrees_with_the_engine():
     assert Mapper(parse_target("10.2.0.5", True)).server_datagram_test() is None  # any port
 
 
-def test_ipv6_session():
+def test_ipv6_session(isns):
+    CISN, TISN, SISN = isns
     c6, o6, t6 = (ip_bytes(x) for x in ("2001:db8::2", "2001:db8::1", "2001:db8::5"))
     out = []
     e = Engine(Mapper(parse_target("[2001:db8::5]:80", False)),
                lambda d, sid, now: out.append(parse_tcp(d)), Config())
-    e.client_packet(build_tcp(c6, o6, 5000, 80, 1, 9, TH_ACK | TH_PSH, payload=b"hi"), 0)
-    e.feedback_packet(build_tcp(t6, c6, 80, 5000, 77, 1, TH_SYN | TH_ACK, options=MSS_OPT), 1)
-    assert [(p.version, p.dst, p.flags) for p in out] == [
-        (6, t6, TH_SYN), (6, t6, TH_ACK), (6, t6, TH_ACK | TH_PSH)]
-    assert out[-1].payload == b"hi"
+    e.client_packet(build_tcp(c6, o6, 5000, 80, CISN + 1, SISN + 1, TH_ACK | TH_PSH,
+                              payload=b"hi"), 0)
+    e.feedback_packet(build_tcp(t6, c6, 80, 5000, TISN, CISN + 1, TH_SYN | TH_ACK,
+                                options=MSS_OPT), 1)
+    assert [(p.version, p.dst, p.flags, p.seq) for p in out] == [
+        (6, t6, TH_SYN, CISN), (6, t6, TH_ACK, CISN + 1), (6, t6, TH_ACK | TH_PSH, CISN + 1)]
+    assert out[-1].payload == b"hi" and out[-1].ack == TISN + 1
 
 
 def test_due_queue_replays_recorded_offsets():
@@ -659,8 +840,9 @@ def test_tuple_in_time_wait_kept_for_captured_syn_avoided_by_fake_syn():
     assert h.e.st.port_remaps == 1
 
 
-def test_captured_port_reuse_starts_a_new_session():
-    h = H()
+def test_captured_port_reuse_starts_a_new_session(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.target(TH_ACK | TH_PSH | TH_FIN, TISN + 1, CISN + 4, b"resp")
@@ -674,8 +856,26 @@ def test_captured_port_reuse_starts_a_new_session():
     assert h.e.st.sessions == 2
 
 
-def test_drain_waits_for_the_last_response_the_client_acknowledged():
-    h = H()
+def test_captured_syn_again_is_a_retransmission_unless_its_isn_changed(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)  # the client's SYN retransmission, captured
+    assert [(p.flags, p.seq) for p in h.pkts()] == [(TH_SYN, CISN)]
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    assert [p.payload for p in h.pkts() if p.payload] == [b"req"]
+    assert h.e.st.sessions == 1 and h.outcomes() == {}
+    h.client(TH_SYN, CISN + 100000, 0, opts=MSS_OPT)  # the port reused while still open
+    rst, syn = h.pkts()
+    assert rst.flags & TH_RST and rst.seq == CISN + 4
+    assert syn.flags == TH_SYN and syn.seq == CISN + 100000
+    assert h.e.st.sessions == 2 and h.outcomes() == {"unfinished": 1}
+
+
+def test_drain_waits_for_the_last_response_the_client_acknowledged(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.client(TH_ACK, CISN + 4, SISN + 1 + 50)  # online, the client got 50 bytes back
@@ -689,8 +889,9 @@ def test_drain_waits_for_the_last_response_the_client_acknowledged():
     assert h.outcomes() == {"completed": 1}
 
 
-def test_last_request_without_response_is_unfinished():
-    h = H()
+def test_last_request_without_response_is_unfinished(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.client(TH_ACK, CISN + 4, SISN + 1 + 50)
@@ -701,7 +902,7 @@ def test_last_request_without_response_is_unfinished():
 
 
 def test_any_port_replays_every_service_and_tells_directions():
-    h = H(parse_target("10.2.0.5", True))
+    h = H(rules=parse_target("10.2.0.5", True))
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT, sport=40000, dport=6379)
     h.e.client_packet(build_tcp(O, C, 6379, 40000, SISN, CISN + 1, TH_SYN | TH_ACK), h.now)
     h.client(TH_ACK | TH_PSH, 77, 9, b"mid", sport=40001, dport=443)   # mid-stream
@@ -712,8 +913,9 @@ def test_any_port_replays_every_service_and_tells_directions():
     assert h.e.st.pkts_server == 2
 
 
-def test_truncated_captured_packet_is_not_sent():
-    h = H(gap_timeout=SEC)
+def test_truncated_captured_packet_is_not_sent(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, gap_timeout=SEC)
     h.open()
     full = build_tcp(C, O, 5000, 80, CISN + 1, SISN + 1, TH_ACK | TH_PSH, payload=b"x" * 100)
     h.e.client_packet(full[:80], h.now)  # snap length 80
@@ -723,8 +925,9 @@ def test_truncated_captured_packet_is_not_sent():
     assert h.outcomes() == {"capture_gap": 1}
 
 
-def test_keepalive_timeout_for_an_idle_session_with_nothing_pending():
-    h = H(idle_timeout=30 * SEC, keepalive_timeout=60 * SEC)
+def test_keepalive_timeout_for_an_idle_session_with_nothing_pending(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, idle_timeout=30 * SEC, keepalive_timeout=60 * SEC)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"resp")

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import tc
+from seqnums import FIXED, isns  # noqa: F401 (isns: a fixture)
 
 from tcpcopylib.errors import UsageError
 from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_SYN, build_tcp, ip_bytes, parse_tcp
@@ -17,8 +18,7 @@ SEC = 1_000_000_000
 O = ip_bytes("10.1.0.1")       # online server
 T = ip_bytes("10.2.0.5")       # target
 MSS = b"\x02\x04\x05\xb4"
-CISN = 1000
-SISN = 50000
+CISN, _, SISN = FIXED          # captured client's and online server's ISN
 
 
 def client_ip(i):
@@ -27,9 +27,11 @@ def client_ip(i):
 
 class Rig:
     """An engine with a fake clock and an automatic target: SYN-ACK for every SYN, and
-    for every request an answer "ok" with a FIN (an HTTP server with Connection: close)."""
+    for every request an answer "ok" with a FIN (an HTTP server with Connection: close).
+    Sequence numbers start from isns (tests/seqnums.py): the target's ISN is isns.target."""
 
-    def __init__(self, alloc=None, auto=True, **cfg):
+    def __init__(self, alloc=None, auto=True, isns=FIXED, **cfg):
+        self.isns = isns
         self.now = 0
         self.sent = []          # every datagram the engine emitted (parsed)
         self.claims = []
@@ -54,17 +56,18 @@ class Rig:
         if not self.auto:
             return
         tup = (p.src, p.sport, p.dst, p.dport)
+        tisn = self.isns.target
         if p.flags & TH_SYN:
             self.conns.setdefault(tup, b"")
-            self.replies.append(build_tcp(T, p.src, 80, p.sport, 7000, p.seq + 1,
+            self.replies.append(build_tcp(T, p.src, 80, p.sport, tisn, p.seq + 1,
                                           TH_SYN | TH_ACK, 65535, MSS))
         elif p.payload:
             self.conns[tup] += p.payload
-            self.replies.append(build_tcp(T, p.src, 80, p.sport, 7001,
+            self.replies.append(build_tcp(T, p.src, 80, p.sport, tisn + 1,
                                           p.seq + len(p.payload),
                                           TH_ACK | TH_PSH | TH_FIN, 65535, b"", b"ok"))
         elif p.flags & TH_FIN:
-            self.replies.append(build_tcp(T, p.src, 80, p.sport, 7004, p.seq + 1, TH_ACK))
+            self.replies.append(build_tcp(T, p.src, 80, p.sport, tisn + 4, p.seq + 1, TH_ACK))
 
     def pump(self):
         """Deliver the target's replies until nothing more is said."""
@@ -81,13 +84,14 @@ class Rig:
 
     def session(self, cip, sport, payload=b"GET / HTTP/1.1\r\n\r\n", close=True):
         """A whole captured client session: SYN, ACK, request, FIN."""
-        self.client(cip, sport, TH_SYN, CISN)
+        cisn, _, sisn = self.isns
+        self.client(cip, sport, TH_SYN, cisn)
         self.pump()
-        self.client(cip, sport, TH_ACK, CISN + 1, SISN + 1)
-        self.client(cip, sport, TH_ACK | TH_PSH, CISN + 1, SISN + 1, payload)
+        self.client(cip, sport, TH_ACK, cisn + 1, sisn + 1)
+        self.client(cip, sport, TH_ACK | TH_PSH, cisn + 1, sisn + 1, payload)
         self.pump()
         if close:
-            self.client(cip, sport, TH_ACK | TH_FIN, CISN + 1 + len(payload), SISN + 4)
+            self.client(cip, sport, TH_ACK | TH_FIN, cisn + 1 + len(payload), sisn + 4)
             self.pump()
 
     def advance(self, ms):
@@ -160,8 +164,8 @@ def test_pool_of_two_5000_concurrent_same_port_no_collision_and_deterministic():
     assert run().syns() == syns
 
 
-def test_pool_sessions_complete_and_released_pairs_cool_down():
-    r = Rig(Allocator(parse_pool("10.99.0.1")))
+def test_pool_sessions_complete_and_released_pairs_cool_down(isns):
+    r = Rig(Allocator(parse_pool("10.99.0.1")), isns=isns)
     r.session(client_ip(0), 40000, b"first")
     assert r.outcomes() == {"completed": 1}
     r.now += 1 * SEC
@@ -213,8 +217,8 @@ def test_pool_ipv6_and_family_of_the_target():
 
 # -- -n: copies ------------------------------------------------------------------------
 
-def test_copies_each_complete_with_the_same_bytes_on_distinct_ports():
-    r = Rig(copies=50)
+def test_copies_each_complete_with_the_same_bytes_on_distinct_ports(isns):
+    r = Rig(copies=50, isns=isns)
     for i in range(4):
         r.session(client_ip(0), 40000 + i, b"req %d" % i)
     syns = r.syns()
@@ -284,8 +288,8 @@ def test_ramp_grows_the_share_from_1_percent():
     assert r.e.share(5 * SEC) == pytest.approx(10.5) and r.e.share(11 * SEC) == 20
 
 
-def test_sampled_session_gets_all_its_packets_unsampled_none():
-    r = Rig(sample_pct=25)
+def test_sampled_session_gets_all_its_packets_unsampled_none(isns):
+    r = Rig(sample_pct=25, isns=isns)
     for i in range(400):
         r.session(client_ip(i), 40000, b"r%d" % i)
     chosen = {i for i in range(400) if sample_share(client_ip(i), 40000) < 25}
@@ -295,8 +299,9 @@ def test_sampled_session_gets_all_its_packets_unsampled_none():
 
 # -- --max-memory ------------------------------------------------------------------------
 
-def test_shedding_new_sessions_while_existing_continue():
-    r = Rig()
+def test_shedding_new_sessions_while_existing_continue(isns):
+    CISN, _, SISN = isns
+    r = Rig(isns=isns)
     r.client(client_ip(0), 40000, TH_SYN, CISN)
     r.pump()
     r.e.shedding = True

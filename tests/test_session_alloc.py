@@ -1,0 +1,146 @@
+"""tc-session's client address:port allocator (tcpcopylib.session.alloc): which pairs cool
+down after a release, who may have one back early, what the cursor skips, and what garbage
+collection may forget. Times are in seconds here; the allocator's reuse_after is 60 s."""
+
+from tcpcopylib.packet import ip_bytes
+from tcpcopylib.session.alloc import Allocator, parse_pool
+
+SEC = 1_000_000_000
+POOL = ip_bytes("10.99.0.1")
+X, Y, Z = (ip_bytes(f"10.77.0.{i}") for i in (1, 2, 3))  # captured client addresses
+
+
+class Alloc:
+    """An Allocator driven as the engine drives it. held: the (address, port) pairs whose
+    tuple the target holds in TIME_WAIT (the engine's `taken` vetoes them when strict)."""
+
+    def __init__(self, *args, **kw):
+        self.a = Allocator(*args, **kw)
+        self.held = set()
+
+    def _taken(self, addr, port, strict):
+        return strict and (addr, port) in self.held
+
+    def open(self, cip, cport, t, copy=0, fake=False):
+        """The (address, port) for a connection of captured client cip:cport at t s
+        (fake: the engine's own SYN, not the captured one)."""
+        return self.a.allocate(cip, cport, copy, int(t * SEC), self._taken, fake)
+
+    def close(self, pair, cip, cport, t, copy=0):
+        self.a.release(*pair, (cip, cport, copy), int(t * SEC))
+
+
+def pool_alloc():
+    return Alloc(parse_pool("10.99.0.1"))
+
+
+# -- cooling: a released pair is not another owner's captured port for 60 s -----------------
+
+def test_another_owner_waits_for_a_released_port_to_cool():
+    al = pool_alloc()
+    first = al.open(X, 40000, 0)
+    assert first == (POOL, 40000)
+    al.close(first, X, 40000, 0)
+    other = al.open(Y, 40000, 1)                  # another client, the same captured port
+    assert other[0] == POOL and other[1] != 40000  # 40000 is cooling
+    assert al.open(Z, 40000, 59.9)[1] not in (40000, other[1])
+    assert al.open(ip_bytes("10.77.0.4"), 40000, 60) == (POOL, 40000)  # cooled: 60 s on
+
+
+def test_an_owner_has_its_own_released_port_back_at_once():
+    al = pool_alloc()
+    first = al.open(X, 40000, 0)
+    al.close(first, X, 40000, 0)
+    assert al.open(X, 40000, 1) == first  # the captured client reused its port: so do we
+    assert al.a.early_reuses == 0
+
+
+def test_an_owner_does_not_reuse_its_port_while_the_target_holds_it():
+    al = pool_alloc()
+    first = al.open(X, 40000, 0)
+    al.close(first, X, 40000, 0)
+    al.held.add(first)  # the target closed first: its TIME_WAIT holds the tuple
+    again = al.open(X, 40000, 1)
+    assert again[0] == POOL and again[1] != 40000
+    al.close(again, X, 40000, 2)
+    al.held.clear()  # TIME_WAIT over
+    assert al.open(X, 40000, 3) == first
+
+
+def test_a_copy_is_another_owner():
+    al = pool_alloc()
+    first = al.open(X, 40000, 0, copy=0)
+    al.close(first, X, 40000, 0, copy=0)
+    assert al.open(X, 40000, 1, copy=1) != first
+
+
+# -- the cursor: fresh ports for pairs that had to move -------------------------------------
+
+def test_the_cursor_skips_live_and_cooling_ports():
+    al = Alloc(None, 0, 2)  # -f 0/2: ports 1024-33279, every address tracked
+    cooling = al.open(X, 1025, 0)
+    assert cooling == (X, 1025)
+    al.close(cooling, X, 1025, 0)
+    assert al.open(X, 1024, 1) == (X, 1024)
+    # another copy of X:1024: its port is live, so the cursor's first ports are looked at:
+    # 1024 is live, 1025 cooling (released 1 s ago by another owner), 1026 is free
+    assert al.open(X, 1024, 1, copy=1) == (X, 1026)
+
+
+def test_the_cursor_skips_ports_the_target_holds_and_lets_them_cool():
+    al = Alloc(None, 0, 2)
+    al.held.add((X, 1024))
+    assert al.open(X, 1030, 0) == (X, 1030)
+    assert al.open(X, 1030, 0, copy=1) == (X, 1025)  # 1024: the target's TIME_WAIT
+    al.held.clear()
+    # the cursor found 1024 held at 0 s: it cools like a released pair
+    assert al.open(X, 1024, 30) != (X, 1024)
+    assert al.open(X, 1024, 60, copy=1) == (X, 1024)
+
+
+def test_a_full_block_reuses_the_least_recently_released_cooled_port_then_early():
+    al = Alloc(None, 0, 256)  # -f 0/256: 252 ports, 1024-1275
+    pairs = [al.open(X, 1024 + i, 0) for i in range(252)]
+    assert pairs == [(X, 1024 + i) for i in range(252)]
+    al.close(pairs[7], X, 1031, 1)
+    al.close(pairs[3], X, 1027, 2)
+    assert al.open(Y, 1024, 10) == (Y, 1024)  # another address: its own ports
+    assert al.open(X, 1100, 70, copy=1) == (X, 1031)  # cooled, released first
+    assert al.open(X, 1100, 70, copy=2) == (X, 1027)
+    assert al.a.early_reuses == 0
+    al.close((X, 1031), X, 1100, 80, copy=1)
+    assert al.open(X, 1100, 81, copy=3) == (X, 1031)  # nothing cooled: early, counted
+    assert al.a.early_reuses == 1
+    assert al.open(X, 1100, 82, copy=4) is None  # nothing live is ever shared
+
+
+# -- garbage collection of idle address spaces -----------------------------------------------
+
+def test_gc_judges_an_address_by_its_newest_release():
+    al = Alloc(None, 0, 2)
+    live = al.open(Y, 5000, 0)
+    old, recent = al.open(X, 2000, 0), al.open(X, 3000, 0)
+    al.close(old, X, 2000, 0)
+    al.close(recent, X, 3000, 50)
+    al.a._gc(70 * SEC)  # X's oldest release is 70 s old, its newest 20 s
+    assert set(al.a.spaces) == {X, Y}
+    # so X:3000 still cools: another owner may not have it as its captured port
+    moved = al.open(X, 3000, 70, copy=1)
+    assert moved[0] == X and moved != recent
+    al.a._gc(200 * SEC)
+    assert set(al.a.spaces) == {X, Y}  # a live pair keeps its address
+    al.close(live, Y, 5000, 200)
+    al.close(moved, X, 3000, 200, copy=1)
+    al.a._gc(261 * SEC)
+    assert al.a.spaces == {}
+
+
+def test_gc_forgets_an_address_once_its_newest_release_has_cooled():
+    al = Alloc(None, 0, 2)
+    for port, t in ((2000, 0), (3000, 10)):
+        al.close(al.open(X, port, t), X, port, t)
+    al.a._gc(69 * SEC)
+    assert X in al.a.spaces  # the newest release is 59 s old
+    al.a._gc(71 * SEC)
+    assert X not in al.a.spaces
+    assert al.open(X, 3000, 71, copy=1) == (X, 3000)  # forgotten only once cooled
