@@ -845,3 +845,191 @@ def compare_logs(online_dir, target_dir, allow_remap=False) -> Comparison:
     reached the target's recording server byte for byte (from the same client addresses)."""
     want = [LoggedStream((c.ip, c.port), c.data) for c in logged_streams(online_dir)]
     return compare_streams(want, logged_streams(target_dir), allow_remap=allow_remap)
+
+
+# ---------------------------------------------------------------------------------------
+# sequence numbers across 2^32: rewrite a recording's ISNs
+# ---------------------------------------------------------------------------------------
+
+M32 = 0xFFFFFFFF
+
+
+def _pcap_records(raw: bytes):
+    """(link type, [(offset of the frame in raw, caplen)]) of a classic pcap file."""
+    import struct
+
+    magic = raw[:4]
+    if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
+        e = "<"
+    elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
+        e = ">"
+    else:
+        raise ValueError("not a classic pcap file (pcapng is not rewritten)")
+    linktype = struct.unpack_from(e + "I", raw, 20)[0] & 0x0FFFFFFF
+    out, off = [], 24
+    while off + 16 <= len(raw):
+        caplen = struct.unpack_from(e + "I", raw, off + 8)[0]
+        out.append((off + 16, caplen))
+        off += 16 + caplen
+    return linktype, out
+
+
+def _tcp_at(buf: bytearray, ipo: int):
+    """(ihl, tcp header offset, doff, payload length) of the IP datagram at ipo, or None."""
+    v = buf[ipo] >> 4
+    if v == 4 and buf[ipo + 9] == 6:
+        ihl = (buf[ipo] & 0x0F) * 4
+        tot = int.from_bytes(buf[ipo + 2:ipo + 4], "big")
+    elif v == 6 and buf[ipo + 6] == 6:
+        ihl, tot = 40, 40 + int.from_bytes(buf[ipo + 4:ipo + 6], "big")
+    else:
+        return None
+    t = ipo + ihl
+    doff = (buf[t + 12] >> 4) * 4
+    return ihl, t, doff, tot - ihl - doff
+
+
+def _connections(raw, server_port):
+    """Walk a pcap: yields (ip offset in raw, connection number, client, direction, seq,
+    ack, flags, payload) per TCP packet to or from server_port; connections are numbered
+    in order of first packet, and a client SYN on a 4-tuple that carried data or a FIN/RST
+    starts a new connection (as tcp_streams does)."""
+    linktype, recs = _pcap_records(raw)
+    current = {}  # (client, server) -> [number, carried data or FIN/RST]
+    n = 0
+    for fo, caplen in recs:
+        frame = raw[fo:fo + caplen]
+        ip = _strip_link(linktype, frame)
+        if not ip:
+            continue
+        t = parse_tcp(ip)
+        if t is None:
+            continue
+        src, dst, sport, dport, seq, ack, flags, payload = t
+        if dport == server_port:
+            client, server, d = (src, sport), (dst, dport), "c2s"
+        elif sport == server_port:
+            client, server, d = (dst, dport), (src, sport), "s2c"
+        else:
+            continue
+        key = (client, server)
+        c = current.get(key)
+        if d == "c2s" and flags & 0x12 == _SYN and c is not None and c[1]:
+            c = None
+        if c is None:
+            c = current[key] = [n, False]
+            n += 1
+        if flags & (_FIN | _RST) or payload:
+            c[1] = True
+        yield fo + caplen - len(ip), c[0], client, d, seq, ack, flags, payload
+
+
+def rewrite_isns(src, dst, server_port: int = PORT, at: float = 0.5) -> list[dict]:
+    """Copy the pcap src to dst with each connection's sequence numbers moved so that both
+    directions cross 2^32 inside their data, `at` of the way into the stream (in the middle
+    of the segment holding that byte, so one segment spans the wrap).
+
+    Each direction's seq (and the other direction's ack, and SACK blocks) gets its own
+    offset per connection; IPv4 and TCP checksums are recomputed. Only classic pcap with
+    the link types of _strip_link. Returns one dict per connection: client, and per
+    direction ("c2s", "s2c") the stream length, the new sequence number of the first
+    stream byte and the offset in the stream of the byte whose sequence number is 0.
+    """
+    from tcpcopylib.packet import fix_checksums
+
+    raw = bytearray(Path(src).read_bytes())
+    conns = []  # per connection: client, {direction: first stream byte's seq, segments}
+    for _, n, client, d, seq, ack, flags, payload in _connections(raw, server_port):
+        if n == len(conns):
+            conns.append((client, {"c2s": [None, []], "s2c": [None, []]}))
+        base_segs = conns[n][1][d]
+        if flags & _SYN:
+            base_segs[0] = (seq + 1) & M32
+        elif payload:
+            if base_segs[0] is None:
+                base_segs[0] = seq
+            base_segs[1].append(((seq - base_segs[0]) & M32, len(payload)))
+    out, deltas = [], []
+    for client, dirs in conns:
+        info, delta = {"client": client}, {}
+        for d, (base, segs) in dirs.items():
+            length = max((o + k for o, k in segs), default=0)
+            if base is None or length < 2:
+                delta[d] = 0
+                info[d] = {"length": length, "first": base, "cross_at": None}
+                continue
+            o, k = next((o, k) for o, k in sorted(segs) if o + k > length * at and k >= 2)
+            cross = o + k // 2
+            first = (-cross) & M32  # the byte at offset `cross` gets sequence number 0
+            delta[d] = (first - base) & M32
+            info[d] = {"length": length, "first": first, "cross_at": cross}
+        out.append(info)
+        deltas.append(delta)
+    for ipo, n, _, d, seq, ack, flags, _ in _connections(bytes(raw), server_port):
+        other = "s2c" if d == "c2s" else "c2s"
+        tcpo = _tcp_at(raw, ipo)[1]
+        raw[tcpo + 4:tcpo + 8] = ((seq + deltas[n][d]) & M32).to_bytes(4, "big")
+        if flags & 0x10:
+            raw[tcpo + 8:tcpo + 12] = ((ack + deltas[n][other]) & M32).to_bytes(4, "big")
+        _shift_sack(raw, tcpo, deltas[n][other])
+        ihl, _, doff, plen = _tcp_at(raw, ipo)
+        dgram = fix_checksums(bytearray(raw[ipo:ipo + ihl + doff + plen]))
+        raw[ipo:ipo + len(dgram)] = dgram
+    Path(dst).write_bytes(bytes(raw))
+    return out
+
+
+def _shift_sack(buf: bytearray, tcpo: int, delta: int) -> None:
+    """Add delta to the edges of a SACK option (kind 5) in the TCP header at tcpo."""
+    end = tcpo + (buf[tcpo + 12] >> 4) * 4
+    i = tcpo + 20
+    while i < end:
+        kind = buf[i]
+        if kind == 0:
+            return
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= end or buf[i + 1] < 2:
+            return
+        ln = buf[i + 1]
+        if kind == 5:
+            for e in range(i + 2, min(i + ln, end) - 3, 4):
+                v = (int.from_bytes(buf[e:e + 4], "big") + delta) & M32
+                buf[e:e + 4] = v.to_bytes(4, "big")
+        i += ln
+
+
+def seq_wraps(pcap, server_port: int = PORT) -> list[dict]:
+    """Per connection, per direction: how the wire sequence numbers of the data cross 2^32,
+    read from the pcap alone. {"client", "c2s": {"before", "after", "acks_before",
+    "acks_after"}, "s2c": {...}}: stream bytes sent with sequence numbers below 2^32 and
+    from 0 on (counted from each data segment's seq and length, unwrapped from the first
+    data segment), and acknowledgments of this direction's data seen by the peer on each
+    side of 2^32 (acks in [2^31, 2^32) and in [0, 2^31))."""
+    raw = Path(pcap).read_bytes()
+    res = {}
+    for _, n, client, d, seq, ack, flags, payload in _connections(raw, server_port):
+        r = res.setdefault(n, {"client": client})
+        st = r.setdefault(d, {"before": 0, "after": 0, "acks_before": 0, "acks_after": 0,
+                              "_first": None})
+        if payload:
+            if st["_first"] is None:
+                st["_first"] = seq
+            # seq as an integer continuing the first data segment's (no mod 2^32)
+            s = st["_first"] + ((seq - st["_first"] + 0x80000000) & M32) - 0x80000000
+            e = s + len(payload)
+            st["before"] += max(0, min(e, 1 << 32) - s)
+            st["after"] += max(0, e - max(s, 1 << 32))
+        other = "s2c" if d == "c2s" else "c2s"
+        if flags & 0x10:
+            ot = r.setdefault(other, {"before": 0, "after": 0, "acks_before": 0,
+                                      "acks_after": 0, "_first": None})
+            ot["acks_before" if ack >= 0x80000000 else "acks_after"] += 1
+    out = []
+    for r in res.values():
+        for d in ("c2s", "s2c"):
+            r.setdefault(d, {"before": 0, "after": 0, "acks_before": 0, "acks_after": 0})
+            r[d].pop("_first", None)
+        out.append(r)
+    return out

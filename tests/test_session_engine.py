@@ -600,6 +600,28 @@ def test_connection_refused(isns):
     assert h.outcomes() == {"reset_by_target": 1}
 
 
+def test_rest_of_a_failed_session_is_ignored_not_a_new_session(isns):
+    """Refused before its data was due (a target restarting): the captured connection's
+    later packets are the failed session's, not a new mid-stream session's (one outcome,
+    no fake SYN); its captured SYN again or FIN changes nothing; a new ISN is a new one."""
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.target(TH_RST | TH_ACK, 0, CISN + 1)
+    h.pkts()
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)                         # SYN retransmitted
+    h.client(TH_ACK, CISN + 1, SISN + 1)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.client(TH_ACK | TH_FIN, CISN + 4, SISN + 9)
+    assert h.pkts() == [] and h.e.st.sessions == 1 and h.e.st.fake_syn == 0
+    assert h.outcomes() == {"reset_by_target": 1} and h.e.st.pkts_ignored == 4
+    h.client(TH_ACK, CISN + 5, SISN + 10)          # after the FIN: as any stray ACK
+    assert h.pkts() == [] and h.e.st.sessions == 1
+    h.client(TH_SYN, CISN + 100000, 0, opts=MSS_OPT)              # same 4-tuple, new ISN
+    (syn,) = h.pkts()
+    assert syn.flags == TH_SYN and syn.seq == CISN + 100000 and h.e.st.sessions == 2
+
+
 def test_early_close_reconnects_on_a_new_port(isns):
     CISN, TISN, SISN = isns
     h = H(isns)

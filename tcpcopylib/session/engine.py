@@ -310,6 +310,9 @@ class Engine:
         self.time_wait = {}     # target tuples the target holds in TIME_WAIT -> expiry
         self.filtered = set()   # captured 4-tuples not replayed
         self.shed_keys = set()  # hash() of session keys shed (--max-memory, pool): small
+        # hash() of session keys -> client base, of sessions that failed while their
+        # captured connection went on: its later packets are ignored (see _finish)
+        self.failed_keys = {}
         self.shedding = False   # set from outside (--max-memory): new sessions are shed
         self.t0 = None          # first captured packet (-g)
         self.warn = None        # optional callback(message), each kind said once
@@ -359,6 +362,7 @@ class Engine:
                 if not flags & TH_ACK and s.base is not None and seq != (s.base - 1) & M32:
                     # the client reused the 4-tuple for a new connection
                     self._finish(s, self._end_outcome(s), now)
+                    self.failed_keys.pop(hash(k), None)
                     if self._new_session(key, k, copy, data, p, now) is False:
                         return
                 continue
@@ -384,6 +388,15 @@ class Engine:
                 self.shed_keys.discard(hash(k))
             st.pkts_ignored += 1
             return None
+        if self.failed_keys and hash(k) in self.failed_keys:
+            base = self.failed_keys[hash(k)]
+            if flags & (TH_SYN | TH_ACK) != TH_SYN or base is None or seq == (base - 1) & M32:
+                # the rest of a connection whose session failed: not a new session
+                if flags & (TH_FIN | TH_RST):
+                    del self.failed_keys[hash(k)]
+                st.pkts_ignored += 1
+                return None
+            del self.failed_keys[hash(k)]  # a new connection on the 4-tuple
         target = self.mapper.target(dst, dport)
         if target is None:
             st.pkts_ignored += 1
@@ -1112,6 +1125,13 @@ class Engine:
             self._out(s, self._seq(s, s.syn_off + 1), 0, TH_RST)
         s.state = DONE
         self._detach(s)
+        if outcome in FAILURES and s.fin_off is None and not s.client_rst:
+            # The captured connection goes on: its later packets are this session's (ignored
+            # until its FIN/RST), not a new one's, which would replay a stream's rest from its
+            # middle and count the captured session twice.
+            if len(self.failed_keys) >= 65536:
+                del self.failed_keys[next(iter(self.failed_keys))]  # forget the oldest
+            self.failed_keys[hash(s.key)] = s.base
         if self.sessions.get(s.key) is s:
             del self.sessions[s.key]
         self.st.outcomes[outcome] += 1
