@@ -65,6 +65,8 @@ AUTH_TIMEOUT = 5.0  # seconds from accept to a client's header (and auth) at mos
 MAX_CLAIMS = 1 << 20  # connections claimed by one client at a time
 MAX_DEPTH = 8  # nesting of a client record's arrays and maps
 CLAIM_CHUNK = 1024  # entries per claim record a FeedbackClient writes (~90 KB at most)
+FRAME_BUDGET = 4096  # bytes of a client's input framed per turn of the loop
+SERVER_RECORD = 16 << 20  # FeedbackClient: an unfinished record from the server at most
 
 _U16 = struct.Struct("!H")
 _PORTS = struct.Struct("!HH")
@@ -255,10 +257,11 @@ class Refusal(Exception):
 _HEAD_LEN = (1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 3, 5, 9)
 
 
-def frame_item(buf, start: int, pos: int, stack: list, limit: int) -> tuple:
+def frame_item(buf, start: int, pos: int, stack: list, limit: int, scan_end: int = -1) -> tuple:
     """Find where the CBOR item that starts at buf[start] ends, resuming at `pos` with
     `stack` (the items still due in each open array or map) as a previous call left them:
-    (end, pos) if complete (stack empty), (-1, pos) if more bytes are needed (stack kept).
+    (end, pos) if complete (stack empty), (-1, pos) if more bytes are needed, (-2, pos) if
+    item heads at scan_end or beyond are left for another call (a budget of work).
 
     Every byte is looked at once, however the item arrives (a record cut into 1-byte reads
     costs what it costs whole). Refusal for what a client's record never holds: an item
@@ -266,7 +269,9 @@ def frame_item(buf, start: int, pos: int, stack: list, limit: int) -> tuple:
     indefinite lengths, reserved values."""
     n = len(buf)
     stop = start + limit
-    while pos < n:
+    if scan_end < 0 or scan_end > n:
+        scan_end = n
+    while pos < scan_end:
         ib = buf[pos]
         ai = ib & 31
         if ai > 27:
@@ -308,6 +313,9 @@ def frame_item(buf, start: int, pos: int, stack: list, limit: int) -> tuple:
             if pos > stop:
                 raise Refusal("limit", f"a record of more than {limit} bytes")
             return pos, pos
+    else:
+        if pos < n:
+            return -2, pos
     if n > stop:
         raise Refusal("limit", f"an unfinished record of more than {limit} bytes")
     return -1, pos
@@ -481,15 +489,25 @@ def _cbor_text(text: str) -> bytes:
 
 
 class FeedbackClient:
-    """tc-session's end of the channel: claim sessions, read their replies."""
+    """tc-session's end of the channel: claim sessions, read their replies.
 
-    def __init__(self, address: str | None = None, name: str = "tc-session"):
+    With a key (or when the server asks for one) connect() completes the key check both
+    ways (see auth_mac) before it returns. The connections claimed and not released are
+    kept (live): reconnect() claims them again on a new connection (a restarted server)."""
+
+    def __init__(self, address: str | None = None, name: str = "tc-session",
+                 key: bytes | None = None, warn=None):
         self.address = address or default_address()
         self.name = name
+        self.key = key
+        self.warn = warn
+        self.id = secrets.token_bytes(16)  # this client on any connection (see reconnect)
         self.sock: socket.socket | None = None
         self._ops: list = []  # (kind, [encoded entry, ...]) in call order
+        self.live: dict = {}  # encoded entry -> None: claimed and not released
         self._decoder = StreamDecoder(f"feedback server {self.address}")
         self._pending: list = []
+        self._auth: list = []  # auth records received, not yet looked at
         self._eof = False
         self._ip_texts: dict = {}  # packed address -> its text CBOR-encoded, for claims
         self._target_ends: dict = {}  # (address, port) -> both CBOR-encoded, for claims
@@ -497,6 +515,9 @@ class FeedbackClient:
         self._rbuf = memoryview(bytearray(1 << 18))
         self.server_header: dict | None = None
         self.send_timeout = 5.0
+        self.refused = 0  # claim entries the server refused (owned by another client)
+        self.reconnects = 0
+        self._refused_said = 0.0
 
     def connect(self, timeout: float = 5.0) -> None:
         fam, sa = parse_address(self.address)
@@ -514,20 +535,72 @@ class FeedbackClient:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.setblocking(False)
         self.sock = s
-        self._send(encode_section(header(self.name)))
-        # The server answers with its own header (or an error record and a close).
         deadline = time.monotonic() + timeout
-        while self.server_header is None:
+        try:
+            self._send(encode_section(header(self.name, id=self.id)))
+            # The server answers with its own header (or an error record and a close).
+            self._wait(lambda: self.server_header is not None, deadline, "no stream header")
+            alg = self.server_header.get("auth")
+            if alg is None:
+                if self.key is not None:
+                    raise NoPermissionError(
+                        f"tc-feedback at {self.address} does not check keys (started without "
+                        f"--key) and this tool was given one: refusing to trust it")
+                return
+            if alg != AUTH_ALG:
+                raise NoPermissionError(f"tc-feedback at {self.address} asks for an unknown "
+                                        f"authentication ({short_repr(alg)})")
+            if self.key is None:
+                raise NoPermissionError(
+                    f"tc-feedback at {self.address} requires a key: give --key FILE or set "
+                    f"${ENV_KEY_FILE}")
+            self._wait(lambda: self._auth, deadline, "no authentication challenge")
+            sn = self._auth.pop(0).get("nonce")
+            if type(sn) is not bytes or not NONCE <= len(sn) <= 64:
+                raise NoPermissionError(f"tc-feedback at {self.address}: malformed "
+                                        f"authentication challenge")
+            cn = secrets.token_bytes(NONCE)
+            self._send(cbor2.dumps({"t": T_AUTH, "nonce": cn,
+                                    "mac": auth_mac(self.key, _ROLE_CLIENT, sn, cn)}))
+            self._wait(lambda: self._auth, deadline, "no answer to the authentication")
+            mac = self._auth.pop(0).get("mac")
+            if type(mac) is not bytes or not hmac.compare_digest(
+                    mac, auth_mac(self.key, _ROLE_SERVER, sn, cn)):
+                raise NoPermissionError(f"tc-feedback at {self.address} does not hold this "
+                                        f"key (its proof is wrong): refusing to trust it")
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait(self, done, deadline: float, what: str) -> None:
+        """Read until done() (connect's steps); UnavailableError at the deadline or EOF."""
+        poll = select.poll()
+        poll.register(self.sock.fileno(), select.POLLIN)
+        while not done():
             left = deadline - time.monotonic()
             if left <= 0:
-                self.close()
-                raise UnavailableError(f"tc-feedback at {self.address}: no stream header "
-                                       f"within {timeout:g} s")
-            select.select([s], [], [], left)
+                raise UnavailableError(f"tc-feedback at {self.address}: {what} within the "
+                                       f"connect timeout")
+            poll.poll(math.ceil(left * 1e3))
             self._receive()
-            if self.server_header is None and self._eof:
-                self.close()
+            if not done() and self._eof:
                 raise UnavailableError(f"tc-feedback at {self.address} closed the connection")
+
+    def reconnect(self, timeout: float = 1.0) -> int:
+        """A new connection (the server restarted, say), authenticated again, with every live
+        claim sent again; the number of connections claimed again. UnavailableError if the
+        server cannot be reached (try again later)."""
+        self.close()
+        self._decoder = StreamDecoder(f"feedback server {self.address}")
+        self._pending, self._auth, self._ops = [], [], []
+        self._eof = False
+        self.server_header = None
+        self.connect(timeout)
+        self.reconnects += 1
+        if self.live:
+            self._ops = [("add", list(self.live))]
+            self.flush()
+        return len(self.live)
 
     def _receive(self, replies: list | None = None) -> None:
         """Read what the socket holds; fb records go to self._pending, or as (data, len)
@@ -553,7 +626,12 @@ class FeedbackClient:
                     if more:
                         continue
                     return
-            for item, _raw in self._decoder.feed(data):
+            try:
+                items = self._decoder.feed(data)
+            except StreamError as e:
+                self.close()
+                raise UnavailableError(f"tc-feedback at {self.address}: {e}") from None
+            for item, _raw in items:
                 t = item.get("t")
                 if t == T_FB:
                     if replies is None:
@@ -566,12 +644,34 @@ class FeedbackClient:
                         self.close()
                         raise PeerVersionError(msg)
                     self.server_header = item
+                elif t == T_AUTH:
+                    self._auth.append(item)
+                elif t == T_REFUSED:
+                    self._refused_claims(item)
                 elif t == T_ERROR:
                     self.close()
-                    exc = PeerVersionError if item.get("error") == "version" else UnavailableError
-                    raise exc(f"tc-feedback at {self.address}: {item.get('msg', 'error')}")
+                    kind = item.get("error")
+                    exc = (PeerVersionError if kind == "version" else NoPermissionError
+                           if kind == "auth" else UnavailableError)
+                    raise exc(f"tc-feedback at {self.address}: "
+                              f"{short_repr(item.get('msg', 'error'), 200)}")
+            if len(self._decoder.buf) > SERVER_RECORD:
+                self.close()
+                raise UnavailableError(f"tc-feedback at {self.address}: a record of more than "
+                                       f"{SERVER_RECORD} bytes")
             if not more:
                 return
+
+    def _refused_claims(self, item: dict) -> None:
+        entries = item.get("claim")
+        n = len(entries) if type(entries) is list else 0
+        self.refused += n
+        now = time.monotonic()
+        if self.warn is not None and now - self._refused_said > 5.0:
+            self._refused_said = now
+            self.warn(f"tc-feedback at {self.address} refused {n} claim(s): "
+                      f"{short_repr(item.get('why'), 80)} (e.g. {short_repr(entries, 80)}; "
+                      f"{self.refused} so far); those sessions get no replies")
 
     def _fast_replies(self, data: bytes, replies: list) -> bytes:
         """Append (data, len) of the leading run of usual-shape fb records (fb_span) of the
@@ -627,9 +727,13 @@ class FeedbackClient:
                 raise UnavailableError(f"tc-feedback at {self.address} is not reading "
                                        f"(send blocked for {self.send_timeout:g} s)")
             # Keep reading while we wait, so two full buffers cannot deadlock.
-            r, _, _ = select.select([self.sock], [self.sock], [], deadline - now)
-            if r:
+            # (poll, not select: select fails for descriptors >= 1024)
+            poll = select.poll()
+            poll.register(self.sock.fileno(), select.POLLIN | select.POLLOUT)
+            if any(ev & select.POLLIN for _, ev in poll.poll(math.ceil((deadline - now) * 1e3))):
                 self._receive()
+                if self.sock is None:
+                    raise UnavailableError(f"tc-feedback at {self.address}: not connected")
 
     def _op(self, kind: str, cip: bytes, cport: int, tip: bytes, tport: int) -> None:
         # each entry [client_ip_str, client_port, target_ip_str, target_port] is CBOR-encoded
@@ -643,6 +747,10 @@ class FeedbackClient:
             c = texts[cip] = _cbor_text(_ip_text(cip))
             t = ends[(tip, tport)] = _cbor_text(_ip_text(tip)) + _cbor_uint(tport)
         entry = b"".join((b"\x84", c, _cbor_uint(cport), t))
+        if kind == "add":
+            self.live[entry] = None
+        else:
+            self.live.pop(entry, None)
         ops = self._ops
         if ops and ops[-1][0] == kind:
             ops[-1][1].append(entry)
@@ -658,13 +766,18 @@ class FeedbackClient:
     def flush(self) -> None:
         """Send the pending claims and releases: one claim record per run of either kind,
         as cbor2.dumps({"t": "claim", kind: entries}) encodes it."""
-        if not self._ops or self.sock is None:
+        if not self._ops:
+            return
+        if self.sock is None:  # (reconnect() claims the live ones again)
+            self._ops = []
             return
         parts = []
         for kind, entries in self._ops:
-            parts.append(_CLAIM_HEAD[kind])
-            parts.append(cbor_head(4, len(entries)))
-            parts += entries
+            for i in range(0, len(entries), CLAIM_CHUNK):  # (the server bounds a record)
+                part = entries[i:i + CLAIM_CHUNK] if len(entries) > CLAIM_CHUNK else entries
+                parts.append(_CLAIM_HEAD[kind])
+                parts.append(cbor_head(4, len(part)))
+                parts += part
         self._ops = []
         self._send(b"".join(parts))
 
@@ -794,6 +907,7 @@ class FeedbackServer:
         self._accept_paused = 0.0  # the listener is out of the poll set until then
         self._accept_backoff = 0.0
         self._said: dict = {}  # what -> [window end, lines left, suppressed]: see _say
+        self._backlog: set = set()  # clients with input read but not framed yet
 
     # -- setup ---------------------------------------------------------------------------
     def open(self) -> None:
@@ -880,6 +994,8 @@ class FeedbackServer:
                 if self.unready:
                     timeout = min(timeout, math.ceil(max(0.0, self.unready[0].deadline - now)
                                                      * 1e3) + 1)
+            if self._backlog:
+                timeout = 0
             if self._accept_paused:
                 if now >= self._accept_paused:
                     self._accept_paused = 0.0
@@ -910,6 +1026,8 @@ class FeedbackServer:
                         self._client_readable(c)
                     if c.sock is not None and ev & ~select.POLLIN:
                         dirty_add(c)
+            if self._backlog:
+                self._serve_backlog()
             self._flush_clients()
         decoder.close()  # StreamError if the input ended inside a record
 
@@ -1209,6 +1327,8 @@ class FeedbackServer:
                 self._refuse(c, "timeout", f"did not {what} within {self.auth_timeout:g} s")
 
     def _client_readable(self, c: _Client) -> None:
+        if c in self._backlog:
+            return  # its input so far first (the loop frames it, a budget per turn)
         ready = c.state == _READY and not c.inbuf
         try:
             # a client being framed (not yet identified, or mid-record) is read in small
@@ -1240,6 +1360,17 @@ class FeedbackServer:
         except Refusal as e:
             self._refuse(c, e.kind, e.msg)
 
+    def _serve_backlog(self) -> None:
+        """Frame a budget more of each client's input read but not framed yet."""
+        backlog = list(self._backlog)
+        self._backlog.clear()
+        for c in backlog:
+            if c.sock is not None:
+                try:
+                    self._client_input(c, b"")
+                except Refusal as e:
+                    self._refuse(c, e.kind, e.msg)
+
     def _client_input(self, c: _Client, data: bytes) -> None:
         """Frame c's input (frame_item) and handle each complete item; Refusal if c broke a
         rule. What is left is the unfinished record, bounded per client and in all."""
@@ -1249,6 +1380,7 @@ class FeedbackServer:
             raise Refusal("limit", f"the server holds {self.input_bytes} bytes of unfinished "
                                    f"records (--total-input)")
         buf += data
+        budget_end = c.fpos + FRAME_BUDGET
         try:
             while c.fstart < len(buf):
                 start = c.fstart
@@ -1262,8 +1394,13 @@ class FeedbackServer:
                     c.fstart = c.fpos = start + len(LABEL)
                     self._client_label(c)
                     continue
-                end, c.fpos = frame_item(buf, start, c.fpos, c.fstack, limit)
+                if c.fpos >= budget_end:
+                    self._backlog.add(c)
+                    break
+                end, c.fpos = frame_item(buf, start, c.fpos, c.fstack, limit, budget_end)
                 if end < 0:
+                    if end == -2:
+                        self._backlog.add(c)  # (more next turn of the loop)
                     break
                 c.fstart = end
                 self._client_item(c, bytes(buf[start:end]))
@@ -1380,6 +1517,7 @@ class FeedbackServer:
             del self.by_id[c.cid]
         self.input_bytes -= len(c.inbuf)
         c.inbuf = bytearray()
+        self._backlog.discard(c)
         try:
             self._poll.unregister(c.sock.fileno())
         except (KeyError, ValueError, AttributeError):
