@@ -39,10 +39,10 @@ class Server:
         self.p.stdin.flush()
         self.clients = []
 
-    def client(self, name="test"):
+    def client(self, name="test", key=None):
         deadline = time.monotonic() + 10
         while True:
-            c = FeedbackClient(self.addr, name=name)
+            c = FeedbackClient(self.addr, name=name, key=key)
             try:
                 c.connect(timeout=5)
                 self.clients.append(c)
@@ -567,11 +567,17 @@ def test_claim_records_read_inline_as_decoded():
         assert claim_keys(cbor2.dumps(bad), 0) is None, bad
 
 
-def test_client_reconnects_and_claims_again(server, tmp_path):
+@pytest.mark.parametrize("keyed", [False, True], ids=["nokey", "key"])
+def test_client_reconnects_and_claims_again(server, tmp_path, keyed):
     """FeedbackClient.reconnect(): a restarted tc-feedback gets every live claim again (and
-    none released); the replies of the live sessions flow again."""
-    srv = server()
-    c = srv.client()
+    none released), after the key check if there is a key; the replies of the live
+    sessions flow again."""
+    opts = ()
+    if keyed:
+        (tmp_path / "key").write_bytes(b"0123456789abcdef0123\n")
+        opts = ("--key", str(tmp_path / "key"))
+    srv = server(*opts)
+    c = srv.client(key=b"0123456789abcdef0123" if keyed else None)
     for port in (41000, 41001, 41002):
         c.claim(C4, port, T4, 8080)
     c.release(C4, 41001, T4, 8080)
@@ -583,7 +589,7 @@ def test_client_reconnects_and_claims_again(server, tmp_path):
         for _ in range(100):
             c.read_replies()
             time.sleep(0.01)
-    srv2 = server()
+    srv2 = server(*opts)
     deadline = time.monotonic() + 10
     while True:
         try:

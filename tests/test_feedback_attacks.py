@@ -499,15 +499,21 @@ def _streams(draw):
     return head + body[:cut] + raw if draw(st.booleans()) else head + body
 
 
-@pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("fuzz"), "--auth-timeout", "1")
-    srv.good = srv.client()
+@pytest.fixture(scope="module", params=[False, True], ids=["nokey", "key"])
+def fuzz_server(tmp_path_factory, request):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    opts, key = ["--auth-timeout", "1"], None
+    if request.param:  # (the input before authentication, then)
+        key = b"fuzzing key of 24 bytes!"
+        (tmp / "key").write_bytes(key)
+        opts += ["--key", str(tmp / "key")]
+    srv = Server(tmp, *opts)
+    srv.good = srv.client(key=key)
     yield srv
     srv.kill()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
 @given(stream=_streams())
 def test_fuzz_client_input(fuzz_server, stream):
     """Any bytes from a client: the server answers with the documented refusal (an error
