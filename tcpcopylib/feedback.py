@@ -1329,10 +1329,9 @@ class FeedbackServer:
     def _client_readable(self, c: _Client) -> None:
         if c in self._backlog:
             return  # its input so far first (the loop frames it, a budget per turn)
-        ready = c.state == _READY and not c.inbuf
+        ready = c.state == _READY
         try:
-            # a client being framed (not yet identified, or mid-record) is read in small
-            # parts: frame_item's Python loop then never holds the others up for long
+            # a client not identified yet is read in small parts (its records are small)
             data = c.sock.recv(1 << 16 if ready else 1 << 12)
         except (BlockingIOError, InterruptedError):
             return
@@ -1343,7 +1342,7 @@ class FeedbackServer:
             self._drop_client(c, "disconnected")
             return
         try:
-            if ready:
+            if ready and not c.inbuf:
                 # claim records as FeedbackClient writes them, whole: inline, no framing
                 pos, n = 0, len(data)
                 while pos < n:
@@ -1381,9 +1380,24 @@ class FeedbackServer:
                                    f"records (--total-input)")
         buf += data
         budget_end = c.fpos + FRAME_BUDGET
+        fast = 2  # inline claim reading: at the start and after the record carried over
         try:
             while c.fstart < len(buf):
                 start = c.fstart
+                if fast and c.state == _READY and not c.fstack and c.fpos == start:
+                    fast -= 1
+                    b = bytes(buf[start:])
+                    pos, n = 0, len(b)
+                    while pos < n:
+                        got = claim_keys(b, pos)
+                        if got is None:
+                            break
+                        add, keys, pos = got
+                        self._claim_keys(c, keys, add)
+                    if pos:
+                        c.fstart = c.fpos = start + pos
+                        budget_end += pos  # (not the framer's work)
+                        continue
                 limit = self.client_input if c.state == _READY else 4096
                 if not c.fstack and c.fpos == start and buf[start] == 0xD9:  # a label?
                     have = bytes(buf[start:start + len(LABEL)])

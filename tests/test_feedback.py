@@ -669,3 +669,42 @@ def test_tc_feedback_restarted_mid_replay(lab, tmp_path):
         == n, stats
     if os.environ.get("TC_SHOW"):
         print(diag, stats)
+
+
+def test_client_input_split_anywhere_gives_the_same_claims():
+    """tc-feedback's reading of a client (inline claims, framing, a budget per turn) claims
+    the same connections however the client's stream is cut, down to single bytes."""
+    import random
+
+    from tcpcopylib.feedback import FeedbackServer, _Client, claim_route_key
+
+    rnd = random.Random(7)
+    entries = [[f"10.9.{i // 200}.{i % 200 + 1}", 1024 + i, "10.0.0.5", 8080] for i in range(1500)]
+    recs = [{"t": "claim", "add": entries[:700]}, {"t": "stats", "n": 1},
+            {"t": "claim", "del": entries[:10]}, {"t": "claim", "add": entries[700:],
+                                                  "del": entries[10:20]},
+            {"t": "claim", "add": [["2001:db8::1", 80, "2001:db8::5", 8080]]}]
+    stream = encode_section({"t": "header", "v": 1, "tool": "t"}) + b"".join(
+        cbor2.dumps(r) for r in recs)
+    want = {claim_route_key(e) for e in entries[20:]} | {
+        claim_route_key(["2001:db8::1", 80, "2001:db8::5", 8080])}
+    for trial in range(12):
+        srv = FeedbackServer("unix:/nonexistent", warn=lambda msg: None)
+        a, b = socket.socketpair()
+        c = _Client(a, "t")
+        c.state = 0  # (expects the label, as accepted)
+        srv.clients[a.fileno()] = c
+        if trial < 2:
+            cuts = list(range(1, len(stream))) if trial == 0 else []
+        else:
+            cuts = sorted(rnd.sample(range(1, len(stream)), rnd.randrange(1, 200)))
+        for lo, hi in zip([0, *cuts], [*cuts, len(stream)]):
+            while c in srv._backlog:
+                srv._serve_backlog()
+            srv._client_input(c, stream[lo:hi])
+        while srv._backlog:
+            srv._serve_backlog()
+        assert c.sock is not None and not c.inbuf and srv.input_bytes == 0, trial
+        assert set(srv.routes) == want and c.keys == want, trial
+        a.close()
+        b.close()
