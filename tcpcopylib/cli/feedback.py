@@ -35,7 +35,7 @@ class Tool(_Tool):
                        help="after the input ends, wait at most S seconds (beyond the hold "
                             "time) for clients to read what is queued for them (default 5)")
 
-        t = p.add_argument_group("trust and limits (see tc-feedback(8), SECURITY)")
+        t = p.add_argument_group("trust and limits (see tc-feedback(8): Authentication, Limits)")
         t.add_argument("--key", metavar="FILE",
                        help="shared key file: clients must prove they hold the key (HMAC "
                             "challenge-response) before claiming anything (default "
