@@ -234,11 +234,10 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         import math
         import select
 
+        from tcpcopylib.errors import UnavailableError
         from tcpcopylib.records import AS_PKT, PendingBatch, RecordWriter, header
         from tcpcopylib.session.timing import DueQueue
         from tcpcopylib.streamparse import StreamParser
-
-        from tcpcopylib.errors import UnavailableError
 
         fb = None
         if not args.feedback_retry >= 0:
