@@ -121,6 +121,8 @@ def load_key(path: str | None = None, warn=None) -> bytes | None:
         except OSError as e:
             raise UsageError(f"cannot read the key file {path!r} ({where}): "
                              f"{e.strerror or e}") from None
+        if len(key) > 1 << 16:
+            raise UsageError(f"the key file {path!r} ({where}) is larger than 64 KiB")
         if mode & 0o077 and warn is not None:
             warn(f"key file {path!r} can be read by other users (chmod 600 it)")
         what = f"the key file {path!r}"

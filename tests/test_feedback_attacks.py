@@ -264,6 +264,30 @@ def test_keyed_server_refuses_a_client_without_the_key(server, tmp_path):
     assert rc == 0 and "refused (2 auth)" in err and "without a key" not in err, err
 
 
+def test_load_key(tmp_path, monkeypatch):
+    from tcpcopylib.errors import UsageError
+    from tcpcopylib.feedback import load_key
+
+    monkeypatch.delenv("TC_FEEDBACK_KEY_FILE", raising=False)
+    monkeypatch.delenv("TC_FEEDBACK_KEY", raising=False)
+    assert load_key(None) is None
+    f = tmp_path / "k"
+    f.write_bytes(b"  0123456789abcdef\n")
+    f.chmod(0o644)
+    said = []
+    assert load_key(str(f), warn=said.append) == b"0123456789abcdef"
+    assert said and "chmod 600" in said[0]
+    monkeypatch.setenv("TC_FEEDBACK_KEY", "from the environment itself")
+    assert load_key(None) == b"from the environment itself"
+    monkeypatch.setenv("TC_FEEDBACK_KEY_FILE", str(f))
+    assert load_key(None) == b"0123456789abcdef"  # the file before the key itself
+    f.write_bytes(b"short\n")
+    with pytest.raises(UsageError, match="16 to 65536"):
+        load_key(None)
+    with pytest.raises(UsageError, match="cannot read"):
+        load_key(str(tmp_path))
+
+
 def test_client_with_a_key_refuses_a_server_without(server, tmp_path):
     srv = server()
     with pytest.raises(NoPermissionError, match="does not check keys"):
