@@ -475,6 +475,7 @@ def claim_keys(buf, pos: int):
 
 _CLAIM_HEAD = {k: cbor2.dumps({"t": T_CLAIM, k: None})[:-1] for k in ("add", "del")}
 _UINTS = [cbor2.dumps(i) for i in range(256)]
+_ARRAY_HEADS = [cbor_head(4, n) for n in range(256)]
 
 
 _UINT16 = struct.Struct(">BH").pack
@@ -774,11 +775,18 @@ class FeedbackClient:
             self._ops = []
             return
         parts = []
+        append = parts.append
         for kind, entries in self._ops:
-            for i in range(0, len(entries), CLAIM_CHUNK):  # (the server bounds a record)
-                part = entries[i:i + CLAIM_CHUNK] if len(entries) > CLAIM_CHUNK else entries
-                parts.append(_CLAIM_HEAD[kind])
-                parts.append(cbor_head(4, len(part)))
+            n = len(entries)
+            if n <= CLAIM_CHUNK:
+                append(_CLAIM_HEAD[kind])
+                append(_ARRAY_HEADS[n] if n < 256 else cbor_head(4, n))
+                parts += entries
+                continue
+            for i in range(0, n, CLAIM_CHUNK):  # (the server bounds a record)
+                part = entries[i:i + CLAIM_CHUNK]
+                append(_CLAIM_HEAD[kind])
+                append(cbor_head(4, len(part)))
                 parts += part
         self._ops = []
         self._send(b"".join(parts))
