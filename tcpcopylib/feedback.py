@@ -907,7 +907,7 @@ class FeedbackServer:
                            hold_overflow=0, dropped_slow=0, not_tcp=0, clients=0,
                            clients_now=0, claims=0, releases=0, authenticated=0,
                            refused=0, claim_conflicts=0, replaced=0, not_allowed=0,
-                           busy=0, accept_errors=0)
+                           busy=0, evicted=0, accept_errors=0)
         self.refusals: dict = {}    # refusal kind -> count
         self._hello = encode_section(header(tool, auth=AUTH_ALG) if key else header(tool))
         self._dirty: set = set()
@@ -1261,8 +1261,11 @@ class FeedbackServer:
             except OSError as e:
                 self.counts["accept_errors"] += 1
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # out of descriptors or memory: the pending connection stays queued and
-                    # the listener readable; stop polling it a while instead of spinning
+                    # out of descriptors or memory: make room by dropping the oldest client
+                    # not identified yet, if any; else the pending connection stays queued
+                    # and the listener readable: stop polling it a while, never spin
+                    if self._evict_unready():
+                        continue
                     self._accept_backoff = min(max(self._accept_backoff * 2, 0.05), 1.0)
                     self._accept_paused = time.monotonic() + self._accept_backoff
                     try:
@@ -1292,7 +1295,7 @@ class FeedbackServer:
             peer = f"{host}:{peer[1]}" if s.family == socket.AF_INET else f"[{host}]:{peer[1]}"
         else:
             peer = f"unix#{s.fileno()}"
-        if len(self.clients) >= self.max_clients:
+        if len(self.clients) >= self.max_clients and not self._evict_unready():
             self.counts["busy"] += 1
             self._say("busy", f"connection from {peer} refused: {len(self.clients)} clients "
                               f"(--max-clients)")
@@ -1318,6 +1321,19 @@ class FeedbackServer:
         self.counts["clients_now"] = len(self.clients)
         self._dirty.add(c)
         self.info(f"client {peer} connected", 2)
+
+    def _evict_unready(self) -> bool:
+        """Refuse the oldest client not identified (or authenticated) yet, to make room for
+        a new one; False if there is none (identified clients are never evicted)."""
+        q = self.unready
+        while q:
+            c = q.popleft()
+            if c.sock is not None and c.state != _READY:
+                self.counts["evicted"] += 1
+                self._refuse(c, "busy", "dropped to make room for a new client (too many "
+                                        "clients not identified yet)")
+                return True
+        return False
 
     def _allowed(self, host: str) -> bool:
         try:
@@ -1589,6 +1605,8 @@ class FeedbackServer:
                    if k["claim_conflicts"] else "")
                 + (f", {k['not_allowed']} connections not allowed" if k["not_allowed"] else "")
                 + (f", {k['busy']} turned away (--max-clients)" if k["busy"] else "")
+                + (f", {k['evicted']} evicted (not identified, to make room)"
+                   if k["evicted"] else "")
                 + (f", {k['accept_errors']} accept errors" if k["accept_errors"] else ""))
 
     def _refusal_text(self) -> str:

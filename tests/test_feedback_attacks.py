@@ -399,7 +399,7 @@ def test_descriptor_exhaustion_backs_off(server):
         time.sleep(0.1)
     cpu = (srv.cpu() - cpu0) / (time.monotonic() - t0)
     assert cpu < 0.3, f"server at {cpu:.0%} CPU while out of descriptors"
-    # the idle ones are dropped after --auth-timeout (5 s): a new client gets in
+    # a new client gets in: the oldest idle ones make room (or time out after 5 s)
     late = srv.client("late", cport=40002)
     srv.probe(late, 40002)
     srv.probe(good, 40000)
@@ -409,7 +409,7 @@ def test_descriptor_exhaustion_backs_off(server):
     rc, err = srv.finish()
     assert rc == 0, err
     assert len(err.splitlines()) < 40, err  # never floods the log
-    assert "accept errors" in err and "timeout" in err, err
+    assert "accept errors" in err and ("evicted" in err or "timeout" in err), err
 
 
 # -- 5. memory per client ----------------------------------------------------------------------------
@@ -451,18 +451,28 @@ def test_memory_of_unfinished_records_is_bounded(server):
 # -- other limits ----------------------------------------------------------------------------------
 
 def test_max_clients_and_identify_timeout(server):
-    srv = server("--max-clients", "3", "--auth-timeout", "0.5")
+    """--max-clients: a new client takes the place of the oldest one not identified yet
+    (evicted, "busy"); when all are identified it is turned away ("busy"); a silent client
+    is dropped after --auth-timeout ("timeout")."""
+    srv = server("--max-clients", "3", "--auth-timeout", "1")
     good = srv.client()
     idle = [srv.raw() for _ in range(2)]  # connected, silent
-    extra = srv.raw()
     time.sleep(0.1)
-    assert refusal(extra)["error"] == "busy"
-    for s in idle:
+    extra = srv.raw()  # takes idle[0]'s place
+    assert refusal(idle[0])["error"] == "busy"
+    for s in (idle[1], extra):
         assert refusal(s)["error"] == "timeout"
+    for s in (*idle, extra):
         s.close()
+    others = [srv.client(f"other{i}", cport=40010 + i) for i in range(2)]
+    late = srv.raw()
+    assert refusal(late)["error"] == "busy"
+    late.close()
     srv.probe(good, 40000)
+    for c in others:
+        srv.probe(c, 40010 + others.index(c))
     rc, err = srv.finish()
-    assert rc == 0 and "2 timeout" in err and "1 turned away" in err, err
+    assert rc == 0 and "2 timeout" in err and "1 turned away" in err and "1 evicted" in err, err
 
 
 def test_client_fd_above_1024(server):
