@@ -835,7 +835,7 @@ class FeedbackClient:
 # -- the server ------------------------------------------------------------------------
 
 class _Client:
-    __slots__ = ("sock", "name", "decoder", "out", "keys", "dropped", "delivered", "peer",
+    __slots__ = ("sock", "name", "out", "keys", "dropped", "delivered", "peer",
                  "want_write", "closing", "warned", "state", "inbuf", "fstart", "fpos",
                  "fstack", "nonce", "cid", "deadline", "refused")
 
@@ -843,7 +843,6 @@ class _Client:
         self.sock = sock
         self.peer = peer
         self.name = peer
-        self.decoder = None  # (unused: a client's input is framed by frame_item)
         self.out = bytearray()
         self.keys: set = set()
         self.dropped = 0
