@@ -9,14 +9,27 @@ may race the registration) and delivered when the claim arrives.
 
 Addresses: "unix:/path", "tcp:HOST:PORT" (HOST may be [v6]), "tcp::PORT" (all addresses,
 for listening). Clients default to $TC_FEEDBACK, else DEFAULT_ADDRESS.
+
+Trust: with a shared key (--key FILE, $TC_FEEDBACK_KEY_FILE or $TC_FEEDBACK_KEY) the two
+ends prove to each other that they hold it (HMAC-SHA256 over both ends' random nonces,
+see auth_mac) before the client may claim or receive anything. Everything a client may
+cost the server is bounded: the number of clients, the bytes of an unfinished record per
+client and in all, the time to identify (and authenticate), the claims per client. A
+client that breaks a rule is sent an "error" record and dropped, with a counted reason;
+the server and the other clients go on. tcpcopy-records(5) and tc-feedback(8) document
+the records and limits.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import hashlib
+import hmac
+import ipaddress
 import math
 import os
+import secrets
 import select
 import socket
 import struct
@@ -24,9 +37,10 @@ import time
 
 import cbor2
 
-from tcpcopylib.errors import PeerVersionError, StreamError, UnavailableError, UsageError
-from tcpcopylib.records import (AS_RAW, FORMAT_VERSION, T_CLAIM, T_FB, T_HEADER, cbor_head,
-                                encode_section, fast_record, header)
+from tcpcopylib.errors import (NoPermissionError, PeerVersionError, StreamError,
+                               UnavailableError, UsageError)
+from tcpcopylib.records import (AS_RAW, FORMAT_VERSION, LABEL, T_CLAIM, T_FB, T_HEADER,
+                                cbor_head, encode_section, fast_record, header)
 from tcpcopylib.streamparse import StreamParser
 
 DEFAULT_PORT = 36524
@@ -34,6 +48,25 @@ DEFAULT_ADDRESS = f"tcp:127.0.0.1:{DEFAULT_PORT}"
 ENV_ADDRESS = "TC_FEEDBACK"
 HOLD_BYTES = 64 << 20  # held replies never take more memory than this
 T_ERROR = "error"  # server -> client, just before it closes the connection
+T_AUTH = "auth"  # the key check, both ways (see auth_mac)
+T_REFUSED = "refused"  # server -> client: claim entries owned by another client
+
+ENV_KEY_FILE = "TC_FEEDBACK_KEY_FILE"
+ENV_KEY = "TC_FEEDBACK_KEY"
+AUTH_ALG = "hmac-sha256"
+MIN_KEY = 16  # bytes
+NONCE = 16  # bytes of each end's nonce
+
+# Server limits (defaults of tc-feedback's options; see tc-feedback(8))
+MAX_CLIENTS = 256
+CLIENT_INPUT = 1 << 20  # an unfinished record of one client (and any record) at most
+TOTAL_INPUT = 64 << 20  # unfinished records of all clients together
+AUTH_TIMEOUT = 5.0  # seconds from accept to a client's header (and auth) at most
+MAX_CLAIMS = 1 << 20  # connections claimed by one client at a time
+MAX_DEPTH = 8  # nesting of a client record's arrays and maps
+CLAIM_CHUNK = 1024  # entries per claim record a FeedbackClient writes (~90 KB at most)
+FRAME_BUDGET = 4096  # bytes of a client's input framed per turn of the loop
+SERVER_RECORD = 16 << 20  # FeedbackClient: an unfinished record from the server at most
 
 _U16 = struct.Struct("!H")
 _PORTS = struct.Struct("!HH")
@@ -69,6 +102,77 @@ def parse_address(text: str, listen: bool = False):
 
 def default_address() -> str:
     return os.environ.get(ENV_ADDRESS) or DEFAULT_ADDRESS
+
+
+# -- keys and authentication --------------------------------------------------------------
+
+def load_key(path: str | None = None, warn=None) -> bytes | None:
+    """The shared key: the file `path` (--key), else the file $TC_FEEDBACK_KEY_FILE, else
+    $TC_FEEDBACK_KEY itself; None if none is set. Whitespace around it is not part of it
+    (so `echo KEY > file` works); at least MIN_KEY bytes. UsageError if unusable."""
+    where = "--key"
+    if not path:
+        path, where = os.environ.get(ENV_KEY_FILE) or None, f"${ENV_KEY_FILE}"
+    if path:
+        try:
+            with open(path, "rb") as f:
+                key = f.read((1 << 16) + 1)
+                mode = os.fstat(f.fileno()).st_mode
+        except OSError as e:
+            raise UsageError(f"cannot read the key file {path!r} ({where}): "
+                             f"{e.strerror or e}") from None
+        if len(key) > 1 << 16:
+            raise UsageError(f"the key file {path!r} ({where}) is larger than 64 KiB")
+        if mode & 0o077 and warn is not None:
+            warn(f"key file {path!r} can be read by other users (chmod 600 it)")
+        what = f"the key file {path!r}"
+    else:
+        text = os.environ.get(ENV_KEY)
+        if not text:
+            return None
+        key, what = text.encode(), f"${ENV_KEY}"
+    key = key.strip()
+    if len(key) < MIN_KEY or len(key) > 1 << 16:
+        raise UsageError(f"{what} holds {len(key)} bytes: a key is {MIN_KEY} to 65536 bytes "
+                         f"(make one with: head -c 32 /dev/urandom | base64 > FILE)")
+    return key
+
+
+_ROLE_CLIENT = b"tcpcopy feedback v1 client"
+_ROLE_SERVER = b"tcpcopy feedback v1 server"
+
+
+def auth_mac(key: bytes, role: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
+    """HMAC-SHA256(key, role || len || server nonce || len || client nonce): the proof one
+    end (role) gives of holding the key; each end's own nonce makes a recorded proof
+    useless on another connection, the role makes one end's proof useless as the other's."""
+    msg = b"".join((role, bytes((len(server_nonce),)), server_nonce,
+                    bytes((len(client_nonce),)), client_nonce))
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def short_repr(v, limit: int = 60) -> str:
+    """repr(v) cut to `limit` characters; never raises (a huge integer's repr does)."""
+    try:
+        text = repr(v)
+    except Exception:  # noqa: BLE001 - ValueError (int digits), RecursionError, ...
+        text = f"<{type(v).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def parse_allow(text: str) -> list:
+    """--allow 'CIDR,...' -> [ip_network, ...]; UsageError if bad."""
+    nets = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if not part:
+                raise ValueError("empty")
+            nets.append(ipaddress.ip_network(part, strict=True))
+        except ValueError as e:
+            raise UsageError(f"--allow {text!r}: {part!r} is not an address or CIDR network "
+                             f"({e})") from None
+    return nets
 
 
 # -- incremental stream decoding (non-blocking sockets and pipes) ------------------------
@@ -127,12 +231,96 @@ class StreamDecoder(StreamParser):
 
 
 def version_error(peer_v, who: str) -> str | None:
-    """A message if a peer's format version differs from ours, else None."""
-    if peer_v == FORMAT_VERSION:
-        return None
-    rel = "newer" if isinstance(peer_v, int) and peer_v > FORMAT_VERSION else "other"
-    return (f"{who} speaks record format version {peer_v}, {rel} than this tcpcopylib's "
-            f"{FORMAT_VERSION}; run the same tcpcopylib version on both ends")
+    """A message if a peer's format version differs from ours (or is not an integer: true
+    is not 1), else None. Never raises, whatever peer_v is."""
+    if type(peer_v) is int:
+        if peer_v == FORMAT_VERSION:
+            return None
+        if -(10 ** 9) < peer_v < 10 ** 9:
+            rel = "newer" if peer_v > FORMAT_VERSION else "other"
+            return (f"{who} speaks record format version {peer_v}, {rel} than this "
+                    f"tcpcopylib's {FORMAT_VERSION}; run the same tcpcopylib version on both "
+                    f"ends")
+    return f"{who} sent a header without a valid format version ({short_repr(peer_v, 30)})"
+
+
+# -- a client's input: framed in linear time, bounded ---------------------------------------
+
+class Refusal(Exception):
+    """A client broke a rule: it is sent {"t": "error", "error": kind, "msg": msg} and
+    dropped (the kinds are tc-feedback(8)'s)."""
+
+    def __init__(self, kind: str, msg: str):
+        super().__init__(msg)
+        self.kind = kind
+        self.msg = msg
+
+
+_HEAD_LEN = (1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 3, 5, 9)
+
+
+def frame_item(buf, start: int, pos: int, stack: list, limit: int, scan_end: int = -1) -> tuple:
+    """Find where the CBOR item that starts at buf[start] ends, resuming at `pos` with
+    `stack` (the items still due in each open array or map) as a previous call left them:
+    (end, pos) if complete (stack empty), (-1, pos) if more bytes are needed, (-2, pos) if
+    item heads at scan_end or beyond are left for another call (a budget of work).
+
+    Every byte is looked at once, however the item arrives (a record cut into 1-byte reads
+    costs what it costs whole). Refusal for what a client's record never holds: an item
+    longer than `limit` bytes (complete or not), nesting deeper than MAX_DEPTH, tags,
+    indefinite lengths, reserved values."""
+    n = len(buf)
+    stop = start + limit
+    if scan_end < 0 or scan_end > n:
+        scan_end = n
+    while pos < scan_end:
+        ib = buf[pos]
+        ai = ib & 31
+        if ai > 27:
+            raise Refusal("stream", f"byte {pos - start} of a record: indefinite-length or "
+                                    f"reserved CBOR item (0x{ib:02x})")
+        hl = _HEAD_LEN[ai]
+        if pos + hl > n:
+            break
+        mt = ib >> 5
+        if mt >= 6:  # 6: a tag; 7: a float or simple value
+            if mt == 6:
+                raise Refusal("stream", "a tagged CBOR item in a record")
+            pos += hl
+        else:
+            val = ai if hl == 1 else int.from_bytes(buf[pos + 1:pos + hl], "big")
+            if mt == 2 or mt == 3:  # bytes, text
+                if pos + hl + val > stop:
+                    raise Refusal("limit", f"a record of more than {limit} bytes")
+                if pos + hl + val > n:
+                    break
+                pos += hl + val
+            elif mt == 4 or mt == 5:  # array, map
+                pos += hl
+                if val:
+                    if len(stack) >= MAX_DEPTH:
+                        raise Refusal("stream", f"a record nested more than {MAX_DEPTH} "
+                                                f"levels deep")
+                    stack.append(val if mt == 4 else 2 * val)
+                    continue
+            else:  # integers
+                pos += hl
+        # an item ended at pos: close the arrays and maps it completes
+        while stack:
+            stack[-1] -= 1
+            if stack[-1]:
+                break
+            stack.pop()
+        else:
+            if pos > stop:
+                raise Refusal("limit", f"a record of more than {limit} bytes")
+            return pos, pos
+    else:
+        if pos < n:
+            return -2, pos
+    if n > stop:
+        raise Refusal("limit", f"an unfinished record of more than {limit} bytes")
+    return -1, pos
 
 
 # -- routing keys ------------------------------------------------------------------------
@@ -167,6 +355,14 @@ def _ip_packed(text: str) -> bytes:
         except (OSError, TypeError):
             pass
     raise ValueError(f"not an IP address: {text!r}")
+
+
+def _key_entry(key: bytes) -> list:
+    """A routing key -> the claim entry [client ip text, client port, target ip text,
+    target port] that asks for it."""
+    w = (len(key) - 4) // 2
+    tport, cport = _PORTS.unpack_from(key, 2 * w)
+    return [_ip_text(key[w:2 * w]), cport, _ip_text(key[:w]), tport]
 
 
 def claim_key(entry) -> tuple:
@@ -279,6 +475,7 @@ def claim_keys(buf, pos: int):
 
 _CLAIM_HEAD = {k: cbor2.dumps({"t": T_CLAIM, k: None})[:-1] for k in ("add", "del")}
 _UINTS = [cbor2.dumps(i) for i in range(256)]
+_ARRAY_HEADS = [cbor_head(4, n) for n in range(256)]
 
 
 _UINT16 = struct.Struct(">BH").pack
@@ -295,15 +492,25 @@ def _cbor_text(text: str) -> bytes:
 
 
 class FeedbackClient:
-    """tc-session's end of the channel: claim sessions, read their replies."""
+    """tc-session's end of the channel: claim sessions, read their replies.
 
-    def __init__(self, address: str | None = None, name: str = "tc-session"):
+    With a key (or when the server asks for one) connect() completes the key check both
+    ways (see auth_mac) before it returns. The connections claimed and not released are
+    kept (live): reconnect() claims them again on a new connection (a restarted server)."""
+
+    def __init__(self, address: str | None = None, name: str = "tc-session",
+                 key: bytes | None = None, warn=None):
         self.address = address or default_address()
         self.name = name
+        self.key = key
+        self.warn = warn
+        self.id = secrets.token_bytes(16)  # this client on any connection (see reconnect)
         self.sock: socket.socket | None = None
         self._ops: list = []  # (kind, [encoded entry, ...]) in call order
+        self.live: dict = {}  # encoded entry -> None: claimed and not released
         self._decoder = StreamDecoder(f"feedback server {self.address}")
         self._pending: list = []
+        self._auth: list = []  # auth records received, not yet looked at
         self._eof = False
         self._ip_texts: dict = {}  # packed address -> its text CBOR-encoded, for claims
         self._target_ends: dict = {}  # (address, port) -> both CBOR-encoded, for claims
@@ -311,6 +518,9 @@ class FeedbackClient:
         self._rbuf = memoryview(bytearray(1 << 18))
         self.server_header: dict | None = None
         self.send_timeout = 5.0
+        self.refused = 0  # claim entries the server refused (owned by another client)
+        self.reconnects = 0
+        self._refused_said = 0.0
 
     def connect(self, timeout: float = 5.0) -> None:
         fam, sa = parse_address(self.address)
@@ -328,20 +538,72 @@ class FeedbackClient:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.setblocking(False)
         self.sock = s
-        self._send(encode_section(header(self.name)))
-        # The server answers with its own header (or an error record and a close).
         deadline = time.monotonic() + timeout
-        while self.server_header is None:
+        try:
+            self._send(encode_section(header(self.name, id=self.id)))
+            # The server answers with its own header (or an error record and a close).
+            self._wait(lambda: self.server_header is not None, deadline, "no stream header")
+            alg = self.server_header.get("auth")
+            if alg is None:
+                if self.key is not None:
+                    raise NoPermissionError(
+                        f"tc-feedback at {self.address} does not check keys (started without "
+                        f"--key) and this tool was given one: refusing to trust it")
+                return
+            if alg != AUTH_ALG:
+                raise NoPermissionError(f"tc-feedback at {self.address} asks for an unknown "
+                                        f"authentication ({short_repr(alg)})")
+            if self.key is None:
+                raise NoPermissionError(
+                    f"tc-feedback at {self.address} requires a key: give --key FILE or set "
+                    f"${ENV_KEY_FILE}")
+            self._wait(lambda: self._auth, deadline, "no authentication challenge")
+            sn = self._auth.pop(0).get("nonce")
+            if type(sn) is not bytes or not NONCE <= len(sn) <= 64:
+                raise NoPermissionError(f"tc-feedback at {self.address}: malformed "
+                                        f"authentication challenge")
+            cn = secrets.token_bytes(NONCE)
+            self._send(cbor2.dumps({"t": T_AUTH, "nonce": cn,
+                                    "mac": auth_mac(self.key, _ROLE_CLIENT, sn, cn)}))
+            self._wait(lambda: self._auth, deadline, "no answer to the authentication")
+            mac = self._auth.pop(0).get("mac")
+            if type(mac) is not bytes or not hmac.compare_digest(
+                    mac, auth_mac(self.key, _ROLE_SERVER, sn, cn)):
+                raise NoPermissionError(f"tc-feedback at {self.address} does not hold this "
+                                        f"key (its proof is wrong): refusing to trust it")
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait(self, done, deadline: float, what: str) -> None:
+        """Read until done() (connect's steps); UnavailableError at the deadline or EOF."""
+        poll = select.poll()
+        poll.register(self.sock.fileno(), select.POLLIN)
+        while not done():
             left = deadline - time.monotonic()
             if left <= 0:
-                self.close()
-                raise UnavailableError(f"tc-feedback at {self.address}: no stream header "
-                                       f"within {timeout:g} s")
-            select.select([s], [], [], left)
+                raise UnavailableError(f"tc-feedback at {self.address}: {what} within the "
+                                       f"connect timeout")
+            poll.poll(math.ceil(left * 1e3))
             self._receive()
-            if self.server_header is None and self._eof:
-                self.close()
+            if not done() and self._eof:
                 raise UnavailableError(f"tc-feedback at {self.address} closed the connection")
+
+    def reconnect(self, timeout: float = 1.0) -> int:
+        """A new connection (the server restarted, say), authenticated again, with every live
+        claim sent again; the number of connections claimed again. UnavailableError if the
+        server cannot be reached (try again later)."""
+        self.close()
+        self._decoder = StreamDecoder(f"feedback server {self.address}")
+        self._pending, self._auth, self._ops = [], [], []
+        self._eof = False
+        self.server_header = None
+        self.connect(timeout)
+        self.reconnects += 1
+        if self.live:
+            self._ops = [("add", list(self.live))]
+            self.flush()
+        return len(self.live)
 
     def _receive(self, replies: list | None = None) -> None:
         """Read what the socket holds; fb records go to self._pending, or as (data, len)
@@ -367,7 +629,12 @@ class FeedbackClient:
                     if more:
                         continue
                     return
-            for item, _raw in self._decoder.feed(data):
+            try:
+                items = self._decoder.feed(data)
+            except StreamError as e:
+                self.close()
+                raise UnavailableError(f"tc-feedback at {self.address}: {e}") from None
+            for item, _raw in items:
                 t = item.get("t")
                 if t == T_FB:
                     if replies is None:
@@ -380,12 +647,34 @@ class FeedbackClient:
                         self.close()
                         raise PeerVersionError(msg)
                     self.server_header = item
+                elif t == T_AUTH:
+                    self._auth.append(item)
+                elif t == T_REFUSED:
+                    self._refused_claims(item)
                 elif t == T_ERROR:
                     self.close()
-                    exc = PeerVersionError if item.get("error") == "version" else UnavailableError
-                    raise exc(f"tc-feedback at {self.address}: {item.get('msg', 'error')}")
+                    kind = item.get("error")
+                    exc = (PeerVersionError if kind == "version" else NoPermissionError
+                           if kind == "auth" else UnavailableError)
+                    raise exc(f"tc-feedback at {self.address}: "
+                              f"{short_repr(item.get('msg', 'error'), 200)}")
+            if len(self._decoder.buf) > SERVER_RECORD:
+                self.close()
+                raise UnavailableError(f"tc-feedback at {self.address}: a record of more than "
+                                       f"{SERVER_RECORD} bytes")
             if not more:
                 return
+
+    def _refused_claims(self, item: dict) -> None:
+        entries = item.get("claim")
+        n = len(entries) if type(entries) is list else 0
+        self.refused += n
+        now = time.monotonic()
+        if self.warn is not None and now - self._refused_said > 5.0:
+            self._refused_said = now
+            self.warn(f"tc-feedback at {self.address} refused {n} claim(s): "
+                      f"{short_repr(item.get('why'), 80)} (e.g. {short_repr(entries, 80)}; "
+                      f"{self.refused} so far); those sessions get no replies")
 
     def _fast_replies(self, data: bytes, replies: list) -> bytes:
         """Append (data, len) of the leading run of usual-shape fb records (fb_span) of the
@@ -441,9 +730,13 @@ class FeedbackClient:
                 raise UnavailableError(f"tc-feedback at {self.address} is not reading "
                                        f"(send blocked for {self.send_timeout:g} s)")
             # Keep reading while we wait, so two full buffers cannot deadlock.
-            r, _, _ = select.select([self.sock], [self.sock], [], deadline - now)
-            if r:
+            # (poll, not select: select fails for descriptors >= 1024)
+            poll = select.poll()
+            poll.register(self.sock.fileno(), select.POLLIN | select.POLLOUT)
+            if any(ev & select.POLLIN for _, ev in poll.poll(math.ceil((deadline - now) * 1e3))):
                 self._receive()
+                if self.sock is None:
+                    raise UnavailableError(f"tc-feedback at {self.address}: not connected")
 
     def _op(self, kind: str, cip: bytes, cport: int, tip: bytes, tport: int) -> None:
         # each entry [client_ip_str, client_port, target_ip_str, target_port] is CBOR-encoded
@@ -457,6 +750,10 @@ class FeedbackClient:
             c = texts[cip] = _cbor_text(_ip_text(cip))
             t = ends[(tip, tport)] = _cbor_text(_ip_text(tip)) + _cbor_uint(tport)
         entry = b"".join((b"\x84", c, _cbor_uint(cport), t))
+        if kind == "add":
+            self.live[entry] = None
+        else:
+            self.live.pop(entry, None)
         ops = self._ops
         if ops and ops[-1][0] == kind:
             ops[-1][1].append(entry)
@@ -472,13 +769,25 @@ class FeedbackClient:
     def flush(self) -> None:
         """Send the pending claims and releases: one claim record per run of either kind,
         as cbor2.dumps({"t": "claim", kind: entries}) encodes it."""
-        if not self._ops or self.sock is None:
+        if not self._ops:
+            return
+        if self.sock is None:  # (reconnect() claims the live ones again)
+            self._ops = []
             return
         parts = []
+        append = parts.append
         for kind, entries in self._ops:
-            parts.append(_CLAIM_HEAD[kind])
-            parts.append(cbor_head(4, len(entries)))
-            parts += entries
+            n = len(entries)
+            if n <= CLAIM_CHUNK:
+                append(_CLAIM_HEAD[kind])
+                append(_ARRAY_HEADS[n] if n < 256 else cbor_head(4, n))
+                parts += entries
+                continue
+            for i in range(0, n, CLAIM_CHUNK):  # (the server bounds a record)
+                part = entries[i:i + CLAIM_CHUNK]
+                append(_CLAIM_HEAD[kind])
+                append(cbor_head(4, len(part)))
+                parts += part
         self._ops = []
         self._send(b"".join(parts))
 
@@ -526,14 +835,14 @@ class FeedbackClient:
 # -- the server ------------------------------------------------------------------------
 
 class _Client:
-    __slots__ = ("sock", "name", "decoder", "out", "keys", "dropped", "delivered", "peer",
-                 "want_write", "closing", "warned")
+    __slots__ = ("sock", "name", "out", "keys", "dropped", "delivered", "peer",
+                 "want_write", "closing", "warned", "state", "inbuf", "fstart", "fpos",
+                 "fstack", "nonce", "cid", "deadline", "refused")
 
     def __init__(self, sock, peer):
         self.sock = sock
         self.peer = peer
         self.name = peer
-        self.decoder = StreamDecoder(f"client {peer}")
         self.out = bytearray()
         self.keys: set = set()
         self.dropped = 0
@@ -541,6 +850,20 @@ class _Client:
         self.want_write = False
         self.closing = False
         self.warned = 0.0
+        self.state = _READY  # (a socket accepted by the server starts at _LABEL)
+        self.inbuf = bytearray()  # the unfinished record (frame_item's state below)
+        self.fstart = 0
+        self.fpos = 0
+        self.fstack: list = []
+        self.nonce = b""
+        self.cid = None  # the client's "id" (its header): a new connection replaces the old
+        self.deadline = 0.0
+        self.refused = 0  # claim entries refused (owned by another client)
+
+
+# a client's state: what its next item must be
+_LABEL, _HEADER, _AUTH, _READY = range(4)
+_STATE_NAMES = ("label", "header", "auth", "ready")
 
 
 class FeedbackServer:
@@ -552,7 +875,11 @@ class FeedbackServer:
     """
 
     def __init__(self, listen: str, hold_ms: int = 2000, hold_max: int = 100_000,
-                 client_buffer: int = 8 << 20, warn=print, info=None, tool: str = "tc-feedback"):
+                 client_buffer: int = 8 << 20, warn=print, info=None, tool: str = "tc-feedback",
+                 key: bytes | None = None, allow: list | None = None,
+                 max_clients: int = MAX_CLIENTS, client_input: int = CLIENT_INPUT,
+                 total_input: int = TOTAL_INPUT, auth_timeout: float = AUTH_TIMEOUT,
+                 max_claims: int = MAX_CLAIMS):
         self.listen_address = listen
         self.hold_s = hold_ms / 1000.0
         self.hold_max = hold_max
@@ -560,19 +887,36 @@ class FeedbackServer:
         self.warn = warn
         self.info = info or (lambda msg, level=1: None)
         self.tool = tool
+        self.key = key
+        self.allow = allow
+        self.max_clients = max_clients
+        self.client_input = client_input
+        self.total_input = total_input
+        self.auth_timeout = auth_timeout
+        self.max_claims = max_claims
         self.routes: dict = {}      # key -> _Client
         self.held: dict = {}        # key -> [entry, ...]; entry = [deadline, key, raw]
         self.hold_order = collections.deque()
         self.held_bytes = 0
         self.clients: dict = {}     # fd -> _Client
+        self.by_id: dict = {}       # a client's "id" -> _Client
+        self.unready = collections.deque()  # clients not identified yet, oldest first
+        self.input_bytes = 0        # unfinished records of all clients
         self.counts = dict(replies=0, delivered=0, held=0, held_delivered=0, unclaimed=0,
                            hold_overflow=0, dropped_slow=0, not_tcp=0, clients=0,
-                           clients_now=0, claims=0, releases=0)
-        self._hello = encode_section(header(tool))
+                           clients_now=0, claims=0, releases=0, authenticated=0,
+                           refused=0, claim_conflicts=0, replaced=0, not_allowed=0,
+                           busy=0, evicted=0, accept_errors=0)
+        self.refusals: dict = {}    # refusal kind -> count
+        self._hello = encode_section(header(tool, auth=AUTH_ALG) if key else header(tool))
         self._dirty: set = set()
         self._poll = None  # select.poll of serve()
         self.lsock = None
         self.unix_path = None
+        self._accept_paused = 0.0  # the listener is out of the poll set until then
+        self._accept_backoff = 0.0
+        self._said: dict = {}  # what -> [window end, lines left, suppressed]: see _say
+        self._backlog: set = set()  # clients with input read but not framed yet
 
     # -- setup ---------------------------------------------------------------------------
     def open(self) -> None:
@@ -601,6 +945,17 @@ class FeedbackServer:
         self.lsock = s
         if fam == socket.AF_UNIX:
             self.unix_path = sa
+        elif self.key is None and not self._loopback_only(fam, sa):
+            self.warn(f"listening on {self.listen_address} without a key: anyone who can "
+                      f"reach it may claim sessions and read the target's replies (give "
+                      f"--key FILE, or listen on a loopback or unix: address)")
+
+    @staticmethod
+    def _loopback_only(fam, sa) -> bool:
+        try:
+            return ipaddress.ip_address(sa[0].partition("%")[0]).is_loopback
+        except ValueError:
+            return False
 
     def close(self) -> None:
         for c in list(self.clients.values()):
@@ -643,6 +998,19 @@ class FeedbackServer:
             timeout = 1000
             if self.hold_order:
                 timeout = min(timeout, math.ceil(max(0.0, self.hold_order[0][0] - now) * 1e3) + 1)
+            if self.unready:
+                self._expire_unready(now)
+                if self.unready:
+                    timeout = min(timeout, math.ceil(max(0.0, self.unready[0].deadline - now)
+                                                     * 1e3) + 1)
+            if self._backlog:
+                timeout = 0
+            if self._accept_paused:
+                if now >= self._accept_paused:
+                    self._accept_paused = 0.0
+                    poll.register(lfd, select.POLLIN)
+                else:
+                    timeout = min(timeout, math.ceil((self._accept_paused - now) * 1e3) + 1)
             if next_tick is not None:
                 if now >= next_tick:
                     tick()
@@ -667,6 +1035,8 @@ class FeedbackServer:
                         self._client_readable(c)
                     if c.sock is not None and ev & ~select.POLLIN:
                         dirty_add(c)
+            if self._backlog:
+                self._serve_backlog()
             self._flush_clients()
         decoder.close()  # StreamError if the input ended inside a record
 
@@ -805,12 +1175,19 @@ class FeedbackServer:
         return True
 
     def claim(self, c: _Client, entries, add: bool) -> None:
+        """Claim (add) or release the connections of `entries` ([client ip text, client
+        port, target ip text, target port] each) for c; Refusal if malformed."""
+        if entries is None:
+            return
+        if type(entries) is not list:
+            raise Refusal("claim", f"a claim's {'add' if add else 'del'} is not an array "
+                                   f"({type(entries).__name__})")
         keys = []
         for e in entries:
             try:
                 keys.append(claim_route_key(e))
-            except (ValueError, TypeError):
-                self.warn(f"client {c.name}: ignoring a malformed claim entry {e!r}")
+            except Exception:  # noqa: BLE001 - whatever the entry holds, it is malformed
+                raise Refusal("claim", f"malformed claim entry {short_repr(e)}") from None
         self._claim_keys(c, keys, add)
 
     def _claim_keys(self, c: _Client, keys, add: bool) -> None:
@@ -823,10 +1200,14 @@ class FeedbackServer:
                 c.keys.discard(key)
             return
         self.counts["claims"] += len(keys)
+        refused = None
         for key in keys:
             old = routes.get(key)
-            if old is not None and old is not c:
-                old.keys.discard(key)
+            if old is not None and old is not c:  # another client's: never taken
+                if refused is None:
+                    refused = []
+                refused.append(key)
+                continue
             routes[key] = c
             c.keys.add(key)
             if self.held:
@@ -837,8 +1218,39 @@ class FeedbackServer:
                         if self._deliver(c, entry[2]):
                             self.counts["held_delivered"] += 1
                         entry[2] = None
+        if len(c.keys) > self.max_claims:
+            raise Refusal("limit", f"more than {self.max_claims} connections claimed at once")
+        if refused:
+            self._refuse_claims(c, refused)
+
+    def _refuse_claims(self, c: _Client, keys: list) -> None:
+        """Tell c which of its claims were refused (owned by another client); counted."""
+        self.counts["claim_conflicts"] += len(keys)
+        c.refused += len(keys)
+        if c.sock is not None:
+            c.out += cbor2.dumps({"t": T_REFUSED, "claim": [_key_entry(k) for k in keys],
+                                  "why": "owned by another client"})
+            self._dirty.add(c)
+        self._say("conflict", f"client {c.name} claimed {len(keys)} connection(s) owned by "
+                              f"another client: refused ({c.refused} so far)")
 
     # -- clients -------------------------------------------------------------------------
+    def _say(self, what: str, msg: str) -> None:
+        """warn(), at most 3 lines per 10 s for each kind of message (the rest counted and
+        mentioned with the next line let through): a flood of bad peers never floods the
+        log."""
+        now = time.monotonic()
+        st = self._said.get(what)
+        if st is None or now >= st[0]:
+            if st is not None and st[2]:
+                msg += f" ({st[2]} similar message(s) suppressed)"
+            st = self._said[what] = [now + 10.0, 3, 0]
+        if st[1] > 0:
+            st[1] -= 1
+            self.warn(msg)
+        else:
+            st[2] += 1
+
     def _accept(self) -> None:
         for _ in range(64):
             try:
@@ -846,26 +1258,106 @@ class FeedbackServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                self.warn(f"accept failed: {e.strerror or e}")
+                self.counts["accept_errors"] += 1
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # out of descriptors or memory: make room by dropping the oldest client
+                    # not identified yet, if any; else the pending connection stays queued
+                    # and the listener readable: stop polling it a while, never spin
+                    if self._evict_unready():
+                        continue
+                    self._accept_backoff = min(max(self._accept_backoff * 2, 0.05), 1.0)
+                    self._accept_paused = time.monotonic() + self._accept_backoff
+                    try:
+                        self._poll.unregister(self.lsock.fileno())
+                    except (KeyError, ValueError, AttributeError):
+                        pass
+                    self._say("accept", f"accept failed: {e.strerror or e} "
+                                        f"({len(self.clients)} clients); pausing accepts "
+                                        f"{self._accept_backoff * 1e3:.0f} ms "
+                                        f"({self.counts['accept_errors']} accept errors)")
+                else:
+                    self._say("accept", f"accept failed: {e.strerror or e}")
                 return
-            s.setblocking(False)
-            if s.family != socket.AF_UNIX:
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                peer = f"{peer[0]}:{peer[1]}" if s.family == socket.AF_INET else f"[{peer[0]}]:{peer[1]}"
-            else:
-                peer = f"unix#{s.fileno()}"
-            c = _Client(s, peer)
-            c.out += self._hello
-            self.clients[s.fileno()] = c
-            self._poll.register(s.fileno(), select.POLLIN)
-            self.counts["clients"] += 1
-            self.counts["clients_now"] = len(self.clients)
-            self._dirty.add(c)
-            self.info(f"client {peer} connected", 1)
+            self._accept_backoff = 0.0
+            self._admit(s, peer)
+
+    def _admit(self, s, peer) -> None:
+        s.setblocking(False)
+        if s.family != socket.AF_UNIX:
+            host = peer[0]
+            if self.allow is not None and not self._allowed(host):
+                self.counts["not_allowed"] += 1
+                self._say("allow", f"connection from {host} refused (not in --allow)")
+                s.close()
+                return
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = f"{host}:{peer[1]}" if s.family == socket.AF_INET else f"[{host}]:{peer[1]}"
+        else:
+            peer = f"unix#{s.fileno()}"
+        if len(self.clients) >= self.max_clients and not self._evict_unready():
+            self.counts["busy"] += 1
+            self._say("busy", f"connection from {peer} refused: {len(self.clients)} clients "
+                              f"(--max-clients)")
+            try:
+                s.send(self._hello + cbor2.dumps(
+                    {"t": T_ERROR, "error": "busy",
+                     "msg": f"too many clients ({self.max_clients})"}), socket.MSG_NOSIGNAL)
+            except OSError:
+                pass
+            s.close()
+            return
+        c = _Client(s, peer)
+        c.state = _LABEL
+        c.out += self._hello
+        if self.key is not None:
+            c.nonce = secrets.token_bytes(NONCE)
+            c.out += cbor2.dumps({"t": T_AUTH, "alg": AUTH_ALG, "nonce": c.nonce})
+        c.deadline = time.monotonic() + self.auth_timeout
+        self.unready.append(c)
+        self.clients[s.fileno()] = c
+        self._poll.register(s.fileno(), select.POLLIN)
+        self.counts["clients"] += 1
+        self.counts["clients_now"] = len(self.clients)
+        self._dirty.add(c)
+        self.info(f"client {peer} connected", 2)
+
+    def _evict_unready(self) -> bool:
+        """Refuse the oldest client not identified (or authenticated) yet, to make room for
+        a new one; False if there is none (identified clients are never evicted)."""
+        q = self.unready
+        while q:
+            c = q.popleft()
+            if c.sock is not None and c.state != _READY:
+                self.counts["evicted"] += 1
+                self._refuse(c, "busy", "dropped to make room for a new client (too many "
+                                        "clients not identified yet)")
+                return True
+        return False
+
+    def _allowed(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.allow)
+
+    def _expire_unready(self, now: float) -> None:
+        q = self.unready
+        while q and (q[0].sock is None or q[0].state == _READY or q[0].deadline <= now):
+            c = q.popleft()
+            if c.sock is not None and c.state != _READY:
+                what = "authenticate" if c.state == _AUTH else "identify itself"
+                self._refuse(c, "timeout", f"did not {what} within {self.auth_timeout:g} s")
 
     def _client_readable(self, c: _Client) -> None:
+        if c in self._backlog:
+            return  # its input so far first (the loop frames it, a budget per turn)
+        ready = c.state == _READY
         try:
-            data = c.sock.recv(1 << 16)
+            # a client not identified yet is read in small parts (its records are small)
+            data = c.sock.recv(1 << 16 if ready else 1 << 12)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -874,44 +1366,177 @@ class FeedbackServer:
         if not data:
             self._drop_client(c, "disconnected")
             return
-        dec = c.decoder
-        if dec.header is not None and not dec._expect_header:
-            # claim records as FeedbackClient writes them: inline, no CBOR decoder
-            buf = dec.buf + data if dec.buf else data
-            pos, n = 0, len(buf)
-            while pos < n:
-                got = claim_keys(buf, pos)
-                if got is None:
+        try:
+            if ready and not c.inbuf:
+                # claim records as FeedbackClient writes them, whole: inline, no framing
+                pos, n = 0, len(data)
+                while pos < n:
+                    got = claim_keys(data, pos)
+                    if got is None:
+                        break
+                    add, keys, pos = got
+                    self._claim_keys(c, keys, add)
+                if pos == n:
+                    return
+                if pos:
+                    data = data[pos:]
+            self._client_input(c, data)
+        except Refusal as e:
+            self._refuse(c, e.kind, e.msg)
+
+    def _serve_backlog(self) -> None:
+        """Frame a budget more of each client's input read but not framed yet."""
+        backlog = list(self._backlog)
+        self._backlog.clear()
+        for c in backlog:
+            if c.sock is not None:
+                try:
+                    self._client_input(c, b"")
+                except Refusal as e:
+                    self._refuse(c, e.kind, e.msg)
+
+    def _client_input(self, c: _Client, data: bytes) -> None:
+        """Frame c's input (frame_item) and handle each complete item; Refusal if c broke a
+        rule. What is left is the unfinished record, bounded per client and in all."""
+        buf = c.inbuf
+        before = len(buf)
+        if self.input_bytes + len(data) > self.total_input:
+            raise Refusal("limit", f"the server holds {self.input_bytes} bytes of unfinished "
+                                   f"records (--total-input)")
+        buf += data
+        budget_end = c.fpos + FRAME_BUDGET
+        fast = 2  # inline claim reading: at the start and after the record carried over
+        try:
+            while c.fstart < len(buf):
+                start = c.fstart
+                if fast and c.state == _READY and not c.fstack and c.fpos == start:
+                    fast -= 1
+                    b = bytes(buf[start:])
+                    pos, n = 0, len(b)
+                    while pos < n:
+                        got = claim_keys(b, pos)
+                        if got is None:
+                            break
+                        add, keys, pos = got
+                        self._claim_keys(c, keys, add)
+                    if pos:
+                        c.fstart = c.fpos = start + pos
+                        budget_end += pos  # (not the framer's work)
+                        continue
+                limit = self.client_input if c.state == _READY else 4096
+                if not c.fstack and c.fpos == start and buf[start] == 0xD9:  # a label?
+                    have = bytes(buf[start:start + len(LABEL)])
+                    if have != LABEL:
+                        if LABEL.startswith(have):
+                            break  # its start: wait for the rest
+                        raise Refusal("stream", "not a tcpcopy record stream (no TCPR label)")
+                    c.fstart = c.fpos = start + len(LABEL)
+                    self._client_label(c)
+                    continue
+                if c.fpos >= budget_end:
+                    self._backlog.add(c)
                     break
-                add, keys, pos = got
-                self._claim_keys(c, keys, add)
-            dec.consumed += pos
-            dec.buf = b""
-            data = buf[pos:] if pos else buf
-            if not data:
+                end, c.fpos = frame_item(buf, start, c.fpos, c.fstack, limit, budget_end)
+                if end < 0:
+                    if end == -2:
+                        self._backlog.add(c)  # (more next turn of the loop)
+                    break
+                c.fstart = end
+                self._client_item(c, bytes(buf[start:end]))
+                if c.sock is None:
+                    return
+        finally:
+            if c.fstart:
+                del buf[:c.fstart]
+                c.fpos -= c.fstart
+                c.fstart = 0
+            self.input_bytes += len(buf) - before
+
+    def _client_label(self, c: _Client) -> None:
+        if c.state == _AUTH:
+            raise Refusal("auth", "a label instead of the auth record")
+        # (an identified client's new section: a header, no new authentication)
+        c.state = -_HEADER if c.state in (_READY, -_HEADER) else _HEADER
+
+    def _client_item(self, c: _Client, raw: bytes) -> None:
+        st = c.state
+        if st == _LABEL:
+            raise Refusal("stream", "not a tcpcopy record stream (no TCPR label at byte 0)")
+        if st == _READY:
+            got = claim_keys(raw, 0)
+            if got is not None and got[2] == len(raw):
+                self._claim_keys(c, got[1], got[0])
                 return
         try:
-            items = dec.feed(data)
-        except StreamError as e:
-            self._refuse(c, "stream", str(e))
+            item = cbor2.loads(raw)
+        except Exception as e:  # noqa: BLE001 - a malformed item, whatever cbor2 makes of it
+            raise Refusal("stream", f"not a valid record: {short_repr(str(e), 80)}") from None
+        if type(item) is not dict:
+            raise Refusal("stream", f"a {type(item).__name__} item (records are maps with a "
+                                    f"'t' key)")
+        t = item.get("t")
+        if st == _HEADER or st == -_HEADER:
+            self._client_header(c, item)
+        elif st == _AUTH:
+            self._client_auth(c, item)
+        elif t == T_CLAIM:
+            for kind, add in (("add", True), ("del", False)):
+                if kind in item:
+                    self.claim(c, item[kind], add)
+        elif t == T_HEADER or t == T_AUTH:
+            raise Refusal("stream", f"a {t} record out of place")
+        # other records: passed over (a newer client may send more)
+
+    def _client_header(self, c: _Client, item: dict) -> None:
+        if item.get("t") != T_HEADER:
+            raise Refusal("stream", "label not followed by a header record")
+        msg = version_error(item.get("v"), f"client {c.peer}")
+        if msg:
+            raise Refusal("version", msg)
+        if c.state == -_HEADER:  # a new section from an identified client
+            c.state = _READY
             return
-        for item, _raw in items:
-            t = item.get("t")
-            if t == T_HEADER:
-                msg = version_error(item.get("v"), f"client {c.peer}")
-                if msg:
-                    self._refuse(c, "version", msg)
-                    return
-                if item.get("tool"):
-                    c.name = f"{item['tool']}@{c.peer}"
-            elif t == T_CLAIM:
-                if "add" in item:
-                    self.claim(c, item["add"] or (), True)
-                if "del" in item:
-                    self.claim(c, item["del"] or (), False)
+        tool = item.get("tool")
+        if type(tool) is str and tool:
+            c.name = "".join(ch if ch.isprintable() else "?" for ch in tool[:40]) + "@" + c.peer
+        cid = item.get("id")
+        if type(cid) is bytes and 8 <= len(cid) <= 64:
+            c.cid = cid
+        if self.key is not None:
+            c.state = _AUTH
+        else:
+            self._client_ready(c)
+
+    def _client_auth(self, c: _Client, item: dict) -> None:
+        cn, mac = item.get("nonce"), item.get("mac")
+        if item.get("t") != T_AUTH or type(cn) is not bytes or type(mac) is not bytes \
+                or not NONCE <= len(cn) <= 64:
+            raise Refusal("auth", "this tc-feedback needs a key: expected an auth record "
+                                  "with nonce and mac (give tc-session --key FILE)")
+        if not hmac.compare_digest(auth_mac(self.key, _ROLE_CLIENT, c.nonce, cn), mac):
+            raise Refusal("auth", "authentication failed: not the key of this tc-feedback")
+        c.out += cbor2.dumps({"t": T_AUTH, "mac": auth_mac(self.key, _ROLE_SERVER, c.nonce, cn)})
+        self._dirty.add(c)
+        self.counts["authenticated"] += 1
+        self._client_ready(c)
+
+    def _client_ready(self, c: _Client) -> None:
+        """c is identified (and authenticated): it may claim and receive."""
+        c.state = _READY
+        if c.cid is not None:
+            old = self.by_id.get(c.cid)
+            if old is not None and old is not c and old.sock is not None:
+                # the same client's new connection (its old one broken or half-open): the
+                # old one's claims are freed for it
+                self.counts["replaced"] += 1
+                self._drop_client(old, "replaced by a new connection of the same client")
+            self.by_id[c.cid] = c
+        self.info(f"client {c.name} {'authenticated' if self.key else 'identified'}", 1)
 
     def _refuse(self, c: _Client, kind: str, msg: str) -> None:
-        self.warn(f"refusing client {c.peer}: {msg}")
+        self.counts["refused"] += 1
+        self.refusals[kind] = self.refusals.get(kind, 0) + 1
+        self._say("refuse", f"refusing client {c.name}: {msg}")
         try:
             c.sock.send(bytes(c.out) + cbor2.dumps({"t": T_ERROR, "error": kind, "msg": msg}),
                         socket.MSG_NOSIGNAL)
@@ -927,6 +1552,11 @@ class FeedbackServer:
             if self.routes.get(key) is c:
                 del self.routes[key]
         c.keys.clear()
+        if c.cid is not None and self.by_id.get(c.cid) is c:
+            del self.by_id[c.cid]
+        self.input_bytes -= len(c.inbuf)
+        c.inbuf = bytearray()
+        self._backlog.discard(c)
         try:
             self._poll.unregister(c.sock.fileno())
         except (KeyError, ValueError, AttributeError):
@@ -968,7 +1598,22 @@ class FeedbackServer:
         return (f"{k['replies']} replies in, {k['delivered']} delivered "
                 f"({k['held_delivered']} held then delivered), {k['unclaimed']} unclaimed, "
                 f"{k['dropped_slow']} dropped (slow client), {len(self.held)} held now, "
-                f"{k['clients']} clients ({k['clients_now']} connected)")
+                f"{k['clients']} clients ({k['clients_now']} connected)"
+                + (f", {k['refused']} refused ({self._refusal_text()})" if k["refused"] else "")
+                + (f", {k['claim_conflicts']} claims refused (owned by another client)"
+                   if k["claim_conflicts"] else "")
+                + (f", {k['not_allowed']} connections not allowed" if k["not_allowed"] else "")
+                + (f", {k['busy']} turned away (--max-clients)" if k["busy"] else "")
+                + (f", {k['evicted']} evicted (not identified, to make room)"
+                   if k["evicted"] else "")
+                + (f", {k['accept_errors']} accept errors" if k["accept_errors"] else ""))
+
+    def _refusal_text(self) -> str:
+        return ", ".join(f"{n} {kind}" for kind, n in sorted(self.refusals.items()))
+
+    def stats_dict(self) -> dict:
+        """Every counter, and the refusals by kind (--stats-json)."""
+        return {**self.counts, "held_now": len(self.held), "refusals": dict(self.refusals)}
 
 
 def _unix_in_use(path: str) -> bool:

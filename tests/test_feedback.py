@@ -1,5 +1,6 @@
 """tc-feedback + FeedbackClient: routing replies to the clients that claimed them (no root)."""
 
+import os
 import socket
 import subprocess
 import threading
@@ -38,10 +39,10 @@ class Server:
         self.p.stdin.flush()
         self.clients = []
 
-    def client(self, name="test"):
+    def client(self, name="test", key=None):
         deadline = time.monotonic() + 10
         while True:
-            c = FeedbackClient(self.addr, name=name)
+            c = FeedbackClient(self.addr, name=name, key=key)
             try:
                 c.connect(timeout=5)
                 self.clients.append(c)
@@ -568,3 +569,146 @@ def test_claim_records_read_inline_as_decoded():
                 {"t": "claim", "add": None}, {"t": "claim", "add": [], "del": []},
                 {"t": "claim", "del": [["10.0.0.1", -1, "10.0.0.1", 3]]}):
         assert claim_keys(cbor2.dumps(bad), 0) is None, bad
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["nokey", "key"])
+def test_client_reconnects_and_claims_again(server, tmp_path, keyed):
+    """FeedbackClient.reconnect(): a restarted tc-feedback gets every live claim again (and
+    none released), after the key check if there is a key; the replies of the live
+    sessions flow again."""
+    opts = ()
+    if keyed:
+        (tmp_path / "key").write_bytes(b"0123456789abcdef0123\n")
+        opts = ("--key", str(tmp_path / "key"))
+    srv = server(*opts)
+    c = srv.client(key=b"0123456789abcdef0123" if keyed else None)
+    for port in (41000, 41001, 41002):
+        c.claim(C4, port, T4, 8080)
+    c.release(C4, 41001, T4, 8080)
+    c.flush()
+    srv.send(fb(41000))
+    assert ports(collect(c, 1)) == [41000]
+    srv.kill()
+    with pytest.raises(UnavailableError):
+        for _ in range(100):
+            c.read_replies()
+            time.sleep(0.01)
+    srv2 = server(*opts)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert c.reconnect() == 2
+            break
+        except UnavailableError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    srv2.send(fb(41000), fb(41001), fb(41002))
+    assert sorted(ports(collect(c, 2))) == [41000, 41002]
+    assert c.reconnects == 1
+    c.close()
+    rc, err = srv2.finish()
+    assert rc == 0 and "1 unclaimed" in err, err
+
+
+@pytest.mark.netns
+def test_tc_feedback_restarted_mid_replay(lab, tmp_path):
+    """The lab: tc-intercept | tc-feedback killed (SIGKILL) and started again in the middle
+    of a replay; tc-session reconnects, claims its live sessions again, and every session
+    completes, byte for byte."""
+    import json
+    import signal
+
+    import replay_harness as h
+
+    rec = h.record(lab, tmp_path / "rec", "close", "--conns", 12, "--gap", 0.4)
+    n = rec.client["conns"]
+    assert rec.client["n_errors"] == 0 and n == 12, rec.client
+    work = tmp_path / "replay"
+    work.mkdir()
+    logs = work / "target"
+    stats_json = work / "session-stats.json"
+    srv = h.start_recording_server(lab, "target", logs, h.PORT, delay=0.2)
+    procs, old = {}, []
+    try:
+        fbprocs, addr = h.start_feedback(lab, work, h.PORT)
+        procs.update(fbprocs)
+        chain = [("tc-readpcap", [str(rec.pcap)]),
+                 ("tc-session", ["--target", f"{lab.target_ip}:{h.PORT}", "--feedback", addr,
+                                 "--drain", "30", "--stats-json", str(stats_json)]),
+                 ("tc-pace", []), ("tc-emit", [])]
+        prev = None
+        for i, (name, args) in enumerate(chain):
+            p = h.Proc(lab, "online", [h.tool(name), "--stats", *args],
+                       stdin=prev.p.stdout if prev else subprocess.DEVNULL,
+                       stdout=None if i == len(chain) - 1 else subprocess.PIPE,
+                       env=h.tool_env(), name=name)
+            if prev:
+                prev.p.stdout.close()
+            procs[name] = prev = p
+        time.sleep(2.5)  # some sessions done, some running, most to come
+        assert procs["tc-emit"].p.poll() is None, "the replay ended before the restart"
+        old = [procs.pop("tc-feedback"), procs.pop("tc-intercept")]
+        old[0].stop(signal.SIGKILL)
+        old[1].stop()
+        time.sleep(0.5)
+        fbprocs, addr2 = h.start_feedback(lab, work, h.PORT)
+        assert addr2 == addr
+        procs.update(fbprocs)
+        assert procs["tc-emit"].wait(90) is not None, "the replay did not finish"
+        h.wait_settled(logs)
+    finally:
+        for name in ("tc-readpcap", "tc-session", "tc-pace", "tc-emit", "tc-intercept",
+                     "tc-feedback"):
+            if name in procs:
+                procs[name].stop()
+        lab.stop(srv)
+    diag = "\n".join(repr(p) for p in [*procs.values(), *old])
+    assert procs["tc-session"].p.returncode == 0, diag
+    stats = json.loads(stats_json.read_text())
+    assert stats["feedback_reconnects"] >= 1, stats
+    assert "reconnected to tc-feedback" in procs["tc-session"].stderr, diag
+    res = h.compare_streams(rec.streams(), h.logged_streams(logs))
+    assert res.ok and res.identical == n, f"{res.describe()}\n{stats}\n{diag}"
+    assert stats["outcomes"].get("completed", 0) + stats["outcomes"].get("reconnected", 0) \
+        == n, stats
+    if os.environ.get("TC_SHOW"):
+        print(diag, stats)
+
+
+def test_client_input_split_anywhere_gives_the_same_claims():
+    """tc-feedback's reading of a client (inline claims, framing, a budget per turn) claims
+    the same connections however the client's stream is cut, down to single bytes."""
+    import random
+
+    from tcpcopylib.feedback import FeedbackServer, _Client, claim_route_key
+
+    rnd = random.Random(7)
+    entries = [[f"10.9.{i // 200}.{i % 200 + 1}", 1024 + i, "10.0.0.5", 8080] for i in range(1500)]
+    recs = [{"t": "claim", "add": entries[:700]}, {"t": "stats", "n": 1},
+            {"t": "claim", "del": entries[:10]}, {"t": "claim", "add": entries[700:],
+                                                  "del": entries[10:20]},
+            {"t": "claim", "add": [["2001:db8::1", 80, "2001:db8::5", 8080]]}]
+    stream = encode_section({"t": "header", "v": 1, "tool": "t"}) + b"".join(
+        cbor2.dumps(r) for r in recs)
+    want = {claim_route_key(e) for e in entries[20:]} | {
+        claim_route_key(["2001:db8::1", 80, "2001:db8::5", 8080])}
+    for trial in range(12):
+        srv = FeedbackServer("unix:/nonexistent", warn=lambda msg: None)
+        a, b = socket.socketpair()
+        c = _Client(a, "t")
+        c.state = 0  # (expects the label, as accepted)
+        srv.clients[a.fileno()] = c
+        if trial < 2:
+            cuts = list(range(1, len(stream))) if trial == 0 else []
+        else:
+            cuts = sorted(rnd.sample(range(1, len(stream)), rnd.randrange(1, 200)))
+        for lo, hi in zip([0, *cuts], [*cuts, len(stream)]):
+            while c in srv._backlog:
+                srv._serve_backlog()
+            srv._client_input(c, stream[lo:hi])
+        while srv._backlog:
+            srv._serve_backlog()
+        assert c.sock is not None and not c.inbuf and srv.input_bytes == 0, trial
+        assert set(srv.routes) == want and c.keys == want, trial
+        a.close()
+        b.close()

@@ -1,6 +1,7 @@
 """tc-feedback: deliver the target's replies (fb records) to the tc-session that owns them."""
 
 from tcpcopylib.cli.common import Tool as _Tool
+from tcpcopylib.feedback import AUTH_TIMEOUT, CLIENT_INPUT, MAX_CLIENTS, TOTAL_INPUT
 
 
 class Tool(_Tool):
@@ -34,18 +35,48 @@ class Tool(_Tool):
                        help="after the input ends, wait at most S seconds (beyond the hold "
                             "time) for clients to read what is queued for them (default 5)")
 
+        t = p.add_argument_group("trust and limits (see tc-feedback(8): Authentication, Limits)")
+        t.add_argument("--key", metavar="FILE",
+                       help="shared key file: clients must prove they hold the key (HMAC "
+                            "challenge-response) before claiming anything (default "
+                            "$TC_FEEDBACK_KEY_FILE, else the key $TC_FEEDBACK_KEY, else none)")
+        t.add_argument("--allow", metavar="CIDR,...",
+                       help="accept TCP clients from these addresses or networks only")
+        t.add_argument("--max-clients", type=int, default=MAX_CLIENTS, metavar="N",
+                       help=f"at most N clients at once; more are refused (default "
+                            f"{MAX_CLIENTS})")
+        t.add_argument("--auth-timeout", type=float, default=AUTH_TIMEOUT, metavar="S",
+                       help=f"drop a client that has not sent its header (and proved the key) "
+                            f"S seconds after connecting (default {AUTH_TIMEOUT:g})")
+        t.add_argument("--client-input", type=int, default=CLIENT_INPUT, metavar="BYTES",
+                       help=f"largest record a client may send; a client with a larger "
+                            f"unfinished one is dropped (default {CLIENT_INPUT >> 10} KiB)")
+        t.add_argument("--total-input", type=int, default=TOTAL_INPUT, metavar="BYTES",
+                       help=f"unfinished records of all clients together at most (default "
+                            f"{TOTAL_INPUT >> 20} MiB)")
+
     def run(self, args):
         from tcpcopylib.errors import UsageError
-        from tcpcopylib.feedback import DEFAULT_PORT, FeedbackServer
+        from tcpcopylib.feedback import DEFAULT_PORT, FeedbackServer, load_key, parse_allow
 
         if args.hold_ms < 0 or args.hold_max < 1 or args.client_buffer < 1024 or args.drain_s < 0:
             raise UsageError("--hold-ms >= 0, --hold-max >= 1, --client-buffer >= 1024 "
                              "and --drain-s >= 0 are required")
+        if args.max_clients < 1 or args.client_input < 4096 or \
+                args.total_input < args.client_input or not 0 < args.auth_timeout < 1e6:
+            raise UsageError("--max-clients >= 1, --client-input >= 4096, --total-input >= "
+                             "--client-input and --auth-timeout > 0 are required")
+        key = load_key(args.key, warn=self.warn)
+        allow = parse_allow(args.allow) if args.allow else None
         listen = args.listen or f"tcp::{DEFAULT_PORT}"
         in_fd = self.open_input(args.input)
         self.server = srv = FeedbackServer(listen, hold_ms=args.hold_ms, hold_max=args.hold_max,
                                            client_buffer=args.client_buffer, warn=self.warn,
-                                           info=self.info)
+                                           info=self.info, key=key, allow=allow,
+                                           max_clients=args.max_clients,
+                                           client_input=args.client_input,
+                                           total_input=args.total_input,
+                                           auth_timeout=args.auth_timeout)
         srv.open()
         self.info(f"listening on {listen}")
         tick = (lambda: self.warn(srv.stats_line())) if args.verbose else None
@@ -57,6 +88,9 @@ class Tool(_Tool):
 
     def stats_line(self):
         return self.server.stats_line() if self.server else None
+
+    def stats_dict(self):
+        return self.server.stats_dict() if self.server else super().stats_dict()
 
 
 def main(argv=None):

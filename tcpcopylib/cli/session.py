@@ -108,6 +108,14 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         f.add_argument("--feedback", metavar="ADDR",
                        help="tc-feedback address: unix:/path or tcp:HOST:PORT "
                             "(default $TC_FEEDBACK, else tcp:127.0.0.1:36524)")
+        f.add_argument("--key", metavar="FILE",
+                       help="shared key file of tc-feedback --key (default "
+                            "$TC_FEEDBACK_KEY_FILE, else the key $TC_FEEDBACK_KEY): both ends "
+                            "prove they hold it")
+        f.add_argument("--feedback-retry", type=float, default=30.0, metavar="SECONDS",
+                       help="when the connection to tc-feedback is lost, keep reconnecting "
+                            "(and claiming the live sessions again) this long before giving "
+                            "up with exit 69 (default 30; 0 = give up at once)")
         f.add_argument("--no-feedback", action="store_true",
                        help="run without a feedback channel (no session gets established; "
                             "for inspecting the SYNs)")
@@ -160,6 +168,10 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         if self.engine is not None:
             for line in self.engine.summary().splitlines():
                 self.warn(line)
+            fb = self.engine.claims
+            if fb is not None and (fb.reconnects or fb.refused):
+                self.warn(f"feedback: {fb.reconnects} reconnect(s), {fb.refused} claim(s) "
+                          f"refused by tc-feedback (owned by another client)")
 
     # --------------------------------------------------------------------------------
     def _build_engine(self, args, emit, claims):
@@ -222,15 +234,21 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         import math
         import select
 
+        from tcpcopylib.errors import UnavailableError
         from tcpcopylib.records import AS_PKT, PendingBatch, RecordWriter, header
         from tcpcopylib.session.timing import DueQueue
         from tcpcopylib.streamparse import StreamParser
 
         fb = None
+        if not args.feedback_retry >= 0:
+            raise UsageError("--feedback-retry cannot be negative")
         if not args.no_feedback:
-            from tcpcopylib.feedback import FeedbackClient
+            from tcpcopylib.feedback import FeedbackClient, load_key
 
-            fb = FeedbackClient(args.feedback, name=self.name)
+            fb = FeedbackClient(args.feedback, name=self.name,
+                                key=load_key(args.key, warn=self.warn), warn=self.warn)
+        # a lost feedback connection: when, the next try, the wait before the one after
+        fbst = {"down": None, "next": 0.0, "backoff": 0.05}
         # The writer never flushes by itself: flush_out() sends pending claims first (the
         # engine's claim()/release() go to fb, which sends them on flush()), so a claim
         # always reaches tc-feedback before the SYN that needs it leaves this process.
@@ -241,9 +259,50 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
 
         def flush_out():
             pending.write_to(writer)
-            if fb is not None:
-                fb.flush()
+            if fb is not None and fb.sock is not None:
+                try:
+                    fb.flush()
+                except UnavailableError as e:
+                    fb_lost(e)
             writer.flush()
+
+        def fb_lost(err):
+            """The feedback connection broke: sessions go on; the loop reconnects."""
+            nonlocal fb_fd
+            if not args.feedback_retry:
+                raise err
+            if fb_fd >= 0:
+                try:
+                    poll.unregister(fb_fd)
+                except (KeyError, ValueError):
+                    pass
+                fb_fd = -1
+            fb.close()
+            if fbst["down"] is None:
+                fbst["down"] = fbst["next"] = time.monotonic()
+                fbst["backoff"] = 0.05
+                self.warn(f"{err}; reconnecting (for at most {args.feedback_retry:g} s; "
+                          f"sessions go on, replies are lost meanwhile)")
+
+        def fb_retry():
+            """One try to reconnect (the loop calls it when due)."""
+            nonlocal fb_fd
+            try:
+                n = fb.reconnect(timeout=1.0)
+            except UnavailableError as e:
+                now_m = time.monotonic()
+                if now_m - fbst["down"] >= args.feedback_retry:
+                    raise UnavailableError(f"{e} (gave up reconnecting after "
+                                           f"{args.feedback_retry:g} s)") from None
+                fbst["backoff"] = min(fbst["backoff"] * 2, 2.0)
+                fbst["next"] = now_m + fbst["backoff"]
+                return
+            fb_fd = fb.fileno()
+            poll.register(fb_fd, select.POLLIN)
+            self.warn(f"reconnected to tc-feedback at {fb.address} after "
+                      f"{time.monotonic() - fbst['down']:.1f} s; {n} connection(s) claimed "
+                      f"again")
+            fbst["down"] = None
 
         def emit(data, sid, now):
             writer.write_raw(encode_pkt(now, data, sid))
@@ -323,6 +382,8 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                 while q and q[0][0] <= now:  # due.pop_due(), inline
                     engine.client_packet(q.popleft()[1], now)
                 engine.on_timer(now)
+                if fbst["down"] is not None and time.monotonic() >= fbst["next"]:
+                    fb_retry()
                 if stop["sig"] or eof and not q:
                     if drain_until is None:  # the input is over: drain, then reset
                         drain_until = now + int(args.drain * SEC)
@@ -348,6 +409,9 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                     reading = True
                 timeout = self._timeout(now, q[0][0] if q else None, engine.next_deadline(),
                                         drain_until, next_stats)
+                if fbst["down"] is not None:
+                    retry = max(0.0, fbst["next"] - time.monotonic())
+                    timeout = retry if timeout is None else min(timeout, retry)
                 # as selectors does: milliseconds, rounded up (wait at least timeout)
                 for fd, _ in poll.poll(None if timeout is None else
                                        math.ceil(timeout * 1e3) if timeout > 0 else 0):
@@ -358,7 +422,12 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                             poll.unregister(in_fd)
                             reading = False
                     elif fd == fb_fd:
-                        for data, n in fb.read_replies():
+                        try:
+                            replies = fb.read_replies()
+                        except UnavailableError as e:
+                            fb_lost(e)
+                            continue
+                        for data, n in replies:
                             engine.feedback_packet(data, now, n)
                     else:
                         try:
@@ -366,7 +435,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                         except OSError:
                             pass
         finally:
-            if fb is not None:
+            if fb is not None and fb.sock is not None:
                 try:
                     fb.flush()
                 except Exception:  # noqa: BLE001 - best effort at exit
@@ -432,7 +501,10 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         e = self.engine
         if e is None:
             return super().stats_dict()
-        return {"active": e.active(), **e.st.as_dict(), "early_reuses": e.alloc.early_reuses}
+        fb = e.claims
+        return {"active": e.active(), **e.st.as_dict(), "early_reuses": e.alloc.early_reuses,
+                "feedback_reconnects": fb.reconnects if fb is not None else 0,
+                "feedback_claims_refused": fb.refused if fb is not None else 0}
 
 
 def main(argv=None):
