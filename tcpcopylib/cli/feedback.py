@@ -58,6 +58,12 @@ class Tool(_Tool):
     def stats_line(self):
         return self.server.stats_line() if self.server else None
 
+    def stats_dict(self) -> dict:
+        srv = self.server
+        if srv is None:
+            return super().stats_dict()
+        return {**srv.counts, "held_now": len(srv.held), "summary": self.stats_line()}
+
 
 def main(argv=None):
     return Tool().main(argv)
