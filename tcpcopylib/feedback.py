@@ -311,6 +311,7 @@ class FeedbackClient:
         self._rbuf = memoryview(bytearray(1 << 18))
         self.server_header: dict | None = None
         self.send_timeout = 5.0
+        self.last_ts = 0  # "ts" of the newest fb record received (tc-session's feedback lag)
 
     def connect(self, timeout: float = 5.0) -> None:
         fam, sa = parse_address(self.address)
@@ -370,6 +371,8 @@ class FeedbackClient:
             for item, _raw in self._decoder.feed(data):
                 t = item.get("t")
                 if t == T_FB:
+                    if type(item.get("ts")) is int:
+                        self.last_ts = item["ts"]
                     if replies is None:
                         self._pending.append(item)
                     elif isinstance(item.get("data"), (bytes, bytearray)):
@@ -396,6 +399,7 @@ class FeedbackClient:
         buf = dec.buf + data if dec.buf else data
         dec.buf = b""
         pos, n, startswith, append = 0, len(buf), buf.startswith, replies.append
+        last = -1  # where the last record taken starts (its ts: the feedback lag)
         while n > pos + 24 and startswith(_FB8_MID, pos + 18) and startswith(_FB8, pos):
             d1 = pos + 25 + buf[pos + 24]
             if n <= d1 + 4 or not startswith(_FB_LEN, d1):
@@ -413,7 +417,10 @@ class FeedbackClient:
                 append((buf[pos + 25:d1], buf[d1 + 5]))
             else:
                 break
+            last = pos
             pos = end
+        if last >= 0:
+            self.last_ts = int.from_bytes(buf[last + 10:last + 18], "big")
         dec.consumed += pos
         rest = buf[pos:] if pos else buf
         if rest and _fb_prefix(rest):

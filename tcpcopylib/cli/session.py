@@ -71,6 +71,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         super().__init__(*a, **kw)
         self.engine = None
         self._rbuf = memoryview(bytearray(CHUNK))
+        self.fb_lag = None  # with feedback: a metrics.Histogram of the feedback lag
 
     def add_arguments(self, p):
         g = p.add_argument_group("mapping")
@@ -230,7 +231,12 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         if not args.no_feedback:
             from tcpcopylib.feedback import FeedbackClient
 
+            from tcpcopylib.metrics import Histogram
+
             fb = FeedbackClient(args.feedback, name=self.name)
+            # one observation per read of the socket: the age of the newest reply in it
+            self.fb_lag = Histogram()
+            lag_observe = self.fb_lag.observe
         # The writer never flushes by itself: flush_out() sends pending claims first (the
         # engine's claim()/release() go to fb, which sends them on flush()), so a claim
         # always reaches tc-feedback before the SYN that needs it leaves this process.
@@ -358,8 +364,12 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                             poll.unregister(in_fd)
                             reading = False
                     elif fd == fb_fd:
-                        for data, n in fb.read_replies():
+                        replies = fb.read_replies()
+                        for data, n in replies:
                             engine.feedback_packet(data, now, n)
+                        if replies and fb.last_ts:
+                            lag = now - fb.last_ts
+                            lag_observe(lag * 1e-9 if lag > 0 else 0.0)
                     else:
                         try:
                             os.read(rpipe, 64)
@@ -432,7 +442,10 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         e = self.engine
         if e is None:
             return super().stats_dict()
-        return {"active": e.active(), **e.st.as_dict(), "early_reuses": e.alloc.early_reuses}
+        d = {"active": e.active(), **e.st.as_dict(), "early_reuses": e.alloc.early_reuses}
+        if self.fb_lag is not None:
+            d["feedback_lag"] = self.fb_lag.as_dict()
+        return d
 
 
 def main(argv=None):
