@@ -454,6 +454,17 @@ class Listener:
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n").encode()
         conn.settimeout(CONN_TIMEOUT)
         conn.sendall(head + extra + b"\r\n" + (b"" if head_only else body))
+        if code == 400:
+            # unread request bytes would make close() reset the connection, and the reply
+            # with it: read a little more first (bounded)
+            try:
+                conn.shutdown(socket.SHUT_WR)
+                conn.settimeout(0.1)
+                for _ in range(16):
+                    if not conn.recv(MAX_REQUEST):
+                        break
+            except OSError:
+                pass
 
     def close(self) -> None:
         self._stop = True
