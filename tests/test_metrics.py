@@ -408,3 +408,25 @@ def test_lab_replay_session_metrics(lab, tmp_path):
     # every metric of the file at exit was there during the run (but the exit status)
     seen = {n for snap, _ in w.seen["tc-session"] for n, _ in snap}
     assert {n for n, _ in s} - seen <= {"tcpcopy_exit_status"}
+
+
+def test_grafana_dashboard_uses_our_metrics():
+    """examples/grafana-dashboard.json: valid JSON, every metric it queries is one we write,
+    every panel on the data source variable."""
+    import re
+
+    d = json.loads((REPO / "examples" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in d["panels"] for t in p["targets"]]
+    assert len(exprs) >= 15 and d["uid"] and d["title"]
+    names = {n for e in exprs for n in re.findall(r"\b((?:tcpcopy|process)_\w+)", e)}
+    known = set(m.FAMILIES) | {f + "_bucket" for f, (t, _) in m.FAMILIES.items()
+                               if t == "histogram"}
+    assert names and names <= known, names - known
+    for family in ("tcpcopy_packets_total", "tcpcopy_sessions_total", "tcpcopy_dropped_total",
+                   "tcpcopy_feedback_lag_seconds_bucket", "process_resident_memory_bytes"):
+        assert family in names
+    assert all(p["datasource"]["uid"] == "${datasource}" for p in d["panels"])
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    # stage=~".+" for "All": process_* series of other exporters have no stage label
+    assert variables["stage"]["allValue"] == ".+"
