@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import re
-import socket
 import sys
 import threading
 import time
@@ -123,6 +121,8 @@ FAMILIES = {
     "tcpcopy_kernel_received_total": ("counter", "Packets the kernel handed to the capture"),
     "tcpcopy_pace_max_lateness_seconds": ("gauge", "Largest lateness of a record released"),
     "tcpcopy_stat": ("gauge", "A --stats-json number with no metric of its own, by key"),
+    "tcpcopy_metrics_render_seconds_total": ("counter", "CPU time spent rendering and writing "
+                                                        "these metrics (to the last rendering)"),
 }
 
 # (dotted stats key, family, labels, scale); a key ending in ".*" takes every key under it,
@@ -272,13 +272,12 @@ def process_samples() -> list:
     return out
 
 
-_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
-
-
 def check_label(text: str) -> tuple[str, str]:
     """--metrics-label KEY=VALUE -> (key, value); ValueError with the reason."""
+    import re
+
     key, eq, value = text.partition("=")
-    if not eq or not _NAME.match(key) or key.startswith("__"):
+    if not eq or not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", key) or key.startswith("__"):
         raise ValueError(f"not KEY=VALUE with a Prometheus label name: {text!r}")
     if key in ("stage", "le", "key", "outcome", "reason", "event", "error", "type", "version",
                "python"):
@@ -301,7 +300,8 @@ def _value(v) -> str:
 
 
 def render(tool: str, stats: dict, labels: dict | None = None, start_time: float | None = None,
-           running: bool = True, exit_status: int | None = None) -> str:
+           running: bool = True, exit_status: int | None = None,
+           render_s: float | None = None) -> str:
     """The Prometheus text of a tool's stats dict, with the process and build metrics."""
     base = {"stage": stage_of(tool), **(labels or {})}
     rows = [("tcpcopy_build_info", {"version": __version__,
@@ -312,6 +312,8 @@ def render(tool: str, stats: dict, labels: dict | None = None, start_time: float
     rows += process_samples()
     if start_time is not None:
         rows.append(("process_start_time_seconds", {}, round(start_time, 3), None))
+    if render_s is not None:
+        rows.append(("tcpcopy_metrics_render_seconds_total", {}, round(render_s, 6), None))
     rows += samples(tool, stats)
     by_family: dict = {}
     for family, lab, v, _k in rows:
@@ -337,7 +339,8 @@ def render(tool: str, stats: dict, labels: dict | None = None, start_time: float
 def write_atomically(path: str, text: str) -> None:
     """text into path by a temporary file in the same directory renamed over it."""
     d, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(d, f".{base}.{os.getpid()}.tmp")  # not *.prom: node_exporter skips it
+    # not *.prom, so node_exporter skips it; one per thread (the last write is the main one)
+    tmp = os.path.join(d, f".{base}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         data = text.encode()
@@ -358,6 +361,8 @@ def write_atomically(path: str, text: str) -> None:
 
 def parse_listen(text: str) -> tuple:
     """HOST:PORT, [V6]:PORT or :PORT (all interfaces) -> (family, sockaddr)."""
+    import socket
+
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"not HOST:PORT: {text!r}")
@@ -380,6 +385,8 @@ class Listener:
     """
 
     def __init__(self, address: str, get):
+        import socket
+
         fam, sa = parse_listen(address)
         self.sock = socket.socket(fam, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -396,6 +403,7 @@ class Listener:
 
     def _loop(self) -> None:
         import signal
+        import socket
 
         # process-directed signals (SIGALRM, SIGINT, ...) must reach the main thread, whose
         # blocking calls they interrupt
@@ -419,6 +427,8 @@ class Listener:
                 conn.close()
 
     def _serve(self, conn) -> None:
+        import socket
+
         deadline = time.monotonic() + CONN_TIMEOUT
         head = b""
         while b"\r\n\r\n" not in head and b"\n\n" not in head:
@@ -448,6 +458,8 @@ class Listener:
     @staticmethod
     def _reply(conn, code, body, extra=b"", ctype="text/plain; charset=utf-8",
                head_only=False) -> None:
+        import socket
+
         reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
                   408: "Request Timeout"}[code]
         head = (f"HTTP/1.0 {code} {reason}\r\nContent-Type: {ctype}\r\n"
@@ -467,7 +479,13 @@ class Listener:
                 pass
 
     def close(self) -> None:
+        import socket
+
         self._stop = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes accept() at once (Linux)
+        except OSError:
+            pass
         try:
             self.sock.close()
         except OSError:
@@ -477,8 +495,9 @@ class Listener:
 
 
 class Exporter:
-    """A tool's metrics: render() from the main thread (timer, scrape requests, exit);
-    the textfile written and the HTTP listener fed from each rendering."""
+    """A tool's metrics: render() from the main thread (timer, scrape requests, exit); each
+    rendering written to the textfile by a writer thread (file system latency stays out of
+    the tool's loop) and served by the HTTP listener."""
 
     def __init__(self, tool: str, collect, path: str | None = None, listen: str | None = None,
                  labels: dict | None = None, start_time: float | None = None, warn=None):
@@ -491,15 +510,25 @@ class Exporter:
         self.text = b""
         self.rendered_at = 0.0  # time.monotonic() of the last rendering
         self.renders = 0
-        self.render_s = 0.0     # seconds spent rendering and writing (for the bench)
+        self.render_cpu = 0.0   # CPU seconds of the renderings (main thread)
+        self.write_cpu = 0.0    # CPU seconds of the file writes (writer thread)
         self.wanted = False     # a scrape asked for a fresh rendering
         self._fresh = threading.Event()
         self._main = threading.main_thread().ident
         self._warned = False
+        self._cond = threading.Condition()
+        self._to_write = None   # the rendering the writer thread has not written yet
+        self._stopping = False
+        self._writer = None
         self.listener = Listener(listen, self._get) if listen else None
 
+    @property
+    def render_s(self) -> float:
+        return self.render_cpu + self.write_cpu
+
     def start(self) -> None:
-        """The first rendering (a FILE that cannot be written fails here), then the listener."""
+        """The first rendering, written here (a FILE that cannot be written fails now), then
+        the writer thread and the listener."""
         try:
             self.render(strict=True)
         except OSError as e:
@@ -507,18 +536,22 @@ class Exporter:
 
             path, self.path = self.path, None
             raise TcError(f"cannot write --metrics {path}: {e.strerror or e}") from None
+        if self.path:
+            self._writer = threading.Thread(target=self._write_loop, name="tc-metrics-file",
+                                            daemon=True)
+            self._writer.start()
         if self.listener is not None:
             self.listener.start()
 
     def render(self, final: bool = False, exit_status: int | None = None, stats=None,
                strict: bool = False) -> None:
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         self.wanted = False
         try:
             if stats is None:
                 stats = self.collect()
             text = render(self.tool, stats, self.labels, self.start_time, running=not final,
-                          exit_status=exit_status)
+                          exit_status=exit_status, render_s=self.render_s)
         except Exception as e:  # noqa: BLE001 - metrics never end a tool
             if strict:
                 raise
@@ -528,14 +561,38 @@ class Exporter:
         self.rendered_at = time.monotonic()
         self.renders += 1
         self._fresh.set()
+        self.render_cpu += time.thread_time() - t0
         if self.path:
-            try:
-                write_atomically(self.path, text)
-            except OSError as e:
-                if strict:
-                    raise
-                self._warn_once(f"cannot write --metrics {self.path}: {e.strerror or e}")
-        self.render_s += time.perf_counter() - t0
+            if self._writer is not None:
+                with self._cond:
+                    self._to_write = text
+                    self._cond.notify()
+            else:  # the first and the last: written before going on
+                self._write(text, strict)
+
+    def _write(self, text: str, strict: bool = False) -> None:
+        t0 = time.thread_time()
+        try:
+            write_atomically(self.path, text)
+        except OSError as e:
+            if strict:
+                raise
+            self._warn_once(f"cannot write --metrics {self.path}: {e.strerror or e}")
+        finally:
+            self.write_cpu += time.thread_time() - t0
+
+    def _write_loop(self) -> None:
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        while True:
+            with self._cond:
+                while self._to_write is None and not self._stopping:
+                    self._cond.wait()
+                text, self._to_write = self._to_write, None
+                if text is None:
+                    return
+            self._write(text)
 
     def due(self) -> bool:
         return self.wanted or time.monotonic() - self.rendered_at >= INTERVAL - 0.05
@@ -560,5 +617,13 @@ class Exporter:
             self.warn(f"warning: {msg}")
 
     def close(self) -> None:
+        """Stop the threads (what the writer holds is written first); render() after this
+        writes the file itself."""
         if self.listener is not None:
             self.listener.close()
+        w, self._writer = self._writer, None
+        if w is not None:
+            with self._cond:
+                self._stopping = True
+                self._cond.notify()
+            w.join(5.0)
