@@ -374,40 +374,62 @@ def test_metrics_option_errors(tmp_path):
 
 # -- a replay in the lab ------------------------------------------------------------------------
 
+STAGES = ("tc-readpcap", "tc-session", "tc-pace", "tc-emit", "tc-intercept", "tc-feedback")
+
+
 @pytest.mark.netns
-def test_lab_replay_session_metrics(lab, tmp_path):
-    """tc-session's textfile during a replay of examples/http-lab.pcap: sessions by outcome,
-    packets, the feedback lag histogram; at exit equal to its --stats-json."""
-    prom = tmp_path / "session.prom"
-    os.environ["TC_METRICS_INTERVAL"] = "0.25"  # the tools inherit it (replay's tool_env)
-    w = Watcher({"tc-session": read_file(prom)}, every=0.1)
+def test_lab_replay_metrics_of_every_stage(lab, tmp_path, monkeypatch):
+    """A replay of examples/http-lab.pcap in the lab, every stage (tc-intercept and
+    tc-feedback on the assistant too) with --metrics and --stats-json: the textfiles read
+    during the run, counters only grow, every metric there before the end; at exit equal to
+    --stats-json; tc-session's sessions by outcome and feedback lag."""
+    prom = {t: tmp_path / f"{t}.prom" for t in STAGES}
+    sj = {t: tmp_path / f"{t}.json" for t in STAGES}
+
+    class MetricsProc(h.Proc):  # every tool the harness starts gets the two options
+        def __init__(self, lab, host, argv, *a, **kw):
+            tool = Path(str(argv[0])).name
+            if tool in prom:
+                argv = [*argv, "--metrics", str(prom[tool]), "--stats-json", str(sj[tool]),
+                        "--metrics-label", "replay=lab"]
+            super().__init__(lab, host, argv, *a, **kw)
+
+    monkeypatch.setattr(h, "Proc", MetricsProc)
+    monkeypatch.setenv("TC_METRICS_INTERVAL", "0.25")  # the tools inherit it (tool_env)
+    w = Watcher({t: read_file(p) for t, p in prom.items()}, every=0.1)
     try:
-        rep = h.replay(lab, PCAP, tmp_path / "run", session_args=[
-            "--metrics", str(prom), "--metrics-label", "replay=lab"])
+        rep = h.replay(lab, PCAP, tmp_path / "run")
     finally:
         w.stop()
-        os.environ.pop("TC_METRICS_INTERVAL", None)
     assert rep.rc("tc-session") == 0 and not rep.timed_out, rep.diagnostics()
     assert not w.errors, w.errors[:3]
-    assert len(w.seen["tc-session"]) >= 10
-    w.check_monotonic("tc-session")
-    stats = rep.stats
-    s = parse(prom.read_text())
-    assert check_equal_to_stats("tc-session", s, stats, {"replay": "lab"}) >= 30
+    finals = {}
+    for tool in STAGES:
+        assert len(w.seen[tool]) >= 5, f"{tool}: read {len(w.seen[tool])} times"
+        w.check_monotonic(tool)
+        s = finals[tool] = parse(prom[tool].read_text())
+        stats = json.loads(sj[tool].read_text())
+        assert check_equal_to_stats(tool, s, stats, {"replay": "lab"}) >= 3, tool
+        assert value(s, "tcpcopy_running") == 0 and value(s, "tcpcopy_exit_status") == 0, tool
+        seen = {n for snap, _ in w.seen[tool] for n, _ in snap}
+        assert {n for n, _ in s} - seen <= {"tcpcopy_exit_status"}, tool
+    stats = json.loads(sj["tc-session"].read_text())  # (ours: the last --stats-json wins)
+    s = finals["tc-session"]
     completed = value(s, "tcpcopy_sessions_total", outcome="completed")
     assert completed >= 1 and completed == stats["outcomes"]["completed"]
     assert value(s, "tcpcopy_feedback_lag_seconds_count") >= 1
     assert value(s, "tcpcopy_feedback_lag_seconds_bucket", le="+Inf") == stats[
         "feedback_lag"]["count"]
+    # the replayed packets went through every stage
+    assert value(finals["tc-readpcap"], "tcpcopy_packets_total") == 1392
+    assert value(finals["tc-emit"], "tcpcopy_packets_total") == stats["pkts_out"]
+    assert value(finals["tc-feedback"], "tcpcopy_packets_total") >= stats["fb_in"]
+    assert value(finals["tc-intercept"], "tcpcopy_packets_total") >= stats["fb_in"]
     # during the run: sessions were live and packets counted before the end
-    during = [value(snap, "tcpcopy_packets_total") for snap, _ in w.seen["tc-session"]
-              if any(n == "tcpcopy_packets_total" for n, _ in snap)]
-    assert any(0 < x < stats["pkts_out"] for x in during), during
-    assert any(value(snap, "tcpcopy_sessions_active") > 0 for snap, _ in w.seen["tc-session"]
-               if any(n == "tcpcopy_sessions_active" for n, _ in snap))
-    # every metric of the file at exit was there during the run (but the exit status)
-    seen = {n for snap, _ in w.seen["tc-session"] for n, _ in snap}
-    assert {n for n, _ in s} - seen <= {"tcpcopy_exit_status"}
+    snaps = [snap for snap, _ in w.seen["tc-session"]
+             if any(n == "tcpcopy_packets_total" for n, _ in snap)]
+    assert any(0 < value(x, "tcpcopy_packets_total") < stats["pkts_out"] for x in snaps)
+    assert any(value(x, "tcpcopy_sessions_active") > 0 for x in snaps)
 
 
 def test_grafana_dashboard_uses_our_metrics():
