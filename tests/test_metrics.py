@@ -432,6 +432,49 @@ def test_lab_replay_metrics_of_every_stage(lab, tmp_path, monkeypatch):
     assert any(value(x, "tcpcopy_sessions_active") > 0 for x in snaps)
 
 
+@pytest.mark.netns
+def test_lab_live_capture_metrics(lab, tmp_path, monkeypatch):
+    """tc-capture's metrics in a live mirror (client -> online, captured and replayed):
+    read during the run, only growing, equal to its --stats-json at exit."""
+    prom, sj = tmp_path / "capture.prom", tmp_path / "capture.json"
+
+    class MetricsProc(h.Proc):
+        def __init__(self, lab, host, argv, *a, **kw):
+            if Path(str(argv[0])).name == "tc-capture":
+                argv = [*argv, "--metrics", str(prom), "--stats-json", str(sj)]
+            super().__init__(lab, host, argv, *a, **kw)
+
+    monkeypatch.setattr(h, "Proc", MetricsProc)
+    monkeypatch.setenv("TC_METRICS_INTERVAL", "0.25")
+    onl, tgt = tmp_path / "online", tmp_path / "target"
+    h.start_recording_server(lab, "online", onl)
+    h.start_recording_server(lab, "target", tgt)
+    w = Watcher({"tc-capture": read_file(prom)}, every=0.1)
+    live = h.start_live(lab, tmp_path / "live")
+    try:
+        r = lab.run("client", [h.PY, str(h.SERVERS / "live_http_client.py"), "--server",
+                               f"{lab.online_cli_ip}:{h.PORT}", "--sessions", "30",
+                               "--requests", "3", "--parallel", "4"],
+                    capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        h.wait_settled(tgt, quiet=1.0, timeout=30)
+        time.sleep(0.5)  # a rendering with the last packets, before the end
+    finally:
+        live.stop()
+        w.stop()
+    assert live.rc("tc-capture") == 0, live.diagnostics()
+    assert not w.errors, w.errors[:3]
+    assert len(w.seen["tc-capture"]) >= 5
+    w.check_monotonic("tc-capture")
+    s = parse(prom.read_text())
+    stats = json.loads(sj.read_text())
+    assert check_equal_to_stats("tc-capture", s, stats) >= 10
+    assert value(s, "tcpcopy_packets_total", stage="capture") == stats["records"] > 30
+    during = [value(x, "tcpcopy_packets_total") for x, _ in w.seen["tc-capture"]
+              if any(n == "tcpcopy_packets_total" for n, _ in x)]
+    assert any(0 < x for x in during), during
+
+
 def test_grafana_dashboard_uses_our_metrics():
     """examples/grafana-dashboard.json: valid JSON, every metric it queries is one we write,
     every panel on the data source variable."""
