@@ -12,7 +12,8 @@ CPU time (user + system, from wait4) is compared:
   measured apart by pairs of short runs (--short seconds) and subtracted for the
   per-second cost;
 - the exporter's own cost, measured inside the tool: tcpcopy_metrics_render_seconds_total
-  (CPU time of its renderings in the main thread and of its file writes in the writer thread) over
+  (CPU time of its renderings in the main thread, its file writes in the writer thread
+  and its HTTP requests in the listener thread) over
   process_cpu_seconds_total, from the last rendering. Target: under 1 %.
 
     python3 bench/bench_metrics.py [--seconds 10] [--rate 10000] [--repeat 3]

@@ -121,8 +121,9 @@ FAMILIES = {
     "tcpcopy_kernel_received_total": ("counter", "Packets the kernel handed to the capture"),
     "tcpcopy_pace_max_lateness_seconds": ("gauge", "Largest lateness of a record released"),
     "tcpcopy_stat": ("gauge", "A --stats-json number with no metric of its own, by key"),
-    "tcpcopy_metrics_render_seconds_total": ("counter", "CPU time spent rendering and writing "
-                                                        "these metrics (to the last rendering)"),
+    "tcpcopy_metrics_render_seconds_total": ("counter", "CPU time spent rendering, writing "
+                                                        "and serving these metrics (to the "
+                                                        "last rendering)"),
 }
 
 # (dotted stats key, family, labels, scale); a key ending in ".*" takes every key under it,
@@ -395,6 +396,7 @@ class Listener:
         self.address = self.sock.getsockname()
         self.get = get
         self.served = 0
+        self.serve_cpu = 0.0  # CPU seconds of this thread's requests
         self._stop = False
         self.thread = threading.Thread(target=self._loop, name="tc-metrics-http", daemon=True)
 
@@ -408,23 +410,22 @@ class Listener:
         # process-directed signals (SIGALRM, SIGINT, ...) must reach the main thread, whose
         # blocking calls they interrupt
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        self.sock.settimeout(0.5)
         while not self._stop:
             try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
+                conn, _ = self.sock.accept()  # close() wakes it (shutdown)
             except OSError:
                 if self._stop:
                     return
                 time.sleep(0.1)  # e.g. EMFILE: do not spin
                 continue
+            t0 = time.thread_time()
             try:
                 self._serve(conn)
             except Exception:  # noqa: BLE001 - a bad client never ends the listener
                 pass
             finally:
                 conn.close()
+                self.serve_cpu += time.thread_time() - t0
 
     def _serve(self, conn) -> None:
         import socket
@@ -524,7 +525,9 @@ class Exporter:
 
     @property
     def render_s(self) -> float:
-        return self.render_cpu + self.write_cpu
+        """CPU seconds of the metrics in all threads: renderings, file writes, requests."""
+        serve = self.listener.serve_cpu if self.listener is not None else 0.0
+        return self.render_cpu + self.write_cpu + serve
 
     def start(self) -> None:
         """The first rendering, written here (a FILE that cannot be written fails now), then
