@@ -510,6 +510,7 @@ class Exporter:
         self.warn = warn or (lambda msg: None)
         self.text = b""
         self.rendered_at = 0.0  # time.monotonic() of the last rendering
+        self.written_at = 0.0   # ... and of the last one handed to the file
         self.renders = 0
         self.render_cpu = 0.0   # CPU seconds of the renderings (main thread)
         self.write_cpu = 0.0    # CPU seconds of the file writes (writer thread)
@@ -565,7 +566,10 @@ class Exporter:
         self.renders += 1
         self._fresh.set()
         self.render_cpu += time.thread_time() - t0
-        if self.path:
+        # the file on its own schedule (a scrape's rendering only goes to the listener)
+        if self.path and (self._writer is None or final
+                          or self.rendered_at - self.written_at >= INTERVAL - 0.05):
+            self.written_at = self.rendered_at
             if self._writer is not None:
                 with self._cond:
                     self._to_write = text
@@ -598,7 +602,9 @@ class Exporter:
             self._write(text)
 
     def due(self) -> bool:
-        return self.wanted or time.monotonic() - self.rendered_at >= INTERVAL - 0.05
+        """A scrape asked, or INTERVAL since the last rendering for the file (or at all)."""
+        last = self.written_at if self.path else self.rendered_at
+        return self.wanted or time.monotonic() - last >= INTERVAL - 0.05
 
     def _get(self) -> bytes:
         """The listener thread's view: the last rendering, refreshed if older than FRESH."""
