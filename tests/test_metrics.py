@@ -333,6 +333,11 @@ def test_listener_refuses_other_requests_and_survives_garbage(tmp_path):
         assert http(port, b"POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n")[0] == 405
         assert http(port, b"\x16\x03\x01\x02\x00garbage\r\n\r\n")[0] == 400
         assert http(port, b"GET /metrics?x=1 HTTP/1.1\r\n\r\n")[0] == 200
+        assert http(port, b"HEAD /metrics HTTP/1.0\r\n\r\n") == (200, b"")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            head = c.recv(4096).split(b"\r\n\r\n")[0]
+        assert b"Content-Type: text/plain; version=0.0.4" in head
         code, body = http(port, b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 10000 + b"\r\n\r\n")
         assert code == 400  # a head over 4 KiB
         # a client that connects and sends nothing, or half a line, is dropped after 2 s
