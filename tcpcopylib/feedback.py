@@ -521,6 +521,7 @@ class FeedbackClient:
         self.refused = 0  # claim entries the server refused (owned by another client)
         self.reconnects = 0
         self._refused_said = 0.0
+        self.last_ts = 0  # "ts" of the newest fb record received (tc-session's feedback lag)
 
     def connect(self, timeout: float = 5.0) -> None:
         fam, sa = parse_address(self.address)
@@ -637,6 +638,8 @@ class FeedbackClient:
             for item, _raw in items:
                 t = item.get("t")
                 if t == T_FB:
+                    if type(item.get("ts")) is int:
+                        self.last_ts = item["ts"]
                     if replies is None:
                         self._pending.append(item)
                     elif isinstance(item.get("data"), (bytes, bytearray)):
@@ -685,6 +688,7 @@ class FeedbackClient:
         buf = dec.buf + data if dec.buf else data
         dec.buf = b""
         pos, n, startswith, append = 0, len(buf), buf.startswith, replies.append
+        last = -1  # where the last record taken starts (its ts: the feedback lag)
         while n > pos + 24 and startswith(_FB8_MID, pos + 18) and startswith(_FB8, pos):
             d1 = pos + 25 + buf[pos + 24]
             if n <= d1 + 4 or not startswith(_FB_LEN, d1):
@@ -702,7 +706,10 @@ class FeedbackClient:
                 append((buf[pos + 25:d1], buf[d1 + 5]))
             else:
                 break
+            last = pos
             pos = end
+        if last >= 0:
+            self.last_ts = int.from_bytes(buf[last + 10:last + 18], "big")
         dec.consumed += pos
         rest = buf[pos:] if pos else buf
         if rest and _fb_prefix(rest):

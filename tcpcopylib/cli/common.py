@@ -65,6 +65,10 @@ class Tool:
         self.stderr = stderr if stderr is not None else sys.stderr
         self.started = time.monotonic()
         self.args = None
+        self.metrics = None  # a tcpcopylib.metrics.Exporter with --metrics/--metrics-listen
+        self._exit_stats = None
+        self._progress = False
+        self._next_progress = 0.0
 
     # -- to override -------------------------------------------------------------
     def add_arguments(self, parser) -> None:
@@ -99,6 +103,16 @@ class Tool:
         p.add_argument("--progress", action="store_true",
                        help=f"print a status line on stderr every {PROGRESS_INTERVAL:g} s "
                             "(default when stderr is a terminal)")
+        p.add_argument("--metrics", metavar="FILE",
+                       help="write Prometheus metrics to FILE every few seconds and at exit "
+                            "(atomically, for node_exporter's textfile collector); see "
+                            "tcpcopy(7), METRICS")
+        p.add_argument("--metrics-listen", metavar="ADDR",
+                       help="serve Prometheus metrics at http://ADDR/metrics "
+                            "(HOST:PORT, [V6]:PORT or :PORT), e.g. 127.0.0.1:9464")
+        p.add_argument("--metrics-label", metavar="KEY=VALUE", action="append", default=[],
+                       help="add this label to every metric (to tell instances apart); "
+                            "repeatable")
         self.add_arguments(p)
         return p
 
@@ -135,6 +149,54 @@ class Tool:
         if line:
             self.warn(line)
 
+    def _on_alarm(self, *_):
+        """The SIGALRM timer: --progress lines and metrics renderings, each when due."""
+        if self._progress and time.monotonic() >= self._next_progress - 0.05:
+            self._next_progress = time.monotonic() + PROGRESS_INTERVAL
+            self._print_stats()
+        m = self.metrics
+        if m is not None and m.due():
+            m.render()
+
+    def _open_metrics(self, args):
+        """--metrics, --metrics-listen, --metrics-label: an Exporter, not yet started."""
+        if not (args.metrics or args.metrics_listen):
+            return None
+        from tcpcopylib.errors import UnavailableError, UsageError
+        from tcpcopylib.metrics import Exporter, check_label
+
+        labels = {}
+        for text in args.metrics_label:
+            try:
+                k, v = check_label(text)
+            except ValueError as e:
+                raise UsageError(f"--metrics-label: {e}") from None
+            labels[k] = v
+        try:
+            return Exporter(self.name, self.stats_dict, path=args.metrics,
+                            listen=args.metrics_listen, labels=labels, warn=self.warn,
+                            start_time=time.time() - self.elapsed())
+        except ValueError as e:
+            raise UsageError(f"--metrics-listen: {e}") from None
+        except OSError as e:
+            raise UnavailableError(f"--metrics-listen {args.metrics_listen}: "
+                                   f"{e.strerror or e}") from None
+
+    def _stats_at_exit(self) -> dict:
+        """stats_dict() once at exit: --stats-json and the last metrics show the same."""
+        if self._exit_stats is None:
+            self._exit_stats = self.stats_dict()
+        return self._exit_stats
+
+    def _end_metrics(self, status: int) -> None:
+        m, self.metrics = self.metrics, None
+        if m is not None:
+            m.close()
+            try:
+                m.render(final=True, exit_status=status, stats=self._stats_at_exit())
+            except Exception as e:  # noqa: BLE001 - at exit, a warning at most
+                self.warn(f"warning: metrics at exit: {e}")
+
     def main(self, argv=None) -> int:
         parser = self.build_parser()
         args = parser.parse_args(argv)
@@ -144,17 +206,31 @@ class Tool:
             self.warn("error: refusing to write a binary record stream to a terminal; "
                       "pipe it into tc-dump or another tc-* tool")
             return EX_USAGE
+        try:
+            self.metrics = self._open_metrics(args)
+        except TcError as e:
+            self.warn(f"error: {e}")
+            return e.exit_code
         signal.signal(signal.SIGTERM, _raise_interrupted)
         signal.signal(signal.SIGINT, _raise_interrupted)
         signal.signal(signal.SIGUSR1, self._print_stats)  # dd's convention: report, go on
-        if args.progress or (hasattr(self.stderr, "isatty") and self.stderr.isatty()):
-            # A timer signal, so no tool loop needs to know about progress: blocking reads
-            # and sleeps resume after the handler (PEP 475).
-            signal.signal(signal.SIGALRM, self._print_stats)
-            signal.setitimer(signal.ITIMER_REAL, PROGRESS_INTERVAL, PROGRESS_INTERVAL)
+        self._progress = args.progress or (hasattr(self.stderr, "isatty")
+                                           and self.stderr.isatty())
+        if self._progress or self.metrics is not None:
+            # A timer signal, so no tool loop needs to know about progress or metrics:
+            # blocking reads and sleeps resume after the handler (PEP 475).
+            from tcpcopylib.metrics import INTERVAL
+
+            period = min(([PROGRESS_INTERVAL] if self._progress else [])
+                         + ([INTERVAL] if self.metrics is not None else []))
+            self._next_progress = time.monotonic() + PROGRESS_INTERVAL
+            signal.signal(signal.SIGALRM, self._on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, period, period)
         status = EX_FAIL
         try:
             try:
+                if self.metrics is not None:
+                    self.metrics.start()
                 status = self.run(args) or EX_OK
             finally:
                 # Ignore a second signal while we wrap up.
@@ -184,6 +260,7 @@ class Tool:
             self._print_stats()
         if args.stats_json:
             self._write_stats_json(args.stats_json, status)
+        self._end_metrics(status)
         return status
 
     def _write_stats_json(self, path: str, status: int) -> None:
@@ -192,7 +269,7 @@ class Tool:
         d = {"tool": self.name, "version": __version__, "exit_status": status,
              "elapsed_s": round(self.elapsed(), 6)}
         try:
-            d.update(self.stats_dict())
+            d.update(self._stats_at_exit())
             with open(path, "w") as f:
                 json.dump(d, f, indent=1, sort_keys=True)
                 f.write("\n")
@@ -201,6 +278,7 @@ class Tool:
 
     def _die_of_sigpipe(self) -> int:
         """Downstream closed the pipe: exit quietly with 141, as C filters do."""
+        self._end_metrics(141)
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self.stdout_fd)

@@ -71,6 +71,9 @@ class Tool(BaseTool):
         detail = ", ".join(f"{v} {k}" for k, v in sorted(self.counts.items()))
         return f"{n} records ({detail}), {self.elapsed():.2f} s"
 
+    def stats_dict(self) -> dict:
+        return {"records": dict(self.counts), "summary": self.stats_line()}
+
     def _refuse_tty(self, what: str) -> bool:
         if os.isatty(self.stdout_fd):
             self.warn(f"error: refusing to write {what} to a terminal; redirect it to a file "

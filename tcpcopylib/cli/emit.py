@@ -40,6 +40,14 @@ class Tool(BaseTool):
         return (f"{self.emitter.summary()}, ignored records {self.ignored}, {t:.2f} s, "
                 f"{rate:,.0f} pkt/s")
 
+    def stats_dict(self) -> dict:
+        em = self.emitter
+        if em is None:
+            return super().stats_dict()
+        return {"sent": em.sent, "failed": em.failed, "errors": dict(em.errors),
+                "fixed": em.fixed, "skips": dict(em.skips), "ignored": self.ignored,
+                "summary": self.stats_line()}
+
     def _new_error(self, name, exc):
         self.warn(f"warning: send failed: {name} ({exc.strerror or exc}); "
                   f"counting further {name} failures silently")

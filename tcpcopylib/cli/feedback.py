@@ -89,8 +89,11 @@ class Tool(_Tool):
     def stats_line(self):
         return self.server.stats_line() if self.server else None
 
-    def stats_dict(self):
-        return self.server.stats_dict() if self.server else super().stats_dict()
+    def stats_dict(self) -> dict:
+        srv = self.server
+        if srv is None:
+            return super().stats_dict()
+        return {**srv.stats_dict(), "summary": self.stats_line()}
 
 
 def main(argv=None):

@@ -75,6 +75,15 @@ class Tool(_Tool):
                 f"skipped (not TCP); kernel: {recv} received, {drop} dropped, "
                 f"{ifdrop} dropped by interface")
 
+    def stats_dict(self) -> dict:
+        i = self.icpt
+        if i is None:
+            return super().stats_dict()
+        recv, drop, ifdrop = i.kernel_stats()
+        return {"captured": i.captured, "written": i.written, "skipped": i.skipped,
+                "kernel_received": recv, "kernel_drops": drop, "if_drops": ifdrop,
+                "summary": self.stats_line()}
+
 
 def main(argv=None):
     return Tool().main(argv)

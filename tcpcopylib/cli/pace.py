@@ -156,6 +156,11 @@ class Tool(BaseTool):
         return (f"records in {self.records_in} out {self.records_out}, "
                 f"max lateness {late:.3f} ms, elapsed {self.elapsed():.3f} s")
 
+    def stats_dict(self) -> dict:
+        p = self.pacer
+        return {"records_in": self.records_in, "records_out": self.records_out,
+                "max_late_ns": 0 if p is None else p.max_late_ns, "summary": self.stats_line()}
+
 
 def main(argv=None):
     return Tool().main(argv)

@@ -119,6 +119,9 @@ class Tool(BaseTool):
         batch_bytes = 0
         cur_lt = span = bpf = None
         read = emitted = non_ip = filtered = nbytes = 0
+        # the counters before this file: self.* = base + locals at each buffer flush (for
+        # --progress and --metrics, once per buffer, not per packet) and at the end
+        base = (self.read, self.emitted, self.non_ip, self.filtered, self.bytes)
         limit = -1 if limit is None else limit
         try:
             for lt, ts, frame, orig in frames:
@@ -160,17 +163,26 @@ class Tool(BaseTool):
                     buf += encode_pkt(ts, data, ip_orig)
                 if len(buf) >= bufsize:
                     flush()
+                    self._sync(base, read, emitted, non_ip, filtered, nbytes)
                 nbytes += end - start
                 emitted += 1
                 if emitted == limit:
                     return
         finally:
             writer.records += emitted
-            self.read += read
-            self.emitted += emitted
-            self.non_ip += non_ip
-            self.filtered += filtered
-            self.bytes += nbytes
+            self._sync(base, read, emitted, non_ip, filtered, nbytes)
+
+    def _sync(self, base, read, emitted, non_ip, filtered, nbytes) -> None:
+        """The totals: counters before this file plus this file's so far (each only grows)."""
+        self.read = base[0] + read
+        self.emitted = base[1] + emitted
+        self.non_ip = base[2] + non_ip
+        self.filtered = base[3] + filtered
+        self.bytes = base[4] + nbytes
+
+    def stats_dict(self) -> dict:
+        return {"read": self.read, "emitted": self.emitted, "non_ip": self.non_ip,
+                "filtered": self.filtered, "bytes": self.bytes, "summary": self.stats_line()}
 
 
 def main(argv=None):

@@ -71,6 +71,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         super().__init__(*a, **kw)
         self.engine = None
         self._rbuf = memoryview(bytearray(CHUNK))
+        self.fb_lag = None  # with feedback: a metrics.Histogram of the feedback lag
 
     def add_arguments(self, p):
         g = p.add_argument_group("mapping")
@@ -245,8 +246,13 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         if not args.no_feedback:
             from tcpcopylib.feedback import FeedbackClient, load_key
 
+            from tcpcopylib.metrics import Histogram
+
             fb = FeedbackClient(args.feedback, name=self.name,
                                 key=load_key(args.key, warn=self.warn), warn=self.warn)
+            # one observation per read of the socket: the age of the newest reply in it
+            self.fb_lag = Histogram()
+            lag_observe = self.fb_lag.observe
         # a lost feedback connection: when, the next try, the wait before the one after
         fbst = {"down": None, "next": 0.0, "backoff": 0.05}
         # The writer never flushes by itself: flush_out() sends pending claims first (the
@@ -429,6 +435,9 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                             continue
                         for data, n in replies:
                             engine.feedback_packet(data, now, n)
+                        if replies and fb.last_ts:
+                            lag = now - fb.last_ts
+                            lag_observe(lag * 1e-9 if lag > 0 else 0.0)
                     else:
                         try:
                             os.read(rpipe, 64)
@@ -502,9 +511,12 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         if e is None:
             return super().stats_dict()
         fb = e.claims
-        return {"active": e.active(), **e.st.as_dict(), "early_reuses": e.alloc.early_reuses,
-                "feedback_reconnects": fb.reconnects if fb is not None else 0,
-                "feedback_claims_refused": fb.refused if fb is not None else 0}
+        d = {"active": e.active(), **e.st.as_dict(), "early_reuses": e.alloc.early_reuses,
+             "feedback_reconnects": fb.reconnects if fb is not None else 0,
+             "feedback_claims_refused": fb.refused if fb is not None else 0}
+        if self.fb_lag is not None:
+            d["feedback_lag"] = self.fb_lag.as_dict()
+        return d
 
 
 def main(argv=None):
