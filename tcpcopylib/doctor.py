@@ -25,11 +25,6 @@ ROLES = ("online", "target", "assistant")
 #: exit status of tc-doctor for the worst verdict
 EXIT = {OK: 0, SKIP: 0, WARN: 1, FAIL: 2}
 
-#: Hook for an authenticated feedback channel: a callable (client, server_header) ->
-#: (verdict, text). None: a server that asks for authentication gets a warning.
-FEEDBACK_AUTH = None
-
-
 @dataclasses.dataclass
 class CmdResult:
     argv: list
@@ -97,7 +92,7 @@ class Context:
 
     def __init__(self, role: str, target: str | None = None, assistant: str | None = None,
                  feedback: str | None = None, client_net: str | None = None,
-                 iface: str | None = None, runner=run_command):
+                 iface: str | None = None, runner=run_command, key: bytes | None = None):
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
         self.role = role
@@ -107,6 +102,7 @@ class Context:
         self.client_ip = sample_client(self.client_net) if self.client_net else None
         self.feedback = feedback
         self.iface = iface
+        self.key = key  # tc-feedback's shared key (feedback.load_key), as tc-session has it
         self.runner = runner
         self.euid = os.geteuid()
 
@@ -131,15 +127,24 @@ class Context:
         """An ICMP echo of `size` bytes (IP datagram) with DF set; None if it cannot be sent."""
         return icmp_echo(dst, size, timeout)
 
-    def feedback_header(self, address: str, timeout: float = 2.0):
-        """Connect to tc-feedback; its stream header (UnavailableError etc. if not)."""
+    def feedback_client(self, address: str, timeout: float = 2.0):
+        """A FeedbackClient connected to tc-feedback and, where it asks, authenticated with
+        the key (UnavailableError, NoPermissionError if not)."""
         from tcpcopylib.feedback import FeedbackClient
 
-        c = FeedbackClient(address, name="tc-doctor")
+        c = FeedbackClient(address, name="tc-doctor", key=self.key)
         try:
             c.connect(timeout)
-            auth = FEEDBACK_AUTH(c, c.server_header) if FEEDBACK_AUTH else None
-            return c.server_header, auth
+        except BaseException:
+            c.close()
+            raise
+        return c
+
+    def feedback_header(self, address: str, timeout: float = 2.0) -> dict:
+        """tc-feedback's stream header, after the authentication it asks for."""
+        c = self.feedback_client(address, timeout)
+        try:
+            return c.server_header
         finally:
             c.close()
 
@@ -629,13 +634,21 @@ def check_mtu(ctx: Context) -> Check:
 
 
 def check_feedback(ctx: Context) -> Check:
-    """The feedback channel answers with a tc-feedback stream header."""
+    """The feedback channel answers with a tc-feedback stream header and, beyond loopback
+    and Unix sockets, proves the shared key (an open channel lets anyone claim sessions)."""
+    from tcpcopylib.errors import NoPermissionError
+    from tcpcopylib.feedback import ENV_KEY_FILE, on_loopback, parse_address
+
     name = "feedback"
     addr = ctx.feedback or os.environ.get("TC_FEEDBACK")
     if not addr:
         return Check(name, SKIP, "not checked: give --feedback ADDR (as tc-session gets it)")
     try:
-        hdr, auth = ctx.feedback_header(addr)
+        hdr = ctx.feedback_header(addr)
+    except NoPermissionError as e:
+        return Check(name, FAIL, f"{addr}: {e}",
+                     advice=f"give tc-doctor the key tc-session uses (--key FILE or "
+                            f"${ENV_KEY_FILE}), the same file as tc-feedback --key")
     except Exception as e:  # noqa: BLE001 - any failure to connect is the finding
         where = "on the assistant" if ctx.role == "online" else "here"
         return Check(name, FAIL, f"{addr}: {e}",
@@ -643,12 +656,16 @@ def check_feedback(ctx: Context) -> Check:
                             f"tc-feedback --listen tcp::36524 {where}; open the port in "
                             "any firewall between")
     desc = f"{hdr.get('tool', '?')} {hdr.get('tool_version', '?')}, format v{hdr.get('v')}"
-    if auth is not None:
-        return Check(name, auth[0], f"{addr}: {desc}; {auth[1]}")
     if hdr.get("auth"):
-        return Check(name, WARN, f"{addr}: {desc}; it asks for authentication "
-                     f"({hdr.get('auth')!r}), which this tc-doctor cannot check")
-    return Check(name, OK, f"{addr} answers: {desc}")
+        return Check(name, OK, f"{addr} answers: {desc}; key proved both ways "
+                     f"({hdr['auth']})")
+    if not on_loopback(*parse_address(addr)):
+        return Check(name, WARN, f"{addr} answers: {desc}; without a key: anyone who can "
+                     "reach it can take replayed connections and read the target's replies",
+                     advice="make a key (head -c 32 /dev/urandom | base64 > KEY; chmod 600 "
+                            "KEY) and start tc-feedback, tc-session and tc-doctor with "
+                            "--key KEY")
+    return Check(name, OK, f"{addr} answers: {desc} (loopback or Unix socket: no key needed)")
 
 
 def check_assistant_addr(ctx: Context) -> Check:
@@ -808,10 +825,7 @@ def syn_probe(ctx: Context, timeout: float = 2.0) -> dict:
     fb = None
     addr = ctx.feedback or os.environ.get("TC_FEEDBACK")
     if addr:
-        from tcpcopylib.feedback import FeedbackClient
-
-        fb = FeedbackClient(addr, name="tc-doctor")
-        fb.connect(2.0)
+        fb = ctx.feedback_client(addr)
         fb.claim(cip, sport, tip, ctx.target_port)
         fb.flush()
         res["feedback"] = False

@@ -100,6 +100,17 @@ def parse_address(text: str, listen: bool = False):
                      "(use unix:/path, tcp:HOST:PORT, tcp:[v6]:PORT or tcp::PORT)")
 
 
+def on_loopback(fam, sa) -> bool:
+    """Is the (family, sockaddr) of parse_address a Unix socket or a loopback address (no
+    one on the network can reach it, so no key is needed)?"""
+    if fam == socket.AF_UNIX:
+        return True
+    try:
+        return ipaddress.ip_address(sa[0].partition("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def default_address() -> str:
     return os.environ.get(ENV_ADDRESS) or DEFAULT_ADDRESS
 
@@ -952,17 +963,10 @@ class FeedbackServer:
         self.lsock = s
         if fam == socket.AF_UNIX:
             self.unix_path = sa
-        elif self.key is None and not self._loopback_only(fam, sa):
+        elif self.key is None and not on_loopback(fam, sa):
             self.warn(f"listening on {self.listen_address} without a key: anyone who can "
                       f"reach it may claim sessions and read the target's replies (give "
                       f"--key FILE, or listen on a loopback or unix: address)")
-
-    @staticmethod
-    def _loopback_only(fam, sa) -> bool:
-        try:
-            return ipaddress.ip_address(sa[0].partition("%")[0]).is_loopback
-        except ValueError:
-            return False
 
     def close(self) -> None:
         for c in list(self.clients.values()):

@@ -387,31 +387,80 @@ HDR = {"t": "header", "v": 1, "tool": "tc-feedback", "tool_version": "0.1.0"}
 
 
 def test_feedback_ok_fail_and_auth(monkeypatch):
+    from tcpcopylib.errors import NoPermissionError, UnavailableError
+
     monkeypatch.delenv("TC_FEEDBACK", raising=False)
     c = ctx("online", {}, feedback="tcp:10.0.0.7:36524")
-    c.feedback_header = lambda addr, timeout=2.0: (HDR, None)
+    c.feedback_header = lambda addr, timeout=2.0: dict(HDR, auth="hmac-sha256")
     r = doctor.check_feedback(c)
     assert r.verdict == OK and "tc-feedback 0.1.0" in r.seen and "v1" in r.seen
+    assert "key proved" in r.seen
+    # beyond loopback without a key: it works, but anyone may claim sessions
+    c.feedback_header = lambda addr, timeout=2.0: HDR
+    r = doctor.check_feedback(c)
+    assert r.verdict == WARN and "without a key" in r.seen and "--key" in r.advice
 
     def refuse(addr, timeout=2.0):
-        from tcpcopylib.errors import UnavailableError
         raise UnavailableError(f"cannot connect to tc-feedback at {addr}: Connection refused")
     c.feedback_header = refuse
     r = doctor.check_feedback(c)
     assert r.verdict == FAIL and "refused" in r.seen and "tc-feedback --listen" in r.advice
 
-    c.feedback_header = lambda addr, timeout=2.0: (dict(HDR, auth="hmac-sha256"), None)
-    assert doctor.check_feedback(c).verdict == WARN
-    # the hook for an authenticated channel: its verdict is the check's
-    c.feedback_header = lambda addr, timeout=2.0: (HDR, (OK, "authenticated with key k1"))
+    def wrong_key(addr, timeout=2.0):
+        raise NoPermissionError(f"tc-feedback at {addr} does not hold this key")
+    c.feedback_header = wrong_key
     r = doctor.check_feedback(c)
-    assert r.verdict == OK and "k1" in r.seen
+    assert r.verdict == FAIL and "key" in r.seen and "--key FILE" in r.advice
     assert doctor.check_feedback(ctx("online", {})).verdict == SKIP
-    monkeypatch.setenv("TC_FEEDBACK", "tcp:10.0.0.7:1")
+    # loopback and Unix sockets need no key
+    monkeypatch.setenv("TC_FEEDBACK", "tcp:127.0.0.1:1")
     c = ctx("online", {})
     seen = []
-    c.feedback_header = lambda addr, timeout=2.0: seen.append(addr) or (HDR, None)
-    assert doctor.check_feedback(c).verdict == OK and seen == ["tcp:10.0.0.7:1"]
+    c.feedback_header = lambda addr, timeout=2.0: seen.append(addr) or HDR
+    assert doctor.check_feedback(c).verdict == OK and seen == ["tcp:127.0.0.1:1"]
+    c = ctx("online", {}, feedback="unix:/run/fb.sock")
+    c.feedback_header = lambda addr, timeout=2.0: HDR
+    assert doctor.check_feedback(c).verdict == OK
+
+
+def test_feedback_check_against_a_keyed_tc_feedback(tmp_path):
+    """A real tc-feedback --key on a Unix socket: tc-doctor with the key is ok, with another
+    key or none it fails (the key is checked, not only the header read)."""
+    import os
+    import subprocess
+    import time
+
+    import tc
+
+    key, other = tmp_path / "key", tmp_path / "other"
+    key.write_text("k" * 32 + "\n")
+    other.write_text("o" * 32 + "\n")
+    os.chmod(key, 0o600)
+    os.chmod(other, 0o600)
+    sock = tmp_path / "fb.sock"
+    srv = subprocess.Popen([str(tc.BIN / "tc-feedback"), "--listen", f"unix:{sock}",
+                            "--key", str(key)], stdin=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, env=tc.env())
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.025)
+
+        def check(*extra):
+            r = tc.run(["tc-doctor", "--role", "assistant", "--json", "--feedback",
+                        f"unix:{sock}", *extra], timeout=30)
+            import json
+            rep = json.loads(r.stdout)
+            return {c["check"]: c for c in rep["checks"]}["feedback"]
+        good = check("--key", key)
+        assert good["verdict"] == "ok" and "key proved" in good["seen"], good
+        assert check("--key", other)["verdict"] == "fail"
+        assert check()["verdict"] == "fail"
+    finally:
+        srv.stdin.close()
+        srv.terminate()
+        srv.wait(10)
 
 
 # -- probe ----------------------------------------------------------------------------

@@ -48,7 +48,19 @@ def failing(report) -> dict:
 
 
 @pytest.fixture
-def setup(lab):
+def keyed(tmp_path, monkeypatch):
+    """A shared feedback key in $TC_FEEDBACK_KEY_FILE, as an operator would set it on every
+    host: tc-feedback, tc-session and tc-doctor read it from there (the lab's feedback runs
+    over TCP beyond loopback, where tc-doctor warns about a channel without a key)."""
+    key = tmp_path / "feedback.key"
+    key.write_text("lab-" + "k" * 40 + "\n")
+    key.chmod(0o600)
+    monkeypatch.setenv("TC_FEEDBACK_KEY_FILE", str(key))
+    return key
+
+
+@pytest.fixture
+def setup(lab, keyed):
     """The lab with a server on the target and tc-intercept | tc-feedback on the assistant."""
     lab.start_server("target", port=PORT)
     procs, fb = h.start_feedback_tcp(lab, PORT)
@@ -68,6 +80,8 @@ def test_correct_lab_is_all_ok_in_under_5_s(setup):
         reports[role] = rep
         assert rc == 0 and rep["verdict"] == "ok", rep
         assert set(verdicts(rep).values()) == {"ok"}, rep   # nothing skipped either
+        if role != "target":
+            assert "key proved" in {c["check"]: c for c in rep["checks"]}["feedback"]["seen"]
     assert set(verdicts(reports["online"])) >= {"offloads", "firewall", "mtu", "feedback",
                                                 "probe"}
     assert set(verdicts(reports["target"])) >= {"route to clients", "rp_filter", "firewall",
@@ -155,7 +169,7 @@ def test_probe_sees_a_bad_route_end_to_end(setup, case, where):
     assert where in failing(rep)["probe"]["seen"]
 
 
-def test_probe_reports_a_reset(lab):
+def test_probe_reports_a_reset(lab, keyed):
     """Nothing listens on the target port: the probe's SYN is answered with RST, which
     reaches the assistant; the probe says so (and the target's own run warns)."""
     procs, fb = h.start_feedback_tcp(lab, PORT)

@@ -36,6 +36,9 @@ class Tool(_Tool):
         p.add_argument("--feedback", metavar="ADDR",
                        help="tc-feedback's address, as tc-session --feedback gets it "
                             "(default: $TC_FEEDBACK)")
+        p.add_argument("--key", metavar="FILE",
+                       help="tc-feedback's shared key, as tc-session gets it (default: "
+                            "$TC_FEEDBACK_KEY_FILE, or the key in $TC_FEEDBACK_KEY)")
         p.add_argument("--client-net", metavar="CIDR",
                        help="the replayed client addresses (the network the target routes "
                             "to the assistant)")
@@ -56,13 +59,14 @@ class Tool(_Tool):
     def run(self, args):
         from tcpcopylib import doctor
         from tcpcopylib.errors import UsageError
+        from tcpcopylib.feedback import load_key
 
         if args.yes and not args.fix:
             raise UsageError("--yes goes with --fix")
         try:
             ctx = doctor.Context(args.role, target=args.target, assistant=args.assistant,
                                  feedback=args.feedback, client_net=args.client_net,
-                                 iface=args.iface,
+                                 iface=args.iface, key=load_key(args.key, warn=self.warn),
                                  runner=self.runner or doctor.run_command)
         except ValueError as e:
             raise UsageError(str(e)) from None
