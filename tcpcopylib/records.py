@@ -78,16 +78,17 @@ def _check_header(item, offset: int, any_version: bool = False) -> dict:
     if type(item) is not dict or item.get("t") != T_HEADER:
         raise StreamError(f"byte {offset}: label not followed by a header record")
     v = item.get("v")
-    if not isinstance(v, int):
+    if type(v) is not int:  # (not True: a bool is no version)
         raise StreamError(f"byte {offset}: header has no integer format version")
     if any_version:
         return item
     if v > FORMAT_VERSION:
         raise StreamError(
-            f"stream format version {v} is newer than this tcpcopylib understands "
-            f"({FORMAT_VERSION}); upgrade tcpcopylib")
+            f"stream format version {v if v < 1 << 64 else '(huge)'} is newer than this "
+            f"tcpcopylib understands ({FORMAT_VERSION}); upgrade tcpcopylib")
     if v < 1:
-        raise StreamError(f"byte {offset}: invalid format version {v}")
+        raise StreamError(f"byte {offset}: invalid format version "
+                          f"{v if v > -1 << 64 else '(huge)'}")
     return item
 
 
@@ -581,6 +582,10 @@ class StreamDecoder:
                             break
                         records += 1
                         if mode == AS_SPANS:
+                            if sum(batch_structs(n)[1].unpack_from(buf, b[2])) != b[4] - b[3]:
+                                err = StreamError(f"{self.name}: malformed pkts record at "
+                                                  f"byte {base + pos} (lengths do not add up)")
+                                break
                             append((T_PKTS, _U64(buf, ts_at)[0], ts_at, n, None, stop, None))
                         else:
                             cols = _batch_columns(buf, b)
@@ -753,6 +758,9 @@ class StreamDecoder:
                 f"({pending} trailing bytes)")
         if self._expect_header:
             return StreamError(f"{self.name}: label without a header at end of stream")
+        if self.header is None:  # (every writer writes its label and header at once)
+            return StreamError(f"{self.name}: empty input, not a record stream (no TCPR "
+                               f"label)")
         return None
 
 

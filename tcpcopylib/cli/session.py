@@ -14,7 +14,7 @@ import struct
 import time
 
 from tcpcopylib.cli.common import Tool as BaseTool
-from tcpcopylib.cli.common import number_arg
+from tcpcopylib.cli.common import MAX_SPEED, MIN_SPEED, number_arg
 from tcpcopylib.errors import UsageError
 
 SEC = 1_000_000_000
@@ -139,9 +139,9 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                             "before resetting unfinished sessions (default 5)")
         b.add_argument("--asap", action="store_true",
                        help="send records when read, not at their recorded pace")
-        b.add_argument("-a", "--speed", type=number_arg(float, 0, False), default=1.0,
-                       metavar="F", help="replay the recording F times faster (TCPCopy's "
-                       "-a; F < 1: slower); default 1")
+        b.add_argument("-a", "--speed", type=number_arg(float, MIN_SPEED, True, MAX_SPEED),
+                       default=1.0, metavar="F", help="replay the recording F times faster "
+                       f"(TCPCopy's -a; F < 1: slower; {MIN_SPEED:g}..{MAX_SPEED:g}); default 1")
         o = p.add_argument_group("output")
         o.add_argument("-B", "--batch", type=number_arg(int, 1, True), default=1, metavar="N",
                        help="up to N packets per record (\"pkts\" with a sid column, the "
@@ -171,9 +171,9 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             raise UsageError("--any-port goes with --target")
         if not 0 < args.sample <= 100:
             raise UsageError("-r/--sample takes a percentage in 1..100")
-        if args.ramp is not None and not args.ramp > 0:
+        if args.ramp is not None and not 0 < args.ramp <= 1e9:
             raise UsageError("-g/--ramp takes a positive number of seconds")
-        if args.max_memory is not None and not args.max_memory > 0:
+        if args.max_memory is not None and not 0 < args.max_memory <= 1e9:
             raise UsageError("-m/--max-memory takes a positive number of MB")
         if not args.copies >= 1:
             raise UsageError("-n/--copies takes a number of copies >= 1")
@@ -182,10 +182,11 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         for name in ("gate_timeout", "timeout", "keepalive", "connect_timeout", "gap_timeout",
                      "stats_every"):
             v = getattr(args, name)
-            if v is not None and not v > 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive")
-        if args.quiet < 0 or args.drain < 0 or args.max_reconnects < 0:
-            raise UsageError("--quiet, --drain and --max-reconnects cannot be negative")
+            if v is not None and not 0 < v <= 1e9:  # (not NaN, and a finite number of ns)
+                raise UsageError(f"--{name.replace('_', '-')} must be positive (at most 1e9)")
+        if not (0 <= args.quiet <= 1e9 and 0 <= args.drain <= 1e9) or args.max_reconnects < 0:
+            raise UsageError("--quiet, --drain and --max-reconnects cannot be negative (nor "
+                             "NaN, nor more than 1e9 s)")
         rules = (parse_target(args.target, args.any_port) if args.target
                  else parse_transfer(args.transfer))
         alloc = self._build_allocator(args, rules)
