@@ -55,6 +55,7 @@ class Tool(BaseTool):
                 clock=self.clock or time.monotonic_ns, sleep=self.sleep or time.sleep)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        pacer.warn = self.warn
         fd = self.open_input(args.input)
         name = "<stdin>" if args.input == "-" else args.input
         writer = None

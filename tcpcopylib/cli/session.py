@@ -142,6 +142,10 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         b.add_argument("-a", "--speed", type=number_arg(float, MIN_SPEED, True, MAX_SPEED),
                        default=1.0, metavar="F", help="replay the recording F times faster "
                        f"(TCPCopy's -a; F < 1: slower; {MIN_SPEED:g}..{MAX_SPEED:g}); default 1")
+        b.add_argument("--max-gap", type=number_arg(float, 0, True, 1e9), metavar="S",
+                       help="shorten gaps between consecutive packet timestamps to S seconds "
+                            "(recording time, before -a), as tc-pace --max-gap; a wait of "
+                            "more than an hour is warned about")
         o = p.add_argument_group("output")
         o.add_argument("-B", "--batch", type=number_arg(int, 1, True), default=1, metavar="N",
                        help="up to N packets per record (\"pkts\" with a sid column, the "
@@ -207,7 +211,8 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
 
         k, m = parse_instance(args.instance) if args.instance else (0, 1)
         targets = {r.target_ip for r in rules}
-        pools = parse_pool(args.client_pool, exclude=targets) if args.client_pool else None
+        pools = (parse_pool(args.client_pool, exclude=targets)
+                 if args.client_pool is not None else None)
         alloc = Allocator(pools, k, m)
         fam = {4: "IPv4", 16: "IPv6"}
         for width in sorted({len(ip) for ip in targets}):
@@ -283,7 +288,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         # the server->client half of a capture is dropped before it is queued (the engine
         # would only count it; in real captures it is often most of the packets)
         self._server_side = engine.mapper.server_datagram_test()
-        due = DueQueue(asap=args.asap, speed=args.speed)
+        due = DueQueue(asap=args.asap, speed=args.speed, max_gap=args.max_gap, warn=self.warn)
 
         # Signals: stop reading and drain (a second one ends at once).
         stop = {"sig": 0, "count": 0}
@@ -408,7 +413,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             t = left if t is None else min(t, left)
         if t is not None and deadlines[2] is not None:
             t = min(t, 0.05)  # while draining, look at quiescence often
-        return None if t is None else max(t, 0)
+        return None if t is None else min(max(t, 0), 3600)  # (select() refuses years)
 
     def _read_input(self, fd, parser, due, write_other, engine, now) -> bool:
         """Read what stdin holds; True at end of input."""
