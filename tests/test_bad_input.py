@@ -305,3 +305,17 @@ def test_empty_input_is_not_a_stream(tool):
 def test_version_true_is_not_version_1():
     r = run(["tc-dump"], input=LABEL + cbor2.dumps({"t": "header", "v": True}))
     one_line_error(r, 65)
+
+
+def test_session_batches_stay_below_the_record_limit():
+    """tc-session -B is bounded so that a batch of 64 KiB datagrams fits MAX_RECORD."""
+    from tcpcopylib.cli import session
+
+    assert session.MAX_BATCH_PKTS == records.MAX_BATCH_PKTS
+    n = records.MAX_BATCH_PKTS
+    big = records.encode_pkts([T0] * n, [bytes(65535)] * n, list(range(n)))
+    assert len(big) <= MAX_RECORD
+    assert len(StreamParser().feed(HDR + big)) == n
+    r = run(["tc-session", "--no-feedback", "--target", "10.0.0.1:80", "-B", str(n + 1)],
+            input=stream([]))
+    assert r.returncode == 2

@@ -21,6 +21,7 @@ SEC = 1_000_000_000
 MAX_PENDING = 100_000   # records held for their due time before we stop reading stdin
 CHUNK = 1 << 17
 OUT_BATCH = 1 << 16     # output bytes buffered before a flush within one loop turn
+MAX_BATCH_PKTS = 63     # -B at most: records.MAX_BATCH_PKTS (not imported: cbor2 loads slowly)
 RSS_EVERY = 0.2         # seconds between --max-memory checks
 
 
@@ -147,11 +148,13 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                             "(recording time, before -a), as tc-pace --max-gap; a wait of "
                             "more than an hour is warned about")
         o = p.add_argument_group("output")
-        o.add_argument("-B", "--batch", type=number_arg(int, 1, True), default=1, metavar="N",
+        o.add_argument("-B", "--batch", type=number_arg(int, 1, True, MAX_BATCH_PKTS), default=1,
+                       metavar="N",
                        help="up to N packets per record (\"pkts\" with a sid column, the "
                             "packets of one turn of the loop): less work here and in "
                             "tc-emit; all tc-* tools read batches, scripts see "
-                            "tcpcopy-records(5); default 1")
+                            f"tcpcopy-records(5); 1..{MAX_BATCH_PKTS} (a record stays below "
+                            f"the record size limit); default 1")
         s = p.add_argument_group("statistics")
         s.add_argument("--stats-every", type=float, metavar="N",
                        help="print the summary every N seconds")
