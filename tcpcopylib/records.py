@@ -20,7 +20,7 @@ import io
 import os
 import re
 import struct
-from itertools import accumulate
+from itertools import accumulate, islice
 
 import cbor2
 
@@ -408,8 +408,16 @@ def batch_packets(rec: dict, where: str):
 # declared size beyond MAX_RECORD is refused before its bytes arrive. cbor2 decodes the
 # item once, when the scan says it is complete.
 
-# one-byte data items: small integers, empty strings and containers, simple values
-_ATOMS = re.compile(rb"[\x00-\x17\x20-\x37\x40\x60\x80\xa0\xe0-\xf7]*").match
+# data items without parts: integers, floats, simple values, empty containers, strings of
+# up to 23 bytes (one alternative per length: each item is matched whole)
+_SIMPLE = (rb"[\x00-\x17\x20-\x37\x40\x60\x80\xa0\xe0-\xf7]|[\x18\x38\xf8].|[\x19\x39\xf9].."
+           rb"|[\x1a\x3a\xfa].{4}|[\x1b\x3b\xfb].{8}|"
+           + b"|".join(b"[%s%s].{%d}" % (re.escape(bytes([0x40 + n])), re.escape(bytes([0x60 + n])), n)
+                       for n in range(1, 24)))
+_RUN = re.compile(b"(?:" + _SIMPLE + b")*", re.DOTALL).match  # a run of them
+_RUN1 = re.compile(rb"[\x00-\x17\x20-\x37\x40\x60\x80\xa0\xe0-\xf7]*").match  # one-byte ones
+_ONE = re.compile(_SIMPLE, re.DOTALL)  # one of them
+_ONE_ALL, _ONE_EACH = _ONE.findall, _ONE.finditer
 
 
 class _Malformed(Exception):
@@ -439,16 +447,24 @@ def scan_item(buf, off: int, end: int, stack: list) -> int:
         if off >= end:
             return off
         top = stack[-1]
-        if top >= -1:  # a run of one-byte items, at C speed
-            k = _ATOMS(buf, off, end if top < 0 else min(end, off + top)).end() - off
-            if k:
-                off += k
-                if top > 0:
-                    if top > k:
-                        stack[-1] = top - k
-                    else:
-                        stack.pop()
-                        _done(stack)
+        if top >= -1:  # a run of items without parts, at C speed
+            stop = _RUN(buf, off, end if top < 0 else min(end, off + 24 * top)).end()
+            if stop > off:
+                if top < 0:  # (items until a break: their number does not matter)
+                    off = stop
+                    continue
+                n = stop - off  # (as many as bytes: all one-byte items, the usual run)
+                if n > top or _RUN1(buf, off, stop).end() != stop:
+                    n = len(_ONE_ALL(buf, off, stop))
+                    if n > top:  # (the run goes on in the parent) the end of item #top
+                        stop = next(islice(_ONE_EACH(buf, off, stop), top - 1, None)).end()
+                        n = top
+                off = stop
+                if top > n:
+                    stack[-1] = top - n
+                else:
+                    stack.pop()
+                    _done(stack)
                 continue
         ib = buf[off]
         major, ai = ib >> 5, ib & 31
