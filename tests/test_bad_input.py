@@ -248,7 +248,7 @@ def test_pace_refuses_a_batch_whose_lengths_do_not_add_up():
 
 
 @pytest.mark.parametrize("pool", ["10.0.0.0/0", "0.0.0.0", "255.255.255.255", "224.0.0.1",
-                                  "10.0.0.1-239.0.0.1", "ff02::1", ""])
+                                  "10.0.0.1-239.0.0.1", "10.0.0.9,ff02::1", ""])
 def test_session_refuses_unusable_client_pools(pool):
     r = run(["tc-session", "--no-feedback", "--target", "10.0.0.1:80", "-c", pool],
             input=stream([]))
