@@ -409,15 +409,22 @@ def batch_packets(rec: dict, where: str):
 # item once, when the scan says it is complete.
 
 # data items without parts: integers, floats, simple values, empty containers, strings of
-# up to 23 bytes (one alternative per length: each item is matched whole)
-_SIMPLE = (rb"[\x00-\x17\x20-\x37\x40\x60\x80\xa0\xe0-\xf7]|[\x18\x38\xf8].|[\x19\x39\xf9].."
-           rb"|[\x1a\x3a\xfa].{4}|[\x1b\x3b\xfb].{8}|"
-           + b"|".join(b"[%s%s].{%d}" % (re.escape(bytes([0x40 + n])), re.escape(bytes([0x60 + n])), n)
-                       for n in range(1, 24)))
-_RUN = re.compile(b"(?:" + _SIMPLE + b")*", re.DOTALL).match  # a run of them
-_RUN1 = re.compile(rb"[\x00-\x17\x20-\x37\x40\x60\x80\xa0\xe0-\xf7]*").match  # one-byte ones
-_ONE = re.compile(_SIMPLE, re.DOTALL)  # one of them
-_ONE_ALL, _ONE_EACH = _ONE.findall, _ONE.finditer
+# up to 23 bytes (one alternative per length: each item is matched whole). Compiled when
+# first needed (an incomplete item), not at import.
+_RUN = _RUN1 = _ONE_ALL = _ONE_EACH = None
+
+
+def _compile() -> None:
+    global _RUN, _RUN1, _ONE_ALL, _ONE_EACH
+    simple = (rb"[\x00-\x17\x20-\x37\x40\x60\x80\xa0\xe0-\xf7]|[\x18\x38\xf8].|[\x19\x39\xf9].."
+              rb"|[\x1a\x3a\xfa].{4}|[\x1b\x3b\xfb].{8}|"
+              + b"|".join(b"[%s%s].{%d}" % (re.escape(bytes([0x40 + n])),
+                                            re.escape(bytes([0x60 + n])), n)
+                          for n in range(1, 24)))
+    one = re.compile(simple, re.DOTALL)
+    _ONE_ALL, _ONE_EACH = one.findall, one.finditer  # each of them
+    _RUN1 = re.compile(rb"[\x00-\x17\x20-\x37\x40\x60\x80\xa0\xe0-\xf7]*").match  # one-byte
+    _RUN = re.compile(b"(?:" + simple + b")*", re.DOTALL).match  # a run of them
 
 
 class _Malformed(Exception):
@@ -443,6 +450,8 @@ def scan_item(buf, off: int, end: int, stack: list) -> int:
     returns the offset where the scan stopped: the item is complete when ``stack`` is
     empty and that offset is <= end (it may lie beyond ``end``: a string not all read).
     Raises _Malformed for bytes that are not well-formed CBOR."""
+    if _RUN is None:
+        _compile()
     while stack:
         if off >= end:
             return off
