@@ -321,3 +321,24 @@ def test_session_batches_stay_below_the_record_limit():
     r = run(["tc-session", "--no-feedback", "--target", "10.0.0.1:80", "-B", str(n + 1)],
             input=stream([]))
     assert r.returncode == 2
+
+
+def test_due_queue_warns_about_waits_not_about_idle_input():
+    from tcpcopylib.session.timing import DueQueue
+
+    said = []
+    h = 3600 * 10**9
+    q = DueQueue(warn=said.append)
+    q.push_records([(T0, b"a"), (T0 + 2 * h, b"b")], 10**9, None)
+    assert len(said) == 1 and q.q[-1][0] == 10**9 + 2 * h  # a wait: warned, kept
+    said.clear()
+    live = DueQueue(warn=said.append)  # live input idle for 2 hours: due now, no warning
+    live.push_records([(T0, b"a")], 10**9, None)
+    live.push_records([(T0 + 2 * h, b"b")], 10**9 + 2 * h, None)
+    asap = DueQueue(asap=True, warn=said.append)
+    asap.push_records([(T0, b"a")], 10**9, None)
+    asap.push_records([(T0 + 2 * h, b"b")], 10**9 + 2 * h, None)
+    assert said == []
+    clamped = DueQueue(max_gap=1.0, warn=said.append)
+    clamped.push_records([(T0, b"a"), (T0 + 2 * h, b"b"), (T0 + 2 * h + 5, b"c")], 10**9, None)
+    assert [d for d, _ in clamped.q] == [10**9, 2 * 10**9, 2 * 10**9 + 5] and said == []

@@ -42,8 +42,8 @@ class DueQueue:
             due = self.anchor_wall + self._scaled(ts - self.anchor_ts)
         if due < self.last_due:
             due = self.last_due
-        elif due - self.last_due > self.max_step and self.last_due:
-            due = self._long_step(due, self.last_due)
+        elif due - self.last_due > self.max_step and self.last_due and due > now:
+            due = self._long_step(due, self.last_due, now)
         self.last_due = due
         return due
 
@@ -85,8 +85,8 @@ class DueQueue:
                                           else round((ts - self.anchor_ts) / speed))
             if due < last:
                 due = last
-            elif due - last > self.max_step and last:
-                due = self._long_step(due, last)
+            elif due - last > self.max_step and last and due > now:  # (a wait, not idle input)
+                due = self._long_step(due, last, now)
                 shift = self.anchor_wall - self.anchor_ts
             last = due
             if drop is not None and drop(data):
@@ -96,16 +96,16 @@ class DueQueue:
         self.last_due = last
         return dropped
 
-    def _long_step(self, due: int, last: int) -> int:
-        """A packet due long after the one before: clamp the step to max_gap (shifting
-        the anchor, so the rest keeps its pace) or warn about the wait."""
+    def _long_step(self, due: int, last: int, now: int) -> int:
+        """A timed packet due long after the one before, in the future: clamp the step to
+        max_gap (shifting the anchor, so the rest keeps its pace) or warn about a wait of
+        an hour or more (a timestamp far ahead; idle live input is no wait)."""
         step = due - last
-        if self.clamp:
-            if step > self.max_step:
-                self.anchor_wall -= step - self.max_step
-                due = last + self.max_step
-        if due - last >= LONG_WAIT_NS and self.warn is not None:
-            self.warn(f"warning: the next packet is due in {(due - last) / 1e9:.0f} s (its "
+        if self.clamp and step > self.max_step:
+            self.anchor_wall -= step - self.max_step
+            due = last + self.max_step
+        if due - now >= LONG_WAIT_NS and self.warn is not None:
+            self.warn(f"warning: the next packet is due in {(due - now) / 1e9:.0f} s (its "
                       f"timestamp jumps ahead); --max-gap S shortens such gaps")
         return due
 
