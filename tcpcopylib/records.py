@@ -452,6 +452,7 @@ def scan_item(buf, off: int, end: int, stack: list) -> int:
     Raises _Malformed for bytes that are not well-formed CBOR."""
     if _RUN is None:
         _compile()
+    tags = 0  # tags in a row just before off
     while stack:
         if off >= end:
             return off
@@ -498,7 +499,7 @@ def scan_item(buf, off: int, end: int, stack: list) -> int:
         elif ai == 31 and 2 <= major <= 5:
             off += 1
             stack.append(-major if major < 4 else -1)
-            if len(stack) > MAX_DEPTH:
+            if len(stack) > MAX_DEPTH + 1:  # (the item itself is stack[0])
                 raise _Malformed(f"nested more than {MAX_DEPTH} deep")
             continue
         else:
@@ -511,12 +512,18 @@ def scan_item(buf, off: int, end: int, stack: list) -> int:
                 val *= 2
             if val:
                 stack.append(val)
-                if len(stack) > MAX_DEPTH:
+                if len(stack) > MAX_DEPTH + 1:
                     raise _Malformed(f"nested more than {MAX_DEPTH} deep")
             else:
                 _done(stack)
-        elif major != 6:  # (a tag: its content is the next item)
+        elif major == 6:  # a tag: its content is the next item
+            tags += 1
+            if tags > MAX_DEPTH:  # (cbor2 counts them as nesting too)
+                raise _Malformed(f"more than {MAX_DEPTH} tags in a row")
+            continue
+        else:
             _done(stack)
+        tags = 0
     return off
 
 
