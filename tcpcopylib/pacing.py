@@ -108,7 +108,7 @@ class Pacer:
                 flush()
             clock, sleep = self.clock, self.sleep
             for _ in range(1000):  # sleep() may return early (signals); bounded anyway
-                sleep((planned - now) / NS)
+                sleep(min((planned - now) / NS, 1e6))  # (sleep() refuses centuries)
                 self.sleeps += 1
                 now = clock()
                 if now >= planned:

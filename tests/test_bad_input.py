@@ -342,3 +342,13 @@ def test_due_queue_warns_about_waits_not_about_idle_input():
     clamped = DueQueue(max_gap=1.0, warn=said.append)
     clamped.push_records([(T0, b"a"), (T0 + 2 * h, b"b"), (T0 + 2 * h + 5, b"c")], 10**9, None)
     assert [d for d, _ in clamped.q] == [10**9, 2 * 10**9, 2 * 10**9 + 5] and said == []
+
+
+@pytest.mark.parametrize("ts", [10**5000, 1 << 70, -(10**30)], ids=["bignum", "2^70", "negative"])
+@pytest.mark.parametrize("tool", [["tc-pace"],
+                                  ["tc-session", "--no-feedback", "--target", "10.0.0.1:80"]])
+def test_a_timestamp_beyond_64_bits_is_65(tool, ts):
+    """(It overflowed a float or a sleep: exit 1.)"""
+    r = run(tool, input=stream([PKT, dict(PKT, ts=ts)]), timeout=30)
+    one_line_error(r, 65)
+    assert b"64 bits" in r.stderr

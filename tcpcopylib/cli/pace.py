@@ -103,6 +103,9 @@ class Tool(BaseTool):
                         self.records_in += 1
                         rts = rec.get("ts")
                         if type(rts) is int:
+                            if not -(1 << 64) < rts < 1 << 64:
+                                raise StreamError(f"{name}: record {self.records_in}: ts does "
+                                                  f"not fit in 64 bits")
                             new_ts = due(rts, flush)
                             if not keep_ts:
                                 rec["ts"] = new_ts

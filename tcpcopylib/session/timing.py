@@ -73,6 +73,10 @@ class DueQueue:
                 if not isinstance(data, (bytes, bytearray)):
                     continue
                 ts = item.get("ts")
+                if type(ts) is int and not -(1 << 64) < ts < 1 << 64:
+                    from tcpcopylib.errors import StreamError
+
+                    raise StreamError("a pkt record's ts does not fit in 64 bits")
             if asap or type(ts) is not int:
                 due = now
             elif shift is not None and speed == 1:
