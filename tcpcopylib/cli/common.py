@@ -71,9 +71,11 @@ class Tool:
 
     def __init__(self, stdout_fd: int | None = None, stderr=None):
         if stdout_fd is None:
-            stdout_fd = 1
             if sys.stdout is None:  # started with stdout closed (`>&-`): writes fail (EBADF)
+                stdout_fd = 1
                 _hold_closed_fd(1)  # and no input file may land on fd 1
+            else:
+                stdout_fd = sys.stdout.fileno()
         self.stdout_fd = stdout_fd
         self.stderr = stderr if stderr is not None else sys.stderr
         self.started = time.monotonic()
