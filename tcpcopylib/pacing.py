@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 
 NS = 1_000_000_000
+LONG_WAIT_NS = 3600 * NS  # a wait worth a warning (a timestamp far ahead)
 
 
 class Pacer:
@@ -41,6 +42,7 @@ class Pacer:
         self.delay_ns = round(delay * NS)
         self.clock = clock
         self.sleep = sleep
+        self.warn = None  # warn(msg): told about a wait of an hour or more
         self.origin_ts: int | None = None   # first ts seen (for rewriting ts)
         self.anchor_ts: int | None = None   # moves with max_gap clamping
         self.anchor_wall: int | None = None
@@ -99,11 +101,14 @@ class Pacer:
             if self.max_gap_ns is None and self.interval_ns is None:
                 self._base = self.anchor_wall + self.delay_ns
         if planned > now:
+            if planned - now >= LONG_WAIT_NS and self.warn is not None:
+                self.warn(f"warning: the next record is due in {(planned - now) / NS:.0f} s "
+                          f"(its timestamp jumps ahead); --max-gap S shortens such gaps")
             if flush is not None:
                 flush()
             clock, sleep = self.clock, self.sleep
             for _ in range(1000):  # sleep() may return early (signals); bounded anyway
-                sleep((planned - now) / NS)
+                sleep(min((planned - now) / NS, 1e6))  # (sleep() refuses centuries)
                 self.sleeps += 1
                 now = clock()
                 if now >= planned:

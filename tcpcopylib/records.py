@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
-from itertools import accumulate
+from itertools import accumulate, islice
 
 import cbor2
 
@@ -40,7 +41,12 @@ T_CLAIM = "claim"    # feedback client -> tc-feedback: sessions it owns
 T_STATS = "stats"    # counters from a stage
 
 CHUNK = 1 << 17
-MAX_PENDING = 64 << 20  # a "record" this large without completing is garbage
+# The largest item (record or header) a reader accepts, in bytes; larger -> StreamError.
+# Writers stay far below it: a pkt record holds < 64 KiB, a tc-readpcap batch ~48 KiB (at
+# most 112 KiB), a tc-session batch at most MAX_BATCH_PKTS datagrams. See tcpcopy-records(5).
+MAX_RECORD = 4 << 20
+MAX_BATCH_PKTS = 63  # 63 datagrams of 64 KiB and their columns stay below MAX_RECORD
+MAX_DEPTH = 400  # nested arrays/maps (cbor2's own default limit)
 
 
 def header(tool: str, **fields) -> dict:
@@ -72,16 +78,17 @@ def _check_header(item, offset: int, any_version: bool = False) -> dict:
     if type(item) is not dict or item.get("t") != T_HEADER:
         raise StreamError(f"byte {offset}: label not followed by a header record")
     v = item.get("v")
-    if not isinstance(v, int):
+    if type(v) is not int:  # (not True: a bool is no version)
         raise StreamError(f"byte {offset}: header has no integer format version")
     if any_version:
         return item
     if v > FORMAT_VERSION:
         raise StreamError(
-            f"stream format version {v} is newer than this tcpcopylib understands "
-            f"({FORMAT_VERSION}); upgrade tcpcopylib")
+            f"stream format version {v if v < 1 << 64 else '(huge)'} is newer than this "
+            f"tcpcopylib understands ({FORMAT_VERSION}); upgrade tcpcopylib")
     if v < 1:
-        raise StreamError(f"byte {offset}: invalid format version {v}")
+        raise StreamError(f"byte {offset}: invalid format version "
+                          f"{v if v > -1 << 64 else '(huge)'}")
     return item
 
 
@@ -393,6 +400,149 @@ def batch_packets(rec: dict, where: str):
                       f"as many)")
 
 
+
+# -- the skeleton scan of an incomplete item --------------------------------------------
+# An item that is not all there yet is scanned once, without building anything: the scan
+# stops where the input stops and resumes there when more arrives, so an item costs the
+# same whatever the read sizes (no decoding it again from its start on every read), and a
+# declared size beyond MAX_RECORD is refused before its bytes arrive. cbor2 decodes the
+# item once, when the scan says it is complete.
+
+# data items without parts: integers, floats, simple values, empty containers, strings of
+# up to 23 bytes (one alternative per length: each item is matched whole). Compiled when
+# first needed (an incomplete item), not at import.
+_RUN = _RUN1 = _ONE_ALL = _ONE_EACH = None
+
+
+def _compile() -> None:
+    global _RUN, _RUN1, _ONE_ALL, _ONE_EACH
+    simple = (rb"[\x00-\x17\x20-\x37\x40\x60\x80\xa0\xe0-\xf7]|[\x18\x38\xf8].|[\x19\x39\xf9].."
+              rb"|[\x1a\x3a\xfa].{4}|[\x1b\x3b\xfb].{8}|"
+              + b"|".join(b"[%s%s].{%d}" % (re.escape(bytes([0x40 + n])),
+                                            re.escape(bytes([0x60 + n])), n)
+                          for n in range(1, 24)))
+    one = re.compile(simple, re.DOTALL)
+    _ONE_ALL, _ONE_EACH = one.findall, one.finditer  # each of them
+    _RUN1 = re.compile(rb"[\x00-\x17\x20-\x37\x40\x60\x80\xa0\xe0-\xf7]*").match  # one-byte
+    _RUN = re.compile(b"(?:" + simple + b")*", re.DOTALL).match  # a run of them
+
+
+class _Malformed(Exception):
+    """The scan met bytes that are not well-formed CBOR."""
+
+
+def _done(stack: list) -> None:
+    """One item of the innermost open container is complete (and maybe containers with it)."""
+    while stack:
+        top = stack[-1]
+        if top < 0:  # indefinite length: items until a break
+            return
+        if top > 1:
+            stack[-1] = top - 1
+            return
+        stack.pop()  # its last item: the container is complete, an item of its parent
+
+
+def scan_item(buf, off: int, end: int, stack: list) -> int:
+    """Go on scanning an item's skeleton at buf[off:end]. ``stack`` holds what the open
+    containers still need ([1] at the item's start: the item itself): n > 0 items, -1
+    items until a break, -2/-3 byte/text string chunks until a break. Updated in place;
+    returns the offset where the scan stopped: the item is complete when ``stack`` is
+    empty and that offset is <= end (it may lie beyond ``end``: a string not all read).
+    Raises _Malformed for bytes that are not well-formed CBOR."""
+    if _RUN is None:
+        _compile()
+    tags = 0  # tags in a row just before off
+    while stack:
+        if off >= end:
+            return off
+        top = stack[-1]
+        if top >= -1:  # a run of items without parts, at C speed
+            stop = _RUN(buf, off, end if top < 0 else min(end, off + 24 * top)).end()
+            if stop > off:
+                if top < 0:  # (items until a break: their number does not matter)
+                    off = stop
+                    continue
+                n = stop - off  # (as many as bytes: all one-byte items, the usual run)
+                if n > top or _RUN1(buf, off, stop).end() != stop:
+                    n = len(_ONE_ALL(buf, off, stop))
+                    if n > top:  # (the run goes on in the parent) the end of item #top
+                        stop = next(islice(_ONE_EACH(buf, off, stop), top - 1, None)).end()
+                        n = top
+                off = stop
+                if top > n:
+                    stack[-1] = top - n
+                else:
+                    stack.pop()
+                    _done(stack)
+                continue
+        ib = buf[off]
+        major, ai = ib >> 5, ib & 31
+        if ib == 0xFF:
+            if top >= 0:
+                raise _Malformed("break code outside an indefinite-length item")
+            stack.pop()
+            off += 1
+            _done(stack)
+            continue
+        if top < -1 and (major != -top or ai == 31):
+            raise _Malformed("bad chunk in an indefinite-length string")
+        if ai < 24:
+            val = ai
+            off += 1
+        elif ai < 28:
+            n = 1 << (ai - 24)
+            if off + 1 + n > end:
+                return off  # the head is not all here: scan it again with more
+            val = int.from_bytes(buf[off + 1:off + 1 + n], "big")
+            off += 1 + n
+        elif ai == 31 and 2 <= major <= 5:
+            off += 1
+            stack.append(-major if major < 4 else -1)
+            if len(stack) > MAX_DEPTH + 1:  # (the item itself is stack[0])
+                raise _Malformed(f"nested more than {MAX_DEPTH} deep")
+            continue
+        else:
+            raise _Malformed(f"invalid head byte 0x{ib:02x}")
+        if major == 2 or major == 3:
+            off += val  # (maybe beyond end: the scan goes on from there)
+            _done(stack)
+        elif major == 4 or major == 5:
+            if major == 5:
+                val *= 2
+            if val:
+                stack.append(val)
+                if len(stack) > MAX_DEPTH + 1:
+                    raise _Malformed(f"nested more than {MAX_DEPTH} deep")
+            else:
+                _done(stack)
+        elif major == 6:  # a tag: its content is the next item
+            tags += 1
+            if tags > MAX_DEPTH:  # (cbor2 counts them as nesting too)
+                raise _Malformed(f"more than {MAX_DEPTH} tags in a row")
+            continue
+        else:
+            _done(stack)
+        tags = 0
+    return off
+
+
+def _min_size(off: int, stack: list) -> int:
+    """A lower bound on the end of the item being scanned (each item takes a byte)."""
+    need = off + (stack[-1] if stack and stack[-1] > 0 else 1 if stack else 0)
+    for c in stack[:-1]:
+        if c > 1:
+            need += c - 1
+    return need
+
+
+def _no_shared(decoder):
+    raise cbor2.CBORDecodeError("shared references (tags 28/29) are not allowed in records")
+
+
+# records never use them; cyclic or exponential values would break every later stage
+_SEMANTIC = {28: _no_shared, 29: _no_shared}
+
 # a section header, in the raw slot of RecordReader.iter_raw()
 HEADER = "header"
 
@@ -416,6 +566,9 @@ class StreamDecoder:
         self.sections = 0
         self.consumed = 0  # bytes of complete items so far
         self._expect_header = False
+        # the scan of the incomplete item at byte `consumed`: [consumed then, offset where
+        # the scan stopped (from the item's start), scan_item's stack]; None if none
+        self._pend: list | None = None
 
     def parse(self, buf: bytes, mode: int = AS_RECORDS):
         """(items, bytes used, error or None). Items before an error are returned; what an
@@ -456,8 +609,15 @@ class StreamDecoder:
                     b = scan_batch(buf, pos, end)
                     if b is not None:
                         n, ts_at, stop = b[0], b[1], b[6]
+                        if stop - pos > MAX_RECORD:
+                            err = self._too_large(base + pos, stop - pos)
+                            break
                         records += 1
                         if mode == AS_SPANS:
+                            if sum(batch_structs(n)[1].unpack_from(buf, b[2])) != b[4] - b[3]:
+                                err = StreamError(f"{self.name}: malformed pkts record at "
+                                                  f"byte {base + pos} (lengths do not add up)")
+                                break
                             append((T_PKTS, _U64(buf, ts_at)[0], ts_at, n, None, stop, None))
                         else:
                             cols = _batch_columns(buf, b)
@@ -486,19 +646,44 @@ class StreamDecoder:
                 continue
             if end - pos < len(LABEL) and LABEL.startswith(buf[pos:]):
                 break  # maybe the start of a label: wait for more bytes
+            pend = self._pend
+            if pend is not None:
+                if pos or pend[0] != base:  # (a caller took the item's bytes itself)
+                    pend = self._pend = None
+                else:  # the item we scanned before: scan only what is new
+                    try:
+                        if not self._advance(buf):
+                            break
+                    except StreamError as e:
+                        err = e
+                        break
             if dec is None:
                 bio = io.BytesIO(buf)
-                dec = cbor2.CBORDecoder(bio)
+                dec = cbor2.CBORDecoder(bio, semantic_decoders=_SEMANTIC)
             bio.seek(pos)
             try:
                 item = dec.decode()
             except cbor2.CBORDecodeEOF:
+                if pend is not None:  # the scan said complete: a disagreement is garbage
+                    err = StreamError(f"{self.name}: not a valid record at byte {base + pos}")
+                    break
+                # not all here: scan what is (once); later reads go on from where it stops
+                self._pend = [base + pos, 0, [1]]
+                try:
+                    self._advance(buf, pos)
+                except StreamError as e:
+                    err = e
                 break
-            except (cbor2.CBORDecodeError, ValueError, OverflowError) as e:
+            except (cbor2.CBORDecodeError, ValueError, OverflowError, RecursionError,
+                    MemoryError) as e:
                 err = StreamError(
                     f"{self.name}: not a valid record at byte {base + pos}: {e}")
                 break
+            self._pend = None
             newpos = bio.tell()
+            if newpos - pos > MAX_RECORD:
+                err = self._too_large(base + pos, newpos - pos)
+                break
             if self._expect_header:
                 try:
                     self.header = _check_header(item, base + newpos, self.any_version)
@@ -537,11 +722,45 @@ class StreamDecoder:
                 append((item, None) if mode == AS_RAW else item)
         self.consumed = base + pos
         self.records = records
-        if err is None and end - pos > MAX_PENDING:
-            err = StreamError(
-                f"{self.name}: no complete record in {end - pos} bytes at byte "
-                f"{self.consumed}; not a record stream")
         return out, pos, err
+
+    def _advance(self, buf, start: int = 0) -> bool:
+        """Scan the new bytes of the incomplete item at buf[start:] (self._pend); True
+        once it is complete. StreamError if it is malformed or larger than MAX_RECORD."""
+        pend = self._pend
+        at, off, stack = pend
+        end = len(buf) - start
+        if stack and off < end:
+            try:
+                if start:
+                    off = scan_item(buf, start + off, len(buf), stack) - start
+                else:
+                    off = scan_item(buf, off, end, stack)
+            except _Malformed as e:
+                self._pend = None
+                raise StreamError(f"{self.name}: not a valid record at byte {at}: {e}") \
+                    from None
+            pend[1] = off
+        if not stack and off <= end:
+            return True
+        size = _min_size(off, stack)
+        if size > MAX_RECORD:
+            self._pend = None
+            raise self._too_large(at, size, not stack)
+        return False
+
+    def _too_large(self, at: int, size: int, exact: bool = True) -> StreamError:
+        return StreamError(
+            f"{self.name}: record at byte {at} is {'' if exact else 'at least '}{size} bytes, "
+            f"more than the limit of {MAX_RECORD} (see tcpcopy-records(5))")
+
+    def pending_complete(self, buf) -> bool:
+        """For a reader holding the incomplete item's bytes in ``buf`` (growing): True when
+        parse() has something to do, False while the item is still incomplete (only the new
+        bytes are scanned). StreamError if it turns out malformed or too large."""
+        if self._pend is None or self._pend[0] != self.consumed:
+            return True
+        return self._advance(buf)
 
     @staticmethod
     def _expand(stamps, datas, sids, mode, out, stop=None) -> None:
@@ -571,6 +790,9 @@ class StreamDecoder:
                 f"({pending} trailing bytes)")
         if self._expect_header:
             return StreamError(f"{self.name}: label without a header at end of stream")
+        if self.header is None:  # (every writer writes its label and header at once)
+            return StreamError(f"{self.name}: empty input, not a record stream (no TCPR "
+                               f"label)")
         return None
 
 
@@ -607,17 +829,24 @@ class RecordReader(StreamDecoder):
     def _items(self, mode: int):
         fd, on_idle, parse = self.fd, self.on_idle, self.parse
         buf = b""
+        acc = None  # the bytes of an incomplete item being scanned (appended to in place)
         while True:
             if on_idle is not None:
                 on_idle()
             chunk = os.read(fd, CHUNK)
             if not chunk:
                 self.eof = True
-                err = self._end_error(len(buf))
+                err = self._end_error(len(buf) if acc is None else len(acc))
                 if err is not None:
                     raise err
                 return
-            buf = buf + chunk if buf else chunk
+            if acc is not None:
+                acc += chunk
+                if not self.pending_complete(acc):
+                    continue
+                buf, acc = bytes(acc), None
+            else:
+                buf = buf + chunk if buf else chunk
             items, pos, err = parse(buf, mode)
             if mode == AS_SPANS:
                 if items:
@@ -626,7 +855,10 @@ class RecordReader(StreamDecoder):
                 yield from items
             if err is not None:
                 raise err
-            buf = buf[pos:]
+            if self._pend is not None and pos < len(buf):
+                acc, buf = bytearray(memoryview(buf)[pos:]), b""
+            else:
+                buf = buf[pos:]
 
 
 def read_records(fd: int, on_idle=None, headers: bool = False, name: str = "<stdin>"):

@@ -191,9 +191,11 @@ def test_missing_file_exits_66():
     assert run(["tc-pace", "/nonexistent/x.cbor"]).returncode == 66
 
 
-def test_empty_input_gives_an_empty_valid_stream():
+def test_empty_input_is_not_a_stream():
+    """Every writer starts with its label and header, so an empty input means the stage
+    before failed: exit 65 (not a record stream) and no header of our own."""
     r = run(["tc-pace"], input=b"")
-    assert r.returncode == 0 and decode(r.stdout) == []
+    assert r.returncode == 65 and r.stdout == b"" and b"empty input" in r.stderr
 
 
 def test_tool_passes_everything_in_order_across_sections():

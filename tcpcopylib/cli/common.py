@@ -23,8 +23,10 @@ from tcpcopylib.errors import EX_FAIL, EX_OK, EX_USAGE, NoInputError, TcError
 PROGRESS_INTERVAL = float(os.environ.get("TC_PROGRESS_INTERVAL", "5"))
 
 
-def number_arg(kind, low, inclusive):
-    """An argparse type: a finite number of `kind` above `low` (or equal, if inclusive)."""
+def number_arg(kind, low, inclusive, high=None):
+    """An argparse type: a finite number of `kind` above `low` (or equal, if inclusive)
+    and at most `high` (if given: a bound on what makes sense, so that the arithmetic done
+    with the value stays finite)."""
     def parse(text):
         import argparse
 
@@ -35,8 +37,15 @@ def number_arg(kind, low, inclusive):
         if not (v >= low if inclusive else v > low) or v != v or v == float("inf"):
             raise argparse.ArgumentTypeError(
                 f"must be {'>=' if inclusive else '>'} {low}: {text!r}")
+        if high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}: {text!r}")
         return v
     return parse
+
+
+# replay speed factors (tc-pace --speed, tc-session -a): 1000 times slower at most (a
+# factor near 0 made every wait overflow or last for ever), a billion times faster
+MIN_SPEED, MAX_SPEED = 1e-3, 1e9
 
 
 class Interrupted(BaseException):
@@ -61,7 +70,13 @@ class Tool:
     writes_records = True
 
     def __init__(self, stdout_fd: int | None = None, stderr=None):
-        self.stdout_fd = sys.stdout.fileno() if stdout_fd is None else stdout_fd
+        if stdout_fd is None:
+            if sys.stdout is None:  # started with stdout closed (`>&-`): writes fail (EBADF)
+                stdout_fd = 1
+                _hold_closed_fd(1)  # and no input file may land on fd 1
+            else:
+                stdout_fd = sys.stdout.fileno()
+        self.stdout_fd = stdout_fd
         self.stderr = stderr if stderr is not None else sys.stderr
         self.started = time.monotonic()
         self.args = None
@@ -131,13 +146,21 @@ class Tool:
         if path == "-":
             return sys.stdin.fileno()
         try:
-            return os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise NoInputError(f"{path}: no such file") from None
         except IsADirectoryError:
             raise NoInputError(f"{path}: is a directory") from None
         except PermissionError:
             raise NoInputError(f"{path}: permission denied") from None
+        except OSError as e:
+            raise NoInputError(f"{path}: {e.strerror or e}") from None
+        import stat
+
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # (open() succeeds, read() would fail)
+            os.close(fd)
+            raise NoInputError(f"{path}: is a directory")
+        return fd
 
     def record_writer(self, hdr: dict):
         from tcpcopylib.records import RecordWriter
@@ -240,28 +263,33 @@ class Tool:
         except Interrupted as e:
             status = EX_OK if self.interrupt_is_success else 128 + e.signum
         except BrokenPipeError:
-            return self._die_of_sigpipe()
+            return self._die_of_sigpipe(args)
         except TcError as e:
             self.warn(f"error: {e}")
             status = e.exit_code
         except OSError as e:
             if e.errno == 32:  # EPIPE surfacing as a plain OSError
-                return self._die_of_sigpipe()
+                return self._die_of_sigpipe(args)
             if args.verbose >= 2:
                 raise
-            self.warn(f"error: {e}")
+            self.warn(f"error: cannot write to stdout: {e.strerror}" if e.errno == 9 else
+                      f"error: {e}")
             status = EX_FAIL
         except Exception as e:  # noqa: BLE001 - the last line of defence: no tracebacks
             if args.verbose >= 2:
                 raise
             self.warn(f"error: {type(e).__name__}: {e} (-vv for a traceback)")
             status = EX_FAIL
+        self._report(args, status)
+        return status
+
+    def _report(self, args, status: int) -> None:
+        """--stats and --stats-json, at exit (whatever the exit)."""
         if args.stats:
             self._print_stats()
         if args.stats_json:
             self._write_stats_json(args.stats_json, status)
         self._end_metrics(status)
-        return status
 
     def _write_stats_json(self, path: str, status: int) -> None:
         import json
@@ -276,9 +304,16 @@ class Tool:
         except (OSError, TypeError, ValueError) as e:
             self.warn(f"warning: cannot write --stats-json {path}: {e}")
 
-    def _die_of_sigpipe(self) -> int:
-        """Downstream closed the pipe: exit quietly with 141, as C filters do."""
-        self._end_metrics(141)
+    def _die_of_sigpipe(self, args=None) -> int:
+        """Downstream closed the pipe: exit quietly with 141, as C filters do (after
+        --stats, --stats-json and the last metrics, which do not go to stdout)."""
+        try:
+            if args is not None:
+                self._report(args, 141)
+            else:
+                self._end_metrics(141)
+        except Exception:  # noqa: BLE001 - dying of SIGPIPE matters more
+            pass
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self.stdout_fd)
@@ -288,6 +323,23 @@ class Tool:
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGPIPE)
         return 141
+
+
+def _hold_closed_fd(fd: int) -> None:
+    """Open /dev/null read-only on the closed ``fd``: writes to it fail with EBADF, as
+    they would have, and no file opened later gets that number."""
+    try:
+        os.fstat(fd)
+        return
+    except OSError:
+        pass
+    try:
+        got = os.open(os.devnull, os.O_RDONLY)
+        if got != fd:
+            os.dup2(got, fd)
+            os.close(got)
+    except OSError:
+        pass
 
 
 def run_tool(tool_cls, argv=None) -> int:

@@ -121,7 +121,14 @@ class Tool(BaseTool):
         try:
             for rec in self._records(args.files, out.flush):
                 self._count(rec)
-                out.write(render(rec))
+                try:
+                    line = render(rec)
+                except (TypeError, ValueError, RecursionError) as e:
+                    # bytes map keys, undefined, dates, integers of thousands of digits
+                    raise StreamError(
+                        f"record {sum(self.counts.values())}: cannot be shown"
+                        f"{' as JSON' if args.json else ''}: {e}") from None
+                out.write(line)
         finally:
             out.flush()
         return 0

@@ -1,6 +1,7 @@
 """tc-pace: release records at their recorded pace, reshaped by speed, gap clamp, rate cap, delay."""
 
 from tcpcopylib.cli.common import Tool as BaseTool
+from tcpcopylib.cli.common import MAX_SPEED, MIN_SPEED
 from tcpcopylib.cli.common import number_arg as _number
 from tcpcopylib.errors import UsageError
 
@@ -24,14 +25,15 @@ class Tool(BaseTool):
     def add_arguments(self, p):
         p.add_argument("input", nargs="?", default="-", metavar="FILE",
                        help="record stream to read (default: stdin)")
-        p.add_argument("--speed", type=_number(float, 0, False), default=1.0, metavar="F",
-                       help="replay F times faster (F < 1: slower); default 1")
-        p.add_argument("--max-gap", type=_number(float, 0, True), metavar="S",
+        p.add_argument("--speed", type=_number(float, MIN_SPEED, True, MAX_SPEED), default=1.0,
+                       metavar="F", help=f"replay F times faster (F < 1: slower; "
+                       f"{MIN_SPEED:g}..{MAX_SPEED:g}); default 1")
+        p.add_argument("--max-gap", type=_number(float, 0, True, 1e9), metavar="S",
                        help="shorten gaps between consecutive timestamps to S seconds "
                             "(recording time, before --speed)")
-        p.add_argument("--rate", type=_number(float, 0, False), metavar="N",
+        p.add_argument("--rate", type=_number(float, 1e-6, True, 1e9), metavar="N",
                        help="release at most N timed records per second (queue, never drop)")
-        p.add_argument("--delay", type=_number(float, 0, True), default=0.0, metavar="MS",
+        p.add_argument("--delay", type=_number(float, 0, True, 1e9), default=0.0, metavar="MS",
                        help="add MS milliseconds of latency to every timed record")
         p.add_argument("--keep-ts", action="store_true",
                        help="leave ts as read instead of rewriting it to the planned release time")
@@ -44,7 +46,7 @@ class Tool(BaseTool):
         from tcpcopylib.errors import StreamError
         from tcpcopylib.records import (HEADER, T_PKTS, RecordReader, RecordWriter, batch_records,
                                         batch_stamps, batch_structs, fast_record,
-                                        header, merged_header)
+                                        merged_header)
 
         try:
             self.pacer = pacer = Pacer(
@@ -53,6 +55,7 @@ class Tool(BaseTool):
                 clock=self.clock or time.monotonic_ns, sleep=self.sleep or time.sleep)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        pacer.warn = self.warn
         fd = self.open_input(args.input)
         name = "<stdin>" if args.input == "-" else args.input
         writer = None
@@ -100,6 +103,9 @@ class Tool(BaseTool):
                         self.records_in += 1
                         rts = rec.get("ts")
                         if type(rts) is int:
+                            if not -(1 << 64) < rts < 1 << 64:
+                                raise StreamError(f"{name}: record {self.records_in}: ts does "
+                                                  f"not fit in 64 bits")
                             new_ts = due(rts, flush)
                             if not keep_ts:
                                 rec["ts"] = new_ts
@@ -147,8 +153,7 @@ class Tool(BaseTool):
                     writer.flush()
         finally:
             flush()  # what was released before an error or a signal still goes out
-        if writer is None:  # empty input: still write a valid (empty) stream
-            RecordWriter(self.stdout_fd, header(self.name)).flush()
+        # (empty input: the reader raised StreamError, nothing written, exit 65)
 
     def stats_line(self):
         p = self.pacer

@@ -14,13 +14,14 @@ import struct
 import time
 
 from tcpcopylib.cli.common import Tool as BaseTool
-from tcpcopylib.cli.common import number_arg
+from tcpcopylib.cli.common import MAX_SPEED, MIN_SPEED, number_arg
 from tcpcopylib.errors import UsageError
 
 SEC = 1_000_000_000
 MAX_PENDING = 100_000   # records held for their due time before we stop reading stdin
 CHUNK = 1 << 17
 OUT_BATCH = 1 << 16     # output bytes buffered before a flush within one loop turn
+MAX_BATCH_PKTS = 63     # -B at most: records.MAX_BATCH_PKTS (not imported: cbor2 loads slowly)
 RSS_EVERY = 0.2         # seconds between --max-memory checks
 
 
@@ -148,15 +149,21 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                             "before resetting unfinished sessions (default 5)")
         b.add_argument("--asap", action="store_true",
                        help="send records when read, not at their recorded pace")
-        b.add_argument("-a", "--speed", type=number_arg(float, 0, False), default=1.0,
-                       metavar="F", help="replay the recording F times faster (TCPCopy's "
-                       "-a; F < 1: slower); default 1")
+        b.add_argument("-a", "--speed", type=number_arg(float, MIN_SPEED, True, MAX_SPEED),
+                       default=1.0, metavar="F", help="replay the recording F times faster "
+                       f"(TCPCopy's -a; F < 1: slower; {MIN_SPEED:g}..{MAX_SPEED:g}); default 1")
+        b.add_argument("--max-gap", type=number_arg(float, 0, True, 1e9), metavar="S",
+                       help="shorten gaps between consecutive packet timestamps to S seconds "
+                            "(recording time, before -a), as tc-pace --max-gap; a wait of "
+                            "more than an hour is warned about")
         o = p.add_argument_group("output")
-        o.add_argument("-B", "--batch", type=number_arg(int, 1, True), default=1, metavar="N",
+        o.add_argument("-B", "--batch", type=number_arg(int, 1, True, MAX_BATCH_PKTS), default=1,
+                       metavar="N",
                        help="up to N packets per record (\"pkts\" with a sid column, the "
                             "packets of one turn of the loop): less work here and in "
                             "tc-emit; all tc-* tools read batches, scripts see "
-                            "tcpcopy-records(5); default 1")
+                            f"tcpcopy-records(5); 1..{MAX_BATCH_PKTS} (a record stays below "
+                            f"the record size limit); default 1")
         s = p.add_argument_group("statistics")
         s.add_argument("--stats-every", type=float, metavar="N",
                        help="print the summary every N seconds")
@@ -184,9 +191,9 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             raise UsageError("--any-port goes with --target")
         if not 0 < args.sample <= 100:
             raise UsageError("-r/--sample takes a percentage in 1..100")
-        if args.ramp is not None and not args.ramp > 0:
+        if args.ramp is not None and not 0 < args.ramp <= 1e9:
             raise UsageError("-g/--ramp takes a positive number of seconds")
-        if args.max_memory is not None and not args.max_memory > 0:
+        if args.max_memory is not None and not 0 < args.max_memory <= 1e9:
             raise UsageError("-m/--max-memory takes a positive number of MB")
         if not args.copies >= 1:
             raise UsageError("-n/--copies takes a number of copies >= 1")
@@ -195,10 +202,11 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         for name in ("gate_timeout", "timeout", "keepalive", "connect_timeout", "gap_timeout",
                      "stats_every"):
             v = getattr(args, name)
-            if v is not None and not v > 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive")
-        if args.quiet < 0 or args.drain < 0 or args.max_reconnects < 0:
-            raise UsageError("--quiet, --drain and --max-reconnects cannot be negative")
+            if v is not None and not 0 < v <= 1e9:  # (not NaN, and a finite number of ns)
+                raise UsageError(f"--{name.replace('_', '-')} must be positive (at most 1e9)")
+        if not (0 <= args.quiet <= 1e9 and 0 <= args.drain <= 1e9) or args.max_reconnects < 0:
+            raise UsageError("--quiet, --drain and --max-reconnects cannot be negative (nor "
+                             "NaN, nor more than 1e9 s)")
         rules = (parse_target(args.target, args.any_port) if args.target
                  else parse_transfer(args.transfer))
         alloc = self._build_allocator(args, rules)
@@ -219,7 +227,8 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
 
         k, m = parse_instance(args.instance) if args.instance else (0, 1)
         targets = {r.target_ip for r in rules}
-        pools = parse_pool(args.client_pool, exclude=targets) if args.client_pool else None
+        pools = (parse_pool(args.client_pool, exclude=targets)
+                 if args.client_pool is not None else None)
         alloc = Allocator(pools, k, m)
         fam = {4: "IPv4", 16: "IPv6"}
         for width in sorted({len(ip) for ip in targets}):
@@ -347,7 +356,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         # the server->client half of a capture is dropped before it is queued (the engine
         # would only count it; in real captures it is often most of the packets)
         self._server_side = engine.mapper.server_datagram_test()
-        due = DueQueue(asap=args.asap, speed=args.speed)
+        due = DueQueue(asap=args.asap, speed=args.speed, max_gap=args.max_gap, warn=self.warn)
 
         # Signals: stop reading and drain (a second one ends at once).
         stop = {"sig": 0, "count": 0}
@@ -485,7 +494,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             t = left if t is None else min(t, left)
         if t is not None and deadlines[2] is not None:
             t = min(t, 0.05)  # while draining, look at quiescence often
-        return None if t is None else max(t, 0)
+        return None if t is None else min(max(t, 0), 3600)  # (select() refuses years)
 
     def _read_input(self, fd, parser, due, write_other, engine, now) -> bool:
         """Read what stdin holds; True at end of input."""

@@ -94,14 +94,24 @@ class Pool:
         return (self.ranges[lo][0] + i - self._cum[lo]).to_bytes(self.width, "big")
 
 
+# addresses no client can have: unspecified, broadcast, multicast (and reserved) ones
+_NO_CLIENT = {
+    4: [(ipaddress.ip_network("0.0.0.0/8"), "\"this network\""),
+        (ipaddress.ip_network("224.0.0.0/4"), "multicast"),
+        (ipaddress.ip_network("240.0.0.0/4"), "reserved or broadcast")],
+    16: [(ipaddress.ip_network("::/128"), "unspecified"),
+         (ipaddress.ip_network("ff00::/8"), "multicast")],
+}
+
+
 def _pool_item(item: str):
     """(width, start, count) for one -c item."""
     try:
         if item.endswith(".x"):  # TCPCopy's 62.135.200.x: .1 to .254
             net = ipaddress.IPv4Network(item[:-1] + "0/24")
             return 4, int(net.network_address) + 1, 254
-        if "/" in item:
-            net = ipaddress.ip_network(item, strict=False)
+        if "/" in item:  # (strict: 10.0.0.0/0 is a mistake, not 0.0.0.0/0)
+            net = ipaddress.ip_network(item, strict=True)
             n = net.num_addresses
             start = int(net.network_address)
             if net.version == 4 and n >= 4:  # no network and broadcast addresses
@@ -132,6 +142,11 @@ def parse_pool(spec: str, exclude=()) -> dict[int, Pool]:
         if not item:
             continue
         width, start, count = _pool_item(item)
+        for net, what in _NO_CLIENT[width]:
+            lo = int(net.network_address)
+            if start < lo + net.num_addresses and lo < start + count:
+                raise UsageError(f"-c: {item} holds {what} addresses ({net}), which cannot "
+                                 f"be client addresses")
         pools.setdefault(width, Pool(width)).add(start, count)
     for width, pool in pools.items():
         pool.finish(int.from_bytes(x, "big") for x in exclude if len(x) == width)

@@ -10,14 +10,28 @@ from __future__ import annotations
 import collections
 
 
+# a wait this long for the next packet (1 h) is worth a warning: a timestamp far ahead
+LONG_WAIT_NS = 3600 * 1_000_000_000
+
+
 class DueQueue:
-    def __init__(self, asap: bool = False, speed: float = 1.0):
+    """``max_gap`` (s, recording time): a forward jump between consecutive packets larger
+    than this counts as exactly that (as tc-pace --max-gap); ``warn(msg)`` is told about
+    a wait of more than an hour either way."""
+
+    def __init__(self, asap: bool = False, speed: float = 1.0, max_gap: float | None = None,
+                 warn=None):
         self.asap = asap
         self.speed = speed
         self.anchor_wall = None
         self.anchor_ts = 0
         self.last_due = 0
         self.q = collections.deque()
+        # the largest step between consecutive due times before it is clamped or told
+        self.max_step = LONG_WAIT_NS if max_gap is None else min(
+            LONG_WAIT_NS, round(max_gap * 1_000_000_000 / speed))
+        self.clamp = max_gap is not None
+        self.warn = warn
 
     def due_time(self, ts, now: int) -> int:
         if self.asap or not isinstance(ts, int):
@@ -28,6 +42,8 @@ class DueQueue:
             due = self.anchor_wall + self._scaled(ts - self.anchor_ts)
         if due < self.last_due:
             due = self.last_due
+        elif due - self.last_due > self.max_step and self.last_due and due > now:
+            due = self._long_step(due, self.last_due, now)
         self.last_due = due
         return due
 
@@ -57,6 +73,10 @@ class DueQueue:
                 if not isinstance(data, (bytes, bytearray)):
                     continue
                 ts = item.get("ts")
+                if type(ts) is int and not -(1 << 64) < ts < 1 << 64:
+                    from tcpcopylib.errors import StreamError
+
+                    raise StreamError("a pkt record's ts does not fit in 64 bits")
             if asap or type(ts) is not int:
                 due = now
             elif shift is not None and speed == 1:
@@ -69,6 +89,9 @@ class DueQueue:
                                           else round((ts - self.anchor_ts) / speed))
             if due < last:
                 due = last
+            elif due - last > self.max_step and last and due > now:  # (a wait, not idle input)
+                due = self._long_step(due, last, now)
+                shift = self.anchor_wall - self.anchor_ts
             last = due
             if drop is not None and drop(data):
                 dropped += 1
@@ -76,6 +99,19 @@ class DueQueue:
             append((due, data))
         self.last_due = last
         return dropped
+
+    def _long_step(self, due: int, last: int, now: int) -> int:
+        """A timed packet due long after the one before, in the future: clamp the step to
+        max_gap (shifting the anchor, so the rest keeps its pace) or warn about a wait of
+        an hour or more (a timestamp far ahead; idle live input is no wait)."""
+        step = due - last
+        if self.clamp and step > self.max_step:
+            self.anchor_wall -= step - self.max_step
+            due = last + self.max_step
+        if due - now >= LONG_WAIT_NS and self.warn is not None:
+            self.warn(f"warning: the next packet is due in {(due - now) / 1e9:.0f} s (its "
+                      f"timestamp jumps ahead); --max-gap S shortens such gaps")
+        return due
 
     def _scaled(self, offset: int) -> int:
         return offset if self.speed == 1 else round(offset / self.speed)
