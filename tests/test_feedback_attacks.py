@@ -326,7 +326,7 @@ def test_without_key_warns_beyond_loopback(tmp_path):
     s.close()
     for host, warned in (("0.0.0.0", True), ("127.0.0.1", False)):
         p = subprocess.run([str(tc.BIN / "tc-feedback"), "--listen", f"tcp:{host}:{port}"],
-                           input=b"", capture_output=True, env=tc.env(), timeout=20)
+                           input=tc.stream([]), capture_output=True, env=tc.env(), timeout=20)
         assert p.returncode == 0 and (b"without a key" in p.stderr) == warned, p.stderr
     p = subprocess.run([str(tc.BIN / "tc-feedback"), "--listen", f"tcp:0.0.0.0:{port}",
                         "--key", "/nonexistent"], input=b"", capture_output=True, env=tc.env(),

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import replay_harness as h
-from tc import BIN, env
+from tc import BIN, env, stream
 from tcpcopylib import metrics as m
 
 REPO = Path(__file__).resolve().parent.parent
@@ -355,6 +355,7 @@ def test_listener_refuses_other_requests_and_survives_garbage(tmp_path):
         assert p.poll() is None, "the tool ended"
         assert scrape(port)
     finally:
+        p.stdin.write(stream([]))  # an empty stream, not empty input (that is exit 65)
         p.stdin.close()
         assert p.wait(10) == 0, p.stderr.read()
 
