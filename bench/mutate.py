@@ -1,0 +1,512 @@
+#!/usr/bin/env python3
+"""Mutation testing of chosen functions: does the quick unit suite notice a wrong line?
+
+Not part of CI; run it on demand (issue 20's safety net)::
+
+    python3 bench/mutate.py                      # every module below, ~1 test run per mutant
+    python3 bench/mutate.py --module records --module feedback
+    python3 bench/mutate.py --module pacing --function 'Pacer.plan' --max-mutants 20
+    python3 bench/mutate.py --module capture --tests 'tests/test_capture.py -k split'
+    python3 bench/mutate.py --module engine --list          # show the mutants, run nothing
+    python3 bench/mutate.py --jobs 2 --json /tmp/mut.json   # two copies in parallel
+
+How: the checkout's tcpcopylib/, bin/ and tests/ (and pyproject.toml) are copied to a
+temporary directory (one copy per job). For each mutant, ONE change is made to the AST of
+one chosen function, the function's source lines in the copy are replaced by the mutated
+function (ast.unparse, re-indented; the rest of the file is untouched) and the module's
+quick tests run with ``python3 -m pytest -x`` in the copy (PYTHONPATH = the copy; tests/tc.py
+and bin/_tc find the copy relative to themselves, so tools run as subprocesses use the
+mutant too). A failing run kills the mutant; a passing one lets it survive; a run longer
+than the timeout (default: 3 x the unmutated run + 10 s) is counted as timed out. Before
+the mutants, each module's tests run once on the copy with every chosen function replaced
+by its unparsed (unmutated) form, which must pass.
+
+Mutations (see Mutator): arithmetic/bitwise operator swaps (+ -, * /, // *, << >>, & | ^),
+removing a mask or modulus (``x & 0xFFFFFFFF``, ``x % 2**32`` -> ``x``), removing one side
+of an ``|`` (a flag OR) or ``~``/unary minus, comparison swaps (< <=, > >=, == !=, is, in),
+integer constant +1, True <-> False, ``and`` <-> ``or``, negating an if/while/ternary
+condition, removing a ``not``, min <-> max, augmented-assignment operator swaps, and
+dropping a statement (an augmented assignment, an assignment to an attribute or item, a
+call statement).
+
+Mutants known to be equivalent (no observable difference: e.g. a fast path that only
+declines and lets the general decoder answer the same) are listed in EQUIVALENT with the
+reason and are not run; ``--all`` runs them too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import concurrent.futures
+import copy
+import fnmatch
+import json
+import os
+import queue
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTEST = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+          "-m", "not netns", "--no-header", "-o", "addopts="]
+
+# module name -> list of (file, function patterns (qualnames, fnmatch), test arguments).
+TARGETS: dict[str, list[tuple[str, list[str], str]]] = {
+    "engine": [
+        ("tcpcopylib/session/engine.py",
+         ["_signed", "Engine._client_segment", "Engine._append", "Engine._hold_gap",
+          "Engine._fill_from_ooo", "Engine._out", "Engine._tsopt", "Engine._ack_no",
+          "Engine._seq", "Engine._send_syn", "Engine._send_segment", "Engine._push",
+          "Engine._may_release", "Engine._response_complete", "Engine._fb_syn_sent",
+          "Engine._fb_ack", "Engine._fb_data", "Engine._retransmit", "Engine._response_missing"],
+         "tests/test_session_engine.py tests/test_session_shaping.py tests/test_session_fast.py"),
+    ],
+    "records": [
+        ("tcpcopylib/records.py",
+         ["cbor_head", "scan_record", "fast_record", "_record", "replace_ts", "batch_structs",
+          "encode_pkts", "PendingBatch.*", "_bytes_head", "scan_batch", "_column",
+          "batch_stamps", "_split", "_batch_columns", "batch_records", "batch_packets",
+          "encode_section"],
+         "tests/test_records_fast.py tests/test_records.py"),
+        ("tcpcopylib/capture.py", ["_bstr_head", "encode_pkt"],
+         "tests/test_records_fast.py tests/test_capture.py"),
+        ("tcpcopylib/pcapio.py", ["encode_pkt"],
+         "tests/test_records_fast.py tests/test_readpcap.py"),
+        ("tcpcopylib/intercept.py", ["encode_fb", "fb_record"],
+         "tests/test_records_fast.py tests/test_intercept.py"),
+        ("tcpcopylib/cli/session.py", ["encode_pkt"],
+         "tests/test_records_fast.py tests/test_session_fast.py"),
+    ],
+    "pacing": [
+        ("tcpcopylib/pacing.py", ["Pacer.plan", "Pacer.due", "Pacer.release"],
+         "tests/test_pace.py -k 'not real_clock and not reshaped_timeline'"),
+        ("tcpcopylib/session/timing.py", ["DueQueue.*"],
+         "tests/test_session_engine.py tests/test_session_fast.py"),
+    ],
+    "alloc": [
+        ("tcpcopylib/session/alloc.py",
+         ["Allocator.allocate", "Allocator._from_space", "Allocator.release", "Allocator._gc",
+          "Allocator.hint", "Pool.finish", "Pool.addr"],
+         "tests/test_session_alloc.py tests/test_session_engine.py"),
+    ],
+    "capture": [
+        ("tcpcopylib/capture.py", ["split_segment"],
+         "tests/test_capture_split.py tests/test_capture.py -k 'split and not gro_supersegments'"),
+    ],
+    "feedback": [
+        ("tcpcopylib/feedback.py",
+         ["fb_span", "_fb_prefix", "reply_key", "route_key", "claim_key", "claim_route_key",
+          "_claim_ip", "_claim_port", "claim_keys"],
+         "tests/test_feedback_routing.py tests/test_intercept.py tests/test_feedback.py "
+         "-k 'routing or fb_span or claim_keys or read_replies or two_clients'"),
+    ],
+}
+
+# (file, function qualname, mutation text) -> why the mutant cannot be told apart.
+EQUIVALENT: dict[tuple[str, str, str], str] = {}
+
+
+# -- mutations ---------------------------------------------------------------------------
+
+_BINOP_SWAPS = {
+    ast.Add: [ast.Sub], ast.Sub: [ast.Add], ast.Mult: [ast.FloorDiv], ast.Div: [ast.Mult],
+    ast.FloorDiv: [ast.Mult], ast.Mod: [ast.FloorDiv], ast.LShift: [ast.RShift],
+    ast.RShift: [ast.LShift], ast.BitAnd: [ast.BitOr], ast.BitOr: [ast.BitAnd, ast.BitXor],
+    ast.BitXor: [ast.BitOr], ast.Pow: [ast.Mult],
+}
+_CMP_SWAPS = {
+    ast.Lt: [ast.LtE], ast.LtE: [ast.Lt], ast.Gt: [ast.GtE], ast.GtE: [ast.Gt],
+    ast.Eq: [ast.NotEq], ast.NotEq: [ast.Eq], ast.Is: [ast.IsNot], ast.IsNot: [ast.Is],
+    ast.In: [ast.NotIn], ast.NotIn: [ast.In],
+}
+
+
+def _src(node) -> str:
+    s = ast.unparse(node).replace("\n", "; ")
+    return s if len(s) <= 70 else s[:67] + "..."
+
+
+@dataclass
+class Site:
+    """One mutation: the index of a node in the function's ast.walk() order and a kind."""
+    index: int
+    kind: str
+    arg: object = None
+    line: int = 0
+    text: str = ""
+
+
+class Mutator:
+    """Lists the mutations of a function node and applies one to a (fresh) copy."""
+
+    @staticmethod
+    def sites(func) -> list[Site]:
+        out = []
+        docstrings = {id(d.body[0].value) for d in ast.walk(func)
+                      if isinstance(d, (ast.FunctionDef, ast.ClassDef)) and d.body
+                      and isinstance(d.body[0], ast.Expr)
+                      and isinstance(d.body[0].value, ast.Constant)}
+        for i, n in enumerate(ast.walk(func)):
+            line = getattr(n, "lineno", 0)
+
+            def add(kind, arg=None):
+                out.append(Site(i, kind, arg, line))
+            if isinstance(n, ast.BinOp):
+                for new in _BINOP_SWAPS.get(type(n.op), ()):
+                    add("binop", new)
+                if isinstance(n.op, (ast.BitAnd, ast.Mod)):
+                    add("left")  # mask / modulus removal
+                if isinstance(n.op, ast.BitOr):
+                    add("left")
+                    add("right")
+            elif isinstance(n, ast.UnaryOp):
+                if isinstance(n.op, (ast.Not, ast.Invert, ast.USub)):
+                    add("operand")
+            elif isinstance(n, ast.Compare):
+                for k, op in enumerate(n.ops):
+                    for new in _CMP_SWAPS.get(type(op), ()):
+                        add("cmp", (k, new))
+            elif isinstance(n, ast.Constant) and id(n) not in docstrings:
+                if isinstance(n.value, bool):
+                    add("const", not n.value)
+                elif isinstance(n.value, int):
+                    add("const", n.value + 1)  # (one direction: -1 rarely adds a kill)
+            elif isinstance(n, ast.BoolOp):
+                add("boolop")
+            elif isinstance(n, (ast.If, ast.While, ast.IfExp)) and not (
+                    # the same as a comparison swap or removing the not
+                    isinstance(n.test, ast.Compare) and len(n.test.ops) == 1
+                    and type(n.test.ops[0]) in (ast.Eq, ast.NotEq, ast.Is, ast.IsNot, ast.In,
+                                                ast.NotIn)
+                    or isinstance(n.test, ast.UnaryOp) and isinstance(n.test.op, ast.Not)):
+                add("negate")
+            elif isinstance(n, ast.Call) and isinstance(n.func, ast.Name) \
+                    and n.func.id in ("min", "max"):
+                add("minmax")
+            if isinstance(n, ast.AugAssign):
+                for new in _BINOP_SWAPS.get(type(n.op), ()):
+                    add("augop", new)
+            if isinstance(n, (ast.FunctionDef, ast.If, ast.For, ast.While, ast.With, ast.Try,
+                              ast.ExceptHandler)):
+                for fld in ("body", "orelse", "finalbody"):
+                    for k, st in enumerate(getattr(n, fld, ()) or ()):
+                        if isinstance(st, ast.AugAssign) or \
+                                isinstance(st, ast.Expr) and isinstance(st.value, ast.Call) or \
+                                isinstance(st, ast.Assign) and all(
+                                    isinstance(t, (ast.Attribute, ast.Subscript))
+                                    for t in st.targets):
+                            out.append(Site(i, "drop", (fld, k), st.lineno))
+        for s in out:
+            s.text = Mutator.describe(func, s)
+        out.sort(key=lambda s: s.line)
+        return out
+
+    @staticmethod
+    def apply(func, site: Site):
+        """Apply site to func (in place); returns (old node, new node) for the text."""
+        n = list(ast.walk(func))[site.index]
+        kind, arg = site.kind, site.arg
+        parents = {id(c): (p, f) for p in ast.walk(func) for f, v in ast.iter_fields(p)
+                   for c in (v if isinstance(v, list) else [v]) if isinstance(c, ast.AST)}
+
+        def replace(old, new):
+            p, f = parents[id(old)]
+            v = getattr(p, f)
+            if isinstance(v, list):
+                v[v.index(old)] = new
+            else:
+                setattr(p, f, new)
+            return old, new
+        old = copy.deepcopy(n)
+        if kind == "binop":
+            n.op = arg()
+        elif kind == "augop":
+            n.op = arg()
+            return old, n
+        elif kind == "left":
+            return replace(n, n.left)
+        elif kind == "right":
+            return replace(n, n.right)
+        elif kind == "operand":
+            return replace(n, n.operand)
+        elif kind == "cmp":
+            n.ops[arg[0]] = arg[1]()
+        elif kind == "const":
+            n.value = arg
+        elif kind == "boolop":
+            n.op = ast.Or() if isinstance(n.op, ast.And) else ast.And()
+        elif kind == "negate":
+            n.test = ast.UnaryOp(ast.Not(), n.test)
+            return ast.Expr(old.test), ast.Expr(n.test)
+        elif kind == "minmax":
+            n.func.id = "max" if n.func.id == "min" else "min"
+        elif kind == "drop":
+            fld, k = arg
+            body = getattr(n, fld)
+            st = body[k]
+            body[k] = ast.Pass()
+            return st, body[k]
+        else:
+            raise ValueError(kind)
+        return old, n
+
+    @staticmethod
+    def describe(func, site: Site) -> str:
+        f = copy.deepcopy(func)
+        old, new = Mutator.apply(f, site)
+        if site.kind == "negate":
+            return f"if {_src(old)} -> if {_src(new)}"
+        return f"{_src(old)} -> {_src(new)}"
+
+
+# -- functions and mutants ----------------------------------------------------------------
+
+def functions(tree) -> dict[str, ast.AST]:
+    out = {}
+    for n in tree.body:
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            out[n.name] = n
+        elif isinstance(n, ast.ClassDef):
+            for m in n.body:
+                if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    out[f"{n.name}.{m.name}"] = m
+    return out
+
+
+def replaced_source(text: str, func, new_func) -> str:
+    """text with func's lines (decorators included) replaced by new_func, unparsed."""
+    lines = text.splitlines(keepends=True)
+    start = min([func.lineno] + [d.lineno for d in func.decorator_list]) - 1
+    indent = lines[func.lineno - 1][:func.col_offset]
+    body = textwrap.indent(ast.unparse(new_func), indent) + "\n"
+    return "".join(lines[:start]) + body + "".join(lines[func.end_lineno:])
+
+
+@dataclass
+class Mutant:
+    module: str
+    file: str
+    func: str
+    site: Site
+    tests: str
+    result: str = ""
+    seconds: float = 0.0
+    equivalent: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.site.line}"
+
+
+@dataclass
+class Target:
+    module: str
+    file: str
+    funcs: list[str]
+    tests: str
+    mutants: list[Mutant] = field(default_factory=list)
+
+
+def plan(args) -> list[Target]:
+    out = []
+    for mod in args.module or list(TARGETS):
+        if mod not in TARGETS:
+            sys.exit(f"mutate: unknown module {mod!r} (one of {', '.join(TARGETS)})")
+        for file, pats, tests in TARGETS[mod]:
+            pats = args.function or pats
+            tree = ast.parse((REPO / file).read_text())
+            funcs = functions(tree)
+            names = [q for q in funcs if any(fnmatch.fnmatchcase(q, p) for p in pats)]
+            if not names:
+                continue
+            t = Target(mod, file, names, args.tests or tests)
+            for q in names:
+                for s in Mutator.sites(funcs[q]):
+                    m = Mutant(mod, file, q, s, t.tests)
+                    m.equivalent = EQUIVALENT.get((file, q, s.text))
+                    if m.equivalent is None or args.all:
+                        t.mutants.append(m)
+            out.append(t)
+    if args.max_mutants:
+        rng = random.Random(args.seed)
+        by_mod: dict[str, list[Mutant]] = {}
+        for t in out:
+            by_mod.setdefault(t.module, []).extend(t.mutants)
+        keep = set()
+        for ms in by_mod.values():
+            if len(ms) > args.max_mutants:
+                ms = rng.sample(ms, args.max_mutants)
+            keep.update(map(id, ms))
+        for t in out:
+            t.mutants = [m for m in t.mutants if id(m) in keep]
+    return out
+
+
+# -- running ------------------------------------------------------------------------------
+
+def make_copy(root: Path) -> Path:
+    for d in ("tcpcopylib", "bin", "tests"):
+        shutil.copytree(REPO / d, root / d, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if (REPO / "pyproject.toml").exists():
+        shutil.copy2(REPO / "pyproject.toml", root)
+    return root
+
+
+def run_tests(root: Path, tests: str, timeout: float) -> tuple[str, float, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.pop("PYTEST_ADDOPTS", None)
+    args = shlex.split(tests)
+    # only test files that exist (a planned test file may not be written yet)
+    args = [a for a in args if not (a.startswith("tests/") and a.endswith(".py"))
+            or (root / a).exists()]
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run(PYTEST + args, cwd=root, env=env, capture_output=True,
+                           timeout=timeout, start_new_session=True)
+    except subprocess.TimeoutExpired as e:
+        return "timeout", time.monotonic() - t0, (e.stdout or b"").decode(errors="replace")
+    out = r.stdout.decode(errors="replace")
+    code = {0: "survived", 1: "killed", 5: "no-tests"}.get(r.returncode, "killed")
+    return code, time.monotonic() - t0, out
+
+
+def mutated_text(file: str, func: str, site: Site | None) -> str:
+    text = (REPO / file).read_text()
+    tree = ast.parse(text)
+    f = functions(tree)[func]
+    new = copy.deepcopy(f)
+    if site is not None:
+        Mutator.apply(new, site)
+    return replaced_source(text, f, new)
+
+
+def install(root: Path, file: str, text: str) -> None:
+    p = root / file
+    p.write_text(text)
+    cache = p.parent / "__pycache__"
+    if cache.is_dir():
+        for c in cache.glob(p.stem + ".*"):
+            c.unlink()
+
+
+def baseline(root: Path, targets: list[Target]) -> dict[str, float]:
+    """Run each (module's) test set once against the unparsed, unmutated functions."""
+    times = {}
+    for t in targets:
+        text = (REPO / t.file).read_text()
+        tree = ast.parse(text)
+        funcs = functions(tree)
+        for q in sorted(t.funcs, key=lambda q: -funcs[q].lineno):  # bottom up: lines hold
+            text = replaced_source(text, funcs[q], funcs[q])
+        compile(text, t.file, "exec")
+        install(root, t.file, text)
+        if t.tests not in times:
+            res, secs, out = run_tests(root, t.tests, 600)
+            if res != "survived":
+                sys.exit(f"mutate: the tests fail without a mutation ({t.module}, {t.tests}):\n"
+                         + out[-3000:])
+            times[t.tests] = secs
+        install(root, t.file, (REPO / t.file).read_text())
+    return times
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--module", action="append", help=f"one of {', '.join(TARGETS)} (repeat)")
+    ap.add_argument("--function", action="append",
+                    help="function qualname or fnmatch pattern, e.g. 'Pacer.*' (repeat)")
+    ap.add_argument("--tests", help="pytest arguments to run instead of the module's own")
+    ap.add_argument("--max-mutants", type=int, default=0,
+                    help="at most this many per module (a seeded random sample)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=0,
+                    help="seconds per mutant (default 3 x the unmutated run + 10)")
+    ap.add_argument("--all", action="store_true", help="also run mutants listed as equivalent")
+    ap.add_argument("--list", action="store_true", help="list the mutants, run nothing")
+    ap.add_argument("--json", help="write every mutant's result here")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print each mutant's result")
+    args = ap.parse_args(argv)
+
+    targets = plan(args)
+    mutants = [m for t in targets for m in t.mutants]
+    if args.list:
+        for m in mutants:
+            print(f"{m.module:9} {m.where:40} {m.func:28} {m.site.text}")
+        print(f"{len(mutants)} mutants")
+        return 0
+    print(f"mutate: {len(mutants)} mutants in {len(targets)} files, {args.jobs} job(s)",
+          flush=True)
+    with tempfile.TemporaryDirectory(prefix="tc-mutate-") as tmp:
+        roots: queue.Queue = queue.Queue()
+        for j in range(max(1, args.jobs)):
+            roots.put(make_copy(Path(tmp) / f"copy{j}"))
+        r0 = roots.get()
+        chk = subprocess.run([sys.executable, "-c", "import tcpcopylib; print(tcpcopylib.__file__)"],
+                             cwd=r0, env={**os.environ, "PYTHONPATH": str(r0)},
+                             capture_output=True, text=True)
+        if not chk.stdout.startswith(str(r0)):
+            sys.exit(f"mutate: the copy's tcpcopylib is not the one imported: {chk.stdout}")
+        times = baseline(r0, targets)
+        roots.put(r0)
+        done = [0]
+
+        def one(m: Mutant):
+            root = roots.get()
+            try:
+                install(root, m.file, mutated_text(m.file, m.func, m.site))
+                limit = args.timeout or 3 * times[m.tests] + 10
+                m.result, m.seconds, _ = run_tests(root, m.tests, limit)
+            finally:
+                install(root, m.file, (REPO / m.file).read_text())
+                roots.put(root)
+            done[0] += 1
+            if args.verbose or m.result != "killed":
+                print(f"  [{done[0]}/{len(mutants)}] {m.result:8} {m.where} {m.func}: "
+                      f"{m.site.text}", flush=True)
+
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as ex:
+            list(ex.map(one, mutants))
+    report(targets, mutants, time.monotonic() - t0)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            [{"module": m.module, "file": m.file, "line": m.site.line, "function": m.func,
+              "mutation": m.site.text, "result": m.result, "seconds": round(m.seconds, 2)}
+             for m in mutants], indent=1))
+    return 0
+
+
+def report(targets, mutants, secs) -> None:
+    print(f"\n{'module':10} {'mutants':>7} {'killed':>7} {'survived':>8} {'timeout':>7}")
+    mods = list(dict.fromkeys(t.module for t in targets))
+    for mod in mods:
+        ms = [m for m in mutants if m.module == mod]
+        c = {k: sum(m.result == k for m in ms) for k in ("killed", "survived", "timeout")}
+        print(f"{mod:10} {len(ms):7} {c['killed']:7} {c['survived']:8} {c['timeout']:7}")
+    print(f"({secs:.0f} s)")
+    surv = [m for m in mutants if m.result in ("survived", "no-tests")]
+    if surv:
+        print("\nsurvivors:")
+        for m in surv:
+            print(f"  {m.module:9} {m.where:38} {m.func}: {m.site.text}"
+                  + (" (no tests ran)" if m.result == "no-tests" else ""))
+    eq = [(k, v) for k, v in EQUIVALENT.items()]
+    if eq:
+        print(f"\n{len(eq)} mutants listed as equivalent (not run; see EQUIVALENT)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
