@@ -362,24 +362,87 @@ def make_copy(root: Path) -> Path:
     return root
 
 
-def run_tests(root: Path, tests: str, timeout: float) -> tuple[str, float, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(root)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env.pop("PYTEST_ADDOPTS", None)
+def run_tests(root: Path, tests: str, timeout: float, fork: bool = True) -> tuple[str, float, str]:
+    """Run pytest on the copy at root: (result, seconds, output). With fork, in a child of
+    this process (pytest already imported, no interpreter start-up: this process never
+    imports tcpcopylib), else as a new interpreter."""
     args = shlex.split(tests)
     # only test files that exist (a planned test file may not be written yet)
     args = [a for a in args if not (a.startswith("tests/") and a.endswith(".py"))
             or (root / a).exists()]
     t0 = time.monotonic()
+    if fork:
+        code, out = _forked_pytest(root, PYTEST[3:] + args, timeout)
+    else:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(root)
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.pop("PYTEST_ADDOPTS", None)
+        try:
+            r = subprocess.run(PYTEST + args, cwd=root, env=env, capture_output=True,
+                               timeout=timeout, start_new_session=True)
+            code, out = r.returncode, r.stdout.decode(errors="replace")
+        except subprocess.TimeoutExpired as e:
+            code, out = None, (e.stdout or b"").decode(errors="replace")
+    secs = time.monotonic() - t0
+    if code is None:
+        return "timeout", secs, out
+    return {0: "survived", 1: "killed", 5: "no-tests"}.get(code, "killed"), secs, out
+
+
+def _forked_pytest(root: Path, args: list, timeout: float):
+    """(exit code or None on timeout, output) of pytest.main(args) in a forked child."""
+    import pytest  # noqa: F401  (imported once, before any fork)
     try:
-        r = subprocess.run(PYTEST + args, cwd=root, env=env, capture_output=True,
-                           timeout=timeout, start_new_session=True)
-    except subprocess.TimeoutExpired as e:
-        return "timeout", time.monotonic() - t0, (e.stdout or b"").decode(errors="replace")
-    out = r.stdout.decode(errors="replace")
-    code = {0: "survived", 1: "killed", 5: "no-tests"}.get(r.returncode, "killed")
-    return code, time.monotonic() - t0, out
+        import cbor2  # noqa: F401  (the library's one dependency: shared too)
+    except ImportError:
+        pass
+
+    fd, log = tempfile.mkstemp(prefix="mutate-", suffix=".log")
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 3
+        try:
+            os.setsid()
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.chdir(root)
+            os.environ["PYTHONPATH"] = str(root)  # for the tools the tests run
+            os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+            os.environ.pop("PYTEST_ADDOPTS", None)
+            sys.dont_write_bytecode = True
+            sys.path[:] = [str(root)] + [p for p in sys.path
+                                         if p not in ("", str(REPO), str(REPO / "bench"))]
+            for name in [m for m in sys.modules if m == "tcpcopylib" or m.startswith(
+                    ("tcpcopylib.", "conftest", "test_")) or m == "tc"]:
+                del sys.modules[name]
+            code = int(pytest.main(args))
+        except BaseException:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(fd)
+    deadline = time.monotonic() + timeout
+    status = None
+    while True:
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = os.waitstatus_to_exitcode(st)
+            break
+        if time.monotonic() > deadline:
+            try:
+                os.killpg(pid, 9)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.02)
+    out = Path(log).read_text(errors="replace")
+    os.unlink(log)
+    return status, out
 
 
 def mutated_text(file: str, func: str, site: Site | None) -> str:
@@ -401,7 +464,7 @@ def install(root: Path, file: str, text: str) -> None:
             c.unlink()
 
 
-def baseline(root: Path, targets: list[Target]) -> dict[str, float]:
+def baseline(root: Path, targets: list[Target], fork: bool) -> dict[str, float]:
     """Run each (module's) test set once against the unparsed, unmutated functions."""
     times = {}
     for t in targets:
@@ -413,7 +476,7 @@ def baseline(root: Path, targets: list[Target]) -> dict[str, float]:
         compile(text, t.file, "exec")
         install(root, t.file, text)
         if t.tests not in times:
-            res, secs, out = run_tests(root, t.tests, 600)
+            res, secs, out = run_tests(root, t.tests, 600, fork)
             if res != "survived":
                 sys.exit(f"mutate: the tests fail without a mutation ({t.module}, {t.tests}):\n"
                          + out[-3000:])
@@ -437,6 +500,8 @@ def main(argv=None) -> int:
     ap.add_argument("--all", action="store_true", help="also run mutants listed as equivalent")
     ap.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     ap.add_argument("--json", help="write every mutant's result here")
+    ap.add_argument("--no-fork", action="store_true",
+                    help="run each test run as a new interpreter (slower; default: fork)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print each mutant's result")
     args = ap.parse_args(argv)
 
@@ -459,7 +524,7 @@ def main(argv=None) -> int:
                              capture_output=True, text=True)
         if not chk.stdout.startswith(str(r0)):
             sys.exit(f"mutate: the copy's tcpcopylib is not the one imported: {chk.stdout}")
-        times = baseline(r0, targets)
+        times = baseline(r0, targets, not args.no_fork)
         roots.put(r0)
         done = [0]
 
@@ -468,7 +533,7 @@ def main(argv=None) -> int:
             try:
                 install(root, m.file, mutated_text(m.file, m.func, m.site))
                 limit = args.timeout or 3 * times[m.tests] + 10
-                m.result, m.seconds, _ = run_tests(root, m.tests, limit)
+                m.result, m.seconds, _ = run_tests(root, m.tests, limit, not args.no_fork)
             finally:
                 install(root, m.file, (REPO / m.file).read_text())
                 roots.put(root)
