@@ -367,3 +367,135 @@ def test_a_batch_whose_lengths_do_not_add_up_is_an_error(layout):
     assert isinstance(err, StreamError) and "malformed pkts record" in str(err)
     r = run(["tc-dump"], input=s)
     assert r.returncode == 65 and b"malformed pkts record" in r.stderr
+
+
+# -- the hand-made encoders at every length boundary of CBOR (bench/mutate.py's records) --
+_BOUNDS = [0, 1, 23, 24, 25, 255, 256, 257, 2047, 2048, 65535, 65536]
+_STAMPS = [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**32 + 1, TS, 2**64 - 1]
+
+
+def test_cbor_head_is_cbor2s_head_at_every_boundary():
+    from tcpcopylib.capture import _bstr_head
+    from tcpcopylib.records import cbor_head
+
+    for n in _BOUNDS + [2**32 - 1, 2**32, 2**64 - 1]:
+        assert cbor_head(0, n) == cbor2.dumps(n), n
+        if n <= 65536:
+            enc = cbor2.dumps(bytes(n))
+            assert cbor_head(2, n) == enc[:len(enc) - n] == _bstr_head(n), n
+            enc = cbor2.dumps("a" * n)
+            assert cbor_head(3, n) == enc[:len(enc) - n], n
+            assert cbor2.dumps([0] * n).startswith(cbor_head(4, n)), n
+            assert cbor2.dumps([0] * n) == cbor_head(4, n) + b"\x00" * n, n
+    assert _bstr_head(2**32 - 1) == cbor_head(2, 2**32 - 1) == b"\x5a\xff\xff\xff\xff"
+    assert cbor_head(2, 2**32) == b"\x5b" + U64(2**32)
+
+
+def test_every_pkt_encoder_is_cbor2s_at_every_boundary():
+    from tcpcopylib import capture, pcapio
+    from tcpcopylib.cli.session import encode_pkt as session_pkt
+
+    for ts in _STAMPS:
+        for n in _BOUNDS:
+            data = bytes(range(256)) * (n // 256) + bytes(range(n % 256))
+            want = cbor2.dumps({"t": "pkt", "ts": ts, "data": data})
+            assert capture.encode_pkt(ts, data) == want, (ts, n)
+            assert pcapio.encode_pkt(ts, data) == want, (ts, n)
+            for ln in (1, 23, 24, 1500, 70000):
+                want = cbor2.dumps({"t": "pkt", "ts": ts, "data": data, "len": ln})
+                assert capture.encode_pkt(ts, data, ln) == want, (ts, n, ln)
+                assert pcapio.encode_pkt(ts, data, ln) == want, (ts, n, ln)
+            for sid in (0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32):
+                want = cbor2.dumps({"t": "pkt", "ts": ts, "data": data, "sid": sid})
+                assert session_pkt(ts, data, sid) == want, (ts, n, sid)
+                if ts > 0xFFFFFFFF and n < 0x10000 and sid < 2**32:  # the common layout
+                    assert fast_record(want, 0, len(want)) == (
+                        {"t": "pkt", "ts": ts, "data": data, "sid": sid}, len(want)), (ts, n, sid)
+    # beyond 64 bits: cbor2's bignum, as cbor2 writes it
+    for enc in (capture.encode_pkt, pcapio.encode_pkt):
+        assert enc(2**64, b"x") == cbor2.dumps({"t": "pkt", "ts": 2**64, "data": b"x"})
+    assert session_pkt(2**64, bytes(30), 1) == cbor2.dumps(
+        {"t": "pkt", "ts": 2**64, "data": bytes(30), "sid": 1})
+
+
+def test_fast_record_takes_each_shortest_head_and_no_longer_one():
+    """The fast path takes every shortest encoding at each head boundary (data length,
+    "len"/"sid" value) and refuses the same value in a longer head than needed (its bytes
+    would not be cbor2's)."""
+    head = b"\x61t\x63pkt\x62ts\x1b" + U64(TS) + b"\x64data"
+    for n in (0, 1, 23, 24, 25, 255, 256, 257, 65535):
+        for extra in ({}, {"sid": 0}, {"len": 23}, {"sid": 24}, {"len": 255}, {"sid": 256},
+                      {"len": 65535}, {"sid": 65536}, {"len": 2**32 - 1}, {"sid": 7, "len": 9}):
+            rec = {"t": "pkt", "ts": TS, "data": bytes(n), **extra}
+            enc = cbor2.dumps(rec)
+            assert fast_record(enc, 0, len(enc)) == (rec, len(enc)), (n, extra)
+            assert fast_record(b"\x00\x00" + enc + b"\xff", 2, len(enc) + 2) == (rec, len(enc) + 2)
+            assert fast_record(enc, 0, len(enc) - 1) is None
+    longer = [b"\x58\x17" + bytes(23), b"\x59\x00\xff" + bytes(255)]
+    for data in longer:
+        assert fast_record(b"\xa3" + head + data, 0, 100_000) is None, data[:3]
+    for tail, value in ((b"\x18\x17", 23), (b"\x19\x00\xff", 255),
+                        (b"\x1a\x00\x00\xff\xff", 65535)):
+        for key in (b"\x63sid", b"\x63len"):
+            enc = b"\xa4" + head + b"\x41x" + key + tail
+            assert fast_record(enc, 0, len(enc)) is None, (key, tail)
+            assert cbor2.loads(enc)[key[1:].decode()] == value
+    # the smallest values of each longer head are taken
+    for tail, value in ((b"\x18\x18", 24), (b"\x19\x01\x00", 256),
+                        (b"\x1a\x00\x01\x00\x00", 65536), (b"\x17", 23)):
+        enc = b"\xa4" + head + b"\x41x" + b"\x63sid" + tail
+        assert fast_record(enc, 0, len(enc)) == (
+            {"t": "pkt", "ts": TS, "data": b"x", "sid": value}, len(enc))
+    # a timestamp that fits in 32 bits is not in its shortest form with 8 bytes
+    for ts in (2**32 - 1, 2**32):
+        enc = b"\xa3\x61t\x63pkt\x62ts\x1b" + U64(ts) + b"\x64data\x41x"
+        assert (fast_record(enc, 0, len(enc)) is None) == (ts < 2**32)
+    # a map of 3 to 5 keys only; an fb record's head
+    for m in (0xA2, 0xA6):
+        enc = bytes([m]) + head + b"\x41x"
+        assert fast_record(enc, 0, len(enc)) is None
+    fb = cbor2.dumps({"t": "fb", "ts": TS, "data": bytes(30), "len": 300})
+    assert fast_record(fb, 0, len(fb)) == ({"t": "fb", "ts": TS, "data": bytes(30), "len": 300},
+                                           len(fb))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 31, 32, 33, 8191, 8192])
+def test_encode_pkts_is_cbor2s_at_every_column_boundary(n):
+    from tcpcopylib.records import PendingBatch, batch_records, encode_pkts, scan_batch
+
+    rng = random.Random(n)
+    stamps = [rng.choice([0, 1, 2**32, 2**64 - 1, TS + i]) for i in range(n)]
+    datas = [bytes([i & 255]) * rng.choice([0, 1, 23, 24, 255, 256, 1500]) for i in range(n)]
+    sids = [rng.choice([0, 23, 24, 65536, 2**32 - 1]) for _ in range(n)]
+    for s in (None, sids):
+        rec = {"t": "pkts", "ts": struct.pack(f">{n}Q", *stamps),
+               "len": struct.pack(f">{n}H", *map(len, datas)), "data": b"".join(datas)}
+        if s is not None:
+            rec["sid"] = struct.pack(f">{n}I", *s)
+        raw = encode_pkts(stamps, datas, s)
+        assert raw == cbor2.dumps(rec)
+        buf = b"\x01" + raw + b"\x02"
+        b = scan_batch(buf, 1, len(raw) + 1)
+        assert b is not None and b[0] == n and b[-1] == len(raw) + 1
+        assert scan_batch(buf, 1, len(raw)) is None
+        want = [{"t": "pkt", "ts": t, "data": d} for t, d in zip(stamps, datas)]
+        if s is not None:
+            for w, i in zip(want, s):
+                w["sid"] = i
+        assert batch_records(buf, 1, len(raw) + 1) == want
+        # PendingBatch writes the same record and starts a new one
+        pb = PendingBatch(sids=s is not None)
+
+        class W:
+            buf = b""
+        for t, d, i in zip(stamps, datas, sids):
+            pb.stamps.append(t)
+            pb.datas.append(d)
+            if pb.sids is not None:
+                pb.sids.append(i)
+        assert len(pb) == n
+        w = W()
+        pb.write_to(w)
+        assert w.buf == raw and len(pb) == 0 and not pb.datas and (pb.sids in (None, []))
+        pb.write_to(w)  # empty: writes nothing
+        assert w.buf == raw
