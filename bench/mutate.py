@@ -9,6 +9,7 @@ Not part of CI; run it on demand (issue 20's safety net)::
     python3 bench/mutate.py --module capture --tests 'tests/test_capture.py -k split'
     python3 bench/mutate.py --module engine --list          # show the mutants, run nothing
     python3 bench/mutate.py --jobs 2 --json /tmp/mut.json   # two copies in parallel
+    python3 bench/mutate.py --rerun /tmp/mut.json           # only that run's survivors
 
 How: the checkout's tcpcopylib/, bin/ and tests/ (and pyproject.toml) are copied to a
 temporary directory (one copy per job). For each mutant, ONE change is made to the AST of
@@ -336,6 +337,14 @@ def plan(args) -> list[Target]:
                     if m.equivalent is None or args.all:
                         t.mutants.append(m)
             out.append(t)
+    if args.rerun:
+        # only the mutants a previous run (--json) did not kill, known by (file, function,
+        # mutation): line numbers may have moved
+        prev = json.loads(Path(args.rerun).read_text())
+        again = {(m["file"], m["function"], m["mutation"]) for m in prev
+                 if m["result"] != "killed"}
+        for t in out:
+            t.mutants = [m for m in t.mutants if (m.file, m.func, m.site.text) in again]
     if args.max_mutants:
         rng = random.Random(args.seed)
         by_mod: dict[str, list[Mutant]] = {}
@@ -498,6 +507,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=0,
                     help="seconds per mutant (default 3 x the unmutated run + 10)")
     ap.add_argument("--all", action="store_true", help="also run mutants listed as equivalent")
+    ap.add_argument("--rerun", metavar="JSON",
+                    help="run only the mutants that survived (or timed out) in this --json "
+                         "file of an earlier run (after adding tests)")
     ap.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     ap.add_argument("--json", help="write every mutant's result here")
     ap.add_argument("--no-fork", action="store_true",

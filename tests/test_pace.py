@@ -367,3 +367,106 @@ def test_a_rate_cap_takes_a_batch_apart(sids):
     recs = decode(r.stdout)
     assert [x["data"] for x in recs] == [bytes([i]) for i in range(5)]
     assert [x.get("sid") for x in recs] == (sids or [None] * 5)
+
+
+# ---- tc-session's input schedule (session/timing.DueQueue), fake clock ------------------
+
+def _queue_items(q, now):
+    out = []
+    while len(q):
+        due = q.next_due()
+        got = q.pop_due(due)
+        assert got and q.pop_due(due) == []
+        out += [(due, x) for x in got]
+    return out
+
+
+@pytest.mark.parametrize("speed", [1, 2, 0.5, 3])
+@pytest.mark.parametrize("asap", [False, True])
+def test_due_queue_push_records_is_push_inlined(speed, asap):
+    """push_records() (the hot loop) gives every packet the due time push() gives it, over
+    several calls (the anchor set in the first), with records of other types passed to
+    other() in order and dropped packets counting for the anchor."""
+    from tcpcopylib.session.timing import DueQueue
+
+    rng = random.Random(speed * 10 + asap)
+    calls = []
+    ts = T0
+    for _ in range(6):
+        items = [{"t": "note", "call": len(calls)}]
+        for _ in range(rng.randrange(0, 12)):
+            ts += rng.choice([0, 1, 999, 10**6, 7 * 10**8, -5 * 10**6])  # some go backwards
+            kind = rng.randrange(6)
+            if kind == 0:
+                items.append({"t": "stats", "n": ts})
+            elif kind == 1:
+                items.append({"t": "pkt", "ts": ts, "data": "not bytes"})
+            elif kind == 2:
+                items.append({"t": "pkt", "ts": "late", "data": b"no ts %d" % ts})
+            elif kind == 3:
+                items.append({"t": "pkt", "ts": ts, "data": bytearray(b"ba%d" % ts)})
+            else:
+                items.append((ts, b"d%d" % ts))
+        calls.append((rng.randrange(10**9, 2 * 10**9) + len(calls) * 10**9, items))
+    drop = lambda d: d.endswith((b"3", b"7"))  # noqa: E731
+
+    fast, slow = DueQueue(asap, speed), DueQueue(asap, speed)
+    others_fast, others_slow = [], []
+    for now, items in calls:
+        dropped = fast.push_records(items, now, others_fast.append, drop)
+        n = 0
+        for it in items:
+            if type(it) is tuple:
+                t, d = it
+            elif it["t"] != "pkt":
+                others_slow.append(it)
+                continue
+            elif not isinstance(it["data"], (bytes, bytearray)):
+                continue
+            else:
+                t, d = it["ts"], it["data"]
+            due = slow.due_time(t, now)
+            if drop(d):
+                n += 1
+                continue
+            slow.q.append((due, d))
+        assert dropped == n
+        assert list(fast.q) == list(slow.q)
+        assert fast.last_due == slow.last_due and fast.anchor_wall == slow.anchor_wall
+    assert others_fast == others_slow and others_fast
+    assert len(fast) == len(slow) > 0
+
+
+def test_due_queue_schedule():
+    from tcpcopylib.session.timing import DueQueue
+
+    q = DueQueue(speed=2)
+    q.push(T0, "a", 100)             # the anchor: due at once
+    q.push(T0 + 10, "b", 100)         # 10 ns at speed 2: 5 later
+    q.push(T0 + 7, "c", 100)          # 3.5 -> 4, but never before b
+    q.push(T0 + 21, "d", 100)         # 10.5 -> 10 (round half to even)
+    q.push(None, "e", 100)            # no ts: now, but after d
+    q.push(T0 + 1001, "f", 900)       # 500.5 -> 500 + 100
+    assert list(q.q) == [(100, "a"), (105, "b"), (105, "c"), (110, "d"), (110, "e"),
+                         (600, "f")]
+    assert q.next_due() == 100 and len(q) == 6
+    assert q.pop_due(99) == []
+    assert q.pop_due(105) == ["a", "b", "c"]
+    assert q.pop_due(109) == [] and q.next_due() == 110
+    assert q.pop_due(599) == ["d", "e"]
+    assert q.pop_due(10**9) == ["f"] and q.next_due() is None and len(q) == 0
+
+    q = DueQueue(asap=True)
+    assert [q.due_time(t, now) for t, now in ((T0, 5), (T0 + 10**9, 6), (T0 - 10**9, 9))] == [5, 6, 9]
+    q = DueQueue()
+    assert [q.due_time(t, now) for t, now in ((T0, 5), (T0 + 10, 5), (T0 + 3, 100), (T0 + 200, 7),
+                                              (1.5, 8), (T0 + 400, 8))] == [5, 15, 100, 205, 205, 405]
+    # push_records: a record's due time at speed 1 once anchored is its ts + shift
+    q = DueQueue()
+    assert q.push_records([(T0, b"x")], 50, None) == 0
+    assert q.push_records([(T0 + 20, b"y"), {"t": "pkt", "ts": T0 + 30, "data": b"z"}], 60,
+                          None) == 0
+    assert list(q.q) == [(50, b"x"), (70, b"y"), (80, b"z")] and q.last_due == 80
+    q = DueQueue(speed=4)
+    q.push_records([(T0, b"x"), (T0 + 10, b"y")], 50, None, drop=lambda d: d == b"x")
+    assert list(q.q) == [(52, b"y")] and q.anchor_wall == 50 and q.anchor_ts == T0
