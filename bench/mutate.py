@@ -519,6 +519,8 @@ def main(argv=None) -> int:
 
     targets = plan(args)
     mutants = [m for t in targets for m in t.mutants]
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # remove the copies on kill
     if args.list:
         for m in mutants:
             print(f"{m.module:9} {m.where:40} {m.func:28} {m.site.text}")
