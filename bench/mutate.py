@@ -156,7 +156,13 @@ class Mutator:
                       if isinstance(d, (ast.FunctionDef, ast.ClassDef)) and d.body
                       and isinstance(d.body[0], ast.Expr)
                       and isinstance(d.body[0].value, ast.Constant)}
+        # annotations are never evaluated (from __future__ import annotations): skip them
+        annotations = {id(x) for d in ast.walk(func)
+                       for a in ([getattr(d, "returns", None), getattr(d, "annotation", None)])
+                       if a is not None for x in ast.walk(a)}
         for i, n in enumerate(ast.walk(func)):
+            if id(n) in annotations:
+                continue
             line = getattr(n, "lineno", 0)
 
             def add(kind, arg=None):
