@@ -114,7 +114,7 @@ TARGETS: dict[str, list[tuple[str, list[str], str]]] = {
          ["fb_span", "_fb_prefix", "reply_key", "route_key", "claim_key", "claim_route_key",
           "_claim_ip", "_claim_port", "claim_keys"],
          "tests/test_feedback_routing.py tests/test_intercept.py tests/test_feedback.py "
-         "-k 'routing or fb_span or claim_records or read_replies or two_clients'"),
+         "-k 'routing or encode_fb or claim_records or read_replies or two_clients'"),
     ],
 }
 
