@@ -127,7 +127,9 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {}
 _BINOP_SWAPS = {
     ast.Add: [ast.Sub], ast.Sub: [ast.Add], ast.Mult: [ast.FloorDiv], ast.Div: [ast.Mult],
     ast.FloorDiv: [ast.Mult], ast.Mod: [ast.FloorDiv], ast.LShift: [ast.RShift],
-    ast.RShift: [ast.LShift], ast.BitAnd: [ast.BitOr], ast.BitOr: [ast.BitAnd, ast.BitXor],
+    # (| -> ^ is left out: the same wherever the bits are disjoint, as they are in every flag
+    # set and byte assembly here (m | n of a CBOR head, b1 << 8 | b2, TH_FIN | TH_PSH))
+    ast.RShift: [ast.LShift], ast.BitAnd: [ast.BitOr], ast.BitOr: [ast.BitAnd],
     ast.BitXor: [ast.BitOr], ast.Pow: [ast.Mult],
 }
 _CMP_SWAPS = {
