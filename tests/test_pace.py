@@ -470,3 +470,50 @@ def test_due_queue_schedule():
     q = DueQueue(speed=4)
     q.push_records([(T0, b"x"), (T0 + 10, b"y")], 50, None, drop=lambda d: d == b"x")
     assert list(q.q) == [(52, b"y")] and q.anchor_wall == 50 and q.anchor_ts == T0
+
+
+# ---- the schedule's boundaries (bench/mutate.py's pacing survivors) ---------------------
+
+def test_max_gap_a_backward_jump_of_exactly_the_limit_is_kept():
+    """A gap of exactly max_gap is not clamped, backwards as forwards."""
+    out, recs, _ = replay([0, 5, 4, 5, 3], max_gap=1)
+    # 5: gap 5 -> 1; 4: gap -1 kept (due 0: at once, late); 5: +1 kept; 3: gap -2 -> +1
+    assert [r["ts"] - T0 for r in recs] == secs(0, 1, 0, 1, 2)
+    assert out == secs(0, 1, 1, 1, 2)
+
+
+def test_rate_slot_equal_to_the_record_time_keeps_the_schedule_exact():
+    """A record due exactly at its rate slot restarts the schedule from it: the next slot
+    is that time plus one interval (to the ns), not the old base plus n intervals."""
+    clock = FakeClock(start=0)
+    p = Pacer(rate=3, clock=clock, sleep=clock.sleep)   # interval 333333333.33 ns
+    got = [p.plan(t, 0) for t in (0, 333_333_333, 333_333_333, 333_333_333)]
+    assert got == [0, 333_333_333, 666_666_666, 1_000_000_000]
+
+
+def test_rate_restarts_after_a_stall_of_exactly_one_interval_only_beyond_it():
+    # read 0.2 s late: the slot (0.1) is exactly one interval behind: the schedule goes on
+    out, _, _ = replay([0, 0, 0, 0], arrivals=[0, 0.2, 0.2, 0.2], rate=10)
+    assert out == secs(0, 0.2, 0.2, 0.3)
+    # read 0.5 s late: restarted from the read time, one interval apart from there
+    out, _, _ = replay([0, 0, 0, 0], arrivals=[0, 0.5, 0.5, 0.5], rate=10)
+    assert out == secs(0, 0.5, 0.6, 0.7)
+
+
+def test_statistics_count_timed_records_and_sleeps():
+    clock = FakeClock()
+    out, recs, p = replay([0, 1, 1.5, 1.5, 3], clock=clock)
+    assert p.timed == 5 and p.sleeps == 3 == len(clock.slept) and p.max_late_ns == 0
+    # an oversleeping clock: lateness is the largest
+    clock = FakeClock(overshoot=lambda: 7)
+    _, _, p = replay([0, 1, 2], clock=clock)
+    assert p.max_late_ns == 7 and p.timed == 3
+
+
+def test_a_sleep_that_never_advances_the_clock_is_given_up_after_1000_tries():
+    slept = []
+    p = Pacer(clock=lambda: 0, sleep=slept.append)
+    p.release({"t": "pkt", "ts": T0})
+    rec = p.release({"t": "pkt", "ts": T0 + S})
+    assert rec["ts"] == T0 + S and len(slept) == 1000 == p.sleeps
+    assert p.max_late_ns == 0  # released early (the clock says 0): not late
