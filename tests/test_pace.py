@@ -517,3 +517,15 @@ def test_a_sleep_that_never_advances_the_clock_is_given_up_after_1000_tries():
     rec = p.release({"t": "pkt", "ts": T0 + S})
     assert rec["ts"] == T0 + S and len(slept) == 1000 == p.sleeps
     assert p.max_late_ns == 0  # released early (the clock says 0): not late
+
+
+def test_keep_ts_keeps_a_reshaped_ts_and_time_zero_is_a_time():
+    from tcpcopylib.session.timing import DueQueue
+
+    clock = FakeClock()
+    p = Pacer(speed=2, clock=clock, sleep=clock.sleep)
+    recs = [p.release({"t": "pkt", "ts": T0 + i * S}, keep_ts=True) for i in range(3)]
+    assert [r["ts"] for r in recs] == [T0, T0 + S, T0 + 2 * S] and clock.slept == [0.5, 0.5]
+    # a clock at 0 (any monotonic origin): due at 0, not later
+    q = DueQueue()
+    assert q.due_time(T0, 0) == 0 and q.due_time(T0, 0) == 0 and q.last_due == 0
