@@ -118,8 +118,24 @@ TARGETS: dict[str, list[tuple[str, list[str], str]]] = {
     ],
 }
 
-# (file, function qualname, mutation text) -> why the mutant cannot be told apart.
-EQUIVALENT: dict[tuple[str, str, str], str] = {}
+# (file, function qualname, mutation text) -> why the mutant cannot be told apart; the text
+# may end with " @ " and the source line (stripped) where the text alone is ambiguous.
+_P, _T, _R, _F = ("tcpcopylib/pacing.py", "tcpcopylib/session/timing.py",
+                  "tcpcopylib/records.py", "tcpcopylib/feedback.py")
+EQUIVALENT: dict[tuple[str, str, str], str] = {
+    (_P, "Pacer.plan", "gap > limit -> gap >= limit"):
+        "at gap == limit the anchor moves by gap - limit = 0",
+    (_P, "Pacer.due", "late > self.max_late_ns -> late >= self.max_late_ns"):
+        "at late == max_late_ns the same value is stored",
+    (_P, "Pacer.due", "self._base = self.anchor_wall + self.delay_ns -> pass"):
+        "_base only caches plan()'s arithmetic: without it every record takes plan()",
+    (_T, "DueQueue.__init__", "self.anchor_ts = 0 -> pass"):
+        "anchor_ts is read only once anchor_wall is set, and both are set together",
+    (_T, "DueQueue.__init__", "0 -> 1 @ self.anchor_ts = 0"):
+        "as above: never read before it is set",
+    (_R, "scan_record", "5 -> 6"):
+        "a map of 6 keys needs a third extra key: only sid and len are taken, no duplicate",
+}
 
 
 # -- mutations ---------------------------------------------------------------------------
@@ -338,7 +354,9 @@ def plan(args) -> list[Target]:
             sys.exit(f"mutate: unknown module {mod!r} (one of {', '.join(TARGETS)})")
         for file, pats, tests in TARGETS[mod]:
             pats = args.function or pats
-            tree = ast.parse((REPO / file).read_text())
+            text = (REPO / file).read_text()
+            lines = text.splitlines()
+            tree = ast.parse(text)
             funcs = functions(tree)
             names = [q for q in funcs if any(fnmatch.fnmatchcase(q, p) for p in pats)]
             if not names:
@@ -347,7 +365,8 @@ def plan(args) -> list[Target]:
             for q in names:
                 for s in Mutator.sites(funcs[q]):
                     m = Mutant(mod, file, q, s, t.tests)
-                    m.equivalent = EQUIVALENT.get((file, q, s.text))
+                    m.equivalent = EQUIVALENT.get((file, q, s.text)) or EQUIVALENT.get(
+                        (file, q, f"{s.text} @ {lines[s.line - 1].strip()}"))
                     if m.equivalent is None or args.all:
                         t.mutants.append(m)
             out.append(t)
@@ -596,9 +615,12 @@ def report(targets, mutants, secs) -> None:
         for m in surv:
             print(f"  {m.module:9} {m.where:38} {m.func}: {m.site.text}"
                   + (" (no tests ran)" if m.result == "no-tests" else ""))
-    eq = [(k, v) for k, v in EQUIVALENT.items()]
+    files = {t.file for t in targets}
+    eq = [(k, v) for k, v in EQUIVALENT.items() if k[0] in files]
     if eq:
-        print(f"\n{len(eq)} mutants listed as equivalent (not run; see EQUIVALENT)")
+        print(f"\nnot run, listed as equivalent (EQUIVALENT in {Path(__file__).name}):")
+        for (file, func, text), why in eq:
+            print(f"  {file} {func}: {text}: {why}")
 
 
 if __name__ == "__main__":
