@@ -133,6 +133,10 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "anchor_ts is read only once anchor_wall is set, and both are set together",
     (_T, "DueQueue.__init__", "0 -> 1 @ self.anchor_ts = 0"):
         "as above: never read before it is set",
+    (_T, "DueQueue.due_time", "due < self.last_due -> due <= self.last_due"):
+        "at due == last_due the same value is stored",
+    (_T, "DueQueue.push_records", "due < last -> due <= last"):
+        "at due == last the same value is stored",
     (_R, "scan_record", "5 -> 6"):
         "a map of 6 keys needs a third extra key: only sid and len are taken, no duplicate",
 }
