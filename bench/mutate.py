@@ -137,6 +137,19 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "at due == last_due the same value is stored",
     (_T, "DueQueue.push_records", "due < last -> due <= last"):
         "at due == last the same value is stored",
+    **{(_R, "batch_structs", t): "the bound of a cache of Struct objects: the same structs "
+       "either way (only memory differs)"
+       for t in ("if len(_BATCH_FMT) > 4096 -> if not len(_BATCH_FMT) > 4096",
+                 "len(_BATCH_FMT) > 4096 -> len(_BATCH_FMT) >= 4096", "4096 -> 4097",
+                 "_BATCH_FMT.clear() -> pass")},
+    **{(_F, "_claim_ip", t): "the bound of a cache of packed addresses: the same addresses "
+       "either way (only memory differs)"
+       for t in ("if len(_PACKED) > 4096 -> if not len(_PACKED) > 4096",
+                 "len(_PACKED) > 4096 -> len(_PACKED) >= 4096", "4096 -> 4097",
+                 "_PACKED.clear() -> pass", "_PACKED[text] = ip -> pass")},
+    (_F, "_claim_ip", "96 <= ib < 120 -> 96 < ib < 120"):
+        "an empty text (0x60) is no address: ValueError either way",
+    (_F, "_claim_ip", "96 -> 97 @ if 0x60 <= ib < 0x78:"): "the same as 96 <= ib -> 96 < ib",
     (_R, "scan_record", "5 -> 6"):
         "a map of 6 keys needs a third extra key: only sid and len are taken, no duplicate",
 }
