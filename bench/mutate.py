@@ -107,7 +107,8 @@ TARGETS: dict[str, list[tuple[str, list[str], str]]] = {
     ],
     "capture": [
         ("tcpcopylib/capture.py", ["split_segment"],
-         "tests/test_capture_split.py tests/test_capture.py -k 'split and not gro_supersegments'"),
+         "tests/test_capture_split.py tests/test_split_segment_edges.py tests/test_capture.py "
+         "-k 'split and not gro_supersegments'"),
     ],
     "feedback": [
         ("tcpcopylib/feedback.py",
