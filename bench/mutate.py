@@ -151,6 +151,13 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     (_F, "_claim_ip", "96 <= ib < 120 -> 96 < ib < 120"):
         "an empty text (0x60) is no address: ValueError either way",
     (_F, "_claim_ip", "96 -> 97 @ if 0x60 <= ib < 0x78:"): "the same as 96 <= ib -> 96 < ib",
+    ("tcpcopylib/capture.py", "split_segment", "total < ihl + 20 -> total <= ihl + 20"):
+        "a datagram of headers only (total = ihl + 20) goes back unchanged further on "
+        "(mss <= 0: total > mtu)",
+    ("tcpcopylib/capture.py", "split_segment", "20 -> 21 @ if total <= mtu or total < ihl + 20:"):
+        "as total < ihl + 20 -> <=",
+    ("tcpcopylib/capture.py", "split_segment", "hlen > total -> hlen >= total"):
+        "hlen == total > mtu means mss < 0, returned unchanged by the same test",
     (_R, "scan_record", "5 -> 6"):
         "a map of 6 keys needs a third extra key: only sid and len are taken, no duplicate",
 }
