@@ -499,3 +499,25 @@ def test_encode_pkts_is_cbor2s_at_every_column_boundary(n):
         assert w.buf == raw and len(pb) == 0 and not pb.datas and (pb.sids in (None, []))
         pb.write_to(w)  # empty: writes nothing
         assert w.buf == raw
+
+
+def test_batch_packets_checks_every_column_of_a_decoded_batch():
+    from tcpcopylib.records import batch_packets
+
+    stamps, datas, sids = [TS, TS + 1, 5], [b"ab", b"", b"c" * 300], [1, 2**32 - 1, 0]
+    rec = {"t": "pkts", "ts": struct.pack(">3Q", *stamps), "len": struct.pack(">3H", 2, 0, 300),
+           "data": b"".join(datas)}
+    assert batch_packets(rec, "x") == (tuple(stamps), datas, None)
+    rec["sid"] = struct.pack(">3I", *sids)
+    assert batch_packets(rec, "x") == (tuple(stamps), datas, tuple(sids))
+    one = {"t": "pkts", "ts": U64(7), "len": b"\x00\x01", "data": b"z"}
+    assert batch_packets(one, "x") == ((7,), [b"z"], None)
+    bad = [dict(rec, ts=rec["ts"][:-1]), dict(rec, ts=rec["ts"] + U64(1)),
+           dict(rec, len=rec["len"][:-2]), dict(rec, len=rec["len"] + b"\x00\x00"),
+           dict(rec, sid=rec["sid"][:-4]), dict(rec, sid=rec["sid"] + bytes(4)),
+           dict(rec, sid=[1, 2, 3]), dict(rec, data=rec["data"] + b"x"),
+           dict(rec, data=rec["data"][:-1]), dict(rec, ts=b""), dict(rec, ts=list(stamps)),
+           dict(rec, len="abc"), dict(rec, data=None), {"t": "pkts"}]
+    for b in bad:
+        with pytest.raises(StreamError, match="where: malformed pkts record"):
+            batch_packets(b, "where")
