@@ -521,3 +521,50 @@ def test_batch_packets_checks_every_column_of_a_decoded_batch():
     for b in bad:
         with pytest.raises(StreamError, match="where: malformed pkts record"):
             batch_packets(b, "where")
+
+
+def test_fb_record_keeps_headers_and_the_asked_payload_of_tcp_only():
+    """intercept.fb_record: IPv4 with options and IPv6, inside a frame (off/end), a
+    payload limit, and None for what is not (the first fragment of) TCP over IP."""
+    from tcpcopylib.intercept import fb_record
+    from tcpcopylib.packet import build_tcp, ip_bytes
+
+    opts = b"\x01\x01\x08\x0a" + bytes(8)  # TCP header of 32 bytes
+    v4 = build_tcp(ip_bytes("10.0.0.5"), ip_bytes("10.9.0.1"), 80, 1000, 5, 6, 0x18,
+                   options=opts, payload=b"0123456789")
+    v4o = bytearray(v4[:20] + b"\x01\x01\x01\x00" + v4[20:])  # with 4 bytes of IP options
+    v4o[0] = 0x46
+    v4o[2:4] = struct.pack("!H", len(v4o))
+    v4o = bytes(v4o)
+    v6 = build_tcp(ip_bytes("fd00::5"), ip_bytes("fd00::1"), 80, 1000, 5, 6, 0x18,
+                   options=opts, payload=b"0123456789")
+    for ip, hdr in ((v4, 52), (v4o, 56), (v6, 72)):
+        for payload, keep in ((0, hdr), (3, hdr + 3), (10, hdr + 10), (99, hdr + 10),
+                              (-1, hdr + 10)):
+            want = {"t": "fb", "ts": TS, "data": ip[:keep], "len": len(ip)}
+            assert cbor2.loads(fb_record(ip, TS, payload)) == want, (hdr, payload)
+            frame = b"\x02" * 14 + ip + b"\x00" * 6  # Ethernet header and padding
+            got = fb_record(frame, TS, payload, 14, 14 + len(ip))
+            assert cbor2.loads(got) == want
+        # the length field counts, not what was captured
+        cut = ip[:hdr + 2]
+        assert cbor2.loads(fb_record(cut, TS, -1)) == {
+            "t": "fb", "ts": TS, "data": cut, "len": len(ip)}
+        # the TCP header's fixed part (13 bytes, flags at 13) must be there
+        ihl = hdr - 32
+        assert fb_record(ip[:ihl + 13], TS, 0) is not None
+        assert fb_record(ip[:ihl + 12], TS, 0) is None
+    assert fb_record(v4[:19], TS, 0) is None
+    assert fb_record(b"\x00" * 3 + v4, TS, 0, 3, 3 + 19) is None
+    for at, value in ((9, 17), (0, 0x44), (7, 1), (6, 0x01), (6, 0x20 | 0x1F)):
+        bad = bytearray(v4)
+        bad[at] = value
+        assert fb_record(bytes(bad), TS, 0) is None, (at, value)
+    ok = bytearray(v4)
+    ok[6] = 0x40 | 0x20  # DF and MF on the first fragment: still TCP with its header
+    assert fb_record(bytes(ok), TS, 0) is not None
+    bad6 = bytearray(v6)
+    bad6[6] = 17
+    assert fb_record(bytes(bad6), TS, 0) is None
+    assert fb_record(v6[:39], TS, 0) is None
+    assert fb_record(b"\x50" + v6[1:], TS, 0) is None
