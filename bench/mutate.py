@@ -158,6 +158,11 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "as total < ihl + 20 -> <=",
     ("tcpcopylib/capture.py", "split_segment", "hlen > total -> hlen >= total"):
         "hlen == total > mtu means mss < 0, returned unchanged by the same test",
+    (_F, "fb_span", "0 < end <= len(buf) -> 0 <= end <= len(buf)"):
+        "end is d1 + 6 or more, or -1: never 0",
+    (_F, "fb_span", "0 -> 1 @ if 0 < end <= len(buf):"): "end is never 0 or 1 (as above)",
+    (_F, "_fb_prefix", "k <= 18 -> k < 18"):
+        "at k == 18 the other side tests _FB8_MID.startswith(b''): true as well",
     (_R, "scan_record", "5 -> 6"):
         "a map of 6 keys needs a third extra key: only sid and len are taken, no duplicate",
 }
