@@ -163,6 +163,11 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     (_F, "fb_span", "0 -> 1 @ if 0 < end <= len(buf):"): "end is never 0 or 1 (as above)",
     (_F, "_fb_prefix", "k <= 18 -> k < 18"):
         "at k == 18 the other side tests _FB8_MID.startswith(b''): true as well",
+    ("tcpcopylib/intercept.py", "fb_record", "n < 20 -> n <= 20"):
+        "20 bytes hold no TCP header: the n < ihl + 13 test (or n < 40) refuses it as well",
+    ("tcpcopylib/intercept.py", "fb_record", "20 -> 21 @ if n < 20:"): "as n < 20 -> n <= 20",
+    ("tcpcopylib/intercept.py", "fb_record", "1 -> 2"):
+        "the default end -1 -> -2: any end < 0 means the end of the buffer",
     (_R, "scan_record", "5 -> 6"):
         "a map of 6 keys needs a third extra key: only sid and len are taken, no duplicate",
 }

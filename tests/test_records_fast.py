@@ -568,3 +568,22 @@ def test_fb_record_keeps_headers_and_the_asked_payload_of_tcp_only():
     assert fb_record(bytes(bad6), TS, 0) is None
     assert fb_record(v6[:39], TS, 0) is None
     assert fb_record(b"\x50" + v6[1:], TS, 0) is None
+
+
+def test_scan_batch_takes_only_encode_pkts_layout():
+    from tcpcopylib.intercept import fb_record
+    from tcpcopylib.records import encode_pkts, scan_batch
+
+    cols = {"ts": U64(TS), "len": b"\x00\x01", "data": b"x"}
+    good = cbor2.dumps({"t": "pkts", **cols})
+    assert good == encode_pkts([TS], [b"x"]) and scan_batch(good, 0, len(good)) is not None
+    for rec in ({"t": "pkts", **cols, "sid": bytes(4), "zz": 1},    # 6 keys
+                {"t": "pkts", **cols, "zz": 1},                     # 5 keys, the 5th no sid
+                {"t": "pkts", "ts": U64(TS) + b"\x00" * 4, "len": b"\x00\x01", "data": b"x"},
+                {"t": "pkts", "ts": b"", "len": b"", "data": b""},
+                {"t": "pkts", "ts": U64(TS), "len": b"\x00\x01\x00", "data": b"x"},
+                {"t": "pkts", "ts": U64(TS), "len": b"\x00\x01"}):
+        enc = cbor2.dumps(rec)
+        assert scan_batch(enc + bytes(20), 0, len(enc) + 20) is None, rec
+    # an empty range has no fb record either
+    assert fb_record(bytes(60), TS, 0, 0, 0) is None
