@@ -168,6 +168,24 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("tcpcopylib/intercept.py", "fb_record", "20 -> 21 @ if n < 20:"): "as n < 20 -> n <= 20",
     ("tcpcopylib/intercept.py", "fb_record", "1 -> 2"):
         "the default end -1 -> -2: any end < 0 means the end of the buffer",
+    ("tcpcopylib/capture.py", "split_segment",
+     "0 -> 1 @ ident = _U16.unpack_from(dgram, 4)[0] if v == 4 else 0"):
+        "the IPv6 ident (else 0) is never used (the same text also names [0] -> [1], which "
+        "an IndexError kills at once)",
+    (_F, "fb_span", "24 -> 25 @ if buf.startswith(_FB8_MID, pos + 18) and len(buf) > pos + 24 "
+     "and buf.startswith(_FB8, pos):"):
+        "a buffer of 25 bytes from pos holds no whole record: refused further on either way",
+    (_F, "fb_span", "4 -> 5 @ if buf.startswith(_FB_LEN, d1) and len(buf) > d1 + 4:"):
+        "with only the len head byte there, end > len(buf) refuses it either way",
+    (_F, "fb_span", "1 -> 2 @ end = d1 + 7 if lb == 0x19 else d1 + 6 if lb == 0x18 else -1"):
+        "-1 -> -2: refused by 0 < end either way",
+    **{(_F, f, t): "20 bytes hold no ports: the n < ihl + 4 (or n >= 44) test refuses them too"
+       for f in ("reply_key", "route_key") for t in ("n < 20 -> n <= 20", "20 -> 21 @ if n < 20:")},
+    **{(_F, f, f"1 -> 2 @ def {f}(data, off: int = 0, end: int = -1) -> {r} | None:"):
+       "the default end -1 -> -2: any end < 0 means the end of the data"
+       for f, r in (("reply_key", "tuple"), ("route_key", "bytes"))},
+    (_F, "route_key", "20 -> 21 @ if ihl == 20:"):
+        "the IPv4 key without options is a fast path: the general slice gives the same bytes",
     (_R, "scan_record", "5 -> 6"):
         "a map of 6 keys needs a third extra key: only sid and len are taken, no duplicate",
 }

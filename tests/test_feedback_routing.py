@@ -210,3 +210,9 @@ def test_fb_prefix_refuses_what_is_not_an_fb_record():
     for k in range(d1 + 1, d1 + 5):
         assert _fb_prefix(enc[:k])
         assert not _fb_prefix(enc[:k - 1] + b"\x00"), k
+
+
+@pytest.mark.parametrize("fn", [route_key, reply_key])
+def test_an_empty_range_has_no_key(fn):
+    d = ip4("10.1.2.3", "192.168.7.9", 8080, 40001)
+    assert fn(d, 0, 0) is None and fn(d + d, len(d), len(d)) is None
