@@ -587,3 +587,41 @@ def test_scan_batch_takes_only_encode_pkts_layout():
         assert scan_batch(enc + bytes(20), 0, len(enc) + 20) is None, rec
     # an empty range has no fb record either
     assert fb_record(bytes(60), TS, 0, 0, 0) is None
+
+
+def test_scan_batch_reads_each_shortest_column_head_and_no_longer_one():
+    from tcpcopylib.records import PendingBatch, encode_pkts, scan_batch
+
+    # an empty data column (0x40) and a default PendingBatch (no sid column)
+    raw = encode_pkts([TS, TS], [b"", b""])
+    assert scan_batch(raw, 0, len(raw)) is not None
+    pb = PendingBatch()
+    pb.stamps.append(TS)
+    pb.datas.append(b"")
+
+    class W:
+        buf = b""
+    pb.write_to(W)
+    assert W.buf == encode_pkts([TS], [b""]) and cbor2.loads(W.buf).keys() == {"t", "ts", "len", "data"}
+
+    def batch(ts_head, len_head, data_head, data=b"x"):
+        return (b"\xa4\x61t\x64pkts\x62ts" + ts_head + U64(TS) + b"\x63len" + len_head
+                + struct.pack(">H", len(data)) + b"\x64data" + data_head + data)
+    assert batch(b"\x48", b"\x42", b"\x41") == encode_pkts([TS], [b"x"])
+    longer = [(b"\x58\x08", b"\x42", b"\x41"), (b"\x59\x00\x08", b"\x42", b"\x41"),
+              (b"\x5a\x00\x00\x00\x08", b"\x42", b"\x41"), (b"\x48", b"\x58\x02", b"\x41"),
+              (b"\x48", b"\x59\x00\x02", b"\x41"), (b"\x48", b"\x5a\x00\x00\x00\x02", b"\x41"),
+              (b"\x48", b"\x42", b"\x58\x01"), (b"\x48", b"\x42", b"\x59\x00\x01"),
+              (b"\x48", b"\x42", b"\x5a\x00\x00\x00\x01"), (b"\x48", b"\x42", b"\x5b" + U64(1))]
+    for heads in longer:
+        enc = batch(*heads)
+        assert cbor2.loads(enc)["data"] == b"x"
+        assert scan_batch(enc, 0, len(enc)) is None, heads
+    # each head's smallest shortest value is taken: 24, 256 and 65536 data bytes
+    for n, head in ((24, b"\x58\x18"), (256, b"\x59\x01\x00"), (65536, b"\x5a\x00\x01\x00\x00")):
+        if n < 65536:
+            enc = batch(b"\x48", b"\x42", head, bytes(n))
+            assert enc == encode_pkts([TS], [bytes(n)])
+            assert scan_batch(enc, 0, len(enc)) is not None, n
+    big = encode_pkts([TS] * 2, [bytes(40000), bytes(30000)])
+    assert b"\x64data\x5a\x00\x01\x11\x70" in big and scan_batch(big, 0, len(big)) is not None
