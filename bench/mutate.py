@@ -124,6 +124,8 @@ TARGETS: dict[str, list[tuple[str, list[str], str]]] = {
 
 # (file, function qualname, mutation text) -> why the mutant cannot be told apart; the text
 # may end with " @ " and the source line (stripped) where the text alone is ambiguous.
+_NARROWED = ("the guard of a hand-made fast path narrowed: the values left out take the "
+             "general encoder, which writes the same bytes")
 _P, _T, _R, _F = ("tcpcopylib/pacing.py", "tcpcopylib/session/timing.py",
                   "tcpcopylib/records.py", "tcpcopylib/feedback.py")
 EQUIVALENT: dict[tuple[str, str, str], str] = {
@@ -193,6 +195,23 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
        "narrowed: the values left out take cbor2.dumps, which writes the same bytes"
        for t in ("4294967296 <= ts < 1 << 64 -> 4294967296 < ts < 1 << 64",
                  "4294967296 -> 4294967297", "1 << 64 -> 1 >> 64")},
+    # fast paths: a guard narrowed sends the values left out to the general encoder
+    # (cbor2.dumps / cbor_head), which writes the same bytes
+    **{("tcpcopylib/pcapio.py", "encode_pkt", t): _NARROWED
+       for t in ("ts > 18446744073709551615 -> ts >= 18446744073709551615",
+                 "4294967295 -> 4294967296")},
+    **{("tcpcopylib/intercept.py", "encode_fb", t): _NARROWED
+       for t in ("ts >= 4294967296 -> ts > 4294967296", "4294967296 -> 4294967297",
+                 "24 <= n < 256 -> 24 < n < 256",
+                 "256 <= length < 65536 -> 256 < length < 65536",
+                 "24 -> 25 @ if ts >= 0x100000000 and 24 <= n < 256 and 256 <= length < 0x10000:",
+                 "256 -> 257 @ if ts >= 0x100000000 and 24 <= n < 256 and 256 <= length < 0x10000:",
+                 "256 -> 257 @ lb = bytes((0x19,)) + length.to_bytes(2, 'big') if 256 <= length < "
+                 "0x10000 else cbor_head(0, length)".replace("'", '"'))},
+    **{("tcpcopylib/cli/session.py", "encode_pkt", t + " @ if 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF and 24 <= n < 0x10000 and 0 <= sid < 0x100000000:"): _NARROWED
+       for t in ("4294967295 < ts <= 18446744073709551615 -> 4294967295 < ts < 18446744073709551615",
+                 "24 <= n < 65536 -> 24 < n < 65536", "0 <= sid < 4294967296 -> 0 < sid < 4294967296",
+                 "4294967295 -> 4294967296", "24 -> 25", "0 -> 1")},
     (_R, "scan_record", "5 -> 6"):
         "a map of 6 keys needs a third extra key: only sid and len are taken, no duplicate",
 }
