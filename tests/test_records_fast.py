@@ -586,7 +586,10 @@ def test_scan_batch_takes_only_encode_pkts_layout():
         enc = cbor2.dumps(rec)
         assert scan_batch(enc + bytes(20), 0, len(enc) + 20) is None, rec
     # an empty range has no fb record either
-    assert fb_record(bytes(60), TS, 0, 0, 0) is None
+    from tcpcopylib.packet import build_tcp, ip_bytes
+    ip = build_tcp(ip_bytes("10.0.0.5"), ip_bytes("10.9.0.1"), 80, 1000, 5, 6, 0x18)
+    assert fb_record(ip, TS, 0) is not None
+    assert fb_record(ip, TS, 0, 0, 0) is None and fb_record(ip + ip, TS, 0, 40, 40) is None
 
 
 def test_scan_batch_reads_each_shortest_column_head_and_no_longer_one():
