@@ -171,6 +171,10 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("tcpcopylib/intercept.py", "fb_record", "n < 20 -> n <= 20"):
         "20 bytes hold no TCP header: the n < ihl + 13 test (or n < 40) refuses it as well",
     ("tcpcopylib/intercept.py", "fb_record", "20 -> 21 @ if n < 20:"): "as n < 20 -> n <= 20",
+    ("tcpcopylib/intercept.py", "fb_record", "n < 40 -> n <= 40"):
+        "40 bytes of IPv6 hold no TCP header: n < ihl + 13 refuses them as well",
+    ("tcpcopylib/intercept.py", "fb_record", "40 -> 41 @ if n < 40 or buf[off + 6] != 6:"):
+        "as n < 40 -> n <= 40",
     ("tcpcopylib/intercept.py", "fb_record", "1 -> 2"):
         "the default end -1 -> -2: any end < 0 means the end of the buffer",
     ("tcpcopylib/capture.py", "split_segment",

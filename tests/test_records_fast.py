@@ -567,6 +567,10 @@ def test_fb_record_keeps_headers_and_the_asked_payload_of_tcp_only():
     bad6[6] = 17
     assert fb_record(bytes(bad6), TS, 0) is None
     assert fb_record(v6[:39], TS, 0) is None
+    # an IPv6 payload length over 255: both bytes count
+    v6big = build_tcp(ip_bytes("fd00::5"), ip_bytes("fd00::1"), 80, 1000, 5, 6, 0x18,
+                      payload=bytes(700))
+    assert cbor2.loads(fb_record(v6big, TS, 0))["len"] == len(v6big) == 40 + 20 + 700
     assert fb_record(b"\x50" + v6[1:], TS, 0) is None
 
 
