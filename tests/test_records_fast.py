@@ -630,5 +630,8 @@ def test_scan_batch_reads_each_shortest_column_head_and_no_longer_one():
             enc = batch(b"\x48", b"\x42", head, bytes(n))
             assert enc == encode_pkts([TS], [bytes(n)])
             assert scan_batch(enc, 0, len(enc)) is not None, n
+    # 65535 data bytes under a 4-byte head: not the shortest (its head is 0x59)
+    enc = batch(b"\x48", b"\x42", b"\x5a\x00\x00\xff\xff", bytes(65535))
+    assert len(cbor2.loads(enc)["data"]) == 65535 and scan_batch(enc, 0, len(enc)) is None
     big = encode_pkts([TS] * 2, [bytes(40000), bytes(30000)])
     assert b"\x64data\x5a\x00\x01\x11\x70" in big and scan_batch(big, 0, len(big)) is not None
