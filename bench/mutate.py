@@ -22,13 +22,18 @@ than the timeout (default: 3 x the unmutated run + 10 s) is counted as timed out
 the mutants, each module's tests run once on the copy with every chosen function replaced
 by its unparsed (unmutated) form, which must pass.
 
-Mutations (see Mutator): arithmetic/bitwise operator swaps (+ -, * /, // *, << >>, & | ^),
+Mutations (see Mutator): arithmetic/bitwise operator swaps (+ -, * //, / *, << >>, & |),
 removing a mask or modulus (``x & 0xFFFFFFFF``, ``x % 2**32`` -> ``x``), removing one side
 of an ``|`` (a flag OR) or ``~``/unary minus, comparison swaps (< <=, > >=, == !=, is, in),
 integer constant +1, True <-> False, ``and`` <-> ``or``, negating an if/while/ternary
 condition, removing a ``not``, min <-> max, augmented-assignment operator swaps, and
 dropping a statement (an augmented assignment, an assignment to an attribute or item, a
 call statement).
+
+A module's test list may name files not written yet (test_session_alloc.py,
+test_capture_split.py): they are skipped until they exist. On a loaded 2-core machine a
+mutant takes 1-5 s (records, feedback, pacing, capture: about 40 min in all with --jobs 1);
+--rerun JSON after adding tests takes minutes.
 
 Mutants known to be equivalent (no observable difference: e.g. a fast path that only
 declines and lets the general decoder answer the same) are listed in EQUIVALENT with the
