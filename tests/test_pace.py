@@ -455,3 +455,167 @@ def test_a_rate_cap_takes_a_batch_apart(sids):
     recs = decode(r.stdout)
     assert [x["data"] for x in recs] == [bytes([i]) for i in range(5)]
     assert [x.get("sid") for x in recs] == (sids or [None] * 5)
+
+
+# ---- tc-session's input schedule (session/timing.DueQueue), fake clock ------------------
+
+def _queue_items(q, now):
+    out = []
+    while len(q):
+        due = q.next_due()
+        got = q.pop_due(due)
+        assert got and q.pop_due(due) == []
+        out += [(due, x) for x in got]
+    return out
+
+
+@pytest.mark.parametrize("speed", [1, 2, 0.5, 3])
+@pytest.mark.parametrize("asap", [False, True])
+def test_due_queue_push_records_is_push_inlined(speed, asap):
+    """push_records() (the hot loop) gives every packet the due time push() gives it, over
+    several calls (the anchor set in the first), with records of other types passed to
+    other() in order and dropped packets counting for the anchor."""
+    from tcpcopylib.session.timing import DueQueue
+
+    rng = random.Random(speed * 10 + asap)
+    calls = []
+    ts = T0
+    for _ in range(6):
+        items = [{"t": "note", "call": len(calls)}]
+        for _ in range(rng.randrange(0, 12)):
+            ts += rng.choice([0, 1, 999, 10**6, 7 * 10**8, -5 * 10**6])  # some go backwards
+            kind = rng.randrange(6)
+            if kind == 0:
+                items.append({"t": "stats", "n": ts})
+            elif kind == 1:
+                items.append({"t": "pkt", "ts": ts, "data": "not bytes"})
+            elif kind == 2:
+                items.append({"t": "pkt", "ts": "late", "data": b"no ts %d" % ts})
+            elif kind == 3:
+                items.append({"t": "pkt", "ts": ts, "data": bytearray(b"ba%d" % ts)})
+            else:
+                items.append((ts, b"d%d" % ts))
+        # read times close together (a fast reader): a due time is its scaled ts offset,
+        # not the read time (a record without ts is due at once and holds what follows)
+        calls.append((10**9 + len(calls) * rng.randrange(1000), items))
+    drop = lambda d: d.endswith((b"3", b"7"))  # noqa: E731
+
+    fast, slow = DueQueue(asap, speed), DueQueue(asap, speed)
+    others_fast, others_slow = [], []
+    for now, items in calls:
+        dropped = fast.push_records(items, now, others_fast.append, drop)
+        n = 0
+        for it in items:
+            if type(it) is tuple:
+                t, d = it
+            elif it["t"] != "pkt":
+                others_slow.append(it)
+                continue
+            elif not isinstance(it["data"], (bytes, bytearray)):
+                continue
+            else:
+                t, d = it["ts"], it["data"]
+            due = slow.due_time(t, now)
+            if drop(d):
+                n += 1
+                continue
+            slow.q.append((due, d))
+        assert dropped == n
+        assert list(fast.q) == list(slow.q)
+        assert fast.last_due == slow.last_due and fast.anchor_wall == slow.anchor_wall
+    assert others_fast == others_slow and others_fast
+    assert len(fast) == len(slow) > 0
+
+
+def test_due_queue_schedule():
+    from tcpcopylib.session.timing import DueQueue
+
+    q = DueQueue(speed=2)
+    q.push(T0, "a", 100)             # the anchor: due at once
+    q.push(T0 + 10, "b", 100)         # 10 ns at speed 2: 5 later
+    q.push(T0 + 7, "c", 100)          # 3.5 -> 4, but never before b
+    q.push(T0 + 21, "d", 100)         # 10.5 -> 10 (round half to even)
+    q.push(None, "e", 100)            # no ts: now, but after d
+    q.push(T0 + 1001, "f", 900)       # 500.5 -> 500 + 100
+    assert list(q.q) == [(100, "a"), (105, "b"), (105, "c"), (110, "d"), (110, "e"),
+                         (600, "f")]
+    assert q.next_due() == 100 and len(q) == 6
+    assert q.pop_due(99) == []
+    assert q.pop_due(105) == ["a", "b", "c"]
+    assert q.pop_due(109) == [] and q.next_due() == 110
+    assert q.pop_due(599) == ["d", "e"]
+    assert q.pop_due(10**9) == ["f"] and q.next_due() is None and len(q) == 0
+
+    q = DueQueue(asap=True)
+    assert [q.due_time(t, now) for t, now in ((T0, 5), (T0 + 10**9, 6), (T0 - 10**9, 9))] == [5, 6, 9]
+    q = DueQueue()
+    assert [q.due_time(t, now) for t, now in ((T0, 5), (T0 + 10, 5), (T0 + 3, 100), (T0 + 200, 7),
+                                              (1.5, 8), (T0 + 400, 8))] == [5, 15, 15, 205, 205, 405]
+    # push_records: a record's due time at speed 1 once anchored is its ts + shift
+    q = DueQueue()
+    assert q.push_records([(T0, b"x")], 50, None) == 0
+    assert q.push_records([(T0 + 20, b"y"), {"t": "pkt", "ts": T0 + 30, "data": b"z"}], 60,
+                          None) == 0
+    assert list(q.q) == [(50, b"x"), (70, b"y"), (80, b"z")] and q.last_due == 80
+    q = DueQueue(speed=4)
+    q.push_records([(T0, b"x"), (T0 + 10, b"y")], 50, None, drop=lambda d: d == b"x")
+    assert list(q.q) == [(52, b"y")] and q.anchor_wall == 50 and q.anchor_ts == T0
+
+
+# ---- the schedule's boundaries (bench/mutate.py's pacing survivors) ---------------------
+
+def test_max_gap_a_backward_jump_of_exactly_the_limit_is_kept():
+    """A gap of exactly max_gap is not clamped, backwards as forwards."""
+    out, recs, _ = replay([0, 5, 4, 5, 3], max_gap=1)
+    # 5: gap 5 -> 1; 4: gap -1 kept (due 0: at once, late); 5: +1 kept; 3: gap -2 -> +1
+    assert [r["ts"] - T0 for r in recs] == secs(0, 1, 0, 1, 2)
+    assert out == secs(0, 1, 1, 1, 2)
+
+
+def test_rate_slot_equal_to_the_record_time_keeps_the_schedule_exact():
+    """A record due exactly at its rate slot restarts the schedule from it: the next slot
+    is that time plus one interval (to the ns), not the old base plus n intervals."""
+    clock = FakeClock(start=0)
+    p = Pacer(rate=3, clock=clock, sleep=clock.sleep)   # interval 333333333.33 ns
+    got = [p.plan(t, 0) for t in (0, 333_333_333, 333_333_333, 333_333_333)]
+    assert got == [0, 333_333_333, 666_666_666, 1_000_000_000]
+
+
+def test_rate_restarts_after_a_stall_of_exactly_one_interval_only_beyond_it():
+    # read 0.2 s late: the slot (0.1) is exactly one interval behind: the schedule goes on
+    out, _, _ = replay([0, 0, 0, 0], arrivals=[0, 0.2, 0.2, 0.2], rate=10)
+    assert out == secs(0, 0.2, 0.2, 0.3)
+    # read 0.5 s late: restarted from the read time, one interval apart from there
+    out, _, _ = replay([0, 0, 0, 0], arrivals=[0, 0.5, 0.5, 0.5], rate=10)
+    assert out == secs(0, 0.5, 0.6, 0.7)
+
+
+def test_statistics_count_timed_records_and_sleeps():
+    clock = FakeClock()
+    out, recs, p = replay([0, 1, 1.5, 1.5, 3], clock=clock)
+    assert p.timed == 5 and p.sleeps == 3 == len(clock.slept) and p.max_late_ns == 0
+    # an oversleeping clock: lateness is the largest
+    clock = FakeClock(overshoot=lambda: 7)
+    _, _, p = replay([0, 1, 2], clock=clock)
+    assert p.max_late_ns == 7 and p.timed == 3
+
+
+def test_a_sleep_that_never_advances_the_clock_is_given_up_after_1000_tries():
+    slept = []
+    p = Pacer(clock=lambda: 0, sleep=slept.append)
+    p.release({"t": "pkt", "ts": T0})
+    rec = p.release({"t": "pkt", "ts": T0 + S})
+    assert rec["ts"] == T0 + S and len(slept) == 1000 == p.sleeps
+    assert p.max_late_ns == 0  # released early (the clock says 0): not late
+
+
+def test_keep_ts_keeps_a_reshaped_ts_and_time_zero_is_a_time():
+    from tcpcopylib.session.timing import DueQueue
+
+    clock = FakeClock()
+    p = Pacer(speed=2, clock=clock, sleep=clock.sleep)
+    recs = [p.release({"t": "pkt", "ts": T0 + i * S}, keep_ts=True) for i in range(3)]
+    assert [r["ts"] for r in recs] == [T0, T0 + S, T0 + 2 * S] and clock.slept == [0.5, 0.5]
+    # a clock at 0 (any monotonic origin): due at 0, not later
+    q = DueQueue()
+    assert q.due_time(T0, 0) == 0 and q.due_time(T0, 0) == 0 and q.last_due == 0

@@ -367,3 +367,271 @@ def test_a_batch_whose_lengths_do_not_add_up_is_an_error(layout):
     assert isinstance(err, StreamError) and "malformed pkts record" in str(err)
     r = run(["tc-dump"], input=s)
     assert r.returncode == 65 and b"malformed pkts record" in r.stderr
+
+
+# -- the hand-made encoders at every length boundary of CBOR (bench/mutate.py's records) --
+_BOUNDS = [0, 1, 23, 24, 25, 255, 256, 257, 2047, 2048, 65535, 65536]
+_STAMPS = [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**32 + 1, TS, 2**64 - 1]
+
+
+def test_cbor_head_is_cbor2s_head_at_every_boundary():
+    from tcpcopylib.capture import _bstr_head
+    from tcpcopylib.records import cbor_head
+
+    for n in _BOUNDS + [2**32 - 1, 2**32, 2**64 - 1]:
+        assert cbor_head(0, n) == cbor2.dumps(n), n
+        if n <= 65536:
+            enc = cbor2.dumps(bytes(n))
+            assert cbor_head(2, n) == enc[:len(enc) - n] == _bstr_head(n), n
+            enc = cbor2.dumps("a" * n)
+            assert cbor_head(3, n) == enc[:len(enc) - n], n
+            assert cbor2.dumps([0] * n).startswith(cbor_head(4, n)), n
+            assert cbor2.dumps([0] * n) == cbor_head(4, n) + b"\x00" * n, n
+    assert _bstr_head(2**32 - 1) == cbor_head(2, 2**32 - 1) == b"\x5a\xff\xff\xff\xff"
+    assert cbor_head(2, 2**32) == b"\x5b" + U64(2**32)
+
+
+def test_every_pkt_encoder_is_cbor2s_at_every_boundary():
+    from tcpcopylib import capture, pcapio
+    from tcpcopylib.cli.session import encode_pkt as session_pkt
+
+    for ts in _STAMPS:
+        for n in _BOUNDS:
+            data = bytes(range(256)) * (n // 256) + bytes(range(n % 256))
+            want = cbor2.dumps({"t": "pkt", "ts": ts, "data": data})
+            assert capture.encode_pkt(ts, data) == want, (ts, n)
+            assert pcapio.encode_pkt(ts, data) == want, (ts, n)
+            for ln in (1, 23, 24, 1500, 70000):
+                want = cbor2.dumps({"t": "pkt", "ts": ts, "data": data, "len": ln})
+                assert capture.encode_pkt(ts, data, ln) == want, (ts, n, ln)
+                assert pcapio.encode_pkt(ts, data, ln) == want, (ts, n, ln)
+            for sid in (0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32):
+                want = cbor2.dumps({"t": "pkt", "ts": ts, "data": data, "sid": sid})
+                assert session_pkt(ts, data, sid) == want, (ts, n, sid)
+                if ts > 0xFFFFFFFF and n < 0x10000 and sid < 2**32:  # the common layout
+                    assert fast_record(want, 0, len(want)) == (
+                        {"t": "pkt", "ts": ts, "data": data, "sid": sid}, len(want)), (ts, n, sid)
+    # beyond 64 bits: cbor2's bignum, as cbor2 writes it
+    for enc in (capture.encode_pkt, pcapio.encode_pkt):
+        assert enc(2**64, b"x") == cbor2.dumps({"t": "pkt", "ts": 2**64, "data": b"x"})
+    assert session_pkt(2**64, bytes(30), 1) == cbor2.dumps(
+        {"t": "pkt", "ts": 2**64, "data": bytes(30), "sid": 1})
+
+
+def test_fast_record_takes_each_shortest_head_and_no_longer_one():
+    """The fast path takes every shortest encoding at each head boundary (data length,
+    "len"/"sid" value) and refuses the same value in a longer head than needed (its bytes
+    would not be cbor2's)."""
+    head = b"\x61t\x63pkt\x62ts\x1b" + U64(TS) + b"\x64data"
+    for n in (0, 1, 23, 24, 25, 255, 256, 257, 65535):
+        for extra in ({}, {"sid": 0}, {"len": 23}, {"sid": 24}, {"len": 255}, {"sid": 256},
+                      {"len": 65535}, {"sid": 65536}, {"len": 2**32 - 1}, {"sid": 7, "len": 9}):
+            rec = {"t": "pkt", "ts": TS, "data": bytes(n), **extra}
+            enc = cbor2.dumps(rec)
+            assert fast_record(enc, 0, len(enc)) == (rec, len(enc)), (n, extra)
+            assert fast_record(b"\x00\x00" + enc + b"\xff", 2, len(enc) + 2) == (rec, len(enc) + 2)
+            assert fast_record(enc, 0, len(enc) - 1) is None
+    longer = [b"\x58\x17" + bytes(23), b"\x59\x00\xff" + bytes(255)]
+    for data in longer:
+        assert fast_record(b"\xa3" + head + data, 0, 100_000) is None, data[:3]
+    for tail, value in ((b"\x18\x17", 23), (b"\x19\x00\xff", 255),
+                        (b"\x1a\x00\x00\xff\xff", 65535)):
+        for key in (b"\x63sid", b"\x63len"):
+            enc = b"\xa4" + head + b"\x41x" + key + tail
+            assert fast_record(enc, 0, len(enc)) is None, (key, tail)
+            assert cbor2.loads(enc)[key[1:].decode()] == value
+    # the smallest values of each longer head are taken
+    for tail, value in ((b"\x18\x18", 24), (b"\x19\x01\x00", 256),
+                        (b"\x1a\x00\x01\x00\x00", 65536), (b"\x17", 23)):
+        enc = b"\xa4" + head + b"\x41x" + b"\x63sid" + tail
+        assert fast_record(enc, 0, len(enc)) == (
+            {"t": "pkt", "ts": TS, "data": b"x", "sid": value}, len(enc))
+    # a timestamp that fits in 32 bits is not in its shortest form with 8 bytes
+    for ts in (2**32 - 1, 2**32):
+        enc = b"\xa3\x61t\x63pkt\x62ts\x1b" + U64(ts) + b"\x64data\x41x"
+        assert (fast_record(enc, 0, len(enc)) is None) == (ts < 2**32)
+    # a map of 3 to 5 keys only; an fb record's head
+    for m in (0xA2, 0xA6):
+        enc = bytes([m]) + head + b"\x41x"
+        assert fast_record(enc, 0, len(enc)) is None
+    fb = cbor2.dumps({"t": "fb", "ts": TS, "data": bytes(30), "len": 300})
+    assert fast_record(fb, 0, len(fb)) == ({"t": "fb", "ts": TS, "data": bytes(30), "len": 300},
+                                           len(fb))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 31, 32, 33, 8191, 8192])
+def test_encode_pkts_is_cbor2s_at_every_column_boundary(n):
+    from tcpcopylib.records import PendingBatch, batch_records, encode_pkts, scan_batch
+
+    rng = random.Random(n)
+    stamps = [rng.choice([0, 1, 2**32, 2**64 - 1, TS + i]) for i in range(n)]
+    datas = [bytes([i & 255]) * rng.choice([0, 1, 23, 24, 255, 256, 1500]) for i in range(n)]
+    sids = [rng.choice([0, 23, 24, 65536, 2**32 - 1]) for _ in range(n)]
+    for s in (None, sids):
+        rec = {"t": "pkts", "ts": struct.pack(f">{n}Q", *stamps),
+               "len": struct.pack(f">{n}H", *map(len, datas)), "data": b"".join(datas)}
+        if s is not None:
+            rec["sid"] = struct.pack(f">{n}I", *s)
+        raw = encode_pkts(stamps, datas, s)
+        assert raw == cbor2.dumps(rec)
+        buf = b"\x01" + raw + b"\x02"
+        b = scan_batch(buf, 1, len(raw) + 1)
+        assert b is not None and b[0] == n and b[-1] == len(raw) + 1
+        assert scan_batch(buf, 1, len(raw)) is None
+        want = [{"t": "pkt", "ts": t, "data": d} for t, d in zip(stamps, datas)]
+        if s is not None:
+            for w, i in zip(want, s):
+                w["sid"] = i
+        assert batch_records(buf, 1, len(raw) + 1) == want
+        # PendingBatch writes the same record and starts a new one
+        pb = PendingBatch(sids=s is not None)
+
+        class W:
+            buf = b""
+        for t, d, i in zip(stamps, datas, sids):
+            pb.stamps.append(t)
+            pb.datas.append(d)
+            if pb.sids is not None:
+                pb.sids.append(i)
+        assert len(pb) == n
+        w = W()
+        pb.write_to(w)
+        assert w.buf == raw and len(pb) == 0 and not pb.datas and (pb.sids in (None, []))
+        pb.write_to(w)  # empty: writes nothing
+        assert w.buf == raw
+
+
+def test_batch_packets_checks_every_column_of_a_decoded_batch():
+    from tcpcopylib.records import batch_packets
+
+    stamps, datas, sids = [TS, TS + 1, 5], [b"ab", b"", b"c" * 300], [1, 2**32 - 1, 0]
+    rec = {"t": "pkts", "ts": struct.pack(">3Q", *stamps), "len": struct.pack(">3H", 2, 0, 300),
+           "data": b"".join(datas)}
+    assert batch_packets(rec, "x") == (tuple(stamps), datas, None)
+    rec["sid"] = struct.pack(">3I", *sids)
+    assert batch_packets(rec, "x") == (tuple(stamps), datas, tuple(sids))
+    one = {"t": "pkts", "ts": U64(7), "len": b"\x00\x01", "data": b"z"}
+    assert batch_packets(one, "x") == ((7,), [b"z"], None)
+    bad = [dict(rec, ts=rec["ts"][:-1]), dict(rec, ts=rec["ts"] + U64(1)),
+           dict(rec, len=rec["len"][:-2]), dict(rec, len=rec["len"] + b"\x00\x00"),
+           dict(rec, sid=rec["sid"][:-4]), dict(rec, sid=rec["sid"] + bytes(4)),
+           dict(rec, sid=[1, 2, 3]), dict(rec, data=rec["data"] + b"x"),
+           dict(rec, data=rec["data"][:-1]), dict(rec, ts=b""), dict(rec, ts=list(stamps)),
+           dict(rec, len="abc"), dict(rec, data=None), {"t": "pkts"}]
+    for b in bad:
+        with pytest.raises(StreamError, match="where: malformed pkts record"):
+            batch_packets(b, "where")
+
+
+def test_fb_record_keeps_headers_and_the_asked_payload_of_tcp_only():
+    """intercept.fb_record: IPv4 with options and IPv6, inside a frame (off/end), a
+    payload limit, and None for what is not (the first fragment of) TCP over IP."""
+    from tcpcopylib.intercept import fb_record
+    from tcpcopylib.packet import build_tcp, ip_bytes
+
+    opts = b"\x01\x01\x08\x0a" + bytes(8)  # TCP header of 32 bytes
+    v4 = build_tcp(ip_bytes("10.0.0.5"), ip_bytes("10.9.0.1"), 80, 1000, 5, 6, 0x18,
+                   options=opts, payload=b"0123456789")
+    v4o = bytearray(v4[:20] + b"\x01\x01\x01\x00" + v4[20:])  # with 4 bytes of IP options
+    v4o[0] = 0x46
+    v4o[2:4] = struct.pack("!H", len(v4o))
+    v4o = bytes(v4o)
+    v6 = build_tcp(ip_bytes("fd00::5"), ip_bytes("fd00::1"), 80, 1000, 5, 6, 0x18,
+                   options=opts, payload=b"0123456789")
+    for ip, hdr in ((v4, 52), (v4o, 56), (v6, 72)):
+        for payload, keep in ((0, hdr), (3, hdr + 3), (10, hdr + 10), (99, hdr + 10),
+                              (-1, hdr + 10)):
+            want = {"t": "fb", "ts": TS, "data": ip[:keep], "len": len(ip)}
+            assert cbor2.loads(fb_record(ip, TS, payload)) == want, (hdr, payload)
+            frame = b"\x02" * 14 + ip + b"\x00" * 6  # Ethernet header and padding
+            got = fb_record(frame, TS, payload, 14, 14 + len(ip))
+            assert cbor2.loads(got) == want
+        # the length field counts, not what was captured
+        cut = ip[:hdr + 2]
+        assert cbor2.loads(fb_record(cut, TS, -1)) == {
+            "t": "fb", "ts": TS, "data": cut, "len": len(ip)}
+        # the TCP header's fixed part (13 bytes, flags at 13) must be there
+        ihl = hdr - 32
+        assert fb_record(ip[:ihl + 13], TS, 0) is not None
+        assert fb_record(ip[:ihl + 12], TS, 0) is None
+    assert fb_record(v4[:19], TS, 0) is None
+    assert fb_record(b"\x00" * 3 + v4, TS, 0, 3, 3 + 19) is None
+    for at, value in ((9, 17), (0, 0x44), (7, 1), (6, 0x01), (6, 0x20 | 0x1F)):
+        bad = bytearray(v4)
+        bad[at] = value
+        assert fb_record(bytes(bad), TS, 0) is None, (at, value)
+    ok = bytearray(v4)
+    ok[6] = 0x40 | 0x20  # DF and MF on the first fragment: still TCP with its header
+    assert fb_record(bytes(ok), TS, 0) is not None
+    bad6 = bytearray(v6)
+    bad6[6] = 17
+    assert fb_record(bytes(bad6), TS, 0) is None
+    assert fb_record(v6[:39], TS, 0) is None
+    # an IPv6 payload length over 255: both bytes count
+    v6big = build_tcp(ip_bytes("fd00::5"), ip_bytes("fd00::1"), 80, 1000, 5, 6, 0x18,
+                      payload=bytes(700))
+    assert cbor2.loads(fb_record(v6big, TS, 0))["len"] == len(v6big) == 40 + 20 + 700
+    assert fb_record(b"\x50" + v6[1:], TS, 0) is None
+
+
+def test_scan_batch_takes_only_encode_pkts_layout():
+    from tcpcopylib.intercept import fb_record
+    from tcpcopylib.records import encode_pkts, scan_batch
+
+    cols = {"ts": U64(TS), "len": b"\x00\x01", "data": b"x"}
+    good = cbor2.dumps({"t": "pkts", **cols})
+    assert good == encode_pkts([TS], [b"x"]) and scan_batch(good, 0, len(good)) is not None
+    for rec in ({"t": "pkts", **cols, "sid": bytes(4), "zz": 1},    # 6 keys
+                {"t": "pkts", **cols, "zz": 1},                     # 5 keys, the 5th no sid
+                {"t": "pkts", "ts": U64(TS) + b"\x00" * 4, "len": b"\x00\x01", "data": b"x"},
+                {"t": "pkts", "ts": b"", "len": b"", "data": b""},
+                {"t": "pkts", "ts": U64(TS), "len": b"\x00\x01\x00", "data": b"x"},
+                {"t": "pkts", "ts": U64(TS), "len": b"\x00\x01"}):
+        enc = cbor2.dumps(rec)
+        assert scan_batch(enc + bytes(20), 0, len(enc) + 20) is None, rec
+    # an empty range has no fb record either
+    from tcpcopylib.packet import build_tcp, ip_bytes
+    ip = build_tcp(ip_bytes("10.0.0.5"), ip_bytes("10.9.0.1"), 80, 1000, 5, 6, 0x18)
+    assert fb_record(ip, TS, 0) is not None
+    assert fb_record(ip, TS, 0, 0, 0) is None and fb_record(ip + ip, TS, 0, 40, 40) is None
+
+
+def test_scan_batch_reads_each_shortest_column_head_and_no_longer_one():
+    from tcpcopylib.records import PendingBatch, encode_pkts, scan_batch
+
+    # an empty data column (0x40) and a default PendingBatch (no sid column)
+    raw = encode_pkts([TS, TS], [b"", b""])
+    assert scan_batch(raw, 0, len(raw)) is not None
+    pb = PendingBatch()
+    pb.stamps.append(TS)
+    pb.datas.append(b"")
+
+    class W:
+        buf = b""
+    pb.write_to(W)
+    assert W.buf == encode_pkts([TS], [b""]) and cbor2.loads(W.buf).keys() == {"t", "ts", "len", "data"}
+
+    def batch(ts_head, len_head, data_head, data=b"x"):
+        return (b"\xa4\x61t\x64pkts\x62ts" + ts_head + U64(TS) + b"\x63len" + len_head
+                + struct.pack(">H", len(data)) + b"\x64data" + data_head + data)
+    assert batch(b"\x48", b"\x42", b"\x41") == encode_pkts([TS], [b"x"])
+    longer = [(b"\x58\x08", b"\x42", b"\x41"), (b"\x59\x00\x08", b"\x42", b"\x41"),
+              (b"\x5a\x00\x00\x00\x08", b"\x42", b"\x41"), (b"\x48", b"\x58\x02", b"\x41"),
+              (b"\x48", b"\x59\x00\x02", b"\x41"), (b"\x48", b"\x5a\x00\x00\x00\x02", b"\x41"),
+              (b"\x48", b"\x42", b"\x58\x01"), (b"\x48", b"\x42", b"\x59\x00\x01"),
+              (b"\x48", b"\x42", b"\x5a\x00\x00\x00\x01"), (b"\x48", b"\x42", b"\x5b" + U64(1))]
+    for heads in longer:
+        enc = batch(*heads)
+        assert cbor2.loads(enc)["data"] == b"x"
+        assert scan_batch(enc, 0, len(enc)) is None, heads
+    # each head's smallest shortest value is taken: 24, 256 and 65536 data bytes
+    for n, head in ((24, b"\x58\x18"), (256, b"\x59\x01\x00"), (65536, b"\x5a\x00\x01\x00\x00")):
+        if n < 65536:
+            enc = batch(b"\x48", b"\x42", head, bytes(n))
+            assert enc == encode_pkts([TS], [bytes(n)])
+            assert scan_batch(enc, 0, len(enc)) is not None, n
+    # 65535 data bytes under a 4-byte head: not the shortest (its head is 0x59)
+    enc = batch(b"\x48", b"\x42", b"\x5a\x00\x00\xff\xff", bytes(65535))
+    assert len(cbor2.loads(enc)["data"]) == 65535 and scan_batch(enc, 0, len(enc)) is None
+    big = encode_pkts([TS] * 2, [bytes(40000), bytes(30000)])
+    assert b"\x64data\x5a\x00\x01\x11\x70" in big and scan_batch(big, 0, len(big)) is not None

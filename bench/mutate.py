@@ -1,0 +1,715 @@
+#!/usr/bin/env python3
+"""Mutation testing of chosen functions: does the quick unit suite notice a wrong line?
+
+Not part of CI; run it on demand (issue 20's safety net)::
+
+    python3 bench/mutate.py                      # every module below, ~1 test run per mutant
+    python3 bench/mutate.py --module records --module feedback
+    python3 bench/mutate.py --module pacing --function 'Pacer.plan' --max-mutants 20
+    python3 bench/mutate.py --module capture --tests 'tests/test_capture.py -k split'
+    python3 bench/mutate.py --module engine --list          # show the mutants, run nothing
+    python3 bench/mutate.py --jobs 2 --json /tmp/mut.json   # two copies in parallel
+    python3 bench/mutate.py --rerun /tmp/mut.json           # only that run's survivors
+
+How: the checkout's tcpcopylib/, bin/ and tests/ (and pyproject.toml) are copied to a
+temporary directory (one copy per job). For each mutant, ONE change is made to the AST of
+one chosen function, the function's source lines in the copy are replaced by the mutated
+function (ast.unparse, re-indented; the rest of the file is untouched) and the module's
+quick tests run with ``python3 -m pytest -x`` in the copy (PYTHONPATH = the copy; tests/tc.py
+and bin/_tc find the copy relative to themselves, so tools run as subprocesses use the
+mutant too). A failing run kills the mutant; a passing one lets it survive; a run longer
+than the timeout (default: 3 x the unmutated run + 10 s) is counted as timed out. Before
+the mutants, each module's tests run once on the copy with every chosen function replaced
+by its unparsed (unmutated) form, which must pass.
+
+Mutations (see Mutator): arithmetic/bitwise operator swaps (+ -, * //, / *, << >>, & |),
+removing a mask or modulus (``x & 0xFFFFFFFF``, ``x % 2**32`` -> ``x``), removing one side
+of an ``|`` (a flag OR) or ``~``/unary minus, comparison swaps (< <=, > >=, == !=, is, in),
+integer constant +1, True <-> False, ``and`` <-> ``or``, negating an if/while/ternary
+condition, removing a ``not``, min <-> max, augmented-assignment operator swaps, and
+dropping a statement (an augmented assignment, an assignment to an attribute or item, a
+call statement).
+
+A module's test list may name files not written yet (test_session_alloc.py,
+test_capture_split.py): they are skipped until they exist. On a loaded 2-core machine a
+mutant takes 1-5 s (records, feedback, pacing, capture: about 40 min in all with --jobs 1);
+--rerun JSON after adding tests takes minutes.
+
+Mutants known to be equivalent (no observable difference: e.g. a fast path that only
+declines and lets the general decoder answer the same) are listed in EQUIVALENT with the
+reason and are not run; ``--all`` runs them too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import concurrent.futures
+import copy
+import fnmatch
+import json
+import os
+import queue
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTEST = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+          "-m", "not netns", "--no-header", "-o", "addopts="]
+
+# the byte-at-a-time chunkings take 5 of test_records_fast's 9 s; the 7-byte ones stay
+_NOT_STEP_1 = "".join(
+    f" --deselect tests/test_records_fast.py::{t}[1]"
+    for t in ("test_stream_parser_any_chunking",
+              "test_pkt_mode_gives_ts_data_pairs_for_packets_and_records_for_the_rest"))
+
+# module name -> list of (file, function patterns (qualnames, fnmatch), test arguments).
+TARGETS: dict[str, list[tuple[str, list[str], str]]] = {
+    "engine": [
+        ("tcpcopylib/session/engine.py",
+         ["_signed", "Engine._client_segment", "Engine._append", "Engine._hold_gap",
+          "Engine._fill_from_ooo", "Engine._out", "Engine._tsopt", "Engine._ack_no",
+          "Engine._seq", "Engine._send_syn", "Engine._send_segment", "Engine._push",
+          "Engine._may_release", "Engine._response_complete", "Engine._fb_syn_sent",
+          "Engine._fb_ack", "Engine._fb_data", "Engine._retransmit", "Engine._response_missing"],
+         "tests/test_session_engine.py tests/test_session_shaping.py tests/test_session_fast.py"),
+    ],
+    "records": [
+        ("tcpcopylib/records.py",
+         ["cbor_head", "scan_record", "fast_record", "_record", "replace_ts", "batch_structs",
+          "encode_pkts", "PendingBatch.*", "_bytes_head", "scan_batch", "_column",
+          "batch_stamps", "_split", "_batch_columns", "batch_records", "batch_packets",
+          "encode_section"],
+         "tests/test_records_fast.py tests/test_records.py" + _NOT_STEP_1),
+        ("tcpcopylib/capture.py", ["_bstr_head", "encode_pkt"],
+         "tests/test_records_fast.py tests/test_capture.py" + _NOT_STEP_1),
+        ("tcpcopylib/pcapio.py", ["encode_pkt"],
+         "tests/test_records_fast.py tests/test_readpcap.py" + _NOT_STEP_1),
+        ("tcpcopylib/intercept.py", ["encode_fb", "fb_record"],
+         "tests/test_records_fast.py tests/test_intercept.py" + _NOT_STEP_1),
+        ("tcpcopylib/cli/session.py", ["encode_pkt"],
+         "tests/test_records_fast.py tests/test_session_fast.py" + _NOT_STEP_1),
+    ],
+    "pacing": [
+        ("tcpcopylib/pacing.py", ["Pacer.plan", "Pacer.due", "Pacer.release"],
+         "tests/test_pace.py -k 'not real_clock and not reshaped_timeline'"),
+        ("tcpcopylib/session/timing.py", ["DueQueue.*"],
+         "tests/test_session_engine.py tests/test_session_fast.py "
+         "tests/test_pace.py::test_due_queue_push_records_is_push_inlined "
+         "tests/test_pace.py::test_due_queue_schedule "
+         "tests/test_pace.py::test_keep_ts_keeps_a_reshaped_ts_and_time_zero_is_a_time"),
+    ],
+    "alloc": [
+        ("tcpcopylib/session/alloc.py",
+         ["Allocator.allocate", "Allocator._from_space", "Allocator.release", "Allocator._gc",
+          "Allocator.hint", "Pool.finish", "Pool.addr"],
+         "tests/test_session_alloc.py tests/test_session_engine.py"),
+    ],
+    "capture": [
+        ("tcpcopylib/capture.py", ["split_segment"],
+         "tests/test_capture_split.py tests/test_split_segment_edges.py tests/test_capture.py "
+         "-k 'split and not gro_supersegments'"),
+    ],
+    "feedback": [
+        ("tcpcopylib/feedback.py",
+         ["fb_span", "_fb_prefix", "reply_key", "route_key", "claim_key", "claim_route_key",
+          "_claim_ip", "_claim_port", "claim_keys"],
+         "tests/test_feedback_routing.py tests/test_intercept.py tests/test_feedback.py "
+         "-k 'routing or encode_fb or claim_records or read_replies or two_clients'"),
+    ],
+}
+
+# (file, function qualname, mutation text) -> why the mutant cannot be told apart; the text
+# may end with " @ " and the source line (stripped) where the text alone is ambiguous.
+_NARROWED = ("the guard of a hand-made fast path narrowed: the values left out take the "
+             "general encoder, which writes the same bytes")
+_P, _T, _R, _F = ("tcpcopylib/pacing.py", "tcpcopylib/session/timing.py",
+                  "tcpcopylib/records.py", "tcpcopylib/feedback.py")
+EQUIVALENT: dict[tuple[str, str, str], str] = {
+    (_P, "Pacer.plan", "gap > limit -> gap >= limit"):
+        "at gap == limit the anchor moves by gap - limit = 0",
+    (_P, "Pacer.due", "late > self.max_late_ns -> late >= self.max_late_ns"):
+        "at late == max_late_ns the same value is stored",
+    (_P, "Pacer.due", "self._base = self.anchor_wall + self.delay_ns -> pass"):
+        "_base only caches plan()'s arithmetic: without it every record takes plan()",
+    (_T, "DueQueue.__init__", "self.anchor_ts = 0 -> pass"):
+        "anchor_ts is read only once anchor_wall is set, and both are set together",
+    (_T, "DueQueue.__init__", "0 -> 1 @ self.anchor_ts = 0"):
+        "as above: never read before it is set",
+    (_T, "DueQueue.due_time", "due < self.last_due -> due <= self.last_due"):
+        "at due == last_due the same value is stored",
+    (_T, "DueQueue.push_records", "due < last -> due <= last"):
+        "at due == last the same value is stored",
+    **{(_R, "batch_structs", t): "the bound of a cache of Struct objects: the same structs "
+       "either way (only memory differs)"
+       for t in ("if len(_BATCH_FMT) > 4096 -> if not len(_BATCH_FMT) > 4096",
+                 "len(_BATCH_FMT) > 4096 -> len(_BATCH_FMT) >= 4096", "4096 -> 4097",
+                 "_BATCH_FMT.clear() -> pass")},
+    **{(_F, "_claim_ip", t): "the bound of a cache of packed addresses: the same addresses "
+       "either way (only memory differs)"
+       for t in ("if len(_PACKED) > 4096 -> if not len(_PACKED) > 4096",
+                 "len(_PACKED) > 4096 -> len(_PACKED) >= 4096", "4096 -> 4097",
+                 "_PACKED.clear() -> pass", "_PACKED[text] = ip -> pass")},
+    (_F, "_claim_ip", "96 <= ib < 120 -> 96 < ib < 120"):
+        "an empty text (0x60) is no address: ValueError either way",
+    (_F, "_claim_ip", "96 -> 97 @ if 0x60 <= ib < 0x78:"): "the same as 96 <= ib -> 96 < ib",
+    ("tcpcopylib/capture.py", "split_segment", "total < ihl + 20 -> total <= ihl + 20"):
+        "a datagram of headers only (total = ihl + 20) goes back unchanged further on "
+        "(mss <= 0: total > mtu)",
+    ("tcpcopylib/capture.py", "split_segment", "20 -> 21 @ if total <= mtu or total < ihl + 20:"):
+        "as total < ihl + 20 -> <=",
+    ("tcpcopylib/capture.py", "split_segment", "hlen > total -> hlen >= total"):
+        "hlen == total > mtu means mss < 0, returned unchanged by the same test",
+    (_F, "fb_span", "0 < end <= len(buf) -> 0 <= end <= len(buf)"):
+        "end is d1 + 6 or more, or -1: never 0",
+    (_F, "fb_span", "0 -> 1 @ if 0 < end <= len(buf):"): "end is never 0 or 1 (as above)",
+    (_F, "_fb_prefix", "k <= 18 -> k < 18"):
+        "at k == 18 the other side tests _FB8_MID.startswith(b''): true as well",
+    ("tcpcopylib/intercept.py", "fb_record", "n < 20 -> n <= 20"):
+        "20 bytes hold no TCP header: the n < ihl + 13 test (or n < 40) refuses it as well",
+    ("tcpcopylib/intercept.py", "fb_record", "20 -> 21 @ if n < 20:"): "as n < 20 -> n <= 20",
+    ("tcpcopylib/intercept.py", "fb_record", "n < 40 -> n <= 40"):
+        "40 bytes of IPv6 hold no TCP header: n < ihl + 13 refuses them as well",
+    ("tcpcopylib/intercept.py", "fb_record", "40 -> 41 @ if n < 40 or buf[off + 6] != 6:"):
+        "as n < 40 -> n <= 40",
+    ("tcpcopylib/intercept.py", "fb_record", "1 -> 2"):
+        "the default end -1 -> -2: any end < 0 means the end of the buffer",
+    ("tcpcopylib/capture.py", "split_segment",
+     "0 -> 1 @ ident = _U16.unpack_from(dgram, 4)[0] if v == 4 else 0"):
+        "the IPv6 ident (else 0) is never used (the same text also names [0] -> [1], which "
+        "an IndexError kills at once)",
+    (_F, "fb_span", "24 -> 25 @ if buf.startswith(_FB8_MID, pos + 18) and len(buf) > pos + 24 "
+     "and buf.startswith(_FB8, pos):"):
+        "a buffer of 25 bytes from pos holds no whole record: refused further on either way",
+    (_F, "fb_span", "4 -> 5 @ if buf.startswith(_FB_LEN, d1) and len(buf) > d1 + 4:"):
+        "with only the len head byte there, end > len(buf) refuses it either way",
+    (_F, "fb_span", "1 -> 2 @ end = d1 + 7 if lb == 0x19 else d1 + 6 if lb == 0x18 else -1"):
+        "-1 -> -2: refused by 0 < end either way",
+    **{(_F, f, t): "20 bytes hold no ports: the n < ihl + 4 (or n >= 44) test refuses them too"
+       for f in ("reply_key", "route_key") for t in ("n < 20 -> n <= 20", "20 -> 21 @ if n < 20:")},
+    **{(_F, f, f"1 -> 2 @ def {f}(data, off: int = 0, end: int = -1) -> {r} | None:"):
+       "the default end -1 -> -2: any end < 0 means the end of the data"
+       for f, r in (("reply_key", "tuple"), ("route_key", "bytes"))},
+    (_F, "route_key", "20 -> 21 @ if ihl == 20:"):
+        "the IPv4 key without options is a fast path: the general slice gives the same bytes",
+    **{("tcpcopylib/capture.py", "encode_pkt", t): "the guard of the hand-made fast path "
+       "narrowed: the values left out take cbor2.dumps, which writes the same bytes"
+       for t in ("4294967296 <= ts < 1 << 64 -> 4294967296 < ts < 1 << 64",
+                 "4294967296 -> 4294967297", "1 << 64 -> 1 >> 64")},
+    # fast paths: a guard narrowed sends the values left out to the general encoder
+    # (cbor2.dumps / cbor_head), which writes the same bytes
+    **{("tcpcopylib/pcapio.py", "encode_pkt", t): _NARROWED
+       for t in ("ts > 18446744073709551615 -> ts >= 18446744073709551615",
+                 "4294967295 -> 4294967296")},
+    **{("tcpcopylib/intercept.py", "encode_fb", t): _NARROWED
+       for t in ("ts >= 4294967296 -> ts > 4294967296", "4294967296 -> 4294967297",
+                 "24 <= n < 256 -> 24 < n < 256",
+                 "256 <= length < 65536 -> 256 < length < 65536",
+                 "24 -> 25 @ if ts >= 0x100000000 and 24 <= n < 256 and 256 <= length < 0x10000:",
+                 "256 -> 257 @ if ts >= 0x100000000 and 24 <= n < 256 and 256 <= length < 0x10000:",
+                 "256 -> 257 @ lb = bytes((0x19,)) + length.to_bytes(2, 'big') if 256 <= length < "
+                 "0x10000 else cbor_head(0, length)".replace("'", '"'))},
+    **{("tcpcopylib/cli/session.py", "encode_pkt", t + " @ if 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF and 24 <= n < 0x10000 and 0 <= sid < 0x100000000:"): _NARROWED
+       for t in ("4294967295 < ts <= 18446744073709551615 -> 4294967295 < ts < 18446744073709551615",
+                 "24 <= n < 65536 -> 24 < n < 65536", "0 <= sid < 4294967296 -> 0 < sid < 4294967296",
+                 "4294967295 -> 4294967296", "24 -> 25", "0 -> 1")},
+    (_R, "scan_record", "5 -> 6"):
+        "a map of 6 keys needs a third extra key: only sid and len are taken, no duplicate",
+}
+
+
+# -- mutations ---------------------------------------------------------------------------
+
+_BINOP_SWAPS = {
+    ast.Add: [ast.Sub], ast.Sub: [ast.Add], ast.Mult: [ast.FloorDiv], ast.Div: [ast.Mult],
+    ast.FloorDiv: [ast.Mult], ast.Mod: [ast.FloorDiv], ast.LShift: [ast.RShift],
+    # (| -> ^ is left out: the same wherever the bits are disjoint, as they are in every flag
+    # set and byte assembly here (m | n of a CBOR head, b1 << 8 | b2, TH_FIN | TH_PSH))
+    ast.RShift: [ast.LShift], ast.BitAnd: [ast.BitOr], ast.BitOr: [ast.BitAnd],
+    ast.BitXor: [ast.BitOr], ast.Pow: [ast.Mult],
+}
+_CMP_SWAPS = {
+    ast.Lt: [ast.LtE], ast.LtE: [ast.Lt], ast.Gt: [ast.GtE], ast.GtE: [ast.Gt],
+    ast.Eq: [ast.NotEq], ast.NotEq: [ast.Eq], ast.Is: [ast.IsNot], ast.IsNot: [ast.Is],
+    ast.In: [ast.NotIn], ast.NotIn: [ast.In],
+}
+
+
+def _src(node) -> str:
+    s = ast.unparse(node).replace("\n", "; ")
+    return s if len(s) <= 70 else s[:67] + "..."
+
+
+@dataclass
+class Site:
+    """One mutation: the index of a node in the function's ast.walk() order and a kind."""
+    index: int
+    kind: str
+    arg: object = None
+    line: int = 0
+    text: str = ""
+
+
+class Mutator:
+    """Lists the mutations of a function node and applies one to a (fresh) copy."""
+
+    @staticmethod
+    def sites(func) -> list[Site]:
+        out = []
+        docstrings = {id(d.body[0].value) for d in ast.walk(func)
+                      if isinstance(d, (ast.FunctionDef, ast.ClassDef)) and d.body
+                      and isinstance(d.body[0], ast.Expr)
+                      and isinstance(d.body[0].value, ast.Constant)}
+        # annotations are never evaluated (from __future__ import annotations): skip them
+        annotations = {id(x) for d in ast.walk(func)
+                       for a in ([getattr(d, "returns", None), getattr(d, "annotation", None)])
+                       if a is not None for x in ast.walk(a)}
+        for i, n in enumerate(ast.walk(func)):
+            if id(n) in annotations:
+                continue
+            line = getattr(n, "lineno", 0)
+
+            def add(kind, arg=None):
+                out.append(Site(i, kind, arg, line))
+            if isinstance(n, ast.BinOp):
+                for new in _BINOP_SWAPS.get(type(n.op), ()):
+                    add("binop", new)
+                if isinstance(n.op, (ast.BitAnd, ast.Mod)):
+                    add("left")  # mask / modulus removal
+                if isinstance(n.op, ast.BitOr):
+                    add("left")
+                    add("right")
+            elif isinstance(n, ast.UnaryOp):
+                if isinstance(n.op, (ast.Not, ast.Invert, ast.USub)):
+                    add("operand")
+            elif isinstance(n, ast.Compare):
+                for k, op in enumerate(n.ops):
+                    for new in _CMP_SWAPS.get(type(op), ()):
+                        add("cmp", (k, new))
+            elif isinstance(n, ast.Constant) and id(n) not in docstrings:
+                if isinstance(n.value, bool):
+                    add("const", not n.value)
+                elif isinstance(n.value, int):
+                    add("const", n.value + 1)  # (one direction: -1 rarely adds a kill)
+            elif isinstance(n, ast.BoolOp):
+                add("boolop")
+            elif isinstance(n, (ast.If, ast.While, ast.IfExp)) and not (
+                    # the same as a comparison swap or removing the not
+                    isinstance(n.test, ast.Compare) and len(n.test.ops) == 1
+                    and type(n.test.ops[0]) in (ast.Eq, ast.NotEq, ast.Is, ast.IsNot, ast.In,
+                                                ast.NotIn)
+                    or isinstance(n.test, ast.UnaryOp) and isinstance(n.test.op, ast.Not)):
+                add("negate")
+            elif isinstance(n, ast.Call) and isinstance(n.func, ast.Name) \
+                    and n.func.id in ("min", "max"):
+                add("minmax")
+            if isinstance(n, ast.AugAssign):
+                for new in _BINOP_SWAPS.get(type(n.op), ()):
+                    add("augop", new)
+            if isinstance(n, (ast.FunctionDef, ast.If, ast.For, ast.While, ast.With, ast.Try,
+                              ast.ExceptHandler)):
+                for fld in ("body", "orelse", "finalbody"):
+                    for k, st in enumerate(getattr(n, fld, ()) or ()):
+                        if isinstance(st, ast.AugAssign) or \
+                                isinstance(st, ast.Expr) and isinstance(st.value, ast.Call) or \
+                                isinstance(st, ast.Assign) and all(
+                                    isinstance(t, (ast.Attribute, ast.Subscript))
+                                    for t in st.targets):
+                            out.append(Site(i, "drop", (fld, k), st.lineno))
+        for s in out:
+            s.text = Mutator.describe(func, s)
+        out.sort(key=lambda s: s.line)
+        return out
+
+    @staticmethod
+    def apply(func, site: Site):
+        """Apply site to func (in place); returns (old node, new node) for the text."""
+        n = list(ast.walk(func))[site.index]
+        kind, arg = site.kind, site.arg
+        parents = {id(c): (p, f) for p in ast.walk(func) for f, v in ast.iter_fields(p)
+                   for c in (v if isinstance(v, list) else [v]) if isinstance(c, ast.AST)}
+
+        def replace(old, new):
+            p, f = parents[id(old)]
+            v = getattr(p, f)
+            if isinstance(v, list):
+                v[v.index(old)] = new
+            else:
+                setattr(p, f, new)
+            return old, new
+        old = copy.deepcopy(n)
+        if kind == "binop":
+            n.op = arg()
+        elif kind == "augop":
+            n.op = arg()
+            return old, n
+        elif kind == "left":
+            return replace(n, n.left)
+        elif kind == "right":
+            return replace(n, n.right)
+        elif kind == "operand":
+            return replace(n, n.operand)
+        elif kind == "cmp":
+            n.ops[arg[0]] = arg[1]()
+        elif kind == "const":
+            n.value = arg
+        elif kind == "boolop":
+            n.op = ast.Or() if isinstance(n.op, ast.And) else ast.And()
+        elif kind == "negate":
+            n.test = ast.UnaryOp(ast.Not(), n.test)
+            return ast.Expr(old.test), ast.Expr(n.test)
+        elif kind == "minmax":
+            n.func.id = "max" if n.func.id == "min" else "min"
+        elif kind == "drop":
+            fld, k = arg
+            body = getattr(n, fld)
+            st = body[k]
+            body[k] = ast.Pass()
+            return st, body[k]
+        else:
+            raise ValueError(kind)
+        return old, n
+
+    @staticmethod
+    def describe(func, site: Site) -> str:
+        f = copy.deepcopy(func)
+        old, new = Mutator.apply(f, site)
+        if site.kind == "negate":
+            return f"if {_src(old)} -> if {_src(new)}"
+        return f"{_src(old)} -> {_src(new)}"
+
+
+# -- functions and mutants ----------------------------------------------------------------
+
+def functions(tree) -> dict[str, ast.AST]:
+    out = {}
+    for n in tree.body:
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            out[n.name] = n
+        elif isinstance(n, ast.ClassDef):
+            for m in n.body:
+                if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    out[f"{n.name}.{m.name}"] = m
+    return out
+
+
+def replaced_source(text: str, func, new_func) -> str:
+    """text with func's lines (decorators included) replaced by new_func, unparsed."""
+    lines = text.splitlines(keepends=True)
+    start = min([func.lineno] + [d.lineno for d in func.decorator_list]) - 1
+    indent = lines[func.lineno - 1][:func.col_offset]
+    body = textwrap.indent(ast.unparse(new_func), indent) + "\n"
+    return "".join(lines[:start]) + body + "".join(lines[func.end_lineno:])
+
+
+@dataclass
+class Mutant:
+    module: str
+    file: str
+    func: str
+    site: Site
+    tests: str
+    result: str = ""
+    seconds: float = 0.0
+    equivalent: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.site.line}"
+
+
+@dataclass
+class Target:
+    module: str
+    file: str
+    funcs: list[str]
+    tests: str
+    mutants: list[Mutant] = field(default_factory=list)
+
+
+def plan(args) -> list[Target]:
+    out = []
+    for mod in args.module or list(TARGETS):
+        if mod not in TARGETS:
+            sys.exit(f"mutate: unknown module {mod!r} (one of {', '.join(TARGETS)})")
+        for file, pats, tests in TARGETS[mod]:
+            pats = args.function or pats
+            text = (REPO / file).read_text()
+            lines = text.splitlines()
+            tree = ast.parse(text)
+            funcs = functions(tree)
+            names = [q for q in funcs if any(fnmatch.fnmatchcase(q, p) for p in pats)]
+            if not names:
+                continue
+            t = Target(mod, file, names, args.tests or tests)
+            for q in names:
+                for s in Mutator.sites(funcs[q]):
+                    m = Mutant(mod, file, q, s, t.tests)
+                    m.equivalent = EQUIVALENT.get((file, q, s.text)) or EQUIVALENT.get(
+                        (file, q, f"{s.text} @ {lines[s.line - 1].strip()}"))
+                    if m.equivalent is None or args.all:
+                        t.mutants.append(m)
+            out.append(t)
+    if args.rerun:
+        # only the mutants a previous run (--json) did not kill, known by (file, function,
+        # mutation): line numbers may have moved
+        prev = json.loads(Path(args.rerun).read_text())
+        again = {(m["file"], m["function"], m["mutation"]) for m in prev
+                 if m["result"] != "killed"}
+        for t in out:
+            t.mutants = [m for m in t.mutants if (m.file, m.func, m.site.text) in again]
+    if args.max_mutants:
+        rng = random.Random(args.seed)
+        by_mod: dict[str, list[Mutant]] = {}
+        for t in out:
+            by_mod.setdefault(t.module, []).extend(t.mutants)
+        keep = set()
+        for ms in by_mod.values():
+            if len(ms) > args.max_mutants:
+                ms = rng.sample(ms, args.max_mutants)
+            keep.update(map(id, ms))
+        for t in out:
+            t.mutants = [m for m in t.mutants if id(m) in keep]
+    return out
+
+
+# -- running ------------------------------------------------------------------------------
+
+def make_copy(root: Path) -> Path:
+    for d in ("tcpcopylib", "bin", "tests"):
+        shutil.copytree(REPO / d, root / d, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if (REPO / "pyproject.toml").exists():
+        shutil.copy2(REPO / "pyproject.toml", root)
+    return root
+
+
+def run_tests(root: Path, tests: str, timeout: float, fork: bool = True) -> tuple[str, float, str]:
+    """Run pytest on the copy at root: (result, seconds, output). With fork, in a child of
+    this process (pytest already imported, no interpreter start-up: this process never
+    imports tcpcopylib), else as a new interpreter."""
+    args = shlex.split(tests)
+    # only test files that exist (a planned test file may not be written yet)
+    args = [a for a in args if not (a.startswith("tests/") and a.endswith(".py"))
+            or (root / a).exists()]
+    t0 = time.monotonic()
+    if fork:
+        code, out = _forked_pytest(root, PYTEST[3:] + args, timeout)
+    else:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(root)
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.pop("PYTEST_ADDOPTS", None)
+        try:
+            r = subprocess.run(PYTEST + args, cwd=root, env=env, capture_output=True,
+                               timeout=timeout, start_new_session=True)
+            code, out = r.returncode, r.stdout.decode(errors="replace")
+        except subprocess.TimeoutExpired as e:
+            code, out = None, (e.stdout or b"").decode(errors="replace")
+    secs = time.monotonic() - t0
+    if code is None:
+        return "timeout", secs, out
+    return {0: "survived", 1: "killed", 5: "no-tests"}.get(code, "killed"), secs, out
+
+
+def _forked_pytest(root: Path, args: list, timeout: float):
+    """(exit code or None on timeout, output) of pytest.main(args) in a forked child."""
+    import pytest  # noqa: F401  (imported once, before any fork)
+    try:
+        import cbor2  # noqa: F401  (the library's one dependency: shared too)
+    except ImportError:
+        pass
+
+    fd, log = tempfile.mkstemp(prefix="mutate-", suffix=".log")
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 3
+        try:
+            os.setsid()
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.chdir(root)
+            os.environ["PYTHONPATH"] = str(root)  # for the tools the tests run
+            os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+            os.environ.pop("PYTEST_ADDOPTS", None)
+            sys.dont_write_bytecode = True
+            sys.path[:] = [str(root)] + [p for p in sys.path
+                                         if p not in ("", str(REPO), str(REPO / "bench"))]
+            for name in [m for m in sys.modules if m == "tcpcopylib" or m.startswith(
+                    ("tcpcopylib.", "conftest", "test_")) or m == "tc"]:
+                del sys.modules[name]
+            code = int(pytest.main(args))
+        except BaseException:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(fd)
+    deadline = time.monotonic() + timeout
+    status = None
+    while True:
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = os.waitstatus_to_exitcode(st)
+            break
+        if time.monotonic() > deadline:
+            try:
+                os.killpg(pid, 9)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.02)
+    out = Path(log).read_text(errors="replace")
+    os.unlink(log)
+    return status, out
+
+
+def mutated_text(file: str, func: str, site: Site | None) -> str:
+    text = (REPO / file).read_text()
+    tree = ast.parse(text)
+    f = functions(tree)[func]
+    new = copy.deepcopy(f)
+    if site is not None:
+        Mutator.apply(new, site)
+    return replaced_source(text, f, new)
+
+
+def install(root: Path, file: str, text: str) -> None:
+    p = root / file
+    p.write_text(text)
+    cache = p.parent / "__pycache__"
+    if cache.is_dir():
+        for c in cache.glob(p.stem + ".*"):
+            c.unlink()
+
+
+def baseline(root: Path, targets: list[Target], fork: bool) -> dict[str, float]:
+    """Run each (module's) test set once against the unparsed, unmutated functions."""
+    times = {}
+    for t in targets:
+        text = (REPO / t.file).read_text()
+        tree = ast.parse(text)
+        funcs = functions(tree)
+        for q in sorted(t.funcs, key=lambda q: -funcs[q].lineno):  # bottom up: lines hold
+            text = replaced_source(text, funcs[q], funcs[q])
+        compile(text, t.file, "exec")
+        install(root, t.file, text)
+        if t.tests not in times:
+            res, secs, out = run_tests(root, t.tests, 600, fork)
+            if res != "survived":
+                sys.exit(f"mutate: the tests fail without a mutation ({t.module}, {t.tests}):\n"
+                         + out[-3000:])
+            times[t.tests] = secs
+        install(root, t.file, (REPO / t.file).read_text())
+    return times
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--module", action="append", help=f"one of {', '.join(TARGETS)} (repeat)")
+    ap.add_argument("--function", action="append",
+                    help="function qualname or fnmatch pattern, e.g. 'Pacer.*' (repeat)")
+    ap.add_argument("--tests", help="pytest arguments to run instead of the module's own")
+    ap.add_argument("--max-mutants", type=int, default=0,
+                    help="at most this many per module (a seeded random sample)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=0,
+                    help="seconds per mutant (default 3 x the unmutated run + 10)")
+    ap.add_argument("--all", action="store_true", help="also run mutants listed as equivalent")
+    ap.add_argument("--rerun", metavar="JSON",
+                    help="run only the mutants that survived (or timed out) in this --json "
+                         "file of an earlier run (after adding tests)")
+    ap.add_argument("--list", action="store_true", help="list the mutants, run nothing")
+    ap.add_argument("--json", help="write every mutant's result here")
+    ap.add_argument("--no-fork", action="store_true",
+                    help="run each test run as a new interpreter (slower; default: fork)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print each mutant's result")
+    args = ap.parse_args(argv)
+
+    targets = plan(args)
+    mutants = [m for t in targets for m in t.mutants]
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # remove the copies on kill
+    if args.list:
+        for m in mutants:
+            print(f"{m.module:9} {m.where:40} {m.func:28} {m.site.text}")
+        print(f"{len(mutants)} mutants")
+        return 0
+    print(f"mutate: {len(mutants)} mutants in {len(targets)} files, {args.jobs} job(s)",
+          flush=True)
+    with tempfile.TemporaryDirectory(prefix="tc-mutate-") as tmp:
+        roots: queue.Queue = queue.Queue()
+        for j in range(max(1, args.jobs)):
+            roots.put(make_copy(Path(tmp) / f"copy{j}"))
+        r0 = roots.get()
+        chk = subprocess.run([sys.executable, "-c", "import tcpcopylib; print(tcpcopylib.__file__)"],
+                             cwd=r0, env={**os.environ, "PYTHONPATH": str(r0)},
+                             capture_output=True, text=True)
+        if not chk.stdout.startswith(str(r0)):
+            sys.exit(f"mutate: the copy's tcpcopylib is not the one imported: {chk.stdout}")
+        times = baseline(r0, targets, not args.no_fork)
+        roots.put(r0)
+        done = [0]
+
+        def one(m: Mutant):
+            root = roots.get()
+            try:
+                install(root, m.file, mutated_text(m.file, m.func, m.site))
+                limit = args.timeout or 3 * times[m.tests] + 10
+                m.result, m.seconds, _ = run_tests(root, m.tests, limit, not args.no_fork)
+            finally:
+                install(root, m.file, (REPO / m.file).read_text())
+                roots.put(root)
+            done[0] += 1
+            if args.verbose or m.result != "killed":
+                print(f"  [{done[0]}/{len(mutants)}] {m.result:8} {m.where} {m.func}: "
+                      f"{m.site.text}", flush=True)
+
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as ex:
+            list(ex.map(one, mutants))
+    report(targets, mutants, time.monotonic() - t0)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            [{"module": m.module, "file": m.file, "line": m.site.line, "function": m.func,
+              "mutation": m.site.text, "result": m.result, "seconds": round(m.seconds, 2)}
+             for m in mutants], indent=1))
+    return 0
+
+
+def report(targets, mutants, secs) -> None:
+    print(f"\n{'module':10} {'mutants':>7} {'killed':>7} {'survived':>8} {'timeout':>7}")
+    mods = list(dict.fromkeys(t.module for t in targets))
+    for mod in mods:
+        ms = [m for m in mutants if m.module == mod]
+        c = {k: sum(m.result == k for m in ms) for k in ("killed", "survived", "timeout")}
+        print(f"{mod:10} {len(ms):7} {c['killed']:7} {c['survived']:8} {c['timeout']:7}")
+    print(f"({secs:.0f} s)")
+    surv = [m for m in mutants if m.result in ("survived", "no-tests")]
+    if surv:
+        print("\nsurvivors:")
+        for m in surv:
+            print(f"  {m.module:9} {m.where:38} {m.func}: {m.site.text}"
+                  + (" (no tests ran)" if m.result == "no-tests" else ""))
+    files = {t.file for t in targets}
+    eq = [(k, v) for k, v in EQUIVALENT.items() if k[0] in files]
+    if eq:
+        print(f"\nnot run, listed as equivalent (EQUIVALENT in {Path(__file__).name}):")
+        for (file, func, text), why in eq:
+            print(f"  {file} {func}: {text}: {why}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
