@@ -763,6 +763,8 @@ def icmp_echo(dst: str, size: int, timeout: float = 0.5) -> bool | None:
     import struct
     import time
 
+    from tcpcopylib.packet import checksum
+
     v6 = ":" in dst
     try:
         s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW,
@@ -779,7 +781,7 @@ def icmp_echo(dst: str, size: int, timeout: float = 0.5) -> bool | None:
         payload = bytes(max(0, size - (48 if v6 else 28)))
         kind, reply = (128, 129) if v6 else (8, 0)
         hdr = struct.pack("!BBHHH", kind, 0, 0, ident, 1)
-        csum = 0 if v6 else _checksum(hdr + payload)  # the kernel sums ICMPv6 itself
+        csum = 0 if v6 else checksum(hdr + payload)  # the kernel sums ICMPv6 itself
         pkt = struct.pack("!BBHHH", kind, 0, csum, ident, 1) + payload
         try:
             s.sendto(pkt, (dst, 0))
@@ -795,17 +797,6 @@ def icmp_echo(dst: str, size: int, timeout: float = 0.5) -> bool | None:
             if addr[0] == dst and len(data) >= off + 8 and data[off] == reply and \
                     struct.unpack_from("!H", data, off + 4)[0] == ident:
                 return True
-
-
-def _checksum(b: bytes) -> int:
-    import struct
-
-    if len(b) % 2:
-        b += b"\0"
-    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def syn_probe(ctx: Context, timeout: float = 2.0) -> dict:
