@@ -2,12 +2,14 @@
 # mode: engine.py itself is compiled unchanged; without a C compiler, or with
 # TCPCOPY_PURE=1, engine.py runs as it is and this file plays no part).
 #
-# The classes become extension types with the same attributes (all Python objects, so
-# the arithmetic and the values are Python's) and the hot methods become C-callable, so
-# that `s.snd_nxt` is a pointer read instead of an attribute lookup. Keep the attribute
-# lists equal to the __slots__ and the `self.x = ...` of engine.py's __init__ methods:
-# tests/test_build.py checks it (an attribute missing here is an AttributeError in the
-# compiled build only). Methods holding a closure or generator expression cannot be
+# The classes become extension types with the same attributes and the hot methods become
+# C-callable, so that `s.snd_nxt` is a pointer read instead of an attribute lookup. The
+# attributes are Python objects (the arithmetic and the values stay Python's); only those
+# that engine.py always sets to one container type (or None) say which, so that Cython
+# uses the list/dict/set C API on them (assigning another type would be a TypeError).
+# Keep the attribute lists equal to the __slots__ and the `self.x = ...` of engine.py's
+# classes: tests/test_build.py checks it (an attribute missing here is an AttributeError in
+# the compiled build only). Methods holding a closure or generator expression cannot be
 # cpdef (Cython): they stay def.
 cimport cython
 
@@ -15,6 +17,7 @@ cpdef _signed(d)
 cpdef parse_tcp_fast(data, orig_len=*)
 cpdef _ts_option(opts)
 
+@cython.final  # (not subclassed: calls skip the override check)
 cdef class Stats:
     cdef public object pkts_in, pkts_ignored, pkts_truncated, pkts_server, pkts_out, bytes_out
     cdef public object sessions, syn_sent, fake_syn, retransmits, rto_expired, fast_retransmits
@@ -22,14 +25,19 @@ cdef class Stats:
     cdef public object client_dups, client_trimmed, window_waits, zero_window_probes, gate_bytes, gate_quiet
     cdef public object gate_timeout, gate_closed, peak_active, outcomes
 
+@cython.final  # (not subclassed: calls skip the override check)
 cdef class Seg:
     cdef public object off, data, flags, cack
 
+@cython.final  # (not subclassed: calls skip the override check)
 cdef class Session:
     cdef public object sid, key, ckey, copy, cip, cport
     cdef public object tip, tport, state, created, base, syn_off
-    cdef public object syn_opts, syn_win, fake, exp, ooo, queue
-    cdef public object fin_off, client_rst, gap_since, snd_una, snd_nxt, unacked
+    cdef public list ooo
+    cdef public list queue
+    cdef public object syn_opts, syn_win, fake, exp
+    cdef public bytearray unacked
+    cdef public object fin_off, client_rst, gap_since, snd_una, snd_nxt
     cdef public object fin_sent, ip_id, req_sent, t_base, rcv_nxt, t_fin
     cdef public object t_wnd, t_wscale, t_mss, ts_ok, ts_recent, ts_base
     cdef public object ts_t0, ts_last, ack_pending, t_fin_first, srtt, rttvar
@@ -41,9 +49,15 @@ cdef class Session:
 
 cdef class Engine:
     cdef public Stats st
-    cdef public object mapper, emit, cfg, claims, alloc, sessions
-    cdef public object by_target, time_wait, filtered, shed_keys, shedding, t0
-    cdef public object warn, _warned, heap, _tick, _compact_min, _compact_at
+    cdef public dict sessions
+    cdef public object mapper, emit, cfg, claims, alloc
+    cdef public dict by_target
+    cdef public dict time_wait
+    cdef public set filtered
+    cdef public set shed_keys
+    cdef public object shedding, t0
+    cdef public list heap
+    cdef public object warn, _warned, _tick, _compact_min, _compact_at
     cdef public object next_sid, now, on_end
     cpdef client_packet(self, data, now)
     cpdef _new_session(self, key, k, copy, data, p, now)
