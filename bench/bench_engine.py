@@ -21,10 +21,13 @@ length, as tc-intercept sends them). Cases:
   nofb      tc-session --asap --no-feedback (parsing and encoding only; no session gets
             established).
 
---compare DIR measures another checkout alternately (the "before" column).
+--compare DIR measures another checkout alternately (the "before" column); --compare pure:
+          this checkout with TCPCOPY_PURE=1 (its pure-Python engine against its compiled
+          one, see setup.py).
 --memory: bytes per idle session (every session open, before its FIN; tracemalloc), and
           the resident memory growth with them all open (RSS; try --sessions 100000).
 --check DIR: is what the engine sends (bytes, session ids, times) the same as DIR's engine?
+          (--check pure: the same as this checkout's pure-Python engine?)
 --profile FILE: cProfile of one run of the first case written to FILE (this checkout).
 """
 
@@ -402,6 +405,30 @@ def run_cli(repo, case, records, resp_len, tmp, timeout=300, profile=None):
     return ru.ru_utime + ru.ru_stime, wall, oc["completed"] + oc["reconnected"]
 
 
+class _Build:
+    """Run the tools of a checkout pure-Python (TCPCOPY_PURE=1) or as built."""
+
+    def __init__(self, pure):
+        self.pure = pure
+
+    def __enter__(self):
+        self.old = os.environ.pop("TCPCOPY_PURE", None)
+        if self.pure:
+            os.environ["TCPCOPY_PURE"] = "1"
+
+    def __exit__(self, *exc):
+        os.environ.pop("TCPCOPY_PURE", None)
+        if self.old is not None:
+            os.environ["TCPCOPY_PURE"] = self.old
+
+
+def _checkout(arg):
+    """(name, dir, pure) of a --compare/--check argument."""
+    if str(arg) == "pure":
+        return "pure", REPO, True
+    return "compare", arg.resolve(), False
+
+
 def measure(repo, case, a, records, resp_len, tmp):
     """(CPU us per session, CPU us per client packet, completed %)."""
     n = a.sessions
@@ -451,9 +478,13 @@ def main(argv=None) -> int:
                     help="cProfile one run of the first case to FILE (this checkout)")
     a = ap.parse_args(argv)
     if a.check:
-        digests = [subprocess.run([sys.executable, __file__, "_trace", str(r)], check=True,
-                                  capture_output=True, text=True).stdout.split()[-1]
-                   for r in (REPO, a.check.resolve())]
+        _, other, pure = _checkout(a.check)
+        digests = []
+        for r, p in ((REPO, False), (other, pure)):
+            with _Build(p):
+                digests.append(subprocess.run([sys.executable, __file__, "_trace", str(r)],
+                                              check=True, capture_output=True,
+                                              text=True).stdout.split()[-1])
         same = digests[0] == digests[1]
         print(f"engine output {'identical to' if same else 'DIFFERS from'} {a.check}: "
               f"{digests[0][:16]} {digests[1][:16]}")
@@ -464,12 +495,12 @@ def main(argv=None) -> int:
         return 0
     pkts, resp_len = client_packets(a.sessions, a.rate, a.requests)
     a.pkts = len(pkts)
-    repos = [("this", REPO)] + ([("compare", a.compare.resolve())] if a.compare else [])
+    repos = [("this", REPO, False)] + ([_checkout(a.compare)] if a.compare else [])
     print(f"{a.sessions} sessions x {a.requests} requests, {a.pkts} client packets "
           f"({a.pkts / a.sessions:.1f}/session); median of {a.repeat}; load average "
           f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     cols = "".join(f" {name + ' us/sess':>16} {name + ' us/pkt':>14} {'done%':>6}"
-                   for name, _ in repos)
+                   for name, *_ in repos)
     print(f"{'case':<9}{cols}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -480,12 +511,13 @@ def main(argv=None) -> int:
             print(run_cli(REPO, case0, records, resp_len, tmp, profile=a.profile))
             return 0
         for case in a.cases.split(","):
-            runs = {name: [] for name, _ in repos}
+            runs = {name: [] for name, *_ in repos}
             for _ in range(a.repeat):
-                for name, repo in repos:  # interleaved
-                    runs[name].append(measure(repo, case, a, records, resp_len, tmp))
+                for name, repo, pure in repos:  # interleaved
+                    with _Build(pure):
+                        runs[name].append(measure(repo, case, a, records, resp_len, tmp))
             row = ""
-            for name, _ in repos:
+            for name, *_ in repos:
                 us_s = statistics.median(r[0] for r in runs[name])
                 us_p = statistics.median(r[1] for r in runs[name])
                 done = min(r[2] for r in runs[name])
@@ -493,14 +525,17 @@ def main(argv=None) -> int:
             print(f"{case:<9}{row}", flush=True)
     if a.memory:
         row = ""
-        for name, repo in repos:
+        for name, repo, pure in repos:
+            env = {k: v for k, v in os.environ.items() if k != "TCPCOPY_PURE"}
+            if pure:
+                env["TCPCOPY_PURE"] = "1"
             r = subprocess.run([sys.executable, __file__, "_memory", str(repo), str(a.sessions),
                                 str(a.rate), str(a.requests)], capture_output=True, text=True,
-                               check=True, timeout=600)
+                               check=True, timeout=600, env=env)
             d = json.loads(r.stdout.strip().splitlines()[-1])
             r = subprocess.run([sys.executable, __file__, "_memory", str(repo), str(a.sessions),
                                 str(a.rate), str(a.requests), "rss"], capture_output=True,
-                               text=True, check=True, timeout=600)
+                               text=True, check=True, timeout=600, env=env)
             m = json.loads(r.stdout.strip().splitlines()[-1])
             row += (f" {name}: {d['bytes'] / max(1, d['sessions']):.0f} bytes/idle session; "
                     f"RSS +{m['rss'] / 2**20:.1f} MB with {m['sessions']} open "

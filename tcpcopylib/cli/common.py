@@ -23,6 +23,22 @@ from tcpcopylib.errors import EX_FAIL, EX_OK, EX_USAGE, NoInputError, TcError
 PROGRESS_INTERVAL = float(os.environ.get("TC_PROGRESS_INTERVAL", "5"))
 
 
+def _version_action():
+    import argparse
+
+    class VersionAction(argparse.Action):
+        """--version: the version and which build runs (tcpcopylib.build_info(), which
+        imports the compiled modules: only when asked, so that start-up stays light)."""
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            from tcpcopylib import build_info
+
+            print(f"{parser.prog} (tcpcopylib) {__version__}, {build_info()}")
+            parser.exit()
+
+    return VersionAction
+
+
 def number_arg(kind, low, inclusive, high=None):
     """An argparse type: a finite number of `kind` above `low` (or equal, if inclusive)
     and at most `high` (if given: a bound on what makes sense, so that the arithmetic done
@@ -107,8 +123,9 @@ class Tool:
         p = argparse.ArgumentParser(
             prog=self.name, description=self.summary, epilog=self.epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("-V", "--version", action="version",
-                       version=f"%(prog)s (tcpcopylib) {__version__}")
+        p.add_argument("-V", "--version", action=_version_action(), nargs=0,
+                       help="show the version and the build (compiled or pure Python) "
+                            "and exit")
         p.add_argument("-v", "--verbose", action="count", default=0,
                        help="more detail on stderr; -vv also shows tracebacks")
         p.add_argument("--stats", action="store_true",

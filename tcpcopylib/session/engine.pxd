@@ -1,0 +1,94 @@
+# Cython declarations for engine.py, used only when setup.py compiles it (pure-Python
+# mode: engine.py itself is compiled unchanged; without a C compiler, or with
+# TCPCOPY_PURE=1, engine.py runs as it is and this file plays no part).
+#
+# The classes become extension types with the same attributes and the hot methods become
+# C-callable, so that `s.snd_nxt` is a pointer read instead of an attribute lookup. The
+# attributes are Python objects (the arithmetic and the values stay Python's); only those
+# that engine.py always sets to one container type (or None) say which, so that Cython
+# uses the list/dict/set C API on them (assigning another type would be a TypeError).
+# Keep the attribute lists equal to the __slots__ and the `self.x = ...` of engine.py's
+# classes: tests/test_build.py checks it (an attribute missing here is an AttributeError in
+# the compiled build only). Methods holding a closure or generator expression cannot be
+# cpdef (Cython): they stay def.
+cimport cython
+
+cpdef _signed(d)
+cpdef parse_tcp_fast(data, orig_len=*)
+cpdef _ts_option(opts)
+
+@cython.final  # (not subclassed: calls skip the override check)
+cdef class Stats:
+    cdef public object pkts_in, pkts_ignored, pkts_truncated, pkts_server, pkts_out, bytes_out
+    cdef public object sessions, syn_sent, fake_syn, retransmits, rto_expired, fast_retransmits
+    cdef public object syn_retransmits, fb_in, fb_unmatched, acks_sent, reconnections, port_remaps
+    cdef public object client_dups, client_trimmed, window_waits, zero_window_probes, gate_bytes, gate_quiet
+    cdef public object gate_timeout, gate_closed, peak_active, outcomes
+
+@cython.final  # (not subclassed: calls skip the override check)
+cdef class Seg:
+    cdef public object off, data, flags, cack
+
+@cython.final  # (not subclassed: calls skip the override check)
+cdef class Session:
+    cdef public object sid, key, ckey, copy, cip, cport
+    cdef public object tip, tport, state, created, base, syn_off
+    cdef public list ooo
+    cdef public list queue
+    cdef public object syn_opts, syn_win, fake, exp
+    cdef public bytearray unacked
+    cdef public object fin_off, client_rst, gap_since, snd_una, snd_nxt
+    cdef public object fin_sent, ip_id, req_sent, t_base, rcv_nxt, t_fin
+    cdef public object t_wnd, t_wscale, t_mss, ts_ok, ts_recent, ts_base
+    cdef public object ts_t0, ts_last, ack_pending, t_fin_first, srtt, rttvar
+    cdef public object rto, rtt_off, rtt_t, rto_at, delack_at, gate_at
+    cdef public object linger_at, syn_t0, wake, dupacks, recover, last_rx
+    cdef public object last_data_rx, last_cack, mark, group_t, group_data, reconnects
+    cdef public object psum, ipsum, max_cack
+    cpdef _reset_conn(self, now)
+
+cdef class Engine:
+    cdef public Stats st
+    cdef public dict sessions
+    cdef public object mapper, emit, cfg, claims, alloc
+    cdef public dict by_target
+    cdef public dict time_wait
+    cdef public set filtered
+    cdef public set shed_keys
+    cdef public object shedding, t0
+    cdef public list heap
+    cdef public object warn, _warned, _tick, _compact_min, _compact_at
+    cdef public object next_sid, now, on_end
+    cpdef client_packet(self, data, now)
+    cpdef _new_session(self, key, k, copy, data, p, now)
+    cpdef _is_server_side(self, key, flags)
+    cpdef _detach(self, Session s)
+    cpdef _client_segment(self, Session s, seq, ack, flags, payload, now)
+    cpdef _append(self, Session s, off, payload, flags, cack)
+    cpdef _fill_from_ooo(self, Session s)
+    cpdef _out(self, Session s, seq, ack, flags, payload=*, options=*, window=*)
+    cpdef _tsopt(self, Session s, now)
+    cpdef _ack_no(self, Session s)
+    cpdef _seq(self, Session s, off)
+    cpdef _send_syn(self, Session s, now, retransmit=*)
+    cpdef _send_ack(self, Session s, now)
+    cpdef _send_rst(self, Session s)
+    cpdef _send_segment(self, Session s, off, data, flags, now, retransmit=*)
+    cpdef _may_release(self, Session s, Seg seg, now)
+    cpdef _response_complete(self, Session s, expected, now)
+    cpdef feedback_packet(self, data, now, orig_len=*)
+    cpdef _fb_syn_sent(self, Session s, seq, ack, flags, win, opts, now)
+    cpdef _fb_ack(self, Session s, ack, win, plen, flags, now)
+    cpdef _fb_data(self, Session s, seq, plen, flags, now)
+    cpdef _rtt_sample(self, Session s, r)
+    cpdef _retransmit(self, Session s, now)
+    cpdef _check_closed(self, Session s, now)
+    cpdef _reconnect(self, Session s, now, rst=*)
+    cpdef _arm(self, Session s)
+    @cython.locals(s=Session)
+    cpdef next_deadline(self)
+    @cython.locals(s=Session)
+    cpdef on_timer(self, now)
+    cpdef _check_idle(self, Session s, now)
+    cpdef _response_missing(self, Session s)
+    cpdef _finish(self, Session s, outcome, now, rst=*)
