@@ -484,9 +484,11 @@ def plan(args) -> list[Target]:
 # -- running ------------------------------------------------------------------------------
 
 def make_copy(root: Path) -> Path:
+    # no compiled modules (setup.py's in-place build): Python would import engine.*.so
+    # before the mutated engine.py, and every mutant of the engine would survive
     for d in ("tcpcopylib", "bin", "tests"):
         shutil.copytree(REPO / d, root / d, symlinks=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.c"))
     if (REPO / "pyproject.toml").exists():
         shutil.copy2(REPO / "pyproject.toml", root)
     return root
