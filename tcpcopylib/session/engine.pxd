@@ -55,6 +55,7 @@ cdef class Engine:
     cdef public dict time_wait
     cdef public set filtered
     cdef public set shed_keys
+    cdef public dict failed_keys
     cdef public object shedding, t0
     cdef public list heap
     cdef public object warn, _warned, _tick, _compact_min, _compact_at
