@@ -211,6 +211,23 @@ def test_response_shorter_than_online_released_after_quiet(isns):
     assert h.e.st.gate_quiet == 1
 
 
+def test_a_response_one_byte_short_is_not_complete_and_a_one_byte_one_is(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")  # online: 100 bytes
+    h.client(TH_ACK | TH_PSH, CISN + 9, SISN + 102, b"req3")  # online: 1 byte
+    assert [p.payload for p in h.pkts()] == [b"req1"]
+    h.target(TH_ACK, TISN + 1, CISN + 5, b"r" * 99)
+    assert not [p for p in h.pkts() if p.payload]
+    h.target(TH_ACK, TISN + 100, CISN + 5, b"r")
+    assert [(p.payload, p.ack) for p in h.pkts() if p.payload] == [(b"req2", TISN + 101)]
+    h.target(TH_ACK, TISN + 101, CISN + 9, b"s")
+    assert [(p.payload, p.ack) for p in h.pkts() if p.payload] == [(b"req3", TISN + 102)]
+    assert h.e.st.gate_bytes == 2 and h.e.st.gate_quiet == 0
+
+
 def test_gating_never_deadlocks_when_target_acked_and_went_quiet(isns):
     CISN, TISN, SISN = isns
     h = H(isns, gate_timeout=2 * SEC)
@@ -508,9 +525,12 @@ def test_segments_and_retransmissions_leave_room_for_the_timestamp_option(isns):
     assert segs() == [] and h.e.st.rto_expired == 1 and h.e.st.retransmits == 3
 
 
-@pytest.mark.parametrize("tsval", [5000, 2**32 - 5], ids=["ts", "ts-wraps"])
-def test_timestamps_echo_target_tsval_and_stay_monotonic(tsval):
+@pytest.mark.parametrize("start", [0, 7 * SEC], ids=["at-0", "at-7s"])
+@pytest.mark.parametrize("tsval", [5000, 2**32 - 5, 0x60000000, 0x90000000],
+                         ids=["ts", "ts-wraps", "ts-2^30", "ts-2^31"])
+def test_timestamps_echo_target_tsval_and_stay_monotonic(tsval, start):
     h = H()
+    h.now = start
     h.open(client_opts=MSS_OPT + ts_opt(tsval, 0), synack_opts=MSS_OPT + ts_opt(777, tsval))
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.now += 10 * MS  # our TSval moves on by 10 (ms), across 2**32 in the "ts-wraps" case
@@ -520,8 +540,8 @@ def test_timestamps_echo_target_tsval_and_stay_monotonic(tsval):
     assert vals[-1][1] == 900 and vals[0][1] == 777
     assert all(not_before(b[0], a[0]) for a, b in zip(vals, vals[1:]))
     assert not_before(vals[0][0], tsval)
-    # the client's clock: its SYN's TSval plus the ms since (the SYN came at time 0)
-    assert vals[-1][0] == (tsval + h.now // MS) & 0xFFFFFFFF
+    # the client's clock: its SYN's TSval plus the ms since the SYN
+    assert vals[-1][0] == (tsval + (h.now - start) // MS) & 0xFFFFFFFF
 
 
 # -- capture defects ------------------------------------------------------------------
@@ -707,6 +727,113 @@ def test_client_rst_forwarded_after_response(isns):
     (rst,) = [p for p in h.pkts() if p.flags & TH_RST]
     assert rst.seq == CISN + 4
     assert h.outcomes() == {"completed": 1}
+
+
+def test_client_rst_goes_at_once_when_the_response_is_complete(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"x" * 10)
+    h.pkts()
+    h.client(TH_RST | TH_ACK, CISN + 4, SISN + 11)  # nothing awaited: no timer, no event
+    (rst,) = h.pkts()
+    assert rst.flags & TH_RST and rst.seq == CISN + 4
+    assert h.outcomes() == {"completed": 1} and h.e.st.gate_bytes == 1
+
+
+def test_client_rst_without_ack_flag_has_no_captured_ack(isns):
+    """An RST without the ACK flag: its ack field is no captured ack (neither for gating
+    nor as the online server's bytes seen)."""
+    CISN, TISN, SISN = isns
+    h = H(isns, quiet=100 * MS)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"x" * 5)
+    h.pkts()
+    h.client(TH_RST, CISN + 4, SISN + 4)  # "acks" 3 bytes: ignored, the quiet rule holds
+    assert h.pkts() == []
+    h.advance(110)
+    assert len([p for p in h.pkts() if p.flags & TH_RST]) == 1
+    assert h.e.st.gate_quiet == 1 and h.e.st.gate_bytes == 0
+    # a held RST without ACK: close_all judges the last response by the real acks
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"r" * 10)
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 11, b"req2")
+    h.target(TH_ACK, TISN + 11, CISN + 9)  # no response to req2, as online
+    h.client(TH_RST, CISN + 9, SISN + 5000)  # held: the gate timeout
+    assert not [p for p in h.pkts() if p.flags & TH_RST]
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"completed": 1}
+
+
+@pytest.mark.parametrize("acks", [[10], [1], [2**31, 10], [10, 0]],
+                         ids=["10", "1", "half-space-then-10", "10-then-older"])
+def test_the_online_response_size_is_the_latest_captured_ack(isns, acks):
+    """The drain's view of the last response: the latest captured ack in serial number
+    order, however small its advance; an ack half the space away or an older one (a
+    retransmission) is not later."""
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    for a in acks:
+        h.client(TH_ACK, CISN + 4, SISN + 1 + a)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")  # a retransmission (older ack)
+    h.target(TH_ACK, TISN + 1, CISN + 4)
+    h.advance(500)
+    assert not h.e.quiescent(h.now)
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"unfinished": 1}
+
+
+def test_segments_without_the_ack_flag_carry_no_captured_ack(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)  # (the handshake ACK is missing)
+    h.client(TH_PSH, CISN + 1, SISN - 99)      # no ACK flag, no data: ignored
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    h.pkts()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")  # the first group: at once
+    assert [p.payload for p in h.pkts()] == [b"req1"]
+    h.client(TH_PSH, CISN + 5, SISN + 5000, b"more")  # no ACK flag: the same group
+    assert [p.payload for p in h.pkts()] == [b"more"]
+    assert h.e.st.gate_bytes + h.e.st.gate_quiet + h.e.st.gate_timeout == 0
+
+
+def test_data_and_fin_in_one_captured_segment(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH | TH_FIN, CISN + 1, SISN + 1, b"bye")
+    (d,) = h.pkts()  # the FIN waits for the data's ack and the response, as a bare FIN
+    assert d.payload == b"bye" and not d.flags & TH_FIN
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"ok")
+    h.advance(110)  # quiet
+    (fin,) = [p for p in h.pkts() if p.flags & TH_FIN]
+    assert fin.seq == CISN + 4 and fin.ack == TISN + 3 and not fin.payload
+    h.target(TH_ACK | TH_FIN, TISN + 3, CISN + 5)
+    assert [p.ack for p in h.pkts()] == [TISN + 4]
+    assert h.outcomes() == {"completed": 1}
+
+
+@pytest.mark.parametrize("end", [TH_FIN, TH_RST | TH_ACK], ids=["fin", "rst"])
+def test_nothing_the_client_sends_after_its_fin_or_rst_goes_out(isns, end):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.client(end | TH_ACK, CISN + 4, SISN + 11)  # held until the response
+    h.client(TH_ACK | TH_PSH, CISN + 4, SISN + 11, b"late")   # at the FIN/RST's number
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 11, b"later")  # after it
+    h.client(TH_ACK, CISN + 5, SISN + 11)                     # a pure ACK: no data
+    assert [p.payload for p in h.pkts()] == [b"req"]
+    assert h.e.st.client_dups == 2
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"x" * 10)
+    (last,) = h.pkts()
+    assert last.flags & end and not last.payload and last.seq == CISN + 4
 
 
 def test_sessions_keyed_on_full_four_tuple():

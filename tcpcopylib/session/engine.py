@@ -417,7 +417,8 @@ class Engine:
             s.base = (seq + 1) & M32
             s.syn_opts = bytes(data[ihl + 20:ihl + doff])
             s.syn_win = win
-            s.ts_base = (_ts_option(s.syn_opts) or (0, 0))[0]
+            # our TSvals start from the SYN's and never go before it (_tsopt)
+            s.ts_last = s.ts_base = (_ts_option(s.syn_opts) or (0, 0))[0]
         else:
             s.base = seq  # mid-stream: offset 0 is the first captured byte
             s.fake = True
