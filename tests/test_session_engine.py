@@ -377,6 +377,47 @@ def test_rto_retransmit_adaptive_and_backoff(isns):
     assert h.e.st.retransmits == 2 and h.e.st.rto_expired == 2
 
 
+def test_rto_follows_the_rtt_of_data_too(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, rto_min=10 * MS)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.client(TH_ACK, CISN + 1, SISN + 1)
+    h.now += 40 * MS  # SYN RTT 40 ms: RTO = 40 + 4 * 20 = 120 ms
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.advance(100)
+    h.target(TH_ACK, TISN + 1, CISN + 5)  # data RTT 100 ms: srtt 47.5, rttvar 30: 167.5 ms
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 1, b"req2")
+    h.pkts()
+    h.advance(160)
+    assert h.pkts() == []
+    h.advance(10)
+    assert [(p.seq, p.payload) for p in h.pkts()] == [(CISN + 5, b"req2")]
+
+
+def test_delayed_ack_and_acks_carried_by_data(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, delack=40 * MS)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.pkts()
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"a" * 5)  # one segment: the ACK waits
+    h.advance(39)
+    assert h.pkts() == []
+    h.advance(2)
+    assert [(p.flags, p.ack) for p in h.pkts()] == [(TH_ACK, TISN + 6)]
+    h.target(TH_ACK | TH_PSH, TISN + 6, CISN + 5, b"b" * 5)
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 1, b"req2")  # carries the pending ACK
+    assert [(p.payload, p.ack) for p in h.pkts()] == [(b"req2", TISN + 11)]
+    h.advance(41)
+    assert h.pkts() == []  # nothing left to ack
+    h.target(TH_ACK | TH_PSH, TISN + 11, CISN + 9, b"c" * 5)  # one segment again: waits
+    assert h.pkts() == []
+    h.advance(41)
+    assert [(p.flags, p.ack) for p in h.pkts()] == [(TH_ACK, TISN + 16)]
+    assert h.e.st.acks_sent == 3  # (the handshake's, two delayed)
+
+
 def test_retransmit_keeps_working_after_responses(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
@@ -410,6 +451,24 @@ def test_retransmissions_carry_the_fin_only_with_the_last_byte(isns):
     h.target(TH_ACK | TH_FIN, TISN + 1, CISN + 602)
     assert [p.ack for p in h.pkts()] == [TISN + 2]
     assert h.outcomes() == {"completed": 1}
+
+
+def test_a_fin_sent_at_once_is_retransmitted_after_the_rto(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"x" * 10)
+    h.advance(100)  # the delayed ACK went: no timer but the idle one is left
+    h.pkts()
+    h.client(TH_ACK | TH_FIN, CISN + 4, SISN + 11)  # the response is complete: at once
+    (fin,) = h.pkts()
+    assert fin.flags & TH_FIN and fin.seq == CISN + 4
+    h.advance(190)
+    assert h.pkts() == []
+    h.advance(20)  # lost: the RTO (200 ms floor)
+    (again,) = h.pkts()
+    assert again.flags & TH_FIN and again.seq == CISN + 4
 
 
 def test_fast_retransmit_on_three_dupacks(isns):
@@ -481,6 +540,41 @@ def test_never_more_in_flight_than_window_and_window_update_resumes(isns):
     assert h.e.st.zero_window_probes >= 1
 
 
+def test_one_byte_of_window_is_used_and_each_wait_counted(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, win=100, opts=MSS_OPT)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 300)
+    assert [len(p.payload) for p in h.pkts() if p.payload] == [100]
+    assert h.e.st.window_waits == 1
+    h.target(TH_ACK, TISN + 1, CISN + 2, win=100)  # 1 byte acked: 1 byte of window
+    assert [(p.seq, len(p.payload)) for p in h.pkts()] == [(CISN + 101, 1)]
+    assert h.e.st.window_waits == 2
+
+
+def test_zero_window_probes_start_one_rto_after_the_first_wait_and_are_not_postponed(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)  # RTO: the 200 ms floor
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.now += MS
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, win=0, opts=MSS_OPT)  # a zero window at once
+    h.pkts()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a")
+    assert h.pkts() == [] and h.e.st.window_waits == 1
+    for _ in range(2):  # more data, same group: it waits too, the probe stays due
+        h.advance(90)
+        h.client(TH_ACK | TH_PSH, h.e.st.window_waits + CISN + 1, SISN + 1, b"b")
+        assert h.pkts() == []
+    h.advance(30)  # 210 ms after the first wait
+    (probe,) = h.pkts()
+    assert probe.flags == TH_ACK and not probe.payload and probe.seq == CISN
+    assert h.e.st.zero_window_probes == 1
+    h.target(TH_ACK, TISN + 1, CISN + 1, win=1000)
+    assert [(p.seq, p.payload) for p in h.pkts()] == [
+        (CISN + 1, b"a"), (CISN + 2, b"b"), (CISN + 3, b"b")]
+
+
 def test_window_scale_applies_only_when_both_negotiated(isns):
     CISN, TISN, SISN = isns
     wsopt = b"\x01\x03\x03\x02"  # wscale 2
@@ -501,7 +595,10 @@ def test_segments_larger_than_target_mss_are_split(isns):
     h = H(isns)
     h.open(synack_opts=MSS_512)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 1200)
-    assert [len(p.payload) for p in h.pkts()] == [512, 512, 176]
+    assert [(len(p.payload), p.flags) for p in h.pkts()] == [
+        (512, TH_ACK), (512, TH_ACK), (176, TH_ACK | TH_PSH)]  # PSH on the last piece
+    h.client(TH_ACK, CISN + 1201, SISN + 1, b"y" * 600)  # captured without PSH: none
+    assert [(len(p.payload), p.flags) for p in h.pkts()] == [(512, TH_ACK), (88, TH_ACK)]
 
 
 def test_segments_and_retransmissions_leave_room_for_the_timestamp_option(isns):

@@ -717,6 +717,7 @@ class Engine:
                 self.st.window_waits += 1
                 if s.snd_una == s.snd_nxt and not s.rto_at:
                     s.rto_at = now + s.rto  # persist timer: probe the zero window
+                    sent_any = True  # (so that it is armed below)
                 break
             n = min(len(seg.data), avail, s.t_mss - (12 if s.ts_ok else 0))
             last = n == len(seg.data)
