@@ -134,8 +134,10 @@ TARGETS: dict[str, list[tuple[str, list[str], str]]] = {
 # may end with " @ " and the source line (stripped) where the text alone is ambiguous.
 _NARROWED = ("the guard of a hand-made fast path narrowed: the values left out take the "
              "general encoder, which writes the same bytes")
-_P, _T, _R, _F = ("tcpcopylib/pacing.py", "tcpcopylib/session/timing.py",
-                  "tcpcopylib/records.py", "tcpcopylib/feedback.py")
+_P, _T, _R, _F, _E = ("tcpcopylib/pacing.py", "tcpcopylib/session/timing.py",
+                      "tcpcopylib/records.py", "tcpcopylib/feedback.py",
+                      "tcpcopylib/session/engine.py")
+_A = "tcpcopylib/session/alloc.py"
 EQUIVALENT: dict[tuple[str, str, str], str] = {
     (_P, "Pacer.plan", "gap > limit -> gap >= limit"):
         "at gap == limit the anchor moves by gap - limit = 0",
@@ -224,6 +226,82 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
        for t in ("4294967295 < ts <= 18446744073709551615 -> 4294967295 < ts < 18446744073709551615",
                  "24 <= n < 65536 -> 24 < n < 65536", "0 <= sid < 4294967296 -> 0 < sid < 4294967296",
                  "4294967295 -> 4294967296", "24 -> 25", "0 -> 1")},
+    # -- the engine (tcpcopylib/session/engine.py)
+    (_E, "_signed", "d + 2147483648 -> d - 2147483648"):
+        "-2**31 = 2**31 (mod 2**32): the same value once masked",
+    (_E, "Engine._client_segment",
+     "seq - s.base - s.exp + 2147483648 -> seq - s.base - s.exp - 2147483648"):
+        "-2**31 = 2**31 (mod 2**32): the same offset once masked (an inlined _signed)",
+    **{(_E, "Engine._client_segment", t): "s.ooo and s.gap_since are set together "
+       "(_hold_gap) and cleared together (_fill_from_ooo); _finish's s.ooo = None ends the "
+       "session, whose packets _client_segment drops first: either both are None or neither"
+       for t in ("s.ooo is not None or s.gap_since is not None -> s.ooo is not None and "
+                 "s.gap_since is not None", "s.ooo is not None -> s.ooo is None",
+                 "s.gap_since is not None -> s.gap_since is None")},
+    (_E, "Engine._client_segment",
+     "0 < ack - s.max_cack & M32 < 2147483648 -> 0 <= ack - s.max_cack & M32 < 2147483648"):
+        "at an equal ack the same value is stored",
+    (_E, "Engine._append", "flags & (TH_FIN | TH_PSH) -> flags"):
+        "a Seg's flags are only tested for TH_FIN, TH_PSH and TH_RST, and no RST reaches "
+        "_append (_client_segment queues an RST itself); what is sent is masked again",
+    **{(_E, "Engine._tsopt", t): "v == ts_last: the same value is stored"
+       for t in ("_signed(v - s.ts_last) < 0 -> _signed(v - s.ts_last) <= 0",
+                 "0 -> 1 @ if _signed(v - s.ts_last) < 0:")},
+    (_E, "Engine._tsopt", "s.ts_last = v -> pass"):
+        "the clamp never fires: ts_last starts at the SYN's TSval, v is that plus the ms "
+        "since, and the engine's clock never goes back (it guards against one that does)",
+    (_E, "Engine._send_segment", "end > s.snd_nxt -> end >= s.snd_nxt"):
+        "queued data starts at snd_nxt or later, so a first transmission ends at snd_nxt only "
+        "when it is empty without FIN, which is never sent (a bare segment is a FIN): it "
+        "adds nothing to unacked and leaves snd_nxt as it is",
+    **{(_E, "Engine._push", t): "dead branch: state CLOSED lasts only inside _target_reset, "
+       "which moves on to NEW (_reconnect) or DONE (_finish) before _push can run"
+       for t in ("if any((seg.data for seg in s.queue)) -> if not any((seg.data for seg in "
+                 "s.queue))", "self._reconnect(s, now) -> pass")},
+    (_E, "Engine._push", "False -> True @ sent_any = False"):
+        "an extra _arm(): it adds a heap entry only for a deadline earlier than the one "
+        "armed, and each timer tests its own time, so an early wake-up does nothing",
+    (_E, "Engine._push", "arm and (sent_any or s.gate_at) -> arm or (sent_any or s.gate_at)"):
+        "arm=False callers arm s right after the event (an extra _arm() changes nothing, as "
+        "above)",
+    (_E, "Engine._push", "q.clear() -> pass"): "_finish() clears the queue next",
+    (_E, "Engine._may_release", "seg.data or not s.group_data -> seg.data and (not "
+     "s.group_data)"):
+        "the fast path's test narrowed: the segments left out have seg.cack == last_cack, "
+        "no new group, and the general test below releases them too",
+    (_E, "Engine._may_release",
+     "_signed(seg.cack - s.last_cack) > 0 -> _signed(seg.cack - s.last_cack) >= 0"):
+        "seg.cack != s.last_cack is tested first: the difference is never 0",
+    # -- the allocator (tcpcopylib/session/alloc.py)
+    (_A, "Pool.finish",
+     "s <= merged[-1][0] + merged[-1][1] -> s < merged[-1][0] + merged[-1][1]"):
+        "adjacent ranges kept apart hold the same addresses in the same order",
+    (_A, "Pool.finish", "s <= x < s + n -> s <= x <= s + n"):
+        "merged ranges neither overlap nor touch: the address just past one is in no range "
+        "(not excluded either way), and its split leaves that range whole",
+    (_A, "Pool.finish", "p[1] > 0 -> p[1] >= 0"):
+        "a range of 0 addresses adds 0 to size, no exclusion falls in it, and addr() takes "
+        "the last range with a given start index: the non-empty one after it",
+    (_A, "Pool.finish", "self._cum = [] -> pass"):
+        "finish() runs once per pool (parse_pool): _cum is still empty",
+    (_A, "Pool.addr", "1 -> 2 @ mid = (lo + hi + 1) // 2"):
+        "mid stays in (lo, hi]: the search ends at the same range",
+    (_A, "Allocator.allocate", "True -> False @ def allocate(self, cip: bytes, cport: int, "
+     "copy: int, now: int, taken, fake=True):"):
+        "a default every caller overrides (the engine passes s.fake)",
+    (_A, "Allocator.allocate",
+     "self.live[width] >= pool.size * self.block -> self.live[width] > pool.size * self.block"):
+        "a shortcut: at capacity every pair is live and the search finds none either",
+    (_A, "Allocator.allocate", "(stable_hash(cip) + copy) % pool.size -> stable_hash(cip) + copy"):
+        "the index is taken mod pool.size where it is used, (start + i) % pool.size",
+    **{(_A, f, t): "Allocator.live (pairs live per family) feeds only allocate()'s "
+       "at-capacity shortcut: without it the search finds no pair either"
+       for f, t in (("Allocator._from_space", "self.live[len(addr)] += 1 -> pass"),
+                    ("Allocator._from_space",
+                     "self.live[len(addr)] += 1 -> self.live[len(addr)] -= 1"),
+                    ("Allocator.release", "self.live[len(addr)] -= 1 -> pass"),
+                    ("Allocator.release",
+                     "self.live[len(addr)] -= 1 -> self.live[len(addr)] += 1"))},
     (_R, "scan_record", "5 -> 6"):
         "a map of 6 keys needs a third extra key: only sid and len are taken, no duplicate",
 }

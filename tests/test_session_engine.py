@@ -320,6 +320,21 @@ def test_no_wait_sends_at_once(isns):
     assert [p.payload for p in h.pkts()] == [b"req1", b"req2"]
 
 
+def test_no_wait_still_judges_the_last_request_by_its_own_captured_ack(isns):
+    """-n/--no-wait: nothing waits, but the drain and the outcome still look at the last
+    request's response only (the one the online server gave before it: not awaited)."""
+    CISN, TISN, SISN = isns
+    h = H(isns, no_wait=True)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 51, b"req2")
+    h.target(TH_ACK, TISN + 1, CISN + 9)
+    h.advance(500)
+    assert h.e.quiescent(h.now)
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"completed": 1}
+
+
 def test_greeting_waits_for_server_first_bytes(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
@@ -680,6 +695,20 @@ def test_unfilled_gap_ends_as_capture_gap(isns):
 
 # -- closing --------------------------------------------------------------------------
 
+def test_the_targets_fin_counts_as_a_byte_of_the_response(isns):
+    """The captured ack counts the online server's FIN: a target that sends as many bytes
+    and a FIN has completed the response by bytes (not just by closing)."""
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.client(TH_ACK | TH_FIN, CISN + 4, SISN + 12)  # after 10 bytes and the server's FIN
+    h.target(TH_ACK | TH_PSH | TH_FIN, TISN + 1, CISN + 4, b"x" * 10)
+    (fin,) = [p for p in h.pkts() if p.flags & TH_FIN]
+    assert fin.seq == CISN + 4 and fin.ack == TISN + 12
+    assert h.e.st.gate_bytes == 1 and h.e.st.gate_closed == 0
+
+
 def test_target_closes_first_then_client_fin(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
@@ -898,6 +927,11 @@ def test_segments_without_the_ack_flag_carry_no_captured_ack(isns):
     h.client(TH_PSH, CISN + 5, SISN + 5000, b"more")  # no ACK flag: the same group
     assert [p.payload for p in h.pkts()] == [b"more"]
     assert h.e.st.gate_bytes + h.e.st.gate_quiet + h.e.st.gate_timeout == 0
+    h.target(TH_ACK, TISN + 1, CISN + 9)
+    h.advance(500)  # nor is its ack field a response the online server gave
+    assert h.e.quiescent(h.now)
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"completed": 1}
 
 
 def test_data_and_fin_in_one_captured_segment(isns):
