@@ -300,6 +300,7 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
                     ("Allocator._from_space",
                      "self.live[len(addr)] += 1 -> self.live[len(addr)] -= 1"),
                     ("Allocator.release", "self.live[len(addr)] -= 1 -> pass"),
+                    ("Allocator.release", "1 -> 2 @ self.live[len(addr)] -= 1"),
                     ("Allocator.release",
                      "self.live[len(addr)] -= 1 -> self.live[len(addr)] += 1"))},
     (_R, "scan_record", "5 -> 6"):

@@ -215,3 +215,17 @@ def test_a_pair_released_again_goes_to_the_end_of_the_least_recently_released_or
     al.close((X, 1025), X, 1025, 110, copy=1)  # released again: now the most recent
     assert al.open(X, 1100, 120, copy=2) == (X, 1026)  # the cooled one, not 1025
     assert al.a.early_reuses == 0
+
+
+def test_a_captured_pair_live_towards_two_targets_is_released_by_the_last_of_them():
+    a = Allocator()  # captured addresses: liveness is per target, the engine's taken says
+    free = lambda addr, port, strict: False  # noqa: E731
+    held = {(X, 40000)}
+    assert a.allocate(X, 40000, 0, 0, lambda ad, p, s: (ad, p) in held, False) == (X, 1024)
+    assert a.allocate(X, 2000, 0, 0, free, False) == (X, 2000)  # towards target 1
+    assert a.allocate(X, 2000, 0, 0, free, False) == (X, 2000)  # towards target 2
+    a.release(X, 2000, (X, 2000, 0), 1 * SEC)
+    assert a.allocate(X, 2000, 1, 2 * SEC, free, False) == (X, 2000)  # still live: kept
+    a.release(X, 2000, (X, 2000, 1), 3 * SEC)
+    a.release(X, 2000, (X, 2000, 0), 4 * SEC)  # the last: now it cools
+    assert a.allocate(X, 2000, 2, 5 * SEC, free, False) == (X, 1025)

@@ -738,6 +738,17 @@ def test_rst_from_target(isns):
     assert ("release", (C, 5000, T, 80)) in h.log
 
 
+def test_an_rst_without_ack_does_not_refuse_our_syn(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.target(TH_RST, 0, CISN + 1)  # its ack field matches, but no ACK flag: not for us
+    assert h.outcomes() == {}
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    assert b"req" in [p.payload for p in h.pkts()]
+
+
 def test_connection_refused(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
