@@ -229,3 +229,13 @@ def test_a_captured_pair_live_towards_two_targets_is_released_by_the_last_of_the
     a.release(X, 2000, (X, 2000, 1), 3 * SEC)
     a.release(X, 2000, (X, 2000, 0), 4 * SEC)  # the last: now it cools
     assert a.allocate(X, 2000, 2, 5 * SEC, free, False) == (X, 1025)
+
+
+def test_every_4096th_release_sweeps_the_idle_addresses():
+    al = Alloc(None, 0, 2)
+    for i in range(4095):
+        ip = (0x0A500000 + i).to_bytes(4, "big")
+        al.close(al.open(ip, 2000, 0), ip, 2000, 0)
+    assert len(al.a.spaces) == 4095
+    al.close(al.open(X, 2000, 100), X, 2000, 100)  # the 4096th: a sweep at 100 s
+    assert set(al.a.spaces) == {X}

@@ -753,8 +753,29 @@ def test_connection_refused(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.pkts()
     h.target(TH_RST | TH_ACK, 0, CISN + 1)
     assert h.outcomes() == {"reset_by_target": 1}
+    assert h.pkts() == []  # no RST for an RST
+
+
+@pytest.mark.parametrize("wrong", ["synack-bad-ack", "ack-only"])
+def test_only_a_syn_ack_acking_our_syn_establishes(isns, wrong):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.pkts()
+    if wrong == "synack-bad-ack":
+        h.target(TH_SYN | TH_ACK, TISN, CISN + 7, opts=MSS_OPT)
+    else:  # e.g. a challenge ACK: the right number, no SYN
+        h.target(TH_ACK, TISN, CISN + 1)
+    (rst,) = h.pkts()
+    assert rst.flags == TH_RST and rst.seq == (CISN + 7 if wrong == "synack-bad-ack"
+                                               else CISN + 1)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    assert h.pkts() == []  # not established: the request waits
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    assert [p.payload for p in h.pkts()] == [b"", b"req"]
 
 
 def test_rest_of_a_failed_session_is_ignored_not_a_new_session(isns):
