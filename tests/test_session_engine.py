@@ -9,8 +9,8 @@ import pytest
 from seqnums import FIXED, isns  # noqa: F401 (isns: a fixture)
 
 from tcpcopylib.errors import UsageError
-from tcpcopylib.packet import (TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, build_tcp, ip_bytes,
-                               parse_options, parse_tcp, tcp_checksum_ok)
+from tcpcopylib.packet import (TH_ACK, TH_ECE, TH_FIN, TH_PSH, TH_RST, TH_SYN, build_tcp,
+                               ip_bytes, parse_options, parse_tcp, tcp_checksum_ok)
 from tcpcopylib.session import Config, Engine, Mapper, parse_target, parse_transfer
 from tcpcopylib.session.timing import DueQueue
 from tcpcopylib.streamparse import StreamParser
@@ -747,6 +747,16 @@ def test_an_rst_without_ack_does_not_refuse_our_syn(isns):
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     assert b"req" in [p.payload for p in h.pkts()]
+
+
+def test_a_syn_ack_with_more_flags_establishes(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.pkts()
+    h.target(TH_SYN | TH_ACK | TH_ECE, TISN, CISN + 1, opts=MSS_OPT)  # ECN-setup SYN-ACK
+    (ack,) = h.pkts()
+    assert ack.flags == TH_ACK and ack.ack == TISN + 1
 
 
 def test_connection_refused(isns):
