@@ -272,6 +272,9 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     (_E, "Engine._may_release",
      "_signed(seg.cack - s.last_cack) > 0 -> _signed(seg.cack - s.last_cack) >= 0"):
         "seg.cack != s.last_cack is tested first: the difference is never 0",
+    (_E, "Engine._fb_syn_sent", "seq + 1 & M32 -> seq + 1"):
+        "t_base is only used mod 2**32: in ack numbers (_out masks them) and in _fb_data's "
+        "masked offset",
     # -- the allocator (tcpcopylib/session/alloc.py)
     (_A, "Pool.finish",
      "s <= merged[-1][0] + merged[-1][1] -> s < merged[-1][0] + merged[-1][1]"):

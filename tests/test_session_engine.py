@@ -780,8 +780,8 @@ def test_only_a_syn_ack_acking_our_syn_establishes(isns, wrong):
     else:  # e.g. a challenge ACK: the right number, no SYN
         h.target(TH_ACK, TISN, CISN + 1)
     (rst,) = h.pkts()
-    assert rst.flags == TH_RST and rst.seq == (CISN + 7 if wrong == "synack-bad-ack"
-                                               else CISN + 1)
+    assert rst.flags == TH_RST and rst.ack == 0 and rst.seq == (
+        CISN + 7 if wrong == "synack-bad-ack" else CISN + 1)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     assert h.pkts() == []  # not established: the request waits
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
