@@ -272,6 +272,15 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     (_E, "Engine._may_release",
      "_signed(seg.cack - s.last_cack) > 0 -> _signed(seg.cack - s.last_cack) >= 0"):
         "seg.cack != s.last_cack is tested first: the difference is never 0",
+    (_E, "Engine._push", "seg.flags = TH_FIN -> pass"):
+        "a bare segment goes as a FIN whatever its flags (only TH_RST is tested on it, and "
+        "a segment of data and FIN has none)",
+    **{(_E, f, t): "a stale gate_at only wakes the session early: the timer clears it and "
+       "_push finds what it found when the gate was last tested (nothing changed since), "
+       "and _response_complete sets a real deadline whenever one applies"
+       for f, t in (("Engine._may_release", "s.gate_at = 0 -> pass"),
+                    ("Engine._may_release", "0 -> 1 @ s.gate_at = 0"),
+                    ("Engine._response_complete", "s.gate_at = 0 -> pass"))},
     (_E, "Engine._fb_syn_sent", "seq + 1 & M32 -> seq + 1"):
         "t_base is only used mod 2**32: in ack numbers (_out masks them) and in _fb_data's "
         "masked offset",

@@ -605,6 +605,42 @@ def test_window_scale_applies_only_when_both_negotiated(isns):
     assert sum(len(p.payload) for p in h.pkts()) == 100
 
 
+def test_options_the_syn_did_not_offer_are_not_used(isns):
+    CISN, TISN, SISN = isns
+    ws14 = b"\x01\x03\x03\x0e"
+    h = H(isns)  # timestamps in the SYN-ACK only: none in our segments
+    h.open(client_opts=MSS_OPT, synack_opts=MSS_OPT + ts_opt(777, 0))
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    assert [p.options for p in h.pkts()] == [b""]
+    h = H(isns)  # a window scale above 14 counts as 14 (RFC 7323)
+    ws15 = b"\x01\x03\x03\x0f"
+    h.open(client_opts=MSS_OPT + ws15, synack_opts=MSS_OPT + ws15)
+    h.target(TH_ACK, TISN + 1, CISN + 1, win=1)  # 1 << 14 bytes
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 20000)
+    assert sum(len(p.payload) for p in h.pkts()) == 16384
+    # a reconnection's own SYN offers only an MSS, whatever the captured SYN did
+    h = H(isns)
+    h.open(client_opts=MSS_OPT + ws14 + ts_opt(5000, 0), synack_opts=MSS_OPT + ts_opt(9, 5000))
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"resp1", opts=ts_opt(10, 5000))
+    h.target(TH_ACK | TH_FIN, TISN + 6, CISN + 5, opts=ts_opt(10, 5000))
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 6, b"a" * 1000)
+    (syn,) = [p for p in h.pkts() if p.flags & TH_SYN]
+    assert syn.options == MSS_OPT
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 5, win=100, opts=MSS_OPT + ws14 + ts_opt(11, 0),
+             dport=syn.sport)
+    sent = [p for p in h.pkts() if p.payload]
+    assert sum(len(p.payload) for p in sent) == 100 and all(not p.options for p in sent)
+
+
+def test_without_an_mss_option_segments_are_536_bytes(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open(synack_opts=b"")
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 1200)
+    assert [len(p.payload) for p in h.pkts()] == [536, 536, 128]
+
+
 def test_segments_larger_than_target_mss_are_split(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
@@ -838,6 +874,31 @@ def test_early_close_reconnects_on_a_new_port(isns):
     h.target(TH_ACK | TH_FIN, tisn2 + 6, CISN + 10, dport=newport)
     assert h.e.st.reconnections == 1
     assert h.outcomes() == {"reconnected": 1}
+
+
+def test_the_idle_timeout_counts_from_the_syn_ack(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, idle_timeout=5 * SEC)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.advance(3000)  # the SYN was retransmitted: the SYN-ACK comes at 3 s
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    h.advance(4900)
+    assert h.e.active() == 1
+    h.advance(200)  # 5 s after the SYN-ACK, nothing to send, nothing heard
+    assert h.outcomes() == {"timed_out": 1}
+
+
+def test_data_with_an_older_captured_ack_stays_in_its_group(isns):
+    """A segment whose captured ack is older than the group's (a reordered capture) is
+    part of the group being sent, not a new one."""
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"r" * 10)
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 11, b"req2")
+    h.client(TH_ACK | TH_PSH, CISN + 9, SISN + 1, b"more")  # the ack before the response
+    assert [p.payload for p in h.pkts() if p.payload] == [b"req1", b"req2", b"more"]
 
 
 def test_no_synack_times_out_with_rst(isns):
