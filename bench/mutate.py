@@ -281,6 +281,13 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
        for f, t in (("Engine._may_release", "s.gate_at = 0 -> pass"),
                     ("Engine._may_release", "0 -> 1 @ s.gate_at = 0"),
                     ("Engine._response_complete", "s.gate_at = 0 -> pass"))},
+    (_E, "Engine._fb_syn_sent", "s.mark = 0 -> pass"):
+        "mark is 0 already in SYN_SENT (_reset_conn; a reconnection resets it too)",
+    (_E, "Engine._fb_syn_sent", "s.group_t = now -> pass"):
+        "group_t only counts through max(last_rx, group_t) or max(last_data_rx, group_t), "
+        "and last_rx is set to this same now here (last_data_rx, once data came, later)",
+    (_E, "Engine._fb_syn_sent", "False -> True @ self._push(s, now, arm=False)"):
+        "an extra _arm() before the one that follows (see Engine._push)",
     (_E, "Engine._fb_syn_sent", "seq + 1 & M32 -> seq + 1"):
         "t_base is only used mod 2**32: in ack numbers (_out masks them) and in _fb_data's "
         "masked offset",

@@ -395,6 +395,7 @@ def test_rto_retransmit_adaptive_and_backoff(isns):
 def test_rto_follows_the_rtt_of_data_too(isns):
     CISN, TISN, SISN = isns
     h = H(isns, rto_min=10 * MS)
+    h.now = 5 * SEC  # (times are measured from the SYN, not from 0)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.client(TH_ACK, CISN + 1, SISN + 1)
     h.now += 40 * MS  # SYN RTT 40 ms: RTO = 40 + 4 * 20 = 120 ms
