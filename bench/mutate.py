@@ -288,6 +288,11 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "and last_rx is set to this same now here (last_data_rx, once data came, later)",
     (_E, "Engine._fb_syn_sent", "False -> True @ self._push(s, now, arm=False)"):
         "an extra _arm() before the one that follows (see Engine._push)",
+    (_E, "Engine._fb_ack",
+     "ack - s.base - una + 2147483648 -> ack - s.base - una - 2147483648"):
+        "-2**31 = 2**31 (mod 2**32): the same offset once masked (an inlined _signed)",
+    (_E, "Engine._fb_ack", "a > s.snd_nxt -> a >= s.snd_nxt"):
+        "at a == snd_nxt the same value is stored",
     (_E, "Engine._fb_syn_sent", "seq + 1 & M32 -> seq + 1"):
         "t_base is only used mod 2**32: in ack numbers (_out masks them) and in _fb_data's "
         "masked offset",

@@ -487,6 +487,45 @@ def test_a_fin_sent_at_once_is_retransmitted_after_the_rto(isns):
     assert again.flags & TH_FIN and again.seq == CISN + 4
 
 
+def test_data_sent_on_the_syn_ack_is_retransmitted_after_the_rto(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")  # mid-stream: our own SYN
+    h.pkts()
+    h.now += MS
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)  # the data goes now
+    assert [p.payload for p in h.pkts()] == [b"", b"req"]
+    h.advance(190)
+    assert h.pkts() == []
+    h.advance(20)  # the 200 ms RTO, not the SYN's 1 s
+    assert [p.payload for p in h.pkts()] == [b"req"]
+
+
+def test_dupacks_count_from_the_last_new_ack_and_each_loss_is_fast_retransmitted(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    for i in range(8):
+        h.client(TH_ACK | TH_PSH, CISN + 1 + 10 * i, SISN + 1, bytes([65 + i]) * 10)
+    h.pkts()
+    for _ in range(2):
+        h.target(TH_ACK, TISN + 1, CISN + 11)
+    h.target(TH_ACK, TISN + 1, CISN + 21)  # new data acked: the count starts again
+    h.target(TH_ACK, TISN + 1, CISN + 21)
+    assert h.pkts() == []  # 1 duplicate, not 3
+    for _ in range(2):
+        h.target(TH_ACK, TISN + 1, CISN + 21)
+    assert [p.seq for p in h.pkts()] == [CISN + 21]
+    h.target(TH_ACK, TISN + 1, CISN + 81)  # all acked: recovery over
+    h.client(TH_ACK | TH_PSH, CISN + 81, SISN + 1, b"x" * 10)
+    h.client(TH_ACK | TH_PSH, CISN + 91, SISN + 1, b"y" * 10)
+    h.pkts()
+    for _ in range(3):  # a second loss: fast retransmitted as well
+        h.target(TH_ACK, TISN + 1, CISN + 81)
+    assert [(p.seq, p.payload[:1]) for p in h.pkts()] == [(CISN + 81, b"x")]
+    assert h.e.st.fast_retransmits == 2 and h.e.st.rto_expired == 0
+
+
 def test_fast_retransmit_on_three_dupacks(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
@@ -589,6 +628,22 @@ def test_zero_window_probes_start_one_rto_after_the_first_wait_and_are_not_postp
     h.target(TH_ACK, TISN + 1, CISN + 1, win=1000)
     assert [(p.seq, p.payload) for p in h.pkts()] == [
         (CISN + 1, b"a"), (CISN + 2, b"b"), (CISN + 3, b"b")]
+
+
+def test_a_window_shut_by_the_last_ack_is_probed_one_rto_after_data_waits(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.target(TH_ACK, TISN + 1, CISN + 5, win=0)  # all acked, the window shut
+    h.advance(100)
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 1, b"req2")  # waits from here
+    h.pkts()
+    h.advance(190)
+    assert h.pkts() == []
+    h.advance(20)
+    (probe,) = h.pkts()
+    assert not probe.payload and probe.seq == CISN + 4
 
 
 def test_window_scale_applies_only_when_both_negotiated(isns):
