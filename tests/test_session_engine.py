@@ -526,6 +526,57 @@ def test_dupacks_count_from_the_last_new_ack_and_each_loss_is_fast_retransmitted
     assert h.e.st.fast_retransmits == 2 and h.e.st.rto_expired == 0
 
 
+def test_recovery_ends_at_the_ack_of_what_was_outstanding_at_the_loss(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    for i in range(4):
+        h.client(TH_ACK | TH_PSH, CISN + 1 + 10 * i, SISN + 1, bytes([65 + i]) * 10)
+    for _ in range(4):
+        h.target(TH_ACK, TISN + 1, CISN + 11)
+    h.pkts()  # (the fast retransmission of CISN + 11; recovery up to CISN + 41)
+    h.client(TH_ACK | TH_PSH, CISN + 41, SISN + 1, b"x" * 10)  # new data meanwhile
+    h.client(TH_ACK | TH_PSH, CISN + 51, SISN + 1, b"y" * 10)
+    h.pkts()
+    h.target(TH_ACK, TISN + 1, CISN + 41)  # exactly the recovery point: over, no resend
+    assert h.pkts() == []
+    for _ in range(3):  # a new loss: fast retransmitted again
+        h.target(TH_ACK, TISN + 1, CISN + 41)
+    assert [p.seq for p in h.pkts()] == [CISN + 41]
+    assert h.e.st.fast_retransmits == 2
+
+
+def test_what_is_not_a_duplicate_ack(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_ACK, TISN + 1, CISN + 4)
+    for _ in range(3):  # nothing outstanding
+        h.target(TH_ACK, TISN + 1, CISN + 4)
+    h.client(TH_ACK | TH_PSH, CISN + 4, SISN + 1, b"more")
+    for i in range(3):  # carrying data
+        h.target(TH_ACK | TH_PSH, TISN + 1 + i, CISN + 4, b"d")
+    for w in (1000, 2000, 3000):  # window updates
+        h.target(TH_ACK, TISN + 4, CISN + 4, win=w)
+    assert [p.payload for p in h.pkts() if p.payload] == [b"req", b"more"]
+    assert h.e.st.fast_retransmits == 0 and h.e.st.retransmits == 0
+
+
+def test_a_partial_ack_restarts_the_rto(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)  # RTO: the 200 ms floor
+    h.open(synack_opts=MSS_512)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 600)
+    h.pkts()
+    h.advance(150)
+    h.target(TH_ACK, TISN + 1, CISN + 513)  # the first segment
+    h.advance(190)  # 340 ms: no RTO yet
+    assert h.pkts() == []
+    h.advance(20)
+    assert [(p.seq, len(p.payload)) for p in h.pkts()] == [(CISN + 513, 88)]
+
+
 def test_fast_retransmit_on_three_dupacks(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
