@@ -293,6 +293,12 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "-2**31 = 2**31 (mod 2**32): the same offset once masked (an inlined _signed)",
     (_E, "Engine._fb_ack", "a > s.snd_nxt -> a >= s.snd_nxt"):
         "at a == snd_nxt the same value is stored",
+    (_E, "Engine._fb_data",
+     "seq - s.t_base - s.rcv_nxt + 2147483648 -> seq - s.t_base - s.rcv_nxt - 2147483648"):
+        "-2**31 = 2**31 (mod 2**32): the same offset once masked (an inlined _signed)",
+    **{(_E, "Engine._fb_data", f"2 -> 3 @ {t}"): "ack_pending is only tested >= 2 (then "
+       "reset): 3 acts as 2" for t in ("s.ack_pending = 2", "s.ack_pending = 2  # "
+                                       "duplicate or out of order: ack at once")},
     (_E, "Engine._fb_syn_sent", "seq + 1 & M32 -> seq + 1"):
         "t_base is only used mod 2**32: in ack numbers (_out masks them) and in _fb_data's "
         "masked offset",

@@ -233,9 +233,34 @@ def test_a_captured_pair_live_towards_two_targets_is_released_by_the_last_of_the
 
 def test_every_4096th_release_sweeps_the_idle_addresses():
     al = Alloc(None, 0, 2)
-    for i in range(4095):
+
+    def one(i, t):
         ip = (0x0A500000 + i).to_bytes(4, "big")
-        al.close(al.open(ip, 2000, 0), ip, 2000, 0)
-    assert len(al.a.spaces) == 4095
-    al.close(al.open(X, 2000, 100), X, 2000, 100)  # the 4096th: a sweep at 100 s
+        al.close(al.open(ip, 2000, t), ip, 2000, t)
+    for i in range(2047):
+        one(i, 0)
+    one(2047, 100)  # the 2048th release: no sweep
+    assert len(al.a.spaces) == 2048
+    for i in range(2048, 4095):
+        one(i, 100)
+    al.close(al.open(X, 2000, 200), X, 2000, 200)  # the 4096th: a sweep at 200 s
     assert set(al.a.spaces) == {X}
+
+
+def test_a_full_block_looks_at_32_released_pairs_skipping_those_the_target_holds():
+    al = Alloc(None, 0, 256)  # 252 ports, 1024-1275
+    pairs = [al.open(X, 1024 + i, 0) for i in range(252)]
+    for k in range(33):
+        al.close(pairs[k], X, 1024 + k, 1)
+    al.held.update(pairs[:32])  # the target holds the 32 least recently released
+    assert al.open(X, 1100, 100, copy=1) is None  # the 33rd is not looked at
+    al.held.discard(pairs[5])
+    assert al.open(X, 1100, 100, copy=1) == pairs[5]
+
+
+def test_a_released_pair_has_cooled_exactly_60_s_after():
+    al = Alloc(None, 0, 256)
+    pairs = [al.open(X, 1024 + i, 0) for i in range(252)]
+    al.close(pairs[9], X, 1033, 10)
+    assert al.open(X, 1100, 70, copy=1) == pairs[9]
+    assert al.a.early_reuses == 0

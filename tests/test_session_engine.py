@@ -577,6 +577,24 @@ def test_a_partial_ack_restarts_the_rto(isns):
     assert [(p.seq, len(p.payload)) for p in h.pkts()] == [(CISN + 513, 88)]
 
 
+def test_no_rtt_sample_from_a_retransmitted_segment(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, rto_min=10 * MS)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.client(TH_ACK, CISN + 1, SISN + 1)
+    h.now += 40 * MS  # RTO 120 ms
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.advance(125)  # retransmitted at 120 ms; the RTO backs off to 240 ms
+    h.target(TH_ACK, TISN + 1, CISN + 5)  # which copy is acked? no sample (Karn)
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 1, b"req2")
+    h.pkts()
+    h.advance(230)
+    assert h.pkts() == []
+    h.advance(20)
+    assert [p.payload for p in h.pkts()] == [b"req2"]
+
+
 def test_fast_retransmit_on_three_dupacks(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
@@ -609,6 +627,8 @@ def test_target_data_overlapping_what_arrived_counts_only_the_new_bytes(isns):
     h.target(TH_ACK, TISN + 6, CISN + 4, b"a" * 15)  # re-segmented: 5 old bytes, 10 new
     assert [p.ack for p in h.pkts()] == [TISN + 21]
     h.target(TH_ACK, TISN + 1, CISN + 4, b"a" * 10)  # all old: a duplicate ack at once
+    assert [p.ack for p in h.pkts()] == [TISN + 21]
+    h.target(TH_ACK, TISN + 11, CISN + 4, b"a" * 10)  # all old, ending where we are
     assert [p.ack for p in h.pkts()] == [TISN + 21]
 
 
@@ -676,9 +696,12 @@ def test_zero_window_probes_start_one_rto_after_the_first_wait_and_are_not_postp
     (probe,) = h.pkts()
     assert probe.flags == TH_ACK and not probe.payload and probe.seq == CISN
     assert h.e.st.zero_window_probes == 1
-    h.target(TH_ACK, TISN + 1, CISN + 1, win=1000)
+    h.advance(90)
+    h.target(TH_ACK, TISN + 1, CISN + 1, win=1000)  # open: probing stops, the data goes
     assert [(p.seq, p.payload) for p in h.pkts()] == [
         (CISN + 1, b"a"), (CISN + 2, b"b"), (CISN + 3, b"b")]
+    h.advance(390)  # its RTO (backed off to 400 ms) counts from now, not from the probe
+    assert h.pkts() == []
 
 
 def test_a_window_shut_by_the_last_ack_is_probed_one_rto_after_data_waits(isns):
@@ -850,6 +873,18 @@ def test_the_targets_fin_counts_as_a_byte_of_the_response(isns):
     (fin,) = [p for p in h.pkts() if p.flags & TH_FIN]
     assert fin.seq == CISN + 4 and fin.ack == TISN + 12
     assert h.e.st.gate_bytes == 1 and h.e.st.gate_closed == 0
+
+
+def test_a_target_that_closed_first_is_given_the_linger_time_then_ended(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, linger=10 * SEC)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_ACK | TH_PSH | TH_FIN, TISN + 1, CISN + 4, b"resp")
+    h.advance(9900)
+    assert h.e.active() == 1
+    h.advance(200)
+    assert h.outcomes() == {"completed": 1}
 
 
 def test_target_closes_first_then_client_fin(isns):
