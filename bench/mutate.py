@@ -299,6 +299,14 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     **{(_E, "Engine._fb_data", f"2 -> 3 @ {t}"): "ack_pending is only tested >= 2 (then "
        "reset): 3 acts as 2" for t in ("s.ack_pending = 2", "s.ack_pending = 2  # "
                                        "duplicate or out of order: ack at once")},
+    (_E, "Engine._retransmit", "0 -> 1 @ flags = TH_PSH if data else 0"):
+        "an empty retransmission is always of a FIN (something is outstanding and unacked "
+        "holds every byte of it), which sets TH_FIN (1) just below",
+    (_E, "Engine._response_missing", "_signed(s.max_cack - s.last_cack) - (s.rcv_nxt + s.t_fin "
+     "- s.mark) -> _signed(s.max_cack - s.last_cack) + (s.rcv_nxt + s.t_fin - s.mark)"):
+        "acted on only when the target sent nothing since the mark (_end_outcome and "
+        "quiescent test rcv_nxt + t_fin == mark; quiescent's other case, within quiet of the "
+        "last data, has already returned by last_rx): the term is 0 then",
     (_E, "Engine._fb_syn_sent", "seq + 1 & M32 -> seq + 1"):
         "t_base is only used mod 2**32: in ack numbers (_out masks them) and in _fb_data's "
         "masked offset",

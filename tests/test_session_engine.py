@@ -793,8 +793,10 @@ def test_segments_and_retransmissions_leave_room_for_the_timestamp_option(isns):
     def segs():
         return [(p.seq, len(p.payload), len(p.options)) for p in h.pkts()]
     assert segs() == [(CISN + 1, 500, 12), (CISN + 501, 500, 12), (CISN + 1001, 200, 12)]
-    h.advance(250)  # RTO (the 200 ms floor): the first segment again, no larger
-    assert segs() == [(CISN + 1, 500, 12)]
+    h.advance(250)  # RTO (the 200 ms floor): the first segment again, no larger, pushed
+    (r,) = h.pkts()
+    assert (r.seq, len(r.payload), len(r.options), r.flags) == (
+        CISN + 1, 500, 12, TH_ACK | TH_PSH)
     h.target(TH_ACK, TISN + 1, CISN + 501, opts=ts_opt(800, 5200))  # partial ack: next hole
     assert segs() == [(CISN + 501, 500, 12)]
     h.target(TH_ACK, TISN + 1, CISN + 1001, opts=ts_opt(801, 5200))
@@ -873,6 +875,9 @@ def test_the_targets_fin_counts_as_a_byte_of_the_response(isns):
     (fin,) = [p for p in h.pkts() if p.flags & TH_FIN]
     assert fin.seq == CISN + 4 and fin.ack == TISN + 12
     assert h.e.st.gate_bytes == 1 and h.e.st.gate_closed == 0
+    h.advance(500)  # our FIN is never acked: cut short, the response was complete
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"completed": 1}
 
 
 def test_a_target_that_closed_first_is_given_the_linger_time_then_ended(isns):
@@ -1424,6 +1429,37 @@ def test_last_request_without_response_is_unfinished(isns):
     h.advance(500)
     h.e.close_all(h.now)
     assert h.outcomes() == {"unfinished": 1}
+
+
+def test_a_later_request_without_its_response_is_unfinished(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"r" * 10)
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 11, b"req2")
+    h.client(TH_ACK, CISN + 9, SISN + 16)  # online, req2 got 5 bytes back
+    h.target(TH_ACK, TISN + 11, CISN + 9)
+    h.advance(500)
+    assert not h.e.quiescent(h.now)
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"unfinished": 1}
+
+
+def test_data_resent_on_a_new_connection_has_no_captured_ack_to_wait_for(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_RST, TISN + 1, 0)  # reset before acking req: it goes again, reconnected
+    (syn,) = [p for p in h.pkts() if p.flags & TH_SYN]
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT, dport=syn.sport)
+    assert [p.payload for p in h.pkts() if p.payload] == [b"req"]
+    h.target(TH_ACK, TISN + 1, CISN + 4, dport=syn.sport)
+    h.advance(500)
+    assert h.e.quiescent(h.now)
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"reconnected": 1}
 
 
 def test_any_port_replays_every_service_and_tells_directions():
