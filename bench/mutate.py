@@ -341,6 +341,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
                     ("Allocator.release", "1 -> 2 @ self.live[len(addr)] -= 1"),
                     ("Allocator.release",
                      "self.live[len(addr)] -= 1 -> self.live[len(addr)] += 1"))},
+    (_A, "Allocator.release", "self._releases += 1 -> self._releases -= 1"):
+        "counting down, -4096 % 4096 == 0: the sweep comes every 4096 releases all the same",
     (_R, "scan_record", "5 -> 6"):
         "a map of 6 keys needs a third extra key: only sid and len are taken, no duplicate",
 }
