@@ -307,6 +307,11 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "acted on only when the target sent nothing since the mark (_end_outcome and "
         "quiescent test rcv_nxt + t_fin == mark; quiescent's other case, within quiet of the "
         "last data, has already returned by last_rx): the term is 0 then",
+    **{(_E, "Engine._may_release", t): "a new group's first segment is data, which sets "
+       "group_data once sent and before anything behind it is looked at (unsent, for want "
+       "of window, it takes the fast path next time either way), or a bare FIN or RST, "
+       "after which nothing is queued"
+       for t in ("s.group_data = False -> pass", "False -> True @ s.group_data = False")},
     (_E, "Engine._fb_syn_sent", "seq + 1 & M32 -> seq + 1"):
         "t_base is only used mod 2**32: in ack numbers (_out masks them) and in _fb_data's "
         "masked offset",

@@ -228,6 +228,19 @@ def test_a_response_one_byte_short_is_not_complete_and_a_one_byte_one_is(isns):
     assert h.e.st.gate_bytes == 2 and h.e.st.gate_quiet == 0
 
 
+def test_a_one_byte_response_is_a_response_the_quiet_rule_ends(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, quiet=100 * MS)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")
+    h.pkts()
+    h.target(TH_ACK, TISN + 1, CISN + 5, b"r")  # 1 of 100 bytes, then silence
+    h.advance(110)
+    assert [p.payload for p in h.pkts() if p.payload] == [b"req2"]
+    assert h.e.st.gate_quiet == 1
+
+
 def test_gating_never_deadlocks_when_target_acked_and_went_quiet(isns):
     CISN, TISN, SISN = isns
     h = H(isns, gate_timeout=2 * SEC)
@@ -718,6 +731,18 @@ def test_a_window_shut_by_the_last_ack_is_probed_one_rto_after_data_waits(isns):
     h.advance(20)
     (probe,) = h.pkts()
     assert not probe.payload and probe.seq == CISN + 4
+
+
+def test_a_window_reopened_with_data_in_flight_keeps_its_rto(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 100)
+    h.target(TH_ACK, TISN + 1, CISN + 51, win=0)  # half acked, the window shut
+    h.target(TH_ACK, TISN + 1, CISN + 51, win=1000)  # reopened; 50 bytes still out
+    h.pkts()
+    h.advance(250)  # lost: the RTO resends them
+    assert [(p.seq, len(p.payload)) for p in h.pkts()] == [(CISN + 51, 50)]
 
 
 def test_window_scale_applies_only_when_both_negotiated(isns):
