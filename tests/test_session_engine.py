@@ -447,6 +447,24 @@ def test_delayed_ack_and_acks_carried_by_data(isns):
     assert h.e.st.acks_sent == 3  # (the handshake's, two delayed)
 
 
+def test_each_rtt_sample_times_one_segment(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, rto_min=10 * MS)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.client(TH_ACK, CISN + 1, SISN + 1)
+    h.now += 40 * MS
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    for i in range(2):  # two requests, each acked 40 ms after it went: RTO 85 ms
+        h.client(TH_ACK | TH_PSH, CISN + 1 + 4 * i, SISN + 1, b"req%d" % i)
+        h.advance(40)
+        h.target(TH_ACK, TISN + 1, CISN + 5 + 4 * i)
+        h.advance(460)
+    h.client(TH_ACK | TH_PSH, CISN + 9, SISN + 1, b"req2")
+    h.pkts()
+    h.advance(90)
+    assert [p.payload for p in h.pkts()] == [b"req2"]
+
+
 def test_retransmit_keeps_working_after_responses(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
@@ -915,6 +933,22 @@ def test_a_target_that_closed_first_is_given_the_linger_time_then_ended(isns):
     assert h.e.active() == 1
     h.advance(200)
     assert h.outcomes() == {"completed": 1}
+
+
+def test_a_fin_released_after_the_targets_fin_keeps_the_response_count(isns):
+    """The target closed first; the client's FIN (a new group) carries an older ack than
+    an earlier pure ACK: the online server's last 10 bytes never came."""
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_ACK | TH_PSH | TH_FIN, TISN + 1, CISN + 4, b"x" * 10)
+    h.client(TH_ACK, CISN + 4, SISN + 21)
+    h.client(TH_ACK | TH_FIN, CISN + 4, SISN + 11)
+    assert [p for p in h.pkts() if p.flags & TH_FIN]
+    h.advance(500)  # our FIN never acked
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"unfinished": 1}
 
 
 def test_target_closes_first_then_client_fin(isns):
