@@ -323,6 +323,11 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
        "of window, it takes the fast path next time either way), or a bare FIN or RST, "
        "after which nothing is queued"
        for t in ("s.group_data = False -> pass", "False -> True @ s.group_data = False")},
+    (_E, "Engine._may_release", "s.group_t = now -> pass"):
+        "group_t counts only through max(last_data_rx, group_t) when the target sent data "
+        "since the release (so later than it), or max(last_rx, group_t) when all we sent is "
+        "acked: the next group is tested only once q[0] is of it, i.e. once this group's "
+        "data went (at or after the release) and, there, was acked (later again)",
     (_E, "Engine._fb_syn_sent", "seq + 1 & M32 -> seq + 1"):
         "t_base is only used mod 2**32: in ack numbers (_out masks them) and in _fb_data's "
         "masked offset",
