@@ -328,6 +328,11 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "since the release (so later than it), or max(last_rx, group_t) when all we sent is "
         "acked: the next group is tested only once q[0] is of it, i.e. once this group's "
         "data went (at or after the release) and, there, was acked (later again)",
+    (_E, "Engine._fb_data",
+     "s.ack_pending and (not s.delack_at) -> s.ack_pending or not s.delack_at"):
+        "ack_pending is at least 1 here (a FIN alone sets 2), and 1 only just after going "
+        "up from 0, when no delayed ACK is armed (_send_ack and _send_segment zero both): "
+        "either test is not s.delack_at",
     (_E, "Engine._fb_syn_sent", "seq + 1 & M32 -> seq + 1"):
         "t_base is only used mod 2**32: in ack numbers (_out masks them) and in _fb_data's "
         "masked offset",

@@ -670,10 +670,14 @@ def test_target_fin_is_taken_in_sequence_only(isns):
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.pkts()
     h.target(TH_ACK | TH_FIN, TISN + 11, CISN + 4)  # the FIN overtook 10 bytes
-    assert all(p.ack == TISN + 1 for p in h.pkts())
+    assert [(p.flags, p.ack) for p in h.pkts()] == [(TH_ACK, TISN + 1)]  # a dup ACK at once
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"x" * 10)
     h.target(TH_ACK | TH_FIN, TISN + 11, CISN + 4)  # sent again
     assert [p.ack for p in h.pkts()][-1] == TISN + 12
+    h.target(TH_ACK | TH_FIN, TISN + 11, CISN + 4)  # again: our ACK was lost, ack again
+    assert [(p.flags, p.ack) for p in h.pkts()] == [(TH_ACK, TISN + 12)]
+    h.advance(100)
+    assert h.pkts() == []
 
 
 # -- flow control ---------------------------------------------------------------------

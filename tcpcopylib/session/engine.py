@@ -911,6 +911,8 @@ class Engine:
             s.ack_pending = 2
             if not s.fin_sent:
                 s.linger_at = now + self.cfg.linger
+        elif not plen:
+            s.ack_pending = 2  # a FIN out of order or again (our ACK lost): ack at once
         if s.ack_pending >= 2:
             self._send_ack(s, now)
         elif s.ack_pending and not s.delack_at:
