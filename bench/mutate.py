@@ -308,8 +308,9 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
      "seq - s.t_base - s.rcv_nxt + 2147483648 -> seq - s.t_base - s.rcv_nxt - 2147483648"):
         "-2**31 = 2**31 (mod 2**32): the same offset once masked (an inlined _signed)",
     **{(_E, "Engine._fb_data", f"2 -> 3 @ {t}"): "ack_pending is only tested >= 2 (then "
-       "reset): 3 acts as 2" for t in ("s.ack_pending = 2", "s.ack_pending = 2  # "
-                                       "duplicate or out of order: ack at once")},
+       "reset): 3 acts as 2" for t in (
+           "s.ack_pending = 2", "s.ack_pending = 2  # duplicate or out of order: ack at once",
+           "s.ack_pending = 2  # a FIN out of order or again (our ACK lost): ack at once")},
     (_E, "Engine._retransmit", "0 -> 1 @ flags = TH_PSH if data else 0"):
         "an empty retransmission is always of a FIN (something is outstanding and unacked "
         "holds every byte of it), which sets TH_FIN (1) just below",
