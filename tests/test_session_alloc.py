@@ -2,8 +2,10 @@
 down after a release, who may have one back early, what the cursor skips, and what garbage
 collection may forget. Times are in seconds here; the allocator's reuse_after is 60 s."""
 
+import ipaddress
+
 from tcpcopylib.packet import ip_bytes
-from tcpcopylib.session.alloc import Allocator, parse_pool
+from tcpcopylib.session.alloc import Allocator, parse_pool, stable_hash
 
 SEC = 1_000_000_000
 POOL = ip_bytes("10.99.0.1")
@@ -144,3 +146,121 @@ def test_gc_forgets_an_address_once_its_newest_release_has_cooled():
     al.a._gc(71 * SEC)
     assert X not in al.a.spaces
     assert al.open(X, 3000, 71, copy=1) == (X, 3000)  # forgotten only once cooled
+
+
+# -- the -c pool: which address, and where a full one passes on -------------------------------
+
+def test_a_client_keeps_its_pool_address_copies_take_the_next_and_a_full_one_passes_on():
+    pools = parse_pool("10.99.0.1-10.99.0.3")
+    addrs = [pools[4].addr(i) for i in range(3)]
+    clients = [ip_bytes(f"10.77.1.{i}") for i in range(1, 40)]
+    al = Alloc(pools, 0, 256)  # -f 0/256: 252 ports an address
+    for ip in clients[:8]:  # sticky: a stable hash of the client address picks it
+        assert al.open(ip, 40000, 0)[0] == addrs[stable_hash(ip) % 3]
+    cip = next(ip for ip in clients if stable_hash(ip) % 3 == 2)  # the last address
+    al = Alloc(pools, 0, 256)
+    assert [al.open(cip, 40000, 0, copy=c)[0] for c in range(3)] == [addrs[2], addrs[0],
+                                                                       addrs[1]]
+    al = Alloc(pools, 0, 256)
+    assert {al.open(cip, 1024 + i, 0)[0] for i in range(252)} == {addrs[2]}
+    assert al.open(cip, 2000, 0) == (addrs[0], 1024 + (2000 - 1024) % 252)  # (wraps round)
+    assert al.open(ip_bytes("fd00::1"), 40000, 0) is None  # no IPv6 in the pool
+
+
+def test_a_free_captured_port_comes_before_a_cooled_released_one():
+    al = pool_alloc()
+    al.close(al.open(X, 40000, 0), X, 40000, 0)
+    assert al.open(Y, 50000, 100) == (POOL, 50000)  # not 40000, cooled long ago
+
+
+def test_captured_addresses_keep_the_port_until_it_is_taken_then_cooling_counts():
+    """Without -c and -f the captured pair is kept; an address is tracked once one of its
+    ports had to move, and from then on a pair another owner released cools first."""
+    a = Allocator()
+    live = {(X, 40000)}  # another connection to the same target holds X:40000
+
+    def taken(addr, port, strict):
+        return (addr, port) in live
+
+    assert a.allocate(Y, 40000, 0, 0, taken, False) == (Y, 40000)
+    assert a.spaces == {}  # nothing tracked in the usual case
+    moved = a.allocate(X, 40000, 0, 0, taken, False)
+    assert moved == (X, 1024)  # the first port of the cursor
+    a.release(*moved, (X, 40000, 0), 0)
+    assert a.allocate(X, 1024, 0, SEC, taken, False) == (X, 1025)  # 1024 is cooling
+    assert a.allocate(X, 1024, 1, 60 * SEC, taken, False) == (X, 1024)
+
+
+def test_pool_exclusions_split_ranges_exactly_and_every_range_is_indexed():
+    def addrs(spec, exclude=()):
+        p = parse_pool(spec, [ip_bytes(x) for x in exclude])[4]
+        return [str(ipaddress.ip_address(p.addr(i))) for i in range(p.size)]
+    # one address out of the first of two ranges: a one-address part before it is kept,
+    # the part after it is whole, the next range untouched
+    assert addrs("10.8.0.0/29,10.9.0.1", ["10.8.0.2"]) == [
+        "10.8.0.1", "10.8.0.3", "10.8.0.4", "10.8.0.5", "10.8.0.6", "10.9.0.1"]
+    assert addrs("10.8.0.0/29", ["10.8.0.5", "10.8.0.6"]) == [
+        "10.8.0.1", "10.8.0.2", "10.8.0.3", "10.8.0.4"]
+    many = ",".join(f"10.7.{i}.1" for i in range(9))  # nine ranges: the search's every step
+    assert addrs(many) == [f"10.7.{i}.1" for i in range(9)]
+    assert addrs("10.6.0.1-10.6.0.3,10.6.0.2-10.6.0.5") == [f"10.6.0.{i}" for i in range(1, 6)]
+
+
+def test_a_pair_released_again_goes_to_the_end_of_the_least_recently_released_order():
+    al = Alloc(None, 0, 256)  # 252 ports, 1024-1275
+    pairs = [al.open(X, 1024 + i, 0) for i in range(252)]
+    al.close(pairs[1], X, 1025, 1)
+    al.close(pairs[2], X, 1026, 2)
+    assert al.open(X, 1025, 100, copy=1) == (X, 1025)  # its captured port, cooled
+    al.close((X, 1025), X, 1025, 110, copy=1)  # released again: now the most recent
+    assert al.open(X, 1100, 120, copy=2) == (X, 1026)  # the cooled one, not 1025
+    assert al.a.early_reuses == 0
+
+
+def test_a_captured_pair_live_towards_two_targets_is_released_by_the_last_of_them():
+    a = Allocator()  # captured addresses: liveness is per target, the engine's taken says
+    free = lambda addr, port, strict: False  # noqa: E731
+    held = {(X, 40000)}
+    assert a.allocate(X, 40000, 0, 0, lambda ad, p, s: (ad, p) in held, False) == (X, 1024)
+    assert a.allocate(X, 2000, 0, 0, free, False) == (X, 2000)  # towards target 1
+    assert a.allocate(X, 2000, 0, 0, free, False) == (X, 2000)  # towards target 2
+    a.release(X, 2000, (X, 2000, 0), 1 * SEC)
+    assert a.allocate(X, 2000, 1, 2 * SEC, free, False) == (X, 2000)  # still live: kept
+    a.release(X, 2000, (X, 2000, 1), 3 * SEC)
+    a.release(X, 2000, (X, 2000, 0), 4 * SEC)  # the last: now it cools
+    assert a.allocate(X, 2000, 2, 5 * SEC, free, False) == (X, 1025)
+
+
+def test_every_4096th_release_sweeps_the_idle_addresses():
+    al = Alloc(None, 0, 2)
+
+    def one(i, t):
+        ip = (0x0A500000 + i).to_bytes(4, "big")
+        al.close(al.open(ip, 2000, t), ip, 2000, t)
+    for i in range(2047):
+        one(i, 0)
+    one(2047, 100)  # the 2048th release: no sweep
+    assert len(al.a.spaces) == 2048
+    for i in range(2048, 4095):
+        one(i, 100)
+    al.close(al.open(X, 2000, 200), X, 2000, 200)  # the 4096th: a sweep at 200 s
+    assert set(al.a.spaces) == {X}
+
+
+def test_a_full_block_looks_at_32_released_pairs_skipping_those_the_target_holds():
+    al = Alloc(None, 0, 256)  # 252 ports, 1024-1275
+    pairs = [al.open(X, 1024 + i, 0) for i in range(252)]
+    for k in range(33):
+        al.close(pairs[k], X, 1024 + k, 1)
+    al.held.update(pairs[:32])  # the target holds the 32 least recently released
+    assert al.open(X, 1100, 100, copy=1) is None  # the 33rd is not looked at
+    al.held.discard(pairs[31])  # the 32nd: still looked at
+    assert al.open(X, 1100, 100, copy=1) == pairs[31]
+
+
+def test_a_released_pair_has_cooled_exactly_60_s_after():
+    al = Alloc(None, 0, 256)
+    pairs = [al.open(X, 1024 + i, 0) for i in range(252)]
+    al.close(pairs[9], X, 1033, 10)
+    assert al.open(X, 1100, 70, copy=1) == pairs[9]
+    assert al.a.early_reuses == 0

@@ -9,8 +9,8 @@ import pytest
 from seqnums import FIXED, isns  # noqa: F401 (isns: a fixture)
 
 from tcpcopylib.errors import UsageError
-from tcpcopylib.packet import (TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, build_tcp, ip_bytes,
-                               parse_options, parse_tcp, tcp_checksum_ok)
+from tcpcopylib.packet import (TH_ACK, TH_ECE, TH_FIN, TH_PSH, TH_RST, TH_SYN, build_tcp,
+                               ip_bytes, parse_options, parse_tcp, tcp_checksum_ok)
 from tcpcopylib.session import Config, Engine, Mapper, parse_target, parse_transfer
 from tcpcopylib.session.timing import DueQueue
 from tcpcopylib.streamparse import StreamParser
@@ -211,6 +211,36 @@ def test_response_shorter_than_online_released_after_quiet(isns):
     assert h.e.st.gate_quiet == 1
 
 
+def test_a_response_one_byte_short_is_not_complete_and_a_one_byte_one_is(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")  # online: 100 bytes
+    h.client(TH_ACK | TH_PSH, CISN + 9, SISN + 102, b"req3")  # online: 1 byte
+    assert [p.payload for p in h.pkts()] == [b"req1"]
+    h.target(TH_ACK, TISN + 1, CISN + 5, b"r" * 99)
+    assert not [p for p in h.pkts() if p.payload]
+    h.target(TH_ACK, TISN + 100, CISN + 5, b"r")
+    assert [(p.payload, p.ack) for p in h.pkts() if p.payload] == [(b"req2", TISN + 101)]
+    h.target(TH_ACK, TISN + 101, CISN + 9, b"s")
+    assert [(p.payload, p.ack) for p in h.pkts() if p.payload] == [(b"req3", TISN + 102)]
+    assert h.e.st.gate_bytes == 2 and h.e.st.gate_quiet == 0
+
+
+def test_a_one_byte_response_is_a_response_the_quiet_rule_ends(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, quiet=100 * MS)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")
+    h.pkts()
+    h.target(TH_ACK, TISN + 1, CISN + 5, b"r")  # 1 of 100 bytes, then silence
+    h.advance(110)
+    assert [p.payload for p in h.pkts() if p.payload] == [b"req2"]
+    assert h.e.st.gate_quiet == 1
+
+
 def test_gating_never_deadlocks_when_target_acked_and_went_quiet(isns):
     CISN, TISN, SISN = isns
     h = H(isns, gate_timeout=2 * SEC)
@@ -303,6 +333,21 @@ def test_no_wait_sends_at_once(isns):
     assert [p.payload for p in h.pkts()] == [b"req1", b"req2"]
 
 
+def test_no_wait_still_judges_the_last_request_by_its_own_captured_ack(isns):
+    """-n/--no-wait: nothing waits, but the drain and the outcome still look at the last
+    request's response only (the one the online server gave before it: not awaited)."""
+    CISN, TISN, SISN = isns
+    h = H(isns, no_wait=True)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 51, b"req2")
+    h.target(TH_ACK, TISN + 1, CISN + 9)
+    h.advance(500)
+    assert h.e.quiescent(h.now)
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"completed": 1}
+
+
 def test_greeting_waits_for_server_first_bytes(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
@@ -360,6 +405,66 @@ def test_rto_retransmit_adaptive_and_backoff(isns):
     assert h.e.st.retransmits == 2 and h.e.st.rto_expired == 2
 
 
+def test_rto_follows_the_rtt_of_data_too(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, rto_min=10 * MS)
+    h.now = 5 * SEC  # (times are measured from the SYN, not from 0)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.client(TH_ACK, CISN + 1, SISN + 1)
+    h.now += 40 * MS  # SYN RTT 40 ms: RTO = 40 + 4 * 20 = 120 ms
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.advance(100)
+    h.target(TH_ACK, TISN + 1, CISN + 5)  # data RTT 100 ms: srtt 47.5, rttvar 30: 167.5 ms
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 1, b"req2")
+    h.pkts()
+    h.advance(160)
+    assert h.pkts() == []
+    h.advance(10)
+    assert [(p.seq, p.payload) for p in h.pkts()] == [(CISN + 5, b"req2")]
+
+
+def test_delayed_ack_and_acks_carried_by_data(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, delack=40 * MS)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.pkts()
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"a" * 5)  # one segment: the ACK waits
+    h.advance(39)
+    assert h.pkts() == []
+    h.advance(2)
+    assert [(p.flags, p.ack) for p in h.pkts()] == [(TH_ACK, TISN + 6)]
+    h.target(TH_ACK | TH_PSH, TISN + 6, CISN + 5, b"b" * 5)
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 1, b"req2")  # carries the pending ACK
+    assert [(p.payload, p.ack) for p in h.pkts()] == [(b"req2", TISN + 11)]
+    h.advance(41)
+    assert h.pkts() == []  # nothing left to ack
+    h.target(TH_ACK | TH_PSH, TISN + 11, CISN + 9, b"c" * 5)  # one segment again: waits
+    assert h.pkts() == []
+    h.advance(41)
+    assert [(p.flags, p.ack) for p in h.pkts()] == [(TH_ACK, TISN + 16)]
+    assert h.e.st.acks_sent == 3  # (the handshake's, two delayed)
+
+
+def test_each_rtt_sample_times_one_segment(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, rto_min=10 * MS)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.client(TH_ACK, CISN + 1, SISN + 1)
+    h.now += 40 * MS
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    for i in range(2):  # two requests, each acked 40 ms after it went: RTO 85 ms
+        h.client(TH_ACK | TH_PSH, CISN + 1 + 4 * i, SISN + 1, b"req%d" % i)
+        h.advance(40)
+        h.target(TH_ACK, TISN + 1, CISN + 5 + 4 * i)
+        h.advance(460)
+    h.client(TH_ACK | TH_PSH, CISN + 9, SISN + 1, b"req2")
+    h.pkts()
+    h.advance(90)
+    assert [p.payload for p in h.pkts()] == [b"req2"]
+
+
 def test_retransmit_keeps_working_after_responses(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
@@ -395,6 +500,132 @@ def test_retransmissions_carry_the_fin_only_with_the_last_byte(isns):
     assert h.outcomes() == {"completed": 1}
 
 
+def test_a_fin_sent_at_once_is_retransmitted_after_the_rto(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"x" * 10)
+    h.advance(100)  # the delayed ACK went: no timer but the idle one is left
+    h.pkts()
+    h.client(TH_ACK | TH_FIN, CISN + 4, SISN + 11)  # the response is complete: at once
+    (fin,) = h.pkts()
+    assert fin.flags & TH_FIN and fin.seq == CISN + 4
+    h.advance(190)
+    assert h.pkts() == []
+    h.advance(20)  # lost: the RTO (200 ms floor)
+    (again,) = h.pkts()
+    assert again.flags & TH_FIN and again.seq == CISN + 4
+
+
+def test_data_sent_on_the_syn_ack_is_retransmitted_after_the_rto(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")  # mid-stream: our own SYN
+    h.pkts()
+    h.now += MS
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)  # the data goes now
+    assert [p.payload for p in h.pkts()] == [b"", b"req"]
+    h.advance(190)
+    assert h.pkts() == []
+    h.advance(20)  # the 200 ms RTO, not the SYN's 1 s
+    assert [p.payload for p in h.pkts()] == [b"req"]
+
+
+def test_dupacks_count_from_the_last_new_ack_and_each_loss_is_fast_retransmitted(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    for i in range(8):
+        h.client(TH_ACK | TH_PSH, CISN + 1 + 10 * i, SISN + 1, bytes([65 + i]) * 10)
+    h.pkts()
+    for _ in range(2):
+        h.target(TH_ACK, TISN + 1, CISN + 11)
+    h.target(TH_ACK, TISN + 1, CISN + 21)  # new data acked: the count starts again
+    h.target(TH_ACK, TISN + 1, CISN + 21)
+    assert h.pkts() == []  # 1 duplicate, not 3
+    for _ in range(2):
+        h.target(TH_ACK, TISN + 1, CISN + 21)
+    assert [p.seq for p in h.pkts()] == [CISN + 21]
+    h.target(TH_ACK, TISN + 1, CISN + 81)  # all acked: recovery over
+    h.client(TH_ACK | TH_PSH, CISN + 81, SISN + 1, b"x" * 10)
+    h.client(TH_ACK | TH_PSH, CISN + 91, SISN + 1, b"y" * 10)
+    h.pkts()
+    for _ in range(3):  # a second loss: fast retransmitted as well
+        h.target(TH_ACK, TISN + 1, CISN + 81)
+    assert [(p.seq, p.payload[:1]) for p in h.pkts()] == [(CISN + 81, b"x")]
+    assert h.e.st.fast_retransmits == 2 and h.e.st.rto_expired == 0
+
+
+def test_recovery_ends_at_the_ack_of_what_was_outstanding_at_the_loss(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    for i in range(4):
+        h.client(TH_ACK | TH_PSH, CISN + 1 + 10 * i, SISN + 1, bytes([65 + i]) * 10)
+    for _ in range(4):
+        h.target(TH_ACK, TISN + 1, CISN + 11)
+    h.pkts()  # (the fast retransmission of CISN + 11; recovery up to CISN + 41)
+    h.client(TH_ACK | TH_PSH, CISN + 41, SISN + 1, b"x" * 10)  # new data meanwhile
+    h.client(TH_ACK | TH_PSH, CISN + 51, SISN + 1, b"y" * 10)
+    h.pkts()
+    h.target(TH_ACK, TISN + 1, CISN + 41)  # exactly the recovery point: over, no resend
+    assert h.pkts() == []
+    for _ in range(3):  # a new loss: fast retransmitted again
+        h.target(TH_ACK, TISN + 1, CISN + 41)
+    assert [p.seq for p in h.pkts()] == [CISN + 41]
+    assert h.e.st.fast_retransmits == 2
+
+
+def test_what_is_not_a_duplicate_ack(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_ACK, TISN + 1, CISN + 4)
+    for _ in range(3):  # nothing outstanding
+        h.target(TH_ACK, TISN + 1, CISN + 4)
+    h.client(TH_ACK | TH_PSH, CISN + 4, SISN + 1, b"more")
+    for i in range(3):  # carrying data
+        h.target(TH_ACK | TH_PSH, TISN + 1 + i, CISN + 4, b"d")
+    for w in (1000, 2000, 3000):  # window updates
+        h.target(TH_ACK, TISN + 4, CISN + 4, win=w)
+    assert [p.payload for p in h.pkts() if p.payload] == [b"req", b"more"]
+    assert h.e.st.fast_retransmits == 0 and h.e.st.retransmits == 0
+
+
+def test_a_partial_ack_restarts_the_rto(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)  # RTO: the 200 ms floor
+    h.open(synack_opts=MSS_512)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 600)
+    h.pkts()
+    h.advance(150)
+    h.target(TH_ACK, TISN + 1, CISN + 513)  # the first segment
+    h.advance(190)  # 340 ms: no RTO yet
+    assert h.pkts() == []
+    h.advance(20)
+    assert [(p.seq, len(p.payload)) for p in h.pkts()] == [(CISN + 513, 88)]
+
+
+def test_no_rtt_sample_from_a_retransmitted_segment(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, rto_min=10 * MS)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.client(TH_ACK, CISN + 1, SISN + 1)
+    h.now += 40 * MS  # RTO 120 ms
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.advance(125)  # retransmitted at 120 ms; the RTO backs off to 240 ms
+    h.target(TH_ACK, TISN + 1, CISN + 5)  # which copy is acked? no sample (Karn)
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 1, b"req2")
+    h.pkts()
+    h.advance(230)
+    assert h.pkts() == []
+    h.advance(20)
+    assert [p.payload for p in h.pkts()] == [b"req2"]
+
+
 def test_fast_retransmit_on_three_dupacks(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
@@ -428,6 +659,8 @@ def test_target_data_overlapping_what_arrived_counts_only_the_new_bytes(isns):
     assert [p.ack for p in h.pkts()] == [TISN + 21]
     h.target(TH_ACK, TISN + 1, CISN + 4, b"a" * 10)  # all old: a duplicate ack at once
     assert [p.ack for p in h.pkts()] == [TISN + 21]
+    h.target(TH_ACK, TISN + 11, CISN + 4, b"a" * 10)  # all old, ending where we are
+    assert [p.ack for p in h.pkts()] == [TISN + 21]
 
 
 def test_target_fin_is_taken_in_sequence_only(isns):
@@ -437,10 +670,14 @@ def test_target_fin_is_taken_in_sequence_only(isns):
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.pkts()
     h.target(TH_ACK | TH_FIN, TISN + 11, CISN + 4)  # the FIN overtook 10 bytes
-    assert all(p.ack == TISN + 1 for p in h.pkts())
+    assert [(p.flags, p.ack) for p in h.pkts()] == [(TH_ACK, TISN + 1)]  # a dup ACK at once
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"x" * 10)
     h.target(TH_ACK | TH_FIN, TISN + 11, CISN + 4)  # sent again
     assert [p.ack for p in h.pkts()][-1] == TISN + 12
+    h.target(TH_ACK | TH_FIN, TISN + 11, CISN + 4)  # again: our ACK was lost, ack again
+    assert [(p.flags, p.ack) for p in h.pkts()] == [(TH_ACK, TISN + 12)]
+    h.advance(100)
+    assert h.pkts() == []
 
 
 # -- flow control ---------------------------------------------------------------------
@@ -464,6 +701,72 @@ def test_never_more_in_flight_than_window_and_window_update_resumes(isns):
     assert h.e.st.zero_window_probes >= 1
 
 
+def test_one_byte_of_window_is_used_and_each_wait_counted(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, win=100, opts=MSS_OPT)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 300)
+    assert [len(p.payload) for p in h.pkts() if p.payload] == [100]
+    assert h.e.st.window_waits == 1
+    h.target(TH_ACK, TISN + 1, CISN + 2, win=100)  # 1 byte acked: 1 byte of window
+    assert [(p.seq, len(p.payload)) for p in h.pkts()] == [(CISN + 101, 1)]
+    assert h.e.st.window_waits == 2
+
+
+def test_zero_window_probes_start_one_rto_after_the_first_wait_and_are_not_postponed(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)  # RTO: the 200 ms floor
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.now += MS
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, win=0, opts=MSS_OPT)  # a zero window at once
+    h.pkts()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a")
+    assert h.pkts() == [] and h.e.st.window_waits == 1
+    for _ in range(2):  # more data, same group: it waits too, the probe stays due
+        h.advance(90)
+        h.client(TH_ACK | TH_PSH, h.e.st.window_waits + CISN + 1, SISN + 1, b"b")
+        assert h.pkts() == []
+    h.advance(30)  # 210 ms after the first wait
+    (probe,) = h.pkts()
+    assert probe.flags == TH_ACK and not probe.payload and probe.seq == CISN
+    assert h.e.st.zero_window_probes == 1
+    h.advance(90)
+    h.target(TH_ACK, TISN + 1, CISN + 1, win=1000)  # open: probing stops, the data goes
+    assert [(p.seq, p.payload) for p in h.pkts()] == [
+        (CISN + 1, b"a"), (CISN + 2, b"b"), (CISN + 3, b"b")]
+    h.advance(390)  # its RTO (backed off to 400 ms) counts from now, not from the probe
+    assert h.pkts() == []
+
+
+def test_a_window_shut_by_the_last_ack_is_probed_one_rto_after_data_waits(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.target(TH_ACK, TISN + 1, CISN + 5, win=0)  # all acked, the window shut
+    h.advance(100)
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 1, b"req2")  # waits from here
+    h.pkts()
+    h.advance(190)
+    assert h.pkts() == []
+    h.advance(20)
+    (probe,) = h.pkts()
+    assert not probe.payload and probe.seq == CISN + 4
+
+
+def test_a_window_reopened_with_data_in_flight_keeps_its_rto(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 100)
+    h.target(TH_ACK, TISN + 1, CISN + 51, win=0)  # half acked, the window shut
+    h.target(TH_ACK, TISN + 1, CISN + 51, win=1000)  # reopened; 50 bytes still out
+    h.pkts()
+    h.advance(250)  # lost: the RTO resends them
+    assert [(p.seq, len(p.payload)) for p in h.pkts()] == [(CISN + 51, 50)]
+
+
 def test_window_scale_applies_only_when_both_negotiated(isns):
     CISN, TISN, SISN = isns
     wsopt = b"\x01\x03\x03\x02"  # wscale 2
@@ -479,12 +782,51 @@ def test_window_scale_applies_only_when_both_negotiated(isns):
     assert sum(len(p.payload) for p in h.pkts()) == 100
 
 
+def test_options_the_syn_did_not_offer_are_not_used(isns):
+    CISN, TISN, SISN = isns
+    ws14 = b"\x01\x03\x03\x0e"
+    h = H(isns)  # timestamps in the SYN-ACK only: none in our segments
+    h.open(client_opts=MSS_OPT, synack_opts=MSS_OPT + ts_opt(777, 0))
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    assert [p.options for p in h.pkts()] == [b""]
+    h = H(isns)  # a window scale above 14 counts as 14 (RFC 7323)
+    ws15 = b"\x01\x03\x03\x0f"
+    h.open(client_opts=MSS_OPT + ws15, synack_opts=MSS_OPT + ws15)
+    h.target(TH_ACK, TISN + 1, CISN + 1, win=1)  # 1 << 14 bytes
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 20000)
+    assert sum(len(p.payload) for p in h.pkts()) == 16384
+    # a reconnection's own SYN offers only an MSS, whatever the captured SYN did
+    h = H(isns)
+    h.open(client_opts=MSS_OPT + ws14 + ts_opt(5000, 0), synack_opts=MSS_OPT + ts_opt(9, 5000))
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"resp1", opts=ts_opt(10, 5000))
+    h.target(TH_ACK | TH_FIN, TISN + 6, CISN + 5, opts=ts_opt(10, 5000))
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 6, b"a" * 1000)
+    (syn,) = [p for p in h.pkts() if p.flags & TH_SYN]
+    assert syn.options == MSS_OPT
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 5, win=100, opts=MSS_OPT + ws14 + ts_opt(11, 0),
+             dport=syn.sport)
+    sent = [p for p in h.pkts() if p.payload]
+    assert sum(len(p.payload) for p in sent) == 100 and all(not p.options for p in sent)
+
+
+def test_without_an_mss_option_segments_are_536_bytes(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open(synack_opts=b"")
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 1200)
+    assert [len(p.payload) for p in h.pkts()] == [536, 536, 128]
+
+
 def test_segments_larger_than_target_mss_are_split(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
     h.open(synack_opts=MSS_512)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 1200)
-    assert [len(p.payload) for p in h.pkts()] == [512, 512, 176]
+    assert [(len(p.payload), p.flags) for p in h.pkts()] == [
+        (512, TH_ACK), (512, TH_ACK), (176, TH_ACK | TH_PSH)]  # PSH on the last piece
+    h.client(TH_ACK, CISN + 1201, SISN + 1, b"y" * 600)  # captured without PSH: none
+    assert [(len(p.payload), p.flags) for p in h.pkts()] == [(512, TH_ACK), (88, TH_ACK)]
 
 
 def test_segments_and_retransmissions_leave_room_for_the_timestamp_option(isns):
@@ -498,8 +840,10 @@ def test_segments_and_retransmissions_leave_room_for_the_timestamp_option(isns):
     def segs():
         return [(p.seq, len(p.payload), len(p.options)) for p in h.pkts()]
     assert segs() == [(CISN + 1, 500, 12), (CISN + 501, 500, 12), (CISN + 1001, 200, 12)]
-    h.advance(250)  # RTO (the 200 ms floor): the first segment again, no larger
-    assert segs() == [(CISN + 1, 500, 12)]
+    h.advance(250)  # RTO (the 200 ms floor): the first segment again, no larger, pushed
+    (r,) = h.pkts()
+    assert (r.seq, len(r.payload), len(r.options), r.flags) == (
+        CISN + 1, 500, 12, TH_ACK | TH_PSH)
     h.target(TH_ACK, TISN + 1, CISN + 501, opts=ts_opt(800, 5200))  # partial ack: next hole
     assert segs() == [(CISN + 501, 500, 12)]
     h.target(TH_ACK, TISN + 1, CISN + 1001, opts=ts_opt(801, 5200))
@@ -508,9 +852,12 @@ def test_segments_and_retransmissions_leave_room_for_the_timestamp_option(isns):
     assert segs() == [] and h.e.st.rto_expired == 1 and h.e.st.retransmits == 3
 
 
-@pytest.mark.parametrize("tsval", [5000, 2**32 - 5], ids=["ts", "ts-wraps"])
-def test_timestamps_echo_target_tsval_and_stay_monotonic(tsval):
+@pytest.mark.parametrize("start", [0, 7 * SEC], ids=["at-0", "at-7s"])
+@pytest.mark.parametrize("tsval", [5000, 2**32 - 5, 0x60000000, 0x90000000],
+                         ids=["ts", "ts-wraps", "ts-2^30", "ts-2^31"])
+def test_timestamps_echo_target_tsval_and_stay_monotonic(tsval, start):
     h = H()
+    h.now = start
     h.open(client_opts=MSS_OPT + ts_opt(tsval, 0), synack_opts=MSS_OPT + ts_opt(777, tsval))
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.now += 10 * MS  # our TSval moves on by 10 (ms), across 2**32 in the "ts-wraps" case
@@ -520,8 +867,8 @@ def test_timestamps_echo_target_tsval_and_stay_monotonic(tsval):
     assert vals[-1][1] == 900 and vals[0][1] == 777
     assert all(not_before(b[0], a[0]) for a, b in zip(vals, vals[1:]))
     assert not_before(vals[0][0], tsval)
-    # the client's clock: its SYN's TSval plus the ms since (the SYN came at time 0)
-    assert vals[-1][0] == (tsval + h.now // MS) & 0xFFFFFFFF
+    # the client's clock: its SYN's TSval plus the ms since the SYN
+    assert vals[-1][0] == (tsval + (h.now - start) // MS) & 0xFFFFFFFF
 
 
 # -- capture defects ------------------------------------------------------------------
@@ -563,6 +910,51 @@ def test_unfilled_gap_ends_as_capture_gap(isns):
 
 # -- closing --------------------------------------------------------------------------
 
+def test_the_targets_fin_counts_as_a_byte_of_the_response(isns):
+    """The captured ack counts the online server's FIN: a target that sends as many bytes
+    and a FIN has completed the response by bytes (not just by closing)."""
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.client(TH_ACK | TH_FIN, CISN + 4, SISN + 12)  # after 10 bytes and the server's FIN
+    h.target(TH_ACK | TH_PSH | TH_FIN, TISN + 1, CISN + 4, b"x" * 10)
+    (fin,) = [p for p in h.pkts() if p.flags & TH_FIN]
+    assert fin.seq == CISN + 4 and fin.ack == TISN + 12
+    assert h.e.st.gate_bytes == 1 and h.e.st.gate_closed == 0
+    h.advance(500)  # our FIN is never acked: cut short, the response was complete
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"completed": 1}
+
+
+def test_a_target_that_closed_first_is_given_the_linger_time_then_ended(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, linger=10 * SEC)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_ACK | TH_PSH | TH_FIN, TISN + 1, CISN + 4, b"resp")
+    h.advance(9900)
+    assert h.e.active() == 1
+    h.advance(200)
+    assert h.outcomes() == {"completed": 1}
+
+
+def test_a_fin_released_after_the_targets_fin_keeps_the_response_count(isns):
+    """The target closed first; the client's FIN (a new group) carries an older ack than
+    an earlier pure ACK: the online server's last 10 bytes never came."""
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_ACK | TH_PSH | TH_FIN, TISN + 1, CISN + 4, b"x" * 10)
+    h.client(TH_ACK, CISN + 4, SISN + 21)
+    h.client(TH_ACK | TH_FIN, CISN + 4, SISN + 11)
+    assert [p for p in h.pkts() if p.flags & TH_FIN]
+    h.advance(500)  # our FIN never acked
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"unfinished": 1}
+
+
 def test_target_closes_first_then_client_fin(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
@@ -592,12 +984,54 @@ def test_rst_from_target(isns):
     assert ("release", (C, 5000, T, 80)) in h.log
 
 
+def test_an_rst_without_ack_does_not_refuse_our_syn(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.target(TH_RST, 0, CISN + 1)  # its ack field matches, but no ACK flag: not for us
+    assert h.outcomes() == {}
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    assert b"req" in [p.payload for p in h.pkts()]
+
+
+def test_a_syn_ack_with_more_flags_establishes(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.pkts()
+    h.target(TH_SYN | TH_ACK | TH_ECE, TISN, CISN + 1, opts=MSS_OPT)  # ECN-setup SYN-ACK
+    (ack,) = h.pkts()
+    assert ack.flags == TH_ACK and ack.ack == TISN + 1
+
+
 def test_connection_refused(isns):
     CISN, TISN, SISN = isns
     h = H(isns)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.pkts()
     h.target(TH_RST | TH_ACK, 0, CISN + 1)
     assert h.outcomes() == {"reset_by_target": 1}
+    assert h.pkts() == []  # no RST for an RST
+
+
+@pytest.mark.parametrize("wrong", ["synack-bad-ack", "ack-only"])
+def test_only_a_syn_ack_acking_our_syn_establishes(isns, wrong):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.pkts()
+    if wrong == "synack-bad-ack":
+        h.target(TH_SYN | TH_ACK, TISN, CISN + 7, opts=MSS_OPT)
+    else:  # e.g. a challenge ACK: the right number, no SYN
+        h.target(TH_ACK, TISN, CISN + 1)
+    (rst,) = h.pkts()
+    assert rst.flags == TH_RST and rst.ack == 0 and rst.seq == (
+        CISN + 7 if wrong == "synack-bad-ack" else CISN + 1)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    assert h.pkts() == []  # not established: the request waits
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    assert [p.payload for p in h.pkts()] == [b"", b"req"]
 
 
 def test_rest_of_a_failed_session_is_ignored_not_a_new_session(isns):
@@ -650,6 +1084,31 @@ def test_early_close_reconnects_on_a_new_port(isns):
     h.target(TH_ACK | TH_FIN, tisn2 + 6, CISN + 10, dport=newport)
     assert h.e.st.reconnections == 1
     assert h.outcomes() == {"reconnected": 1}
+
+
+def test_the_idle_timeout_counts_from_the_syn_ack(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns, idle_timeout=5 * SEC)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.advance(3000)  # the SYN was retransmitted: the SYN-ACK comes at 3 s
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    h.advance(4900)
+    assert h.e.active() == 1
+    h.advance(200)  # 5 s after the SYN-ACK, nothing to send, nothing heard
+    assert h.outcomes() == {"timed_out": 1}
+
+
+def test_data_with_an_older_captured_ack_stays_in_its_group(isns):
+    """A segment whose captured ack is older than the group's (a reordered capture) is
+    part of the group being sent, not a new one."""
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"r" * 10)
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 11, b"req2")
+    h.client(TH_ACK | TH_PSH, CISN + 9, SISN + 1, b"more")  # the ack before the response
+    assert [p.payload for p in h.pkts() if p.payload] == [b"req1", b"req2", b"more"]
 
 
 def test_no_synack_times_out_with_rst(isns):
@@ -707,6 +1166,118 @@ def test_client_rst_forwarded_after_response(isns):
     (rst,) = [p for p in h.pkts() if p.flags & TH_RST]
     assert rst.seq == CISN + 4
     assert h.outcomes() == {"completed": 1}
+
+
+def test_client_rst_goes_at_once_when_the_response_is_complete(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"x" * 10)
+    h.pkts()
+    h.client(TH_RST | TH_ACK, CISN + 4, SISN + 11)  # nothing awaited: no timer, no event
+    (rst,) = h.pkts()
+    assert rst.flags & TH_RST and rst.seq == CISN + 4
+    assert h.outcomes() == {"completed": 1} and h.e.st.gate_bytes == 1
+
+
+def test_client_rst_without_ack_flag_has_no_captured_ack(isns):
+    """An RST without the ACK flag: its ack field is no captured ack (neither for gating
+    nor as the online server's bytes seen)."""
+    CISN, TISN, SISN = isns
+    h = H(isns, quiet=100 * MS)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"x" * 5)
+    h.pkts()
+    h.client(TH_RST, CISN + 4, SISN + 4)  # "acks" 3 bytes: ignored, the quiet rule holds
+    assert h.pkts() == []
+    h.advance(110)
+    assert len([p for p in h.pkts() if p.flags & TH_RST]) == 1
+    assert h.e.st.gate_quiet == 1 and h.e.st.gate_bytes == 0
+    # a held RST without ACK: close_all judges the last response by the real acks
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"r" * 10)
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 11, b"req2")
+    h.target(TH_ACK, TISN + 11, CISN + 9)  # no response to req2, as online
+    h.client(TH_RST, CISN + 9, SISN + 5000)  # held: the gate timeout
+    assert not [p for p in h.pkts() if p.flags & TH_RST]
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"completed": 1}
+
+
+@pytest.mark.parametrize("acks", [[10], [1], [2**31, 10], [10, 0]],
+                         ids=["10", "1", "half-space-then-10", "10-then-older"])
+def test_the_online_response_size_is_the_latest_captured_ack(isns, acks):
+    """The drain's view of the last response: the latest captured ack in serial number
+    order, however small its advance; an ack half the space away or an older one (a
+    retransmission) is not later."""
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    for a in acks:
+        h.client(TH_ACK, CISN + 4, SISN + 1 + a)
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")  # a retransmission (older ack)
+    h.target(TH_ACK, TISN + 1, CISN + 4)
+    h.advance(500)
+    assert not h.e.quiescent(h.now)
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"unfinished": 1}
+
+
+def test_segments_without_the_ack_flag_carry_no_captured_ack(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)  # (the handshake ACK is missing)
+    h.client(TH_PSH, CISN + 1, SISN - 99)      # no ACK flag, no data: ignored
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
+    h.pkts()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")  # the first group: at once
+    assert [p.payload for p in h.pkts()] == [b"req1"]
+    h.client(TH_PSH, CISN + 5, SISN + 5000, b"more")  # no ACK flag: the same group
+    assert [p.payload for p in h.pkts()] == [b"more"]
+    assert h.e.st.gate_bytes + h.e.st.gate_quiet + h.e.st.gate_timeout == 0
+    h.target(TH_ACK, TISN + 1, CISN + 9)
+    h.advance(500)  # nor is its ack field a response the online server gave
+    assert h.e.quiescent(h.now)
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"completed": 1}
+
+
+def test_data_and_fin_in_one_captured_segment(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH | TH_FIN, CISN + 1, SISN + 1, b"bye")
+    (d,) = h.pkts()  # the FIN waits for the data's ack and the response, as a bare FIN
+    assert d.payload == b"bye" and not d.flags & TH_FIN
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"ok")
+    h.advance(110)  # quiet
+    (fin,) = [p for p in h.pkts() if p.flags & TH_FIN]
+    assert fin.seq == CISN + 4 and fin.ack == TISN + 3 and not fin.payload
+    h.target(TH_ACK | TH_FIN, TISN + 3, CISN + 5)
+    assert [p.ack for p in h.pkts()] == [TISN + 4]
+    assert h.outcomes() == {"completed": 1}
+
+
+@pytest.mark.parametrize("end", [TH_FIN, TH_RST | TH_ACK], ids=["fin", "rst"])
+def test_nothing_the_client_sends_after_its_fin_or_rst_goes_out(isns, end):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.client(end | TH_ACK, CISN + 4, SISN + 11)  # held until the response
+    h.client(TH_ACK | TH_PSH, CISN + 4, SISN + 11, b"late")   # at the FIN/RST's number
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 11, b"later")  # after it
+    h.client(TH_ACK, CISN + 5, SISN + 11)                     # a pure ACK: no data
+    assert [p.payload for p in h.pkts()] == [b"req"]
+    assert h.e.st.client_dups == 2
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"x" * 10)
+    (last,) = h.pkts()
+    assert last.flags & end and not last.payload and last.seq == CISN + 4
 
 
 def test_sessions_keyed_on_full_four_tuple():
@@ -921,6 +1492,37 @@ def test_last_request_without_response_is_unfinished(isns):
     h.advance(500)
     h.e.close_all(h.now)
     assert h.outcomes() == {"unfinished": 1}
+
+
+def test_a_later_request_without_its_response_is_unfinished(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"r" * 10)
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 11, b"req2")
+    h.client(TH_ACK, CISN + 9, SISN + 16)  # online, req2 got 5 bytes back
+    h.target(TH_ACK, TISN + 11, CISN + 9)
+    h.advance(500)
+    assert not h.e.quiescent(h.now)
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"unfinished": 1}
+
+
+def test_data_resent_on_a_new_connection_has_no_captured_ack_to_wait_for(isns):
+    CISN, TISN, SISN = isns
+    h = H(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
+    h.target(TH_RST, TISN + 1, 0)  # reset before acking req: it goes again, reconnected
+    (syn,) = [p for p in h.pkts() if p.flags & TH_SYN]
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT, dport=syn.sport)
+    assert [p.payload for p in h.pkts() if p.payload] == [b"req"]
+    h.target(TH_ACK, TISN + 1, CISN + 4, dport=syn.sport)
+    h.advance(500)
+    assert h.e.quiescent(h.now)
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"reconnected": 1}
 
 
 def test_any_port_replays_every_service_and_tells_directions():

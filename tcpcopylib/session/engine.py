@@ -417,7 +417,8 @@ class Engine:
             s.base = (seq + 1) & M32
             s.syn_opts = bytes(data[ihl + 20:ihl + doff])
             s.syn_win = win
-            s.ts_base = (_ts_option(s.syn_opts) or (0, 0))[0]
+            # our TSvals start from the SYN's and never go before it (_tsopt)
+            s.ts_last = s.ts_base = (_ts_option(s.syn_opts) or (0, 0))[0]
         else:
             s.base = seq  # mid-stream: offset 0 is the first captured byte
             s.fake = True
@@ -716,6 +717,7 @@ class Engine:
                 self.st.window_waits += 1
                 if s.snd_una == s.snd_nxt and not s.rto_at:
                     s.rto_at = now + s.rto  # persist timer: probe the zero window
+                    sent_any = True  # (so that it is armed below)
                 break
             n = min(len(seg.data), avail, s.t_mss - (12 if s.ts_ok else 0))
             last = n == len(seg.data)
@@ -909,6 +911,8 @@ class Engine:
             s.ack_pending = 2
             if not s.fin_sent:
                 s.linger_at = now + self.cfg.linger
+        elif not plen:
+            s.ack_pending = 2  # a FIN out of order or again (our ACK lost): ack at once
         if s.ack_pending >= 2:
             self._send_ack(s, now)
         elif s.ack_pending and not s.delack_at:
