@@ -1379,21 +1379,26 @@ class FeedbackServer:
             return
         try:
             if ready and not c.inbuf:
-                # claim records as FeedbackClient writes them, whole: inline, no framing
-                pos, n = 0, len(data)
-                while pos < n:
-                    got = claim_keys(data, pos)
-                    if got is None:
-                        break
-                    add, keys, pos = got
-                    self._claim_keys(c, keys, add)
-                if pos == n:
+                pos = self._inline_claims(c, data)
+                if pos == len(data):
                     return
                 if pos:
                     data = data[pos:]
             self._client_input(c, data)
         except Refusal as e:
             self._refuse(c, e.kind, e.msg)
+
+    def _inline_claims(self, c: _Client, data: bytes) -> int:
+        """Claim records at the start of data, whole as FeedbackClient writes them, read
+        inline without framing; the position after the last one."""
+        pos, n = 0, len(data)
+        while pos < n:
+            got = claim_keys(data, pos)
+            if got is None:
+                break
+            add, keys, pos = got
+            self._claim_keys(c, keys, add)
+        return pos
 
     def _serve_backlog(self) -> None:
         """Frame a budget more of each client's input read but not framed yet."""
@@ -1422,14 +1427,7 @@ class FeedbackServer:
                 start = c.fstart
                 if fast and c.state == _READY and not c.fstack and c.fpos == start:
                     fast -= 1
-                    b = bytes(buf[start:])
-                    pos, n = 0, len(b)
-                    while pos < n:
-                        got = claim_keys(b, pos)
-                        if got is None:
-                            break
-                        add, keys, pos = got
-                        self._claim_keys(c, keys, add)
+                    pos = self._inline_claims(c, bytes(buf[start:]))
                     if pos:
                         c.fstart = c.fpos = start + pos
                         budget_end += pos  # (not the framer's work)
