@@ -134,7 +134,7 @@ TARGETS: dict[str, list[tuple[str, list[str], str]]] = {
     ],
     "feedback": [
         ("tcpcopylib/feedback.py",
-         ["fb_span", "_fb_prefix", "reply_key", "route_key", "claim_key", "claim_route_key",
+         ["fb_span", "_fb_prefix", "reply_key", "route_key", "claim_route_key",
           "_claim_ip", "_claim_port", "claim_keys"],
          "tests/test_feedback_routing.py tests/test_intercept.py tests/test_feedback.py "
          "-k 'routing or encode_fb or claim_records or read_replies or two_clients'"),

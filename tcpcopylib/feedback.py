@@ -376,12 +376,6 @@ def _key_entry(key: bytes) -> list:
     return [_ip_text(key[w:2 * w]), cport, _ip_text(key[:w]), tport]
 
 
-def claim_key(entry) -> tuple:
-    """A claim entry [client_ip_str, client_port, target_ip_str, target_port] -> key."""
-    cip, cport, tip, tport = entry
-    return (_ip_packed(cip), int(cport), _ip_packed(tip), int(tport))
-
-
 # tc-feedback's routing keys are bytes: the reply's source and destination addresses, then
 # its source and destination ports, as they lie in an IPv4 header without options (one
 # slice of the datagram: 12 bytes) or an IPv6 header (36 bytes).

@@ -861,10 +861,6 @@ class RecordReader(StreamDecoder):
                 buf = buf[pos:]
 
 
-def read_records(fd: int, on_idle=None, headers: bool = False, name: str = "<stdin>"):
-    return iter(RecordReader(fd, on_idle=on_idle, headers=headers, name=name))
-
-
 class RecordWriter:
     """Write a stream to a file descriptor, batching output.
 

@@ -1,6 +1,6 @@
 """tc-feedback's routing keys and inline scanners, as functions: route_key / reply_key of
 a reply (IPv4 with and without options, IPv6, inside a larger buffer, too short),
-claim_route_key / claim_key of a claim entry, claim_keys (the inline claim reader) at its
+claim_route_key of a claim entry, claim_keys (the inline claim reader) at its
 encoding boundaries, fb_span and _fb_prefix (the client's inline fb reader).
 
 Fast (no sockets): bench/mutate.py runs this file for the feedback module."""
@@ -13,7 +13,7 @@ import struct
 import cbor2
 import pytest
 
-from tcpcopylib.feedback import (_fb_prefix, claim_key, claim_keys, claim_route_key, fb_span,
+from tcpcopylib.feedback import (_fb_prefix, claim_keys, claim_route_key, fb_span,
                                  reply_key, route_key)
 from tcpcopylib.intercept import encode_fb
 
@@ -32,6 +32,17 @@ def ip6(src: str, dst: str, sport: int, dport: int, payload: bytes = b"") -> byt
     return (struct.pack("!IHBB", 0x60000000, len(tcp), 6, 64)
             + socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
             + tcp)
+
+
+def claim_key(entry) -> tuple:
+    """The (client ip, client port, target ip, target port) a claim entry asks for, as
+    reply_key gives them."""
+    cip, cport, tip, tport = entry
+    return (_packed(cip), int(cport), _packed(tip), int(tport))
+
+
+def _packed(ip: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
 
 
 # A reply from the target (tip:tport) to the client (cip:cport), and the claim entry
