@@ -676,23 +676,9 @@ def scan_item(buf, off: int, end: int, stack: list, max_depth: int = MAX_DEPTH,
             return off
         top = stack[-1]
         if top >= -1:  # a run of items without parts, at C speed
-            stop = _RUN(buf, off, end if top < 0 else min(end, off + 24 * top)).end()
+            stop = _skip_run(buf, off, end, stack, top)
             if stop > off:
-                if top < 0:  # (items until a break: their number does not matter)
-                    off = stop
-                    continue
-                n = stop - off  # (as many as bytes: all one-byte items, the usual run)
-                if n > top or _RUN1(buf, off, stop).end() != stop:
-                    n = len(_ONE_ALL(buf, off, stop))
-                    if n > top:  # (the run goes on in the parent) the end of item #top
-                        stop = next(islice(_ONE_EACH(buf, off, stop), top - 1, None)).end()
-                        n = top
                 off = stop
-                if top > n:
-                    stack[-1] = top - n
-                else:
-                    stack.pop()
-                    _done(stack)
                 continue
         ib = buf[off]
         major, ai = ib >> 5, ib & 31
@@ -747,6 +733,27 @@ def scan_item(buf, off: int, end: int, stack: list, max_depth: int = MAX_DEPTH,
             _done(stack)
         tags = 0
     return off
+
+
+def _skip_run(buf, off: int, end: int, stack: list, top: int) -> int:
+    """Pass the items without parts at buf[off:end] that the innermost open container
+    (``top`` = stack[-1], >= -1) still needs, updating ``stack``; where they end (off if
+    there is none)."""
+    stop = _RUN(buf, off, end if top < 0 else min(end, off + 24 * top)).end()
+    if stop == off or top < 0:  # (items until a break: their number does not matter)
+        return stop
+    n = stop - off  # (as many as bytes: all one-byte items, the usual run)
+    if n > top or _RUN1(buf, off, stop).end() != stop:
+        n = len(_ONE_ALL(buf, off, stop))
+        if n > top:  # (the run goes on in the parent) the end of item #top
+            stop = next(islice(_ONE_EACH(buf, off, stop), top - 1, None)).end()
+            n = top
+    if top > n:
+        stack[-1] = top - n
+    else:
+        stack.pop()
+        _done(stack)
+    return stop
 
 
 def min_item_end(off: int, stack: list) -> int:
