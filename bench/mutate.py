@@ -94,20 +94,18 @@ TARGETS: dict[str, list[tuple[str, list[str], str]]] = {
          "tests/test_session_engine.py tests/test_session_shaping.py tests/test_session_fast.py"),
     ],
     "records": [
-        ("tcpcopylib/records.py",
-         ["cbor_head", "scan_record", "fast_record", "_record", "replace_ts", "batch_structs",
-          "encode_pkts", "PendingBatch.*", "_bytes_head", "scan_batch", "_column",
-          "batch_stamps", "_split", "_batch_columns", "batch_records", "batch_packets",
-          "encode_section"],
+        ("tcpcopylib/wire.py",
+         ["cbor_head", "encode_uint", "encode_text", "_general_pkt", "encode_pkt",
+          "encode_pkt_sid", "encode_fb", "scan_record", "record_of", "fast_record",
+          "replace_ts", "is_batch", "batch_structs", "encode_pkts", "PendingBatch.*",
+          "_bytes_head", "scan_batch", "_column", "batch_stamps", "batch_adds_up", "_split",
+          "batch_columns", "pkt_records", "batch_records", "batch_packets", "claim_head",
+          "claim_entry"],
+         "tests/test_wire.py tests/test_records_fast.py tests/test_records.py" + _NOT_STEP_1),
+        ("tcpcopylib/records.py", ["encode_section"],
          "tests/test_records_fast.py tests/test_records.py" + _NOT_STEP_1),
-        ("tcpcopylib/capture.py", ["_bstr_head", "encode_pkt"],
-         "tests/test_records_fast.py tests/test_capture.py" + _NOT_STEP_1),
-        ("tcpcopylib/pcapio.py", ["encode_pkt"],
-         "tests/test_records_fast.py tests/test_readpcap.py" + _NOT_STEP_1),
-        ("tcpcopylib/intercept.py", ["encode_fb", "fb_record"],
+        ("tcpcopylib/intercept.py", ["fb_record"],
          "tests/test_records_fast.py tests/test_intercept.py" + _NOT_STEP_1),
-        ("tcpcopylib/cli/session.py", ["encode_pkt"],
-         "tests/test_records_fast.py tests/test_session_fast.py" + _NOT_STEP_1),
     ],
     "pacing": [
         ("tcpcopylib/pacing.py", ["Pacer.plan", "Pacer.due", "Pacer.release"],
@@ -134,10 +132,14 @@ TARGETS: dict[str, list[tuple[str, list[str], str]]] = {
     ],
     "feedback": [
         ("tcpcopylib/feedback.py",
-         ["fb_span", "_fb_prefix", "reply_key", "route_key", "claim_key", "claim_route_key",
-          "_claim_ip", "_claim_port", "claim_keys"],
+         ["reply_key", "route_key", "claim_route_key", "_packed_ip", "_entry_route_key",
+          "claim_keys"],
          "tests/test_feedback_routing.py tests/test_intercept.py tests/test_feedback.py "
-         "-k 'routing or encode_fb or claim_records or read_replies or two_clients'"),
+         "-k 'routing or claim_records or read_replies or two_clients'"),
+        ("tcpcopylib/wire.py", ["fb_spans", "fb_ts", "fb_prefix", "scan_claim", "_short_text",
+                                "_port"],
+         "tests/test_wire.py tests/test_feedback_routing.py tests/test_feedback.py "
+         "-k 'fb_ or scan_ or claim or routing or read_replies or two_clients'"),
     ],
 }
 
@@ -146,7 +148,7 @@ TARGETS: dict[str, list[tuple[str, list[str], str]]] = {
 _NARROWED = ("the guard of a hand-made fast path narrowed: the values left out take the "
              "general encoder, which writes the same bytes")
 _P, _T, _R, _F, _E = ("tcpcopylib/pacing.py", "tcpcopylib/session/timing.py",
-                      "tcpcopylib/records.py", "tcpcopylib/feedback.py",
+                      "tcpcopylib/wire.py", "tcpcopylib/feedback.py",
                       "tcpcopylib/session/engine.py")
 _A = "tcpcopylib/session/alloc.py"
 EQUIVALENT: dict[tuple[str, str, str], str] = {
@@ -169,14 +171,14 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
        for t in ("if len(_BATCH_FMT) > 4096 -> if not len(_BATCH_FMT) > 4096",
                  "len(_BATCH_FMT) > 4096 -> len(_BATCH_FMT) >= 4096", "4096 -> 4097",
                  "_BATCH_FMT.clear() -> pass")},
-    **{(_F, "_claim_ip", t): "the bound of a cache of packed addresses: the same addresses "
-       "either way (only memory differs)"
+    **{("tcpcopylib/feedback.py", "_packed_ip", t): "the bound of a cache of packed addresses: "
+       "the same addresses either way (only memory differs)"
        for t in ("if len(_PACKED) > 4096 -> if not len(_PACKED) > 4096",
                  "len(_PACKED) > 4096 -> len(_PACKED) >= 4096", "4096 -> 4097",
                  "_PACKED.clear() -> pass", "_PACKED[text] = ip -> pass")},
-    (_F, "_claim_ip", "96 <= ib < 120 -> 96 < ib < 120"):
+    (_R, "_short_text", "96 <= ib < 120 -> 96 < ib < 120"):
         "an empty text (0x60) is no address: ValueError either way",
-    (_F, "_claim_ip", "96 -> 97 @ if 0x60 <= ib < 0x78:"): "the same as 96 <= ib -> 96 < ib",
+    (_R, "_short_text", "96 -> 97 @ if 0x60 <= ib < 0x78:"): "the same as 96 <= ib -> 96 < ib",
     ("tcpcopylib/capture.py", "split_segment", "total < ihl + 20 -> total <= ihl + 20"):
         "a datagram of headers only (total = ihl + 20) goes back unchanged further on "
         "(mss <= 0: total > mtu)",
@@ -184,11 +186,6 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "as total < ihl + 20 -> <=",
     ("tcpcopylib/capture.py", "split_segment", "hlen > total -> hlen >= total"):
         "hlen == total > mtu means mss < 0, returned unchanged by the same test",
-    (_F, "fb_span", "0 < end <= len(buf) -> 0 <= end <= len(buf)"):
-        "end is d1 + 6 or more, or -1: never 0",
-    (_F, "fb_span", "0 -> 1 @ if 0 < end <= len(buf):"): "end is never 0 or 1 (as above)",
-    (_F, "_fb_prefix", "k <= 18 -> k < 18"):
-        "at k == 18 the other side tests _FB8_MID.startswith(b''): true as well",
     ("tcpcopylib/intercept.py", "fb_record", "n < 20 -> n <= 20"):
         "20 bytes hold no TCP header: the n < ihl + 13 test (or n < 40) refuses it as well",
     ("tcpcopylib/intercept.py", "fb_record", "20 -> 21 @ if n < 20:"): "as n < 20 -> n <= 20",
@@ -202,13 +199,6 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
      "0 -> 1 @ ident = _U16.unpack_from(dgram, 4)[0] if v == 4 else 0"):
         "the IPv6 ident (else 0) is never used (the same text also names [0] -> [1], which "
         "an IndexError kills at once)",
-    (_F, "fb_span", "24 -> 25 @ if buf.startswith(_FB8_MID, pos + 18) and len(buf) > pos + 24 "
-     "and buf.startswith(_FB8, pos):"):
-        "a buffer of 25 bytes from pos holds no whole record: refused further on either way",
-    (_F, "fb_span", "4 -> 5 @ if buf.startswith(_FB_LEN, d1) and len(buf) > d1 + 4:"):
-        "with only the len head byte there, end > len(buf) refuses it either way",
-    (_F, "fb_span", "1 -> 2 @ end = d1 + 7 if lb == 0x19 else d1 + 6 if lb == 0x18 else -1"):
-        "-1 -> -2: refused by 0 < end either way",
     **{(_F, f, t): "20 bytes hold no ports: the n < ihl + 4 (or n >= 44) test refuses them too"
        for f in ("reply_key", "route_key") for t in ("n < 20 -> n <= 20", "20 -> 21 @ if n < 20:")},
     **{(_F, f, f"1 -> 2 @ def {f}(data, off: int = 0, end: int = -1) -> {r} | None:"):
@@ -216,27 +206,14 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
        for f, r in (("reply_key", "tuple"), ("route_key", "bytes"))},
     (_F, "route_key", "20 -> 21 @ if ihl == 20:"):
         "the IPv4 key without options is a fast path: the general slice gives the same bytes",
-    **{("tcpcopylib/capture.py", "encode_pkt", t): "the guard of the hand-made fast path "
-       "narrowed: the values left out take cbor2.dumps, which writes the same bytes"
-       for t in ("4294967296 <= ts < 1 << 64 -> 4294967296 < ts < 1 << 64",
-                 "4294967296 -> 4294967297", "1 << 64 -> 1 >> 64")},
     # fast paths: a guard narrowed sends the values left out to the general encoder
-    # (cbor2.dumps / cbor_head), which writes the same bytes
-    **{("tcpcopylib/pcapio.py", "encode_pkt", t): _NARROWED
-       for t in ("ts > 18446744073709551615 -> ts >= 18446744073709551615",
-                 "4294967295 -> 4294967296")},
-    **{("tcpcopylib/intercept.py", "encode_fb", t): _NARROWED
-       for t in ("ts >= 4294967296 -> ts > 4294967296", "4294967296 -> 4294967297",
-                 "24 <= n < 256 -> 24 < n < 256",
-                 "256 <= length < 65536 -> 256 < length < 65536",
-                 "24 -> 25 @ if ts >= 0x100000000 and 24 <= n < 256 and 256 <= length < 0x10000:",
-                 "256 -> 257 @ if ts >= 0x100000000 and 24 <= n < 256 and 256 <= length < 0x10000:",
-                 "256 -> 257 @ lb = bytes((0x19,)) + length.to_bytes(2, 'big') if 256 <= length < "
-                 "0x10000 else cbor_head(0, length)".replace("'", '"'))},
-    **{("tcpcopylib/cli/session.py", "encode_pkt", t + " @ if 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF and 24 <= n < 0x10000 and 0 <= sid < 0x100000000:"): _NARROWED
-       for t in ("4294967295 < ts <= 18446744073709551615 -> 4294967295 < ts < 18446744073709551615",
-                 "24 <= n < 65536 -> 24 < n < 65536", "0 <= sid < 4294967296 -> 0 < sid < 4294967296",
-                 "4294967295 -> 4294967296", "24 -> 25", "0 -> 1")},
+    # (_general_pkt / cbor2.dumps), which writes the same bytes
+    **{(_R, f, t): _NARROWED
+       for f, t in (("encode_pkt", "4294967295 -> 4294967296"),
+                    ("encode_pkt", "24 -> 25"),
+                    ("encode_pkt_sid", "4294967295 -> 4294967296"),
+                    ("encode_pkt_sid", "24 -> 25"), ("encode_pkt_sid", "0 -> 1"),
+                    ("encode_fb", "4294967295 -> 4294967296"), ("encode_fb", "24 -> 25"))},
     # -- the engine (tcpcopylib/session/engine.py)
     (_E, "_signed", "d + 2147483648 -> d - 2147483648"):
         "-2**31 = 2**31 (mod 2**32): the same value once masked",

@@ -27,6 +27,7 @@ import time
 
 from tcpcopylib.errors import NoInputError, NoPermissionError, UsageError
 from tcpcopylib.packet import TH_ACK, TH_CWR, TH_FIN, TH_PSH, TH_RST, TH_SYN, fix_checksums
+from tcpcopylib.wire import DATA1, DATA2, PKT_MAP3, PKT_START1, PKT_START2, encode_pkt
 
 # pcap LINKTYPE_* / DLT_* values of the frames handed to Capturer
 LINKTYPE_NULL = 0
@@ -62,47 +63,14 @@ MAX_SHED_KEYS = 1 << 16
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
-_U64 = struct.Struct("!Q")
 
 
-# -- record encoding ------------------------------------------------------------------------
-# {"t": "pkt", "ts": <uint64>, "data": <bytes>} hand-encoded, byte for byte what cbor2.dumps
-# writes for that dict (checked by tests): the per-packet cost is one struct pack and a concat.
-_PKT_HEAD = b"\xa3\x61t\x63pkt\x62ts\x1b"
-_DATA_KEY = b"\x64data"
-
-
-# fast path: the same bytes up to the byte-string length (1-byte or 2-byte form)
-# (after _PKT_HEAD) ts, "data" key + byte-string major type, 1- or 2-byte length
-_ENC8 = struct.Struct("!Q6sB")
-_ENC16 = struct.Struct("!Q6sH")
-_DKEY8, _DKEY16 = _DATA_KEY + b"\x58", _DATA_KEY + b"\x59"
+# -- record encoding: tcpcopylib.wire (encode_pkt; Capturer.batch packs the start of a pkt
+# record inline, PKT_START*, then appends the datagram) -------------------------------------
 # from the ethertype: (ethertype, IPv4 total length, protocol, destination)
 _FAST_IP4 = struct.Struct("!H2xH5xB6x4s")
 # from the ethertype: (IPv6 payload length, next header, destination)
 _FAST_IP6 = struct.Struct("!6xHB17x16s")
-
-
-def _bstr_head(n: int) -> bytes:
-    if n < 24:
-        return bytes((0x40 + n,))
-    if n < 0x100:
-        return bytes((0x58, n))
-    if n < 0x10000:
-        return b"\x59" + _U16.pack(n)
-    return b"\x5a" + _U32.pack(n)
-
-
-def encode_pkt(ts: int, data: bytes, orig_len: int | None = None) -> bytes:
-    """One "pkt" record, CBOR-encoded (``orig_len`` adds the "len" key of a truncated packet)."""
-    if orig_len is not None or not 0x100000000 <= ts < 1 << 64:
-        import cbor2
-
-        rec = {"t": "pkt", "ts": ts, "data": bytes(data)}
-        if orig_len is not None:
-            rec["len"] = orig_len
-        return cbor2.dumps(rec)
-    return _PKT_HEAD + _U64.pack(ts) + _DATA_KEY + _bstr_head(len(data)) + data
 
 
 # -- GRO/LRO super-segment splitting ------------------------------------------------------------
@@ -374,8 +342,8 @@ class Capturer:
         out = w.buf
         mv = memoryview(buf)
         ip4, ip6 = _FAST_IP4.unpack_from, _FAST_IP6.unpack_from
-        pack8, pack16 = _ENC8.pack, _ENC16.pack
-        head, dkey8, dkey16 = _PKT_HEAD, _DKEY8, _DKEY16
+        pack1, pack2 = PKT_START1.pack, PKT_START2.pack  # see encode_pkt
+        head, data1, data2 = PKT_MAP3, DATA1, DATA2
         slow = foreign = 0
         last_sec = sec_ns = -1
         records = self.records
@@ -396,11 +364,10 @@ class Capturer:
                         if sec != last_sec:
                             last_sec, sec_ns = sec, sec * 1_000_000_000
                         p = off + l2
-                        out += head
-                        if total < 256:
-                            out += pack8(sec_ns + usec * 1000, dkey8, total)
+                        if total < 256:  # (>= 40 bytes: the 1-byte length of encode_pkt)
+                            out += pack1(head, sec_ns + usec * 1000, data1, total)
                         else:
-                            out += pack16(sec_ns + usec * 1000, dkey16, total)
+                            out += pack2(head, sec_ns + usec * 1000, data2, total)
                         out += mv[p:p + total]
                         records += 1
                         if records == count:

@@ -59,9 +59,3 @@ class NoPermissionError(TcError):
     """Root or CAP_NET_RAW is needed (raw sockets, capture)."""
 
     exit_code = EX_NOPERM
-
-
-class NotBuiltError(TcError):
-    """A tool of the family that is not implemented yet."""
-
-    exit_code = EX_UNAVAILABLE

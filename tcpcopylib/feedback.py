@@ -40,8 +40,10 @@ import cbor2
 from tcpcopylib.errors import (NoPermissionError, PeerVersionError, StreamError,
                                UnavailableError, UsageError)
 from tcpcopylib.records import (AS_RAW, FORMAT_VERSION, LABEL, T_CLAIM, T_FB, T_HEADER,
-                                cbor_head, encode_section, fast_record, header)
+                                encode_section, fast_record, header)
 from tcpcopylib.streamparse import StreamParser
+from tcpcopylib.wire import (Malformed, claim_entry, claim_head, encode_text, encode_uint,
+                             fb_prefix, fb_spans, fb_ts, min_item_end, scan_claim, scan_item)
 
 DEFAULT_PORT = 36524
 DEFAULT_ADDRESS = f"tcp:127.0.0.1:{DEFAULT_PORT}"
@@ -188,55 +190,17 @@ def parse_allow(text: str) -> list:
 
 # -- incremental stream decoding (non-blocking sockets and pipes) ------------------------
 
-FB_PREFIX = b"\xa4\x61t\x62fb\x62ts"   # {"t": "fb", "ts": ...} as tc-intercept encodes it
-_FB_DATA = b"\x64data"
-_FB_LEN = b"\x63len"
-
-
-_FB8 = FB_PREFIX + b"\x1b"
-_FB8_MID = _FB_DATA + b"\x58"
-
-
-def fb_span(buf, pos: int):
-    """(end, data start, data end) of an fb record of the usual shape at pos, else None.
-
-    The router's path: it needs the record's bytes and the reply's addresses, not a dict.
-    """
-    if buf.startswith(_FB8_MID, pos + 18) and len(buf) > pos + 24 and buf.startswith(_FB8, pos):
-        d1 = pos + 25 + buf[pos + 24]
-        if buf.startswith(_FB_LEN, d1) and len(buf) > d1 + 4:
-            lb = buf[d1 + 4]
-            end = d1 + 7 if lb == 0x19 else d1 + 6 if lb == 0x18 else -1
-            if 0 < end <= len(buf):
-                return end, pos + 25, d1
-    return None
-
-
-def _fb_prefix(rest: bytes) -> bool:
-    """True if rest is an incomplete start of a usual-shape fb record (see fb_span)."""
-    k = len(rest)
-    if k < 25:
-        return _FB8.startswith(rest[:10]) and (k <= 18 or _FB8_MID.startswith(rest[18:]))
-    if not (rest.startswith(_FB8) and rest.startswith(_FB8_MID, 18)):
-        return False
-    d1 = 25 + rest[24]
-    if k <= d1 + 4:
-        return _FB_LEN.startswith(rest[d1:])
-    lb = rest[d1 + 4]
-    return rest.startswith(_FB_LEN, d1) and (lb == 0x19 and k < d1 + 7
-                                             or lb == 0x18 and k < d1 + 6)
-
-
-class StreamDecoder(StreamParser):
+class PeerStreamParser(StreamParser):
     """A peer's stream (tc-intercept's, a client's, the server's), fed as it arrives:
     ``feed()`` gives (record, raw bytes or None) pairs, headers included. Headers of any
     format version are accepted: the peer check is version_error's, which can answer the
-    peer. The inline fast paths below take usual-shape records from ``buf`` themselves."""
+    peer. The readers of fb records take the usual ones themselves (feed_fast)."""
 
     def __init__(self, name: str):
         super().__init__(name, headers=True, any_version=True)
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data: bytes, mode: int = AS_RAW) -> list:
+        """(record, raw bytes or None) pairs, whatever ``mode`` (feed_fast passes one)."""
         return [(item, raw if type(raw) is bytes else None)
                 for item, raw in super().feed(data, AS_RAW)]
 
@@ -265,73 +229,6 @@ class Refusal(Exception):
         super().__init__(msg)
         self.kind = kind
         self.msg = msg
-
-
-_HEAD_LEN = (1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 3, 5, 9)
-
-
-def frame_item(buf, start: int, pos: int, stack: list, limit: int, scan_end: int = -1) -> tuple:
-    """Find where the CBOR item that starts at buf[start] ends, resuming at `pos` with
-    `stack` (the items still due in each open array or map) as a previous call left them:
-    (end, pos) if complete (stack empty), (-1, pos) if more bytes are needed, (-2, pos) if
-    item heads at scan_end or beyond are left for another call (a budget of work).
-
-    Every byte is looked at once, however the item arrives (a record cut into 1-byte reads
-    costs what it costs whole). Refusal for what a client's record never holds: an item
-    longer than `limit` bytes (complete or not), nesting deeper than MAX_DEPTH, tags,
-    indefinite lengths, reserved values."""
-    n = len(buf)
-    stop = start + limit
-    if scan_end < 0 or scan_end > n:
-        scan_end = n
-    while pos < scan_end:
-        ib = buf[pos]
-        ai = ib & 31
-        if ai > 27:
-            raise Refusal("stream", f"byte {pos - start} of a record: indefinite-length or "
-                                    f"reserved CBOR item (0x{ib:02x})")
-        hl = _HEAD_LEN[ai]
-        if pos + hl > n:
-            break
-        mt = ib >> 5
-        if mt >= 6:  # 6: a tag; 7: a float or simple value
-            if mt == 6:
-                raise Refusal("stream", "a tagged CBOR item in a record")
-            pos += hl
-        else:
-            val = ai if hl == 1 else int.from_bytes(buf[pos + 1:pos + hl], "big")
-            if mt == 2 or mt == 3:  # bytes, text
-                if pos + hl + val > stop:
-                    raise Refusal("limit", f"a record of more than {limit} bytes")
-                if pos + hl + val > n:
-                    break
-                pos += hl + val
-            elif mt == 4 or mt == 5:  # array, map
-                pos += hl
-                if val:
-                    if len(stack) >= MAX_DEPTH:
-                        raise Refusal("stream", f"a record nested more than {MAX_DEPTH} "
-                                                f"levels deep")
-                    stack.append(val if mt == 4 else 2 * val)
-                    continue
-            else:  # integers
-                pos += hl
-        # an item ended at pos: close the arrays and maps it completes
-        while stack:
-            stack[-1] -= 1
-            if stack[-1]:
-                break
-            stack.pop()
-        else:
-            if pos > stop:
-                raise Refusal("limit", f"a record of more than {limit} bytes")
-            return pos, pos
-    else:
-        if pos < n:
-            return -2, pos
-    if n > stop:
-        raise Refusal("limit", f"an unfinished record of more than {limit} bytes")
-    return -1, pos
 
 
 # -- routing keys ------------------------------------------------------------------------
@@ -376,12 +273,6 @@ def _key_entry(key: bytes) -> list:
     return [_ip_text(key[w:2 * w]), cport, _ip_text(key[:w]), tport]
 
 
-def claim_key(entry) -> tuple:
-    """A claim entry [client_ip_str, client_port, target_ip_str, target_port] -> key."""
-    cip, cport, tip, tport = entry
-    return (_ip_packed(cip), int(cport), _ip_packed(tip), int(tport))
-
-
 # tc-feedback's routing keys are bytes: the reply's source and destination addresses, then
 # its source and destination ports, as they lie in an IPv4 header without options (one
 # slice of the datagram: 12 bytes) or an IPv6 header (36 bytes).
@@ -414,93 +305,35 @@ def claim_route_key(entry) -> bytes:
     return _ip_packed(tip) + _ip_packed(cip) + _PORTS.pack(tport, cport)
 
 
-_CLAIM_RECORD = {cbor2.dumps({"t": T_CLAIM, k: None})[:-1]: k == "add" for k in ("add", "del")}
 _PACKED: dict = {}  # an IP address's text (UTF-8) -> the address packed, for claims
 
 
-def _claim_ip(buf, p: int):
-    """(packed address, next pos) of the CBOR text at p; ValueError if not an address."""
-    ib = buf[p]
-    if 0x60 <= ib < 0x78:
-        n, p = ib - 0x60, p + 1
-    elif ib == 0x78:
-        n, p = buf[p + 1], p + 2
-    else:
-        raise ValueError("not a short text")
-    text = buf[p:p + n]
+def _packed_ip(text: bytes) -> bytes:
+    """The address whose text (UTF-8) a claim entry holds, packed; ValueError if none."""
     ip = _PACKED.get(text)
     if ip is None:
         ip = _ip_packed(text.decode())
         if len(_PACKED) > 4096:
             _PACKED.clear()
         _PACKED[text] = ip
-    return ip, p + n
+    return ip
 
 
-def _claim_port(buf, p: int):
-    ib = buf[p]
-    if ib < 24:
-        return ib, p + 1
-    if ib == 24:
-        return buf[p + 1], p + 2
-    if ib == 25:
-        return (buf[p + 1] << 8) | buf[p + 2], p + 3
-    raise ValueError("not a port")
+def _entry_route_key(client_ip: bytes, client_port: int, target_ip: bytes,
+                     target_port: int) -> bytes:
+    """claim_route_key of an entry as wire.scan_claim reads it (addresses as UTF-8)."""
+    return (_packed_ip(target_ip) + _packed_ip(client_ip)
+            + _PORTS.pack(target_port, client_port))
 
 
 def claim_keys(buf, pos: int):
     """(add?, [routing key, ...], end) of a claim record at pos in FeedbackClient's layout
-    ({"t": "claim", "add"|"del": [[ip text, port, ip text, port], ...]}, addresses valid);
-    None for anything else or an incomplete record (decode it in full)."""
-    add = _CLAIM_RECORD.get(buf[pos:pos + 13])
-    if add is None:
-        return None
-    try:
-        p = pos + 13
-        ib = buf[p]  # the array of entries: up to 65535
-        if 0x80 <= ib < 0x98:
-            n, p = ib - 0x80, p + 1
-        elif ib == 0x98:
-            n, p = buf[p + 1], p + 2
-        elif ib == 0x99:
-            n, p = (buf[p + 1] << 8) | buf[p + 2], p + 3
-        else:
-            return None
-        keys = []
-        for _ in range(n):
-            if buf[p] != 0x84:
-                return None
-            cip, p = _claim_ip(buf, p + 1)
-            cport, p = _claim_port(buf, p)
-            tip, p = _claim_ip(buf, p)
-            tport, p = _claim_port(buf, p)
-            keys.append(tip + cip + _PORTS.pack(tport, cport))
-    except (IndexError, ValueError):
-        return None
-    if p > len(buf):
-        return None
-    return add, keys, p
+    (wire.scan_claim), its addresses valid; None for anything else or an incomplete record
+    (decode it in full)."""
+    return scan_claim(buf, pos, _entry_route_key)
 
 
 # -- the client ------------------------------------------------------------------------
-
-_CLAIM_HEAD = {k: cbor2.dumps({"t": T_CLAIM, k: None})[:-1] for k in ("add", "del")}
-_UINTS = [cbor2.dumps(i) for i in range(256)]
-_ARRAY_HEADS = [cbor_head(4, n) for n in range(256)]
-
-
-_UINT16 = struct.Struct(">BH").pack
-
-
-def _cbor_uint(n: int) -> bytes:
-    """cbor2.dumps(n) for an int n >= 0 (a port)."""
-    return _UINTS[n] if n < 256 else _UINT16(0x19, n) if n < 0x10000 else cbor_head(0, n)
-
-
-def _cbor_text(text: str) -> bytes:
-    b = text.encode()
-    return cbor_head(3, len(b)) + b
-
 
 class FeedbackClient:
     """tc-session's end of the channel: claim sessions, read their replies.
@@ -519,7 +352,7 @@ class FeedbackClient:
         self.sock: socket.socket | None = None
         self._ops: list = []  # (kind, [encoded entry, ...]) in call order
         self.live: dict = {}  # encoded entry -> None: claimed and not released
-        self._decoder = StreamDecoder(f"feedback server {self.address}")
+        self._decoder = PeerStreamParser(f"feedback server {self.address}")
         self._pending: list = []
         self._auth: list = []  # auth records received, not yet looked at
         self._eof = False
@@ -606,7 +439,7 @@ class FeedbackClient:
         claim sent again; the number of connections claimed again. UnavailableError if the
         server cannot be reached (try again later)."""
         self.close()
-        self._decoder = StreamDecoder(f"feedback server {self.address}")
+        self._decoder = PeerStreamParser(f"feedback server {self.address}")
         self._pending, self._auth, self._ops = [], [], []
         self._eof = False
         self.server_header = None
@@ -635,14 +468,12 @@ class FeedbackClient:
                 return
             data = rbuf[:n].tobytes()
             more = n == size  # else the socket is drained: no failing recv()
-            if replies is not None:
-                data = self._fast_replies(data, replies)
-                if not data:
-                    if more:
-                        continue
-                    return
             try:
-                items = self._decoder.feed(data)
+                if replies is None:
+                    items = self._decoder.feed(data)
+                else:
+                    items = self._decoder.feed_fast(
+                        data, lambda buf: self._take_replies(buf, replies), wait=fb_prefix)
             except StreamError as e:
                 self.close()
                 raise UnavailableError(f"tc-feedback at {self.address}: {e}") from None
@@ -672,7 +503,7 @@ class FeedbackClient:
                            if kind == "auth" else UnavailableError)
                     raise exc(f"tc-feedback at {self.address}: "
                               f"{short_repr(item.get('msg', 'error'), 200)}")
-            if len(self._decoder.buf) > SERVER_RECORD:
+            if self._decoder.pending_bytes > SERVER_RECORD:
                 self.close()
                 raise UnavailableError(f"tc-feedback at {self.address}: a record of more than "
                                        f"{SERVER_RECORD} bytes")
@@ -690,43 +521,15 @@ class FeedbackClient:
                       f"{short_repr(item.get('why'), 80)} (e.g. {short_repr(entries, 80)}; "
                       f"{self.refused} so far); those sessions get no replies")
 
-    def _fast_replies(self, data: bytes, replies: list) -> bytes:
-        """Append (data, len) of the leading run of usual-shape fb records (fb_span) of the
-        stream to `replies`, inline; return the rest (for the decoder)."""
-        dec = self._decoder
-        if dec.header is None or dec._expect_header:
-            return data
-        buf = dec.buf + data if dec.buf else data
-        dec.buf = b""
-        pos, n, startswith, append = 0, len(buf), buf.startswith, replies.append
-        last = -1  # where the last record taken starts (its ts: the feedback lag)
-        while n > pos + 24 and startswith(_FB8_MID, pos + 18) and startswith(_FB8, pos):
-            d1 = pos + 25 + buf[pos + 24]
-            if n <= d1 + 4 or not startswith(_FB_LEN, d1):
-                break
-            lb = buf[d1 + 4]
-            if lb == 0x19:
-                end = d1 + 7
-                if n < end:
-                    break
-                append((buf[pos + 25:d1], buf[d1 + 5] << 8 | buf[d1 + 6]))
-            elif lb == 0x18:
-                end = d1 + 6
-                if n < end:
-                    break
-                append((buf[pos + 25:d1], buf[d1 + 5]))
-            else:
-                break
-            last = pos
-            pos = end
-        if last >= 0:
-            self.last_ts = int.from_bytes(buf[last + 10:last + 18], "big")
-        dec.consumed += pos
-        rest = buf[pos:] if pos else buf
-        if rest and _fb_prefix(rest):
-            dec.buf = rest  # the start of the next one: wait for more, no decoder set-up
-            return b""
-        return rest
+    def _take_replies(self, buf: bytes, replies: list) -> int:
+        """feed_fast's take: (data, len) of the usual fb records at the start of buf into
+        `replies`, without a dict per reply; the bytes taken."""
+        spans = fb_spans(buf, 0)
+        if not spans:
+            return 0
+        replies += [(buf[d0:d1], length) for d0, d1, length, _end in spans]
+        self.last_ts = fb_ts(buf, spans[-2][3] if len(spans) > 1 else 0)
+        return spans[-1][3]
 
     def _send(self, data: bytes) -> None:
         view = data  # a memoryview only if sent in parts
@@ -765,9 +568,9 @@ class FeedbackClient:
             if len(texts) > 4096 or len(ends) > 4096:
                 texts.clear()
                 ends.clear()
-            c = texts[cip] = _cbor_text(_ip_text(cip))
-            t = ends[(tip, tport)] = _cbor_text(_ip_text(tip)) + _cbor_uint(tport)
-        entry = b"".join((b"\x84", c, _cbor_uint(cport), t))
+            c = texts[cip] = encode_text(_ip_text(cip))
+            t = ends[(tip, tport)] = encode_text(_ip_text(tip)) + encode_uint(tport)
+        entry = claim_entry(c, cport, t)
         if kind == "add":
             self.live[entry] = None
         else:
@@ -797,14 +600,12 @@ class FeedbackClient:
         for kind, entries in self._ops:
             n = len(entries)
             if n <= CLAIM_CHUNK:
-                append(_CLAIM_HEAD[kind])
-                append(_ARRAY_HEADS[n] if n < 256 else cbor_head(4, n))
+                append(claim_head(kind, n))
                 parts += entries
                 continue
             for i in range(0, n, CLAIM_CHUNK):  # (the server bounds a record)
                 part = entries[i:i + CLAIM_CHUNK]
-                append(_CLAIM_HEAD[kind])
-                append(cbor_head(4, len(part)))
+                append(claim_head(kind, len(part)))
                 parts += part
         self._ops = []
         self._send(b"".join(parts))
@@ -869,7 +670,7 @@ class _Client:
         self.closing = False
         self.warned = 0.0
         self.state = _READY  # (a socket accepted by the server starts at _LABEL)
-        self.inbuf = bytearray()  # the unfinished record (frame_item's state below)
+        self.inbuf = bytearray()  # the unfinished record (_frame's state below)
         self.fstart = 0
         self.fpos = 0
         self.fstack: list = []
@@ -995,7 +796,7 @@ class FeedbackServer:
         # one input buffer: a fresh 256 KiB bytes per read costs an mmap/mremap/munmap
         rbuf = bytearray(1 << 18)
         rview = memoryview(rbuf)
-        decoder = StreamDecoder("<stdin>" if in_fd == 0 else f"input fd {in_fd}")
+        decoder = PeerStreamParser("<stdin>" if in_fd == 0 else f"input fd {in_fd}")
         eof_at = None
         next_tick = time.monotonic() + tick_s if tick else None
         while True:
@@ -1052,41 +853,28 @@ class FeedbackServer:
         decoder.close()  # StreamError if the input ended inside a record
 
     # -- routing -------------------------------------------------------------------------
-    def _serve_input(self, decoder: StreamDecoder, data: bytes) -> None:
+    def _serve_input(self, decoder: PeerStreamParser, data: bytes) -> None:
         """Route the fb records of the next piece of input."""
         for item, raw in self._feed_input(decoder, data):
             if item.get("t") == T_FB:
                 d = item.get("data")
                 self.route(route_key(d) if d else None, raw or cbor2.dumps(item))
 
-    def _feed_input(self, decoder: StreamDecoder, data: bytes) -> list:
-        """Route the fb records at the start of the input inline (the hot loop: no calls
-        per usual-shape record; consecutive records for one client are appended to its
-        buffer at once), in order; what is left (a header, another record type, an
-        incomplete record) goes through the decoder: its records are returned."""
-        buf = decoder.buf + data if decoder.buf else data
-        decoder.buf = b""
-        if decoder.header is None or decoder._expect_header:
-            return decoder.feed(buf)
+    def _feed_input(self, decoder: PeerStreamParser, data: bytes) -> list:
+        """Route the fb records at the start of the input inline (_route_records); what is
+        left (a header, another record type, an incomplete record) goes through the
+        decoder: its records are returned."""
+        return decoder.feed_fast(data, self._route_records, wait=fb_prefix)
+
+    def _route_records(self, buf: bytes) -> int:
+        """feed_fast's take: route the fb records at the start of buf, in order (the hot
+        loop: no call per usual record, consecutive records for one client appended to its
+        buffer at once); the bytes taken."""
         pos, n_buf, routes, cap = 0, len(buf), self.routes, self.client_buffer
-        startswith = buf.startswith
         delivered = 0
         while True:
             run_c, run_start, run_n = None, 0, 0  # buf[run_start:pos]: run_n records for run_c
-            while n_buf > pos + 24 and startswith(_FB8_MID, pos + 18) and startswith(_FB8, pos):
-                d0 = pos + 25
-                d1 = d0 + buf[pos + 24]
-                if n_buf <= d1 + 4 or not startswith(_FB_LEN, d1):
-                    break
-                lb = buf[d1 + 4]
-                if lb == 0x19:
-                    end = d1 + 7
-                elif lb == 0x18:
-                    end = d1 + 6
-                else:
-                    break
-                if end > n_buf:
-                    break
+            for d0, d1, _length, end in fb_spans(buf, pos):
                 if buf[d0] == 0x45 and d0 + 24 <= d1:  # IPv4 without options: see route_key
                     key = buf[d0 + 12:d0 + 24]
                 else:
@@ -1118,10 +906,7 @@ class FeedbackServer:
         counts = self.counts
         counts["replies"] += delivered  # the others counted by route()
         counts["delivered"] += delivered
-        decoder.consumed += pos
-        if pos == n_buf:
-            return []  # all routed: no decoder set-up
-        return decoder.feed(buf[pos:] if pos else buf)
+        return pos
 
     def _add_run(self, c: _Client, records: bytes, n: int) -> None:
         c.out += records
@@ -1412,7 +1197,7 @@ class FeedbackServer:
                     self._refuse(c, e.kind, e.msg)
 
     def _client_input(self, c: _Client, data: bytes) -> None:
-        """Frame c's input (frame_item) and handle each complete item; Refusal if c broke a
+        """Frame c's input (_frame) and handle each complete item; Refusal if c broke a
         rule. What is left is the unfinished record, bounded per client and in all."""
         buf = c.inbuf
         before = len(buf)
@@ -1425,27 +1210,28 @@ class FeedbackServer:
         try:
             while c.fstart < len(buf):
                 start = c.fstart
-                if fast and c.state == _READY and not c.fstack and c.fpos == start:
-                    fast -= 1
-                    pos = self._inline_claims(c, bytes(buf[start:]))
-                    if pos:
-                        c.fstart = c.fpos = start + pos
-                        budget_end += pos  # (not the framer's work)
+                if c.fpos == start:  # at an item's start
+                    if fast and c.state == _READY:
+                        fast -= 1
+                        pos = self._inline_claims(c, bytes(buf[start:]))
+                        if pos:
+                            c.fstart = c.fpos = start + pos
+                            budget_end += pos  # (not the framer's work)
+                            continue
+                    if buf[start] == LABEL[0]:  # a label?
+                        have = bytes(buf[start:start + len(LABEL)])
+                        if have != LABEL:
+                            if LABEL.startswith(have):
+                                break  # its start: wait for the rest
+                            raise Refusal("stream", "not a tcpcopy record stream (no TCPR "
+                                                    "label)")
+                        c.fstart = c.fpos = start + len(LABEL)
+                        self._client_label(c)
                         continue
-                limit = self.client_input if c.state == _READY else 4096
-                if not c.fstack and c.fpos == start and buf[start] == 0xD9:  # a label?
-                    have = bytes(buf[start:start + len(LABEL)])
-                    if have != LABEL:
-                        if LABEL.startswith(have):
-                            break  # its start: wait for the rest
-                        raise Refusal("stream", "not a tcpcopy record stream (no TCPR label)")
-                    c.fstart = c.fpos = start + len(LABEL)
-                    self._client_label(c)
-                    continue
                 if c.fpos >= budget_end:
                     self._backlog.add(c)
                     break
-                end, c.fpos = frame_item(buf, start, c.fpos, c.fstack, limit, budget_end)
+                end = self._frame(c, buf, start, budget_end)
                 if end < 0:
                     if end == -2:
                         self._backlog.add(c)  # (more next turn of the loop)
@@ -1460,6 +1246,34 @@ class FeedbackServer:
                 c.fpos -= c.fstart
                 c.fstart = 0
             self.input_bytes += len(buf) - before
+
+    def _frame(self, c: _Client, buf, start: int, budget_end: int) -> int:
+        """Find where c's item at buf[start] ends, going on from where the last call
+        stopped (c.fpos, c.fstack: wire.scan_item's state): its end, -1 if more bytes are
+        needed, -2 if item heads at budget_end or beyond are left for another turn.
+
+        Every byte is looked at once, however the item arrives (a record cut into 1-byte
+        reads costs what it costs whole). Refusal for what a client's record never holds:
+        more than its limit of bytes (complete or not), nesting deeper than MAX_DEPTH, tags,
+        indefinite lengths, reserved values."""
+        limit = self.client_input if c.state == _READY else 4096
+        n = len(buf)
+        if c.fpos == start:
+            c.fstack = [1]  # (the item itself)
+        scan_end = min(n, budget_end)
+        try:
+            pos = c.fpos = scan_item(buf, c.fpos, scan_end, c.fstack, MAX_DEPTH, plain=True)
+        except Malformed as e:
+            raise Refusal("stream", f"not a valid record: {e}") from None
+        if min_item_end(pos, c.fstack) - start > limit:
+            raise Refusal("limit", f"a record of more than {limit} bytes")
+        if not c.fstack and pos <= n:
+            return pos
+        if scan_end < n and pos < n:
+            return -2
+        if n - start > limit:
+            raise Refusal("limit", f"an unfinished record of more than {limit} bytes")
+        return -1
 
     def _client_label(self, c: _Client) -> None:
         if c.state == _AUTH:

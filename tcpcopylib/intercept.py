@@ -15,7 +15,8 @@ import struct
 import time
 
 from tcpcopylib.errors import NoInputError, NoPermissionError, TcError, UnavailableError, UsageError
-from tcpcopylib.records import cbor_head
+from tcpcopylib.wire import (DATA1, FB_MAP4, FB_START, LEN1, LEN1_KEY, LEN2, LEN2_KEY,
+                             encode_fb)
 
 # Link types (libpcap DLT_ values on Linux)
 DLT_NULL, DLT_EN10MB, DLT_RAW, DLT_LOOP = 0, 1, 12, 108
@@ -55,34 +56,6 @@ def link_offset(dlt: int, frame) -> int:
     if dlt in (DLT_NULL, DLT_LOOP):
         return 4 if len(frame) > 4 else -1
     raise UsageError(f"unsupported link type {dlt} (Ethernet, Linux cooked, raw IP, loopback)")
-
-
-_FB_TS = b"\xa4\x61t\x62fb\x62ts"
-_FB_DATA = b"\x64data"
-_FB_LEN = b"\x63len"
-
-
-_FB_HEAD = struct.Struct("!10sQ6sB")   # the common case: 8-byte ts, 24..255 data bytes
-_FB_HEAD_C1, _FB_HEAD_C2 = _FB_TS + b"\x1b", _FB_DATA + b"\x58"
-_FB_TAIL16 = struct.Struct("!5sH")
-_FB_TAIL_C = _FB_LEN + b"\x19"
-_FB_TAIL8 = struct.Struct("!5sB")
-_FB_TAIL8_C = _FB_LEN + b"\x18"
-
-
-def encode_fb(ts: int, data: bytes, length: int) -> bytes:
-    """cbor2.dumps({"t": "fb", "ts": ts, "data": data, "len": length}), byte for byte, faster."""
-    n = len(data)
-    if ts >= 0x100000000 and 24 <= n < 256 and 256 <= length < 0x10000:
-        return (_FB_HEAD.pack(_FB_HEAD_C1, ts, _FB_HEAD_C2, n) + data
-                + _FB_TAIL16.pack(_FB_TAIL_C, length))
-    if ts >= 0x100000000:
-        tsb = b"\x1b" + ts.to_bytes(8, "big")
-    else:
-        tsb = cbor_head(0, ts)
-    db = bytes((0x40 | n,)) if n < 24 else bytes((0x58, n)) if n < 256 else cbor_head(2, n)
-    lb = bytes((0x19,)) + length.to_bytes(2, "big") if 256 <= length < 0x10000 else cbor_head(0, length)
-    return b"".join((_FB_TS, tsb, _FB_DATA, db, data, _FB_LEN, lb))
 
 
 def fb_record(buf, ts: int, payload: int, off: int = 0, end: int = -1) -> bytes | None:
@@ -206,8 +179,8 @@ class Interceptor:
         writer = self.writer
         out = writer.buf
         payload = self.payload
-        head, tail8, tail16 = _FB_HEAD.pack, _FB_TAIL8.pack, _FB_TAIL16.pack
-        c1, c2, c8, c16 = _FB_HEAD_C1, _FB_HEAD_C2, _FB_TAIL8_C, _FB_TAIL_C
+        head, len1, len2 = FB_START.pack, LEN1.pack, LEN2.pack  # see wire.encode_fb
+        c1, c2, c8, c16 = FB_MAP4, DATA1, LEN1_KEY, LEN2_KEY
         frame = self._frame
         fast = 0
         for sec, usec, off, caplen in _META.iter_unpack(meta):
@@ -222,7 +195,7 @@ class Interceptor:
                 if 24 <= keep < 256 and ip + keep <= end:
                     out += head(c1, sec * 1_000_000_000 + usec * 1000, c2, keep)
                     out += buf[ip:ip + keep]
-                    out += tail16(c16, tot) if tot >= 256 else tail8(c8, tot)
+                    out += len2(c16, tot) if tot >= 256 else len1(c8, tot)
                     fast += 1
                     continue
             frame(buf, sec * 1_000_000_000 + usec * 1000, off, end)

@@ -18,27 +18,22 @@ from __future__ import annotations
 
 import io
 import os
-import re
-import struct
-from itertools import accumulate, islice
 
 import cbor2
 
 from tcpcopylib import __version__
 from tcpcopylib.errors import StreamError
+# the layout of the records, for the stream and for the stages that import it from here
+from tcpcopylib.wire import (LABEL, MAX_DEPTH, T_CLAIM, T_FB, T_HEADER, T_PKT,  # noqa: F401
+                             T_PKTS, T_STATS, Malformed, PendingBatch, batch_adds_up,
+                             batch_columns, batch_packets, batch_records, batch_stamps,
+                             batch_structs, encode_pkts, fast_record, is_batch, min_item_end,
+                             pkt_records, record_of, replace_ts, scan_batch, scan_item,
+                             scan_record)
 
 FORMAT_VERSION = 1
-LABEL = bytes.fromhex("d9d9f8da5443505243424f52")  # 55800(TCPR('BOR'))
 LABEL_TAG = 55800
 PROTOCOL_TAG = 0x54435052  # "TCPR"
-
-# Record types (the "t" key).
-T_HEADER = "header"
-T_PKT = "pkt"        # an IP datagram: ts (int ns), data (IPv4/IPv6 bytes), [len, sid]
-T_PKTS = "pkts"      # a batch of whole datagrams, as columns (see encode_pkts)
-T_FB = "fb"          # feedback: a target's reply (IP+TCP headers, maybe payload)
-T_CLAIM = "claim"    # feedback client -> tc-feedback: sessions it owns
-T_STATS = "stats"    # counters from a stage
 
 CHUNK = 1 << 17
 # The largest item (record or header) a reader accepts, in bytes; larger -> StreamError.
@@ -46,7 +41,6 @@ CHUNK = 1 << 17
 # most 112 KiB), a tc-session batch at most MAX_BATCH_PKTS datagrams. See tcpcopy-records(5).
 MAX_RECORD = 4 << 20
 MAX_BATCH_PKTS = 63  # 63 datagrams of 64 KiB and their columns stay below MAX_RECORD
-MAX_DEPTH = 400  # nested arrays/maps (cbor2's own default limit)
 
 
 def header(tool: str, **fields) -> dict:
@@ -57,21 +51,6 @@ def header(tool: str, **fields) -> dict:
 
 def encode_section(hdr: dict) -> bytes:
     return LABEL + cbor2.dumps(hdr)
-
-
-def cbor_head(major: int, n: int) -> bytes:
-    """The shortest CBOR head of major type ``major`` with argument ``n`` (0: unsigned int,
-    2: byte string, 3: text, 4: array, 5: map), for stages that encode records by hand."""
-    m = major << 5
-    if n < 24:
-        return bytes((m | n,))
-    if n < 0x100:
-        return bytes((m | 24, n))
-    if n < 0x10000:
-        return bytes((m | 25,)) + n.to_bytes(2, "big")
-    if n < 0x100000000:
-        return bytes((m | 26,)) + n.to_bytes(4, "big")
-    return bytes((m | 27,)) + n.to_bytes(8, "big")
 
 
 def _check_header(item, offset: int, any_version: bool = False) -> dict:
@@ -92,450 +71,6 @@ def _check_header(item, offset: int, any_version: bool = False) -> dict:
     return item
 
 
-# The layout our tools write for pkt/fb records (cbor2.dumps of a dict in this key order):
-# {"t": "pkt"|"fb", "ts": <uint64>, "data": <bytes>[, "len"/"sid": <uint>]...}.
-_PKT_HEAD = b"\x61t\x63pkt\x62ts\x1b"  # after the map head byte
-_FB_HEAD = b"\x61t\x62fb\x62ts\x1b"
-_PKT_TS, _FB_TS = 1 + len(_PKT_HEAD), 1 + len(_FB_HEAD)  # offsets of the ts value
-_DATA_KEY = b"\x64data"
-_SID_KEY, _LEN_KEY = b"\x63sid", b"\x63len"
-_U64 = struct.Struct(">Q").unpack_from
-_U32 = struct.Struct(">I").unpack_from
-_U16 = struct.Struct(">H").unpack_from
-
-
-def scan_record(buf, pos: int, end: int):
-    """Locate the parts of the record at ``buf[pos:end]`` if it has the common pkt/fb
-    layout in the shortest encoding (what cbor2.dumps writes), without copying anything;
-    else None (decode it with cbor2: another layout, a non-shortest encoding, or not
-    complete yet).
-
-    Returns ``(kind, ts, ts_at, data_start, data_stop, stop, extra)``: kind "pkt" or "fb",
-    the timestamp and its offset in buf (8 bytes, big endian), the data's slice, the end of
-    the record, and extra the {"len"/"sid": int} keys that follow the data (None if none).
-    """
-    n = buf[pos] - 0xA0
-    if not 3 <= n <= 5:
-        return None
-    try:
-        if buf.startswith(_PKT_HEAD, pos + 1):
-            t, p = "pkt", pos + _PKT_TS
-        elif buf.startswith(_FB_HEAD, pos + 1):
-            t, p = "fb", pos + _FB_TS
-        else:
-            return None
-        ts_at = p
-        ts = _U64(buf, p)[0]
-        if ts <= 0xFFFFFFFF or not buf.startswith(_DATA_KEY, p + 8):
-            return None
-        p += 13
-        h = buf[p]
-        if 0x40 <= h < 0x58:
-            p, q = p + 1, p + 1 + h - 0x40
-        elif h == 0x58:
-            q = buf[p + 1]
-            if q < 24:
-                return None
-            p += 2
-            q += p
-        elif h == 0x59:
-            q = _U16(buf, p + 1)[0]
-            if q < 256:
-                return None
-            p += 3
-            q += p
-        else:
-            return None
-        if q > end:
-            return None
-        data_stop = stop = q
-        extra = None
-        while n > 3:
-            n -= 1
-            key = buf[stop:stop + 4]
-            if key == _SID_KEY:
-                key = "sid"
-            elif key == _LEN_KEY:
-                key = "len"
-            else:
-                return None
-            if extra is None:
-                extra = {}
-            elif key in extra:
-                return None
-            h = buf[stop + 4]
-            if h < 24:
-                v = h
-                stop += 5
-            elif h == 0x19:
-                v = _U16(buf, stop + 5)[0]
-                if v < 256:
-                    return None
-                stop += 7
-            elif h == 0x18:
-                v = buf[stop + 5]
-                if v < 24:
-                    return None
-                stop += 6
-            elif h == 0x1A:
-                v = _U32(buf, stop + 5)[0]
-                if v < 65536:
-                    return None
-                stop += 9
-            else:
-                return None
-            extra[key] = v
-    except (IndexError, struct.error):
-        return None
-    if stop > end:
-        return None
-    return t, ts, ts_at, p, data_stop, stop, extra
-
-
-def fast_record(buf, pos: int, end: int):
-    """Decode the record at ``buf[pos:end]`` if scan_record() accepts it; else None.
-
-    Returns ``(record, stop)`` where ``buf[pos:stop] == cbor2.dumps(record)``, so a stage can
-    forward those bytes instead of re-encoding the record.
-    """
-    r = scan_record(buf, pos, end)
-    if r is None:
-        return None
-    return _record(buf, r), r[5]
-
-
-def _record(buf, r) -> dict:
-    """The record that scan_record() located as r."""
-    rec = {"t": r[0], "ts": r[1], "data": buf[r[3]:r[4]]}
-    if r[6]:
-        rec.update(r[6])
-    return rec
-
-
-_P64 = struct.Struct(">Q").pack
-
-
-def replace_ts(raw: bytes, ts: int) -> bytes | None:
-    """The bytes of record ``raw`` (as fast_record accepted it) with ``ts`` instead of its
-    timestamp, equal to re-encoding the changed record; None if ``ts`` needs another
-    length (then re-encode)."""
-    if not 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF:
-        return None
-    if raw.startswith(_PKT_HEAD, 1):
-        k = _PKT_TS
-    elif raw.startswith(_FB_HEAD, 1):
-        k = _FB_TS
-    else:
-        return None
-    return b"".join((raw[:k], _P64(ts), raw[k + 8:]))
-
-
-# -- batches: {"t": "pkts", "ts": h'..', "len": h'..', "data": h'..'[, "sid": h'..']} -----
-# Several whole datagrams (no "len" of their own: a cut-off one goes alone, as a pkt record)
-# in one item, as columns: ts holds n big-endian uint64 timestamps (ns), len n big-endian
-# uint16 datagram lengths, data the datagrams back to back, and sid (tc-session's output)
-# n big-endian uint32 session ids. A stage that only looks at timestamps (tc-pace) handles
-# a batch with a few C calls; readers expand a batch into its packets, in order
-# (StreamDecoder.parse), so a stage that does not know batches never sees one.
-_PKTS_HEAD = b"\x61t\x64pkts\x62ts"  # after the map head byte (0xA4; 0xA5 with sids)
-_PKTS_LEN_KEY = b"\x63len"
-_BATCH_FMT = {}  # n -> (Struct(">nQ"), Struct(">nH"))
-
-
-def batch_structs(n: int):
-    """(timestamps, lengths) structs of a batch of n packets."""
-    f = _BATCH_FMT.get(n)
-    if f is None:
-        if len(_BATCH_FMT) > 4096:
-            _BATCH_FMT.clear()
-        f = _BATCH_FMT[n] = (struct.Struct(f">{n}Q"), struct.Struct(f">{n}H"))
-    return f
-
-
-def encode_pkts(stamps, datas, sids=None) -> bytes:
-    """CBOR of a pkts record of these packets (each shorter than 64 KiB, ts >= 0; session
-    ids, if given, < 2**32), the same bytes as cbor2.dumps({"t": "pkts", "ts": ...,
-    "len": ..., "data": ...[, "sid": ...]})."""
-    n = len(stamps)
-    ts_s, len_s = batch_structs(n)
-    blob = b"".join(datas)
-    parts = [b"\xa4" if sids is None else b"\xa5", _PKTS_HEAD, cbor_head(2, 8 * n),
-             ts_s.pack(*stamps), _PKTS_LEN_KEY, cbor_head(2, 2 * n),
-             len_s.pack(*map(len, datas)), _DATA_KEY, cbor_head(2, len(blob)), blob]
-    if sids is not None:
-        parts += (_SID_KEY, cbor_head(2, 4 * n), struct.pack(f">{n}I", *sids))
-    return b"".join(parts)
-
-
-class PendingBatch:
-    """The packets of a pkts record being made, as columns (hot loops append to the lists
-    directly); ``write_to(writer)`` appends the record to the writer's buffer (counting
-    and flushing are the caller's) and starts a new one. With ``sids`` the record gets a
-    sid column (tc-session)."""
-
-    __slots__ = ("stamps", "datas", "sids")
-
-    def __init__(self, sids: bool = False):
-        self.stamps: list = []
-        self.datas: list = []
-        self.sids: list | None = [] if sids else None
-
-    def __len__(self) -> int:
-        return len(self.stamps)
-
-    def write_to(self, writer) -> None:
-        if self.stamps:
-            writer.buf += encode_pkts(self.stamps, self.datas, self.sids)
-            self.stamps.clear()
-            self.datas.clear()
-            if self.sids is not None:
-                self.sids.clear()
-
-
-def _bytes_head(buf, p):
-    """(length, start) of the CBOR byte string whose head is at buf[p] (shortest form)."""
-    h = buf[p]
-    if 0x40 <= h < 0x58:
-        return h - 0x40, p + 1
-    if h == 0x58 and buf[p + 1] >= 24:
-        return buf[p + 1], p + 2
-    if h == 0x59 and _U16(buf, p + 1)[0] >= 256:
-        return _U16(buf, p + 1)[0], p + 3
-    if h == 0x5A and _U32(buf, p + 1)[0] >= 65536:
-        return _U32(buf, p + 1)[0], p + 5
-    return None, p
-
-
-def scan_batch(buf, pos: int, end: int):
-    """Locate a pkts record at ``buf[pos:end]`` in the layout encode_pkts() writes:
-    ``(n, ts_at, len_at, data_at, data_stop, sid_at, stop)``, the columns' offsets (sid_at
-    None without session ids) and the record's end; None if it is not in that layout or
-    not complete (decode it with cbor2, batch_packets() checks it)."""
-    try:
-        head = buf[pos]
-        if not 0xA4 <= head <= 0xA5 or not buf.startswith(_PKTS_HEAD, pos + 1):
-            return None
-        lt, ts_at = _bytes_head(buf, pos + 1 + len(_PKTS_HEAD))
-        if not lt or lt & 7:
-            return None
-        n = lt >> 3
-        len_at, len_stop = _column(buf, ts_at + lt, _PKTS_LEN_KEY, 2 * n)
-        data_at, data_stop = _column(buf, len_stop, _DATA_KEY, None)
-        sid_at, stop = _column(buf, data_stop, _SID_KEY, 4 * n) if head == 0xA5 else \
-            (None, data_stop)
-    except (IndexError, struct.error, _NotThere):
-        return None
-    if stop > end:
-        return None
-    return n, ts_at, len_at, data_at, data_stop, sid_at, stop
-
-
-class _NotThere(Exception):
-    """_column() did not find what it looked for."""
-
-
-def _column(buf, p: int, key: bytes, size: int | None):
-    """(start, end) of the byte string after the text ``key`` at buf[p], if it holds
-    ``size`` bytes (None: any number); else _NotThere."""
-    if not buf.startswith(key, p):
-        raise _NotThere
-    n, at = _bytes_head(buf, p + len(key))
-    if n is None or size is not None and n != size:
-        raise _NotThere
-    return at, at + n
-
-
-def batch_stamps(buf, ts_at: int, n: int) -> tuple:
-    """The n timestamps of a batch that scan_batch() located."""
-    return batch_structs(n)[0].unpack_from(buf, ts_at)
-
-
-def _split(buf, start: int, sizes, stop: int):
-    """The slices of buf[start:stop] of these sizes, back to back; None unless they fill
-    it exactly (a malformed batch)."""
-    offs = list(accumulate(sizes, initial=start))
-    if offs[-1] != stop:
-        return None
-    return [buf[a:q] for a, q in zip(offs, offs[1:])]
-
-
-def _batch_columns(buf, b):
-    """(stamps, datas, sids or None) of the batch scan_batch() located as b; None if its
-    lengths do not add up to its data."""
-    n, ts_at, len_at, data_at, data_stop, sid_at, _stop = b
-    ts_s, len_s = batch_structs(n)
-    datas = _split(buf, data_at, len_s.unpack_from(buf, len_at), data_stop)
-    if datas is None:
-        return None
-    sids = None if sid_at is None else struct.unpack_from(f">{n}I", buf, sid_at)
-    return ts_s.unpack_from(buf, ts_at), datas, sids
-
-
-def batch_records(buf, pos: int, end: int) -> list:
-    """The pkt records of the batch at buf[pos:end] (in the layout scan_batch() accepts),
-    with their "sid" if the batch has session ids."""
-    cols = _batch_columns(buf, scan_batch(buf, pos, end))
-    if cols is None:
-        raise StreamError("malformed pkts record (its lengths do not add up to its data)")
-    out: list = []
-    StreamDecoder._expand(*cols, AS_RECORDS, out)
-    return out
-
-
-def batch_packets(rec: dict, where: str):
-    """(stamps, datas, sids or None) of a decoded pkts record; StreamError if it is
-    malformed."""
-    stamps, lens, blob, sids = rec.get("ts"), rec.get("len"), rec.get("data"), rec.get("sid")
-    if (isinstance(stamps, bytes) and isinstance(lens, bytes) and isinstance(blob, bytes)
-            and stamps and len(stamps) % 8 == 0 and len(lens) == len(stamps) // 4
-            and (sids is None or isinstance(sids, bytes) and len(sids) == len(lens) * 2)):
-        n = len(stamps) // 8
-        ts_s, len_s = batch_structs(n)
-        datas = _split(blob, 0, len_s.unpack(lens), len(blob))
-        if datas is not None:
-            return (ts_s.unpack(stamps), datas,
-                    None if sids is None else struct.unpack(f">{n}I", sids))
-    raise StreamError(f"{where}: malformed pkts record (ts: 8-byte timestamps, len: 2-byte "
-                      f"lengths, as many, data: that many bytes; sid: 4-byte session ids, "
-                      f"as many)")
-
-
-
-# -- the skeleton scan of an incomplete item --------------------------------------------
-# An item that is not all there yet is scanned once, without building anything: the scan
-# stops where the input stops and resumes there when more arrives, so an item costs the
-# same whatever the read sizes (no decoding it again from its start on every read), and a
-# declared size beyond MAX_RECORD is refused before its bytes arrive. cbor2 decodes the
-# item once, when the scan says it is complete.
-
-# data items without parts: integers, floats, simple values, empty containers, strings of
-# up to 23 bytes (one alternative per length: each item is matched whole). Compiled when
-# first needed (an incomplete item), not at import.
-_RUN = _RUN1 = _ONE_ALL = _ONE_EACH = None
-
-
-def _compile() -> None:
-    global _RUN, _RUN1, _ONE_ALL, _ONE_EACH
-    simple = (rb"[\x00-\x17\x20-\x37\x40\x60\x80\xa0\xe0-\xf7]|[\x18\x38\xf8].|[\x19\x39\xf9].."
-              rb"|[\x1a\x3a\xfa].{4}|[\x1b\x3b\xfb].{8}|"
-              + b"|".join(b"[%s%s].{%d}" % (re.escape(bytes([0x40 + n])),
-                                            re.escape(bytes([0x60 + n])), n)
-                          for n in range(1, 24)))
-    one = re.compile(simple, re.DOTALL)
-    _ONE_ALL, _ONE_EACH = one.findall, one.finditer  # each of them
-    _RUN1 = re.compile(rb"[\x00-\x17\x20-\x37\x40\x60\x80\xa0\xe0-\xf7]*").match  # one-byte
-    _RUN = re.compile(b"(?:" + simple + b")*", re.DOTALL).match  # a run of them
-
-
-class _Malformed(Exception):
-    """The scan met bytes that are not well-formed CBOR."""
-
-
-def _done(stack: list) -> None:
-    """One item of the innermost open container is complete (and maybe containers with it)."""
-    while stack:
-        top = stack[-1]
-        if top < 0:  # indefinite length: items until a break
-            return
-        if top > 1:
-            stack[-1] = top - 1
-            return
-        stack.pop()  # its last item: the container is complete, an item of its parent
-
-
-def scan_item(buf, off: int, end: int, stack: list) -> int:
-    """Go on scanning an item's skeleton at buf[off:end]. ``stack`` holds what the open
-    containers still need ([1] at the item's start: the item itself): n > 0 items, -1
-    items until a break, -2/-3 byte/text string chunks until a break. Updated in place;
-    returns the offset where the scan stopped: the item is complete when ``stack`` is
-    empty and that offset is <= end (it may lie beyond ``end``: a string not all read).
-    Raises _Malformed for bytes that are not well-formed CBOR."""
-    if _RUN is None:
-        _compile()
-    tags = 0  # tags in a row just before off
-    while stack:
-        if off >= end:
-            return off
-        top = stack[-1]
-        if top >= -1:  # a run of items without parts, at C speed
-            stop = _RUN(buf, off, end if top < 0 else min(end, off + 24 * top)).end()
-            if stop > off:
-                if top < 0:  # (items until a break: their number does not matter)
-                    off = stop
-                    continue
-                n = stop - off  # (as many as bytes: all one-byte items, the usual run)
-                if n > top or _RUN1(buf, off, stop).end() != stop:
-                    n = len(_ONE_ALL(buf, off, stop))
-                    if n > top:  # (the run goes on in the parent) the end of item #top
-                        stop = next(islice(_ONE_EACH(buf, off, stop), top - 1, None)).end()
-                        n = top
-                off = stop
-                if top > n:
-                    stack[-1] = top - n
-                else:
-                    stack.pop()
-                    _done(stack)
-                continue
-        ib = buf[off]
-        major, ai = ib >> 5, ib & 31
-        if ib == 0xFF:
-            if top >= 0:
-                raise _Malformed("break code outside an indefinite-length item")
-            stack.pop()
-            off += 1
-            _done(stack)
-            continue
-        if top < -1 and (major != -top or ai == 31):
-            raise _Malformed("bad chunk in an indefinite-length string")
-        if ai < 24:
-            val = ai
-            off += 1
-        elif ai < 28:
-            n = 1 << (ai - 24)
-            if off + 1 + n > end:
-                return off  # the head is not all here: scan it again with more
-            val = int.from_bytes(buf[off + 1:off + 1 + n], "big")
-            off += 1 + n
-        elif ai == 31 and 2 <= major <= 5:
-            off += 1
-            stack.append(-major if major < 4 else -1)
-            if len(stack) > MAX_DEPTH + 1:  # (the item itself is stack[0])
-                raise _Malformed(f"nested more than {MAX_DEPTH} deep")
-            continue
-        else:
-            raise _Malformed(f"invalid head byte 0x{ib:02x}")
-        if major == 2 or major == 3:
-            off += val  # (maybe beyond end: the scan goes on from there)
-            _done(stack)
-        elif major == 4 or major == 5:
-            if major == 5:
-                val *= 2
-            if val:
-                stack.append(val)
-                if len(stack) > MAX_DEPTH + 1:
-                    raise _Malformed(f"nested more than {MAX_DEPTH} deep")
-            else:
-                _done(stack)
-        elif major == 6:  # a tag: its content is the next item
-            tags += 1
-            if tags > MAX_DEPTH:  # (cbor2 counts them as nesting too)
-                raise _Malformed(f"more than {MAX_DEPTH} tags in a row")
-            continue
-        else:
-            _done(stack)
-        tags = 0
-    return off
-
-
-def _min_size(off: int, stack: list) -> int:
-    """A lower bound on the end of the item being scanned (each item takes a byte)."""
-    need = off + (stack[-1] if stack and stack[-1] > 0 else 1 if stack else 0)
-    for c in stack[:-1]:
-        if c > 1:
-            need += c - 1
-    return need
-
-
 def _no_shared(decoder):
     raise cbor2.CBORDecodeError("shared references (tags 28/29) are not allowed in records")
 
@@ -549,12 +84,26 @@ HEADER = "header"
 # what StreamDecoder.parse() returns for each item (see there)
 AS_RECORDS, AS_RAW, AS_PKT, AS_SPANS = range(4)
 
+# An AS_SPANS item is a tuple (kind, ts, ts_at, stop, count, record), one meaning per slot:
+#   kind    T_PKT or T_FB: a record in our layout (wire.scan_record), nothing decoded but
+#           its ts; T_PKTS: a batch in our layout (wire.scan_batch); None: a record decoded
+#           by cbor2; HEADER: a section header
+#   ts      the timestamp (a batch: its first packet's); None if decoded
+#   ts_at   the offset in buf of the timestamp's 8 bytes (a batch: of its ts column)
+#   stop    the end of the item in buf, where the next one starts
+#   count   the packets the item holds: 1, a batch's n, 0 for a header
+#   record  the decoded record or header; None for the kinds in our layout
+# Tuples, not objects (measured: parse(AS_SPANS) and tc-pace's loop over the items cost
+# ~0.7 us more per record with a class with __slots__, ~0.05 us with this new tuple, for
+# ~0.7 us in all before; an item is made per record, in tc-pace's hot loop).
+SPAN_KIND, SPAN_TS, SPAN_TS_AT, SPAN_STOP, SPAN_COUNT, SPAN_RECORD = range(6)
+
 
 class StreamDecoder:
     """The parsing state shared by RecordReader (pull) and StreamParser (push).
 
-    ``parse(buf)`` decodes the complete items at the start of ``buf``. Records in the common
-    pkt/fb layout are decoded in Python (fast_record); everything else by cbor2.
+    ``parse(buf)`` decodes the complete items at the start of ``buf``. Records in our layout
+    (tcpcopylib.wire) are read in Python without cbor2; everything else by cbor2.
     """
 
     def __init__(self, name: str = "<stdin>", headers: bool = False, any_version: bool = False):
@@ -570,6 +119,12 @@ class StreamDecoder:
         # the scan stopped (from the item's start), scan_item's stack]; None if none
         self._pend: list | None = None
 
+    @property
+    def at_record(self) -> bool:
+        """Is the next item a record (inside a section, no header due)? Then a fast
+        scanner may take records in our layout from the input itself (StreamParser)."""
+        return self.header is not None and not self._expect_header
+
     def parse(self, buf: bytes, mode: int = AS_RECORDS):
         """(items, bytes used, error or None). Items before an error are returned; what an
         item is depends on ``mode``:
@@ -577,152 +132,160 @@ class StreamDecoder:
         - AS_RECORDS: the records (headers only with ``headers=True``);
         - AS_RAW: (record, raw) pairs, raw being the record's bytes when they are what
           cbor2.dumps(record) gives, None when unknown, HEADER for a section header;
-        - AS_PKT: (ts, data) tuples for whole packets (pkt records in the common layout
-          without "len"), records otherwise;
-        - AS_SPANS: scan_record() tuples for records in the common layout (nothing copied:
-          a stage that forwards them patches and writes slices of ``buf``), else
-          ``(None, record, None, None, None, stop, None)`` and, for section headers,
-          ``(HEADER, header, None, None, None, stop, None)``; a batch in the common
-          layout is ``(T_PKTS, first ts, ts_at, n, None, stop, None)`` (see scan_batch).
+        - AS_PKT: (ts, data) tuples for whole packets (pkt records in our layout without
+          "len"), records otherwise;
+        - AS_SPANS: (kind, ts, ts_at, stop, count, record) tuples (see SPAN_KIND): records
+          and batches in our layout located in ``buf``, nothing copied (a stage that
+          forwards them patches and writes slices of ``buf``); other records and section
+          headers decoded.
 
         A batch (pkts record) is expanded into its packets, as pkt records or (ts, data)
-        tuples, in every mode but AS_SPANS with the common layout.
+        tuples, in every mode but AS_SPANS with our layout.
         """
         if type(buf) is not bytes:
             buf = bytes(buf)  # (slices of it become the records' bytes values)
         out: list = []
         append = out.append
-        if self.header is None and not self._expect_header:
-            # The very first bytes must be the label: reject garbage early and clearly.
-            n = min(len(buf), len(LABEL))
-            if buf[:n] != LABEL[:n]:
-                return out, 0, StreamError(
-                    f"{self.name}: not a tcpcopy record stream (no TCPR label at byte 0)")
-        pos, end, base, records = 0, len(buf), self.consumed, self.records
-        bio = dec = None
-        err = None
+        pos, end, fast = 0, len(buf), 0  # fast: records read here, not by a helper
+        bio = dec = None  # cbor2's decoder over buf, made when first needed
         scan = scan_record
-        while pos < end:
-            if not self._expect_header and 0xA3 <= buf[pos] <= 0xA5:
-                r = scan(buf, pos, end)
-                if r is None and buf.startswith(_PKTS_HEAD, pos + 1):
-                    b = scan_batch(buf, pos, end)
-                    if b is not None:
-                        n, ts_at, stop = b[0], b[1], b[6]
-                        if stop - pos > MAX_RECORD:
-                            err = self._too_large(base + pos, stop - pos)
-                            break
-                        records += 1
+        try:
+            if self.header is None and not self._expect_header:
+                self._check_label(buf)
+            while pos < end:
+                if not self._expect_header and 0xA3 <= buf[pos] <= 0xA5:
+                    r = scan(buf, pos, end)
+                    if r is not None:  # the hot path: a pkt/fb record in our layout
+                        fast += 1
                         if mode == AS_SPANS:
-                            if sum(batch_structs(n)[1].unpack_from(buf, b[2])) != b[4] - b[3]:
-                                err = StreamError(f"{self.name}: malformed pkts record at "
-                                                  f"byte {base + pos} (lengths do not add up)")
-                                break
-                            append((T_PKTS, _U64(buf, ts_at)[0], ts_at, n, None, stop, None))
+                            append((r[0], r[1], r[2], r[3], 1, None))
+                        elif mode == AS_PKT and r[0] == T_PKT and not (r[6] and "len" in r[6]):
+                            append((r[1], buf[r[4]:r[5]]))
+                        elif mode == AS_RAW:
+                            append((record_of(buf, r), buf[pos:r[3]]))
                         else:
-                            cols = _batch_columns(buf, b)
-                            if cols is None:
-                                err = StreamError(f"{self.name}: malformed pkts record at "
-                                                  f"byte {base + pos} (lengths do not add up)")
-                                break
-                            self._expand(*cols, mode, out)
-                        pos = stop
+                            append(record_of(buf, r))
+                        pos = r[3]
                         continue
-                if r is not None:
-                    records += 1
-                    if mode == AS_SPANS:
-                        append(r)
-                    elif mode == AS_PKT and r[0] == "pkt" and not (r[6] and "len" in r[6]):
-                        append((r[1], buf[r[3]:r[4]]))
-                    elif mode == AS_RAW:
-                        append((_record(buf, r), buf[pos:r[5]]))
-                    else:
-                        append(_record(buf, r))
-                    pos = r[5]
+                    if is_batch(buf, pos):
+                        stop = self._batch(buf, pos, end, mode, out)
+                        if stop:
+                            pos = stop
+                            continue
+                if buf.startswith(LABEL, pos):
+                    pos += len(LABEL)
+                    self._expect_header = True
                     continue
-            if buf.startswith(LABEL, pos):
-                pos += len(LABEL)
-                self._expect_header = True
-                continue
-            if end - pos < len(LABEL) and LABEL.startswith(buf[pos:]):
-                break  # maybe the start of a label: wait for more bytes
-            pend = self._pend
-            if pend is not None:
-                if pos or pend[0] != base:  # (a caller took the item's bytes itself)
-                    pend = self._pend = None
-                else:  # the item we scanned before: scan only what is new
-                    try:
-                        if not self._advance(buf):
-                            break
-                    except StreamError as e:
-                        err = e
-                        break
-            if dec is None:
-                bio = io.BytesIO(buf)
-                dec = cbor2.CBORDecoder(bio, semantic_decoders=_SEMANTIC)
-            bio.seek(pos)
-            try:
-                item = dec.decode()
-            except cbor2.CBORDecodeEOF:
-                if pend is not None:  # the scan said complete: a disagreement is garbage
-                    err = StreamError(f"{self.name}: not a valid record at byte {base + pos}")
-                    break
-                # not all here: scan what is (once); later reads go on from where it stops
-                self._pend = [base + pos, 0, [1]]
-                try:
-                    self._advance(buf, pos)
-                except StreamError as e:
-                    err = e
-                break
-            except (cbor2.CBORDecodeError, ValueError, OverflowError, RecursionError,
-                    MemoryError) as e:
-                err = StreamError(
-                    f"{self.name}: not a valid record at byte {base + pos}: {e}")
-                break
-            self._pend = None
-            newpos = bio.tell()
-            if newpos - pos > MAX_RECORD:
-                err = self._too_large(base + pos, newpos - pos)
-                break
-            if self._expect_header:
-                try:
-                    self.header = _check_header(item, base + newpos, self.any_version)
-                except StreamError as e:
-                    err = e
-                    break
-                pos = newpos
-                self.sections += 1
-                self._expect_header = False
-                if mode == AS_SPANS:
-                    append((HEADER, item, None, None, None, pos, None))
-                elif self.headers:
-                    append((item, HEADER) if mode == AS_RAW else item)
-                continue
-            if type(item) is not dict or "t" not in item:
-                err = StreamError(
-                    f"{self.name}: unexpected {type(item).__name__} item at byte "
-                    f"{base + newpos} (records are maps with a 't' key)")
-                break
-            if self.header is None:
-                err = StreamError(f"{self.name}: record before any header")
-                break
-            pos = newpos
-            records += 1
-            if item.get("t") == T_PKTS:
-                try:
-                    cols = batch_packets(item, f"{self.name}: byte {base + newpos}")
-                except StreamError as e:
-                    err = e
-                    break
-                self._expand(*cols, mode, out, pos)
-                continue
-            if mode == AS_SPANS:
-                append((None, item, None, None, None, pos, None))
-            else:
-                append((item, None) if mode == AS_RAW else item)
-        self.consumed = base + pos
-        self.records = records
+                if end - pos < len(LABEL) and LABEL.startswith(buf[pos:]):
+                    break  # maybe the start of a label: wait for more bytes
+                if dec is None:
+                    bio = io.BytesIO(buf)
+                    dec = cbor2.CBORDecoder(bio, semantic_decoders=_SEMANTIC)
+                stop = self._decode_item(buf, pos, bio, dec, mode, out)
+                if not stop:
+                    break  # not all here
+                pos = stop
+        except StreamError as e:
+            err = e
+        else:
+            err = None
+        self.consumed += pos
+        self.records += fast
         return out, pos, err
+
+    def _check_label(self, buf) -> None:
+        """The very first bytes must be the label: reject garbage early and clearly."""
+        n = min(len(buf), len(LABEL))
+        if buf[:n] != LABEL[:n]:
+            raise StreamError(f"{self.name}: not a tcpcopy record stream (no TCPR label at "
+                              f"byte 0)")
+
+    def _batch(self, buf, pos: int, end: int, mode: int, out: list) -> int:
+        """A batch in our layout at buf[pos:end] into ``out`` as ``mode`` says; the end of
+        the batch, 0 if it is not one or not complete (cbor2 decides)."""
+        b = scan_batch(buf, pos, end)
+        if b is None:
+            return 0
+        n, ts_at, stop = b[0], b[1], b[6]
+        if stop - pos > MAX_RECORD:
+            raise self._too_large(self.consumed + pos, stop - pos)
+        if mode == AS_SPANS:
+            if not batch_adds_up(buf, b):
+                raise self._malformed_batch(pos)
+            out.append((T_PKTS, batch_stamps(buf, ts_at, 1)[0], ts_at, stop, n, None))
+        else:
+            cols = batch_columns(buf, b)
+            if cols is None:
+                raise self._malformed_batch(pos)
+            self._expand(*cols, mode, out)
+        self.records += 1
+        return stop
+
+    def _malformed_batch(self, pos: int) -> StreamError:
+        return StreamError(f"{self.name}: malformed pkts record at byte {self.consumed + pos} "
+                           f"(lengths do not add up)")
+
+    def _decode_item(self, buf, pos: int, bio, dec, mode: int, out: list) -> int:
+        """cbor2 decodes the item at buf[pos] (``dec`` reads ``bio``, a view of buf) into
+        ``out`` as ``mode`` says: the end of the item, 0 if it is not all there yet (its
+        bytes scanned once: see _advance). StreamError if it is not a valid item."""
+        base = self.consumed
+        pend = self._pend
+        if pend is not None:
+            if pos or pend[0] != base:  # (a caller took the item's bytes itself)
+                pend = self._pend = None
+            elif not self._advance(buf):  # the item we scanned before: scan only what is new
+                return 0
+        bio.seek(pos)
+        try:
+            item = dec.decode()
+        except cbor2.CBORDecodeEOF:
+            if pend is not None:  # the scan said complete: a disagreement is garbage
+                raise StreamError(f"{self.name}: not a valid record at byte {base + pos}") \
+                    from None
+            # not all here: scan what is (once); later reads go on from where it stops
+            self._pend = [base + pos, 0, [1]]
+            self._advance(buf, pos)
+            return 0
+        except (cbor2.CBORDecodeError, ValueError, OverflowError, RecursionError,
+                MemoryError) as e:
+            raise StreamError(f"{self.name}: not a valid record at byte {base + pos}: {e}") \
+                from None
+        self._pend = None
+        stop = bio.tell()
+        if stop - pos > MAX_RECORD:
+            raise self._too_large(base + pos, stop - pos)
+        if self._expect_header:
+            self._decoded_header(item, base + stop, mode, out)
+        else:
+            self._decoded_record(item, base + stop, mode, out)
+        return stop
+
+    def _decoded_header(self, item, at: int, mode: int, out: list) -> None:
+        """A header decoded after a label (``at``: the offset of its end in the stream)."""
+        self.header = _check_header(item, at, self.any_version)
+        self.sections += 1
+        self._expect_header = False
+        if mode == AS_SPANS:
+            out.append((HEADER, None, None, at - self.consumed, 0, item))
+        elif self.headers:
+            out.append((item, HEADER) if mode == AS_RAW else item)
+
+    def _decoded_record(self, item, at: int, mode: int, out: list) -> None:
+        """A record decoded by cbor2 (``at``: the offset of its end in the stream)."""
+        if type(item) is not dict or "t" not in item:
+            raise StreamError(f"{self.name}: unexpected {type(item).__name__} item at byte "
+                              f"{at} (records are maps with a 't' key)")
+        if self.header is None:
+            raise StreamError(f"{self.name}: record before any header")
+        self.records += 1
+        if item.get("t") == T_PKTS:
+            cols = batch_packets(item, f"{self.name}: byte {at}")
+            self._expand(*cols, mode, out, at - self.consumed)
+        elif mode == AS_SPANS:
+            out.append((None, None, None, at - self.consumed, 1, item))
+        else:
+            out.append((item, None) if mode == AS_RAW else item)
 
     def _advance(self, buf, start: int = 0) -> bool:
         """Scan the new bytes of the incomplete item at buf[start:] (self._pend); True
@@ -736,14 +299,14 @@ class StreamDecoder:
                     off = scan_item(buf, start + off, len(buf), stack) - start
                 else:
                     off = scan_item(buf, off, end, stack)
-            except _Malformed as e:
+            except Malformed as e:
                 self._pend = None
                 raise StreamError(f"{self.name}: not a valid record at byte {at}: {e}") \
                     from None
             pend[1] = off
         if not stack and off <= end:
             return True
-        size = _min_size(off, stack)
+        size = min_item_end(off, stack)
         if size > MAX_RECORD:
             self._pend = None
             raise self._too_large(at, size, not stack)
@@ -770,15 +333,11 @@ class StreamDecoder:
         if mode == AS_PKT:
             out.extend(zip(stamps, datas))
             return
-        if sids is None:
-            recs = ({"t": T_PKT, "ts": ts, "data": data} for ts, data in zip(stamps, datas))
-        else:
-            recs = ({"t": T_PKT, "ts": ts, "data": data, "sid": sid}
-                    for ts, data, sid in zip(stamps, datas, sids))
+        recs = pkt_records(stamps, datas, sids)
         if mode == AS_RAW:
             out.extend((rec, None) for rec in recs)
         elif mode == AS_SPANS:
-            out.extend((None, rec, None, None, None, stop, None) for rec in recs)
+            out.extend((None, None, None, stop, 1, rec) for rec in recs)
         else:
             out.extend(recs)
 
@@ -859,10 +418,6 @@ class RecordReader(StreamDecoder):
                 acc, buf = bytearray(memoryview(buf)[pos:]), b""
             else:
                 buf = buf[pos:]
-
-
-def read_records(fd: int, on_idle=None, headers: bool = False, name: str = "<stdin>"):
-    return iter(RecordReader(fd, on_idle=on_idle, headers=headers, name=name))
 
 
 class RecordWriter:

@@ -4,6 +4,7 @@
 multiplexes stdin with sockets and timers reads whatever is available itself and
 hands the bytes to ``StreamParser.feed()``, which returns the complete records.
 Same rules and messages as tcpcopylib.records.RecordReader (both use StreamDecoder).
+``feed_fast()`` lets a caller take the records it knows from the input itself first.
 """
 
 from __future__ import annotations
@@ -18,16 +19,9 @@ class StreamParser(StreamDecoder):
         self._acc = None  # the bytes of an incomplete item being scanned, appended in place
 
     @property
-    def buf(self) -> bytes:
-        """The start of an incomplete record (a caller's fast path may take it: set buf to
-        b"" and feed those bytes again, or add what it used of them to ``consumed``)."""
-        if self._acc is not None:
-            self._buf, self._acc = bytes(self._acc), None
-        return self._buf
-
-    @buf.setter
-    def buf(self, value: bytes) -> None:
-        self._buf, self._acc = value, None
+    def pending_bytes(self) -> int:
+        """The size of the incomplete record held for the next feed()."""
+        return len(self._buf) if self._acc is None else len(self._acc)
 
     def feed(self, chunk: bytes, mode: int = AS_RECORDS) -> list:
         """Parse ``chunk`` (appended to any incomplete tail); return the complete records
@@ -51,6 +45,28 @@ class StreamParser(StreamDecoder):
         else:
             self._buf = buf[pos:]
         return out
+
+    def feed_fast(self, chunk: bytes, take, mode: int = AS_RECORDS, wait=None) -> list:
+        """feed() with the caller's fast path first: when the input is at a record (inside a
+        section), ``take(buf)`` handles the records it knows at the start of ``buf`` (what
+        was held + chunk) itself and returns how many bytes it took; the rest is parsed as
+        feed() parses it, unless ``wait(rest)`` says it is the start of a record ``take``
+        knows: then it is held, unparsed, for the next call."""
+        if self._acc is not None:  # (an item scanned in part: take may know it whole now)
+            self._buf, self._acc = bytes(self._acc), None
+        buf = self._buf + chunk if self._buf else chunk
+        self._buf = b""
+        if not self.at_record:
+            return self.feed(buf, mode)
+        pos = take(buf)
+        self.consumed += pos  # (the decoder's offsets count what take used)
+        if pos == len(buf):
+            return []
+        rest = buf[pos:] if pos else buf
+        if wait is not None and wait(rest):
+            self._buf = rest
+            return []
+        return self.feed(rest, mode)
 
     def close(self) -> None:
         """End of input: raise StreamError if it ended inside a record."""

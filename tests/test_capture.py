@@ -27,19 +27,6 @@ TS = 1_700_000_000_123_456_000
 TS_OPT = b"\x01\x01\x08\x0a" + struct.pack("!II", 1234, 5678)
 
 
-# -- encoding ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n", [0, 1, 23, 24, 255, 256, 65535, 65536, 70000])
-def test_encode_pkt_is_what_cbor2_writes(n):
-    data = bytes(range(256)) * (n // 256) + bytes(n % 256)
-    assert cap.encode_pkt(TS, data) == cbor2.dumps({"t": "pkt", "ts": TS, "data": data})
-
-
-def test_encode_pkt_truncated_and_small_ts():
-    assert cbor2.loads(cap.encode_pkt(TS, b"abc", orig_len=9000)) == {
-        "t": "pkt", "ts": TS, "data": b"abc", "len": 9000}
-    assert cbor2.loads(cap.encode_pkt(5, b"x")) == {"t": "pkt", "ts": 5, "data": b"x"}
-
-
 # -- GRO split -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("src,dst", [(A4, B4), (A6, B6)], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("seq", [1000, 0xFFFFF000], ids=["seq", "seq-wraps"])

@@ -11,7 +11,7 @@ import pytest
 
 import tc
 from tcpcopylib.errors import PeerVersionError, UnavailableError
-from tcpcopylib.feedback import FeedbackClient, StreamDecoder, parse_address, reply_key
+from tcpcopylib.feedback import FeedbackClient, PeerStreamParser, parse_address, reply_key
 from tcpcopylib.packet import build_tcp, ip_bytes
 from tcpcopylib.records import encode_section
 
@@ -270,7 +270,7 @@ def test_newer_client_version_refused(server):
             break
         data += chunk
     raw.close()
-    items = [i for i, _ in StreamDecoder("t").feed(data)]
+    items = [i for i, _ in PeerStreamParser("t").feed(data)]
     assert items[0]["t"] == "header" and items[0]["v"] == 1
     assert items[-1]["t"] == "error" and items[-1]["error"] == "version"
     assert "version 99" in items[-1]["msg"]
@@ -356,7 +356,7 @@ def test_parse_address():
 def test_decoder_split_anywhere():
     data = tc.stream([fb(1000), fb(1001)]) + tc.stream([fb(1002)])
     for cut in range(1, len(data)):
-        d = StreamDecoder("t")
+        d = PeerStreamParser("t")
         items = d.feed(data[:cut]) + d.feed(data[cut:])
         assert [i["t"] for i, _ in items] == ["header", "fb", "fb", "header", "fb"]
         assert cbor2.loads(items[2][1]) == items[2][0]
@@ -506,11 +506,11 @@ def test_router_inline_path_equals_per_record_model():
         clients = {"a": _Client(None, "a"), "b": _Client(None, "b")}
         for k, who in owner.items():
             srv.claim(clients[who], [[_ip_text(k[0]), k[1], _ip_text(k[2]), k[3]]], True)
-        dec = StreamDecoder("t")
+        dec = PeerStreamParser("t")
         cuts = sorted(rnd.sample(range(1, len(stream)), rnd.randrange(1, 60)))
         for a, b in zip([0, *cuts], [*cuts, len(stream)]):
             srv._serve_input(dec, stream[a:b])
-        assert not dec.buf
+        assert not dec.pending_bytes
         assert bytes(clients["a"].out) == want["a"], trial
         assert bytes(clients["b"].out) == want["b"], trial
         k = srv.counts

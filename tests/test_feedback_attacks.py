@@ -22,7 +22,7 @@ import pytest
 
 import tc
 from tcpcopylib.errors import NoPermissionError, UnavailableError
-from tcpcopylib.feedback import FeedbackClient, StreamDecoder
+from tcpcopylib.feedback import FeedbackClient, PeerStreamParser
 from tcpcopylib.packet import build_tcp, ip_bytes
 from tcpcopylib.records import LABEL, encode_section
 
@@ -169,7 +169,7 @@ def refusal(sock, timeout=5.0) -> dict | None:
             data += d
     except (socket.timeout, ConnectionResetError):
         pass
-    dec = StreamDecoder("server")
+    dec = PeerStreamParser("server")
     errs = [r for r, _ in dec.feed(data) if r.get("t") == "error"]
     return errs[-1] if errs else None
 

@@ -1,7 +1,7 @@
 """tc-feedback's routing keys and inline scanners, as functions: route_key / reply_key of
 a reply (IPv4 with and without options, IPv6, inside a larger buffer, too short),
-claim_route_key / claim_key of a claim entry, claim_keys (the inline claim reader) at its
-encoding boundaries, fb_span and _fb_prefix (the client's inline fb reader).
+claim_route_key of a claim entry, claim_keys (the inline claim reader) at its
+encoding boundaries. (The inline fb reader, wire.fb_spans: test_wire.py.)
 
 Fast (no sockets): bench/mutate.py runs this file for the feedback module."""
 
@@ -13,9 +13,7 @@ import struct
 import cbor2
 import pytest
 
-from tcpcopylib.feedback import (_fb_prefix, claim_key, claim_keys, claim_route_key, fb_span,
-                                 reply_key, route_key)
-from tcpcopylib.intercept import encode_fb
+from tcpcopylib.feedback import claim_keys, claim_route_key, reply_key, route_key
 
 
 def ip4(src: str, dst: str, sport: int, dport: int, options: bytes = b"",
@@ -32,6 +30,17 @@ def ip6(src: str, dst: str, sport: int, dport: int, payload: bytes = b"") -> byt
     return (struct.pack("!IHBB", 0x60000000, len(tcp), 6, 64)
             + socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
             + tcp)
+
+
+def claim_key(entry) -> tuple:
+    """The (client ip, client port, target ip, target port) a claim entry asks for, as
+    reply_key gives them."""
+    cip, cport, tip, tport = entry
+    return (_packed(cip), int(cport), _packed(tip), int(tport))
+
+
+def _packed(ip: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
 
 
 # A reply from the target (tip:tport) to the client (cip:cport), and the claim entry
@@ -155,61 +164,6 @@ def test_claim_keys_leaves_other_records_to_the_decoder():
                   {"t": "claim", "add": {}}, {"t": "claim", "add": [["10.0.0.1", 1]]},
                   [1, 2, 3]):
         assert claim_keys(cbor2.dumps(other), 0) is None
-
-
-def usual_fb(n: int, length: int, ts: int = 1 << 40) -> bytes:
-    """An fb record of the usual shape (what fb_span and the inline readers take)."""
-    enc = encode_fb(ts, bytes(range(n)), length)
-    assert enc == cbor2.dumps({"t": "fb", "ts": ts, "data": bytes(range(n)), "len": length})
-    return enc
-
-
-@pytest.mark.parametrize("n,length", [(24, 24), (24, 255), (40, 256), (255, 65535), (60, 1500)])
-def test_fb_span_and_prefix_of_a_usual_record(n, length):
-    enc = usual_fb(n, length)
-    assert fb_span(enc, 0) == (len(enc), 25, 25 + n)
-    assert fb_span(b"abc" + enc + enc, 3) == (len(enc) + 3, 28, 28 + n)
-    assert fb_span(enc + b"\xa4", 0) == (len(enc), 25, 25 + n)
-    for k in range(1, len(enc)):
-        assert fb_span(enc[:k], 0) is None
-        assert fb_span(b"Z" + enc[:k], 1) is None
-        assert _fb_prefix(enc[:k]), k  # wait for the rest
-    assert not _fb_prefix(enc)  # complete: not a prefix
-    assert not _fb_prefix(enc + b"\x00")
-
-
-@pytest.mark.parametrize("rec", [
-    {"t": "fb", "ts": 1 << 40, "data": b"x" * 23, "len": 300},   # data with a 1-byte head
-    {"t": "fb", "ts": 1 << 40, "data": b"x" * 256, "len": 300},  # data with a 3-byte head
-    {"t": "fb", "ts": 1 << 40, "data": b"x" * 30, "len": 23},    # len in the head byte
-    {"t": "fb", "ts": 1 << 40, "data": b"x" * 30, "len": 70000},  # len as 4 bytes
-    {"t": "fb", "ts": 1 << 40, "data": b"x" * 30, "len": 300, "sid": 1},  # another map
-])
-def test_fb_span_and_prefix_refuse_other_layouts(rec):
-    enc = cbor2.dumps(rec)
-    assert fb_span(enc, 0) is None
-    assert fb_span(enc + b"\x00" * 10, 0) is None
-    assert not _fb_prefix(enc)
-    # the decoder takes it once the difference is visible
-    d1 = 25 + enc[24] if enc[23] == 0x58 else None
-    seen = 24 if d1 is None else d1 + 5
-    for k in range(seen, len(enc)):
-        assert not _fb_prefix(enc[:k]), k
-
-
-def test_fb_prefix_refuses_what_is_not_an_fb_record():
-    assert not _fb_prefix(cbor2.dumps({"t": "pkt", "ts": 1 << 40, "data": b"x" * 30}))
-    assert not _fb_prefix(b"\xa4\x61t\x62fc")
-    enc = usual_fb(30, 300)
-    for k in (19, 22, 24):  # a wrong byte inside the data key or the data head
-        bad = enc[:k - 1] + b"\x00"
-        assert not _fb_prefix(bad), k
-        assert _fb_prefix(enc[:k]), k
-    # a wrong byte within the "len" key
-    d1 = 25 + 30
-    for k in range(d1 + 1, d1 + 5):
-        assert _fb_prefix(enc[:k])
-        assert not _fb_prefix(enc[:k - 1] + b"\x00"), k
 
 
 @pytest.mark.parametrize("fn", [route_key, reply_key])

@@ -4,13 +4,12 @@ import subprocess
 import sys
 import time
 
-import cbor2
 import pytest
 
 import capfiles as cf
 from capfiles import TS0, ARP, eth, ip4, ip6, null, sll, sll2, udp4
 from tc import BIN, cbor_items, decode, env, run
-from tcpcopylib.pcapio import CaptureReader, encode_pkt
+from tcpcopylib.pcapio import CaptureReader
 
 ETH4, ETH6, VLAN, QINQ = 0x0800, 0x86DD, 0x8100, 0x88A8
 
@@ -254,15 +253,6 @@ def test_downstream_closing_is_quiet(tmp_path):
 
 
 # -- library ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("n", [0, 1, 23, 24, 255, 256, 2047, 2048, 65535, 65536, 70000])
-@pytest.mark.parametrize("ts", [TS0, 2**32 + 1, 2**64 - 1, 0, 5, 2**32 - 1, 2**64])
-def test_encode_pkt_matches_cbor2(n, ts):
-    data = bytes(range(256)) * (n // 256) + bytes(n % 256)
-    assert encode_pkt(ts, data) == cbor2.dumps({"t": "pkt", "ts": ts, "data": data})
-    assert encode_pkt(ts, data, n + 9) == cbor2.dumps(
-        {"t": "pkt", "ts": ts, "data": data, "len": n + 9})
-
-
 def test_reader_on_a_pipe_reports_frames_and_linktype():
     r, w = os.pipe()
     content = cf.pcap([(TS0, eth(ETH4, ip4(1))), (TS0 + 1, eth(ETH6, ip6(2)))])

@@ -11,8 +11,9 @@ import pytest
 
 from tc import cbor_items, decode, run, stream
 from tcpcopylib.errors import StreamError
-from tcpcopylib.records import (AS_PKT, AS_SPANS, HEADER, LABEL, RecordReader, StreamDecoder,
-                                encode_section, fast_record, header)
+from tcpcopylib.records import (AS_PKT, AS_SPANS, HEADER, LABEL, SPAN_KIND, SPAN_STOP,
+                                RecordReader, StreamDecoder, encode_section, fast_record,
+                                header)
 from tcpcopylib.streamparse import StreamParser
 
 TS = 1_700_000_000_123_456_789
@@ -186,17 +187,18 @@ def test_spans_locate_every_record_in_the_buffer():
     want = decode(data, headers=True)
     assert len(items) == len(want)
     start = 0
-    for (kind, val, ts_at, p, q, stop, extra), w in zip(items, want):
+    for (kind, ts, ts_at, stop, count, rec), w in zip(items, want):
         if kind is HEADER or kind is None:
-            assert val == w
+            assert rec == w and ts is None and ts_at is None
+            assert count == (0 if kind is HEADER else 1)
         else:  # nothing decoded but the ts: the record is data[start:stop]
             assert kind == w["t"] and data[start:stop] == cbor2.dumps(w)
-            assert val == w["ts"] and data[ts_at:ts_at + 8] == U64(w["ts"])
-            assert data[p:q] == w["data"]
-            assert (extra or {}) == {k: v for k, v in w.items() if k in ("sid", "len")}
+            assert ts == w["ts"] and data[ts_at:ts_at + 8] == U64(w["ts"])
+            assert count == 1 and rec is None
+            assert fast_record(data, start, stop) == (w, stop)
         start = stop
-    assert items[-1][5] == len(data)
-    assert [i for i, item in enumerate(items) if item[0] is HEADER] == [0, len(recs) + 1]
+    assert items[-1][SPAN_STOP] == len(data)
+    assert [i for i, item in enumerate(items) if item[SPAN_KIND] is HEADER] == [0, len(recs) + 1]
 
 
 def test_errors_after_fast_records_keep_their_offsets():
@@ -308,11 +310,11 @@ def test_batch_encoding_is_cbor2s_and_every_mode_expands_it():
     assert StreamDecoder().parse(s, AS_RAW)[0] == (
         [(p, None) for p in pkts] + [({"t": "note"}, None)] + [(p, None) for p in pkts])
     spans = StreamDecoder().parse(s, AS_SPANS)[0]
-    kind, ts, ts_at, n, _, stop, _ = spans[1]
-    assert (kind, ts, n, stop) == (T_PKTS, stamps[0], 40, len(head) + len(raw))
+    kind, ts, ts_at, stop, n, rec = spans[1]
+    assert (kind, ts, n, stop, rec) == (T_PKTS, stamps[0], 40, len(head) + len(raw), None)
     assert batch_stamps(s, ts_at, n) == tuple(stamps)
     assert batch_records(s, len(head), stop) == pkts
-    assert [x[1] for x in spans[3:]] == pkts  # the other layout: one decoded pkt each
+    assert [x[5] for x in spans[3:]] == pkts  # the other layout: one decoded pkt each
     # fed in pieces, as a pipe delivers it
     p, got = StreamParser(), []
     for i in range(0, len(s), 333):
@@ -337,7 +339,7 @@ def test_a_batch_with_session_ids_keeps_them_except_as_bare_packets():
     assert StreamDecoder().parse(s, AS_RECORDS) == (pkts + pkts, len(s), None)
     assert StreamDecoder().parse(s, AS_PKT)[0] == 2 * list(zip(stamps, datas))
     spans = StreamDecoder().parse(s, AS_SPANS)[0]
-    kind, ts, _ts_at, n, _, stop, _ = spans[1]  # (spans[0]: the header)
+    kind, ts, _ts_at, stop, n, _rec = spans[1]  # (spans[0]: the header)
     assert (kind, ts, n, stop) == (T_PKTS, stamps[0], 30, len(head) + len(raw))
     assert batch_records(s, len(head), stop) == pkts
     assert decode(s) == pkts + pkts
@@ -369,54 +371,8 @@ def test_a_batch_whose_lengths_do_not_add_up_is_an_error(layout):
     assert r.returncode == 65 and b"malformed pkts record" in r.stderr
 
 
-# -- the hand-made encoders at every length boundary of CBOR (bench/mutate.py's records) --
-_BOUNDS = [0, 1, 23, 24, 25, 255, 256, 257, 2047, 2048, 65535, 65536]
-_STAMPS = [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**32 + 1, TS, 2**64 - 1]
-
-
-def test_cbor_head_is_cbor2s_head_at_every_boundary():
-    from tcpcopylib.capture import _bstr_head
-    from tcpcopylib.records import cbor_head
-
-    for n in _BOUNDS + [2**32 - 1, 2**32, 2**64 - 1]:
-        assert cbor_head(0, n) == cbor2.dumps(n), n
-        if n <= 65536:
-            enc = cbor2.dumps(bytes(n))
-            assert cbor_head(2, n) == enc[:len(enc) - n] == _bstr_head(n), n
-            enc = cbor2.dumps("a" * n)
-            assert cbor_head(3, n) == enc[:len(enc) - n], n
-            assert cbor2.dumps([0] * n).startswith(cbor_head(4, n)), n
-            assert cbor2.dumps([0] * n) == cbor_head(4, n) + b"\x00" * n, n
-    assert _bstr_head(2**32 - 1) == cbor_head(2, 2**32 - 1) == b"\x5a\xff\xff\xff\xff"
-    assert cbor_head(2, 2**32) == b"\x5b" + U64(2**32)
-
-
-def test_every_pkt_encoder_is_cbor2s_at_every_boundary():
-    from tcpcopylib import capture, pcapio
-    from tcpcopylib.cli.session import encode_pkt as session_pkt
-
-    for ts in _STAMPS:
-        for n in _BOUNDS:
-            data = bytes(range(256)) * (n // 256) + bytes(range(n % 256))
-            want = cbor2.dumps({"t": "pkt", "ts": ts, "data": data})
-            assert capture.encode_pkt(ts, data) == want, (ts, n)
-            assert pcapio.encode_pkt(ts, data) == want, (ts, n)
-            for ln in (1, 23, 24, 1500, 70000):
-                want = cbor2.dumps({"t": "pkt", "ts": ts, "data": data, "len": ln})
-                assert capture.encode_pkt(ts, data, ln) == want, (ts, n, ln)
-                assert pcapio.encode_pkt(ts, data, ln) == want, (ts, n, ln)
-            for sid in (0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32):
-                want = cbor2.dumps({"t": "pkt", "ts": ts, "data": data, "sid": sid})
-                assert session_pkt(ts, data, sid) == want, (ts, n, sid)
-                if ts > 0xFFFFFFFF and n < 0x10000 and sid < 2**32:  # the common layout
-                    assert fast_record(want, 0, len(want)) == (
-                        {"t": "pkt", "ts": ts, "data": data, "sid": sid}, len(want)), (ts, n, sid)
-    # beyond 64 bits: cbor2's bignum, as cbor2 writes it
-    for enc in (capture.encode_pkt, pcapio.encode_pkt):
-        assert enc(2**64, b"x") == cbor2.dumps({"t": "pkt", "ts": 2**64, "data": b"x"})
-    assert session_pkt(2**64, bytes(30), 1) == cbor2.dumps(
-        {"t": "pkt", "ts": 2**64, "data": bytes(30), "sid": 1})
-
+# -- the scanners at every length boundary of CBOR (bench/mutate.py's records; the
+# encoders: test_wire.py) --
 
 def test_fast_record_takes_each_shortest_head_and_no_longer_one():
     """The fast path takes every shortest encoding at each head boundary (data length,

@@ -358,17 +358,3 @@ def _hold_closed_fd(fd: int) -> None:
     except OSError:
         pass
 
-
-def run_tool(tool_cls, argv=None) -> int:
-    return tool_cls().main(argv)
-
-
-class NotBuiltTool(Tool):
-    """Placeholder for a tool of the family that is not implemented yet (exit 69)."""
-
-    writes_records = False
-
-    def run(self, args):
-        from tcpcopylib.errors import NotBuiltError
-
-        raise NotBuiltError(f"{self.name} is not implemented yet in tcpcopylib {__version__}")

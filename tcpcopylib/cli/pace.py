@@ -88,11 +88,10 @@ class Tool(BaseTool):
             for buf, items in reader.iter_spans():
                 out = bytearray(buf)
                 mark = cur = 0
-                for kind, ts, ts_at, _p, _q, stop, _extra in items:
-                    if kind is None or kind is HEADER:  # decoded by cbor2: re-encoded
+                for kind, ts, ts_at, stop, count, rec in items:  # (records.SPAN_KIND)
+                    if rec is not None:  # decoded by cbor2 (a header too): re-encoded
                         take()
                         mark = cur = stop
-                        rec = ts  # (in that slot: the decoded record or header)
                         if kind is HEADER:
                             hdr = merged_header(self.name, rec)
                             if writer is None:
@@ -113,7 +112,7 @@ class Tool(BaseTool):
                         self.records_out += 1
                         continue
                     if kind == T_PKTS:
-                        n = _p
+                        n = count
                         self.records_in += n
                         self.records_out += n
                         stamps = batch_stamps(out, ts_at, n)

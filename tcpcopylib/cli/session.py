@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import time
 
 from tcpcopylib.cli.common import Tool as BaseTool
 from tcpcopylib.cli.common import MAX_SPEED, MIN_SPEED, number_arg
 from tcpcopylib.errors import UsageError
+from tcpcopylib.wire import encode_pkt_sid as encode_pkt  # (the loop's name for it)
 
 SEC = 1_000_000_000
 MAX_PENDING = 100_000   # records held for their due time before we stop reading stdin
@@ -23,32 +23,6 @@ CHUNK = 1 << 17
 OUT_BATCH = 1 << 16     # output bytes buffered before a flush within one loop turn
 MAX_BATCH_PKTS = 63     # -B at most: records.MAX_BATCH_PKTS (not imported: cbor2 loads slowly)
 RSS_EVERY = 0.2         # seconds between --max-memory checks
-
-
-_PKT_TS = b"\xa4\x61t\x63pkt\x62ts\x1b"   # {"t": "pkt", "ts": <8-byte uint>, ...
-_PKT8 = struct.Struct("!11sQ6sB")   # ... "data": <24..255 bytes>
-_PKT16 = struct.Struct("!11sQ6sH")  # ... "data": <256..65535 bytes>
-_DATA8, _DATA16 = b"\x64data\x58", b"\x64data\x59"
-_SID = b"\x63sid"
-# '"sid": <uint>' for the first 256 session ids, then packed: sids are too many to cache
-# (concurrent sessions interleave their packets)
-_SID_TAILS = [_SID + (bytes((i,)) if i < 24 else bytes((0x18, i))) for i in range(256)]
-_SID16 = struct.Struct("!4sBH").pack
-_SID32 = struct.Struct("!4sBI").pack
-
-
-def encode_pkt(ts: int, data: bytes, sid: int) -> bytes:
-    """cbor2.dumps({"t": "pkt", "ts": ts, "data": data, "sid": sid}), byte for byte."""
-    n = len(data)
-    if 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF and 24 <= n < 0x10000 and 0 <= sid < 0x100000000:
-        tail = (_SID_TAILS[sid] if sid < 0x100 else _SID16(_SID, 0x19, sid) if sid < 0x10000
-                else _SID32(_SID, 0x1A, sid))
-        if n < 0x100:
-            return b"".join((_PKT8.pack(_PKT_TS, ts, _DATA8, n), data, tail))
-        return b"".join((_PKT16.pack(_PKT_TS, ts, _DATA16, n), data, tail))
-    import cbor2
-
-    return cbor2.dumps({"t": "pkt", "ts": ts, "data": data, "sid": sid})
 
 
 def _rss() -> int:
