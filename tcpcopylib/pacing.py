@@ -22,6 +22,38 @@ NS = 1_000_000_000
 LONG_WAIT_NS = 3600 * NS  # a wait worth a warning (a timestamp far ahead)
 
 
+class Timeline:
+    """The timing rule, its one implementation (tc-pace's Pacer and tc-session's DueQueue
+    both schedule with it): a timed record is due at ``anchor_wall + (ts - anchor_ts) /
+    speed`` (clock ns), anchored at the first record ``at()`` is asked about. A gap clamp
+    moves the anchor (either end), so the records after it keep their pace."""
+
+    __slots__ = ("speed", "anchor_wall", "anchor_ts")
+
+    def __init__(self, speed: float = 1.0):
+        self.speed = speed
+        self.anchor_wall: int | None = None  # None until the first timed record
+        self.anchor_ts = 0
+
+    def at(self, ts: int, now: int) -> int:
+        """When a record stamped ``ts`` is due; the first one anchors the timeline at
+        ``now``."""
+        if self.anchor_wall is None:
+            self.anchor_wall, self.anchor_ts = now, ts
+        return self.anchor_wall + self.scaled(ts - self.anchor_ts)
+
+    def scaled(self, offset: int) -> int:
+        """A span of recording time (ns) as clock time."""
+        return offset if self.speed == 1 else round(offset / self.speed)
+
+    def shift(self) -> int | None:
+        """At speed 1, once anchored, ``at(ts) == ts + shift()`` (for loops that inline
+        it); None otherwise."""
+        if self.anchor_wall is None or self.speed != 1:
+            return None
+        return self.anchor_wall - self.anchor_ts
+
+
 class Pacer:
     def __init__(self, speed: float = 1.0, max_gap: float | None = None,
                  rate: float | None = None, delay: float = 0.0,
@@ -34,8 +66,7 @@ class Pacer:
             raise ValueError("max-gap must be >= 0")
         if not delay >= 0:
             raise ValueError("delay must be >= 0")
-        self.speed = speed
-        self._unit_speed = speed == 1
+        self.timeline = Timeline(speed)
         self.max_gap_ns = None if max_gap is None else round(max_gap * NS)
         self.rate = rate
         self.interval_ns = None if rate is None else NS / rate
@@ -44,12 +75,11 @@ class Pacer:
         self.sleep = sleep
         self.warn = None  # warn(msg): told about a wait of an hour or more
         self.origin_ts: int | None = None   # first ts seen (for rewriting ts)
-        self.anchor_ts: int | None = None   # moves with max_gap clamping
-        self.anchor_wall: int | None = None
         self.prev_ts: int | None = None
         self._slot_base: int | None = None  # rate schedule: slot n = base + n * interval
         self._slot_n = 0
-        self._base: int | None = None  # anchor_wall + delay, when plan() is plain arithmetic
+        # no gap clamp, no rate: once anchored, plan() is the timeline's rule plus the delay
+        self._plain = max_gap is None and rate is None
         # statistics
         self.timed = 0
         self.max_late_ns = 0
@@ -57,20 +87,16 @@ class Pacer:
 
     def plan(self, ts: int, now: int) -> int:
         """The planned release time (clock ns) of a record stamped ``ts``, read at ``now``."""
-        if self.anchor_ts is None:
-            self.origin_ts = self.anchor_ts = self.prev_ts = ts
-            self.anchor_wall = now
+        if self.origin_ts is None:
+            self.origin_ts = self.prev_ts = ts
         else:
             limit = self.max_gap_ns
             if limit is not None:
                 gap = ts - self.prev_ts
                 if gap > limit or gap < -limit:
-                    self.anchor_ts += gap - limit
+                    self.timeline.anchor_ts += gap - limit
             self.prev_ts = ts
-        offset = ts - self.anchor_ts
-        if self.speed != 1:
-            offset = round(offset / self.speed)
-        t = self.anchor_wall + offset + self.delay_ns
+        t = self.timeline.at(ts, now) + self.delay_ns
         if self.interval_ns is None:
             return t
         base = self._slot_base
@@ -92,14 +118,10 @@ class Pacer:
         return its planned release time on the recording's clock
         (``origin_ts + (planned - anchor_wall)``): ``ts`` itself with no option set."""
         now = self.clock()
-        base = self._base
-        if base is not None:  # no gap clamp, no rate: plan() reduced to its arithmetic
-            planned = base + (ts - self.anchor_ts if self._unit_speed
-                              else round((ts - self.anchor_ts) / self.speed))
+        if self._plain and self.origin_ts is not None:
+            planned = self.timeline.at(ts, now) + self.delay_ns
         else:
             planned = self.plan(ts, now)
-            if self.max_gap_ns is None and self.interval_ns is None:
-                self._base = self.anchor_wall + self.delay_ns
         if planned > now:
             if planned - now >= LONG_WAIT_NS and self.warn is not None:
                 self.warn(f"warning: the next record is due in {(planned - now) / NS:.0f} s "
@@ -117,7 +139,7 @@ class Pacer:
         late = now - planned
         if late > self.max_late_ns:
             self.max_late_ns = late
-        return self.origin_ts + (planned - self.anchor_wall)
+        return self.origin_ts + (planned - self.timeline.anchor_wall)
 
     def release(self, rec: dict, flush=None, keep_ts: bool = False) -> dict:
         """Wait until ``rec`` is due (calling ``flush`` before any sleep) and return it.

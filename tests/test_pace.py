@@ -457,6 +457,40 @@ def test_a_rate_cap_takes_a_batch_apart(sids):
     assert [x.get("sid") for x in recs] == (sids or [None] * 5)
 
 
+# ---- the one timing rule (pacing.Timeline), which both schedules use --------------------
+
+def test_timeline_anchors_at_the_first_record_and_scales_offsets():
+    from tcpcopylib.pacing import Timeline
+
+    tl = Timeline(speed=4)
+    assert tl.shift() is None
+    assert tl.at(T0 + 8, 1000) == 1000  # the first record: the anchor, due at once
+    assert [tl.at(T0 + d, 5000) for d in (8, 16, 0, 10)] == [1000, 1002, 998, 1000]  # 0.5 -> 0
+    assert tl.shift() is None  # (only speed 1 has one)
+    one = Timeline()
+    assert one.at(T0, 70) == 70 and one.shift() == 70 - T0
+    one.anchor_wall -= 20  # a gap clamp moves the anchor: what follows moves with it
+    assert one.at(T0 + 100, 0) == 150 == T0 + 100 + one.shift()
+
+
+def test_pacer_and_due_queue_agree_where_their_options_agree():
+    """Both schedule with the one Timeline: at a speed, with no clamp, rate or delay, a
+    record's planned release (Pacer) and its due time (DueQueue) are the same clock time."""
+    from tcpcopylib.session.timing import DueQueue
+
+    rng = random.Random(7)
+    stamps = [T0]
+    for _ in range(50):
+        stamps.append(stamps[-1] + rng.choice([0, 1, 999, 10**6, 3 * 10**8]))
+    for speed in (1, 3, 0.25):
+        clock = FakeClock(start=123)
+        p = Pacer(speed=speed, clock=clock, sleep=clock.sleep)
+        q = DueQueue(speed=speed)
+        q.push_records([(t, b"") for t in stamps], 123, None)
+        planned = [p.plan(t, 123) for t in stamps]
+        assert [due for due, _ in q.q] == planned, speed
+
+
 # ---- tc-session's input schedule (session/timing.DueQueue), fake clock ------------------
 
 def _queue_items(q, now):
@@ -522,7 +556,7 @@ def test_due_queue_push_records_is_push_inlined(speed, asap):
             slow.q.append((due, d))
         assert dropped == n
         assert list(fast.q) == list(slow.q)
-        assert fast.last_due == slow.last_due and fast.anchor_wall == slow.anchor_wall
+        assert fast.last_due == slow.last_due and fast.timeline.anchor_wall == slow.timeline.anchor_wall
     assert others_fast == others_slow and others_fast
     assert len(fast) == len(slow) > 0
 
@@ -559,7 +593,7 @@ def test_due_queue_schedule():
     assert list(q.q) == [(50, b"x"), (70, b"y"), (80, b"z")] and q.last_due == 80
     q = DueQueue(speed=4)
     q.push_records([(T0, b"x"), (T0 + 10, b"y")], 50, None, drop=lambda d: d == b"x")
-    assert list(q.q) == [(52, b"y")] and q.anchor_wall == 50 and q.anchor_ts == T0
+    assert list(q.q) == [(52, b"y")] and q.timeline.anchor_wall == 50 and q.timeline.anchor_ts == T0
 
 
 # ---- the schedule's boundaries (bench/mutate.py's pacing survivors) ---------------------
