@@ -106,7 +106,7 @@ TARGETS: dict[str, list[tuple[str, list[str], str]]] = {
          "tests/test_records_fast.py tests/test_readpcap.py" + _NOT_STEP_1),
         ("tcpcopylib/intercept.py", ["encode_fb", "fb_record"],
          "tests/test_records_fast.py tests/test_intercept.py" + _NOT_STEP_1),
-        ("tcpcopylib/cli/session.py", ["encode_pkt"],
+        ("tcpcopylib/session/runner.py", ["encode_pkt"],
          "tests/test_records_fast.py tests/test_session_fast.py" + _NOT_STEP_1),
     ],
     "pacing": [
@@ -231,7 +231,7 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
                  "256 -> 257 @ if ts >= 0x100000000 and 24 <= n < 256 and 256 <= length < 0x10000:",
                  "256 -> 257 @ lb = bytes((0x19,)) + length.to_bytes(2, 'big') if 256 <= length < "
                  "0x10000 else cbor_head(0, length)".replace("'", '"'))},
-    **{("tcpcopylib/cli/session.py", "encode_pkt", t + " @ if 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF and 24 <= n < 0x10000 and 0 <= sid < 0x100000000:"): _NARROWED
+    **{("tcpcopylib/session/runner.py", "encode_pkt", t + " @ if 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF and 24 <= n < 0x10000 and 0 <= sid < 0x100000000:"): _NARROWED
        for t in ("4294967295 < ts <= 18446744073709551615 -> 4294967295 < ts < 18446744073709551615",
                  "24 <= n < 65536 -> 24 < n < 65536", "0 <= sid < 4294967296 -> 0 < sid < 4294967296",
                  "4294967295 -> 4294967296", "24 -> 25", "0 -> 1")},

@@ -393,7 +393,7 @@ def test_cbor_head_is_cbor2s_head_at_every_boundary():
 
 def test_every_pkt_encoder_is_cbor2s_at_every_boundary():
     from tcpcopylib import capture, pcapio
-    from tcpcopylib.cli.session import encode_pkt as session_pkt
+    from tcpcopylib.session.runner import encode_pkt as session_pkt
 
     for ts in _STAMPS:
         for n in _BOUNDS:

@@ -4,7 +4,7 @@ import random
 
 import cbor2
 
-from tcpcopylib.cli.session import encode_pkt
+from tcpcopylib.session.runner import encode_pkt
 
 
 def test_encode_pkt_is_cbor2_byte_for_byte():
