@@ -154,3 +154,155 @@ class Pacer:
         if not keep_ts and new_ts != ts:
             rec["ts"] = new_ts
         return rec
+
+
+class PaceRunner:
+    """tc-pace's forwarding loop: the records of a stream read from ``in_fd`` go to a
+    RecordWriter on ``out_fd`` (made at the first header, ``tool`` merged into it), each
+    when ``pacer`` says it is due; what was released is flushed before every sleep and
+    every blocking read. A timed record's ts becomes its planned release time (Pacer.due),
+    unless ``keep_ts``. The clock is the pacer's (clock, sleep), the I/O two descriptors,
+    so a test runs it in process with a fake clock and in-memory files."""
+
+    def __init__(self, pacer: Pacer, out_fd: int, tool: str = "tc-pace", keep_ts: bool = False):
+        self.pacer = pacer
+        self.out_fd = out_fd
+        self.tool = tool
+        self.keep_ts = keep_ts
+        self.writer = None
+        self.records_in = self.records_out = 0
+        # A batch (pkts) moves as one item, every ts shifted with its first, unless records
+        # are rate-capped or gaps clamped: then each of its packets is paced on its own.
+        self.whole_batches = pacer.interval_ns is None and pacer.max_gap_ns is None
+
+    def run(self, in_fd: int, name: str = "<stdin>") -> None:
+        """Until the end of the input (an empty one is a StreamError: nothing written)."""
+        import struct
+
+        from tcpcopylib.records import HEADER, T_PKTS, RecordReader
+
+        # Records in the common layout are forwarded as the bytes read, their ts patched in
+        # place: out is a copy of the chunk being released, out[mark:cur] the records released
+        # but not yet in the writer's buffer, cur the start of the next record.
+        out = None
+        mark = cur = 0
+
+        def take():
+            """out[mark:cur] into the writer's buffer."""
+            nonlocal mark
+            if cur > mark:
+                self.writer.buf += memoryview(out)[mark:cur]
+                mark = cur
+
+        def flush():
+            take()
+            if self.writer is not None:
+                self.writer.flush()
+
+        reader = RecordReader(in_fd, on_idle=flush, headers=True, name=name)
+        due, keep_ts = self.pacer.due, self.keep_ts
+        patch_ts = struct.Struct(">Q").pack_into
+        try:
+            for buf, items in reader.iter_spans():
+                out = bytearray(buf)
+                mark = cur = 0
+                for kind, ts, ts_at, n, _q, stop, _extra in items:
+                    if kind is None or kind is HEADER:  # decoded by cbor2: re-encoded
+                        take()
+                        mark = cur = stop
+                        # (in the ts slot: the decoded record or header)
+                        if kind is HEADER:
+                            self._header(ts)
+                        else:
+                            self._decoded(ts, flush, name)
+                        continue
+                    if kind == T_PKTS:
+                        if self.whole_batches:
+                            self._shift_batch(out, ts, ts_at, n, flush)
+                        else:  # rate cap or gap clamp: each packet goes when it is due
+                            take()
+                            self._batch_apart(buf, cur, stop, n, flush)
+                            mark = stop
+                        cur = stop
+                        continue
+                    self.records_in += 1
+                    new_ts = due(ts, flush)
+                    if new_ts != ts and not keep_ts:
+                        if 0xFFFFFFFF < new_ts <= 0xFFFFFFFFFFFFFFFF:
+                            patch_ts(out, ts_at, new_ts)
+                        else:  # another length: re-encoded
+                            take()
+                            self._reencode(buf, cur, stop, new_ts)
+                            mark = stop
+                    cur = stop
+                    self.records_out += 1
+                take()
+                if len(self.writer.buf) >= self.writer.bufsize:
+                    self.writer.flush()
+        finally:
+            flush()  # what was released before an error or a signal still goes out
+
+    def _header(self, hdr: dict) -> None:
+        from tcpcopylib.records import RecordWriter, merged_header
+
+        hdr = merged_header(self.tool, hdr)
+        if self.writer is None:
+            self.writer = RecordWriter(self.out_fd, hdr)
+        else:
+            self.writer.new_section(hdr)
+
+    def _decoded(self, rec: dict, flush, name: str) -> None:
+        """A record not in the common layout (decoded by cbor2), re-encoded."""
+        self.records_in += 1
+        rts = rec.get("ts")
+        if type(rts) is int:
+            if not -(1 << 64) < rts < 1 << 64:
+                from tcpcopylib.errors import StreamError
+
+                raise StreamError(f"{name}: record {self.records_in}: ts does not fit in "
+                                  f"64 bits")
+            new_ts = self.pacer.due(rts, flush)
+            if not self.keep_ts:
+                rec["ts"] = new_ts
+        self.writer.write(rec)
+        self.records_out += 1
+
+    def _shift_batch(self, out: bytearray, ts: int, ts_at: int, n: int, flush) -> None:
+        """A batch of n packets, due as its first: one due(); every ts shifted with the
+        first, in place."""
+        from tcpcopylib.records import batch_stamps, batch_structs
+
+        self.records_in += n
+        self.records_out += n
+        stamps = batch_stamps(out, ts_at, n)
+        new0 = self.pacer.due(ts, flush)
+        scaled = self.pacer.timeline.scaled
+        if (new0 != ts or self.pacer.timeline.speed != 1) and not self.keep_ts:
+            new = [new0 + scaled(t - ts) for t in stamps]
+            if min(new) < 0 or max(new) > 0xFFFFFFFFFFFFFFFF:
+                from tcpcopylib.errors import StreamError
+
+                raise StreamError("a timestamp out of range after pacing")
+            batch_structs(n)[0].pack_into(out, ts_at, *new)
+
+    def _batch_apart(self, buf, start: int, stop: int, n: int, flush) -> None:
+        """A batch of n packets each paced on its own: written one by one, each with its
+        sid."""
+        from tcpcopylib.records import batch_records
+
+        self.records_in += n
+        self.records_out += n
+        due, keep_ts, write = self.pacer.due, self.keep_ts, self.writer.write
+        for rec in batch_records(buf, start, stop):
+            new_ts = due(rec["ts"], flush)
+            if not keep_ts:
+                rec["ts"] = new_ts
+            write(rec)
+
+    def _reencode(self, buf, start: int, stop: int, new_ts: int) -> None:
+        """A pkt record whose new ts does not fit the bytes of its old one."""
+        from tcpcopylib.records import fast_record
+
+        rec = fast_record(buf, start, stop)[0]
+        rec["ts"] = new_ts
+        self.writer.write(rec)
