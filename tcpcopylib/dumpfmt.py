@@ -1,18 +1,22 @@
-"""Human and JSON renderings of records (tc-dump's library).
+"""Human, JSON and pcap renderings of records (tc-dump's library).
 
 ``TextFormatter.line(rec)`` gives one tcpdump-like line per record; ``to_json`` /
 ``from_json`` convert a record to and from one JSON object losslessly: bytes become
 ``{"$bytes": "<base64>"}`` and a CBOR tag becomes ``{"$tag": N, "value": ...}``;
 ints, strings, lists, maps with string keys, floats, booleans and null are kept as is.
+``write_pcap`` and ``records_from_json`` are tc-dump's --pcap and --from-json loops;
+``TextOut`` its buffered text output.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import struct
 import time
 
+from tcpcopylib.errors import StreamError
 from tcpcopylib.packet import TH_ACK, TH_FIN, TH_RST, TH_SYN, TH_URG, flags_str, ip_str, parse_tcp
 
 _PKT_KEYS = {"t", "ts", "data", "len", "sid"}
@@ -205,3 +209,92 @@ class TextFormatter:
         if extra:
             s += " {" + kv_str(extra, ()) + "}"
         return s
+
+
+class TextOut:
+    """Buffered text lines to an fd (flushed on idle, like RecordWriter)."""
+
+    def __init__(self, fd: int, max_lines: int = 512):
+        self.fd = fd
+        self.lines: list[str] = []
+        self.max_lines = max_lines
+
+    def write(self, line: str) -> None:
+        self.lines.append(line)
+        if len(self.lines) >= self.max_lines:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.lines:
+            return
+        data = ("\n".join(self.lines) + "\n").encode("utf-8", "backslashreplace")
+        self.lines.clear()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+
+# -- pcap and JSON Lines conversions (tc-dump --pcap, --from-json) ---------------------------
+_PCAP_REC = struct.Struct("<IIII").pack  # pcap record header: sec, nsec, caplen, len
+
+
+def write_pcap(records, writer, kinds=("pkt",), counts=None) -> None:
+    """The records of these kinds (their data and ts) into ``writer``, a pcapio.PcapWriter;
+    ``counts[t]`` counts every record read by type. Flushed at the end, however it ends."""
+    # PcapWriter.write, inlined: the hot loop of tc-dump --pcap
+    buf, flush, bufsize, pack = writer.buf, writer.flush, writer.bufsize, _PCAP_REC
+    counts = {} if counts is None else counts
+    n = 0
+    try:
+        for rec in records:
+            n += 1
+            t = rec["t"]
+            counts[t] = counts.get(t, 0) + 1
+            if t not in kinds:
+                continue
+            data, ts = rec.get("data"), rec.get("ts")
+            if type(ts) is not int or type(data) is not bytes:
+                raise StreamError(f"record {n}: a {t} record without bytes 'data' and "
+                                  f"integer 'ts'")
+            orig = rec.get("len")
+            size = len(data)
+            try:
+                buf += pack(ts // 1_000_000_000, ts % 1_000_000_000, size,
+                            orig if type(orig) is int and orig > size else size)
+            except struct.error:
+                raise StreamError(f"record {n}: ts {ts} or len {orig} does not fit in a "
+                                  f"pcap file") from None
+            buf += data
+            writer.packets += 1
+            if len(buf) >= bufsize:
+                flush()
+    finally:
+        flush()
+
+
+def records_from_json(lines, name: str, count=None):
+    """The records of JSON Lines text (as to_json writes them; blank lines and # comments
+    skipped), each checked to be a record, headers to be of a known format version:
+    StreamError naming ``name`` and the line otherwise. ``count(rec)`` is called for
+    every record, before a header is checked."""
+    from tcpcopylib.records import FORMAT_VERSION
+
+    for lineno, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            rec = from_json(line)
+        except ValueError as e:
+            raise StreamError(f"{name}:{lineno}: not a JSON record: {e}") from None
+        if not isinstance(rec, dict) or "t" not in rec:
+            raise StreamError(f"{name}:{lineno}: not a record (a JSON object with a \"t\" "
+                              f"key)")
+        if count is not None:
+            count(rec)
+        if rec["t"] == "header":
+            v = rec.get("v")
+            if not isinstance(v, int) or not 1 <= v <= FORMAT_VERSION:
+                raise StreamError(f"{name}:{lineno}: header with unsupported format "
+                                  f"version {v!r}")
+        yield rec

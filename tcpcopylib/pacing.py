@@ -22,6 +22,38 @@ NS = 1_000_000_000
 LONG_WAIT_NS = 3600 * NS  # a wait worth a warning (a timestamp far ahead)
 
 
+class Timeline:
+    """The timing rule, its one implementation (tc-pace's Pacer and tc-session's DueQueue
+    both schedule with it): a timed record is due at ``anchor_wall + (ts - anchor_ts) /
+    speed`` (clock ns), anchored at the first record ``at()`` is asked about. A gap clamp
+    moves the anchor (either end), so the records after it keep their pace."""
+
+    __slots__ = ("speed", "anchor_wall", "anchor_ts")
+
+    def __init__(self, speed: float = 1.0):
+        self.speed = speed
+        self.anchor_wall: int | None = None  # None until the first timed record
+        self.anchor_ts = 0
+
+    def at(self, ts: int, now: int) -> int:
+        """When a record stamped ``ts`` is due; the first one anchors the timeline at
+        ``now``."""
+        if self.anchor_wall is None:
+            self.anchor_wall, self.anchor_ts = now, ts
+        return self.anchor_wall + self.scaled(ts - self.anchor_ts)
+
+    def scaled(self, offset: int) -> int:
+        """A span of recording time (ns) as clock time."""
+        return offset if self.speed == 1 else round(offset / self.speed)
+
+    def shift(self) -> int | None:
+        """At speed 1, once anchored, ``at(ts) == ts + shift()`` (for loops that inline
+        it); None otherwise."""
+        if self.anchor_wall is None or self.speed != 1:
+            return None
+        return self.anchor_wall - self.anchor_ts
+
+
 class Pacer:
     def __init__(self, speed: float = 1.0, max_gap: float | None = None,
                  rate: float | None = None, delay: float = 0.0,
@@ -34,8 +66,7 @@ class Pacer:
             raise ValueError("max-gap must be >= 0")
         if not delay >= 0:
             raise ValueError("delay must be >= 0")
-        self.speed = speed
-        self._unit_speed = speed == 1
+        self.timeline = Timeline(speed)
         self.max_gap_ns = None if max_gap is None else round(max_gap * NS)
         self.rate = rate
         self.interval_ns = None if rate is None else NS / rate
@@ -44,12 +75,11 @@ class Pacer:
         self.sleep = sleep
         self.warn = None  # warn(msg): told about a wait of an hour or more
         self.origin_ts: int | None = None   # first ts seen (for rewriting ts)
-        self.anchor_ts: int | None = None   # moves with max_gap clamping
-        self.anchor_wall: int | None = None
         self.prev_ts: int | None = None
         self._slot_base: int | None = None  # rate schedule: slot n = base + n * interval
         self._slot_n = 0
-        self._base: int | None = None  # anchor_wall + delay, when plan() is plain arithmetic
+        # no gap clamp, no rate: once anchored, plan() is the timeline's rule plus the delay
+        self._plain = max_gap is None and rate is None
         # statistics
         self.timed = 0
         self.max_late_ns = 0
@@ -57,20 +87,16 @@ class Pacer:
 
     def plan(self, ts: int, now: int) -> int:
         """The planned release time (clock ns) of a record stamped ``ts``, read at ``now``."""
-        if self.anchor_ts is None:
-            self.origin_ts = self.anchor_ts = self.prev_ts = ts
-            self.anchor_wall = now
+        if self.origin_ts is None:
+            self.origin_ts = self.prev_ts = ts
         else:
             limit = self.max_gap_ns
             if limit is not None:
                 gap = ts - self.prev_ts
                 if gap > limit or gap < -limit:
-                    self.anchor_ts += gap - limit
+                    self.timeline.anchor_ts += gap - limit
             self.prev_ts = ts
-        offset = ts - self.anchor_ts
-        if self.speed != 1:
-            offset = round(offset / self.speed)
-        t = self.anchor_wall + offset + self.delay_ns
+        t = self.timeline.at(ts, now) + self.delay_ns
         if self.interval_ns is None:
             return t
         base = self._slot_base
@@ -92,14 +118,10 @@ class Pacer:
         return its planned release time on the recording's clock
         (``origin_ts + (planned - anchor_wall)``): ``ts`` itself with no option set."""
         now = self.clock()
-        base = self._base
-        if base is not None:  # no gap clamp, no rate: plan() reduced to its arithmetic
-            planned = base + (ts - self.anchor_ts if self._unit_speed
-                              else round((ts - self.anchor_ts) / self.speed))
+        if self._plain and self.origin_ts is not None:
+            planned = self.timeline.at(ts, now) + self.delay_ns
         else:
             planned = self.plan(ts, now)
-            if self.max_gap_ns is None and self.interval_ns is None:
-                self._base = self.anchor_wall + self.delay_ns
         if planned > now:
             if planned - now >= LONG_WAIT_NS and self.warn is not None:
                 self.warn(f"warning: the next record is due in {(planned - now) / NS:.0f} s "
@@ -117,7 +139,7 @@ class Pacer:
         late = now - planned
         if late > self.max_late_ns:
             self.max_late_ns = late
-        return self.origin_ts + (planned - self.anchor_wall)
+        return self.origin_ts + (planned - self.timeline.anchor_wall)
 
     def release(self, rec: dict, flush=None, keep_ts: bool = False) -> dict:
         """Wait until ``rec`` is due (calling ``flush`` before any sleep) and return it.
@@ -132,3 +154,154 @@ class Pacer:
         if not keep_ts and new_ts != ts:
             rec["ts"] = new_ts
         return rec
+
+
+class PaceRunner:
+    """tc-pace's forwarding loop: the records of a stream read from ``in_fd`` go to a
+    RecordWriter on ``out_fd`` (made at the first header, ``tool`` merged into it), each
+    when ``pacer`` says it is due; what was released is flushed before every sleep and
+    every blocking read. A timed record's ts becomes its planned release time (Pacer.due),
+    unless ``keep_ts``. The clock is the pacer's (clock, sleep), the I/O two descriptors,
+    so a test runs it in process with a fake clock and in-memory files."""
+
+    def __init__(self, pacer: Pacer, out_fd: int, tool: str = "tc-pace", keep_ts: bool = False):
+        self.pacer = pacer
+        self.out_fd = out_fd
+        self.tool = tool
+        self.keep_ts = keep_ts
+        self.writer = None
+        self.records_in = self.records_out = 0
+        # A batch (pkts) moves as one item, every ts shifted with its first, unless records
+        # are rate-capped or gaps clamped: then each of its packets is paced on its own.
+        self.whole_batches = pacer.interval_ns is None and pacer.max_gap_ns is None
+
+    def run(self, in_fd: int, name: str = "<stdin>") -> None:
+        """Until the end of the input (an empty one is a StreamError: nothing written)."""
+        import struct
+
+        from tcpcopylib.records import HEADER, T_PKTS, RecordReader
+
+        # Records in the common layout are forwarded as the bytes read, their ts patched in
+        # place: out is a copy of the chunk being released, out[mark:cur] the records released
+        # but not yet in the writer's buffer, cur the start of the next record.
+        out = None
+        mark = cur = 0
+
+        def take():
+            """out[mark:cur] into the writer's buffer."""
+            nonlocal mark
+            if cur > mark:
+                self.writer.buf += memoryview(out)[mark:cur]
+                mark = cur
+
+        def flush():
+            take()
+            if self.writer is not None:
+                self.writer.flush()
+
+        reader = RecordReader(in_fd, on_idle=flush, headers=True, name=name)
+        due, keep_ts = self.pacer.due, self.keep_ts
+        patch_ts = struct.Struct(">Q").pack_into
+        try:
+            for buf, items in reader.iter_spans():
+                out = bytearray(buf)
+                mark = cur = 0
+                for kind, ts, ts_at, stop, n, rec in items:  # (records.SPAN_KIND)
+                    if rec is not None:  # decoded by cbor2 (a header too): re-encoded
+                        take()
+                        mark = cur = stop
+                        if kind is HEADER:
+                            self._header(rec)
+                        else:
+                            self._decoded(rec, flush, name)
+                        continue
+                    if kind == T_PKTS:
+                        if self.whole_batches:
+                            self._shift_batch(out, ts, ts_at, n, flush)
+                        else:  # rate cap or gap clamp: each packet goes when it is due
+                            take()
+                            self._batch_apart(buf, cur, stop, n, flush)
+                            mark = stop
+                        cur = stop
+                        continue
+                    self.records_in += 1
+                    new_ts = due(ts, flush)
+                    if new_ts != ts and not keep_ts:
+                        if 0xFFFFFFFF < new_ts <= 0xFFFFFFFFFFFFFFFF:
+                            patch_ts(out, ts_at, new_ts)
+                        else:  # another length: re-encoded
+                            take()
+                            self._reencode(buf, cur, stop, new_ts)
+                            mark = stop
+                    cur = stop
+                    self.records_out += 1
+                take()
+                if len(self.writer.buf) >= self.writer.bufsize:
+                    self.writer.flush()
+        finally:
+            flush()  # what was released before an error or a signal still goes out
+
+    def _header(self, hdr: dict) -> None:
+        from tcpcopylib.records import RecordWriter, merged_header
+
+        hdr = merged_header(self.tool, hdr)
+        if self.writer is None:
+            self.writer = RecordWriter(self.out_fd, hdr)
+        else:
+            self.writer.new_section(hdr)
+
+    def _decoded(self, rec: dict, flush, name: str) -> None:
+        """A record not in the common layout (decoded by cbor2), re-encoded."""
+        self.records_in += 1
+        rts = rec.get("ts")
+        if type(rts) is int:
+            if not -(1 << 64) < rts < 1 << 64:
+                from tcpcopylib.errors import StreamError
+
+                raise StreamError(f"{name}: record {self.records_in}: ts does not fit in "
+                                  f"64 bits")
+            new_ts = self.pacer.due(rts, flush)
+            if not self.keep_ts:
+                rec["ts"] = new_ts
+        self.writer.write(rec)
+        self.records_out += 1
+
+    def _shift_batch(self, out: bytearray, ts: int, ts_at: int, n: int, flush) -> None:
+        """A batch of n packets, due as its first: one due(); every ts shifted with the
+        first, in place."""
+        from tcpcopylib.records import batch_stamps, batch_structs
+
+        self.records_in += n
+        self.records_out += n
+        stamps = batch_stamps(out, ts_at, n)
+        new0 = self.pacer.due(ts, flush)
+        scaled = self.pacer.timeline.scaled
+        if (new0 != ts or self.pacer.timeline.speed != 1) and not self.keep_ts:
+            new = [new0 + scaled(t - ts) for t in stamps]
+            if min(new) < 0 or max(new) > 0xFFFFFFFFFFFFFFFF:
+                from tcpcopylib.errors import StreamError
+
+                raise StreamError("a timestamp out of range after pacing")
+            batch_structs(n)[0].pack_into(out, ts_at, *new)
+
+    def _batch_apart(self, buf, start: int, stop: int, n: int, flush) -> None:
+        """A batch of n packets each paced on its own: written one by one, each with its
+        sid."""
+        from tcpcopylib.records import batch_records
+
+        self.records_in += n
+        self.records_out += n
+        due, keep_ts, write = self.pacer.due, self.keep_ts, self.writer.write
+        for rec in batch_records(buf, start, stop):
+            new_ts = due(rec["ts"], flush)
+            if not keep_ts:
+                rec["ts"] = new_ts
+            write(rec)
+
+    def _reencode(self, buf, start: int, stop: int, new_ts: int) -> None:
+        """A pkt record whose new ts does not fit the bytes of its old one."""
+        from tcpcopylib.records import fast_record
+
+        rec = fast_record(buf, start, stop)[0]
+        rec["ts"] = new_ts
+        self.writer.write(rec)

@@ -351,3 +351,43 @@ def test_text_and_pcap_match_tcpdump_on_real_captures(netns, tmp_path):
                            capture_output=True, env=env(), timeout=60)
         assert r.returncode == 0, r.stderr
         assert _tcpdump_lines(out) == want
+
+
+# -- the --pcap and --from-json loops in process (tcpcopylib.dumpfmt) -------------------------
+
+def test_write_pcap_in_process_writes_the_kinds_asked_and_counts_every_record():
+    import struct
+
+    from tcpcopylib.dumpfmt import write_pcap
+    from tcpcopylib.errors import StreamError
+    from tcpcopylib.pcapio import PcapWriter
+
+    out = os.memfd_create("pcap")
+    try:
+        w, counts = PcapWriter(out), {}
+        recs = [{"t": "header", "v": 1}, {"t": "pkt", "ts": 3 * 10**9 + 7, "data": b"ab"},
+                {"t": "fb", "ts": 5, "data": b"c"}, {"t": "pkt", "ts": 9, "data": b"d", "len": 60}]
+        write_pcap(iter(recs), w, ("pkt",), counts)
+        assert counts == {"header": 1, "pkt": 2, "fb": 1} and w.packets == 2
+        data = os.pread(out, 1 << 16, 0)
+        assert data[24:40] == struct.pack("<IIII", 3, 7, 2, 2) and data[40:42] == b"ab"
+        assert data[42:58] == struct.pack("<IIII", 0, 9, 1, 60) and data[58:] == b"d"
+        with pytest.raises(StreamError, match="record 1: a pkt record without bytes"):
+            write_pcap(iter([{"t": "pkt", "ts": 1.5, "data": b""}]), w)
+    finally:
+        os.close(out)
+
+
+def test_records_from_json_checks_lines_and_counts_a_bad_header():
+    from tcpcopylib.dumpfmt import records_from_json
+    from tcpcopylib.errors import StreamError
+
+    seen = []
+    lines = ['# a comment', '', '{"t": "header", "v": 1}', '{"t": "pkt", "ts": 1}']
+    assert [r["t"] for r in records_from_json(lines, "x", seen.append)] == ["header", "pkt"]
+    assert len(seen) == 2
+    for bad, msg in (('[1]', r"x:1: not a record"), ('{"t": ', r"x:1: not a JSON record"),
+                     ('{"t": "header", "v": 99}', r"x:1: header with unsupported")):
+        with pytest.raises(StreamError, match=msg):
+            list(records_from_json([bad], "x", seen.append))
+    assert seen[-1] == {"t": "header", "v": 99}  # (counted before it was refused)

@@ -457,6 +457,110 @@ def test_a_rate_cap_takes_a_batch_apart(sids):
     assert [x.get("sid") for x in recs] == (sids or [None] * 5)
 
 
+# ---- tc-pace's loop in process (pacing.PaceRunner): fake clock, in-memory files ---------
+
+def _pace_in_memory(data: bytes, clock, keep_ts=False, **opts):
+    """PaceRunner over DATA (a memfd) on CLOCK: (output records, runner, [(output size,
+    clock) at each sleep])."""
+    from tcpcopylib.pacing import PaceRunner
+
+    src, dst = os.memfd_create("in"), os.memfd_create("out")
+    os.write(src, data)
+    os.lseek(src, 0, os.SEEK_SET)
+    seen = []
+
+    def sleep(seconds):
+        seen.append((os.fstat(dst).st_size, clock.now))
+        clock.sleep(seconds)
+
+    runner = PaceRunner(Pacer(clock=clock, sleep=sleep, **opts), dst, keep_ts=keep_ts)
+    try:
+        runner.run(src, "mem")
+        os.lseek(dst, 0, os.SEEK_SET)
+        out = os.read(dst, 1 << 24)
+    finally:
+        os.close(src)
+        os.close(dst)
+    return out, runner, seen
+
+
+def test_pace_runner_in_process_releases_each_kind_of_record_when_due():
+    """Records in the common layout (patched in place), a batch (shifted as one), a record
+    cbor2 decodes (re-encoded), one without ts, a second section: each out when due, in
+    order, flushed before every sleep; the header names the tool."""
+    from tcpcopylib.records import encode_pkts
+
+    data = (encode_section(header("up")) + cbor2.dumps({"t": "pkt", "ts": T0, "data": b"a"})
+            + encode_pkts([T0 + S, T0 + S + 4 * MS], [b"b", b"c"])
+            + cbor2.dumps({"t": "note", "ts": T0 + 2 * S, "x": [1]})
+            + cbor2.dumps({"t": "note"})
+            + encode_section(header("up2"))
+            + cbor2.dumps({"t": "pkt", "ts": T0 + 4 * S, "data": b"d"}))
+    clock = FakeClock(start=0)
+    out, runner, seen = _pace_in_memory(data, clock, speed=2)
+    recs = decode(out, headers=True)
+    assert [r.get("tool") for r in recs if r["t"] == "header"] == ["tc-pace", "tc-pace"]
+    body = [r for r in recs if r["t"] != "header"]
+    assert [r.get("data", r["t"]) for r in body] == [b"a", b"b", b"c", "note", "note", b"d"]
+    # --speed 2: 0, 0.5 s (the batch keeps its spacing, halved), 1 s, 2 s; ts rewritten to
+    # the planned release on the recording's clock
+    assert [r.get("ts") for r in body] == [T0, T0 + S // 2, T0 + S // 2 + 2 * MS, T0 + S,
+                                          None, T0 + 2 * S]
+    assert [t for _, t in seen] == [0, S // 2, S] and clock.now == 2 * S
+    # what was released before a sleep was out by then (one record, a batch, ...)
+    sizes = [n for n, _ in seen]
+    assert sizes == sorted(sizes) and sizes[0] > 0 and sizes[-1] < len(out)
+    assert (runner.records_in, runner.records_out) == (6, 6)
+
+
+def test_pace_runner_in_process_takes_a_batch_apart_under_a_rate_cap():
+    from tcpcopylib.records import encode_pkts
+
+    data = encode_section(header("up")) + encode_pkts([T0] * 4, [bytes([i]) for i in range(4)],
+                                                      [9, 8, 7, 6])
+    clock = FakeClock(start=0)
+    out, runner, seen = _pace_in_memory(data, clock, keep_ts=True, rate=4)
+    recs = decode(out)
+    assert [(r["data"], r["sid"], r["ts"]) for r in recs] == [
+        (bytes([i]), 9 - i, T0) for i in range(4)]  # (--keep-ts)
+    assert [t for _, t in seen] == [0, S // 4, S // 2] and clock.now == 3 * S // 4
+    assert (runner.records_in, runner.records_out) == (4, 4)
+
+
+# ---- the one timing rule (pacing.Timeline), which both schedules use --------------------
+
+def test_timeline_anchors_at_the_first_record_and_scales_offsets():
+    from tcpcopylib.pacing import Timeline
+
+    tl = Timeline(speed=4)
+    assert tl.shift() is None
+    assert tl.at(T0 + 8, 1000) == 1000  # the first record: the anchor, due at once
+    assert [tl.at(T0 + d, 5000) for d in (8, 16, 0, 10)] == [1000, 1002, 998, 1000]  # 0.5 -> 0
+    assert tl.shift() is None  # (only speed 1 has one)
+    one = Timeline()
+    assert one.at(T0, 70) == 70 and one.shift() == 70 - T0
+    one.anchor_wall -= 20  # a gap clamp moves the anchor: what follows moves with it
+    assert one.at(T0 + 100, 0) == 150 == T0 + 100 + one.shift()
+
+
+def test_pacer_and_due_queue_agree_where_their_options_agree():
+    """Both schedule with the one Timeline: at a speed, with no clamp, rate or delay, a
+    record's planned release (Pacer) and its due time (DueQueue) are the same clock time."""
+    from tcpcopylib.session.timing import DueQueue
+
+    rng = random.Random(7)
+    stamps = [T0]
+    for _ in range(50):
+        stamps.append(stamps[-1] + rng.choice([0, 1, 999, 10**6, 3 * 10**8]))
+    for speed in (1, 3, 0.25):
+        clock = FakeClock(start=123)
+        p = Pacer(speed=speed, clock=clock, sleep=clock.sleep)
+        q = DueQueue(speed=speed)
+        q.push_records([(t, b"") for t in stamps], 123, None)
+        planned = [p.plan(t, 123) for t in stamps]
+        assert [due for due, _ in q.q] == planned, speed
+
+
 # ---- tc-session's input schedule (session/timing.DueQueue), fake clock ------------------
 
 def _queue_items(q, now):
@@ -522,7 +626,7 @@ def test_due_queue_push_records_is_push_inlined(speed, asap):
             slow.q.append((due, d))
         assert dropped == n
         assert list(fast.q) == list(slow.q)
-        assert fast.last_due == slow.last_due and fast.anchor_wall == slow.anchor_wall
+        assert fast.last_due == slow.last_due and fast.timeline.anchor_wall == slow.timeline.anchor_wall
     assert others_fast == others_slow and others_fast
     assert len(fast) == len(slow) > 0
 
@@ -559,7 +663,7 @@ def test_due_queue_schedule():
     assert list(q.q) == [(50, b"x"), (70, b"y"), (80, b"z")] and q.last_due == 80
     q = DueQueue(speed=4)
     q.push_records([(T0, b"x"), (T0 + 10, b"y")], 50, None, drop=lambda d: d == b"x")
-    assert list(q.q) == [(52, b"y")] and q.anchor_wall == 50 and q.anchor_ts == T0
+    assert list(q.q) == [(52, b"y")] and q.timeline.anchor_wall == 50 and q.timeline.anchor_ts == T0
 
 
 # ---- the schedule's boundaries (bench/mutate.py's pacing survivors) ---------------------

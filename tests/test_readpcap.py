@@ -304,3 +304,62 @@ def test_batch_holds_the_same_packets_within_1ms(tmp_path):
     assert pkts(r.stdout) == pkts(readpcap(tmp_path, cf.pcap(
         [(TS0 + i, f) for i, (_t, f) in enumerate(frames[:30])])).stdout)
     assert readpcap(tmp_path, content, "-B", "0").returncode == 2
+
+
+# ---- the copy loop in process (tcpcopylib.readpcap.PcapCopier): frames in, a memfd out ----
+
+class _Input:
+    """What PcapCopier needs of a CaptureReader: a name and a format."""
+
+    def __init__(self, name, fmt="pcap"):
+        self.name, self.format = name, fmt
+
+
+def _damaged(frames):
+    yield from frames
+    from tcpcopylib.errors import CaptureFormatError
+
+    raise CaptureFormatError("b.pcap: capture cut off mid-packet")
+
+
+def _copy_in_memory(inputs, **kw):
+    from tcpcopylib.readpcap import PcapCopier
+
+    said = []
+    out = os.memfd_create("out")
+    try:
+        copier = PcapCopier("tc-readpcap", warn=said.append, **kw)
+        status = copier.run(inputs, out)
+        os.lseek(out, 0, os.SEEK_SET)
+        data = os.read(out, 1 << 24)
+    finally:
+        os.close(out)
+    return status, data, copier, said
+
+
+def test_copier_in_process_counts_skips_and_keeps_a_damaged_file():
+    a = [(1, TS0, eth(ETH4, ip4(1)), None), (1, TS0 + 1, eth(0x0806, ARP), None),
+         (147, TS0 + 2, b"x" * 40, None), (147, TS0 + 3, b"y" * 40, None),
+         (101, TS0 + 4, ip6(2), None)]
+    b = [(1, TS0 + 5, eth(ETH4, ip4(3)), None)]
+    status, data, copier, said = _copy_in_memory(
+        [(_Input("a.pcap"), a), (_Input("b.pcap"), _damaged(b))])
+    assert status == 65  # (the damaged file: what came before the damage is kept)
+    assert said == ["warning: link type 147 not supported; its frames are skipped",
+                    "warning: b.pcap: capture cut off mid-packet"]
+    recs = decode(data, headers=True)
+    assert [(r["t"], r.get("source")) for r in recs] == [
+        ("header", "a.pcap"), ("pkt", None), ("pkt", None), ("header", "b.pcap"), ("pkt", None)]
+    assert [r["data"] for r in recs if r["t"] == "pkt"] == [ip4(1), ip6(2), ip4(3)]
+    assert copier.counts() == {"read": 6, "emitted": 3, "non_ip": 3, "filtered": 0,
+                               "bytes": len(ip4(1)) + len(ip6(2)) + len(ip4(3))}
+
+
+def test_copier_in_process_batches_within_1ms_and_stops_at_the_limit():
+    frames = [(1, TS0 + i * 400_000, eth(ETH4, ip4(i)), None) for i in range(10)]
+    status, data, copier, _ = _copy_in_memory([(_Input("a.pcap"), frames)], batch=8, limit=7)
+    assert status == 0 and copier.emitted == 7 and copier.read == 7
+    items = [x for x in cbor_items(data) if isinstance(x, dict) and x["t"] != "header"]
+    # 0, 0.4, 0.8 ms (1.2 ms is more than 1 ms after the first), 1.2 .. 2.0, 2.4
+    assert [len(x["len"]) // 2 for x in items] == [3, 3, 1]  # (a column of 16-bit lengths)
+    assert [r["data"] for r in decode(data)] == [ip4(i) for i in range(7)]

@@ -119,10 +119,10 @@ def test_fast_record_reads_what_the_encoders_write():
 
 def test_the_stages_use_these_encoders():
     from tcpcopylib import capture, intercept, pcapio
-    from tcpcopylib.cli import session
+    from tcpcopylib.session import runner
 
     assert capture.encode_pkt is pcapio.encode_pkt is encode_pkt
-    assert session.encode_pkt is encode_pkt_sid
+    assert runner.encode_pkt is encode_pkt_sid
     assert intercept.encode_fb is encode_fb
 
 

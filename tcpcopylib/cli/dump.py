@@ -3,35 +3,9 @@
 from __future__ import annotations
 
 import os
-import struct
 
 from tcpcopylib.cli.common import Tool as BaseTool
 from tcpcopylib.errors import EX_USAGE, StreamError
-
-_PCAP_REC = struct.Struct("<IIII").pack  # pcap record header: sec, nsec, caplen, len
-
-
-class TextOut:
-    """Buffered text lines to an fd (flushed on idle, like RecordWriter)."""
-
-    def __init__(self, fd: int, max_lines: int = 512):
-        self.fd = fd
-        self.lines: list[str] = []
-        self.max_lines = max_lines
-
-    def write(self, line: str) -> None:
-        self.lines.append(line)
-        if len(self.lines) >= self.max_lines:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.lines:
-            return
-        data = ("\n".join(self.lines) + "\n").encode("utf-8", "backslashreplace")
-        self.lines.clear()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
 
 
 class Tool(BaseTool):
@@ -113,7 +87,7 @@ class Tool(BaseTool):
             return self._from_json(args)
         from tcpcopylib import dumpfmt
 
-        out = TextOut(self.stdout_fd)
+        out = dumpfmt.TextOut(self.stdout_fd)
         if args.json:
             render = dumpfmt.to_json
         else:
@@ -134,69 +108,27 @@ class Tool(BaseTool):
         return 0
 
     def _to_pcap(self, args):
+        from tcpcopylib.dumpfmt import write_pcap
         from tcpcopylib.pcapio import PcapWriter
 
         writer = PcapWriter(self.stdout_fd)
-        # PcapWriter.write, inlined: the hot loop of tc-dump --pcap
-        buf, flush, bufsize, pack = writer.buf, writer.flush, writer.bufsize, _PCAP_REC
-        wanted = ("pkt", "fb") if args.fb else ("pkt",)
-        counts = self.counts
-        n = 0
-        try:
-            for rec in self._records(args.files, flush):
-                n += 1
-                t = rec["t"]
-                counts[t] = counts.get(t, 0) + 1
-                if t not in wanted:
-                    continue
-                data, ts = rec.get("data"), rec.get("ts")
-                if type(ts) is not int or type(data) is not bytes:
-                    raise StreamError(f"record {n}: a {t} record without bytes 'data' and "
-                                      f"integer 'ts'")
-                orig = rec.get("len")
-                size = len(data)
-                try:
-                    buf += pack(ts // 1_000_000_000, ts % 1_000_000_000, size,
-                                orig if type(orig) is int and orig > size else size)
-                except struct.error:
-                    raise StreamError(f"record {n}: ts {ts} or len {orig} does not fit in a "
-                                      f"pcap file") from None
-                buf += data
-                writer.packets += 1
-                if len(buf) >= bufsize:
-                    flush()
-        finally:
-            flush()
+        kinds = ("pkt", "fb") if args.fb else ("pkt",)
+        write_pcap(self._records(args.files, writer.flush), writer, kinds, self.counts)
         return 0
 
     def _from_json(self, args):
-        from tcpcopylib.dumpfmt import from_json
-        from tcpcopylib.records import FORMAT_VERSION, RecordWriter, header
+        from tcpcopylib.dumpfmt import records_from_json
+        from tcpcopylib.records import RecordWriter, header
 
         writer = None
         try:
             for path in args.files:
                 fd = self.open_input(path)
-                name = "<stdin>" if path == "-" else path
                 with open(fd, "r", encoding="utf-8", errors="strict",
                           closefd=path != "-") as f:
-                    for lineno, line in enumerate(f, 1):
-                        line = line.strip()
-                        if not line or line.startswith("#"):
-                            continue
-                        try:
-                            rec = from_json(line)
-                        except ValueError as e:
-                            raise StreamError(f"{name}:{lineno}: not a JSON record: {e}") from None
-                        if not isinstance(rec, dict) or "t" not in rec:
-                            raise StreamError(f"{name}:{lineno}: not a record (a JSON object "
-                                              f"with a \"t\" key)")
-                        self._count(rec)
+                    name = "<stdin>" if path == "-" else path
+                    for rec in records_from_json(f, name, self._count):
                         if rec["t"] == "header":
-                            v = rec.get("v")
-                            if not isinstance(v, int) or not 1 <= v <= FORMAT_VERSION:
-                                raise StreamError(f"{name}:{lineno}: header with unsupported "
-                                                  f"format version {v!r}")
                             if writer is None:
                                 writer = RecordWriter(self.stdout_fd, rec)
                             else:

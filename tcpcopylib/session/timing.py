@@ -1,17 +1,17 @@
 """When an input record is due (DESIGN.md §4): anchor_wall + (ts - anchor_ts) / speed.
 
-The anchor is the first packet record seen. Live records (ts close to the wall clock)
-come out due at once; a pcap read at full speed is held and released at its recorded
-pace. Due times never go backwards, so records keep their input order.
+The rule is pacing.Timeline's; the anchor is the first packet record seen. Live records
+(ts close to the wall clock) come out due at once; a pcap read at full speed is held and
+released at its recorded pace. Due times never go backwards, so records keep their input
+order.
 """
 
 from __future__ import annotations
 
 import collections
 
-
 # a wait this long for the next packet (1 h) is worth a warning: a timestamp far ahead
-LONG_WAIT_NS = 3600 * 1_000_000_000
+from tcpcopylib.pacing import LONG_WAIT_NS, Timeline
 
 
 class DueQueue:
@@ -22,9 +22,7 @@ class DueQueue:
     def __init__(self, asap: bool = False, speed: float = 1.0, max_gap: float | None = None,
                  warn=None):
         self.asap = asap
-        self.speed = speed
-        self.anchor_wall = None
-        self.anchor_ts = 0
+        self.timeline = Timeline(speed)
         self.last_due = 0
         self.q = collections.deque()
         # the largest step between consecutive due times before it is clamped or told
@@ -34,12 +32,7 @@ class DueQueue:
         self.warn = warn
 
     def due_time(self, ts, now: int) -> int:
-        if self.asap or not isinstance(ts, int):
-            due = now
-        else:
-            if self.anchor_wall is None:
-                self.anchor_wall, self.anchor_ts = now, ts
-            due = self.anchor_wall + self._scaled(ts - self.anchor_ts)
+        due = now if self.asap or not isinstance(ts, int) else self.timeline.at(ts, now)
         if due < self.last_due:
             due = self.last_due
         elif due - self.last_due > self.max_step and self.last_due and due > now:
@@ -59,9 +52,10 @@ class DueQueue:
         append, asap = self.q.append, self.asap
         last = self.last_due
         dropped = 0
-        speed = self.speed
+        timeline = self.timeline
+        at = timeline.at
         # due_time(), inline: at speed 1 a packet is due at its ts plus this offset
-        shift = None if self.anchor_wall is None else self.anchor_wall - self.anchor_ts
+        shift = timeline.shift()
         for item in items:
             if type(item) is tuple:
                 ts, data = item
@@ -79,19 +73,16 @@ class DueQueue:
                     raise StreamError("a pkt record's ts does not fit in 64 bits")
             if asap or type(ts) is not int:
                 due = now
-            elif shift is not None and speed == 1:
+            elif shift is not None:
                 due = ts + shift
             else:
-                if self.anchor_wall is None:
-                    self.anchor_wall, self.anchor_ts = now, ts
-                    shift = now - ts
-                due = self.anchor_wall + (ts - self.anchor_ts if speed == 1
-                                          else round((ts - self.anchor_ts) / speed))
+                due = at(ts, now)
+                shift = timeline.shift()
             if due < last:
                 due = last
             elif due - last > self.max_step and last and due > now:  # (a wait, not idle input)
                 due = self._long_step(due, last, now)
-                shift = self.anchor_wall - self.anchor_ts
+                shift = timeline.shift()
             last = due
             if drop is not None and drop(data):
                 dropped += 1
@@ -106,15 +97,12 @@ class DueQueue:
         an hour or more (a timestamp far ahead; idle live input is no wait)."""
         step = due - last
         if self.clamp and step > self.max_step:
-            self.anchor_wall -= step - self.max_step
+            self.timeline.anchor_wall -= step - self.max_step
             due = last + self.max_step
         if due - now >= LONG_WAIT_NS and self.warn is not None:
             self.warn(f"warning: the next packet is due in {(due - now) / 1e9:.0f} s (its "
                       f"timestamp jumps ahead); --max-gap S shortens such gaps")
         return due
-
-    def _scaled(self, offset: int) -> int:
-        return offset if self.speed == 1 else round(offset / self.speed)
 
     def pop_due(self, now: int):
         """Items due at or before now, in order."""

@@ -1,0 +1,371 @@
+"""tc-session as a stage (tcpcopylib.stage) and the poll() loop that runs it in a process.
+
+SessionStage: the engine, the DueQueue of input packets (the timing rule) and the output,
+with the stage contract (take, next_due, run_due, finish, settled, close); no clock, no
+descriptors. SessionRunner: its event loop over the input, the feedback connection and a
+wake-up pipe for signals, with drain, back-pressure, --max-memory, --stats-every and the
+feedback reconnection. The clock, the poll object and the descriptors are arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import time
+
+from tcpcopylib.wire import encode_pkt_sid as encode_pkt
+
+SEC = 1_000_000_000
+MAX_PENDING = 100_000   # records held for their due time before we stop reading stdin
+CHUNK = 1 << 17
+OUT_BATCH = 1 << 16     # output bytes buffered before a flush within one loop turn
+RSS_EVERY = 0.2         # seconds between --max-memory checks
+
+
+def rss() -> int:
+    """This process's resident memory in bytes."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PacketOutput:
+    """The stage's output: the engine's packets as "pkt" records with their sid (with
+    batch > 1, "pkts" batches of the packets of one loop turn), other records in their
+    place. The writer never flushes by itself: flush() calls before_flush() first (the
+    runner sends the pending feedback claims there), so a claim always reaches tc-feedback
+    before the SYN that needs it leaves this process."""
+
+    def __init__(self, writer, batch: int = 1):
+        from tcpcopylib.records import PendingBatch
+
+        self.writer = writer
+        self.batch = batch
+        self.pending = PendingBatch(sids=True)  # batch > 1: the packets of the batch being made
+        self.before_flush = None
+        self.emit = self._emit if batch == 1 else self._emit_batched  # emit(data, sid, now)
+
+    def _emit(self, data, sid, now):
+        writer = self.writer
+        writer.write_raw(encode_pkt(now, data, sid))
+        if len(writer.buf) >= OUT_BATCH:
+            self.flush()
+
+    def _emit_batched(self, data, sid, now):
+        pending = self.pending
+        if sid > 0xFFFFFFFF:  # (a sid column holds 32 bits)
+            pending.write_to(self.writer)
+            self._emit(data, sid, now)
+            return
+        pending.stamps.append(now)
+        pending.datas.append(data)
+        pending.sids.append(sid)
+        if len(pending.stamps) >= self.batch:
+            pending.write_to(self.writer)
+            if len(self.writer.buf) >= OUT_BATCH:
+                self.flush()
+
+    def write(self, rec: dict) -> None:
+        """A record of another type, passed through."""
+        self.pending.write_to(self.writer)  # what came before it goes before it
+        self.writer.write(rec)
+
+    def end_batch(self) -> None:
+        self.pending.write_to(self.writer)
+
+    def flush(self) -> None:
+        self.pending.write_to(self.writer)
+        if self.before_flush is not None:
+            self.before_flush()
+        self.writer.flush()
+
+
+class SessionStage:
+    """The engine fed from a DueQueue: packets are queued when taken and given to the
+    engine when due; the engine's packets go to ``out`` (a PacketOutput)."""
+
+    def __init__(self, engine, due, out: PacketOutput):
+        self.engine = engine
+        self.due = due
+        self.out = out
+        # the server->client half of a capture is dropped before it is queued (the engine
+        # would only count it; in real captures it is often most of the packets)
+        self._server_side = engine.mapper.server_datagram_test()
+
+    def take(self, items, now: int) -> None:
+        """Packets are queued; records we do not know pass through."""
+        dropped = self.due.push_records(items, now, self.out.write, self._server_side)
+        if dropped:
+            self.engine.count_server_side(dropped)
+
+    def feedback(self, replies, now: int) -> None:
+        """The target's replies, as FeedbackClient.read_replies() gives them."""
+        feedback_packet = self.engine.feedback_packet
+        for data, n in replies:
+            feedback_packet(data, now, n)
+
+    def run_due(self, now: int) -> None:
+        q = self.due.q
+        client_packet = self.engine.client_packet
+        while q and q[0][0] <= now:  # due.pop_due(), inline
+            client_packet(q.popleft()[1], now)
+        self.engine.on_timer(now)
+
+    def next_due(self):
+        q = self.due.q
+        ds = [d for d in (q[0][0] if q else None, self.engine.next_deadline())
+              if d is not None]
+        return min(ds) if ds else None
+
+    def queued(self) -> int:
+        return len(self.due.q)
+
+    def finish(self, now: int) -> None:
+        self.due.q.clear()  # after a signal, what is not due is dropped
+
+    def settled(self, now: int) -> bool:
+        return not self.engine.sessions or self.engine.quiescent(now)
+
+    def close(self, now: int) -> None:
+        self.engine.close_all(now)
+
+
+class SessionRunner:
+    """Runs a SessionStage until its input ends (or a signal), then drains it.
+
+    ``fb``: a connected FeedbackClient or None; ``lag``: a metrics.Histogram of the
+    feedback lag, or None; ``on_stats()``: called every ``stats_every`` s; ``clock()``
+    (wall ns), ``monotonic()`` (s) and ``poll`` (a select.poll object) are injectable.
+    interrupt(signum) may be called from a signal handler: the first stops reading and
+    drains, a second ends at once."""
+
+    def __init__(self, stage: SessionStage, fb=None, *, drain: float = 5.0,
+                 feedback_retry: float = 30.0, max_rss: int | None = None,
+                 stats_every: float | None = None, on_stats=None, lag=None, warn=print,
+                 clock=time.time_ns, monotonic=time.monotonic, poll=None):
+        self.stage = stage
+        self.fb = fb
+        self.drain_ns = int(drain * SEC)
+        self.feedback_retry = feedback_retry
+        self.max_rss = max_rss
+        self.stats_every = stats_every
+        self.on_stats = on_stats
+        self.lag = lag
+        self.warn = warn
+        self.clock, self.monotonic = clock, monotonic
+        self.poll = poll if poll is not None else select.poll()
+        self.stop_sig = self.stop_count = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        # a lost feedback connection: when, the next try, the wait before the one after
+        self.fb_down = None
+        self.fb_next = 0.0
+        self.fb_backoff = 0.05
+        self.fb_fd = -1
+        self.in_fd = -1
+        self.reading = self.eof = False
+        self.drain_until = None
+        self.next_stats = self.next_rss = 0.0
+        self._rbuf = memoryview(bytearray(CHUNK))
+        stage.out.before_flush = self._flush_claims
+
+    def interrupt(self, signum: int) -> None:
+        self.stop_sig = signum
+        self.stop_count += 1
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def run(self, in_fd: int, name: str = "<stdin>") -> None:
+        """The loop: until the input is over and drained (or a signal)."""
+        from tcpcopylib.records import AS_PKT
+        from tcpcopylib.streamparse import StreamParser
+
+        self.parser, self._feed_mode = StreamParser(name=name), AS_PKT  # (ts, data) tuples
+        os.set_blocking(in_fd, False)
+        self.in_fd = in_fd
+        # poll, not epoll: epoll refuses regular files (tc-session < file)
+        self.poll.register(in_fd, select.POLLIN)
+        self.poll.register(self._wake_r, select.POLLIN)
+        self.reading = True
+        if self.fb is not None:
+            self.fb_fd = self.fb.fileno()
+            self.poll.register(self.fb_fd, select.POLLIN)
+        if self.stats_every:
+            self.next_stats = self.monotonic() + self.stats_every
+        try:
+            while self._turn():
+                pass
+        finally:
+            self._close()
+
+    def _turn(self) -> bool:
+        """One turn of the loop: what is due, then wait for input or the next due time;
+        False when it is over."""
+        stage = self.stage
+        if self.max_rss is not None and self.monotonic() >= self.next_rss:
+            stage.engine.shedding = rss() > self.max_rss
+            self.next_rss = self.monotonic() + RSS_EVERY
+        now = self.clock()
+        stage.run_due(now)
+        if self.fb_down is not None and self.monotonic() >= self.fb_next:
+            self._fb_retry()
+        if self.stop_sig or self.eof and not stage.queued():
+            if self.drain_until is None:  # the input is over: drain, then reset
+                self.drain_until = now + self.drain_ns
+                self._stop_reading()
+                stage.finish(now)
+            if now >= self.drain_until or self.stop_count > 1 or stage.settled(now):
+                stage.close(now)
+                return False
+        if self.stats_every and self.monotonic() >= self.next_stats:
+            self.on_stats()
+            self.next_stats += self.stats_every
+        stage.out.flush()
+        self._back_pressure()
+        for fd, _ in self.poll.poll(self._poll_timeout(now)):
+            self._ready(fd)
+        return True
+
+    def _ready(self, fd: int) -> None:
+        now = self.clock()
+        if fd == self.in_fd:
+            if self._read_input(now):
+                self.eof = True
+                self._stop_reading()
+        elif fd == self.fb_fd:
+            self._read_feedback(now)
+        else:
+            try:
+                os.read(self._wake_r, 64)
+            except OSError:
+                pass
+
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.poll.unregister(self.in_fd)
+            self.reading = False
+
+    def _back_pressure(self) -> None:
+        """Hold at most MAX_PENDING records for their due time."""
+        queued = self.stage.queued()
+        if self.reading and queued >= MAX_PENDING:
+            self._stop_reading()
+        elif (not self.reading and not self.eof and self.drain_until is None
+              and queued < MAX_PENDING // 2):
+            self.poll.register(self.in_fd, select.POLLIN)
+            self.reading = True
+
+    def _poll_timeout(self, now: int):
+        """poll() timeout in ms until the earliest deadline (None: block)."""
+        ds = [d for d in (self.stage.next_due(), self.drain_until) if d is not None]
+        t = (min(ds) - now) / SEC if ds else None
+        if self.stats_every:
+            left = self.next_stats - self.monotonic()
+            t = left if t is None else min(t, left)
+        if t is not None and self.drain_until is not None:
+            t = min(t, 0.05)  # while draining, look at quiescence often
+        if t is not None:
+            t = min(max(t, 0), 3600)  # (poll() refuses years)
+        if self.fb_down is not None:
+            retry = max(0.0, self.fb_next - self.monotonic())
+            t = retry if t is None else min(t, retry)
+        # as selectors does: milliseconds, rounded up (wait at least timeout)
+        return None if t is None else math.ceil(t * 1e3) if t > 0 else 0
+
+    def _read_input(self, now: int) -> bool:
+        """Read what the input holds; True at its end."""
+        try:
+            # into one buffer: a fresh 128 KiB bytes per read() costs an mmap/munmap pair
+            n = os.readv(self.in_fd, (self._rbuf,))
+        except BlockingIOError:
+            return False
+        if not n:
+            self.parser.close()
+            return True
+        self.stage.take(self.parser.feed(self._rbuf[:n].tobytes(), self._feed_mode), now)
+        return False
+
+    # -- feedback ----------------------------------------------------------------------------
+    def _read_feedback(self, now: int) -> None:
+        from tcpcopylib.errors import UnavailableError
+
+        fb = self.fb
+        try:
+            replies = fb.read_replies()
+        except UnavailableError as e:
+            self._fb_lost(e)
+            return
+        self.stage.feedback(replies, now)
+        if replies and fb.last_ts and self.lag is not None:
+            lag = now - fb.last_ts
+            self.lag.observe(lag * 1e-9 if lag > 0 else 0.0)
+
+    def _flush_claims(self) -> None:
+        """Before the output is flushed: the claims the engine made go out first."""
+        from tcpcopylib.errors import UnavailableError
+
+        fb = self.fb
+        if fb is not None and fb.sock is not None:
+            try:
+                fb.flush()
+            except UnavailableError as e:
+                self._fb_lost(e)
+
+    def _fb_lost(self, err) -> None:
+        """The feedback connection broke: sessions go on; the loop reconnects."""
+        if not self.feedback_retry:
+            raise err
+        if self.fb_fd >= 0:
+            try:
+                self.poll.unregister(self.fb_fd)
+            except (KeyError, ValueError):
+                pass
+            self.fb_fd = -1
+        self.fb.close()
+        if self.fb_down is None:
+            self.fb_down = self.fb_next = self.monotonic()
+            self.fb_backoff = 0.05
+            self.warn(f"{err}; reconnecting (for at most {self.feedback_retry:g} s; "
+                      f"sessions go on, replies are lost meanwhile)")
+
+    def _fb_retry(self) -> None:
+        """One try to reconnect (the loop calls it when due)."""
+        from tcpcopylib.errors import UnavailableError
+
+        fb = self.fb
+        try:
+            n = fb.reconnect(timeout=1.0)
+        except UnavailableError as e:
+            now_m = self.monotonic()
+            if now_m - self.fb_down >= self.feedback_retry:
+                raise UnavailableError(f"{e} (gave up reconnecting after "
+                                       f"{self.feedback_retry:g} s)") from None
+            self.fb_backoff = min(self.fb_backoff * 2, 2.0)
+            self.fb_next = now_m + self.fb_backoff
+            return
+        self.fb_fd = fb.fileno()
+        self.poll.register(self.fb_fd, select.POLLIN)
+        self.warn(f"reconnected to tc-feedback at {fb.address} after "
+                  f"{self.monotonic() - self.fb_down:.1f} s; {n} connection(s) claimed again")
+        self.fb_down = None
+
+    def _close(self) -> None:
+        """At the end, however it came: what was made goes out, the feedback closes."""
+        fb = self.fb
+        if fb is not None and fb.sock is not None:
+            try:
+                fb.flush()
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass
+        try:
+            out = self.stage.out
+            out.end_batch()
+            out.writer.flush()
+        finally:
+            if fb is not None:
+                fb.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)

@@ -1,0 +1,253 @@
+"""tc-session's loop in process (tcpcopylib.session.runner): a fake clock that moves only
+when the loop waits, in-memory files for input and output, a fake feedback connection.
+The same stage and runner as the tool's; due times, drain, signals, back-pressure and the
+feedback reconnection are checked exactly, in no real time."""
+
+import os
+import select
+import signal
+import socket
+
+import cbor2
+import pytest
+import tc
+
+from tcpcopylib.cli.session import Tool
+from tcpcopylib.errors import UnavailableError
+from tcpcopylib.packet import TH_SYN, build_tcp, ip_bytes, parse_tcp
+from tcpcopylib.records import RecordWriter, header
+from tcpcopylib.session import runner as runner_mod
+from tcpcopylib.session.options import build_engine
+from tcpcopylib.session.runner import PacketOutput, SessionRunner, SessionStage
+from tcpcopylib.session.timing import DueQueue
+
+MS = 1_000_000
+T0 = 1_700_000_000 * 10**9  # the recording's clock
+START = 10**18              # the fake wall clock's
+C, O = ip_bytes("10.9.0.2"), ip_bytes("10.1.0.1")
+
+
+class FakeTime:
+    """Wall (ns) and monotonic (s) clocks that move only when the loop waits: poll() with
+    a timeout returns what is ready at once, or else moves the clock by the timeout.
+    ``at[t] = fn`` runs fn when the clock reaches START + t ns."""
+
+    def __init__(self):
+        self.ns = START
+        self.poll_obj = select.poll()
+        self.at = {}
+        self.waits = []
+
+    def clock(self):
+        return self.ns
+
+    def monotonic(self):
+        return self.ns / 1e9
+
+    # the poll object the runner is given
+    def register(self, fd, ev):
+        self.poll_obj.register(fd, ev)
+
+    def unregister(self, fd):
+        self.poll_obj.unregister(fd)
+
+    def poll(self, timeout_ms):
+        ready = self.poll_obj.poll(0)
+        if ready:
+            return ready
+        assert timeout_ms is not None, "the loop would block for ever"
+        self.waits.append(timeout_ms)
+        target = self.ns + timeout_ms * MS
+        for t in sorted(self.at):  # a scheduled event interrupts the wait
+            if self.ns < START + t <= target:
+                self.ns = START + t
+                self.at.pop(t)()
+                return self.poll_obj.poll(0)
+        self.ns = target
+        return []
+
+
+def memfd(data=b""):
+    fd = os.memfd_create("t")
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def syn(i, ms):
+    return {"t": "pkt", "ts": T0 + ms * MS, "data": build_tcp(C, O, 5000 + i, 80, 1000, 0, TH_SYN)}
+
+
+def make(argv, records, fb=None, **kw):
+    """(runner, input fd, output fd, fake time, warnings) for tc-session ARGV over RECORDS."""
+    args = Tool().build_parser().parse_args(["--target", "10.2.0.5:80", *argv])
+    out_fd = memfd()
+    out = PacketOutput(RecordWriter(out_fd, header("tc-session"), bufsize=1 << 62), args.batch)
+    engine = build_engine(args, out.emit, fb)
+    ft, said = FakeTime(), []
+    due = DueQueue(asap=args.asap, speed=args.speed, max_gap=args.max_gap, warn=said.append)
+    r = SessionRunner(SessionStage(engine, due, out), fb, drain=args.drain,
+                      feedback_retry=args.feedback_retry, warn=said.append,
+                      clock=ft.clock, monotonic=ft.monotonic, poll=ft, **kw)
+    return r, memfd(tc.stream(records)), out_fd, ft, said
+
+
+def output(fd):
+    os.lseek(fd, 0, os.SEEK_SET)
+    data = b""
+    while chunk := os.read(fd, 1 << 16):
+        data += chunk
+    return tc.decode(data)
+
+
+def syn_times(recs):
+    """When each session's first SYN went out (ms after the start), in session order (a
+    SYN without answer is sent again after 1 s: those are left out)."""
+    first = {}
+    for r in recs:
+        if r["t"] == "pkt" and parse_tcp(r["data"]).flags == TH_SYN:
+            first.setdefault(parse_tcp(r["data"]).sport, (r["ts"] - START) // MS)
+    return [first[port] for port in sorted(first)]
+
+
+def test_packets_go_out_at_their_recorded_offsets_and_others_pass_through():
+    recs = [syn(0, 0), {"t": "note", "n": 1}, syn(1, 300), syn(2, 1200)]
+    r, in_fd, out_fd, ft, _ = make(["--no-feedback", "-a", "2", "--drain", "0.5"], recs)
+    r.run(in_fd)
+    got = output(out_fd)
+    assert {"t": "note", "n": 1} in got
+    assert syn_times(got) == [0, 150, 600]  # (-a 2)
+    assert r.stage.engine.sessions == {} and r.stage.engine.st.outcomes
+    # the input ended with the last packet sent: drained for 0.5 s, then every session reset
+    assert ft.ns - START == (600 + 500) * MS
+
+
+def test_asap_sends_when_read():
+    r, in_fd, out_fd, ft, _ = make(["--no-feedback", "--asap", "--drain", "0"],
+                                   [syn(0, 0), syn(1, 5000)])
+    r.run(in_fd)
+    assert syn_times(output(out_fd)) == [0, 0] and ft.ns == START
+
+
+def test_a_signal_stops_reading_drops_what_is_not_due_and_drains():
+    recs = [syn(i, 100 * i) for i in range(10)]
+    r, in_fd, out_fd, ft, _ = make(["--no-feedback", "--drain", "2"], recs)
+    ft.at[350 * MS] = lambda: r.interrupt(signal.SIGTERM)
+    r.run(in_fd)
+    # the 6 SYNs not due yet were dropped
+    assert syn_times(output(out_fd)) == [0, 100, 200, 300] and r.stage.queued() == 0
+    assert ft.ns - START == (350 + 2000) * MS  # the drain ran its course (no feedback)
+
+
+def test_a_second_signal_ends_at_once():
+    r, in_fd, out_fd, ft, _ = make(["--no-feedback", "--drain", "60"], [syn(0, 0), syn(1, 10)])
+    ft.at[100 * MS] = lambda: r.interrupt(signal.SIGTERM)
+    ft.at[200 * MS] = lambda: r.interrupt(signal.SIGINT)
+    r.run(in_fd)
+    assert ft.ns - START == 200 * MS and r.stage.engine.sessions == {}
+    assert r.stop_sig == signal.SIGINT and r.stop_count == 2
+
+
+def test_back_pressure_stops_and_resumes_reading(monkeypatch):
+    """Above MAX_PENDING queued packets the input is not read; below half it is again:
+    every packet still goes out at its time, and the end of input is seen."""
+    monkeypatch.setattr(runner_mod, "MAX_PENDING", 4)
+    monkeypatch.setattr(runner_mod, "CHUNK", 200)  # (a few records per read)
+    recs = [syn(i, 100 * i) for i in range(12)]
+    r, in_fd, out_fd, ft, _ = make(["--no-feedback", "--drain", "0"], recs)
+    seen = []
+    take = r.stage.take
+    r.stage.take = lambda items, now: (seen.append(r.stage.queued()), take(items, now))
+    r.run(in_fd)
+    assert syn_times(output(out_fd)) == [100 * i for i in range(12)]
+    assert max(seen) <= 4 + 3 and r.eof  # (a read holds at most 3 of these records)
+
+
+def test_stats_every_on_the_fake_clock():
+    calls = []
+    r, in_fd, out_fd, ft, _ = make(["--no-feedback", "--drain", "0"],
+                                   [syn(0, 0), syn(1, 1000)], stats_every=0.3,
+                                   on_stats=lambda: calls.append(ft.ns - START))
+    r.run(in_fd)
+    assert calls == [300 * MS, 600 * MS, 900 * MS]
+
+
+class LosingFeedback:
+    """A feedback connection that breaks on the first read and comes back on the third
+    reconnection attempt (the engine's claims are only counted)."""
+
+    def __init__(self):
+        self.a, self.b = socket.socketpair()
+        self.b.send(b"x")  # readable: the loop reads it, which fails
+        self.sock, self.address = self.a, "unix:/fake"
+        self.claims = self.tries = self.closed = 0
+        self.last_ts = 0
+        self.reconnects = self.refused = 0
+
+    def fileno(self):
+        return self.a.fileno()
+
+    def read_replies(self):
+        raise UnavailableError("feedback connection lost")
+
+    def reconnect(self, timeout):
+        self.tries += 1
+        if self.tries < 3:
+            raise UnavailableError("cannot connect to tc-feedback")
+        self.a.recv(1)  # (not readable any more)
+        self.sock = self.a
+        return 7
+
+    def claim(self, *a):
+        self.claims += 1
+
+    release = claim
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.sock = None
+        self.closed += 1
+
+
+def test_feedback_lost_then_reconnected_with_backoff():
+    fb = LosingFeedback()
+    r, in_fd, out_fd, ft, said = make(["--drain", "0.5"], [syn(0, 0), syn(1, 1000)], fb=fb)
+    r.run(in_fd)
+    assert fb.tries == 3 and fb.claims >= 2
+    # lost at 0; tries at 0, 0.1 (backoff 0.1), 0.3 (0.2): back 0.3 s after the loss
+    assert said[0] == ("feedback connection lost; reconnecting (for at most 30 s; sessions "
+                       "go on, replies are lost meanwhile)")
+    assert said[1] == ("reconnected to tc-feedback at unix:/fake after 0.3 s; 7 "
+                       "connection(s) claimed again")
+    assert syn_times(output(out_fd)) == [0, 1000]
+
+
+def test_feedback_lost_for_good_gives_up_after_the_retry_time():
+    fb = LosingFeedback()
+    fb.reconnect = lambda timeout: (_ for _ in ()).throw(UnavailableError("refused"))
+    r, in_fd, out_fd, ft, said = make(["--feedback-retry", "1", "--drain", "5"],
+                                      [syn(0, 0), syn(1, 3000)], fb=fb)
+    with pytest.raises(UnavailableError, match=r"gave up reconnecting after 1 s"):
+        r.run(in_fd)
+    # tries at 0, 0.1, 0.3, 0.7 and 1.5 s: the last (each wait a ms more at most: poll()
+    # waits at least its timeout, in whole ms rounded up)
+    assert 1500 * MS <= ft.ns - START <= 1505 * MS
+    assert syn_times(output(out_fd)) == [0]  # what was sent before the end still went out
+    assert fb.closed
+
+
+def test_what_the_stage_sends_is_cbor2_byte_for_byte_with_batches():
+    recs = [syn(i, 0) for i in range(5)]
+    r, in_fd, out_fd, ft, _ = make(["--no-feedback", "-B", "3", "--drain", "0"], recs)
+    r.run(in_fd)
+    os.lseek(out_fd, 0, os.SEEK_SET)
+    raw = os.read(out_fd, 1 << 20)
+    kinds = [x.get("t") for x in tc.cbor_items(raw) if isinstance(x, dict)]
+    # the 5 SYNs, then at the end (--drain 0) the 5 RSTs: 3 + 2 each, as a batch ends with
+    # the loop turn
+    assert kinds == ["header", "pkts", "pkts", "pkts", "pkts"]
+    got = tc.decode(raw)
+    assert [r["sid"] for r in got] == [1, 2, 3, 4, 5] * 2 and syn_times(got) == [0] * 5
+    assert raw.endswith(cbor2.dumps(tc.cbor_items(raw)[-1]))  # (cbor2's encoding)
