@@ -5,7 +5,7 @@ Tools, in process or as processes:
   ``call(["tc-dump", "--json"], input=data)`` runs a tool through its ``Tool.main()`` in
   this process (no interpreter start-up, so ten to fifty times faster than a process) and
   returns a ``subprocess.CompletedProcess`` with ``returncode``, ``stdout`` and ``stderr``
-  as bytes, like ``run()``. Use it wherever a test checks what a tool makes of its
+  as bytes, like ``run()``; ``chain(cmd1, cmd2, ...)`` is a pipeline of such calls. Use it wherever a test checks what a tool makes of its
   input and arguments. Use ``run()``, which starts the real executable, where the process
   itself is what is tested: signals, SIGPIPE and exit 141, a closed stdout, a terminal,
   pipelines, start-up time, network namespaces.
@@ -100,13 +100,14 @@ def tool_class(name: str):
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGALRM, signal.SIGPIPE)
 
 
-def call(args, input: bytes | None = None, env: dict | None = None,
+def call(args, input: bytes | None = None, env: dict | None = None, stdout: int | None = None,
          **tool_kw) -> subprocess.CompletedProcess:
     """Run a tool in this process: ``tool_class(args[0])(**tool_kw).main(args[1:])``.
 
     stdin holds `input` (None: empty), and is the process's fd 0 during the call, as for
-    the tool run as a process ("-" and no file name read it); stdout is a file in memory;
-    stderr collects the tool's messages and argparse's (usage errors, --help and --version
+    the tool run as a process ("-" and no file name read it); stdout is a file in memory,
+    or the fd `stdout` (then the result's stdout has only what argparse printed); stderr
+    collects the tool's messages and argparse's (usage errors; --help and --version
     print to stdout). `env`: variables set (None: removed) during the call. Signal
     handlers, the interval timer, fd 0 and sys.std* are as before afterwards, whatever
     happened. An exception the tool does not turn into an exit status (with -vv) is raised.
@@ -129,7 +130,8 @@ def call(args, input: bytes | None = None, env: dict | None = None,
         sys.stdout, sys.stderr = py_out, py_err
         _set_env(env or {})
         try:
-            status = cls(stdout_fd=out_fd, stderr=py_err, **tool_kw).main(argv)
+            status = cls(stdout_fd=out_fd if stdout is None else stdout, stderr=py_err,
+                         **tool_kw).main(argv)
         except SystemExit as e:  # argparse: --help, --version, usage errors
             status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         os.lseek(out_fd, 0, os.SEEK_SET)
@@ -147,6 +149,19 @@ def call(args, input: bytes | None = None, env: dict | None = None,
     return subprocess.CompletedProcess([args[0], *argv], status,
                                        out + py_out.getvalue().encode(),
                                        py_err.getvalue().encode())
+
+
+def chain(*commands, input: bytes | None = None) -> subprocess.CompletedProcess:
+    """`a | b | c` in this process: call() each command in turn on the stdout of the one
+    before. Returns the last one's stdout, every stage's stderr and, as `set -o pipefail`
+    does, the status of the last stage that failed (0 if none did)."""
+    status, errs, data = 0, [], input
+    for cmd in commands:
+        r = call(cmd, input=data)
+        status = r.returncode or status
+        errs.append(r.stderr)
+        data = r.stdout
+    return subprocess.CompletedProcess(list(commands), status, data, b"".join(errs))
 
 
 def _set_env(changes: dict) -> None:

@@ -7,8 +7,8 @@ of the tree tcpcopylib was imported from, and the tests must test the same tree.
 from pathlib import Path
 
 from tcpcopylib import testing
-from tcpcopylib.testing import (BIN, REPO, call, cbor_items, decode, pcap, run,  # noqa: F401
-                                stream, tool_env, tool_path)
+from tcpcopylib.testing import (BIN, REPO, call, cbor_items, chain, decode, pcap,  # noqa: F401
+                                run, stream, tool_env, tool_path)
 
 if REPO != Path(__file__).resolve().parent.parent:
     raise ImportError(f"tcpcopylib is imported from {testing.__file__}, not from the checkout "
