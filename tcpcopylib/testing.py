@@ -100,17 +100,28 @@ def tool_class(name: str):
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGALRM, signal.SIGPIPE)
 
 
+class CallTimeout(BaseException):
+    """call()'s time limit passed (a BaseException: the tools' last line of defence, which
+    turns an Exception into exit 1, must not catch it)."""
+
+
+def _time_is_up(signum, frame):
+    raise CallTimeout("the tool did not end in time")
+
+
 def call(args, input: bytes | None = None, env: dict | None = None, stdout: int | None = None,
-         **tool_kw) -> subprocess.CompletedProcess:
+         timeout: float | None = 60, **tool_kw) -> subprocess.CompletedProcess:
     """Run a tool in this process: ``tool_class(args[0])(**tool_kw).main(args[1:])``.
 
     stdin holds `input` (None: empty), and is the process's fd 0 during the call, as for
     the tool run as a process ("-" and no file name read it); stdout is a file in memory,
     or the fd `stdout` (then the result's stdout has only what argparse printed); stderr
     collects the tool's messages and argparse's (usage errors; --help and --version
-    print to stdout). `env`: variables set (None: removed) during the call. Signal
-    handlers, the interval timer, fd 0 and sys.std* are as before afterwards, whatever
-    happened. An exception the tool does not turn into an exit status (with -vv) is raised.
+    print to stdout). `env`: variables set (None: removed) during the call. After `timeout`
+    seconds CallTimeout is raised in the tool (by SIGALRM: a tool run with --progress or
+    --metrics, which set the timer themselves, has none). Signal handlers, the interval
+    timer, fd 0 and sys.std* are as before afterwards, whatever happened. An exception the
+    tool does not turn into an exit status (with -vv) is raised.
     """
     cls = tool_class(str(args[0]))
     argv = [str(a) for a in args[1:]]
@@ -129,6 +140,9 @@ def call(args, input: bytes | None = None, env: dict | None = None, stdout: int 
         sys.stdin = open(0, "r", closefd=False)
         sys.stdout, sys.stderr = py_out, py_err
         _set_env(env or {})
+        if timeout:
+            signal.signal(signal.SIGALRM, _time_is_up)
+            signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
             status = cls(stdout_fd=out_fd if stdout is None else stdout, stderr=py_err,
                          **tool_kw).main(argv)
@@ -137,6 +151,7 @@ def call(args, input: bytes | None = None, env: dict | None = None, stdout: int 
         os.lseek(out_fd, 0, os.SEEK_SET)
         out = b"".join(iter(lambda: os.read(out_fd, 1 << 20), b""))
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         _set_env(saved_env)
         sys.stdin.close()
         sys.stdin, sys.stdout, sys.stderr = saved_std

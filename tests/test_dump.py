@@ -206,15 +206,6 @@ def test_pcap_and_from_json_refuse_a_terminal():
 
 
 # -- errors -------------------------------------------------------------------------------
-@pytest.mark.parametrize("garbage", [b"GET / HTTP/1.1\r\n\r\n", os.urandom(3000),
-                                     stream([{"t": "pkt", "ts": 1, "data": b"E"}])[:-2]])
-def test_garbage_stream_exits_65_with_one_line(garbage):
-    r = call(["tc-dump"], input=garbage)
-    assert r.returncode == 65
-    err = r.stderr.decode()
-    assert err.startswith("tc-dump: error: <stdin>:") and err.count("\n") == 1
-
-
 def test_missing_input_exits_66(tmp_path):
     r = call(["tc-dump", tmp_path / "none.cbor"])
     assert r.returncode == 66 and b"no such file" in r.stderr

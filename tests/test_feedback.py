@@ -403,12 +403,6 @@ def test_file_input_and_sigterm(tmp_path):
             p.wait()
 
 
-def test_bad_input_exit_65(tmp_path):
-    r = tc.run(["tc-feedback", "--listen", f"unix:{tmp_path}/s.sock"], input=b"not a stream")
-    assert r.returncode == 65
-    assert b"not a tcpcopy record stream" in r.stderr
-
-
 def _client_on(sock):
     """A FeedbackClient on one end of a socketpair; the test writes the server side."""
     c = FeedbackClient("unix:/nonexistent")

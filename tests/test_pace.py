@@ -180,20 +180,8 @@ def test_bad_options_exit_2(args):
     assert r.returncode == 2 and b"tc-pace: error" in r.stderr
 
 
-def test_bad_stream_exits_65():
-    r = call(["tc-pace"], input=b"GET / HTTP/1.0\r\n\r\n")
-    assert r.returncode == 65 and b"not a tcpcopy record stream" in r.stderr
-
-
 def test_missing_file_exits_66():
     assert call(["tc-pace", "/nonexistent/x.cbor"]).returncode == 66
-
-
-def test_empty_input_is_not_a_stream():
-    """Every writer starts with its label and header, so an empty input means the stage
-    before failed: exit 65 (not a record stream) and no header of our own."""
-    r = call(["tc-pace"], input=b"")
-    assert r.returncode == 65 and r.stdout == b"" and b"empty input" in r.stderr
 
 
 def test_tool_passes_everything_in_order_across_sections():
@@ -254,14 +242,6 @@ def test_a_due_record_does_not_wait_for_the_next_input():
         if p.poll() is None:
             p.kill()
             p.wait()
-
-
-def test_downstream_closed_exits_141_quietly():
-    recs = [{"t": "pkt", "ts": T0, "data": b"x" * 1000}] * 2000
-    r = subprocess.run("set -o pipefail; tc-pace | head -c 100 > /dev/null",
-                       shell=True, executable="/bin/bash", input=stream(recs),
-                       capture_output=True, env=tool_env(), timeout=30)
-    assert r.returncode == 141 and r.stderr == b""
 
 
 def _bench():
