@@ -287,7 +287,7 @@ def test_bad_shaping_values_exit_2_with_one_line():
                  ["-c", "10.2.0.5"], ["-c", "10.9.9.1", "-n", "70000"],
                  ["-f", "2/2"], ["-f", "x"], ["-g", "0"], ["-m", "0"], ["-n", "40000",
                                                                      "-f", "1/2"]):
-        r = tc.run([*base, *args], input=tc.stream([]))
+        r = tc.call([*base, *args], input=tc.stream([]))
         err = r.stderr.decode()
         assert r.returncode == 2, (args, err)
         assert err.count("\n") == 1 and err.startswith("tc-session: error: "), (args, err)
@@ -298,8 +298,8 @@ def test_max_memory_cli_sheds_and_warns_once(tmp_path):
     recs = [{"t": "pkt", "ts": i, "data": build_tcp(C, O, 5000 + i, 80, CISN, 0, TH_SYN,
                                                      65535, MSS)} for i in range(3)]
     js = tmp_path / "s.json"
-    r = tc.run(["tc-session", "--no-feedback", "--target", "10.2.0.5:80", "--drain", "0",
-                "-m", "1", "--stats-json", js], input=tc.stream(recs))
+    r = tc.call(["tc-session", "--no-feedback", "--target", "10.2.0.5:80", "--drain", "0",
+                 "-m", "1", "--stats-json", js], input=tc.stream(recs))
     assert r.returncode == 0, r.stderr
     assert tc.decode(r.stdout) == []
     assert r.stderr.decode().count("--max-memory") == 1, r.stderr
@@ -312,8 +312,8 @@ def test_cli_pool_copies_and_instance_rewrite_the_syns():
                                                      65535, MSS)} for i in range(4)]
     runs = []
     for _ in range(2):
-        r = tc.run(["tc-session", "--no-feedback", "--target", "10.2.0.5:80", "--drain", "0",
-                    "-c", "10.99.0.0/30", "-n", "3", "-f", "1/4"], input=tc.stream(recs))
+        r = tc.call(["tc-session", "--no-feedback", "--target", "10.2.0.5:80", "--drain", "0",
+                     "-c", "10.99.0.0/30", "-n", "3", "-f", "1/4"], input=tc.stream(recs))
         assert r.returncode == 0, r.stderr
         syns = [parse_tcp(x["data"]) for x in tc.decode(r.stdout)]
         runs.append([(p.src, p.sport) for p in syns if p.flags & TH_SYN])
