@@ -16,7 +16,7 @@ import cbor2
 import dpkt
 import pytest
 
-from tc import BIN, decode, env, run
+from tc import REPO, call, decode, tool_env, tool_path
 from tcpcopylib import capture as cap
 from tcpcopylib.packet import (TH_ACK, TH_CWR, TH_FIN, TH_PSH, build_tcp, checksum, ip_bytes,
                                parse_tcp, tcp_checksum_ok)
@@ -255,26 +255,26 @@ def test_local_addresses_has_loopback():
 
 # -- command line without a lab ------------------------------------------------------------------
 def test_unknown_interface_is_66():
-    r = run(["tc-capture", "nosuchif0"])
+    r = call(["tc-capture", "nosuchif0"])
     assert r.returncode == 66, r.stderr
     assert r.stderr.decode().count("\n") == 1 and b"nosuchif0" in r.stderr
 
 
 def test_no_interface_is_usage_error():
-    r = run(["tc-capture"])
+    r = call(["tc-capture"])
     assert r.returncode == 2 and b"no interface" in r.stderr
 
 
 def test_version_is_fast_and_imports_nothing_heavy():
-    r = subprocess.run([sys.executable, "-X", "importtime", str(BIN / "tc-capture"), "--version"],
-                       capture_output=True, env=env())
+    r = subprocess.run([sys.executable, "-X", "importtime", tool_path("tc-capture"), "--version"],
+                       capture_output=True, env=tool_env())
     assert r.returncode == 0 and b"tc-capture" in r.stdout
     assert b"pcapy" not in r.stderr and b"dpkt" not in r.stderr
 
 
 # -- live captures in the lab --------------------------------------------------------------------
 def _tool(lab, host, args, **kw):
-    return lab.popen(host, [str(BIN / "tc-capture"), *args], env=env(), **kw)
+    return lab.popen(host, [tool_path("tc-capture"), *args], env=tool_env(), **kw)
 
 
 def _wait_file(path, deadline_s=5.0):
@@ -438,20 +438,20 @@ def test_no_permission_is_77(lab, engine):
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     probe = subprocess.run(
         [*nobody, sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-         "import cbor2, pcapy, tcpcopylib.cli.capture", str(BIN.parent)],
+         "import cbor2, pcapy, tcpcopylib.cli.capture", str(REPO)],
         capture_output=True, cwd="/")
     drop = nobody if probe.returncode == 0 else [
         "setpriv", "--bounding-set=-net_raw,-net_admin", "--inh-caps=-net_raw,-net_admin"]
-    r = lab.run("online", [*drop, sys.executable, str(BIN / "tc-capture"), "--engine", engine,
-                           "cli0"], capture_output=True, env=env(), timeout=30, cwd="/")
+    r = lab.run("online", [*drop, sys.executable, tool_path("tc-capture"), "--engine", engine,
+                           "cli0"], capture_output=True, env=tool_env(), timeout=30, cwd="/")
     assert r.returncode == 77, (drop, r.stderr)
     assert r.stderr.count(b"\n") == 1
 
 
 @pytest.mark.netns
 def test_bad_filter_is_usage_error(lab):
-    r = lab.run("online", [str(BIN / "tc-capture"), "cli0", "-F", "tcp and prot 80"],
-                capture_output=True, env=env(), timeout=30)
+    r = lab.run("online", [tool_path("tc-capture"), "cli0", "-F", "tcp and prot 80"],
+                capture_output=True, env=tool_env(), timeout=30)
     assert r.returncode == 2 and b"filter" in r.stderr
 
 
