@@ -14,4 +14,4 @@ if REPO != Path(__file__).resolve().parent.parent:
     raise ImportError(f"tcpcopylib is imported from {testing.__file__}, not from the checkout "
                       f"of these tests ({Path(__file__).parent.parent}): set PYTHONPATH")
 
-env = tool_env
+env = tool_env  # the old name, for tests written before the kit (use tool_env)
