@@ -175,10 +175,9 @@ def test_tcpdump_reads_the_pcap_with_nanoseconds(tmp_path):
     content, want = _capture_with_everything()
     (tmp_path / "x.pcap").write_bytes(content)
     out = tmp_path / "out.pcap"
-    r = subprocess.run(["bash", "-o", "pipefail", "-c",
-                        f"tc-readpcap {tmp_path / 'x.pcap'} | tc-dump --pcap > {out}"],
-                       capture_output=True, env=tool_env(), timeout=60)
+    r = chain(["tc-readpcap", tmp_path / "x.pcap"], ["tc-dump", "--pcap"])
     assert r.returncode == 0, r.stderr
+    out.write_bytes(r.stdout)
     t = subprocess.run(["tcpdump", "-nn", "-tt", "--time-stamp-precision=nano", "-r", str(out)],
                        capture_output=True, text=True, timeout=60)
     assert t.returncode == 0, t.stderr
