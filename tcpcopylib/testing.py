@@ -13,7 +13,8 @@ Tools, in process or as processes:
   finds a tool (the checkout's bin/ first, then $PATH).
 
 Streams: ``stream(records)`` encodes records as a stream section, ``decode(data)`` reads one
-back the way a tool does, ``cbor_items(data)`` lists the CBOR items as written.
+back the way a tool does, ``cbor_items(data)`` lists the CBOR items as written; a
+``Collector`` stands in for the RecordWriter of a stage under test and keeps its records.
 
 Capture files: ``pcap(packets)`` writes a classic pcap file (µs or ns, either byte order)
 independently of tcpcopylib.pcapio, so that reader tests do not check the code against
@@ -210,6 +211,32 @@ def decode(data: bytes, headers: bool = False) -> list[dict]:
         return list(RecordReader(fd, headers=headers))
     finally:
         os.close(fd)
+
+
+class Collector:
+    """Stands in for a RecordWriter given to a stage and keeps what it writes: ``recs``,
+    each record as a reader downstream would see it (encoded and decoded again; a batch
+    stays one record), and ``headers``, those of the sections it starts."""
+
+    def __init__(self):
+        self.recs: list = []
+        self.headers: list = []
+
+    def write(self, rec: dict) -> None:
+        import cbor2
+
+        self.recs.append(cbor2.loads(cbor2.dumps(rec)))
+
+    def write_raw(self, encoded: bytes) -> None:
+        import cbor2
+
+        self.recs.append(cbor2.loads(encoded))
+
+    def new_section(self, hdr: dict) -> None:
+        self.headers.append(hdr)
+
+    def flush(self) -> None:
+        pass
 
 
 def cbor_items(data: bytes) -> list:

@@ -17,6 +17,7 @@ import dpkt
 import pytest
 
 from tc import REPO, call, decode, tool_env, tool_path
+from tcpcopylib.testing import Collector
 from tcpcopylib import capture as cap
 from tcpcopylib.packet import (TH_ACK, TH_CWR, TH_FIN, TH_PSH, build_tcp, checksum, ip_bytes,
                                parse_tcp, tcp_checksum_ok)
@@ -77,17 +78,6 @@ def test_split_segment_leaves_small_packets_alone():
 
 
 # -- the packet path (Capturer) with synthetic frames --------------------------------------------
-class _Writer:
-    def __init__(self):
-        self.recs = []
-
-    def write_raw(self, b):
-        self.recs.append(cbor2.loads(b))
-
-    def flush(self):
-        pass
-
-
 def _eth(ip: bytes, vlan: bool = False) -> bytes:
     et = b"\x86\xdd" if ip[0] >> 4 == 6 else b"\x08\x00"
     tag = b"\x81\x00\x00\x05" if vlan else b""
@@ -106,7 +96,7 @@ def _sll2(ip: bytes, pkttype: int) -> bytes:
 
 
 def _feed(frames, linktype, count=0, mtu=1500, local=(B4, B6)):
-    w = _Writer()
+    w = Collector()
     c = cap.Capturer(w, mtu=mtu, count=count, addresses=local)
     for f in frames:
         c.frame(f, 0, len(f), linktype, TS)
@@ -148,7 +138,7 @@ def test_capturer_splits_supersegments_and_counts():
 
 def test_capturer_marks_truncated_packets():
     p = build_tcp(A4, B4, 5000, 80, 1, 0, TH_ACK, payload=b"z" * 500)
-    w = _Writer()
+    w = Collector()
     c = cap.Capturer(w, addresses=(B4,))
     f = _eth(p)
     c.frame(f, 0, 14 + 100, cap.LINKTYPE_ETHERNET, TS)
@@ -591,7 +581,7 @@ def test_own_emitted_packets_are_never_captured(lab, tmp_path, engine, iface):
 
 
 def test_max_memory_sheds_whole_new_sessions_and_keeps_running_ones():
-    w = _Writer()
+    w = Collector()
     c = cap.Capturer(w, addresses=(B4, B6), max_rss=1)  # 1 byte: always over the limit
     running = build_tcp(A4, B4, 4000, 80, 10, 1, TH_ACK, payload=b"old")   # began before
     c.refresh(time.monotonic())
