@@ -134,12 +134,12 @@ def call(args, input: bytes | None = None, env: dict | None = None, stdout: int 
     saved_std = sys.stdin, sys.stdout, sys.stderr
     saved_env = {k: os.environ.get(k) for k in (env or {})}
     py_out, py_err = io.StringIO(), io.StringIO()
+    py_in = open(0, "r", closefd=False)  # (fd 0 is what it reads; the name is sys.stdin's)
     try:
         os.write(in_fd, input or b"")
         os.lseek(in_fd, 0, os.SEEK_SET)
         os.dup2(in_fd, 0)
-        sys.stdin = open(0, "r", closefd=False)
-        sys.stdout, sys.stderr = py_out, py_err
+        sys.stdin, sys.stdout, sys.stderr = py_in, py_out, py_err
         _set_env(env or {})
         if timeout:
             signal.signal(signal.SIGALRM, _time_is_up)
@@ -154,8 +154,8 @@ def call(args, input: bytes | None = None, env: dict | None = None, stdout: int 
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         _set_env(saved_env)
-        sys.stdin.close()
         sys.stdin, sys.stdout, sys.stderr = saved_std
+        py_in.close()
         os.dup2(saved_fd0, 0)
         for fd in (saved_fd0, in_fd, out_fd):
             os.close(fd)
