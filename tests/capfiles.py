@@ -6,6 +6,7 @@ import socket
 import struct
 
 from tcpcopylib.packet import build_tcp
+from tcpcopylib.testing import pcap  # noqa: F401 (capfiles.pcap)
 
 A4, B4 = socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.5")
 A6, B6 = socket.inet_pton(socket.AF_INET6, "2001:db8::1"), socket.inet_pton(
@@ -49,22 +50,7 @@ def null(af: int, payload: bytes, endian: str = "<") -> bytes:
     return struct.pack(endian + "I", af) + payload
 
 
-# -- files -----------------------------------------------------------------------------------
-def pcap(packets, linktype: int = 1, ns: bool = True, endian: str = "<",
-         snaplen: int = 262144) -> bytes:
-    """packets: iterable of (ts_ns, frame) or (ts_ns, frame, orig_len)."""
-    magic = 0xA1B23C4D if ns else 0xA1B2C3D4
-    out = [struct.pack(endian + "IHHiIII", magic, 2, 4, 0, 0, snaplen, linktype)]
-    for p in packets:
-        ts, frame = p[0], p[1]
-        orig = p[2] if len(p) > 2 else len(frame)
-        sec, frac = divmod(ts, 10**9)
-        if not ns:
-            frac //= 1000
-        out.append(struct.pack(endian + "IIII", sec, frac, len(frame), orig) + frame)
-    return b"".join(out)
-
-
+# -- files: pcap is the kit's writer; pcapng blocks below --------------------------------
 def _block(btype: int, body: bytes, endian: str) -> bytes:
     body += b"\0" * (-len(body) % 4)
     n = len(body) + 12

@@ -6,26 +6,14 @@ a netns test that is skipped, xfailed or deselected fails the run, so the lab te
 never silently not run (the plugin tests/netns_guard.py).
 """
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = REPO / "bin"
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tc, capfiles, replay_harness...
 
 pytest_plugins = ["netns_guard"]
-
-
-@pytest.fixture
-def tool_env():
-    """Environment for running the checkout's tools as subprocesses."""
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
-    env.pop("PYTHONUNBUFFERED", None)
-    return env
 
 
 @pytest.fixture

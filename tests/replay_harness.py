@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -22,9 +21,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tcpcopylib.testing import REPO, tool_env
+from tcpcopylib.testing import tool_path as tool
+
 SERVERS = REPO / "tests" / "servers"
-BIN = REPO / "bin"
 PY = sys.executable
 
 # ---------------------------------------------------------------------------------------
@@ -525,18 +525,6 @@ def recording_problem(pcap, log_dir, port) -> str:
 # ---------------------------------------------------------------------------------------
 # replay: tc-readpcap | tc-session | tc-pace | tc-emit  ->  target  ->  assistant
 # ---------------------------------------------------------------------------------------
-
-def tool(name) -> str:
-    return str(BIN / name)
-
-
-def tool_env() -> dict:
-    e = dict(os.environ)
-    e["PATH"] = f"{BIN}:{e.get('PATH', '')}"
-    e.pop("PYTHONUNBUFFERED", None)
-    e.pop("TC_FEEDBACK", None)
-    return e
-
 
 @dataclass
 class Replay:

@@ -4,42 +4,14 @@ A real capture crosses 2**32 often; a test whose numbers never wrap lets sequenc
 without ``mod 2**32`` pass. A test takes the ``isns`` fixture (import it into the test
 module) and unpacks it as ``CISN, TISN, SISN = isns``: the captured client's ISN, the target's
 ISN (its SYN-ACK) and the online server's ISN (what the captured acks count from). These are
-``Seq`` values, so ``CISN + 4`` is the number on the wire even when CISN is near 2**32.
+``Seq`` values (tcpcopylib.testing), so ``CISN + 4`` is the number on the wire even when
+CISN is near 2**32.
 """
-
-from typing import NamedTuple
 
 import pytest
 
-M32 = 0xFFFFFFFF
-
-
-class Seq(int):
-    """A 32-bit TCP sequence number: adding and subtracting wrap mod 2**32 as on the wire."""
-
-    def __add__(self, n):
-        return Seq((int(self) + n) & M32)
-
-    __radd__ = __add__
-
-    def __sub__(self, n):
-        return Seq((int(self) - n) & M32)
-
-    def __repr__(self):
-        return f"Seq({int(self)})"
-
-
-class Isns(NamedTuple):
-    client: Seq   # the captured client's SYN
-    target: Seq   # the target's SYN-ACK
-    server: Seq   # the online server's SYN-ACK (the captured client's acks count from it)
-
-
-def isns_of(client, target, server) -> Isns:
-    return Isns(Seq(client), Seq(target), Seq(server))
-
-
-FIXED = isns_of(1000, 700000, 50000)
+from tcpcopylib.testing import FIXED_ISNS as FIXED
+from tcpcopylib.testing import Isns, isns_of
 
 # Each party alone 3 below 2**32 (its first data bytes cross 2**32), then all three at once
 # at other distances: the client's first data byte is 0 (its SYN is 2**32 - 1), the target

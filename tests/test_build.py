@@ -15,20 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from tc import REPO, tool_env, tool_path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = REPO / "bin"
 CODE = ("import sys, tcpcopylib, importlib; "
         "[print(importlib.import_module(m).__file__) for m in tcpcopylib.COMPILED_MODULES]")
 
 
 def _env(pure):
-    e = dict(os.environ)
-    e.pop("TCPCOPY_PURE", None)
-    if pure:
-        e["TCPCOPY_PURE"] = "1"
-    e["PYTHONPATH"] = str(REPO)
-    return e
+    return tool_env(TCPCOPY_PURE="1" if pure else None)
 
 
 def _imported(pure):
@@ -69,7 +63,7 @@ def test_the_compiled_module_is_imported_when_built(mod):
         pytest.skip(f"{mod} is not compiled here (no C compiler or Cython at install)")
     i = list(_compiled_modules()).index(mod)
     assert _imported(pure=False)[i] in map(str, built)
-    r = subprocess.run([str(BIN / "tc-session"), "--version"], capture_output=True,
+    r = subprocess.run([tool_path("tc-session"), "--version"], capture_output=True,
                        text=True, env=_env(False), timeout=60)
     assert r.returncode == 0 and "compiled (Cython: " in r.stdout, r.stdout + r.stderr
 
@@ -79,7 +73,7 @@ def test_tcpcopy_pure_imports_the_python_source(mod):
     i = list(_compiled_modules()).index(mod)
     f = _imported(pure=True)[i]
     assert f == str(REPO / Path(*mod.split("."))) + ".py"
-    r = subprocess.run([str(BIN / "tc-session"), "--version"], capture_output=True,
+    r = subprocess.run([tool_path("tc-session"), "--version"], capture_output=True,
                        text=True, env=_env(True), timeout=60)
     assert r.returncode == 0 and r.stdout.rstrip().endswith(
         "pure Python (TCPCOPY_PURE=1)"), r.stdout + r.stderr

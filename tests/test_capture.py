@@ -16,7 +16,8 @@ import cbor2
 import dpkt
 import pytest
 
-from tc import BIN, decode, env, run
+from tc import REPO, call, decode, tool_env, tool_path
+from tcpcopylib.testing import Collector
 from tcpcopylib import capture as cap
 from tcpcopylib.packet import (TH_ACK, TH_CWR, TH_FIN, TH_PSH, build_tcp, checksum, ip_bytes,
                                parse_tcp, tcp_checksum_ok)
@@ -64,17 +65,6 @@ def test_split_segment_leaves_small_packets_alone():
 
 
 # -- the packet path (Capturer) with synthetic frames --------------------------------------------
-class _Writer:
-    def __init__(self):
-        self.recs = []
-
-    def write_raw(self, b):
-        self.recs.append(cbor2.loads(b))
-
-    def flush(self):
-        pass
-
-
 def _eth(ip: bytes, vlan: bool = False) -> bytes:
     et = b"\x86\xdd" if ip[0] >> 4 == 6 else b"\x08\x00"
     tag = b"\x81\x00\x00\x05" if vlan else b""
@@ -93,7 +83,7 @@ def _sll2(ip: bytes, pkttype: int) -> bytes:
 
 
 def _feed(frames, linktype, count=0, mtu=1500, local=(B4, B6)):
-    w = _Writer()
+    w = Collector()
     c = cap.Capturer(w, mtu=mtu, count=count, addresses=local)
     for f in frames:
         c.frame(f, 0, len(f), linktype, TS)
@@ -135,7 +125,7 @@ def test_capturer_splits_supersegments_and_counts():
 
 def test_capturer_marks_truncated_packets():
     p = build_tcp(A4, B4, 5000, 80, 1, 0, TH_ACK, payload=b"z" * 500)
-    w = _Writer()
+    w = Collector()
     c = cap.Capturer(w, addresses=(B4,))
     f = _eth(p)
     c.frame(f, 0, 14 + 100, cap.LINKTYPE_ETHERNET, TS)
@@ -242,26 +232,26 @@ def test_local_addresses_has_loopback():
 
 # -- command line without a lab ------------------------------------------------------------------
 def test_unknown_interface_is_66():
-    r = run(["tc-capture", "nosuchif0"])
+    r = call(["tc-capture", "nosuchif0"])
     assert r.returncode == 66, r.stderr
     assert r.stderr.decode().count("\n") == 1 and b"nosuchif0" in r.stderr
 
 
 def test_no_interface_is_usage_error():
-    r = run(["tc-capture"])
+    r = call(["tc-capture"])
     assert r.returncode == 2 and b"no interface" in r.stderr
 
 
 def test_version_is_fast_and_imports_nothing_heavy():
-    r = subprocess.run([sys.executable, "-X", "importtime", str(BIN / "tc-capture"), "--version"],
-                       capture_output=True, env=env())
+    r = subprocess.run([sys.executable, "-X", "importtime", tool_path("tc-capture"), "--version"],
+                       capture_output=True, env=tool_env())
     assert r.returncode == 0 and b"tc-capture" in r.stdout
     assert b"pcapy" not in r.stderr and b"dpkt" not in r.stderr
 
 
 # -- live captures in the lab --------------------------------------------------------------------
 def _tool(lab, host, args, **kw):
-    return lab.popen(host, [str(BIN / "tc-capture"), *args], env=env(), **kw)
+    return lab.popen(host, [tool_path("tc-capture"), *args], env=tool_env(), **kw)
 
 
 def _wait_file(path, deadline_s=5.0):
@@ -425,20 +415,20 @@ def test_no_permission_is_77(lab, engine):
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     probe = subprocess.run(
         [*nobody, sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-         "import cbor2, pcapy, tcpcopylib.cli.capture", str(BIN.parent)],
+         "import cbor2, pcapy, tcpcopylib.cli.capture", str(REPO)],
         capture_output=True, cwd="/")
     drop = nobody if probe.returncode == 0 else [
         "setpriv", "--bounding-set=-net_raw,-net_admin", "--inh-caps=-net_raw,-net_admin"]
-    r = lab.run("online", [*drop, sys.executable, str(BIN / "tc-capture"), "--engine", engine,
-                           "cli0"], capture_output=True, env=env(), timeout=30, cwd="/")
+    r = lab.run("online", [*drop, sys.executable, tool_path("tc-capture"), "--engine", engine,
+                           "cli0"], capture_output=True, env=tool_env(), timeout=30, cwd="/")
     assert r.returncode == 77, (drop, r.stderr)
     assert r.stderr.count(b"\n") == 1
 
 
 @pytest.mark.netns
 def test_bad_filter_is_usage_error(lab):
-    r = lab.run("online", [str(BIN / "tc-capture"), "cli0", "-F", "tcp and prot 80"],
-                capture_output=True, env=env(), timeout=30)
+    r = lab.run("online", [tool_path("tc-capture"), "cli0", "-F", "tcp and prot 80"],
+                capture_output=True, env=tool_env(), timeout=30)
     assert r.returncode == 2 and b"filter" in r.stderr
 
 
@@ -578,7 +568,7 @@ def test_own_emitted_packets_are_never_captured(lab, tmp_path, engine, iface):
 
 
 def test_max_memory_sheds_whole_new_sessions_and_keeps_running_ones():
-    w = _Writer()
+    w = Collector()
     c = cap.Capturer(w, addresses=(B4, B6), max_rss=1)  # 1 byte: always over the limit
     running = build_tcp(A4, B4, 4000, 80, 10, 1, TH_ACK, payload=b"old")   # began before
     c.refresh(time.monotonic())

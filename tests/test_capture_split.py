@@ -5,12 +5,12 @@ MSS, in particular an exact multiple of it."""
 import os
 import struct
 
-import cbor2
 import pytest
 
 from tcpcopylib import capture as cap
 from tcpcopylib.packet import (TH_ACK, TH_CWR, TH_FIN, TH_PSH, build_tcp, checksum, ip_bytes,
                                parse_tcp, tcp_checksum_ok)
+from tcpcopylib.testing import Collector
 
 A4, B4 = ip_bytes("10.1.0.2"), ip_bytes("10.1.0.1")
 A6, B6 = ip_bytes("fd00::2"), ip_bytes("fd00::1")
@@ -104,24 +104,11 @@ def test_exactly_the_mtu_is_left_alone_one_byte_more_is_split(src, dst):
     assert check_pieces(big, cap.split_segment(big, MTU)) == [mss, 1]
 
 
-class _Records:
-    """The writer surface Capturer.datagram() uses, keeping the records."""
-
-    def __init__(self):
-        self.recs = []
-
-    def write_raw(self, b):
-        self.recs.append(cbor2.loads(b))
-
-    def flush(self):
-        pass
-
-
 @FAMILIES
 def test_capturer_records_an_exact_multiple_as_that_many_pieces(src, dst):
     mss = mss_of(src, TS_OPT)
     big = supersegment(src, dst, os.urandom(4 * mss))
-    w = _Records()
+    w = Collector()
     c = cap.Capturer(w, mtu=MTU, addresses=(dst,))
     c.datagram(big, 0, len(big), 123)
     assert check_pieces(big, [r["data"] for r in w.recs]) == [mss] * 4

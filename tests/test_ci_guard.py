@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from netns_guard import netns_unavailable_reason
-
-REPO = Path(__file__).resolve().parent.parent
+from tc import REPO
 
 needs_netns = pytest.mark.skipif(netns_unavailable_reason() is not None,
                                  reason=f"the synthetic netns tests would skip here: "

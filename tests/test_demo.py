@@ -14,18 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from tc import REPO, tool_env
 from tcpcopylib.demo import GOAL_PCT, format_report, goal
 
-REPO = Path(__file__).resolve().parent.parent
 PCAP = REPO / "examples" / "http-lab.pcap"
 
 
 def demo(*args, timeout=120) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("TC_FEEDBACK", None)
     return subprocess.run([sys.executable, "-m", "tcpcopylib.demo", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, cwd=str(REPO),
-                          env=env)
+                          env=tool_env())
 
 
 def diag(r, work: Path) -> str:
@@ -216,9 +214,7 @@ def test_quick_start_without_ethtool(tmp_path):
     """The README's quick start on a machine without ethtool: the demo runs, with the
     kernel's veth offloads, says so, and meets its goal."""
     work, js = tmp_path / "work", tmp_path / "report.json"
-    env = dict(os.environ)
-    env.pop("TC_FEEDBACK", None)
-    env["PATH"] = _path_without(tmp_path, "ethtool")
+    env = tool_env(PATH=_path_without(tmp_path, "ethtool"))
     probe = subprocess.run(["sh", "-c", "command -v ethtool"], env=env, capture_output=True)
     assert probe.returncode != 0  # really hidden
     r = subprocess.run([sys.executable, "-m", "tcpcopylib.demo", "--duration", "2", "--rate",

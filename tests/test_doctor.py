@@ -438,9 +438,9 @@ def test_feedback_check_against_a_keyed_tc_feedback(tmp_path):
     os.chmod(key, 0o600)
     os.chmod(other, 0o600)
     sock = tmp_path / "fb.sock"
-    srv = subprocess.Popen([str(tc.BIN / "tc-feedback"), "--listen", f"unix:{sock}",
+    srv = subprocess.Popen([tc.tool_path("tc-feedback"), "--listen", f"unix:{sock}",
                             "--key", str(key)], stdin=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL, env=tc.env())
+                           stderr=subprocess.DEVNULL, env=tc.tool_env())
     try:
         for _ in range(200):
             if sock.exists():
@@ -448,8 +448,8 @@ def test_feedback_check_against_a_keyed_tc_feedback(tmp_path):
             time.sleep(0.025)
 
         def check(*extra):
-            r = tc.run(["tc-doctor", "--role", "assistant", "--json", "--feedback",
-                        f"unix:{sock}", *extra], timeout=30)
+            r = tc.call(["tc-doctor", "--role", "assistant", "--json", "--feedback",
+                         f"unix:{sock}", *extra], timeout=30)
             import json
             rep = json.loads(r.stdout)
             return {c["check"]: c for c in rep["checks"]}["feedback"]

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
 import replay_harness as h
+from tc import REPO
 
 pytestmark = pytest.mark.netns
 
-REPO = Path(__file__).resolve().parent.parent
 PCAP = REPO / "examples" / "http-lab.pcap"
 PORT = 8080
 

@@ -12,7 +12,7 @@ import pytest
 
 import capfiles as cf
 from capfiles import A4, A6, B4, B6, TS0, eth, ip4, ip6, udp4
-from tc import BIN, decode, env, run, stream
+from tc import REPO, call, chain, decode, stream, tool_env, tool_path
 from tcpcopylib.errors import CaptureFormatError
 from tcpcopylib.dumpfmt import TextFormatter, from_json, tcp_options_str, to_json
 from tcpcopylib.packet import build_tcp
@@ -23,7 +23,7 @@ SYN_OPTS = bytes.fromhex("020405b4") + b"\x04\x02" + bytes.fromhex("080a00000001
 
 
 def dump(records, *args, tool="test"):
-    return run(["tc-dump", *args], input=stream(records, tool))
+    return call(["tc-dump", *args], input=stream(records, tool))
 
 
 def lines(r):
@@ -82,21 +82,21 @@ def test_json_is_lossless_and_from_json_rebuilds_the_stream(tmp_path):
             {"t": "stats", "nested": {"b": b"\x00\xff", "l": [1, b"x", None, True, 1.5]}},
             {"t": "weird", "s": "ünïcode", "n": -5}]
     original = stream(recs, "a") + stream([{"t": "pkt", "ts": 1, "data": b""}], "b")
-    r = run(["tc-dump", "--json"], input=original)
+    r = call(["tc-dump", "--json"], input=original)
     assert r.returncode == 0, r.stderr
     out = r.stdout.decode().splitlines()
     first = json.loads(out[1])
     assert first["ts"] == TS0 and isinstance(first["ts"], int)
     assert first["data"] == {"$bytes": __import__("base64").b64encode(ip4(1)).decode()}
     (tmp_path / "x.jsonl").write_text("# a comment\n\n" + r.stdout.decode())
-    back = run(["tc-dump", "--from-json", tmp_path / "x.jsonl"])
+    back = call(["tc-dump", "--from-json", tmp_path / "x.jsonl"])
     assert back.returncode == 0, back.stderr
     assert back.stdout == original
     assert decode(back.stdout, headers=True) == decode(original, headers=True)
 
 
 def test_from_json_without_header_gets_one():
-    r = run(["tc-dump", "--from-json"], input=b'{"t":"pkt","ts":5,"data":{"$bytes":"RQ=="}}\n')
+    r = call(["tc-dump", "--from-json"], input=b'{"t":"pkt","ts":5,"data":{"$bytes":"RQ=="}}\n')
     recs = decode(r.stdout, headers=True)
     assert recs[0]["tool"] == "tc-dump" and recs[1] == {"t": "pkt", "ts": 5, "data": b"E"}
 
@@ -104,7 +104,7 @@ def test_from_json_without_header_gets_one():
 @pytest.mark.parametrize("text", [b"{not json\n", b"[1, 2]\n", b"\xff\xfe\n",
                                   b'{"t":"header","v":99}\n'])
 def test_from_json_rejects_bad_input_with_65(text):
-    r = run(["tc-dump", "--from-json"], input=text)
+    r = call(["tc-dump", "--from-json"], input=text)
     assert r.returncode == 65
     assert r.stderr.decode().startswith("tc-dump: error:") and r.stderr.count(b"\n") == 1
 
@@ -161,16 +161,12 @@ def _capture_with_everything() -> tuple[bytes, list]:
 def test_round_trip_reproduces_ip_packets_and_timestamps(tmp_path):
     content, want = _capture_with_everything()
     (tmp_path / "x.pcap").write_bytes(content)
-    r = subprocess.run(["bash", "-o", "pipefail", "-c",
-                        f"tc-readpcap {tmp_path / 'x.pcap'} | tc-dump --pcap"],
-                       capture_output=True, env=env(), timeout=60)
+    r = chain(["tc-readpcap", tmp_path / "x.pcap"], ["tc-dump", "--pcap"])
     assert r.returncode == 0, r.stderr
     assert [(ts, fr) for _lt, ts, fr, _o in _read_pcap(r.stdout)] == want
     # and through JSON and back, byte for byte
-    r2 = subprocess.run(["bash", "-o", "pipefail", "-c",
-                         f"tc-readpcap {tmp_path / 'x.pcap'} | tc-dump --json | "
-                         "tc-dump --from-json | tc-dump --pcap"],
-                        capture_output=True, env=env(), timeout=60)
+    r2 = chain(["tc-readpcap", tmp_path / "x.pcap"], ["tc-dump", "--json"],
+               ["tc-dump", "--from-json"], ["tc-dump", "--pcap"])
     assert r2.stdout == r.stdout
 
 
@@ -179,10 +175,9 @@ def test_tcpdump_reads_the_pcap_with_nanoseconds(tmp_path):
     content, want = _capture_with_everything()
     (tmp_path / "x.pcap").write_bytes(content)
     out = tmp_path / "out.pcap"
-    r = subprocess.run(["bash", "-o", "pipefail", "-c",
-                        f"tc-readpcap {tmp_path / 'x.pcap'} | tc-dump --pcap > {out}"],
-                       capture_output=True, env=env(), timeout=60)
+    r = chain(["tc-readpcap", tmp_path / "x.pcap"], ["tc-dump", "--pcap"])
     assert r.returncode == 0, r.stderr
+    out.write_bytes(r.stdout)
     t = subprocess.run(["tcpdump", "-nn", "-tt", "--time-stamp-precision=nano", "-r", str(out)],
                        capture_output=True, text=True, timeout=60)
     assert t.returncode == 0, t.stderr
@@ -201,8 +196,8 @@ def test_pcap_and_from_json_refuse_a_terminal():
     for mode in ("--pcap", "--from-json"):
         master, slave = os.openpty()
         try:
-            r = subprocess.run([str(BIN / "tc-dump"), mode], stdin=subprocess.DEVNULL,
-                               stdout=slave, stderr=subprocess.PIPE, env=env(), timeout=30)
+            r = subprocess.run([tool_path("tc-dump"), mode], stdin=subprocess.DEVNULL,
+                               stdout=slave, stderr=subprocess.PIPE, env=tool_env(), timeout=30)
         finally:
             os.close(slave)
             os.close(master)
@@ -210,17 +205,8 @@ def test_pcap_and_from_json_refuse_a_terminal():
 
 
 # -- errors -------------------------------------------------------------------------------
-@pytest.mark.parametrize("garbage", [b"GET / HTTP/1.1\r\n\r\n", os.urandom(3000),
-                                     stream([{"t": "pkt", "ts": 1, "data": b"E"}])[:-2]])
-def test_garbage_stream_exits_65_with_one_line(garbage):
-    r = run(["tc-dump"], input=garbage)
-    assert r.returncode == 65
-    err = r.stderr.decode()
-    assert err.startswith("tc-dump: error: <stdin>:") and err.count("\n") == 1
-
-
 def test_missing_input_exits_66(tmp_path):
-    r = run(["tc-dump", tmp_path / "none.cbor"])
+    r = call(["tc-dump", tmp_path / "none.cbor"])
     assert r.returncode == 66 and b"no such file" in r.stderr
 
 
@@ -238,8 +224,8 @@ def test_stats_counts_record_types():
 def test_import_is_light():
     code = ("import sys, tcpcopylib.cli.dump; "
             "assert not {'dpkt', 'pcapy', 'cbor2'} & set(sys.modules)")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env(), timeout=30,
-                   cwd=str(BIN.parent))
+    subprocess.run([sys.executable, "-c", code], check=True, env=tool_env(), timeout=30,
+                   cwd=str(REPO))
 
 
 # -- against tcpdump, on a real capture ------------------------------------------------------
@@ -341,15 +327,13 @@ def test_text_and_pcap_match_tcpdump_on_real_captures(netns, tmp_path):
     for iface, (path, _extra) in caps.items():
         want = _tcpdump_lines(path, strip_sll2=iface == "any")
         assert len(want) >= 16  # two handshakes, data, replies, closes
-        r = subprocess.run(["bash", "-o", "pipefail", "-c", f"tc-readpcap {path} | tc-dump"],
-                           capture_output=True, text=True, env=env(), timeout=60)
+        r = chain(["tc-readpcap", path], ["tc-dump"])
         assert r.returncode == 0, r.stderr
-        assert [x for x in r.stdout.splitlines() if not x.startswith("#")] == want
+        assert [x for x in r.stdout.decode().splitlines() if not x.startswith("#")] == want
         out = tmp_path / f"{iface}.out.pcap"
-        r = subprocess.run(["bash", "-o", "pipefail", "-c",
-                            f"tc-readpcap {path} | tc-dump --pcap > {out}"],
-                           capture_output=True, env=env(), timeout=60)
+        r = chain(["tc-readpcap", path], ["tc-dump", "--pcap"])
         assert r.returncode == 0, r.stderr
+        out.write_bytes(r.stdout)
         assert _tcpdump_lines(out) == want
 
 

@@ -3,11 +3,10 @@
 import errno
 import os
 import shutil
-import subprocess
 
 import cbor2
 import pytest
-from tc import BIN, stream
+from tc import call, stream, tool_path
 
 from tcpcopylib import packet
 from tcpcopylib.emit import Emitter, fix_ip4_header, ip4_header_ok, parse_mac, tcp_sum_ok
@@ -130,17 +129,16 @@ def test_emitter_batches_in_order(threaded):
 
 
 def test_usage_errors():
-    r = subprocess.run([str(BIN / "tc-emit"), "--dst-mac", "02:00:00:00:00:01"],
-                       input=b"", capture_output=True)
+    r = call(["tc-emit", "--dst-mac", "02:00:00:00:00:01"])
     assert r.returncode == 2 and b"need -o" in r.stderr
-    r = subprocess.run([str(BIN / "tc-emit"), "-o", "lo"], input=b"", capture_output=True)
+    r = call(["tc-emit", "-o", "lo"])
     assert r.returncode == 2 and b"--dst-mac" in r.stderr
 
 
 # -- in the lab ------------------------------------------------------------------------
 
 def emit(lab, *args, input=b"", host="online", prefix=()):
-    return lab.run(host, [*prefix, str(BIN / "tc-emit"), *args], input=input,
+    return lab.run(host, [*prefix, tool_path("tc-emit"), *args], input=input,
                    capture_output=True, timeout=30)
 
 

@@ -16,27 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from tc import decode
+from tc import REPO, decode, tool_env
 from tcpcopylib.demo import FB_PORT, WebServer, pcap_requests, server_kind, wait_settled
 
-REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 PCAP = EXAMPLES / "http-lab.pcap"
 PORT = 8080
 SCRIPTS = sorted(EXAMPLES.glob("*.sh"))
 
 
-def script_env(**kw) -> dict:
-    e = dict(os.environ)
-    e.pop("TC_FEEDBACK", None)
-    e.pop("PYTHONUNBUFFERED", None)
-    e.update({k: str(v) for k, v in kw.items()})
-    return e
-
-
 def run_script(lab, host, name, *args, timeout=60, **env) -> subprocess.CompletedProcess:
     return lab.run(host, [str(EXAMPLES / name), *map(str, args)], capture_output=True,
-                   text=True, timeout=timeout, env=script_env(**env))
+                   text=True, timeout=timeout, env=tool_env(**env))
 
 
 class Background:
@@ -46,7 +37,7 @@ class Background:
         self.log = tmp / f"{name}-{host}.log"
         with open(self.log, "wb") as f:
             self.p = lab.popen(host, [str(EXAMPLES / name), *args], stdout=f, stderr=f,
-                               env=script_env(**env), start_new_session=True)
+                               env=tool_env(**env), start_new_session=True)
 
     def stop(self, timeout=15.0) -> str:
         if self.p.poll() is None:
@@ -135,7 +126,7 @@ def test_bundled_pcap_is_small_and_real():
 def test_scripts_print_usage_without_arguments():
     for s in SCRIPTS:
         r = subprocess.run([str(s)], capture_output=True, text=True, timeout=10,
-                           env=script_env())
+                           env=tool_env())
         assert r.returncode != 0 and "usage" in r.stderr, (s.name, r.stderr)
 
 

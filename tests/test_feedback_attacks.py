@@ -30,7 +30,7 @@ T4 = ip_bytes("10.0.0.5")
 C4 = ip_bytes("10.9.0.1")
 HDR = LABEL + cbor2.dumps({"t": "header", "v": 1, "tool": "attacker"})
 LATENCY = 0.050  # a good client's reply within this, whatever the attacker does
-FB_BIN = os.environ.get("TC_FEEDBACK_BIN") or str(tc.BIN / "tc-feedback")
+FB_BIN = os.environ.get("TC_FEEDBACK_BIN") or tc.tool_path("tc-feedback")
 
 
 def fb_rec(cport, seq):
@@ -54,7 +54,7 @@ class Server:
         self.errf = open(tmp_path / "fb.err", "w+b")
         self.p = subprocess.Popen(
             [FB_BIN, "--listen", self.addr, "--stats", *opts],
-            stdin=subprocess.PIPE, stderr=self.errf, env=tc.env(), preexec_fn=preexec_fn)
+            stdin=subprocess.PIPE, stderr=self.errf, env=tc.tool_env(), preexec_fn=preexec_fn)
         self.p.stdin.write(encode_section({"t": "header", "v": 1, "tool": "test"}))
         self.p.stdin.flush()
         self.seq = 0
@@ -325,12 +325,10 @@ def test_without_key_warns_beyond_loopback(tmp_path):
     port = s.getsockname()[1]
     s.close()
     for host, warned in (("0.0.0.0", True), ("127.0.0.1", False)):
-        p = subprocess.run([str(tc.BIN / "tc-feedback"), "--listen", f"tcp:{host}:{port}"],
-                           input=tc.stream([]), capture_output=True, env=tc.env(), timeout=20)
+        p = tc.call(["tc-feedback", "--listen", f"tcp:{host}:{port}"], input=tc.stream([]))
         assert p.returncode == 0 and (b"without a key" in p.stderr) == warned, p.stderr
-    p = subprocess.run([str(tc.BIN / "tc-feedback"), "--listen", f"tcp:0.0.0.0:{port}",
-                        "--key", "/nonexistent"], input=b"", capture_output=True, env=tc.env(),
-                       timeout=20)
+    p = tc.call(["tc-feedback", "--listen", f"tcp:0.0.0.0:{port}", "--key", "/nonexistent"],
+                input=b"")
     assert p.returncode == 2 and b"cannot read the key file" in p.stderr, p.stderr
 
 

@@ -23,9 +23,9 @@ class Intercept:
     """tc-intercept running in a lab host; records collected by a thread with arrival times."""
 
     def __init__(self, lab, host, *args):
-        self.p = lab.popen(host, [sys.executable, str(tc.BIN / "tc-intercept"), *args,
+        self.p = lab.popen(host, [sys.executable, tc.tool_path("tc-intercept"), *args,
                                   "-v", "--stats"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tc.env())
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tc.tool_env())
         line = self.p.stderr.readline().decode()  # "capturing on ..." once the capture is open
         assert "capturing on" in line, line + self.p.stderr.read().decode()
         self.q = queue.Queue()
@@ -147,14 +147,14 @@ def test_payload_of_a_real_connection(lab, tmp_path):
 
 
 def test_unknown_interface_exit_66():
-    r = tc.run(["tc-intercept", "nosuch-if0"])
+    r = tc.call(["tc-intercept", "nosuch-if0"])
     assert r.returncode == 66
     assert b"no such interface" in r.stderr
 
 
 def test_usage_errors():
-    assert tc.run(["tc-intercept"]).returncode == 2
-    assert tc.run(["tc-intercept", "lo", "--payload", "lots"]).returncode == 2
+    assert tc.call(["tc-intercept"]).returncode == 2
+    assert tc.call(["tc-intercept", "lo", "--payload", "lots"]).returncode == 2
 
 
 @pytest.mark.netns
@@ -164,8 +164,8 @@ def test_no_permission_exit_77():
 
     assert shutil.which("setpriv"), "setpriv (util-linux) is needed"
     r = subprocess.run(["setpriv", "--bounding-set=-net_raw", "--inh-caps=-net_raw",
-                        sys.executable, str(tc.BIN / "tc-intercept"), "lo"],
-                       capture_output=True, env=tc.env(), timeout=30)
+                        sys.executable, tc.tool_path("tc-intercept"), "lo"],
+                       capture_output=True, env=tc.tool_env(), timeout=30)
     assert r.returncode == 77, r.stderr
     assert b"root or CAP_NET_RAW" in r.stderr
 

@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
+from tc import REPO, tool_env
 from tcpcopylib.lab import Lab, cleanup_stale, netns_list
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.netns
 
@@ -151,7 +150,7 @@ def test_cleanup_stale_removes_dead_owners():
 def test_cli_up_status_down():
     name = f"tclcli{os.getpid()}"
     cmd = [sys.executable, "-m", "tcpcopylib.lab"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = tool_env()
     try:
         r = subprocess.run([*cmd, "up", "--name", name], capture_output=True, text=True, timeout=30,
                            cwd=REPO, env=env)

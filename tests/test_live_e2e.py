@@ -275,7 +275,7 @@ def test_live_tee_capture_matches_tcpdump(lab, tmp_path):
     assert h.compare_logs(onl, tgt).identical == 40
 
     teed = [r for r in tc.decode(cap.read_bytes()) if r.get("t") == "pkt"]
-    rp = tc.run(["tc-readpcap", pcap])
+    rp = tc.call(["tc-readpcap", pcap])
     assert rp.returncode == 0, rp.stderr
     from_pcap = [r for r in tc.decode(rp.stdout) if r.get("t") == "pkt"]
     assert len(teed) == live.capture_counts()["packets written"] == n["captured"]
@@ -288,7 +288,7 @@ def test_live_tee_capture_matches_tcpdump(lab, tmp_path):
             if abs(r["ts"] - ts_pcap[r["data"]]) > 50_000_000]
     assert not late, late[:10]
 
-    dump = tc.run(["tc-dump", cap])
+    dump = tc.call(["tc-dump", cap])
     assert dump.returncode == 0, dump.stderr
     lines = dump.stdout.decode().splitlines()
     pkt_lines = [ln for ln in lines if f"> {lab.online_cli_ip}.{h.PORT}" in ln]

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import threading
@@ -23,10 +22,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import replay_harness as h
-from tc import BIN, env, stream
+from tc import REPO, call, stream, tool_env, tool_path
 from tcpcopylib import metrics as m
 
-REPO = Path(__file__).resolve().parent.parent
 PCAP = REPO / "examples" / "http-lab.pcap"
 
 
@@ -265,17 +263,16 @@ def test_pipeline_scraped_during_the_run(tmp_path):
     port = free_port()
     files = {t: tmp_path / f"{t}.prom" for t in ("tc-readpcap", "tc-pace", "tc-dump")}
     sj = {t: tmp_path / f"{t}.json" for t in files}
-    e = env()
-    e["TC_METRICS_INTERVAL"] = "0.2"
+    e = tool_env(TC_METRICS_INTERVAL="0.2")
     common = lambda t: ["--metrics", str(files[t]), "--stats-json", str(sj[t]),  # noqa: E731
                         "--metrics-label", "run=t1"]
-    rp = subprocess.Popen([str(BIN / "tc-readpcap"), *common("tc-readpcap"), "-B", "4",
+    rp = subprocess.Popen([tool_path("tc-readpcap"), *common("tc-readpcap"), "-B", "4",
                            str(PCAP)], stdout=subprocess.PIPE, env=e)
-    pace = subprocess.Popen([str(BIN / "tc-pace"), "--speed", "2", *common("tc-pace"),
+    pace = subprocess.Popen([tool_path("tc-pace"), "--speed", "2", *common("tc-pace"),
                              "--metrics-listen", f"127.0.0.1:{port}"],
                             stdin=rp.stdout, stdout=subprocess.PIPE, env=e)
     rp.stdout.close()
-    dump = subprocess.Popen([str(BIN / "tc-dump"), *common("tc-dump")], stdin=pace.stdout,
+    dump = subprocess.Popen([tool_path("tc-dump"), *common("tc-dump")], stdin=pace.stdout,
                             stdout=subprocess.DEVNULL, env=e)
     pace.stdout.close()
     sources = {t: read_file(p) for t, p in files.items()}
@@ -314,10 +311,9 @@ def test_pipeline_scraped_during_the_run(tmp_path):
 
 def test_listener_refuses_other_requests_and_survives_garbage(tmp_path):
     port = free_port()
-    e = env()
-    p = subprocess.Popen([str(BIN / "tc-pace"), "--metrics-listen", f"127.0.0.1:{port}"],
+    p = subprocess.Popen([tool_path("tc-pace"), "--metrics-listen", f"127.0.0.1:{port}"],
                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, env=e)
+                         stderr=subprocess.PIPE, env=tool_env())
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -361,20 +357,18 @@ def test_listener_refuses_other_requests_and_survives_garbage(tmp_path):
 
 
 def test_metrics_option_errors(tmp_path):
-    from tc import run
-
-    r = run(["tc-dump", "--metrics", tmp_path / "no" / "such" / "dir.prom"], input=b"")
+    r = call(["tc-dump", "--metrics", tmp_path / "no" / "such" / "dir.prom"], input=b"")
     assert r.returncode == 1 and b"cannot write --metrics" in r.stderr, r.stderr
-    r = run(["tc-dump", "--metrics-listen", "nowhere"], input=b"")
+    r = call(["tc-dump", "--metrics-listen", "nowhere"], input=b"")
     assert r.returncode == 2 and b"--metrics-listen" in r.stderr, r.stderr
-    r = run(["tc-dump", "--metrics", tmp_path / "m.prom", "--metrics-label", "stage=x"],
-            input=b"")
+    r = call(["tc-dump", "--metrics", tmp_path / "m.prom", "--metrics-label", "stage=x"],
+             input=b"")
     assert r.returncode == 2 and b"--metrics-label" in r.stderr, r.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
-        r = run(["tc-dump", "--metrics-listen", f"127.0.0.1:{busy.getsockname()[1]}"],
-                input=b"")
+        r = call(["tc-dump", "--metrics-listen", f"127.0.0.1:{busy.getsockname()[1]}"],
+                 input=b"")
     assert r.returncode == 69 and b"--metrics-listen" in r.stderr, r.stderr
 
 

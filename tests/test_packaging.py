@@ -13,9 +13,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from tc import BIN, REPO, call, tool_env, tool_path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = REPO / "bin"
+from tcpcopylib.testing import tool_class
+
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCRIPTS = PYPROJECT["project"]["scripts"]                       # {"tc-pace": "mod:main"}
 DATA_FILES = PYPROJECT["tool"]["setuptools"]["data-files"]       # {"share/man/man1": [...]}
@@ -24,12 +25,7 @@ HEAVY = ("dpkt", "pcapy", "asyncio", "importlib.metadata")
 
 
 def _env(bytecode=False):
-    e = dict(os.environ)
-    e["PATH"] = f"{BIN}:{e.get('PATH', '')}"
-    e["PYTHONPATH"] = str(REPO)
-    if bytecode:
-        e.pop("PYTHONDONTWRITEBYTECODE", None)
-    return e
+    return tool_env(**({"PYTHONDONTWRITEBYTECODE": None} if bytecode else {}))
 
 
 def _page_of(tool):
@@ -40,19 +36,8 @@ def _page_of(tool):
 
 
 def _is_stub(tool):
-    r = subprocess.run([str(BIN / tool), "--help"], capture_output=True, text=True,
-                       env=_env(), timeout=30)
-    return "not implemented" in r.stdout + r.stderr
-
-
-def _tool_class(tool):
-    from tcpcopylib.cli.common import Tool as Base
-
-    mod = importlib.import_module(SCRIPTS[tool].partition(":")[0])
-    classes = [c for c in vars(mod).values()
-               if isinstance(c, type) and issubclass(c, Base) and getattr(c, "name", "") == tool]
-    assert classes, f"{tool}: no Tool subclass named {tool!r} in {mod.__name__}"
-    return classes[0]
+    r = call([tool, "--help"])
+    return b"not implemented" in r.stdout + r.stderr
 
 
 def _render(page):
@@ -106,7 +91,7 @@ def test_every_long_option_is_in_the_man_page(tool):
         pytest.skip(f"{tool} is still the not-implemented stub")
     page = _page_of(tool)
     assert page.exists(), f"{tool} is built but {page.relative_to(REPO)} is missing"
-    cls = _tool_class(tool)
+    cls = tool_class(tool)
     parser = cls(stdout_fd=1).build_parser()
     options = {o for a in parser._actions for o in a.option_strings
                if o.startswith("--") and o != "--help"}
@@ -130,7 +115,7 @@ def test_import_budget(tool):
 
 def test_version_starts_fast():
     """tc-dump --version: a loose bound (bench/ has the real number); bytecode enabled."""
-    cmd = [str(BIN / "tc-dump"), "--version"]
+    cmd = [tool_path("tc-dump"), "--version"]
     env = _env(bytecode=True)
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=30)
     assert first.returncode == 0 and "tc-dump" in first.stdout

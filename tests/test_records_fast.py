@@ -9,7 +9,7 @@ import struct
 import cbor2
 import pytest
 
-from tc import cbor_items, decode, run, stream
+from tc import call, cbor_items, decode, stream
 from tcpcopylib.errors import StreamError
 from tcpcopylib.records import (AS_PKT, AS_SPANS, HEADER, LABEL, SPAN_KIND, SPAN_STOP,
                                 RecordReader, StreamDecoder, encode_section, fast_record,
@@ -232,7 +232,7 @@ def test_tc_pace_output_is_the_reencoded_input(opts):
         if type(r.get("ts")) is int and r["ts"] > 10**15:
             r["ts"] = TS + i  # in order, so nothing waits long
     body = b"".join(cbor2.dumps(r) for r in recs) + b"".join(NON_SHORTEST)
-    res = run(["tc-pace", *opts], input=encode_section(header("a")) + body, timeout=60)
+    res = call(["tc-pace", *opts], input=encode_section(header("a")) + body)
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert out.startswith(LABEL)
@@ -367,7 +367,7 @@ def test_a_batch_whose_lengths_do_not_add_up_is_an_error(layout):
     s = encode_section(header("test")) + raw
     _items, _pos, err = StreamDecoder().parse(s, AS_PKT)
     assert isinstance(err, StreamError) and "malformed pkts record" in str(err)
-    r = run(["tc-dump"], input=s)
+    r = call(["tc-dump"], input=s)
     assert r.returncode == 65 and b"malformed pkts record" in r.stderr
 
 

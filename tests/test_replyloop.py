@@ -24,12 +24,12 @@ def test_synack_reaches_claiming_client_only(lab, tmp_path, v6):
     client = ip_bytes(lab.client_ip6 if v6 else lab.client_ip)
     target = ip_bytes(lab.target_ip6 if v6 else lab.target_ip)
     addr = f"unix:{tmp_path}/fb.sock"
-    icpt = lab.popen("assistant", [sys.executable, str(tc.BIN / "tc-intercept"), "lan0",
+    icpt = lab.popen("assistant", [sys.executable, tc.tool_path("tc-intercept"), "lan0",
                                    "-F", "tcp and src port 8080", "-v"],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tc.env())
-    fbk = subprocess.Popen([str(tc.BIN / "tc-feedback"), "--listen", addr, "--stats",
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tc.tool_env())
+    fbk = subprocess.Popen([tc.tool_path("tc-feedback"), "--listen", addr, "--stats",
                             "--hold-ms", "500"],
-                           stdin=icpt.stdout, stderr=subprocess.PIPE, env=tc.env())
+                           stdin=icpt.stdout, stderr=subprocess.PIPE, env=tc.tool_env())
     icpt.stdout.close()
     sniff = lab.sniff("client", lab.client_if, "tcp")
     try:
@@ -51,9 +51,9 @@ def test_synack_reaches_claiming_client_only(lab, tmp_path, v6):
         time.sleep(0.1)
         syn = build_tcp(client, target, sport, 8080, seq, 0, TH_SYN,
                         options=b"\x02\x04\x05\xb4")
-        r = lab.run("online", [sys.executable, str(tc.BIN / "tc-emit"), "--stats"],
+        r = lab.run("online", [sys.executable, tc.tool_path("tc-emit"), "--stats"],
                     input=tc.stream([{"t": "pkt", "ts": time.time_ns(), "data": syn}]),
-                    capture_output=True, env=tc.env(), timeout=20)
+                    capture_output=True, env=tc.tool_env(), timeout=20)
         assert r.returncode == 0, r.stderr
         got = []
         deadline = time.monotonic() + 5

@@ -10,19 +10,17 @@ from seqnums import FIXED, isns  # noqa: F401 (isns: a fixture)
 
 from tcpcopylib.errors import UsageError
 from tcpcopylib.packet import (TH_ACK, TH_ECE, TH_FIN, TH_PSH, TH_RST, TH_SYN, build_tcp,
-                               ip_bytes, parse_options, parse_tcp, tcp_checksum_ok)
+                               ip_bytes, parse_options, parse_tcp)
 from tcpcopylib.session import Config, Engine, Mapper, parse_target, parse_transfer
 from tcpcopylib.session.timing import DueQueue
 from tcpcopylib.streamparse import StreamParser
+from tcpcopylib.testing import CLIENT as C
+from tcpcopylib.testing import MS, MSS_OPT, SEC
+from tcpcopylib.testing import ONLINE as O
+from tcpcopylib.testing import TARGET as T
+from tcpcopylib.testing import EngineRig
 
-MS = 1_000_000
-SEC = 1_000_000_000
-C = ip_bytes("10.9.0.2")       # client
-O = ip_bytes("10.1.0.1")       # online server
-T = ip_bytes("10.2.0.5")       # target
-TPORT = 8080
 CISN, TISN, SISN = FIXED       # client's, target's, online server's ISN (captured acks)
-MSS_OPT = b"\x02\x04\x05\xb4"
 MSS_512 = b"\x02\x04\x02\x00"
 
 
@@ -37,84 +35,11 @@ def not_before(a, b):
     return (a - b) & 0xFFFFFFFF < 0x80000000
 
 
-class Claims:
-    def __init__(self, log):
-        self.log = log
-
-    def claim(self, *tup):
-        self.log.append(("claim", tup))
-
-    def release(self, *tup):
-        self.log.append(("release", tup))
-
-
-class H:
-    """Harness: an engine, a fake clock, captured client packets in, target replies in."""
-
-    def __init__(self, isns=FIXED, rules=None, **cfg):
-        self.isns = isns
-        self.log = []
-        self.now = 0
-        cfg.setdefault("rto_min", 200 * MS)
-        self.e = Engine(Mapper(rules or parse_target(f"10.2.0.5:{80}", False)), self._emit,
-                        Config(**cfg), Claims(self.log))
-        self.tport = 80 if rules is None else TPORT
-
-    def _emit(self, data, sid, now):
-        assert tcp_checksum_ok(data)
-        assert now == self.now
-        p = parse_tcp(data)
-        self.log.append(("pkt", p))
-
-    def pkts(self):
-        """Packets emitted since the last call."""
-        out = [x[1] for x in self.log if x[0] == "pkt"]
-        self.log[:] = [x for x in self.log if x[0] != "pkt"]
-        return out
-
-    def client(self, flags, seq, ack=0, payload=b"", sport=5000, opts=b"", dport=80):
-        self.e.client_packet(build_tcp(C, O, sport, dport, seq, ack, flags, 65535, opts,
-                                       payload), self.now)
-
-    def target(self, flags, seq, ack, payload=b"", win=65535, opts=b"", dport=5000,
-               hdr_only=False):
-        data = build_tcp(T, C, self.tport, dport, seq, ack, flags, win, opts, payload)
-        if hdr_only:  # feedback carrying headers only, with the original length
-            n = len(data) - len(payload)
-            self.e.feedback_packet(data[:n], self.now, len(data))
-        else:
-            self.e.feedback_packet(data, self.now)
-
-    def advance(self, ms):
-        end = self.now + int(ms * MS)
-        while True:
-            d = self.e.next_deadline()
-            if d is None or d > end:
-                break
-            self.now = max(self.now, d)
-            self.e.on_timer(self.now)
-        self.now = end
-
-    def outcomes(self):
-        return {k: v for k, v in self.e.st.outcomes.items() if v}
-
-    # common openings
-    def open(self, sport=5000, synack_opts=MSS_OPT, client_opts=MSS_OPT, cack=None):
-        """Captured SYN + handshake ACK (acking cack, by default the online server's SYN),
-        target SYN-ACK; returns the packets sent."""
-        cisn, tisn, sisn = self.isns
-        self.client(TH_SYN, cisn, 0, opts=client_opts, sport=sport)
-        self.client(TH_ACK, cisn + 1, sisn + 1 if cack is None else cack, sport=sport)
-        self.now += 1 * MS
-        self.target(TH_SYN | TH_ACK, tisn, cisn + 1, opts=synack_opts, dport=sport)
-        return self.pkts()
-
-
 # -- handshake ------------------------------------------------------------------------
 
 def test_captured_syn_forwarded_with_isn_options_and_claim_first(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     opts = MSS_OPT + b"\x01\x03\x03\x07"
     h.client(TH_SYN, CISN, 0, opts=opts)
     assert h.log[0] == ("claim", (C, 5000, T, 80))  # claimed before the SYN
@@ -136,7 +61,7 @@ def test_captured_syn_forwarded_with_isn_options_and_claim_first(isns):
 
 def test_ack_numbers_follow_target_bytes_and_fin(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.pkts()
@@ -151,7 +76,7 @@ def test_ack_numbers_follow_target_bytes_and_fin(isns):
 
 def test_fake_syn_for_midstream_session(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"GET / HTTP/1.1\r\n\r\n")
     (syn,) = h.pkts()
     assert syn.flags == TH_SYN and syn.seq == CISN and syn.window == 65535
@@ -164,7 +89,7 @@ def test_fake_syn_for_midstream_session(isns):
 
 
 def test_only_syn_filters_midstream_sessions():
-    h = H(only_syn=True)
+    h = EngineRig(only_syn=True)
     h.client(TH_ACK | TH_PSH, 90000, SISN, b"data")
     h.client(TH_ACK | TH_PSH, 90004, SISN, b"more")
     assert h.pkts() == []
@@ -172,7 +97,7 @@ def test_only_syn_filters_midstream_sessions():
 
 
 def test_pure_ack_before_syn_ack_and_unmapped_port_ignored():
-    h = H()
+    h = EngineRig()
     h.client(TH_ACK | TH_PSH, 1, 1, b"x", dport=81)
     assert h.pkts() == [] and h.e.st.pkts_ignored == 1
 
@@ -181,7 +106,7 @@ def test_pure_ack_before_syn_ack_and_unmapped_port_ignored():
 
 def test_next_request_waits_for_response_bytes(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     assert [p.payload for p in h.pkts()] == [b"req1"]
@@ -198,7 +123,7 @@ def test_next_request_waits_for_response_bytes(isns):
 
 def test_response_shorter_than_online_released_after_quiet(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, quiet=100 * MS)
+    h = EngineRig(isns, quiet=100 * MS)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")
@@ -213,7 +138,7 @@ def test_response_shorter_than_online_released_after_quiet(isns):
 
 def test_a_response_one_byte_short_is_not_complete_and_a_one_byte_one_is(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")  # online: 100 bytes
@@ -230,7 +155,7 @@ def test_a_response_one_byte_short_is_not_complete_and_a_one_byte_one_is(isns):
 
 def test_a_one_byte_response_is_a_response_the_quiet_rule_ends(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, quiet=100 * MS)
+    h = EngineRig(isns, quiet=100 * MS)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")
@@ -243,7 +168,7 @@ def test_a_one_byte_response_is_a_response_the_quiet_rule_ends(isns):
 
 def test_gating_never_deadlocks_when_target_acked_and_went_quiet(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, gate_timeout=2 * SEC)
+    h = EngineRig(isns, gate_timeout=2 * SEC)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"part1")
     h.client(TH_ACK | TH_PSH, CISN + 6, SISN + 300, b"part2")  # new captured ack
@@ -258,7 +183,7 @@ def test_gating_never_deadlocks_when_target_acked_and_went_quiet(isns):
 
 def test_quiet_gate_counts_from_the_last_byte_of_a_trickling_response(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, quiet=100 * MS)
+    h = EngineRig(isns, quiet=100 * MS)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")  # online: a 100-byte response
@@ -276,7 +201,7 @@ def test_quiet_gate_counts_from_the_last_byte_of_a_trickling_response(isns):
 
 def test_gate_timeout_counts_from_the_targets_last_ack(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, gate_timeout=2 * SEC)
+    h = EngineRig(isns, gate_timeout=2 * SEC)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"part1")
     h.client(TH_ACK | TH_PSH, CISN + 6, SISN + 300, b"part2")
@@ -295,7 +220,7 @@ def test_gate_timeout_counts_from_the_targets_last_ack(isns):
 
 def test_client_fin_without_a_new_ack_waits_for_the_response(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, quiet=100 * MS)
+    h = EngineRig(isns, quiet=100 * MS)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.client(TH_ACK | TH_FIN, CISN + 4, SISN + 1)  # a half-close: the response came after
@@ -317,7 +242,7 @@ def test_client_fin_without_a_new_ack_waits_for_the_response(isns):
 
 def test_pipelined_requests_and_segments_go_back_to_back(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     for i in range(3):
         h.client(TH_ACK | TH_PSH, CISN + 1 + 4 * i, SISN + 1, b"seg%d" % i)
@@ -326,7 +251,7 @@ def test_pipelined_requests_and_segments_go_back_to_back(isns):
 
 def test_no_wait_sends_at_once(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, no_wait=True)
+    h = EngineRig(isns, no_wait=True)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")
@@ -337,7 +262,7 @@ def test_no_wait_still_judges_the_last_request_by_its_own_captured_ack(isns):
     """-n/--no-wait: nothing waits, but the drain and the outcome still look at the last
     request's response only (the one the online server gave before it: not awaited)."""
     CISN, TISN, SISN = isns
-    h = H(isns, no_wait=True)
+    h = EngineRig(isns, no_wait=True)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 51, b"req2")
@@ -350,7 +275,7 @@ def test_no_wait_still_judges_the_last_request_by_its_own_captured_ack(isns):
 
 def test_greeting_waits_for_server_first_bytes(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open(cack=SISN + 1)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1 + 20, b"LOGIN")  # after a 20-byte greeting
     assert h.pkts() == []
@@ -361,7 +286,7 @@ def test_greeting_waits_for_server_first_bytes(isns):
 
 def test_client_fin_waits_for_complete_response(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.client(TH_ACK | TH_FIN, CISN + 4, SISN + 1 + 3000)  # FIN after a 3000-byte reply
@@ -386,7 +311,7 @@ def test_client_fin_waits_for_complete_response(isns):
 
 def test_rto_retransmit_adaptive_and_backoff(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, rto_min=10 * MS)
+    h = EngineRig(isns, rto_min=10 * MS)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.client(TH_ACK, CISN + 1, SISN + 1)
     h.now += 50 * MS  # 50 ms RTT to the target
@@ -407,7 +332,7 @@ def test_rto_retransmit_adaptive_and_backoff(isns):
 
 def test_rto_follows_the_rtt_of_data_too(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, rto_min=10 * MS)
+    h = EngineRig(isns, rto_min=10 * MS)
     h.now = 5 * SEC  # (times are measured from the SYN, not from 0)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.client(TH_ACK, CISN + 1, SISN + 1)
@@ -426,7 +351,7 @@ def test_rto_follows_the_rtt_of_data_too(isns):
 
 def test_delayed_ack_and_acks_carried_by_data(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, delack=40 * MS)
+    h = EngineRig(isns, delack=40 * MS)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.pkts()
@@ -449,7 +374,7 @@ def test_delayed_ack_and_acks_carried_by_data(isns):
 
 def test_each_rtt_sample_times_one_segment(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, rto_min=10 * MS)
+    h = EngineRig(isns, rto_min=10 * MS)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.client(TH_ACK, CISN + 1, SISN + 1)
     h.now += 40 * MS
@@ -467,7 +392,7 @@ def test_each_rtt_sample_times_one_segment(isns):
 
 def test_retransmit_keeps_working_after_responses(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"resp")
@@ -481,7 +406,7 @@ def test_retransmit_keeps_working_after_responses(isns):
 
 def test_retransmissions_carry_the_fin_only_with_the_last_byte(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, no_wait=True)  # the FIN goes before the data is acknowledged
+    h = EngineRig(isns, no_wait=True)  # the FIN goes before the data is acknowledged
     h.open(synack_opts=MSS_512)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 600)
     h.client(TH_ACK | TH_FIN, CISN + 601, SISN + 1)
@@ -502,7 +427,7 @@ def test_retransmissions_carry_the_fin_only_with_the_last_byte(isns):
 
 def test_a_fin_sent_at_once_is_retransmitted_after_the_rto(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"x" * 10)
@@ -520,7 +445,7 @@ def test_a_fin_sent_at_once_is_retransmitted_after_the_rto(isns):
 
 def test_data_sent_on_the_syn_ack_is_retransmitted_after_the_rto(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")  # mid-stream: our own SYN
     h.pkts()
     h.now += MS
@@ -534,7 +459,7 @@ def test_data_sent_on_the_syn_ack_is_retransmitted_after_the_rto(isns):
 
 def test_dupacks_count_from_the_last_new_ack_and_each_loss_is_fast_retransmitted(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     for i in range(8):
         h.client(TH_ACK | TH_PSH, CISN + 1 + 10 * i, SISN + 1, bytes([65 + i]) * 10)
@@ -559,7 +484,7 @@ def test_dupacks_count_from_the_last_new_ack_and_each_loss_is_fast_retransmitted
 
 def test_recovery_ends_at_the_ack_of_what_was_outstanding_at_the_loss(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     for i in range(4):
         h.client(TH_ACK | TH_PSH, CISN + 1 + 10 * i, SISN + 1, bytes([65 + i]) * 10)
@@ -579,7 +504,7 @@ def test_recovery_ends_at_the_ack_of_what_was_outstanding_at_the_loss(isns):
 
 def test_what_is_not_a_duplicate_ack(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.target(TH_ACK, TISN + 1, CISN + 4)
@@ -596,7 +521,7 @@ def test_what_is_not_a_duplicate_ack(isns):
 
 def test_a_partial_ack_restarts_the_rto(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)  # RTO: the 200 ms floor
+    h = EngineRig(isns)  # RTO: the 200 ms floor
     h.open(synack_opts=MSS_512)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 600)
     h.pkts()
@@ -610,7 +535,7 @@ def test_a_partial_ack_restarts_the_rto(isns):
 
 def test_no_rtt_sample_from_a_retransmitted_segment(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, rto_min=10 * MS)
+    h = EngineRig(isns, rto_min=10 * MS)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.client(TH_ACK, CISN + 1, SISN + 1)
     h.now += 40 * MS  # RTO 120 ms
@@ -628,7 +553,7 @@ def test_no_rtt_sample_from_a_retransmitted_segment(isns):
 
 def test_fast_retransmit_on_three_dupacks(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     for i in range(4):
         h.client(TH_ACK | TH_PSH, CISN + 1 + 10 * i, SISN + 1, bytes([65 + i]) * 10)
@@ -650,7 +575,7 @@ def test_fast_retransmit_on_three_dupacks(isns):
 
 def test_target_data_overlapping_what_arrived_counts_only_the_new_bytes(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.pkts()
@@ -665,7 +590,7 @@ def test_target_data_overlapping_what_arrived_counts_only_the_new_bytes(isns):
 
 def test_target_fin_is_taken_in_sequence_only(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.pkts()
@@ -684,7 +609,7 @@ def test_target_fin_is_taken_in_sequence_only(isns):
 
 def test_never_more_in_flight_than_window_and_window_update_resumes(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, win=100, opts=MSS_OPT)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 300)
@@ -703,7 +628,7 @@ def test_never_more_in_flight_than_window_and_window_update_resumes(isns):
 
 def test_one_byte_of_window_is_used_and_each_wait_counted(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, win=100, opts=MSS_OPT)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 300)
@@ -716,7 +641,7 @@ def test_one_byte_of_window_is_used_and_each_wait_counted(isns):
 
 def test_zero_window_probes_start_one_rto_after_the_first_wait_and_are_not_postponed(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)  # RTO: the 200 ms floor
+    h = EngineRig(isns)  # RTO: the 200 ms floor
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.now += MS
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, win=0, opts=MSS_OPT)  # a zero window at once
@@ -741,7 +666,7 @@ def test_zero_window_probes_start_one_rto_after_the_first_wait_and_are_not_postp
 
 def test_a_window_shut_by_the_last_ack_is_probed_one_rto_after_data_waits(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.target(TH_ACK, TISN + 1, CISN + 5, win=0)  # all acked, the window shut
@@ -757,7 +682,7 @@ def test_a_window_shut_by_the_last_ack_is_probed_one_rto_after_data_waits(isns):
 
 def test_a_window_reopened_with_data_in_flight_keeps_its_rto(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 100)
     h.target(TH_ACK, TISN + 1, CISN + 51, win=0)  # half acked, the window shut
@@ -770,12 +695,12 @@ def test_a_window_reopened_with_data_in_flight_keeps_its_rto(isns):
 def test_window_scale_applies_only_when_both_negotiated(isns):
     CISN, TISN, SISN = isns
     wsopt = b"\x01\x03\x03\x02"  # wscale 2
-    h = H(isns)
+    h = EngineRig(isns)
     h.open(client_opts=MSS_OPT + wsopt, synack_opts=MSS_OPT + wsopt)
     h.target(TH_ACK, TISN + 1, CISN + 1, win=100)  # 400 bytes
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 1000)
     assert sum(len(p.payload) for p in h.pkts()) == 400
-    h = H(isns)
+    h = EngineRig(isns)
     h.open(client_opts=MSS_OPT, synack_opts=MSS_OPT + wsopt)  # client did not offer it
     h.target(TH_ACK, TISN + 1, CISN + 1, win=100)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 1000)
@@ -785,18 +710,18 @@ def test_window_scale_applies_only_when_both_negotiated(isns):
 def test_options_the_syn_did_not_offer_are_not_used(isns):
     CISN, TISN, SISN = isns
     ws14 = b"\x01\x03\x03\x0e"
-    h = H(isns)  # timestamps in the SYN-ACK only: none in our segments
+    h = EngineRig(isns)  # timestamps in the SYN-ACK only: none in our segments
     h.open(client_opts=MSS_OPT, synack_opts=MSS_OPT + ts_opt(777, 0))
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     assert [p.options for p in h.pkts()] == [b""]
-    h = H(isns)  # a window scale above 14 counts as 14 (RFC 7323)
+    h = EngineRig(isns)  # a window scale above 14 counts as 14 (RFC 7323)
     ws15 = b"\x01\x03\x03\x0f"
     h.open(client_opts=MSS_OPT + ws15, synack_opts=MSS_OPT + ws15)
     h.target(TH_ACK, TISN + 1, CISN + 1, win=1)  # 1 << 14 bytes
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a" * 20000)
     assert sum(len(p.payload) for p in h.pkts()) == 16384
     # a reconnection's own SYN offers only an MSS, whatever the captured SYN did
-    h = H(isns)
+    h = EngineRig(isns)
     h.open(client_opts=MSS_OPT + ws14 + ts_opt(5000, 0), synack_opts=MSS_OPT + ts_opt(9, 5000))
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"resp1", opts=ts_opt(10, 5000))
@@ -812,7 +737,7 @@ def test_options_the_syn_did_not_offer_are_not_used(isns):
 
 def test_without_an_mss_option_segments_are_536_bytes(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open(synack_opts=b"")
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 1200)
     assert [len(p.payload) for p in h.pkts()] == [536, 536, 128]
@@ -820,7 +745,7 @@ def test_without_an_mss_option_segments_are_536_bytes(isns):
 
 def test_segments_larger_than_target_mss_are_split(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open(synack_opts=MSS_512)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 1200)
     assert [(len(p.payload), p.flags) for p in h.pkts()] == [
@@ -833,7 +758,7 @@ def test_segments_and_retransmissions_leave_room_for_the_timestamp_option(isns):
     """The target's MSS counts the 12 bytes of the timestamp option too: with timestamps
     on, no segment, first or retransmitted, carries more than MSS - 12 data bytes."""
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open(client_opts=MSS_OPT + ts_opt(5000, 0), synack_opts=MSS_512 + ts_opt(777, 5000))
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"z" * 1200)
 
@@ -856,7 +781,7 @@ def test_segments_and_retransmissions_leave_room_for_the_timestamp_option(isns):
 @pytest.mark.parametrize("tsval", [5000, 2**32 - 5, 0x60000000, 0x90000000],
                          ids=["ts", "ts-wraps", "ts-2^30", "ts-2^31"])
 def test_timestamps_echo_target_tsval_and_stay_monotonic(tsval, start):
-    h = H()
+    h = EngineRig()
     h.now = start
     h.open(client_opts=MSS_OPT + ts_opt(tsval, 0), synack_opts=MSS_OPT + ts_opt(777, tsval))
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
@@ -875,7 +800,7 @@ def test_timestamps_echo_target_tsval_and_stay_monotonic(tsval, start):
 
 def test_duplicate_and_overlapping_captured_segments_are_trimmed(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"abcdef")
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"abcdef")     # retransmission
@@ -887,7 +812,7 @@ def test_duplicate_and_overlapping_captured_segments_are_trimmed(isns):
 
 def test_gap_holds_later_data_until_filled(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 4, SISN + 1, b"def")
     assert h.pkts() == []
@@ -897,7 +822,7 @@ def test_gap_holds_later_data_until_filled(isns):
 
 def test_unfilled_gap_ends_as_capture_gap(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, gap_timeout=5 * SEC)
+    h = EngineRig(isns, gap_timeout=5 * SEC)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"abc")
     h.target(TH_ACK, TISN + 1, CISN + 4)
@@ -914,7 +839,7 @@ def test_the_targets_fin_counts_as_a_byte_of_the_response(isns):
     """The captured ack counts the online server's FIN: a target that sends as many bytes
     and a FIN has completed the response by bytes (not just by closing)."""
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.client(TH_ACK | TH_FIN, CISN + 4, SISN + 12)  # after 10 bytes and the server's FIN
@@ -929,7 +854,7 @@ def test_the_targets_fin_counts_as_a_byte_of_the_response(isns):
 
 def test_a_target_that_closed_first_is_given_the_linger_time_then_ended(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, linger=10 * SEC)
+    h = EngineRig(isns, linger=10 * SEC)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.target(TH_ACK | TH_PSH | TH_FIN, TISN + 1, CISN + 4, b"resp")
@@ -943,7 +868,7 @@ def test_a_fin_released_after_the_targets_fin_keeps_the_response_count(isns):
     """The target closed first; the client's FIN (a new group) carries an older ack than
     an earlier pure ACK: the online server's last 10 bytes never came."""
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.target(TH_ACK | TH_PSH | TH_FIN, TISN + 1, CISN + 4, b"x" * 10)
@@ -957,7 +882,7 @@ def test_a_fin_released_after_the_targets_fin_keeps_the_response_count(isns):
 
 def test_target_closes_first_then_client_fin(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.target(TH_ACK | TH_PSH | TH_FIN, TISN + 1, CISN + 4, b"resp")
@@ -973,7 +898,7 @@ def test_target_closes_first_then_client_fin(isns):
 
 def test_rst_from_target(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.target(TH_ACK, TISN + 1, CISN + 4)
@@ -986,7 +911,7 @@ def test_rst_from_target(isns):
 
 def test_an_rst_without_ack_does_not_refuse_our_syn(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.target(TH_RST, 0, CISN + 1)  # its ack field matches, but no ACK flag: not for us
     assert h.outcomes() == {}
@@ -997,7 +922,7 @@ def test_an_rst_without_ack_does_not_refuse_our_syn(isns):
 
 def test_a_syn_ack_with_more_flags_establishes(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.pkts()
     h.target(TH_SYN | TH_ACK | TH_ECE, TISN, CISN + 1, opts=MSS_OPT)  # ECN-setup SYN-ACK
@@ -1007,7 +932,7 @@ def test_a_syn_ack_with_more_flags_establishes(isns):
 
 def test_connection_refused(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.pkts()
     h.target(TH_RST | TH_ACK, 0, CISN + 1)
@@ -1018,7 +943,7 @@ def test_connection_refused(isns):
 @pytest.mark.parametrize("wrong", ["synack-bad-ack", "ack-only"])
 def test_only_a_syn_ack_acking_our_syn_establishes(isns, wrong):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.pkts()
     if wrong == "synack-bad-ack":
@@ -1039,7 +964,7 @@ def test_rest_of_a_failed_session_is_ignored_not_a_new_session(isns):
     later packets are the failed session's, not a new mid-stream session's (one outcome,
     no fake SYN); its captured SYN again or FIN changes nothing; a new ISN is a new one."""
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.target(TH_RST | TH_ACK, 0, CISN + 1)
     h.pkts()
@@ -1058,7 +983,7 @@ def test_rest_of_a_failed_session_is_ignored_not_a_new_session(isns):
 
 def test_early_close_reconnects_on_a_new_port(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"resp1")
@@ -1088,7 +1013,7 @@ def test_early_close_reconnects_on_a_new_port(isns):
 
 def test_the_idle_timeout_counts_from_the_syn_ack(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, idle_timeout=5 * SEC)
+    h = EngineRig(isns, idle_timeout=5 * SEC)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.advance(3000)  # the SYN was retransmitted: the SYN-ACK comes at 3 s
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
@@ -1102,7 +1027,7 @@ def test_data_with_an_older_captured_ack_stays_in_its_group(isns):
     """A segment whose captured ack is older than the group's (a reordered capture) is
     part of the group being sent, not a new one."""
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"r" * 10)
@@ -1113,7 +1038,7 @@ def test_data_with_an_older_captured_ack_stays_in_its_group(isns):
 
 def test_no_synack_times_out_with_rst(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, connect_timeout=3 * SEC)
+    h = EngineRig(isns, connect_timeout=3 * SEC)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.pkts()
     h.advance(2900)
@@ -1127,7 +1052,7 @@ def test_no_synack_times_out_with_rst(isns):
 
 def test_idle_timeout_with_pending_data(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, idle_timeout=30 * SEC, keepalive_timeout=60 * SEC)
+    h = EngineRig(isns, idle_timeout=30 * SEC, keepalive_timeout=60 * SEC)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")  # waits for a response
@@ -1139,7 +1064,7 @@ def test_idle_timeout_with_pending_data(isns):
 
 def test_close_all_resets_unfinished_sessions(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open(sport=5000)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req", sport=5000)
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"ok")
@@ -1157,7 +1082,7 @@ def test_close_all_resets_unfinished_sessions(isns):
 
 def test_client_rst_forwarded_after_response(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.client(TH_RST | TH_ACK, CISN + 4, SISN + 11)
@@ -1170,7 +1095,7 @@ def test_client_rst_forwarded_after_response(isns):
 
 def test_client_rst_goes_at_once_when_the_response_is_complete(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"x" * 10)
@@ -1185,7 +1110,7 @@ def test_client_rst_without_ack_flag_has_no_captured_ack(isns):
     """An RST without the ACK flag: its ack field is no captured ack (neither for gating
     nor as the online server's bytes seen)."""
     CISN, TISN, SISN = isns
-    h = H(isns, quiet=100 * MS)
+    h = EngineRig(isns, quiet=100 * MS)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"x" * 5)
@@ -1196,7 +1121,7 @@ def test_client_rst_without_ack_flag_has_no_captured_ack(isns):
     assert len([p for p in h.pkts() if p.flags & TH_RST]) == 1
     assert h.e.st.gate_quiet == 1 and h.e.st.gate_bytes == 0
     # a held RST without ACK: close_all judges the last response by the real acks
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"r" * 10)
@@ -1215,7 +1140,7 @@ def test_the_online_response_size_is_the_latest_captured_ack(isns, acks):
     order, however small its advance; an ack half the space away or an older one (a
     retransmission) is not later."""
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     for a in acks:
@@ -1230,7 +1155,7 @@ def test_the_online_response_size_is_the_latest_captured_ack(isns, acks):
 
 def test_segments_without_the_ack_flag_carry_no_captured_ack(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)  # (the handshake ACK is missing)
     h.client(TH_PSH, CISN + 1, SISN - 99)      # no ACK flag, no data: ignored
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
@@ -1249,7 +1174,7 @@ def test_segments_without_the_ack_flag_carry_no_captured_ack(isns):
 
 def test_data_and_fin_in_one_captured_segment(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH | TH_FIN, CISN + 1, SISN + 1, b"bye")
     (d,) = h.pkts()  # the FIN waits for the data's ack and the response, as a bare FIN
@@ -1266,7 +1191,7 @@ def test_data_and_fin_in_one_captured_segment(isns):
 @pytest.mark.parametrize("end", [TH_FIN, TH_RST | TH_ACK], ids=["fin", "rst"])
 def test_nothing_the_client_sends_after_its_fin_or_rst_goes_out(isns, end):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.client(end | TH_ACK, CISN + 4, SISN + 11)  # held until the response
@@ -1282,7 +1207,7 @@ def test_nothing_the_client_sends_after_its_fin_or_rst_goes_out(isns, end):
 
 def test_sessions_keyed_on_full_four_tuple():
     rules = parse_transfer("80-10.2.0.5:8080,81-10.2.0.5:8081")
-    h = H(rules=rules)
+    h = EngineRig(rules=rules)
     h.client(TH_ACK | TH_PSH, 100, SISN, b"a", dport=80)
     h.client(TH_ACK | TH_PSH, 900, SISN, b"b", dport=81)  # same client port, other service
     syns = h.pkts()
@@ -1291,7 +1216,7 @@ def test_sessions_keyed_on_full_four_tuple():
 
 
 def test_sampling_is_deterministic_per_client():
-    h = H(sample_pct=30)
+    h = EngineRig(sample_pct=30)
     for port in range(6000, 6100):
         h.client(TH_SYN, CISN, 0, opts=MSS_OPT, sport=port)
     picked = {p.sport for p in h.pkts()}
@@ -1330,7 +1255,7 @@ def test_target_and_any_port():
 
 
 def test_server_to_client_packets_ignored():
-    h = H()
+    h = EngineRig()
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.pkts()
     h.e.client_packet(build_tcp(O, C, 80, 5000, SISN, CISN + 1, TH_SYN | TH_ACK), h.now)
@@ -1423,7 +1348,7 @@ def test_stream_parser_incremental():
 
 
 def test_tuple_in_time_wait_kept_for_captured_syn_avoided_by_fake_syn():
-    h = H()
+    h = EngineRig()
     h.e.time_wait[(C, 5000, T, 80)] = 10 * SEC
     h.e.time_wait[(C, 5001, T, 80)] = 10 * SEC
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT, sport=5000)           # as the client did
@@ -1435,7 +1360,7 @@ def test_tuple_in_time_wait_kept_for_captured_syn_avoided_by_fake_syn():
 
 def test_captured_port_reuse_starts_a_new_session(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.target(TH_ACK | TH_PSH | TH_FIN, TISN + 1, CISN + 4, b"resp")
@@ -1451,7 +1376,7 @@ def test_captured_port_reuse_starts_a_new_session(isns):
 
 def test_captured_syn_again_is_a_retransmission_unless_its_isn_changed(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)  # the client's SYN retransmission, captured
     assert [(p.flags, p.seq) for p in h.pkts()] == [(TH_SYN, CISN)]
@@ -1468,7 +1393,7 @@ def test_captured_syn_again_is_a_retransmission_unless_its_isn_changed(isns):
 
 def test_drain_waits_for_the_last_response_the_client_acknowledged(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.client(TH_ACK, CISN + 4, SISN + 1 + 50)  # online, the client got 50 bytes back
@@ -1484,7 +1409,7 @@ def test_drain_waits_for_the_last_response_the_client_acknowledged(isns):
 
 def test_last_request_without_response_is_unfinished(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.client(TH_ACK, CISN + 4, SISN + 1 + 50)
@@ -1496,7 +1421,7 @@ def test_last_request_without_response_is_unfinished(isns):
 
 def test_a_later_request_without_its_response_is_unfinished(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"r" * 10)
@@ -1511,7 +1436,7 @@ def test_a_later_request_without_its_response_is_unfinished(isns):
 
 def test_data_resent_on_a_new_connection_has_no_captured_ack_to_wait_for(isns):
     CISN, TISN, SISN = isns
-    h = H(isns)
+    h = EngineRig(isns)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.target(TH_RST, TISN + 1, 0)  # reset before acking req: it goes again, reconnected
@@ -1526,7 +1451,7 @@ def test_data_resent_on_a_new_connection_has_no_captured_ack_to_wait_for(isns):
 
 
 def test_any_port_replays_every_service_and_tells_directions():
-    h = H(rules=parse_target("10.2.0.5", True))
+    h = EngineRig(rules=parse_target("10.2.0.5", True))
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT, sport=40000, dport=6379)
     h.e.client_packet(build_tcp(O, C, 6379, 40000, SISN, CISN + 1, TH_SYN | TH_ACK), h.now)
     h.client(TH_ACK | TH_PSH, 77, 9, b"mid", sport=40001, dport=443)   # mid-stream
@@ -1539,7 +1464,7 @@ def test_any_port_replays_every_service_and_tells_directions():
 
 def test_truncated_captured_packet_is_not_sent(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, gap_timeout=SEC)
+    h = EngineRig(isns, gap_timeout=SEC)
     h.open()
     full = build_tcp(C, O, 5000, 80, CISN + 1, SISN + 1, TH_ACK | TH_PSH, payload=b"x" * 100)
     h.e.client_packet(full[:80], h.now)  # snap length 80
@@ -1551,7 +1476,7 @@ def test_truncated_captured_packet_is_not_sent(isns):
 
 def test_keepalive_timeout_for_an_idle_session_with_nothing_pending(isns):
     CISN, TISN, SISN = isns
-    h = H(isns, idle_timeout=30 * SEC, keepalive_timeout=60 * SEC)
+    h = EngineRig(isns, idle_timeout=30 * SEC, keepalive_timeout=60 * SEC)
     h.open()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 4, b"resp")

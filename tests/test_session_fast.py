@@ -9,11 +9,12 @@ def test_ended_sessions_leave_the_timer_heap():
     -k seconds later): the heap stays small and the session is freed."""
     import gc
 
-    from test_session_engine import CISN, TH_ACK, TH_RST, TH_SYN, H
-
+    from tcpcopylib.packet import TH_ACK, TH_RST, TH_SYN
     from tcpcopylib.session.engine import Session
+    from tcpcopylib.testing import EngineRig
 
-    h = H()
+    h = EngineRig()
+    CISN = h.isns.client
     h.e._compact_min = h.e._compact_at = 256  # as COMPACT_MIN, smaller: a faster test
     n = 1500
     for i in range(n):

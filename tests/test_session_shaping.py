@@ -12,12 +12,11 @@ from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_SYN, build_tcp, ip_byte
 from tcpcopylib.session import Config, Engine, Mapper, parse_target
 from tcpcopylib.session.alloc import (Allocator, parse_instance, parse_pool, sample_share,
                                       stable_hash)
+from tcpcopylib.testing import MSS_OPT as MSS
+from tcpcopylib.testing import ONLINE as O
+from tcpcopylib.testing import MS, SEC, EngineRig
+from tcpcopylib.testing import TARGET as T
 
-MS = 1_000_000
-SEC = 1_000_000_000
-O = ip_bytes("10.1.0.1")       # online server
-T = ip_bytes("10.2.0.5")       # target
-MSS = b"\x02\x04\x05\xb4"
 CISN, _, SISN = FIXED          # captured client's and online server's ISN
 
 
@@ -25,91 +24,48 @@ def client_ip(i):
     return ip_bytes(f"10.77.{i // 250}.{i % 250 + 1}")
 
 
-class Rig:
-    """An engine with a fake clock and an automatic target: SYN-ACK for every SYN, and
-    for every request an answer "ok" with a FIN (an HTTP server with Connection: close).
-    Sequence numbers start from isns (tests/seqnums.py): the target's ISN is isns.target."""
+class Rig(EngineRig):
+    """The kit's engine rig with an automatic target (unless auto=False): SYN-ACK for every
+    SYN, and for every request an answer "ok" with a FIN (an HTTP server with Connection:
+    close); conns: 4-tuple (as sent) -> the bytes the target received. Sequence numbers
+    start from isns (tests/seqnums.py): the target's ISN is isns.target."""
 
     def __init__(self, alloc=None, auto=True, isns=FIXED, **cfg):
-        self.isns = isns
-        self.now = 0
-        self.sent = []          # every datagram the engine emitted (parsed)
-        self.claims = []
-        self.warnings = []
+        super().__init__(isns, alloc=alloc, **cfg)
         self.auto = auto
-        self.replies = []
-        self.conns = {}         # 4-tuple (as sent) -> bytes the target received
-        self.e = Engine(Mapper(parse_target("10.2.0.5:80", False)), self._emit,
-                        Config(**cfg), self, alloc)
-        self.e.warn = self.warnings.append
+        self.conns = {}
 
-    # the claims interface
-    def claim(self, *tup):
-        self.claims.append(("add", tup))
-
-    def release(self, *tup):
-        self.claims.append(("del", tup))
-
-    def _emit(self, data, sid, now):
-        p = parse_tcp(data)
-        self.sent.append(p)
+    def respond(self, p):
         if not self.auto:
-            return
+            return []
         tup = (p.src, p.sport, p.dst, p.dport)
         tisn = self.isns.target
         if p.flags & TH_SYN:
             self.conns.setdefault(tup, b"")
-            self.replies.append(build_tcp(T, p.src, 80, p.sport, tisn, p.seq + 1,
-                                          TH_SYN | TH_ACK, 65535, MSS))
-        elif p.payload:
+            return [build_tcp(T, p.src, 80, p.sport, tisn, p.seq + 1, TH_SYN | TH_ACK, 65535,
+                              MSS)]
+        if p.payload:
             self.conns[tup] += p.payload
-            self.replies.append(build_tcp(T, p.src, 80, p.sport, tisn + 1,
-                                          p.seq + len(p.payload),
-                                          TH_ACK | TH_PSH | TH_FIN, 65535, b"", b"ok"))
-        elif p.flags & TH_FIN:
-            self.replies.append(build_tcp(T, p.src, 80, p.sport, tisn + 4, p.seq + 1, TH_ACK))
-
-    def pump(self):
-        """Deliver the target's replies until nothing more is said."""
-        for _ in range(100):
-            if not self.replies:
-                return
-            batch, self.replies = self.replies, []
-            for r in batch:
-                self.e.feedback_packet(r, self.now)
-
-    def client(self, cip, sport, flags, seq, ack=0, payload=b""):
-        self.e.client_packet(build_tcp(cip, O, sport, 80, seq, ack, flags, 65535,
-                                       MSS if flags & TH_SYN else b"", payload), self.now)
+            return [build_tcp(T, p.src, 80, p.sport, tisn + 1, p.seq + len(p.payload),
+                              TH_ACK | TH_PSH | TH_FIN, 65535, b"", b"ok")]
+        if p.flags & TH_FIN:
+            return [build_tcp(T, p.src, 80, p.sport, tisn + 4, p.seq + 1, TH_ACK)]
+        return []
 
     def session(self, cip, sport, payload=b"GET / HTTP/1.1\r\n\r\n", close=True):
         """A whole captured client session: SYN, ACK, request, FIN."""
         cisn, _, sisn = self.isns
-        self.client(cip, sport, TH_SYN, cisn)
+        self.client(TH_SYN, cisn, sport=sport, cip=cip)
         self.pump()
-        self.client(cip, sport, TH_ACK, cisn + 1, sisn + 1)
-        self.client(cip, sport, TH_ACK | TH_PSH, cisn + 1, sisn + 1, payload)
+        self.client(TH_ACK, cisn + 1, sisn + 1, sport=sport, cip=cip)
+        self.client(TH_ACK | TH_PSH, cisn + 1, sisn + 1, payload, sport=sport, cip=cip)
         self.pump()
         if close:
-            self.client(cip, sport, TH_ACK | TH_FIN, cisn + 1 + len(payload), sisn + 4)
+            self.client(TH_ACK | TH_FIN, cisn + 1 + len(payload), sisn + 4, sport=sport, cip=cip)
             self.pump()
-
-    def advance(self, ms):
-        end = self.now + int(ms * MS)
-        for _ in range(100000):
-            d = self.e.next_deadline()
-            if d is None or d > end:
-                break
-            self.now = max(self.now, d)
-            self.e.on_timer(self.now)
-            self.pump()
-        self.now = end
 
     def syns(self):
         return [(p.src, p.sport) for p in self.sent if p.flags & TH_SYN]
-
-    def outcomes(self):
-        return {k: v for k, v in self.e.st.outcomes.items() if v}
 
 
 # -- option parsing --------------------------------------------------------------------
@@ -152,7 +108,7 @@ def test_pool_of_two_5000_concurrent_same_port_no_collision_and_deterministic():
     def run():
         r = Rig(Allocator(parse_pool("10.99.0.1,10.99.0.2")), auto=False)
         for i in range(5000):
-            r.client(client_ip(i), 40000, TH_SYN, CISN)
+            r.client(TH_SYN, CISN, sport=40000, cip=client_ip(i))
         return r
     r = run()
     syns = r.syns()
@@ -160,7 +116,8 @@ def test_pool_of_two_5000_concurrent_same_port_no_collision_and_deterministic():
     assert {a for a, _ in syns} == {ip_bytes("10.99.0.1"), ip_bytes("10.99.0.2")}
     assert all(1024 <= p < 65536 or p == 40000 for _, p in syns)
     # claims name the replayed addresses, not the captured ones
-    assert {t[0] for _, t in r.claims} == {ip_bytes("10.99.0.1"), ip_bytes("10.99.0.2")}
+    claimed = {t[0] for kind, t in r.log if kind == "claim"}
+    assert claimed == {ip_bytes("10.99.0.1"), ip_bytes("10.99.0.2")}
     assert run().syns() == syns
 
 
@@ -184,18 +141,18 @@ def test_pool_exhaustion_sheds_with_one_warning_and_recovers():
     alloc = Allocator(parse_pool("10.99.0.1"), instance=0, instances=256)  # 252 ports
     r = Rig(alloc, auto=False)
     for i in range(300):
-        r.client(client_ip(i), 40000, TH_SYN, CISN)
-        r.client(client_ip(i), 40000, TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"x")
+        r.client(TH_SYN, CISN, sport=40000, cip=client_ip(i))
+        r.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"x", sport=40000, cip=client_ip(i))
     assert len(set(r.syns())) == len(r.syns()) == 252
     assert r.outcomes() == {"pool_exhausted": 48}
     assert len(r.warnings) == 1 and "pool" in r.warnings[0]
     assert r.e.active() == 252 == r.e.st.peak_active
     # the shed sessions' later packets start nothing
-    r.client(client_ip(299), 40000, TH_ACK | TH_PSH, CISN + 2, SISN + 1, b"y")
+    r.client(TH_ACK | TH_PSH, CISN + 2, SISN + 1, b"y", sport=40000, cip=client_ip(299))
     assert len(r.syns()) == 252
     r.e.close_all(r.now)
     r.now += 1 * SEC
-    r.client(client_ip(500), 40000, TH_SYN, CISN)
+    r.client(TH_SYN, CISN, sport=40000, cip=client_ip(500))
     assert len(r.syns()) == 253  # pairs free again: early reuse rather than shedding
     assert alloc.early_reuses == 1
 
@@ -231,14 +188,14 @@ def test_copies_each_complete_with_the_same_bytes_on_distinct_ports(isns):
 
 def test_copies_1000_and_midstream():
     r = Rig(copies=1000, auto=False)
-    r.client(client_ip(0), 40000, TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"mid")
+    r.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"mid", sport=40000, cip=client_ip(0))
     assert len(set(r.syns())) == 1000 and r.e.st.fake_syn == 1000
 
 
 def test_copies_sampled_and_filtered_together():
     r = Rig(copies=5, sample_pct=50, auto=False)
     for i in range(200):
-        r.client(client_ip(i), 40000, TH_SYN, CISN)
+        r.client(TH_SYN, CISN, sport=40000, cip=client_ip(i))
     picked = len(r.syns())
     assert picked % 5 == 0 and 60 < picked // 5 < 140
     assert r.e.st.outcomes["filtered"] == 200 - picked // 5
@@ -251,7 +208,7 @@ def test_instances_never_share_a_tuple():
     for k in (0, 1):
         r = Rig(Allocator(None, k, 2), copies=3, auto=False)
         for i in range(500):
-            r.client(client_ip(i % 7), 30000 + i, TH_SYN, CISN)
+            r.client(TH_SYN, CISN, sport=30000 + i, cip=client_ip(i % 7))
         syns = r.syns()
         assert len(syns) == 1500 == len(set(syns))
         lo = 1024 + k * 32256
@@ -263,7 +220,7 @@ def test_instances_never_share_a_tuple():
     b = Rig(Allocator(parse_pool("10.99.0.1"), 1, 2), auto=False)
     for r in (a, b):
         for i in range(300):
-            r.client(client_ip(i), 40000, TH_SYN, CISN)
+            r.client(TH_SYN, CISN, sport=40000, cip=client_ip(i))
     assert not set(a.syns()) & set(b.syns())
 
 
@@ -276,7 +233,7 @@ def test_ramp_grows_the_share_from_1_percent():
     for i in range(4000):  # one new session every 25 ms: 100 s
         r.now = i * 25 * MS
         n = len(r.sent)
-        r.client(client_ip(i), 40000, TH_SYN, CISN)
+        r.client(TH_SYN, CISN, sport=40000, cip=client_ip(i))
         picked.append(len(r.sent) > n)
     first, last = sum(picked[:400]), sum(picked[-400:])  # first / last 10 s
     assert first < 40 and last > 360, (first, last)
@@ -284,7 +241,7 @@ def test_ramp_grows_the_share_from_1_percent():
     assert r.e.share(200 * SEC) == 100
     # with -r 20 the share ends at 20 %
     r = Rig(ramp=10 * SEC, sample_pct=20, auto=False)
-    r.client(client_ip(0), 40000, TH_SYN, CISN)
+    r.client(TH_SYN, CISN, sport=40000, cip=client_ip(0))
     assert r.e.share(5 * SEC) == pytest.approx(10.5) and r.e.share(11 * SEC) == 20
 
 
@@ -302,22 +259,22 @@ def test_sampled_session_gets_all_its_packets_unsampled_none(isns):
 def test_shedding_new_sessions_while_existing_continue(isns):
     CISN, _, SISN = isns
     r = Rig(isns=isns)
-    r.client(client_ip(0), 40000, TH_SYN, CISN)
+    r.client(TH_SYN, CISN, sport=40000, cip=client_ip(0))
     r.pump()
     r.e.shedding = True
-    r.client(client_ip(1), 40000, TH_SYN, CISN)
-    r.client(client_ip(2), 40000, TH_SYN, CISN)
-    r.client(client_ip(1), 40000, TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"shed")
-    r.client(client_ip(0), 40000, TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"kept")
+    r.client(TH_SYN, CISN, sport=40000, cip=client_ip(1))
+    r.client(TH_SYN, CISN, sport=40000, cip=client_ip(2))
+    r.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"shed", sport=40000, cip=client_ip(1))
+    r.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"kept", sport=40000, cip=client_ip(0))
     r.pump()
-    r.client(client_ip(0), 40000, TH_ACK | TH_FIN, CISN + 5, SISN + 4)
+    r.client(TH_ACK | TH_FIN, CISN + 5, SISN + 4, sport=40000, cip=client_ip(0))
     r.pump()
     assert r.outcomes() == {"completed": 1, "shed": 2}
     assert list(r.conns.values()) == [b"kept"]
     assert len(r.warnings) == 1 and "--max-memory" in r.warnings[0]
     assert "2 shed" in r.e.stats_line()
     r.e.shedding = False
-    r.client(client_ip(3), 40000, TH_SYN, CISN)
+    r.client(TH_SYN, CISN, sport=40000, cip=client_ip(3))
     assert len(r.syns()) == 2
 
 
@@ -330,7 +287,7 @@ def test_bad_shaping_values_exit_2_with_one_line():
                  ["-c", "10.2.0.5"], ["-c", "10.9.9.1", "-n", "70000"],
                  ["-f", "2/2"], ["-f", "x"], ["-g", "0"], ["-m", "0"], ["-n", "40000",
                                                                      "-f", "1/2"]):
-        r = tc.run([*base, *args], input=tc.stream([]))
+        r = tc.call([*base, *args], input=tc.stream([]))
         err = r.stderr.decode()
         assert r.returncode == 2, (args, err)
         assert err.count("\n") == 1 and err.startswith("tc-session: error: "), (args, err)
@@ -341,8 +298,8 @@ def test_max_memory_cli_sheds_and_warns_once(tmp_path):
     recs = [{"t": "pkt", "ts": i, "data": build_tcp(C, O, 5000 + i, 80, CISN, 0, TH_SYN,
                                                      65535, MSS)} for i in range(3)]
     js = tmp_path / "s.json"
-    r = tc.run(["tc-session", "--no-feedback", "--target", "10.2.0.5:80", "--drain", "0",
-                "-m", "1", "--stats-json", js], input=tc.stream(recs))
+    r = tc.call(["tc-session", "--no-feedback", "--target", "10.2.0.5:80", "--drain", "0",
+                 "-m", "1", "--stats-json", js], input=tc.stream(recs))
     assert r.returncode == 0, r.stderr
     assert tc.decode(r.stdout) == []
     assert r.stderr.decode().count("--max-memory") == 1, r.stderr
@@ -355,8 +312,8 @@ def test_cli_pool_copies_and_instance_rewrite_the_syns():
                                                      65535, MSS)} for i in range(4)]
     runs = []
     for _ in range(2):
-        r = tc.run(["tc-session", "--no-feedback", "--target", "10.2.0.5:80", "--drain", "0",
-                    "-c", "10.99.0.0/30", "-n", "3", "-f", "1/4"], input=tc.stream(recs))
+        r = tc.call(["tc-session", "--no-feedback", "--target", "10.2.0.5:80", "--drain", "0",
+                     "-c", "10.99.0.0/30", "-n", "3", "-f", "1/4"], input=tc.stream(recs))
         assert r.returncode == 0, r.stderr
         syns = [parse_tcp(x["data"]) for x in tc.decode(r.stdout)]
         runs.append([(p.src, p.sport) for p in syns if p.flags & TH_SYN])

@@ -15,13 +15,13 @@ The replays get generous --drain/--connect-timeout: other tests may load the mac
 import collections
 import json
 import resource
-import struct
 import subprocess
 import time
 
 import pytest
 
 import replay_harness as h
+from tcpcopylib import testing
 from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_SYN, build_tcp, ip_bytes
 from tcpcopylib.session.alloc import sample_share
 
@@ -33,13 +33,9 @@ SISN = 50000
 
 
 def write_pcap(path, packets):
-    """A LINKTYPE_RAW (101) pcap of (ts_seconds, ip_datagram), in the given order."""
-    with open(path, "wb") as f:
-        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 101))
-        for ts, data in packets:
-            sec = int(ts)
-            f.write(struct.pack("<IIII", sec, int((ts - sec) * 1e6), len(data), len(data)))
-            f.write(data)
+    """A LINKTYPE_RAW (101) µs pcap of (ts_seconds, ip_datagram), in the given order."""
+    path.write_bytes(testing.pcap([(round(ts * 1e6) * 1000, data) for ts, data in packets],
+                                  linktype=101, ns=False, snaplen=65535))
 
 
 def request(tag):
