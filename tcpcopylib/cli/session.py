@@ -164,6 +164,9 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                             "tc-emit; all tc-* tools read batches, scripts see "
                             f"tcpcopy-records(5); 1..{MAX_BATCH_PKTS} (a record stays below "
                             f"the record size limit); default 1")
+        o.add_argument("--sessions", metavar="FILE",
+                       help="write the session map, one \"sess\" record per replayed session "
+                            "(for tc-diff), to FILE, or with '-' into the output stream")
         s = p.add_argument_group("statistics")
         s.add_argument("--stats-every", type=float, metavar="N",
                        help="print the summary every N seconds")
@@ -347,6 +350,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         next_rss = 0.0
         if args.verbose:
             engine.on_end = self._log_end
+        smap = self._session_map(args, write_other)  # --sessions: wraps emit and on_end
         if fb is not None:
             fb.connect()
         in_fd = self.open_input(args.file)
@@ -464,12 +468,27 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             finally:
                 if fb is not None:
                     fb.close()
+                if smap is not None:
+                    smap.close()
                 os.close(rpipe)
                 os.close(wpipe)
         if args.stats:
             self._print_summary()
             args.stats = False  # Tool.main would print the one-line version too
         return 0
+
+    def _session_map(self, args, write_other):
+        """--sessions: a SessionMap fed by the engine's emit and on_end (None without)."""
+        if not args.sessions:
+            return None
+        from tcpcopylib.records import header
+        from tcpcopylib.session.sessmap import SessionMap
+
+        smap = (SessionMap(write_other) if args.sessions == "-"
+                else SessionMap.to_file(args.sessions, header(self.name)))
+        self.engine.emit = smap.wrap_emit(self.engine.emit)
+        self.engine.on_end = smap.chain_on_end(self.engine.on_end)
+        return smap
 
     def _log_end(self, s, outcome):
         """-v: one line per failed session (-vv: per session)."""

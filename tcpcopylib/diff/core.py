@@ -113,6 +113,7 @@ class Joined:
 class TargetReplies:
     def __init__(self, paths, target_ports, limit):
         self.by_tuple: dict = {}
+        self.used: set = set()  # id() of the connections already given to a session
         self.fb = self.cut = 0
         self.r = Reassembler(target_ports, limit)
         for path in paths:
@@ -128,13 +129,13 @@ class TargetReplies:
             cands = self.by_tuple.get((client, server), [])
             best = None
             for c in cands:  # the connection on that 4-tuple that began nearest the SYN
-                if getattr(c, "_used", False):
+                if id(c) in self.used:
                     continue
                 if best is None or abs(c.first_ts - (t_syn or 0)) < abs(best.first_ts -
                                                                          (t_syn or 0)):
                     best = c
             if best is not None:
-                best._used = True
+                self.used.add(id(best))
                 halves.append(best.s2c)
         return Joined(halves)
 
