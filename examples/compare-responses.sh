@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Replay a capture into a target twice and compare the target's answers and latency with
-# the original ones (tc-diff). PCAP must hold both directions (tcpdump -w, or
-# tc-capture --both). Three steps, as root where they capture or send:
+# the original ones (tc-diff). PCAP must hold both directions (as tcpdump -w writes
+# it). Three steps, as root where they capture or send:
 #
 #   compare-responses.sh assistant IFACE PORT REPLIES      # first, on the assistant: keeps
 #                                                          # the target's replies with payload

@@ -486,18 +486,25 @@ def wait_settled(log_dir, quiet=0.5, timeout=10.0) -> int:
     return last
 
 
-def start_feedback(lab, workdir, port, sock_name="fb.sock", v6=False):
-    """tc-intercept lan0 | tc-feedback --listen unix:SOCK in the assistant; returns procs, addr."""
+def start_feedback(lab, workdir, port, sock_name="fb.sock", v6=False, replies=None):
+    """tc-intercept lan0 | tc-feedback --listen unix:SOCK in the assistant; returns procs, addr.
+    replies: a file that keeps the target's replies with payload (--payload all | tee)."""
     sock = Path(workdir) / sock_name
     sock.unlink(missing_ok=True)
     env = tool_env()
     ic = Proc(lab, "assistant", [tool("tc-intercept"), lab.assist_if, "-F",
                                  f"tcp and src port {port}", "--stats", "-v",
-                                 "--stats-interval", "3600"],
+                                 "--stats-interval", "3600",
+                                 *(["--payload", "all"] if replies else [])],
               stdout=subprocess.PIPE, env=env, name="tc-intercept")
+    src = ic
+    if replies:
+        src = Proc(lab, "assistant", ["tee", str(replies)], stdin=ic.p.stdout,
+                   stdout=subprocess.PIPE, name="tee")
+        ic.p.stdout.close()
     fb = Proc(lab, "assistant", [tool("tc-feedback"), "--listen", f"unix:{sock}", "--stats"],
-              stdin=ic.p.stdout, env=env, name="tc-feedback")
-    ic.p.stdout.close()
+              stdin=src.p.stdout, env=env, name="tc-feedback")
+    src.p.stdout.close()
     deadline = time.monotonic() + 10
     while not sock.exists():
         if time.monotonic() > deadline or fb.p.poll() is not None or ic.p.poll() is not None:
@@ -517,10 +524,11 @@ DRAIN = 30  # tc-session --drain for replays (seconds)
 
 def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=None,
            session_args=(), pace_args=(), timeout=120.0, start_target=True,
-           emit_args=(), trace=True, readpcap_args=()) -> Replay:
+           emit_args=(), trace=True, readpcap_args=(), replies=None) -> Replay:
     """Replay pcap into a recording server on the target; every process bounded and stopped.
 
     trace: tcpdump on the target's lan0 writes WORKDIR/target.pcap (for diagnosis).
+    replies: a file for the target's replies with payload (for tc-diff).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -537,7 +545,7 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
         if trace:
             procs["tcpdump"] = start_tcpdump(lab, "target", lab.target_if,
                                              workdir / "target.pcap", tport)
-        fbprocs, addr = start_feedback(lab, workdir, tport)
+        fbprocs, addr = start_feedback(lab, workdir, tport, replies=replies)
         procs.update(fbprocs)
         target = f"[{lab.target_ip6}]:{tport}" if v6 else f"{lab.target_ip}:{tport}"
         env = tool_env()
@@ -571,6 +579,8 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
                 procs[name].stop()
         if "tc-feedback" in procs:
             procs["tc-feedback"].stop(timeout=8)
+        if "tee" in procs:  # (at EOF already: tc-intercept is gone)
+            procs["tee"].stop()
         if "tcpdump" in procs:
             procs["tcpdump"].stop(signal.SIGINT)
         if srv is not None:
