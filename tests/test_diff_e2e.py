@@ -58,8 +58,7 @@ def test_same_nginx_online_and_target_no_differences_over_1000_exchanges(lab, tm
     assert verdicts(lines) == {"same": len(lines)}, r.stderr[-3000:]
     assert r.returncode == 0
     noise = {d["field"] for x in lines for d in x["noise"]}
-    assert "header:date" in noise or len({x["latency_ms"]["original"]["last"]
-                                          for x in lines}) < 2  # (a second went by)
+    assert "header:date" in noise  # the replay runs seconds after the capture
     assert {x["proto"] for x in lines} == {"http"}
 
 
@@ -125,8 +124,7 @@ def test_redis_same_data_but_one_key_and_a_failed_session_is_missing(lab, tmp_pa
     assert {x["client"].rsplit(":", 1)[1] for x in missing} == {str(first_port)}
     assert {x["outcome"] for x in missing} == {"no_synack"} and len(missing) == 60
     different = [x for x in lines if x["verdict"] == "different"]
-    assert {x["request"] for x in different} == {
-        "*2\\r", "*3\\r"} or {x["endpoint"] for x in different} == {"GET", "MGET"}
+    assert {x["endpoint"] for x in different} == {"GET", "MGET"}
     assert len(different) == 2 * 5  # GET key:5 and MGET key:5 on the 5 replayed connections
     assert all(d["field"] in ("resp:value", "resp:value[0]") for x in different
                for d in x["differences"])
