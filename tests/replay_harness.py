@@ -1,7 +1,7 @@
 """End-to-end replay harness: record real traffic in the lab, replay it, compare streams.
 
 Pieces (each usable on its own):
-  - pcap reading and TCP stream reassembly (dpkt): ``tcp_streams(pcap, server_port)``
+  - pcap reading; TCP stream reassembly (tcpcopylib.reassembly): ``tcp_streams(pcap, server_port)``
   - the recording servers' logs: ``logged_streams(log_dir)``
   - comparison: ``compare_streams(captured, logged)``
   - lab orchestration: ``record()`` (real client -> online server under tcpdump) and
@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tcpcopylib.reassembly import HalfStream, tcp_streams
 from tcpcopylib.testing import REPO, tool_env
 from tcpcopylib.testing import tool_path as tool
 
@@ -93,97 +94,9 @@ def parse_tcp(ip: bytes):
     return src, dst, sport, dport, seq, ack, tcp[13], bytes(tcp[off:])
 
 
-@dataclass
-class Stream:
-    """One direction of one TCP connection, reassembled."""
-
-    client: tuple  # (ip, port)
-    server: tuple  # (ip, port)
-    syn: bool = False  # the connection's SYN was captured
-    fin: bool = False
-    rst: bool = False
-    base: int | None = None  # seq of the first stream byte
-    segments: dict = field(default_factory=dict)  # relative offset -> bytes
-    packets: int = 0
-    first_ts: float = 0.0
-
-    def add(self, seq, flags, payload):
-        self.packets += 1
-        if flags & _SYN:
-            self.syn = True
-            self.base = (seq + 1) & 0xFFFFFFFF
-            return
-        if flags & _RST:
-            self.rst = True
-        if flags & _FIN:
-            self.fin = True
-        if not payload:
-            return
-        if self.base is None:
-            self.base = seq
-        rel = (seq - self.base) & 0xFFFFFFFF
-        if rel >= 0x80000000:  # before the base: an earlier segment seen late (no SYN)
-            shift = (self.base - seq) & 0xFFFFFFFF
-            self.segments = {k + shift: v for k, v in self.segments.items()}
-            self.base, rel = seq, 0
-        old = self.segments.get(rel)
-        if old is None or len(payload) > len(old):
-            self.segments[rel] = payload
-
-    def data(self) -> tuple[bytes, list]:
-        """(contiguous bytes from the start, list of (offset, length) holes)."""
-        out = bytearray()
-        holes = []
-        for rel in sorted(self.segments):
-            seg = self.segments[rel]
-            end = len(out)
-            if rel > end:
-                holes.append((end, rel - end))
-                out.extend(b"\0" * (rel - end))
-                end = rel
-            if rel + len(seg) > end:
-                out.extend(seg[end - rel:])
-        return bytes(out), holes
-
-    @property
-    def bytes(self) -> bytes:
-        return self.data()[0]
-
-
-def tcp_streams(pcap, server_port: int, direction: str = "c2s") -> list[Stream]:
-    """Reassemble every connection to server_port in a capture, in order of first packet.
-
-    direction "c2s" gives client->server streams, "s2c" server->client. A new SYN on a
-    4-tuple that already carried data starts a new Stream (port reuse).
-    """
-    streams: list[Stream] = []
-    current: dict = {}
-    for ts, ip in pcap_ip_packets(pcap):
-        t = parse_tcp(ip)
-        if t is None:
-            continue
-        src, dst, sport, dport, seq, ack, flags, payload = t
-        if dport == server_port:
-            client, server, c2s = (src, sport), (dst, dport), True
-        elif sport == server_port:
-            client, server, c2s = (dst, dport), (src, sport), False
-        else:
-            continue
-        key = (client, server)
-        st = current.get(key)
-        if c2s and flags & _SYN and not flags & 0x10 and st is not None and (
-                st.segments or st.fin or st.rst):
-            st = None  # a new connection on a reused 4-tuple
-        if st is None:
-            st = Stream(client, server, first_ts=ts)
-            current[key] = st
-            streams.append(st)
-            st.other = Stream(client, server, first_ts=ts)
-        if (direction == "c2s") == c2s:
-            st.add(seq, flags, payload)
-        else:
-            st.other.add(seq, flags, payload)
-    return streams
+# TCP stream reassembly is the library's (tc-diff uses the same): Stream is one direction
+# of a connection, tcp_streams(pcap, port, "c2s"|"s2c") every connection's half.
+Stream = HalfStream
 
 
 def syn_times(pcap, server_port: int) -> dict:
@@ -560,18 +473,25 @@ def wait_settled(log_dir, quiet=0.5, timeout=10.0) -> int:
     return last
 
 
-def start_feedback(lab, workdir, port, sock_name="fb.sock", v6=False):
-    """tc-intercept lan0 | tc-feedback --listen unix:SOCK in the assistant; returns procs, addr."""
+def start_feedback(lab, workdir, port, sock_name="fb.sock", v6=False, replies=None):
+    """tc-intercept lan0 | tc-feedback --listen unix:SOCK in the assistant; returns procs, addr.
+    replies: a file that keeps the target's replies with payload (--payload all | tee)."""
     sock = Path(workdir) / sock_name
     sock.unlink(missing_ok=True)
     env = tool_env()
     ic = Proc(lab, "assistant", [tool("tc-intercept"), lab.assist_if, "-F",
                                  f"tcp and src port {port}", "--stats", "-v",
-                                 "--stats-interval", "3600"],
+                                 "--stats-interval", "3600",
+                                 *(["--payload", "all"] if replies else [])],
               stdout=subprocess.PIPE, env=env, name="tc-intercept")
+    src = ic
+    if replies:
+        src = Proc(lab, "assistant", ["tee", str(replies)], stdin=ic.p.stdout,
+                   stdout=subprocess.PIPE, name="tee")
+        ic.p.stdout.close()
     fb = Proc(lab, "assistant", [tool("tc-feedback"), "--listen", f"unix:{sock}", "--stats"],
-              stdin=ic.p.stdout, env=env, name="tc-feedback")
-    ic.p.stdout.close()
+              stdin=src.p.stdout, env=env, name="tc-feedback")
+    src.p.stdout.close()
     deadline = time.monotonic() + 10
     while not sock.exists():
         if time.monotonic() > deadline or fb.p.poll() is not None or ic.p.poll() is not None:
@@ -591,10 +511,11 @@ DRAIN = 30  # tc-session --drain for replays (seconds)
 
 def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=None,
            session_args=(), pace_args=(), timeout=120.0, start_target=True,
-           emit_args=(), trace=True, readpcap_args=()) -> Replay:
+           emit_args=(), trace=True, readpcap_args=(), replies=None) -> Replay:
     """Replay pcap into a recording server on the target; every process bounded and stopped.
 
     trace: tcpdump on the target's lan0 writes WORKDIR/target.pcap (for diagnosis).
+    replies: a file for the target's replies with payload (for tc-diff).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -611,7 +532,7 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
         if trace:
             procs["tcpdump"] = start_tcpdump(lab, "target", lab.target_if,
                                              workdir / "target.pcap", tport)
-        fbprocs, addr = start_feedback(lab, workdir, tport)
+        fbprocs, addr = start_feedback(lab, workdir, tport, replies=replies)
         procs.update(fbprocs)
         target = f"[{lab.target_ip6}]:{tport}" if v6 else f"{lab.target_ip}:{tport}"
         env = tool_env()
@@ -645,6 +566,8 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
                 procs[name].stop()
         if "tc-feedback" in procs:
             procs["tc-feedback"].stop(timeout=8)
+        if "tee" in procs:  # (at EOF already: tc-intercept is gone)
+            procs["tee"].stop()
         if "tcpdump" in procs:
             procs["tcpdump"].stop(signal.SIGINT)
         if srv is not None:

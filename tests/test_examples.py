@@ -145,6 +145,37 @@ def test_offline_replay(lab, tmp_path, assistant):
 
 
 @pytest.mark.netns
+def test_compare_responses(lab, tmp_path):
+    """record both directions (tcpdump), the assistant step, the replay step, the diff step"""
+    from replay_harness import start_tcpdump, stop_tcpdump
+
+    online = WebServer(lab, "online", tmp_path, PORT, server_kind()).start()
+    target_server(lab, tmp_path)
+    pcap, m, replies = tmp_path / "both.pcap", tmp_path / "map.cbor", tmp_path / "replies.cbor"
+    td = start_tcpdump(lab, "online", lab.online_cli_if, pcap, PORT)
+    load = lab.run("client", [sys.executable, "-m", "tcpcopylib.demo", "_load",
+                              f"{lab.online_cli_ip}:{PORT}", "--rate", "50", "--duration", "1"],
+                   capture_output=True, text=True, timeout=60, cwd=str(REPO))
+    stop_tcpdump(td)
+    assert load.returncode == 0 and wait_settled(online.requests, quiet=0.3, timeout=5) == 50
+    bg = Background(lab, "assistant", "compare-responses.sh",
+                    ["assistant", lab.assist_if, str(PORT), str(replies)], tmp_path)
+    try:
+        lab.wait_listening("assistant", FB_PORT, 10, proc=bg.p)
+        wait_capturing(lab, "assistant", "tc-intercept", bg)
+        r = run_script(lab, "online", "compare-responses.sh", "replay", pcap,
+                       f"{lab.target_ip}:{PORT}", m, f"tcp:{lab.assist_ip}:{FB_PORT}")
+        assert r.returncode == 0, r.stderr
+    finally:
+        bg.stop()
+    r = run_script(lab, "online", "compare-responses.sh", "diff", pcap, m, replies,
+                   tmp_path / "report.html")
+    assert r.returncode == 0, r.stderr
+    assert "50 exchanges on" in r.stderr and "50 same, 0 different, 0 missing" in r.stderr
+    assert (tmp_path / "report.html").stat().st_size > 1000
+
+
+@pytest.mark.netns
 def test_live_mirror(lab, tmp_path, assistant):
     online = WebServer(lab, "online", tmp_path, PORT, server_kind()).start()
     target = target_server(lab, tmp_path)

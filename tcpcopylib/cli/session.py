@@ -124,6 +124,9 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                             "tc-emit; all tc-* tools read batches, scripts see "
                             f"tcpcopy-records(5); 1..{MAX_BATCH_PKTS} (a record stays below "
                             f"the record size limit); default 1")
+        o.add_argument("--sessions", metavar="FILE",
+                       help="write the session map, one \"sess\" record per replayed session "
+                            "(for tc-diff), to FILE, or with '-' into the output stream")
         s = p.add_argument_group("statistics")
         s.add_argument("--stats-every", type=float, metavar="N",
                        help="print the summary every N seconds")
@@ -164,6 +167,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         engine.warn = self.warn
         if args.verbose:
             engine.on_end = self._log_end
+        smap = self._session_map(args, out.write)  # --sessions: wraps emit and on_end
         if fb is not None:
             fb.connect()
         in_fd = self.open_input(args.file)
@@ -177,11 +181,28 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         # Signals: stop reading and drain (a second one ends at once).
         signal.signal(signal.SIGTERM, lambda signum, frame: runner.interrupt(signum))
         signal.signal(signal.SIGINT, lambda signum, frame: runner.interrupt(signum))
-        runner.run(in_fd, "<stdin>" if args.file == "-" else args.file)
+        try:
+            runner.run(in_fd, "<stdin>" if args.file == "-" else args.file)
+        finally:
+            if smap is not None:
+                smap.close()
         if args.stats:
             self._print_summary()
             args.stats = False  # Tool.main would print the one-line version too
         return 0
+
+    def _session_map(self, args, write_other):
+        """--sessions: a SessionMap fed by the engine's emit and on_end (None without)."""
+        if not args.sessions:
+            return None
+        from tcpcopylib.records import header
+        from tcpcopylib.session.sessmap import SessionMap
+
+        smap = (SessionMap(write_other) if args.sessions == "-"
+                else SessionMap.to_file(args.sessions, header(self.name)))
+        self.engine.emit = smap.wrap_emit(self.engine.emit)
+        self.engine.on_end = smap.chain_on_end(self.engine.on_end)
+        return smap
 
     def _log_end(self, s, outcome):
         """-v: one line per failed session (-vv: per session)."""
