@@ -164,6 +164,15 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
                             "tc-emit; all tc-* tools read batches, scripts see "
                             f"tcpcopy-records(5); 1..{MAX_BATCH_PKTS} (a record stays below "
                             f"the record size limit); default 1")
+        k = p.add_argument_group("socket mode (tc-session(1), SOCKET MODE)")
+        k.add_argument("--socket", action="store_true",
+                       help="replay each session through an ordinary TCP connection from "
+                            "this host (-c: its local addresses); no tc-emit, tc-intercept, "
+                            "tc-feedback or root needed")
+        k.add_argument("--keep", action="store_true",
+                       help="with --socket: write the replayed connections to stdout (pkt: "
+                            "bytes sent, fb: the target's answers, session: one per "
+                            "connection; tcpcopy-records(5))")
         s = p.add_argument_group("statistics")
         s.add_argument("--stats-every", type=float, metavar="N",
                        help="print the summary every N seconds")
@@ -249,6 +258,12 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         from tcpcopylib.session.timing import DueQueue
         from tcpcopylib.streamparse import StreamParser
 
+        if args.socket:
+            from tcpcopylib.session import sockets
+
+            return sockets.run(self, args)
+        if args.keep:
+            raise UsageError("--keep goes with --socket")
         fb = None
         if not args.feedback_retry >= 0:
             raise UsageError("--feedback-retry cannot be negative")
