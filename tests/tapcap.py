@@ -49,9 +49,23 @@ class Conn:
                 out.append((ts - self.accept, total))
         return out
 
-    def closed_by(self) -> str:
-        kinds = [k for k, _, _ in self.events if k not in ("c2s", "s2c")]
-        return kinds[0] if kinds else ""
+    def requests(self) -> list[tuple[int, int | None]]:
+        """For each request (client data after the accept or after the server spoke;
+        pipelined requests sent together count as one): (ns from the accept to its first
+        byte, ns from the accept to the server's last bytes before it, or None)."""
+        out, answer, waiting = [], None, True
+        for kind, ts, n in self.events:
+            if kind == "c2s":
+                if waiting:
+                    out.append((ts - self.accept, answer))
+                    waiting = False
+            elif kind == "s2c":
+                answer, waiting = ts - self.accept, True
+        return out
+
+    def closes(self) -> set:
+        """How each side ended: {"c_fin", "s_fin"} for a clean close."""
+        return {k for k, _, _ in self.events if k not in ("c2s", "s2c")}
 
 
 def connections(log_dir) -> list[Conn]:

@@ -33,14 +33,15 @@ import struct
 import termios
 import time
 
-from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, build_tcp, \
-    endpoint_str, ip_str
+from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, endpoint_str, ip_str
 from tcpcopylib.session.alloc import stable_hash
-from tcpcopylib.session.engine import (CLOSED, DONE, ESTAB, FAILURES, MS, NEW, OUTCOMES, SEC, SYN_SENT,
-                                       Engine, Stats, outcome_lines)
+from tcpcopylib.session.engine import (_OUT4, _OUT6, CLOSED, DONE, ESTAB, FAILURES, M32, MS,
+                                       NEW, OUTCOMES, SEC, SYN_SENT, WINDOW, Engine, Stats,
+                                       outcome_lines)
 
 ACK_POLL = 10 * MS      # while something waits for the target's ACK: look again after this
 READ_SIZE = 1 << 18     # one recv()
+WRITE_MAX = 1 << 20     # bytes of queued segments gathered into one write
 READS_PER_EVENT = 8     # recv() calls per readiness event (then the other sessions' turn)
 KEEP_SEG = 65000        # payload per kept datagram (an IP datagram holds < 64 KiB)
 SIOCOUTQ = termios.TIOCOUTQ  # bytes written and not yet acknowledged (+1 for a FIN)
@@ -264,30 +265,30 @@ class SocketEngine(Engine):
                 s.fin_sent = True
                 q.pop(0)
                 continue
-            data = seg.data
+            # the head and the data of its group queued behind it: one write
+            bufs = [seg.data]
+            size = len(seg.data)
+            k = 1
+            while k < len(q) and size < WRITE_MAX and not q[k - 1].flags & TH_FIN:
+                nxt = q[k]
+                if not nxt.data or nxt.cack != s.last_cack:  # (_may_release's fast path)
+                    break
+                bufs.append(nxt.data)
+                size += len(nxt.data)
+                k += 1
             try:
-                n = conn.sock.send(data)
+                n = conn.sock.sendmsg(bufs) if k > 1 else conn.sock.send(seg.data)
             except BlockingIOError:
                 n = 0
             except OSError as e:
                 self._broken(s, e.errno, now)
                 return
             if n:
-                self._keep_pkt(s, data[:n], TH_PSH | TH_ACK, now)
-                s.unacked += data[:n] if n < len(data) else data
-                s.snd_nxt += n
                 self.st.bytes_sent += n
                 s.req_sent = s.group_data = True
-            if n < len(data):
-                seg.data = data[n:]
-                seg.off += n
+                self._written(s, n, now)
+            if n < size:
                 conn.blocked = True
-            elif seg.flags & TH_FIN:
-                seg.off += n
-                seg.data = b""
-                seg.flags = TH_FIN  # the FIN follows, gated as a bare FIN
-            else:
-                q.pop(0)
         if s.state != ESTAB:
             return
         if q and not conn.blocked and not s.gate_at and s.snd_una < s.snd_nxt \
@@ -296,6 +297,31 @@ class SocketEngine(Engine):
         self._watch(s, (0 if conn.reads_done else _EV_IN) | (_EV_OUT if conn.blocked else 0))
         if arm:
             self._arm(s)
+
+    def _written(self, s, n, now):
+        """n bytes of the queue's head segments went to the kernel."""
+        q = s.queue
+        while n:
+            seg = q[0]
+            data = seg.data
+            m = len(data)
+            if n < m:
+                self._keep_pkt(s, data[:n], TH_PSH | TH_ACK, now)
+                s.unacked += data[:n]
+                s.snd_nxt += n
+                seg.data = data[n:]
+                seg.off += n
+                return
+            self._keep_pkt(s, data, TH_PSH | TH_ACK, now)
+            s.unacked += data
+            s.snd_nxt += m
+            n -= m
+            if seg.flags & TH_FIN:
+                seg.off += m
+                seg.data = b""
+                seg.flags = TH_FIN  # the FIN follows, gated as a bare FIN
+                return
+            q.pop(0)
 
     # == events from the socket =========================================================
     def socket_event(self, fd, events, now) -> None:
@@ -393,6 +419,7 @@ class SocketEngine(Engine):
     def _broken(self, s, err, now):
         """The connection failed under us: a reset (forged mode's path for an RST), or the
         kernel gave up (ETIMEDOUT)."""
+        self._sync_acked(s)  # (the kernel still counts what the target had acknowledged)
         s.conn.error = err
         self._count_error(err)
         if self.keep is not None and s.conn.t_est is not None:
@@ -489,11 +516,11 @@ class SocketEngine(Engine):
     def _keep_handshake(self, s, now):
         t_syn = s.conn.t_syn
         isn = s.base + s.syn_off  # our SYN's number: the captured one (or as forged mode)
-        self.keep({"t": "pkt", "ts": t_syn, "sid": s.sid, "data": build_tcp(
+        self.keep({"t": "pkt", "ts": t_syn, "sid": s.sid, "data": _datagram(
             s.cip, s.tip, s.cport, s.tport, isn, 0, TH_SYN)})
-        synack = build_tcp(s.tip, s.cip, s.tport, s.cport, 0, isn + 1, TH_SYN | TH_ACK)
+        synack = _datagram(s.tip, s.cip, s.tport, s.cport, 0, isn + 1, TH_SYN | TH_ACK)
         self.keep({"t": "fb", "ts": now, "sid": s.sid, "data": synack, "len": len(synack)})
-        self.keep({"t": "pkt", "ts": now, "sid": s.sid, "data": build_tcp(
+        self.keep({"t": "pkt", "ts": now, "sid": s.sid, "data": _datagram(
             s.cip, s.tip, s.cport, s.tport, isn + 1, 1, TH_ACK)})
 
     def _keep_pkt(self, s, data, flags, now):
@@ -503,7 +530,7 @@ class SocketEngine(Engine):
         seq, ack = s.base + s.snd_nxt, s.t_base + s.rcv_nxt + s.t_fin
         for i in range(0, max(len(data), 1), KEEP_SEG):
             chunk = bytes(data[i:i + KEEP_SEG])
-            self.keep({"t": "pkt", "ts": now, "sid": s.sid, "data": build_tcp(
+            self.keep({"t": "pkt", "ts": now, "sid": s.sid, "data": _datagram(
                 s.cip, s.tip, s.cport, s.tport, seq + i, ack, flags, payload=chunk)})
 
     def _keep_fb(self, s, data, flags, now):
@@ -512,7 +539,7 @@ class SocketEngine(Engine):
             return
         seq, ack = s.t_base + s.rcv_nxt, s.base + s.snd_nxt
         for i in range(0, max(len(data), 1), KEEP_SEG):
-            d = build_tcp(s.tip, s.cip, s.tport, s.cport, seq + i, ack, flags,
+            d = _datagram(s.tip, s.cip, s.tport, s.cport, seq + i, ack, flags,
                           payload=data[i:i + KEEP_SEG])
             self.keep({"t": "fb", "ts": now, "sid": s.sid, "data": d, "len": len(d)})
 
@@ -560,6 +587,26 @@ class SocketEngine(Engine):
             f"polls {st.ack_polls}; client duplicates: {st.client_dups} dropped, "
             f"{st.client_trimmed} trimmed",
             f"at most {st.peak_active} sessions live at once"])
+
+
+def _datagram(src, dst, sport, dport, seq, ack, flags, payload=b"") -> bytes:
+    """A TCP datagram (no options) with its checksums, for the kept records: the engine's
+    integer checksum arithmetic (engine._out), linear in C for large payloads."""
+    seq &= M32
+    ack &= M32
+    tl = 20 + len(payload)
+    addrs = int.from_bytes(src + dst, "big")
+    c = addrs + 6 + sport + dport + tl + seq + ack + (5 << 12 | flags) + WINDOW
+    if payload:
+        c += int.from_bytes(payload, "big") << ((len(payload) & 1) << 3)
+    if len(src) == 4:
+        head = _OUT4.pack(0x45, 0, 20 + tl, 0, 0x4000, 64, 6,
+                          -(0x4500 + 0x4000 + 0x4006 + addrs + 20 + tl) % 0xFFFF, src, dst,
+                          sport, dport, seq, ack, 0x50, flags, WINDOW, -c % 0xFFFF, 0)
+    else:
+        head = _OUT6.pack(0x60000000, tl, 6, 64, src, dst, sport, dport, seq, ack, 0x50, flags,
+                          WINDOW, -c % 0xFFFF, 0)
+    return head + payload if payload else head
 
 
 def _packed(sockname) -> tuple:
