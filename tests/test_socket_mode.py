@@ -188,8 +188,6 @@ def test_a_mix_of_protocols_replays_byte_identical_and_on_time(tmp_path, procs):
         for a, b in pair(rec, rep):
             assert b.closes() == a.closes(), (k, a.name, a.events, b.events)
             late += lateness(a, b)
-            if os.environ.get("TC_DEBUG_LATE"):
-                print(k, a.name, b.name, [round(x, 1) for x in lateness(a, b)])
     n = sum(len(t.connections()) for t in target.values())
     assert st["outcomes"]["completed"] == n == st["sessions"], st
     assert st["connects"] == n and st["bytes_sent"] > 2 << 20

@@ -233,6 +233,7 @@ class SocketEngine(Engine):
             return
         q = s.queue
         if s.t_fin and q and q[0].data and not s.fin_sent:
+            self._sync_acked(s)  # (what the target has is not sent again)
             self._reconnect(s, now)  # the target closed before the client's rest went out
             return
         conn = s.conn
