@@ -36,7 +36,7 @@ import time
 from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, endpoint_str, ip_str
 from tcpcopylib.session.alloc import stable_hash
 from tcpcopylib.session.engine import (_OUT4, _OUT6, CLOSED, DONE, ESTAB, FAILURES, M32, MS,
-                                       NEW, OUTCOMES, SEC, SYN_SENT, WINDOW, Engine, Stats,
+                                       NEW, OUTCOMES, SEC, SYN_SENT, WINDOW, Engine,
                                        outcome_lines)
 
 ACK_POLL = 10 * MS      # while something waits for the target's ACK: look again after this
@@ -86,21 +86,20 @@ class Conn:
         self.reads_done = False  # the target's end of stream was read
 
 
-class SocketStats(Stats):
-    """Forged mode's counters (the same --stats-json keys) and socket mode's own."""
+class SocketStats:
+    """Socket mode's own counters, beside forged mode's (engine.Stats, the same
+    --stats-json keys; compiled, it cannot be subclassed)."""
 
-    EXTRA = ("connects", "connect_failures", "bytes_sent", "bytes_received", "ack_polls",
-             "socket_errors")
+    __slots__ = ("connects", "connect_failures", "bytes_sent", "bytes_received", "ack_polls",
+                 "socket_errors")
 
     def __init__(self):
-        super().__init__()
-        for k in self.EXTRA:
+        for k in self.__slots__:
             setattr(self, k, 0)
         self.socket_errors = {}  # errno name -> count
 
     def as_dict(self) -> dict:
-        d = super().as_dict()
-        d.update({k: getattr(self, k) for k in self.EXTRA})
+        d = {k: getattr(self, k) for k in self.__slots__}
         d["socket_errors"] = dict(self.socket_errors)
         return d
 
@@ -121,7 +120,7 @@ class SocketEngine(Engine):
 
     def __init__(self, mapper, config=None, ep=None, pools=None, keep=None):
         super().__init__(mapper, self._no_packet, config)
-        self.st = SocketStats()
+        self.sst = SocketStats()
         self.ep = ep if ep is not None else select.epoll()
         self.pools = pools
         self.keep = keep
@@ -167,7 +166,7 @@ class SocketEngine(Engine):
         s.tip, s.tport = tip, tport
         s.cip, s.cport = local or s.ckey[0], 0  # (the port is known once connected)
         self.by_fd[conn.fd] = s
-        self.st.connects += 1
+        self.sst.connects += 1
         return True
 
     def _local_address(self, s, width):
@@ -285,7 +284,7 @@ class SocketEngine(Engine):
                 self._broken(s, e.errno, now)
                 return
             if n:
-                self.st.bytes_sent += n
+                self.sst.bytes_sent += n
                 s.req_sent = s.group_data = True
                 self._written(s, n, now)
             if n < size:
@@ -376,7 +375,7 @@ class SocketEngine(Engine):
     def _connect_failed(self, s, err, now):
         s.conn.error = err
         self._count_error(err)
-        self.st.connect_failures += 1
+        self.sst.connect_failures += 1
         self._finish(s, _CONNECT_OUTCOME.get(err, "no_synack"), now, rst=False)
 
     def _read(self, s, now):
@@ -402,7 +401,7 @@ class SocketEngine(Engine):
                 break
         if got:
             s.last_rx = s.last_data_rx = now
-            self.st.bytes_received += got
+            self.sst.bytes_received += got
 
     def _target_eof(self, s, now):
         """The target's FIN (as engine._fb_data takes it)."""
@@ -454,7 +453,7 @@ class SocketEngine(Engine):
             s.conn.error = errno.ETIMEDOUT  # (the engine ends it as no_synack)
         if s.state == ESTAB and s.rto_at and now >= s.rto_at:  # the acknowledgement poll
             s.rto_at = 0
-            self.st.ack_polls += 1
+            self.sst.ack_polls += 1
             self._sync_acked(s)
             if s.queue:
                 self._push(s, now, arm=False)
@@ -498,7 +497,7 @@ class SocketEngine(Engine):
 
     def _count_error(self, err):
         name = _errname(err)
-        self.st.socket_errors[name] = self.st.socket_errors.get(name, 0) + 1
+        self.sst.socket_errors[name] = self.sst.socket_errors.get(name, 0) + 1
 
     def _warn_once(self, key, message):
         if key not in self._warned:
@@ -566,26 +565,26 @@ class SocketEngine(Engine):
 
     # == reporting ======================================================================
     def stats_line(self) -> str:
-        st = self.st
+        st, sst = self.st, self.sst
         failed = sum(st.outcomes[k] for k in FAILURES)
         return (f"{st.sessions} sessions ({self.active()} active, "
                 f"{st.outcomes['completed'] + st.outcomes['reconnected']} completed, "
-                f"{failed} failed), {st.pkts_in} packets in, {st.connects} connections, "
-                f"{st.bytes_sent} bytes sent, {st.bytes_received} received")
+                f"{failed} failed), {st.pkts_in} packets in, {sst.connects} connections, "
+                f"{sst.bytes_sent} bytes sent, {sst.bytes_received} received")
 
     def summary(self) -> str:
-        st = self.st
-        errs = ", ".join(f"{k} {v}" for k, v in sorted(st.socket_errors.items())) or "none"
+        st, sst = self.st, self.sst
+        errs = ", ".join(f"{k} {v}" for k, v in sorted(sst.socket_errors.items())) or "none"
         return "\n".join([
             self.stats_line(), "outcomes:", *outcome_lines(st.outcomes, HINTS),
             f"packets: {st.pkts_in} in ({st.pkts_ignored} ignored, {st.pkts_server} "
             f"server->client, {st.pkts_truncated} truncated)",
-            f"connections: {st.connects} opened ({st.fake_syn} for sessions seen "
-            f"mid-stream), {st.connect_failures} failed to connect; reconnections: "
+            f"connections: {sst.connects} opened ({st.fake_syn} for sessions seen "
+            f"mid-stream), {sst.connect_failures} failed to connect; reconnections: "
             f"{st.reconnections}; socket errors: {errs}",
             f"gating: {st.gate_bytes} by bytes, {st.gate_quiet} after quiet, "
             f"{st.gate_timeout} by timeout, {st.gate_closed} on close; acknowledgement "
-            f"polls {st.ack_polls}; client duplicates: {st.client_dups} dropped, "
+            f"polls {sst.ack_polls}; client duplicates: {st.client_dups} dropped, "
             f"{st.client_trimmed} trimmed",
             f"at most {st.peak_active} sessions live at once"])
 
@@ -660,6 +659,9 @@ def run(tool, args) -> int:
     engine = tool.engine = SocketEngine(forged.mapper, forged.cfg, ep, forged.alloc.pools,
                                         writer.write if args.keep else None)
     engine.warn = tool.warn
+    forged_stats = tool.stats_dict
+    # --stats-json: forged mode's keys, then socket mode's own
+    tool.stats_dict = lambda: {**forged_stats(), **engine.sst.as_dict()}
 
     def on_end(s, outcome):
         if args.keep:
