@@ -15,9 +15,9 @@ alternating the two modes:
 both from the online host into the same target (nginx), and prints per run the sessions/s
 and requests/s the target served (between its first and last logged request), the
 sessions completed, and the CPU seconds per 1,000 sessions of the replay's own processes
-(wait4: user + system, the system part in brackets; forged mode counts tc-readpcap, tc-session, tc-emit, tc-intercept and
-tc-feedback, socket mode tc-readpcap and tc-session; the target's CPU is apart). Then the
-ratios forged / socket. Needs root for the lab (socket mode itself does not).
+(wait4: user + system, the system part in brackets; forged mode counts tc-readpcap,
+tc-session, tc-emit, tc-intercept and tc-feedback, socket mode tc-readpcap and tc-session;
+the target's CPU is apart). Then the ratios forged / socket. Needs root for the lab (socket mode itself does not).
 """
 
 from __future__ import annotations

@@ -752,8 +752,8 @@ def run(tool, args) -> int:
                 if next_stats is not None:
                     left = max(next_stats - time.monotonic(), 0.0)
                     timeout = left if timeout < 0 else min(timeout, left)
-                if timeout >= 0:  # epoll counts ms, rounding down: wait at least timeout
-                    timeout = min(max(timeout, 0.0) + 0.0005, 3600.0)
+                if timeout >= 0:  # (epoll.poll() rounds up to whole ms: never early)
+                    timeout = min(max(timeout, 0.0), 3600.0)
             events = ep.poll(timeout)
             now = time.time_ns()
             if reading and not in_polled:
