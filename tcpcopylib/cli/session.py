@@ -65,6 +65,8 @@ class Tool(BaseTool):
   tc-capture eth0 | tc-session -x 80-10.0.0.5:8080,81-10.0.0.6:8081 --stats | tc-emit
   tc-readpcap prod.pcap | tc-session --target 10.0.0.5:80 -c 10.9.9.0/24 -n 3 | tc-pace | tc-emit
     (on the target: ip route add 10.9.9.0/24 via ASSISTANT)
+  tc-readpcap prod.pcap | tc-session --socket --target 10.0.0.5:8080 --stats
+    (socket mode: ordinary connections from this host; no tc-emit, assistant or root)
 
 outcomes, counters and troubleshooting: see tc-session(1)."""
 
