@@ -26,6 +26,8 @@ class Tool(BaseTool):
   tc-capture eth0 | tc-session -x 80-10.0.0.5:8080,81-10.0.0.6:8081 --stats | tc-emit
   tc-readpcap prod.pcap | tc-session --target 10.0.0.5:80 -c 10.9.9.0/24 -n 3 | tc-pace | tc-emit
     (on the target: ip route add 10.9.9.0/24 via ASSISTANT)
+  tc-readpcap prod.pcap | tc-session --socket --target 10.0.0.5:8080 --stats
+    (socket mode: ordinary connections from this host; no tc-emit, assistant or root)
 
 outcomes, counters and troubleshooting: see tc-session(1)."""
 
@@ -127,6 +129,15 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         o.add_argument("--sessions", metavar="FILE",
                        help="write the session map, one \"sess\" record per replayed session "
                             "(for tc-diff), to FILE, or with '-' into the output stream")
+        k = p.add_argument_group("socket mode (tc-session(1), SOCKET MODE)")
+        k.add_argument("--socket", action="store_true",
+                       help="replay each session through an ordinary TCP connection from "
+                            "this host (-c: its local addresses); no tc-emit, tc-intercept, "
+                            "tc-feedback or root needed")
+        k.add_argument("--keep", action="store_true",
+                       help="with --socket: write the replayed connections to stdout (pkt: "
+                            "bytes sent, fb: the target's answers, session: one per "
+                            "connection; tcpcopy-records(5))")
         s = p.add_argument_group("statistics")
         s.add_argument("--stats-every", type=float, metavar="N",
                        help="print the summary every N seconds")
@@ -150,6 +161,12 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         from tcpcopylib.session.runner import PacketOutput, SessionRunner, SessionStage
         from tcpcopylib.session.timing import DueQueue
 
+        if args.socket:
+            from tcpcopylib.session import sockets
+
+            return sockets.run(self, args)
+        if args.keep:
+            raise UsageError("--keep goes with --socket")
         fb = None
         if not args.feedback_retry >= 0:
             raise UsageError("--feedback-retry cannot be negative")

@@ -44,7 +44,7 @@ cdef class Session:
     cdef public object rto, rtt_off, rtt_t, rto_at, delack_at, gate_at
     cdef public object linger_at, syn_t0, wake, dupacks, recover, last_rx
     cdef public object last_data_rx, last_cack, mark, group_t, group_data, reconnects
-    cdef public object psum, ipsum, max_cack
+    cdef public object psum, ipsum, max_cack, conn
     cpdef _reset_conn(self, now)
 
 cdef class Engine:

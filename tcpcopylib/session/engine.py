@@ -157,6 +157,8 @@ class Session:
         # gating
         "last_cack", "mark", "group_t", "group_data",
         "reconnects", "psum", "ipsum", "max_cack",
+        # socket mode (tcpcopylib.session.sockets): the connection's socket and its state
+        "conn",
     )
 
     def __init__(self, sid, key, now, ckey=None, copy=0):
@@ -189,6 +191,7 @@ class Session:
         self.last_cack = None
         self.max_cack = None  # highest captured ack: the online server's bytes seen
         self.wake = None
+        self.conn = None
         self._reset_conn(now)
 
     def _reset_conn(self, now):
@@ -1184,11 +1187,7 @@ class Engine:
 
     def summary(self) -> str:
         st = self.st
-        lines = [self.stats_line(), "outcomes:"]
-        for k, hint in OUTCOMES.items():
-            n = st.outcomes[k]
-            if n or k == "completed":
-                lines.append(f"  {k:<16} {n:>9}" + (f"  ({hint})" if hint and n else ""))
+        lines = [self.stats_line(), "outcomes:", *outcome_lines(st.outcomes)]
         lines.append(
             f"packets: {st.pkts_in} in ({st.pkts_ignored} ignored, {st.pkts_server} "
             f"server->client, {st.pkts_truncated} truncated), {st.pkts_out} out, {st.syn_sent} SYN ({st.fake_syn} fake), "
@@ -1206,3 +1205,10 @@ class Engine:
         lines.append(f"client ports: {st.port_remaps} moved, {self.alloc.early_reuses} reused "
                      f"early; at most {st.peak_active} sessions live at once")
         return "\n".join(lines)
+
+
+def outcome_lines(outcomes: dict, hints: dict = OUTCOMES) -> list:
+    """The summary's outcome table: one line per outcome seen (and "completed"), failures
+    with their hint."""
+    return [f"  {k:<16} {outcomes[k]:>9}" + (f"  ({hint})" if hint and outcomes[k] else "")
+            for k, hint in hints.items() if outcomes[k] or k == "completed"]
