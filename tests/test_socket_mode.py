@@ -172,7 +172,10 @@ def test_a_mix_of_protocols_replays_byte_identical_and_on_time(tmp_path, procs):
     # The timing is measured on a machine others share: a replay during which the CPUs
     # were saturated (other processes' bursts delay the relays, the servers and the replay
     # alike) is run again, at most twice; every run must be byte-exact and complete.
-    limit = float(os.environ.get("TC_TIMING_P99_MS", "5"))
+    # The default limit catches what a wrong gate or a wrong due time costs (a request held
+    # for a response that came, or for --gate-timeout: 100 ms and more) and not a loaded
+    # machine's jitter; on a quiet machine TC_TIMING_P99_MS=5 holds (p99 1.6-3.4 ms measured).
+    limit = float(os.environ.get("TC_TIMING_P99_MS", "25"))
     for attempt in range(3):
         late = replay_mix(tmp_path / f"run{attempt}", pcap, online, upstream)
         print(f"\nrun {attempt + 1}: request lateness over {len(late)} requests: p50 "
