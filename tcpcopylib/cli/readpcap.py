@@ -51,7 +51,7 @@ class Tool(BaseTool):
     def _compile(self, expr: str, linktype: int):
         import pcapy
 
-        from tcpcopylib.pcapio import bpf_dlt
+        from tcpcopylib.link import bpf_dlt
 
         try:
             return pcapy.compile(bpf_dlt(linktype), 262144, expr, 1, 0)
@@ -59,14 +59,15 @@ class Tool(BaseTool):
             raise UsageError(f"bad filter expression {expr!r}: {e}") from None
 
     def run(self, args):
-        from tcpcopylib.pcapio import LT_ETHERNET, LT_RAW, CaptureReader
+        from tcpcopylib.link import LINKTYPE_ETHERNET, LINKTYPE_RAW
+        from tcpcopylib.pcapio import CaptureReader
         from tcpcopylib.records import PendingBatch, header
 
         if args.count is not None and args.count < 0:
             raise UsageError("--count must be >= 0")
         self.pending = PendingBatch()
         if args.filter:
-            self._compile(args.filter, LT_ETHERNET)  # a bad expression fails before any input
+            self._compile(args.filter, LINKTYPE_ETHERNET)  # a bad expression fails before any input
         # Open every input and check its magic before writing anything.
         writer = None
         inputs = []
@@ -79,7 +80,7 @@ class Tool(BaseTool):
         limit = args.count
         try:
             for reader, frames in inputs:
-                hdr = header(self.name, source=reader.name, linktype=LT_RAW,
+                hdr = header(self.name, source=reader.name, linktype=LINKTYPE_RAW,
                              format=reader.format)
                 if writer is None:
                     writer = self.record_writer(hdr)
@@ -112,7 +113,8 @@ class Tool(BaseTool):
     def _copy(self, frames, writer, expr, limit, batch=1):
         """The hot loop: frames -> encoded pkt records (counters kept in locals), or with
         batch > 1 pkts records of up to batch whole datagrams within BATCH_SPAN_NS."""
-        from tcpcopylib.pcapio import LINK_SPANS, encode_pkt
+        from tcpcopylib.link import LINK_SPANS
+        from tcpcopylib.pcapio import encode_pkt
 
         buf, flush, bufsize = writer.buf, writer.flush, writer.bufsize  # write_raw, inlined
         stamps, datas = self.pending.stamps, self.pending.datas
