@@ -28,7 +28,8 @@ import time
 from tcpcopylib.errors import NoInputError, NoPermissionError, UsageError
 from tcpcopylib.link import (ETHERTYPE_AT, IP_OFFSET, LINKTYPE_ETHERNET, LINKTYPE_RAW,
                              PACKET_OUTGOING, PKTTYPE_AT, bpf_dlt)
-from tcpcopylib.packet import TH_ACK, TH_CWR, TH_FIN, TH_PSH, TH_RST, TH_SYN, fix_checksums
+from tcpcopylib.packet import (TH_ACK, TH_CWR, TH_FIN, TH_PSH, TH_RST, TH_SYN, fix_checksums,
+                               ip_length)
 
 ETH_P_ALL = 0x0003
 
@@ -403,17 +404,15 @@ class Capturer:
                 self.foreign += 1
                 return
             dst = buf[p + 16:p + 20]
-            total = (buf[p + 2] << 8) | buf[p + 3]
         elif v == 6:
             if buf[p + 6] != 6:
                 self.foreign += 1
                 return
             dst = buf[p + 24:p + 40]
-            plen = (buf[p + 4] << 8) | buf[p + 5]
-            total = 40 + plen if plen else end - p
         else:
             self.foreign += 1
             return
+        total = ip_length(buf, p, end) or end - p  # (0: the header does not say)
         if dst not in self.local:
             self.foreign += 1
             return

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import struct
 
+from tcpcopylib.packet import ip_length
+
 LINKTYPE_NULL = 0           # BSD loopback: a 4-byte address family, the writer's byte order
 LINKTYPE_ETHERNET = 1
 LINKTYPE_RAW = 101          # raw IPv4 or IPv6, no link header
@@ -113,23 +115,14 @@ def ip_span(ip_offset, buf, start: int, end: int, orig_len: int = 0):
     ``ip_offset`` is the frame's IP_OFFSET entry; ``orig_len`` the frame's length on the
     wire if the capture holds less. Link-layer padding and trailers past the IP length are
     cut off; ``ip_orig_len`` is the datagram's full length when the capture holds less of
-    it, else 0. Where the IP header gives no length (IPv4 total length below 20, as in
-    captures of segmentation-offloaded packets; IPv6 payload length 0: a jumbogram, BIG
-    TCP), the datagram is what the frame holds.
+    it, else 0. Where the IP header gives no length (packet.ip_length() is 0), the
+    datagram is what the frame holds.
     """
     p = ip_offset(buf, start, end)
-    if p < 0 or p >= end:
+    if p < 0:
         return None
-    v = buf[p] >> 4
-    if v == 4:
-        tot = _U16_from(buf, p + 2)[0] if end - p >= 4 else 0
-        if tot < 20:
-            tot = 0
-    elif v == 6:
-        tot = _U16_from(buf, p + 4)[0] if end - p >= 6 else 0
-        if tot:
-            tot += 40
-    else:
+    tot = ip_length(buf, p, end)
+    if tot < 0:
         return None
     if tot:
         if p + tot <= end:
