@@ -328,10 +328,10 @@ class Capturer:
         spec = None if self.shedding or self.shed_keys else _FAST_LINKTYPES.get(linktype)
         frame = self.frame
         if spec is None:
-            for sec, usec, off, caplen in struct.iter_unpack("=IIII", meta):
+            for i, (sec, usec, off, caplen) in enumerate(struct.iter_unpack("=IIII", meta)):
                 frame(buf, off, off + caplen, linktype, sec * 1_000_000_000 + usec * 1000)
                 if self.done:
-                    break
+                    return i + 1
             return n
         et_pos, l2, pk_pos = spec
         min_cap = l2 + 40

@@ -10,68 +10,17 @@ import struct
 
 import cbor2
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
+from packetgen import A4, A6, B4, B6, TCP_OPTIONS, any_datagram, with_ip_options
 from tcpcopylib.feedback import reply_key, route_key
 from tcpcopylib.intercept import fb_record
-from tcpcopylib.packet import (TH_ACK, TH_PSH, TH_SYN, build_tcp, flow_bytes, ip_bytes,
-                               ip_length, parse_tcp, parse_tcp_fast)
+from tcpcopylib.packet import (TH_ACK, TH_PSH, TH_SYN, build_tcp, flow_bytes, ip_length,
+                               parse_tcp, parse_tcp_fast)
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-A4, B4 = ip_bytes("10.0.0.1"), ip_bytes("10.0.0.5")
-A6, B6 = ip_bytes("2001:db8::1"), ip_bytes("2001:db8::5")
 TS = 1_700_000_000_123_456_789
-TCP_OPTIONS = [b"", b"\x02\x04\x05\xb4",                                  # MSS
-               b"\x01\x01\x08\x0a" + struct.pack("!II", 7, 9),            # NOP NOP TS
-               b"\x02\x04\x05\xb4\x04\x02\x08\x0a" + bytes(8) + b"\x01\x03\x03\x07"]
-
-
-def with_ip_options(d: bytes, opts: bytes) -> bytes:
-    """An IPv4 datagram with IP options (a multiple of 4 bytes) put in its header."""
-    b = bytearray(d[:20] + opts + d[20:])
-    b[0] = 0x40 | (20 + len(opts)) // 4
-    b[2:4] = struct.pack("!H", len(b))
-    return bytes(b)
-
-
-@st.composite
-def datagrams(draw):
-    """IPv4/IPv6 TCP datagrams, most of them changed: cut, bytes changed, lengths set."""
-    v6 = draw(st.booleans())
-    src, dst = (A6, B6) if v6 else (A4, B4)
-    d = build_tcp(src, dst, draw(st.integers(0, 65535)), draw(st.integers(0, 65535)),
-                  draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**32 - 1)),
-                  draw(st.integers(0, 255)), draw(st.integers(0, 65535)),
-                  options=draw(st.sampled_from(TCP_OPTIONS)),
-                  payload=draw(st.binary(max_size=300)))
-    if not v6 and draw(st.booleans()):
-        d = with_ip_options(d, draw(st.sampled_from([b"\x01" * 4, b"\x94\x04\x00\x00" * 2])))
-    b = bytearray(d)
-    for _ in range(draw(st.integers(0, 3))):
-        kind = draw(st.sampled_from(["length", "byte", "header byte", "version"]))
-        if kind == "length":  # IPv4 total length / IPv6 payload length: any value
-            at = 4 if v6 else 2
-            b[at:at + 2] = struct.pack("!H", draw(st.sampled_from(
-                [0, 1, 19, 20, 39, 40, len(b) - 1, len(b), len(b) + 1, 65535])
-                if draw(st.booleans()) else st.integers(0, 65535)) & 0xFFFF)
-        elif kind == "byte":
-            b[draw(st.integers(0, len(b) - 1))] = draw(st.integers(0, 255))
-        elif kind == "header byte":  # the first 80 bytes: IP and TCP headers
-            b[draw(st.integers(0, min(len(b), 80) - 1))] = draw(st.integers(0, 255))
-        else:
-            b[0] = draw(st.sampled_from([0x45, 0x46, 0x44, 0x4F, 0x60, 0x50, 0x00]))
-    if draw(st.booleans()):
-        b = b[:draw(st.integers(0, len(b)))]
-    return bytes(b)
-
-
-any_datagram = st.one_of(datagrams(), st.binary(max_size=90),
-                         st.binary(min_size=1, max_size=90).map(lambda b: b"\x45" + b),
-                         st.binary(min_size=1, max_size=90).map(lambda b: b"\x60" + b))
-orig_lens = st.one_of(st.just(0), st.integers(0, 70000))
-
+orig_lens = st.one_of(st.just(0), st.integers(0, 70000))  # a record's "len", or none
 SETTINGS = settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 
 
