@@ -63,8 +63,9 @@ _DATA_KEY = b"\x64data"
 _ENC8 = struct.Struct("!Q6sB")
 _ENC16 = struct.Struct("!Q6sH")
 _DKEY8, _DKEY16 = _DATA_KEY + b"\x58", _DATA_KEY + b"\x59"
-# from the ethertype: (ethertype, IPv4 total length, protocol, destination)
-_FAST_IP4 = struct.Struct("!H2xH5xB6x4s")
+# from the ethertype: (ethertype, IP version/IHL byte, IPv4 total length, protocol,
+# destination)
+_FAST_IP4 = struct.Struct("!HBxH5xB6x4s")
 # from the ethertype: (IPv6 payload length, next header, destination)
 _FAST_IP6 = struct.Struct("!6xHB17x16s")
 
@@ -348,9 +349,9 @@ class Capturer:
         try:
             for sec, usec, off, caplen in struct.iter_unpack("=IIII", meta):
                 if caplen >= min_cap and (pk_pos < 0 or buf[off + pk_pos] != PACKET_OUTGOING):
-                    et, total, proto, dst = ip4(buf, off + et_pos)
-                    if et != 0x0800:
-                        if et == 0x86DD:
+                    et, vhl, total, proto, dst = ip4(buf, off + et_pos)
+                    if et != 0x0800 or vhl >> 4 != 4:
+                        if et == 0x86DD and vhl >> 4 == 6:
                             total, proto, dst = ip6(buf, off + et_pos)
                             total = total + 40 if total else 0  # 0: jumbogram, general path
                         else:
