@@ -212,6 +212,9 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "with only the len head byte there, end > len(buf) refuses it either way",
     (_F, "fb_span", "1 -> 2 @ end = d1 + 7 if lb == 0x19 else d1 + 6 if lb == 0x18 else -1"):
         "-1 -> -2: refused by 0 < end either way",
+    (_K, "ip_length", "0 -> 1 @ tot = _U16.unpack_from(buf, p + 2)[0] if n >= 4 else 0"):
+        "a total length of 1 when the field is not there is below 20: 0 either way (the same "
+        "text also names [0] -> [1], which an IndexError kills at once)",
     **{(_K, "flow_bytes", t): "20 bytes hold no ports: the n >= 24, n < ihl + 4 (or n >= 44) "
        "tests refuse them too" for t in ("n < 20 -> n <= 20", "20 -> 21 @ if n < 20:")},
     **{(file, f, f"1 -> 2 @ def {f}(data, off: int = 0, end: int = -1) -> {r} | None:"):
@@ -219,7 +222,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
        for file, f, r in ((_F, "reply_key", "tuple"), (_K, "flow_bytes", "bytes"))},
     **{(_K, "flow_bytes", t):
        "the IPv4 key without options is a fast path: the general slice gives the same bytes"
-       for t in ("20 -> 21 @ if ihl == 20:", "ihl < 20 -> ihl <= 20",
+       for t in ("20 -> 21 @ if ihl == 20:  # the usual case: addresses and ports in one piece",
+                 "ihl < 20 -> ihl <= 20",
                  "20 -> 21 @ if ihl < 20 or n < ihl + 4:")},
     **{("tcpcopylib/capture.py", "encode_pkt", t): "the guard of the hand-made fast path "
        "narrowed: the values left out take cbor2.dumps, which writes the same bytes"

@@ -64,6 +64,10 @@ def test_ip_length_and_where_the_header_gives_none():
     zero6 = d6[:4] + b"\0\0" + d6[6:]       # jumbogram / BIG TCP
     assert ip_length(zero4) == ip_length(zero6) == 0
     assert ip_length(d4[:3]) == 0 and ip_length(d6[:5]) == 0  # the field is not there
+    header_only = d4[:2] + b"\0\x14" + d4[4:]  # a total length of 20: the IP header alone
+    assert ip_length(header_only) == 20
+    assert parse_tcp(header_only) is None and parse_tcp_fast(header_only) is None
+    assert ip_length(d4[:2] + b"\0\x13" + d4[4:]) == 0
     assert ip_length(b"") == -1 and ip_length(b"\x10" + d4[1:]) == -1
     # parse_tcp takes what is there then
     assert parse_tcp(zero4).length == len(d4) and parse_tcp(zero6).length == len(d6)
