@@ -12,9 +12,9 @@ compiler the number it wants.
 ``IP_OFFSET[linktype](buf, start, end)`` is the general decoder of one frame,
 buf[start:end]; ``ip_span()`` also finds where the datagram ends (padding, snap length).
 ``LINK_SPANS`` holds the per-frame function tc-readpcap calls, with a fast variant for
-Ethernet; tc-capture and tc-intercept inline their own fast paths for their batches, built
-on ETHERTYPE_AT and PKTTYPE_AT. Each fast variant is tested against the general decoder
-(tests/test_link.py).
+Ethernet. tc-capture's batch loop inlines the link types of ETHERTYPE_AT (and PKTTYPE_AT),
+tc-intercept's untagged Ethernet. Each fast variant is tested against the general decoder
+on the same frames (tests/test_link.py).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ LINKTYPE_LINUX_SLL2 = 276   # Linux cooked capture v2
 #: raw IP under every number it comes with (12 and 14: libpcap's DLT_RAW, see above)
 RAW_LINKTYPES = (LINKTYPE_RAW, 12, 14, LINKTYPE_IPV4, LINKTYPE_IPV6)
 #: for messages: what is supported
-SUPPORTED = ("Ethernet (VLAN tags too), Linux cooked v1/v2, raw IP, BSD/OpenBSD loopback")
+SUPPORTED = "Ethernet (VLAN tags too), Linux cooked v1/v2, raw IP, BSD/OpenBSD loopback"
 
 ETHERTYPE_IPV4, ETHERTYPE_IPV6 = 0x0800, 0x86DD
 VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)  # 802.1Q, 802.1ad, and the older QinQ value
