@@ -239,9 +239,10 @@ def _bad_filter(expr: str, err) -> UsageError:
 
 
 def _index_of(meta, off: int) -> int:
-    """Index of the frame at buffer offset ``off`` in next_batch() metadata."""
-    for i, (_s, _u, o, _c) in enumerate(struct.iter_unpack("=IIII", meta)):
-        if o == off:
+    """Index of the frame at buffer offset ``off`` in next_batch() metadata (of the frame
+    with bytes there: an empty frame before it has the same offset)."""
+    for i, (_s, _u, o, caplen) in enumerate(struct.iter_unpack("=IIII", meta)):
+        if o == off and caplen:
             return i
     return len(meta) >> 4
 

@@ -12,7 +12,7 @@ import struct
 
 import cbor2
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from packetgen import A4, A6, B4, B6, any_datagram, tcp_datagrams
@@ -231,8 +231,15 @@ def batches(draw):
     return lt, [f for _, f, _ in fs]
 
 
+_SYN4 = build_tcp(A4, B4, 5000, 80, 1, 0, 0x02)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(batch=batches(), count=st.sampled_from([0, 0, 1, 3]), mtu=st.sampled_from([1500, 200]))
+# (found by this test: the IPv4 ethertype on a version-0 datagram; -c reached just after
+# an empty frame, at the same buffer offset)
+@example(batch=(LINKTYPE_ETHERNET, [eth(b"\x00" + _SYN4[1:], etype=0x0800)]), count=0, mtu=1500)
+@example(batch=(LINKTYPE_ETHERNET, [eth(_SYN4), b"", eth(_SYN4)]), count=2, mtu=1500)
 def test_capturer_batch_is_capturer_frame(batch, count, mtu):
     lt, fs = batch
     buf, meta = _batch(fs)
