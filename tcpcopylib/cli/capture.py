@@ -79,6 +79,7 @@ class Tool(BaseTool):
 
     def run(self, args):
         from tcpcopylib import capture as cap
+        from tcpcopylib.link import LINKTYPE_RAW
         from tcpcopylib.records import RecordWriter, header
 
         iface, expr = self._resolve(args)
@@ -99,7 +100,7 @@ class Tool(BaseTool):
                 engine.close()
                 raise NoInputError(f"{args.write}: {e.strerror}") from None
             close_out = True
-        hdr = header(self.name, source=iface, filter=expr, linktype=cap.LINKTYPE_RAW,
+        hdr = header(self.name, source=iface, filter=expr, linktype=LINKTYPE_RAW,
                      snaplen=args.snaplen, mtu=mtu, engine=engine.name, ts_clock="realtime")
         writer = RecordWriter(out_fd, hdr)
         capturer = cap.Capturer(writer, mtu=mtu, count=args.count,
