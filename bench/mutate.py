@@ -130,9 +130,18 @@ TARGETS: dict[str, list[tuple[str, list[str], str]]] = {
          "tests/test_capture_split.py tests/test_split_segment_edges.py tests/test_capture.py "
          "-k 'split and not gro_supersegments'"),
     ],
+    "packet": [
+        ("tcpcopylib/packet.py", ["ip_length", "parse_tcp", "parse_tcp_fast", "flow_bytes"],
+         "tests/test_packet.py tests/test_feedback_routing.py"),
+    ],
+    "link": [
+        ("tcpcopylib/link.py", ["_with_ethertype", "_null", "_loop", "ip_span", "bpf_dlt",
+                                "_span_ethernet"],
+         "tests/test_link.py tests/test_readpcap.py -k 'link or padding or filter'"),
+    ],
     "feedback": [
         ("tcpcopylib/feedback.py",
-         ["reply_key", "route_key", "claim_route_key", "_packed_ip", "_entry_route_key",
+         ["reply_key", "_key_parts", "claim_route_key", "_packed_ip", "_entry_route_key",
           "claim_keys"],
          "tests/test_feedback_routing.py tests/test_intercept.py tests/test_feedback.py "
          "-k 'routing or claim_records or read_replies or two_clients'"),
@@ -151,6 +160,7 @@ _P, _T, _R, _F, _E = ("tcpcopylib/pacing.py", "tcpcopylib/session/timing.py",
                       "tcpcopylib/wire.py", "tcpcopylib/feedback.py",
                       "tcpcopylib/session/engine.py")
 _A = "tcpcopylib/session/alloc.py"
+_K = "tcpcopylib/packet.py"
 EQUIVALENT: dict[tuple[str, str, str], str] = {
     (_P, "Pacer.plan", "gap > limit -> gap >= limit"):
         "at gap == limit the anchor moves by gap - limit = 0",
@@ -184,26 +194,25 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "as total < ihl + 20 -> <=",
     ("tcpcopylib/capture.py", "split_segment", "hlen > total -> hlen >= total"):
         "hlen == total > mtu means mss < 0, returned unchanged by the same test",
-    ("tcpcopylib/intercept.py", "fb_record", "n < 20 -> n <= 20"):
-        "20 bytes hold no TCP header: the n < ihl + 13 test (or n < 40) refuses it as well",
-    ("tcpcopylib/intercept.py", "fb_record", "20 -> 21 @ if n < 20:"): "as n < 20 -> n <= 20",
-    ("tcpcopylib/intercept.py", "fb_record", "n < 40 -> n <= 40"):
-        "40 bytes of IPv6 hold no TCP header: n < ihl + 13 refuses them as well",
-    ("tcpcopylib/intercept.py", "fb_record", "40 -> 41 @ if n < 40 or buf[off + 6] != 6:"):
-        "as n < 40 -> n <= 40",
     ("tcpcopylib/intercept.py", "fb_record", "1 -> 2"):
         "the default end -1 -> -2: any end < 0 means the end of the buffer",
     ("tcpcopylib/capture.py", "split_segment",
      "0 -> 1 @ ident = _U16.unpack_from(dgram, 4)[0] if v == 4 else 0"):
         "the IPv6 ident (else 0) is never used (the same text also names [0] -> [1], which "
         "an IndexError kills at once)",
-    **{(_F, f, t): "20 bytes hold no ports: the n < ihl + 4 (or n >= 44) test refuses them too"
-       for f in ("reply_key", "route_key") for t in ("n < 20 -> n <= 20", "20 -> 21 @ if n < 20:")},
-    **{(_F, f, f"1 -> 2 @ def {f}(data, off: int = 0, end: int = -1) -> {r} | None:"):
+    (_K, "ip_length", "0 -> 1 @ tot = _U16.unpack_from(buf, p + 2)[0] if n >= 4 else 0"):
+        "a total length of 1 when the field is not there is below 20: 0 either way (the same "
+        "text also names [0] -> [1], which an IndexError kills at once)",
+    **{(_K, "flow_bytes", t): "20 bytes hold no ports: the n >= 24, n < ihl + 4 (or n >= 44) "
+       "tests refuse them too" for t in ("n < 20 -> n <= 20", "20 -> 21 @ if n < 20:")},
+    **{(file, f, f"1 -> 2 @ def {f}(data, off: int = 0, end: int = -1) -> {r} | None:"):
        "the default end -1 -> -2: any end < 0 means the end of the data"
-       for f, r in (("reply_key", "tuple"), ("route_key", "bytes"))},
-    (_F, "route_key", "20 -> 21 @ if ihl == 20:"):
-        "the IPv4 key without options is a fast path: the general slice gives the same bytes",
+       for file, f, r in ((_F, "reply_key", "tuple"), (_K, "flow_bytes", "bytes"))},
+    **{(_K, "flow_bytes", t):
+       "the IPv4 key without options is a fast path: the general slice gives the same bytes"
+       for t in ("20 -> 21 @ if ihl == 20:  # the usual case: addresses and ports in one piece",
+                 "ihl < 20 -> ihl <= 20",
+                 "20 -> 21 @ if ihl < 20 or n < ihl + 4:")},
     # fast paths: a guard narrowed sends the values left out to the general encoder
     # (_general_pkt / cbor2.dumps), which writes the same bytes
     **{(_R, f, t): _NARROWED

@@ -26,32 +26,18 @@ import struct
 import time
 
 from tcpcopylib.errors import NoInputError, NoPermissionError, UsageError
-from tcpcopylib.packet import TH_ACK, TH_CWR, TH_FIN, TH_PSH, TH_RST, TH_SYN, fix_checksums
+from tcpcopylib.link import (ETHERTYPE_AT, IP_OFFSET, LINKTYPE_ETHERNET, LINKTYPE_RAW,
+                             PACKET_OUTGOING, PKTTYPE_AT, bpf_dlt)
+from tcpcopylib.packet import (TH_ACK, TH_CWR, TH_FIN, TH_PSH, TH_RST, TH_SYN, fix_checksums,
+                               ip_length)
 from tcpcopylib.wire import DATA1, DATA2, PKT_MAP3, PKT_START1, PKT_START2, encode_pkt
 
-# pcap LINKTYPE_* / DLT_* values of the frames handed to Capturer
-LINKTYPE_NULL = 0
-LINKTYPE_ETHERNET = 1
-LINKTYPE_RAW = 101        # pcap files
-DLT_RAW_LINUX = 14        # DLT_RAW as libpcap on Linux reports it (12 on some systems)
-DLT_RAW_BSD = 12
-LINKTYPE_LOOP = 108
-LINKTYPE_LINUX_SLL = 113
-LINKTYPE_LINUX_SLL2 = 276
-
-# Linux packet types (sll_pkttype)
-PACKET_HOST, PACKET_BROADCAST, PACKET_MULTICAST, PACKET_OTHERHOST, PACKET_OUTGOING = range(5)
-
 ETH_P_ALL = 0x0003
-ETH_P_IP = 0x0800
-_ETH_IP4 = b"\x08\x00"
-_ETH_IP6 = b"\x86\xdd"
-_VLAN_TYPES = (b"\x81\x00", b"\x88\xa8", b"\x91\x00")
 
 # link types with a fast path in Capturer.batch: (ethertype offset, header length,
 # packet-type byte offset or -1)
-_FAST_LINKTYPES = {LINKTYPE_ETHERNET: (12, 14, -1), LINKTYPE_LINUX_SLL: (14, 16, 1),
-                   LINKTYPE_LINUX_SLL2: (0, 20, 10)}
+_FAST_LINKTYPES = {lt: (et_at, hdr_len, PKTTYPE_AT.get(lt, -1))
+                   for lt, (et_at, hdr_len) in ETHERTYPE_AT.items()}
 
 
 DEFAULT_SNAPLEN = 262144
@@ -67,8 +53,9 @@ _U32 = struct.Struct("!I")
 
 # -- record encoding: tcpcopylib.wire (encode_pkt; Capturer.batch packs the start of a pkt
 # record inline, PKT_START*, then appends the datagram) -------------------------------------
-# from the ethertype: (ethertype, IPv4 total length, protocol, destination)
-_FAST_IP4 = struct.Struct("!H2xH5xB6x4s")
+# from the ethertype: (ethertype, IP version/IHL byte, IPv4 total length, protocol,
+# destination)
+_FAST_IP4 = struct.Struct("!HBxH5xB6x4s")
 # from the ethertype: (IPv6 payload length, next header, destination)
 _FAST_IP6 = struct.Struct("!6xHB17x16s")
 
@@ -220,9 +207,10 @@ def _bad_filter(expr: str, err) -> UsageError:
 
 
 def _index_of(meta, off: int) -> int:
-    """Index of the frame at buffer offset ``off`` in next_batch() metadata."""
-    for i, (_s, _u, o, _c) in enumerate(struct.iter_unpack("=IIII", meta)):
-        if o == off:
+    """Index of the frame at buffer offset ``off`` in next_batch() metadata (of the frame
+    with bytes there: an empty frame before it has the same offset)."""
+    for i, (_s, _u, o, caplen) in enumerate(struct.iter_unpack("=IIII", meta)):
+        if o == off and caplen:
             return i
     return len(meta) >> 4
 
@@ -288,33 +276,13 @@ class Capturer:
     def frame(self, buf, off: int, end: int, linktype: int, ts: int) -> None:
         """One link-layer frame buf[off:end]; buf is bytes (a slice copies)."""
         self.frames += 1
-        if end - off < 40:  # no IP+TCP header fits: a runt, whatever the link layer
+        ip_offset = IP_OFFSET.get(linktype)  # None: a link type not supported
+        if end - off < 40 or ip_offset is None:  # (< 40: a runt, no IP+TCP header fits)
             self.foreign += 1
             return
-        if linktype == LINKTYPE_ETHERNET:
-            et = buf[off + 12:off + 14]
-            p = off + 14
-            while et in _VLAN_TYPES:
-                et = buf[p + 2:p + 4]
-                p += 4
-            if et != _ETH_IP4 and et != _ETH_IP6:
-                self.foreign += 1
-                return
-        elif linktype == LINKTYPE_LINUX_SLL:
-            if _U16.unpack_from(buf, off)[0] == PACKET_OUTGOING:
-                self.foreign += 1
-                return
-            p = off + 16
-        elif linktype == LINKTYPE_LINUX_SLL2:
-            if buf[off + 10] == PACKET_OUTGOING:
-                self.foreign += 1
-                return
-            p = off + 20
-        elif linktype in (LINKTYPE_RAW, DLT_RAW_LINUX, DLT_RAW_BSD):
-            p = off
-        elif linktype in (LINKTYPE_NULL, LINKTYPE_LOOP):
-            p = off + 4
-        else:
+        p = ip_offset(buf, off, end)
+        pkttype_at = PKTTYPE_AT.get(linktype)
+        if p < 0 or pkttype_at is not None and buf[off + pkttype_at] == PACKET_OUTGOING:
             self.foreign += 1
             return
         self.datagram(buf, p, end, ts)
@@ -330,10 +298,10 @@ class Capturer:
         spec = None if self.shedding or self.shed_keys else _FAST_LINKTYPES.get(linktype)
         frame = self.frame
         if spec is None:
-            for sec, usec, off, caplen in struct.iter_unpack("=IIII", meta):
+            for i, (sec, usec, off, caplen) in enumerate(struct.iter_unpack("=IIII", meta)):
                 frame(buf, off, off + caplen, linktype, sec * 1_000_000_000 + usec * 1000)
                 if self.done:
-                    break
+                    return i + 1
             return n
         et_pos, l2, pk_pos = spec
         min_cap = l2 + 40
@@ -350,9 +318,9 @@ class Capturer:
         try:
             for sec, usec, off, caplen in struct.iter_unpack("=IIII", meta):
                 if caplen >= min_cap and (pk_pos < 0 or buf[off + pk_pos] != PACKET_OUTGOING):
-                    et, total, proto, dst = ip4(buf, off + et_pos)
-                    if et != 0x0800:
-                        if et == 0x86DD:
+                    et, vhl, total, proto, dst = ip4(buf, off + et_pos)
+                    if et != 0x0800 or vhl >> 4 != 4:
+                        if et == 0x86DD and vhl >> 4 == 6:
                             total, proto, dst = ip6(buf, off + et_pos)
                             total = total + 40 if total else 0  # 0: jumbogram, general path
                         else:
@@ -405,17 +373,15 @@ class Capturer:
                 self.foreign += 1
                 return
             dst = buf[p + 16:p + 20]
-            total = (buf[p + 2] << 8) | buf[p + 3]
         elif v == 6:
             if buf[p + 6] != 6:
                 self.foreign += 1
                 return
             dst = buf[p + 24:p + 40]
-            plen = (buf[p + 4] << 8) | buf[p + 5]
-            total = 40 + plen if plen else end - p
         else:
             self.foreign += 1
             return
+        total = ip_length(buf, p, end) or end - p  # (0: the header does not say)
         if dst not in self.local:
             self.foreign += 1
             return
@@ -572,8 +538,6 @@ class AfPacketEngine:
     name = "afpacket"
 
     def __init__(self, iface: str, bpf: str, snaplen: int, buffer_kib: int):
-        import pcapy
-
         self.iface = iface
         hatype = None
         if iface != "any":
@@ -583,7 +547,7 @@ class AfPacketEngine:
             except OSError:
                 hatype = _ARPHRD_ETHER  # sysfs of another namespace: assume Ethernet
         raw = hatype in (_ARPHRD_ETHER, _ARPHRD_LOOPBACK)
-        self.linktype = LINKTYPE_ETHERNET if raw else DLT_RAW_LINUX
+        self.linktype = LINKTYPE_ETHERNET if raw else LINKTYPE_RAW
         # Named interface: opened for no protocol (it queues nothing) and bound for all only
         # once the filter is in place, so no frame of another interface, or one the filter
         # rejects, is queued in between. "any" has no name to bind to: open for all at once.
@@ -593,7 +557,7 @@ class AfPacketEngine:
         except PermissionError as e:
             raise NoPermissionError(f"{iface}: {e.strerror} (needs root or CAP_NET_RAW)") from None
         try:
-            attach_bpf(s, bpf, pcapy.DLT_EN10MB if raw else pcapy.DLT_RAW, snaplen)
+            attach_bpf(s, bpf, bpf_dlt(self.linktype), snaplen)
             try:
                 s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             except OSError:

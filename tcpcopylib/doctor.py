@@ -919,20 +919,10 @@ def syn_probe(ctx: Context, timeout: float = 2.0) -> dict:
 
 def _flags_of(d: bytes, src: bytes, dst: bytes, sport: int, dport: int) -> int | None:
     """The TCP flags of datagram d if it goes src:sport -> dst:dport, else None."""
-    if not d:
-        return None
-    if d[0] >> 4 == 4:
-        off = (d[0] & 15) * 4
-        if len(d) < 20 or d[9] != 6 or d[12:16] != src or d[16:20] != dst:
-            return None
-    else:
-        off = 40
-        if len(d) < 60 or d[6] != 6 or d[8:24] != src or d[24:40] != dst:
-            return None
-    if len(d) < off + 14:
-        return None
-    sp, dp = int.from_bytes(d[off:off + 2], "big"), int.from_bytes(d[off + 2:off + 4], "big")
-    return d[off + 13] if sp == sport and dp == dport else None
+    from tcpcopylib.packet import parse_tcp
+
+    t = parse_tcp(d)
+    return t.flags if t is not None and t.key() == (src, sport, dst, dport) else None
 
 
 def _is_synack(d: bytes, src: bytes, dst: bytes, sport: int, dport: int) -> bool:

@@ -39,6 +39,7 @@ import cbor2
 
 from tcpcopylib.errors import (NoPermissionError, PeerVersionError, StreamError,
                                UnavailableError, UsageError)
+from tcpcopylib.packet import flow_bytes
 from tcpcopylib.records import (AS_RAW, FORMAT_VERSION, LABEL, T_CLAIM, T_FB, T_HEADER,
                                 encode_section, fast_record, header)
 from tcpcopylib.streamparse import StreamParser
@@ -233,23 +234,18 @@ class Refusal(Exception):
 
 # -- routing keys ------------------------------------------------------------------------
 
+# tc-feedback's routing keys are bytes: the reply's source and destination addresses, then
+# its source and destination ports, as they lie in an IPv4 header without options (one
+# slice of the datagram: 12 bytes) or an IPv6 header (36 bytes): packet.flow_bytes().
+#: The routing key of the reply at data[off:end] (None if it is not IPv4/IPv6).
+route_key = flow_bytes
+
+
 def reply_key(data, off: int = 0, end: int = -1) -> tuple | None:
     """(client ip, client port, target ip, target port) of the reply at data[off:end]:
-    its destination, then its source."""
-    n = (len(data) if end < 0 else end) - off
-    if n < 20:
-        return None
-    v = data[off] >> 4
-    if v == 4:
-        ihl = (data[off] & 0x0F) * 4
-        if n < ihl + 4:
-            return None
-        sport, dport = _PORTS.unpack_from(data, off + ihl)
-        return (bytes(data[off + 16:off + 20]), dport, bytes(data[off + 12:off + 16]), sport)
-    if v == 6 and n >= 44:
-        sport, dport = _PORTS.unpack_from(data, off + 40)
-        return (bytes(data[off + 24:off + 40]), dport, bytes(data[off + 8:off + 24]), sport)
-    return None
+    its destination, then its source; None if not IPv4/IPv6."""
+    key = route_key(data, off, end)
+    return None if key is None else _key_parts(key)
 
 
 def _ip_text(packed: bytes) -> str:
@@ -265,34 +261,20 @@ def _ip_packed(text: str) -> bytes:
     raise ValueError(f"not an IP address: {text!r}")
 
 
+def _key_parts(key: bytes) -> tuple:
+    """A routing key -> (client ip, client port, target ip, target port)."""
+    w = (len(key) - 4) // 2
+    tport, cport = _PORTS.unpack_from(key, 2 * w)
+    return key[w:2 * w], cport, key[:w], tport
+
+
 def _key_entry(key: bytes) -> list:
     """A routing key -> the claim entry [client ip text, client port, target ip text,
     target port] that asks for it."""
-    w = (len(key) - 4) // 2
-    tport, cport = _PORTS.unpack_from(key, 2 * w)
-    return [_ip_text(key[w:2 * w]), cport, _ip_text(key[:w]), tport]
+    cip, cport, tip, tport = _key_parts(key)
+    return [_ip_text(cip), cport, _ip_text(tip), tport]
 
 
-# tc-feedback's routing keys are bytes: the reply's source and destination addresses, then
-# its source and destination ports, as they lie in an IPv4 header without options (one
-# slice of the datagram: 12 bytes) or an IPv6 header (36 bytes).
-
-def route_key(data, off: int = 0, end: int = -1) -> bytes | None:
-    """The routing key of the reply at data[off:end] (None if it is not IPv4/IPv6)."""
-    n = (len(data) if end < 0 else end) - off
-    if n < 20:
-        return None
-    b0 = data[off]
-    if b0 >> 4 == 4:
-        ihl = (b0 & 0x0F) * 4
-        if n < ihl + 4:
-            return None
-        if ihl == 20:
-            return bytes(data[off + 12:off + 24])
-        return bytes(data[off + 12:off + 20]) + bytes(data[off + ihl:off + ihl + 4])
-    if b0 >> 4 == 6 and n >= 44:
-        return bytes(data[off + 8:off + 44])
-    return None
 
 
 def claim_route_key(entry) -> bytes:

@@ -15,75 +15,35 @@ import struct
 import time
 
 from tcpcopylib.errors import NoInputError, NoPermissionError, TcError, UnavailableError, UsageError
+from tcpcopylib.link import IP_OFFSET, LINKTYPE_ETHERNET, SUPPORTED
+from tcpcopylib.packet import parse_tcp_fast
 from tcpcopylib.wire import (DATA1, FB_MAP4, FB_START, LEN1, LEN1_KEY, LEN2, LEN2_KEY,
                              encode_fb)
-
-# Link types (libpcap DLT_ values on Linux)
-DLT_NULL, DLT_EN10MB, DLT_RAW, DLT_LOOP = 0, 1, 12, 108
-DLT_RAW_ALT, DLT_LINUX_SLL, DLT_LINUX_SLL2 = 101, 113, 276
-
-ETH_IP4, ETH_IP6 = 0x0800, 0x86DD
-ETH_VLANS = (0x8100, 0x88A8, 0x9100)
 
 MAX_L2 = 28         # Ethernet + 2 VLAN tags, or Linux cooked v2 (20)
 MAX_HEADERS = 120   # IPv4 (<= 60) + TCP (<= 60); IPv6 fixed header 40 + TCP 60
 BUFFER_SIZE = 64 << 20
 BATCH = 1024
 
-_U16 = struct.Struct("!H")
 _META = struct.Struct("=IIII")   # next_batch: sec, usec, offset, caplen
 
 
-def link_offset(dlt: int, frame) -> int:
-    """Offset of the IP header in a frame of link type `dlt`; -1 if not IPv4/IPv6."""
-    if dlt == DLT_EN10MB:
-        off, n = 12, len(frame)
-        while off + 2 <= n:
-            et = (frame[off] << 8) | frame[off + 1]
-            if et in ETH_VLANS:
-                off += 4
-                continue
-            return off + 2 if et in (ETH_IP4, ETH_IP6) else -1
-        return -1
-    if dlt == DLT_LINUX_SLL:
-        et = _U16.unpack_from(frame, 14)[0] if len(frame) >= 16 else 0
-        return 16 if et in (ETH_IP4, ETH_IP6) else -1
-    if dlt == DLT_LINUX_SLL2:
-        et = _U16.unpack_from(frame, 0)[0] if len(frame) >= 20 else 0
-        return 20 if et in (ETH_IP4, ETH_IP6) else -1
-    if dlt in (DLT_RAW, DLT_RAW_ALT):
-        return 0
-    if dlt in (DLT_NULL, DLT_LOOP):
-        return 4 if len(frame) > 4 else -1
-    raise UsageError(f"unsupported link type {dlt} (Ethernet, Linux cooked, raw IP, loopback)")
 
 
 def fb_record(buf, ts: int, payload: int, off: int = 0, end: int = -1) -> bytes | None:
-    """The encoded fb record for the IP datagram at buf[off:end]; None if it is not IP+TCP.
+    """The encoded fb record for the IP datagram at buf[off:end]; None if it is not IP+TCP
+    (packet.parse_tcp's rule: what tc-session could not read is not sent to it).
 
-    ``payload`` is the number of TCP payload bytes to keep (-1: all captured).
+    ``payload`` is the number of TCP payload bytes to keep (-1: all captured); "len" is
+    the datagram's whole length.
     """
-    n = (len(buf) if end < 0 else end) - off
-    if n < 20:
+    data = buf[off:] if end < 0 else buf[off:end]
+    p = parse_tcp_fast(data)
+    if p is None:
         return None
-    v = buf[off] >> 4
-    if v == 4:
-        ihl = (buf[off] & 0x0F) * 4
-        if buf[off + 9] != 6 or ihl < 20 or (buf[off + 6] & 0x1F) or buf[off + 7]:
-            return None
-        tot = (buf[off + 2] << 8) | buf[off + 3]
-    elif v == 6:
-        if n < 40 or buf[off + 6] != 6:
-            return None
-        ihl = 40
-        tot = 40 + ((buf[off + 4] << 8) | buf[off + 5])
-    else:
-        return None
-    if n < ihl + 13:
-        return None
-    hdr = ihl + (buf[off + ihl + 12] >> 4) * 4
-    keep = n if payload < 0 else min(n, hdr + payload)
-    return encode_fb(ts, buf[off:off + keep], tot)
+    hdr = p[2] + p[7]  # IP header + TCP header
+    keep = len(data) if payload < 0 else hdr + payload
+    return encode_fb(ts, data[:keep], hdr + p[10])
 
 
 def snaplen_for(payload: int) -> int:
@@ -137,8 +97,10 @@ class Interceptor:
         self.cap = cap
         self.writer = writer
         self.payload = payload
-        self.dlt = cap.datalink()
-        link_offset(self.dlt, b"")  # refuse unsupported link types now
+        self.linktype = cap.datalink()
+        self.ip_offset = IP_OFFSET.get(self.linktype)
+        if self.ip_offset is None:
+            raise UsageError(f"unsupported link type {self.linktype} ({SUPPORTED})")
         self.tick = tick
         self.tick_s = tick_s
         self.captured = 0
@@ -157,15 +119,14 @@ class Interceptor:
         self.captured += 1
         if end < 0:
             end = len(buf)
-        if self.dlt == DLT_EN10MB and end - start > 14 and buf[start + 12] == 8 \
+        if self.linktype == LINKTYPE_ETHERNET and end - start > 14 and buf[start + 12] == 8 \
                 and buf[start + 13] == 0:
-            off = start + 14  # the common case: untagged IPv4
+            off = start + 14  # the common case, untagged IPv4: ip_offset's answer, no call
         else:
-            off = link_offset(self.dlt, buf[start:end])
+            off = self.ip_offset(buf, start, end)
             if off < 0:
                 self.skipped += 1
                 return
-            off += start
         rec = fb_record(buf, ts, self.payload, off, end)
         if rec is None:
             self.skipped += 1
@@ -188,11 +149,12 @@ class Interceptor:
             end = off + caplen
             if caplen >= 54 and buf[off + 12] == 8 and buf[off + 13] == 0 and buf[ip] == 0x45 \
                     and buf[ip + 9] == 6 and not (buf[ip + 6] & 0x1F) and not buf[ip + 7]:
-                keep = 20 + (buf[ip + 32] >> 4) * 4
+                hdr = keep = 20 + (buf[ip + 32] >> 4) * 4  # IP + TCP headers
                 if payload:
-                    keep = end - ip if payload < 0 else min(end - ip, keep + payload)
+                    keep = end - ip if payload < 0 else min(end - ip, hdr + payload)
                 tot = (buf[ip + 2] << 8) | buf[ip + 3]
-                if 24 <= keep < 256 and ip + keep <= end:
+                # (parse_tcp's rule: whole headers, captured and within the total length)
+                if 40 <= hdr <= tot and ip + hdr <= end and 24 <= keep < 256:
                     out += head(c1, sec * 1_000_000_000 + usec * 1000, c2, keep)
                     out += buf[ip:ip + keep]
                     out += len2(c16, tot) if tot >= 256 else len1(c8, tot)
@@ -220,7 +182,7 @@ class Interceptor:
                 if meta:
                     if limit:
                         meta = meta[:16 * (limit - self.written)]
-                    if self.dlt == DLT_EN10MB:
+                    if self.linktype == LINKTYPE_ETHERNET:
                         self._ether_batch(buf, meta)
                     else:
                         for sec, usec, off, caplen in iter_meta(meta):

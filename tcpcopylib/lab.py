@@ -140,7 +140,9 @@ def attach_bpf(sock: socket.socket, expr: str) -> None:
     """Compile a tcpdump expression (Ethernet link type) with pcapy and attach it to sock."""
     import pcapy
 
-    insns = pcapy.compile(pcapy.DLT_EN10MB, 65535, expr, 1, 0xFFFFFFFF).get_bpf()
+    from tcpcopylib.link import LINKTYPE_ETHERNET
+
+    insns = pcapy.compile(LINKTYPE_ETHERNET, 65535, expr, 1, 0xFFFFFFFF).get_bpf()
     arr = (_SockFilter * len(insns))(*[_SockFilter(*i) for i in insns])
     prog = _SockFprog(len(insns), arr)
     sock.setsockopt(socket.SOL_SOCKET, 26,  # SO_ATTACH_FILTER

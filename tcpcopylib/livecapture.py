@@ -10,6 +10,7 @@ import time
 
 from tcpcopylib import capture as cap
 from tcpcopylib.errors import NoInputError
+from tcpcopylib.link import LINKTYPE_RAW
 
 STATS_EVERY_S = 5.0     # seconds between -v status lines
 
@@ -59,7 +60,7 @@ class LiveCapture:
                 engine.close()
                 raise NoInputError(f"{path}: {e.strerror}") from None
             self.close_out = True
-        hdr = header(self.tool, source=iface, filter=self.expr, linktype=cap.LINKTYPE_RAW,
+        hdr = header(self.tool, source=iface, filter=self.expr, linktype=LINKTYPE_RAW,
                      snaplen=self.snaplen, mtu=mtu, engine=engine.name, ts_clock="realtime")
         self.writer = RecordWriter(self.out_fd, hdr)
         self.capturer = cap.Capturer(self.writer, mtu=mtu, count=self.count,

@@ -31,11 +31,13 @@ class TcpView:
     """The fields of one IP+TCP datagram, parsed once (use for control logic, not bulk).
 
     Attributes: version, src, dst (packed address bytes), ihl (IP header length), sport,
-    dport, seq, ack, flags, window, doff (TCP header length), payload_len, payload_off.
+    dport, seq, ack, flags, window, doff (TCP header length), payload_off; length (the
+    datagram's whole length), ip_len and payload_len (the part of the datagram and of its
+    payload that the data holds: less than the whole when a capture was cut short).
     """
 
     __slots__ = ("data", "version", "src", "dst", "ihl", "sport", "dport", "seq", "ack",
-                 "flags", "window", "doff", "payload_off", "payload_len", "ip_len")
+                 "flags", "window", "doff", "payload_off", "payload_len", "ip_len", "length")
 
     @property
     def payload(self) -> bytes:
@@ -51,32 +53,53 @@ class TcpView:
         return (self.src, self.sport, self.dst, self.dport)
 
 
-def parse_tcp(data) -> TcpView | None:
+def ip_length(buf, p: int = 0, end: int = -1) -> int:
+    """The length of the IPv4/IPv6 datagram at buf[p:end] as its header gives it; 0 where
+    the header gives none (an IPv4 total length below 20, as in captures of
+    segmentation-offloaded packets; an IPv6 payload length of 0: a jumbogram, BIG TCP; too
+    few bytes to hold the field); -1 if it is not IPv4/IPv6 (or empty)."""
+    n = (len(buf) if end < 0 else end) - p
+    if n < 1:
+        return -1
+    v = buf[p] >> 4
+    if v == 4:
+        tot = _U16.unpack_from(buf, p + 2)[0] if n >= 4 else 0
+        return tot if tot >= 20 else 0
+    if v == 6:
+        plen = _U16.unpack_from(buf, p + 4)[0] if n >= 6 else 0
+        return 40 + plen if plen else 0
+    return -1
+
+
+def parse_tcp(data, orig_len: int = 0) -> TcpView | None:
     """Parse an IPv4/IPv6 datagram carrying TCP; None if it is not (or is malformed).
 
-    IPv6 extension headers are not followed (a TCP segment behind them returns None);
-    IPv4 fragments other than the first return None.
+    ``orig_len``: the datagram's whole length where ``data`` holds only its beginning and
+    says so elsewhere (a record's "len"); else the IP header's length counts (or, where it
+    gives none, len(data)). The IP and TCP headers must be in ``data`` and within that
+    length. IPv6 extension headers are not followed (a TCP segment behind them returns
+    None); IPv4 fragments other than the first return None.
     """
     n = len(data)
     if n < 20:
         return None
     v = data[0] >> 4
     if v == 4:
-        vhl, _tos, tot, _id, frag, _ttl, proto, _sum, src, dst = _IP4.unpack_from(data)
+        vhl, _tos, _tot, _id, frag, _ttl, proto, _sum, src, dst = _IP4.unpack_from(data)
         ihl = (vhl & 0x0F) * 4
         if proto != IPPROTO_TCP or ihl < 20 or frag & 0x1FFF:
             return None
-        ip_len = min(tot, n) if tot >= ihl else n
     elif v == 6:
         if n < 40:
             return None
-        _vtf, plen, nxt, _hl, src, dst = _IP6.unpack_from(data)
+        _vtf, _plen, nxt, _hl, src, dst = _IP6.unpack_from(data)
         if nxt != IPPROTO_TCP:
             return None
         ihl = 40
-        ip_len = min(40 + plen, n) if plen else n
     else:
         return None
+    length = orig_len or ip_length(data) or n
+    ip_len = min(length, n)
     if ip_len < ihl + 20:
         return None
     sport, dport, seq, ack, off, flags, win, _csum, _urg = _TCP.unpack_from(data, ihl)
@@ -99,7 +122,81 @@ def parse_tcp(data) -> TcpView | None:
     t.payload_off = ihl + doff
     t.payload_len = ip_len - ihl - doff
     t.ip_len = ip_len
+    t.length = length
     return t
+
+
+# IPv4 (no options) + TCP, only the fields parse_tcp_fast() returns or checks: total
+# length, fragment, protocol, addresses; ports, seq, ack, data offset, flags, window
+_IP4TCP = struct.Struct("!2xH2xHxB2x4s4sHHIIBBH")
+_TCP7 = struct.Struct("!HHIIBBH")  # the TCP header up to the window
+
+
+def parse_tcp_fast(data, orig_len: int = 0):
+    """parse_tcp() for the hot path (tc-session's every packet, tc-intercept's): a tuple
+    (src, dst, ihl, sport, dport, seq, ack, doff, flags, window, payload_len) where
+    parse_tcp() gives a view, None where it gives None. payload_len is the whole
+    datagram's (view.length - ihl - doff): more than ``data`` holds when it was cut short.
+    """
+    n = len(data)
+    if n < 40:
+        return None
+    if data[0] == 0x45:  # the usual case: IPv4 without options, one unpack
+        tot, frag, proto, src, dst, sport, dport, seq, ack, off, flags, win = \
+            _IP4TCP.unpack_from(data)
+        if proto != IPPROTO_TCP or frag & 0x1FFF:
+            return None
+        length = orig_len or (tot if tot >= 20 else n)
+        hlen = 20 + (off >> 4) * 4
+        if hlen < 40 or hlen > length or hlen > n:
+            return None
+        return src, dst, 20, sport, dport, seq, ack, hlen - 20, flags, win, length - hlen
+    v = data[0] >> 4
+    if v == 4:
+        vhl, _tos, tot, _id, frag, _ttl, proto, _s, src, dst = _IP4.unpack_from(data)
+        ihl = (vhl & 15) * 4
+        if proto != IPPROTO_TCP or ihl < 20 or frag & 0x1FFF or n < ihl + 20:
+            return None
+        length = orig_len or (tot if tot >= 20 else n)
+    elif v == 6:
+        if n < 60:
+            return None
+        _vtf, plen, nxt, _hl, src, dst = _IP6.unpack_from(data)
+        if nxt != IPPROTO_TCP:
+            return None
+        ihl = 40
+        length = orig_len or (40 + plen if plen else n)
+    else:
+        return None
+    sport, dport, seq, ack, off, flags, win = _TCP7.unpack_from(data, ihl)
+    doff = (off >> 4) * 4
+    hlen = ihl + doff
+    if doff < 20 or hlen > length or hlen > n:
+        return None
+    return src, dst, ihl, sport, dport, seq, ack, doff, flags, win, length - hlen
+
+
+def flow_bytes(data, off: int = 0, end: int = -1) -> bytes | None:
+    """The source and destination addresses and ports of the IPv4/IPv6 datagram at
+    data[off:end], as the bytes they are written in (12 for IPv4, 36 for IPv6): a compact
+    key of one direction of a connection (tc-feedback's routing key). None if it is not
+    IPv4/IPv6 or too short to hold the ports; the protocol is not checked (TCP's ports
+    and UDP's are alike).
+    """
+    n = (len(data) if end < 0 else end) - off
+    if n < 20:
+        return None
+    b0 = data[off]
+    if b0 >> 4 == 4:
+        ihl = (b0 & 0x0F) * 4
+        if ihl == 20:  # the usual case: addresses and ports in one piece
+            return bytes(data[off + 12:off + 24]) if n >= 24 else None
+        if ihl < 20 or n < ihl + 4:
+            return None
+        return bytes(data[off + 12:off + 20]) + bytes(data[off + ihl:off + ihl + 4])
+    if b0 >> 4 == 6 and n >= 44:
+        return bytes(data[off + 8:off + 44])
+    return None
 
 
 def ip_str(packed: bytes) -> str:

@@ -4,7 +4,7 @@ Reading: ``CaptureReader(fd, name).frames()`` yields ``(linktype, ts_ns, frame, 
 for every packet of a pcap (µs or ns, either byte order, also the "modified" variant)
 or pcapng (SHB/IDB/EPB/SPB/OPB, per-interface link type, if_tsresol and if_tsoffset) file
 read in large chunks from a file descriptor (a pipe works). Timestamps are integer ns,
-computed exactly. ``ip_span(linktype, frame)`` finds the IP datagram inside a frame.
+computed exactly. tcpcopylib.link finds the IP datagram inside a frame.
 
 Writing: ``PcapWriter`` writes a nanosecond pcap (LINKTYPE_RAW by default).
 """
@@ -16,24 +16,7 @@ import struct
 
 from tcpcopylib.errors import CaptureFormatError
 from tcpcopylib.wire import encode_pkt  # noqa: F401 (tc-readpcap's encoder)
-
-# Link types (pcap LINKTYPE_* values as stored in files)
-LT_NULL = 0
-LT_ETHERNET = 1
-LT_RAW = 101
-LT_LOOP = 108
-LT_LINUX_SLL = 113
-LT_IPV4 = 228
-LT_IPV6 = 229
-LT_LINUX_SLL2 = 276
-#: DLT_RAW as some files carry it (12 on most systems, 14 on OpenBSD)
-RAW_LINKTYPES = (LT_RAW, 12, 14, LT_IPV4, LT_IPV6)
-
-ETH_IPV4, ETH_IPV6 = 0x0800, 0x86DD
-VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
-# Address family values for IPv4/IPv6 in BSD loopback headers, across systems
-AF_INET_VALUES = (2,)
-AF_INET6_VALUES = (10, 24, 28, 30)  # Linux, NetBSD/OpenBSD, FreeBSD, Darwin
+from tcpcopylib.link import LINKTYPE_RAW
 
 PCAP_MAGIC_US = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
@@ -42,9 +25,6 @@ PCAPNG_SHB = 0x0A0D0D0A
 
 CHUNK = 1 << 20
 MAX_FRAME = 1 << 28  # a larger captured length means a corrupt file
-
-_U16 = struct.Struct("!H")
-_U16_from = _U16.unpack_from
 
 
 class Interface:
@@ -264,130 +244,6 @@ class CaptureReader:
             p += 4 + ((olen + 3) & ~3)
 
 
-# -- link layers -------------------------------------------------------------------------
-def _after_ethertype(frame, off: int, etype: int) -> int:
-    """Offset of the IP header given the ethertype at ``off - 2``; -1 if not IP."""
-    while etype in VLAN_TPIDS:
-        if len(frame) < off + 4:
-            return -1
-        etype = _U16_from(frame, off + 2)[0]
-        off += 4
-    if etype == ETH_IPV4 or etype == ETH_IPV6:
-        return off
-    return -1
-
-
-def _ethernet(frame) -> int:
-    if len(frame) < 14:
-        return -1
-    return _after_ethertype(frame, 14, _U16_from(frame, 12)[0])
-
-
-def _sll(frame) -> int:
-    if len(frame) < 16:
-        return -1
-    return _after_ethertype(frame, 16, _U16_from(frame, 14)[0])
-
-
-def _sll2(frame) -> int:
-    if len(frame) < 20:
-        return -1
-    return _after_ethertype(frame, 20, _U16_from(frame, 0)[0])
-
-
-def _raw(frame) -> int:
-    return 0
-
-
-def _null(frame) -> int:
-    """BSD loopback: a 4-byte address family in the writer's byte order."""
-    if len(frame) < 4:
-        return -1
-    if frame[1] or frame[2] or (frame[0] and frame[3]):
-        return -1
-    af = frame[0] | frame[3]  # one end of the 4 bytes holds the value
-    if af in AF_INET_VALUES or af in AF_INET6_VALUES:
-        return 4
-    return -1
-
-
-def _loop(frame) -> int:
-    """OpenBSD loopback: the address family in network byte order."""
-    if len(frame) < 4:
-        return -1
-    af = struct.unpack_from("!I", frame)[0]
-    return 4 if af in AF_INET_VALUES or af in AF_INET6_VALUES else -1
-
-
-LINK_DECODERS = {LT_ETHERNET: _ethernet, LT_LINUX_SLL: _sll, LT_LINUX_SLL2: _sll2,
-                 LT_NULL: _null, LT_LOOP: _loop}
-LINK_DECODERS.update((lt, _raw) for lt in RAW_LINKTYPES)
-
-
-def ip_span(decode, frame, orig_len: int):
-    """(start, end, ip_orig_len) of the IP datagram in ``frame``, or None if not IP.
-
-    ``decode`` is the frame's LINK_DECODERS entry. Link-layer padding/trailers past the
-    IP length are cut off; ``ip_orig_len`` is the datagram's full length when the capture
-    holds less of it, else 0.
-    """
-    off = decode(frame)
-    if off < 0:
-        return None
-    n = len(frame)
-    if n < off + 1:
-        return None
-    v = frame[off] >> 4
-    if v == 4:
-        if n >= off + 4:
-            tot = _U16_from(frame, off + 2)[0]
-            if tot < 20:  # 0 on segmentation-offloaded captures: take what is there
-                tot = 0
-        else:
-            tot = 0
-    elif v == 6:
-        if n >= off + 6:
-            plen = _U16_from(frame, off + 4)[0]
-            tot = 40 + plen if plen else 0  # 0: jumbogram or offload
-        else:
-            tot = 0
-    else:
-        return None
-    if tot:
-        if off + tot <= n:
-            return off, off + tot, 0
-        return off, n, tot
-    if orig_len > n:
-        return off, n, orig_len - off
-    return off, n, 0
-
-
-_ETH_IP4 = struct.Struct("!HBBH").unpack_from
-
-
-def _span_ethernet(frame, orig_len: int):
-    """ip_span for Ethernet with a fast path for the common untagged IPv4 frame."""
-    if len(frame) >= 18:
-        etype, vhl, _tos, tot = _ETH_IP4(frame, 12)
-        if etype == ETH_IPV4 and vhl >> 4 == 4 and 20 <= tot <= len(frame) - 14:
-            return 14, 14 + tot, 0
-    return ip_span(_ethernet, frame, orig_len)
-
-
-def _span_of(decode):
-    return lambda frame, orig_len: ip_span(decode, frame, orig_len)
-
-
-#: link type -> function(frame, orig_len) -> ip_span() result
-LINK_SPANS = {lt: _span_of(dec) for lt, dec in LINK_DECODERS.items()}
-LINK_SPANS[LT_ETHERNET] = _span_ethernet
-
-
-def bpf_dlt(linktype: int) -> int:
-    """The DLT value libpcap's compiler wants for a file link type."""
-    if linktype in (LT_RAW, 12, 14):
-        return 12  # DLT_RAW on Linux; pcapy refuses 101
-    return linktype
 
 
 # -- writing -------------------------------------------------------------------------
@@ -396,7 +252,7 @@ class PcapWriter:
 
     SNAPLEN = 262144
 
-    def __init__(self, fd: int, linktype: int = LT_RAW, bufsize: int = 1 << 16):
+    def __init__(self, fd: int, linktype: int = LINKTYPE_RAW, bufsize: int = 1 << 16):
         self.fd = fd
         self.bufsize = bufsize
         self.packets = 0

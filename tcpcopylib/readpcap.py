@@ -22,7 +22,7 @@ def compile_filter(expr: str, linktype: int):
     """A pcap-filter(7) expression compiled for frames of ``linktype`` (UsageError if bad)."""
     import pcapy
 
-    from tcpcopylib.pcapio import bpf_dlt
+    from tcpcopylib.link import bpf_dlt
 
     try:
         return pcapy.compile(bpf_dlt(linktype), 262144, expr, 1, 0)
@@ -49,14 +49,14 @@ class PcapCopier:
         """Copy each input, a (reader, frames) pair (a pcapio.CaptureReader, or anything
         with its name and format, and the frames), into a section of its own: 0, or
         EX_DATAERR if one of them was damaged (what was read of it is kept)."""
-        from tcpcopylib.pcapio import LT_RAW
+        from tcpcopylib.link import LINKTYPE_RAW
         from tcpcopylib.records import RecordWriter, header
 
         status = 0
         limit = self.limit
         try:
             for reader, frames in inputs:
-                hdr = header(self.tool, source=reader.name, linktype=LT_RAW,
+                hdr = header(self.tool, source=reader.name, linktype=LINKTYPE_RAW,
                              format=reader.format)
                 if self.writer is None:
                     self.writer = RecordWriter(out_fd, hdr)
@@ -84,7 +84,7 @@ class PcapCopier:
     def copy(self, frames, limit=None):
         """The hot loop: frames -> encoded pkt records (counters kept in locals), or with
         batch > 1 pkts records of up to batch whole datagrams within BATCH_SPAN_NS."""
-        from tcpcopylib.pcapio import encode_pkt
+        from tcpcopylib.wire import encode_pkt
 
         writer, batch = self.writer, self.batch
         buf, flush, bufsize = writer.buf, writer.flush, writer.bufsize  # write_raw, inlined
@@ -144,7 +144,7 @@ class PcapCopier:
     def _link(self, lt: int):
         """(the datagram span function, the compiled filter) for frames of link type lt;
         (None, None) for a link type we do not read (said once)."""
-        from tcpcopylib.pcapio import LINK_SPANS
+        from tcpcopylib.link import LINK_SPANS
 
         span = LINK_SPANS.get(lt)
         if span is None:

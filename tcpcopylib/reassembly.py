@@ -321,7 +321,8 @@ def is_capture(head: bytes) -> bool:
 
 def capture_packets(fd: int, name: str):
     """(ts_ns, IP datagram) of every IP packet of a pcap/pcapng file open on fd."""
-    from tcpcopylib.pcapio import LINK_SPANS, CaptureReader
+    from tcpcopylib.link import LINK_SPANS
+    from tcpcopylib.pcapio import CaptureReader
 
     for linktype, ts, frame, orig_len in CaptureReader(fd, name).frames():
         span_of = LINK_SPANS.get(linktype)

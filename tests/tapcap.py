@@ -116,7 +116,8 @@ def packets(conn: Conn, isn_c: int, isn_s: int) -> list[tuple[int, bytes]]:
 
 def pcap(dirs, path) -> int:
     """Write the connections of the tap log directories as one pcap; the packet count."""
-    from tcpcopylib.pcapio import LT_RAW, PcapWriter
+    from tcpcopylib.link import LINKTYPE_RAW
+    from tcpcopylib.pcapio import PcapWriter
 
     pkts = []
     k = 0
@@ -127,7 +128,7 @@ def pcap(dirs, path) -> int:
     pkts.sort(key=lambda p: p[0])  # (stable: a connection's packets keep their order)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        w = PcapWriter(fd, LT_RAW)
+        w = PcapWriter(fd, LINKTYPE_RAW)
         for ts, data in pkts:
             w.write(ts, data)
         w.flush()

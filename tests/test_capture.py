@@ -19,6 +19,7 @@ import pytest
 from tc import REPO, call, decode, tool_env, tool_path
 from tcpcopylib.testing import Collector
 from tcpcopylib import capture as cap
+from tcpcopylib import link
 from tcpcopylib.packet import (TH_ACK, TH_CWR, TH_FIN, TH_PSH, build_tcp, checksum, ip_bytes,
                                parse_tcp, tcp_checksum_ok)
 
@@ -100,26 +101,26 @@ def test_capturer_keeps_inbound_tcp_to_local_addresses_only():
     udp[9] = 17
     frames = [_eth(to_me), _eth(elsewhere), _eth(bytes(udp)), _eth(to_me6, vlan=True),
               b"\x02" * 12 + b"\x08\x06" + bytes(28)]  # ARP
-    c, out = _feed(frames, cap.LINKTYPE_ETHERNET)
+    c, out = _feed(frames, link.LINKTYPE_ETHERNET)
     assert out == [to_me, to_me6]  # padding trimmed, VLAN tag skipped
     assert (c.frames, c.records, c.foreign) == (5, 2, 3)
 
 
-@pytest.mark.parametrize("make,lt", [(_sll, cap.LINKTYPE_LINUX_SLL),
-                                     (_sll2, cap.LINKTYPE_LINUX_SLL2)], ids=["sll", "sll2"])
+@pytest.mark.parametrize("make,lt", [(_sll, link.LINKTYPE_LINUX_SLL),
+                                     (_sll2, link.LINKTYPE_LINUX_SLL2)], ids=["sll", "sll2"])
 def test_capturer_cooked_drops_outgoing(make, lt):
     p = build_tcp(A4, B4, 5000, 80, 1, 0, 0x02, payload=b"hello")
-    c, out = _feed([make(p, cap.PACKET_HOST), make(p, cap.PACKET_OUTGOING)], lt)
+    c, out = _feed([make(p, link.PACKET_HOST), make(p, link.PACKET_OUTGOING)], lt)
     assert out == [p] and c.foreign == 1
 
 
 def test_capturer_splits_supersegments_and_counts():
     payload = os.urandom(5000)
     big = build_tcp(A4, B4, 5000, 80, 100, 1, TH_ACK | TH_PSH, payload=payload)
-    c, out = _feed([_eth(big)], cap.LINKTYPE_ETHERNET)
+    c, out = _feed([_eth(big)], link.LINKTYPE_ETHERNET)
     assert len(out) == 4 and b"".join(parse_tcp(d).payload for d in out) == payload
     assert (c.supersegs, c.split_records, c.records) == (1, 4, 4)
-    c, out = _feed([_eth(big)], cap.LINKTYPE_ETHERNET, count=2)  # -c stops mid-split
+    c, out = _feed([_eth(big)], link.LINKTYPE_ETHERNET, count=2)  # -c stops mid-split
     assert len(out) == 2 and c.done
 
 
@@ -128,7 +129,7 @@ def test_capturer_marks_truncated_packets():
     w = Collector()
     c = cap.Capturer(w, addresses=(B4,))
     f = _eth(p)
-    c.frame(f, 0, 14 + 100, cap.LINKTYPE_ETHERNET, TS)
+    c.frame(f, 0, 14 + 100, link.LINKTYPE_ETHERNET, TS)
     assert w.recs == [{"t": "pkt", "ts": TS, "data": p[:100], "len": len(p)}]
     assert c.truncated == 1
 
@@ -163,14 +164,14 @@ def _mixed_frames():
 
 
 @pytest.mark.parametrize("count", [0, 1, 3, 6])
-@pytest.mark.parametrize("lt,wrap", [(cap.LINKTYPE_ETHERNET, None),
-                                     (cap.LINKTYPE_LINUX_SLL, _sll),
-                                     (cap.LINKTYPE_LINUX_SLL2, _sll2)], ids=["eth", "sll", "sll2"])
+@pytest.mark.parametrize("lt,wrap", [(link.LINKTYPE_ETHERNET, None),
+                                     (link.LINKTYPE_LINUX_SLL, _sll),
+                                     (link.LINKTYPE_LINUX_SLL2, _sll2)], ids=["eth", "sll", "sll2"])
 def test_batch_fast_path_equals_general_path(count, lt, wrap):
     frames = _mixed_frames()
     if wrap is not None:
-        frames = [wrap(f[14:], cap.PACKET_HOST) for f in frames if f[12:14] != b"\x81\x00"]
-        frames.insert(1, wrap(build_tcp(A4, B4, 7, 80, 1, 0, 0x02), cap.PACKET_OUTGOING))
+        frames = [wrap(f[14:], link.PACKET_HOST) for f in frames if f[12:14] != b"\x81\x00"]
+        frames.insert(1, wrap(build_tcp(A4, B4, 7, 80, 1, 0, 0x02), link.PACKET_OUTGOING))
     buf = b"".join(frames)
     meta, off = b"", 0
     for i, f in enumerate(frames):
@@ -202,8 +203,8 @@ def _split_cbor(data):
         yield data[start:f.tell()]
 
 
-@pytest.mark.parametrize("lt", [cap.LINKTYPE_ETHERNET, cap.LINKTYPE_LINUX_SLL,
-                                cap.LINKTYPE_LINUX_SLL2, cap.LINKTYPE_RAW, cap.LINKTYPE_NULL])
+@pytest.mark.parametrize("lt", [link.LINKTYPE_ETHERNET, link.LINKTYPE_LINUX_SLL,
+                                link.LINKTYPE_LINUX_SLL2, link.LINKTYPE_RAW, link.LINKTYPE_NULL])
 def test_garbage_frames_never_raise(lt):
     import random
 
@@ -577,12 +578,12 @@ def test_max_memory_sheds_whole_new_sessions_and_keeps_running_ones():
     data = build_tcp(A4, B4, 5000, 80, 2, 1, TH_ACK, payload=b"new")
     fin = build_tcp(A4, B4, 5000, 80, 5, 1, TH_ACK | 0x01)
     for ip in (running, syn, data, fin):
-        c.frame(_eth(ip), 0, len(_eth(ip)), cap.LINKTYPE_ETHERNET, TS)
+        c.frame(_eth(ip), 0, len(_eth(ip)), link.LINKTYPE_ETHERNET, TS)
     assert [r["data"] for r in w.recs] == [running]
     assert (c.shed_sessions, c.shed_packets) == (1, 3)
     assert not c.shed_keys  # the FIN ended the shed session
     c.max_rss = 1 << 40      # memory is fine again: new sessions are captured
     c._next_rss_check = 0
     c.refresh(time.monotonic())
-    c.frame(_eth(syn), 0, len(_eth(syn)), cap.LINKTYPE_ETHERNET, TS)
+    c.frame(_eth(syn), 0, len(_eth(syn)), link.LINKTYPE_ETHERNET, TS)
     assert not c.shedding and w.recs[-1]["data"] == syn

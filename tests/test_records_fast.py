@@ -506,10 +506,10 @@ def test_fb_record_keeps_headers_and_the_asked_payload_of_tcp_only():
         cut = ip[:hdr + 2]
         assert cbor2.loads(fb_record(cut, TS, -1)) == {
             "t": "fb", "ts": TS, "data": cut, "len": len(ip)}
-        # the TCP header's fixed part (13 bytes, flags at 13) must be there
-        ihl = hdr - 32
-        assert fb_record(ip[:ihl + 13], TS, 0) is not None
-        assert fb_record(ip[:ihl + 12], TS, 0) is None
+        # the IP and TCP headers (options too) must be whole: parse_tcp's rule, what
+        # tc-session reads (it counted no reply with less)
+        assert cbor2.loads(fb_record(ip[:hdr], TS, 0)) == dict(want, data=ip[:hdr])
+        assert fb_record(ip[:hdr - 1], TS, 0) is None
     assert fb_record(v4[:19], TS, 0) is None
     assert fb_record(b"\x00" * 3 + v4, TS, 0, 3, 3 + 19) is None
     for at, value in ((9, 17), (0, 0x44), (7, 1), (6, 0x01), (6, 0x20 | 0x1F)):

@@ -46,13 +46,14 @@ class Tool(BaseTool):
                 f"{rate:,.0f} pkt/s")
 
     def run(self, args):
-        from tcpcopylib.pcapio import LT_ETHERNET, CaptureReader
+        from tcpcopylib.link import LINKTYPE_ETHERNET
+        from tcpcopylib.pcapio import CaptureReader
         from tcpcopylib.readpcap import PcapCopier, compile_filter
 
         if args.count is not None and args.count < 0:
             raise UsageError("--count must be >= 0")
         if args.filter:
-            compile_filter(args.filter, LT_ETHERNET)  # a bad expression fails before any input
+            compile_filter(args.filter, LINKTYPE_ETHERNET)  # a bad expression fails before any input
         copier = self.copier = PcapCopier(self.name, args.filter, args.batch, args.count,
                                           warn=self.warn)
         # Open every input and check its magic before writing anything.

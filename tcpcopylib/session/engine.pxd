@@ -14,7 +14,6 @@
 cimport cython
 
 cpdef _signed(d)
-cpdef parse_tcp_fast(data, orig_len=*)
 cpdef _ts_option(opts)
 
 @cython.final  # (not subclassed: calls skip the override check)

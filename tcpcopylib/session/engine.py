@@ -29,7 +29,8 @@ import heapq
 import itertools
 import struct
 
-from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, parse_options
+from tcpcopylib.packet import (TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, parse_options,
+                               parse_tcp_fast)
 from tcpcopylib.session.alloc import Allocator, sample_share
 
 M32 = 0xFFFFFFFF
@@ -39,13 +40,7 @@ WINDOW = 65535          # the window we advertise: we are an infinite sink
 TIME_WAIT = 60 * SEC    # Linux TCP_TIMEWAIT_LEN
 COMPACT_MIN = 4096      # timer heap entries before ended sessions' ones are dropped
 
-_IP4 = struct.Struct("!BBHHHBBH4s4s")
-_IP6 = struct.Struct("!IHBB16s16s")
-_TCP = struct.Struct("!HHIIBBH")
 _TSOPT = struct.Struct("!BBBBII")
-# IPv4 (no options) + TCP, only the fields parse_tcp_fast() uses: total length, fragment,
-# protocol, addresses; ports, seq, ack, data offset, flags, window
-_IP4TCP = struct.Struct("!2xH2xHxB2x4s4sHHIIBBH")
 # whole headers as sent (TCP without options): IPv4 + TCP, IPv6 + TCP
 _OUT4 = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
 _OUT6 = struct.Struct("!IHBB16s16sHHIIBBHHH")
@@ -232,47 +227,6 @@ class Session:
 def _signed(d):
     """A 32-bit difference as a signed int."""
     return ((d + 0x80000000) & M32) - 0x80000000
-
-
-def parse_tcp_fast(data, orig_len=None):
-    """(src, dst, ihl, sport, dport, seq, ack, doff, flags, win, payload_len) or None."""
-    n = len(data)
-    if n < 40:
-        return None
-    if data[0] == 0x45:  # the usual case: IPv4 without options, one unpack
-        tot, frag, proto, src, dst, sport, dport, seq, ack, off, flags, win = \
-            _IP4TCP.unpack_from(data)
-        if proto != 6 or frag & 0x1FFF:
-            return None
-        doff = (off >> 4) * 4
-        plen = (orig_len or tot) - 20 - doff
-        if doff < 20 or plen < 0:
-            return None
-        return src, dst, 20, sport, dport, seq, ack, doff, flags, win, plen
-    v = data[0] >> 4
-    if v == 4:
-        vhl, _tos, tot, _id, frag, _ttl, proto, _s, src, dst = _IP4.unpack_from(data)
-        ihl = (vhl & 15) * 4
-        if proto != 6 or ihl < 20 or frag & 0x1FFF or n < ihl + 20:
-            return None
-    elif v == 6:
-        if n < 60:
-            return None
-        _vtf, plen, nxt, _hl, src, dst = _IP6.unpack_from(data)
-        if nxt != 6:
-            return None
-        ihl = 40
-        tot = 40 + plen
-    else:
-        return None
-    sport, dport, seq, ack, off, flags, win = _TCP.unpack_from(data, ihl)
-    doff = (off >> 4) * 4
-    if orig_len:
-        tot = orig_len  # feedback may carry headers only: lengths come from the headers
-    plen = tot - ihl - doff
-    if doff < 20 or plen < 0:
-        return None
-    return src, dst, ihl, sport, dport, seq, ack, doff, flags, win, plen
 
 
 _OPTIONS_SEEN: dict = {}  # options bytes -> parse_options() result (read only)
