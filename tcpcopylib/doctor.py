@@ -751,6 +751,53 @@ def format_text(checks) -> str:
     return "\n".join(lines)
 
 
+def fix_all(ctx: Context, fns, yes: bool, ask, say=None) -> list[dict]:
+    """--fix: the fix commands of the checks ``fns`` that fail, each applied when ``yes`` or
+    ask(prompt) says so; one dict per command (check, command, applied, rc, error or
+    skipped). ``say(text)``: progress for a person (None: quiet, as with --json)."""
+    import shlex
+
+    fixes = []
+    for fn in fns:
+        # each check runs again just before its fix: an earlier fix may have mended it
+        # (rp_filter after the route), or made it checkable (mtu after the route)
+        c = safe(fn, ctx)
+        if c.verdict in (OK, SKIP) or not c.fix:
+            continue
+        for cmd in c.fix:
+            text = shlex.join(cmd)
+            rec = {"check": c.name, "command": text, "applied": False}
+            fixes.append(rec)
+            if say:
+                say(f"fix ({c.name}): {text}")
+            if not yes and not ask(f"apply `{text}`? [y/N] "):
+                rec["skipped"] = "not confirmed"
+                if say:
+                    say("      not applied")
+                continue
+            r = ctx.run(cmd)
+            rec.update(applied=r.rc == 0, rc=r.rc, error=(r.err or "").strip())
+            if say:
+                say("      done" if r.rc == 0 else f"      failed ({r.rc}): {r.err.strip()}")
+    return fixes
+
+
+def ask_on_tty(prompt: str, tty=None, warn=print) -> bool:
+    """A yes/no question on ``tty`` (a file object; default /dev/tty, opened here)."""
+    try:
+        f = tty or open("/dev/tty", "r+")
+    except OSError:
+        warn("no terminal to ask on: fix not applied (use --fix --yes)")
+        return False
+    try:
+        f.write(prompt)
+        f.flush()
+        return f.readline().strip().lower() in ("y", "yes")
+    finally:
+        if f is not tty:
+            f.close()
+
+
 # ------------------------------------------------------------------------------------
 # the non-command probes
 # ------------------------------------------------------------------------------------

@@ -298,3 +298,33 @@ def records_from_json(lines, name: str, count=None):
                 raise StreamError(f"{name}:{lineno}: header with unsupported format "
                                   f"version {v!r}")
         yield rec
+
+
+def stream_from_json(inputs, writer_for, tool: str, count=None) -> None:
+    """tc-dump --from-json: the records of JSON Lines ``inputs`` ((name, text file) pairs,
+    read in order) written as a record stream. Its sections are those of the JSON headers
+    (written as they are: the text is a stream shown, not a new stage); records before
+    any header, or no record at all, get a header of ``tool``. ``writer_for(hdr)``: a
+    RecordWriter starting with header ``hdr``; ``count(rec)`` as records_from_json."""
+    from tcpcopylib.records import header
+
+    writer = None
+    try:
+        for name, f in inputs:
+            for rec in records_from_json(f, name, count):
+                if rec["t"] == "header":
+                    if writer is None:
+                        writer = writer_for(rec)
+                    else:
+                        writer.new_section(rec)
+                    continue
+                if writer is None:
+                    writer = writer_for(header(tool))
+                writer.write(rec)
+        if writer is None:
+            writer = writer_for(header(tool))
+    except UnicodeDecodeError as e:
+        raise StreamError(f"not JSON Lines text: {e}") from None
+    finally:
+        if writer is not None:
+            writer.flush()

@@ -458,6 +458,44 @@ class RecordWriter:
         drain(self.fd, self.buf)
 
 
+class StageWriter(RecordWriter):
+    """The writer of a stage whose output follows its input's sections: nothing is written
+    before the input's first header has been read (so bad input gives an empty output, as
+    from every filter); then each input header starts an output section whose header is
+    merged_header(tool, that header, **fields). A header record given to write() is such
+    an input header (a stage passes the records it does not use on through write())."""
+
+    def __init__(self, fd: int, tool: str, bufsize: int = 1 << 16, **fields):
+        self.fd = fd
+        self.bufsize = bufsize
+        self.buf = bytearray()
+        self.records = 0
+        self._dumps = cbor2.dumps
+        self.tool = tool
+        self.fields = fields
+        self.started = False
+
+    def write(self, rec: dict) -> None:
+        if rec.get("t") == T_HEADER:
+            self.section(rec)
+        else:
+            super().write(rec)
+
+    def section(self, upstream: dict | None) -> None:
+        """Start an output section for the input section whose header is ``upstream``."""
+        hdr = merged_header(self.tool, upstream, **self.fields)
+        if self.started:
+            self.new_section(hdr)
+        else:  # (before anything else in the buffer)
+            self.buf[:0] = encode_section(hdr)
+            self.started = True
+
+    def flush(self) -> None:
+        if not self.started and self.buf:  # records before any input header: own header
+            self.section(None)
+        super().flush()
+
+
 def drain(fd: int, buf: bytearray) -> None:
     """Write all of ``buf`` to ``fd`` and empty it; what was written is removed even when
     a write fails (EPIPE, say), so a retry never duplicates bytes."""

@@ -294,9 +294,9 @@ def test_version_true_is_not_version_1():
 
 def test_session_batches_stay_below_the_record_limit():
     """tc-session -B is bounded so that a batch of 64 KiB datagrams fits MAX_RECORD."""
-    from tcpcopylib.cli import session
+    from tcpcopylib.session import options
 
-    assert session.MAX_BATCH_PKTS == records.MAX_BATCH_PKTS
+    assert options.MAX_BATCH_PKTS == records.MAX_BATCH_PKTS
     n = records.MAX_BATCH_PKTS
     big = records.encode_pkts([T0] * n, [bytes(65535)] * n, list(range(n)))
     assert len(big) <= MAX_RECORD

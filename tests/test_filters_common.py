@@ -94,13 +94,7 @@ def test_garbage_in_is_65_and_one_line(name, garbage, tmp_path):
         assert "record stream" in err or "truncated" in err or "cut off" in err, err
 
 
-# tc-session writes its stream header before it reads its input (library: cli/session.py)
-_HEADER_FIRST = pytest.mark.xfail(strict=True, reason="tc-session writes its header before "
-                                  "reading its input")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_HEADER_FIRST) if n == "tc-session"
-                                  else n for n in FILTERS])
+@pytest.mark.parametrize("name", FILTERS)
 def test_bad_input_writes_nothing(name, tmp_path):
     for data in (GARBAGE["text"], b""):
         r = _filter_call(name, tmp_path, data)
@@ -149,10 +143,6 @@ def test_help_and_version(name):
         assert v.stdout.decode().startswith(f"{name} (tcpcopylib) {__version__}, ")
 
 
-# tc-session's --stats-json has no "summary" (library: cli/session.py stats_dict)
-_NO_SUMMARY = pytest.mark.xfail(strict=True, reason="tc-session's --stats-json has no summary")
-
-
 def _shape(text: str) -> str:
     return re.sub(r"\d[\d.,]*", "#", text)
 
@@ -165,8 +155,7 @@ def _counters_ok(value) -> bool:
 
 
 @pytest.mark.parametrize("good", [True, False], ids=["good-input", "garbage"])
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_NO_SUMMARY) if n == "tc-session"
-                                  else n for n in FILTERS])
+@pytest.mark.parametrize("name", FILTERS)
 def test_stats_json_schema(name, good, tmp_path):
     js = tmp_path / "stats.json"
     data = good_input(name) if good else GARBAGE["text"]

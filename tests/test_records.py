@@ -76,3 +76,33 @@ def test_bad_streams(data, message):
 def test_tool_help_from_checkout():
     r = run(["tc-session", "--help"])
     assert r.returncode == 0 and b"usage: tc-session" in r.stdout
+
+
+def test_stage_writer_writes_nothing_before_the_input_header():
+    """StageWriter: no bytes until an input header is known; each input header starts a
+    section merged with it; records with no input header at all get the tool's header."""
+    from tcpcopylib.records import StageWriter
+
+    r, w = os.pipe()
+    try:
+        sw = StageWriter(w, "tc-x", mode="m")
+        sw.flush()
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 1)
+        sw.write({"t": "header", "v": 1, "tool": "up", "src": "a"})
+        sw.write({"t": "n", "i": 1})
+        sw.write({"t": "header", "v": 1, "tool": "up2"})
+        sw.flush()
+        got = decode(os.read(r, 1 << 16), headers=True)
+        lone = StageWriter(w, "tc-x")
+        lone.write({"t": "n", "i": 2})
+        lone.flush()
+        alone = decode(os.read(r, 1 << 16), headers=True)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert [(h["tool"], h.get("upstream"), h.get("src"), h["mode"]) for h in got
+            if h["t"] == "header"] == [("tc-x", "up", "a", "m"), ("tc-x", "up2", None, "m")]
+    assert [x["t"] for x in got] == ["header", "n", "header"]
+    assert [x["t"] for x in alone] == ["header", "n"] and "upstream" not in alone[0]

@@ -80,6 +80,26 @@ def test_offline_offsets_kept_and_unknown_records_pass(tmp_path, batch):
     assert b"session 1 10.9.0.2:5000 -> 10.2.0.5:80: no_synack (" in r.stderr  # -v
 
 
+def test_output_sections_carry_the_input_headers_keys():
+    """tcpcopy-records(5): each input section starts an output section whose header is
+    tc-session's, with the keys of the input's header (the source's interface, linktype,
+    ...) and upstream naming the tool before; nothing before the input's header is read."""
+    t0 = 1_700_000_000 * 10**9
+    first = tc.stream([pkt(t0, C, O, 5000, 80, CISN, 0, TH_SYN, options=MSS)],
+                      tool="tc-capture", source="eth7", linktype=101, tool_version="0.0")
+    second = tc.stream([{"t": "note", "x": 2}], tool="tc-readpcap", source="b.pcap")
+    r = tc.call(["tc-session", "--target", "10.2.0.5:80", "--no-feedback", "--asap",
+                 "--drain", "0"], input=first + second)
+    assert r.returncode == 0, r.stderr
+    out = tc.decode(r.stdout, headers=True)
+    headers = [x for x in out if x["t"] == "header"]
+    assert [(h["tool"], h["upstream"], h["source"]) for h in headers] == [
+        ("tc-session", "tc-capture", "eth7"), ("tc-session", "tc-readpcap", "b.pcap")]
+    assert headers[0]["linktype"] == 101 and headers[0]["tool_version"] != "0.0"
+    assert out[0] is headers[0] and {"t": "note", "x": 2} in out
+    assert any(x["t"] == "pkt" for x in out)
+
+
 def test_speed_replays_the_recording_faster(tmp_path):
     """-a/--speed F (TCPCopy's -a): sessions start at their recorded offsets divided by F."""
     t0 = 1_700_000_000 * 10**9

@@ -15,7 +15,7 @@ import tc
 from tcpcopylib.cli.session import Tool
 from tcpcopylib.errors import UnavailableError
 from tcpcopylib.packet import TH_SYN, build_tcp, ip_bytes, parse_tcp
-from tcpcopylib.records import RecordWriter, header
+from tcpcopylib.records import StageWriter
 from tcpcopylib.session import runner as runner_mod
 from tcpcopylib.session.options import build_engine
 from tcpcopylib.session.runner import PacketOutput, SessionRunner, SessionStage
@@ -82,7 +82,7 @@ def make(argv, records, fb=None, **kw):
     """(runner, input fd, output fd, fake time, warnings) for tc-session ARGV over RECORDS."""
     args = Tool().build_parser().parse_args(["--target", "10.2.0.5:80", *argv])
     out_fd = memfd()
-    out = PacketOutput(RecordWriter(out_fd, header("tc-session"), bufsize=1 << 62), args.batch)
+    out = PacketOutput(StageWriter(out_fd, "tc-session", bufsize=1 << 62), args.batch)
     engine = build_engine(args, out.emit, fb)
     ft, said = FakeTime(), []
     due = DueQueue(asap=args.asap, speed=args.speed, max_gap=args.max_gap, warn=said.append)

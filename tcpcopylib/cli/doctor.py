@@ -75,24 +75,19 @@ class Tool(_Tool):
         fns = doctor.role_checks(args.role, args.probe)
         checks = [doctor.safe(fn, ctx) for fn in fns]
         report = {"role": args.role, "tool": self.name}
-        fixes = []
+        say = None if args.json else (lambda text: print(text, flush=True))
         if args.fix:
-            if not args.json:
-                print(doctor.format_text(checks), flush=True)
+            if say:
+                say(doctor.format_text(checks))
             report["before"] = [c.to_dict() for c in checks]
-            for fn in fns:
-                # each check runs again just before its fix: an earlier fix may have mended
-                # it (rp_filter after the route), or made it checkable (mtu after the route)
-                c = doctor.safe(fn, ctx)
-                if c.verdict in (doctor.OK, doctor.SKIP) or not c.fix:
-                    continue
-                for cmd in c.fix:
-                    fixes.append(self._apply(ctx, c, cmd, args))
-            if not fixes and not args.json:
-                print("tc-doctor: nothing to fix with a command on this host", flush=True)
+            fixes = doctor.fix_all(
+                ctx, fns, args.yes, lambda prompt: doctor.ask_on_tty(prompt, self.tty, self.warn),
+                say)
+            if say and not fixes:
+                say("tc-doctor: nothing to fix with a command on this host")
             checks = [doctor.safe(fn, ctx) for fn in fns]
-            if not args.json:
-                print("-- after the fixes:", flush=True)
+            if say:
+                say("-- after the fixes:")
         verdict = doctor.worst(checks)
         status = doctor.EXIT[verdict]
         self.counts = {v: sum(c.verdict == v for c in checks)
@@ -109,39 +104,6 @@ class Tool(_Tool):
             print(doctor.format_text(checks), flush=True)
             print(f"tc-doctor: {args.role}: {self.stats_line()}", flush=True)
         return status
-
-    def _apply(self, ctx, check, cmd, args) -> dict:
-        import shlex
-
-        text = shlex.join(cmd)
-        rec = {"check": check.name, "command": text, "applied": False}
-        if not args.json:
-            print(f"fix ({check.name}): {text}", flush=True)
-        if not args.yes and not self._ask(f"apply `{text}`? [y/N] "):
-            rec["skipped"] = "not confirmed"
-            if not args.json:
-                print("      not applied", flush=True)
-            return rec
-        r = ctx.run(cmd)
-        rec.update(applied=r.rc == 0, rc=r.rc, error=(r.err or "").strip())
-        if not args.json:
-            print("      done" if r.rc == 0 else f"      failed ({r.rc}): {r.err.strip()}",
-                  flush=True)
-        return rec
-
-    def _ask(self, prompt: str) -> bool:
-        try:
-            tty = self.tty or open("/dev/tty", "r+")
-        except OSError:
-            self.warn("no terminal to ask on: fix not applied (use --fix --yes)")
-            return False
-        try:
-            tty.write(prompt)
-            tty.flush()
-            return tty.readline().strip().lower() in ("y", "yes")
-        finally:
-            if tty is not self.tty:
-                tty.close()
 
     def stats_line(self):
         if not self.counts:

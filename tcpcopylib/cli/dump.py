@@ -117,34 +117,19 @@ class Tool(BaseTool):
         return 0
 
     def _from_json(self, args):
-        from tcpcopylib.dumpfmt import records_from_json
-        from tcpcopylib.records import RecordWriter, header
+        from tcpcopylib.dumpfmt import stream_from_json
+        from tcpcopylib.records import RecordWriter
 
-        writer = None
-        try:
-            for path in args.files:
-                fd = self.open_input(path)
-                with open(fd, "r", encoding="utf-8", errors="strict",
-                          closefd=path != "-") as f:
-                    name = "<stdin>" if path == "-" else path
-                    for rec in records_from_json(f, name, self._count):
-                        if rec["t"] == "header":
-                            if writer is None:
-                                writer = RecordWriter(self.stdout_fd, rec)
-                            else:
-                                writer.new_section(rec)
-                            continue
-                        if writer is None:
-                            writer = RecordWriter(self.stdout_fd, header(self.name))
-                        writer.write(rec)
-            if writer is None:
-                writer = RecordWriter(self.stdout_fd, header(self.name))
-        except UnicodeDecodeError as e:
-            raise StreamError(f"not JSON Lines text: {e}") from None
-        finally:
-            if writer is not None:
-                writer.flush()
+        stream_from_json(self._text_inputs(args.files),
+                         lambda hdr: RecordWriter(self.stdout_fd, hdr), self.name, self._count)
         return 0
+
+    def _text_inputs(self, paths):
+        """(name, text file) of every input, each opened when its turn comes."""
+        for path in paths:
+            fd = self.open_input(path)
+            with open(fd, "r", encoding="utf-8", errors="strict", closefd=path != "-") as f:
+                yield "<stdin>" if path == "-" else path, f
 
 
 def main(argv=None):

@@ -1,11 +1,145 @@
-"""tc-session's options (an argparse namespace, see tcpcopylib.cli.session) checked and
-turned into an Engine: the mapping, the client address allocator and the Config."""
+"""tc-session's options: declared (add_arguments, the table tc-session(1) documents),
+checked and turned into an Engine (build_engine: the mapping, the client address
+allocator and the Config)."""
 
 from __future__ import annotations
 
 from tcpcopylib.errors import UsageError
+from tcpcopylib.tool import MAX_SPEED, MIN_SPEED, number_arg
 
 SEC = 1_000_000_000
+MAX_BATCH_PKTS = 63     # -B at most: records.MAX_BATCH_PKTS (not imported: cbor2 loads slowly)
+
+
+def add_arguments(p) -> None:
+    """tc-session's own options on the argparse parser ``p``, in groups, as its --help and
+    man page show them."""
+    _mapping(p.add_argument_group("mapping"))
+    _shaping(p.add_argument_group("shaping"))
+    _feedback(p.add_argument_group("feedback"))
+    _behaviour(p.add_argument_group("session behaviour"))
+    _output(p.add_argument_group("output"))
+    _socket_mode(p.add_argument_group("socket mode (tc-session(1), SOCKET MODE)"))
+    p.add_argument_group("statistics").add_argument(
+        "--stats-every", type=float, metavar="N", help="print the summary every N seconds")
+    p.add_argument("file", nargs="?", default="-", help="input stream (default stdin)")
+
+
+def _mapping(g) -> None:
+    """Which captured sessions are replayed, and onto which target."""
+    g.add_argument("--target", metavar="HOST:PORT",
+                   help="replay sessions to captured server port PORT onto HOST:PORT "
+                        "([v6]:PORT for IPv6)")
+    g.add_argument("-x", "--transfer", metavar="LIST",
+                   help="TCPCopy transfer list: [IP:]PORT-IP:PORT,... (first match wins)")
+    g.add_argument("--any-port", action="store_true",
+                   help="with --target: replay every TCP session; --target HOST keeps "
+                        "each server port, HOST:PORT sends all to PORT")
+    g.add_argument("-O", "--only-syn", action="store_true",
+                   help="replay only sessions whose SYN was captured")
+    g.add_argument("-r", "--sample", type=int, default=100, metavar="PCT",
+                   help="replay only PCT%% of the sessions (deterministic per client "
+                        "address and port, the same on every run and host)")
+    g.add_argument("-g", "--ramp", type=float, metavar="SECONDS",
+                   help="the replayed share grows from 1%% to PCT (-r, default 100) "
+                        "over SECONDS from the first packet")
+
+
+def _shaping(g) -> None:
+    """From which client addresses, how many copies, how much memory."""
+    g.add_argument("-c", "--client-pool", metavar="LIST",
+                   help="replay from client addresses of this pool: addresses, "
+                        "CIDR networks, FIRST-LAST ranges, a.b.c.x (= .1-.254); the "
+                        "target needs a route for it via the assistant")
+    g.add_argument("-n", "--copies", type=int, default=1, metavar="N",
+                   help="replay each captured session N times, each copy its own "
+                        "connection (default 1)")
+    g.add_argument("-f", "--instance", metavar="K[/M]",
+                   help="instance K of M (default M 16) replaying into one target: "
+                        "client ports come from block K of M of 1024-65535")
+    g.add_argument("-m", "--max-memory", type=float, metavar="MB",
+                   help="while the resident memory is above MB, shed new sessions "
+                        "(outcome shed) instead of growing")
+
+
+def _feedback(g) -> None:
+    """The connection to tc-feedback (the target's replies)."""
+    g.add_argument("--feedback", metavar="ADDR",
+                   help="tc-feedback address: unix:/path or tcp:HOST:PORT "
+                        "(default $TC_FEEDBACK, else tcp:127.0.0.1:36524)")
+    g.add_argument("--key", metavar="FILE",
+                   help="shared key file of tc-feedback --key (default "
+                        "$TC_FEEDBACK_KEY_FILE, else the key $TC_FEEDBACK_KEY): both ends "
+                        "prove they hold it")
+    g.add_argument("--feedback-retry", type=float, default=30.0, metavar="SECONDS",
+                   help="when the connection to tc-feedback is lost, keep reconnecting "
+                        "(and claiming the live sessions again) this long before giving "
+                        "up with exit 69 (default 30; 0 = give up at once)")
+    g.add_argument("--no-feedback", action="store_true",
+                   help="run without a feedback channel (no session gets established; "
+                        "for inspecting the SYNs)")
+
+
+def _behaviour(g) -> None:
+    """Gating, timeouts, the fake SYN, reconnections, the drain and the pace."""
+    g.add_argument("-W", "--no-wait", action="store_true",
+                   help="do not hold a request until the response to the previous one")
+    g.add_argument("--quiet", type=float, default=100, metavar="MS",
+                   help="a response is complete after the target was silent this long "
+                        "(default 100 ms)")
+    g.add_argument("--gate-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="release held data anyway when the target acked everything and "
+                        "sent nothing for this long (default 5)")
+    g.add_argument("-t", "--timeout", type=float, default=600, metavar="SECONDS",
+                   help="end a busy session after this much target silence (default 600)")
+    g.add_argument("-k", "--keepalive", type=float, default=None, metavar="SECONDS",
+                   help="end an idle session after this much silence (default -t + 120)")
+    g.add_argument("--connect-timeout", type=float, default=6.0, metavar="SECONDS",
+                   help="give up on a SYN without SYN-ACK after this long (default 6)")
+    g.add_argument("--gap-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="end a session whose capture misses bytes after this long "
+                        "(default 10)")
+    g.add_argument("-D", "--mss", type=int, default=1460,
+                   help="MSS option of fake SYNs (default 1460)")
+    g.add_argument("--max-reconnects", type=int, default=5, metavar="N",
+                   help="new connections per session when the target closes early "
+                        "(default 5; 0 disables)")
+    g.add_argument("--drain", type=float, default=5.0, metavar="SECONDS",
+                   help="after the input ends, wait this long for the last responses "
+                        "before resetting unfinished sessions (default 5)")
+    g.add_argument("--asap", action="store_true",
+                   help="send records when read, not at their recorded pace")
+    g.add_argument("-a", "--speed", type=number_arg(float, MIN_SPEED, True, MAX_SPEED),
+                   default=1.0, metavar="F", help="replay the recording F times faster "
+                   f"(TCPCopy's -a; F < 1: slower; {MIN_SPEED:g}..{MAX_SPEED:g}); default 1")
+    g.add_argument("--max-gap", type=number_arg(float, 0, True, 1e9), metavar="S",
+                   help="shorten gaps between consecutive packet timestamps to S seconds "
+                        "(recording time, before -a), as tc-pace --max-gap; a wait of "
+                        "more than an hour is warned about")
+
+
+def _output(g) -> None:
+    g.add_argument("-B", "--batch", type=number_arg(int, 1, True, MAX_BATCH_PKTS), default=1,
+                   metavar="N",
+                   help="up to N packets per record (\"pkts\" with a sid column, the "
+                        "packets of one turn of the loop): less work here and in "
+                        "tc-emit; all tc-* tools read batches, scripts see "
+                        f"tcpcopy-records(5); 1..{MAX_BATCH_PKTS} (a record stays below "
+                        f"the record size limit); default 1")
+    g.add_argument("--sessions", metavar="FILE",
+                   help="write the session map, one \"sess\" record per replayed session "
+                        "(for tc-diff), to FILE, or with '-' into the output stream")
+
+
+def _socket_mode(g) -> None:
+    g.add_argument("--socket", action="store_true",
+                   help="replay each session through an ordinary TCP connection from "
+                        "this host (-c: its local addresses); no tc-emit, tc-intercept, "
+                        "tc-feedback or root needed")
+    g.add_argument("--keep", action="store_true",
+                   help="with --socket: write the replayed connections to stdout (pkt: "
+                        "bytes sent, fb: the target's answers, session: one per "
+                        "connection; tcpcopy-records(5))")
 
 
 def build_engine(args, emit, claims):

@@ -183,7 +183,8 @@ class SessionRunner:
         from tcpcopylib.records import AS_PKT
         from tcpcopylib.streamparse import StreamParser
 
-        self.parser, self._feed_mode = StreamParser(name=name), AS_PKT  # (ts, data) tuples
+        # (ts, data) tuples, other records and the headers (the output's sections follow them)
+        self.parser, self._feed_mode = StreamParser(name=name, headers=True), AS_PKT
         os.set_blocking(in_fd, False)
         self.in_fd = in_fd
         # poll, not epoll: epoll refuses regular files (tc-session < file)

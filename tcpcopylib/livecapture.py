@@ -1,0 +1,152 @@
+"""tc-capture's run: one interface captured into a record stream until a packet count, a
+signal or an error, and its counters. The parts (the engines, Capturer, capture_loop)
+are in tcpcopylib.capture; tcpcopylib.cli.capture is the options."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from tcpcopylib import capture as cap
+from tcpcopylib.errors import NoInputError
+from tcpcopylib.link import LINKTYPE_RAW
+
+STATS_EVERY_S = 5.0     # seconds between -v status lines
+
+
+class LiveCapture:
+    """Capture on ``iface`` with BPF ``expr`` (empty: "tcp") into a record stream.
+
+    open() starts the engine and the output, run() captures; counters() and stats_line()
+    may be called at any time (None before the capture started). ``warn(msg)`` says the
+    warnings (and, with ``verbose``, a status line every STATS_EVERY_S); ``elapsed()``: the
+    seconds the stats line reports (default: since this object was made)."""
+
+    def __init__(self, tool: str, iface: str, expr: str = "", *, engine: str = "pcap",
+                 snaplen: int = cap.DEFAULT_SNAPLEN, buffer_kib: int = cap.DEFAULT_BUFFER_KIB,
+                 mtu: int = 0, count: int = 0, max_memory_mb: int = 0, warn=print,
+                 verbose: int = 0, elapsed=None):
+        self.tool, self.iface, self.expr = tool, iface, expr
+        self.engine_kind, self.snaplen, self.buffer_kib = engine, snaplen, buffer_kib
+        self.mtu, self.count, self.max_memory_mb = mtu, count, max_memory_mb
+        self.warn, self.verbose = warn, verbose
+        started = time.monotonic()
+        self.elapsed = elapsed or (lambda: time.monotonic() - started)
+        self.engine = self.capturer = self.writer = None
+        self.out_fd, self.close_out = -1, False
+        self.if_drops0 = 0
+        self.final_drops = (0, 0)
+        self.shed_warned = False
+        self.next_report = 0.0
+
+    def open(self, out_fd: int, path: str | None = None) -> None:
+        """Start the engine; the stream goes to ``path`` (created) if given, else to
+        ``out_fd``. UsageError, NoInputError, NoPermissionError as tcpcopylib.capture says."""
+        from tcpcopylib.records import RecordWriter, header
+
+        iface = self.iface
+        engine = cap.open_engine(self.engine_kind, iface, self.expr or "tcp", self.snaplen,
+                                 self.buffer_kib)
+        self.engine = engine
+        self.if_drops0 = cap.interface_rx_drops(iface)
+        mtu = self.mtu or (cap.interface_mtu(iface) if iface != "any" else cap.DEFAULT_MTU)
+        self.mtu = mtu
+        self.out_fd = out_fd
+        if path is not None:
+            try:
+                self.out_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            except OSError as e:
+                engine.close()
+                raise NoInputError(f"{path}: {e.strerror}") from None
+            self.close_out = True
+        hdr = header(self.tool, source=iface, filter=self.expr, linktype=LINKTYPE_RAW,
+                     snaplen=self.snaplen, mtu=mtu, engine=engine.name, ts_clock="realtime")
+        self.writer = RecordWriter(self.out_fd, hdr)
+        self.capturer = cap.Capturer(self.writer, mtu=mtu, count=self.count,
+                                     max_rss=self.max_memory_mb << 20)
+
+    def describe(self) -> str:
+        e = self.engine
+        return (f"capturing on {self.iface} ({e.name}, linktype {e.linktype}, filter "
+                f"{self.expr or 'tcp'!r}, mtu {self.mtu}, {len(self.capturer.local)} local "
+                f"addresses)")
+
+    def run(self) -> None:
+        """Capture until the count is reached or SIGINT/SIGTERM; then flush the output and
+        close the engine (and the output file)."""
+        # Signals only set a flag (and wake select through the pipe): the loop stops
+        # between batches, so a record is never cut in half, then flushes.
+        stop_sig = []
+        rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
+        os.set_blocking(wfd, False)
+        old_wakeup = signal.set_wakeup_fd(wfd)
+
+        def on_signal(signum, frame):
+            stop_sig.append(signum)
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        self.next_report = time.monotonic() + STATS_EVERY_S
+        try:
+            self.writer.flush()  # the header goes out at once: downstream sees a stream start
+            cap.capture_loop(self.engine, self.capturer, lambda: bool(stop_sig), self._tick,
+                             extra_fds=(rfd,))
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            os.close(rfd)
+            os.close(wfd)
+            self._close()
+
+    def _tick(self, now: float) -> None:
+        """Between batches: the shedding warning (once) and the -v status line."""
+        if self.capturer.shed_sessions and not self.shed_warned:
+            self.shed_warned = True
+            self.warn(f"warning: over --max-memory {self.max_memory_mb} MB: shedding new "
+                      f"sessions (counted in --stats)")
+        if self.verbose and now >= self.next_report:
+            self.next_report = now + STATS_EVERY_S
+            self.warn(self.stats_line())
+
+    def _close(self) -> None:
+        try:
+            self.writer.flush()
+        finally:
+            self.final_drops = self.engine.drops()
+            self.engine.close()
+            self.engine = None
+            if self.close_out:
+                os.close(self.out_fd)
+
+    def counters(self) -> dict | None:
+        """The counters (--stats-json), None before the capture started."""
+        c = self.capturer
+        if c is None:
+            return None
+        kdrop, pcap_ifdrop = self.engine.drops() if self.engine else self.final_drops
+        ifdrop = max(pcap_ifdrop, cap.interface_rx_drops(self.iface) - self.if_drops0)
+        return {"records": c.records, "frames": c.frames, "foreign": c.foreign,
+                "supersegs": c.supersegs, "split_records": c.split_records,
+                "truncated": c.truncated, "kernel_drops": kdrop, "if_drops": ifdrop,
+                "shed_sessions": c.shed_sessions, "shed_packets": c.shed_packets,
+                "cpu_us_per_packet": round(cpu_seconds() * 1e6 / max(c.frames, 1), 3)}
+
+    def stats_line(self) -> str | None:
+        d = self.counters()
+        if d is None:
+            return None
+        return (f"{d['records']} packets written, {d['frames']} captured, {d['foreign']} not "
+                f"inbound TCP to this host, {d['supersegs']} super-segments split into "
+                f"{d['split_records']}, {d['truncated']} truncated, {d['shed_sessions']} "
+                f"sessions shed ({d['shed_packets']} packets), {d['kernel_drops']} "
+                f"dropped by kernel, {d['if_drops']} dropped by interface, "
+                f"{self.elapsed():.2f} s, {d['cpu_us_per_packet']:.2f} µs CPU per packet")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (the production-safety figure in --stats)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
