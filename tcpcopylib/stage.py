@@ -15,6 +15,13 @@ due. Clock time is an argument (``now``, integer ns), never read by the stage it
                              work that cannot finish by itself)
     stage.close(now)         end what is left now (its last records go out)
 
+A stage with descriptors of its own (socket mode's connections to the target) adds:
+
+    stage.fileno()           one descriptor, readable when those have events (an epoll
+                             set); the runner watches it beside its own
+    stage.on_ready(now)      handle those events (the runner calls it when fileno() is
+                             readable)
+
 Records out go to the stage's output object, which the stage is built with; a pipe-stage
 writes them to a RecordWriter, and a chain of stages in one process would hand them to the
 next stage's take(). A runner drives one stage from file descriptors, the way the shell

@@ -14,7 +14,7 @@ import tc
 
 from tcpcopylib.cli.session import Tool
 from tcpcopylib.errors import UnavailableError
-from tcpcopylib.packet import TH_SYN, build_tcp, ip_bytes, parse_tcp
+from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_SYN, build_tcp, ip_bytes, parse_tcp
 from tcpcopylib.records import StageWriter
 from tcpcopylib.session import runner as runner_mod
 from tcpcopylib.session.options import build_engine
@@ -251,3 +251,110 @@ def test_what_the_stage_sends_is_cbor2_byte_for_byte_with_batches():
     got = tc.decode(raw)
     assert [r["sid"] for r in got] == [1, 2, 3, 4, 5] * 2 and syn_times(got) == [0] * 5
     assert raw.endswith(cbor2.dumps(tc.cbor_items(raw)[-1]))  # (cbor2's encoding)
+
+
+# -- socket mode (sockets.SocketStage) on the same runner: real loopback connections -------
+
+class SocketFakeTime(FakeTime):
+    """FakeTime for real sockets: before the fake clock moves, the kernel gets a few real
+    ms to finish loopback work (a handshake, a delivery) that is not done yet."""
+
+    def poll(self, timeout_ms):
+        return self.poll_obj.poll(0) or self.poll_obj.poll(5) or super().poll(timeout_ms)
+
+
+def seg(ms, seq, ack, flags, payload=b""):
+    return {"t": "pkt", "ts": T0 + ms * MS,
+            "data": build_tcp(C, O, 5000, 80, seq, ack, flags, payload=payload)}
+
+
+def make_socket(argv, records, port):
+    """(runner, input fd, output fd, fake time) for tc-session --socket --keep ARGV over
+    RECORDS, towards 127.0.0.1:PORT."""
+    from tcpcopylib.session.sockets import SocketStage, socket_engine
+
+    args = Tool().build_parser().parse_args(
+        ["--socket", "--keep", "-x", f"80-127.0.0.1:{port}", *argv])
+    out_fd = memfd()
+    writer = StageWriter(out_fd, "tc-session", bufsize=1 << 62, mode="socket")
+    engine = socket_engine(args, writer.write)
+    engine.on_end = lambda s, outcome: writer.write(engine.session_record(s, outcome))
+    ft = SocketFakeTime()
+    due = DueQueue(asap=args.asap, speed=args.speed, max_gap=args.max_gap)
+    r = SessionRunner(SocketStage(engine, due, PacketOutput(writer)), drain=args.drain,
+                      clock=ft.clock, monotonic=ft.monotonic, poll=ft)
+    return r, memfd(tc.stream(records)), out_fd, ft
+
+
+def payloads(recs, kind):
+    """(ms after the start, payload) of the kept records of KIND that carry bytes."""
+    out = []
+    for x in recs:
+        if x["t"] == kind:
+            p = parse_tcp(x["data"])
+            if p.payload:
+                out.append(((x["ts"] - START) // MS, bytes(p.payload)))
+    return out
+
+
+def test_socket_mode_on_the_runner_sends_at_due_times_and_gates_on_the_targets_answer():
+    """A request at its offset; the next one waits for the target's answer (which comes
+    late) and leaves the moment it is read; the client's FIN; the target closes: the
+    session is complete and the loop ends then. The connections' events reach the engine
+    through the stage's descriptor (SocketStage.fileno, on_ready)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)  # (accept() in the test: never blocks for ever)
+    port = listener.getsockname()[1]
+    data = TH_PSH | TH_ACK
+    recs = [seg(0, 1000, 0, TH_SYN), seg(1, 1001, 5001, TH_ACK), {"t": "note", "n": 1},
+            seg(100, 1001, 5001, data, b"GET /a\r\n"),
+            seg(200, 1009, 5007, data, b"GET /b\r\n"),  # (after 6 bytes of answer)
+            seg(300, 1017, 5007, TH_FIN | TH_ACK)]
+    r, in_fd, out_fd, ft = make_socket(["--drain", "5"], recs, port)
+    served = []
+
+    def answer():
+        conn, _ = listener.accept()
+        served.append(conn)
+        conn.sendall(b"resp-a")
+
+    ft.at[250 * MS] = answer
+    ft.at[400 * MS] = lambda: served[0].shutdown(socket.SHUT_WR)
+    try:
+        r.run(in_fd)
+        served[0].settimeout(5)
+        got = b""
+        while chunk := served[0].recv(1 << 16):
+            got += chunk
+    finally:
+        for c in served:
+            c.close()
+        listener.close()
+        r.stage.engine.ep.close()
+    assert got == b"GET /a\r\nGET /b\r\n"  # then the FIN (recv's end)
+    out = output(out_fd)
+    assert {"t": "note", "n": 1} in out
+    # /b was due at 200 ms; it waited for the answer, read at 250 ms
+    assert payloads(out, "pkt") == [(100, b"GET /a\r\n"), (250, b"GET /b\r\n")]
+    assert payloads(out, "fb") == [(250, b"resp-a")]
+    (sess,) = [x for x in out if x["t"] == "session"]
+    assert sess["outcome"] == "completed" and (sess["sent"], sess["received"]) == (16, 6)
+    assert sess["connect"] == START and sess["end"] == START + 400 * MS
+    assert ft.ns - START < 500 * MS  # settled when the target closed, not after --drain
+
+
+def test_socket_mode_on_the_runner_a_refused_connection_ends_its_session_at_once():
+    spare = socket.socket()
+    spare.bind(("127.0.0.1", 0))  # bound, not listening: a connect() is refused
+    port = spare.getsockname()[1]
+    recs = [seg(0, 1000, 0, TH_SYN), seg(50, 1001, 5001, TH_PSH | TH_ACK, b"hello")]
+    r, in_fd, out_fd, ft = make_socket(["--drain", "5"], recs, port)
+    try:
+        r.run(in_fd)
+    finally:
+        spare.close()
+        r.stage.engine.ep.close()
+    (sess,) = [x for x in output(out_fd) if x["t"] == "session"]
+    assert sess["outcome"] == "reset_by_target" and sess["error"] == "ECONNREFUSED"
+    assert r.stage.engine.sst.connect_failures == 1 and r.stage.engine.sessions == {}
+    assert ft.ns - START <= 50 * MS  # the input's end, not --drain

@@ -10,7 +10,6 @@ module is the wiring.
 
 from __future__ import annotations
 
-import signal
 
 from tcpcopylib.cli.common import Tool as BaseTool
 from tcpcopylib.errors import UsageError
@@ -72,8 +71,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             stats_every=args.stats_every, on_stats=self._print_summary, lag=self.fb_lag,
             warn=self.warn)
         # Signals: stop reading and drain (a second one ends at once).
-        signal.signal(signal.SIGTERM, lambda signum, frame: runner.interrupt(signum))
-        signal.signal(signal.SIGINT, lambda signum, frame: runner.interrupt(signum))
+        runner.catch_signals()
         try:
             runner.run(in_fd, "<stdin>" if args.file == "-" else args.file)
         finally:

@@ -2,9 +2,11 @@
 
 SessionStage: the engine, the DueQueue of input packets (the timing rule) and the output,
 with the stage contract (take, next_due, run_due, finish, settled, close); no clock, no
-descriptors. SessionRunner: its event loop over the input, the feedback connection and a
-wake-up pipe for signals, with drain, back-pressure, --max-memory, --stats-every and the
-feedback reconnection. The clock, the poll object and the descriptors are arguments.
+descriptors. SessionRunner: its event loop over the input, the feedback connection, a
+wake-up pipe for signals and, for a stage with descriptors of its own (socket mode's
+connections, sockets.SocketStage), the one descriptor it gives to watch them by; with
+drain, back-pressure, --max-memory, --stats-every and the feedback reconnection. The
+clock, the poll object and the descriptors are arguments.
 """
 
 from __future__ import annotations
@@ -164,6 +166,7 @@ class SessionRunner:
         self.fb_backoff = 0.05
         self.fb_fd = -1
         self.in_fd = -1
+        self.stage_fd = -1
         self.reading = self.eof = False
         self.drain_until = None
         self.next_stats = self.next_rss = 0.0
@@ -177,6 +180,13 @@ class SessionRunner:
             os.write(self._wake_w, b"x")
         except OSError:
             pass
+
+    def catch_signals(self) -> None:
+        """SIGTERM and SIGINT call interrupt()."""
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda signum, frame: self.interrupt(signum))
+        signal.signal(signal.SIGINT, lambda signum, frame: self.interrupt(signum))
 
     def run(self, in_fd: int, name: str = "<stdin>") -> None:
         """The loop: until the input is over and drained (or a signal)."""
@@ -194,6 +204,11 @@ class SessionRunner:
         if self.fb is not None:
             self.fb_fd = self.fb.fileno()
             self.poll.register(self.fb_fd, select.POLLIN)
+        # a stage with descriptors of its own gives one that is readable when they have
+        # events (an epoll set), and handles them in on_ready(now)
+        if hasattr(self.stage, "fileno"):
+            self.stage_fd = self.stage.fileno()
+            self.poll.register(self.stage_fd, select.POLLIN)
         if self.stats_every:
             self.next_stats = self.monotonic() + self.stats_every
         try:
@@ -238,6 +253,8 @@ class SessionRunner:
                 self._stop_reading()
         elif fd == self.fb_fd:
             self._read_feedback(now)
+        elif fd == self.stage_fd:
+            self.stage.on_ready(now)
         else:
             try:
                 os.read(self._wake_r, 64)

@@ -18,8 +18,9 @@ acknowledged (at most a socket send buffer), resent on a new connection as in fo
 ``rto_at``, the retransmission timer in forged mode, is here the time to look again at the
 acknowledged bytes while a gate, a FIN or an RST waits for them.
 
-``run(tool, args)`` is tc-session's loop in this mode: input records as in forged mode,
-one epoll set for the input and every connection.
+``SocketStage`` is tc-session's stage with this engine: forged mode's loop
+(runner.SessionRunner) runs it, and watches every connection through the engine's one
+epoll set. ``run(tool, args)`` wires tc-session --socket.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ import select
 import socket
 import struct
 import termios
-import time
 
 from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, endpoint_str, ip_str
 from tcpcopylib.session.alloc import stable_hash
 from tcpcopylib.session.engine import (_OUT4, _OUT6, CLOSED, DONE, ESTAB, FAILURES, M32, MS,
-                                       NEW, OUTCOMES, SEC, SYN_SENT, WINDOW, Engine,
+                                       NEW, OUTCOMES, SYN_SENT, WINDOW, Engine,
                                        outcome_lines)
+from tcpcopylib.session.runner import SessionStage
 
 ACK_POLL = 10 * MS      # while something waits for the target's ACK: look again after this
 READ_SIZE = 1 << 18     # one recv()
@@ -617,9 +618,18 @@ def _packed(sockname) -> tuple:
 
 # == tc-session --socket ================================================================
 
-MAX_PENDING = 100_000   # input records held for their due time before reading pauses
-CHUNK = 1 << 17
-DRAIN_LOOK = 0.05       # while draining, look at quiescence this often (s)
+class SocketStage(SessionStage):
+    """tc-session's stage with a SocketEngine: the runner (runner.SessionRunner) watches
+    the connections through the engine's epoll set and hands their events here."""
+
+    def fileno(self) -> int:
+        return self.engine.ep.fileno()
+
+    def on_ready(self, now: int) -> None:
+        socket_event = self.engine.socket_event
+        for fd, events in self.engine.ep.poll(0):
+            socket_event(fd, events, now)
+
 
 # forged-mode options that have no meaning here: (dest, default, option)
 _FORGED_ONLY = (("feedback", None, "--feedback"), ("key", None, "--key"),
@@ -640,25 +650,31 @@ def _raise_fd_limit():
             pass
 
 
-def run(tool, args) -> int:
-    """tc-session --socket: read packet records, replay each session through a socket;
-    stdout gets the records tc-session does not use and, with --keep, the replayed
-    connections (see tc-session(1), SOCKET MODE)."""
+def socket_engine(args, keep=None) -> SocketEngine:
+    """A SocketEngine from tc-session's options (forged mode's checks, and those for
+    --socket); ``keep`` as SocketEngine's."""
     from tcpcopylib.errors import UsageError
-    from tcpcopylib.records import AS_PKT, RecordWriter, header
     from tcpcopylib.session.options import build_engine
-    from tcpcopylib.session.timing import DueQueue
-    from tcpcopylib.streamparse import StreamParser
 
     for dest, default, opt in _FORGED_ONLY:
         if getattr(args, dest, default) != default:
             raise UsageError(f"{opt} is for forged mode; --socket connects by itself")
     forged = build_engine(args, None, None)  # the options' checks, mapping, Config
+    return SocketEngine(forged.mapper, forged.cfg, None, forged.alloc.pools, keep)
+
+
+def run(tool, args) -> int:
+    """tc-session --socket: read packet records, replay each session through a socket;
+    stdout gets the records tc-session does not use and, with --keep, the replayed
+    connections (see tc-session(1), SOCKET MODE). The loop is forged mode's
+    (runner.SessionRunner), on a SocketStage."""
+    from tcpcopylib.records import StageWriter
+    from tcpcopylib.session.runner import PacketOutput, SessionRunner
+    from tcpcopylib.session.timing import DueQueue
+
+    writer = StageWriter(tool.stdout_fd, tool.name, bufsize=1 << 62, mode="socket")
+    engine = tool.engine = socket_engine(args, writer.write if args.keep else None)
     _raise_fd_limit()
-    ep = select.epoll()
-    writer = RecordWriter(tool.stdout_fd, header(tool.name, mode="socket"), bufsize=1 << 62)
-    engine = tool.engine = SocketEngine(forged.mapper, forged.cfg, ep, forged.alloc.pools,
-                                        writer.write if args.keep else None)
     engine.warn = tool.warn
     forged_stats = tool.stats_dict
     # --stats-json: forged mode's keys, then socket mode's own
@@ -675,147 +691,17 @@ def run(tool, args) -> int:
 
     engine.on_end = on_end
     in_fd = tool.open_input(args.file)
-    os.set_blocking(in_fd, False)
-    parser = StreamParser(name="<stdin>" if args.file == "-" else args.file)
-    server_side = engine.mapper.server_datagram_test()
     due = DueQueue(asap=args.asap, speed=args.speed, max_gap=args.max_gap, warn=tool.warn)
-    q = due.q
-    rbuf = memoryview(bytearray(CHUNK))
+    runner = SessionRunner(
+        SocketStage(engine, due, PacketOutput(writer)), drain=args.drain,
+        max_rss=int(args.max_memory * (1 << 20)) if args.max_memory else None,
+        stats_every=args.stats_every, on_stats=tool._print_summary, warn=tool.warn)
+    runner.catch_signals()
     try:
-        ep.register(in_fd, select.EPOLLIN)
-        in_polled = True
-    except PermissionError:  # a regular file: always readable, epoll refuses it
-        in_polled = False
-    stop = _Signals(ep)
-    reading, eof, drain_until = True, False, None
-    max_rss = int(args.max_memory * (1 << 20)) if args.max_memory else None
-    next_rss = 0.0
-    next_stats = (time.monotonic() + args.stats_every) if args.stats_every else None
-
-    def read_input(now) -> bool:
-        """Read what the input holds; True at its end."""
-        try:
-            n = os.readv(in_fd, (rbuf,))
-        except BlockingIOError:
-            return False
-        if not n:
-            parser.close()
-            return True
-        dropped = due.push_records(parser.feed(rbuf[:n].tobytes(), AS_PKT), now,
-                                   writer.write, server_side)
-        if dropped:
-            engine.count_server_side(dropped)
-        return False
-
-    def set_reading(on):
-        nonlocal reading
-        if on != reading and in_polled:
-            if on:
-                ep.register(in_fd, select.EPOLLIN)
-            else:
-                ep.unregister(in_fd)
-        reading = on
-
-    try:
-        while True:
-            if max_rss is not None and time.monotonic() >= next_rss:
-                engine.shedding = _rss() > max_rss
-                next_rss = time.monotonic() + 0.2
-            now = time.time_ns()
-            while q and q[0][0] <= now:
-                engine.client_packet(q.popleft()[1], now)
-            engine.on_timer(now)
-            if stop.sig or eof and not q:
-                if drain_until is None:  # the input is over: drain, then reset
-                    drain_until = now + int(args.drain * SEC)
-                    set_reading(False)
-                    q.clear()  # after a signal, what is not due is dropped
-                if (not engine.sessions or now >= drain_until or stop.count > 1
-                        or engine.quiescent(now)):
-                    engine.close_all(now)
-                    break
-            if next_stats is not None and time.monotonic() >= next_stats:
-                tool._print_summary()
-                next_stats += args.stats_every
-            writer.flush()
-            if reading and len(q) >= MAX_PENDING:
-                set_reading(False)
-            elif not reading and not eof and drain_until is None and len(q) < MAX_PENDING // 2:
-                set_reading(True)
-            if reading and not in_polled:
-                timeout = 0.0
-            else:
-                deadlines = [d for d in (q[0][0] if q else None, engine.next_deadline(),
-                                         drain_until) if d is not None]
-                timeout = (min(deadlines) - now) / SEC if deadlines else -1
-                if drain_until is not None:
-                    timeout = min(timeout, DRAIN_LOOK) if timeout >= 0 else DRAIN_LOOK
-                if next_stats is not None:
-                    left = max(next_stats - time.monotonic(), 0.0)
-                    timeout = left if timeout < 0 else min(timeout, left)
-                if timeout >= 0:  # (epoll.poll() rounds up to whole ms: never early)
-                    timeout = min(max(timeout, 0.0), 3600.0)
-            events = ep.poll(timeout)
-            now = time.time_ns()
-            if reading and not in_polled:
-                eof = read_input(now)
-                if eof:
-                    set_reading(False)
-            for fd, ev in events:
-                if fd == in_fd:
-                    eof = read_input(now)
-                    if eof:
-                        set_reading(False)
-                elif fd == stop.rfd:
-                    stop.clear()
-                else:
-                    engine.socket_event(fd, ev, now)
+        runner.run(in_fd, "<stdin>" if args.file == "-" else args.file)
     finally:
-        try:
-            writer.flush()
-        finally:
-            stop.close()
-            ep.close()
+        engine.ep.close()
     if args.stats:
         tool._print_summary()
         args.stats = False  # Tool.main would print the one-line version too
     return 0
-
-
-class _Signals:
-    """SIGTERM/SIGINT: stop reading and drain (a second one ends at once); a pipe wakes
-    the epoll wait."""
-
-    def __init__(self, ep):
-        import signal
-
-        self.sig = self.count = 0
-        self.rfd, self.wfd = os.pipe()
-        os.set_blocking(self.rfd, False)
-        os.set_blocking(self.wfd, False)
-        ep.register(self.rfd, select.EPOLLIN)
-        signal.signal(signal.SIGTERM, self._on)
-        signal.signal(signal.SIGINT, self._on)
-
-    def _on(self, signum, frame):
-        self.sig = signum
-        self.count += 1
-        try:
-            os.write(self.wfd, b"x")
-        except OSError:
-            pass
-
-    def clear(self):
-        try:
-            os.read(self.rfd, 64)
-        except OSError:
-            pass
-
-    def close(self):
-        os.close(self.rfd)
-        os.close(self.wfd)
-
-
-def _rss() -> int:
-    with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
