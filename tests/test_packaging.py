@@ -174,3 +174,21 @@ def test_ci_runs_the_readme_commands():
     apt = re.search(r"apt-get install -y ([\w .-]+)", readme).group(1).split()
     assert re.search(r'^APT_PACKAGES="([^"]*)"', script, re.M).group(1).split() == apt
     assert "TC_REQUIRE_NETNS=1" in test_script
+
+
+def test_readme_architecture_names_every_module():
+    """The README's Architecture table gives every library module its one-line job: a new
+    module without its line fails here."""
+    readme = (REPO / "README.md").read_text()
+    assert "## Architecture" in readme
+    arch = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    lib = REPO / "tcpcopylib"
+    missing = []
+    for p in sorted(lib.rglob("*.py")):
+        rel = p.relative_to(lib)
+        if rel.parts[0] == "cli" or p.name == "__init__.py":
+            continue
+        name = str(rel) if rel.parts[0] != "diff" else "diff/"
+        if f"`{name}`" not in arch and f"`{rel}`" not in arch:
+            missing.append(str(rel))
+    assert not missing, f"modules without a line in the README's Architecture: {missing}"
