@@ -213,6 +213,21 @@ def decode(data: bytes, headers: bool = False) -> list[dict]:
         os.close(fd)
 
 
+class BufferWriter:
+    """The RecordWriter surface of the stages that pack records into ``writer.buf`` inline
+    (Capturer.batch, Interceptor), kept in memory: ``buf`` holds the encoded records."""
+
+    def __init__(self):
+        self.buf, self.records, self.bufsize = bytearray(), 0, 1 << 30
+
+    def write_raw(self, b) -> None:
+        self.buf += b
+        self.records += 1
+
+    def flush(self) -> None:
+        pass
+
+
 class Collector:
     """Stands in for a RecordWriter given to a stage and keeps what it writes: ``recs``,
     each record as a reader downstream would see it (encoded and decoded again; a batch

@@ -17,7 +17,7 @@ import dpkt
 import pytest
 
 from tc import REPO, call, decode, tool_env, tool_path
-from tcpcopylib.testing import Collector
+from tcpcopylib.testing import BufferWriter, Collector
 from tcpcopylib import capture as cap
 from tcpcopylib import link
 from tcpcopylib.packet import (TH_ACK, TH_CWR, TH_FIN, TH_PSH, build_tcp, checksum, ip_bytes,
@@ -134,18 +134,6 @@ def test_capturer_marks_truncated_packets():
     assert c.truncated == 1
 
 
-class _BufWriter:
-    """The RecordWriter surface Capturer.batch() uses, kept in memory."""
-
-    def __init__(self):
-        self.buf, self.records, self.bufsize = bytearray(), 0, 1 << 30
-
-    def write_raw(self, b):
-        self.buf += b
-        self.records += 1
-
-    def flush(self):
-        pass
 
 
 def _mixed_frames():
@@ -177,7 +165,7 @@ def test_batch_fast_path_equals_general_path(count, lt, wrap):
     for i, f in enumerate(frames):
         meta += struct.pack("=IIII", 1_700_000_000, 10 * i, off, len(f))
         off += len(f)
-    wa, wb = _BufWriter(), _BufWriter()
+    wa, wb = BufferWriter(), BufferWriter()
     a = cap.Capturer(wa, count=count, addresses=(B4, B6))
     b = cap.Capturer(wb, count=count, addresses=(B4, B6))
     n = a.batch(buf, meta, lt)
@@ -219,7 +207,7 @@ def test_garbage_frames_never_raise(lt):
     for f in frames:
         meta += struct.pack("=IIII", 1_700_000_000, 0, off, len(f))
         off += len(f)
-    c = cap.Capturer(_BufWriter(), addresses=(B4, B6))
+    c = cap.Capturer(BufferWriter(), addresses=(B4, B6))
     c.batch(buf, meta, lt)
     assert c.frames == len(frames)
     for f in frames:

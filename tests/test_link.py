@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from packetgen import A4, A6, B4, B6, any_datagram, tcp_datagrams
-from tcpcopylib import link
 from tcpcopylib.capture import Capturer
 from tcpcopylib.errors import UsageError
 from tcpcopylib.intercept import Interceptor, fb_record
@@ -25,6 +24,7 @@ from tcpcopylib.link import (IP_OFFSET, LINK_SPANS, LINKTYPE_ETHERNET, LINKTYPE_
                              LINKTYPE_LOOP, LINKTYPE_NULL, LINKTYPE_RAW, PACKET_HOST,
                              PACKET_OUTGOING, bpf_dlt, ip_span)
 from tcpcopylib.packet import TH_ACK, build_tcp
+from tcpcopylib.testing import BufferWriter
 
 TS = 1_700_000_000 * 10**9  # (next_batch() metadata: s + µs)
 MACS = b"\x02" * 6 + b"\x04" * 6
@@ -126,7 +126,7 @@ def test_interceptor_refuses_an_unsupported_link_type():
             return 147
 
     with pytest.raises(UsageError, match="unsupported link type 147"):
-        Interceptor(Cap(), _BufWriter())
+        Interceptor(Cap(), BufferWriter())
 
 
 # -- frames for the property tests -----------------------------------------------------------
@@ -197,18 +197,6 @@ def test_decoders_find_the_datagram_and_spans_agree(frame, orig_extra):
 
 
 # -- tc-capture: Capturer.batch (inline fast path) against Capturer.frame -------------------
-class _BufWriter:
-    """The RecordWriter surface Capturer and Interceptor use, kept in memory."""
-
-    def __init__(self):
-        self.buf, self.records, self.bufsize = bytearray(), 0, 1 << 30
-
-    def write_raw(self, b):
-        self.buf += b
-        self.records += 1
-
-    def flush(self):
-        pass
 
 
 def _batch(fs):
@@ -243,7 +231,7 @@ _SYN4 = build_tcp(A4, B4, 5000, 80, 1, 0, 0x02)
 def test_capturer_batch_is_capturer_frame(batch, count, mtu):
     lt, fs = batch
     buf, meta = _batch(fs)
-    wa, wb = _BufWriter(), _BufWriter()
+    wa, wb = BufferWriter(), BufferWriter()
     a = Capturer(wa, mtu=mtu, count=count, addresses=(A4, B4, A6, B6))
     b = Capturer(wb, mtu=mtu, count=count, addresses=(A4, B4, A6, B6))
     n = a.batch(buf, meta, lt)
@@ -268,7 +256,7 @@ def test_capturer_frame_uses_the_link_decoders():
              (LINKTYPE_NULL, loopback(ip), 1), (LINKTYPE_NULL, loopback(ip, 7), 0),
              (LINKTYPE_LOOP, loopback(ip, 2, ">"), 1), (147, ip, 0)]
     for lt, f, kept in cases:
-        w = _BufWriter()
+        w = BufferWriter()
         c = Capturer(w, addresses=(A4,))
         c.frame(f, 0, len(f), lt, TS)
         assert (c.records, c.foreign) == (kept, 1 - kept), lt
@@ -282,7 +270,7 @@ def _interceptor(lt, payload):
         def datalink(self):
             return lt
 
-    w = _BufWriter()
+    w = BufferWriter()
     return Interceptor(Cap(), w, payload=payload), w
 
 
