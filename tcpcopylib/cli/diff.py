@@ -59,6 +59,23 @@ input file that cannot be opened. See tc-diff(1)."""
         p.add_argument("--max-stream", type=number_arg(float, 0, False, 2047), default=64,
                        metavar="MB", help="keep at most MB of each direction of a connection "
                        "(default 64)")
+        live = p.add_argument_group("live (streaming) mode, see tc-diff(1), LIVE")
+        live.add_argument("--live", action="store_true",
+                          help="read the inputs side by side as they grow (FIFOs, '-'); "
+                               "write each connection's lines once it is complete, then "
+                               "forget it")
+        live.add_argument("--follow", type=number_arg(float, 0, False), metavar="S",
+                          help="read regular files as they grow, until no input grew for S "
+                               "seconds (implies --live)")
+        live.add_argument("--wait", type=number_arg(float, 0, True), default=5.0, metavar="S",
+                          help="wait S seconds more (of the map's clock) for a session or a "
+                               "copy (default 5)")
+        live.add_argument("--idle", type=number_arg(float, 0, False), default=10.0,
+                          metavar="S", help="a connection without a packet for S seconds is "
+                          "complete (default 10)")
+        live.add_argument("--hold", type=number_arg(int, 1, True), default=10000, metavar="N",
+                          help="at most N connections wait for their partners (default "
+                               "10000)")
 
     def run(self, args):
         from tcpcopylib.diff.core import Differ, Options
@@ -69,26 +86,60 @@ input file that cannot be opened. See tc-diff(1)."""
                 from tcpcopylib.errors import NoInputError
 
                 raise NoInputError(f"{path}: no such file")
-        self.differ = Differ(Options(args.proto, args.ignore, int(args.max_stream * 2**20),
-                                     not args.no_learn))
-        self.results = self.differ.run(args.original, args.sessions, args.target)
+        opts = Options(args.proto, args.ignore, int(args.max_stream * 2**20), not args.no_learn)
         out = os.fdopen(os.dup(self.stdout_fd), "w", buffering=1 << 16)
         with out:
-            for r in self.results:
-                out.write(json.dumps(r.as_dict(), ensure_ascii=False) + "\n")
-        for line in summary_lines(self.results, self.differ, args.list):
+            def emit(results):
+                for r in results:
+                    out.write(json.dumps(r.as_dict(), ensure_ascii=False) + "\n")
+            if args.live or args.follow is not None:
+                self.run_live(args, opts, emit, out.flush)
+            else:
+                self.differ = Differ(opts)
+                self.results = self.differ.run(args.original, args.sessions, args.target)
+                emit(self.results)
+        dig = self.digest()
+        for line in summary_lines(self.results, self.differ, args.list, dig):
             self.warn(line)
         if args.html:
             from tcpcopylib.diff.html import write_html
 
-            write_html(args.html, self.results, self.differ)
+            write_html(args.html, self.results, self.differ, dig)
             self.info(f"wrote {args.html}")
-        bad = sum(r.verdict in ("different", "missing") for r in self.results)
-        return EX_DIFFERENT if bad else 0
+        return EX_DIFFERENT if dig["bad_total"] else 0
+
+    def run_live(self, args, opts, emit, flush):
+        import signal
+
+        from tcpcopylib.cli.common import Interrupted
+        from tcpcopylib.diff import inputs, live
+
+        self.differ = live.LiveDiffer(opts, emit, args.wait, args.idle, args.hold)
+        feed = inputs.Feed(args.follow)
+        for kind, paths in (("orig", [args.original]), ("map", args.sessions),
+                            ("target", args.target)):
+            for i, path in enumerate(paths):
+                feed.add(path, kind, i)
+        try:
+            live.run(self.differ, feed, flush)
+        except Interrupted:  # Ctrl-C ends the inputs: compare what came, then report
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.differ.finish()
+        flush()
+
+    def digest(self):
+        from tcpcopylib.diff.report import digest
+
+        if hasattr(self.differ, "agg"):  # live: the bounded aggregate, final noise applied
+            return self.differ.agg.digest(self.differ.noise)
+        return digest(self.results)
 
     def stats_line(self):
         if self.differ is None:
             return None
+        if hasattr(self.differ, "agg"):
+            return f"{self.differ.status()}, {self.elapsed():.2f} s"
         from tcpcopylib.diff.report import totals
 
         t = totals(self.results)
@@ -98,11 +149,11 @@ input file that cannot be opened. See tc-diff(1)."""
     def stats_dict(self):
         if self.differ is None:
             return super().stats_dict()
-        from tcpcopylib.diff.report import endpoint_stats, totals
-
+        dig = self.digest()
         eps = {k: {x: y for x, y in v.items() if x != "cdf"}
-               for k, v in endpoint_stats(self.results).items()}
-        return {**totals(self.results), "endpoints": eps, "summary": self.stats_line()}
+               for k, v in dig["endpoints"].items()}
+        live = {"live": self.differ.stats()} if hasattr(self.differ, "agg") else {}
+        return {**dig["totals"], "endpoints": eps, **live, "summary": self.stats_line()}
 
 
 def main(argv=None):

@@ -92,6 +92,9 @@ def summary_lines(results, differ, max_listed: int = 20, dig: dict | None = None
                 if t["no_original_response"] else "")
              + (f"; {differ.unmatched_sessions} session(s) matched no captured connection"
                 if differ.unmatched_sessions else "")]
+    if dig.get("relabelled"):
+        lines.append(f"{dig['relabelled']} exchange(s) written as different are the same "
+                     f"with the noise learned after them (counted as same here)")
     if t["noise_fields"]:
         shown = ", ".join(t["noise_fields"][:12])
         more = len(t["noise_fields"]) - 12
