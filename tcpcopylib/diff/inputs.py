@@ -24,8 +24,8 @@ import time
 from tcpcopylib.errors import NoInputError
 from tcpcopylib.reassembly import capture_packets, is_capture, record_packets
 
-BATCH = 512          # items per queue entry (fewer when the input pauses)
-QUEUE = 64           # entries queued at most
+BATCH = 256          # items per queue entry (fewer when the input waits)
+QUEUE = 8            # entries queued at most: read-ahead of 2048 items at most
 POLL = 0.1           # seconds between looks at a followed file's end
 KINDS = {"orig": ("pkt",), "target": ("fb",), "map": ()}
 

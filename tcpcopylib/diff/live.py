@@ -83,6 +83,13 @@ class Slot:
         self.replays = {}    # replay number -> Replay
 
 
+def _waits_for(slot: Slot):
+    """Which kind of input's record this slot waits with (for a partner from another)."""
+    if slot.conn is None:
+        return "map" if slot.replays else None  # (a new slot: nothing yet)
+    return "orig" if 0 not in slot.replays else None
+
+
 class Aggregate:
     """What the summary and the HTML need, bounded: per endpoint the verdict counts, the
     sets of differing fields (re-judged with the final noise) and a sample of latency
@@ -186,6 +193,10 @@ class LiveDiffer(Differ):
         self.counts = {v: 0 for v in VERDICTS}
         self.exchanges = 0
         self.held = self.peak_held = 0
+        # what waits for a partner, by the kind of input it came from: captured connections
+        # without their session, sessions without their captured connection, replies
+        # without their session
+        self.backlog = {"orig": 0, "map": 0, "target": 0}
 
     # -- input ------------------------------------------------------------------------
     def add_input(self, kind: str) -> None:
@@ -223,14 +234,28 @@ class LiveDiffer(Differ):
         self.replay_ids.add(rp.replay)
         self.server_ports.add(rp.orig[1][1])
         self.target.server_ports.add(rec["target"][1])
+        conn = self.orig.open.get(rp.orig)
+        if conn is not None and conn.closed:  # (lingering for a last ACK: done now)
+            self.orig.hand_over(conn)
         k = self.sess_k.get((rp.orig, rp.replay), 0)
         self.sess_k[(rp.orig, rp.replay)] = k + 1
         slot = self._slot((rp.orig, k))
+        before = _waits_for(slot)
         slot.replays.setdefault(rp.replay, rp)
+        self._recount(before, slot)
         for client, server, _ in rp.conns:
             self.target.server_ports.add(server[1])
             self.wanted[(client, server)] = slot.key
         self.touched[slot.key] = None
+
+    def _recount(self, before, slot) -> None:
+        """Keep ``backlog`` right as a slot changes (or goes: slot None)."""
+        after = _waits_for(slot) if slot is not None else None
+        if before != after:
+            if before:
+                self.backlog[before] -= 1
+            if after:
+                self.backlog[after] += 1
 
     def _slot(self, key) -> Slot:
         slot = self.slots.get(key)
@@ -246,7 +271,9 @@ class LiveDiffer(Differ):
         k = self.orig_k.get(tup, 0)
         self.orig_k[tup] = k + 1
         slot = self._slot((tup, k))
+        before = _waits_for(slot)
         slot.conn = conn
+        self._recount(before, slot)
         self.touched[slot.key] = None
 
     def _target_done(self, conn) -> None:
@@ -254,6 +281,7 @@ class LiveDiffer(Differ):
         if conn.s2c.segs:
             self.replies_with_payload = True
         self.replies.setdefault(tup, []).append(conn)
+        self.backlog["target"] += 1
         key = self.wanted.get(tup)
         if key is not None:
             self.touched[key] = None
@@ -299,6 +327,7 @@ class LiveDiffer(Differ):
                 continue
             best = min(cands, key=lambda c: abs(c.first_ts - (t_syn or 0)))
             cands.remove(best)
+            self.backlog["target"] -= 1
             if not cands:
                 del self.replies[(client, server)]
             halves.append(best.s2c)
@@ -306,6 +335,7 @@ class LiveDiffer(Differ):
 
     def _compare(self, slot: Slot) -> None:
         del self.slots[slot.key]
+        self._recount(_waits_for(slot), None)
         conn = slot.conn
         for rp in slot.replays.values():
             rp.target_stream = self._take_replies(rp, slot.key)
@@ -338,9 +368,10 @@ class LiveDiffer(Differ):
                 if slot is not None and self._ready(slot):
                     self._compare(slot)
 
-    def tick(self) -> None:
+    def tick(self, cap: bool = True) -> None:
         """Every few tenths of a second: hand over quiet connections, give up waits that
-        are over, keep at most ``hold`` slots, measure what is held."""
+        are over, keep at most ``hold`` slots (with ``cap``: no input paused to bring the
+        number down), measure what is held."""
         for kind, r in (("orig", self.orig), ("target", self.target)):
             now = self.clocks[kind].now()
             if now is not None and now != INF:
@@ -351,13 +382,14 @@ class LiveDiffer(Differ):
             keep = [c for c in self.replies[tup]
                     if not mclock.passed(c.last_ts + self.idle_ns + self.wait_ns)]
             self.unclaimed += len(self.replies[tup]) - len(keep)
+            self.backlog["target"] -= len(self.replies[tup]) - len(keep)
             if keep:
                 self.replies[tup] = keep
             else:
                 del self.replies[tup]
         self.touched.update(dict.fromkeys(self.slots))
         self.settle()
-        while len(self.slots) > self.hold:
+        while cap and len(self.slots) > self.hold:
             self._compare(next(iter(self.slots.values())))
         self.held = self.held_bytes()
         self.peak_held = max(self.peak_held, self.held)
@@ -374,6 +406,7 @@ class LiveDiffer(Differ):
             self._compare(slot)
         self.unclaimed += sum(len(v) for v in self.replies.values())
         self.replies.clear()
+        self.backlog["target"] = 0
         self.held = self.held_bytes()
         if not self.sessions:
             raise InputError("the session maps hold no sess records (write them with "
@@ -405,24 +438,17 @@ class LiveDiffer(Differ):
         return {"open_connections": self.open_connections(), "compared": self.connections,
                 "held_bytes": self.held, "peak_held_bytes": self.peak_held,
                 "sessions": self.sessions, "unclaimed_replies": self.unclaimed,
+                "waiting": dict(self.backlog),
                 "emitted": dict(self.counts, exchanges=self.exchanges)}
 
 
 TICK = 0.25  # seconds between ticks (handing over quiet connections, waits, gates)
 
 
-def backlogs(differ: LiveDiffer) -> dict:
-    """What waits for a partner, by the kind of input it came from."""
-    orig = sum(1 for s in differ.slots.values() if s.conn is not None and 0 not in s.replays)
-    sess = sum(1 for s in differ.slots.values() if s.conn is None)
-    return {"orig": orig, "map": sess,
-            "target": sum(len(v) for v in differ.replies.values())}
-
-
 def gate(differ: LiveDiffer, feed) -> None:
     """Pause the regular files whose kind runs ahead (its backlog above half of hold), as
     long as another input can still bring what they wait for; resume the others."""
-    ahead = {k for k, n in backlogs(differ).items() if n > differ.hold // 2}
+    ahead = {k for k, n in differ.backlog.items() if n > differ.hold // 2}
     for inp in feed.inputs:
         others = any(o.kind != inp.kind and not differ.clocks[o.kind].ended and
                      (o.gate.is_set() or o.kind not in ahead) for o in feed.inputs)
@@ -450,8 +476,9 @@ def run(differ: LiveDiffer, feed, flush) -> None:
             else:
                 differ.feed(kind, index, items)
             differ.settle()
-        if item is None or time.monotonic() >= next_tick:
-            differ.tick()
             gate(differ, feed)
+        if item is None or time.monotonic() >= next_tick:
+            gate(differ, feed)
+            differ.tick(cap=all(inp.gate.is_set() for inp in feed.inputs))
             next_tick = time.monotonic() + TICK
         flush()
