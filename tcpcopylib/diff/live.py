@@ -83,11 +83,11 @@ class Slot:
         self.replays = {}    # replay number -> Replay
 
 
-def _waits_for(slot: Slot):
-    """Which kind of input's record this slot waits with (for a partner from another)."""
+def _waits_for(slot: Slot) -> tuple:
+    """The kinds of input whose records this slot holds while it waits for another's."""
     if slot.conn is None:
-        return "map" if slot.replays else None  # (a new slot: nothing yet)
-    return "orig" if 0 not in slot.replays else None
+        return ("map",) if slot.replays else ()  # (a new slot: nothing yet)
+    return ("orig",) if 0 not in slot.replays else ("orig", "map")  # (then: the replies)
 
 
 class Aggregate:
@@ -194,8 +194,8 @@ class LiveDiffer(Differ):
         self.exchanges = 0
         self.held = self.peak_held = 0
         # what waits for a partner, by the kind of input it came from: captured connections
-        # without their session, sessions without their captured connection, replies
-        # without their session
+        # (without their session, or with it, without the replies), sessions (without their
+        # captured connection, or with it, without the replies), replies without a session
         self.backlog = {"orig": 0, "map": 0, "target": 0}
 
     # -- input ------------------------------------------------------------------------
@@ -250,12 +250,11 @@ class LiveDiffer(Differ):
 
     def _recount(self, before, slot) -> None:
         """Keep ``backlog`` right as a slot changes (or goes: slot None)."""
-        after = _waits_for(slot) if slot is not None else None
-        if before != after:
-            if before:
-                self.backlog[before] -= 1
-            if after:
-                self.backlog[after] += 1
+        after = _waits_for(slot) if slot is not None else ()
+        for kind in before:
+            self.backlog[kind] -= 1
+        for kind in after:
+            self.backlog[kind] += 1
 
     def _slot(self, key) -> Slot:
         slot = self.slots.get(key)
@@ -379,6 +378,8 @@ class LiveDiffer(Differ):
                 r.expire(now, self.idle_ns)
         mclock = self.clocks["map"]
         for tup in list(self.replies):
+            if tup in self.wanted:
+                continue  # a session waits for them (for its captured connection)
             keep = [c for c in self.replies[tup]
                     if not mclock.passed(c.last_ts + self.idle_ns + self.wait_ns)]
             self.unclaimed += len(self.replies[tup]) - len(keep)
