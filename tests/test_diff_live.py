@@ -330,3 +330,16 @@ def test_any_order_of_inputs_gives_the_same_verdicts():
         assert sorted((r.conn, r.verdict) for r in got) == [(c, "same") for c in range(20)], \
             order
         assert d.held_bytes() == 0 and not d.slots and d.unclaimed == 0
+
+
+def test_ctrl_c_compares_what_came_and_reports(tmp_path):
+    run = Run(tmp_path, "--no-learn")
+    run.send(connection(c) for c in range(10))
+    run.wait_lines(10)
+    run.send([connection(10)[0:1] + ([], [])])  # a captured connection, nothing else yet
+    time.sleep(0.5)
+    run.proc.send_signal(signal.SIGINT)
+    assert run.proc.wait(timeout=20) == 1  # the last one is missing: not replayed
+    lines, err = run.close()
+    assert len(lines) == 11 and lines[-1]["outcome"] == "not_replayed"
+    assert "11 exchanges on 11 connections: 10 same, 0 different, 1 missing" in err, err

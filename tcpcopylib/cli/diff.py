@@ -59,23 +59,17 @@ input file that cannot be opened. See tc-diff(1)."""
         p.add_argument("--max-stream", type=number_arg(float, 0, False, 2047), default=64,
                        metavar="MB", help="keep at most MB of each direction of a connection "
                        "(default 64)")
-        live = p.add_argument_group("live (streaming) mode, see tc-diff(1), LIVE")
-        live.add_argument("--live", action="store_true",
-                          help="read the inputs side by side as they grow (FIFOs, '-'); "
-                               "write each connection's lines once it is complete, then "
-                               "forget it")
-        live.add_argument("--follow", type=number_arg(float, 0, False), metavar="S",
-                          help="read regular files as they grow, until no input grew for S "
-                               "seconds (implies --live)")
-        live.add_argument("--wait", type=number_arg(float, 0, True), default=5.0, metavar="S",
-                          help="wait S seconds more (of the map's clock) for a session or a "
-                               "copy (default 5)")
-        live.add_argument("--idle", type=number_arg(float, 0, False), default=10.0,
-                          metavar="S", help="a connection without a packet for S seconds is "
-                          "complete (default 10)")
-        live.add_argument("--hold", type=number_arg(int, 1, True), default=10000, metavar="N",
-                          help="at most N connections wait for their partners (default "
-                               "10000)")
+        g = p.add_argument_group("live (streaming) mode, see tc-diff(1), LIVE")
+        g.add_argument("--live", action="store_true", help="read the inputs side by side as "
+                       "they grow (FIFOs, '-'); compare each connection once complete")
+        g.add_argument("--follow", type=number_arg(float, 0, False), metavar="S", help="read "
+                       "regular files as they grow, until none grew for S s (implies --live)")
+        g.add_argument("--wait", type=number_arg(float, 0, True), default=5.0, metavar="S",
+                       help="wait S s more (map's clock) for a session or copy (default 5)")
+        g.add_argument("--idle", type=number_arg(float, 0, False), default=10.0, metavar="S",
+                       help="a connection quiet for S s is complete (default 10)")
+        g.add_argument("--hold", type=number_arg(int, 1, True), default=10000, metavar="N",
+                       help="at most N connections wait for partners (default 10000)")
 
     def run(self, args):
         from tcpcopylib.diff.core import Differ, Options
@@ -112,19 +106,15 @@ input file that cannot be opened. See tc-diff(1)."""
         import signal
 
         from tcpcopylib.cli.common import Interrupted
-        from tcpcopylib.diff import inputs, live
+        from tcpcopylib.diff import live
 
         self.differ = live.LiveDiffer(opts, emit, args.wait, args.idle, args.hold)
-        feed = inputs.Feed(args.follow)
-        for kind, paths in (("orig", [args.original]), ("map", args.sessions),
-                            ("target", args.target)):
-            for i, path in enumerate(paths):
-                feed.add(path, kind, i)
         try:
-            live.run(self.differ, feed, flush)
+            live.run_inputs(self.differ, args.original, args.sessions, args.target,
+                            args.follow, flush)
         except Interrupted:  # Ctrl-C ends the inputs: compare what came, then report
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
         self.differ.finish()
         flush()
 

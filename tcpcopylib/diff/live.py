@@ -483,3 +483,14 @@ def run(differ: LiveDiffer, feed, flush) -> None:
             differ.tick(cap=all(inp.gate.is_set() for inp in feed.inputs))
             next_tick = time.monotonic() + TICK
         flush()
+
+
+def run_inputs(differ: LiveDiffer, original: str, sessions, targets, follow_s, flush) -> None:
+    """run() on these inputs (paths or '-'); follow_s: see tcpcopylib.diff.inputs."""
+    from tcpcopylib.diff.inputs import Feed
+
+    feed = Feed(follow_s)
+    for kind, paths in (("orig", [original]), ("map", sessions), ("target", targets)):
+        for i, path in enumerate(paths):
+            feed.add(path, kind, i)
+    run(differ, feed, flush)
