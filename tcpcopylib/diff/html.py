@@ -140,10 +140,10 @@ def render(results, differ, dig: dict | None = None) -> str:
         out.append(cdf_svg(ep, st["cdf"]))
     out.append("</div>")
     bad, n_bad = dig["bad"], dig["bad_total"]
+    shown = len(bad[:MAX_LISTED])
     out.append(f"<h2>Differences</h2><p><input id=filter placeholder='filter: endpoint, "
-               f"client, field…'> <span id=shown>{len(bad[:MAX_LISTED])}</span> shown"
-               f"{f' (the first {len(bad[:MAX_LISTED])} of {n_bad})' if n_bad > len(bad[:MAX_LISTED]) else ''}"
-               f"</p>")
+               f"client, field…'> <span id=shown>{shown}</span> shown"
+               f"{f' (the first {shown} of {n_bad})' if n_bad > shown else ''}</p>")
     for k, r in enumerate(bad[:MAX_LISTED]):
         real = [d for d in r.diffs if not d.noise]
         search = " ".join([r.endpoint, r.client, r.request, r.verdict,

@@ -7,8 +7,8 @@ or with ``follow_s``, is read as it grows (as ``tail -f``) until no input has gr
 ``follow_s`` seconds. Such files and pipes go through a relay thread into a pipe of our
 own, so that the parsers, which read until EOF, see the bytes as they come.
 
-A regular file's reader can be paused (``gate``, see ``Input.regular``): tc-diff pauses an input that runs far
-ahead of the others (a whole capture read while the replay is still going), so that
+A regular file's reader can be paused (``gate``, see ``Input.regular``): tc-diff pauses
+an input that runs far ahead of the others (a whole capture read while the replay is still going), so that
 what waits for a partner stays bounded. Pipes are never paused: that would stall the
 pipeline writing them.
 """
