@@ -294,6 +294,20 @@ class Reassembler:
         for conn in [c for c in self.open.values() if now_ts - c.last_ts > idle_ns]:
             self._close(conn)
 
+    def flush_closed(self, now_ts: int, linger_ns: int) -> None:
+        """Hand over the closed connections without a packet for linger_ns (when the
+        input goes quiet, no 64 more packets come to push them out)."""
+        while self._closing and now_ts - self._closing[0].last_ts > linger_ns:
+            self._close(self._closing.pop(0))
+
+    def hand_over(self, conn) -> None:
+        """Hand over (on_done) this open connection now: its owner knows it is done."""
+        self._close(conn)
+
+    def held_bytes(self) -> int:
+        """Payload bytes held by the open connections."""
+        return sum(c.c2s.stored + c.s2c.stored for c in self.open.values())
+
     def finish(self) -> None:
         """End of input: hand over what is still open (with on_done)."""
         if self.on_done is not None:
@@ -319,12 +333,13 @@ def is_capture(head: bytes) -> bool:
     return bool(magics & {PCAP_MAGIC_US, PCAP_MAGIC_NS, PCAP_MAGIC_MODIFIED, PCAPNG_SHB})
 
 
-def capture_packets(fd: int, name: str):
-    """(ts_ns, IP datagram) of every IP packet of a pcap/pcapng file open on fd."""
+def capture_packets(fd: int, name: str, on_idle=None):
+    """(ts_ns, IP datagram) of every IP packet of a pcap/pcapng file open on fd
+    (on_idle() before every read that may block)."""
     from tcpcopylib.link import LINK_SPANS
     from tcpcopylib.pcapio import CaptureReader
 
-    for linktype, ts, frame, orig_len in CaptureReader(fd, name).frames():
+    for linktype, ts, frame, orig_len in CaptureReader(fd, name, on_idle).frames():
         span_of = LINK_SPANS.get(linktype)
         if span_of is None:
             from tcpcopylib.errors import CaptureFormatError
@@ -335,12 +350,12 @@ def capture_packets(fd: int, name: str):
             yield ts, bytes(frame[span[0]:span[1]])
 
 
-def record_packets(fd: int, name: str, kinds=("pkt",), on_other=None):
+def record_packets(fd: int, name: str, kinds=("pkt",), on_other=None, on_idle=None):
     """(ts_ns, IP datagram) of the pkt records (and pkts batches; fb with kinds=("fb",))
     of a record stream open on fd; other records go to on_other(rec) if given."""
     from tcpcopylib.records import RecordReader, batch_packets
 
-    for rec in RecordReader(fd, name=name):
+    for rec in RecordReader(fd, on_idle=on_idle, name=name):
         t = rec.get("t")
         if t in kinds and isinstance(rec.get("data"), bytes):
             yield rec.get("ts", 0), rec["data"]

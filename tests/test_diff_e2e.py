@@ -129,3 +129,50 @@ def test_redis_same_data_but_one_key_and_a_failed_session_is_missing(lab, tmp_pa
     assert all(d["field"] in ("resp:value", "resp:value[0]") for x in different
                for d in x["differences"])
     assert verdicts(lines)["same"] == 360 - 60 - 10
+
+
+def test_live_diff_reads_the_growing_map_and_replies_while_the_replay_runs(lab, tmp_path):
+    """tc-diff --follow on the files tc-session and tee are writing: lines come out while
+    the replay runs, and in the end they are the lines of the offline run on those files."""
+    import subprocess
+    import threading
+    import time
+
+    from tcpcopylib.demo import WebServer
+
+    WebServer(lab, "online", tmp_path, h.PORT, "nginx").start()
+    WebServer(lab, "target", tmp_path, h.PORT, "nginx").start()
+    pcap, _ = record(lab, tmp_path, h.PORT, [
+        sys.executable, "-m", "tcpcopylib.demo", "_load", f"{lab.online_cli_ip}:{h.PORT}",
+        "--rate", "150", "--duration", "4"])
+    m, replies = tmp_path / "map.cbor", tmp_path / "replies.cbor"
+    m.touch()
+    replies.touch()
+    live = subprocess.Popen([tc.tool_path("tc-diff"), "--follow", "8", "--stats-json",
+                             tmp_path / "live.json", pcap, "-s", m, "-t", replies],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tc.tool_env())
+    stamped = []
+    reader = threading.Thread(target=lambda: stamped.extend(
+        (time.monotonic(), x.rstrip(b"\n")) for x in live.stdout), daemon=True)
+    reader.start()
+    try:
+        rep = h.replay(lab, pcap, tmp_path / "replay", h.PORT, start_target=False,
+                       trace=False, session_args=["-n", 2, "--sessions", m], replies=replies)
+        replay_end = time.monotonic()
+        assert not rep.timed_out and rep.rc("tc-session") == 0, rep.diagnostics()
+        assert live.wait(timeout=120) == 0, live.stderr.read()[-3000:]
+    finally:
+        if live.poll() is None:
+            live.kill()
+            live.wait()
+    reader.join(timeout=10)
+    lines = [json.loads(x) for _, x in stamped]
+    early = sum(t < replay_end for t, _ in stamped)
+    assert len(lines) >= 400 and verdicts(lines) == {"same": len(lines)}
+    assert early > 0, "no line before the replay ended"
+    offline = tc.run(["tc-diff", pcap, "-s", m, "-t", replies], timeout=300)
+    assert sorted(offline.stdout.splitlines()) == sorted(x for _, x in stamped)
+    held = json.loads((tmp_path / "live.json").read_text())["live"]
+    assert held["held_bytes"] == 0 and held["compared"] == len({x["conn"] for x in lines}), held
+    print(f"\nlive: {len(lines)} exchanges, {early} written before the replay ended, "
+          f"peak held {held['peak_held_bytes']} bytes, {held}")

@@ -59,6 +59,17 @@ input file that cannot be opened. See tc-diff(1)."""
         p.add_argument("--max-stream", type=number_arg(float, 0, False, 2047), default=64,
                        metavar="MB", help="keep at most MB of each direction of a connection "
                        "(default 64)")
+        g = p.add_argument_group("live (streaming) mode, see tc-diff(1), LIVE")
+        g.add_argument("--live", action="store_true", help="read the inputs side by side as "
+                       "they grow (FIFOs, '-'); compare each connection once complete")
+        g.add_argument("--follow", type=number_arg(float, 0, False), metavar="S", help="read "
+                       "regular files as they grow, until none grew for S s (implies --live)")
+        g.add_argument("--wait", type=number_arg(float, 0, True), default=5.0, metavar="S",
+                       help="wait S s more (map's clock) for a session or copy (default 5)")
+        g.add_argument("--idle", type=number_arg(float, 0, False), default=10.0, metavar="S",
+                       help="a connection quiet for S s is complete (default 10)")
+        g.add_argument("--hold", type=number_arg(int, 1, True), default=10000, metavar="N",
+                       help="at most N connections wait for partners (default 10000)")
 
     def run(self, args):
         from tcpcopylib.diff.core import Differ, Options
@@ -69,26 +80,56 @@ input file that cannot be opened. See tc-diff(1)."""
                 from tcpcopylib.errors import NoInputError
 
                 raise NoInputError(f"{path}: no such file")
-        self.differ = Differ(Options(args.proto, args.ignore, int(args.max_stream * 2**20),
-                                     not args.no_learn))
-        self.results = self.differ.run(args.original, args.sessions, args.target)
+        opts = Options(args.proto, args.ignore, int(args.max_stream * 2**20), not args.no_learn)
         out = os.fdopen(os.dup(self.stdout_fd), "w", buffering=1 << 16)
         with out:
-            for r in self.results:
-                out.write(json.dumps(r.as_dict(), ensure_ascii=False) + "\n")
-        for line in summary_lines(self.results, self.differ, args.list):
+            def emit(results):
+                for r in results:
+                    out.write(json.dumps(r.as_dict(), ensure_ascii=False) + "\n")
+            if args.live or args.follow is not None:
+                self.run_live(args, opts, emit, out.flush)
+            else:
+                self.differ = Differ(opts)
+                self.results = self.differ.run(args.original, args.sessions, args.target)
+                emit(self.results)
+        dig = self.digest()
+        for line in summary_lines(self.results, self.differ, args.list, dig):
             self.warn(line)
         if args.html:
             from tcpcopylib.diff.html import write_html
 
-            write_html(args.html, self.results, self.differ)
+            write_html(args.html, self.results, self.differ, dig)
             self.info(f"wrote {args.html}")
-        bad = sum(r.verdict in ("different", "missing") for r in self.results)
-        return EX_DIFFERENT if bad else 0
+        return EX_DIFFERENT if dig["bad_total"] else 0
+
+    def run_live(self, args, opts, emit, flush):
+        import signal
+
+        from tcpcopylib.cli.common import Interrupted
+        from tcpcopylib.diff import live
+
+        self.differ = live.LiveDiffer(opts, emit, args.wait, args.idle, args.hold)
+        try:
+            live.run_inputs(self.differ, args.original, args.sessions, args.target,
+                            args.follow, flush)
+        except Interrupted:  # Ctrl-C ends the inputs: compare what came, then report
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+        self.differ.finish()
+        flush()
+
+    def digest(self):
+        from tcpcopylib.diff.report import digest
+
+        if hasattr(self.differ, "agg"):  # live: the bounded aggregate, final noise applied
+            return self.differ.agg.digest(self.differ.noise)
+        return digest(self.results)
 
     def stats_line(self):
         if self.differ is None:
             return None
+        if hasattr(self.differ, "agg"):
+            return f"{self.differ.status()}, {self.elapsed():.2f} s"
         from tcpcopylib.diff.report import totals
 
         t = totals(self.results)
@@ -98,11 +139,11 @@ input file that cannot be opened. See tc-diff(1)."""
     def stats_dict(self):
         if self.differ is None:
             return super().stats_dict()
-        from tcpcopylib.diff.report import endpoint_stats, totals
-
+        dig = self.digest()
         eps = {k: {x: y for x, y in v.items() if x != "cdf"}
-               for k, v in endpoint_stats(self.results).items()}
-        return {**totals(self.results), "endpoints": eps, "summary": self.stats_line()}
+               for k, v in dig["endpoints"].items()}
+        live = {"live": self.differ.stats()} if hasattr(self.differ, "agg") else {}
+        return {**dig["totals"], "endpoints": eps, **live, "summary": self.stats_line()}
 
 
 def main(argv=None):

@@ -246,8 +246,8 @@ class Differ:
         self.unmatched_sessions = len(replays) - matched
         self.connections = len(pairs)
         for conn, chosen in pairs:
-            self._connection(conn, chosen)
-        self._apply_noise()
+            self.results += self.compare_connection(conn, chosen)
+        self.apply_noise(self.results)
         return self.results
 
     def _split_target(self, proto, requests, rp: Replay):
@@ -266,7 +266,11 @@ class Differ:
                 m.info.setdefault("bytes", data[m.start:m.end])
         return msgs
 
-    def _connection(self, conn, chosen: dict) -> None:
+    def compare_connection(self, conn, chosen: dict) -> list:
+        """The Results of one captured connection, given the Replays of it ({replay:
+        Replay}, with their target_stream); learns noise from the other replays; the
+        verdicts of comparable exchanges stay None until apply_noise."""
+        out = []
         cdata = conn.c2s.bytes
         sdata = conn.s2c.bytes
         proto = self.proto_of(cdata)
@@ -301,7 +305,7 @@ class Differ:
             if primary is None:
                 res.replayed, res.sid, res.outcome = None, None, "not_replayed"
                 res.verdict = "missing"
-                self.results.append(res)
+                out.append(res)
                 continue
             res.replayed = _ep(primary.conns[0][0]) if primary.conns else None
             res.sid, res.outcome = primary.rec.get("sid"), primary.outcome
@@ -336,10 +340,13 @@ class Differ:
                         continue
                     for d in proto.compare(req, b, c):
                         self.noise.setdefault(res.endpoint, {}).setdefault(d.field, d)
-            self.results.append(res)
+            out.append(res)
+        return out
 
-    def _apply_noise(self) -> None:
-        for res in self.results:
+    def apply_noise(self, results) -> None:
+        """Mark the differences that are noise (--ignore, or learned so far), then the
+        verdicts still open."""
+        for res in results:
             learned = self.noise.get(res.endpoint, {})
             for d in res.diffs:
                 if d.noise:

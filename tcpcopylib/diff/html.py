@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import json
 
-from tcpcopylib.diff.report import endpoint_stats, totals
+from tcpcopylib.diff.report import digest
 
 MAX_LISTED = 200  # differing exchanges listed
 OPEN = 10         # of which the first ones are shown open
@@ -108,9 +108,10 @@ def _text(b: bytes) -> str:
     return b.decode("utf-8", "replace")
 
 
-def render(results, differ) -> str:
-    t = totals(results)
-    eps = endpoint_stats(results)
+def render(results, differ, dig: dict | None = None) -> str:
+    """The page, of ``results`` or of a digest ``dig`` (tcpcopylib.diff.report.digest)."""
+    dig = dig or digest(results)
+    t, eps = dig["totals"], dig["endpoints"]
     out = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width,initial-scale=1">',
            f"<title>tc-diff: {t['different']} different, {t['missing']} missing of "
@@ -138,11 +139,11 @@ def render(results, differ) -> str:
     for ep, st in eps.items():
         out.append(cdf_svg(ep, st["cdf"]))
     out.append("</div>")
-    bad = [r for r in results if r.verdict in ("different", "missing")]
+    bad, n_bad = dig["bad"], dig["bad_total"]
+    shown = len(bad[:MAX_LISTED])
     out.append(f"<h2>Differences</h2><p><input id=filter placeholder='filter: endpoint, "
-               f"client, field…'> <span id=shown>{len(bad[:MAX_LISTED])}</span> shown"
-               f"{f' (the first {MAX_LISTED} of {len(bad)})' if len(bad) > MAX_LISTED else ''}"
-               f"</p>")
+               f"client, field…'> <span id=shown>{shown}</span> shown"
+               f"{f' (the first {shown} of {n_bad})' if n_bad > shown else ''}</p>")
     for k, r in enumerate(bad[:MAX_LISTED]):
         real = [d for d in r.diffs if not d.noise]
         search = " ".join([r.endpoint, r.client, r.request, r.verdict,
@@ -165,11 +166,11 @@ def render(results, differ) -> str:
     return "\n".join(out)
 
 
-def write_html(path: str, results, differ) -> None:
+def write_html(path: str, results, differ, dig: dict | None = None) -> None:
     from tcpcopylib.errors import NoInputError
 
     try:
         with open(path, "w", encoding="utf-8") as f:
-            f.write(render(results, differ))
+            f.write(render(results, differ, dig))
     except OSError as e:
         raise NoInputError(f"--html {path}: {e.strerror or e}") from None
