@@ -227,3 +227,38 @@ def test_forged_datagrams_and_socket_calls_make_the_same_sess_record():
     assert a["orig"] == ["10.1.0.1", 4000, "10.1.0.2", 80] and a["target"] == ["127.0.0.1", 8080]
     extra = {"bytes_sent": 39, "bytes_received": 10, "error": "ECONNRESET"}
     assert b == {**a, **extra} and not set(extra) & set(a)
+
+
+def test_socket_mode_sessions_option_writes_the_map_to_a_file_or_into_the_output(tmp_path):
+    """--sessions FILE (a stream of its own, its header saying socket mode) or '-' (the
+    output stream), with or without --keep; a refused connection's record says why."""
+    from tcpcopylib.packet import TH_ACK, TH_PSH, TH_SYN, build_tcp, ip_bytes
+
+    spare = socket.socket()
+    spare.bind(("127.0.0.1", 0))  # bound, not listening: a connect() is refused
+    port = spare.getsockname()[1]
+    c, s = ip_bytes("10.1.0.1"), ip_bytes("10.1.0.2")
+    t0 = 1_700_000_000 * 10**9
+    recs = [{"t": "pkt", "ts": t0, "data": build_tcp(c, s, 4000, 80, 100, 0, TH_SYN)},
+            {"t": "pkt", "ts": t0 + 10**6,
+             "data": build_tcp(c, s, 4000, 80, 101, 1, TH_PSH | TH_ACK, payload=b"hi")}]
+    smap = tmp_path / "map.cbor"
+    try:
+        runs = {opt: tc.run(["tc-session", "--socket", "--asap", "--drain", "1", "-x",
+                             f"80-127.0.0.1:{port}", *opt], input=tc.stream(recs))
+                for opt in (("--sessions", "-"), ("--sessions", smap))}
+    finally:
+        spare.close()
+    for opt, r in runs.items():
+        assert r.returncode == 0, (opt, r.stderr)
+    (rec,) = [x for x in tc.decode(runs["--sessions", "-"].stdout) if x["t"] == "sess"]
+    assert rec["orig"] == ["10.1.0.1", 4000, "10.1.0.2", 80] and rec["target"] == [
+        "127.0.0.1", port]
+    assert rec["outcome"] == "reset_by_target" and rec["error"] == "ECONNREFUSED"
+    assert rec["bytes_sent"] == rec["bytes_received"] == 0 and rec["sent"] == []
+    ((ip, local_port, t_syn, t_est),) = rec["conns"]
+    assert ip == "127.0.0.1" and local_port > 0 and t_est is None
+    assert tc.decode(runs["--sessions", smap].stdout) == []
+    head, *in_file = tc.decode(smap.read_bytes(), headers=True)
+    assert head["t"] == "header" and head["mode"] == "socket"
+    assert [x["t"] for x in in_file] == ["sess"] and in_file[0]["error"] == "ECONNREFUSED"
