@@ -270,15 +270,16 @@ def seg(ms, seq, ack, flags, payload=b""):
 
 def make_socket(argv, records, port):
     """(runner, input fd, output fd, fake time) for tc-session --socket --keep ARGV over
-    RECORDS, towards 127.0.0.1:PORT."""
+    RECORDS, towards 127.0.0.1:PORT (the session map in the output, as --keep writes it)."""
+    from tcpcopylib.session.sessmap import SessionMap
     from tcpcopylib.session.sockets import SocketStage, socket_engine
 
     args = Tool().build_parser().parse_args(
         ["--socket", "--keep", "-x", f"80-127.0.0.1:{port}", *argv])
     out_fd = memfd()
     writer = StageWriter(out_fd, "tc-session", bufsize=1 << 62, mode="socket")
-    engine = socket_engine(args, writer.write)
-    engine.on_end = lambda s, outcome: writer.write(engine.session_record(s, outcome))
+    engine = socket_engine(args, writer.write, SessionMap(writer.write, byte_counts=True))
+    engine.on_end = engine.end_session
     ft = SocketFakeTime()
     due = DueQueue(asap=args.asap, speed=args.speed, max_gap=args.max_gap)
     r = SessionRunner(SocketStage(engine, due, PacketOutput(writer)), drain=args.drain,
@@ -311,11 +312,12 @@ def test_socket_mode_on_the_runner_sends_at_due_times_and_gates_on_the_targets_a
             seg(200, 1009, 5007, data, b"GET /b\r\n"),  # (after 6 bytes of answer)
             seg(300, 1017, 5007, TH_FIN | TH_ACK)]
     r, in_fd, out_fd, ft = make_socket(["--drain", "5"], recs, port)
-    served = []
+    served, peer = [], []
 
     def answer():
-        conn, _ = listener.accept()
+        conn, addr = listener.accept()
         served.append(conn)
+        peer.append(addr)
         conn.sendall(b"resp-a")
 
     ft.at[250 * MS] = answer
@@ -337,9 +339,15 @@ def test_socket_mode_on_the_runner_sends_at_due_times_and_gates_on_the_targets_a
     # /b was due at 200 ms; it waited for the answer, read at 250 ms
     assert payloads(out, "pkt") == [(100, b"GET /a\r\n"), (250, b"GET /b\r\n")]
     assert payloads(out, "fb") == [(250, b"resp-a")]
-    (sess,) = [x for x in out if x["t"] == "session"]
-    assert sess["outcome"] == "completed" and (sess["sent"], sess["received"]) == (16, 6)
-    assert sess["connect"] == START and sess["end"] == START + 400 * MS
+    (sess,) = [x for x in out if x["t"] == "sess"]
+    assert sess["outcome"] == "completed"
+    assert (sess["bytes_sent"], sess["bytes_received"]) == (16, 6)
+    # one connection, from the port the target saw, opened at once; the requests' times
+    ((ip, port_, t_syn, t_est),) = sess["conns"]
+    assert (ip, port_) == peer[0] and t_syn == START <= t_est
+    a, b = START + 100 * MS, START + 250 * MS
+    assert sess["sent"] == [[0, 8, a, a], [8, 16, b, b]]
+    assert sess["end"] == START + 400 * MS and "error" not in sess
     assert ft.ns - START < 500 * MS  # settled when the target closed, not after --drain
 
 
@@ -354,7 +362,8 @@ def test_socket_mode_on_the_runner_a_refused_connection_ends_its_session_at_once
     finally:
         spare.close()
         r.stage.engine.ep.close()
-    (sess,) = [x for x in output(out_fd) if x["t"] == "session"]
+    (sess,) = [x for x in output(out_fd) if x["t"] == "sess"]
     assert sess["outcome"] == "reset_by_target" and sess["error"] == "ECONNREFUSED"
+    assert sess["conns"][0][3] is None and sess["sent"] == [] and sess["bytes_sent"] == 0
     assert r.stage.engine.sst.connect_failures == 1 and r.stage.engine.sessions == {}
     assert ft.ns - START <= 50 * MS  # the input's end, not --drain

@@ -211,9 +211,10 @@ def replay_mix(tmp, pcap, online, upstream) -> list[float]:
     assert st["outcomes"]["completed"] == n == st["sessions"], st
     assert st["connects"] == n and st["bytes_sent"] > 2 << 20
 
-    # --keep: both halves of every replayed connection, as the target's relay saw them
+    # --keep: both halves of every replayed connection, as the target's relay saw them,
+    # and the session map (sess records: --keep without --sessions puts them in the output)
     recs = tc.decode(r.stdout)
-    sessions = {x["sid"]: x for x in recs if x["t"] == "session"}
+    sessions = {x["sid"]: x for x in recs if x["t"] == "sess"}
     assert len(sessions) == n and {x["outcome"] for x in sessions.values()} == {"completed"}
     by_local = {}
     for t in target.values():
@@ -227,8 +228,10 @@ def replay_mix(tmp, pcap, online, upstream) -> list[float]:
             payload = x["data"][hl + (x["data"][hl + 12] >> 4) * 4:]
             (sent if x["t"] == "pkt" else answered)[x["sid"]] += payload
     for sid, s in sessions.items():
-        c = by_local[s["local"]]
+        ((ip, port, _, _),) = s["conns"]
+        c = by_local[f"{ip}:{port}"]
         assert sent[sid] == c.c2s and answered[sid] == c.s2c, s
+        assert (s["bytes_sent"], s["bytes_received"]) == (len(c.c2s), len(c.s2c)), s
     return sorted(late)
 
 

@@ -104,8 +104,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         from tcpcopylib.records import header
         from tcpcopylib.session.sessmap import SessionMap
 
-        smap = (SessionMap(write_other) if args.sessions == "-"
-                else SessionMap.to_file(args.sessions, header(self.name)))
+        smap = SessionMap.for_option(args.sessions, write_other, header(self.name))
         self.engine.emit = smap.wrap_emit(self.engine.emit)
         self.engine.on_end = smap.chain_on_end(self.engine.on_end)
         return smap

@@ -138,8 +138,9 @@ def _socket_mode(g) -> None:
                         "tc-feedback or root needed")
     g.add_argument("--keep", action="store_true",
                    help="with --socket: write the replayed connections to stdout (pkt: "
-                        "bytes sent, fb: the target's answers, session: one per "
-                        "connection; tcpcopy-records(5))")
+                        "bytes sent, fb: the target's answers; and the sess records of "
+                        "the session map unless --sessions FILE takes them; "
+                        "tcpcopy-records(5))")
 
 
 def build_engine(args, emit, claims):

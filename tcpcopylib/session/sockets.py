@@ -116,15 +116,17 @@ class SocketEngine(Engine):
     and hands each event of a connection to ``socket_event``); ``pools`` the -c local
     addresses ({4 or 16: alloc.Pool}) or None (the kernel picks the source address);
     ``keep`` a callback(record) that receives the replayed connections as records (the
-    bytes sent as "pkt", the target's answers as "fb", one "session" record at the end of
-    each: tcpcopy-records(5)), or None."""
+    bytes sent as "pkt", the target's answers as "fb": tcpcopy-records(5)), or None;
+    ``smap`` a sessmap.SessionMap told what each session does (its "sess" records, written
+    by ``end_session``), or None."""
 
-    def __init__(self, mapper, config=None, ep=None, pools=None, keep=None):
+    def __init__(self, mapper, config=None, ep=None, pools=None, keep=None, smap=None):
         super().__init__(mapper, self._no_packet, config)
         self.sst = SocketStats()
         self.ep = ep if ep is not None else select.epoll()
         self.pools = pools
         self.keep = keep
+        self.smap = smap
         self.by_fd = {}
         self._rbuf = bytearray(READ_SIZE)
         self._rview = memoryview(self._rbuf)
@@ -165,9 +167,15 @@ class SocketEngine(Engine):
             conn.error = err  # (reported by _send_syn)
         s.conn = conn
         s.tip, s.tport = tip, tport
-        s.cip, s.cport = local or s.ckey[0], 0  # (the port is known once connected)
+        # the local port is the kernel's choice, made by connect() (0 if it failed at once)
+        try:
+            s.cip, s.cport = _packed(sock.getsockname())
+        except OSError:
+            s.cip, s.cport = local or s.ckey[0], 0
         self.by_fd[conn.fd] = s
         self.sst.connects += 1
+        if self.smap is not None:
+            self.smap.connecting(s.sid, ip_str(s.cip), s.cport, now)
         return True
 
     def _local_address(self, s, width):
@@ -301,6 +309,8 @@ class SocketEngine(Engine):
 
     def _written(self, s, n, now):
         """n bytes of the queue's head segments went to the kernel."""
+        if self.smap is not None:
+            self.smap.sent(s.sid, s.snd_nxt, s.snd_nxt + n, now)
         q = s.queue
         while n:
             seg = q[0]
@@ -366,6 +376,8 @@ class SocketEngine(Engine):
         s.mark = 0
         s.group_t = now
         s.cip, s.cport = _packed(conn.sock.getsockname())
+        if self.smap is not None:
+            self.smap.established(s.sid, now)
         if self.keep is not None:
             self._keep_handshake(s, now)
         self._watch(s, _EV_IN)
@@ -403,6 +415,8 @@ class SocketEngine(Engine):
         if got:
             s.last_rx = s.last_data_rx = now
             self.sst.bytes_received += got
+            if self.smap is not None:
+                self.smap.received(s.sid, got)
 
     def _target_eof(self, s, now):
         """The target's FIN (as engine._fb_data takes it)."""
@@ -544,25 +558,12 @@ class SocketEngine(Engine):
                           payload=data[i:i + KEEP_SEG])
             self.keep({"t": "fb", "ts": now, "sid": s.sid, "data": d, "len": len(d)})
 
-    def session_record(self, s, outcome) -> dict:
-        """The "session" record of a replayed connection (tcpcopy-records(5))."""
-        conn = s.conn
-        rec = {"t": "session", "ts": s.created, "sid": s.sid, "mode": "socket",
-               "client": endpoint_str(s.ckey[0], s.ckey[1]),
-               "server": endpoint_str(s.ckey[2], s.ckey[3]),
-               "copy": s.copy, "outcome": outcome, "end": self.now,
-               "sent": s.snd_nxt - s.fin_sent, "received": s.rcv_nxt}
-        if s.tip is not None:
-            rec["target"] = endpoint_str(s.tip, s.tport)
-        if s.cport:
-            rec["local"] = endpoint_str(s.cip, s.cport)
-        if conn is not None:
-            rec["connect"] = conn.t_syn
-            if conn.t_est is not None:
-                rec["established"] = conn.t_est
-            if conn.error is not None:
-                rec["error"] = _errname(conn.error)
-        return rec
+    def end_session(self, s, outcome) -> None:
+        """Session s ended: its "sess" record (with the socket error, if one ended it)."""
+        if self.smap is not None:
+            conn = s.conn
+            err = conn.error if conn is not None else None
+            self.smap.end(s, outcome, self.now, None if err is None else _errname(err))
 
     # == reporting ======================================================================
     def stats_line(self) -> str:
@@ -650,9 +651,9 @@ def _raise_fd_limit():
             pass
 
 
-def socket_engine(args, keep=None) -> SocketEngine:
+def socket_engine(args, keep=None, smap=None) -> SocketEngine:
     """A SocketEngine from tc-session's options (forged mode's checks, and those for
-    --socket); ``keep`` as SocketEngine's."""
+    --socket); ``keep`` and ``smap`` as SocketEngine's."""
     from tcpcopylib.errors import UsageError
     from tcpcopylib.session.options import build_engine
 
@@ -660,20 +661,25 @@ def socket_engine(args, keep=None) -> SocketEngine:
         if getattr(args, dest, default) != default:
             raise UsageError(f"{opt} is for forged mode; --socket connects by itself")
     forged = build_engine(args, None, None)  # the options' checks, mapping, Config
-    return SocketEngine(forged.mapper, forged.cfg, None, forged.alloc.pools, keep)
+    return SocketEngine(forged.mapper, forged.cfg, None, forged.alloc.pools, keep, smap)
 
 
 def run(tool, args) -> int:
     """tc-session --socket: read packet records, replay each session through a socket;
     stdout gets the records tc-session does not use and, with --keep, the replayed
-    connections (see tc-session(1), SOCKET MODE). The loop is forged mode's
-    (runner.SessionRunner), on a SocketStage."""
-    from tcpcopylib.records import StageWriter
+    connections; --sessions (or --keep alone: into stdout) the session map (see
+    tc-session(1), SOCKET MODE). The loop is forged mode's (runner.SessionRunner), on a
+    SocketStage."""
+    from tcpcopylib.records import StageWriter, header
     from tcpcopylib.session.runner import PacketOutput, SessionRunner
+    from tcpcopylib.session.sessmap import SessionMap
     from tcpcopylib.session.timing import DueQueue
 
     writer = StageWriter(tool.stdout_fd, tool.name, bufsize=1 << 62, mode="socket")
-    engine = tool.engine = socket_engine(args, writer.write if args.keep else None)
+    dest = args.sessions or ("-" if args.keep else None)
+    smap = (SessionMap.for_option(dest, writer.write, header(tool.name, mode="socket"),
+                                  byte_counts=True) if dest else None)
+    engine = tool.engine = socket_engine(args, writer.write if args.keep else None, smap)
     _raise_fd_limit()
     engine.warn = tool.warn
     forged_stats = tool.stats_dict
@@ -681,8 +687,7 @@ def run(tool, args) -> int:
     tool.stats_dict = lambda: {**forged_stats(), **engine.sst.as_dict()}
 
     def on_end(s, outcome):
-        if args.keep:
-            writer.write(engine.session_record(s, outcome))
+        engine.end_session(s, outcome)
         if outcome in FAILURES and args.verbose or args.verbose >= 2:
             why = engine.reason(s) or (HINTS[outcome] if outcome in FAILURES else "")
             local = f" (as {endpoint_str(s.cip, s.cport)})" if s.cport else ""
@@ -701,6 +706,8 @@ def run(tool, args) -> int:
         runner.run(in_fd, "<stdin>" if args.file == "-" else args.file)
     finally:
         engine.ep.close()
+        if smap is not None:
+            smap.close()
     if args.stats:
         tool._print_summary()
         args.stats = False  # Tool.main would print the one-line version too
