@@ -1,0 +1,262 @@
+"""tc-capture --server-half: the server->client half of the capture as "s2c" records.
+
+The capturer's decision on synthetic frames (which packets are the local servers' answers,
+which are the clients' packets, which are neither), on every link type and path; the
+listening ports it takes as servers; then, in the namespace lab, a live capture of real
+clients and a real server compared connection by connection with tcpdump's capture of the
+same interface, and read by tc-diff as the original.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+
+import cbor2
+import pytest
+
+from tcpcopylib import capture as cap
+from tcpcopylib import link
+from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_SYN, build_tcp, ip_bytes
+from tcpcopylib.testing import Collector
+
+CLIENT, HOST, ELSEWHERE = ip_bytes("10.1.0.2"), ip_bytes("10.1.0.1"), ip_bytes("10.9.9.9")
+CLIENT6, HOST6 = ip_bytes("fd00::2"), ip_bytes("fd00::1")
+LO = ip_bytes("127.0.0.1")
+TS = 1_700_000_000_123_456_000
+PORT = 80
+P80 = PORT.to_bytes(2, "big")
+
+
+def _eth(ip: bytes) -> bytes:
+    et = b"\x86\xdd" if ip[0] >> 4 == 6 else b"\x08\x00"
+    frame = b"\x02" * 6 + b"\x04" * 6 + et + ip
+    return frame + bytes(max(0, 60 - len(frame)))
+
+
+def _sll(ip: bytes, pkttype: int) -> bytes:
+    et = b"\x86\xdd" if ip[0] >> 4 == 6 else b"\x08\x00"
+    return struct.pack("!HHH8s", pkttype, 1, 6, b"\x02" * 6) + et + ip
+
+
+def _capturer(server_half=True, local=(HOST, HOST6, LO), ports=(P80,), **kw):
+    w = Collector()
+    return cap.Capturer(w, addresses=local, server_half=server_half, server_ports=ports,
+                        **kw), w
+
+
+def _kinds(w):
+    return [(r["t"], r["data"]) for r in w.recs]
+
+
+# a conversation and its neighbours, as the host's link sees them
+REQUEST = build_tcp(CLIENT, HOST, 40000, PORT, 1, 0, TH_SYN)
+ANSWER = build_tcp(HOST, CLIENT, PORT, 40000, 500, 2, TH_SYN | TH_ACK)
+ANSWER6 = build_tcp(HOST6, CLIENT6, PORT, 40000, 900, 3, TH_ACK | TH_PSH, payload=b"hi6")
+OWN_CLIENT = build_tcp(HOST, ELSEWHERE, 51000, 443, 7, 0, TH_SYN)  # this host as a client
+REMOTE_SERVER = build_tcp(ELSEWHERE, HOST, 443, 51000, 8, 8, TH_SYN | TH_ACK)  # its answer
+REPLAYED = build_tcp(CLIENT, ELSEWHERE, 40000, PORT, 1, 0, TH_SYN)  # tc-emit's, to a target
+OTHER_PORT = build_tcp(HOST, CLIENT, 22, 40001, 1, 1, TH_ACK | TH_PSH, payload=b"ssh")
+
+
+def test_answers_of_local_servers_are_s2c_records_the_rest_as_before():
+    frames = [REQUEST, ANSWER, ANSWER6, OWN_CLIENT, REMOTE_SERVER, REPLAYED, OTHER_PORT]
+    c, w = _capturer()
+    for ip in frames:
+        f = _eth(ip)
+        c.frame(f, 0, len(f), link.LINKTYPE_ETHERNET, TS)
+    # REMOTE_SERVER is inbound to a local address: the client half's rule keeps it, as
+    # tc-capture always did (a filter narrows that); it is no local server's answer
+    assert _kinds(w) == [("pkt", REQUEST), ("s2c", ANSWER), ("s2c", ANSWER6),
+                         ("pkt", REMOTE_SERVER)]
+    assert (c.records, c.s2c_records, c.foreign, c.frames) == (4, 2, 3, 7)
+    # the same frames without --server-half: what tc-capture always wrote
+    c, w = _capturer(server_half=False)
+    for ip in frames:
+        f = _eth(ip)
+        c.frame(f, 0, len(f), link.LINKTYPE_ETHERNET, TS)
+    assert _kinds(w) == [("pkt", REQUEST), ("pkt", REMOTE_SERVER)] and c.s2c_records == 0
+
+
+def test_on_loopback_both_ends_are_local_and_the_server_port_decides():
+    req = build_tcp(LO, LO, 40000, PORT, 1, 0, TH_ACK | TH_PSH, payload=b"GET /")
+    ans = build_tcp(LO, LO, PORT, 40000, 1, 6, TH_ACK | TH_PSH, payload=b"200 OK")
+    c, w = _capturer()
+    for ip in (req, ans):
+        f = _eth(ip)
+        c.frame(f, 0, len(f), link.LINKTYPE_ETHERNET, TS)
+    assert _kinds(w) == [("pkt", req), ("s2c", ans)]
+
+
+@pytest.mark.parametrize("server_half", [False, True])
+def test_outgoing_frames_are_never_client_packets(server_half):
+    """A cooked header's packet type, or the engine's outgoing flag: an answer sent out
+    is kept (with --server-half); a packet to a local address that this host sent is not
+    a client's (the default drops every outgoing frame, as always)."""
+    looped = build_tcp(CLIENT, HOST, 40000, PORT, 1, 0, TH_ACK, payload=b"x")
+    c, w = _capturer(server_half)
+    for ip, pkttype in ((ANSWER, link.PACKET_OUTGOING), (looped, link.PACKET_OUTGOING),
+                        (REQUEST, link.PACKET_HOST), (ANSWER6, link.PACKET_HOST)):
+        f = _sll(ip, pkttype)
+        c.frame(f, 0, len(f), link.LINKTYPE_LINUX_SLL, TS)
+    f = _eth(looped)
+    c.frame(f, 0, len(f), link.LINKTYPE_ETHERNET, TS, outgoing=True)
+    if server_half:  # (ANSWER6 comes in: loopback through "any")
+        assert _kinds(w) == [("s2c", ANSWER), ("pkt", REQUEST), ("s2c", ANSWER6)]
+    else:
+        assert _kinds(w) == [("pkt", REQUEST)]
+
+
+def test_s2c_records_are_split_cut_and_counted_like_pkt_records():
+    payload = os.urandom(4000)
+    big = build_tcp(HOST, CLIENT, PORT, 40000, 100, 1, TH_ACK | TH_PSH, payload=payload)
+    c, w = _capturer()
+    f = _eth(big)
+    c.frame(f, 0, len(f), link.LINKTYPE_ETHERNET, TS)
+    assert [r["t"] for r in w.recs] == ["s2c"] * 3 and (c.supersegs, c.split_records) == (1, 3)
+    assert b"".join(r["data"][40:] for r in w.recs) == payload  # (IP and TCP headers: 40)
+    c, w = _capturer()
+    c.frame(f, 0, 14 + 100, link.LINKTYPE_ETHERNET, TS)  # cut by the snap length
+    assert w.recs == [{"t": "s2c", "ts": TS, "data": big[:100], "len": len(big)}]
+    c, w = _capturer(count=2)  # -c counts both halves
+    for ip in (REQUEST, ANSWER, ANSWER6):
+        f = _eth(ip)
+        c.frame(f, 0, len(f), link.LINKTYPE_ETHERNET, TS)
+        if c.done:
+            break
+    assert len(w.recs) == 2 and c.done
+
+
+def _batch(frames):
+    buf = b"".join(frames)
+    meta, off = b"", 0
+    for i, f in enumerate(frames):
+        meta += struct.pack("=IIII", 1_700_000_000, 10 * i, off, len(f))
+        off += len(f)
+    return buf, meta
+
+
+class _BufWriter:
+    def __init__(self):
+        self.buf, self.records, self.bufsize = bytearray(), 0, 1 << 30
+
+    def write_raw(self, b):
+        self.buf += b
+        self.records += 1
+
+    def flush(self):
+        pass
+
+
+def _sll_as_sent(ip: bytes) -> bytes:
+    """A cooked frame, outgoing if this host (HOST, HOST6) is its source."""
+    src = ip[12:16] if ip[0] >> 4 == 4 else ip[8:24]
+    return _sll(ip, link.PACKET_OUTGOING if src in (HOST, HOST6) else link.PACKET_HOST)
+
+
+@pytest.mark.parametrize("lt,wrap", [(link.LINKTYPE_ETHERNET, _eth),
+                                     (link.LINKTYPE_LINUX_SLL, _sll_as_sent)],
+                         ids=["eth", "sll"])
+def test_a_batch_gives_what_frame_by_frame_gives(lt, wrap):
+    frames = [wrap(ip) for ip in (REQUEST, ANSWER, OWN_CLIENT, REPLAYED, ANSWER6, OTHER_PORT)]
+    buf, meta = _batch(frames)
+    wa, wb = _BufWriter(), _BufWriter()
+    a = cap.Capturer(wa, addresses=(HOST, HOST6), server_half=True, server_ports=(P80,))
+    b = cap.Capturer(wb, addresses=(HOST, HOST6), server_half=True, server_ports=(P80,))
+    assert a.batch(buf, meta, lt) == len(frames)
+    for i, f in enumerate(frames):
+        b.frame(f, 0, len(f), lt, 1_700_000_000_000_000_000 + 10_000 * i)
+    assert bytes(wa.buf) == bytes(wb.buf) and wa.records == wb.records == 3
+    assert (a.frames, a.foreign, a.s2c_records) == (b.frames, b.foreign, b.s2c_records)
+    import io
+
+    dec = cbor2.CBORDecoder(io.BytesIO(bytes(wa.buf)))
+    assert [dec.decode()["t"] for _ in range(3)] == ["pkt", "s2c", "s2c"]
+
+
+def test_a_shed_sessions_answers_are_shed_with_it():
+    c, w = _capturer(max_rss=1)
+    c.shedding = True  # (over --max-memory: the capturer's own check sets it)
+    for ip in (REQUEST, ANSWER):
+        f = _eth(ip)
+        c.frame(f, 0, len(f), link.LINKTYPE_ETHERNET, TS)
+    assert w.recs == [] and (c.shed_sessions, c.shed_packets) == (1, 2)
+    c.shedding = False
+    fin = build_tcp(CLIENT, HOST, 40000, PORT, 2, 501, TH_FIN | TH_ACK)
+    later = build_tcp(HOST, CLIENT, PORT, 40001, 1, 1, TH_ACK, payload=b"other session")
+    for ip in (fin, later):
+        f = _eth(ip)
+        c.frame(f, 0, len(f), link.LINKTYPE_ETHERNET, TS)
+    assert _kinds(w) == [("s2c", later)] and c.shed_packets == 3
+
+
+def test_listening_ports_are_the_servers():
+    with socket.socket() as s4, socket.socket(socket.AF_INET6) as s6, \
+            socket.socket() as connected_only:
+        s4.bind(("127.0.0.1", 0))
+        s4.listen()
+        s6.bind(("::1", 0))
+        s6.listen()
+        connected_only.bind(("127.0.0.1", 0))  # bound, not listening: no server
+        connected_only.connect(s4.getsockname())
+        ports = cap.listening_ports()
+        mine = {s4.getsockname()[1], s6.getsockname()[1]}
+        assert {p.to_bytes(2, "big") for p in mine} <= ports
+        assert connected_only.getsockname()[1].to_bytes(2, "big") not in ports
+        assert cap.listening_ports_proc() == ports  # the fallback reads the same
+
+
+# -- the lab: real clients, a real server, tcpdump beside ---------------------------------
+@pytest.mark.netns
+@pytest.mark.parametrize("engine", ["pcap", "afpacket"])
+@pytest.mark.parametrize("iface", ["cli0", "any"])
+def test_live_server_half_equals_tcpdump_connection_by_connection(lab, tmp_path, engine, iface):
+    import subprocess
+
+    import replay_harness as h
+    from tc import decode, tool_env, tool_path
+    from tcpcopylib.reassembly import connections_from_file
+
+    port = 8099
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "page.html").write_bytes(os.urandom(3000).hex().encode())  # 4 MSS
+    lab.start_server("online", port=port, directory=tmp_path / "www")
+    stream = tmp_path / "orig.cbor"
+    capture = lab.popen("online", [tool_path("tc-capture"), iface, f"tcp port {port}",
+                                   "--server-half", "--engine", engine, "-w", stream],
+                        env=tool_env(), stderr=subprocess.PIPE)
+    td = h.start_tcpdump(lab, "online", "cli0", tmp_path / "tcpdump.pcap", port)
+    try:
+        deadline = time.monotonic() + 5
+        while not (stream.exists() and stream.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.02)  # the header is written once the capture is open
+        for path, code in (("page.html", "200"), ("", "200"), ("missing", "404")):
+            for _ in range(3):
+                r = lab.run("client", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                       f"http://{lab.online_cli_ip}:{port}/{path}"],
+                            capture_output=True, text=True, timeout=30)
+                assert r.stdout == code, r
+    finally:
+        h.stop_tcpdump(td)  # (waits for the last packets first)
+        capture.send_signal(signal.SIGINT)
+        _, err = capture.communicate(timeout=20)
+    assert capture.returncode == 0, err
+    assert b"server to client" in err
+    recs = decode(stream.read_bytes(), headers=True)
+    assert recs[0]["t"] == "header" and recs[0]["server_half"] is True
+    assert {r["t"] for r in recs[1:]} == {"pkt", "s2c"}
+    for r in recs[1:]:  # every s2c record is from the server's port, every pkt to it
+        sport, dport = struct.unpack_from("!HH", r["data"], (r["data"][0] & 15) * 4)
+        assert (sport if r["t"] == "s2c" else dport) == port, r
+    mine = {c.key: c for c in connections_from_file(stream, [port], kinds=("pkt", "s2c"))}
+    theirs = {c.key: c for c in connections_from_file(tmp_path / "tcpdump.pcap", [port])}
+    assert len(mine) == 9 and mine.keys() == theirs.keys()
+    for key, c in mine.items():
+        t = theirs[key]
+        assert c.c2s.bytes == t.c2s.bytes and c.s2c.bytes == t.s2c.bytes, key
+        assert c.c2s.fin and c.s2c.fin and len(c.s2c.bytes) > 100, key
+    assert sum(len(c.s2c.bytes) > 6000 for c in mine.values()) == 3  # page.html, 3 times
