@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import struct
-import sys
 import time
 
 import cbor2
@@ -21,7 +20,7 @@ import pytest
 
 from tcpcopylib import capture as cap
 from tcpcopylib import link
-from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_SYN, build_tcp, ip_bytes
+from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_SYN, build_tcp, ip_bytes, parse_tcp
 from tcpcopylib.testing import Collector
 
 CLIENT, HOST, ELSEWHERE = ip_bytes("10.1.0.2"), ip_bytes("10.1.0.1"), ip_bytes("10.9.9.9")
@@ -208,6 +207,90 @@ def test_listening_ports_are_the_servers():
         assert {p.to_bytes(2, "big") for p in mine} <= ports
         assert connected_only.getsockname()[1].to_bytes(2, "big") not in ports
         assert cap.listening_ports_proc() == ports  # the fallback reads the same
+
+
+# -- what the other stages do with s2c records --------------------------------------------
+OLD = 1_600_000_000 * 10**9  # a capture replayed long after
+MS = 1_000_000
+
+
+def _s2c_stream():
+    from tc import stream
+
+    return stream([{"t": "pkt", "ts": OLD, "data": REQUEST},
+                   {"t": "s2c", "ts": OLD + MS, "data": ANSWER},
+                   {"t": "pkt", "ts": OLD + 2 * MS, "data": build_tcp(
+                       CLIENT, HOST, 40000, PORT, 2, 501, TH_ACK | TH_PSH, payload=b"GET /")},
+                   {"t": "s2c", "ts": OLD + 3 * MS, "data": ANSWER6},
+                   {"t": "stats", "ts": OLD + 3 * MS, "n": 1}], "tc-capture", server_half=True)
+
+
+def test_tc_session_counts_s2c_records_as_the_server_half_and_passes_none_on():
+    """Passed on, their capture times would set a tc-pace downstream against tc-session's
+    due times (it would wait years here); they are the capture's other half, which
+    tc-session already counts and never sends for a pcap."""
+    from tc import call, decode
+
+    r = call(["tc-session", "--target", "10.99.0.1:80", "--no-feedback", "--drain", "0",
+              "--stats"], input=_s2c_stream())
+    assert r.returncode == 0, r.stderr
+    out = decode(r.stdout)
+    assert {x["t"] for x in out} == {"pkt", "stats"}  # the stats record passes as before
+    assert b"4 in (0 ignored, 2 server->client" in r.stderr
+
+
+@pytest.mark.netns
+def test_tc_emit_never_sends_s2c_records(lab):
+    """Piped straight into tc-emit (no tc-session in between), an s2c record is counted
+    as an ignored record and never sent; the pkt record beside it is."""
+    from tc import stream, tool_path
+
+    client, server = ip_bytes(lab.client_ip), ip_bytes(lab.online_cli_ip)
+    target = ip_bytes(lab.target_ip)
+    answer = build_tcp(server, client, PORT, 40000, 1, 1, TH_ACK | TH_PSH, payload=b"s2c!")
+    to_target = build_tcp(client, target, 40001, 8080, 1, 0, TH_SYN)
+    lab.start_server("target", port=8080)
+    bpf = f"tcp and host {lab.client_ip}"
+    with lab.sniff("online", lab.online_cli_if, bpf) as cli, \
+            lab.sniff("online", lab.online_if, bpf) as lan:
+        r = lab.run("online", [tool_path("tc-emit"), "--stats"], capture_output=True,
+                    timeout=30, input=stream([{"t": "s2c", "ts": 1, "data": answer},
+                                              {"t": "pkt", "ts": 2, "data": to_target}]))
+        frames = cli.frames(0.3) + lan.frames(0.1)
+    assert r.returncode == 0, r.stderr
+    assert b"sent 1," in r.stderr and b"ignored records 1" in r.stderr
+    sent = [(t.sport, t.dport) for t in map(parse_tcp, (ip for _t, ip in frames)) if t]
+    assert (40001, 8080) in sent and (PORT, 40000) not in sent, sent
+
+
+def test_tc_diff_takes_a_server_half_stream_as_the_original(tmp_path):
+    """The synthetic scenario of test_diff, its original written as tc-capture
+    --server-half writes it: the same verdicts as from the pcap; a stream with the client
+    half only is refused with a one-line reason (65)."""
+    import json
+
+    from diffdata import write_stream
+    from tc import run
+    from test_diff import _scenario
+    from tcpcopylib.reassembly import file_packets
+
+    args = _scenario(tmp_path)
+    server = ip_bytes("10.0.0.2")
+    both, client_only = [], []
+    for ts, ip in file_packets(str(args[0])):
+        rec = {"t": "s2c" if ip[12:16] == server else "pkt", "ts": ts, "data": ip}
+        both.append(rec)
+        if rec["t"] == "pkt":
+            client_only.append(rec)
+    write_stream(tmp_path / "both.cbor", both, tool="tc-capture")
+    write_stream(tmp_path / "client.cbor", client_only, tool="tc-capture")
+    want = run(["tc-diff", *args])
+    got = run(["tc-diff", tmp_path / "both.cbor", *args[1:]])
+    assert want.returncode == got.returncode == 0, got.stderr
+    lines = [json.loads(x) for x in got.stdout.decode().splitlines()]
+    assert len(lines) == 12 and got.stdout == want.stdout
+    r = run(["tc-diff", tmp_path / "client.cbor", *args[1:]])
+    assert r.returncode == 65 and b"--server-half" in r.stderr and r.stderr.count(b"\n") == 1
 
 
 # -- the lab: real clients, a real server, tcpdump beside ---------------------------------
