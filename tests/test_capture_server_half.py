@@ -263,6 +263,26 @@ def test_tc_emit_never_sends_s2c_records(lab):
     assert (40001, 8080) in sent and (PORT, 40000) not in sent, sent
 
 
+def test_tc_dump_shows_s2c_records_as_packets_and_writes_them_to_a_pcap():
+    from tc import call
+
+    from tcpcopylib.reassembly import capture_packets
+
+    r = call(["tc-dump"], input=_s2c_stream())
+    lines = r.stdout.decode().splitlines()
+    assert r.returncode == 0 and [x.split()[0] for x in lines[1:5]] == [
+        lines[1].split()[0], "s2c", lines[3].split()[0], "s2c"]
+    assert "IP 10.1.0.1.80 > 10.1.0.2.40000: Flags [S.]" in lines[2]
+    assert "IP6 fd00::1.80 > fd00::2.40000" in lines[4]
+    r = call(["tc-dump", "--pcap"], input=_s2c_stream())
+    fd = os.memfd_create("pcap")
+    os.write(fd, r.stdout)
+    os.lseek(fd, 0, os.SEEK_SET)
+    assert [ip for _ts, ip in capture_packets(fd, "pcap")] == [REQUEST, ANSWER, build_tcp(
+        CLIENT, HOST, 40000, PORT, 2, 501, TH_ACK | TH_PSH, payload=b"GET /"), ANSWER6]
+    os.close(fd)
+
+
 def test_tc_diff_takes_a_server_half_stream_as_the_original(tmp_path):
     """The synthetic scenario of test_diff, its original written as tc-capture
     --server-half writes it: the same verdicts as from the pcap; a stream with the client
