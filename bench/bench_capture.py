@@ -105,6 +105,9 @@ def write_pcap(path: Path, fr: list[bytes], count: int) -> None:
             w.writepkt(fr[i % len(fr)], t + i * 1e-6)
 
 
+WRITTEN = r"(\d+) packets written, (?:\d+ server to client, )?"  # (the stats line)
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
@@ -156,7 +159,7 @@ def one_run(args, pcap: Path | None, fr) -> dict:
     finally:
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=20)
-    m = re.search(r"(\d+) packets written, (?:\d+ server to client, )?(\d+) captured.* (\d+) dropped by kernel, "
+    m = re.search(WRITTEN + r"(\d+) captured.* (\d+) dropped by kernel, "
                   r"(-?\d+) dropped by interface", err)
     if not m:
         raise SystemExit(f"no stats from tc-capture: {err}")
@@ -208,7 +211,7 @@ def drain_run(args, pcap: Path | None, fr) -> dict:
     finally:
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=30)
-    m = re.search(r"(\d+) packets written, (?:\d+ server to client, )?(\d+) captured.* (\d+) dropped by kernel", err)
+    m = re.search(WRITTEN + r"(\d+) captured.* (\d+) dropped by kernel", err)
     if not m:
         raise SystemExit(f"no stats from tc-capture: {err}")
     written, _captured, kdrop = map(int, m.groups())

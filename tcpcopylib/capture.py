@@ -5,11 +5,14 @@ destination is a local address of this host, as "pkt" records. With ``server_hal
 (tc-capture --server-half) also the server->client half: TCP datagrams whose source is a
 local address and whose source port has a listening socket here (``listening_ports``), as
 "s2c" records, a kind no replaying stage reads (the capture then takes both directions from
-the kernel, and the general path: Capturer.batch's fast path is the client half's). The replay's own packets are therefore never
-captured again, whatever the BPF filter: tc-emit sends them *out* of this host (outgoing,
-dropped by the direction check) and addresses them to the target (not a local address,
-dropped by the destination check). Both checks are applied in Python on every packet, on
-top of the kernel-side direction setting (pcap_setdirection / PACKET_IGNORE_OUTGOING).
+the kernel, and the general path: Capturer.batch's fast path is the client half's).
+
+The replay's own packets are never captured again, whatever the BPF filter: tc-emit sends
+them *out* of this host (outgoing, dropped by the direction check) and addresses them to
+the target (not a local address, dropped by the destination check); their source is a
+captured client's, so they are no local server's answers either. The checks are applied
+in Python on every packet, on top of the kernel-side direction setting (pcap_setdirection /
+PACKET_IGNORE_OUTGOING; not with server_half).
 
 GRO/LRO super-segments longer than the MTU are split back into MTU-sized segments
 (``split_segment``) with their own sequence numbers, IP lengths/ids and checksums.
