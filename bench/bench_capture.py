@@ -9,6 +9,11 @@ receiving veth and writes to /dev/null. Everything is torn down at the end.
 
     python3 bench/bench_capture.py [--packets N] [--size BYTES] [--engine pcap|afpacket]
                                    [--pps RATE] [--repeat R] [--deliver] [--drain]
+                                   [--server-half [--as-server]]
+
+--server-half runs tc-capture --server-half (the load stays client packets: the cost of
+that mode's general path for the client half); with --as-server the frames are a local
+server's answers instead (from RX's address and a listening port, written as s2c records).
 
 Two modes. Live (default): tcpreplay sends while tc-capture reads; on a 2-core machine
 the sender and the capture share the CPUs, so the offered rate is the sender's limit.
@@ -70,7 +75,7 @@ def lab_down():
         sh("ip", "netns", "del", ns, check=False)
 
 
-def frames(n_flows: int, size: int, dst_mac: str) -> list[bytes]:
+def frames(n_flows: int, size: int, dst_mac: str, as_server: bool = False) -> list[bytes]:
     """Ethernet frames: RST|ACK from TX to RX:8080.
 
     With RX's MAC the receiving kernel runs its IP/TCP input (and drops the RST quietly);
@@ -83,6 +88,9 @@ def frames(n_flows: int, size: int, dst_mac: str) -> list[bytes]:
     for i in range(n_flows):
         ip = build_tcp(ip_bytes(TX_IP), ip_bytes(RX_IP), 10000 + i, 8080, 1000 * i, 1,
                        TH_RST | TH_ACK, payload=payload)
+        if as_server:  # RX:8080's answer (captured as it comes in: the path is the same)
+            ip = build_tcp(ip_bytes(RX_IP), ip_bytes(TX_IP), 8080, 10000 + i, 1000 * i, 1,
+                           TH_RST | TH_ACK, payload=payload)
         out.append(mac(dst_mac) + mac(TX_MAC) + b"\x08\x00" + ip)
     return out
 
@@ -95,6 +103,9 @@ def write_pcap(path: Path, fr: list[bytes], count: int) -> None:
         t = time.time()
         for i in range(count):
             w.writepkt(fr[i % len(fr)], t + i * 1e-6)
+
+
+WRITTEN = r"(\d+) packets written, (?:\d+ server to client, )?"  # (the stats line)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -121,7 +132,8 @@ for i in range({count}):
 
 def one_run(args, pcap: Path | None, fr) -> dict:
     cmd = ["ip", "netns", "exec", NS_RX, str(REPO / "bin" / "tc-capture"), "rx0",
-           "--engine", args.engine, "-w", "/dev/null", "--stats"]
+           "--engine", args.engine, "-w", "/dev/null", "--stats",
+           *(["--server-half"] if args.server_half else [])]
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(1.0)  # start-up (imports, ring set-up) is not measured
@@ -147,7 +159,7 @@ def one_run(args, pcap: Path | None, fr) -> dict:
     finally:
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=20)
-    m = re.search(r"(\d+) packets written, (\d+) captured.* (\d+) dropped by kernel, "
+    m = re.search(WRITTEN + r"(\d+) captured.* (\d+) dropped by kernel, "
                   r"(-?\d+) dropped by interface", err)
     if not m:
         raise SystemExit(f"no stats from tc-capture: {err}")
@@ -173,7 +185,8 @@ def drain_run(args, pcap: Path | None, fr) -> dict:
 
     expected = args.packets * len(encode_pkt(1 << 60, fr[0][14:]))
     cmd = ["ip", "netns", "exec", NS_RX, str(REPO / "bin" / "tc-capture"), "rx0",
-           "--engine", args.engine, "-w", "/dev/null", "--stats", "-B", str(args.buffer_kib)]
+           "--engine", args.engine, "-w", "/dev/null", "--stats", "-B", str(args.buffer_kib),
+           *(["--server-half"] if args.server_half else [])]
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(1.0)
@@ -198,7 +211,7 @@ def drain_run(args, pcap: Path | None, fr) -> dict:
     finally:
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=30)
-    m = re.search(r"(\d+) packets written, (\d+) captured.* (\d+) dropped by kernel", err)
+    m = re.search(WRITTEN + r"(\d+) captured.* (\d+) dropped by kernel", err)
     if not m:
         raise SystemExit(f"no stats from tc-capture: {err}")
     written, _captured, kdrop = map(int, m.groups())
@@ -222,15 +235,26 @@ def main() -> int:
                          "drain (COUNT must fit in -B)")
     ap.add_argument("--buffer-kib", type=int, default=262144,
                     help="tc-capture -B for --drain (default 262144)")
+    ap.add_argument("--server-half", action="store_true", help="tc-capture --server-half")
+    ap.add_argument("--as-server", action="store_true",
+                    help="with --server-half: the frames are a local server's answers")
     args = ap.parse_args()
+    if args.as_server and not args.server_half:
+        ap.error("--as-server needs --server-half")
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 77
-    fr = frames(64, args.size, RX_MAC if args.deliver else "02:00:00:00:00:99")
+    fr = frames(64, args.size, RX_MAC if args.deliver else "02:00:00:00:00:99", args.as_server)
     use_tcpreplay = shutil.which("tcpreplay") and not args.python_sender
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still tear the lab down
     lab_up()
+    listener = None
     try:
+        if args.as_server:  # the server whose port --server-half keeps
+            listener = subprocess.Popen(
+                ["ip", "netns", "exec", NS_RX, sys.executable, "-c", "import socket, time; "
+                 "s = socket.socket(); s.bind(('', 8080)); s.listen(); time.sleep(3600)"])
+            time.sleep(0.5)
         with tempfile.TemporaryDirectory() as d:
             pcap = None
             if use_tcpreplay:
@@ -239,7 +263,9 @@ def main() -> int:
             print(f"tc-capture bench: engine {args.engine}, {args.packets} x {args.size} B "
                   f"frames, sender {'tcpreplay' if use_tcpreplay else 'python AF_PACKET'}, "
                   f"rate {args.pps or 'top speed'}, "
-                  f"{'delivered to RX' if args.deliver else 'foreign MAC'}")
+                  f"{'delivered to RX' if args.deliver else 'foreign MAC'}"
+                  f"{', --server-half' if args.server_half else ''}"
+                  f"{' (server answers)' if args.as_server else ''}")
             for i in range(args.repeat):
                 if args.drain:
                     r = drain_run(args, pcap, fr)
@@ -260,6 +286,9 @@ def main() -> int:
                       f"tc-capture CPU {r['cpu_s']:.2f} s = {r['cpu_us_per_pkt']:.2f} us/pkt",
                       flush=True)
     finally:
+        if listener is not None:
+            listener.kill()
+            listener.wait()
         lab_down()
     return 0
 

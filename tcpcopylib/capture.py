@@ -1,11 +1,18 @@
 """Live capture of the client->server direction of TCP traffic to this host (tc-capture).
 
 What is kept: inbound TCP datagrams (IPv4, or IPv6 with TCP as the first next header) whose
-destination is a local address of this host. The replay's own packets are therefore never
-captured again, whatever the BPF filter: tc-emit sends them *out* of this host (outgoing,
-dropped by the direction check) and addresses them to the target (not a local address,
-dropped by the destination check). Both checks are applied in Python on every packet, on
-top of the kernel-side direction setting (pcap_setdirection / PACKET_IGNORE_OUTGOING).
+destination is a local address of this host, as "pkt" records. With ``server_half``
+(tc-capture --server-half) also the server->client half: TCP datagrams whose source is a
+local address and whose source port has a listening socket here (``listening_ports``), as
+"s2c" records, a kind no replaying stage reads (the capture then takes both directions from
+the kernel, and the general path: Capturer.batch's fast path is the client half's).
+
+The replay's own packets are never captured again, whatever the BPF filter: tc-emit sends
+them *out* of this host (outgoing, dropped by the direction check) and addresses them to
+the target (not a local address, dropped by the destination check); their source is a
+captured client's, so they are no local server's answers either. The checks are applied
+in Python on every packet, on top of the kernel-side direction setting (pcap_setdirection /
+PACKET_IGNORE_OUTGOING; not with server_half).
 
 GRO/LRO super-segments longer than the MTU are split back into MTU-sized segments
 (``split_segment``) with their own sequence numbers, IP lengths/ids and checksums.
@@ -30,7 +37,8 @@ from tcpcopylib.link import (ETHERTYPE_AT, IP_OFFSET, LINKTYPE_ETHERNET, LINKTYP
                              PACKET_OUTGOING, PKTTYPE_AT, bpf_dlt)
 from tcpcopylib.packet import (TH_ACK, TH_CWR, TH_FIN, TH_PSH, TH_RST, TH_SYN, fix_checksums,
                                ip_length)
-from tcpcopylib.wire import DATA1, DATA2, PKT_MAP3, PKT_START1, PKT_START2, encode_pkt
+from tcpcopylib.wire import (DATA1, DATA2, PKT_MAP3, PKT_START1, PKT_START2, encode_pkt,
+                             encode_s2c)
 
 ETH_P_ALL = 0x0003
 
@@ -163,6 +171,60 @@ def local_addresses() -> frozenset:
     return frozenset(addrs)
 
 
+_SOCK_DIAG_BY_FAMILY, _NETLINK_SOCK_DIAG = 20, 4
+_TCP_LISTEN = 10
+# inet_diag_req_v2: family, protocol, ext, pad, states; then a zeroed inet_diag_sockid
+_DIAG_REQ = struct.Struct("=BBBxI48x")
+_DIAG_SPORT_AT = _NLMSG_HDR.size + 4  # the socket's port in an inet_diag_msg (big endian)
+
+
+def listening_ports() -> frozenset:
+    """The TCP ports with a listening socket in this network namespace, each as 2 bytes
+    big endian (as in a TCP header): the servers whose answers --server-half keeps.
+    Asked of the kernel's sock_diag (only listening sockets: cheap with many connections);
+    /proc/net/tcp{,6} where that is not available."""
+    ports = set()
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as s:
+            s.settimeout(2.0)
+            for fam in (socket.AF_INET, socket.AF_INET6):
+                req = _DIAG_REQ.pack(fam, socket.IPPROTO_TCP, 0, 1 << _TCP_LISTEN)
+                s.sendto(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(req), _SOCK_DIAG_BY_FAMILY,
+                                         _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + req, (0, 0))
+                done = False
+                for _ in range(100000):  # bounded: a dump ends with NLMSG_DONE
+                    data = s.recv(1 << 16)
+                    pos = 0
+                    while pos + _NLMSG_HDR.size <= len(data):
+                        ln, typ = _NLMSG_HDR.unpack_from(data, pos)[:2]
+                        if ln < _NLMSG_HDR.size or typ in (_NLMSG_DONE, _NLMSG_ERROR):
+                            done = True
+                            break
+                        if typ == _SOCK_DIAG_BY_FAMILY:
+                            ports.add(bytes(data[pos + _DIAG_SPORT_AT:pos + _DIAG_SPORT_AT + 2]))
+                        pos += (ln + 3) & ~3
+                    if done:
+                        break
+    except OSError:  # no sock_diag (CONFIG_INET_DIAG off): the slower text tables
+        return listening_ports_proc()
+    return frozenset(ports)
+
+
+def listening_ports_proc() -> frozenset:
+    """listening_ports() from /proc/net/tcp{,6} (one line per socket, listening or not)."""
+    ports = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()
+                    if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
+                        ports.add(bytes.fromhex(fields[1].rpartition(":")[2]))
+        except OSError:
+            pass
+    return frozenset(ports)
+
+
 def interface_mtu(iface: str) -> int:
     """The MTU of ``iface`` (SIOCGIFMTU), or DEFAULT_MTU if it cannot be read."""
     import fcntl
@@ -221,17 +283,31 @@ class Capturer:
 
     Counters: frames (seen), records (written), foreign (not inbound TCP to a local
     address: dropped), truncated, supersegs (datagrams longer than the MTU) and
-    split_records (the records made from them).
+    split_records (the records made from them); s2c_records (of records: the server half).
+
+    With ``server_half``, a TCP datagram from a local address and a server port (the
+    2-byte ports ``server_ports``; default: listening_ports(), re-read with the addresses)
+    is written as an "s2c" record, whichever way it goes (on loopback a server's answer
+    comes in: both ends are local); otherwise the client half's rule holds. A frame the
+    link layer says is outgoing (``outgoing`` or a cooked header's packet type) is never
+    client->server.
     """
 
     def __init__(self, writer, mtu: int = DEFAULT_MTU, count: int = 0, addresses=None,
-                 max_rss: int = 0):
+                 max_rss: int = 0, server_half: bool = False, server_ports=None):
         self.writer = writer
         self.mtu = mtu
         self.count = count  # stop after this many records (0: never)
         self._fixed_addrs = addresses
         self.local = frozenset(addresses) if addresses is not None else local_addresses()
+        self.server_half = server_half
+        self._fixed_ports = server_ports
+        self.server_ports = frozenset()
+        if server_half:
+            self.server_ports = (frozenset(server_ports) if server_ports is not None
+                                 else listening_ports())
         self._next_refresh = time.monotonic() + ADDR_REFRESH_S
+        self.s2c_records = 0
         self.frames = self.records = self.foreign = self.truncated = 0
         self.supersegs = self.split_records = 0
         self.done = False
@@ -249,13 +325,23 @@ class Capturer:
             self._next_refresh = now + ADDR_REFRESH_S
             if self._fixed_addrs is None:
                 self.local = local_addresses()
+            if self.server_half and self._fixed_ports is None:
+                self.server_ports = listening_ports()
         if self.max_rss and now >= self._next_rss_check:
             self._next_rss_check = now + RSS_CHECK_S
             self.shedding = resident_bytes() > self.max_rss
 
-    def _shed(self, buf, p: int, v: int) -> bool:
-        """True if the datagram at buf[p:] belongs to a shed session (or starts one)."""
+    def _shed(self, buf, p: int, v: int, from_server: bool = False) -> bool:
+        """True if the datagram at buf[p:] belongs to a shed session (or starts one; a
+        server's packet never does)."""
         ihl = (buf[p] & 0x0F) * 4 if v == 4 else 40
+        if from_server:
+            client = buf[p + 16:p + 20] if v == 4 else buf[p + 24:p + 40]
+            key = (client, buf[p + ihl + 2:p + ihl + 4] + buf[p + ihl:p + ihl + 2])
+            if key in self.shed_keys:
+                self.shed_packets += 1
+                return True
+            return False
         src = buf[p + 12:p + 16] if v == 4 else buf[p + 8:p + 24]
         key = (src, buf[p + ihl:p + ihl + 4])  # client address, both ports
         flags = buf[p + ihl + 13]
@@ -273,8 +359,10 @@ class Capturer:
             return True
         return False
 
-    def frame(self, buf, off: int, end: int, linktype: int, ts: int) -> None:
-        """One link-layer frame buf[off:end]; buf is bytes (a slice copies)."""
+    def frame(self, buf, off: int, end: int, linktype: int, ts: int,
+              outgoing: bool = False) -> None:
+        """One link-layer frame buf[off:end]; buf is bytes (a slice copies). ``outgoing``:
+        the capture says this host sent it (AF_PACKET's packet type)."""
         self.frames += 1
         ip_offset = IP_OFFSET.get(linktype)  # None: a link type not supported
         if end - off < 40 or ip_offset is None:  # (< 40: a runt, no IP+TCP header fits)
@@ -282,10 +370,12 @@ class Capturer:
             return
         p = ip_offset(buf, off, end)
         pkttype_at = PKTTYPE_AT.get(linktype)
-        if p < 0 or pkttype_at is not None and buf[off + pkttype_at] == PACKET_OUTGOING:
+        if pkttype_at is not None and buf[off + pkttype_at] == PACKET_OUTGOING:
+            outgoing = True
+        if p < 0 or outgoing and not self.server_half:
             self.foreign += 1
             return
-        self.datagram(buf, p, end, ts)
+        self.datagram(buf, p, end, ts, outgoing)
 
     def batch(self, buf, meta, linktype: int) -> int:
         """A next_batch() result: ``meta`` holds (sec, usec, offset, caplen) per frame.
@@ -295,7 +385,8 @@ class Capturer:
         writer's buffer; everything else goes through frame(). Returns the frame count.
         """
         n = len(meta) >> 4
-        spec = None if self.shedding or self.shed_keys else _FAST_LINKTYPES.get(linktype)
+        spec = (None if self.shedding or self.shed_keys or self.server_half
+                else _FAST_LINKTYPES.get(linktype))
         frame = self.frame
         if spec is None:
             for i, (sec, usec, off, caplen) in enumerate(struct.iter_unpack("=IIII", meta)):
@@ -362,8 +453,20 @@ class Capturer:
             w.flush()
         return n
 
-    def datagram(self, buf, p: int, end: int, ts: int) -> None:
-        """One IP datagram at buf[p:end] (end = end of the captured bytes)."""
+    def from_server(self, buf, p: int, v: int) -> bool:
+        """Is the TCP datagram at buf[p:] (IP version v) sent by a server of this host:
+        from a local address and a server port (see server_half)?"""
+        if v == 4:
+            sport_at = p + (buf[p] & 0x0F) * 4
+            src = buf[p + 12:p + 16]
+        else:
+            sport_at = p + 40
+            src = buf[p + 8:p + 24]
+        return buf[sport_at:sport_at + 2] in self.server_ports and src in self.local
+
+    def datagram(self, buf, p: int, end: int, ts: int, outgoing: bool = False) -> None:
+        """One IP datagram at buf[p:end] (end = end of the captured bytes); ``outgoing``:
+        the link layer says this host sent it."""
         if end - p < 40:
             self.foreign += 1
             return
@@ -382,10 +485,14 @@ class Capturer:
             self.foreign += 1
             return
         total = ip_length(buf, p, end) or end - p  # (0: the header does not say)
-        if dst not in self.local:
+        encode = encode_pkt
+        server = self.server_half and self.from_server(buf, p, v)
+        if server:
+            encode = encode_s2c
+        elif outgoing or dst not in self.local:
             self.foreign += 1
             return
-        if (self.shedding or self.shed_keys) and self._shed(buf, p, v):
+        if (self.shedding or self.shed_keys) and self._shed(buf, p, v, server):
             return
         avail = end - p
         w = self.writer
@@ -395,17 +502,22 @@ class Capturer:
                 self.supersegs += 1
                 for piece in split_segment(data, self.mtu):
                     self.split_records += 1
-                    w.write_raw(encode_pkt(ts, piece))
-                    self.records += 1
-                    if self.records == self.count:
-                        self.done = True
+                    w.write_raw(encode(ts, piece))
+                    self._written(server)
+                    if self.done:
                         return
                 return
-            w.write_raw(encode_pkt(ts, data))
+            w.write_raw(encode(ts, data))
         else:  # cut by the snaplen
             self.truncated += 1
-            w.write_raw(encode_pkt(ts, buf[p:end], orig_len=total))
+            w.write_raw(encode(ts, buf[p:end], orig_len=total))
+        self._written(server)
+
+    def _written(self, server: bool) -> None:
+        """Count one record written (and stop at the count)."""
         self.records += 1
+        if server:
+            self.s2c_records += 1
         if self.records == self.count:
             self.done = True
 
@@ -428,11 +540,14 @@ _PCAP_ERROR_PROMISC_PERM_DENIED = -11
 
 
 class PcapEngine:
-    """libpcap via pcapy-ng: TPACKET_V3 ring, inbound only, non-blocking batch reads."""
+    """libpcap via pcapy-ng: TPACKET_V3 ring, inbound only (``both_ways``: both
+    directions; libpcap shows a loopback packet once, as it comes in), non-blocking batch
+    reads."""
 
     name = "pcap"
 
-    def __init__(self, iface: str, bpf: str, snaplen: int, buffer_kib: int):
+    def __init__(self, iface: str, bpf: str, snaplen: int, buffer_kib: int,
+                 both_ways: bool = False):
         import pcapy
 
         self.iface = iface
@@ -453,10 +568,11 @@ class PcapEngine:
             if status == _PCAP_ERROR_IFACE_NOT_UP:
                 raise NoInputError(f"{iface}: interface is down")
             raise NoInputError(f"{iface}: cannot capture (libpcap status {status})")
-        try:
-            cap.setdirection(pcapy.PCAP_D_IN)  # never see what this host sends
-        except pcapy.PcapError as e:
-            raise NoInputError(f"{iface}: cannot capture inbound only: {e}") from None
+        if not both_ways:
+            try:
+                cap.setdirection(pcapy.PCAP_D_IN)  # never see what this host sends
+            except pcapy.PcapError as e:
+                raise NoInputError(f"{iface}: cannot capture inbound only: {e}") from None
         try:
             cap.setfilter(bpf)
         except pcapy.PcapError as e:
@@ -532,13 +648,16 @@ class AfPacketEngine:
     A named Ethernet (or loopback) interface is read with SOCK_RAW and an Ethernet filter;
     ``any`` and other link types with SOCK_DGRAM (the kernel strips the link layer) and a
     raw-IP filter. Outgoing packets are ignored by the kernel (PACKET_IGNORE_OUTGOING) and
-    dropped again here by their packet type.
+    dropped again here by their packet type; with ``both_ways`` they are read and marked
+    outgoing, but for loopback's (the same packet comes in too: read once, as libpcap does).
     """
 
     name = "afpacket"
 
-    def __init__(self, iface: str, bpf: str, snaplen: int, buffer_kib: int):
+    def __init__(self, iface: str, bpf: str, snaplen: int, buffer_kib: int,
+                 both_ways: bool = False):
         self.iface = iface
+        self.both_ways = both_ways
         hatype = None
         if iface != "any":
             try:
@@ -558,10 +677,11 @@ class AfPacketEngine:
             raise NoPermissionError(f"{iface}: {e.strerror} (needs root or CAP_NET_RAW)") from None
         try:
             attach_bpf(s, bpf, bpf_dlt(self.linktype), snaplen)
-            try:
-                s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-            except OSError:
-                pass  # kernel < 4.20: the packet-type check below still drops them
+            if not both_ways:
+                try:
+                    s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+                except OSError:
+                    pass  # kernel < 4.20: the packet-type check below still drops them
             try:
                 s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer_kib * 1024)
             except OSError:
@@ -586,6 +706,7 @@ class AfPacketEngine:
         lt = self.linktype
         frame = capturer.frame
         now = time.time_ns
+        both_ways = self.both_ways
         n = 0
         while n < max_n:
             try:
@@ -593,11 +714,12 @@ class AfPacketEngine:
             except BlockingIOError:
                 break
             n += 1
-            if addr[2] == PACKET_OUTGOING:
+            outgoing = addr[2] == PACKET_OUTGOING
+            if outgoing and (not both_ways or addr[3] == _ARPHRD_LOOPBACK):
                 capturer.frames += 1
                 capturer.foreign += 1
                 continue
-            frame(bytes(buf[:size]), 0, size, lt, now())
+            frame(bytes(buf[:size]), 0, size, lt, now(), outgoing)
             if capturer.done:
                 break
         return n
@@ -615,9 +737,9 @@ ENGINES = {"pcap": PcapEngine, "afpacket": AfPacketEngine}
 
 
 def open_engine(kind: str, iface: str, bpf: str, snaplen: int = DEFAULT_SNAPLEN,
-                buffer_kib: int = DEFAULT_BUFFER_KIB):
+                buffer_kib: int = DEFAULT_BUFFER_KIB, both_ways: bool = False):
     check_interface(iface)
-    return ENGINES[kind](iface, bpf, snaplen, buffer_kib)
+    return ENGINES[kind](iface, bpf, snaplen, buffer_kib, both_ways)
 
 
 def capture_loop(engine, capturer: Capturer, stop, on_tick=None, idle_wait: float = 0.25,

@@ -187,7 +187,7 @@ class TextFormatter:
         t = rec.get("t")
         if t == "header":
             return f"# header v{rec.get('v')} {kv_str(rec, ('t', 'v'))}".rstrip()
-        if t in ("pkt", "fb"):
+        if t in ("pkt", "fb", "s2c"):
             data = rec.get("data")
             if isinstance(data, (bytes, bytearray)):
                 return self._packet_line(t, rec, data)
@@ -195,8 +195,8 @@ class TextFormatter:
 
     def _packet_line(self, t: str, rec: dict, data) -> str:
         parts = []
-        if t == "fb":
-            parts.append("fb")
+        if t != "pkt":
+            parts.append(t)  # fb, s2c
         parts.append(self.time_str(rec.get("ts")))
         if "sid" in rec:
             parts.append(f"sid={_value_str(rec['sid'])}")

@@ -21,16 +21,18 @@ class LiveCapture:
     open() starts the engine and the output, run() captures; counters() and stats_line()
     may be called at any time (None before the capture started). ``warn(msg)`` says the
     warnings (and, with ``verbose``, a status line every STATS_EVERY_S); ``elapsed()``: the
-    seconds the stats line reports (default: since this object was made)."""
+    seconds the stats line reports (default: since this object was made). ``server_half``:
+    the server->client half too, as "s2c" records (tcpcopylib.capture.Capturer)."""
 
     def __init__(self, tool: str, iface: str, expr: str = "", *, engine: str = "pcap",
                  snaplen: int = cap.DEFAULT_SNAPLEN, buffer_kib: int = cap.DEFAULT_BUFFER_KIB,
                  mtu: int = 0, count: int = 0, max_memory_mb: int = 0, warn=print,
-                 verbose: int = 0, elapsed=None):
+                 verbose: int = 0, elapsed=None, server_half: bool = False):
         self.tool, self.iface, self.expr = tool, iface, expr
         self.engine_kind, self.snaplen, self.buffer_kib = engine, snaplen, buffer_kib
         self.mtu, self.count, self.max_memory_mb = mtu, count, max_memory_mb
         self.warn, self.verbose = warn, verbose
+        self.server_half = server_half
         started = time.monotonic()
         self.elapsed = elapsed or (lambda: time.monotonic() - started)
         self.engine = self.capturer = self.writer = None
@@ -47,7 +49,7 @@ class LiveCapture:
 
         iface = self.iface
         engine = cap.open_engine(self.engine_kind, iface, self.expr or "tcp", self.snaplen,
-                                 self.buffer_kib)
+                                 self.buffer_kib, both_ways=self.server_half)
         self.engine = engine
         self.if_drops0 = cap.interface_rx_drops(iface)
         mtu = self.mtu or (cap.interface_mtu(iface) if iface != "any" else cap.DEFAULT_MTU)
@@ -62,15 +64,20 @@ class LiveCapture:
             self.close_out = True
         hdr = header(self.tool, source=iface, filter=self.expr, linktype=LINKTYPE_RAW,
                      snaplen=self.snaplen, mtu=mtu, engine=engine.name, ts_clock="realtime")
+        if self.server_half:
+            hdr["server_half"] = True  # the stream holds s2c records too
         self.writer = RecordWriter(self.out_fd, hdr)
         self.capturer = cap.Capturer(self.writer, mtu=mtu, count=self.count,
-                                     max_rss=self.max_memory_mb << 20)
+                                     max_rss=self.max_memory_mb << 20,
+                                     server_half=self.server_half)
 
     def describe(self) -> str:
         e = self.engine
+        servers = (f", server half of {len(self.capturer.server_ports)} listening ports"
+                   if self.server_half else "")
         return (f"capturing on {self.iface} ({e.name}, linktype {e.linktype}, filter "
                 f"{self.expr or 'tcp'!r}, mtu {self.mtu}, {len(self.capturer.local)} local "
-                f"addresses)")
+                f"addresses{servers})")
 
     def run(self) -> None:
         """Capture until the count is reached or SIGINT/SIGTERM; then flush the output and
@@ -126,7 +133,8 @@ class LiveCapture:
             return None
         kdrop, pcap_ifdrop = self.engine.drops() if self.engine else self.final_drops
         ifdrop = max(pcap_ifdrop, cap.interface_rx_drops(self.iface) - self.if_drops0)
-        return {"records": c.records, "frames": c.frames, "foreign": c.foreign,
+        return {"records": c.records, "s2c_records": c.s2c_records, "frames": c.frames,
+                "foreign": c.foreign,
                 "supersegs": c.supersegs, "split_records": c.split_records,
                 "truncated": c.truncated, "kernel_drops": kdrop, "if_drops": ifdrop,
                 "shed_sessions": c.shed_sessions, "shed_packets": c.shed_packets,
@@ -136,8 +144,9 @@ class LiveCapture:
         d = self.counters()
         if d is None:
             return None
-        return (f"{d['records']} packets written, {d['frames']} captured, {d['foreign']} not "
-                f"inbound TCP to this host, {d['supersegs']} super-segments split into "
+        s2c = f"{d['s2c_records']} server to client, " if self.server_half else ""
+        return (f"{d['records']} packets written, {s2c}{d['frames']} captured, {d['foreign']} "
+                f"not inbound TCP to this host, {d['supersegs']} super-segments split into "
                 f"{d['split_records']}, {d['truncated']} truncated, {d['shed_sessions']} "
                 f"sessions shed ({d['shed_packets']} packets), {d['kernel_drops']} "
                 f"dropped by kernel, {d['if_drops']} dropped by interface, "

@@ -322,6 +322,11 @@ class Reassembler:
 # inputs: capture files and record streams
 # ---------------------------------------------------------------------------------------
 
+#: the record kinds that hold a capture's packets: the client half ("pkt", both halves in a
+#: stream from a pcap) and the server half of tc-capture --server-half ("s2c")
+CAPTURE_KINDS = ("pkt", "s2c")
+
+
 def is_capture(head: bytes) -> bool:
     """True if these first bytes start a pcap or pcapng file."""
     from tcpcopylib.pcapio import (PCAP_MAGIC_MODIFIED, PCAP_MAGIC_NS, PCAP_MAGIC_US,

@@ -7,8 +7,8 @@ against cbor2 (the golden test). A scanner that meets anything else says so (Non
 caller decodes with cbor2, so a record of another layout is read all the same.
 
 - heads: cbor_head, encode_uint, encode_text;
-- pkt and fb records: encode_pkt, encode_pkt_sid, encode_fb, and the parts for an encoder
-  inlined in a loop (PKT_START1...); scan_record, fast_record, replace_ts; the
+- pkt, s2c and fb records: encode_pkt, encode_pkt_sid, encode_s2c, encode_fb, and the
+  parts for an encoder inlined in a loop (PKT_START1...); scan_record, fast_record, replace_ts; the
   usual fb record of tc-intercept: fb_spans, fb_prefix;
 - batches (pkts records): encode_pkts, PendingBatch, scan_batch and its readers;
 - claim records: claim_head, claim_entry, scan_claim;
@@ -32,6 +32,7 @@ LABEL = bytes.fromhex("d9d9f8da5443505243424f52")
 # Record types (the "t" key).
 T_HEADER = "header"
 T_PKT = "pkt"        # an IP datagram: ts (int ns), data (IPv4/IPv6 bytes), [len, sid]
+T_S2C = "s2c"        # the server->client half of a capture: keys as pkt (never replayed)
 T_PKTS = "pkts"      # a batch of whole datagrams, as columns (see encode_pkts)
 T_FB = "fb"          # feedback: a target's reply (IP+TCP headers, maybe payload)
 T_CLAIM = "claim"    # feedback client -> tc-feedback: sessions it owns
@@ -82,6 +83,8 @@ def encode_text(text: str) -> bytes:
 
 _T_PKT = b"\x61t\x63pkt"  # "t": "pkt" (after the map head)
 _T_FB = b"\x61t\x62fb"
+_T_S2C = b"\x61t\x63s2c"
+_T_BYTES = {T_PKT: _T_PKT, T_FB: _T_FB, T_S2C: _T_S2C}
 _TS_KEY = b"\x62ts"
 _DATA_KEY = b"\x64data"
 _LEN_KEY = b"\x63len"
@@ -97,11 +100,14 @@ _PKT_TS, _FB_TS = 1 + len(_PKT_HEAD), 1 + len(_FB_HEAD)  # offsets of the ts val
 # that one struct packs (8-byte ts; data of 24..255 bytes, 256..65535 with the 2s):
 #   a pkt record:   PKT_START1.pack(PKT_MAP3, ts, DATA1, n) + data
 #                   PKT_START2.pack(PKT_MAP3, ts, DATA2, n) + data
+#   an s2c record:  the same with S2C_MAP3 (as long as PKT_MAP3: the same structs pack it)
 #   an fb record:   FB_START.pack(FB_MAP4, ts, DATA1, n) + data + LEN1.pack(LEN1_KEY, length)
 #                   (a "len" of 24..255; 256..65535: LEN2, LEN2_KEY)
 DATA1, DATA2 = _DATA_KEY + b"\x58", _DATA_KEY + b"\x59"  # "data": 1-/2-byte length
 PKT_MAP3 = _MAP[3] + _PKT_HEAD  # {"t", "ts", "data"}, up to the ts value
 PKT_MAP4 = _MAP[4] + _PKT_HEAD  # the same with one more key after the data
+S2C_MAP3 = _MAP[3] + _T_S2C + _TS_KEY + _TS8  # {"t": "s2c", "ts", "data"}, up to the ts
+assert len(S2C_MAP3) == len(PKT_MAP3)
 PKT_START1 = struct.Struct(f">{len(PKT_MAP3)}sQ{len(DATA1)}sB")
 PKT_START2 = struct.Struct(f">{len(PKT_MAP3)}sQ{len(DATA2)}sH")
 FB_MAP4 = _MAP[4] + _FB_HEAD  # {"t", "ts", "data", "len"}, up to the ts value
@@ -120,7 +126,7 @@ def _general_pkt(t: str, ts, data, extra: tuple) -> bytes:
     negative ts: never written by our tools, but cbor2 knows how)."""
     if type(ts) is int and 0 <= ts < 1 << 64 and all(
             type(v) is int and 0 <= v < 1 << 64 for _, v in extra):
-        parts = [_MAP[3 + len(extra)], _T_PKT if t == T_PKT else _T_FB, _TS_KEY,
+        parts = [_MAP[3 + len(extra)], _T_BYTES[t], _TS_KEY,
                  cbor_head(0, ts), _DATA_KEY, cbor_head(2, len(data)), data]
         for key, v in extra:
             parts += (_LEN_KEY if key == "len" else _SID_KEY, cbor_head(0, v))
@@ -140,6 +146,17 @@ def encode_pkt(ts: int, data, orig_len: int | None = 0) -> bytes:
             return PKT_START1.pack(PKT_MAP3, ts, DATA1, n) + data
         return PKT_START2.pack(PKT_MAP3, ts, DATA2, n) + data
     return _general_pkt(T_PKT, ts, data, (("len", orig_len),) if orig_len else ())
+
+
+def encode_s2c(ts: int, data, orig_len: int | None = 0) -> bytes:
+    """cbor2.dumps({"t": "s2c", "ts": ts, "data": data[, "len": orig_len]}), byte for
+    byte: a server->client packet of a capture (tc-capture --server-half), as encode_pkt."""
+    n = len(data)
+    if not orig_len and 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF and 24 <= n < 0x10000:
+        if n < 256:
+            return PKT_START1.pack(S2C_MAP3, ts, DATA1, n) + data
+        return PKT_START2.pack(S2C_MAP3, ts, DATA2, n) + data
+    return _general_pkt(T_S2C, ts, data, (("len", orig_len),) if orig_len else ())
 
 
 def encode_pkt_sid(ts: int, data, sid: int) -> bytes:

@@ -655,13 +655,14 @@ class Live:
 
 def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, tee=None,
                capture_args=(), capture_filter=None, session_args=(), pace_args=(),
-               emit_args=(), feedback=True, feedback_env=False) -> Live:
+               emit_args=(), feedback=True, feedback_env=False, replies=None) -> Live:
     """Start, on online: tc-capture IFACE | [tee FILE |] tc-session | tc-pace | tc-emit.
 
     The feedback side (tc-intercept | tc-feedback) runs in the assistant, reached over a
     Unix socket (feedback=True) or across hosts over TCP (feedback="tcp"); feedback=False
     runs tc-session --no-feedback; feedback_env passes the address in $TC_FEEDBACK instead
-    of --feedback. IFACE defaults to
+    of --feedback; replies: a file for the target's replies with payload (as replay()).
+    IFACE defaults to
     the online host's client-facing interface, the capture filter (capture_filter; "" for
     none) to 'tcp dst port PORT'; capture_args are options put before IFACE.
     Returns once tc-capture is capturing; the caller starts the target's server and ends
@@ -680,7 +681,7 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
             fbprocs, addr = start_feedback_tcp(lab, tport)
             procs.update(fbprocs)
         elif feedback:
-            fbprocs, addr = start_feedback(lab, workdir, tport)
+            fbprocs, addr = start_feedback(lab, workdir, tport, replies=replies)
             procs.update(fbprocs)
         target = f"[{lab.target_ip6}]:{tport}" if v6 else f"{lab.target_ip}:{tport}"
         env = tool_env()

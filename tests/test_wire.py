@@ -17,7 +17,7 @@ import pytest
 
 from tcpcopylib import wire
 from tcpcopylib.wire import (PendingBatch, claim_entry, claim_head, encode_fb, encode_pkt,
-                             encode_pkt_sid, encode_pkts, encode_text, encode_uint,
+                             encode_pkt_sid, encode_pkts, encode_s2c, encode_text, encode_uint,
                              fast_record, fb_prefix, fb_spans, fb_ts, scan_item)
 
 TS = 1_700_000_000_123_456_789
@@ -46,9 +46,12 @@ def test_every_hand_encoder_is_cbor2s_encoding():
         for n in _BOUNDS:
             data = _data(n)
             assert encode_pkt(ts, data) == cbor2.dumps({"t": "pkt", "ts": ts, "data": data})
+            assert encode_s2c(ts, data) == cbor2.dumps({"t": "s2c", "ts": ts, "data": data})
             for ln in (1, 23, 24, 1500, 70000, 2**32):
                 assert encode_pkt(ts, data, ln) == cbor2.dumps(
                     {"t": "pkt", "ts": ts, "data": data, "len": ln}), (ts, n, ln)
+                assert encode_s2c(ts, data, ln) == cbor2.dumps(
+                    {"t": "s2c", "ts": ts, "data": data, "len": ln}), (ts, n, ln)
             for sid in _UINTS:
                 assert encode_pkt_sid(ts, data, sid) == cbor2.dumps(
                     {"t": "pkt", "ts": ts, "data": data, "sid": sid}), (ts, n, sid)
@@ -56,11 +59,12 @@ def test_every_hand_encoder_is_cbor2s_encoding():
                 assert encode_fb(ts, data, ln) == cbor2.dumps(
                     {"t": "fb", "ts": ts, "data": data, "len": ln}), (ts, n, ln)
     assert encode_pkt(TS, memoryview(b"x" * 30)) == encode_pkt(TS, b"x" * 30)
-    # the start of a pkt record that tc-capture's batch loop packs inline...
+    # the start of a pkt (or s2c) record that tc-capture's batch loop packs inline...
     for n in (24, 255, 256, 65535):
-        start = (wire.PKT_START1.pack(wire.PKT_MAP3, TS, wire.DATA1, n) if n < 256 else
-                 wire.PKT_START2.pack(wire.PKT_MAP3, TS, wire.DATA2, n))
-        assert start + _data(n) == cbor2.dumps({"t": "pkt", "ts": TS, "data": _data(n)})
+        for t, head in (("pkt", wire.PKT_MAP3), ("s2c", wire.S2C_MAP3)):
+            start = (wire.PKT_START1.pack(head, TS, wire.DATA1, n) if n < 256 else
+                     wire.PKT_START2.pack(head, TS, wire.DATA2, n))
+            assert start + _data(n) == cbor2.dumps({"t": t, "ts": TS, "data": _data(n)})
     # ... and an fb record, tc-intercept's
     for n in (24, 255):
         for length in (24, 255, 256, 65535):
@@ -122,6 +126,7 @@ def test_the_stages_use_these_encoders():
     from tcpcopylib.session import runner
 
     assert capture.encode_pkt is pcapio.encode_pkt is encode_pkt
+    assert capture.encode_s2c is encode_s2c
     assert runner.encode_pkt is encode_pkt_sid
     assert intercept.encode_fb is encode_fb
 
@@ -129,7 +134,7 @@ def test_the_stages_use_these_encoders():
 def test_no_module_but_wire_spells_the_layout():
     """The record keys and the label as CBOR bytes appear in wire.py only (a copy of the
     layout elsewhere would drift from it)."""
-    layout = re.compile(rb'b"[^"\n]*\\x(?:61t|62ts|62fb|63pkt|64data|63len|63sid|d9\\xd9)')
+    layout = re.compile(rb'b"[^"\n]*\\x(?:61t|62ts|62fb|63pkt|63s2c|64data|63len|63sid|d9\\xd9)')
     lib = Path(wire.__file__).parent
     found = [str(p.relative_to(lib)) for p in sorted(lib.rglob("*.py"))
              if p.name != "wire.py" and layout.search(p.read_bytes())]

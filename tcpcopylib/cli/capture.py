@@ -1,5 +1,6 @@
-"""tc-capture: live capture of client->server TCP packets as "pkt" records (the capture
-itself: tcpcopylib.livecapture)."""
+"""tc-capture: live capture of client->server TCP packets as "pkt" records, and with
+--server-half the server's answers as "s2c" records (the capture itself:
+tcpcopylib.livecapture)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ class Tool(BaseTool):
     epilog = """examples:
   tc-capture eth0 | tc-session --target 10.0.0.5:8080 | tc-pace | tc-emit
   tc-capture -i eth0 -F 'tcp dst port 80' -c 1000 -w cap.cbor
-  tc-capture any 'tcp dst port 80' --stats | tc-dump"""
+  tc-capture any 'tcp dst port 80' --stats | tc-dump
+  tc-capture eth0 'tcp port 80' --server-half -w orig.cbor    (an ORIGINAL for tc-diff)"""
     interrupt_is_success = True
 
     def __init__(self, *a, **kw):
@@ -55,6 +57,11 @@ class Tool(BaseTool):
         p.add_argument("-m", "--max-memory", type=int, default=0, metavar="MB",
                        help="above MB of resident memory, shed new sessions (counted) "
                             "instead of growing (default: no limit)")
+        p.add_argument("-S", "--server-half", action="store_true",
+                       help="also keep the server->client half: what local servers (ports "
+                            "with a listening socket here) send, as \"s2c\" records, which "
+                            "no replaying stage sends; the filter must let both directions "
+                            "through ('tcp port 80', not 'tcp dst port 80')")
         p.add_argument("-B", "--buffer-size", type=int, default=32768, metavar="KIB",
                        help="kernel capture buffer in KiB (default 32768)")
 
@@ -86,7 +93,7 @@ class Tool(BaseTool):
             self.name, iface, expr, engine=args.engine, snaplen=args.snaplen,
             buffer_kib=args.buffer_size, mtu=args.mtu, count=args.count,
             max_memory_mb=args.max_memory, warn=self.warn, verbose=args.verbose,
-            elapsed=self.elapsed)
+            elapsed=self.elapsed, server_half=args.server_half)
         live.open(self.stdout_fd, None if args.write == "-" else args.write)
         self.info(live.describe())
         live.run()

@@ -30,7 +30,8 @@ class Tool(BaseTool):
         mode.add_argument("--json", action="store_true",
                           help="JSON Lines, every record and field (bytes as {\"$bytes\": base64})")
         mode.add_argument("--pcap", action="store_true",
-                          help="a nanosecond pcap (LINKTYPE_RAW) of the pkt records")
+                          help="a nanosecond pcap (LINKTYPE_RAW) of the pkt (and s2c) "
+                               "records")
         mode.add_argument("--from-json", action="store_true",
                           help="read JSON Lines (as --json writes them), write a record stream")
         p.add_argument("--fb", action="store_true",
@@ -112,7 +113,7 @@ class Tool(BaseTool):
         from tcpcopylib.pcapio import PcapWriter
 
         writer = PcapWriter(self.stdout_fd)
-        kinds = ("pkt", "fb") if args.fb else ("pkt",)
+        kinds = ("pkt", "s2c", "fb") if args.fb else ("pkt", "s2c")
         write_pcap(self._records(args.files, writer.flush), writer, kinds, self.counts)
         return 0
 

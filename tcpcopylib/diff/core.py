@@ -20,7 +20,7 @@ import fnmatch
 from tcpcopylib.diff import http, raw, resp
 from tcpcopylib.diff.model import Message
 from tcpcopylib.errors import StreamError
-from tcpcopylib.reassembly import Reassembler, file_packets
+from tcpcopylib.reassembly import CAPTURE_KINDS, Reassembler, file_packets
 
 PROTOCOLS = {"http": http, "resp": resp, "raw": raw}
 FAILED = ("closed_early", "reset_by_target", "no_synack", "capture_gap", "timed_out",
@@ -214,12 +214,15 @@ class Differ:
         target_ports = {rp.conns[0][1][1] for rp in replays if rp.conns} | {
             rp.rec["target"][1] for rp in replays}
         orig = Reassembler(server_ports, self.opts.limit)
-        for ts, ip in file_packets(original, kinds=("pkt",)):
+        for ts, ip in file_packets(original, kinds=CAPTURE_KINDS):
             orig.add(ts, ip)
         conns = [c for c in orig.connections() if c.server[1] in server_ports and c.c2s.segs]
         if not conns:
             raise InputError(f"{original}: no connection to the replayed server ports "
                              f"{sorted(server_ports)} (is it the capture that was replayed?)")
+        if not any(c.s2c.syn or c.s2c.segs for c in conns):
+            raise InputError(f"{original}: no server->client packets (capture both "
+                             f"directions: tcpdump, or tc-capture --server-half)")
         tr = TargetReplies(targets, target_ports, self.opts.limit)
         if tr.fb and not any(c.s2c.segs for c in tr.r.connections()):
             raise InputError("the target's replies carry no payload: capture them with "

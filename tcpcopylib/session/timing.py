@@ -46,9 +46,11 @@ class DueQueue:
     def push_records(self, items, now: int, other, drop=None) -> int:
         """push(ts, data) for each packet: a (ts, data) tuple, or a "pkt" record with bytes
         data (the others of that type are dropped); other(record) for records of any other
-        type, in order. (StreamParser.feed(mode=AS_PKT) gives such items.) Packets for
-        which drop(data) is true still count for the anchor but are not queued; returns
-        how many were dropped so."""
+        type, in order, but "s2c": the server half of a capture (tc-capture --server-half)
+        is dropped, as the server->client packets of a pcap are (passed on, its capture
+        times would set a tc-pace downstream against our due times). (StreamParser.feed(
+        mode=AS_PKT) gives such items.) Packets for which drop(data) is true still count for
+        the anchor but are not queued; returns how many were dropped so, s2c records too."""
         append, asap = self.q.append, self.asap
         last = self.last_due
         dropped = 0
@@ -60,8 +62,12 @@ class DueQueue:
             if type(item) is tuple:
                 ts, data = item
             else:
-                if item.get("t") != "pkt":
-                    other(item)
+                t = item.get("t")
+                if t != "pkt":
+                    if t == "s2c":
+                        dropped += 1
+                    else:
+                        other(item)
                     continue
                 data = item.get("data")
                 if not isinstance(data, (bytes, bytearray)):
