@@ -2,7 +2,7 @@
 """Socket mode beside forged mode: sessions/s and CPU per session on the same capture.
 
     python3 bench/bench_socket.py [--sessions N] [--rate R] [--requests K] [--speeds 2,4]
-                                  [--repeat N] [--server nginx|python]
+                                  [--repeat N] [--server nginx|python] [--builds compiled,pure]
 
 Generates the recording of bench_session.py (N short HTTP/1.1 sessions of K requests,
 client closes first, arriving at R/s), then for each speed S, in a fresh namespace lab and
@@ -18,6 +18,11 @@ sessions completed, and the CPU seconds per 1,000 sessions of the replay's own p
 (wait4: user + system, the system part in brackets; forged mode counts tc-readpcap,
 tc-session, tc-emit, tc-intercept and tc-feedback, socket mode tc-readpcap and tc-session;
 the target's CPU is apart). Then the ratios forged / socket. Needs root for the lab (socket mode itself does not).
+
+Both modes run on the same build of the engine, one build at a time (--builds: "compiled",
+the Cython-built engine, which socket mode's SocketEngine subclasses like any Python class,
+and "pure", TCPCOPY_PURE=1; default both if the compiled build is there); within a build the
+two modes alternate, the one that goes first changing with each repeat.
 """
 
 from __future__ import annotations
@@ -77,6 +82,13 @@ def run_forged(pcap, speed, kind, workdir, timeout):
     return wall, stats, served, errs, cpu
 
 
+def engine_build() -> str:
+    """Which engine the tools run ("compiled" or "pure"), as tc-session --version says."""
+    out = subprocess.run([h.tool("tc-session"), "--version"], capture_output=True, text=True,
+                         env=h.tool_env()).stdout
+    return "compiled" if "compiled" in out else "pure"
+
+
 def report(mode, speed, wall, stats, served, errs, cpu, sessions):
     nreq, nsess, span = served
     span = max(span, 1e-3)
@@ -104,6 +116,9 @@ def main(argv=None):
     ap.add_argument("--server", choices=("nginx", "python"),
                     default="nginx" if shutil.which("nginx") else "python")
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--builds", default=None,
+                    help="engine builds to run, in order: compiled,pure (default both when "
+                         "the compiled build is there, else pure)")
     ap.add_argument("--keep", help="keep the work directory here")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -117,24 +132,40 @@ def main(argv=None):
           f"{a.rate:.0f} sessions/s; target {a.server}")
     print(f"{'mode':>6} {'speed':<5} {'sessions/s':>10} {'req/s':>9} {'completed':>13} "
           f"{'CPU s':>7} {'CPU s/1k':>9}  (per tool)")
+    os.environ.pop("TCPCOPY_PURE", None)
+    builds = (a.builds.split(",") if a.builds else
+              ["compiled", "pure"] if engine_build() == "compiled" else ["pure"])
     res: dict = {}
-    for speed in [float(x) for x in a.speeds.split(",")]:
-        for _ in range(max(a.repeat, 1)):
-            for mode, fn in (("forged", run_forged), ("socket", run_socket)):
-                rd = work / f"{mode}-{speed:g}"
-                shutil.rmtree(rd, ignore_errors=True)
-                rd.mkdir()
-                out = fn(pcap, speed, a.server, rd, a.timeout)
-                res.setdefault((mode, speed), []).append(
-                    report(mode, speed, *out, a.sessions))
+    for build in builds:
+        if build == "pure":
+            os.environ["TCPCOPY_PURE"] = "1"  # (the tools' environment: h.tool_env)
+        else:
+            os.environ.pop("TCPCOPY_PURE", None)
+        runs = engine_build()
+        if runs != build:
+            print(f"bench_socket: asked for the {build} engine, the tools run the {runs} one",
+                  file=sys.stderr)
+            return 1
+        print(f"-- engine: {build}")
+        for speed in [float(x) for x in a.speeds.split(",")]:
+            for rep in range(max(a.repeat, 1)):
+                modes = [("forged", run_forged), ("socket", run_socket)]
+                for mode, fn in modes if rep % 2 == 0 else modes[::-1]:
+                    rd = work / f"{build}-{mode}-{speed:g}"
+                    shutil.rmtree(rd, ignore_errors=True)
+                    rd.mkdir()
+                    out = fn(pcap, speed, a.server, rd, a.timeout)
+                    res.setdefault((build, mode, speed), []).append(
+                        report(mode, speed, *out, a.sessions))
+    os.environ.pop("TCPCOPY_PURE", None)
     print("ratios forged / socket (medians):")
-    for speed in sorted({s for _, s in res}):
-        f, s = res[("forged", speed)], res[("socket", speed)]
+    for build, _, speed in sorted({(b, 0, s) for b, _, s in res}):
+        f, s = res[(build, "forged", speed)], res[(build, "socket", speed)]
         rate_f = statistics.median(x[0] for x in f)
         rate_s = statistics.median(x[0] for x in s)
         cpu_f = statistics.median(x[1] for x in f)
         cpu_s = statistics.median(x[1] for x in s)
-        print(f"  x{speed:g}: sessions/s {rate_f:.0f} vs {rate_s:.0f} "
+        print(f"  {build} x{speed:g}: sessions/s {rate_f:.0f} vs {rate_s:.0f} "
               f"({rate_s / max(rate_f, 1e-9):.2f}x); CPU per 1,000 sessions {cpu_f:.3f} s vs "
               f"{cpu_s:.3f} s: socket mode {cpu_f / max(cpu_s, 1e-9):.1f}x lighter")
     if not a.keep:

@@ -317,3 +317,58 @@ def test_forged_only_options_are_refused_with_socket():
         assert r.returncode == 2 and b"forged mode" in r.stderr, (opt, r.stderr)
     r = tc.run(["tc-session", "--keep", "--target", "127.0.0.1:80"], input=b"")
     assert r.returncode == 2 and b"--keep goes with --socket" in r.stderr
+
+
+def test_each_connection_costs_few_syscalls(tmp_path, procs):
+    """The kernel does the TCP work; what socket mode asks of it per connection is kept
+    small (bench/bench_socket.py measured these calls as most of its CPU): one socket(),
+    non-blocking from its creation (no FIONBIO); the local address asked once; SO_ERROR only
+    of a connect() that failed (none here); no epoll_ctl to take out a socket being closed
+    (close() does it)."""
+    import shutil
+
+    from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_SYN, build_tcp, ip_bytes
+
+    strace = shutil.which("strace")
+    assert strace, "strace missing (apt-get install strace, as .ci/run does)"
+    port = recording_server(procs, tmp_path, "target")
+    cli, srv = ip_bytes("10.1.0.7"), ip_bytes("10.1.0.80")
+    n, t0, recs, wanted = 20, 1_700_000_000 * 10**9, [], []
+    for i in range(n):
+        sport, isn, ts = 30000 + i, 1000 * i, t0 + i * 2_000_000
+        req = f"GET /s{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        wanted.append(req)
+        for k, (seq, flags, payload) in enumerate([
+                (isn, TH_SYN, b""), (isn + 1, TH_ACK, b""), (isn + 1, TH_PSH | TH_ACK, req),
+                (isn + 1 + len(req), TH_FIN | TH_ACK, b"")]):
+            ack = 0 if flags == TH_SYN else 501
+            recs.append({"t": "pkt", "ts": ts + k * 100_000, "data": build_tcp(
+                cli, srv, sport, 80, seq, ack, flags, payload=payload)})
+    records = tmp_path / "gen.cbor"
+    records.write_bytes(tc.stream(recs))
+    trace, stats = tmp_path / "trace", tmp_path / "stats.json"
+    env = tc.env()
+    env["PYTHONPATH"] = str(tc.REPO)
+    r = subprocess.run([strace, "-f", "-qq", "-o", trace, "-e",
+                        "trace=socket,ioctl,getsockname,getsockopt,epoll_ctl",
+                        tc.BIN / "tc-session", "--socket", "-x", f"80-127.0.0.1:{port}",
+                        "--stats-json", stats, records],
+                       capture_output=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr.decode()
+    st = json.loads(stats.read_text())
+    assert st["outcomes"]["completed"] == n and st["connects"] == n, st
+    got = sorted(p.read_bytes() for p in (tmp_path / "target").glob("*.bin"))
+    assert got == sorted(wanted)
+    calls = [ln.split(None, 1)[1] for ln in trace.read_text().splitlines()
+             if " " in ln and "resumed>" not in ln]
+    tcp_sockets = [c for c in calls if c.startswith("socket(AF_INET, SOCK_STREAM")]
+    assert len(tcp_sockets) == n and all("SOCK_NONBLOCK" in c for c in tcp_sockets), \
+        tcp_sockets[:3]
+    fds = {c.rsplit("=", 1)[1].strip() for c in tcp_sockets}  # (the loop's own fds differ)
+    assert not [c for c in calls if c.startswith("ioctl(") and "FIONBIO" in c
+                and c[6:].split(",", 1)[0] in fds]
+    assert sum(c.startswith("getsockname(") for c in calls) == n
+    assert not [c for c in calls if "SO_ERROR" in c]
+    ctl = [c for c in calls if c.startswith("epoll_ctl(")]
+    assert not [c for c in ctl if "EPOLL_CTL_DEL" in c], ctl[:6]
+    assert len(ctl) <= 2 * n, ctl[:6]  # the connect watched for EPOLLOUT, then EPOLLIN

@@ -144,8 +144,8 @@ class SocketEngine(Engine):
         fam = socket.AF_INET if len(tip) == 4 else socket.AF_INET6
         sock = local = None
         try:
-            sock = socket.socket(fam, socket.SOCK_STREAM)
-            sock.setblocking(False)
+            # non-blocking from the start (setblocking() would be one more syscall)
+            sock = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # bytes at their time
             local = self._local_address(s, len(tip))
             if local is not None:
@@ -192,11 +192,7 @@ class SocketEngine(Engine):
         if conn is None or conn.sock is None:
             return
         self.by_fd.pop(conn.fd, None)
-        if conn.events:
-            try:
-                self.ep.unregister(conn.fd)
-            except OSError:
-                pass
+        conn.events = 0  # (close() takes the socket out of the epoll set: no epoll_ctl)
         if conn.abort:
             try:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
@@ -343,7 +339,9 @@ class SocketEngine(Engine):
         self.now = now
         conn = s.conn
         if s.state == SYN_SENT:
-            err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            # a failed connect() shows as EPOLLERR: only then ask why (SO_ERROR)
+            err = (conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                   if events & (select.EPOLLERR | select.EPOLLHUP) else 0)
             if err:
                 self._connect_failed(s, err, now)
             else:
@@ -355,17 +353,19 @@ class SocketEngine(Engine):
                 return
         if events & select.EPOLLOUT:
             conn.blocked = False
-        if s.queue or conn.blocked:
-            self._push(s, now, arm=False)
+        pushed = bool(s.queue or conn.blocked)
+        if pushed:
+            self._push(s, now, arm=False)  # (it sets the epoll interest)
             if s.state != ESTAB:
                 return
-        else:
-            self._watch(s, 0 if conn.reads_done else _EV_IN)
         if s.fin_sent:
             self._sync_acked(s)
             self._check_closed(s, now)
-        if s.state != DONE:
-            self._arm(s)
+            if s.state == DONE:
+                return  # (closed: no epoll_ctl for a socket close() takes out)
+        if not pushed:
+            self._watch(s, 0 if conn.reads_done else _EV_IN)
+        self._arm(s)
 
     def _established(self, s, now):
         conn = s.conn
@@ -374,8 +374,7 @@ class SocketEngine(Engine):
         s.last_rx = now
         s.t_base = 1  # the target's bytes count from 1 in kept records (its ISN is 0)
         s.mark = 0
-        s.group_t = now
-        s.cip, s.cport = _packed(conn.sock.getsockname())
+        s.group_t = now  # (s.cip, s.cport: connect() chose them, _attach read them)
         if self.smap is not None:
             self.smap.established(s.sid, now)
         if self.keep is not None:
@@ -429,7 +428,7 @@ class SocketEngine(Engine):
         s.t_fin_first = not s.fin_sent
         if not s.fin_sent:
             s.linger_at = now + self.cfg.linger
-        self._watch(s, _EV_OUT if s.conn.blocked else 0)
+        # (the epoll interest without EPOLLIN: socket_event sets it, if still open)
 
     def _broken(self, s, err, now):
         """The connection failed under us: a reset (forged mode's path for an RST), or the
