@@ -40,10 +40,6 @@ class Tool(BaseTool):
             return super().stats_dict()
         return {**em.as_dict(), "ignored": self.ignored, "summary": self.stats_line()}
 
-    def _new_error(self, name, exc):
-        self.warn(f"warning: send failed: {name} ({exc.strerror or exc}); "
-                  f"counting further {name} failures silently")
-
     def run(self, args):
         from tcpcopylib.emit import Emitter
         from tcpcopylib.records import RecordReader
@@ -56,7 +52,7 @@ class Tool(BaseTool):
             sender.close()
             raise
         # batches of up to 64 per sendmmsg; what is pending goes out before a read may block
-        self.emitter = em = Emitter(sender, self._new_error)
+        self.emitter = em = Emitter(sender, send_error_warner(self.warn))
         emit = em.emit
         try:
             for fd, name in fds:
@@ -102,6 +98,14 @@ def check_sender_arguments(args) -> None:
         parse_mac(args.dst_mac)
         if args.src_mac:
             parse_mac(args.src_mac)
+
+
+def send_error_warner(warn):
+    """An Emitter's on_new_error(name, exc): one warning per kind of send error."""
+    def on_new_error(name, exc):
+        warn(f"warning: send failed: {name} ({exc.strerror or exc}); "
+             f"counting further {name} failures silently")
+    return on_new_error
 
 
 def open_sender(args):

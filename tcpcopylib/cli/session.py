@@ -101,16 +101,12 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             # tcpcopy-records(5))
             writer = StageWriter(self.stdout_fd, self.name, bufsize=1 << 62)
             return PacketOutput(writer, args.batch)
-        from tcpcopylib.cli.emit import open_sender
+        from tcpcopylib.cli.emit import open_sender, send_error_warner
         from tcpcopylib.emit import Emitter
 
         self.sender = open_sender(args)  # no raw socket: exit 77
-        self.sent = SendOutput(Emitter(self.sender, self._send_error))
+        self.sent = SendOutput(Emitter(self.sender, send_error_warner(self.warn)))
         return self.sent
-
-    def _send_error(self, name, exc):
-        self.warn(f"warning: send failed: {name} ({exc.strerror or exc}); "
-                  f"counting further {name} failures silently")
 
     def _feedback_client(self, args):
         """The FeedbackClient of --feedback/--key (not yet connected); None with

@@ -149,8 +149,8 @@ def _send(g) -> None:
 
     g.add_argument("--send", action=_SendAction,
                    help="send the packets from this process, as `| tc-pace | tc-emit` "
-                        "would (same packets, same times, less CPU; nothing on stdout); "
-                        "needs root or CAP_NET_RAW")
+                        "would (the same packets in the same order, without the hops' "
+                        "delay; less CPU; nothing on stdout); needs root or CAP_NET_RAW")
     add_sender_arguments(g)
 
 
