@@ -3,6 +3,7 @@
 
     python3 bench/bench_live.py [--rates 500,1000,2000,3000] [--duration 10] [--conns 20]
                                 [--close] [--client wrk|python] [--offloads]
+                                [--forms pipe,send] [--repeat N]
 
 For each rate R, in a fresh namespace lab:
 
@@ -18,6 +19,12 @@ requests in the online server's), the kernel drops of both captures (tc-capture 
 tc-intercept on the assistant), tc-session's failed sessions, and the CPU each tool used
 during the run (% of one core). --nice N runs the tools at nice N (the client and servers
 share the same cores in the lab). Needs root; every step is bounded.
+
+--forms pipe,send runs each rate in both forms of the online pipeline, alternating (--repeat
+N times each): "pipe" is `tc-session | tc-pace | tc-emit`, "send" is `tc-session --send`
+(the same packets sent from tc-session's process); each run also prints the online host's
+CPU (capture + session [+ pace + emit], user and system) per replayed session and per
+request, and the end the mean of each form and their ratio.
 """
 
 from __future__ import annotations
@@ -60,12 +67,20 @@ def start_nginx(lab, host, workdir):
     return srv, d / "access.log"
 
 
-def cpu_ticks(pid) -> int:
+ONLINE = ("tc-capture", "tc-session", "tc-pace", "tc-emit")  # the online host's stages
+
+
+def cpu_split(pid) -> tuple[int, int]:
+    """(utime, stime) of a process, in ticks."""
     try:
         f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0
-    return int(f[11]) + int(f[12])  # utime + stime
+        return 0, 0
+    return int(f[11]), int(f[12])
+
+
+def cpu_ticks(pid) -> int:
+    return sum(cpu_split(pid))
 
 
 def run_client(lab, a, rate, workdir) -> dict:
@@ -111,22 +126,25 @@ def kernel_drops(live) -> str:
             f"/{m.group(1) if m else '?'}")
 
 
-def run_rate(a, rate, workdir) -> dict:
+def run_rate(a, rate, workdir, form="pipe") -> dict:
     with Lab(offloads=a.offloads) as lab:
         onl, onl_log = start_nginx(lab, "online", workdir)
         tgt, tgt_log = start_nginx(lab, "target", workdir)
         live = h.start_live(lab, Path(workdir) / "live", port=PORT,
-                            capture_args=a.capture_arg, session_args=a.session_arg)
+                            capture_args=a.capture_arg, session_args=a.session_arg,
+                            send=form == "send")
         try:
-            pids = {n: live.procs[n].pid for n in TOOLS}
+            pids = {n: live.procs[n].pid for n in TOOLS if n in live.procs}
             for pid in pids.values() if a.nice else ():
                 os.setpriority(os.PRIO_PROCESS, pid, a.nice)
-            cpu0 = {n: cpu_ticks(p) for n, p in pids.items()}
+            cpu0 = {n: cpu_split(p) for n, p in pids.items()}
             t0 = time.monotonic()
             client = run_client(lab, a, rate, workdir)
             time.sleep(1.5)  # the last replies and FINs
             wall = time.monotonic() - t0
-            cpu = {n: (cpu_ticks(p) - cpu0[n]) / CLK / wall * 100 for n, p in pids.items()}
+            used = {n: tuple(x1 - x0 for x1, x0 in zip(cpu_split(p), cpu0[n]))
+                    for n, p in pids.items()}
+            cpu = {n: sum(used[n]) / CLK / wall * 100 for n in used}
         finally:
             live.stop()
         lab.stop(onl)  # nginx flushes its access log on exit
@@ -135,10 +153,13 @@ def run_rate(a, rate, workdir) -> dict:
     st = live.stats or {}
     failed = {k: v for k, v in st.get("outcomes", {}).items()
               if v and k not in ("completed", "reconnected")}
+    user = sum(used[n][0] for n in ONLINE if n in used) / CLK
+    system = sum(used[n][1] for n in ONLINE if n in used) / CLK
     return {"rate": rate, "client": client, "online": online_n, "target": target_n,
             "completion": 100.0 * target_n / online_n if online_n else 0.0,
-            "drops": kernel_drops(live), "failed": failed, "cpu": cpu,
-            "sessions": st.get("sessions", 0),
+            "drops": kernel_drops(live), "failed": failed, "cpu": cpu, "form": form,
+            "sessions": st.get("sessions", 0), "online_user_s": user, "online_sys_s": system,
+            "per_stage_s": {n: (used[n][0] / CLK, used[n][1] / CLK) for n in used},
             "rcs": {n: live.rc(n) for n in h.LIVE_CHAIN if n in live.procs}}
 
 
@@ -156,6 +177,11 @@ def main(argv=None) -> int:
                     help="extra tc-capture option (repeatable), e.g. --capture-arg=-s1600")
     ap.add_argument("--session-arg", action="append", default=[],
                     help="extra tc-session option (repeatable)")
+    ap.add_argument("--forms", default="pipe",
+                    help="pipe, send or pipe,send (alternating): the online pipeline with "
+                         "tc-pace | tc-emit, or tc-session --send (default pipe)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each form at each rate (default 1)")
     ap.add_argument("--nice", type=int, default=0,
                     help="run the pipeline's tools at this nice value (e.g. -10: ahead of "
                          "the client and servers sharing the machine)")
@@ -168,13 +194,28 @@ def main(argv=None) -> int:
           f"{'drops c+i/a':>11}  cpu % of a core: "
           + " ".join(f"{t.removeprefix('tc-'):>9}" for t in TOOLS))
     worst = 100.0
-    for rate in (int(r) for r in a.rates.split(",")):
+    forms = a.forms.split(",")
+    if not set(forms) <= {"pipe", "send"}:
+        ap.error("--forms: pipe, send or both")
+    per_session: dict = {f: [] for f in forms}
+    runs = [(int(rate), form) for rate in a.rates.split(",") for _ in range(a.repeat)
+            for form in forms]
+    for rate, form in runs:
         with tempfile.TemporaryDirectory(prefix="bench-live-") as wd:
-            r = run_rate(a, rate, wd)
+            r = run_rate(a, rate, wd, form)
         c = r["client"]
         print(f"{rate:>8} {c['rps']:>10.0f} {r['online']:>7} {r['target']:>7} "
-              f"{r['completion']:>8.2f}% {r['drops']:>11}  {'':16}"
-              + " ".join(f"{r['cpu'][t]:>9.0f}" for t in TOOLS), flush=True)
+              f"{r['completion']:>8.2f}% {r['drops']:>11}  {form:>16}"
+              + " ".join(f"{r['cpu'].get(t, 0):>9.0f}" for t in TOOLS), flush=True)
+        online_s = r["online_user_s"] + r["online_sys_s"]
+        if r["sessions"] and r["online"]:
+            us = online_s / r["sessions"] * 1e6
+            per_session[form].append((rate, us))
+            print(f"{'':8} online host CPU {online_s:.2f} s (user {r['online_user_s']:.2f}, "
+                  f"system {r['online_sys_s']:.2f}): {us:.0f} us per session "
+                  f"({r['sessions']}), {online_s / r['online'] * 1e6:.0f} us per request; "
+                  + ", ".join(f"{n.removeprefix('tc-')} {u:.2f}+{k:.2f}"
+                              for n, (u, k) in r["per_stage_s"].items() if n in ONLINE))
         notes = []
         if c["errors"] or c["rc"]:
             notes.append(f"client rc={c['rc']} errors: {c['errors']}")
@@ -186,6 +227,16 @@ def main(argv=None) -> int:
             print(f"{'':8} {n}")
         worst = min(worst, r["completion"])
     print(f"lowest completion: {worst:.2f}%")
+    for rate in sorted({rate for rate, _ in runs}):
+        means = {}
+        for form in forms:
+            xs = [us for r_, us in per_session[form] if r_ == rate]
+            if xs:
+                means[form] = sum(xs) / len(xs)
+                print(f"rate {rate}: {form}: online host CPU per session "
+                      + ", ".join(f"{x:.0f}" for x in xs) + f" us (mean {means[form]:.0f})")
+        if len(means) == 2 and means["pipe"]:
+            print(f"rate {rate}: send / pipe = {means['send'] / means['pipe']:.2f}")
     return 0
 
 

@@ -333,7 +333,9 @@ class Emitter:
 
     Counters: sent, failed (by errno name in ``errors``), fixed (checksums recomputed),
     skipped (by reason in ``skips``: malformed, truncated). ``on_new_error(name, exc)`` is
-    called once per error kind (from the sending thread).
+    called once per error kind (from the sending thread). ``before_send()``, if set, is
+    called before each batch leaves (tc-session --send sends its feedback claims there, so a
+    claim always goes out before the SYN that needs it).
     """
 
     def __init__(self, sender, on_new_error=None, batch: int = BATCH, threaded: bool = False):
@@ -345,6 +347,7 @@ class Emitter:
         self.errors: dict[str, int] = {}
         self.skips: dict[str, int] = {}
         self.pending: list[bytes] = []
+        self.before_send = None
         self._q = self._thread = None
         self._fail: BaseException | None = None
         if threaded:
@@ -390,6 +393,8 @@ class Emitter:
         if not self.pending:
             return
         datas, self.pending = self.pending, []
+        if self.before_send is not None:
+            self.before_send()
         if self._q is None:
             self._send(datas)
             return
@@ -438,6 +443,11 @@ class Emitter:
             self.errors[name] = seen + 1
             if not seen and self.on_new_error is not None:
                 self.on_new_error(name, e)
+
+    def as_dict(self) -> dict:
+        """The counters, as --stats-json shows them."""
+        return {"sent": self.sent, "failed": self.failed, "errors": dict(self.errors),
+                "fixed": self.fixed, "skips": dict(self.skips)}
 
     def summary(self) -> str:
         parts = [f"sent {self.sent}", f"failed {self.failed}"]

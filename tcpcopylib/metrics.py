@@ -232,10 +232,20 @@ def stage_of(tool: str) -> str:
     return tool.removeprefix("tc-")
 
 
+#: stats keys that hold the counters of a stage run in the tool's process (tc-session
+#: --send: tc-emit's), exported as that stage's (stage label), under that key in --stats-json
+CHAINED = {"tc-session": {"emit": "tc-emit"}}
+
+
 def samples(tool: str, stats: dict) -> list:
     """(family, labels dict, value, stats key or None) of a tool's stats dict."""
     out = []
-    flat = flatten({k: v for k, v in stats.items() if k not in HISTOGRAMS})
+    chained = CHAINED.get(tool, {})
+    for key, stage_tool in chained.items():
+        if isinstance(stats.get(key), dict):
+            for family, lab, v, k in samples(stage_tool, stats[key]):
+                out.append((family, {"stage": stage_of(stage_tool), **lab}, v, f"{key}.{k}"))
+    flat = flatten({k: v for k, v in stats.items() if k not in HISTOGRAMS and k not in chained})
     for spec in SPECS.get(tool, ()):
         key, family, labels = spec[:3]
         scale = spec[3] if len(spec) > 3 else 1

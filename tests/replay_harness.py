@@ -511,11 +511,14 @@ DRAIN = 30  # tc-session --drain for replays (seconds)
 
 def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=None,
            session_args=(), pace_args=(), timeout=120.0, start_target=True,
-           emit_args=(), trace=True, readpcap_args=(), replies=None) -> Replay:
+           emit_args=(), trace=True, readpcap_args=(), replies=None,
+           send=False) -> Replay:
     """Replay pcap into a recording server on the target; every process bounded and stopped.
 
     trace: tcpdump on the target's lan0 writes WORKDIR/target.pcap (for diagnosis).
     replies: a file for the target's replies with payload (for tc-diff).
+    send: the chain in one process, tc-readpcap | tc-session --send [EMIT_ARGS] (no
+    tc-pace, no tc-emit: pace_args must be empty).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -544,6 +547,9 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
                                  "--stats-json", str(stats_json), *map(str, session_args)]),
                  ("tc-pace", list(map(str, pace_args))),
                  ("tc-emit", list(map(str, emit_args)))]
+        if send:
+            assert not pace_args, "tc-session --send has no tc-pace after it"
+            chain = [*chain[:1], (chain[1][0], [*chain[1][1], "--send", *map(str, emit_args)])]
         prev = None
         for i, (name, args) in enumerate(chain):
             last = i == len(chain) - 1
@@ -554,7 +560,7 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
                 prev.p.stdout.close()
             procs[name] = p
             prev = p
-        if procs["tc-emit"].wait(timeout) is None:
+        if procs[chain[-1][0]].wait(timeout) is None:
             timed_out = True
         elapsed = time.monotonic() - t0
         if srv is not None:
@@ -655,8 +661,10 @@ class Live:
 
 def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, tee=None,
                capture_args=(), capture_filter=None, session_args=(), pace_args=(),
-               emit_args=(), feedback=True, feedback_env=False, replies=None) -> Live:
-    """Start, on online: tc-capture IFACE | [tee FILE |] tc-session | tc-pace | tc-emit.
+               emit_args=(), feedback=True, feedback_env=False, replies=None,
+               send=False) -> Live:
+    """Start, on online: tc-capture IFACE | [tee FILE |] tc-session | tc-pace | tc-emit
+    (send: tc-capture IFACE | [tee FILE |] tc-session --send [EMIT_ARGS], in one process).
 
     The feedback side (tc-intercept | tc-feedback) runs in the assistant, reached over a
     Unix socket (feedback=True) or across hosts over TCP (feedback="tcp"); feedback=False
@@ -696,6 +704,10 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
                                  "--stats-json", str(stats_json), *map(str, session_args)]),
                  ("tc-pace", [tool("tc-pace"), "--stats", *map(str, pace_args)]),
                  ("tc-emit", [tool("tc-emit"), "--stats", *map(str, emit_args)])]
+        if send:
+            assert not pace_args, "tc-session --send has no tc-pace after it"
+            chain[2][1].extend(["--send", *map(str, emit_args)])
+            chain = chain[:3]
         chain = [c for c in chain if c]
         prev = None
         for i, (name, argv) in enumerate(chain):

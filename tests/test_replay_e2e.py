@@ -42,6 +42,8 @@ def failed(stats):
 def replay_ok(rep, expect_rc=0):
     assert not rep.timed_out, f"replay did not finish in time\n{rep.diagnostics()}"
     for name in ("tc-readpcap", "tc-session", "tc-pace", "tc-emit"):
+        if name not in rep.procs:  # (tc-session --send: no tc-pace, no tc-emit)
+            continue
         assert rep.rc(name) == expect_rc, f"{name} exited {rep.rc(name)}\n{rep.diagnostics()}"
     assert rep.stats is not None, f"no --stats-json written\n{rep.diagnostics()}"
 
@@ -58,20 +60,26 @@ def assert_identical(rec, rep, n_streams, allow_remap=False):
 SCENARIOS = h.SCENARIOS
 
 
+@pytest.mark.parametrize("send", [False, True], ids=["pipe", "send"])
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_replay_scenario_byte_identical(lab, tmp_path, scenario, v6):
+def test_replay_scenario_byte_identical(lab, tmp_path, scenario, v6, send):
+    """Both forms: ... | tc-session | tc-pace | tc-emit, and tc-session --send."""
     args, server_kw = SCENARIOS[scenario]
     rec = h.record(lab, tmp_path / "rec", scenario, *args, server_kw=server_kw, v6=v6)
     assert rec.client["n_errors"] == 0, rec.client
     n = rec.client["conns"]
     rep = h.replay(lab, rec.pcap, tmp_path / "replay", server_kw=server_kw, v6=v6,
-                   timeout=TIMEOUT)
+                   timeout=TIMEOUT, send=send)
     replay_ok(rep)
+    assert ("tc-emit" in rep.procs) != send
     assert_identical(rec, rep, n)
     assert completed(rep.stats) == n, rep.stats
     assert failed(rep.stats) == 0, rep.stats
     assert rep.stats["sessions"] == n and rep.stats["fake_syn"] == 0, rep.stats
+    if send:  # every packet the engine made was sent, by tc-session itself
+        em = rep.stats["emit"]
+        assert em["sent"] == rep.stats["pkts_out"] > 0 and em["failed"] == 0, rep.stats
 
 
 # -- (2) a capture that starts mid-connection --------------------------------------------------

@@ -24,13 +24,7 @@ class Tool(BaseTool):
     def add_arguments(self, p) -> None:
         p.add_argument("files", nargs="*", default=["-"], metavar="FILE",
                        help="record streams to read in turn ('-' or none: stdin)")
-        p.add_argument("-o", "--interface", metavar="IFACE",
-                       help="send Ethernet frames on IFACE (AF_PACKET) instead of raw IP; "
-                            "needs --dst-mac")
-        p.add_argument("--dst-mac", metavar="MAC",
-                       help="destination MAC address of the frames sent with -o")
-        p.add_argument("--src-mac", metavar="MAC",
-                       help="source MAC address with -o (default: the interface's own)")
+        add_sender_arguments(p)
 
     def stats_line(self):
         if self.emitter is None:
@@ -44,28 +38,13 @@ class Tool(BaseTool):
         em = self.emitter
         if em is None:
             return super().stats_dict()
-        return {"sent": em.sent, "failed": em.failed, "errors": dict(em.errors),
-                "fixed": em.fixed, "skips": dict(em.skips), "ignored": self.ignored,
-                "summary": self.stats_line()}
-
-    def _new_error(self, name, exc):
-        self.warn(f"warning: send failed: {name} ({exc.strerror or exc}); "
-                  f"counting further {name} failures silently")
+        return {**em.as_dict(), "ignored": self.ignored, "summary": self.stats_line()}
 
     def run(self, args):
-        from tcpcopylib.emit import Emitter, LinkSender, RawSender, parse_mac
+        from tcpcopylib.emit import Emitter
         from tcpcopylib.records import RecordReader
 
-        if args.interface is None and (args.dst_mac or args.src_mac):
-            raise UsageError("--dst-mac/--src-mac need -o IFACE")
-        if args.interface is not None:
-            if not args.dst_mac:
-                raise UsageError("-o IFACE needs --dst-mac (tc-emit does no ARP)")
-            dst = parse_mac(args.dst_mac)
-            src = parse_mac(args.src_mac) if args.src_mac else None
-            sender = LinkSender(args.interface, dst, src)
-        else:
-            sender = RawSender()
+        sender = open_sender(args)
         # every input opens before anything is sent (missing file: 66)
         try:
             fds = [(self.open_input(p), "<stdin>" if p == "-" else p) for p in args.files]
@@ -73,7 +52,7 @@ class Tool(BaseTool):
             sender.close()
             raise
         # batches of up to 64 per sendmmsg; what is pending goes out before a read may block
-        self.emitter = em = Emitter(sender, self._new_error)
+        self.emitter = em = Emitter(sender, send_error_warner(self.warn))
         emit = em.emit
         try:
             for fd, name in fds:
@@ -93,6 +72,52 @@ class Tool(BaseTool):
                 em.close()
             finally:
                 sender.close()
+
+
+def add_sender_arguments(p) -> None:
+    """The options that choose how datagrams are sent (tc-emit's, and tc-session's with
+    --send)."""
+    p.add_argument("-o", "--interface", metavar="IFACE",
+                   help="send Ethernet frames on IFACE (AF_PACKET) instead of raw IP; "
+                        "needs --dst-mac")
+    p.add_argument("--dst-mac", metavar="MAC",
+                   help="destination MAC address of the frames sent with -o")
+    p.add_argument("--src-mac", metavar="MAC",
+                   help="source MAC address with -o (default: the interface's own)")
+
+
+def check_sender_arguments(args) -> None:
+    """Usage errors of the sender options (before anything is opened)."""
+    from tcpcopylib.emit import parse_mac
+
+    if args.interface is None and (args.dst_mac or args.src_mac):
+        raise UsageError("--dst-mac/--src-mac need -o IFACE")
+    if args.interface is not None:
+        if not args.dst_mac:
+            raise UsageError("-o IFACE needs --dst-mac (tc-emit does no ARP)")
+        parse_mac(args.dst_mac)
+        if args.src_mac:
+            parse_mac(args.src_mac)
+
+
+def send_error_warner(warn):
+    """An Emitter's on_new_error(name, exc): one warning per kind of send error."""
+    def on_new_error(name, exc):
+        warn(f"warning: send failed: {name} ({exc.strerror or exc}); "
+             f"counting further {name} failures silently")
+    return on_new_error
+
+
+def open_sender(args):
+    """The sender the options describe: a LinkSender with -o, else a RawSender (no raw
+    socket allowed: NoPermissionError, exit 77; no such interface: 66)."""
+    from tcpcopylib.emit import LinkSender, RawSender, parse_mac
+
+    check_sender_arguments(args)
+    if args.interface is not None:
+        src = parse_mac(args.src_mac) if args.src_mac else None
+        return LinkSender(args.interface, parse_mac(args.dst_mac), src)
+    return RawSender()
 
 
 def main(argv=None):

@@ -1,7 +1,8 @@
 """tc-session: replay captured client TCP sessions against a target, as forged packets.
 
 Reads "pkt" records (captured client->server datagrams), writes the datagrams to send
-to the target ("pkt" records with "sid", or with -B "pkts" batches with a sid column);
+to the target ("pkt" records with "sid", or with -B "pkts" batches with a sid column), or
+with --send sends them itself (tc-emit's Emitter in this process: runner.SendOutput);
 learns the target's replies from tc-feedback.
 The engine lives in tcpcopylib.session, its event loop in tcpcopylib.session.runner, its
 options in tcpcopylib.session.options, its reports in tcpcopylib.session.report; this
@@ -21,6 +22,8 @@ class Tool(BaseTool):
     epilog = """examples:
   tc-readpcap prod.pcap | tc-session --target 10.0.0.5:8080 | tc-pace | tc-emit
   tc-capture eth0 | tc-session -x 80-10.0.0.5:8080,81-10.0.0.6:8081 --stats | tc-emit
+  tc-capture eth0 | tc-session --target 10.0.0.5:8080 --send
+    (the same as | tc-pace | tc-emit, sent from this process: less CPU; needs root)
   tc-readpcap prod.pcap | tc-session --target 10.0.0.5:80 -c 10.9.9.0/24 -n 3 | tc-pace | tc-emit
     (on the target: ip route add 10.9.9.0/24 via ASSISTANT)
   tc-readpcap prod.pcap | tc-session --socket --target 10.0.0.5:8080 --stats
@@ -32,6 +35,8 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         super().__init__(*a, **kw)
         self.engine = None
         self.fb_lag = None  # with feedback: a metrics.Histogram of the feedback lag
+        self.sender = None  # with --send: the sender (emit.RawSender or LinkSender)
+        self.sent = None    # ... and the SendOutput whose Emitter counts what was sent
 
     def add_arguments(self, p):
         from tcpcopylib.session.options import add_arguments
@@ -39,11 +44,11 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         add_arguments(p)
 
     def run(self, args):
-        from tcpcopylib.records import StageWriter
-        from tcpcopylib.session.options import build_engine
-        from tcpcopylib.session.runner import PacketOutput, SessionRunner, SessionStage
+        from tcpcopylib.session.options import build_engine, check_send
+        from tcpcopylib.session.runner import SessionRunner, SessionStage
         from tcpcopylib.session.timing import DueQueue
 
+        check_send(args)
         if args.socket:
             from tcpcopylib.session import sockets
 
@@ -51,9 +56,9 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         if args.keep:
             raise UsageError("--keep goes with --socket")
         fb = self._feedback_client(args)
-        # the header goes out once the input's is read (merged with it: tcpcopy-records(5))
-        out = PacketOutput(StageWriter(self.stdout_fd, self.name, bufsize=1 << 62), args.batch)
-        engine = self.engine = build_engine(args, out.emit, fb)
+        engine = self.engine = build_engine(args, None, fb)  # (its output comes next)
+        out = self._output(args)
+        engine.emit = out.emit
         engine.warn = self.warn
         if args.verbose:
             from tcpcopylib.session.report import end_logger
@@ -77,10 +82,31 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         finally:
             if smap is not None:
                 smap.close()
+            if self.sender is not None:
+                self.sender.close()
         if args.stats:
             self._print_summary()
             args.stats = False  # Tool.main would print the one-line version too
         return 0
+
+    def _output(self, args):
+        """Where the engine's packets go: "pkt" records on stdout, or with --send an
+        Emitter (raw socket, or AF_PACKET with -o) in this process."""
+        from tcpcopylib.session.runner import PacketOutput, SendOutput
+
+        if not args.send:
+            from tcpcopylib.records import StageWriter
+
+            # the header goes out once the input's is read (merged with it:
+            # tcpcopy-records(5))
+            writer = StageWriter(self.stdout_fd, self.name, bufsize=1 << 62)
+            return PacketOutput(writer, args.batch)
+        from tcpcopylib.cli.emit import open_sender, send_error_warner
+        from tcpcopylib.emit import Emitter
+
+        self.sender = open_sender(args)  # no raw socket: exit 77
+        self.sent = SendOutput(Emitter(self.sender, send_error_warner(self.warn)))
+        return self.sent
 
     def _feedback_client(self, args):
         """The FeedbackClient of --feedback/--key (not yet connected); None with
@@ -113,11 +139,17 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         if self.engine is not None:
             from tcpcopylib.session.report import summary_lines
 
-            for line in summary_lines(self.engine):
+            for line in summary_lines(self.engine, self.sent):
                 self.warn(line)
 
     def stats_line(self):
-        return self.engine.stats_line() if self.engine else None
+        if self.engine is None:
+            return None
+        line = self.engine.stats_line()
+        if self.sent is not None:
+            em = self.sent.emitter
+            line += f", {em.sent} sent" + (f" ({em.failed} failed)" if em.failed else "")
+        return line
 
     def stats_dict(self):
         """--stats-json: the --stats line, every counter and the outcome counts."""
@@ -125,7 +157,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             return super().stats_dict()
         from tcpcopylib.session.report import stats_dict
 
-        return stats_dict(self.engine, self.fb_lag)
+        return stats_dict(self.engine, self.fb_lag, self.sent)
 
 
 def main(argv=None):

@@ -4,6 +4,8 @@ allocator and the Config)."""
 
 from __future__ import annotations
 
+import argparse
+
 from tcpcopylib.errors import UsageError
 from tcpcopylib.tool import MAX_SPEED, MIN_SPEED, number_arg
 
@@ -19,6 +21,7 @@ def add_arguments(p) -> None:
     _feedback(p.add_argument_group("feedback"))
     _behaviour(p.add_argument_group("session behaviour"))
     _output(p.add_argument_group("output"))
+    _send(p.add_argument_group("sending in this process (--send; tc-emit's options)"))
     _socket_mode(p.add_argument_group("socket mode (tc-session(1), SOCKET MODE)"))
     p.add_argument_group("statistics").add_argument(
         "--stats-every", type=float, metavar="N", help="print the summary every N seconds")
@@ -129,6 +132,43 @@ def _output(g) -> None:
     g.add_argument("--sessions", metavar="FILE",
                    help="write the session map, one \"sess\" record per replayed session "
                         "(for tc-diff), to FILE, or with '-' into the output stream")
+
+
+class _SendAction(argparse.Action):
+    """--send: nothing is written to stdout, so it may be a terminal."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.send = namespace.allow_tty = True
+
+
+def _send(g) -> None:
+    from tcpcopylib.cli.emit import add_sender_arguments
+
+    g.add_argument("--send", action=_SendAction,
+                   help="send the packets from this process, as `| tc-pace | tc-emit` "
+                        "would (the same packets in the same order, without the hops' "
+                        "delay; less CPU; nothing on stdout); needs root or CAP_NET_RAW")
+    add_sender_arguments(g)
+
+
+def check_send(args) -> None:
+    """--send and the options that go with it (UsageError)."""
+    from tcpcopylib.cli.emit import check_sender_arguments
+
+    if not args.send:
+        if args.interface or args.dst_mac or args.src_mac:
+            raise UsageError("-o/--dst-mac/--src-mac go with --send")
+        return
+    if args.socket:
+        raise UsageError("--send goes with forged mode, not --socket")
+    if args.batch != 1:
+        raise UsageError("-B/--batch shapes the record output; --send writes none")
+    if args.sessions == "-":
+        raise UsageError("--sessions -: --send writes no output stream; give a FILE")
+    check_sender_arguments(args)
 
 
 def _socket_mode(g) -> None:

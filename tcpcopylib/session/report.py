@@ -7,9 +7,12 @@ counters (socket mode's)."""
 from __future__ import annotations
 
 
-def summary_lines(engine) -> list[str]:
-    """The multi-line summary: its first line is engine.stats_line(), the --stats line."""
+def summary_lines(engine, sent=None) -> list[str]:
+    """The multi-line summary: its first line is engine.stats_line(), the --stats line;
+    ``sent``: the runner.SendOutput of --send, if any (a line of tc-emit's counters)."""
     lines = engine.summary().splitlines()
+    if sent is not None:
+        lines.append(f"sending: {sent.emitter.summary()}, ignored records {sent.ignored}")
     fb = engine.claims
     if fb is not None and (fb.reconnects or fb.refused):
         lines.append(f"feedback: {fb.reconnects} reconnect(s), {fb.refused} claim(s) "
@@ -17,9 +20,11 @@ def summary_lines(engine) -> list[str]:
     return lines
 
 
-def stats_dict(engine, fb_lag=None) -> dict:
+def stats_dict(engine, fb_lag=None, sent=None) -> dict:
     """--stats-json: the --stats line, every counter and the outcome counts (see
-    tc-session(1)); ``fb_lag``: the metrics.Histogram of the feedback lag, if any."""
+    tc-session(1)); ``fb_lag``: the metrics.Histogram of the feedback lag, if any;
+    ``sent``: the runner.SendOutput of --send, whose counters (tc-emit's) go under
+    "emit"."""
     fb = engine.claims
     d = {"summary": engine.stats_line(), "active": engine.active(), **engine.st.as_dict(),
          "early_reuses": engine.alloc.early_reuses,
@@ -27,6 +32,8 @@ def stats_dict(engine, fb_lag=None) -> dict:
          "feedback_claims_refused": fb.refused if fb is not None else 0}
     if fb_lag is not None:
         d["feedback_lag"] = fb_lag.as_dict()
+    if sent is not None:
+        d["emit"] = {**sent.emitter.as_dict(), "ignored": sent.ignored}
     return d
 
 

@@ -81,10 +81,59 @@ class PacketOutput:
             self.before_flush()
         self.writer.flush()
 
+    def close(self) -> None:
+        """At the end: what was made goes out (the claims were flushed by the runner)."""
+        self.end_batch()
+        self.writer.flush()
+
+
+class SendOutput:
+    """The stage's output with tc-session --send: the engine's packets go straight to an
+    Emitter (tc-emit's checks, batches and senders; tcpcopylib.emit), the chain of
+    `tc-session | tc-pace | tc-emit` in one process. The packets that PacketOutput would
+    write, in the same order and at the same flush points: a batch leaves at flush() (the
+    end of each loop turn) or when the Emitter holds a full sendmmsg batch, and the pending
+    feedback claims always go out first (before_flush, through Emitter.before_send).
+    Records of other types have nowhere to go: they are counted, as tc-emit counts the
+    records it ignores (input headers excepted)."""
+
+    def __init__(self, emitter):
+        self.emitter = emitter
+        self.ignored = 0
+        self.before_flush = None
+        emitter.before_send = self._claims_first
+        emit = emitter.emit
+
+        def send(data, sid, now):  # emit(data, sid, now), as the engine calls it
+            emit(data)
+        self.emit = send
+
+    def _claims_first(self) -> None:
+        if self.before_flush is not None:
+            self.before_flush()
+
+    def write(self, rec: dict) -> None:
+        if rec.get("t") != "header":
+            self.ignored += 1
+
+    def end_batch(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        if self.emitter.pending:
+            self.emitter.flush()  # (claims first, by before_send)
+        else:
+            self._claims_first()  # releases without a packet go out too
+
+    def close(self) -> None:
+        """At the end: the rest is sent (the runner flushed the claims already)."""
+        self.before_flush = None
+        self.emitter.close()
+
 
 class SessionStage:
     """The engine fed from a DueQueue: packets are queued when taken and given to the
-    engine when due; the engine's packets go to ``out`` (a PacketOutput)."""
+    engine when due; the engine's packets go to ``out`` (a PacketOutput or a SendOutput)."""
 
     def __init__(self, engine, due, out: PacketOutput):
         self.engine = engine
@@ -379,9 +428,7 @@ class SessionRunner:
             except Exception:  # noqa: BLE001 - best effort at exit
                 pass
         try:
-            out = self.stage.out
-            out.end_batch()
-            out.writer.flush()
+            self.stage.out.close()
         finally:
             if fb is not None:
                 fb.close()
