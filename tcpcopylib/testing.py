@@ -85,6 +85,36 @@ def run(args, input: bytes | None = None, timeout: float = 60, **kw) -> subproce
 
 # -- tools in process --------------------------------------------------------------------
 
+def stop_process(p: subprocess.Popen, grace: float = 10) -> None:
+    """End a process a test started: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def wait_listening(port: int, p: subprocess.Popen, timeout: float = 10,
+                   host: str = "127.0.0.1") -> int:
+    """Wait until the server ``p`` accepts connections on host:port; the port. Raises if
+    the process ends first or after ``timeout`` seconds (with its stderr if piped)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return port
+        except OSError:
+            if p.poll() is not None or time.monotonic() > deadline:
+                err = p.stderr.read() if p.stderr and p.poll() is not None else b""
+                raise RuntimeError(f"{p.args[0]} did not listen on {host}:{port} {err!r}")
+            time.sleep(0.05)
+
+
 def tool_class(name: str):
     """The Tool subclass of tool `name` ("tc-dump" -> tcpcopylib.cli.dump's Tool)."""
     from tcpcopylib.cli.common import Tool

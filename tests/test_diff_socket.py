@@ -18,6 +18,7 @@ import pytest
 
 import tapcap
 import tc
+from tcpcopylib.testing import stop_process, wait_listening
 
 SERVER = tc.REPO / "tests" / "servers" / "diff_server.py"
 # (path, Connection: close?) per connection; diff_server --variant answers /b with 404,
@@ -45,23 +46,10 @@ def servers():
                               *(["--variant"] if variant else [])],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         procs.append(p)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return port
-            except OSError:
-                if p.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"diff_server did not start: {p.stderr.read()!r}")
-                time.sleep(0.05)
+        return wait_listening(port, p)
     yield start
     for p in procs:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+        stop_process(p)
 
 
 def _get(sock, f, path, close):

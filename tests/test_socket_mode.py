@@ -24,6 +24,7 @@ import pytest
 import tapcap
 import tc
 from tcpcopylib.packet import tcp_checksum_ok
+from tcpcopylib.testing import stop_process, wait_listening
 
 PY = sys.executable
 SERVERS = tc.REPO / "tests" / "servers"
@@ -48,13 +49,7 @@ class Procs:
 
     def stop(self):
         for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+            stop_process(p)
 
 
 @pytest.fixture
@@ -77,15 +72,7 @@ def redis_server(procs, tmp) -> int:
     d.mkdir()
     p = procs.start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                      "--appendonly", "no", "--dir", str(d)])
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return port
-        except OSError:
-            if p.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
+    return wait_listening(port, p)
 
 
 def client(*args, timeout=120):
