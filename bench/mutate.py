@@ -95,7 +95,7 @@ TARGETS: dict[str, list[tuple[str, list[str], str]]] = {
     ],
     "records": [
         ("tcpcopylib/wire.py",
-         ["cbor_head", "encode_uint", "encode_text", "_general_pkt", "encode_pkt",
+         ["cbor_head", "encode_uint", "encode_text", "_general_pkt", "_capture_encoder",
           "encode_pkt_sid", "encode_fb", "scan_record", "record_of", "fast_record",
           "replace_ts", "is_batch", "batch_structs", "encode_pkts", "PendingBatch.*",
           "_bytes_head", "scan_batch", "_column", "batch_stamps", "batch_adds_up", "_split",
@@ -216,8 +216,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     # fast paths: a guard narrowed sends the values left out to the general encoder
     # (_general_pkt / cbor2.dumps), which writes the same bytes
     **{(_R, f, t): _NARROWED
-       for f, t in (("encode_pkt", "4294967295 -> 4294967296"),
-                    ("encode_pkt", "24 -> 25"),
+       for f, t in (("_capture_encoder", "4294967295 -> 4294967296"),
+                    ("_capture_encoder", "24 -> 25"),
                     ("encode_pkt_sid", "4294967295 -> 4294967296"),
                     ("encode_pkt_sid", "24 -> 25"), ("encode_pkt_sid", "0 -> 1"),
                     ("encode_fb", "4294967295 -> 4294967296"), ("encode_fb", "24 -> 25"))},

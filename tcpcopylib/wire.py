@@ -136,27 +136,28 @@ def _general_pkt(t: str, ts, data, extra: tuple) -> bytes:
     return cbor2.dumps({"t": t, "ts": ts, "data": bytes(data), **dict(extra)})
 
 
-def encode_pkt(ts: int, data, orig_len: int | None = 0) -> bytes:
-    """cbor2.dumps({"t": "pkt", "ts": ts, "data": data[, "len": orig_len]}), byte for
-    byte; ``orig_len`` (the datagram's length before the capture cut it) only if not 0 or
-    None."""
-    n = len(data)
-    if not orig_len and 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF and 24 <= n < 0x10000:
-        if n < 256:
-            return PKT_START1.pack(PKT_MAP3, ts, DATA1, n) + data
-        return PKT_START2.pack(PKT_MAP3, ts, DATA2, n) + data
-    return _general_pkt(T_PKT, ts, data, (("len", orig_len),) if orig_len else ())
+def _capture_encoder(map3: bytes, kind: str):
+    """The encoder of a captured packet record of type ``kind`` ({"t": kind, "ts", "data"
+    [, "len"]}) whose first bytes up to "ts" are ``map3``: pkt (the client's half) and s2c
+    (the server's, tc-capture --server-half) differ only there."""
+
+    def encode(ts: int, data, orig_len: int | None = 0) -> bytes:
+        n = len(data)
+        if not orig_len and 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF and 24 <= n < 0x10000:
+            if n < 256:
+                return PKT_START1.pack(map3, ts, DATA1, n) + data
+            return PKT_START2.pack(map3, ts, DATA2, n) + data
+        return _general_pkt(kind, ts, data, (("len", orig_len),) if orig_len else ())
+
+    return encode
 
 
-def encode_s2c(ts: int, data, orig_len: int | None = 0) -> bytes:
-    """cbor2.dumps({"t": "s2c", "ts": ts, "data": data[, "len": orig_len]}), byte for
-    byte: a server->client packet of a capture (tc-capture --server-half), as encode_pkt."""
-    n = len(data)
-    if not orig_len and 0xFFFFFFFF < ts <= 0xFFFFFFFFFFFFFFFF and 24 <= n < 0x10000:
-        if n < 256:
-            return PKT_START1.pack(S2C_MAP3, ts, DATA1, n) + data
-        return PKT_START2.pack(S2C_MAP3, ts, DATA2, n) + data
-    return _general_pkt(T_S2C, ts, data, (("len", orig_len),) if orig_len else ())
+#: encode_pkt(ts, data, orig_len=0): cbor2.dumps({"t": "pkt", "ts": ts, "data": data[,
+#: "len": orig_len]}), byte for byte; "len" (the datagram's length before the capture cut
+#: it) only if not 0 or None.
+encode_pkt = _capture_encoder(PKT_MAP3, T_PKT)
+#: encode_s2c: the same for a server->client packet of a capture (type "s2c").
+encode_s2c = _capture_encoder(S2C_MAP3, T_S2C)
 
 
 def encode_pkt_sid(ts: int, data, sid: int) -> bytes:
