@@ -25,6 +25,12 @@ N times each): "pipe" is `tc-session | tc-pace | tc-emit`, "send" is `tc-session
 (the same packets sent from tc-session's process); each run also prints the online host's
 CPU (capture + session [+ pace + emit], user and system) per replayed session and per
 request, and the end the mean of each form and their ratio.
+
+--forms ...,c adds C TCPCopy in the same lab and the same run: `tcpcopy -x PORT-TARGET:PORT
+-s ASSISTANT` on the online host and `intercept -i lan0 -F 'tcp and src port PORT'` on the
+assistant, from binaries you built yourself (--c-tcpcopy, --c-intercept: paths; this script
+neither fetches nor builds them). Its online CPU is tcpcopy's, and the ratios printed at the
+end are ours over its, per session (--close) or per request.
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ import replay_harness as h  # noqa: E402
 from tcpcopylib.lab import Lab  # noqa: E402
 
 PORT = 8080
-TOOLS = ("tc-capture", "tc-session", "tc-pace", "tc-emit", "tc-intercept", "tc-feedback")
+TOOLS = ("tc-capture", "tc-session", "tc-pace", "tc-emit", "tc-intercept", "tc-feedback",
+         "tcpcopy", "intercept")
 CLK = 100  # USER_HZ
 
 WRK_LUA = """\
@@ -67,7 +74,7 @@ def start_nginx(lab, host, workdir):
     return srv, d / "access.log"
 
 
-ONLINE = ("tc-capture", "tc-session", "tc-pace", "tc-emit")  # the online host's stages
+ONLINE = ("tc-capture", "tc-session", "tc-pace", "tc-emit", "tcpcopy")  # online host's stages
 
 
 def cpu_split(pid) -> tuple[int, int]:
@@ -120,19 +127,52 @@ def count_lines(path) -> int:
 
 
 def kernel_drops(live) -> str:
+    if isinstance(live, CTcpcopy):
+        return "-"
     cap = live.capture_counts()
     m = re.search(r"(\d+) dropped(?:,| by)", live.procs["tc-intercept"].stderr)
     return (f"{cap.get('dropped by kernel', '?')}+{cap.get('dropped by interface', '?')}"
             f"/{m.group(1) if m else '?'}")
 
 
+class CTcpcopy:
+    """C TCPCopy in the lab, shaped like the harness's Live for run_rate: intercept on the
+    assistant, tcpcopy on the online host (user-built binaries; see --c-tcpcopy)."""
+
+    def __init__(self, lab, a, workdir):
+        self.procs = {
+            "intercept": h.Proc(lab, "assistant", [a.c_intercept, "-i", lab.assist_if, "-F",
+                                                   f"tcp and src port {PORT}",
+                                                   "-l", f"{workdir}/intercept.log"]),
+        }
+        time.sleep(1.0)  # intercept listens on 36524 before tcpcopy connects to it
+        self.procs["tcpcopy"] = h.Proc(lab, "online", [
+            a.c_tcpcopy, "-x", f"{PORT}-{lab.target_ip}:{PORT}", "-s", lab.assist_ip,
+            "-l", f"{workdir}/tcpcopy.log"])
+        time.sleep(1.0)
+        self.stats = None
+        for n, p in self.procs.items():
+            if p.p.poll() is not None:
+                raise RuntimeError(f"{n} exited at start: {p.stderr[-500:]}")
+
+    def stop(self):
+        for p in self.procs.values():
+            p.stop(timeout=5)
+
+    def rc(self, name):
+        return self.procs[name].p.returncode
+
+
 def run_rate(a, rate, workdir, form="pipe") -> dict:
     with Lab(offloads=a.offloads) as lab:
         onl, onl_log = start_nginx(lab, "online", workdir)
         tgt, tgt_log = start_nginx(lab, "target", workdir)
-        live = h.start_live(lab, Path(workdir) / "live", port=PORT,
-                            capture_args=a.capture_arg, session_args=a.session_arg,
-                            send=form == "send")
+        if form == "c":
+            live = CTcpcopy(lab, a, workdir)
+        else:
+            live = h.start_live(lab, Path(workdir) / "live", port=PORT,
+                                capture_args=a.capture_arg, session_args=a.session_arg,
+                                send=form == "send")
         try:
             pids = {n: live.procs[n].pid for n in TOOLS if n in live.procs}
             for pid in pids.values() if a.nice else ():
@@ -151,6 +191,8 @@ def run_rate(a, rate, workdir, form="pipe") -> dict:
         lab.stop(tgt)
         online_n, target_n = count_lines(onl_log), count_lines(tgt_log)
     st = live.stats or {}
+    if form == "c":  # tcpcopy reports no session count: one per request with --close
+        st = {"sessions": online_n if a.close else st.get("sessions", 0)}
     failed = {k: v for k, v in st.get("outcomes", {}).items()
               if v and k not in ("completed", "reconnected")}
     user = sum(used[n][0] for n in ONLINE if n in used) / CLK
@@ -160,7 +202,7 @@ def run_rate(a, rate, workdir, form="pipe") -> dict:
             "drops": kernel_drops(live), "failed": failed, "cpu": cpu, "form": form,
             "sessions": st.get("sessions", 0), "online_user_s": user, "online_sys_s": system,
             "per_stage_s": {n: (used[n][0] / CLK, used[n][1] / CLK) for n in used},
-            "rcs": {n: live.rc(n) for n in h.LIVE_CHAIN if n in live.procs}}
+            "rcs": {n: live.rc(n) for n in (*h.LIVE_CHAIN, "tcpcopy") if n in live.procs}}
 
 
 def main(argv=None) -> int:
@@ -180,6 +222,10 @@ def main(argv=None) -> int:
     ap.add_argument("--forms", default="pipe",
                     help="pipe, send or pipe,send (alternating): the online pipeline with "
                          "tc-pace | tc-emit, or tc-session --send (default pipe)")
+    ap.add_argument("--c-tcpcopy", metavar="PATH",
+                    help="a C TCPCopy 1.3 binary you built, for the form c")
+    ap.add_argument("--c-intercept", metavar="PATH",
+                    help="a C intercept 1.0 binary you built, for the form c")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each form at each rate (default 1)")
     ap.add_argument("--nice", type=int, default=0,
@@ -195,8 +241,10 @@ def main(argv=None) -> int:
           + " ".join(f"{t.removeprefix('tc-'):>9}" for t in TOOLS))
     worst = 100.0
     forms = a.forms.split(",")
-    if not set(forms) <= {"pipe", "send"}:
-        ap.error("--forms: pipe, send or both")
+    if not set(forms) <= {"pipe", "send", "c"}:
+        ap.error("--forms: pipe, send, c, comma-separated")
+    if "c" in forms and not (a.c_tcpcopy and a.c_intercept):
+        ap.error("the form c needs --c-tcpcopy and --c-intercept")
     per_session: dict = {f: [] for f in forms}
     runs = [(int(rate), form) for rate in a.rates.split(",") for _ in range(a.repeat)
             for form in forms]
@@ -208,12 +256,14 @@ def main(argv=None) -> int:
               f"{r['completion']:>8.2f}% {r['drops']:>11}  {form:>16}"
               + " ".join(f"{r['cpu'].get(t, 0):>9.0f}" for t in TOOLS), flush=True)
         online_s = r["online_user_s"] + r["online_sys_s"]
-        if r["sessions"] and r["online"]:
-            us = online_s / r["sessions"] * 1e6
-            per_session[form].append((rate, us))
+        if r["online"] and (r["sessions"] or not a.close):
+            per_req = online_s / r["online"] * 1e6
+            per_sess = online_s / r["sessions"] * 1e6 if r["sessions"] else 0.0
+            per_session[form].append((rate, per_sess if a.close else per_req))
             print(f"{'':8} online host CPU {online_s:.2f} s (user {r['online_user_s']:.2f}, "
-                  f"system {r['online_sys_s']:.2f}): {us:.0f} us per session "
-                  f"({r['sessions']}), {online_s / r['online'] * 1e6:.0f} us per request; "
+                  f"system {r['online_sys_s']:.2f}): "
+                  + (f"{per_sess:.0f} us per session ({r['sessions']}), " if per_sess else "")
+                  + f"{per_req:.0f} us per request; "
                   + ", ".join(f"{n.removeprefix('tc-')} {u:.2f}+{k:.2f}"
                               for n, (u, k) in r["per_stage_s"].items() if n in ONLINE))
         notes = []
@@ -233,10 +283,14 @@ def main(argv=None) -> int:
             xs = [us for r_, us in per_session[form] if r_ == rate]
             if xs:
                 means[form] = sum(xs) / len(xs)
-                print(f"rate {rate}: {form}: online host CPU per session "
+                print(f"rate {rate}: {form}: online host CPU per "
+                      f"{'session' if a.close else 'request'} "
                       + ", ".join(f"{x:.0f}" for x in xs) + f" us (mean {means[form]:.0f})")
-        if len(means) == 2 and means["pipe"]:
-            print(f"rate {rate}: send / pipe = {means['send'] / means['pipe']:.2f}")
+        unit = "session" if a.close else "request"
+        for ours, base in (("send", "pipe"), ("pipe", "c"), ("send", "c")):
+            if means.get(ours) and means.get(base):
+                print(f"rate {rate}: online CPU per {unit}, {ours} / {base} = "
+                      f"{means[ours] / means[base]:.2f}")
     return 0
 
 
