@@ -390,7 +390,7 @@ class ClassicServer:
         self.native = "unix:" + str(tmp_path / "fb.sock")
         self.p = subprocess.Popen(
             [tc.tool_path("tc-feedback"), "--listen", self.native, "--classic",
-             f"tcp:127.0.0.1:{self.port}", "--stats", "-v", *opts],
+             f"tcp:127.0.0.1:{self.port}", "--stats", "-v", "--hold-ms", "5000", *opts],
             stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=tc.tool_env())
         self.p.stdin.write(encode_section({"t": "header", "v": 1, "tool": "test"}))
         self.p.stdin.flush()
@@ -470,17 +470,26 @@ def records_of(sock, n, timeout=5.0) -> list:
     return [r for f in spec_frames(stream) for r in f]
 
 
-def settle(sock):
-    """Wait until tc-feedback has read what the fake tcpcopy sent (a round trip through a
-    reply it routes)."""
-    time.sleep(0.2)
+_probes = iter(range(60000, 65000))
+
+
+def settle(srv, sock):
+    """Until tc-feedback has handled what the fake tcpcopy sent on sock and every reply
+    sent to its input so far: a probe connection is added on sock and a SYN-ACK for it
+    sent to the input; each is handled in order, and the probe's record (held until its
+    add, if need be) comes back only once both are in."""
+    port = next(_probes)
+    add(sock, port)
+    srv.send(reply(cport=port))
+    recs = records_of(sock, 1, timeout=15)
+    assert [struct.unpack_from("!H", r, 22)[0] for r in recs] == [port], recs
 
 
 def test_server_syn_ack_record_byte_exact(cserver):   # plan 3
     srv = cserver()
     s = srv.tcpcopy()
     add(s)
-    settle(s)
+    settle(srv, s)
     d = reply()
     srv.send(d)
     got = recv_until(s, 66)
@@ -492,7 +501,7 @@ def test_server_frames_many_replies_in_order(cserver):   # plan 4 (sender)
     srv = cserver()
     s = srv.tcpcopy()
     add(s)
-    settle(s)
+    settle(srv, s)
     replies = [reply(ACK | PSH, b"", bytes([i]) * (i + 1), seq=9000 + i) for i in range(50)]
     srv.send(*replies)
     recs = records_of(s, 50)
@@ -505,7 +514,7 @@ def test_server_version_other_than_6_only_warned(cserver):   # plan 1 (server si
     srv = cserver()
     s = srv.tcpcopy(handshake=classic.encode_msg(5, bytes(4), 0, bytes(4), 0))
     add(s)
-    settle(s)
+    settle(srv, s)
     srv.send(reply())
     assert len(records_of(s, 1)) == 1
     s.close()
@@ -516,17 +525,17 @@ def test_server_version_other_than_6_only_warned(cserver):   # plan 1 (server si
 def test_server_race_syn_ack_and_rst_held_ack_and_data_not(cserver):   # plan 5
     srv = cserver()
     s = srv.tcpcopy()
-    settle(s)
     syn_ack, rst = reply(), reply(RST | ACK, b"", cport=CPORT + 1)
     stale_ack = reply(ACK, b"", cport=CPORT + 2)
     stale_data = reply(ACK | PSH, b"", b"old", cport=CPORT + 3)
     srv.send(syn_ack, rst, stale_ack, stale_data)
-    time.sleep(0.3)   # read by tc-feedback before any ADD
+    settle(srv, s)   # handled (held) before any ADD of theirs
     for port in (CPORT, CPORT + 1, CPORT + 2, CPORT + 3):
         add(s, port)
     recs = records_of(s, 2)
     assert sorted(recs) == sorted([classic.encode_record(syn_ack), classic.encode_record(rst)])
-    assert quiet_recv(s, 0.3) == b""
+    settle(srv, s)   # (every ADD handled: the stale replies were dropped, not delivered)
+    assert quiet_recv(s, 0.2) == b""
     # routed now: later replies of the same connections are delivered
     srv.send(stale_ack)
     assert records_of(s, 1) == [classic.encode_record(stale_ack)]
@@ -536,18 +545,18 @@ def test_server_route_moves_and_del_and_unknown_change_nothing(cserver):   # pla
     srv = cserver()
     a, b = srv.tcpcopy(), srv.tcpcopy()
     add(a)
-    settle(a)
+    settle(srv, a)
     srv.send(reply(ACK, b"", seq=1))
     assert len(records_of(a, 1)) == 1
     add(b)   # the same connection added on B: B gets its replies from now on
-    settle(b)
+    settle(srv, b)
     srv.send(reply(ACK, b"", seq=2))
     got = records_of(b, 1)
     assert [struct.unpack_from("!I", r, 24)[0] for r in got] == [2]
     assert quiet_recv(a, 0.2) == b""
     add(a, kind=2)   # CLIENT_DEL: no effect (intercept only logs it)
     add(a, kind=9)   # an unknown type: ignored
-    settle(a)
+    settle(srv, a)
     srv.send(reply(ACK, b"", seq=3))
     assert [struct.unpack_from("!I", r, 24)[0] for r in records_of(b, 1)] == [3]
     assert quiet_recv(a, 0.2) == b""
@@ -564,7 +573,7 @@ def test_server_closes_on_a_first_message_without_version(cserver):   # plan 7
     # a fresh connection is served
     s2 = srv.tcpcopy()
     add(s2)
-    settle(s2)
+    settle(srv, s2)
     srv.send(reply())
     assert len(records_of(s2, 1)) == 1
 
@@ -573,7 +582,7 @@ def test_server_end_closes_classic_connections(cserver):   # plan 8 (tcpcopy the
     srv = cserver("--drain-s", "0.2")
     s = srv.tcpcopy()
     add(s)
-    settle(s)
+    settle(srv, s)
     srv.p.stdin.close()
     assert closed(s, 15)
     assert srv.p.wait(15) == 0
@@ -592,9 +601,18 @@ def test_server_half_message_waits_for_the_rest(cserver):
     s.sendall(classic.HANDSHAKE[5:] + spec_msg(CLIENT, CPORT, 1, TARGET, TPORT)[:9])
     time.sleep(0.1)
     s.sendall(spec_msg(CLIENT, CPORT, 1, TARGET, TPORT)[9:])
-    settle(s)
+    settle(srv, s)
     srv.send(reply())
     assert len(records_of(s, 1)) == 1
+
+
+def native_replies(client, n, timeout=10.0) -> list:
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        select.select([client], [], [], 0.05)
+        got += client.read_replies()
+    return got
 
 
 def test_classic_and_native_clients_each_get_only_their_own(cserver):
@@ -608,19 +626,17 @@ def test_classic_and_native_clients_each_get_only_their_own(cserver):
         add(t2, 2002)
         native.claim(CLIENT, 3001, TARGET, TPORT)
         native.flush()
-        settle(t1)
+        settle(srv, t1)
+        settle(srv, t2)
+        srv.send(reply(cport=3001))   # (held until the native claim is in, if need be)
+        assert [reply_key(d)[1] for d, _ in native_replies(native, 1)] == [3001]
         # a classic ADD of the native client's connection is refused (not moved)
         add(t1, 3001)
-        settle(t1)
+        settle(srv, t1)
         srv.send(*(reply(ACK, b"", cport=p) for p in (1001, 2001, 3001, 2002, 1001, 4444)))
         assert [struct.unpack_from("!H", r, 22)[0] for r in records_of(t1, 2)] == [1001, 1001]
         assert [struct.unpack_from("!H", r, 22)[0] for r in records_of(t2, 2)] == [2001, 2002]
-        got = []
-        deadline = time.monotonic() + 5
-        while not got and time.monotonic() < deadline:
-            select.select([native], [], [], 0.05)
-            got += native.read_replies()
-        assert [reply_key(d)[1] for d, _ in got] == [3001]
+        assert [reply_key(d)[1] for d, _ in native_replies(native, 1)] == [3001]
         for sock in (t1, t2):
             assert quiet_recv(sock, 0.2) == b""
     finally:
@@ -640,7 +656,7 @@ def test_server_classic_peer_only_from_allow(cserver):
     srv = cserver("--allow", "127.0.0.0/8")
     s = srv.tcpcopy()
     add(s)
-    settle(s)
+    settle(srv, s)
     srv.send(reply())
     assert len(records_of(s, 1)) == 1
 
@@ -683,3 +699,83 @@ def test_classic_client_meets_classic_server(cserver):
         assert [parse_tcp_fast(d) for d, _ in got] == [parse_tcp_fast(d) for d in sent]
     finally:
         c.close()
+
+
+# -- the server's classic peers in process: bounds and the routing in the inline path -------
+
+def _classic_peer(srv, name="127.0.0.1:5000"):
+    from tcpcopylib.feedback import _Client, _OrderedKeys
+
+    a, b = socket.socketpair()
+    c = _Client(a, name)
+    c.classic, c.keys, c.state = True, _OrderedKeys(), 0
+    srv.clients[a.fileno()] = c
+    return c, a, b
+
+
+def test_server_classic_routes_are_bounded_oldest_first():
+    """No CLIENT_DEL ever comes: a classic client's oldest route makes room (max_claims)."""
+    from tcpcopylib.feedback import FeedbackServer
+
+    srv = FeedbackServer(None, max_claims=3, warn=lambda msg: None)
+    c, a, b = _classic_peer(srv)
+    try:
+        srv._classic_input(c, classic.HANDSHAKE + b"".join(
+            classic.client_add(CLIENT, p, TARGET, TPORT) for p in range(1, 6)))
+        assert c.sock is not None
+        assert list(c.keys) == [reply(ACK, b"", cport=p)[12:24] for p in (3, 4, 5)]
+        assert set(srv.routes) == set(c.keys) and srv.counts["classic_adds"] == 5
+        # the same connection added again is the newest
+        srv._classic_input(c, classic.client_add(CLIENT, 3, TARGET, TPORT))
+        assert list(c.keys)[-1] == reply(ACK, b"", cport=3)[12:24]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_server_classic_inline_routing_frames_per_turn_and_caps():
+    """Replies for a classic client among a native client's, through the inline router:
+    the classic one gets 64-byte records framed at the flush (16 a frame), the native one
+    its records byte for byte; a classic client's buffer is bounded like a native one's."""
+    from tcpcopylib.feedback import FeedbackServer, PeerStreamParser, _Client, _ip_text
+    from tcpcopylib.intercept import encode_fb
+
+    srv = FeedbackServer(None, client_buffer=30 * 64, warn=lambda msg: None)
+    c, a, b = _classic_peer(srv)
+    native = _Client(None, "native")
+    try:
+        srv._classic_input(c, classic.HANDSHAKE + classic.client_add(CLIENT, 1, TARGET, TPORT))
+        srv.claim(native, [[_ip_text(CLIENT), 2, _ip_text(TARGET), TPORT]], True)
+        datas = [reply(ACK | PSH, b"", b"d" * i, cport=1 + i % 2, seq=i) for i in range(80)]
+        stream = encode_section({"t": "header", "v": 1, "tool": "t"}) + b"".join(
+            encode_fb(i, d, len(d)) for i, d in enumerate(datas))
+        srv._serve_input(PeerStreamParser("t"), stream)
+        srv._flush_clients()
+        got = quiet_recv(b, 0.3)
+        recs = [r for f in spec_frames(got) for r in f]
+        mine = [d for d in datas if reply_key(d)[1] == 1]
+        assert len(recs) == 30 and recs == [classic.encode_record(d) for d in mine[:30]]
+        want, native_drops = b"", 0   # the native client: what fits in its buffer
+        for i, d in enumerate(datas):
+            raw = encode_fb(i, d, len(d))
+            if reply_key(d)[1] != 2:
+                continue
+            if len(want) + len(raw) > srv.client_buffer:
+                native_drops += 1
+            else:
+                want += raw
+        assert native_drops and bytes(native.out) == want
+        assert srv.counts["dropped_slow"] == 10 + native_drops
+    finally:
+        a.close()
+        b.close()
+
+
+def test_record_of_a_reply_with_ip_options_keeps_them_before_tcp():
+    """An IP header with options: the record keeps them and the TCP header after them, where
+    a reader that goes by ihl (tcpcopy, tc-session) finds it (spec section 7)."""
+    d = reply(ACK, b"")
+    opt = bytes([0x46]) + d[1:2] + struct.pack("!H", len(d) + 4) + d[4:20] + b"\x01" * 4 + d[20:]
+    rec = classic.encode_record(opt)
+    assert rec[:44] == opt[:44] and rec[44:] == bytes(20)
+    assert parse_tcp_fast(classic.record_datagram(rec))[3:9] == parse_tcp_fast(d)[3:9]
