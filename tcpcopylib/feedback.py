@@ -18,6 +18,11 @@ client and in all, the time to identify (and authenticate), the claims per clien
 client that breaks a rule is sent an "error" record and dropped, with a counted reason;
 the server and the other clients go on. tcpcopy-records(5) and tc-feedback(8) document
 the records and limits.
+
+Classic clients (tcpcopy 1.3, on the --classic listener) speak intercept 1.0's protocol
+(tcpcopylib.classic): their CLIENT_ADDs route replies as claims do, and their replies go
+out as 64-byte records in combined frames. They cannot authenticate: --allow (or, without
+it, loopback) addresses only.
 """
 
 from __future__ import annotations
@@ -765,7 +770,7 @@ class FeedbackServer:
                 self.warn(f"classic clients on {address} cannot authenticate and no --allow "
                           f"is given: only connections from loopback addresses are accepted")
         elif self.key is None and not on_loopback(fam, sa):
-            self.warn(f"listening on {self.listen_address} without a key: anyone who can "
+            self.warn(f"listening on {address} without a key: anyone who can "
                       f"reach it may claim sessions and read the target's replies (give "
                       f"--key FILE, or listen on a loopback or unix: address)")
         return s

@@ -370,6 +370,32 @@ def test_tc_session_sends_the_add_before_the_syn(fake_intercept, tmp_path):   # 
             p.wait()
 
 
+def test_tc_session_reports_a_payload_intercept_and_exits_76(fake_intercept, tmp_path):
+    """plan 10 end to end: the fake intercept answers the SYN's ADD with a frame of a
+    --with-resp-payload build (192-byte records): tc-session stops with exit 76 and says
+    why, instead of reading records out of step."""
+    port = fake_intercept.getsockname()[1]
+    syn = build_tcp(CLIENT, ip_bytes("10.1.1.1"), CPORT, TPORT, 1000, 0, SYN, options=MSS)
+    inp = tmp_path / "in.cbor"
+    inp.write_bytes(tc.stream([{"t": "pkt", "ts": 1, "data": syn}]))
+    p = subprocess.Popen([tc.tool_path("tc-session"), "--target", f"192.168.0.2:{TPORT}",
+                          "--feedback", f"classic:127.0.0.1:{port}", "--drain", "10",
+                          str(inp)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         env=tc.tool_env())
+    try:
+        conn = accept(fake_intercept)
+        assert len(recv_until(conn, 28)) == 28   # handshake + ADD
+        big = (reply() + bytes(192))[:192]
+        conn.sendall(struct.pack(">H", 1) + big + struct.pack(">H", 1) + big)
+        assert p.wait(30) == 76
+        assert b"with-resp-payload" in p.stderr.read()
+        conn.close()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def test_tc_session_classic_refuses_a_key(tmp_path):
     key = tmp_path / "key"
     key.write_text("k" * 32)
