@@ -805,3 +805,20 @@ def test_record_of_a_reply_with_ip_options_keeps_them_before_tcp():
     rec = classic.encode_record(opt)
     assert rec[:44] == opt[:44] and rec[44:] == bytes(20)
     assert parse_tcp_fast(classic.record_datagram(rec))[3:9] == parse_tcp_fast(d)[3:9]
+
+
+def test_doctor_checks_a_classic_feedback_address(fake_intercept):
+    """tc-doctor --feedback classic:... (or $TC_FEEDBACK): connects and sends the version
+    message, as tc-session would; a closed port fails with advice."""
+    from tcpcopylib import doctor
+
+    port = fake_intercept.getsockname()[1]
+    ctx = doctor.Context("online", feedback=f"classic:127.0.0.1:{port}")
+    r = doctor.check_feedback(ctx)
+    assert r.verdict == doctor.OK and "classic" in r.seen, r
+    conn = accept(fake_intercept)
+    assert recv_until(conn, 14).hex() == HANDSHAKE_HEX
+    conn.close()
+    r = doctor.check_feedback(doctor.Context("online",
+                                             feedback=f"classic:127.0.0.1:{free_port()}"))
+    assert r.verdict == doctor.FAIL and "--classic" in r.advice, r
