@@ -822,3 +822,20 @@ def test_doctor_checks_a_classic_feedback_address(fake_intercept):
     r = doctor.check_feedback(doctor.Context("online",
                                              feedback=f"classic:127.0.0.1:{free_port()}"))
     assert r.verdict == doctor.FAIL and "--classic" in r.advice, r
+
+
+def test_server_with_a_key_serves_allowed_classic_clients(cserver, tmp_path):
+    """--key binds native clients; classic ones cannot prove it and are served on their
+    --allow address alone (and refused elsewhere, key or not)."""
+    key = tmp_path / "key"
+    key.write_text("s" * 32)
+    key.chmod(0o600)
+    srv = cserver("--key", str(key), "--allow", "127.0.0.1")
+    s = srv.tcpcopy()
+    add(s)
+    settle(srv, s)
+    srv.send(reply(ACK, b""))
+    assert records_of(s, 1) == [classic.encode_record(reply(ACK, b""))]
+    native = FeedbackClient(srv.native, name="native")   # no key: refused
+    with pytest.raises(Exception, match="key"):
+        native.connect(timeout=5)
