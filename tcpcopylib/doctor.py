@@ -129,10 +129,13 @@ class Context:
 
     def feedback_client(self, address: str, timeout: float = 2.0):
         """A FeedbackClient connected to tc-feedback and, where it asks, authenticated with
-        the key (UnavailableError, NoPermissionError if not)."""
+        the key (UnavailableError, NoPermissionError if not); for a classic: address, a
+        classic.ClassicFeedbackClient (its version message sent; intercept answers none)."""
+        from tcpcopylib.classic import ClassicFeedbackClient, is_classic_address
         from tcpcopylib.feedback import FeedbackClient
 
-        c = FeedbackClient(address, name="tc-doctor", key=self.key)
+        c = (ClassicFeedbackClient(address, name="tc-doctor") if is_classic_address(address)
+             else FeedbackClient(address, name="tc-doctor", key=self.key))
         try:
             c.connect(timeout)
         except BaseException:
@@ -643,6 +646,16 @@ def check_feedback(ctx: Context) -> Check:
     addr = ctx.feedback or os.environ.get("TC_FEEDBACK")
     if not addr:
         return Check(name, SKIP, "not checked: give --feedback ADDR (as tc-session gets it)")
+    if addr.startswith("classic:"):  # intercept 1.0's protocol: no header, no key
+        try:
+            ctx.feedback_client(addr).close()
+        except Exception as e:  # noqa: BLE001 - any failure to connect is the finding
+            return Check(name, FAIL, f"{addr}: {e}",
+                         advice="start intercept (or tc-intercept IFACE -F 'tcp and src "
+                                "port PORT' | tc-feedback --classic --allow THIS_HOST) on "
+                                "the assistant; open port 36524 in any firewall between")
+        return Check(name, OK, f"{addr} accepts a classic connection (intercept's protocol "
+                     "has no answer to check and no key; the SYN probe shows the replies)")
     try:
         hdr = ctx.feedback_header(addr)
     except NoPermissionError as e:

@@ -18,6 +18,11 @@ client and in all, the time to identify (and authenticate), the claims per clien
 client that breaks a rule is sent an "error" record and dropped, with a counted reason;
 the server and the other clients go on. tcpcopy-records(5) and tc-feedback(8) document
 the records and limits.
+
+Classic clients (tcpcopy 1.3, on the --classic listener) speak intercept 1.0's protocol
+(tcpcopylib.classic): their CLIENT_ADDs route replies as claims do, and their replies go
+out as 64-byte records in combined frames. They cannot authenticate: --allow (or, without
+it, loopback) addresses only.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ import time
 
 import cbor2
 
+from tcpcopylib import classic
 from tcpcopylib.errors import (NoPermissionError, PeerVersionError, StreamError,
                                UnavailableError, UsageError)
-from tcpcopylib.packet import flow_bytes
+from tcpcopylib.packet import flow_bytes, parse_tcp_fast
 from tcpcopylib.records import (AS_RAW, FORMAT_VERSION, LABEL, T_CLAIM, T_FB, T_HEADER,
                                 encode_section, fast_record, header)
 from tcpcopylib.streamparse import StreamParser
@@ -638,7 +644,7 @@ class FeedbackClient:
 class _Client:
     __slots__ = ("sock", "name", "out", "keys", "dropped", "delivered", "peer",
                  "want_write", "closing", "warned", "state", "inbuf", "fstart", "fpos",
-                 "fstack", "nonce", "cid", "deadline", "refused")
+                 "fstack", "nonce", "cid", "deadline", "refused", "classic", "records")
 
     def __init__(self, sock, peer):
         self.sock = sock
@@ -660,6 +666,8 @@ class _Client:
         self.cid = None  # the client's "id" (its header): a new connection replaces the old
         self.deadline = 0.0
         self.refused = 0  # claim entries refused (owned by another client)
+        self.classic = False  # a classic tcpcopy (tcpcopylib.classic): 14-byte messages in,
+        self.records: list = []  # ... and its 64-byte records not framed yet out
 
 
 # a client's state: what its next item must be
@@ -680,8 +688,9 @@ class FeedbackServer:
                  key: bytes | None = None, allow: list | None = None,
                  max_clients: int = MAX_CLIENTS, client_input: int = CLIENT_INPUT,
                  total_input: int = TOTAL_INPUT, auth_timeout: float = AUTH_TIMEOUT,
-                 max_claims: int = MAX_CLAIMS):
-        self.listen_address = listen
+                 max_claims: int = MAX_CLAIMS, classic_listen: str | None = None):
+        self.listen_address = listen  # None: classic clients only
+        self.classic_address = classic_listen
         self.hold_s = hold_ms / 1000.0
         self.hold_max = hold_max
         self.client_buffer = client_buffer
@@ -707,12 +716,14 @@ class FeedbackServer:
                            hold_overflow=0, dropped_slow=0, not_tcp=0, clients=0,
                            clients_now=0, claims=0, releases=0, authenticated=0,
                            refused=0, claim_conflicts=0, replaced=0, not_allowed=0,
-                           busy=0, evicted=0, accept_errors=0)
+                           busy=0, evicted=0, accept_errors=0, classic_clients=0,
+                           classic_adds=0, classic_moved=0, classic_ignored=0)
         self.refusals: dict = {}    # refusal kind -> count
         self._hello = encode_section(header(tool, auth=AUTH_ALG) if key else header(tool))
         self._dirty: set = set()
         self._poll = None  # select.poll of serve()
         self.lsock = None
+        self.classic_lsock = None  # classic tcpcopy clients (intercept's port, 36524)
         self.unix_path = None
         self._accept_paused = 0.0  # the listener is out of the poll set until then
         self._accept_backoff = 0.0
@@ -721,7 +732,16 @@ class FeedbackServer:
 
     # -- setup ---------------------------------------------------------------------------
     def open(self) -> None:
-        fam, sa = parse_address(self.listen_address, listen=True)
+        if self.listen_address is not None:
+            self.lsock = self._listen(self.listen_address)
+        if self.classic_address is not None:
+            self.classic_lsock = self._listen(self.classic_address, classic=True)
+
+    def _listen(self, address: str, classic: bool = False):
+        fam, sa = parse_address(address, listen=True)
+        if classic and fam == socket.AF_UNIX:
+            raise UsageError(f"--classic {address}: tcpcopy connects over TCP (tcp:HOST:PORT "
+                             f"or tcp::PORT)")
         s = socket.socket(fam, socket.SOCK_STREAM)
         try:
             if fam == socket.AF_UNIX:
@@ -740,23 +760,28 @@ class FeedbackServer:
             s.close()
             if e.errno in (errno.EACCES, errno.EPERM):
                 from tcpcopylib.errors import NoPermissionError
-                raise NoPermissionError(f"cannot listen on {self.listen_address}: {e.strerror}") from None
-            raise UnavailableError(f"cannot listen on {self.listen_address}: {e.strerror or e}") from None
+                raise NoPermissionError(f"cannot listen on {address}: {e.strerror}") from None
+            raise UnavailableError(f"cannot listen on {address}: {e.strerror or e}") from None
         s.setblocking(False)
-        self.lsock = s
         if fam == socket.AF_UNIX:
             self.unix_path = sa
+        elif classic:
+            if self.allow is None and not on_loopback(fam, sa):
+                self.warn(f"classic clients on {address} cannot authenticate and no --allow "
+                          f"is given: only connections from loopback addresses are accepted")
         elif self.key is None and not on_loopback(fam, sa):
-            self.warn(f"listening on {self.listen_address} without a key: anyone who can "
+            self.warn(f"listening on {address} without a key: anyone who can "
                       f"reach it may claim sessions and read the target's replies (give "
                       f"--key FILE, or listen on a loopback or unix: address)")
+        return s
 
     def close(self) -> None:
         for c in list(self.clients.values()):
             self._drop_client(c, None)
-        if self.lsock is not None:
-            self.lsock.close()
-            self.lsock = None
+        for ls in (self.lsock, self.classic_lsock):
+            if ls is not None:
+                ls.close()
+        self.lsock = self.classic_lsock = None
         if self.unix_path:
             try:
                 os.unlink(self.unix_path)
@@ -771,8 +796,11 @@ class FeedbackServer:
         # select.poll directly (poll, unlike epoll, accepts regular files): the selectors
         # wrapper costs more than the routing itself at ~5 replies per wake-up
         self._poll = poll = select.poll()
-        lfd = self.lsock.fileno()
-        poll.register(lfd, select.POLLIN)
+        lfd = self.lsock.fileno() if self.lsock is not None else -1
+        cfd = self.classic_lsock.fileno() if self.classic_lsock is not None else -1
+        for fd in (lfd, cfd):
+            if fd >= 0:
+                poll.register(fd, select.POLLIN)
         poll.register(in_fd, select.POLLIN)
         clients, dirty_add = self.clients, self._dirty.add
         # one input buffer: a fresh 256 KiB bytes per read costs an mmap/mremap/munmap
@@ -802,7 +830,9 @@ class FeedbackServer:
             if self._accept_paused:
                 if now >= self._accept_paused:
                     self._accept_paused = 0.0
-                    poll.register(lfd, select.POLLIN)
+                    for fd in (lfd, cfd):
+                        if fd >= 0:
+                            poll.register(fd, select.POLLIN)
                 else:
                     timeout = min(timeout, math.ceil((self._accept_paused - now) * 1e3) + 1)
             if next_tick is not None:
@@ -820,7 +850,9 @@ class FeedbackServer:
                         continue
                     self._serve_input(decoder, rview[:n].tobytes())
                 elif fd == lfd:
-                    self._accept()
+                    self._accept(self.lsock)
+                elif fd == cfd:
+                    self._accept(self.classic_lsock, classic=True)
                 else:
                     c = clients.get(fd)
                     if c is None:
@@ -869,7 +901,7 @@ class FeedbackServer:
                 if run_n:
                     self._add_run(run_c, buf[run_start:pos], run_n)
                     delivered += run_n
-                if c is not None and len(c.out) + end - pos <= cap:
+                if c is not None and not c.classic and len(c.out) + end - pos <= cap:
                     run_c, run_start, run_n = c, pos, 1
                 else:
                     run_c, run_n = None, 0
@@ -937,7 +969,14 @@ class FeedbackServer:
             self.counts["hold_overflow"] += 1
 
     def _deliver(self, c: _Client, raw: bytes) -> bool:
-        if len(c.out) + len(raw) > self.client_buffer:
+        queued = len(c.out)
+        if c.classic:
+            raw = _classic_record(raw)
+            if raw is None:  # (an IPv6 reply: its key is never a classic client's)
+                self.counts["not_tcp"] += 1
+                return False
+            queued += len(c.records) * classic.RECORD_SIZE
+        if queued + len(raw) > self.client_buffer:
             c.dropped += 1
             self.counts["dropped_slow"] += 1
             now = time.monotonic()
@@ -946,7 +985,10 @@ class FeedbackServer:
                 self.warn(f"client {c.name} is not reading fast enough: {c.dropped} replies "
                           f"dropped for it so far")
             return False
-        c.out += raw
+        if c.classic:
+            c.records.append(raw)
+        else:
+            c.out += raw
         c.delivered += 1
         self.counts["delivered"] += 1
         self._dirty.add(c)
@@ -1012,6 +1054,73 @@ class FeedbackServer:
         self._say("conflict", f"client {c.name} claimed {len(keys)} connection(s) owned by "
                               f"another client: refused ({c.refused} so far)")
 
+    # -- classic tcpcopy clients (tcpcopylib.classic; tcpcopy(7), CLASSIC) ---------------------
+    def _classic_input(self, c: _Client, data: bytes) -> None:
+        """A classic client's 14-byte messages: the version handshake first, then
+        CLIENT_ADDs. Its input is never more than one unfinished message."""
+        buf = c.inbuf
+        buf += data
+        size = classic.MSG_SIZE
+        pos, n = 0, len(buf)
+        while n - pos >= size:
+            msg = bytes(buf[pos:pos + size])
+            pos += size
+            if c.state != _READY:
+                if not classic.is_handshake(msg):
+                    self._refuse(c, "version", "its first message is not a version handshake "
+                                               "(a tcpcopy older than 1.0?)")
+                    return
+                version = classic.msg_type(msg)
+                if version != classic.VERSION:
+                    self._say("classic", f"client {c.name} speaks classic version {version}, "
+                                         f"not {classic.VERSION}: going on (as intercept does)")
+                c.state = _READY
+                self.info(f"client {c.name} identified (version {version})", 1)
+                continue
+            kind = classic.msg_type(msg)
+            if kind == classic.CLIENT_ADD:
+                self._classic_add(c, classic.msg_route_key(msg))
+            else:  # CLIENT_DEL (never sent by tcpcopy) and unknown types: no effect
+                self.counts["classic_ignored"] += 1
+        del buf[:pos]
+
+    def _classic_add(self, c: _Client, key: bytes) -> None:
+        """Route the replies of key to c, as intercept's router_add does: a later ADD moves
+        the route from another connection of the same host (tcpcopy spreads its ADDs over
+        its connections); one of another host, or a native client's, is never taken."""
+        self.counts["claims"] += 1
+        self.counts["classic_adds"] += 1
+        old = self.routes.get(key)
+        if old is not None and old is not c:
+            if not old.classic or old.peer.rpartition(":")[0] != c.peer.rpartition(":")[0]:
+                self.counts["claim_conflicts"] += 1
+                c.refused += 1
+                self._say("conflict", f"client {c.name} added a connection owned by "
+                                      f"{old.name}: refused ({c.refused} so far)")
+                return
+            old.keys.discard(key)
+            self.counts["classic_moved"] += 1
+        keys = c.keys
+        keys.discard(key)
+        if len(keys) >= self.max_claims:
+            # no CLIENT_DEL ever comes: the oldest route of this client makes room
+            oldest = next(iter(keys))
+            keys.discard(oldest)
+            if self.routes.get(oldest) is c:
+                del self.routes[oldest]
+        self.routes[key] = c
+        keys.add(key)
+        held = self.held.pop(key, None) if self.held else None
+        for entry in held or ():
+            self.held_bytes -= len(entry[2])
+            # as intercept: a SYN or RST that raced the ADD is delivered; an ACK or data
+            # before it belongs to an older connection on the same addresses
+            if _syn_or_rst(entry[2]) and self._deliver(c, entry[2]):
+                self.counts["held_delivered"] += 1
+            else:
+                self.counts["unclaimed"] += 1
+            entry[2] = None
+
     # -- clients -------------------------------------------------------------------------
     def _say(self, what: str, msg: str) -> None:
         """warn(), at most 3 lines per 10 s for each kind of message (the rest counted and
@@ -1029,10 +1138,10 @@ class FeedbackServer:
         else:
             st[2] += 1
 
-    def _accept(self) -> None:
+    def _accept(self, lsock, classic: bool = False) -> None:
         for _ in range(64):
             try:
-                s, peer = self.lsock.accept()
+                s, peer = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -1045,10 +1154,11 @@ class FeedbackServer:
                         continue
                     self._accept_backoff = min(max(self._accept_backoff * 2, 0.05), 1.0)
                     self._accept_paused = time.monotonic() + self._accept_backoff
-                    try:
-                        self._poll.unregister(self.lsock.fileno())
-                    except (KeyError, ValueError, AttributeError):
-                        pass
+                    for ls in (self.lsock, self.classic_lsock):
+                        try:
+                            self._poll.unregister(ls.fileno())
+                        except (KeyError, ValueError, AttributeError):
+                            pass
                     self._say("accept", f"accept failed: {e.strerror or e} "
                                         f"({len(self.clients)} clients); pausing accepts "
                                         f"{self._accept_backoff * 1e3:.0f} ms "
@@ -1057,13 +1167,15 @@ class FeedbackServer:
                     self._say("accept", f"accept failed: {e.strerror or e}")
                 return
             self._accept_backoff = 0.0
-            self._admit(s, peer)
+            self._admit(s, peer, classic)
 
-    def _admit(self, s, peer) -> None:
+    def _admit(self, s, peer, classic: bool = False) -> None:
         s.setblocking(False)
         if s.family != socket.AF_UNIX:
             host = peer[0]
-            if self.allow is not None and not self._allowed(host):
+            # a classic client cannot authenticate: --allow's addresses only (without
+            # --allow, loopback ones)
+            if (self.allow is not None or classic) and not self._allowed(host):
                 self.counts["not_allowed"] += 1
                 self._say("allow", f"connection from {host} refused (not in --allow)")
                 s.close()
@@ -1074,6 +1186,11 @@ class FeedbackServer:
             peer = f"unix#{s.fileno()}"
         if len(self.clients) >= self.max_clients and not self._evict_unready():
             self.counts["busy"] += 1
+            if classic:
+                self._say("busy", f"classic connection from {peer} refused: "
+                                  f"{len(self.clients)} clients (--max-clients)")
+                s.close()
+                return
             self._say("busy", f"connection from {peer} refused: {len(self.clients)} clients "
                               f"(--max-clients)")
             try:
@@ -1086,8 +1203,14 @@ class FeedbackServer:
             return
         c = _Client(s, peer)
         c.state = _LABEL
-        c.out += self._hello
-        if self.key is not None:
+        if classic:  # intercept answers nothing: no header, no key check
+            c.classic = True
+            c.keys = _OrderedKeys()
+            c.name = f"classic {peer}"
+            self.counts["classic_clients"] += 1
+        else:
+            c.out += self._hello
+        if self.key is not None and not classic:
             c.nonce = secrets.token_bytes(NONCE)
             c.out += cbor2.dumps({"t": T_AUTH, "alg": AUTH_ALG, "nonce": c.nonce})
         c.deadline = time.monotonic() + self.auth_timeout
@@ -1119,6 +1242,8 @@ class FeedbackServer:
             return False
         if ip.version == 6 and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
+        if self.allow is None:
+            return ip.is_loopback
         return any(ip in net for net in self.allow)
 
     def _expire_unready(self, now: float) -> None:
@@ -1126,7 +1251,8 @@ class FeedbackServer:
         while q and (q[0].sock is None or q[0].state == _READY or q[0].deadline <= now):
             c = q.popleft()
             if c.sock is not None and c.state != _READY:
-                what = "authenticate" if c.state == _AUTH else "identify itself"
+                what = ("send its version message" if c.classic else "authenticate"
+                        if c.state == _AUTH else "identify itself")
                 self._refuse(c, "timeout", f"did not {what} within {self.auth_timeout:g} s")
 
     def _client_readable(self, c: _Client) -> None:
@@ -1143,6 +1269,9 @@ class FeedbackServer:
             return
         if not data:
             self._drop_client(c, "disconnected")
+            return
+        if c.classic:
+            self._classic_input(c, data)
             return
         try:
             if ready and not c.inbuf:
@@ -1343,8 +1472,8 @@ class FeedbackServer:
         self.refusals[kind] = self.refusals.get(kind, 0) + 1
         self._say("refuse", f"refusing client {c.name}: {msg}")
         try:
-            c.sock.send(bytes(c.out) + cbor2.dumps({"t": T_ERROR, "error": kind, "msg": msg}),
-                        socket.MSG_NOSIGNAL)
+            c.sock.send(bytes(c.out) + (b"" if c.classic else cbor2.dumps(
+                {"t": T_ERROR, "error": kind, "msg": msg})), socket.MSG_NOSIGNAL)
         except OSError:
             pass
         c.out.clear()
@@ -1359,8 +1488,10 @@ class FeedbackServer:
         c.keys.clear()
         if c.cid is not None and self.by_id.get(c.cid) is c:
             del self.by_id[c.cid]
-        self.input_bytes -= len(c.inbuf)
+        if not c.classic:  # (a classic client's input is never counted: 13 bytes at most)
+            self.input_bytes -= len(c.inbuf)
         c.inbuf = bytearray()
+        c.records = []
         self._backlog.discard(c)
         try:
             self._poll.unregister(c.sock.fileno())
@@ -1383,6 +1514,9 @@ class FeedbackServer:
         for c in dirty:
             if c.sock is None:
                 continue
+            if c.records:  # a classic client's replies of this turn, in combined frames
+                c.out += classic.encode_frames(c.records)
+                c.records = []
             if c.out:
                 try:
                     n = c.sock.send(c.out, socket.MSG_NOSIGNAL)
@@ -1411,7 +1545,10 @@ class FeedbackServer:
                 + (f", {k['busy']} turned away (--max-clients)" if k["busy"] else "")
                 + (f", {k['evicted']} evicted (not identified, to make room)"
                    if k["evicted"] else "")
-                + (f", {k['accept_errors']} accept errors" if k["accept_errors"] else ""))
+                + (f", {k['accept_errors']} accept errors" if k["accept_errors"] else "")
+                + (f", {k['classic_clients']} classic clients ({k['classic_adds']} adds, "
+                   f"{k['classic_moved']} moved, {k['classic_ignored']} other messages "
+                   f"ignored)" if k["classic_clients"] else ""))
 
     def _refusal_text(self) -> str:
         return ", ".join(f"{n} {kind}" for kind, n in sorted(self.refusals.items()))
@@ -1419,6 +1556,45 @@ class FeedbackServer:
     def stats_dict(self) -> dict:
         """Every counter, and the refusals by kind (--stats-json)."""
         return {**self.counts, "held_now": len(self.held), "refusals": dict(self.refusals)}
+
+
+class _OrderedKeys(dict):
+    """A set of routing keys that remembers the order they were added in (a classic
+    client's routes: the oldest goes when there are too many)."""
+
+    def add(self, key) -> None:
+        self[key] = None
+
+    def discard(self, key) -> None:
+        self.pop(key, None)
+
+
+def _fb_reply(raw: bytes) -> tuple:
+    """(datagram, len or None) of an encoded fb record (None, None if it holds none)."""
+    spans = fb_spans(raw, 0)
+    if spans and spans[0][3] == len(raw):
+        d0, d1, length, _end = spans[0]
+        return raw[d0:d1], length
+    try:
+        item = cbor2.loads(raw)
+    except Exception:  # noqa: BLE001 - checked by the input's parser already
+        return None, None
+    d, length = item.get("data"), item.get("len")
+    if not isinstance(d, (bytes, bytearray)):
+        return None, None
+    return bytes(d), length if type(length) is int else None
+
+
+def _classic_record(raw: bytes) -> bytes | None:
+    """The classic 64-byte record of an encoded fb record; None if it has none."""
+    d, length = _fb_reply(raw)
+    return None if d is None else classic.encode_record(d, length)
+
+
+def _syn_or_rst(raw: bytes) -> bool:
+    d, _ = _fb_reply(raw)
+    p = parse_tcp_fast(d) if d is not None else None
+    return p is not None and bool(p[8] & 0x06)
 
 
 def _unix_in_use(path: str) -> bool:

@@ -512,13 +512,15 @@ DRAIN = 30  # tc-session --drain for replays (seconds)
 def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=None,
            session_args=(), pace_args=(), timeout=120.0, start_target=True,
            emit_args=(), trace=True, readpcap_args=(), replies=None,
-           send=False) -> Replay:
+           send=False, feedback="unix") -> Replay:
     """Replay pcap into a recording server on the target; every process bounded and stopped.
 
     trace: tcpdump on the target's lan0 writes WORKDIR/target.pcap (for diagnosis).
     replies: a file for the target's replies with payload (for tc-diff).
     send: the chain in one process, tc-readpcap | tc-session --send [EMIT_ARGS] (no
     tc-pace, no tc-emit: pace_args must be empty).
+    feedback: "unix" (tc-feedback --listen unix:), or "classic" (tc-feedback --classic over
+    TCP, tc-session --feedback classic:).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -535,7 +537,10 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
         if trace:
             procs["tcpdump"] = start_tcpdump(lab, "target", lab.target_if,
                                              workdir / "target.pcap", tport)
-        fbprocs, addr = start_feedback(lab, workdir, tport, replies=replies)
+        if feedback == "classic":
+            fbprocs, addr = start_feedback_tcp(lab, tport, classic=True)
+        else:
+            fbprocs, addr = start_feedback(lab, workdir, tport, replies=replies)
         procs.update(fbprocs)
         target = f"[{lab.target_ip6}]:{tport}" if v6 else f"{lab.target_ip}:{tport}"
         env = tool_env()
@@ -667,7 +672,8 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
     (send: tc-capture IFACE | [tee FILE |] tc-session --send [EMIT_ARGS], in one process).
 
     The feedback side (tc-intercept | tc-feedback) runs in the assistant, reached over a
-    Unix socket (feedback=True) or across hosts over TCP (feedback="tcp"); feedback=False
+    Unix socket (feedback=True) or across hosts over TCP (feedback="tcp", or "classic":
+    tc-feedback --classic, tc-session --feedback classic:); feedback=False
     runs tc-session --no-feedback; feedback_env passes the address in $TC_FEEDBACK instead
     of --feedback; replies: a file for the target's replies with payload (as replay()).
     IFACE defaults to
@@ -685,8 +691,8 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
     live = Live(procs, stats_json, None)
     ok = False
     try:
-        if feedback == "tcp":
-            fbprocs, addr = start_feedback_tcp(lab, tport)
+        if feedback in ("tcp", "classic"):
+            fbprocs, addr = start_feedback_tcp(lab, tport, classic=feedback == "classic")
             procs.update(fbprocs)
         elif feedback:
             fbprocs, addr = start_feedback(lab, workdir, tport, replies=replies)
@@ -730,16 +736,20 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
 FEEDBACK_PORT = 36524
 
 
-def start_feedback_tcp(lab, port, listen_port=FEEDBACK_PORT):
+def start_feedback_tcp(lab, port, listen_port=FEEDBACK_PORT, classic=False):
     """tc-intercept lan0 | tc-feedback --listen tcp::LISTEN_PORT in the assistant (the
-    documented cross-host set-up); returns procs and tc-session's --feedback address."""
+    documented cross-host set-up); returns procs and tc-session's --feedback address.
+    classic: tc-feedback --classic tcp::LISTEN_PORT --allow ONLINE instead, the protocol
+    of tcpcopy 1.3 / intercept 1.0 (tcpcopylib.classic)."""
     env = tool_env()
+    serve = (["--classic", f"tcp::{listen_port}", "--allow", lab.online_ip] if classic
+             else ["--listen", f"tcp::{listen_port}"])
     ic = Proc(lab, "assistant", [tool("tc-intercept"), lab.assist_if, "-F",
                                  f"tcp and src port {port}", "--stats", "-v",
                                  "--stats-interval", "3600"],
               stdout=subprocess.PIPE, env=env, name="tc-intercept")
-    fb = Proc(lab, "assistant", [tool("tc-feedback"), "--listen", f"tcp::{listen_port}",
-                                 "--stats"], stdin=ic.p.stdout, env=env, name="tc-feedback")
+    fb = Proc(lab, "assistant", [tool("tc-feedback"), *serve, "--stats"],
+              stdin=ic.p.stdout, env=env, name="tc-feedback")
     ic.p.stdout.close()
     try:
         lab.wait_listening("assistant", listen_port, 10, proc=fb.p)
@@ -749,7 +759,8 @@ def start_feedback_tcp(lab, port, listen_port=FEEDBACK_PORT):
         ic.stop()
         fb.stop()
         raise RuntimeError(f"feedback side did not start: {e}: {ic!r} {fb!r}") from None
-    return {"tc-intercept": ic, "tc-feedback": fb}, f"tcp:{lab.assist_ip}:{listen_port}"
+    scheme = "classic" if classic else "tcp"
+    return {"tc-intercept": ic, "tc-feedback": fb}, f"{scheme}:{lab.assist_ip}:{listen_port}"
 
 
 @dataclass

@@ -238,3 +238,58 @@ def test_same_machine(lab, tmp_path):
     assert lab.run("target", ["ip", "link", "show", "tcbh0"], capture_output=True).returncode
     routes = lab.run("target", ["ip", "route"], capture_output=True, text=True).stdout
     assert lab.client_net not in routes
+
+
+# -- the classic protocol (tcpcopy 1.3 / intercept 1.0): tcpcopy(7), CLASSIC PROTOCOL --------
+
+@pytest.mark.netns
+def test_classic_to_intercept(lab, tmp_path):
+    """tc-session --feedback classic: against a classic server on the assistant (here
+    tc-feedback --classic, which speaks as intercept 1.0 does)."""
+    srv = target_server(lab, tmp_path)
+    want = pcap_requests(PCAP, PORT)["requests"]
+    bg = Background(lab, "assistant", "classic-for-tcpcopy.sh",
+                    [lab.assist_if, str(PORT), lab.online_ip], tmp_path)
+    try:
+        lab.wait_listening("assistant", FB_PORT, 10, proc=bg.p)
+        wait_capturing(lab, "assistant", "tc-intercept", bg)
+        r = run_script(lab, "online", "classic-to-intercept.sh", PCAP,
+                       f"{lab.target_ip}:{PORT}", lab.assist_ip, SPEED=4)
+    finally:
+        out = bg.stop()
+    assert r.returncode == 0, r.stderr
+    assert wait_settled(srv.requests, quiet=0.5, timeout=5, want=want) == want, r.stderr
+    assert re.search(r"tc-session: \d+ sessions .* 0 failed", r.stderr), r.stderr
+    assert served_ok(srv, want, lab.client_ip), srv.log_info()
+    assert "1 classic clients" in out, out
+
+
+@pytest.mark.netns
+def test_classic_for_tcpcopy(lab, tmp_path):
+    """tc-feedback --classic --allow ONLINE on the assistant, with its native listener too
+    (NATIVE): a classic client (tc-session --feedback classic:, as tcpcopy speaks) and a
+    native one replay through the same capture; a host not allowed is turned away."""
+    srv = target_server(lab, tmp_path)
+    want = pcap_requests(PCAP, PORT)["requests"]
+    bg = Background(lab, "assistant", "classic-for-tcpcopy.sh",
+                    [lab.assist_if, str(PORT), lab.online_ip], tmp_path,
+                    NATIVE="tcp::36525")
+    try:
+        lab.wait_listening("assistant", FB_PORT, 10, proc=bg.p)
+        lab.wait_listening("assistant", 36525, 10, proc=bg.p)
+        wait_capturing(lab, "assistant", "tc-intercept", bg)
+        for feedback in (f"classic:{lab.assist_ip}", f"tcp:{lab.assist_ip}:36525"):
+            r = run_script(lab, "online", "offline-replay.sh", PCAP, f"{lab.target_ip}:{PORT}",
+                           feedback, SPEED=4)
+            assert r.returncode == 0, r.stderr
+            assert re.search(r"tc-session: \d+ sessions .* 0 failed", r.stderr), r.stderr
+        refused = lab.run("target", [sys.executable, "-c", (
+            "import socket,sys; s=socket.create_connection((sys.argv[1], 36524), 5); "
+            "s.settimeout(5); sys.exit(0 if s.recv(1) == b'' else 1)"), lab.assist_ip],
+            capture_output=True, text=True, timeout=30)
+    finally:
+        out = bg.stop()
+    assert wait_settled(srv.requests, quiet=0.5, timeout=5, want=2 * want) == 2 * want, out
+    assert served_ok(srv, 2 * want, lab.client_ip), srv.log_info()
+    assert refused.returncode == 0, refused.stderr
+    assert "1 classic clients" in out and "not in --allow" in out, out

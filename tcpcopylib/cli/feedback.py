@@ -3,13 +3,18 @@
 from tcpcopylib.cli.common import Tool as _Tool
 from tcpcopylib.feedback import AUTH_TIMEOUT, CLIENT_INPUT, MAX_CLIENTS, TOTAL_INPUT
 
+CLASSIC_PORT = 36524  # intercept's (tcpcopylib.classic.DEFAULT_PORT; not imported: startup)
+
 
 class Tool(_Tool):
     name = "tc-feedback"
     summary = ("Read fb records (from tc-intercept) and serve them on a socket: each connected "
                "tc-session receives the replies of the sessions it claimed.")
-    epilog = ("example:\n  tc-intercept eth1 -F 'tcp and src port 8080' | "
-              "tc-feedback --listen tcp::36524")
+    epilog = ("examples:\n  tc-intercept eth1 -F 'tcp and src port 8080' | "
+              "tc-feedback --listen tcp::36524\n"
+              "  tc-intercept eth1 -F 'tcp and src port 8080' | "
+              "tc-feedback --classic --allow 10.0.0.7\n"
+              "    (serves an existing tcpcopy 1.3 -s ASSISTANT, as intercept would)")
     writes_records = False
     interrupt_is_success = True  # a server stopped by Ctrl-C/SIGTERM is not a failure
 
@@ -22,7 +27,13 @@ class Tool(_Tool):
                        help="fb record stream to read (default: stdin)")
         p.add_argument("-l", "--listen", default=None, metavar="ADDR",
                        help="unix:/path, tcp:HOST:PORT or tcp::PORT "
-                            "(default: tcp::36524)")
+                            "(default: tcp::36524; with --classic: none unless given)")
+        p.add_argument("--classic", nargs="?", const=f"tcp::{CLASSIC_PORT}", default=None,
+                       metavar="ADDR",
+                       help=f"also serve classic tcpcopy 1.3 clients (intercept's protocol) "
+                            f"on ADDR, tcp:HOST:PORT or tcp::PORT (default tcp::"
+                            f"{CLASSIC_PORT}); they cannot authenticate: only --allow "
+                            f"addresses (without --allow, loopback ones) are accepted")
         p.add_argument("--hold-ms", type=int, default=2000, metavar="MS",
                        help="keep a reply with no owner yet this long, waiting for its claim "
                             "(default 2000; 0 = never hold)")
@@ -68,7 +79,10 @@ class Tool(_Tool):
                              "--client-input and --auth-timeout > 0 are required")
         key = load_key(args.key, warn=self.warn)
         allow = parse_allow(args.allow) if args.allow else None
-        listen = args.listen or f"tcp::{DEFAULT_PORT}"
+        listen = args.listen or (None if args.classic else f"tcp::{DEFAULT_PORT}")
+        if args.classic and args.classic == listen:
+            raise UsageError(f"--classic and --listen both ask for {listen}: give them "
+                             f"different addresses")
         in_fd = self.open_input(args.input)
         self.server = srv = FeedbackServer(listen, hold_ms=args.hold_ms, hold_max=args.hold_max,
                                            client_buffer=args.client_buffer, warn=self.warn,
@@ -76,9 +90,13 @@ class Tool(_Tool):
                                            max_clients=args.max_clients,
                                            client_input=args.client_input,
                                            total_input=args.total_input,
-                                           auth_timeout=args.auth_timeout)
+                                           auth_timeout=args.auth_timeout,
+                                           classic_listen=args.classic)
         srv.open()
-        self.info(f"listening on {listen}")
+        if listen:
+            self.info(f"listening on {listen}")
+        if args.classic:
+            self.info(f"listening on {args.classic} for classic tcpcopy clients")
         tick = (lambda: self.warn(srv.stats_line())) if args.verbose else None
         try:
             srv.serve(in_fd, drain_s=args.drain_s, tick=tick, tick_s=10.0)

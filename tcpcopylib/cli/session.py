@@ -115,9 +115,16 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             raise UsageError("--feedback-retry cannot be negative")
         if args.no_feedback:
             return None
-        from tcpcopylib.feedback import FeedbackClient, load_key
+        from tcpcopylib.classic import ClassicFeedbackClient, is_classic_address
+        from tcpcopylib.feedback import FeedbackClient, default_address, load_key
         from tcpcopylib.metrics import Histogram
 
+        address = args.feedback or default_address()
+        if is_classic_address(address):  # an existing intercept (tcpcopy(7), CLASSIC)
+            if args.key:
+                raise UsageError("--key: a classic intercept checks no key (it is trusted "
+                                 "by its address)")
+            return ClassicFeedbackClient(address, name=self.name, warn=self.warn)
         # one observation per read of the socket: the age of the newest reply in it
         self.fb_lag = Histogram()
         return FeedbackClient(args.feedback, name=self.name,

@@ -69,7 +69,9 @@ def _feedback(g) -> None:
     """The connection to tc-feedback (the target's replies)."""
     g.add_argument("--feedback", metavar="ADDR",
                    help="tc-feedback address: unix:/path or tcp:HOST:PORT "
-                        "(default $TC_FEEDBACK, else tcp:127.0.0.1:36524)")
+                        "(default $TC_FEEDBACK, else tcp:127.0.0.1:36524); "
+                        "classic:HOST[:PORT] for an existing intercept 1.0 (IPv4, "
+                        "default port 36524)")
     g.add_argument("--key", metavar="FILE",
                    help="shared key file of tc-feedback --key (default "
                         "$TC_FEEDBACK_KEY_FILE, else the key $TC_FEEDBACK_KEY): both ends "
