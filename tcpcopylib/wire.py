@@ -240,6 +240,39 @@ def fb_prefix(rest) -> bool:
                                               or lb == 0x18 and k < d1 + 6)
 
 
+# The usual pkt record, what tc-capture and tc-readpcap write for a whole datagram: an
+# 8-byte ts, 24..65535 bytes of data, no other key (PKT_START1/PKT_START2).
+PKT_TS_AT = len(PKT_MAP3)  # where the ts of such a record starts
+_PKT_N1 = PKT_START1.size - 1  # its data's 1-byte length (2-byte with DATA2)
+
+
+def pkt_spans(buf, pos: int) -> list:
+    """The usual pkt records one after the other from buf[pos], complete: a list of
+    ``(data_start, data_stop)`` (the next record starts at data_stop; the ts of one is
+    the 8 bytes at its start + PKT_TS_AT). Empty if the record at pos is not one."""
+    out = []
+    append = out.append
+    n, startswith = len(buf), buf.startswith
+    while startswith(PKT_MAP3, pos) and n > pos + _PKT_N1 + 1:
+        if startswith(DATA1, pos + _PKT_N1 - len(DATA1)):
+            d0 = pos + _PKT_N1 + 1
+            d1 = d0 + buf[d0 - 1]
+            if buf[d0 - 1] < 24:
+                break
+        elif startswith(DATA2, pos + _PKT_N1 - len(DATA1)):
+            d0 = pos + _PKT_N1 + 2
+            d1 = d0 + (buf[d0 - 2] << 8 | buf[d0 - 1])
+            if d1 - d0 < 256:
+                break
+        else:
+            break
+        if d1 > n:
+            break
+        append((d0, d1))
+        pos = d1
+    return out
+
+
 # scan_record's result: (kind, ts, ts_at, stop, data_start, data_stop, extra)
 
 def scan_record(buf, pos: int, end: int):
