@@ -202,7 +202,7 @@ def flow_bytes(data, off: int = 0, end: int = -1) -> bytes | None:
 # session_shard(): the endpoints of an IPv4 datagram without options (addresses, ports) and
 # of an IPv6 one (addresses as two 64-bit halves each, then the ports of a TCP header
 # right after the fixed header)
-_EP4 = struct.Struct("!II4xHH").unpack_from    # at offset 12
+_EP4 = struct.Struct("!IIHH").unpack_from      # at offset 12
 _EP6 = struct.Struct("!QQQQHH").unpack_from    # at offset 8
 
 

@@ -50,7 +50,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         from tcpcopylib.session.timing import DueQueue
 
         check_send(args)
-        if args.shards > 1:
+        if args.shards != 1:
             from tcpcopylib.session import shards
 
             return shards.run(self, args)
