@@ -224,7 +224,9 @@ def _child(args, k: int, n: int, in_r: int, out_w: int, parent: int, keep: tuple
         status = tool._run_to_status(a)
         status = 141 if status is None else status
         try:
-            _frame(out_w, F_STATS, json.dumps(tool.stats_dict()).encode())
+            stats = tool.stats_dict()
+            stats["cpu_s"] = _cpu_s()
+            _frame(out_w, F_STATS, json.dumps(stats).encode())
         except OSError:
             pass
     except BaseException as e:  # noqa: BLE001 - a child reports and exits, whatever happened
@@ -234,6 +236,14 @@ def _child(args, k: int, n: int, in_r: int, out_w: int, parent: int, keep: tuple
             pass
     finally:
         os._exit(status)
+
+
+def _cpu_s() -> float:
+    """This process's CPU time so far (user + system), in seconds."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return round(ru.ru_utime + ru.ru_stime, 6)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -699,19 +709,23 @@ def _totals(tool, parent: ShardParent) -> None:
     totals: dict = {}
     for s in parent.shards:
         if s.stats:
-            add_counts(totals, s.stats)
+            add_counts(totals, {k: v for k, v in s.stats.items() if k != "cpu_s"})
     tool.shard_totals = totals
     fill_engine(tool.engine, totals)
 
 
 def stats_dict(tool) -> dict:
     """--stats-json of a sharded run: the shards' counters summed (and "shards": how many,
-    "shard_records": the records each was given)."""
+    "shard_records": the records each was given, "parent_cpu_s" and "shard_cpu_s": the
+    CPU seconds of the parent and of each shard)."""
     totals = dict(getattr(tool, "shard_totals", {}) or {})
     parent = tool.shard_parent
     totals["summary"] = tool.engine.stats_line()
     totals["shards"] = parent.n
     totals["shard_records"] = [s.records for s in parent.shards]
+    # where the CPU went: the parent (reading, dispatching, writing) and each shard
+    totals["parent_cpu_s"] = _cpu_s()
+    totals["shard_cpu_s"] = [(s.stats or {}).get("cpu_s") for s in parent.shards]
     if parent.writer is None and "emit" in totals:
         totals["emit"]["ignored"] = totals["emit"].get("ignored", 0) + parent.ignored
     return totals
