@@ -379,18 +379,24 @@ def test_shards_sigterm_drains_every_shard(tmp_path):
     p.stdin.write(tc.stream(recs))
     p.stdin.flush()
     kids = wait_children(p)
-    time.sleep(0.5)
+    time.sleep(1.5)  # each shard reports its counters every second: then SIGUSR1 shows
+    p.send_signal(signal.SIGUSR1)  # the totals of the running shards
+    time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=20)
     p.stdin.close()
     assert p.returncode == 0, err
+    assert b"tc-session: 20 sessions (20 active, 0 ended" in err, err
     assert not any(alive(k) for k in kids)
     st = json.loads(stats.read_text())
-    # every session ended (reset: unfinished, no SYN-ACK); a SYN and a RST each
+    # every session ended (reset: unfinished, no SYN-ACK): a SYN (maybe sent again), a RST
     assert st["sessions"] == 20 and st["outcomes"]["no_synack"] + st["outcomes"][
         "unfinished"] == 20, st
-    flags = collections.Counter(parse_tcp(x["data"]).flags for x in tc.decode(out))
-    assert flags[TH_SYN] == 20 and flags[TH_RST | TH_ACK] + flags[TH_RST] == 20, flags
+    sent = collections.defaultdict(list)  # sid -> flags of what it sent
+    for x in tc.decode(out):
+        sent[x["sid"]].append(parse_tcp(x["data"]).flags)
+    assert len(sent) == 20
+    assert all(f[0] == TH_SYN and f[-1] & TH_RST for f in sent.values()), sent
 
 
 def test_shards_downstream_closed_exits_141_and_no_child_survives():

@@ -22,7 +22,7 @@ header per input section, the records of its sessions, in input order); its outp
 pipe of *frames* (kind byte, 4-byte length, payload): "R" whole records (one flush of
 its output, no section header: the parent writes one stream with one header per input
 section), "M" a message line (the parent prints it, so the children's warnings and
-errors reach the parent's stderr), "S" its counters (--stats-json) at the end.
+errors reach the parent's stderr), "S" its counters (every second and at its end).
 
 In pipe mode the parent writes the children's record frames as they arrive: each
 shard's records are in its own order (nondecreasing ts), and records of different shards
@@ -63,6 +63,7 @@ F_RECORDS, F_MESSAGE, F_STATS = b"R", b"M", b"S"
 CHUNK = 1 << 17
 CHILD_BUFFER = 4 << 20      # bytes held for one child before the parent stops reading input
 STOP_GRACE = 30.0           # s after a second signal before the children are killed
+REPORT_EVERY = 1_000_000_000  # ns between a shard's reports of its counters
 _U64 = struct.Struct(">Q")
 PR_SET_PDEATHSIG = 1
 
@@ -138,9 +139,17 @@ def _child_classes():
         """The stage of shard k of n: session ids from its own range, the parent's anchor
         (taken out of the input before anything else)."""
 
-        def __init__(self, engine, due, out, k: int, n: int):
+        def __init__(self, engine, due, out, k: int, n: int, report):
             super().__init__(engine, due, out)
             engine.next_sid = k * (1 << 32) // n + 1
+            self.report = report  # sends the counters to the parent
+            self.next_report = 0
+
+        def run_due(self, now: int) -> None:
+            super().run_due(now)
+            if now >= self.next_report:
+                self.next_report = now + REPORT_EVERY
+                self.report()
 
         def take(self, items, now: int) -> None:
             for i, item in enumerate(items):
@@ -167,7 +176,13 @@ def _child_classes():
                 pass
 
         def make_stage(self, engine, due, out):
-            return ShardStage(engine, due, out, self.k, self.n)
+            return ShardStage(engine, due, out, self.k, self.n, self.report)
+
+        def report(self) -> None:
+            """The counters to the parent (its --stats-json, metrics and --progress)."""
+            stats = self.stats_dict()
+            stats["cpu_s"] = _cpu_s()
+            _frame(self.stdout_fd, F_STATS, json.dumps(stats).encode())
 
         def _output(self, args):
             if args.send:
@@ -224,9 +239,7 @@ def _child(args, k: int, n: int, in_r: int, out_w: int, parent: int, keep: tuple
         status = tool._run_to_status(a)
         status = 141 if status is None else status
         try:
-            stats = tool.stats_dict()
-            stats["cpu_s"] = _cpu_s()
-            _frame(out_w, F_STATS, json.dumps(stats).encode())
+            tool.report()
         except OSError:
             pass
     except BaseException as e:  # noqa: BLE001 - a child reports and exits, whatever happened
@@ -297,6 +310,7 @@ class ShardParent:
         self.cut = 0            # recording time taken out by the gap clamp so far
         self.ignored = 0        # --send: records of other types (as SendOutput counts them)
         self.failed = None      # (shard, status) of the first child that failed
+        self.on_stats = None    # called when a shard reported its counters
         self.stop_sig = self.stop_count = 0
         self.reading = False
         self.poll = select.poll()
@@ -616,6 +630,8 @@ class ShardParent:
                 self.warn(payload.decode(errors="replace"))
             elif kind == F_STATS:
                 s.stats = json.loads(payload)
+                if self.on_stats is not None:
+                    self.on_stats()
             pos = stop
         del buf[:pos]
 
@@ -686,12 +702,10 @@ def run(tool, args) -> int:
 
         writer = StageWriter(tool.stdout_fd, tool.name, bufsize=1 << 62)
     parent = tool.shard_parent = ShardParent(args, n, writer, tool.warn)
+    parent.on_stats = lambda: _totals(tool, parent)
     parent.start(in_fd, tool.stdout_fd)
     parent.catch_signals()
-    try:
-        parent.run(in_fd, "<stdin>" if args.file == "-" else args.file)
-    finally:
-        _totals(tool, parent)
+    parent.run(in_fd, "<stdin>" if args.file == "-" else args.file)
     if parent.failed is not None:
         k, status = parent.failed
         from tcpcopylib.errors import TcError
