@@ -147,7 +147,12 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         return smap
 
     def _print_summary(self):
-        if self.engine is not None:
+        if self.shard_parent is not None:
+            from tcpcopylib.session import shards
+
+            for line in shards.summary_lines(self):
+                self.warn(line)
+        elif self.engine is not None:
             from tcpcopylib.session.report import summary_lines
 
             for line in summary_lines(self.engine, self.sent):
@@ -156,6 +161,10 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
     def stats_line(self):
         if self.engine is None:
             return None
+        if self.shard_parent is not None:
+            from tcpcopylib.session import shards
+
+            return shards.stats_line(self)
         line = self.engine.stats_line()
         if self.sent is not None:
             em = self.sent.emitter

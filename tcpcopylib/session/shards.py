@@ -728,13 +728,35 @@ def _totals(tool, parent: ShardParent) -> None:
     fill_engine(tool.engine, totals)
 
 
+def stats_line(tool) -> str:
+    """The --stats line of the totals (the idle engine has no session: the shards' live
+    ones are put in)."""
+    active = (getattr(tool, "shard_totals", None) or {}).get("active", 0)
+    return tool.engine.stats_line().replace(" (0 active,", f" ({active} active,", 1)
+
+
+def summary_lines(tool) -> list:
+    from tcpcopylib.session.report import summary_lines as lines
+
+    out = lines(tool.engine)
+    out[0] = stats_line(tool)
+    em = (getattr(tool, "shard_totals", None) or {}).get("emit")
+    if em:  # --send: tc-emit's counters, summed (as report.summary_lines shows them)
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(em.get("errors", {}).items()))
+        out.append(f"sending: sent {em.get('sent', 0)}, failed {em.get('failed', 0)}"
+                   + (f" ({errors})" if errors else "")
+                   + f", fixed checksums {em.get('fixed', 0)}, ignored records "
+                   f"{em.get('ignored', 0) + tool.shard_parent.ignored}")
+    return out
+
+
 def stats_dict(tool) -> dict:
     """--stats-json of a sharded run: the shards' counters summed (and "shards": how many,
     "shard_records": the records each was given, "parent_cpu_s" and "shard_cpu_s": the
     CPU seconds of the parent and of each shard)."""
     totals = dict(getattr(tool, "shard_totals", {}) or {})
     parent = tool.shard_parent
-    totals["summary"] = tool.engine.stats_line()
+    totals["summary"] = stats_line(tool)
     totals["shards"] = parent.n
     totals["shard_records"] = [s.records for s in parent.shards]
     # where the CPU went: the parent (reading, dispatching, writing) and each shard
