@@ -320,7 +320,16 @@ class ShardParent:
 
     # -- start ----------------------------------------------------------------------------
     def start(self, in_fd: int, stdout_fd: int) -> None:
-        """Fork the children (before any thread or connection of ours exists)."""
+        """Fork the children (before any connection of ours exists), with what they all
+        import imported once, here."""
+        import tcpcopylib.feedback  # noqa: F401
+        import tcpcopylib.session.runner  # noqa: F401
+        import tcpcopylib.session.timing  # noqa: F401
+        import tcpcopylib.streamparse  # noqa: F401
+
+        if self.args.send:
+            import tcpcopylib.emit  # noqa: F401
+        _child_classes()
         pipes = [(os.pipe(), os.pipe()) for _ in range(self.n)]
         every = [fd for pair in pipes for p in pair for fd in p] + [self._wake_r,
                                                                      self._wake_w]
