@@ -296,6 +296,24 @@ def test_shards_feedback_unreachable_exits_69_naming_the_shard(tmp_path):
                      re.M), err
 
 
+def test_shards_send_without_cap_net_raw_exits_77():
+    """Each shard opens its own raw socket: without CAP_NET_RAW the first to fail says so
+    and the whole exits 77."""
+    import shutil
+
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.fail("setpriv (util-linux) not installed")
+        prefix = ["setpriv", "--inh-caps=-net_raw", "--bounding-set=-net_raw"]
+    r = subprocess.run([*prefix, tool_path("tc-session"), "--target", "10.2.0.5:80",
+                        "--no-feedback", "--send", "--shards", "2"], input=tc.stream([syn(0, 0)]),
+                       capture_output=True, env=tool_env(), timeout=60)
+    assert r.returncode == 77, r.stderr
+    assert re.search(rb"^tc-session: error: shard [01] of 2 failed \(exit status 77\)$",
+                     r.stderr, re.M), r.stderr
+
+
 def test_shards_bad_and_empty_input():
     r = tc.call(["tc-session", "--target", "10.0.0.1:80", "--no-feedback", "--shards", "2"],
                 input=b"not a stream")
@@ -413,6 +431,20 @@ def test_shards_downstream_closed_exits_141_and_no_child_survives():
     while any(alive(k) for k in kids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(k) for k in kids)
+
+
+def test_a_shard_that_dies_fails_the_whole_run():
+    p = start(["--connect-timeout", "30", "--drain", "0.5"], stdout=subprocess.DEVNULL,
+              stderr=subprocess.PIPE)
+    p.stdin.write(tc.stream([syn(i, 0) for i in range(10)]))
+    p.stdin.flush()
+    kids = wait_children(p)
+    os.kill(kids[1], signal.SIGKILL)
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == 128 + signal.SIGKILL, err
+    assert b"tc-session: shard 1 failed (exit status 137); stopping the other shards" in err
+    assert err.endswith(b"tc-session: error: shard 1 of 2 failed (exit status 137)\n"), err
+    assert not alive(kids[0])
 
 
 def test_shards_never_outlive_a_killed_parent():
