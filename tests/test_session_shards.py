@@ -252,6 +252,11 @@ def test_shards_offline_path_from_a_pcap(tmp_path):
     two = tc.chain(["tc-readpcap", cap], ["tc-session", *args, "--shards", 2])
     assert one.returncode == two.returncode == 0, two.stderr
     assert per_session(tc.decode(two.stdout))[1] == per_session(tc.decode(one.stdout))[1]
+    # and tc-pace takes the shards' stream as it is: the same records, none held back
+    paced = tc.call(["tc-pace", "--stats-json", tmp_path / "pace.json"], input=two.stdout)
+    assert paced.returncode == 0, paced.stderr
+    assert [x["data"] for x in tc.decode(paced.stdout)] == [
+        x["data"] for x in tc.decode(two.stdout)]
 
 
 def test_shards_sessions_file_holds_every_session(tmp_path):

@@ -234,6 +234,7 @@ def _child(args, k: int, n: int, in_r: int, out_w: int, parent: int, keep: tuple
             os.dup2(null, stdout_fd)
             os.close(null)
         tool = _child_classes()(k, n, out_w)
+        signal.signal(signal.SIGUSR1, tool._print_stats)  # (its own line, not the parent's)
         a = shard_args(args, k, n)
         tool.args = a
         status = tool._run_to_status(a)
@@ -290,7 +291,7 @@ class Shard:
         self.k, self.pid, self.in_w, self.out_r = k, pid, in_w, out_r
         self.pending = bytearray()  # bytes for its stdin not yet written
         self.frames = bytearray()   # bytes of its output not yet a whole frame
-        self.stats = None           # its counters (dict) at its end
+        self.stats = None           # its counters (dict), as it last reported them
         self.status = None          # its exit status, once reaped
         self.records = 0            # records sent to it
 
