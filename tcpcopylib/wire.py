@@ -243,7 +243,7 @@ def fb_prefix(rest) -> bool:
 # The usual pkt record, what tc-capture and tc-readpcap write for a whole datagram: an
 # 8-byte ts, 24..65535 bytes of data, no other key (PKT_START1/PKT_START2).
 PKT_TS_AT = len(PKT_MAP3)  # where the ts of such a record starts
-_PKT_N1 = PKT_START1.size - 1  # its data's 1-byte length (2-byte with DATA2)
+_PKT_DATA_KEY_AT = PKT_TS_AT + 8  # where its "data" key starts (DATA1 or DATA2)
 
 
 def pkt_spans(buf, pos: int) -> list:
@@ -253,19 +253,22 @@ def pkt_spans(buf, pos: int) -> list:
     out = []
     append = out.append
     n, startswith = len(buf), buf.startswith
-    while startswith(PKT_MAP3, pos) and n > pos + _PKT_N1 + 1:
-        if startswith(DATA1, pos + _PKT_N1 - len(DATA1)):
-            d0 = pos + _PKT_N1 + 1
-            d1 = d0 + buf[d0 - 1]
-            if buf[d0 - 1] < 24:
+    head, data1, data2 = PKT_MAP3, DATA1, DATA2  # (locals: this loop runs per record)
+    key_at, size_at = _PKT_DATA_KEY_AT, _PKT_DATA_KEY_AT + len(DATA1)
+    while startswith(head, pos) and n > pos + size_at + 1:
+        if startswith(data1, pos + key_at):
+            size = buf[pos + size_at]
+            if size < 24:
                 break
-        elif startswith(DATA2, pos + _PKT_N1 - len(DATA1)):
-            d0 = pos + _PKT_N1 + 2
-            d1 = d0 + (buf[d0 - 2] << 8 | buf[d0 - 1])
-            if d1 - d0 < 256:
+            d0 = pos + size_at + 1
+        elif startswith(data2, pos + key_at):
+            size = buf[pos + size_at] << 8 | buf[pos + size_at + 1]
+            if size < 256:
                 break
+            d0 = pos + size_at + 2
         else:
             break
+        d1 = d0 + size
         if d1 > n:
             break
         append((d0, d1))
