@@ -327,13 +327,11 @@ class ShardParent:
     def start(self, in_fd: int, stdout_fd: int) -> None:
         """Fork the children (before any connection of ours exists), with what they all
         import imported once, here."""
-        import tcpcopylib.feedback  # noqa: F401
-        import tcpcopylib.session.runner  # noqa: F401
-        import tcpcopylib.session.timing  # noqa: F401
-        import tcpcopylib.streamparse  # noqa: F401
+        import importlib
 
-        if self.args.send:
-            import tcpcopylib.emit  # noqa: F401
+        for name in ("feedback", "session.runner", "session.timing", "streamparse",
+                     *(("emit", "cli.emit") if self.args.send else ())):
+            importlib.import_module("tcpcopylib." + name)
         _child_classes()
         pipes = [(os.pipe(), os.pipe()) for _ in range(self.n)]
         every = [fd for pair in pipes for p in pair for fd in p] + [self._wake_r,
