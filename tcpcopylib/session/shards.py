@@ -317,7 +317,8 @@ class ShardParent:
         self.failed = None      # (shard, status) of the first child that failed
         self.on_stats = None    # called when a shard reported its counters
         self.stop_sig = self.stop_count = 0
-        self.reading = False
+        self.reading = self.eof = False  # (eof: no more input for the shards)
+        self.kill_at = 0.0      # after a second signal: when the shards are killed
         self.poll = select.poll()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -424,14 +425,15 @@ class ShardParent:
             self.poll.unregister(self.in_fd)
             self.reading = False
 
-    eof = False
-    kill_at = 0.0
-
     def _flow(self) -> None:
         """Back-pressure, and the end of the input passed on (each child's stdin closed
         once what it is owed is written)."""
         held = 0
         for s in self.shards:
+            if s.in_w < 0:
+                continue
+            if s.pending:
+                self._write_child(s)  # at once: the pipe has room, most of the time
             if s.in_w < 0:
                 continue
             if s.pending:
