@@ -199,6 +199,44 @@ def flow_bytes(data, off: int = 0, end: int = -1) -> bytes | None:
     return None
 
 
+# session_shard(): the endpoints of an IPv4 datagram without options (addresses, ports) and
+# of an IPv6 one (addresses as two 64-bit halves each, then the ports of a TCP header
+# right after the fixed header)
+_EP4 = struct.Struct("!IIHH").unpack_from      # at offset 12
+_EP6 = struct.Struct("!QQQQHH").unpack_from    # at offset 8
+
+
+def session_shard(data, n: int, off: int = 0, end: int = -1) -> int:
+    """Which of ``n`` owners (tc-session --shards) the connection of the IPv4/IPv6
+    datagram at data[off:end] belongs to: the session key, the captured (client ip:port,
+    server ip:port) pair, hashed the same for both directions and on every run and host
+    (Python's hash of a tuple of ints is not salted). 0 for a datagram that is not
+    IPv4/IPv6 or too short to hold the ports (its owner only counts it). The one place
+    that decides it: a connection never splits between two owners."""
+    if n == 1:
+        return 0
+    size = (len(data) if end < 0 else end) - off
+    if size < 24:
+        return 0
+    b0 = data[off]
+    if b0 == 0x45:  # the usual case: IPv4 without options
+        s, d, sp, dp = _EP4(data, off + 12)
+        a, b = s << 16 | sp, d << 16 | dp
+    elif b0 >> 4 == 4:
+        ihl = (b0 & 0x0F) * 4
+        if ihl < 20 or size < ihl + 4:
+            return 0
+        s, d = _U32.unpack_from(data, off + 12)[0], _U32.unpack_from(data, off + 16)[0]
+        sp, dp = _PORTS.unpack_from(data, off + ihl)
+        a, b = s << 16 | sp, d << 16 | dp
+    elif b0 >> 4 == 6 and size >= 44:
+        s1, s2, d1, d2, sp, dp = _EP6(data, off + 8)
+        a, b = (s1 << 64 | s2) << 16 | sp, (d1 << 64 | d2) << 16 | dp
+    else:
+        return 0
+    return hash((a, b) if a < b else (b, a)) % n
+
+
 def ip_str(packed: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
 

@@ -240,6 +240,42 @@ def fb_prefix(rest) -> bool:
                                               or lb == 0x18 and k < d1 + 6)
 
 
+# The usual pkt record, what tc-capture and tc-readpcap write for a whole datagram: an
+# 8-byte ts, 24..65535 bytes of data, no other key (PKT_START1/PKT_START2).
+PKT_TS_AT = len(PKT_MAP3)  # where the ts of such a record starts
+_PKT_DATA_KEY_AT = PKT_TS_AT + 8  # where its "data" key starts (DATA1 or DATA2)
+
+
+def pkt_spans(buf, pos: int) -> list:
+    """The usual pkt records one after the other from buf[pos], complete: a list of
+    ``(data_start, data_stop)`` (the next record starts at data_stop; the ts of one is
+    the 8 bytes at its start + PKT_TS_AT). Empty if the record at pos is not one."""
+    out = []
+    append = out.append
+    n, startswith = len(buf), buf.startswith
+    head, data1, data2 = PKT_MAP3, DATA1, DATA2  # (locals: this loop runs per record)
+    key_at, size_at = _PKT_DATA_KEY_AT, _PKT_DATA_KEY_AT + len(DATA1)
+    while startswith(head, pos) and n > pos + size_at + 1:
+        if startswith(data1, pos + key_at):
+            size = buf[pos + size_at]
+            if size < 24:
+                break
+            d0 = pos + size_at + 1
+        elif startswith(data2, pos + key_at):
+            size = buf[pos + size_at] << 8 | buf[pos + size_at + 1]
+            if size < 256:
+                break
+            d0 = pos + size_at + 2
+        else:
+            break
+        d1 = d0 + size
+        if d1 > n:
+            break
+        append((d0, d1))
+        pos = d1
+    return out
+
+
 # scan_record's result: (kind, ts, ts_at, stop, data_start, data_stop, extra)
 
 def scan_record(buf, pos: int, end: int):

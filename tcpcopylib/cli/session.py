@@ -37,6 +37,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         self.fb_lag = None  # with feedback: a metrics.Histogram of the feedback lag
         self.sender = None  # with --send: the sender (emit.RawSender or LinkSender)
         self.sent = None    # ... and the SendOutput whose Emitter counts what was sent
+        self.shard_parent = None  # with --shards N: the parent (session.shards)
 
     def add_arguments(self, p):
         from tcpcopylib.session.options import add_arguments
@@ -45,10 +46,14 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
 
     def run(self, args):
         from tcpcopylib.session.options import build_engine, check_send
-        from tcpcopylib.session.runner import SessionRunner, SessionStage
+        from tcpcopylib.session.runner import SessionRunner
         from tcpcopylib.session.timing import DueQueue
 
         check_send(args)
+        if args.shards != 1:
+            from tcpcopylib.session import shards
+
+            return shards.run(self, args)
         if args.socket:
             from tcpcopylib.session import sockets
 
@@ -70,7 +75,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         in_fd = self.open_input(args.file)
         due = DueQueue(asap=args.asap, speed=args.speed, max_gap=args.max_gap, warn=self.warn)
         runner = SessionRunner(
-            SessionStage(engine, due, out), fb, drain=args.drain,
+            self.make_stage(engine, due, out), fb, drain=args.drain,
             feedback_retry=args.feedback_retry,
             max_rss=int(args.max_memory * (1 << 20)) if args.max_memory else None,
             stats_every=args.stats_every, on_stats=self._print_summary, lag=self.fb_lag,
@@ -88,6 +93,12 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             self._print_summary()
             args.stats = False  # Tool.main would print the one-line version too
         return 0
+
+    def make_stage(self, engine, due, out):
+        """The stage the runner runs (a shard of --shards makes its own)."""
+        from tcpcopylib.session.runner import SessionStage
+
+        return SessionStage(engine, due, out)
 
     def _output(self, args):
         """Where the engine's packets go: "pkt" records on stdout, or with --send an
@@ -143,7 +154,12 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         return smap
 
     def _print_summary(self):
-        if self.engine is not None:
+        if self.shard_parent is not None:
+            from tcpcopylib.session import shards
+
+            for line in shards.summary_lines(self):
+                self.warn(line)
+        elif self.engine is not None:
             from tcpcopylib.session.report import summary_lines
 
             for line in summary_lines(self.engine, self.sent):
@@ -152,6 +168,10 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
     def stats_line(self):
         if self.engine is None:
             return None
+        if self.shard_parent is not None:
+            from tcpcopylib.session import shards
+
+            return shards.stats_line(self)
         line = self.engine.stats_line()
         if self.sent is not None:
             em = self.sent.emitter
@@ -162,6 +182,10 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         """--stats-json: the --stats line, every counter and the outcome counts."""
         if self.engine is None:
             return super().stats_dict()
+        if self.shard_parent is not None:
+            from tcpcopylib.session import shards
+
+            return shards.stats_dict(self)
         from tcpcopylib.session.report import stats_dict
 
         return stats_dict(self.engine, self.fb_lag, self.sent)

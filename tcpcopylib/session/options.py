@@ -23,6 +23,11 @@ def add_arguments(p) -> None:
     _output(p.add_argument_group("output"))
     _send(p.add_argument_group("sending in this process (--send; tc-emit's options)"))
     _socket_mode(p.add_argument_group("socket mode (tc-session(1), SOCKET MODE)"))
+    p.add_argument_group("processes").add_argument(
+        "--shards", type=int, default=1, metavar="N",
+        help="split the sessions over N processes (one per core; each connection stays "
+             "in one), each with its own port block of -f, feedback connection and "
+             "output; stdout stays one stream (tc-session(1), SHARDS)")
     p.add_argument_group("statistics").add_argument(
         "--stats-every", type=float, metavar="N", help="print the summary every N seconds")
     p.add_argument("file", nargs="?", default="-", help="input stream (default stdin)")
