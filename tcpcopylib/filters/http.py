@@ -20,6 +20,8 @@ from tcpcopylib.filters.stream import Drop, Transform
 REQUEST_LINE = re.compile(rb"([A-Z][A-Z0-9_-]{0,31}) (\S+) (HTTP/1\.[0-9])")
 # the first bytes of a request (tc-select: is this HTTP at all?)
 REQUEST_START = re.compile(rb"[A-Z][A-Z0-9_-]{0,31} ")
+# the start of a request line, or all of what arrived could begin one
+_MAY_BE_REQUEST = re.compile(rb"(?:\r\n)*(?:[A-Z][A-Z0-9_-]{0,31}(?: |\Z)|\r?\Z)")
 
 HEAD, BODY, BODY_HELD, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILER, PASS = range(8)
 
@@ -98,6 +100,9 @@ class HttpTransform(Transform):
                 buf = b""
             elif st == HEAD:
                 end = find_head_end(buf)
+                if end < 0 and not self._may_be_request(buf):
+                    self.state = PASS  # not HTTP: the rest goes on as it is
+                    continue
                 if end < 0:
                     if len(buf) > self.rs.max_header:
                         raise Drop("request head too large")
@@ -165,6 +170,15 @@ class HttpTransform(Transform):
         if self.buf or self.head is not None:
             raise Drop("the connection ended inside a request")
         return b""
+
+    @staticmethod
+    def _may_be_request(buf: bytes) -> bool:
+        """Could buf (a head not all here yet) be the start of an HTTP/1.x request?"""
+        if _MAY_BE_REQUEST.match(buf) is None:
+            return False
+        start = len(buf) - len(buf.lstrip(b"\r\n"))
+        eol = buf.find(b"\r\n", start)
+        return eol < 0 or REQUEST_LINE.fullmatch(buf, start, eol) is not None
 
     def _subst(self, data: bytes) -> bytes:
         for sub in self.subs:
