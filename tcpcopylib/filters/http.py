@@ -66,6 +66,15 @@ def parse_head(block: bytes) -> Request | None:
     return req
 
 
+def may_be_request(buf: bytes) -> bool:
+    """Could buf (a head not all here yet) be the start of an HTTP/1.x request?"""
+    if _MAY_BE_REQUEST.match(buf) is None:
+        return False
+    start = len(buf) - len(buf.lstrip(b"\r\n"))
+    eol = buf.find(b"\r\n", start)
+    return eol < 0 or REQUEST_LINE.fullmatch(buf, start, eol) is not None
+
+
 def find_head_end(buf, start: int = 0) -> int:
     """Where the blank line that ends a head starts in buf (its CRLFCRLF), -1 if none
     yet; CRLFs before a request line (allowed between requests) are skipped."""
@@ -100,7 +109,7 @@ class HttpTransform(Transform):
                 buf = b""
             elif st == HEAD:
                 end = find_head_end(buf)
-                if end < 0 and not self._may_be_request(buf):
+                if end < 0 and not may_be_request(buf):
                     self.state = PASS  # not HTTP: the rest goes on as it is
                     continue
                 if end < 0:
@@ -170,15 +179,6 @@ class HttpTransform(Transform):
         if self.buf or self.head is not None:
             raise Drop("the connection ended inside a request")
         return b""
-
-    @staticmethod
-    def _may_be_request(buf: bytes) -> bool:
-        """Could buf (a head not all here yet) be the start of an HTTP/1.x request?"""
-        if _MAY_BE_REQUEST.match(buf) is None:
-            return False
-        start = len(buf) - len(buf.lstrip(b"\r\n"))
-        eol = buf.find(b"\r\n", start)
-        return eol < 0 or REQUEST_LINE.fullmatch(buf, start, eol) is not None
 
     def _subst(self, data: bytes) -> bytes:
         for sub in self.subs:

@@ -24,7 +24,7 @@ import fnmatch
 import re
 
 from tcpcopylib.errors import UsageError
-from tcpcopylib.filters.http import REQUEST_START, find_head_end, parse_head
+from tcpcopylib.filters.http import REQUEST_START, find_head_end, may_be_request, parse_head
 from tcpcopylib.filters.stream import M32, client_side
 from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, parse_tcp_fast
 
@@ -82,6 +82,8 @@ def first_request(buf: bytes, pushed: bool, final: bool) -> First | None:
                 return First("http", buf[:end + 4], req=req)
             return First("bytes", buf)
         return First("bytes", buf) if final else None
+    if not final and len(buf) < 33 and may_be_request(buf):
+        return None  # the start of a method: wait for the rest of the line
     if buf.startswith(b"*"):
         args = resp_command(buf)
         if args:
