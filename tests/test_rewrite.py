@@ -286,3 +286,32 @@ def test_engine_sends_the_target_the_rewritten_stream():
     assert bytes(got) == expected_host_rewrite(REQS)
     assert rig.e.st.retransmits == 0
     assert rig.outcomes() == {"completed": 1}
+
+
+def test_connection_seen_mid_stream_counts_from_its_first_byte():
+    out, _ = run(HOST_RULES, client_pkts(ORIG, [50, 120], syn=False))
+    data, fin = client_stream(out)  # (numbered from ISN + 1: the first captured byte)
+    assert data == expected_host_rewrite(REQS)
+
+
+def test_user_filter_tag_and_drop_through_the_engine():
+    from tcpcopylib.filters import Filter
+
+    class Tagger(Filter):
+        def data(self, conn, data, end):
+            if conn.first:
+                if data.startswith(b"GET /health"):
+                    conn.drop()
+                conn.tag("first=" + data[:4].decode())
+            return data.upper()
+
+    rw = StreamRewriter(Tagger().transform)
+    outs = []
+    for i, d in enumerate(client_pkts(b"post /x", [3]) +
+                          client_pkts(b"GET /health", [], sport=40001)):
+        r = rw.packet(i, d)
+        outs += [(d, None)] if r is None else [(x[1], x[2]) for x in r]
+    assert {parse_tcp(d).sport for d, _ in outs} == {40000}  # the health check: none of it
+    assert {tag for _, tag in outs} == {"first=pos"}  # the SYN too (it waited)
+    assert b"".join(parse_tcp(d).payload for d, _ in outs) == b"POST /X"
+    assert rw.st.dropped == 1
