@@ -341,3 +341,29 @@ def test_user_filter_example_live(lab, tmp_path):
     want = sorted(c.data.replace(b"tenant=prod", b"tenant=test")
                   for c in h.logged_streams(onl) if not c.data.startswith(b"GET /health"))
     assert len(want) == 2 and got == want, (got, want, live.diagnostics())
+
+
+def test_rewrite_live(lab, tmp_path):
+    """tc-capture | tc-rewrite | tc-session | tc-pace | tc-emit while the client runs:
+    the target receives each connection rewritten, byte for byte, the client sees
+    nothing."""
+    host, token, _ = REWRITES["lengthen"]
+    onl, tgt = tmp_path / "online", tmp_path / "target"
+    h.start_recording_server(lab, "online", onl)
+    h.start_recording_server(lab, "target", tgt)
+    live = h.start_live(lab, tmp_path / "live", filters=[
+        ("tc-rewrite", ["--host", host.decode(), "--replace", "token=PRODSECRET",
+                        token.decode()])])
+    try:
+        r = lab.run("client", [h.PY, CLIENT, "--keepalive", 30, "--big", 200_000,
+                               "--pipelined", 5, "--server", f"{lab.online_cli_ip}:{h.PORT}"],
+                    capture_output=True, text=True, timeout=120)
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        assert not res["errors"] and res["answers"] == res["requests"], res
+        h.wait_settled(tgt, quiet=1.0, timeout=30)
+    finally:
+        live.stop()
+    want = {c.port: rewritten(c.data, host, token) for c in h.logged_streams(onl)}
+    got = by_port(h.logged_streams(tgt))
+    assert got == want, live.diagnostics()
+    assert {k for k, v in live.stats["outcomes"].items() if v} == {"completed"}, live.stats
