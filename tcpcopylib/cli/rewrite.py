@@ -15,7 +15,8 @@ class _RuleAction(argparse.Action):
         namespace.rules = rules
 
 
-def _size(text):
+def size_arg(text):
+    """An argparse type: a number of bytes, with an optional suffix k, M or G (x 1024**n)."""
     from tcpcopylib.cli.common import number_arg
 
     mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
@@ -76,11 +77,11 @@ class Tool(BaseTool):
                        metavar="PORT", help="a server port (tells a capture's directions "
                        "apart when a connection's SYN was not captured; default: the "
                        "lower port serves); repeatable")
-        p.add_argument("--max-hold", type=_size, default=8 << 20, metavar="BYTES",
+        p.add_argument("--max-hold", type=size_arg, default=8 << 20, metavar="BYTES",
                        help="bytes one connection may hold (a body being rewritten, "
                             "out-of-order data); past it the connection is not replayed "
                             "(or is cut by an RST): default 8M")
-        p.add_argument("--max-total", type=_size, default=256 << 20, metavar="BYTES",
+        p.add_argument("--max-total", type=size_arg, default=256 << 20, metavar="BYTES",
                        help="bytes all connections may hold together (default 256M)")
 
     def run(self, args):

@@ -48,10 +48,12 @@ class Tool(BaseTool):
         p.add_argument("-p", "--port", type=int, action="append", default=[],
                        metavar="PORT", help="a server port (tells directions apart when "
                        "a connection's SYN was not captured); repeatable")
-        p.add_argument("--max-hold", type=int, default=1 << 20, metavar="BYTES",
+        from tcpcopylib.cli.rewrite import size_arg
+
+        p.add_argument("--max-hold", type=size_arg, default=1 << 20, metavar="BYTES",
                        help="client bytes held per connection while its first request "
                             "arrives; past it the decision is made on what is there "
-                            "(default 1048576)")
+                            "(suffixes k, M, G; default 1M)")
 
     def run(self, args):
         from tcpcopylib.filters.select import SelectRule, Selector, parse_rules_file
@@ -68,8 +70,6 @@ class Tool(BaseTool):
             raise UsageError("no rules: give --keep RULE, --drop RULE or -f FILE")
         if not all(0 < p < 65536 for p in args.port):
             raise UsageError("--port: a port is 1..65535")
-        if args.max_hold < 1:
-            raise UsageError("--max-hold: at least 1 byte")
         default = None if args.default is None else args.default == "keep"
         self.selector = sel = Selector(rules, default, args.port, args.max_hold,
                                        on_decide=self._decided)

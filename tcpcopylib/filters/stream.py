@@ -180,7 +180,7 @@ class StreamRewriter:
             return []
         off = c.exp + _signed(seq - c.base - c.exp)
         if flags & TH_RST:
-            return self._close(c, ts, ihl, flags, rst=True)
+            return self._close(c, ts, ihl, flags)
         if not plen and not flags & TH_FIN:  # a pure ACK (or a window probe)
             if c.pending:
                 if len(c.pending) < 2:
@@ -280,7 +280,8 @@ class StreamRewriter:
         c.exp += len(payload)
         out = self._segments(c, ts, ihl, data, flags)
         if flags & TH_FIN:
-            return out + self._finished(c, ts, "done")
+            self._forget(c, "done")
+            return out
         return out + self._bounds(c, ts, ihl)
 
     def _segments(self, c, ts, ihl, data, flags):
@@ -319,10 +320,10 @@ class StreamRewriter:
         if self.total_held > self.st.held_peak:
             self.st.held_peak = self.total_held
         if held > self.max_hold or self.total_held > self.max_total:
-            return self._drop(c, ts, ihl, bound=True)
+            return self._drop(c, ts, ihl)
         return []
 
-    def _drop(self, c, ts, ihl, bound=False):
+    def _drop(self, c, ts, ihl):
         """The connection cannot be replayed as rewritten: whole if nothing went out,
         else ended with an RST at the output position."""
         c.cut = True
@@ -333,7 +334,7 @@ class StreamRewriter:
         self._forget(c, "cut")
         return [(ts, rebuild(c.head, ihl, c.base + c.out, TH_RST | TH_ACK), c.tag)]
 
-    def _close(self, c, ts, ihl, flags, rst):
+    def _close(self, c, ts, ihl, flags):
         """The client's RST: what is held goes out first, then the RST."""
         try:
             data = c.tf.end()
@@ -341,11 +342,8 @@ class StreamRewriter:
             return self._drop(c, ts, ihl)
         out = self._segments(c, ts, ihl, data, TH_ACK) if data else self._release(c)
         out.append((ts, rebuild(c.head, ihl, c.base + c.out, flags), c.tag))
-        return out + self._finished(c, ts, "done")
-
-    def _finished(self, c, ts, how):
-        self._forget(c, how)
-        return []
+        self._forget(c, "done")
+        return out
 
     def _forget(self, c, how):
         key = (*c.client, *c.server)
