@@ -315,3 +315,16 @@ def test_user_filter_tag_and_drop_through_the_engine():
     assert {tag for _, tag in outs} == {"first=pos"}  # the SYN too (it waited)
     assert b"".join(parse_tcp(d).payload for d, _ in outs) == b"POST /X"
     assert rw.st.dropped == 1
+
+
+def test_a_new_connection_on_the_same_4_tuple():
+    first = client_pkts(b"GET /1 HTTP/1.1\r\nHost: prod\r\n\r\n", [10])
+    second = [build_tcp(A4, B4, 40000, 80, 90000, 0, TH_SYN),
+              build_tcp(A4, B4, 40000, 80, 90001, SACK, TH_ACK | TH_PSH,
+                        payload=b"GET /2 HTTP/1.1\r\nHost: prod\r\n\r\n")]
+    out, rw = run(HOST_RULES, first[:-1] + second)  # (the first one's FIN not captured)
+    ps = [parse_tcp(d) for d in out]
+    assert [p.seq for p in ps if p.flags & TH_SYN] == [ISN, 90000]
+    assert client_stream(out[:len(out) - 2])[0] == b"GET /1 HTTP/1.1\r\nHost: test.internal.example\r\n\r\n"
+    assert ps[-1].seq == 90001 and ps[-1].payload == b"GET /2 HTTP/1.1\r\nHost: test.internal.example\r\n\r\n"
+    assert rw.st.conns == 2

@@ -170,8 +170,11 @@ class StreamRewriter:
             if flags & TH_ACK or seq == (c.base - 1) & M32:
                 return [] if c.pending else None  # a retransmitted SYN (held or gone)
             out = self._end(c, ts, "done")  # the client reused the 4-tuple
-            return out + (self._unknown(key, ts, data, p) or [(ts, data, None)])
-        if ihl + doff + plen > len(data):  # cut by the capture: a hole (see below)
+            new = self._unknown(key, ts, data, p)
+            return out + ([(ts, data, None)] if new is None else new)
+        if ihl + doff + plen > len(data):
+            # cut by the capture: dropped, a hole; what follows waits for a retransmission
+            # to fill it, else the connection ends cut (_end)
             self.st.truncated += 1
             return []
         c.last_ts = ts
