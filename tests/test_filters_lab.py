@@ -200,6 +200,9 @@ def test_select_http_sessions_whole(lab, tmp_path):
     st = json.loads(sstats.read_text())
     assert st["kept"] == 3 and st["outcomes"] == {"filtered": 3}, st
     assert st["rules"]["keep http:POST /api/*"] == 3 and st["rules"]["default drop"] == 3
+    # tc-session counts the dropped ones from tc-select's "filtered" records
+    assert {k: v for k, v in rep.stats["outcomes"].items() if v} == {
+        "completed": 3, "filtered": 3}, rep.stats
 
 
 SESSION_CLIENT = """
@@ -312,7 +315,8 @@ def test_select_redis_set_and_incr_sessions_only(lab, tmp_path):
     st = json.loads(sstats.read_text())
     assert st["kept"] == 3 and st["outcomes"] == {"filtered": 3}, st
     assert st["rules"]["keep redis:SET,INCR"] == 3
-    assert {k for k, v in rep.stats["outcomes"].items() if v} == {"completed"}, rep.stats
+    assert {k: v for k, v in rep.stats["outcomes"].items() if v} == {
+        "completed": 3, "filtered": 3}, rep.stats
 
 
 # -- 4: the user filter, live ---------------------------------------------------------------

@@ -138,6 +138,16 @@ def test_tool_in_process_counts_and_passes_other_records(tmp_path):
     assert d["kept"] == 1 and d["outcomes"] == {"filtered": 1}
     assert d["rules"] == {"keep http:POST /api/*": 1, "default drop": 1}
     assert b"filtered 1" in r.stderr
+    # the dropped session leaves a "filtered" record, which tc-session counts
+    filt = [g for g in got if g["t"] == "filtered"]
+    assert filt == [{"t": "filtered", "by": "tc-select", "rule": "default drop",
+                     "client": "10.0.0.1:1002", "server": "10.0.0.5:80"}]
+    js2 = tmp_path / "session.json"
+    s = call(["tc-session", "--no-feedback", "--target", "10.0.0.9:80", "--drain", "0",
+              "--stats-json", js2], input=r.stdout)
+    assert s.returncode == 0, s.stderr
+    assert json.loads(js2.read_text())["outcomes"]["filtered"] == 1
+    assert filt[0] in decode(s.stdout)  # (and passed on)
 
 
 def test_user_filter_example_runs_in_a_pipe():

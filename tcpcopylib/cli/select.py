@@ -56,7 +56,8 @@ class Tool(BaseTool):
                             "(suffixes k, M, G; default 1M)")
 
     def run(self, args):
-        from tcpcopylib.filters.select import SelectRule, Selector, parse_rules_file
+        from tcpcopylib.filters.select import (SelectRule, Selector, filtered_record,
+                                               parse_rules_file)
         from tcpcopylib.records import HEADER, RecordReader, StageWriter
         from tcpcopylib.wire import T_PKT
 
@@ -71,8 +72,9 @@ class Tool(BaseTool):
         if not all(0 < p < 65536 for p in args.port):
             raise UsageError("--port: a port is 1..65535")
         default = None if args.default is None else args.default == "keep"
-        self.selector = sel = Selector(rules, default, args.port, args.max_hold,
-                                       on_decide=self._decided)
+        self.selector = sel = Selector(
+            rules, default, args.port, args.max_hold, on_decide=self._decided,
+            make_record=lambda key, rule: (filtered_record(key, rule), None))
         fd = self.open_input(args.input)
         writer = StageWriter(self.stdout_fd, self.name)
 

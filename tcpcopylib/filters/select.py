@@ -13,7 +13,8 @@ The first request is an HTTP request's head (up to its blank line), a RESP comma
 array, or else the bytes of the client's first write (up to a segment with PSH). Until
 it has arrived, every record of the connection (the client's and, in a capture with
 both directions, the server's) is held; then they all go on, or none does: a session is
-replayed whole or not at all. Held bytes are bounded per connection (``max_hold``: past
+replayed whole or not at all; a dropped session leaves a "filtered" record (its
+addresses and the rule), which tc-session counts with the outcome "filtered". Held bytes are bounded per connection (``max_hold``: past
 it the decision is made on what is there) and the connections waiting at once
 (``max_pending``: the oldest is decided first).
 """
@@ -184,16 +185,19 @@ class _Pending:
 class Selector:
     """Holds each connection's items until its first request decides; ``packet(ts, data,
     item)`` returns the items to write now (``item`` is the caller's: a record and its
-    bytes, say)."""
+    bytes, say), and for a dropped session ``make_record(key, rule name)`` if given."""
 
     def __init__(self, rules: list, default_keep: bool | None = None, server_ports=(),
-                 max_hold: int = 1 << 20, max_pending: int = 10_000, on_decide=None):
+                 max_hold: int = 1 << 20, max_pending: int = 10_000, on_decide=None,
+                 make_record=None):
         self.rules = rules
         self.default_keep = (not any(r.action == "keep" for r in rules)
                              if default_keep is None else default_keep)
         self.server_ports = frozenset(server_ports)
         self.max_hold, self.max_pending = max_hold, max_pending
         self.on_decide = on_decide      # on_decide(key, keep, rule or None)
+        # make_record(key, rule name): the item that stands for a dropped session
+        self.make_record = make_record
         self.pending: dict = {}         # client 4-tuple -> _Pending
         self.decided: dict = {}         # client 4-tuple -> (keep, base)
         self.sessions = self.kept = self.filtered = 0
@@ -296,7 +300,9 @@ class Selector:
             return pend.items
         self.filtered += 1
         self.pkts_dropped += len(pend.items)
-        return []
+        if self.make_record is None:
+            return []
+        return [self.make_record(key, rule.name if rule else self._default_name())]
 
     def finish(self) -> list:
         """End of input: the connections still waiting are decided on what they have."""
@@ -305,7 +311,18 @@ class Selector:
             out += self._decide(key, final=True)
         return out
 
+    def _default_name(self) -> str:
+        return "default " + ("keep" if self.default_keep else "drop")
+
     def counts(self) -> dict:
         d = {r.name: r.count for r in self.rules}
-        d["default " + ("keep" if self.default_keep else "drop")] = self.by_default
+        d[self._default_name()] = self.by_default
         return d
+
+
+def filtered_record(key, rule: str) -> dict:
+    """The record of a session dropped by tc-select (tcpcopy-records(5), filtered)."""
+    from tcpcopylib.packet import endpoint_str
+
+    return {"t": "filtered", "by": "tc-select", "rule": rule,
+            "client": endpoint_str(key[0], key[1]), "server": endpoint_str(key[2], key[3])}
