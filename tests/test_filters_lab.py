@@ -9,7 +9,8 @@
 2. a head split over two TCP segments in the capture is still rewritten (in 1);
 3. tc-select keeping POST /api/* and redis SET/INCR: the target receives exactly those
    sessions, each whole (a recording server for HTTP, redis-server for redis);
-4. the user filter of examples/user-filter.py in a live pipeline.
+4. the user filter of examples/user-filter.py in a live pipeline; tc-rewrite and tc-select
+   live too.
 IPv6 once (the shortening rewrite). Offline replays, and one live pipeline.
 """
 
@@ -371,3 +372,29 @@ def test_rewrite_live(lab, tmp_path):
     got = by_port(h.logged_streams(tgt))
     assert got == want, live.diagnostics()
     assert {k for k, v in live.stats["outcomes"].items() if v} == {"completed"}, live.stats
+
+
+def test_select_live_ipv6(lab, tmp_path):
+    """tc-capture | tc-select | tc-session ... over IPv6, while the client runs: the
+    health checks never reach the target, the other sessions do, whole."""
+    onl, tgt = tmp_path / "online", tmp_path / "target"
+    h.start_recording_server(lab, "online", onl)
+    h.start_recording_server(lab, "target", tgt)
+    script = tmp_path / "sessions.py"
+    script.write_text(SESSION_CLIENT)
+    live = h.start_live(lab, tmp_path / "live", v6=True, filters=[
+        ("tc-select", ["--drop", "http:GET /health*", "--drop", "http:* /index.html"])])
+    try:
+        r = lab.run("client", [h.PY, str(script), "--server",
+                               f"[{lab.online_cli_ip6}]:{h.PORT}"],
+                    capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        h.wait_settled(tgt, quiet=1.0, timeout=20)
+    finally:
+        live.stop()
+    want = {c.port: c.data for c in h.logged_streams(onl)
+            if not c.data.startswith((b"GET /health", b"GET /index.html"))}
+    assert len(want) == len(HTTP_SESSIONS) - 2
+    assert by_port(h.logged_streams(tgt)) == want, live.diagnostics()
+    assert {k: v for k, v in live.stats["outcomes"].items() if v} == {
+        "completed": len(want), "filtered": 2}, live.stats
