@@ -11,7 +11,7 @@
    sessions, each whole (a recording server for HTTP, redis-server for redis);
 4. the user filter of examples/user-filter.py in a live pipeline; tc-rewrite and tc-select
    live too.
-IPv6 once (the shortening rewrite). Offline replays, and one live pipeline.
+IPv6: the shortening rewrite and the live selection.
 """
 
 import json
