@@ -293,6 +293,7 @@ class StreamRewriter:
         if not data and not fin:
             return []
         out = self._release(c)
+        held_back = len(out)
         base_flags = flags & ~(TH_FIN | TH_PSH) | TH_ACK
         n = len(data)
         i = 0
@@ -305,7 +306,7 @@ class StreamRewriter:
             i += MAX_SEG
             if last:
                 break
-        self.st.rewritten_pkts += len(out)
+        self.st.rewritten_pkts += len(out) - held_back
         self.st.bytes_out += n
         return out
 
