@@ -328,3 +328,24 @@ def test_a_new_connection_on_the_same_4_tuple():
     assert client_stream(out[:len(out) - 2])[0] == b"GET /1 HTTP/1.1\r\nHost: test.internal.example\r\n\r\n"
     assert ps[-1].seq == 90001 and ps[-1].payload == b"GET /2 HTTP/1.1\r\nHost: test.internal.example\r\n\r\n"
     assert rw.st.conns == 2
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.sampled_from([b"GET / HTTP/1.1\r\n", b"Host: prod\r\n", b"\r\n",
+                                 b"Content-Length: 5\r\n", b"Content-Length: x\r\n",
+                                 b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n",
+                                 b"0\r\n", b"token=PRODSECRET", b"\x00\xff", b"POST /a HTTP/1.0"]),
+                max_size=25),
+       st.lists(st.integers(0, 400), max_size=8), st.booleans())
+def test_any_client_bytes_give_a_well_formed_stream(parts, cuts, fin):
+    """Whatever a client sent (HTTP or not, well-formed or not), the output is numbered
+    back to back, or the connection is dropped whole or cut by an RST: never an
+    exception, never a gap."""
+    raw = b"".join(parts)
+    out, rw = run(HOST_RULES, client_pkts(raw, cuts, fin=fin))
+    data, _ = client_stream(out)
+    rsts = [p for p in map(parse_tcp, out) if p.flags & TH_RST]
+    assert len(rsts) == rw.st.cut
+    assert rw.st.cut + rw.st.dropped <= 1
+    if not rw.st.cut and not rw.st.dropped and b"Host:" not in raw and b"token" not in raw:
+        assert data == raw
