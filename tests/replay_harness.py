@@ -512,7 +512,7 @@ DRAIN = 30  # tc-session --drain for replays (seconds)
 def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=None,
            session_args=(), pace_args=(), timeout=120.0, start_target=True,
            emit_args=(), trace=True, readpcap_args=(), replies=None,
-           send=False, feedback="unix") -> Replay:
+           send=False, feedback="unix", filters=()) -> Replay:
     """Replay pcap into a recording server on the target; every process bounded and stopped.
 
     trace: tcpdump on the target's lan0 writes WORKDIR/target.pcap (for diagnosis).
@@ -521,6 +521,7 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
     tc-pace, no tc-emit: pace_args must be empty).
     feedback: "unix" (tc-feedback --listen unix:), or "classic" (tc-feedback --classic over
     TCP, tc-session --feedback classic:).
+    filters: (tool, args) stages between tc-readpcap and tc-session (tc-rewrite, ...).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -555,6 +556,7 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
         if send:
             assert not pace_args, "tc-session --send has no tc-pace after it"
             chain = [*chain[:1], (chain[1][0], [*chain[1][1], "--send", *map(str, emit_args)])]
+        chain[1:1] = [(name, list(map(str, args))) for name, args in filters]
         prev = None
         for i, (name, args) in enumerate(chain):
             last = i == len(chain) - 1
@@ -572,7 +574,8 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
             wait_settled(logs)
         nstat = netstat_counters(lab, "target")
     finally:
-        for name in ("tc-readpcap", "tc-session", "tc-pace", "tc-emit", "tc-intercept"):
+        for name in ("tc-readpcap", *(f[0] for f in filters), "tc-session", "tc-pace",
+                     "tc-emit", "tc-intercept"):
             if name in procs:
                 procs[name].stop()
         if "tc-feedback" in procs:
@@ -630,13 +633,12 @@ class Live:
         try:
             self.procs["tc-capture"].stop(timeout=5)
             deadline = time.monotonic() + timeout
-            for name in LIVE_CHAIN[1:]:
-                if name in self.procs:
-                    self.procs[name].wait(max(0.1, deadline - time.monotonic()))
+            chain = [n for n in self.procs if n not in ("tc-intercept", "tc-feedback")]
+            for name in chain[1:]:  # (in pipeline order: filters included)
+                self.procs[name].wait(max(0.1, deadline - time.monotonic()))
         finally:
-            for name in (*LIVE_CHAIN, "tc-intercept"):
-                if name in self.procs:
-                    self.procs[name].stop()
+            for name in [n for n in self.procs if n != "tc-feedback"]:
+                self.procs[name].stop()
             if "tc-feedback" in self.procs:
                 self.procs["tc-feedback"].stop(timeout=8)
         if self.stats_json.exists():
@@ -667,7 +669,7 @@ class Live:
 def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, tee=None,
                capture_args=(), capture_filter=None, session_args=(), pace_args=(),
                emit_args=(), feedback=True, feedback_env=False, replies=None,
-               send=False) -> Live:
+               send=False, filters=()) -> Live:
     """Start, on online: tc-capture IFACE | [tee FILE |] tc-session | tc-pace | tc-emit
     (send: tc-capture IFACE | [tee FILE |] tc-session --send [EMIT_ARGS], in one process).
 
@@ -681,6 +683,7 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
     none) to 'tcp dst port PORT'; capture_args are options put before IFACE.
     Returns once tc-capture is capturing; the caller starts the target's server and ends
     the pipeline with Live.stop() (always: use try/finally).
+    filters: (tool, args) stages between the capture (and tee) and tc-session.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -714,6 +717,7 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
             assert not pace_args, "tc-session --send has no tc-pace after it"
             chain[2][1].extend(["--send", *map(str, emit_args)])
             chain = chain[:3]
+        chain[2:2] = [(name, [tool(name), "--stats", *map(str, args)]) for name, args in filters]
         chain = [c for c in chain if c]
         prev = None
         for i, (name, argv) in enumerate(chain):

@@ -293,3 +293,32 @@ def test_classic_for_tcpcopy(lab, tmp_path):
     assert served_ok(srv, 2 * want, lab.client_ip), srv.log_info()
     assert refused.returncode == 0, refused.stderr
     assert "1 classic clients" in out and "not in --allow" in out, out
+
+
+@pytest.mark.netns
+def test_rewrite_host(lab, tmp_path, assistant):
+    """every request of the bundled capture reaches the target's nginx with the new Host,
+    and the URL rule of RULES applied"""
+    from test_filters_lab import NGINX_CONF
+
+    ndir = tmp_path / "nginx"
+    ndir.mkdir()
+    (ndir / "nginx.conf").write_text(NGINX_CONF.format(dir=ndir, port=PORT))
+    lab.start_server("target", ["nginx", "-c", str(ndir / "nginx.conf"), "-p", str(ndir)],
+                     port=PORT, start_new_session=True)
+    rules = tmp_path / "rules"
+    rules.write_text("url '^/index\\.html$' /home.html   # the test site's start page\n")
+    want = pcap_requests(PCAP, PORT)["requests"]
+    r = run_script(lab, "online", "rewrite-host.sh", PCAP, f"{lab.target_ip}:{PORT}",
+                   "replay.test.example", f"tcp:{lab.assist_ip}:{FB_PORT}", RULES=rules)
+    assert r.returncode == 0, r.stderr
+    log = ndir / "access.log"
+    count = lambda: len(log.read_text().splitlines())  # noqa: E731
+    assert wait_settled(count, quiet=0.5, timeout=5, want=want) == want, r.stderr
+    lines = [ln.split("|") for ln in log.read_text().splitlines()]
+    assert {ln[3] for ln in lines} == {"replay.test.example"}
+    assert {ln[5] for ln in lines} == {"200"}
+    uris = {ln[2] for ln in lines}
+    assert "/home.html" in uris and "/index.html" not in uris, uris
+    assert re.search(r"tc-rewrite: .*\[url .*\] [1-9]", r.stderr), r.stderr
+    assert re.search(r"tc-session: \d+ sessions .* 0 failed", r.stderr), r.stderr

@@ -1,7 +1,7 @@
 """What every filter does alike, tested once for every filter (issue 15, item 6).
 
 The filters are the tools that read an input stream: record streams (tc-session, tc-pace,
-tc-emit, tc-dump, tc-feedback) and capture files (tc-readpcap). tc-capture and
+tc-emit, tc-dump, tc-feedback, tc-rewrite, tc-select) and capture files (tc-readpcap). tc-capture and
 tc-intercept read network interfaces, not a stream: they are in the --help/--version
 test only. For each filter:
 
@@ -61,6 +61,8 @@ FILTERS = {
     "tc-pace": Filter(["--speed", "1e9"], "records", True),
     "tc-emit": Filter([], "records", False),  # (good input: a header only, nothing sent)
     "tc-dump": Filter([], "records", True),
+    "tc-rewrite": Filter(["--host", "test.example"], "records", True),
+    "tc-select": Filter(["--drop", "redis:PING"], "records", True),
     "tc-feedback": Filter(["--listen", "unix:{tmp}/fb.sock", "--hold-ms", "10"], "records",
                           False),
 }

@@ -66,7 +66,7 @@ OUTCOMES = {
     "capture_gap": "packets missing from the capture: check capture drops and offloads",
     "timed_out": "the target went silent (-t/-k)",
     "unfinished": "input ended or a signal arrived first: raise --drain",
-    "filtered": "not replayed (-r sampling, --only-syn)",
+    "filtered": "not replayed (-r sampling, --only-syn, tc-select)",
     "shed": "not replayed: --max-memory was exceeded when it began",
     "pool_exhausted": "not replayed: every client address:port of the -c pool was in use "
                       "(give -c more addresses, or lower -n)",

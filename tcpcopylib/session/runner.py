@@ -145,9 +145,16 @@ class SessionStage:
 
     def take(self, items, now: int) -> None:
         """Packets are queued; records we do not know pass through."""
-        dropped = self.due.push_records(items, now, self.out.write, self._server_side)
+        dropped = self.due.push_records(items, now, self._other, self._server_side)
         if dropped:
             self.engine.count_server_side(dropped)
+
+    def _other(self, rec: dict) -> None:
+        """A record that is no packet: passed on; a session a filter stage dropped
+        (tc-select's "filtered" record) counts as one with the outcome "filtered"."""
+        if rec.get("t") == "filtered":
+            self.engine.st.outcomes["filtered"] += 1
+        self.out.write(rec)
 
     def feedback(self, replies, now: int) -> None:
         """The target's replies, as FeedbackClient.read_replies() gives them."""
