@@ -106,6 +106,26 @@ def test_header_bytes_and_drop_rules_first_match_decides():
     assert ports(out) == {2}
 
 
+def test_the_servers_packets_held_before_the_decision_are_bounded():
+    """A server that talks while the client's first request is still incomplete (a greeting
+    that never ends) is held against max_hold too: past it the session is decided on what
+    the client sent so far, and what was held goes on (kept) instead of growing."""
+    isn = 7000
+    pkts = [build_tcp(A, B, 4000, 80, isn, 0, TH_SYN),
+            build_tcp(A, B, 4000, 80, isn + 1, 1, TH_ACK, payload=b"POST /api/x HT")]
+    pkts += [build_tcp(B, A, 80, 4000, 1 + 1000 * i, isn + 15, TH_ACK, payload=b"g" * 1000)
+             for i in range(10)]
+    out, sel = run(RULES, pkts, max_hold=4096)
+    assert not sel.pending and sel.sessions == 1
+    assert sel.kept == 0 and sel.filtered == 1  # decided on "POST /api/x HT": no rule kept it
+    out, sel = run([("drop", "bytes:^GET")], pkts, max_hold=4096)
+    assert not sel.pending and sel.kept == 1
+    assert out == pkts  # everything held went on, in order
+    sel = Selector([SelectRule("drop", "bytes:^GET")], max_hold=1 << 20)
+    out = [x for d in pkts for x in sel.packet(0, d, d)]
+    assert sel.pending and out == []  # below the bound: still waiting for the request
+
+
 def test_rules_are_checked():
     for bad in ("nope", "http", "header:NoEquals", "redis:", "bytes:("):
         with pytest.raises(UsageError):

@@ -220,6 +220,9 @@ class Selector:
         pend = self.pending.get(rkey)
         if pend is not None:  # the server's packet of a connection not decided yet
             pend.items.append(item)
+            pend.held += len(data)  # (against the same bound as the client's bytes)
+            if pend.held > self.max_hold:
+                return self._decide(rkey, final=True)
             return []
         syn = flags & (TH_SYN | TH_ACK) == TH_SYN
         d = self.decided.get(key)
