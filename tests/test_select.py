@@ -115,14 +115,18 @@ def test_the_servers_packets_held_before_the_decision_are_bounded():
             build_tcp(A, B, 4000, 80, isn + 1, 1, TH_ACK, payload=b"POST /api/x HT")]
     pkts += [build_tcp(B, A, 80, 4000, 1 + 1000 * i, isn + 15, TH_ACK, payload=b"g" * 1000)
              for i in range(10)]
-    out, sel = run(RULES, pkts, max_hold=4096)
+
+    def feed(rules, max_hold):  # without finish(), which would decide what is pending
+        sel = Selector([SelectRule(a, t) for a, t in rules], max_hold=max_hold)
+        return [x for d in pkts for x in sel.packet(0, d, d)], sel
+
+    out, sel = feed(RULES, 4096)
     assert not sel.pending and sel.sessions == 1
     assert sel.kept == 0 and sel.filtered == 1  # decided on "POST /api/x HT": no rule kept it
-    out, sel = run([("drop", "bytes:^GET")], pkts, max_hold=4096)
+    out, sel = feed([("drop", "bytes:^GET")], 4096)
     assert not sel.pending and sel.kept == 1
     assert out == pkts  # everything held went on, in order
-    sel = Selector([SelectRule("drop", "bytes:^GET")], max_hold=1 << 20)
-    out = [x for d in pkts for x in sel.packet(0, d, d)]
+    out, sel = feed([("drop", "bytes:^GET")], 1 << 20)
     assert sel.pending and out == []  # below the bound: still waiting for the request
 
 
