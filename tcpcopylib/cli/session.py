@@ -37,6 +37,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         self.fb_lag = None  # with feedback: a metrics.Histogram of the feedback lag
         self.sender = None  # with --send: the sender (emit.RawSender or LinkSender)
         self.sent = None    # ... and the SendOutput whose Emitter counts what was sent
+        self.admission = None  # admission.Admission: when new sessions are shed
 
     def add_arguments(self, p):
         from tcpcopylib.session.options import add_arguments
@@ -44,7 +45,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         add_arguments(p)
 
     def run(self, args):
-        from tcpcopylib.session.options import build_engine, check_send
+        from tcpcopylib.session.options import build_admission, build_engine, check_send
         from tcpcopylib.session.runner import SessionRunner, SessionStage
         from tcpcopylib.session.timing import DueQueue
 
@@ -57,6 +58,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             raise UsageError("--keep goes with --socket")
         fb = self._feedback_client(args)
         engine = self.engine = build_engine(args, None, fb)  # (its output comes next)
+        self.admission = build_admission(args)
         out = self._output(args)
         engine.emit = out.emit
         engine.warn = self.warn
@@ -72,9 +74,8 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         runner = SessionRunner(
             SessionStage(engine, due, out), fb, drain=args.drain,
             feedback_retry=args.feedback_retry,
-            max_rss=int(args.max_memory * (1 << 20)) if args.max_memory else None,
-            stats_every=args.stats_every, on_stats=self._print_summary, lag=self.fb_lag,
-            warn=self.warn)
+            admission=self.admission, stats_every=args.stats_every,
+            on_stats=self._print_summary, lag=self.fb_lag, warn=self.warn)
         # Signals: stop reading and drain (a second one ends at once).
         runner.catch_signals()
         try:
@@ -133,6 +134,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         smap = SessionMap.for_option(args.sessions, write_other, header(self.name))
         self.engine.emit = smap.wrap_emit(self.engine.emit)
         self.engine.on_end = smap.chain_on_end(self.engine.on_end)
+        self.engine.on_shed = smap.engine_on_shed(self.engine)
         return smap
 
     def _print_summary(self):
@@ -157,7 +159,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             return super().stats_dict()
         from tcpcopylib.session.report import stats_dict
 
-        return stats_dict(self.engine, self.fb_lag, self.sent)
+        return stats_dict(self.engine, self.fb_lag, self.sent, self.admission)
 
 
 def main(argv=None):
