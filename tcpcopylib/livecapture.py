@@ -13,6 +13,7 @@ from tcpcopylib.errors import NoInputError
 from tcpcopylib.link import LINKTYPE_RAW
 
 STATS_EVERY_S = 5.0     # seconds between -v status lines
+DROPS_EVERY_S = 0.2     # seconds between looks at the kernel's drop counter (shedding)
 
 
 class LiveCapture:
@@ -27,19 +28,23 @@ class LiveCapture:
     def __init__(self, tool: str, iface: str, expr: str = "", *, engine: str = "pcap",
                  snaplen: int = cap.DEFAULT_SNAPLEN, buffer_kib: int = cap.DEFAULT_BUFFER_KIB,
                  mtu: int = 0, count: int = 0, max_memory_mb: int = 0, warn=print,
-                 verbose: int = 0, elapsed=None, server_half: bool = False):
+                 verbose: int = 0, elapsed=None, server_half: bool = False,
+                 shed_lag_ms: float = 0):
         self.tool, self.iface, self.expr = tool, iface, expr
         self.engine_kind, self.snaplen, self.buffer_kib = engine, snaplen, buffer_kib
         self.mtu, self.count, self.max_memory_mb = mtu, count, max_memory_mb
         self.warn, self.verbose = warn, verbose
         self.server_half = server_half
+        self.shed_lag_ms = shed_lag_ms
+        self.drops_seen = 0
+        self.next_drops = 0.0
+        self.shed_warned_for: set = set()
         started = time.monotonic()
         self.elapsed = elapsed or (lambda: time.monotonic() - started)
         self.engine = self.capturer = self.writer = None
         self.out_fd, self.close_out = -1, False
         self.if_drops0 = 0
         self.final_drops = (0, 0)
-        self.shed_warned = False
         self.next_report = 0.0
 
     def open(self, out_fd: int, path: str | None = None) -> None:
@@ -69,7 +74,8 @@ class LiveCapture:
         self.writer = RecordWriter(self.out_fd, hdr)
         self.capturer = cap.Capturer(self.writer, mtu=mtu, count=self.count,
                                      max_rss=self.max_memory_mb << 20,
-                                     server_half=self.server_half)
+                                     server_half=self.server_half,
+                                     shed_lag_ms=self.shed_lag_ms)
 
     def describe(self) -> str:
         e = self.engine
@@ -107,11 +113,21 @@ class LiveCapture:
             self._close()
 
     def _tick(self, now: float) -> None:
-        """Between batches: the shedding warning (once) and the -v status line."""
-        if self.capturer.shed_sessions and not self.shed_warned:
-            self.shed_warned = True
-            self.warn(f"warning: over --max-memory {self.max_memory_mb} MB: shedding new "
-                      f"sessions (counted in --stats)")
+        """Between batches: new kernel drops (they start shedding), the shedding warning
+        (once per reason) and the -v status line."""
+        c = self.capturer
+        if c.shed_lag and now >= self.next_drops:
+            self.next_drops = now + DROPS_EVERY_S
+            drops = self.engine.drops()[0]
+            if drops > self.drops_seen:
+                self.drops_seen = drops
+                c.drop_seen(now)
+        for why in c.shed_reasons.keys() - self.shed_warned_for:
+            self.shed_warned_for.add(why)
+            limit = {"memory": f"over --max-memory {self.max_memory_mb} MB",
+                     "lag": f"more than --shed-lag {self.shed_lag_ms:g} ms behind the kernel",
+                     "capture-drops": "the kernel dropped packets"}.get(why, why)
+            self.warn(f"warning: {limit}: shedding new sessions (counted in --stats)")
         if self.verbose and now >= self.next_report:
             self.next_report = now + STATS_EVERY_S
             self.warn(self.stats_line())
@@ -138,6 +154,7 @@ class LiveCapture:
                 "supersegs": c.supersegs, "split_records": c.split_records,
                 "truncated": c.truncated, "kernel_drops": kdrop, "if_drops": ifdrop,
                 "shed_sessions": c.shed_sessions, "shed_packets": c.shed_packets,
+                "shed_reasons": dict(c.shed_reasons), "max_lag_ms": round(c.max_lag / 1e6, 3),
                 "cpu_us_per_packet": round(cpu_seconds() * 1e6 / max(c.frames, 1), 3)}
 
     def stats_line(self) -> str | None:
@@ -145,6 +162,7 @@ class LiveCapture:
         if d is None:
             return None
         s2c = f"{d['s2c_records']} server to client, " if self.server_half else ""
+        shed_why = "".join(f"; {n} {why}" for why, n in sorted(d["shed_reasons"].items()))
         return (f"{d['records']} packets written, {s2c}{d['frames']} captured, {d['foreign']} "
                 f"not inbound TCP to this host, {d['supersegs']} super-segments split into "
                 f"{d['split_records']}, {d['truncated']} truncated, {d['shed_sessions']} "
