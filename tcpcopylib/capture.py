@@ -256,6 +256,17 @@ def interface_rx_drops(iface: str) -> int:
     return total
 
 
+def pipe_backlog(fd: int) -> int:
+    """Bytes waiting in pipe (or socket) fd (FIONREAD); 0 if it cannot say."""
+    import fcntl
+    import termios
+
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+
+
 def check_interface(iface: str) -> None:
     """NoInputError (66) if ``iface`` does not exist here (``any`` always does)."""
     if iface == "any":
@@ -315,10 +326,10 @@ class Capturer:
         self.supersegs = self.split_records = 0
         self.done = False
         # Shedding: while over --max-memory (max_rss bytes), more than --shed-lag behind the
-        # kernel (the newest frame of a batch older than shed_lag ns) or just after a kernel
-        # drop (drop_seen()), new sessions (a SYN without ACK) are shed with every later
+        # kernel (the newest frame of a batch older than shed_lag ns), while the output pipe
+        # fills (backlog_over) or just after a kernel drop (drop_seen()), new sessions (a SYN without ACK) are shed with every later
         # packet of theirs, so no half session reaches tc-session. ``shedding``: the reason
-        # ("memory", "lag", "capture-drops") or None; shed_reasons counts sessions by it.
+        # ("memory", "lag", "backlog", "capture-drops") or None; shed_reasons counts sessions by it.
         self.max_rss = max_rss
         self.shedding = None
         self.shed_keys: dict = {}
@@ -331,6 +342,7 @@ class Capturer:
         self.lag_over = False
         self.max_lag = 0
         self.drops_until = 0.0
+        self.backlog_over = False  # the output pipe is filling (LiveCapture sets it)
 
     def refresh(self, now: float) -> None:
         """Re-read the local addresses every ADDR_REFRESH_S (call between batches)."""
@@ -350,6 +362,7 @@ class Capturer:
             # above the limit: shed; below half of it: caught up
             self.lag_over = lag > self.shed_lag or self.lag_over and lag >= self.shed_lag // 2
         self.shedding = ("memory" if self.over_memory else "lag" if self.lag_over
+                         else "backlog" if self.backlog_over
                          else "capture-drops" if now < self.drops_until else None)
 
     def drop_seen(self, now: float) -> None:

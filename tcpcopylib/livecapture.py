@@ -14,6 +14,10 @@ from tcpcopylib.link import LINKTYPE_RAW
 
 STATS_EVERY_S = 5.0     # seconds between -v status lines
 DROPS_EVERY_S = 0.2     # seconds between looks at the kernel's drop counter (shedding)
+PIPE_EVERY_S = 0.005    # seconds between looks at how full the output pipe is (shedding)
+PIPE_SIZE = 1 << 20     # the output pipe is enlarged to this (if allowed): bursts fit
+PIPE_HIGH, PIPE_LOW = 0.75, 0.25  # shed above this share of the pipe full, stop below that
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 
 
 class LiveCapture:
@@ -37,7 +41,8 @@ class LiveCapture:
         self.server_half = server_half
         self.shed_lag_ms = shed_lag_ms
         self.drops_seen = 0
-        self.next_drops = 0.0
+        self.next_drops = self.next_pipe = 0.0
+        self.pipe_size = 0      # the output pipe's capacity; 0: not a pipe (or no shedding)
         self.shed_warned_for: set = set()
         started = time.monotonic()
         self.elapsed = elapsed or (lambda: time.monotonic() - started)
@@ -72,6 +77,8 @@ class LiveCapture:
         if self.server_half:
             hdr["server_half"] = True  # the stream holds s2c records too
         self.writer = RecordWriter(self.out_fd, hdr)
+        if self.shed_lag_ms:
+            self.pipe_size = _pipe_size(self.out_fd)
         self.capturer = cap.Capturer(self.writer, mtu=mtu, count=self.count,
                                      max_rss=self.max_memory_mb << 20,
                                      server_half=self.server_half,
@@ -116,6 +123,11 @@ class LiveCapture:
         """Between batches: new kernel drops (they start shedding), the shedding warning
         (once per reason) and the -v status line."""
         c = self.capturer
+        if self.pipe_size and now >= self.next_pipe:
+            # downstream falls behind: the pipe fills before we block and the kernel drops
+            self.next_pipe = now + PIPE_EVERY_S
+            waiting = cap.pipe_backlog(self.out_fd) / self.pipe_size
+            c.backlog_over = waiting > PIPE_HIGH or c.backlog_over and waiting >= PIPE_LOW
         if c.shed_lag and now >= self.next_drops:
             self.next_drops = now + DROPS_EVERY_S
             drops = self.engine.drops()[0]
@@ -126,6 +138,7 @@ class LiveCapture:
             self.shed_warned_for.add(why)
             limit = {"memory": f"over --max-memory {self.max_memory_mb} MB",
                      "lag": f"more than --shed-lag {self.shed_lag_ms:g} ms behind the kernel",
+                     "backlog": "the output pipe is filling (the next stage falls behind)",
                      "capture-drops": "the kernel dropped packets"}.get(why, why)
             self.warn(f"warning: {limit}: shedding new sessions (counted in --stats)")
         if self.verbose and now >= self.next_report:
@@ -169,6 +182,23 @@ class LiveCapture:
                 f"sessions shed ({d['shed_packets']} packets), {d['kernel_drops']} "
                 f"dropped by kernel, {d['if_drops']} dropped by interface, "
                 f"{self.elapsed():.2f} s, {d['cpu_us_per_packet']:.2f} µs CPU per packet")
+
+
+def _pipe_size(fd: int) -> int:
+    """The capacity of pipe fd, enlarged to PIPE_SIZE if allowed; 0 if fd is no pipe."""
+    import fcntl
+    import stat
+
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return 0
+        try:
+            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # (above /proc/sys/fs/pipe-max-size for an unprivileged user: keep it)
+        return fcntl.fcntl(fd, F_GETPIPE_SZ)
+    except OSError:
+        return 0
 
 
 def cpu_seconds() -> float:

@@ -10,7 +10,7 @@ from tcpcopylib.cli.common import Tool as BaseTool
 from tcpcopylib.errors import UsageError
 from tcpcopylib.tool import number_arg
 
-SHED_LAG_MS = 1000  # --shed-lag default: below tc-session's (2 s), so we shed first
+SHED_LAG_MS = 500   # --shed-lag default: below tc-session's (2 s), so we shed first
 
 
 class _OutputAction(argparse.Action):
