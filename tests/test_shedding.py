@@ -252,3 +252,20 @@ def test_cli_rejects_bad_shedding_values():
                  ["--shed-backlog", "0"]):
         r = tc.call([*base, *args], input=tc.stream([]))
         assert r.returncode == 2, (args, r.stderr)
+
+
+def test_shed_record_is_a_sess_record_tc_diff_reads():
+    from tcpcopylib.diff.core import Replay, check_sess
+    from tcpcopylib.session.sessmap import SessionMap
+
+    recs = []
+    m = SessionMap(recs.append)
+    key = (ip_bytes("10.77.0.1"), 40000, O, 80)
+    m.shed(key, 1, (T, 8080), "lag", START)
+    rec = check_sess(recs[0], "test")
+    assert rec == {"t": "sess", "ts": START, "sid": 0, "copy": 1,
+                   "orig": ["10.77.0.1", 40000, "10.1.0.1", 80], "target": ["10.2.0.5", 8080],
+                   "conns": [], "outcome": "shed", "reason": "lag", "start": START,
+                   "end": START, "sent": []}
+    rp = Replay(rec, 1)
+    assert rp.outcome == "shed" and rp.conns == [] and rp.sent_time(0) is None
