@@ -15,7 +15,7 @@ over 92 s of recording), then, in a fresh namespace lab with nginx on the target
 (-B 1 runs the pipeline exactly as tc-session(1) writes it, without batches) and prints
 the wall time from start to the last tool's exit against the goal, recording duration /
 S x 1.1, the completion (requests the target logged / requests in the recording),
-tc-session's outcomes and each tool's CPU seconds. --profile DIR runs tc-session under
+tc-session's outcomes, each tool's CPU seconds and context switches. --profile DIR runs tc-session under
 cProfile (DIR/session.prof; slower). Needs root; every run is bounded.
 """
 
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                 Path(a.profile).mkdir(parents=True, exist_ok=True)
             done, wall, st, (nreq, nsess, span), cpu, errs = run_once(
                 form, pcap, a.speed, a.batch, rd, a.timeout, a.profile)
-            cpu.pop("_wakeups", None)
+            wakeups = cpu.pop("_wakeups", {})
             sys_s = cpu.pop("_sys", {})
             outs = {k: v for k, v in st.get("outcomes", {}).items() if v}
             print(f"{form:>5}: wall {wall:6.2f} s ({wall / goal * 1.1:.2f} x duration/"
@@ -146,6 +146,9 @@ def main(argv=None) -> int:
             print("       CPU s (system): " + ", ".join(
                 f"{k.removeprefix('tc-')} {v:.2f} ({sys_s.get(k, 0):.2f})"
                 for k, v in cpu.items()), flush=True)
+            print("       context switches (voluntary, involuntary): " + ", ".join(
+                f"{k.removeprefix('tc-')} {v[0]} {v[1]}" for k, v in wakeups.items()),
+                flush=True)
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0
