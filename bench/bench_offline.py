@@ -15,8 +15,8 @@ over 92 s of recording), then, in a fresh namespace lab with nginx on the target
 (-B 1 runs the pipeline exactly as tc-session(1) writes it, without batches) and prints
 the wall time from start to the last tool's exit against the goal, recording duration /
 S x 1.1, the completion (requests the target logged / requests in the recording),
-tc-session's outcomes, each tool's CPU seconds and context switches. --profile DIR runs tc-session under
-cProfile (DIR/session.prof; slower). Needs root; every run is bounded.
+tc-session's outcomes, each tool's CPU seconds and context switches. --profile DIR runs
+tc-session under cProfile (DIR/session.prof; slower). Needs root; every run is bounded.
 """
 
 from __future__ import annotations

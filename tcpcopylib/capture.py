@@ -257,7 +257,8 @@ def interface_rx_drops(iface: str) -> int:
 
 
 def pipe_backlog(fd: int) -> int:
-    """Bytes waiting in pipe (or socket) fd (FIONREAD); 0 if it cannot say."""
+    """Bytes waiting in pipe (or socket) fd (FIONREAD: either end of a pipe); 0 if it
+    cannot say."""
     import fcntl
     import termios
 
@@ -327,9 +328,10 @@ class Capturer:
         self.done = False
         # Shedding: while over --max-memory (max_rss bytes), more than --shed-lag behind the
         # kernel (the newest frame of a batch older than shed_lag ns), while the output pipe
-        # fills (backlog_over) or just after a kernel drop (drop_seen()), new sessions (a SYN without ACK) are shed with every later
-        # packet of theirs, so no half session reaches tc-session. ``shedding``: the reason
-        # ("memory", "lag", "backlog", "capture-drops") or None; shed_reasons counts sessions by it.
+        # fills (backlog_over) or just after a kernel drop (drop_seen()), new sessions (a
+        # SYN without ACK) are shed with every later packet of theirs, so no half session
+        # reaches tc-session. ``shedding``: the reason ("memory", "lag", "backlog",
+        # "capture-drops") or None; shed_reasons counts the sessions by it.
         self.max_rss = max_rss
         self.shedding = None
         self.shed_keys: dict = {}

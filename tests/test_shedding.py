@@ -20,7 +20,8 @@ from tcpcopylib.cli.session import Tool
 from tcpcopylib.packet import (TH_ACK, TH_FIN, TH_PSH, TH_SYN, build_tcp, ip_bytes,
                                parse_tcp)
 from tcpcopylib.records import StageWriter
-from tcpcopylib.session.admission import DEFAULT_LIVE_LAG, Admission, input_backlog
+from tcpcopylib.capture import pipe_backlog
+from tcpcopylib.session.admission import DEFAULT_LIVE_LAG, Admission
 from tcpcopylib.session.options import build_admission, build_engine
 from tcpcopylib.session.runner import PacketOutput, SessionRunner, SessionStage
 from tcpcopylib.session.timing import DueQueue
@@ -60,7 +61,7 @@ def test_backlog_is_what_waits_in_the_input_pipe():
     r, w = os.pipe()
     try:
         os.write(w, b"x" * 5000)
-        assert input_backlog(r) == 5000
+        assert pipe_backlog(r) == pipe_backlog(w) == 5000
         a = Admission(lag_ms=0, backlog=4096)
         assert a.reason(0, r) == "backlog"
         os.read(r, 3000)                              # 2000 left: below half the limit

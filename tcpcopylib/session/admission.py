@@ -15,31 +15,21 @@ grow first:
                session, Config.max_sessions, so that the limit is exact).
 
 The decision is made at a session's first packet (engine.Engine._new_session reads
-``engine.shedding``, the reason or None, set here once per loop turn): its later packets are dropped by a set lookup
-(engine.shed_keys) up to its FIN or RST. Lag and backlog shed with hysteresis: shedding
-starts above the limit and stops below half of it, so that a stage that caught up takes
-new sessions again only once its backlog is really gone.
+``engine.shedding``, the reason or None, set here once per loop turn): its later packets
+are dropped by a set lookup (engine.shed_keys) up to its FIN or RST. Lag and backlog
+shed with hysteresis: shedding starts above the limit and stops below half of it, so that
+a stage that caught up takes new sessions again only once its backlog is really gone.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
-import struct
-import termios
 
 MS = 1_000_000
 SEC = 1_000_000_000
 LIVE_SKEW = 60 * SEC      # timestamps this close to the wall clock: a live capture
 DEFAULT_LIVE_LAG = 2000   # ms: --shed-lag for a live input unless given
 RSS_EVERY = 0.2           # seconds between --max-memory checks
-
-REASONS = {
-    "lag": "tc-session ran more than --shed-lag behind its input",
-    "backlog": "more than --shed-backlog of input was waiting to be read",
-    "max-sessions": "--max-sessions sessions were live",
-    "memory": "the resident memory was above --max-memory",
-}
 
 
 def rss() -> int:
@@ -48,19 +38,12 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def input_backlog(fd: int) -> int:
-    """Bytes waiting to be read on fd (a pipe or socket; 0 for what cannot say)."""
-    try:
-        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
-    except OSError:
-        return 0
-
-
 class Admission:
     """Decides, once per loop turn, whether new sessions are shed and why.
 
     ``lag_ms``: None for the default (DEFAULT_LIVE_LAG for a live input, off for a
-    recording), 0 for off; ``backlog`` bytes, ``max_rss`` bytes: None for no limit. ``rss`` and ``monotonic`` are injectable (tests)."""
+    recording), 0 for off; ``backlog`` bytes, ``max_rss`` bytes: None for no limit.
+    ``rss`` and ``monotonic`` are injectable (tests)."""
 
     def __init__(self, lag_ms: float | None = None, backlog: int | None = None,
                  max_rss: int | None = None,
@@ -70,6 +53,10 @@ class Admission:
         self.lag_auto = lag_ms is None
         self.lag_limit = None if lag_ms is None or lag_ms == 0 else int(lag_ms * MS)
         self.backlog_limit = backlog or None
+        if self.backlog_limit:
+            from tcpcopylib.capture import pipe_backlog  # (FIONREAD, tc-capture's too)
+
+            self.backlog = pipe_backlog
         self.max_rss = max_rss
         self.rss = rss
         self.monotonic = monotonic or time.monotonic
@@ -80,7 +67,7 @@ class Admission:
         self.live = None          # decided at the first packet (lag_auto)
 
     def reason(self, lag: int, in_fd: int = -1, due=None) -> str | None:
-        """Why new sessions are shed now (a key of REASONS), or None. ``lag``: ns the
+        """Why new sessions are shed now ("lag", "backlog", "memory"), or None. ``lag``: ns the
         oldest due packet is late; ``in_fd``: the input (for the backlog); ``due``: the
         DueQueue (whether the input is live, for the default)."""
         if lag > self.max_lag:
@@ -96,7 +83,7 @@ class Admission:
         if self.lag_limit is not None and self._hysteresis("lag", lag, self.lag_limit):
             why = why or "lag"
         if self.backlog_limit is not None and in_fd >= 0 and self._hysteresis(
-                "backlog", input_backlog(in_fd), self.backlog_limit):
+                "backlog", self.backlog(in_fd), self.backlog_limit):
             why = why or "backlog"
         return why
 
