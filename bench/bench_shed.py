@@ -17,7 +17,8 @@ half short), in a fresh namespace lab:
 and prints the sessions the online server accepted, those that reached the target whole,
 partial ones (only part of their bytes arrived, or bytes that match nothing), lost ones
 (absent at the target and not counted as shed), shed ones (tc-capture's + tc-session's, by
-reason), the kernel's capture drops and the largest lag tc-capture and tc-session saw.
+reason), the kernel's capture drops, the largest lag tc-capture and tc-session saw and
+tc-capture's CPU per packet.
 Mode "shed" is the default tools; "noshed" runs both with --shed-lag 0 (as before
 shedding): what a saturated pipeline loses then. Needs root; every step is bounded.
 """
@@ -89,6 +90,7 @@ def run_once(rate, a, workdir, mode) -> dict:
             "missing": len(cmp.missing), "shed": sum(shed.values()), "shed_by": shed,
             "lost": len(cmp.missing) - sum(shed.values()),
             "kernel_drops": cap.get("kernel_drops"),
+            "capture_us_per_packet": cap.get("cpu_us_per_packet"),
             "capture_max_lag_ms": cap.get("max_lag_ms"),
             "session_max_lag_ms": (live.stats or {}).get("admission", {}).get("max_lag_ms"),
             "failed": {k: v for k, v in (live.stats or {}).get("outcomes", {}).items()
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
         print("bench_shed: needs root (network namespaces)", file=sys.stderr)
         return 77
     print(f"{'rate':>5} {'mode':>6} {'online':>6} {'whole':>6} {'partial':>7} {'lost':>5} "
-          f"{'shed':>5} {'kdrops':>6} {'lag ms cap/sess':>15}  shed by, failed")
+          f"{'shed':>5} {'kdrops':>6} {'lag ms cap/sess':>15} {'cap µs':>6}  shed by, failed")
     for rate in [float(x) for x in a.rates.split(",")]:
         for mode in a.modes.split(","):
             with tempfile.TemporaryDirectory(prefix="tc-bench-shed-") as d:
@@ -120,7 +122,8 @@ def main(argv=None) -> int:
             print(f"{rate:5.0f} {mode:>6} {res['online']:6d} {res['whole']:6d} "
                   f"{res['partial']:7d} {res['lost']:5d} {res['shed']:5d} "
                   f"{res['kernel_drops']!s:>6} {res['capture_max_lag_ms']!s:>7}/"
-                  f"{res['session_max_lag_ms']!s:<7}  {res['shed_by']} {res['failed']}",
+                  f"{res['session_max_lag_ms']!s:<7} {res['capture_us_per_packet']!s:>6}  "
+                  f"{res['shed_by']} {res['failed']}",
                   flush=True)
     return 0
 
