@@ -107,5 +107,5 @@ class Admission:
             self.lag_limit = DEFAULT_LIVE_LAG * MS
 
     def as_dict(self) -> dict:
-        return {"shed_lag_ms": None if self.lag_limit is None else self.lag_limit / MS,
+        return {"shed_lag_ms": (self.lag_limit or 0) / MS,  # (0: off)
                 "max_lag_ms": round(self.max_lag / MS, 3)}
