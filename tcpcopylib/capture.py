@@ -795,14 +795,17 @@ def capture_loop(engine, capturer: Capturer, stop, on_tick=None, idle_wait: floa
     signal wakeup pipes, drained here) for at most ``idle_wait`` s. ``on_tick(now)`` runs between batches.
     """
     fds = [engine.fd, *extra_fds]
-    flush = capturer.writer.flush
+    writer = capturer.writer
+    flush = writer.flush
     read = engine.read
     while not capturer.done and not stop():
         if read(capturer) == 0:
             flush()
             if stop():
                 break
-            ready = select.select(fds, [], [], idle_wait)[0]
+            # (a writer that holds output the pipe did not take: wait for room too)
+            held = [writer.fd] if writer.buf and hasattr(writer, "fd") else []
+            ready = select.select(fds, held, [], idle_wait)[0]
             for fd in extra_fds:  # drain wakeup pipes, or select would stay ready
                 if fd in ready:
                     try:

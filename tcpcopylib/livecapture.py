@@ -11,6 +11,7 @@ import time
 from tcpcopylib import capture as cap
 from tcpcopylib.errors import NoInputError
 from tcpcopylib.link import LINKTYPE_RAW
+from tcpcopylib.records import RecordWriter
 
 STATS_EVERY_S = 5.0     # seconds between -v status lines
 DROPS_EVERY_S = 0.2     # seconds between looks at the kernel's drop counter (shedding)
@@ -18,6 +19,7 @@ PIPE_EVERY_S = 0.005    # seconds between looks at how full the output pipe is (
 PIPE_SIZE = 1 << 20     # the output pipe is enlarged to this (if allowed): bursts fit
 PIPE_HIGH, PIPE_LOW = 0.75, 0.25  # shed above this share of the pipe full, stop below that
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
+HOLD_MAX = 64 << 20     # output held while the pipe is full, at most (then writes wait)
 
 
 class LiveCapture:
@@ -55,7 +57,7 @@ class LiveCapture:
     def open(self, out_fd: int, path: str | None = None) -> None:
         """Start the engine; the stream goes to ``path`` (created) if given, else to
         ``out_fd``. UsageError, NoInputError, NoPermissionError as tcpcopylib.capture says."""
-        from tcpcopylib.records import RecordWriter, header
+        from tcpcopylib.records import header
 
         iface = self.iface
         engine = cap.open_engine(self.engine_kind, iface, self.expr or "tcp", self.snaplen,
@@ -76,9 +78,13 @@ class LiveCapture:
                      snaplen=self.snaplen, mtu=mtu, engine=engine.name, ts_clock="realtime")
         if self.server_half:
             hdr["server_half"] = True  # the stream holds s2c records too
-        self.writer = RecordWriter(self.out_fd, hdr)
         if self.shed_lag_ms:
             self.pipe_size = _pipe_size(self.out_fd)
+        if self.pipe_size:  # a pipe: never block on it while the kernel's ring fills
+            os.set_blocking(self.out_fd, False)
+            self.writer = HoldingWriter(self.out_fd, hdr)
+        else:
+            self.writer = RecordWriter(self.out_fd, hdr)
         self.capturer = cap.Capturer(self.writer, mtu=mtu, count=self.count,
                                      max_rss=self.max_memory_mb << 20,
                                      server_half=self.server_half,
@@ -126,7 +132,7 @@ class LiveCapture:
         if self.pipe_size and now >= self.next_pipe:
             # downstream falls behind: the pipe fills before we block and the kernel drops
             self.next_pipe = now + PIPE_EVERY_S
-            waiting = cap.pipe_backlog(self.out_fd) / self.pipe_size
+            waiting = (cap.pipe_backlog(self.out_fd) + len(self.writer.buf)) / self.pipe_size
             c.backlog_over = waiting > PIPE_HIGH or c.backlog_over and waiting >= PIPE_LOW
         if c.shed_lag and now >= self.next_drops:
             self.next_drops = now + DROPS_EVERY_S
@@ -147,6 +153,8 @@ class LiveCapture:
 
     def _close(self) -> None:
         try:
+            if self.pipe_size:
+                os.set_blocking(self.out_fd, True)  # the rest, whatever it takes
             self.writer.flush()
         finally:
             self.final_drops = self.engine.drops()
@@ -182,6 +190,34 @@ class LiveCapture:
                 f"sessions shed ({d['shed_packets']} packets), {d['kernel_drops']} "
                 f"dropped by kernel, {d['if_drops']} dropped by interface, "
                 f"{self.elapsed():.2f} s, {d['cpu_us_per_packet']:.2f} µs CPU per packet")
+
+
+class HoldingWriter(RecordWriter):
+    """tc-capture's writer into a pipe when it sheds (the pipe non-blocking): flush() writes
+    what the pipe takes and holds the rest, up to HOLD_MAX bytes (then it waits for the
+    pipe), so that a slow next stage does not stop tc-capture from reading the kernel's
+    ring, which would then drop packets of admitted sessions; meanwhile the held bytes count
+    as backlog and new sessions are shed (LiveCapture._tick)."""
+
+    def flush(self) -> None:
+        import select
+
+        buf = self.buf
+        if not buf:
+            return
+        view = memoryview(buf)
+        total = 0
+        try:
+            while total < len(buf):
+                try:
+                    total += os.write(self.fd, view[total:])
+                except BlockingIOError:
+                    if len(buf) - total <= HOLD_MAX:
+                        break
+                    select.select([], [self.fd], [], 1.0)
+        finally:
+            view.release()
+            del buf[:total]
 
 
 def _pipe_size(fd: int) -> int:
