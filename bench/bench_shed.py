@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Shedding benchmark: the live pipeline past saturation, with and without shedding.
 
-    python3 bench/bench_shed.py [--rates 100,200,400] [--duration 8] [--share 0.15]
+    python3 bench/bench_shed.py [--rates 500,1000,1500] [--duration 6] [--share 0.03]
                                 [--modes shed,noshed] [--parallel 16]
 
 For each client rate R (HTTP requests/s, half the sessions keep-alive with 2 requests,
@@ -10,7 +10,7 @@ half short), in a fresh namespace lab:
   client:    tests/servers/live_http_client.py --rate R (every answer checked)
   online:    recording server :8080, and tc-capture cli0 | tc-session | tc-pace | tc-emit,
              tc-session throttled to --share of a CPU while the client runs (SIGSTOP/
-             SIGCONT in turns: tests/throttle.py; a test knob, not a tool option)
+             SIGCONT on its CPU time: tests/throttle.py; a test knob, not a tool option)
   assistant: tc-intercept lan0 | tc-feedback
   target:    recording server :8080
 
@@ -67,8 +67,10 @@ def run_once(rate, a, workdir, mode) -> dict:
         onl, tgt = workdir / "online", workdir / "target"
         h.start_recording_server(lab, "online", onl)
         h.start_recording_server(lab, "target", tgt)
+        # (--drain 30: tc-session may still be catching up when the capture ends)
         live = h.start_live(lab, workdir / "live", capture_args=[
-            "--stats-json", workdir / "live" / "capture.json", *off], session_args=off)
+            "--stats-json", workdir / "live" / "capture.json", *off],
+            session_args=["--drain", 30, *off])
         try:
             with Throttle(live.procs["tc-session"].pid, a.share):
                 r = lab.run("client", [h.PY, h.SERVERS / "live_http_client.py", "--server",
@@ -99,10 +101,10 @@ def run_once(rate, a, workdir, mode) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rates", default="100,200,400")
-    ap.add_argument("--duration", type=float, default=8.0)
-    ap.add_argument("--share", type=float, default=0.15,
-                    help="tc-session's CPU share while the client runs (default 0.15)")
+    ap.add_argument("--rates", default="500,1000,1500")
+    ap.add_argument("--duration", type=float, default=6.0)
+    ap.add_argument("--share", type=float, default=0.03,
+                    help="tc-session's CPU share while the client runs (default 0.03)")
     ap.add_argument("--parallel", type=int, default=16)
     ap.add_argument("--modes", default="shed,noshed")
     ap.add_argument("--json", action="store_true", help="one JSON line per run")
