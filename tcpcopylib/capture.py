@@ -54,6 +54,8 @@ DEFAULT_MTU = 1500
 ADDR_REFRESH_S = 2.0
 RSS_CHECK_S = 0.2     # how often --max-memory looks at the resident size
 MAX_SHED_KEYS = 1 << 16
+DROP_SHED_S = 1.0     # after a kernel drop, new sessions are shed this long
+_SEC_USEC = struct.Struct("=II")
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -254,6 +256,18 @@ def interface_rx_drops(iface: str) -> int:
     return total
 
 
+def pipe_backlog(fd: int) -> int:
+    """Bytes waiting in pipe (or socket) fd (FIONREAD: either end of a pipe); 0 if it
+    cannot say."""
+    import fcntl
+    import termios
+
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+
+
 def check_interface(iface: str) -> None:
     """NoInputError (66) if ``iface`` does not exist here (``any`` always does)."""
     if iface == "any":
@@ -294,7 +308,8 @@ class Capturer:
     """
 
     def __init__(self, writer, mtu: int = DEFAULT_MTU, count: int = 0, addresses=None,
-                 max_rss: int = 0, server_half: bool = False, server_ports=None):
+                 max_rss: int = 0, server_half: bool = False, server_ports=None,
+                 shed_lag_ms: float = 0):
         self.writer = writer
         self.mtu = mtu
         self.count = count  # stop after this many records (0: never)
@@ -311,13 +326,25 @@ class Capturer:
         self.frames = self.records = self.foreign = self.truncated = 0
         self.supersegs = self.split_records = 0
         self.done = False
-        # --max-memory: above max_rss bytes, new sessions (a SYN without ACK) are shed with
-        # every later packet of theirs, so no half session reaches tc-session.
+        # Shedding: while over --max-memory (max_rss bytes), more than --shed-lag behind the
+        # kernel (the newest frame of a batch older than shed_lag ns), while the output pipe
+        # fills (backlog_over) or just after a kernel drop (drop_seen()), new sessions (a
+        # SYN without ACK) are shed with every later packet of theirs, so no half session
+        # reaches tc-session. ``shedding``: the reason ("memory", "lag", "backlog",
+        # "capture-drops") or None; shed_reasons counts the sessions by it.
         self.max_rss = max_rss
-        self.shedding = False
+        self.shedding = None
         self.shed_keys: dict = {}
         self.shed_sessions = self.shed_packets = 0
+        self.shed_reasons: dict = {}
         self._next_rss_check = 0.0
+        self.over_memory = False
+        self.shed_lag = int(shed_lag_ms * 1_000_000)
+        self.newest_ts = 0     # capture time (ns) of the newest frame read since refresh()
+        self.lag_over = False
+        self.max_lag = 0
+        self.drops_until = 0.0
+        self.backlog_over = False  # the output pipe is filling (LiveCapture sets it)
 
     def refresh(self, now: float) -> None:
         """Re-read the local addresses every ADDR_REFRESH_S (call between batches)."""
@@ -329,7 +356,20 @@ class Capturer:
                 self.server_ports = listening_ports()
         if self.max_rss and now >= self._next_rss_check:
             self._next_rss_check = now + RSS_CHECK_S
-            self.shedding = resident_bytes() > self.max_rss
+            self.over_memory = resident_bytes() > self.max_rss
+        if self.shed_lag and self.newest_ts:
+            lag = time.time_ns() - self.newest_ts
+            self.newest_ts = 0
+            self.max_lag = max(self.max_lag, lag)
+            # above the limit: shed; below half of it: caught up
+            self.lag_over = lag > self.shed_lag or self.lag_over and lag >= self.shed_lag // 2
+        self.shedding = ("memory" if self.over_memory else "lag" if self.lag_over
+                         else "backlog" if self.backlog_over
+                         else "capture-drops" if now < self.drops_until else None)
+
+    def drop_seen(self, now: float) -> None:
+        """The kernel dropped packets (a counter grew): shed new sessions for DROP_SHED_S."""
+        self.drops_until = now + DROP_SHED_S
 
     def _shed(self, buf, p: int, v: int, from_server: bool = False) -> bool:
         """True if the datagram at buf[p:] belongs to a shed session (or starts one; a
@@ -355,6 +395,7 @@ class Capturer:
                 del self.shed_keys[next(iter(self.shed_keys))]  # forget the oldest
             self.shed_keys[key] = True
             self.shed_sessions += 1
+            self.shed_reasons[self.shedding] = self.shed_reasons.get(self.shedding, 0) + 1
             self.shed_packets += 1
             return True
         return False
@@ -385,6 +426,9 @@ class Capturer:
         writer's buffer; everything else goes through frame(). Returns the frame count.
         """
         n = len(meta) >> 4
+        if n and self.shed_lag:  # (the newest frame's capture time: how far behind we are)
+            sec, usec = _SEC_USEC.unpack_from(meta, (n - 1) << 4)
+            self.newest_ts = sec * 1_000_000_000 + usec * 1000
         spec = (None if self.shedding or self.shed_keys or self.server_half
                 else _FAST_LINKTYPES.get(linktype))
         frame = self.frame
@@ -751,14 +795,17 @@ def capture_loop(engine, capturer: Capturer, stop, on_tick=None, idle_wait: floa
     signal wakeup pipes, drained here) for at most ``idle_wait`` s. ``on_tick(now)`` runs between batches.
     """
     fds = [engine.fd, *extra_fds]
-    flush = capturer.writer.flush
+    writer = capturer.writer
+    flush = writer.flush
     read = engine.read
     while not capturer.done and not stop():
         if read(capturer) == 0:
             flush()
             if stop():
                 break
-            ready = select.select(fds, [], [], idle_wait)[0]
+            # (a writer that holds output the pipe did not take: wait for room too)
+            held = [writer.fd] if writer.buf and hasattr(writer, "fd") else []
+            ready = select.select(fds, held, [], idle_wait)[0]
             for fd in extra_fds:  # drain wakeup pipes, or select would stay ready
                 if fd in ready:
                     try:

@@ -575,3 +575,54 @@ def test_max_memory_sheds_whole_new_sessions_and_keeps_running_ones():
     c.refresh(time.monotonic())
     c.frame(_eth(syn), 0, len(_eth(syn)), link.LINKTYPE_ETHERNET, TS)
     assert not c.shedding and w.recs[-1]["data"] == syn
+
+
+def test_lag_and_kernel_drops_shed_whole_new_sessions():
+    w = Collector()
+    c = cap.Capturer(w, addresses=(B4, B6), shed_lag_ms=100)
+    running = build_tcp(A4, B4, 4000, 80, 10, 1, TH_ACK, payload=b"old")
+    syn = build_tcp(A4, B4, 5000, 80, 1, 0, 0x02)
+    data = build_tcp(A4, B4, 5000, 80, 2, 1, TH_ACK, payload=b"new")
+
+    def feed(*ips):
+        for ip in ips:
+            c.frame(_eth(ip), 0, len(_eth(ip)), link.LINKTYPE_ETHERNET, TS)
+
+    now = time.monotonic()
+    c.newest_ts = time.time_ns() - 300_000_000  # the frames read were 300 ms old
+    c.refresh(now)
+    assert c.shedding == "lag"
+    feed(running, syn, data)
+    assert [r["data"] for r in w.recs] == [running]
+    c.newest_ts = time.time_ns() - 70_000_000  # 70 ms: below the limit, above half of it
+    c.refresh(now)
+    assert c.shedding == "lag"
+    c.newest_ts = time.time_ns()                # caught up
+    c.refresh(now)
+    assert c.shedding is None
+    feed(data)                                  # the shed session stays shed
+    assert len(w.recs) == 1
+    c.drop_seen(now)                            # the kernel dropped: shed for a while
+    c.refresh(now)
+    assert c.shedding == "capture-drops"
+    feed(build_tcp(A4, B4, 5001, 80, 1, 0, 0x02))
+    c.refresh(now + cap.DROP_SHED_S)
+    assert c.shedding is None
+    feed(build_tcp(A4, B4, 5002, 80, 1, 0, 0x02))
+    assert len(w.recs) == 2
+    assert c.shed_reasons == {"lag": 1, "capture-drops": 1} and c.shed_sessions == 2
+    assert c.max_lag >= 300_000_000
+
+
+def test_batch_reads_how_old_its_newest_frame_is():
+    c = cap.Capturer(BufferWriter(), addresses=(B4, B6), shed_lag_ms=100)
+    frames = [_eth(build_tcp(A4, B4, 4000, 80, 10 + i, 1, TH_ACK, payload=b"x"))
+              for i in range(3)]
+    buf, meta = b"", b""
+    for i, f in enumerate(frames):
+        meta += struct.pack("=IIII", 1_700_000_000 + i, 5, len(buf), len(f))
+        buf += f
+    c.batch(buf, meta, link.LINKTYPE_ETHERNET)
+    assert c.newest_ts == (1_700_000_002) * 1_000_000_000 + 5000
+    c.refresh(time.monotonic())
+    assert c.shedding == "lag"  # (stamped in 2023: far behind)

@@ -261,7 +261,7 @@ def test_shedding_new_sessions_while_existing_continue(isns):
     r = Rig(isns=isns)
     r.client(TH_SYN, CISN, sport=40000, cip=client_ip(0))
     r.pump()
-    r.e.shedding = True
+    r.e.shedding = "memory"
     r.client(TH_SYN, CISN, sport=40000, cip=client_ip(1))
     r.client(TH_SYN, CISN, sport=40000, cip=client_ip(2))
     r.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"shed", sport=40000, cip=client_ip(1))
@@ -271,9 +271,10 @@ def test_shedding_new_sessions_while_existing_continue(isns):
     r.pump()
     assert r.outcomes() == {"completed": 1, "shed": 2}
     assert list(r.conns.values()) == [b"kept"]
-    assert len(r.warnings) == 1 and "--max-memory" in r.warnings[0]
+    assert len(r.warnings) == 1 and "(memory)" in r.warnings[0]
+    assert r.e.shed_reasons == {"memory": 2}
     assert "2 shed" in r.e.stats_line()
-    r.e.shedding = False
+    r.e.shedding = None
     r.client(TH_SYN, CISN, sport=40000, cip=client_ip(3))
     assert len(r.syns()) == 2
 
@@ -302,8 +303,9 @@ def test_max_memory_cli_sheds_and_warns_once(tmp_path):
                  "-m", "1", "--stats-json", js], input=tc.stream(recs))
     assert r.returncode == 0, r.stderr
     assert tc.decode(r.stdout) == []
-    assert r.stderr.decode().count("--max-memory") == 1, r.stderr
-    assert json.loads(js.read_text())["outcomes"]["shed"] == 3
+    assert r.stderr.decode().count("overloaded (memory)") == 1, r.stderr
+    st = json.loads(js.read_text())
+    assert st["outcomes"]["shed"] == 3 and st["shed_reasons"] == {"memory": 3}
 
 
 def test_cli_pool_copies_and_instance_rewrite_the_syns():

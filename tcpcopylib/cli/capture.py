@@ -8,6 +8,9 @@ import argparse
 
 from tcpcopylib.cli.common import Tool as BaseTool
 from tcpcopylib.errors import UsageError
+from tcpcopylib.tool import number_arg
+
+SHED_LAG_MS = 500   # --shed-lag default: below tc-session's (2 s), so we shed first
 
 
 class _OutputAction(argparse.Action):
@@ -57,6 +60,12 @@ class Tool(BaseTool):
         p.add_argument("-m", "--max-memory", type=int, default=0, metavar="MB",
                        help="above MB of resident memory, shed new sessions (counted) "
                             "instead of growing (default: no limit)")
+        p.add_argument("--shed-lag", type=number_arg(float, 0, True, 1e9), metavar="MS",
+                       default=SHED_LAG_MS,
+                       help="while more than MS behind the kernel (the packets read are that "
+                            "old; engine pcap), and for a second after a kernel drop, shed "
+                            "new sessions whole (counted) so that the others stay whole "
+                            f"(default {SHED_LAG_MS}; 0: off, drops too)")
         p.add_argument("-S", "--server-half", action="store_true",
                        help="also keep the server->client half: what local servers (ports "
                             "with a listening socket here) send, as \"s2c\" records, which "
@@ -93,7 +102,7 @@ class Tool(BaseTool):
             self.name, iface, expr, engine=args.engine, snaplen=args.snaplen,
             buffer_kib=args.buffer_size, mtu=args.mtu, count=args.count,
             max_memory_mb=args.max_memory, warn=self.warn, verbose=args.verbose,
-            elapsed=self.elapsed, server_half=args.server_half)
+            elapsed=self.elapsed, server_half=args.server_half, shed_lag_ms=args.shed_lag)
         live.open(self.stdout_fd, None if args.write == "-" else args.write)
         self.info(live.describe())
         live.run()

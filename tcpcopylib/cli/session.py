@@ -38,6 +38,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         self.sender = None  # with --send: the sender (emit.RawSender or LinkSender)
         self.sent = None    # ... and the SendOutput whose Emitter counts what was sent
         self.shard_parent = None  # with --shards N: the parent (session.shards)
+        self.admission = None  # admission.Admission: when new sessions are shed
 
     def add_arguments(self, p):
         from tcpcopylib.session.options import add_arguments
@@ -45,7 +46,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         add_arguments(p)
 
     def run(self, args):
-        from tcpcopylib.session.options import build_engine, check_send
+        from tcpcopylib.session.options import build_admission, build_engine, check_send
         from tcpcopylib.session.runner import SessionRunner
         from tcpcopylib.session.timing import DueQueue
 
@@ -62,6 +63,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             raise UsageError("--keep goes with --socket")
         fb = self._feedback_client(args)
         engine = self.engine = build_engine(args, None, fb)  # (its output comes next)
+        self.admission = build_admission(args)
         out = self._output(args)
         engine.emit = out.emit
         engine.warn = self.warn
@@ -77,9 +79,8 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         runner = SessionRunner(
             self.make_stage(engine, due, out), fb, drain=args.drain,
             feedback_retry=args.feedback_retry,
-            max_rss=int(args.max_memory * (1 << 20)) if args.max_memory else None,
-            stats_every=args.stats_every, on_stats=self._print_summary, lag=self.fb_lag,
-            warn=self.warn)
+            admission=self.admission, stats_every=args.stats_every,
+            on_stats=self._print_summary, lag=self.fb_lag, warn=self.warn)
         # Signals: stop reading and drain (a second one ends at once).
         runner.catch_signals()
         try:
@@ -151,6 +152,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         smap = SessionMap.for_option(args.sessions, write_other, header(self.name))
         self.engine.emit = smap.wrap_emit(self.engine.emit)
         self.engine.on_end = smap.chain_on_end(self.engine.on_end)
+        self.engine.on_shed = smap.engine_on_shed(self.engine)
         return smap
 
     def _print_summary(self):
@@ -188,7 +190,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             return shards.stats_dict(self)
         from tcpcopylib.session.report import stats_dict
 
-        return stats_dict(self.engine, self.fb_lag, self.sent)
+        return stats_dict(self.engine, self.fb_lag, self.sent, self.admission)
 
 
 def main(argv=None):

@@ -55,7 +55,8 @@ cdef class Engine:
     cdef public set filtered
     cdef public set shed_keys
     cdef public dict failed_keys
-    cdef public object shedding, t0
+    cdef public object shedding, t0, on_shed
+    cdef public dict shed_reasons
     cdef public list heap
     cdef public object warn, _warned, _tick, _compact_min, _compact_at
     cdef public object next_sid, now, on_end

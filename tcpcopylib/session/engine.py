@@ -67,7 +67,8 @@ OUTCOMES = {
     "timed_out": "the target went silent (-t/-k)",
     "unfinished": "input ended or a signal arrived first: raise --drain",
     "filtered": "not replayed (-r sampling, --only-syn, tc-select)",
-    "shed": "not replayed: --max-memory was exceeded when it began",
+    "shed": "not replayed: tc-session was overloaded when it began (see the shed "
+            "reasons: lag, backlog, max-sessions, memory)",
     "pool_exhausted": "not replayed: every client address:port of the -c pool was in use "
                       "(give -c more addresses, or lower -n)",
 }
@@ -98,6 +99,7 @@ class Config:
         self.sample_pct = 100
         self.ramp = 0                   # -g: the sampled share grows from 1 % over this
         self.copies = 1                 # -n: connections per captured session
+        self.max_sessions = None        # --max-sessions: new ones are shed at this many
         for k, v in kw.items():
             if not hasattr(self, k):
                 raise TypeError(f"unknown engine option {k}")
@@ -270,7 +272,10 @@ class Engine:
         # hash() of session keys -> client base, of sessions that failed while their
         # captured connection went on: its later packets are ignored (see _finish)
         self.failed_keys = {}
-        self.shedding = False   # set from outside (--max-memory): new sessions are shed
+        # set from outside (admission.Admission): None, or why new sessions are shed
+        self.shedding = None
+        self.shed_reasons = {}  # reason -> sessions shed for it
+        self.on_shed = None     # optional callback(session key, reason, now)
         self.t0 = None          # first captured packet (-g)
         self.warn = None        # optional callback(message), each kind said once
         self._warned = set()
@@ -365,9 +370,13 @@ class Engine:
                 st.outcomes["filtered"] += 1
             st.pkts_ignored += 1
             return False
-        if self.shedding:
-            self._shed(k, flags, "shed", "--max-memory exceeded: new sessions are shed "
-                       "(outcome \"shed\") until the memory use falls below it")
+        why = self.shedding
+        if not why and self.cfg.max_sessions and len(self.sessions) >= self.cfg.max_sessions:
+            why = "max-sessions"
+        if why:
+            self._shed(k, flags, "shed", f"overloaded ({why}): new sessions are shed "
+                       f"(outcome \"shed\") while it lasts; see tc-session(1), SHEDDING",
+                       why, now)
             return None
         s = Session(self.next_sid, k, now, key, copy)
         if syn:
@@ -394,14 +403,21 @@ class Engine:
             return None  # the SYN is consumed
         return s
 
-    def _shed(self, k, flags, outcome, warning):
-        """Session k is not replayed: counted once, its later packets ignored."""
+    def _shed(self, k, flags, outcome, warning, reason=None, now=0):
+        """Session k is not replayed: counted once (by ``reason`` too, if given), its
+        later packets ignored."""
         self.st.outcomes[outcome] += 1
         self.st.pkts_ignored += 1
         if not flags & (TH_FIN | TH_RST):
+            if len(self.shed_keys) >= 1 << 20:  # bounded: forget them all (rare)
+                self.shed_keys.clear()
             self.shed_keys.add(hash(k))
-        if outcome not in self._warned:
-            self._warned.add(outcome)
+        if reason is not None:
+            self.shed_reasons[reason] = self.shed_reasons.get(reason, 0) + 1
+            if self.on_shed is not None:
+                self.on_shed(k, reason, now)
+        if (reason or outcome) not in self._warned:
+            self._warned.add(reason or outcome)
             if self.warn is not None:
                 self.warn("warning: " + warning)
 

@@ -67,7 +67,18 @@ def _shaping(g) -> None:
                         "client ports come from block K of M of 1024-65535")
     g.add_argument("-m", "--max-memory", type=float, metavar="MB",
                    help="while the resident memory is above MB, shed new sessions "
-                        "(outcome shed) instead of growing")
+                        "(outcome shed, reason memory) instead of growing")
+    g.add_argument("--shed-lag", type=number_arg(float, 0, True, 1e9), metavar="MS",
+                   help="while the input packets are more than MS late, shed new sessions "
+                        "(outcome shed, reason lag) so that the admitted ones stay whole; "
+                        "default 2000 for a live input (tc-capture), off for a recording; "
+                        "0: off")
+    g.add_argument("--shed-backlog", type=number_arg(int, 1, True, 1 << 30), metavar="KIB",
+                   help="while more than KIB of input waits in the pipe, shed new sessions "
+                        "(reason backlog); default off")
+    g.add_argument("--max-sessions", type=number_arg(int, 1, True, 1 << 40), metavar="N",
+                   help="while N sessions are live, shed new ones (reason max-sessions); "
+                        "default no limit")
 
 
 def _feedback(g) -> None:
@@ -227,8 +238,19 @@ def build_engine(args, emit, claims):
         connect_timeout=int(args.connect_timeout * SEC),
         idle_timeout=int(args.timeout * SEC), keepalive_timeout=int(ka * SEC),
         gap_timeout=int(args.gap_timeout * SEC), max_reconnects=args.max_reconnects,
-        sample_pct=args.sample, ramp=int((args.ramp or 0) * SEC), copies=args.copies)
+        sample_pct=args.sample, ramp=int((args.ramp or 0) * SEC), copies=args.copies,
+        max_sessions=args.max_sessions)
     return Engine(Mapper(rules), emit, cfg, claims, alloc)
+
+def build_admission(args):
+    """The admission.Admission of --shed-lag, --shed-backlog and -m (--max-sessions is
+    the engine's own check, exact to the session: Config.max_sessions)."""
+    from tcpcopylib.session.admission import Admission
+
+    return Admission(
+        lag_ms=args.shed_lag, backlog=args.shed_backlog and args.shed_backlog << 10,
+        max_rss=int(args.max_memory * (1 << 20)) if args.max_memory else None)
+
 
 def build_allocator(args, rules):
     """-c, -n and -f: the client address:port allocator, checked against the targets."""

@@ -11,6 +11,9 @@ def summary_lines(engine, sent=None) -> list[str]:
     """The multi-line summary: its first line is engine.stats_line(), the --stats line;
     ``sent``: the runner.SendOutput of --send, if any (a line of tc-emit's counters)."""
     lines = engine.summary().splitlines()
+    if engine.shed_reasons:
+        lines.append("shed: " + ", ".join(f"{n} ({why})" for why, n in
+                                          sorted(engine.shed_reasons.items())))
     if sent is not None:
         lines.append(f"sending: {sent.emitter.summary()}, ignored records {sent.ignored}")
     fb = engine.claims
@@ -20,16 +23,20 @@ def summary_lines(engine, sent=None) -> list[str]:
     return lines
 
 
-def stats_dict(engine, fb_lag=None, sent=None) -> dict:
+def stats_dict(engine, fb_lag=None, sent=None, admission=None) -> dict:
     """--stats-json: the --stats line, every counter and the outcome counts (see
     tc-session(1)); ``fb_lag``: the metrics.Histogram of the feedback lag, if any;
     ``sent``: the runner.SendOutput of --send, whose counters (tc-emit's) go under
-    "emit"."""
+    "emit"; ``admission``: the admission.Admission, whose limit and largest lag go under
+    "admission"."""
     fb = engine.claims
     d = {"summary": engine.stats_line(), "active": engine.active(), **engine.st.as_dict(),
          "early_reuses": engine.alloc.early_reuses,
          "feedback_reconnects": fb.reconnects if fb is not None else 0,
-         "feedback_claims_refused": fb.refused if fb is not None else 0}
+         "feedback_claims_refused": fb.refused if fb is not None else 0,
+         "shed_reasons": dict(engine.shed_reasons)}
+    if admission is not None:
+        d["admission"] = admission.as_dict()
     if fb_lag is not None:
         d["feedback_lag"] = fb_lag.as_dict()
     if sent is not None:

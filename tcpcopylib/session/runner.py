@@ -22,13 +22,6 @@ SEC = 1_000_000_000
 MAX_PENDING = 100_000   # records held for their due time before we stop reading stdin
 CHUNK = 1 << 17
 OUT_BATCH = 1 << 16     # output bytes buffered before a flush within one loop turn
-RSS_EVERY = 0.2         # seconds between --max-memory checks
-
-
-def rss() -> int:
-    """This process's resident memory in bytes."""
-    with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class PacketOutput:
@@ -178,6 +171,11 @@ class SessionStage:
     def queued(self) -> int:
         return len(self.due.q)
 
+    def lag(self, now: int) -> int:
+        """How late (ns) the oldest queued packet is; 0 if none is due yet."""
+        q = self.due.q
+        return now - q[0][0] if q and q[0][0] < now else 0
+
     def finish(self, now: int) -> None:
         self.due.q.clear()  # after a signal, what is not due is dropped
 
@@ -192,7 +190,9 @@ class SessionRunner:
     """Runs a SessionStage until its input ends (or a signal), then drains it.
 
     ``fb``: a connected FeedbackClient or None; ``lag``: a metrics.Histogram of the
-    feedback lag, or None; ``on_stats()``: called every ``stats_every`` s; ``clock()``
+    feedback lag, or None; ``admission``: an admission.Admission, which sets the engine's
+    ``shedding`` every turn (``max_rss`` alone: one for --max-memory); ``on_stats()``:
+    called every ``stats_every`` s; ``clock()``
     (wall ns), ``monotonic()`` (s) and ``poll`` (a select.poll object) are injectable.
     interrupt(signum) may be called from a signal handler: the first stops reading and
     drains, a second ends at once."""
@@ -200,12 +200,16 @@ class SessionRunner:
     def __init__(self, stage: SessionStage, fb=None, *, drain: float = 5.0,
                  feedback_retry: float = 30.0, max_rss: int | None = None,
                  stats_every: float | None = None, on_stats=None, lag=None, warn=print,
-                 clock=time.time_ns, monotonic=time.monotonic, poll=None):
+                 clock=time.time_ns, monotonic=time.monotonic, poll=None, admission=None):
         self.stage = stage
         self.fb = fb
         self.drain_ns = int(drain * SEC)
         self.feedback_retry = feedback_retry
-        self.max_rss = max_rss
+        if admission is None and max_rss is not None:
+            from tcpcopylib.session.admission import Admission
+
+            admission = Admission(lag_ms=0, max_rss=max_rss, monotonic=monotonic)
+        self.admission = admission
         self.stats_every = stats_every
         self.on_stats = on_stats
         self.lag = lag
@@ -225,7 +229,7 @@ class SessionRunner:
         self.stage_fd = -1
         self.reading = self.eof = False
         self.drain_until = None
-        self.next_stats = self.next_rss = 0.0
+        self.next_stats = 0.0
         self._rbuf = memoryview(bytearray(CHUNK))
         stage.out.before_flush = self._flush_claims
 
@@ -277,10 +281,10 @@ class SessionRunner:
         """One turn of the loop: what is due, then wait for input or the next due time;
         False when it is over."""
         stage = self.stage
-        if self.max_rss is not None and self.monotonic() >= self.next_rss:
-            stage.engine.shedding = rss() > self.max_rss
-            self.next_rss = self.monotonic() + RSS_EVERY
         now = self.clock()
+        if self.admission is not None:  # shed new sessions now? (before they are run)
+            stage.engine.shedding = self.admission.reason(
+                stage.lag(now), self.in_fd if self.reading else -1, stage.due)
         stage.run_due(now)
         if self.fb_down is not None and self.monotonic() >= self.fb_next:
             self._fb_retry()

@@ -180,6 +180,25 @@ class SessionMap:
             self.flush_fn()
             self._next_flush = time.monotonic() + FLUSH_EVERY
 
+    def shed(self, ckey, copy: int, target, reason: str, now: int) -> None:
+        """A session not replayed, shed at its first packet (tc-session(1), SHEDDING):
+        its record, with sid 0, no connection and the ``reason``. ``ckey``: the captured
+        4-tuple; ``target``: (ip, port) it would have gone to."""
+        rec = {"t": "sess", "ts": now, "sid": 0, "copy": copy,
+               "orig": [ip_str(ckey[0]), ckey[1], ip_str(ckey[2]), ckey[3]],
+               "target": [ip_str(target[0]), target[1]], "conns": [], "outcome": "shed",
+               "reason": reason, "start": now, "end": now, "sent": []}
+        self.write(rec)
+        self.written += 1
+
+    def engine_on_shed(self, engine):
+        """An engine on_shed(k, reason, now) writing shed()'s record."""
+        def on_shed(k, reason, now):
+            ckey, copy = k if len(k) == 2 else (k, 0)  # (copies: (4-tuple, copy))
+            target = engine.mapper.target(ckey[2], ckey[3]) or (ckey[2], ckey[3])
+            self.shed(ckey, copy, target, reason, now)
+        return on_shed
+
     def chain_on_end(self, previous):
         """An engine on_end callback: this map's, then ``previous`` (if any)."""
         def on_end(s, outcome):

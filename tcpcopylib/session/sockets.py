@@ -670,6 +670,7 @@ def run(tool, args) -> int:
     tc-session(1), SOCKET MODE). The loop is forged mode's (runner.SessionRunner), on a
     SocketStage."""
     from tcpcopylib.records import StageWriter, header
+    from tcpcopylib.session.options import build_admission
     from tcpcopylib.session.runner import PacketOutput, SessionRunner
     from tcpcopylib.session.sessmap import SessionMap
     from tcpcopylib.session.timing import DueQueue
@@ -694,12 +695,15 @@ def run(tool, args) -> int:
                       f"{endpoint_str(s.tip, s.tport)}: {outcome}" + (f" ({why})" if why else ""))
 
     engine.on_end = on_end
+    if smap is not None:
+        engine.on_shed = smap.engine_on_shed(engine)
+    tool.admission = build_admission(args)
     in_fd = tool.open_input(args.file)
     due = DueQueue(asap=args.asap, speed=args.speed, max_gap=args.max_gap, warn=tool.warn)
     runner = SessionRunner(
         SocketStage(engine, due, PacketOutput(writer)), drain=args.drain,
-        max_rss=int(args.max_memory * (1 << 20)) if args.max_memory else None,
-        stats_every=args.stats_every, on_stats=tool._print_summary, warn=tool.warn)
+        admission=tool.admission, stats_every=args.stats_every,
+        on_stats=tool._print_summary, warn=tool.warn)
     runner.catch_signals()
     try:
         runner.run(in_fd, "<stdin>" if args.file == "-" else args.file)

@@ -56,8 +56,8 @@ class DueQueue:
         dropped = 0
         timeline = self.timeline
         at = timeline.at
-        # due_time(), inline: at speed 1 a packet is due at its ts plus this offset
-        shift = timeline.shift()
+        # due_time(), inline: a packet is due at anchor_wall + (ts - anchor_ts) / speed
+        aw, ats, speed = timeline.anchor_wall, timeline.anchor_ts, timeline.speed
         for item in items:
             if type(item) is tuple:
                 ts, data = item
@@ -79,16 +79,18 @@ class DueQueue:
                     raise StreamError("a pkt record's ts does not fit in 64 bits")
             if asap or type(ts) is not int:
                 due = now
-            elif shift is not None:
-                due = ts + shift
-            else:
+            elif aw is None:
                 due = at(ts, now)
-                shift = timeline.shift()
+                aw, ats = timeline.anchor_wall, timeline.anchor_ts
+            elif speed == 1:
+                due = aw + ts - ats
+            else:
+                due = aw + round((ts - ats) / speed)  # (as Timeline.scaled)
             if due < last:
                 due = last
             elif due - last > self.max_step and last and due > now:  # (a wait, not idle input)
                 due = self._long_step(due, last, now)
-                shift = timeline.shift()
+                aw = timeline.anchor_wall  # (a clamp moved it)
             last = due
             if drop is not None and drop(data):
                 dropped += 1
