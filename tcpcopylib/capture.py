@@ -54,7 +54,10 @@ DEFAULT_MTU = 1500
 ADDR_REFRESH_S = 2.0
 RSS_CHECK_S = 0.2     # how often --max-memory looks at the resident size
 MAX_SHED_KEYS = 1 << 16
-DROP_SHED_S = 1.0     # after a kernel drop, new sessions are shed this long
+# after a kernel drop, new sessions are shed this long. 1 s shed 40 % of the sessions at
+# 4,000 short sessions/s on a busy lab where the drops alone would have cost 1-4 %; 0.2 s
+# kept 91 % with no drop and no partial session (bench_live, same minute).
+DROP_SHED_S = 0.2
 _SEC_USEC = struct.Struct("=II")
 
 _U16 = struct.Struct("!H")

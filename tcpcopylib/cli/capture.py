@@ -63,7 +63,7 @@ class Tool(BaseTool):
         p.add_argument("--shed-lag", type=number_arg(float, 0, True, 1e9), metavar="MS",
                        default=SHED_LAG_MS,
                        help="while more than MS behind the kernel (the packets read are that "
-                            "old; engine pcap), and for a second after a kernel drop, shed "
+                            "old; engine pcap), and for 0.2 s after a kernel drop, shed "
                             "new sessions whole (counted) so that the others stay whole "
                             f"(default {SHED_LAG_MS}; 0: off, drops too)")
         p.add_argument("-S", "--server-half", action="store_true",
