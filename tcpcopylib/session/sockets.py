@@ -271,6 +271,8 @@ class SocketEngine(Engine):
                 q.pop(0)
                 continue
             # the head and the data of its group queued behind it: one write
+            if seg.due is not None:
+                self._note_late(seg, now)
             bufs = [seg.data]
             size = len(seg.data)
             k = 1
@@ -278,6 +280,8 @@ class SocketEngine(Engine):
                 nxt = q[k]
                 if not nxt.data or nxt.cack != s.last_cack:  # (_may_release's fast path)
                     break
+                if nxt.due is not None:
+                    self._note_late(nxt, now)
                 bufs.append(nxt.data)
                 size += len(nxt.data)
                 k += 1
