@@ -36,7 +36,8 @@ unprompted; twice in a row (once may be a delayed ACK of a response's tail) make
 duplex. So does the client speaking again with no new server bytes, more than the same
 time after its previous data (it did not wait for a response; a pipelined burst is
 quicker), and an HTTP/1.1 request asking for an Upgrade (WebSocket, h2c) once the server
-answered it (the next advance). From then on the session is duplex: its client
+answered it (the next advance) and the target did too (the gate released the data that
+followed the answer online). From then on the session is duplex: its client
 data is released when it is due, on its recorded timing, as the original client sent it
 without waiting for the server; the data before that point was gated as above. Advances
 of one byte (the server's FIN) do not count; ``push_gap`` 0 turns detection off.
@@ -73,9 +74,10 @@ _MSS_OPT = struct.Struct("!BBH")
 # connection states (to the target)
 NEW, SYN_SENT, ESTAB, CLOSED, DONE = range(5)
 
-# Session.duplex: gated request/response; an HTTP Upgrade asked for (duplex once answered);
-# duplex (client data released on its recorded timing, see the module docstring)
-GATED, UPGRADE_ASKED, DUPLEX = range(3)
+# Session.duplex: gated request/response; an HTTP Upgrade asked for; answered online (duplex
+# once the gate released the data that followed the answer); duplex (client data released
+# on its recorded timing, see the module docstring)
+GATED, UPGRADE_ASKED, UPGRADE_ANSWERED, DUPLEX = range(4)
 
 # Engine.late, how late client data went out against the time it was due (handed to the
 # engine): the upper bounds of its buckets, in ns
@@ -562,7 +564,7 @@ class Engine:
         now (the module docstring's rule). One unprompted advance is not enough: the tail
         of a response acknowledged by a delayed ACK (up to 200 ms later) looks the same."""
         if s.duplex == UPGRADE_ASKED and s.cli_spoke:
-            return self._go_duplex(s)
+            s.duplex = UPGRADE_ANSWERED  # the data after the answer waits for the target's
         if s.cli_spoke:
             s.pushes = 0  # a response (or its beginning)
         elif s.srv_t is not None and s.push_gap and now - s.srv_t > s.push_gap:
@@ -825,6 +827,8 @@ class Engine:
             return False
         setattr(self.st, reason, getattr(self.st, reason) + 1)
         s.gate_at = 0
+        if s.duplex == UPGRADE_ANSWERED:
+            self._go_duplex(s)  # the target answered the Upgrade too
         if new_group:
             s.last_cack = seg.cack
             s.mark = s.rcv_nxt + s.t_fin
