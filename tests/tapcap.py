@@ -10,6 +10,7 @@ times (raw IP, nanosecond pcap).
 
 from __future__ import annotations
 
+import bisect
 import os
 import socket
 import subprocess
@@ -140,6 +141,42 @@ def pcap(dirs, path, acks: bool = False) -> int:
     finally:
         os.close(fd)
     return len(pkts)
+
+
+# -- timing: when the target got each request, against the recording --------------------
+
+def offsets_late(rec, rep) -> list[float]:
+    """For each read of client data online: how much later (ms) the target had that many
+    client bytes than the online server had, both counted from the connection's accept
+    (no allowance for the target's answers: a duplex client did not wait for any)."""
+    got = rep.arrivals()
+    totals = [n for _, n in got]
+    out = []
+    for t, n in rec.arrivals():
+        i = bisect.bisect_left(totals, n)
+        out.append((got[i][0] - t) / 1e6)
+    return out
+
+
+def gated_late(rec, rep) -> list[float]:
+    """For each request of a request/response session: as test_socket_mode.lateness, how
+    much later than due it reached the target, where due is its recorded offset or right
+    after the target's own answer to the one before, whichever is later."""
+    out = []
+    for (due, _), (got, answer) in zip(rec.requests(), rep.requests(), strict=True):
+        out.append((got - max(due, answer or 0)) / 1e6)
+    return out
+
+
+def is_duplex_kind(name, conn) -> bool:
+    """The connections of the test whose client does not wait for the server."""
+    if name == "ws":
+        return True
+    if name == "redis":  # the subscribers (the publisher waits for each reply)
+        return not conn.c2s.startswith(b"*3\r\n$7\r\nPUBLISH")
+    if name == "sse":
+        return conn.c2s.startswith(b"GET /events")
+    return False
 
 
 class Tap:

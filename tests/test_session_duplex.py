@@ -21,6 +21,17 @@ def rig(isns, **cfg):
     return EngineRig(isns, rto_min=60 * SEC, **cfg)
 
 
+def opened(h, isns):
+    """The captured handshake (SYN, the client's ACK 1 ms later) and the target's SYN-ACK
+    as the captured ACK is due: the target accepts when the online server did."""
+    CISN, TISN, SISN = isns
+    h.client(0x02, CISN, 0)
+    h.now += MS
+    h.client(TH_ACK, CISN + 1, SISN + 1)
+    h.target(0x12, TISN, CISN + 1)
+    h.pkts()
+
+
 def payloads(h):
     return [p.payload for p in h.pkts() if p.payload]
 
@@ -30,7 +41,7 @@ def subscribed(h, isns, push_every_ms=100):
     bytes) that the client acknowledged with pure ACKs, push_every_ms apart. Returns the
     captured ack after them."""
     CISN, TISN, SISN = isns
-    h.open()
+    opened(h, isns)
     h.client(DATA, CISN + 1, SISN + 1, b"SUBSCRIBE")
     assert payloads(h) == [b"SUBSCRIBE"]
     h.target(DATA, TISN + 1, CISN + 10, b"r" * 10)       # the target's reply
@@ -63,7 +74,7 @@ def test_a_server_pushing_twice_unprompted_makes_the_session_duplex(isns):
 def test_client_data_held_before_the_session_turned_duplex_goes_when_it_does(isns):
     CISN, TISN, SISN = isns
     h = rig(isns)
-    h.open()
+    opened(h, isns)
     h.client(DATA, CISN + 1, SISN + 1, b"SUBSCRIBE")
     h.advance(1)
     h.client(TH_ACK, CISN + 10, SISN + 11)
@@ -87,7 +98,7 @@ def test_one_late_advance_is_a_delayed_ack_not_a_push(isns):
     the next request gated: one unprompted advance is not enough."""
     CISN, TISN, SISN = isns
     h = rig(isns)
-    h.open()
+    opened(h, isns)
     h.client(DATA, CISN + 1, SISN + 1, b"req1")
     h.advance(1)
     h.client(TH_ACK, CISN + 5, SISN + 2897)
@@ -106,7 +117,7 @@ def test_the_servers_fin_is_no_push(isns):
     (one byte) is not the server speaking."""
     CISN, TISN, SISN = isns
     h = rig(isns)
-    h.open()
+    opened(h, isns)
     h.client(DATA, CISN + 1, SISN + 1, b"req1")
     h.advance(1)
     h.client(TH_ACK, CISN + 5, SISN + 101)
@@ -120,7 +131,7 @@ def test_the_servers_fin_is_no_push(isns):
 def test_a_client_speaking_again_without_new_server_bytes_did_not_wait(isns):
     CISN, TISN, SISN = isns
     h = rig(isns)
-    h.open()
+    opened(h, isns)
     h.client(DATA, CISN + 1, SISN + 1, b"msg1")
     h.advance(80)
     h.client(DATA, CISN + 5, SISN + 1, b"msg2")          # nothing new from the server
@@ -135,7 +146,7 @@ def test_a_client_speaking_again_without_new_server_bytes_did_not_wait(isns):
 def test_a_pipelined_burst_is_no_duplex(isns):
     CISN, TISN, SISN = isns
     h = rig(isns)
-    h.open()
+    opened(h, isns)
     for i in range(3):
         h.client(DATA, CISN + 1 + 4 * i, SISN + 1, b"req%d" % i)
         h.advance(2)
@@ -178,7 +189,7 @@ def test_push_gap_zero_turns_detection_off(isns):
 def test_an_http_upgrade_continues_duplex_once_the_target_answered(isns):
     CISN, TISN, SISN = isns
     h = rig(isns)
-    h.open()
+    opened(h, isns)
     req = (b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
     h.client(DATA, CISN + 1, SISN + 1, req)
@@ -200,7 +211,7 @@ def test_an_http_upgrade_continues_duplex_once_the_target_answered(isns):
 def test_a_request_mentioning_upgrade_in_its_body_only_is_no_upgrade(isns):
     CISN, TISN, SISN = isns
     h = rig(isns)
-    h.open()
+    opened(h, isns)
     h.client(DATA, CISN + 1, SISN + 1, b"GET /?q=upgrade:x HTTP/1.1\r\nHost: x\r\n\r\n")
     h.advance(1)
     h.client(DATA, CISN + 40, SISN + 101, b"GET / HTTP/1.1\r\n\r\n")
@@ -213,7 +224,7 @@ def test_a_request_mentioning_upgrade_in_its_body_only_is_no_upgrade(isns):
 def test_release_lateness_is_counted_per_client_segment(isns):
     CISN, TISN, SISN = isns
     h = rig(isns)
-    h.open()
+    opened(h, isns)
     h.client(DATA, CISN + 1, SISN + 1, b"req1")          # at once
     h.client(DATA, CISN + 5, SISN + 101, b"req2")        # waits for the response
     h.advance(30)
@@ -231,3 +242,27 @@ def test_release_lateness_is_counted_per_client_segment(isns):
     assert stats_dict(h.e)["release_lateness"] == d and stats_dict(h.e)["duplex"] == 0
     assert any(line.startswith("release lateness") and "p99 <= 50 ms" in line
                for line in summary_lines(h.e))
+
+
+def test_duplex_data_keeps_its_offset_from_a_late_accept(isns):
+    """The target accepted 30 ms after the online server did (the SYN-ACK came back late):
+    a duplex session's data goes 30 ms after it is due, at its offset from the accept; a
+    gated request is not delayed by that."""
+    CISN, TISN, SISN = isns
+    h = rig(isns)
+    h.client(0x02, CISN, 0)
+    h.now += MS
+    h.client(TH_ACK, CISN + 1, SISN + 1)
+    h.advance(30)
+    h.target(0x12, TISN, CISN + 1)
+    h.pkts()
+    h.client(DATA, CISN + 1, SISN + 1, b"msg1")
+    assert payloads(h) == [b"msg1"]                     # (not duplex yet: at once)
+    h.advance(80)
+    h.client(DATA, CISN + 5, SISN + 1, b"msg2")         # did not wait: duplex
+    assert h.e.st.duplex == 1 and payloads(h) == []
+    h.advance(29)
+    assert payloads(h) == []
+    h.advance(1)
+    assert payloads(h) == [b"msg2"]
+    assert h.e.late[LATE_BOUNDS.index(50 * MS)] == 1    # 30 ms after it was due

@@ -44,7 +44,7 @@ cdef class Session:
     cdef public object linger_at, syn_t0, wake, dupacks, recover, last_rx
     cdef public object last_data_rx, last_cack, mark, group_t, group_data, reconnects
     cdef public object psum, ipsum, max_cack, conn
-    cdef public object duplex, srv_t, cli_t, cli_spoke, pushes, push_gap
+    cdef public object duplex, srv_t, cli_t, cli_spoke, pushes, push_gap, hs_t, est_lag
     cpdef _reset_conn(self, now)
 
 cdef class Engine:

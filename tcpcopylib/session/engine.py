@@ -40,7 +40,9 @@ answered it (the next advance) and the target did too (the data that followed th
 online waits for the target's first bytes after the request, not for as many as the online
 server sent: some may have been pushes). From then on the session is duplex: its client
 data is released when it is due, on its recorded timing, as the original client sent it
-without waiting for the server; the data before that point was gated as above. Advances
+without waiting for the server (at its recorded offset from the connection's accept: due,
+plus how much later the target accepted the replayed connection than the online server
+accepted the captured one); the data before that point was gated as above. Advances
 of one byte (the server's FIN) do not count; ``push_gap`` 0 turns detection off.
 """
 
@@ -189,6 +191,9 @@ class Session:
         # client's ack last advanced, when it last sent new data, whether it did since
         # that advance, unprompted advances in a row, the silence that counts
         "duplex", "srv_t", "cli_t", "cli_spoke", "pushes", "push_gap",
+        # when the captured connection was accepted (its handshake ACK was due), and how
+        # much later the target accepted ours: duplex data keeps its offset from the accept
+        "hs_t", "est_lag",
         # socket mode (tcpcopylib.session.sockets): the connection's socket and its state
         "conn",
     )
@@ -228,6 +233,8 @@ class Session:
         self.cli_spoke = False
         self.pushes = 0
         self.push_gap = 0
+        self.hs_t = now
+        self.est_lag = 0
         self.wake = None
         self.conn = None
         self._reset_conn(now)
@@ -536,7 +543,10 @@ class Engine:
         if flags & TH_ACK and (s.max_cack is None or 0 < (ack - s.max_cack) & M32 < 0x80000000):
             # (a later ack: _signed(ack - max_cack) > 0, inline): the server spoke
             if s.max_cack is None:  # the first ack: the handshake's, when a SYN was seen
-                s.push_gap = self.cfg.push_gap + (0 if s.fake else 2 * (now - s.created))
+                gap = self.cfg.push_gap
+                s.push_gap = gap + 2 * (now - s.created) if gap and not s.fake else gap
+                if not s.fake:
+                    s.hs_t = now
             elif s.duplex != DUPLEX and (ack - s.max_cack) & M32 != 1:
                 went_duplex = self._server_spoke(s, now)
             s.max_cack = ack
@@ -800,20 +810,24 @@ class Engine:
 
     def _may_release(self, s, seg, now) -> bool:
         """Gating: may the head of the queue go now?"""
-        if seg.cack == s.last_cack and (seg.data or not s.group_data):
-            return True  # the same group (or no ack known at all): the usual case
-        if self.cfg.no_wait:
-            s.last_cack = seg.cack
-            return True
         if s.duplex == DUPLEX:
-            # sent without waiting for the server: it goes when due (it is), a new group
-            # for _response_missing's bookkeeping
+            # sent without waiting for the server: it goes at its recorded offset from the
+            # connection's accept (due, plus how much later the target accepted than the
+            # online server did), a new group for _response_missing's bookkeeping
+            if seg.due is not None and now < seg.due + s.est_lag:
+                s.gate_at = seg.due + s.est_lag
+                return False
             s.gate_at = 0
             if seg.cack is not None and seg.cack != s.last_cack:
                 s.last_cack = seg.cack
                 s.mark = s.rcv_nxt + s.t_fin
                 s.group_t = now
                 s.group_data = False
+            return True
+        if seg.cack == s.last_cack and (seg.data or not s.group_data):
+            return True  # the same group (or no ack known at all): the usual case
+        if self.cfg.no_wait:
+            s.last_cack = seg.cack
             return True
         bare = not seg.data
         new_group = seg.cack is not None and s.last_cack is not None and \
@@ -918,6 +932,8 @@ class Engine:
             self._out(s, ack, 0, TH_RST)
             return
         s.state = ESTAB
+        if not s.reconnects and now > s.hs_t:
+            s.est_lag = now - s.hs_t
         s.t_base = (seq + 1) & M32
         s.last_rx = now
         o = _options(opts)

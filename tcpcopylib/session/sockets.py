@@ -375,6 +375,8 @@ class SocketEngine(Engine):
         conn = s.conn
         conn.t_est = now
         s.state = ESTAB
+        if not s.reconnects and now > s.hs_t:
+            s.est_lag = now - s.hs_t  # (engine._may_release: duplex data's offset)
         s.last_rx = now
         s.t_base = 1  # the target's bytes count from 1 in kept records (its ISN is 0)
         s.mark = 0
