@@ -55,8 +55,8 @@ KINDS = {
 }
 
 
-def start_service(lab, host, kind, workdir) -> list:
-    """The kind's server on 127.0.0.1:BACKEND in host and a relay on [::]:PORT logging to
+def start_service(lab, host, kind, workdir, port=PORT) -> list:
+    """The kind's server on 127.0.0.1:BACKEND in host and a relay on [::]:port logging to
     workdir/KIND-HOST; returns both processes (the relay first)."""
     server, _ = KINDS[kind]
     if server is None or server == "greeting":
@@ -69,9 +69,9 @@ def start_service(lab, host, kind, workdir) -> list:
         server = [*server, "--dir", str(d)]
     srv = lab.start_server(host, server, port=BACKEND, timeout=10)
     tap = lab.start_server(host, [PY, str(SERVERS / "tap_proxy.py"), "--listen",
-                                  f"[::]:{PORT}", "--upstream", f"127.0.0.1:{BACKEND}",
+                                  f"[::]:{port}", "--upstream", f"127.0.0.1:{BACKEND}",
                                   "--log-dir", str(workdir / f"{kind}-{host}")],
-                           port=PORT, timeout=10)
+                           port=port, timeout=10)
     return [tap, srv]
 
 
@@ -81,9 +81,9 @@ def stop_service(lab, procs) -> None:
         lab.stop(p)
 
 
-def run_clients(lab, kind) -> None:
+def run_clients(lab, kind, port=PORT) -> None:
     args = KINDS[kind][1]
-    server = f"{lab.online_cli_ip}:{PORT}"
+    server = f"{lab.online_cli_ip}:{port}"
     if args[0] == "push":
         argv = [PY, str(SERVERS / "push_clients.py"), args[1], "--server", server, *args[2:]]
     else:
@@ -104,13 +104,16 @@ def compare(kind, online_dir, target_dir, stats, diag=""):
     by_bytes = {}
     for c in sorted(rep, key=lambda c: c.accept):
         by_bytes.setdefault(c.c2s, []).append(c)
-    dx, gated = [], []
+    dx, gated, worst = [], [], []
     for a in sorted(rec, key=lambda c: c.accept):
         b = by_bytes[a.c2s].pop(0)
-        if is_duplex_kind(kind, a):
-            dx += offsets_late(a, b)
-        else:
-            gated += gated_late(a, b)
+        late = offsets_late(a, b) if is_duplex_kind(kind, a) else gated_late(a, b)
+        (dx if is_duplex_kind(kind, a) else gated).extend(late)
+        if late:
+            i = max(range(len(late)), key=lambda i: abs(late[i]))
+            worst.append((round(late[i], 2), a.name, i, len(late)))
+    print(f"\n{kind}: the worst request of each connection (ms, connection, index, of): "
+          f"{sorted(worst, key=lambda w: -abs(w[0]))[:4]}", file=sys.stderr)
     return dx, gated
 
 
@@ -148,14 +151,16 @@ def test_offline_replay_keeps_each_requests_offset(lab, tmp_path, kind):
     finally:
         h.stop_tcpdump(td)
         stop_service(lab, online)
-    # a shared machine: a replay over the bounds is run again, at most twice
+    # a shared machine: a replay over the bounds is run again, at most twice (to another
+    # target port: the target still holds the last replay's connections in TIME_WAIT)
     for attempt in range(3):
         run = work / f"run{attempt}"
         run.mkdir()
-        target = start_service(lab, "target", kind, run)
+        tport = PORT + 10 * attempt
+        target = start_service(lab, "target", kind, run, tport)
         try:
-            rep = h.replay(lab, pcap, run, port=PORT, start_target=False, trace=False,
-                           session_args=["--drain", "5"])
+            rep = h.replay(lab, pcap, run, port=PORT, target_port=tport, start_target=False,
+                           trace=False, session_args=["--drain", "5", "--any-port"])
         finally:
             stop_service(lab, target)
         assert not rep.timed_out and rep.rc("tc-session") == 0, rep.diagnostics()
@@ -172,11 +177,12 @@ def test_live_replay_keeps_each_requests_offset(lab, tmp_path, kind):
     for attempt in range(2):
         run = tmp_path / f"run{attempt}"
         run.mkdir()
-        target = start_service(lab, "target", kind, run)
-        online = start_service(lab, "online", kind, run)
-        live = h.start_live(lab, run, port=PORT, session_args=["--drain", "5"])
+        port = PORT + 10 * attempt  # (no TIME_WAIT of the last attempt on either host)
+        target = start_service(lab, "target", kind, run, port)
+        online = start_service(lab, "online", kind, run, port)
+        live = h.start_live(lab, run, port=port, session_args=["--drain", "5"])
         try:
-            run_clients(lab, kind)
+            run_clients(lab, kind, port)
             time.sleep(1.0)  # the replay's last requests reach the target
         finally:
             stats = live.stop()

@@ -839,7 +839,11 @@ class Engine:
         expected = _signed(seg.cack - s.last_cack) if new_group else None
         if s.duplex == UPGRADE_ANSWERED and new_group and s.rcv_nxt + s.t_fin > s.mark:
             # the target answered the Upgrade (its first bytes: the 101): the rest of the
-            # online advance may be pushes, which the target's need not match
+            # online advance may be pushes, which the target's need not match; the data
+            # keeps its offset from the accept, as the duplex data after it will
+            if seg.due is not None and now < seg.due + s.est_lag:
+                s.gate_at = seg.due + s.est_lag
+                return False
             reason = "gate_bytes"
         else:
             reason = self._response_complete(s, expected, now)
