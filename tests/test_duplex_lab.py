@@ -172,7 +172,7 @@ def test_offline_replay_keeps_each_requests_offset(lab, tmp_path, kind):
     pytest.fail(f"{kind}: request timing over the bounds in 3 replays (see stderr)")
 
 
-@pytest.mark.parametrize("kind", ["ws", "redis", "http", "greeting"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_live_replay_keeps_each_requests_offset(lab, tmp_path, kind):
     for attempt in range(2):
         run = tmp_path / f"run{attempt}"

@@ -9,7 +9,8 @@ from seqnums import isns  # noqa: F401 (isns: a fixture)
 
 from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH
 from tcpcopylib.session.engine import LATE_BOUNDS
-from tcpcopylib.session.report import lateness, quantile_bound, summary_lines, stats_dict
+from tcpcopylib.session.report import (end_logger, lateness, quantile_bound, stats_dict,
+                                       summary_lines)
 from tcpcopylib.testing import MS, SEC, EngineRig
 
 DATA = TH_ACK | TH_PSH
@@ -57,6 +58,8 @@ def subscribed(h, isns, push_every_ms=100):
 def test_a_server_pushing_twice_unprompted_makes_the_session_duplex(isns):
     CISN, TISN, SISN = isns
     h = rig(isns)
+    said = []
+    h.e.on_end = end_logger(said.append, 2)
     cack = subscribed(h, isns)
     assert h.e.st.duplex == 1
     # the client's next command acknowledges 60 bytes the target never sent: not held
@@ -69,6 +72,8 @@ def test_a_server_pushing_twice_unprompted_makes_the_session_duplex(isns):
     h.target(TH_ACK, TISN + 18, CISN + 14, b"p" * 7)
     assert any(p.flags & TH_FIN for p in h.pkts())
     assert h.e.st.gate_bytes + h.e.st.gate_quiet + h.e.st.gate_timeout == 0
+    h.e.close_all(h.now)
+    assert len(said) == 1 and said[0].endswith(" (duplex)"), said
 
 
 def test_client_data_held_before_the_session_turned_duplex_goes_when_it_does(isns):

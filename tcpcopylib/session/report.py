@@ -73,9 +73,9 @@ def _ms(bound: str) -> str:
 
 def end_logger(warn, verbose: int):
     """An engine on_end(session, outcome) for -v: a line per failed session (-vv: per
-    session), through warn(msg)."""
+    session; "(duplex)" after the outcome of a session that ran duplex), through warn(msg)."""
     from tcpcopylib.packet import endpoint_str
-    from tcpcopylib.session.engine import FAILURES, OUTCOMES
+    from tcpcopylib.session.engine import DUPLEX, FAILURES, OUTCOMES
 
     def log_end(s, outcome) -> None:
         if outcome in FAILURES or verbose >= 2:
@@ -84,6 +84,7 @@ def end_logger(warn, verbose: int):
             warn(f"session {s.sid} {endpoint_str(s.ckey[0], s.ckey[1])}"
                  + (f" (as {endpoint_str(s.cip, s.cport)})" if moved else "")
                  + f" -> {endpoint_str(s.tip, s.tport)}: {outcome}"
+                 + (" (duplex)" if s.duplex == DUPLEX else "")
                  + (f" ({hint})" if hint and outcome in FAILURES else ""))
 
     return log_end
