@@ -82,6 +82,8 @@ cdef class Engine:
     cpdef _send_segment(self, Session s, off, data, flags, now, retransmit=*)
     cpdef _note_late(self, Seg seg, now)
     cpdef _may_release(self, Session s, Seg seg, now)
+    cpdef _new_group(self, Session s, Seg seg, now)
+    cpdef _before_offset(self, Session s, Seg seg, now)
     cpdef _response_complete(self, Session s, expected, now)
     cpdef feedback_packet(self, data, now, orig_len=*)
     cpdef _fb_syn_sent(self, Session s, seq, ack, flags, win, opts, now)

@@ -187,7 +187,7 @@ class Session:
         # gating
         "last_cack", "mark", "group_t", "group_data",
         "reconnects", "psum", "ipsum", "max_cack",
-        # duplex detection (module docstring): GATED/UPGRADE_ASKED/DUPLEX, when the
+        # duplex detection (module docstring): GATED, UPGRADE_*, DUPLEX; when the
         # client's ack last advanced, when it last sent new data, whether it did since
         # that advance, unprompted advances in a row, the silence that counts
         "duplex", "srv_t", "cli_t", "cli_spoke", "pushes", "push_gap",
@@ -811,18 +811,13 @@ class Engine:
     def _may_release(self, s, seg, now) -> bool:
         """Gating: may the head of the queue go now?"""
         if s.duplex == DUPLEX:
-            # sent without waiting for the server: it goes at its recorded offset from the
-            # connection's accept (due, plus how much later the target accepted than the
-            # online server did), a new group for _response_missing's bookkeeping
-            if seg.due is not None and now < seg.due + s.est_lag:
-                s.gate_at = seg.due + s.est_lag
+            # sent without waiting for the server: it goes at its recorded offset (a new
+            # group for _response_missing's bookkeeping)
+            if self._before_offset(s, seg, now):
                 return False
             s.gate_at = 0
             if seg.cack is not None and seg.cack != s.last_cack:
-                s.last_cack = seg.cack
-                s.mark = s.rcv_nxt + s.t_fin
-                s.group_t = now
-                s.group_data = False
+                self._new_group(s, seg, now)
             return True
         if seg.cack == s.last_cack and (seg.data or not s.group_data):
             return True  # the same group (or no ack known at all): the usual case
@@ -841,8 +836,7 @@ class Engine:
             # the target answered the Upgrade (its first bytes: the 101): the rest of the
             # online advance may be pushes, which the target's need not match; the data
             # keeps its offset from the accept, as the duplex data after it will
-            if seg.due is not None and now < seg.due + s.est_lag:
-                s.gate_at = seg.due + s.est_lag
+            if self._before_offset(s, seg, now):
                 return False
             reason = "gate_bytes"
         else:
@@ -854,11 +848,26 @@ class Engine:
         if s.duplex == UPGRADE_ANSWERED:
             self._go_duplex(s)  # the target answered the Upgrade too
         if new_group:
-            s.last_cack = seg.cack
-            s.mark = s.rcv_nxt + s.t_fin
-            s.group_t = now
-            s.group_data = False
+            self._new_group(s, seg, now)
         return True
+
+    def _new_group(self, s, seg, now):
+        """seg, whose captured ack advanced, is released: the target's answer to it counts
+        from here."""
+        s.last_cack = seg.cack
+        s.mark = s.rcv_nxt + s.t_fin
+        s.group_t = now
+        s.group_data = False
+
+    def _before_offset(self, s, seg, now) -> bool:
+        """True (s's timer set) while data that did not wait for the server is before its
+        recorded offset from the connection's accept: when it was due, plus how much later
+        the target accepted our connection than the online server accepted the captured
+        one (the SYN-ACK's way back through the feedback)."""
+        if seg.due is not None and now < seg.due + s.est_lag:
+            s.gate_at = seg.due + s.est_lag
+            return True
+        return False
 
     def _response_complete(self, s, expected, now):
         """The reason the target's response counts as complete, or None (timer armed)."""
