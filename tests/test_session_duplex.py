@@ -271,3 +271,32 @@ def test_duplex_data_keeps_its_offset_from_a_late_accept(isns):
     h.advance(1)
     assert payloads(h) == [b"msg2"]
     assert h.e.late[LATE_BOUNDS.index(50 * MS)] == 1    # 30 ms after it was due
+
+
+def test_a_duplex_stream_respects_a_zero_window_and_keeps_no_pushed_bytes(isns):
+    """Hours of pushes cost nothing: the target's data is acknowledged, not kept; client
+    data that did not wait still waits for the target's window."""
+    import tracemalloc
+
+    CISN, TISN, SISN = isns
+    h = rig(isns)
+    cack = subscribed(h, isns)
+    assert h.e.st.duplex == 1
+    s = next(iter(h.e.sessions.values()))
+    t = TISN + 11
+    tracemalloc.start()
+    for i in range(1000):  # the target pushes 1 MB, and shuts its window
+        h.target(TH_ACK, t, CISN + 10, b"p" * 1000, win=0 if i == 999 else 65535)
+        t += 1000
+        h.advance(1)
+        h.pkts()
+        h.sent.clear()  # (the rig's own record of what was sent)
+    grown = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert grown < 200_000, grown
+    assert s.rcv_nxt == t - TISN - 1
+    h.client(DATA, CISN + 10, cack + 1_000_000, b"PING")
+    h.advance(1)
+    assert payloads(h) == [] and h.e.st.window_waits >= 1
+    h.target(TH_ACK, t, CISN + 10, win=65535)           # the window opens
+    assert payloads(h) == [b"PING"]
