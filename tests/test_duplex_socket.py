@@ -115,9 +115,12 @@ def replay(tmp, pcap, online, upstream):
                 dx += late
                 worst.append((max(late), k, a.name, late.index(max(late)), len(late)))
             else:
-                gated += gated_late(a, b)
+                late = gated_late(a, b)
+                gated += late
+                if late:
+                    worst.append((max(late), k, a.name, late.index(max(late)), len(late)))
     n = sum(len(t.connections()) for t in target.values())
     assert st["outcomes"]["completed"] == n == st["sessions"], st
-    print("worst duplex request per connection (ms, server, connection, index, of):",
+    print("worst request per connection (ms, server, connection, index, of):",
           sorted(worst, reverse=True)[:4], file=sys.stderr)
     return dx, gated, st
