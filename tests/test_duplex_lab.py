@@ -137,9 +137,9 @@ def within_bounds(kind, mode, dx, gated, stats) -> bool:
             and p([max(x, 0) for x in gated], .99) <= gated_limit)
 
 
-def check_duplex_count(kind, stats, n_conns):
-    if kind == "ws":  # every WebSocket session continues duplex after its 101
-        assert stats["duplex"] == n_conns, stats
+def check_duplex_count(kind, stats, conns):
+    if kind in ("ws", "redis"):  # after a 101, or a SUBSCRIBE's confirmation
+        assert stats["duplex"] == sum(is_duplex_kind(kind, c) for c in conns), stats
     elif kind in ("http", "pipelined", "greeting"):
         assert stats["duplex"] == 0, stats
 
@@ -170,7 +170,7 @@ def test_offline_replay_keeps_each_requests_offset(lab, tmp_path, kind):
         assert not rep.timed_out and rep.rc("tc-session") == 0, rep.diagnostics()
         dx, gated = compare(kind, work / f"{kind}-online", run / f"{kind}-target", rep.stats,
                             rep.diagnostics())
-        check_duplex_count(kind, rep.stats, len(tapcap.connections(work / f"{kind}-online")))
+        check_duplex_count(kind, rep.stats, tapcap.connections(work / f"{kind}-online"))
         if within_bounds(kind, "offline", dx, gated, rep.stats):
             return
     pytest.fail(f"{kind}: request timing over the bounds in 3 replays (see stderr)")
@@ -195,7 +195,7 @@ def test_live_replay_keeps_each_requests_offset(lab, tmp_path, kind):
         assert live.rc("tc-session") == 0, live.diagnostics()
         dx, gated = compare(kind, run / f"{kind}-online", run / f"{kind}-target", stats,
                             live.diagnostics())
-        check_duplex_count(kind, stats, len(tapcap.connections(run / f"{kind}-online")))
+        check_duplex_count(kind, stats, tapcap.connections(run / f"{kind}-online"))
         if within_bounds(kind, "live", dx, gated, stats):
             return
     pytest.fail(f"{kind}: live request timing over the bounds twice (see stderr)")

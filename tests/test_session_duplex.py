@@ -300,3 +300,36 @@ def test_a_duplex_stream_respects_a_zero_window_and_keeps_no_pushed_bytes(isns):
     assert payloads(h) == [] and h.e.st.window_waits >= 1
     h.target(TH_ACK, t, CISN + 10, win=65535)           # the window opens
     assert payloads(h) == [b"PING"]
+
+
+def test_a_redis_subscribe_continues_duplex_once_answered(isns):
+    """A subscriber's PINGs acknowledge the messages pushed to it: once SUBSCRIBE was
+    answered, they go on their recorded timing, whatever the target pushed."""
+    CISN, TISN, SISN = isns
+    h = rig(isns)
+    opened(h, isns)
+    sub = b"*2\r\n$9\r\nSUBSCRIBE\r\n$3\r\nch0\r\n"
+    h.client(DATA, CISN + 1, SISN + 1, sub)
+    c = CISN + 1 + len(sub)
+    h.advance(1)
+    h.client(TH_ACK, c, SISN + 31)                       # the 30-byte confirmation
+    h.advance(60)
+    ping = b"*1\r\n$4\r\nPING\r\n"
+    h.client(DATA, c, SISN + 31 + 50, ping)              # after a 50-byte message
+    assert payloads(h) == [sub]
+    h.target(DATA, TISN + 1, c, b"c" * 30)              # the target's confirmation only
+    assert payloads(h) == [ping] and h.e.st.duplex == 1
+    h.advance(70)
+    h.client(DATA, c + len(ping), SISN + 31 + 50 + 14 + 400, ping)
+    assert payloads(h) == [ping]
+
+
+def test_other_redis_commands_are_request_response(isns):
+    CISN, TISN, SISN = isns
+    h = rig(isns)
+    opened(h, isns)
+    get = b"*2\r\n$3\r\nGET\r\n$9\r\nSUBSCRIBE\r\n"         # a key named SUBSCRIBE
+    h.client(DATA, CISN + 1, SISN + 1, get)
+    h.advance(1)
+    h.client(DATA, CISN + 1 + len(get), SISN + 11, get)
+    assert payloads(h) == [get] and h.e.st.duplex == 0

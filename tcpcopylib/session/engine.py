@@ -35,8 +35,8 @@ a response (a response's segments come round trips apart, not longer): the serve
 unprompted; twice in a row (once may be a delayed ACK of a response's tail) makes it
 duplex. So does the client speaking again with no new server bytes, more than the same
 time after its previous data (it did not wait for a response; a pipelined burst is
-quicker), and an HTTP/1.1 request asking for an Upgrade (WebSocket, h2c) once the server
-answered it (the next advance) and the target did too (the data that followed the answer
+quicker), and an HTTP/1.1 request asking for an Upgrade (WebSocket, h2c), or a redis
+SUBSCRIBE, PSUBSCRIBE or SSUBSCRIBE (in RESP), once the server answered it (the next advance) and the target did too (the data that followed the answer
 online waits for the target's first bytes after the request, not for as many as the online
 server sent: some may have been pushes). From then on the session is duplex: its client
 data is released when it is due, on its recorded timing, as the original client sent it
@@ -81,6 +81,10 @@ NEW, SYN_SENT, ESTAB, CLOSED, DONE = range(5)
 # once the gate released the data that followed the answer); duplex (client data released
 # on its recorded timing, see the module docstring)
 GATED, UPGRADE_ASKED, UPGRADE_ANSWERED, DUPLEX = range(4)
+# redis commands (the first of a RESP array) that turn the connection into a
+# subscriber's, which the server pushes messages to: as an HTTP Upgrade
+_SUBSCRIBE_COMMANDS = frozenset((b"SUBSCRIBE", b"PSUBSCRIBE", b"SSUBSCRIBE", b"subscribe",
+                                 b"psubscribe", b"ssubscribe"))
 
 # Engine.late, how late client data went out against the time it was due (handed to the
 # engine): the upper bounds of its buckets, in ns
@@ -595,9 +599,15 @@ class Engine:
             return
         s.cli_spoke = True
         s.cli_t = now
-        if (s.duplex == GATED and payload.startswith(b"GET ") and b"pgrade:" in payload
-                and b"\r\nupgrade:" in payload[:8192].lower() and s.push_gap):
+        if s.duplex != GATED or not s.push_gap:
+            return
+        if payload.startswith(b"GET ") and b"pgrade:" in payload \
+                and b"\r\nupgrade:" in payload[:8192].lower():
             s.duplex = UPGRADE_ASKED
+        elif payload.startswith(b"*"):
+            parts = payload[:48].split(b"\r\n", 3)  # *N, $len, the command's name, ...
+            if len(parts) > 2 and parts[2] in _SUBSCRIBE_COMMANDS:
+                s.duplex = UPGRADE_ASKED  # a redis client turning into a subscriber
 
     def _go_duplex(self, s) -> bool:
         s.duplex = DUPLEX
