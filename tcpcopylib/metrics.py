@@ -115,6 +115,8 @@ FAMILIES = {
     "tcpcopy_feedback_lag_seconds": ("histogram", "Age of the newest reply at each read of "
                                                   "the feedback socket (assistant capture "
                                                   "to tc-session; needs synchronised clocks)"),
+    "tcpcopy_release_lateness_seconds": ("histogram", "How late tc-session sent client data "
+                                                      "against its recorded timing"),
     "tcpcopy_feedback_held_total": ("counter", "Replies held for a claim not there yet"),
     "tcpcopy_feedback_held_delivered_total": ("counter", "Held replies delivered later"),
     "tcpcopy_feedback_held": ("gauge", "Replies held now"),
@@ -135,7 +137,7 @@ FAMILIES = {
 _SESSION_EVENTS = ("syn_sent", "fake_syn", "retransmits", "rto_expired", "fast_retransmits",
                    "syn_retransmits", "acks_sent", "reconnections", "port_remaps",
                    "client_dups", "client_trimmed", "window_waits", "zero_window_probes",
-                   "gate_quiet", "gate_timeout", "gate_closed", "early_reuses")
+                   "gate_quiet", "gate_timeout", "gate_closed", "early_reuses", "duplex")
 SPECS = {
     "tc-capture": [
         ("frames", "tcpcopy_packets_in_total", {}),
@@ -213,7 +215,8 @@ SPECS = {
     ],
 }
 #: stats keys that hold a histogram (Histogram.as_dict())
-HISTOGRAMS = {"feedback_lag": "tcpcopy_feedback_lag_seconds"}
+HISTOGRAMS = {"feedback_lag": "tcpcopy_feedback_lag_seconds",
+              "release_lateness": "tcpcopy_release_lateness_seconds"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -10,6 +10,7 @@ times (raw IP, nanosecond pcap).
 
 from __future__ import annotations
 
+import bisect
 import os
 import socket
 import subprocess
@@ -77,8 +78,10 @@ def _packed(ip: str) -> bytes:
     return socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
 
 
-def packets(conn: Conn, isn_c: int, isn_s: int) -> list[tuple[int, bytes]]:
-    """The connection as (ts, IP datagram) in both directions."""
+def packets(conn: Conn, isn_c: int, isn_s: int, acks: bool = False) -> list[tuple[int, bytes]]:
+    """The connection as (ts, IP datagram) in both directions; acks: with the client's
+    pure ACK of each read of server data, at once (as the client's kernel sends it; a
+    capture shows them, and tc-session learns duplex sessions from them)."""
     c, s = _packed(conn.peer[0]), _packed(conn.local[0])
     cp, sp = conn.peer[1], conn.local[1]
     cseq, sseq = isn_c + 1, isn_s + 1
@@ -101,6 +104,8 @@ def packets(conn: Conn, isn_c: int, isn_s: int) -> list[tuple[int, bytes]]:
                     out.append((ts, build_tcp(s, c, sp, cp, sseq, cseq, TH_PSH | TH_ACK,
                                               payload=part)))
                     sseq += len(part)
+            if acks and kind == "s2c":
+                out.append((ts, build_tcp(c, s, cp, sp, cseq, sseq, TH_ACK)))
         elif kind == "c_fin":
             out.append((ts, build_tcp(c, s, cp, sp, cseq, sseq, TH_FIN | TH_ACK)))
             cseq += 1
@@ -114,8 +119,9 @@ def packets(conn: Conn, isn_c: int, isn_s: int) -> list[tuple[int, bytes]]:
     return out
 
 
-def pcap(dirs, path) -> int:
-    """Write the connections of the tap log directories as one pcap; the packet count."""
+def pcap(dirs, path, acks: bool = False) -> int:
+    """Write the connections of the tap log directories as one pcap; the packet count
+    (acks: see packets())."""
     from tcpcopylib.link import LINKTYPE_RAW
     from tcpcopylib.pcapio import PcapWriter
 
@@ -124,7 +130,7 @@ def pcap(dirs, path) -> int:
     for d in dirs:
         for conn in connections(d):
             k += 1
-            pkts += packets(conn, 1_000_000 * k & 0xFFFFFFFF, 3_000_000_000 - 7919 * k)
+            pkts += packets(conn, 1_000_000 * k & 0xFFFFFFFF, 3_000_000_000 - 7919 * k, acks)
     pkts.sort(key=lambda p: p[0])  # (stable: a connection's packets keep their order)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -135,6 +141,42 @@ def pcap(dirs, path) -> int:
     finally:
         os.close(fd)
     return len(pkts)
+
+
+# -- timing: when the target got each request, against the recording --------------------
+
+def offsets_late(rec, rep) -> list[float]:
+    """For each read of client data online: how much later (ms) the target had that many
+    client bytes than the online server had, both counted from the connection's accept
+    (no allowance for the target's answers: a duplex client did not wait for any)."""
+    got = rep.arrivals()
+    totals = [n for _, n in got]
+    out = []
+    for t, n in rec.arrivals():
+        i = bisect.bisect_left(totals, n)
+        out.append((got[i][0] - t) / 1e6)
+    return out
+
+
+def gated_late(rec, rep) -> list[float]:
+    """For each request of a request/response session: as test_socket_mode.lateness, how
+    much later than due it reached the target, where due is its recorded offset or right
+    after the target's own answer to the one before, whichever is later."""
+    out = []
+    for (due, _), (got, answer) in zip(rec.requests(), rep.requests(), strict=True):
+        out.append((got - max(due, answer or 0)) / 1e6)
+    return out
+
+
+def is_duplex_kind(name, conn) -> bool:
+    """The connections of the test whose client does not wait for the server."""
+    if name == "ws":
+        return True
+    if name == "redis":  # the subscribers (the publisher waits for each reply)
+        return not conn.c2s.startswith(b"*3\r\n$7\r\nPUBLISH")
+    if name == "sse":
+        return conn.c2s.startswith(b"GET /events")
+    return False
 
 
 class Tap:

@@ -22,11 +22,11 @@ cdef class Stats:
     cdef public object sessions, syn_sent, fake_syn, retransmits, rto_expired, fast_retransmits
     cdef public object syn_retransmits, fb_in, fb_unmatched, acks_sent, reconnections, port_remaps
     cdef public object client_dups, client_trimmed, window_waits, zero_window_probes, gate_bytes, gate_quiet
-    cdef public object gate_timeout, gate_closed, peak_active, outcomes
+    cdef public object gate_timeout, gate_closed, peak_active, duplex, outcomes
 
 @cython.final  # (not subclassed: calls skip the override check)
 cdef class Seg:
-    cdef public object off, data, flags, cack
+    cdef public object off, data, flags, cack, due
 
 @cython.final  # (not subclassed: calls skip the override check)
 cdef class Session:
@@ -44,6 +44,7 @@ cdef class Session:
     cdef public object linger_at, syn_t0, wake, dupacks, recover, last_rx
     cdef public object last_data_rx, last_cack, mark, group_t, group_data, reconnects
     cdef public object psum, ipsum, max_cack, conn
+    cdef public object duplex, srv_t, cli_t, cli_spoke, pushes, push_gap, hs_t, est_lag
     cpdef _reset_conn(self, now)
 
 cdef class Engine:
@@ -60,12 +61,17 @@ cdef class Engine:
     cdef public list heap
     cdef public object warn, _warned, _tick, _compact_min, _compact_at
     cdef public object next_sid, now, on_end
+    cdef public list late
+    cdef public object late_sum
     cpdef client_packet(self, data, now)
     cpdef _new_session(self, key, k, copy, data, p, now)
     cpdef _is_server_side(self, key, flags)
     cpdef _detach(self, Session s)
     cpdef _client_segment(self, Session s, seq, ack, flags, payload, now)
-    cpdef _append(self, Session s, off, payload, flags, cack)
+    cpdef _server_spoke(self, Session s, now)
+    cpdef _client_spoke(self, Session s, payload, now)
+    cpdef _go_duplex(self, Session s)
+    cpdef _append(self, Session s, off, payload, flags, cack, due)
     cpdef _fill_from_ooo(self, Session s)
     cpdef _out(self, Session s, seq, ack, flags, payload=*, options=*, window=*)
     cpdef _tsopt(self, Session s, now)
@@ -75,7 +81,10 @@ cdef class Engine:
     cpdef _send_ack(self, Session s, now)
     cpdef _send_rst(self, Session s)
     cpdef _send_segment(self, Session s, off, data, flags, now, retransmit=*)
+    cpdef _note_late(self, Seg seg, now)
     cpdef _may_release(self, Session s, Seg seg, now)
+    cpdef _new_group(self, Session s, Seg seg, now)
+    cpdef _before_offset(self, Session s, Seg seg, now)
     cpdef _response_complete(self, Session s, expected, now)
     cpdef feedback_packet(self, data, now, orig_len=*)
     cpdef _fb_syn_sent(self, Session s, seq, ack, flags, win, opts, now)

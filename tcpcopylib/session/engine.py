@@ -21,6 +21,29 @@ complete: the target sent at least as many bytes as the online server did (the a
 advance), or it sent some data and then went quiet for ``quiet`` ns, or it sent nothing,
 has acknowledged everything and stayed silent for ``gate_timeout`` ns (no deadlock), or
 it closed. A client FIN or RST waits the same way.
+
+Duplex sessions (the server speaks on its own; tc-session(1), DUPLEX SESSIONS): the gate
+above assumes that the server bytes the client had seen answered the client. Servers that
+push (WebSocket, redis SUBSCRIBE, Server-Sent Events, chat and game servers) break that:
+the client's acks advance with every push, and its data, sent on its own timer, would wait
+for the target to push as many bytes or to go quiet. Whether the server speaks on its own
+is learned per connection from the captured client packets alone (their acks and times,
+so pcaps and live capture alike): the client's ack advancing is the server having spoken.
+A new advance that comes with no client data since the previous one, and more than
+``push_gap`` + 2 x the handshake's round trip (as captured) after it, was not the rest of
+a response (a response's segments come round trips apart, not longer): the server spoke
+unprompted; twice in a row (once may be a delayed ACK of a response's tail) makes it
+duplex. So does the client speaking again with no new server bytes, more than the same
+time after its previous data (it did not wait for a response; a pipelined burst is
+quicker), and an HTTP/1.1 request asking for an Upgrade (WebSocket, h2c), or a redis
+SUBSCRIBE, PSUBSCRIBE or SSUBSCRIBE (in RESP), once the server answered it (the next advance) and the target did too (the data that followed the answer
+online waits for the target's first bytes after the request, not for as many as the online
+server sent: some may have been pushes). From then on the session is duplex: its client
+data is released when it is due, on its recorded timing, as the original client sent it
+without waiting for the server (at its recorded offset from the connection's accept: due,
+plus how much later the target accepted the replayed connection than the online server
+accepted the captured one); the data before that point was gated as above. Advances
+of one byte (the server's FIN) do not count; ``push_gap`` 0 turns detection off.
 """
 
 from __future__ import annotations
@@ -54,6 +77,20 @@ _MSS_OPT = struct.Struct("!BBH")
 # connection states (to the target)
 NEW, SYN_SENT, ESTAB, CLOSED, DONE = range(5)
 
+# Session.duplex: gated request/response; an HTTP Upgrade asked for; answered online (duplex
+# once the gate released the data that followed the answer); duplex (client data released
+# on its recorded timing, see the module docstring)
+GATED, UPGRADE_ASKED, UPGRADE_ANSWERED, DUPLEX = range(4)
+# redis commands (the first of a RESP array) that turn the connection into a
+# subscriber's, which the server pushes messages to: as an HTTP Upgrade
+_SUBSCRIBE_COMMANDS = frozenset((b"SUBSCRIBE", b"PSUBSCRIBE", b"SSUBSCRIBE", b"subscribe",
+                                 b"psubscribe", b"ssubscribe"))
+
+# Engine.late, how late client data went out against the time it was due (handed to the
+# engine): the upper bounds of its buckets, in ns
+LATE_BOUNDS = (MS, 2 * MS, 5 * MS, 10 * MS, 20 * MS, 50 * MS, 100 * MS, 200 * MS,
+               500 * MS, SEC, 5 * SEC)
+
 # outcomes, with the hint printed next to failures
 OUTCOMES = {
     "completed": "",
@@ -85,6 +122,7 @@ class Config:
         self.only_syn = False
         self.fake_mss = 1460
         self.quiet = 100 * MS           # response over after this much target silence
+        self.push_gap = 50 * MS         # duplex detection, see the module docstring (0: off)
         self.gate_timeout = 5 * SEC     # held data released after this (no deadlock)
         self.connect_timeout = 6 * SEC  # no SYN-ACK
         self.idle_timeout = 600 * SEC   # -t
@@ -112,7 +150,7 @@ class Stats:
                  "fast_retransmits", "syn_retransmits", "fb_in", "fb_unmatched",
                  "acks_sent", "reconnections", "port_remaps", "client_dups",
                  "client_trimmed", "window_waits", "zero_window_probes", "gate_bytes",
-                 "gate_quiet", "gate_timeout", "gate_closed", "peak_active", "outcomes")
+                 "gate_quiet", "gate_timeout", "gate_closed", "peak_active", "duplex", "outcomes")
 
     def __init__(self):
         for k in self.__slots__:
@@ -128,13 +166,14 @@ class Stats:
 class Seg:
     """Captured client data (or a bare FIN/RST) waiting to be sent."""
 
-    __slots__ = ("off", "data", "flags", "cack")
+    __slots__ = ("off", "data", "flags", "cack", "due")
 
-    def __init__(self, off, data, flags, cack):
+    def __init__(self, off, data, flags, cack, due=None):
         self.off = off      # client offset of data[0]
         self.data = data    # bytes
         self.flags = flags  # TH_FIN / TH_RST / TH_PSH
         self.cack = cack    # captured ack number (32-bit) or None
+        self.due = due      # when it was due (ns), None once counted in Engine.late
 
 
 class Session:
@@ -154,6 +193,13 @@ class Session:
         # gating
         "last_cack", "mark", "group_t", "group_data",
         "reconnects", "psum", "ipsum", "max_cack",
+        # duplex detection (module docstring): GATED, UPGRADE_*, DUPLEX; when the
+        # client's ack last advanced, when it last sent new data, whether it did since
+        # that advance, unprompted advances in a row, the silence that counts
+        "duplex", "srv_t", "cli_t", "cli_spoke", "pushes", "push_gap",
+        # when the captured connection was accepted (its handshake ACK was due), and how
+        # much later the target accepted ours: duplex data keeps its offset from the accept
+        "hs_t", "est_lag",
         # socket mode (tcpcopylib.session.sockets): the connection's socket and its state
         "conn",
     )
@@ -187,6 +233,14 @@ class Session:
         self.ip_id = 0
         self.last_cack = None
         self.max_cack = None  # highest captured ack: the online server's bytes seen
+        self.duplex = GATED
+        self.srv_t = None
+        self.cli_t = 0
+        self.cli_spoke = False
+        self.pushes = 0
+        self.push_gap = 0
+        self.hs_t = now
+        self.est_lag = 0
         self.wake = None
         self.conn = None
         self._reset_conn(now)
@@ -284,6 +338,9 @@ class Engine:
         self._compact_min = self._compact_at = COMPACT_MIN  # see _compact()
         self.next_sid = 1
         self.now = 0
+        # release lateness: counts per LATE_BOUNDS bucket (the last: above them), sum in ns
+        self.late = [0] * (len(LATE_BOUNDS) + 1)
+        self.late_sum = 0
         self.on_end = None      # optional callback(session, outcome), e.g. for -v
 
     # == input ==========================================================================
@@ -502,25 +559,78 @@ class Engine:
             s.queue.append(Seg(s.exp, b"", TH_RST, ack if flags & TH_ACK else None))
             self._push(s, now)
             return
+        went_duplex = False
         if flags & TH_ACK and (s.max_cack is None or 0 < (ack - s.max_cack) & M32 < 0x80000000):
-            s.max_cack = ack  # (a later ack: _signed(ack - max_cack) > 0, inline)
+            # (a later ack: _signed(ack - max_cack) > 0, inline): the server spoke
+            if s.max_cack is None:  # the first ack: the handshake's, when a SYN was seen
+                gap = self.cfg.push_gap
+                s.push_gap = gap + 2 * (now - s.created) if gap and not s.fake else gap
+                if not s.fake:
+                    s.hs_t = now
+            elif s.duplex != DUPLEX and (ack - s.max_cack) & M32 != 1:
+                went_duplex = self._server_spoke(s, now)
+            s.max_cack = ack
         cack = ack if flags & TH_ACK else s.last_cack
         if not payload and not flags & TH_FIN:
             # a pure ACK: never forwarded; before any data it tells the online server's
             # ISN, which lets us spot greetings (server speaks first)
             if s.last_cack is None and not s.queue and s.exp == 0 and flags & TH_ACK:
                 s.last_cack = ack
+            elif went_duplex and s.queue:
+                self._push(s, now)  # what the gate held goes now
             return
         off = s.exp + ((seq - s.base - s.exp + 0x80000000) & M32) - 0x80000000  # _signed()
+        if payload and s.duplex != DUPLEX and off + len(payload) > s.exp:
+            self._client_spoke(s, payload, now)  # (new data, not a retransmission)
         if off > s.exp:
             self._hold_gap(s, off, payload, flags, cack, now)
             return
-        self._append(s, off, payload, flags, cack)
+        self._append(s, off, payload, flags, cack, now)
         if s.ooo is not None or s.gap_since is not None:  # else _fill_from_ooo is a no-op
             self._fill_from_ooo(s)
         self._push(s, now)
 
-    def _append(self, s, off, payload, flags, cack):
+    def _server_spoke(self, s, now) -> bool:
+        """The client's ack advanced (the session not duplex yet): True if it turns duplex
+        now (the module docstring's rule). One unprompted advance is not enough: the tail
+        of a response acknowledged by a delayed ACK (up to 200 ms later) looks the same."""
+        if s.duplex == UPGRADE_ASKED and s.cli_spoke:
+            s.duplex = UPGRADE_ANSWERED  # the data after the answer waits for the target's
+        if s.cli_spoke:
+            s.pushes = 0  # a response (or its beginning)
+        elif s.srv_t is not None and s.push_gap and now - s.srv_t > s.push_gap:
+            s.pushes += 1
+            if s.pushes >= 2:
+                return self._go_duplex(s)
+        s.srv_t = now
+        s.cli_spoke = False
+        return False
+
+    def _client_spoke(self, s, payload, now):
+        """New client data (the session not duplex yet): the client speaking again with no
+        new server bytes since its last data, more than push_gap after it, did not wait for
+        the server (duplex); an HTTP Upgrade request is noted."""
+        if s.cli_spoke and s.push_gap and now - s.cli_t > s.push_gap:
+            self._go_duplex(s)
+            return
+        s.cli_spoke = True
+        s.cli_t = now
+        if s.duplex != GATED or not s.push_gap:
+            return
+        if payload.startswith(b"GET ") and b"pgrade:" in payload \
+                and b"\r\nupgrade:" in payload[:8192].lower():
+            s.duplex = UPGRADE_ASKED
+        elif payload.startswith(b"*"):
+            parts = payload[:48].split(b"\r\n", 3)  # *N, $len, the command's name, ...
+            if len(parts) > 2 and parts[2] in _SUBSCRIBE_COMMANDS:
+                s.duplex = UPGRADE_ASKED  # a redis client turning into a subscriber
+
+    def _go_duplex(self, s) -> bool:
+        s.duplex = DUPLEX
+        self.st.duplex += 1
+        return True
+
+    def _append(self, s, off, payload, flags, cack, due):
         end = off + len(payload)
         if end < s.exp or end == s.exp and not flags & TH_FIN:
             self.st.client_dups += 1
@@ -529,7 +639,7 @@ class Engine:
             self.st.client_trimmed += 1
             payload = payload[s.exp - off:]
             off = s.exp
-        s.queue.append(Seg(off, payload, flags & (TH_FIN | TH_PSH), cack))
+        s.queue.append(Seg(off, payload, flags & (TH_FIN | TH_PSH), cack, due if payload else None))
         s.exp = end
         if flags & TH_FIN:
             s.fin_off = end
@@ -537,7 +647,7 @@ class Engine:
     def _hold_gap(self, s, off, payload, flags, cack, now):
         if s.ooo is None:
             s.ooo = []
-        s.ooo.append((off, payload, flags, cack))
+        s.ooo.append((off, payload, flags, cack, now))
         s.ooo.sort(key=lambda x: x[0])
         if s.gap_since is None:
             s.gap_since = now
@@ -692,6 +802,8 @@ class Engine:
                     s.rto_at = now + s.rto  # persist timer: probe the zero window
                     sent_any = True  # (so that it is armed below)
                 break
+            if seg.due is not None:
+                self._note_late(seg, now)
             n = min(len(seg.data), avail, s.t_mss - (12 if s.ts_ok else 0))
             last = n == len(seg.data)
             self._send_segment(s, seg.off, seg.data[:n], seg.flags & TH_PSH if last else 0,
@@ -710,8 +822,29 @@ class Engine:
         if arm and (sent_any or s.gate_at):
             self._arm(s)
 
+    def _note_late(self, seg, now):
+        """seg's data goes out for the first time: count how late (Engine.late)."""
+        late = now - seg.due
+        seg.due = None
+        self.late_sum += late
+        i = 0
+        for bound in LATE_BOUNDS:
+            if late <= bound:
+                break
+            i += 1
+        self.late[i] += 1
+
     def _may_release(self, s, seg, now) -> bool:
         """Gating: may the head of the queue go now?"""
+        if s.duplex == DUPLEX:
+            # sent without waiting for the server: it goes at its recorded offset (a new
+            # group for _response_missing's bookkeeping)
+            if self._before_offset(s, seg, now):
+                return False
+            s.gate_at = 0
+            if seg.cack is not None and seg.cack != s.last_cack:
+                self._new_group(s, seg, now)
+            return True
         if seg.cack == s.last_cack and (seg.data or not s.group_data):
             return True  # the same group (or no ack known at all): the usual case
         if self.cfg.no_wait:
@@ -725,17 +858,42 @@ class Engine:
                 s.last_cack = seg.cack
             return True
         expected = _signed(seg.cack - s.last_cack) if new_group else None
-        reason = self._response_complete(s, expected, now)
+        if s.duplex == UPGRADE_ANSWERED and new_group and s.rcv_nxt + s.t_fin > s.mark:
+            # the target answered the Upgrade (its first bytes: the 101): the rest of the
+            # online advance may be pushes, which the target's need not match; the data
+            # keeps its offset from the accept, as the duplex data after it will
+            if self._before_offset(s, seg, now):
+                return False
+            reason = "gate_bytes"
+        else:
+            reason = self._response_complete(s, expected, now)
         if reason is None:
             return False
         setattr(self.st, reason, getattr(self.st, reason) + 1)
         s.gate_at = 0
+        if s.duplex == UPGRADE_ANSWERED:
+            self._go_duplex(s)  # the target answered the Upgrade too
         if new_group:
-            s.last_cack = seg.cack
-            s.mark = s.rcv_nxt + s.t_fin
-            s.group_t = now
-            s.group_data = False
+            self._new_group(s, seg, now)
         return True
+
+    def _new_group(self, s, seg, now):
+        """seg, whose captured ack advanced, is released: the target's answer to it counts
+        from here."""
+        s.last_cack = seg.cack
+        s.mark = s.rcv_nxt + s.t_fin
+        s.group_t = now
+        s.group_data = False
+
+    def _before_offset(self, s, seg, now) -> bool:
+        """True (s's timer set) while data that did not wait for the server is before its
+        recorded offset from the connection's accept: when it was due, plus how much later
+        the target accepted our connection than the online server accepted the captured
+        one (the SYN-ACK's way back through the feedback)."""
+        if seg.due is not None and now < seg.due + s.est_lag:
+            s.gate_at = seg.due + s.est_lag
+            return True
+        return False
 
     def _response_complete(self, s, expected, now):
         """The reason the target's response counts as complete, or None (timer armed)."""
@@ -813,6 +971,8 @@ class Engine:
             self._out(s, ack, 0, TH_RST)
             return
         s.state = ESTAB
+        if not s.reconnects and now > s.hs_t:
+            s.est_lag = now - s.hs_t
         s.t_base = (seq + 1) & M32
         s.last_rx = now
         o = _options(opts)
@@ -1089,8 +1249,8 @@ class Engine:
     def _response_missing(self, s) -> int:
         """Bytes the online server sent for the last released group (as the client's
         later acks show) that the target has not sent (yet)."""
-        if s.max_cack is None or s.last_cack is None:
-            return 0
+        if s.max_cack is None or s.last_cack is None or s.duplex == DUPLEX:
+            return 0  # (a duplex session's server bytes need not answer anything)
         return _signed(s.max_cack - s.last_cack) - (s.rcv_nxt + s.t_fin - s.mark)
 
     def _finish(self, s, outcome, now, rst=True):
@@ -1169,7 +1329,8 @@ class Engine:
             f"dropped, {st.client_trimmed} trimmed")
         lines.append(
             f"gating: {st.gate_bytes} by bytes, {st.gate_quiet} after quiet, "
-            f"{st.gate_timeout} by timeout, {st.gate_closed} on close; window waits "
+            f"{st.gate_timeout} by timeout, {st.gate_closed} on close, {st.duplex} sessions "
+            f"duplex (released on their recorded timing); window waits "
             f"{st.window_waits}, zero-window probes {st.zero_window_probes}")
         lines.append(f"feedback: {st.fb_in} received, {st.fb_unmatched} unmatched")
         lines.append(f"client ports: {st.port_remaps} moved, {self.alloc.early_reuses} reused "

@@ -108,6 +108,10 @@ def _behaviour(g) -> None:
     g.add_argument("--quiet", type=float, default=100, metavar="MS",
                    help="a response is complete after the target was silent this long "
                         "(default 100 ms)")
+    g.add_argument("--push-gap", type=float, default=50, metavar="MS",
+                   help="duplex sessions: client or server speaking again, unprompted, after "
+                        "this much (plus 2 round trips) makes a session duplex, its data "
+                        "released on its recorded timing (default 50; 0: never)")
     g.add_argument("--gate-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="release held data anyway when the target acked everything and "
                         "sent nothing for this long (default 5)")
@@ -225,8 +229,10 @@ def build_engine(args, emit, claims):
         v = getattr(args, name)
         if v is not None and not 0 < v <= 1e9:  # (not NaN, and a finite number of ns)
             raise UsageError(f"--{name.replace('_', '-')} must be positive (at most 1e9)")
-    if not (0 <= args.quiet <= 1e9 and 0 <= args.drain <= 1e9) or args.max_reconnects < 0:
-        raise UsageError("--quiet, --drain and --max-reconnects cannot be negative (nor "
+    if not (0 <= args.quiet <= 1e9 and 0 <= args.push_gap <= 1e9 and 0 <= args.drain <= 1e9) \
+            or args.max_reconnects < 0:
+        raise UsageError("--quiet, --push-gap, --drain and --max-reconnects cannot be "
+                         "negative (nor "
                          "NaN, nor more than 1e9 s)")
     rules = (parse_target(args.target, args.any_port) if args.target
              else parse_transfer(args.transfer))
@@ -234,7 +240,7 @@ def build_engine(args, emit, claims):
     ka = args.keepalive if args.keepalive is not None else args.timeout + 120
     cfg = Config(
         no_wait=args.no_wait, only_syn=args.only_syn, fake_mss=args.mss,
-        quiet=int(args.quiet * 1e6), gate_timeout=int(args.gate_timeout * SEC),
+        quiet=int(args.quiet * 1e6), push_gap=int(args.push_gap * 1e6), gate_timeout=int(args.gate_timeout * SEC),
         connect_timeout=int(args.connect_timeout * SEC),
         idle_timeout=int(args.timeout * SEC), keepalive_timeout=int(ka * SEC),
         gap_timeout=int(args.gap_timeout * SEC), max_reconnects=args.max_reconnects,

@@ -35,8 +35,8 @@ import termios
 
 from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, endpoint_str, ip_str
 from tcpcopylib.session.alloc import stable_hash
-from tcpcopylib.session.engine import (_OUT4, _OUT6, CLOSED, DONE, ESTAB, FAILURES, M32, MS,
-                                       NEW, OUTCOMES, SYN_SENT, WINDOW, Engine,
+from tcpcopylib.session.engine import (_OUT4, _OUT6, CLOSED, DONE, DUPLEX, ESTAB, FAILURES, M32,
+                                       MS, NEW, OUTCOMES, SYN_SENT, WINDOW, Engine,
                                        outcome_lines)
 from tcpcopylib.session.runner import SessionStage
 
@@ -271,6 +271,8 @@ class SocketEngine(Engine):
                 q.pop(0)
                 continue
             # the head and the data of its group queued behind it: one write
+            if seg.due is not None:
+                self._note_late(seg, now)
             bufs = [seg.data]
             size = len(seg.data)
             k = 1
@@ -278,6 +280,10 @@ class SocketEngine(Engine):
                 nxt = q[k]
                 if not nxt.data or nxt.cack != s.last_cack:  # (_may_release's fast path)
                     break
+                if s.duplex == DUPLEX and self._before_offset(s, nxt, now):
+                    break  # (as _may_release: not before its offset from the accept)
+                if nxt.due is not None:
+                    self._note_late(nxt, now)
                 bufs.append(nxt.data)
                 size += len(nxt.data)
                 k += 1
@@ -371,6 +377,8 @@ class SocketEngine(Engine):
         conn = s.conn
         conn.t_est = now
         s.state = ESTAB
+        if not s.reconnects and now > s.hs_t:
+            s.est_lag = now - s.hs_t  # (engine._may_release: duplex data's offset)
         s.last_rx = now
         s.t_base = 1  # the target's bytes count from 1 in kept records (its ISN is 0)
         s.mark = 0
