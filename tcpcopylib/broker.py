@@ -262,35 +262,46 @@ def _nats():
 
 
 async def connect(opts: dict, warn=None):
-    """A connected nats client; the first connection is retried for opts' retry time."""
+    """A connected nats client. The first connection is tried for opts' retry time (the
+    client's own reconnection goes on in the background); a refusal of the credentials
+    ends it at once (NoPermissionError)."""
+    import asyncio
+
     nats = _nats()
     opts = dict(opts)
     retry_for = opts.pop("_retry_for", 60.0)
-    deadline = time.monotonic() + retry_for
+    refused = asyncio.Event()
+    errors: list = []
     reported = set()
 
     async def on_error(e):
         text = f"{type(e).__name__}: {e}"
+        errors.append(text)
+        if "authorization" in text.lower() or "authentication" in text.lower():
+            refused.set()
         if warn is not None and text not in reported and len(reported) < 20:
             reported.add(text)
             warn(f"broker: {text}")
 
-    while True:
-        try:
-            return await nats.connect(error_cb=on_error, **opts)
-        except nats.errors.Error as e:
-            err = e
-        except OSError as e:
-            err = e
-        text = str(err) or type(err).__name__
-        if "authorization" in text.lower() or "auth" in type(err).__name__.lower():
-            raise NoPermissionError(f"the broker refused the credentials: {text}") from None
-        if time.monotonic() >= deadline:
-            raise UnavailableError(f"cannot reach the broker at {','.join(opts['servers'])}: "
-                                   f"{text}") from None
-        import asyncio
-
-        await asyncio.sleep(0.5)
+    connecting = asyncio.ensure_future(nats.connect(error_cb=on_error, **opts))
+    waiting = asyncio.ensure_future(refused.wait())
+    try:
+        await asyncio.wait({connecting, waiting}, timeout=retry_for,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+    if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+        return connecting.result()
+    err = errors[-1] if errors else None
+    if connecting.done() and not connecting.cancelled():
+        e = connecting.exception()
+        err = f"{type(e).__name__}: {e}"
+    else:
+        connecting.cancel()
+    if refused.is_set():
+        raise NoPermissionError(f"the broker refused the credentials ({err})")
+    raise UnavailableError(f"cannot reach the broker at {','.join(opts['servers'])}"
+                           + (f": {err}" if err else f" within {retry_for:g} s"))
 
 
 async def stream_partitions(js, stream: str) -> int | None:

@@ -173,7 +173,7 @@ class Tool(BaseTool):
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(batch, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except asyncio.TimeoutError:  # (nats' TimeoutError too): nothing to deliver
                 msgs = []
             except (nats.errors.Error, nats.js.errors.Error) as e:
                 if time.monotonic() - last_ok > retry_for:
