@@ -304,6 +304,26 @@ async def connect(opts: dict, warn=None):
                            + (f": {err}" if err else f" within {retry_for:g} s"))
 
 
+async def with_retry(make, retry_for: float, what: str, warn=None):
+    """``await make()``, tried again on broker errors (a cluster electing its leaders, a
+    node going away) for at most retry_for seconds; then UnavailableError."""
+    import asyncio
+
+    nats = _nats()
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            return await make()
+        except (nats.errors.Error, asyncio.TimeoutError) as e:
+            if isinstance(e, nats.js.errors.BadRequestError):
+                raise StreamError(f"{what}: {e}") from None
+            if time.monotonic() >= deadline:
+                raise UnavailableError(f"{what}: {type(e).__name__}: {e}") from None
+            if warn is not None:
+                warn(f"{what}: {type(e).__name__}: {e}; trying again")
+            await asyncio.sleep(0.5)
+
+
 async def stream_partitions(js, stream: str) -> int | None:
     """The partition count of an existing stream, None if there is no such stream."""
     nats = _nats()
@@ -447,8 +467,8 @@ async def publish_round(js, stream: str, msgs: list, pub: str, seqs: dict, stats
             if isinstance(r, BaseException):
                 if isinstance(r, asyncio.CancelledError):
                     raise r
-                if isinstance(r, nats.js.errors.APIError) and getattr(r, "code", 0) not in (
-                        None, 503, 408):
+                if isinstance(r, nats.js.errors.BadRequestError) or getattr(
+                        r, "code", None) in (400, 413):  # retrying would not help
                     raise StreamError(f"the broker refused a message on {m[0]}: {r}")
                 failed.append((m, r))
                 continue

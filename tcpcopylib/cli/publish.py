@@ -72,8 +72,10 @@ class Tool(BaseTool):
         nc = await broker.connect(opts, warn=self.warn)
         try:
             js = nc.jetstream(timeout=broker.PUBLISH_TIMEOUT)
-            n = self.partitions = await broker.ensure_stream(
-                js, args.stream, args.partitions, max_age, args.replicas, args.max_bytes)
+            n = self.partitions = await broker.with_retry(
+                lambda: broker.ensure_stream(js, args.stream, args.partitions, max_age,
+                                             args.replicas, args.max_bytes),
+                retry_for, f"stream {args.stream}", self.warn if args.verbose else None)
             self.info(f"publishing to stream {args.stream} ({n} partitions)")
             parser = StreamParser("<stdin>" if args.input == "-" else args.input)
             part = broker.Partitioner(n)

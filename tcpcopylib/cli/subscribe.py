@@ -123,9 +123,11 @@ class Tool(BaseTool):
             if durable is None and since is None and until is None and not args.all:
                 durable = f"tc-subscribe-{k}of{m}"
             cfg.inactive_threshold = 300.0  # a consumer nobody uses goes away
-            sub = await js.pull_subscribe(subjects[0], durable=durable,
+            sub = await broker.with_retry(
+                lambda: js.pull_subscribe(subjects[0], durable=durable,
                                           stream=broker.js_stream_name(args.stream),
-                                          config=cfg)
+                                          config=cfg),
+                retry_for, "consumer", self.warn if args.verbose else None)
             self.info(f"subscribed to stream {args.stream}, partitions "
                       f"{','.join(map(str, parts))} of {n}"
                       + (f" (consumer {durable})" if durable else ""))
@@ -152,7 +154,9 @@ class Tool(BaseTool):
 
         deadline = time.monotonic() + retry_for
         while not stop.is_set():
-            n = await broker.stream_partitions(js, stream)
+            n = await broker.with_retry(lambda: broker.stream_partitions(js, stream),
+                                        max(0.1, deadline - time.monotonic()),
+                                        f"stream {stream}")
             if n is not None:
                 return n
             if time.monotonic() >= deadline:
