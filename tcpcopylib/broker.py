@@ -535,6 +535,37 @@ class Deduper:
         return True
 
 
+async def fetch_ready(psub, nc, batch: int, timeout: float) -> list:
+    """Up to ``batch`` messages of a pull subscription, without waiting for the batch to
+    fill: a pull of one that waits up to ``timeout`` (asyncio.TimeoutError if nothing
+    comes), then a no-wait pull of what else the consumer has ready now.
+
+    (nats-py's fetch(batch) waits until the batch is full or its timeout is over when the
+    consumer has fewer messages: up to a second of delay for every live record.)"""
+    import asyncio
+    import json
+
+    msgs = await psub.fetch(1, timeout=timeout)
+    if batch <= 1:
+        return msgs
+    # the no-wait pull, to the consumer's next-message subject, answers to our inbox
+    sub = psub._sub
+    await nc.publish(psub._nms, json.dumps({"batch": batch - 1, "no_wait": True}).encode(),
+                     reply=psub._deliver)
+    while len(msgs) < batch:
+        try:
+            msg = await sub.next_msg(timeout=max(timeout, 1.0))
+        except asyncio.TimeoutError:
+            break
+        status = msg.headers.get("Status") if msg.headers else None
+        if status == "100":  # an idle heartbeat
+            continue
+        if status:  # 404 no more messages, 408 request over, 409 ...: this pull is done
+            break
+        msgs.append(msg)
+    return msgs
+
+
 def partition_from_subject(subj: str) -> int:
     try:
         return int(subj.rsplit(".p", 1)[1])

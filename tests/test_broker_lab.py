@@ -41,6 +41,35 @@ USER, PASSWORD = "tcfleet", "tc-test-fleet-3c9a71"
 SESSIONS = 80  # per online host: 40 keep-alive of 3 requests + 40 short
 
 
+CAUGHT_UP = """
+import asyncio, sys, time
+import nats
+
+async def main():
+    nc = await nats.connect({urls!r}, user={user!r}, password={password!r})
+    js = nc.jetstream()
+    deadline = time.monotonic() + {timeout}
+    while True:
+        left = {{}}
+        for k in range(3):
+            try:
+                ci = await js.consumer_info({stream!r}, f"tc-subscribe-{{k}}of3")
+                n = ci.num_pending + ci.num_ack_pending
+            except Exception as e:
+                n = type(e).__name__
+            if n:
+                left[k] = n
+        if not left:
+            return 0
+        if time.monotonic() > deadline:
+            print(left)
+            return 1
+        await asyncio.sleep(0.5)
+
+sys.exit(asyncio.run(main()))
+"""
+
+
 class Fleet:
     """The hosts, the cluster and the feedback side; pipelines started by the tests."""
 
@@ -154,6 +183,16 @@ class Fleet:
         for cap, pub in pubs:
             assert pub.wait(30) == 0, pub
 
+    def wait_caught_up(self, stream, timeout=60.0):
+        """Until the three live consumers have nothing pending or unacknowledged (asked
+        from the online host with nats-py): the replay has caught up with what was stored.
+        A consumer whose leader was on a killed node has none for some seconds."""
+        script = CAUGHT_UP.format(urls=self.urls.split(","), user=USER, password=PASSWORD,
+                                  stream=f"TC_{stream.upper()}", timeout=timeout)
+        r = self.lab.run("online", [h.PY, "-c", script], capture_output=True, text=True,
+                         timeout=timeout + 30, env=tool_env())
+        assert r.returncode == 0, f"not caught up: {r.stdout[-1500:]} {r.stderr[-1500:]}"
+
     def stop_replayers(self, replayers):
         """SIGTERM to each tc-subscribe (exit 0, all acknowledged); tc-session drains."""
         for sub, _ in replayers:
@@ -232,6 +271,7 @@ def live_run(fleet, stream, tag, during=None):
     fleet.client_results(clients)
     fleet.stop_publishers(pubs)
     t1 = time.time()
+    fleet.wait_caught_up(stream)
     h.wait_settled(target, quiet=2.0, timeout=60)
     fleet.stop_replayers(extra or replayers)
     fleet.lab.stop(srv)
@@ -281,6 +321,7 @@ def test_a_replay_host_killed_and_restarted_mid_run(fleet):
     fleet.client_results(clients)
     fleet.run_clients()  # the sessions after the restart
     fleet.stop_publishers(pubs)
+    fleet.wait_caught_up(stream)
     h.wait_settled(target, quiet=2.0, timeout=60)
     fleet.stop_replayers(replayers)
     fleet.lab.stop(srv)

@@ -135,7 +135,7 @@ class Tool(BaseTool):
                 self.name, upstream="tc-publish", stream=args.stream,
                 partition=f"{k}/{m}", partitions=n))
             writer.flush()  # the header now: downstream starts before the first record
-            await self._loop(sub, writer, until, late_after, retry_for, stop, nats)
+            await self._loop(sub, nc, writer, until, late_after, retry_for, stop, nats)
         finally:
             try:
                 await asyncio.wait_for(nc.close(), 5)  # (flushes the last acks)
@@ -164,7 +164,7 @@ class Tool(BaseTool):
             await asyncio.sleep(0.5)
         return None
 
-    async def _loop(self, sub, writer, until, late_after, retry_for, stop, nats):
+    async def _loop(self, sub, nc, writer, until, late_after, retry_for, stop, nats):
         import asyncio
         import time
 
@@ -176,7 +176,7 @@ class Tool(BaseTool):
         last_ok = time.monotonic()
         while not stop.is_set():
             try:
-                msgs = await sub.fetch(batch, timeout=1.0)
+                msgs = await broker.fetch_ready(sub, nc, batch, 1.0)
             except asyncio.TimeoutError:  # (nats' TimeoutError too): nothing to deliver
                 msgs = []
             except (nats.errors.Error, nats.js.errors.Error) as e:
