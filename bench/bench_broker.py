@@ -119,7 +119,7 @@ def throughput(n: int, tmp: Path) -> None:
         srv.stop()
 
 
-def online_cpu(form: str, rate: float, duration: float, tmp: Path) -> dict:
+def online_cpu(form: str, rate: float, duration: float, tmp: Path, publish_args=()) -> dict:
     import replay_harness as h
     from tcpcopylib.lab import Lab
 
@@ -135,7 +135,8 @@ def online_cpu(form: str, rate: float, duration: float, tmp: Path) -> dict:
                                           auth={"token": natskit.TOKEN}, lab=lab,
                                           host="n0").start()
                 rest = [[tool_path("tc-publish"), "-s", node.url, "--token-file",
-                         str(natskit.token_file(tmp)), "--stream", "live", "-P", "3"]]
+                         str(natskit.token_file(tmp)), "--stream", "live", "-P", "3",
+                         *publish_args]]
             else:
                 fb, addr = h.start_feedback_tcp(lab, h.PORT)
                 procs += fb.values()
@@ -155,22 +156,23 @@ def online_cpu(form: str, rate: float, duration: float, tmp: Path) -> dict:
             procs += chain
             assert chain[0].wait_stderr(b"capturing on", 20), chain[0]
             time.sleep(1.0)  # start-up is not the steady state
-            cpu0 = sum(cpu_s(p.pid) for p in chain)
+            cpu0 = [cpu_s(p.pid) for p in chain]
             client = lab.run("client", [h.PY, str(h.SERVERS / "live_http_client.py"),
                                         "--server", f"{lab.online_cli_ip}:{h.PORT}",
                                         "--duration", str(duration), "--rate", str(rate),
                                         "--parallel", "8", "--requests", "5"],
                              capture_output=True, text=True, timeout=duration + 60)
             time.sleep(0.5)
-            cpu1 = sum(cpu_s(p.pid) for p in chain)
+            cpu1 = [cpu_s(p.pid) for p in chain]
             res = json.loads(client.stdout.strip().splitlines()[-1])
             chain[0].stop()
             for p in chain[1:]:
                 p.wait(30)
             stats = [ln for ln in chain[0].stderr.splitlines() if "written" in ln]
             pkts = int(stats[-1].split("tc-capture: ", 1)[1].split()[0]) if stats else 0
-            return {"form": form, "cpu_s": cpu1 - cpu0, "packets": pkts,
-                    "requests": res["requests"]}
+            used = [b - a for a, b in zip(cpu0, cpu1)]
+            return {"form": form, "cpu_s": sum(used), "capture_cpu_s": used[0],
+                    "packets": pkts, "requests": res["requests"]}
         finally:
             for p in reversed(procs):
                 p.stop()
@@ -184,6 +186,10 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=300.0)
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--skip-live", action="store_true")
+    ap.add_argument("--forms", default="publish,pipe,send",
+                    help="online host forms to measure (publish, pipe, send)")
+    ap.add_argument("--publish-args", default="",
+                    help="extra tc-publish options for the publish form, e.g. '--linger 0'")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-broker-") as d:
         tmp = Path(d)
@@ -191,14 +197,18 @@ def main() -> int:
         if args.skip_live:
             return 0
         res = {}
-        for form in ("publish", "pipe", "send"):
-            r = online_cpu(form, args.rate, args.duration, tmp)
+        for form in args.forms.split(","):
+            r = online_cpu(form, args.rate, args.duration, tmp, args.publish_args.split())
             per = r["cpu_s"] / max(1, r["packets"]) * 1e6
             res[form] = per
             print(f"online host  {form:8} {r['requests']:6} requests, {r['packets']:7} packets "
-                  f"captured, CPU {r['cpu_s']:.2f} s: {per:6.1f} us/packet", flush=True)
-        print(f"ratio        publish / pipe {res['publish'] / res['pipe']:.2f}, "
-              f"publish / send {res['publish'] / res['send']:.2f}")
+                  f"captured, CPU {r['cpu_s']:.2f} s: {per:6.1f} us/packet (tc-capture "
+                  f"{r['capture_cpu_s'] / max(1, r['packets']) * 1e6:.1f}, the rest "
+                  f"{(r['cpu_s'] - r['capture_cpu_s']) / max(1, r['packets']) * 1e6:.1f})",
+                  flush=True)
+        for other in ("pipe", "send"):
+            if "publish" in res and other in res:
+                print(f"ratio        publish / {other} {res['publish'] / res[other]:.2f}")
     return 0
 
 
