@@ -15,7 +15,7 @@ class Tool(BaseTool):
                "one delivered again is dropped. See tc-subscribe(1).")
     epilog = ("examples:\n"
               "  tc-subscribe -s nats://b1:4222 --token-file tok --stream web --partition 0/3 \\\n"
-              "      | tc-session --target 10.0.0.5:80 -f 0/3 | tc-emit\n"
+              "      | tc-session --target 10.0.0.5:80 -f 0/6 | tc-emit\n"
               "  tc-subscribe --stream web --since 2026-12-03T18:00 --until 2026-12-03T19:00 "
               "... | tc-session ...")
     interrupt_is_success = True
