@@ -44,6 +44,16 @@ def token_file(tmp_path: Path, token: str = TOKEN) -> Path:
     return p
 
 
+def nkey_pair(path: Path) -> str:
+    """A new user nkey: its seed written to ``path`` (0600), its public key returned."""
+    import nkeys
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    path.write_bytes(seed + b"\n")
+    path.chmod(0o600)
+    return nkeys.from_seed(bytearray(seed)).public_key.decode()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,7 +63,7 @@ def free_port() -> int:
 class NatsServer:
     """One nats-server with JetStream: on loopback (lab=None) or in lab host ``host``.
 
-    auth: {"token": T} or {"user": U, "password": P} (None: no authentication at all, for
+    auth: {"token": T}, {"user": U, "password": P} or {"nkey": [public keys]} (None: no authentication at all, for
     the test that shows a refusal needs it); cluster: (name, listen ip, [peer ips]) with
     route credentials; tls: (cert file, key file)."""
 
@@ -69,7 +79,10 @@ class NatsServer:
         lines = [f"server_name: {name}", f"listen: \"{ip}:{port}\"",
                  f"jetstream {{ store_dir: \"{self.workdir / 'js'}\", "
                  f"max_memory_store: 64MB, max_file_store: 1GB }}"]
-        if auth and "token" in auth:
+        if auth and "nkey" in auth:  # the users' public nkeys
+            users = ", ".join(f"{{ nkey: {k} }}" for k in auth["nkey"])
+            lines.append(f"authorization {{ users: [ {users} ] }}")
+        elif auth and "token" in auth:
             lines.append(f"authorization {{ token: \"{auth['token']}\" }}")
         elif auth:
             lines.append(f"authorization {{ user: \"{auth['user']}\", "

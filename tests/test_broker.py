@@ -353,6 +353,29 @@ def test_live_subscriber_stops_on_sigterm_and_a_restart_goes_on(server, tmp_path
     assert stop(p) == [20, 21, 22]
 
 
+def test_nkey_authentication(tmp_path):
+    natskit.nats_server_binary()
+    allowed = natskit.nkey_pair(tmp_path / "user.nk")
+    natskit.nkey_pair(tmp_path / "stranger.nk")  # a valid nkey the server does not know
+    s = natskit.NatsServer(tmp_path, "nk", port=natskit.free_port(),
+                           auth={"nkey": [allowed]}).start()
+    try:
+        data = stream([{"t": "pkt", "ts": cf.TS0, "data": build_tcp(
+            cf.A4, cf.B4, 34500, 80, 1, 0, TH_SYN)}])
+        base = ["-s", s.url, "--stream", "nk", "--retry-for", "5s"]
+        r = run(["tc-publish", *base, "--nkey", str(tmp_path / "stranger.nk")], input=data,
+                timeout=30)
+        assert r.returncode == 77, r
+        r = run(["tc-publish", *base, "--nkey", str(tmp_path / "user.nk")], input=data,
+                timeout=30)
+        assert r.returncode == 0, r.stderr
+        r = run(["tc-subscribe", *base, "--nkey", str(tmp_path / "user.nk"), "--all",
+                 "--until", "now"], timeout=30)
+        assert r.returncode == 0 and len(_pairs(r.stdout)) == 1, r.stderr
+    finally:
+        s.stop()
+
+
 def test_tls_with_a_self_signed_certificate(tmp_path):
     natskit.nats_server_binary()
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -384,3 +407,29 @@ def test_subscriber_waits_for_the_stream_then_gives_up_with_69(server, tmp_path)
     r = run(["tc-subscribe", *_conn(server, tmp_path)[:-2], "--retry-for", "1s",
              "--stream", "never"], timeout=30)
     assert r.returncode == 69 and "no stream never" in r.stderr.decode(), r
+
+
+def test_garbage_in_is_65_and_nothing_is_stored(server, tmp_path):
+    conn = _conn(server, tmp_path)
+    r = run(["tc-publish", *conn, "--stream", "g", "-P", "1"], input=b"GET / HTTP/1.1\r\n\r\n")
+    assert r.returncode == 65, r
+    assert len(r.stderr.decode().splitlines()) == 1, r.stderr
+    s = run(["tc-subscribe", *conn, "--stream", "g", "--all", "--until", "now"], timeout=30)
+    assert s.returncode == 0 and _pairs(s.stdout) == [], s.stderr
+
+
+def test_subscriber_whose_reader_goes_away_exits_141(server, tmp_path):
+    conn = _conn(server, tmp_path)
+    assert run(["tc-publish", *conn, "--stream", "pp"], input=_capture()).returncode == 0
+    p = subprocess.Popen([tool_path("tc-subscribe"), *conn, "--stream", "pp", "--all"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env())
+    try:
+        p.stdout.read(100)
+        p.stdout.close()  # downstream gone
+        err = p.stderr.read()
+        assert p.wait(30) in (141, -signal.SIGPIPE), err
+        assert b"Traceback" not in err and b"error" not in err, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
