@@ -652,3 +652,99 @@ def partition_from_subject(subj: str) -> int:
         return int(subj.rsplit(".p", 1)[1])
     except (IndexError, ValueError):
         return 0
+
+
+async def wait_stream(js, stream: str, retry_for: float, stop) -> int | None:
+    """The stream's partition count, waiting (retry_for at most) for a publisher to create
+    it; None if ``stop`` (an asyncio.Event) is set first."""
+    import asyncio
+
+    deadline = time.monotonic() + retry_for
+    while not stop.is_set():
+        n = await with_retry(lambda: stream_partitions(js, stream),
+                             max(0.1, deadline - time.monotonic()), f"stream {stream}")
+        if n is not None:
+            return n
+        if time.monotonic() >= deadline:
+            raise UnavailableError(f"no stream {stream} on the broker after {retry_for:g} s")
+        await asyncio.sleep(0.5)
+    return None
+
+
+def consumer_config(subjects: list, batch: int, ack_wait: float, since: float | None,
+                    from_start: bool):
+    """A pull consumer over ``subjects``: explicit acks, at most four batches unacknowledged,
+    from now on (or from ``since``, or from the start); removed after 5 idle minutes."""
+    nats = _nats()
+    api = nats.js.api
+    cfg = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
+                             max_ack_pending=4 * batch, deliver_policy=api.DeliverPolicy.NEW,
+                             inactive_threshold=300.0)
+    if len(subjects) > 1:
+        cfg.filter_subjects = subjects
+    if since is not None:
+        cfg.deliver_policy = api.DeliverPolicy.BY_START_TIME
+        cfg.opt_start_time = datetime.datetime.fromtimestamp(since, datetime.timezone.utc)
+    elif from_start:
+        cfg.deliver_policy = api.DeliverPolicy.ALL
+    return cfg
+
+
+async def deliver(sub, nc, writer, st, batch: int, until: float | None, late_after: float,
+                  retry_for: float, stop, info) -> None:
+    """The subscriber's loop: fetch what is ready, write the new messages' records to
+    ``writer`` (a RecordWriter), flush, then acknowledge; until ``stop`` is set or the
+    messages pass ``until`` (epoch seconds of the broker's store time)."""
+    import asyncio
+
+    nats = _nats()
+    dedup = Deduper(st)
+    last_ok = time.monotonic()
+    while not stop.is_set():
+        try:
+            msgs = await fetch_ready(sub, nc, batch, 1.0)
+        except asyncio.TimeoutError:  # (nats' TimeoutError too): nothing to deliver
+            msgs = []
+        except nats.errors.Error as e:  # (a consumer without a leader for a while, ...)
+            if time.monotonic() - last_ok > retry_for:
+                raise UnavailableError(f"the broker delivered nothing for {retry_for:g} s: "
+                                       f"{type(e).__name__}: {e}") from None
+            info(f"fetch: {type(e).__name__}: {e}")
+            await asyncio.sleep(0.2)
+            continue
+        last_ok = time.monotonic()
+        if not msgs:
+            if until is not None and time.time() > until:
+                return  # all stored up to until is written
+            continue
+        done = False
+        written = []
+        now = time.time()
+        for msg in msgs:
+            md = msg.metadata
+            stored = md.timestamp.timestamp()
+            if until is not None and stored > until:
+                done = True
+                break
+            hdr = msg.headers or {}
+            seq = hdr.get(H_SEQ)
+            if dedup.check(md.sequence.stream, hdr.get(H_PUB),
+                           partition_from_subject(msg.subject),
+                           int(seq) if seq and seq.isdigit() else None):
+                data = msg.data
+                writer.buf += data
+                count = hdr.get(H_RECORDS, "0")
+                st.records += int(count) if count.isdigit() else 0
+                st.messages += 1
+                st.bytes += len(data)
+                lag = now - stored
+                if lag > st.max_lag:
+                    st.max_lag = lag
+                if lag > late_after:
+                    st.late += 1
+            written.append(msg)
+        writer.flush()  # downstream has the records (the pipe holds them) ...
+        for msg in written:  # ... before the broker forgets them
+            await msg.ack()
+        if done:
+            return

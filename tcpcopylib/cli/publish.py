@@ -129,7 +129,7 @@ class Tool(BaseTool):
 
     def stats_dict(self) -> dict:
         s = self.stats
-        d = {"summary": self.stats_line(), "partitions": self.partitions}
+        d = {"summary": self.stats_line(), "partitions": self.partitions or 0}
         if s is not None:
             d.update(records=s.records, messages=s.messages, bytes=s.bytes,
                      retries=s.retries, duplicates=s.duplicates)

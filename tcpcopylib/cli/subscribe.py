@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tcpcopylib.cli.common import Tool as BaseTool
 from tcpcopylib.cli.common import number_arg
-from tcpcopylib.errors import UnavailableError, UsageError
+from tcpcopylib.errors import UsageError
 
 
 class Tool(BaseTool):
@@ -83,15 +83,11 @@ class Tool(BaseTool):
 
     async def _subscribe(self, args, opts, share, since, until, ack_wait, late_after):
         import asyncio
-        import datetime
         import signal
-        import time
 
         from tcpcopylib import broker
         from tcpcopylib.records import RecordWriter, header
 
-        nats = broker._nats()
-        api = nats.js.api
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):  # stop between batches, all acked
@@ -100,7 +96,7 @@ class Tool(BaseTool):
         nc = await broker.connect(opts, warn=self.warn)
         try:
             js = nc.jetstream()
-            n = await self._wait_stream(js, args.stream, retry_for, stop)
+            n = await broker.wait_stream(js, args.stream, retry_for, stop)
             if n is None:
                 return 0
             k, m = share
@@ -108,21 +104,10 @@ class Tool(BaseTool):
             if not parts:
                 raise UsageError(f"--partition {k}/{m}: the stream has only {n} partitions")
             subjects = [broker.subject(args.stream, p) for p in parts]
-            cfg = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
-                                     max_ack_pending=4 * args.batch,
-                                     deliver_policy=api.DeliverPolicy.NEW)
-            if len(subjects) > 1:
-                cfg.filter_subjects = subjects
-            if since is not None:
-                cfg.deliver_policy = api.DeliverPolicy.BY_START_TIME
-                cfg.opt_start_time = datetime.datetime.fromtimestamp(
-                    since, datetime.timezone.utc)
-            elif args.all:
-                cfg.deliver_policy = api.DeliverPolicy.ALL
+            cfg = broker.consumer_config(subjects, args.batch, ack_wait, since, args.all)
             durable = args.name
             if durable is None and since is None and until is None and not args.all:
                 durable = f"tc-subscribe-{k}of{m}"
-            cfg.inactive_threshold = 300.0  # a consumer nobody uses goes away
             sub = await broker.with_retry(
                 lambda: js.pull_subscribe(subjects[0], durable=durable,
                                           stream=broker.js_stream_name(args.stream),
@@ -135,7 +120,8 @@ class Tool(BaseTool):
                 self.name, upstream="tc-publish", stream=args.stream,
                 partition=f"{k}/{m}", partitions=n))
             writer.flush()  # the header now: downstream starts before the first record
-            await self._loop(sub, nc, writer, until, late_after, retry_for, stop, nats)
+            await broker.deliver(sub, nc, writer, self.stats, args.batch, until, late_after,
+                                 retry_for, stop, self.info)
         finally:
             try:
                 await asyncio.wait_for(nc.close(), 5)  # (flushes the last acks)
@@ -144,84 +130,6 @@ class Tool(BaseTool):
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
         return 0
-
-    async def _wait_stream(self, js, stream, retry_for, stop):
-        """The stream's partition count, waiting for a publisher to create it."""
-        import asyncio
-        import time
-
-        from tcpcopylib import broker
-
-        deadline = time.monotonic() + retry_for
-        while not stop.is_set():
-            n = await broker.with_retry(lambda: broker.stream_partitions(js, stream),
-                                        max(0.1, deadline - time.monotonic()),
-                                        f"stream {stream}")
-            if n is not None:
-                return n
-            if time.monotonic() >= deadline:
-                raise UnavailableError(f"no stream {stream} on the broker after {retry_for:g} s")
-            await asyncio.sleep(0.5)
-        return None
-
-    async def _loop(self, sub, nc, writer, until, late_after, retry_for, stop, nats):
-        import asyncio
-        import time
-
-        from tcpcopylib import broker
-
-        st = self.stats
-        dedup = broker.Deduper(st)
-        batch = self.args.batch
-        last_ok = time.monotonic()
-        while not stop.is_set():
-            try:
-                msgs = await broker.fetch_ready(sub, nc, batch, 1.0)
-            except asyncio.TimeoutError:  # (nats' TimeoutError too): nothing to deliver
-                msgs = []
-            except (nats.errors.Error, nats.js.errors.Error) as e:
-                if time.monotonic() - last_ok > retry_for:
-                    raise UnavailableError(f"the broker delivered nothing for {retry_for:g} s: "
-                                           f"{type(e).__name__}: {e}") from None
-                self.info(f"fetch: {type(e).__name__}: {e}")
-                await asyncio.sleep(0.2)
-                continue
-            last_ok = time.monotonic()
-            if not msgs:
-                if until is not None and time.time() > until:
-                    return  # all stored up to until is written
-                continue
-            done = False
-            written = []
-            now = time.time()
-            for msg in msgs:
-                md = msg.metadata
-                stored = md.timestamp.timestamp()
-                if until is not None and stored > until:
-                    done = True
-                    break
-                hdr = msg.headers or {}
-                seq = hdr.get(broker.H_SEQ)
-                if dedup.check(md.sequence.stream, hdr.get(broker.H_PUB),
-                               broker.partition_from_subject(msg.subject),
-                               int(seq) if seq and seq.isdigit() else None):
-                    data = msg.data
-                    writer.buf += data
-                    count = hdr.get(broker.H_RECORDS, "0")
-                    st.records += int(count) if count.isdigit() else 0
-                    st.messages += 1
-                    st.bytes += len(data)
-                    lag = now - stored
-                    if lag > st.max_lag:
-                        st.max_lag = lag
-                    if lag > late_after:
-                        st.late += 1
-                written.append(msg)
-            writer.flush()  # downstream has the records (the pipe holds them) ...
-            for msg in written:  # ... before the broker forgets them
-                await msg.ack()
-            if done:
-                return
 
     def stats_line(self):
         s = self.stats
