@@ -248,20 +248,23 @@ def test_fleet_cluster(lab, tmp_path):
     import natskit
 
     env = {"DIR": tmp_path / "nats", "NATS_SERVER": natskit.nats_server_binary()}
-    nodes = [Background(lab, "online", "fleet-cluster.sh", ["node", str(n)], tmp_path, **env)
-             for n in range(3)]
+    nodes = []
     try:
-        for n in range(3):
+        for n in range(3):  # one after the other, as an operator would
+            (tmp_path / f"n{n}").mkdir()
+            nodes.append(Background(lab, "online", "fleet-cluster.sh", ["node", str(n)],
+                                    tmp_path / f"n{n}", **env))
             lab.wait_listening("online", 4222 + n, 15, proc=nodes[n].p)
         servers = "nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224"
         token = ["-s", servers, "--token-file", str(tmp_path / "nats" / "token"),
-                 "--stream", "ex", "--retry-for", "30s"]
+                 "--stream", "ex", "--retry-for", "60s"]
         records = lab.run("online", ["tc-readpcap", PCAP], capture_output=True,
                           env=tool_env(), timeout=60)
         want = sorted((r["ts"], r["data"]) for r in decode(records.stdout))
         r = lab.run("online", ["tc-publish", *token, "-P", "3", "--replicas", "3"],
                     input=records.stdout, capture_output=True, env=tool_env(), timeout=90)
-        assert r.returncode == 0, r.stderr  # (replicas 3: the three nodes are one cluster)
+        # (replicas 3: the three nodes are one cluster)
+        assert r.returncode == 0, (r.stderr, [n.output()[-1500:] for n in nodes])
         got = []
         for k in range(3):
             s = lab.run("online", ["tc-subscribe", *token, "-p", f"{k}/3", "--all",
