@@ -322,3 +322,45 @@ def test_rewrite_host(lab, tmp_path, assistant):
     assert "/home.html" in uris and "/index.html" not in uris, uris
     assert re.search(r"tc-rewrite: .*\[url .*\] [1-9]", r.stderr), r.stderr
     assert re.search(r"tc-session: \d+ sessions .* 0 failed", r.stderr), r.stderr
+
+
+@pytest.mark.netns
+def test_fleet_cluster(lab, tmp_path):
+    """Three nodes on one host (the online namespace's loopback) form a JetStream cluster
+    that asks a token: an R3 stream is stored and read back by partitions; no token, no
+    entry."""
+    import natskit
+
+    env = {"DIR": tmp_path / "nats", "NATS_SERVER": natskit.nats_server_binary()}
+    nodes = []
+    try:
+        for n in range(3):  # one after the other, as an operator would
+            (tmp_path / f"n{n}").mkdir()
+            nodes.append(Background(lab, "online", "fleet-cluster.sh", ["node", str(n)],
+                                    tmp_path / f"n{n}", **env))
+            lab.wait_listening("online", 4222 + n, 15, proc=nodes[n].p)
+        servers = "nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224"
+        token = ["-s", servers, "--token-file", str(tmp_path / "nats" / "token"),
+                 "--stream", "ex", "--retry-for", "60s"]
+        records = lab.run("online", ["tc-readpcap", PCAP], capture_output=True,
+                          env=tool_env(), timeout=60)
+        want = sorted((r["ts"], r["data"]) for r in decode(records.stdout))
+        r = lab.run("online", ["tc-publish", *token, "-P", "3", "--replicas", "3"],
+                    input=records.stdout, capture_output=True, env=tool_env(), timeout=90)
+        # (replicas 3: the three nodes are one cluster)
+        assert r.returncode == 0, (r.stderr, [n.output()[-1500:] for n in nodes])
+        got = []
+        for k in range(3):
+            s = lab.run("online", ["tc-subscribe", *token, "-p", f"{k}/3", "--all",
+                                   "--until", "now"], capture_output=True, env=tool_env(),
+                        timeout=90)
+            assert s.returncode == 0, s.stderr
+            got += [(x["ts"], x["data"]) for x in decode(s.stdout)]
+        assert sorted(got) == want
+        r = lab.run("online", ["tc-publish", "-s", servers, "--no-auth", "--stream", "ex",
+                               "--retry-for", "5s"], input=records.stdout,
+                    capture_output=True, env=tool_env(), timeout=60)
+        assert r.returncode == 77, r.stderr
+    finally:
+        for node in nodes:
+            node.stop()

@@ -67,7 +67,7 @@ FILTERS = {
                           False),
 }
 WRITERS = [name for name, f in FILTERS.items() if f.writes]
-ALL_TOOLS = [*FILTERS, "tc-capture", "tc-intercept", "tc-doctor"]
+ALL_TOOLS = [*FILTERS, "tc-capture", "tc-intercept", "tc-doctor", "tc-publish", "tc-subscribe"]
 
 
 def good_input(name: str) -> bytes:
