@@ -149,17 +149,21 @@ class UrlRule(Rule):
         self.template = unescape(words[1])
 
 
-def parse_rule_file(path: str) -> list:
-    """The rules of a rule file, in order (UsageError with the line for a bad one)."""
+def read_rule_file(path: str) -> list[str]:
+    """The lines of a rule file (tc-rewrite's, tc-select's); NoInputError if unreadable."""
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            return f.read().splitlines()
     except OSError as e:
         from tcpcopylib.errors import NoInputError
 
         raise NoInputError(f"{path}: {e.strerror or e}") from None
+
+
+def parse_rule_file(path: str) -> list:
+    """The rules of a rule file, in order (UsageError with the line for a bad one)."""
     rules = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(read_rule_file(path), 1):
         try:
             words = shlex.split(line, comments=True)
         except ValueError as e:

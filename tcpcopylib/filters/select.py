@@ -149,15 +149,10 @@ class SelectRule:
 
 def parse_rules_file(path: str) -> list:
     """keep/drop rules, one a line ("keep http:POST /api/*"); # comments."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        from tcpcopylib.errors import NoInputError
+    from tcpcopylib.filters.rules import read_rule_file
 
-        raise NoInputError(f"{path}: {e.strerror or e}") from None
     rules = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(read_rule_file(path), 1):
         line = line.split("#", 1)[0].strip() if not line.lstrip().startswith(
             ("keep bytes:", "drop bytes:")) else line.strip()
         if not line:

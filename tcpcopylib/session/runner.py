@@ -186,7 +186,28 @@ class SessionStage:
         self.engine.close_all(now)
 
 
-class SessionRunner:
+class Interruptible:
+    """A loop that signals stop: the first SIGTERM/SIGINT asks it to drain, a second to end
+    at once. The loop keeps ``stop_sig``, ``stop_count`` and a self-pipe ``_wake_w`` (a
+    byte there wakes its poll)."""
+
+    def interrupt(self, signum: int) -> None:
+        self.stop_sig = signum
+        self.stop_count += 1
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def catch_signals(self) -> None:
+        """SIGTERM and SIGINT call interrupt()."""
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda signum, frame: self.interrupt(signum))
+        signal.signal(signal.SIGINT, lambda signum, frame: self.interrupt(signum))
+
+
+class SessionRunner(Interruptible):
     """Runs a SessionStage until its input ends (or a signal), then drains it.
 
     ``fb``: a connected FeedbackClient or None; ``lag``: a metrics.Histogram of the
@@ -232,21 +253,6 @@ class SessionRunner:
         self.next_stats = 0.0
         self._rbuf = memoryview(bytearray(CHUNK))
         stage.out.before_flush = self._flush_claims
-
-    def interrupt(self, signum: int) -> None:
-        self.stop_sig = signum
-        self.stop_count += 1
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
-
-    def catch_signals(self) -> None:
-        """SIGTERM and SIGINT call interrupt()."""
-        import signal
-
-        signal.signal(signal.SIGTERM, lambda signum, frame: self.interrupt(signum))
-        signal.signal(signal.SIGINT, lambda signum, frame: self.interrupt(signum))
 
     def run(self, in_fd: int, name: str = "<stdin>") -> None:
         """The loop: until the input is over and drained (or a signal)."""

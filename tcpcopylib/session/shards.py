@@ -52,6 +52,7 @@ import struct
 import time
 
 from tcpcopylib.errors import UsageError
+from tcpcopylib.session.runner import Interruptible
 from tcpcopylib.packet import session_shard
 from tcpcopylib.records import AS_PKT, LABEL, T_HEADER, T_PKT
 from tcpcopylib.wire import PKT_TS_AT, encode_pkt, pkt_spans
@@ -297,7 +298,7 @@ class Shard:
         self.records = 0            # records sent to it
 
 
-class ShardParent:
+class ShardParent(Interruptible):
     """Reads the input, feeds the shards, forwards their output and messages, waits for
     them. ``writer``: a StageWriter on stdout (pipe mode) or None (--send); ``warn``
     prints a line on stderr; ``clock``: wall ns."""
@@ -351,19 +352,8 @@ class ShardParent:
             self.shards.append(Shard(k, pid, in_w, out_r))
             self.poll.register(out_r, select.POLLIN)
 
-    def interrupt(self, signum: int) -> None:
-        """From a signal handler: the first stops reading and lets the shards drain, a
-        second ends them at once (each passed on to every child)."""
-        self.stop_sig = signum
-        self.stop_count += 1
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
-
-    def catch_signals(self) -> None:
-        signal.signal(signal.SIGTERM, lambda signum, frame: self.interrupt(signum))
-        signal.signal(signal.SIGINT, lambda signum, frame: self.interrupt(signum))
+    # interrupt(), catch_signals(): Interruptible's. The first signal stops reading and lets
+    # the shards drain, a second ends them at once (each is passed on to every child).
 
     # -- the loop -------------------------------------------------------------------------
     def run(self, in_fd: int, name: str = "<stdin>") -> None:
