@@ -9,7 +9,9 @@ A stream of N partitions is one JetStream stream with the subjects ``tc.<stream>
 0 <= k < N (N is recorded in the stream's description). Every packet goes to the partition
 of its connection (``partition_of``: a hash of both ends' address:port, the same whichever
 way the packet goes), so a connection's packets travel in one subject, in order; other
-records go to partition 0. A message holds the records of one partition read in one go
+records with a datagram (fb) go by the same key, records without one to partition 0.
+A stream of replies (tc-publish --by-port-block M) goes by ``port_block_of`` instead: the
+replay host K of tc-session -f K/M gets the replies to its own client ports. A message holds the records of one partition read in one go
 (our layout: a "pkts" batch per up to MAX_BATCH_PKTS packets), so the broker's cost is per
 chunk of input, not per packet; timestamps travel unchanged.
 
