@@ -117,6 +117,12 @@ def test_a_reply_goes_to_the_partition_of_its_client_ports_block():
                 reply6 = build_tcp(cf.B6, cf.A6, 80, port, 1, 2, TH_ACK)
                 assert broker.port_block_of(reply6, m) == k
     assert block_of_port(1023, 3) is None and block_of_port(65535, 5) is None
+    # tc-session -f K/3 --shards 4: shard k's block (K*4+k of 12) lies in block K of 3
+    # (M x shards divides the 64,512 ports; tc-publish(1) says so)
+    for k3 in range(3):
+        for shard in range(4):
+            a = Allocator(instance=k3 * 4 + shard, instances=12)
+            assert block_of_port(a.lo, 3) == block_of_port(a.hi - 1, 3) == k3
     assert broker.port_block_of(build_tcp(cf.B4, cf.A4, 80, 80, 1, 2, TH_ACK), 3) == 0
 
 
