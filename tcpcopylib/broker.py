@@ -9,7 +9,9 @@ A stream of N partitions is one JetStream stream with the subjects ``tc.<stream>
 0 <= k < N (N is recorded in the stream's description). Every packet goes to the partition
 of its connection (``partition_of``: a hash of both ends' address:port, the same whichever
 way the packet goes), so a connection's packets travel in one subject, in order; other
-records go to partition 0. A message holds the records of one partition read in one go
+records with a datagram (fb) go by the same key, records without one to partition 0.
+A stream of replies (tc-publish --by-port-block M) goes by ``port_block_of`` instead: the
+replay host K of tc-session -f K/M gets the replies to its own client ports. A message holds the records of one partition read in one go
 (our layout: a "pkts" batch per up to MAX_BATCH_PKTS packets), so the broker's cost is per
 chunk of input, not per packet; timestamps travel unchanged.
 
@@ -91,6 +93,29 @@ def partition_of(data, n: int) -> int:
     not IP. One function for every owner of a connection, so none ever splits."""
     key = session_endpoints(data)
     return 0 if key is None or n == 1 else zlib.crc32(key) % n
+
+
+def port_block_of(data, n: int) -> int:
+    """The partition of a reply (an fb record's datagram) in a stream of replies: the K of
+    the replay host (``tc-session -f K/n``) whose client port block holds the datagram's
+    destination port, as tc-session's allocator assigns the blocks; 0 for what is not TCP
+    or goes to a port in no block."""
+    from tcpcopylib.session.alloc import block_of_port
+
+    if not data:
+        return 0
+    v = data[0] >> 4
+    if v == 4:
+        ihl = (data[0] & 15) * 4
+        if data[9] != 6 or len(data) < ihl + 4:
+            return 0
+        port = data[ihl + 2] << 8 | data[ihl + 3]
+    elif v == 6 and len(data) >= 44 and data[6] == 6:
+        port = data[42] << 8 | data[43]
+    else:
+        return 0
+    k = block_of_port(port, n)
+    return 0 if k is None else k
 
 
 def parse_share(text: str, what: str = "--partition") -> tuple[int, int]:
@@ -370,12 +395,15 @@ class Partitioner:
 
     ``add(items)`` takes what StreamDecoder.parse(AS_PKT) gives: (ts, data) tuples for
     packets, dicts for other records; ``messages()`` returns [(k, payload, records)], in
-    partition order, each partition's messages in input order."""
+    partition order, each partition's messages in input order. With ``by_port_block``,
+    the partition of a datagram is port_block_of's (the replies' stream), not its session's.
+    """
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, by_port_block: bool = False):
         from tcpcopylib.records import MAX_BATCH_PKTS
 
         self.n = n
+        self.key = port_block_of if by_port_block else partition_of
         self.batch = MAX_BATCH_PKTS
         self.parts: dict = {}  # k -> [encoded pieces, bytes, records, stamps, datas]
 
@@ -397,18 +425,18 @@ class Partitioner:
     def add(self, items) -> None:
         import cbor2
 
-        n = self.n
+        n, key = self.n, self.key
         for it in items:
             if type(it) is tuple:
                 ts, data = it
-                p = self._part(partition_of(data, n))
+                p = self._part(key(data, n))
                 p[3].append(ts)
                 p[4].append(data)
                 if len(p[3]) >= self.batch:
                     self._close_batch(p)
                 continue
             data = it.get("data")
-            k = partition_of(data, n) if isinstance(data, (bytes, bytearray)) else 0
+            k = key(data, n) if isinstance(data, (bytes, bytearray)) else 0
             p = self._part(k)
             self._close_batch(p)  # (keeps the partition's order)
             piece = cbor2.dumps(it)

@@ -103,6 +103,68 @@ def test_large_chunks_are_split_into_messages_below_the_limit():
     assert stamps == [t for t, _ in big]
 
 
+def test_a_reply_goes_to_the_partition_of_its_client_ports_block():
+    # the block of tc-session -f K/M: the allocator's own (ports 1024-65535 in M blocks)
+    from tcpcopylib.session.alloc import Allocator, block_of_port
+
+    for m in (1, 3, 7):
+        for k in range(m):
+            a = Allocator(instance=k, instances=m)
+            for port in (a.lo, a.hi - 1):
+                assert block_of_port(port, m) == k
+                reply = build_tcp(cf.B4, cf.A4, 80, port, 1, 2, TH_ACK)
+                assert broker.port_block_of(reply, m) == k
+                reply6 = build_tcp(cf.B6, cf.A6, 80, port, 1, 2, TH_ACK)
+                assert broker.port_block_of(reply6, m) == k
+    assert block_of_port(1023, 3) is None and block_of_port(65535, 5) is None
+    # tc-session -f K/3 --shards 4: shard k's block (K*4+k of 12) lies in block K of 3
+    # (M x shards divides the 64,512 ports; tc-publish(1) says so)
+    for k3 in range(3):
+        for shard in range(4):
+            a = Allocator(instance=k3 * 4 + shard, instances=12)
+            assert block_of_port(a.lo, 3) == block_of_port(a.hi - 1, 3) == k3
+    assert broker.port_block_of(build_tcp(cf.B4, cf.A4, 80, 80, 1, 2, TH_ACK), 3) == 0
+
+
+def _replies(ports, copies=1):
+    """fb records (as tc-intercept writes them) of replies to the client ports, in turn."""
+    return [{"t": "fb", "ts": cf.TS0 + i, "len": 60 + i % 7,
+             "data": build_tcp(cf.B4, cf.A4, 80, port, 5000 + i, 1000, TH_ACK,
+                               payload=b"r%d" % i)}
+            for i, port in enumerate(p for p in ports for _ in range(copies))]
+
+
+def test_replies_by_port_block_reach_only_their_block(server, tmp_path):
+    """tc-publish --by-port-block 3: each replay host's tc-subscribe -p K/3 gets the fb
+    records (unchanged, in order) of the replies to its client port block, and only them."""
+    from tcpcopylib.session.alloc import Allocator
+
+    conn = _conn(server, tmp_path)
+    blocks = [Allocator(instance=k, instances=3) for k in range(3)]
+    ports = [b.lo + j * 97 for j in range(20) for b in blocks]
+    recs = _replies(ports, copies=2)
+    r = run(["tc-publish", *conn, "--stream", "replies", "--by-port-block", "3"],
+            input=stream(recs), timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = []
+    for k, b in enumerate(blocks):
+        s = run(["tc-subscribe", *conn, "--stream", "replies", "-p", f"{k}/3", "--all",
+                 "--until", "now"], timeout=60)
+        assert s.returncode == 0, s.stderr
+        out = decode(s.stdout)
+        assert len(out) == 40
+        assert out == [x for x in recs if b.lo <= parse_tcp_fast(x["data"])[4] < b.hi]
+        got += out
+    assert len(got) == len(recs)
+    # the stream has M partitions: another M is refused before anything is stored
+    r = run(["tc-publish", *conn, "--stream", "replies", "--by-port-block", "4"],
+            input=stream(recs), timeout=60)
+    assert r.returncode == 2 and "3 partitions" in r.stderr.decode(), r.stderr
+    r = run(["tc-publish", *conn, "--stream", "x", "--by-port-block", "4", "-P", "3"],
+            input=stream(recs), timeout=60)
+    assert r.returncode == 2, r.stderr
+
+
 def test_deduper_drops_redeliveries_and_duplicates_and_counts_gaps():
     st = broker.SubscribeStats()
     d = broker.Deduper(st)

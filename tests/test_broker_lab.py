@@ -368,3 +368,86 @@ def test_a_stored_minute_replays_like_the_live_replay(fleet):
     cmp = h.compare_logs(live_target, again)  # same ports: the same -f blocks
     assert cmp.ok and cmp.identical == 2 * SESSIONS, f"{cmp.describe()}\n{fleet.diagnostics()}"
     assert_replayed(fleet, online, again, fleet.session_stats("again"))
+
+
+def test_replies_through_the_broker_reach_their_port_block(lab, tmp_path):
+    """The replies' broker route (tcpcopy(7), FLEET): the assistant publishes tc-intercept's
+    fb records by port block (tc-publish --by-port-block 2); the replay host of block 1
+    subscribes to its partition into its own tc-feedback, and its tc-session -f 1/2 gets
+    its sessions' replies from there. One broker node, ~50 sessions: every session
+    completed, byte for byte."""
+    natskit.nats_server_binary()
+    lab.add_host("n0", NODES["n0"], NODES["n0"].replace("10.200.1.", "fd00:200:1::"))
+    password = tmp_path / "nats.password"
+    password.write_text(PASSWORD + "\n")
+    password.chmod(0o600)
+    node = natskit.NatsServer(tmp_path, "n0", ip=NODES["n0"],
+                              auth={"user": USER, "password": PASSWORD}, lab=lab, host="n0")
+    node.start(timeout=20)
+    broker = ["-s", node.url, "--user", USER, "--password-file", str(password),
+              "--stream", "replies", "--retry-for", "30s"]
+    procs = []
+
+    def proc(host, argv, **kw):
+        p = h.Proc(lab, host, argv, env=tool_env(), **kw)
+        procs.append(p)
+        return p
+
+    try:
+        online_dir, target_dir = tmp_path / "online", tmp_path / "target"
+        h.start_recording_server(lab, "online", online_dir)
+        srv = h.start_recording_server(lab, "target", target_dir)
+        ic = proc("assistant", [tool_path("tc-intercept"), lab.assist_if, "-F",
+                                f"tcp and src port {h.PORT}"], stdout=subprocess.PIPE)
+        pub = proc("assistant", [tool_path("tc-publish"), "-v", *broker, "--by-port-block",
+                                 "2", "--stats-json", str(tmp_path / "pub.json")],
+                   stdin=ic.p.stdout)
+        ic.p.stdout.close()
+        assert pub.wait_stderr(b"publishing to stream", 40), pub
+        sock = tmp_path / "fb.sock"
+        sub = proc("online", [tool_path("tc-subscribe"), "-v", *broker, "-p", "1/2",
+                              "--stats-json", str(tmp_path / "sub.json")],
+                   stdout=subprocess.PIPE)
+        fb = proc("online", [tool_path("tc-feedback"), "--listen", f"unix:{sock}"],
+                  stdin=sub.p.stdout)
+        sub.p.stdout.close()
+        assert sub.wait_stderr(b"subscribed to stream", 40), sub
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cap = proc("online", [tool_path("tc-capture"), "-v", lab.online_cli_if,
+                              f"tcp dst port {h.PORT}"], stdout=subprocess.PIPE)
+        ses = proc("online", [tool_path("tc-session"), "--target",
+                              f"{lab.target_ip}:{h.PORT}", "-f", "1/2", "--feedback",
+                              f"unix:{sock}", "--drain", "10", "--send", "--stats-json",
+                              str(tmp_path / "session.json")], stdin=cap.p.stdout)
+        cap.p.stdout.close()
+        assert cap.wait_stderr(b"capturing on", 20), cap
+        c = lab.popen("client", [h.PY, CLIENT, "--server", f"{lab.online_cli_ip}:{h.PORT}",
+                                 "--sessions", "50", "--requests", "3", "--parallel", "4",
+                                 "--rate", "50"], stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
+        out, err = c.communicate(timeout=120)
+        res = json.loads(out.strip().splitlines()[-1])
+        assert res["n_errors"] == 0 and res["answers"] == res["requests"], (res, err[-1500:])
+        h.wait_settled(target_dir, quiet=2.0, timeout=60)
+        cap.stop(timeout=5)
+        assert ses.wait(40) == 0, ses
+        lab.stop(srv)
+        cmp = h.compare_logs(online_dir, target_dir, allow_remap=True)
+        assert cmp.ok and cmp.identical == 50, cmp.describe()
+        st = json.loads((tmp_path / "session.json").read_text())
+        assert st["sessions"] == 50, st
+        assert {k: v for k, v in st["outcomes"].items() if v} == {"completed": 50}, st
+        sub.stop(timeout=10)
+        ic.stop(timeout=5)
+        assert pub.wait(30) == 0, pub
+        published = json.loads((tmp_path / "pub.json").read_text())
+        written = json.loads((tmp_path / "sub.json").read_text())
+        # the replies went through the broker: block 1's are there, and only they reach
+        # block 1's subscriber (the published count includes the other block's, if any)
+        assert published["partitions"] == 2 and 0 < written["records"] <= published["records"]
+    finally:
+        for p in reversed(procs):
+            p.stop(timeout=5)
+        node.stop()

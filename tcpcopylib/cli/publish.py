@@ -15,7 +15,9 @@ class Tool(BaseTool):
     epilog = ("examples:\n"
               "  tc-capture eth0 | tc-publish -s nats://b1:4222,nats://b2:4222 "
               "--token-file tok --stream web\n"
-              "  tc-readpcap day.pcap | tc-publish --stream day --partitions 3 --no-auth")
+              "  tc-readpcap day.pcap | tc-publish --stream day --partitions 3 --no-auth\n"
+              "  tc-intercept eth0 | tc-publish --stream replies --by-port-block 4 ...   "
+              "(replies for tc-session -f K/4)")
     writes_records = False
 
     def __init__(self, *a, **kw):
@@ -39,10 +41,15 @@ class Tool(BaseTool):
                        help="a new stream keeps at most N bytes (the oldest go first)")
         g.add_argument("--replicas", type=number_arg(int, 1, True, 5), default=1, metavar="R",
                        help="copies of a new stream on R broker nodes (1-5; default 1)")
-        p.add_argument("--linger", type=number_arg(float, 0, True, 10000), default=20.0,
-                       metavar="MS", help="gather what is read within MS milliseconds "
-                       "into one message per partition (default 20; 0: publish each read "
-                       "at once): fewer, larger messages, less CPU per packet")
+        g.add_argument("--by-port-block", type=number_arg(int, 1, True, 256), metavar="M",
+                       help="a stream of replies (tc-intercept's fb records) for replay "
+                            "hosts running tc-session -f K/M: M partitions, a reply in "
+                            "partition K when its destination (the replayed client port) "
+                            "is in block K; what is in no block goes to partition 0")
+        p.add_argument("--linger", type=number_arg(float, 0, True, 10000), metavar="MS",
+                       help="gather what is read within MS milliseconds into one message "
+                       "per partition (default 20, with --by-port-block 0; 0: publish each "
+                       "read at once): fewer, larger messages, less CPU per packet")
         p.add_argument("--id", metavar="ID",
                        help="this publisher's id in message ids (default HOST-PID-TIME): "
                             "the broker drops a message whose id it stored in the last 2 min")
@@ -58,6 +65,13 @@ class Tool(BaseTool):
             max_age = broker.parse_duration(args.max_age)
         except ValueError as e:
             raise UsageError(f"--max-age: {e}") from None
+        if args.by_port_block is not None:
+            if args.partitions not in (None, args.by_port_block):
+                raise UsageError("--by-port-block M makes M partitions: leave out -P or "
+                                 "give the same M")
+            args.partitions = args.by_port_block
+        if args.linger is None:  # a reply waits in no linger: the session waits for it
+            args.linger = 0.0 if args.by_port_block is not None else 20.0
         fd = self.open_input(args.input)
         self.stats = broker.PublishStats()
         return asyncio.run(self._publish(fd, args, opts, max_age))
@@ -80,7 +94,7 @@ class Tool(BaseTool):
                 retry_for, f"stream {args.stream}", self.warn if args.verbose else None)
             self.info(f"publishing to stream {args.stream} ({n} partitions)")
             parser = StreamParser("<stdin>" if args.input == "-" else args.input)
-            part = broker.Partitioner(n)
+            part = broker.Partitioner(n, by_port_block=args.by_port_block is not None)
             pub = args.id or broker.publisher_id()
             seqs: dict = {}
             loop = asyncio.get_running_loop()

@@ -167,6 +167,18 @@ def parse_instance(spec: str) -> tuple[int, int]:
     return k, m
 
 
+def block_size(instances: int) -> int:
+    """Client ports in each of the blocks of -f K/M (M = instances)."""
+    return (PORT_HI - PORT_LO) // instances
+
+
+def block_of_port(port: int, instances: int) -> int | None:
+    """The K of the -f K/M instance whose block holds client port ``port`` (M = instances);
+    None for a port in no block (below 1024, or in the rest above the last block)."""
+    k = (port - PORT_LO) // block_size(instances) if port >= PORT_LO else instances
+    return k if k < instances else None
+
+
 # -- allocation ----------------------------------------------------------------------------
 
 class _Space:
@@ -184,7 +196,7 @@ class Allocator:
     def __init__(self, pools: dict[int, Pool] | None = None, instance: int = 0,
                  instances: int = 1, reuse_after: int = 60 * SEC):
         self.pools = pools
-        self.block = (PORT_HI - PORT_LO) // instances
+        self.block = block_size(instances)
         self.lo = PORT_LO + instance * self.block
         self.hi = self.lo + self.block
         self.shift = instances > 1
