@@ -83,14 +83,16 @@ def test_a_target_that_differs_on_chosen_requests_and_is_slower_on_one_path(lab,
                    ("GET /json/7 HTTP/1.1", "different", ("body:$.value",)): 12}, r.stderr
     noise = {d["field"]: d["noise"] for x in lines for d in x["noise"]}
     assert noise.get("header:x-request-id") in ("default", "learned")
-    # the slow path's median shift is 50 ms within 10 ms; the others barely move
+    # the slow path's median shift is 50 ms (or a little more); the others barely move
     from tcpcopylib.diff.report import percentile
 
     def shift(path):
         o = sorted(x["latency_ms"]["original"]["last"] for x in lines if x["endpoint"] == path)
         t = sorted(x["latency_ms"]["target"]["last"] for x in lines if x["endpoint"] == path)
         return percentile(t, 50) - percentile(o, 50)
-    assert abs(shift("GET /slow") - 50) <= 10, r.stderr
+    # (the target's 50 ms sleep only overshoots, by 10-13 ms on a busy CI machine: the
+    # measure is right, the sleep is longer; so the band is -5..+25 around 50)
+    assert -5 <= shift("GET /slow") - 50 <= 25, r.stderr
     for path in ("GET /a", "GET /json/{n}"):
         assert abs(shift(path)) < 10, (path, r.stderr)
     assert b"GET /slow: 12, 0, 0;" in r.stderr
