@@ -3,7 +3,7 @@
 
     python3 bench/bench_live.py [--rates 500,1000,2000,3000] [--duration 10] [--conns 20]
                                 [--close] [--client wrk|python] [--offloads]
-                                [--forms pipe,send] [--repeat N]
+                                [--forms pipe,send,one,c] [--repeat N]
 
 For each rate R, in a fresh namespace lab:
 
@@ -22,7 +22,8 @@ share the same cores in the lab). Needs root; every step is bounded.
 
 --forms pipe,send runs each rate in both forms of the online pipeline, alternating (--repeat
 N times each): "pipe" is `tc-session | tc-pace | tc-emit`, "send" is `tc-session --send`
-(the same packets sent from tc-session's process); each run also prints the online host's
+(the same packets sent from tc-session's process), "one" is `tc-session --capture cli0
+--send` (no tc-capture either: the online host's work in one process); each run also prints the online host's
 CPU (capture + session [+ pace + emit], user and system) per replayed session and per
 request, and the end the mean of each form and their ratio.
 
@@ -172,7 +173,7 @@ def run_rate(a, rate, workdir, form="pipe") -> dict:
         else:
             live = h.start_live(lab, Path(workdir) / "live", port=PORT,
                                 capture_args=a.capture_arg, session_args=a.session_arg,
-                                send=form == "send")
+                                send={"send": True, "one": "capture"}.get(form, False))
         try:
             pids = {n: live.procs[n].pid for n in TOOLS if n in live.procs}
             for pid in pids.values() if a.nice else ():
@@ -220,8 +221,9 @@ def main(argv=None) -> int:
     ap.add_argument("--session-arg", action="append", default=[],
                     help="extra tc-session option (repeatable)")
     ap.add_argument("--forms", default="pipe",
-                    help="pipe, send or pipe,send (alternating): the online pipeline with "
-                         "tc-pace | tc-emit, or tc-session --send (default pipe)")
+                    help="pipe, send, one, c, comma-separated (alternating): the online "
+                         "pipeline with tc-pace | tc-emit, tc-session --send, or "
+                         "tc-session --capture --send (default pipe)")
     ap.add_argument("--c-tcpcopy", metavar="PATH",
                     help="a C TCPCopy 1.3 binary you built, for the form c")
     ap.add_argument("--c-intercept", metavar="PATH",
@@ -241,8 +243,8 @@ def main(argv=None) -> int:
           + " ".join(f"{t.removeprefix('tc-'):>9}" for t in TOOLS))
     worst = 100.0
     forms = a.forms.split(",")
-    if not set(forms) <= {"pipe", "send", "c"}:
-        ap.error("--forms: pipe, send, c, comma-separated")
+    if not set(forms) <= {"pipe", "send", "one", "c"}:
+        ap.error("--forms: pipe, send, one, c, comma-separated")
     if "c" in forms and not (a.c_tcpcopy and a.c_intercept):
         ap.error("the form c needs --c-tcpcopy and --c-intercept")
     per_session: dict = {f: [] for f in forms}
@@ -287,7 +289,8 @@ def main(argv=None) -> int:
                       f"{'session' if a.close else 'request'} "
                       + ", ".join(f"{x:.0f}" for x in xs) + f" us (mean {means[form]:.0f})")
         unit = "session" if a.close else "request"
-        for ours, base in (("send", "pipe"), ("pipe", "c"), ("send", "c")):
+        for ours, base in (("send", "pipe"), ("one", "send"), ("pipe", "c"), ("send", "c"),
+                           ("one", "c")):
             if means.get(ours) and means.get(base):
                 print(f"rate {rate}: online CPU per {unit}, {ours} / {base} = "
                       f"{means[ours] / means[base]:.2f}")

@@ -54,9 +54,10 @@ class LiveCapture:
         self.final_drops = (0, 0)
         self.next_report = 0.0
 
-    def open(self, out_fd: int, path: str | None = None) -> None:
+    def open(self, out_fd: int | None, path: str | None = None) -> None:
         """Start the engine; the stream goes to ``path`` (created) if given, else to
-        ``out_fd``. UsageError, NoInputError, NoPermissionError as tcpcopylib.capture says."""
+        ``out_fd``; with neither, it collects in memory for a reader in this process
+        (take()). UsageError, NoInputError, NoPermissionError as tcpcopylib.capture says."""
         from tcpcopylib.records import header
 
         iface = self.iface
@@ -78,9 +79,11 @@ class LiveCapture:
                      snaplen=self.snaplen, mtu=mtu, engine=engine.name, ts_clock="realtime")
         if self.server_half:
             hdr["server_half"] = True  # the stream holds s2c records too
-        if self.shed_lag_ms:
+        if self.shed_lag_ms and self.out_fd is not None:
             self.pipe_size = _pipe_size(self.out_fd)
-        if self.pipe_size:  # a pipe: never block on it while the kernel's ring fills
+        if self.out_fd is None:  # in process: the reader takes the bytes from writer.buf
+            self.writer = MemoryWriter(-1, hdr)
+        elif self.pipe_size:  # a pipe: never block on it while the kernel's ring fills
             os.set_blocking(self.out_fd, False)
             self.writer = HoldingWriter(self.out_fd, hdr)
         else:
@@ -123,6 +126,27 @@ class LiveCapture:
             signal.set_wakeup_fd(old_wakeup)
             os.close(rfd)
             os.close(wfd)
+            self._close()
+
+    def take(self, max_reads: int = 8) -> bytes:
+        """In process (opened without an output): read what the kernel holds now (at most
+        ``max_reads`` engine reads) and return the records made since the last call, the
+        stream's header first. The reader waits for the engine's fd (``engine.fd``)."""
+        read, c = self.engine.read, self.capturer
+        for _ in range(max_reads):
+            if read(c) == 0 or c.done:
+                break
+        now = time.monotonic()
+        c.refresh(now)
+        self._tick(now)
+        buf = self.writer.buf
+        data = bytes(buf)
+        buf.clear()
+        return data
+
+    def close(self) -> None:
+        """In process: stop capturing (the reader took the records)."""
+        if self.engine is not None:
             self._close()
 
     def _tick(self, now: float) -> None:
@@ -190,6 +214,14 @@ class LiveCapture:
                 f"sessions shed ({d['shed_packets']} packets), {d['kernel_drops']} "
                 f"dropped by kernel, {d['if_drops']} dropped by interface, "
                 f"{self.elapsed():.2f} s, {d['cpu_us_per_packet']:.2f} µs CPU per packet")
+
+
+class MemoryWriter(RecordWriter):
+    """tc-session --capture's writer: the records stay in ``buf`` until LiveCapture.take()
+    hands them to the session's stream parser in the same process."""
+
+    def flush(self) -> None:
+        pass
 
 
 class HoldingWriter(RecordWriter):

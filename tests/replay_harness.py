@@ -631,9 +631,10 @@ class Live:
             return self.stats
         self.stopped = True
         try:
-            self.procs["tc-capture"].stop(timeout=5)
-            deadline = time.monotonic() + timeout
             chain = [n for n in self.procs if n not in ("tc-intercept", "tc-feedback")]
+            # the capture stage (tc-session itself with --capture): it ends, the rest drain
+            self.procs[chain[0]].stop(timeout=5 if chain[0] == "tc-capture" else timeout)
+            deadline = time.monotonic() + timeout
             for name in chain[1:]:  # (in pipeline order: filters included)
                 self.procs[name].wait(max(0.1, deadline - time.monotonic()))
         finally:
@@ -655,11 +656,12 @@ class Live:
         """tc-capture's last stats line as {"packets written": n, "dropped by kernel": n, ...}."""
         import re
 
-        lines = [ln for ln in self.procs["tc-capture"].stderr.splitlines() if "written" in ln]
+        first = "tc-capture" if "tc-capture" in self.procs else "tc-session"  # (--capture)
+        lines = [ln for ln in self.procs[first].stderr.splitlines() if "written" in ln]
         if not lines:
             return {}
         out = {}
-        for part in lines[-1].removeprefix("tc-capture: ").split(", "):
+        for part in lines[-1].rsplit(": ", 1)[-1].split(", "):
             m = re.fullmatch(r"(\d+) ([a-z][A-Za-z -]*?)(?: into \d+)?", part)
             if m:  # integer counts only (not the elapsed time or CPU cost)
                 out[m.group(2)] = int(m.group(1))
@@ -671,7 +673,8 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
                emit_args=(), feedback=True, feedback_env=False, replies=None,
                send=False, filters=()) -> Live:
     """Start, on online: tc-capture IFACE | [tee FILE |] tc-session | tc-pace | tc-emit
-    (send: tc-capture IFACE | [tee FILE |] tc-session --send [EMIT_ARGS], in one process).
+    (send: tc-capture IFACE | [tee FILE |] tc-session --send [EMIT_ARGS], in one process;
+    send="capture": tc-session --capture IFACE --send [EMIT_ARGS], one process for all).
 
     The feedback side (tc-intercept | tc-feedback) runs in the assistant, reached over a
     Unix socket (feedback=True) or across hosts over TCP (feedback="tcp", or "classic":
@@ -717,6 +720,11 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
             assert not pace_args, "tc-session --send has no tc-pace after it"
             chain[2][1].extend(["--send", *map(str, emit_args)])
             chain = chain[:3]
+        if send == "capture":
+            assert not (tee or capture_args or filters), "one process: no stage in between"
+            chain[2][1].extend(["-v", "--capture", iface or lab.online_cli_if,
+                                "--capture-filter", cap_filter or "tcp"])
+            chain = chain[2:]
         chain[2:2] = [(name, [tool(name), "--stats", *map(str, args)]) for name, args in filters]
         chain = [c for c in chain if c]
         prev = None
@@ -728,7 +736,7 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
                 prev.p.stdout.close()
             procs[name] = p
             prev = p
-        if not procs["tc-capture"].wait_stderr(b"capturing on", 15):
+        if not procs[chain[0][0]].wait_stderr(b"capturing on", 15):
             raise RuntimeError(f"tc-capture did not start: {live.diagnostics()}")
         ok = True
         return live

@@ -115,19 +115,25 @@ def test_live_http_mirrored_byte_identical(lab, tmp_path):
 
 
 
-@pytest.mark.parametrize("send", [False, True], ids=["pipe", "send"])
+@pytest.mark.parametrize("send", [False, True, "capture"], ids=["pipe", "send", "one"])
 def test_live_http_ipv6(lab, tmp_path, send):
-    """Also with tc-capture | tc-session --send (no tc-pace, no tc-emit)."""
+    """Also with tc-capture | tc-session --send (no tc-pace, no tc-emit), and with
+    tc-session --capture IFACE --send (one process)."""
     sessions = 60
     res, live, onl, tgt = live_http(lab, tmp_path, ["--sessions", sessions, "--requests", 3,
                                                     "--post-every", 10], v6=True, send=send)
     assert_pipeline_ok(live)
-    assert ("tc-emit" in live.procs) != send
+    assert ("tc-emit" in live.procs) != bool(send)
+    assert ("tc-capture" in live.procs) != (send == "capture")
     assert_mirrored(lab, res, live, onl, tgt, sessions // 2 * 3 + sessions // 2)
     peers = {c.ip for c in h.logged_streams(tgt)}
     assert peers == {lab.client_ip6}, peers
     if send:
         assert live.stats["emit"]["sent"] == live.stats["pkts_out"], live.stats
+    if send == "capture":  # the capture's counters, in tc-session's --stats-json
+        cap = live.stats["capture"]
+        assert cap["records"] >= sessions * 3 and cap["kernel_drops"] == 0, cap
+        assert live.capture_counts()["packets written"] == cap["records"], live.capture_counts()
 
 
 # -- 3: redis-server online and on the target, redis-benchmark as the client ---------------

@@ -179,6 +179,9 @@ def session(*args, prefix=(), input=b""):
     (["--send", "--sessions", "-"], "--send writes no output stream; give a FILE"),
     (["--send", "-o", "lo"], "-o IFACE needs --dst-mac (tc-emit does no ARP)"),
     (["--send", "--dst-mac", "02:00:00:00:00:01"], "--dst-mac/--src-mac need -o IFACE"),
+    (["--capture", "lo", "some.cbor"], "--capture IFACE is the input: no FILE"),
+    (["--capture", "lo", "--shards", "2"], "--capture goes with forged mode in one process"),
+    (["--capture-filter", "tcp"], "--capture-filter goes with --capture"),
 ])
 def test_send_option_usage_errors(args, message):
     r = session("--target", "10.2.0.5:80", "--no-feedback", *args)
@@ -202,3 +205,23 @@ def test_send_without_cap_net_raw_exits_77():
     assert lines == ["tc-session: error: cannot open a raw socket (Operation not "
                      "permitted): run as root or with CAP_NET_RAW"], lines
     assert r.stdout == b""
+
+
+def test_capture_on_a_missing_interface_exits_66():
+    r = session("--target", "10.2.0.5:80", "--no-feedback", "--capture", "no-such-if0")
+    assert r.returncode == 66, r.stderr
+    assert r.stderr.decode().strip().splitlines() == [
+        "tc-session: error: no-such-if0: no such interface"]
+
+
+def test_capture_without_cap_net_raw_exits_77():
+    """--capture IFACE without the right to capture: one line, exit 77."""
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.fail("setpriv (util-linux) not installed")
+        prefix = ["setpriv", "--inh-caps=-net_raw", "--bounding-set=-net_raw"]
+    r = session("--target", "10.2.0.5:80", "--no-feedback", "--capture", "lo", prefix=prefix)
+    assert r.returncode == 77, r.stderr
+    lines = r.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "needs root or CAP_NET_RAW" in lines[0], lines

@@ -39,6 +39,7 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         self.sent = None    # ... and the SendOutput whose Emitter counts what was sent
         self.shard_parent = None  # with --shards N: the parent (session.shards)
         self.admission = None  # admission.Admission: when new sessions are shed
+        self.live = None  # with --capture: the livecapture.LiveCapture in this process
 
     def add_arguments(self, p):
         from tcpcopylib.session.options import add_arguments
@@ -46,11 +47,13 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         add_arguments(p)
 
     def run(self, args):
-        from tcpcopylib.session.options import build_admission, build_engine, check_send
+        from tcpcopylib.session.options import (build_admission, build_engine, check_capture,
+                                                check_send)
         from tcpcopylib.session.runner import SessionRunner
         from tcpcopylib.session.timing import DueQueue
 
         check_send(args)
+        check_capture(args)
         if args.shards != 1:
             from tcpcopylib.session import shards
 
@@ -74,7 +77,10 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         smap = self._session_map(args, out.write)  # --sessions: wraps emit and on_end
         if fb is not None:
             fb.connect()
-        in_fd = self.open_input(args.file)
+        if args.capture:
+            in_fd, name, take = self._open_capture(args)
+        else:
+            in_fd, name, take = self.open_input(args.file), args.file, None
         due = DueQueue(asap=args.asap, speed=args.speed, max_gap=args.max_gap, warn=self.warn)
         runner = SessionRunner(
             self.make_stage(engine, due, out), fb, drain=args.drain,
@@ -84,8 +90,10 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
         # Signals: stop reading and drain (a second one ends at once).
         runner.catch_signals()
         try:
-            runner.run(in_fd, "<stdin>" if args.file == "-" else args.file)
+            runner.run(in_fd, "<stdin>" if name == "-" else name, take=take)
         finally:
+            if self.live is not None:
+                self.live.close()
             if smap is not None:
                 smap.close()
             if self.sender is not None:
@@ -94,6 +102,18 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             self._print_summary()
             args.stats = False  # Tool.main would print the one-line version too
         return 0
+
+    def _open_capture(self, args):
+        """--capture IFACE: the capture in this process, as the input (in_fd, name, take)."""
+        from tcpcopylib.cli.capture import SHED_LAG_MS
+        from tcpcopylib.livecapture import LiveCapture
+
+        live = self.live = LiveCapture(
+            self.name, args.capture, args.capture_filter, engine=args.capture_engine,
+            buffer_kib=args.capture_buffer, warn=self.warn, shed_lag_ms=SHED_LAG_MS)
+        live.open(None)
+        self.info(live.describe())
+        return live.engine.fd, f"capture on {args.capture}", live.take
 
     def make_stage(self, engine, due, out):
         """The stage the runner runs (a shard of --shards makes its own)."""
@@ -166,6 +186,8 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
 
             for line in summary_lines(self.engine, self.sent):
                 self.warn(line)
+            if self.live is not None:
+                self.warn(f"capture: {self.live.stats_line()}")
 
     def stats_line(self):
         if self.engine is None:
@@ -190,7 +212,10 @@ outcomes, counters and troubleshooting: see tc-session(1)."""
             return shards.stats_dict(self)
         from tcpcopylib.session.report import stats_dict
 
-        return stats_dict(self.engine, self.fb_lag, self.sent, self.admission)
+        d = stats_dict(self.engine, self.fb_lag, self.sent, self.admission)
+        if self.live is not None:
+            d["capture"] = self.live.counters()
+        return d
 
 
 def main(argv=None):

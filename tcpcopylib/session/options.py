@@ -22,6 +22,8 @@ def add_arguments(p) -> None:
     _behaviour(p.add_argument_group("session behaviour"))
     _output(p.add_argument_group("output"))
     _send(p.add_argument_group("sending in this process (--send; tc-emit's options)"))
+    _capture(p.add_argument_group("capturing in this process (--capture; tc-capture's "
+                                  "options)"))
     _socket_mode(p.add_argument_group("socket mode (tc-session(1), SOCKET MODE)"))
     p.add_argument_group("processes").add_argument(
         "--shards", type=int, default=1, metavar="N",
@@ -191,6 +193,37 @@ def check_send(args) -> None:
     if args.sessions == "-":
         raise UsageError("--sessions -: --send writes no output stream; give a FILE")
     check_sender_arguments(args)
+
+
+def _capture(g) -> None:
+    from tcpcopylib.capture import DEFAULT_BUFFER_KIB, ENGINES
+
+    g.add_argument("--capture", metavar="IFACE",
+                   help="capture on IFACE in this process, as `tc-capture IFACE |` before "
+                        "it would (the same records, without the hop; less CPU); no FILE; "
+                        "ends at SIGINT/SIGTERM; needs root or CAP_NET_RAW")
+    g.add_argument("--capture-filter", metavar="EXPR", default="",
+                   help="with --capture: BPF filter (tcpdump language), as tc-capture -F; "
+                        "default 'tcp'")
+    g.add_argument("--capture-engine", choices=sorted(ENGINES), default="pcap",
+                   help="with --capture: as tc-capture --engine (default pcap)")
+    g.add_argument("--capture-buffer", type=number_arg(int, 1, True, 1 << 22),
+                   default=DEFAULT_BUFFER_KIB, metavar="KIB",
+                   help=f"with --capture: kernel capture buffer in KiB, as tc-capture -B "
+                        f"(default {DEFAULT_BUFFER_KIB})")
+
+
+def check_capture(args) -> None:
+    """--capture and the options that go with it (UsageError)."""
+    if not args.capture:
+        if args.capture_filter:
+            raise UsageError("--capture-filter goes with --capture")
+        return
+    if args.file != "-":
+        raise UsageError("--capture IFACE is the input: no FILE")
+    if args.socket or args.shards != 1:
+        raise UsageError("--capture goes with forged mode in one process (not with --socket "
+                         "or --shards)")
 
 
 def _socket_mode(g) -> None:

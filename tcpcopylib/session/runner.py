@@ -247,6 +247,7 @@ class SessionRunner(Interruptible):
         self.fb_backoff = 0.05
         self.fb_fd = -1
         self.in_fd = -1
+        self._take = None
         self.stage_fd = -1
         self.reading = self.eof = False
         self.drain_until = None
@@ -254,14 +255,18 @@ class SessionRunner(Interruptible):
         self._rbuf = memoryview(bytearray(CHUNK))
         stage.out.before_flush = self._flush_claims
 
-    def run(self, in_fd: int, name: str = "<stdin>") -> None:
-        """The loop: until the input is over and drained (or a signal)."""
+    def run(self, in_fd: int, name: str = "<stdin>", take=None) -> None:
+        """The loop: until the input is over and drained (or a signal). ``take``: an input
+        in this process rather than a stream on ``in_fd`` (tc-session --capture): when
+        in_fd is readable, take() returns the stream's next bytes (b"": none yet)."""
         from tcpcopylib.records import AS_PKT
         from tcpcopylib.streamparse import StreamParser
 
         # (ts, data) tuples, other records and the headers (the output's sections follow them)
         self.parser, self._feed_mode = StreamParser(name=name, headers=True), AS_PKT
-        os.set_blocking(in_fd, False)
+        self._take = take
+        if take is None:
+            os.set_blocking(in_fd, False)
         self.in_fd = in_fd
         # poll, not epoll: epoll refuses regular files (tc-session < file)
         self.poll.register(in_fd, select.POLLIN)
@@ -289,8 +294,9 @@ class SessionRunner(Interruptible):
         stage = self.stage
         now = self.clock()
         if self.admission is not None:  # shed new sessions now? (before they are run)
-            stage.engine.shedding = self.admission.reason(
-                stage.lag(now), self.in_fd if self.reading else -1, stage.due)
+            stage.engine.shedding = self.admission.reason(  # (a backlog: of a pipe only)
+                stage.lag(now), self.in_fd if self.reading and not self._take else -1,
+                stage.due)
         stage.run_due(now)
         if self.fb_down is not None and self.monotonic() >= self.fb_next:
             self._fb_retry()
@@ -361,6 +367,11 @@ class SessionRunner(Interruptible):
 
     def _read_input(self, now: int) -> bool:
         """Read what the input holds; True at its end."""
+        if self._take is not None:
+            data = self._take()
+            if data:
+                self.stage.take(self.parser.feed(data, self._feed_mode), now)
+            return False
         try:
             # into one buffer: a fresh 128 KiB bytes per read() costs an mmap/munmap pair
             n = os.readv(self.in_fd, (self._rbuf,))
