@@ -7,7 +7,7 @@
 # ROUTE_PASSWORD_FILE = the nodes' password (made if missing), NATS_SERVER = its path.
 # Then, on the online hosts and the replay hosts (K = 0, 1, 2):
 #   tc-capture eth0 | tc-publish -s nats://NODE0:4222,... --token-file TOKEN --stream web -P 6 --replicas 3
-#   tc-subscribe -s nats://NODE0:4222,... --token-file TOKEN --stream web -p K/3 | tc-session -f K/6 --shed-lag 0 ...
+#   tc-subscribe -s nats://NODE0:4222,... --token-file TOKEN --stream web -p K/3 | tc-session -f K/6 ...
 set -euo pipefail
 [ "${1:-}" = node ] && [[ "${2:-}" =~ ^[012]$ ]] && n=$2 ||
   { echo "usage: fleet-cluster.sh node 0|1|2 (settings in the environment)" >&2; exit 2; }

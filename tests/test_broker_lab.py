@@ -146,9 +146,8 @@ class Fleet:
                                f"{self.lab.target_ip}:{h.PORT}",
                                "-f", f"{k if block is None else block}/6",
                                "--feedback", self.feedback, "--drain", "10",
-                               # records held up by a broker election arrive seconds late:
-                               # not tc-session's overload, so no shedding for lag
-                               "--shed-lag", "0",
+                               # (records held up by a broker election arrive seconds late:
+                               # not tc-session's own lag, which it sheds for by default)
                                "--stats-json", str(self.tmp / f"session-{tag}-{k}.json"),
                                "--send"], stdin=sub.p.stdout, name=f"tc-session@{host}")
         sub.p.stdout.close()

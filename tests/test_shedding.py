@@ -96,11 +96,12 @@ def request(i):
     return b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i + b"x" * (i % 7)
 
 
-def session_records(n, every_ms, t0):
-    """n captured sessions (SYN, ACK, request, FIN), one every every_ms from t0."""
+def session_records(n, every_ms, t0, first=0):
+    """n captured sessions (SYN, ACK, request, FIN), one every every_ms from t0, of the
+    clients first, first + 1, ..."""
     recs = []
-    for i in range(n):
-        t, c, req = t0 + i * every_ms * MS, client_ip(i), request(i)
+    for i in range(first, first + n):
+        t, c, req = t0 + (i - first) * every_ms * MS, client_ip(i), request(i)
         for dt, flags, seq, ack, data in (
                 (0, TH_SYN, CISN, 0, b""), (100_000, TH_ACK, CISN + 1, SISN + 1, b""),
                 (200_000, TH_ACK | TH_PSH, CISN + 1, SISN + 1, req),
@@ -161,11 +162,14 @@ class BusyStage(SessionStage):
         e.on_timer(self.ft.ns)
 
 
-def run_overloaded(argv, n, every_ms, cost_ms):
+def run_overloaded(argv, n, every_ms, cost_ms, ft=None, input_fd=None):
+    """The live replay of n sessions, one every every_ms, each packet costing cost_ms of
+    the fake clock (input_fd: the stream, on ft's clock; default: those sessions in a file
+    read as fast as it can be)."""
     args = Tool().build_parser().parse_args(
         ["--target", "10.2.0.5:80", "--no-feedback", "--drain", "2", "--quiet", "5",
          "--sessions", "-", *argv])
-    ft = FakeTime()
+    ft = ft or FakeTime()
     target = Target()
     out_fd = memfd()
     out = PacketOutput(StageWriter(out_fd, "tc-session", bufsize=1 << 62))
@@ -182,7 +186,8 @@ def run_overloaded(argv, n, every_ms, cost_ms):
     runner = SessionRunner(stage, None, drain=args.drain, clock=ft.clock,
                            monotonic=ft.monotonic, poll=ft, admission=admission)
     # live: the capture's timestamps are the fake wall clock's
-    runner.run(memfd(tc.stream(session_records(n, every_ms, START))))
+    runner.run(input_fd if input_fd is not None
+               else memfd(tc.stream(session_records(n, every_ms, START))))
     return engine, target, [r for r in output(out_fd) if r["t"] == "sess"], admission
 
 
@@ -226,6 +231,35 @@ def test_default_sheds_a_live_input_that_falls_seconds_behind():
     assert shed > 0 and adm.lag_limit == DEFAULT_LIVE_LAG * MS
     assert len(target.conns) + shed == n
     assert all(target.conns.get(client_ip(i)) in (None, request(i)) for i in range(n))
+
+
+def test_packets_that_arrive_late_are_not_our_lag():
+    """An upstream stall (a broker's election, a paused capture) delivers packets seconds
+    after they were captured, then at the usual rate: tc-session keeps up with its input
+    all along, so it sheds nothing (its lag counts from when a packet reached it), where
+    it sheds when the same lateness builds up in its own input (the tests above)."""
+    ft = FakeTime()
+    r, w = os.pipe()
+    on_time = session_records(20, 10, START)                    # sent as captured
+    late = session_records(20, 10, START + 500 * MS, first=20)  # captured at 0.5 s ...
+    first_part = tc.stream(on_time)
+    os.write(w, first_part)
+    rest = tc.stream(on_time + late)[len(first_part):]  # (one stream: one header)
+
+    def deliver():  # ... delivered at 3.5 s, 3 s late: more than the default 2 s limit
+        os.write(w, rest)
+        os.close(w)
+    ft.at[3500 * MS] = deliver
+    try:
+        engine, target, _, adm = run_overloaded([], 40, 10, 0.1,
+                                                ft=ft, input_fd=r)
+    finally:
+        os.close(r)
+    assert adm.lag_limit == DEFAULT_LIVE_LAG * MS          # a live input: the default holds
+    assert not engine.shed_reasons and engine.st.outcomes["completed"] == 40, (
+        engine.shed_reasons, dict(engine.st.outcomes))
+    assert all(target.conns[client_ip(i)] == request(i) for i in range(40))
+    assert adm.max_lag < 100 * MS, adm.max_lag  # what it measured: its own lag only
 
 
 def test_cli_max_sessions_sheds_with_reason_in_stats_and_session_map(tmp_path):

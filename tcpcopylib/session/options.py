@@ -71,8 +71,9 @@ def _shaping(g) -> None:
                    help="while the resident memory is above MB, shed new sessions "
                         "(outcome shed, reason memory) instead of growing")
     g.add_argument("--shed-lag", type=number_arg(float, 0, True, 1e9), metavar="MS",
-                   help="while the input packets are more than MS late, shed new sessions "
-                        "(outcome shed, reason lag) so that the admitted ones stay whole; "
+                   help="while the input packets are more than MS late (counted from when "
+                        "they reached this input), shed new sessions (outcome shed, reason "
+                        "lag) so that the admitted ones stay whole; "
                         "default 2000 for a live input (tc-capture), off for a recording; "
                         "0: off")
     g.add_argument("--shed-backlog", type=number_arg(int, 1, True, 1 << 30), metavar="KIB",

@@ -21,6 +21,7 @@ from tcpcopylib.wire import encode_pkt_sid as encode_pkt
 SEC = 1_000_000_000
 MAX_PENDING = 100_000   # records held for their due time before we stop reading stdin
 CHUNK = 1 << 17
+POLL_WAITED_NS = 200_000  # a poll that took longer waited for its input to become readable
 OUT_BATCH = 1 << 16     # output bytes buffered before a flush within one loop turn
 
 
@@ -248,6 +249,9 @@ class SessionRunner(Interruptible):
         self.fb_fd = -1
         self.in_fd = -1
         self._take = None
+        # the last moment the input was known empty, and that moment as it was before the
+        # last read (what the read got arrived after it): _own_lag
+        self.empty_seen = self.arrived_after = clock()
         self.stage_fd = -1
         self.reading = self.eof = False
         self.drain_until = None
@@ -295,7 +299,7 @@ class SessionRunner(Interruptible):
         now = self.clock()
         if self.admission is not None:  # shed new sessions now? (before they are run)
             stage.engine.shedding = self.admission.reason(  # (a backlog: of a pipe only)
-                stage.lag(now), self.in_fd if self.reading and not self._take else -1,
+                self._own_lag(now), self.in_fd if self.reading and not self._take else -1,
                 stage.due)
         stage.run_due(now)
         if self.fb_down is not None and self.monotonic() >= self.fb_next:
@@ -313,7 +317,14 @@ class SessionRunner(Interruptible):
             self.next_stats += self.stats_every
         stage.out.flush()
         self._back_pressure()
-        for fd, _ in self.poll.poll(self._poll_timeout(now)):
+        watch = self.reading and self._take is None
+        before = self.clock() if watch else 0
+        events = self.poll.poll(self._poll_timeout(now))
+        if watch:  # (_own_lag) the input was empty until poll returned if poll returned
+            after = self.clock()  # without it or waited (it returns as soon as one is ready)
+            if after - before > POLL_WAITED_NS or not any(fd == self.in_fd for fd, _ in events):
+                self.empty_seen = after
+        for fd, _ in events:
             self._ready(fd)
         return True
 
@@ -332,6 +343,19 @@ class SessionRunner(Interruptible):
                 os.read(self._wake_r, 64)
             except OSError:
                 pass
+
+    def _own_lag(self, now: int) -> int:
+        """How late (ns) this tc-session is: the oldest due packet's lateness, less what it
+        had when it reached our input. A packet that arrives late (an upstream stall: a
+        broker's election, a paused capture) is not our lag; one that waits in our pipe
+        is. The input is known empty at some moments (a read that did not fill the buffer,
+        a poll that returned without it, or that waited until it or another was ready);
+        what a read gets arrived after the last such moment, so our lag is at most the
+        time since then."""
+        lag = self.stage.lag(now)
+        if not lag or self._take is not None:  # (in process: the capture sheds on its own)
+            return lag
+        return min(lag, max(0, now - self.arrived_after))
 
     def _stop_reading(self) -> None:
         if self.reading:
@@ -376,7 +400,12 @@ class SessionRunner(Interruptible):
             # into one buffer: a fresh 128 KiB bytes per read() costs an mmap/munmap pair
             n = os.readv(self.in_fd, (self._rbuf,))
         except BlockingIOError:
+            self.empty_seen = now
             return False
+        if n:
+            self.arrived_after = self.empty_seen  # (_own_lag)
+            if n < CHUNK:  # it took all there was
+                self.empty_seen = now
         if not n:
             self.parser.close()
             return True
