@@ -94,9 +94,9 @@ class LiveCapture:
         e = self.engine
         servers = (f", server half of {len(self.capturer.server_ports)} listening ports"
                    if self.server_half else "")
-        return (f"capturing on {self.iface} ({e.name}, linktype {e.linktype}, filter "
-                f"{self.expr or 'tcp'!r}, mtu {self.mtu}, {len(self.capturer.local)} local "
-                f"addresses{servers})")
+        return (f"capturing on {self.iface} ({e.name}: {e.describe()}, linktype "
+                f"{e.linktype}, filter {self.expr or 'tcp'!r}, mtu {self.mtu}, "
+                f"{len(self.capturer.local)} local addresses{servers})")
 
     def run(self) -> None:
         """Capture until the count is reached or SIGINT/SIGTERM; then flush the output and

@@ -202,8 +202,7 @@ def test_batch_fast_path_equals_generic(tmp_path, payload):
     meta = b"".join(struct.pack("=IIII", 1700000000, 2, o, len(f)) for o, f in zip(offs, frames))
 
     class Cap:
-        def datalink(self):
-            return LINKTYPE_ETHERNET
+        linktype = LINKTYPE_ETHERNET
 
     path = tmp_path / "out.cbor"
     w = RecordWriter(os.open(path, os.O_WRONLY | os.O_CREAT), tool="t")
