@@ -63,6 +63,9 @@ class LiveCapture:
         engine = cap.open_engine(self.engine_kind, iface, self.expr or "tcp", self.snaplen,
                                  self.buffer_kib, both_ways=self.server_half)
         self.engine = engine
+        warning = getattr(engine, "warning", lambda: None)()
+        if warning:
+            self.warn(warning)
         self.if_drops0 = cap.interface_rx_drops(iface)
         mtu = self.mtu or (cap.interface_mtu(iface) if iface != "any" else cap.DEFAULT_MTU)
         self.mtu = mtu

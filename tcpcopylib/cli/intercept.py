@@ -61,6 +61,9 @@ class Tool(_Tool):
         engine = open_engine(args.engine, iface, args.filter, snaplen_for(args.payload),
                              promisc=not args.no_promisc, buffer_size=args.buffer_size << 10)
         try:
+            warning = getattr(engine, "warning", lambda: None)()
+            if warning:
+                self.warn(warning)
             writer = self.record_writer(header(self.name, iface=iface, filter=args.filter))
             tick = (lambda: self.warn(self.stats_line())) if args.verbose else None
             self.icpt = Interceptor(engine, writer, payload=args.payload, tick=tick,
