@@ -935,15 +935,24 @@ class RingEngine(_PacketStats):
     Frames are fixed-size: each holds one packet whatever its size, so it is sized for the
     largest packet the capture may see (the MTU and the link header, or 64 KiB with
     offloads on, GRO super-segments; at most the snap length), and the ring of
-    ``buffer_kib`` holds buffer_kib * 1024 / frame_size packets (``frame_nr``).
+    ``buffer_kib`` holds buffer_kib * 1024 / frame_size packets (``frame_nr``). (A veth
+    whose peer segments nothing may hand over super-segments with its own offloads off:
+    those are cut to the frame and counted as truncated.)
 
-    The batch path does no Python work per frame: all frames are equally spaced, so the
-    column of one header field over n frames is one strided slice of the mmap, and the
+    A large batch costs no Python work per frame here: all frames are equally spaced, so
+    the column of one header field over n frames is one strided slice of the mmap, and the
     batch's metadata (sec, nsec, offset, caplen: the "=IIII" of Capturer.batch) is made
-    of such slices; handing frames back is four strided writes of zeros (tp_status).
-    Frames that need a decision each (outgoing ones to skip, an unusual tp_mac) take a
-    per-frame path; with ``both_ways`` every frame does (Capturer's general path, which
-    --server-half takes anyway, wants each frame's direction).
+    of such slices; handing frames back is four strided writes of zeros (tp_status). A
+    small batch (below _GATHER_MIN), and frames that need a decision each (outgoing ones
+    to skip, an unusual tp_mac), take a per-frame path; with ``both_ways`` every frame
+    does (Capturer's general path, which --server-half takes anyway, wants each frame's
+    direction).
+
+    Ordering: the kernel writes a frame, then (after a write barrier) its tp_status; we
+    read tp_status, then the frame, and write tp_status back only after the frame was
+    consumed. Python has no read barrier to put in between: on x86 (TSO) loads are not
+    reordered, so this is sound there; on weakly ordered CPUs (arm64) it is not
+    guaranteed (not tested there).
 
     VLAN: the kernel strips the tag before the packet reaches the ring (its TCI is in
     tp_vlan_tci); libpcap puts it back into the frame, this engine does not (as

@@ -380,9 +380,10 @@ def test_idle_link_does_not_hold_records_back(lab, engine):
 
 
 @pytest.mark.netns
-def test_sigterm_while_idle_exits_0_with_counts(lab, tmp_path):
+@pytest.mark.parametrize("engine", ["pcap", "ring"])
+def test_sigterm_while_idle_exits_0_with_counts(lab, tmp_path, engine):
     out = tmp_path / "cap.cbor"
-    p = _tool(lab, "online", ["cli0", "-w", out], stderr=subprocess.PIPE)
+    p = _tool(lab, "online", ["cli0", "-w", out, "--engine", engine], stderr=subprocess.PIPE)
     _wait_file(out)
     p.send_signal(signal.SIGUSR1)  # counts now; must not leave the idle loop spinning
     time.sleep(0.2)
