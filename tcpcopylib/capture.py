@@ -26,6 +26,9 @@ and writes "pkt" records. The hot path is struct/bytes slicing, no per-packet ob
 from __future__ import annotations
 
 import ctypes
+import errno
+import math
+import mmap
 import os
 import select
 import socket
@@ -62,6 +65,7 @@ _SEC_USEC = struct.Struct("=II")
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
+_U16N = struct.Struct("=H")  # host order (sockaddr_ll)
 
 
 # -- record encoding: tcpcopylib.wire (encode_pkt; Capturer.batch packs the start of a pkt
@@ -421,8 +425,10 @@ class Capturer:
             return
         self.datagram(buf, p, end, ts, outgoing)
 
-    def batch(self, buf, meta, linktype: int) -> int:
-        """A next_batch() result: ``meta`` holds (sec, usec, offset, caplen) per frame.
+    def batch(self, buf, meta, linktype: int, ts_unit: int = 1000) -> int:
+        """A next_batch() result: ``meta`` holds (sec, usec, offset, caplen) per frame
+        ("=IIII"); ``ts_unit``: nanoseconds per unit of the second field (1000: pcap's
+        microseconds; 1: the ring's nanoseconds).
 
         The common case (an IPv4/IPv6 TCP datagram to a local address, no VLAN tag, not
         longer than the MTU, not truncated) is handled inline, encoding straight into the
@@ -431,13 +437,13 @@ class Capturer:
         n = len(meta) >> 4
         if n and self.shed_lag:  # (the newest frame's capture time: how far behind we are)
             sec, usec = _SEC_USEC.unpack_from(meta, (n - 1) << 4)
-            self.newest_ts = sec * 1_000_000_000 + usec * 1000
+            self.newest_ts = sec * 1_000_000_000 + usec * ts_unit
         spec = (None if self.shedding or self.shed_keys or self.server_half
                 else _FAST_LINKTYPES.get(linktype))
         frame = self.frame
         if spec is None:
             for i, (sec, usec, off, caplen) in enumerate(struct.iter_unpack("=IIII", meta)):
-                frame(buf, off, off + caplen, linktype, sec * 1_000_000_000 + usec * 1000)
+                frame(buf, off, off + caplen, linktype, sec * 1_000_000_000 + usec * ts_unit)
                 if self.done:
                     return i + 1
             return n
@@ -471,9 +477,9 @@ class Capturer:
                             last_sec, sec_ns = sec, sec * 1_000_000_000
                         p = off + l2
                         if total < 256:  # (>= 40 bytes: the 1-byte length of encode_pkt)
-                            out += pack1(head, sec_ns + usec * 1000, data1, total)
+                            out += pack1(head, sec_ns + usec * ts_unit, data1, total)
                         else:
-                            out += pack2(head, sec_ns + usec * 1000, data2, total)
+                            out += pack2(head, sec_ns + usec * ts_unit, data2, total)
                         out += mv[p:p + total]
                         records += 1
                         if records == count:
@@ -485,7 +491,7 @@ class Capturer:
                 slow += 1
                 w.records += records - self.records  # sync the fast path's records
                 self.records = records
-                frame(buf, off, off + caplen, linktype, sec * 1_000_000_000 + usec * 1000)
+                frame(buf, off, off + caplen, linktype, sec * 1_000_000_000 + usec * ts_unit)
                 records = self.records
                 if self.done:
                     n = _index_of(meta, off) + 1
@@ -594,14 +600,14 @@ class PcapEngine:
     name = "pcap"
 
     def __init__(self, iface: str, bpf: str, snaplen: int, buffer_kib: int,
-                 both_ways: bool = False):
+                 both_ways: bool = False, promisc: bool = False):
         import pcapy
 
         self.iface = iface
         try:
             cap = pcapy.create(iface)
             cap.set_snaplen(snaplen)
-            cap.set_promisc(0)
+            cap.set_promisc(1 if promisc else 0)
             cap.set_timeout(1)  # ms; no immediate mode in pcapy-ng: a 1 ms block timer instead
             cap.set_buffer_size(buffer_kib * 1024)
             status = cap.activate()  # pcapy-ng returns libpcap's status, it does not raise
@@ -625,10 +631,22 @@ class PcapEngine:
         except pcapy.PcapError as e:
             raise _bad_filter(bpf, e) from None
         cap.setnonblock(1)
+        self._use(cap)
+
+    def _use(self, cap) -> None:
         self.cap = cap
         self.linktype = cap.datalink()
         self.fd = cap.getfd()
         self._batch = getattr(cap, "next_batch", None)
+
+    @classmethod
+    def from_handle(cls, cap, iface: str) -> "PcapEngine":
+        """The engine of an activated, non-blocking pcapy capture opened elsewhere
+        (tc-intercept's, with its own options and errors)."""
+        engine = cls.__new__(cls)
+        engine.iface = iface
+        engine._use(cap)
+        return engine
 
     def read(self, capturer: Capturer, max_n: int = 1024) -> int:
         """Feed what the ring holds now to ``capturer``; returns the number of frames."""
@@ -653,6 +671,16 @@ class PcapEngine:
         """(kernel drops, interface drops as libpcap counts them)."""
         _recv, drop, ifdrop = self.cap.stats()
         return drop, ifdrop
+
+    def kernel_stats(self) -> tuple[int, int, int]:
+        """(received, dropped, dropped by the interface) as libpcap counts them."""
+        return tuple(self.cap.stats())
+
+    def read_batches(self, consumer, max_n: int = 1024) -> int:
+        return self.read(consumer, max_n)
+
+    def describe(self) -> str:
+        return "libpcap TPACKET_V3 ring, 1 ms block timer"
 
     def close(self) -> None:
         self.cap.close()
@@ -689,63 +717,112 @@ def attach_bpf(sock: socket.socket, expr: str, linktype: int, snaplen: int) -> N
                     bytes(ctypes.string_at(ctypes.addressof(prog), ctypes.sizeof(prog))))
 
 
-class AfPacketEngine:
-    """A plain AF_PACKET socket with a kernel BPF filter; one recvfrom per packet.
+class InterfaceDownError(NoInputError):
+    """The interface exists but is down (tc-intercept reports it as unavailable, 69)."""
+
+
+def _packet_socket(iface: str, bpf: str, snaplen: int, both_ways: bool, promisc: bool,
+                   before_bind=None) -> tuple[socket.socket, int]:
+    """An AF_PACKET socket on ``iface`` with the BPF filter ``bpf`` attached; returns it
+    (non-blocking) and the link type of what it reads.
 
     A named Ethernet (or loopback) interface is read with SOCK_RAW and an Ethernet filter;
     ``any`` and other link types with SOCK_DGRAM (the kernel strips the link layer) and a
-    raw-IP filter. Outgoing packets are ignored by the kernel (PACKET_IGNORE_OUTGOING) and
-    dropped again here by their packet type; with ``both_ways`` they are read and marked
-    outgoing, but for loopback's (the same packet comes in too: read once, as libpcap does).
+    raw-IP filter. Without ``both_ways`` the kernel ignores outgoing packets
+    (PACKET_IGNORE_OUTGOING, kernel 4.20 and later; the readers check the packet type
+    again). ``before_bind(sock)`` runs before the socket starts receiving (buffer and
+    ring set-up); ``promisc`` puts a named interface into promiscuous mode for as long as
+    the socket is open.
+    """
+    hatype = None
+    if iface != "any":
+        try:
+            with open(f"/sys/class/net/{iface}/type") as f:
+                hatype = int(f.read())
+        except OSError:
+            hatype = _ARPHRD_ETHER  # sysfs of another namespace: assume Ethernet
+    raw = hatype in (_ARPHRD_ETHER, _ARPHRD_LOOPBACK)
+    linktype = LINKTYPE_ETHERNET if raw else LINKTYPE_RAW
+    # Named interface: opened for no protocol (it queues nothing) and bound for all only
+    # once the filter is in place, so no frame of another interface, or one the filter
+    # rejects, is queued in between. "any" has no name to bind to: open for all at once.
+    try:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW if raw else socket.SOCK_DGRAM,
+                          socket.htons(ETH_P_ALL) if iface == "any" else 0)
+    except PermissionError as e:
+        raise NoPermissionError(f"{iface}: {e.strerror} (needs root or CAP_NET_RAW)") from None
+    try:
+        attach_bpf(s, bpf, bpf_dlt(linktype), snaplen)
+        if not both_ways:
+            try:
+                s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            except OSError:
+                pass  # kernel < 4.20: the packet-type check of the readers drops them
+        if before_bind is not None:
+            before_bind(s)
+        if iface != "any":  # unbound: every interface
+            s.bind((iface, ETH_P_ALL))  # (Python puts it in network order)
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ENETDOWN:
+                raise InterfaceDownError(f"{iface}: interface is down")
+            if promisc:
+                mreq = struct.pack("iHH8x", socket.if_nametoindex(iface), PACKET_MR_PROMISC, 0)
+                s.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
+    except OSError as e:
+        s.close()
+        if isinstance(e, PermissionError):
+            raise NoPermissionError(f"{iface}: {e.strerror} (needs root or CAP_NET_RAW)") from None
+        raise NoInputError(f"{iface}: {e.strerror or e}") from None
+    except BaseException:
+        s.close()
+        raise
+    s.setblocking(False)
+    return s, linktype
+
+
+class _PacketStats:
+    """The kernel's counters of an AF_PACKET socket (PACKET_STATISTICS), summed: the
+    kernel resets them on every read."""
+
+    sock: socket.socket
+    _received = _dropped = 0
+
+    def kernel_stats(self) -> tuple[int, int, int]:
+        """(received, dropped, dropped by the interface: 0, not counted here)."""
+        packets, drops = struct.unpack("II", self.sock.getsockopt(SOL_PACKET,
+                                                                  PACKET_STATISTICS, 8))
+        self._received += packets  # (the kernel counts drops in packets too)
+        self._dropped += drops
+        return self._received, self._dropped, 0
+
+    def drops(self) -> tuple[int, int]:
+        return self.kernel_stats()[1], 0
+
+
+class AfPacketEngine(_PacketStats):
+    """A plain AF_PACKET socket with a kernel BPF filter; one recvfrom per packet.
+
+    The socket is _packet_socket's. Outgoing packets are ignored by the kernel and dropped
+    again here by their packet type; with ``both_ways`` they are read and marked outgoing,
+    but for loopback's (the same packet comes in too: read once, as libpcap does).
+    Timestamps are taken when a packet is read.
     """
 
     name = "afpacket"
 
     def __init__(self, iface: str, bpf: str, snaplen: int, buffer_kib: int,
-                 both_ways: bool = False):
-        self.iface = iface
-        self.both_ways = both_ways
-        hatype = None
-        if iface != "any":
-            try:
-                with open(f"/sys/class/net/{iface}/type") as f:
-                    hatype = int(f.read())
-            except OSError:
-                hatype = _ARPHRD_ETHER  # sysfs of another namespace: assume Ethernet
-        raw = hatype in (_ARPHRD_ETHER, _ARPHRD_LOOPBACK)
-        self.linktype = LINKTYPE_ETHERNET if raw else LINKTYPE_RAW
-        # Named interface: opened for no protocol (it queues nothing) and bound for all only
-        # once the filter is in place, so no frame of another interface, or one the filter
-        # rejects, is queued in between. "any" has no name to bind to: open for all at once.
-        try:
-            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW if raw else socket.SOCK_DGRAM,
-                              socket.htons(ETH_P_ALL) if iface == "any" else 0)
-        except PermissionError as e:
-            raise NoPermissionError(f"{iface}: {e.strerror} (needs root or CAP_NET_RAW)") from None
-        try:
-            attach_bpf(s, bpf, bpf_dlt(self.linktype), snaplen)
-            if not both_ways:
-                try:
-                    s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-                except OSError:
-                    pass  # kernel < 4.20: the packet-type check below still drops them
+                 both_ways: bool = False, promisc: bool = False):
+        def rcvbuf(s):
             try:
                 s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer_kib * 1024)
             except OSError:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_kib * 1024)
-            if iface != "any":  # unbound: every interface
-                s.bind((iface, ETH_P_ALL))  # (Python puts it in network order)
-        except OSError as e:
-            s.close()
-            raise NoInputError(f"{iface}: {e.strerror or e}") from None
-        except BaseException:
-            s.close()
-            raise
-        s.setblocking(False)
-        self.sock = s
-        self.fd = s.fileno()
+
+        self.iface = iface
+        self.both_ways = both_ways
+        self.sock, self.linktype = _packet_socket(iface, bpf, snaplen, both_ways, promisc,
+                                                  rcvbuf)
+        self.fd = self.sock.fileno()
         self.buf = bytearray(snaplen)
-        self._drops = 0
 
     def read(self, capturer: Capturer, max_n: int = 1024) -> int:
         recv = self.sock.recvfrom_into
@@ -771,22 +848,310 @@ class AfPacketEngine:
                 break
         return n
 
-    def drops(self) -> tuple[int, int]:
-        raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
-        self._drops += struct.unpack("II", raw)[1]  # the counters reset on read
-        return self._drops, 0
+    read_batches = read  # (tc-intercept: frame by frame, the outgoing flag unused)
+
+    def describe(self) -> str:
+        return "AF_PACKET socket, one recvfrom per packet"
 
     def close(self) -> None:
         self.sock.close()
 
 
-ENGINES = {"pcap": PcapEngine, "afpacket": AfPacketEngine}
+# -- the TPACKET_V2 ring (engine "ring") --------------------------------------------------------
+PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC = 1, 1
+PACKET_RX_RING, PACKET_VERSION, TPACKET_V2 = 5, 10, 1
+TP_STATUS_KERNEL, TP_STATUS_USER = 0, 1
+TPACKET_ALIGNMENT = 16
+# struct tpacket2_hdr: status, len, snaplen, mac, net, sec, nsec, vlan_tci, vlan_tpid, padding
+_TP2_HDR = struct.Struct("=IIIHHIIHH4x")
+_TP2_SNAPLEN_AT, _TP2_MAC_AT, _TP2_SEC_AT = 8, 12, 16
+# the sockaddr_ll that follows it (at TPACKET_ALIGN(sizeof(tpacket2_hdr)) = 32)
+_TP2_HATYPE_AT, _TP2_PKTTYPE_AT = 32 + 8, 32 + 10
+# Where tpacket_rcv() puts the network header in a frame: after the header and the
+# sockaddr_ll (52 bytes), room for a link header of at least 16 bytes, aligned to 16:
+# offset 80 for SOCK_DGRAM and for link headers up to 28 bytes (Ethernet's 14: the frame
+# starts at 66).
+_TP2_NET_AT = 80
+# Frames are rounded to a multiple of this; a block (a multiple of the page size) is made
+# the least common multiple of frame and page, so it holds whole frames with no gap at its
+# end and every frame of the ring is ``frame_size`` after the one before (see RingEngine).
+_FRAME_ROUND = 128
+_META = struct.Struct("=IIII")
+# below this many frames, a batch's metadata is made a frame at a time: the strided slices
+# cost about 5 us whatever their length, a frame about 0.5 us
+_GATHER_MIN = 12
+LINGER_S = 0.0001      # RingEngine.linger
+LINGER_BATCH = 64      # capture_loop lingers after a batch of fewer frames than this
+# a ring of fewer frames than this holds little of a burst (tc-capture and tc-intercept warn)
+RING_FEW_FRAMES = 4096
+MAX_DATAGRAM = 65536   # the largest GRO/TSO super-segment (without BIG TCP), lo's MTU
+_SIOCETHTOOL = 0x8946
+_ETHTOOL_GTSO, _ETHTOOL_GGSO, _ETHTOOL_GFLAGS, _ETHTOOL_GGRO = 0x1E, 0x23, 0x25, 0x2B
+_ETH_FLAG_LRO = 1 << 15
+
+
+def interface_offloads(iface: str) -> bool:
+    """Can ``iface`` hand a capture packets longer than its MTU: GRO, LRO, TSO or GSO on?
+    (Asked with the SIOCETHTOOL ioctl; True when it cannot tell.)"""
+    import fcntl
+
+    val = ctypes.create_string_buffer(8)  # struct ethtool_value {u32 cmd; u32 data}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for cmd in (_ETHTOOL_GGRO, _ETHTOOL_GFLAGS, _ETHTOOL_GTSO, _ETHTOOL_GGSO):
+            struct.pack_into("=II", val, 0, cmd, 0)
+            ifreq = struct.pack("16sP16x", iface.encode()[:15], ctypes.addressof(val))
+            try:
+                fcntl.ioctl(s.fileno(), _SIOCETHTOOL, ifreq)
+            except OSError:
+                return True
+            data = struct.unpack_from("=II", val)[1]
+            if data & _ETH_FLAG_LRO if cmd == _ETHTOOL_GFLAGS else data:
+                return True
+    return False
+
+
+def ring_geometry(frame_bytes: int, buffer_bytes: int, page: int = mmap.PAGESIZE):
+    """(frame size, block size, block count) of a TPACKET_V2 ring whose frames hold
+    ``frame_bytes`` after the network-header offset and that takes about ``buffer_bytes``:
+    frames of a multiple of _FRAME_ROUND (so of TPACKET_ALIGNMENT), blocks of a multiple
+    of the page size holding a whole number of frames."""
+    frame = -(-(_TP2_NET_AT + frame_bytes) // _FRAME_ROUND) * _FRAME_ROUND
+    block = frame * page // math.gcd(frame, page)
+    return frame, block, max(1, -(-buffer_bytes // block))
+
+
+class RingEngine(_PacketStats):
+    """A TPACKET_V2 ring (PACKET_RX_RING) mapped into this process, read in pure Python:
+    immediate (poll() wakes as soon as the kernel has filled one frame; TPACKET_V3, as
+    libpcap uses it, hands over whole blocks, on a timer when traffic is light) and
+    batched (one wake-up reads every frame ready).
+
+    The socket is _packet_socket's (the same filter and direction rules as
+    AfPacketEngine). Each frame starts with a tpacket2_hdr, whose tp_status says who owns
+    it (TP_STATUS_KERNEL: 0, or TP_STATUS_USER set: filled, ours until we write 0 back),
+    then the sockaddr_ll (packet and link type), then the packet at tp_mac. Timestamps
+    are the kernel's, in nanoseconds.
+
+    Frames are fixed-size: each holds one packet whatever its size, so it is sized for the
+    largest packet the capture may see (the MTU and the link header, or 64 KiB with
+    offloads on, GRO super-segments; at most the snap length), and the ring of
+    ``buffer_kib`` holds buffer_kib * 1024 / frame_size packets (``frame_nr``). (A veth
+    whose peer segments nothing may hand over super-segments with its own offloads off:
+    those are cut to the frame and counted as truncated.)
+
+    A large batch costs no Python work per frame here: all frames are equally spaced, so
+    the column of one header field over n frames is one strided slice of the mmap, and the
+    batch's metadata (sec, nsec, offset, caplen: the "=IIII" of Capturer.batch) is made
+    of such slices; handing frames back is four strided writes of zeros (tp_status). A
+    small batch (below _GATHER_MIN), and frames that need a decision each (outgoing ones
+    to skip, an unusual tp_mac), take a per-frame path; with ``both_ways`` every frame
+    does (Capturer's general path, which --server-half takes anyway, wants each frame's
+    direction).
+
+    Ordering: the kernel writes a frame, then (after a write barrier) its tp_status; we
+    read tp_status, then the frame, and write tp_status back only after the frame was
+    consumed. Python has no read barrier to put in between: on x86 (TSO) loads are not
+    reordered, so this is sound there; on weakly ordered CPUs (arm64) it is not
+    guaranteed (not tested there).
+
+    VLAN: the kernel strips the tag before the packet reaches the ring (its TCI is in
+    tp_vlan_tci); libpcap puts it back into the frame, this engine does not (as
+    AfPacketEngine: the records hold the IP datagram, which the tag does not change).
+    """
+
+    name = "ring"
+    # capture_loop (tc-capture) flushes a small batch (fewer than LINGER_BATCH frames)
+    # and then waits this long before it reads again, so that under load a read finds a
+    # batch, not a packet or two: a wake-up and its batch cost some 10-20 us of CPU in
+    # Python, per packet at 100,000 packets/s 3 to 5 times what libpcap's 1 ms block timer
+    # costs. A packet on an idle link is still read at once; one that comes during the
+    # wait waits at most that long (plus the kernel's timer slack, 50 us).
+    # (tc-intercept does not wait: its latency is on every gated request.)
+    linger = LINGER_S
+
+    def __init__(self, iface: str, bpf: str, snaplen: int, buffer_kib: int,
+                 both_ways: bool = False, promisc: bool = False):
+        self.iface = iface
+        self.both_ways = both_ways
+        self.mm = None
+
+        def ring(s):
+            dgram = s.type == socket.SOCK_DGRAM
+            if iface == "any" or iface == "lo" or interface_offloads(iface):
+                largest, self.sized_for = MAX_DATAGRAM, "64 KiB super-segments (offloads on)"
+            else:
+                largest, self.sized_for = interface_mtu(iface), "the MTU"
+            # the snap length counts the link header (Ethernet, maybe one VLAN tag left in)
+            frame_bytes = largest + (0 if dgram else 18)
+            if snaplen < frame_bytes:
+                frame_bytes, self.sized_for = snaplen, "the snap length"
+            fsize, bsize, bnr = ring_geometry(frame_bytes, buffer_kib * 1024)
+            self.frame_size, self.frame_nr = fsize, bsize // fsize * bnr
+            s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+            s.setsockopt(SOL_PACKET, PACKET_RX_RING,
+                         struct.pack("IIII", bsize, bnr, fsize, self.frame_nr))
+            self.mm = mmap.mmap(s.fileno(), bsize * bnr, mmap.MAP_SHARED,
+                                mmap.PROT_READ | mmap.PROT_WRITE)
+            # where the kernel puts the link header of a frame (tp_mac) as a rule
+            self.mac_at = _TP2_NET_AT - (0 if dgram else 14)
+
+        try:
+            self.sock, self.linktype = _packet_socket(iface, bpf, snaplen, both_ways, promisc,
+                                                      ring)
+        except BaseException:
+            if self.mm is not None:
+                self.mm.close()
+            raise
+        self.fd = self.sock.fileno()
+        self.pos = 0  # the next frame to read: the kernel fills them in ring order
+        # every frame's metadata with its offset column filled in (the batch path's start)
+        nr, fs = self.frame_nr, self.frame_size
+        offsets = struct.pack(f"={nr}I", *range(self.mac_at, nr * fs, fs))
+        self._tmpl = bytearray(nr * 16)
+        for k in range(4):
+            self._tmpl[8 + k::16] = offsets[k::4]
+        self._zeros = memoryview(bytes(self.frame_nr))
+        self.skipped = 0   # outgoing frames left out of the batches (not counted there)
+        self._drain_queue()
+
+    def _drain_queue(self) -> None:
+        """Packets queued on the socket before the ring was set up ("any" receives from
+        its creation) stay in its ordinary queue: drop them."""
+        for _ in range(1 << 16):
+            try:
+                self.sock.recv(1)
+            except OSError:
+                return
+
+    def describe(self) -> str:
+        return f"TPACKET_V2 ring of {self.frame_nr} frames of {self.frame_size} bytes"
+
+    def warning(self) -> str | None:
+        """What to tell the user about a ring that holds few packets, or None."""
+        if self.frame_nr >= RING_FEW_FRAMES:
+            return None
+        return (f"warning: the ring holds only {self.frame_nr} packets (frames of "
+                f"{self.frame_size} bytes, for {self.sized_for}); a larger -B holds more")
+
+    def _ready(self, max_n: int) -> int:
+        """How many frames are ours from ``pos`` on (at most max_n, up to the ring's end)."""
+        fs, pos = self.frame_size, self.pos
+        if not self.mm[pos * fs]:  # (the usual answer of the call that finds it drained)
+            return 0
+        n = min(max_n, self.frame_nr - pos)
+        # the first byte of each frame's tp_status: TP_STATUS_USER is its lowest bit, and a
+        # frame the kernel owns has tp_status 0; it fills them in order, so ours are a run
+        status = self.mm[pos * fs:(pos + n) * fs:fs]
+        k = status.find(0)
+        return n if k < 0 else k
+
+    def _release(self, n: int) -> None:
+        """Hand frames pos .. pos+n-1 back to the kernel (tp_status = TP_STATUS_KERNEL,
+        written a byte at a time: the kernel takes a frame whose whole word is 0)."""
+        fs, pos = self.frame_size, self.pos
+        start, stop = pos * fs, (pos + n) * fs
+        zeros = self._zeros[:n]
+        mm = self.mm
+        for k in range(4):
+            mm[start + k:stop:fs] = zeros
+        self.pos = (pos + n) % self.frame_nr
+
+    def _meta(self, n: int) -> bytearray:
+        """The "=IIII" metadata (sec, nsec, offset in the mmap, caplen) of frames pos ..
+        pos+n-1, leaving out the outgoing ones that are not read (counted in skipped)."""
+        if n < _GATHER_MIN:
+            return self._meta_each(n)
+        mm, fs, pos = self.mm, self.frame_size, self.pos
+        start, stop = pos * fs, (pos + n) * fs
+        col = lambda at: mm[start + at:stop:fs]  # noqa: E731 - one byte of each header
+        mac = self.mac_at
+        if (col(_TP2_MAC_AT).count(mac) != n or col(_TP2_MAC_AT + 1).count(0) != n
+                or PACKET_OUTGOING in col(_TP2_PKTTYPE_AT)):
+            return self._meta_each(n)
+        meta = self._tmpl[pos * 16:(pos + n) * 16]  # the offsets; then the other columns
+        for k in range(8):
+            meta[k::16] = col(_TP2_SEC_AT + k)      # tp_sec, tp_nsec
+        for k in range(4):
+            meta[12 + k::16] = col(_TP2_SNAPLEN_AT + k)
+        return meta
+
+    def _meta_each(self, n: int) -> bytearray:
+        """_meta() a frame at a time."""
+        mm, fs = self.mm, self.frame_size
+        hdr = _TP2_HDR.unpack_from
+        both_ways = self.both_ways
+        meta = bytearray()
+        for f in range(self.pos * fs, (self.pos + n) * fs, fs):
+            _st, _len, snap, mac, _net, sec, nsec, _tci, _tpid = hdr(mm, f)
+            if mm[f + _TP2_PKTTYPE_AT] == PACKET_OUTGOING and (
+                    not both_ways or _U16N.unpack_from(mm, f + _TP2_HATYPE_AT)[0]
+                    == _ARPHRD_LOOPBACK):
+                self.skipped += 1
+                continue
+            meta += _META.pack(sec, nsec, f + mac, snap)
+        return meta
+
+    def read(self, capturer: Capturer, max_n: int = 1024) -> int:
+        """Feed the frames ready now (at most max_n) to ``capturer``, then hand them back
+        to the kernel; returns the number of frames."""
+        n = self._ready(max_n)
+        if not n:
+            return 0
+        try:
+            if self.both_ways:
+                self._each(capturer, n)
+            else:
+                skipped = self.skipped
+                meta = self._meta(n)
+                if self.skipped != skipped:  # outgoing: counted as AfPacketEngine does
+                    capturer.frames += self.skipped - skipped
+                    capturer.foreign += self.skipped - skipped
+                capturer.batch(self.mm, meta, self.linktype, 1)
+        finally:
+            self._release(n)
+        return n
+
+    def _each(self, capturer: Capturer, n: int) -> None:
+        """Frames pos .. pos+n-1 one by one, with their direction (both_ways)."""
+        mm, fs, lt = self.mm, self.frame_size, self.linktype
+        hdr, frame = _TP2_HDR.unpack_from, capturer.frame
+        for f in range(self.pos * fs, (self.pos + n) * fs, fs):
+            _st, _len, snap, mac, _net, sec, nsec, _tci, _tpid = hdr(mm, f)
+            outgoing = mm[f + _TP2_PKTTYPE_AT] == PACKET_OUTGOING
+            if outgoing and _U16N.unpack_from(mm, f + _TP2_HATYPE_AT)[0] == _ARPHRD_LOOPBACK:
+                capturer.frames += 1  # loopback's outgoing copy: read once, coming in
+                capturer.foreign += 1
+                continue
+            frame(mm, f + mac, f + mac + snap, lt, sec * 1_000_000_000 + nsec, outgoing)
+            if capturer.done:
+                return
+
+    def read_batches(self, consumer, max_n: int = 1024) -> int:
+        """Like read(), for a consumer that wants every frame as a batch, both directions
+        (but loopback's outgoing copy): ``consumer.batch(buf, meta, linktype, 1)``
+        (tc-intercept)."""
+        n = self._ready(max_n)
+        if not n:
+            return 0
+        try:
+            consumer.batch(self.mm, self._meta(n), self.linktype, 1)
+        finally:
+            self._release(n)
+        return n
+
+    def close(self) -> None:
+        self.mm.close()
+        self.sock.close()
+
+
+ENGINES = {"pcap": PcapEngine, "afpacket": AfPacketEngine, "ring": RingEngine}
 
 
 def open_engine(kind: str, iface: str, bpf: str, snaplen: int = DEFAULT_SNAPLEN,
-                buffer_kib: int = DEFAULT_BUFFER_KIB, both_ways: bool = False):
+                buffer_kib: int = DEFAULT_BUFFER_KIB, both_ways: bool = False,
+                promisc: bool = False):
     check_interface(iface)
-    return ENGINES[kind](iface, bpf, snaplen, buffer_kib, both_ways)
+    return ENGINES[kind](iface, bpf, snaplen, buffer_kib, both_ways, promisc)
 
 
 def capture_loop(engine, capturer: Capturer, stop, on_tick=None, idle_wait: float = 0.25,
@@ -795,14 +1160,22 @@ def capture_loop(engine, capturer: Capturer, stop, on_tick=None, idle_wait: floa
 
     When the ring is empty the writer is flushed (an idle link never holds records back)
     and the loop waits in select() on the capture fd plus ``extra_fds`` (non-blocking
-    signal wakeup pipes, drained here) for at most ``idle_wait`` s. ``on_tick(now)`` runs between batches.
+    signal wakeup pipes, drained here) for at most ``idle_wait`` s. ``on_tick(now)`` runs
+    between batches. With an engine that has a ``linger`` (s), a batch of fewer than
+    LINGER_BATCH frames is flushed and followed by a sleep of that long before the next
+    read (see RingEngine.linger).
     """
     fds = [engine.fd, *extra_fds]
     writer = capturer.writer
     flush = writer.flush
     read = engine.read
+    linger = getattr(engine, "linger", 0)
     while not capturer.done and not stop():
-        if read(capturer) == 0:
+        n = read(capturer)
+        if n and linger and n < LINGER_BATCH:
+            flush()
+            time.sleep(linger)
+        elif not n:
             flush()
             if stop():
                 break

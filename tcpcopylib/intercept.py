@@ -1,10 +1,12 @@
 """tc-intercept's engine: live capture of the target's replies, written as "fb" records.
 
-The capture is libpcap (pcapy-ng) in non-blocking mode, woken by poll() on its fd, with a
-1 ms buffer timeout: on an idle link a reply reaches stdout about 1 ms after it arrives
-(a blocking next() would wait for the next packet, feasibility.md 4.3). Packets are read
-in batches (next_batch) when pcapy has it, and the writer is flushed whenever the capture
-has nothing more, so throughput batches itself under load without adding latency.
+The capture is one of tc-capture's engines (tcpcopylib.capture), both directions, in
+non-blocking mode, woken by poll() on its fd: "ring" (the default: a TPACKET_V2 ring,
+immediate, a reply reaches stdout as soon as it is read), "pcap" (libpcap through
+pcapy-ng, with a 1 ms buffer timeout: on an idle link a reply waits about 1 ms for its
+block, feasibility.md 4.3) or "afpacket" (one recvfrom per packet). Packets are read in
+batches where the engine has them, and the writer is flushed whenever the capture has
+nothing more, so throughput batches itself under load without adding latency.
 """
 
 from __future__ import annotations
@@ -90,14 +92,40 @@ def open_capture(iface: str, bpf: str, snaplen: int, promisc: bool = True,
     return cap
 
 
-class Interceptor:
-    """Capture loop: frames in, encoded fb records out through a RecordWriter."""
+def open_engine(kind: str, iface: str, bpf: str, snaplen: int, promisc: bool = True,
+                buffer_size: int = BUFFER_SIZE):
+    """The capture engine ``kind`` (tcpcopylib.capture.ENGINES) on ``iface``, both
+    directions; errors mapped to tc-intercept's exit statuses."""
+    from tcpcopylib import capture
 
-    def __init__(self, cap, writer, payload: int = 0, tick=None, tick_s: float = 10.0):
-        self.cap = cap
+    if kind == "pcap":
+        return capture.PcapEngine.from_handle(
+            open_capture(iface, bpf, snaplen, promisc, buffer_size), iface)
+    if iface != "any":
+        try:
+            socket.if_nametoindex(iface)
+        except OSError:
+            raise NoInputError(f"{iface}: no such interface") from None
+    try:
+        return capture.ENGINES[kind](iface, bpf, snaplen, max(1, buffer_size >> 10),
+                                     both_ways=True, promisc=promisc)
+    except capture.InterfaceDownError as e:
+        raise UnavailableError(str(e)) from None
+    except NoPermissionError as e:
+        raise NoPermissionError(f"{iface}: capturing needs root or CAP_NET_RAW") from e
+
+
+class Interceptor:
+    """Capture loop: frames in, encoded fb records out through a RecordWriter.
+
+    ``engine``: a capture engine of tcpcopylib.capture (open_engine). The engine feeds
+    frames to batch() and frame(), the interface of capture.Capturer."""
+
+    def __init__(self, engine, writer, payload: int = 0, tick=None, tick_s: float = 10.0):
+        self.engine = engine
         self.writer = writer
         self.payload = payload
-        self.linktype = cap.datalink()
+        self.linktype = engine.linktype
         self.ip_offset = IP_OFFSET.get(self.linktype)
         if self.ip_offset is None:
             raise UsageError(f"unsupported link type {self.linktype} ({SUPPORTED})")
@@ -106,11 +134,17 @@ class Interceptor:
         self.captured = 0
         self.written = 0
         self.skipped = 0
+        self.limit = 0       # stop after this many records (0: never)
+        self.done = False
+        # (the engines count loopback's outgoing copies of packets, which they leave out,
+        # here; libpcap never shows them: not reported)
+        self.frames = self.foreign = 0
 
     def kernel_stats(self) -> tuple[int, int, int]:
-        """(received, dropped, dropped by the interface) as libpcap reports them."""
+        """(received, dropped, dropped by the interface) as the kernel (or libpcap) reports
+        them."""
         try:
-            return tuple(self.cap.stats())
+            return tuple(self.engine.kernel_stats())
         except Exception:  # noqa: BLE001 - a closed or odd handle: no numbers
             return (0, 0, 0)
 
@@ -134,9 +168,32 @@ class Interceptor:
         self.writer.write_raw(rec)
         self.written += 1
 
-    def _ether_batch(self, buf: bytes, meta: bytes) -> None:
-        """A next_batch() result on Ethernet: untagged IPv4 TCP with headers-only-sized
-        records is encoded inline (the hot loop: no calls per packet), the rest by _frame."""
+    def frame(self, buf, start: int, end: int, linktype: int, ts: int,
+              outgoing: bool = False) -> None:
+        """One frame from an engine that reads frame by frame (Capturer's signature)."""
+        self._frame(buf, ts, start, end)
+        if self.limit and self.written >= self.limit:
+            self.done = True
+
+    def batch(self, buf, meta, linktype: int, ts_unit: int = 1000) -> int:
+        """A batch from an engine: (sec, usec or nsec, offset, caplen) per frame ("=IIII",
+        as Capturer.batch; ``ts_unit``: ns per unit of the second field)."""
+        n = len(meta) >> 4
+        if self.limit:
+            meta = meta[:16 * (self.limit - self.written)]
+        if self.linktype == LINKTYPE_ETHERNET:
+            self._ether_batch(buf, meta, ts_unit)
+        else:
+            frame = self._frame
+            for sec, sub, off, caplen in _META.iter_unpack(meta):
+                frame(buf, sec * 1_000_000_000 + sub * ts_unit, off, off + caplen)
+        if self.limit and self.written >= self.limit:
+            self.done = True
+        return n
+
+    def _ether_batch(self, buf, meta, ts_unit: int = 1000) -> None:
+        """A batch on Ethernet: untagged IPv4 TCP with headers-only-sized records is
+        encoded inline (the hot loop: no calls per packet), the rest by _frame."""
         writer = self.writer
         out = writer.buf
         payload = self.payload
@@ -144,7 +201,7 @@ class Interceptor:
         c1, c2, c8, c16 = FB_MAP4, DATA1, LEN1_KEY, LEN2_KEY
         frame = self._frame
         fast = 0
-        for sec, usec, off, caplen in _META.iter_unpack(meta):
+        for sec, sub, off, caplen in _META.iter_unpack(meta):
             ip = off + 14
             end = off + caplen
             if caplen >= 54 and buf[off + 12] == 8 and buf[off + 13] == 0 and buf[ip] == 0x45 \
@@ -155,12 +212,12 @@ class Interceptor:
                 tot = (buf[ip + 2] << 8) | buf[ip + 3]
                 # (parse_tcp's rule: whole headers, captured and within the total length)
                 if 40 <= hdr <= tot and ip + hdr <= end and 24 <= keep < 256:
-                    out += head(c1, sec * 1_000_000_000 + usec * 1000, c2, keep)
+                    out += head(c1, sec * 1_000_000_000 + sub * ts_unit, c2, keep)
                     out += buf[ip:ip + keep]
                     out += len2(c16, tot) if tot >= 256 else len1(c8, tot)
                     fast += 1
                     continue
-            frame(buf, sec * 1_000_000_000 + usec * 1000, off, end)
+            frame(buf, sec * 1_000_000_000 + sub * ts_unit, off, end)
         self.captured += fast
         self.written += fast
         writer.records += fast
@@ -169,32 +226,15 @@ class Interceptor:
 
     def run(self, limit: int = 0) -> None:
         """Capture until interrupted (or `limit` records written, for tests/benchmarks)."""
-        cap, writer, frame = self.cap, self.writer, self._frame
+        engine, writer = self.engine, self.writer
+        self.limit = limit
+        read = engine.read_batches
         poll = select.poll()
-        poll.register(cap.getfd(), select.POLLIN)
-        batch = getattr(cap, "next_batch", None)
+        poll.register(engine.fd, select.POLLIN)
         next_tick = time.monotonic() + self.tick_s if self.tick else None
-        iter_meta = _META.iter_unpack
         while True:
-            got = 0
-            if batch is not None:
-                buf, meta = batch(BATCH)
-                if meta:
-                    if limit:
-                        meta = meta[:16 * (limit - self.written)]
-                    if self.linktype == LINKTYPE_ETHERNET:
-                        self._ether_batch(buf, meta)
-                    else:
-                        for sec, usec, off, caplen in iter_meta(meta):
-                            frame(buf, sec * 1_000_000_000 + usec * 1000, off, off + caplen)
-                    got = len(meta) // 16
-            else:
-                hdr, data = cap.next()
-                if hdr is not None:
-                    sec, usec = hdr.getts()
-                    frame(data, sec * 1_000_000_000 + usec * 1000)
-                    got = 1
-            if limit and self.written >= limit:
+            got = read(self, BATCH)
+            if self.done:
                 writer.flush()
                 return
             if next_tick is not None:
@@ -202,10 +242,10 @@ class Interceptor:
                 if now >= next_tick:
                     next_tick = now + self.tick_s
                     self.tick()
-            if got == 0 or batch is not None and got < BATCH:
-                # less than BATCH: the ring is drained (next_batch reads every block
-                # ready), so wait in poll() rather than ask pcap again (its own
-                # poll(fd, 0) and buffers for nothing, once per wake-up)
+            if got < BATCH:
+                # less than BATCH: the capture is drained (pcap's next_batch reads every
+                # block ready; the ring stops at its end only), so wait in poll() rather
+                # than ask again (libpcap's own poll(fd, 0) and buffers for nothing)
                 writer.flush()
                 poll.poll(1000 if next_tick is None else
                           max(1, int((next_tick - time.monotonic()) * 1000)))

@@ -64,6 +64,9 @@ class LiveCapture:
         engine = cap.open_engine(self.engine_kind, iface, self.expr or "tcp", self.snaplen,
                                  self.buffer_kib, both_ways=self.server_half)
         self.engine = engine
+        warning = getattr(engine, "warning", lambda: None)()
+        if warning:
+            self.warn(warning)
         self.if_drops0 = cap.interface_rx_drops(iface)
         mtu = self.mtu or (cap.interface_mtu(iface) if iface != "any" else cap.DEFAULT_MTU)
         self.mtu = mtu
@@ -97,9 +100,9 @@ class LiveCapture:
         e = self.engine
         servers = (f", server half of {len(self.capturer.server_ports)} listening ports"
                    if self.server_half else "")
-        return (f"capturing on {self.iface} ({e.name}, linktype {e.linktype}, filter "
-                f"{self.expr or 'tcp'!r}, mtu {self.mtu}, {len(self.capturer.local)} local "
-                f"addresses{servers})")
+        return (f"capturing on {self.iface} ({e.name}: {e.describe()}, linktype "
+                f"{e.linktype}, filter {self.expr or 'tcp'!r}, mtu {self.mtu}, "
+                f"{len(self.capturer.local)} local addresses{servers})")
 
     def run(self) -> None:
         """Capture until the count is reached or SIGINT/SIGTERM; then flush the output and

@@ -300,7 +300,7 @@ def _curl(lab, url, n=3):
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("engine", ["pcap", "afpacket"])
+@pytest.mark.parametrize("engine", ["pcap", "afpacket", "ring"])
 @pytest.mark.parametrize("iface", ["cli0", "any"])
 def test_capture_matches_tcpdump(lab, tmp_path, engine, iface):
     lab.start_server("online", port=8080)
@@ -351,7 +351,7 @@ def test_count_filter_and_stdout(lab):
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("engine", ["pcap", "afpacket"])
+@pytest.mark.parametrize("engine", ["pcap", "afpacket", "ring"])
 def test_idle_link_does_not_hold_records_back(lab, engine):
     """One packet on an otherwise idle link reaches the output at once (flush on idle)."""
     p = _tool(lab, "online", ["cli0", "--engine", engine], stdout=subprocess.PIPE,
@@ -380,9 +380,10 @@ def test_idle_link_does_not_hold_records_back(lab, engine):
 
 
 @pytest.mark.netns
-def test_sigterm_while_idle_exits_0_with_counts(lab, tmp_path):
+@pytest.mark.parametrize("engine", ["pcap", "ring"])
+def test_sigterm_while_idle_exits_0_with_counts(lab, tmp_path, engine):
     out = tmp_path / "cap.cbor"
-    p = _tool(lab, "online", ["cli0", "-w", out], stderr=subprocess.PIPE)
+    p = _tool(lab, "online", ["cli0", "-w", out, "--engine", engine], stderr=subprocess.PIPE)
     _wait_file(out)
     p.send_signal(signal.SIGUSR1)  # counts now; must not leave the idle loop spinning
     time.sleep(0.2)
@@ -397,7 +398,7 @@ def test_sigterm_while_idle_exits_0_with_counts(lab, tmp_path):
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("engine", ["pcap", "afpacket"])
+@pytest.mark.parametrize("engine", ["pcap", "afpacket", "ring"])
 def test_no_permission_is_77(lab, engine):
     # As user nobody when this Python and the checkout are reachable for it (not when the
     # interpreter lives under /root); otherwise as root without CAP_NET_RAW/CAP_NET_ADMIN.
@@ -436,7 +437,7 @@ c.sendall(str(n).encode()); c.close()
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("engine", ["pcap", "afpacket"])
+@pytest.mark.parametrize("engine", ["pcap", "afpacket", "ring"])
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_gro_supersegments_are_split(lab, tmp_path, engine, family):
     lab.run("online", ["ethtool", "-K", "cli0", "gro", "on", "rx", "on"], capture_output=True)
@@ -508,7 +509,7 @@ assert s.recv(100) == b"{len(data)}"
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("engine", ["pcap", "afpacket"])
+@pytest.mark.parametrize("engine", ["pcap", "afpacket", "ring"])
 @pytest.mark.parametrize("iface", ["lan0", "cli0", "any"])
 def test_own_emitted_packets_are_never_captured(lab, tmp_path, engine, iface):
     """Forged client packets sent from the online host (raw IP and AF_PACKET, as tc-emit
@@ -626,3 +627,212 @@ def test_batch_reads_how_old_its_newest_frame_is():
     assert c.newest_ts == (1_700_000_002) * 1_000_000_000 + 5000
     c.refresh(time.monotonic())
     assert c.shedding == "lag"  # (stamped in 2023: far behind)
+
+
+# -- the ring engine (TPACKET_V2), in process in the lab ----------------------------------------
+def test_ring_geometry_has_equally_spaced_frames():
+    """Every block (a page multiple) holds whole frames (multiples of 16), so the ring's
+    frames are all frame_size apart: what the strided reads and writes rely on."""
+    for frame_bytes in (68, 100, 148, 1518, 9018, 65554, 262144):
+        for buffer in (1, 4096, 1 << 20, 32 << 20):
+            frame, block, blocks = cap.ring_geometry(frame_bytes, buffer)
+            assert frame % cap.TPACKET_ALIGNMENT == 0 and frame >= cap._TP2_NET_AT + frame_bytes
+            assert block % 4096 == 0 and block % frame == 0 and blocks >= 1
+            assert block * blocks >= buffer
+            assert block <= max(frame * 32, 4096)  # (lcm with a page: at most 32 frames)
+
+
+def _segments(lab, n, sizes=(0, 1, 300, 1400), v6_every=3, dport=8080):
+    """n TCP segments client -> online (raw IP datagrams), IPv6 every v6_every-th."""
+    out = []
+    for i in range(n):
+        v6 = v6_every and i % v6_every == v6_every - 1
+        src, dst = ((lab.client_ip6, lab.online_cli_ip6) if v6 else
+                    (lab.client_ip, lab.online_cli_ip))
+        out.append(build_tcp(ip_bytes(src), ip_bytes(dst), 40000 + i % 50, dport, 1000 + i, 1,
+                             TH_ACK | TH_PSH, payload=os.urandom(sizes[i % len(sizes)])))
+    return out
+
+
+def _send(lab, datagrams, pause_every=0):
+    """Send raw IP datagrams from the client host."""
+    with lab.enter("client"):
+        s4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        s6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    with s4, s6:
+        for i, d in enumerate(datagrams):
+            if d[0] >> 4 == 6:
+                s6.sendto(d, (socket.inet_ntop(socket.AF_INET6, d[24:40]), 0))
+            else:
+                s4.sendto(d, (socket.inet_ntop(socket.AF_INET, d[16:20]), 0))
+            if pause_every and i % pause_every == pause_every - 1:
+                time.sleep(0.001)
+
+
+def _open(lab, kind, iface, bpf="tcp", host="online", **kw):
+    with lab.enter(host):
+        return cap.open_engine(kind, iface, bpf, **kw)
+
+
+def _drain(pairs, want, timeout=5.0):
+    """Read every (engine, capturer) until each capturer has ``want`` records (or the
+    timeout), waiting in select() as capture_loop does."""
+    end = time.monotonic() + timeout
+    while True:
+        for e, c in pairs:
+            while c.records < want and e.read(c):
+                pass
+        busy = [e.fd for e, c in pairs if c.records < want]
+        if not busy or time.monotonic() > end:
+            return
+        select.select(busy, [], [], 0.05)
+
+
+def _recs(w):
+    return [cbor2.loads(x) for x in _split_cbor(bytes(w.buf))]
+
+
+def _local(lab):
+    return {ip_bytes(a) for a in (lab.online_cli_ip, lab.online_cli_ip6)}
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("iface", ["cli0", "any"])
+def test_ring_gives_the_records_of_pcap(lab, iface):
+    """The same traffic through the ring and through libpcap: the same records, at the
+    same capture times (the kernel's; libpcap's in microseconds)."""
+    engines = [_open(lab, kind, iface) for kind in ("ring", "pcap")]
+    writers = [BufferWriter(), BufferWriter()]
+    pairs = [(e, cap.Capturer(w, addresses=_local(lab))) for e, w in zip(engines, writers)]
+    try:
+        sent = _segments(lab, 300)
+        _send(lab, sent)
+        _drain(pairs, len(sent))
+        ring, pcap = (_recs(w) for w in writers)
+        assert [r["data"] for r in ring] == [r["data"] for r in pcap] == sent
+        # (each socket stamps a packet as it takes it, microseconds apart)
+        assert all(abs(r["ts"] - p["ts"]) < 5_000_000 for r, p in zip(ring, pcap))
+        assert any(r["ts"] % 1000 for r in ring)  # nanoseconds
+        rc = pairs[0][1]
+        assert (rc.frames, rc.foreign, rc.truncated) == (len(sent), 0, 0)
+        received, dropped, _ = engines[0].kernel_stats()
+        # ("any" is open for all from the start: a few frames come before its filter)
+        assert dropped == 0 and (received == len(sent) or iface == "any" and received >= 300)
+    finally:
+        for e in engines:
+            e.close()
+
+
+@pytest.mark.netns
+def test_ring_both_ways_reads_loopback_once_and_knows_outgoing(lab):
+    """both_ways (--server-half): a local connection on lo gives each packet once (the
+    kernel shows AF_PACKET its outgoing and its incoming copy), client and server halves
+    as libpcap gives them."""
+    port = 8097
+    engines = [_open(lab, kind, "lo", f"tcp port {port}", both_ways=True)
+               for kind in ("ring", "pcap")]
+    writers = [BufferWriter(), BufferWriter()]
+    pairs = [(e, cap.Capturer(w, addresses={ip_bytes("127.0.0.1")}, server_half=True,
+                              server_ports={struct.pack("!H", port)}))
+             for e, w in zip(engines, writers)]
+    try:
+        with lab.enter("online"):
+            srv = socket.create_server(("127.0.0.1", port))
+            cl = socket.create_connection(("127.0.0.1", port))
+        with srv, cl:
+            conn, _ = srv.accept()
+            with conn:
+                cl.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                assert conn.recv(100)
+                conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * 3000)
+                assert cl.recv(10)
+        time.sleep(0.1)
+        _drain(pairs, 10 ** 9, timeout=0.5)
+    finally:
+        for e in engines:
+            e.close()
+    ring, pcap = ([(r["t"], r["data"]) for r in _recs(w)] for w in writers)
+    assert ring == pcap
+    assert {t for t, _ in ring} == {"pkt", "s2c"} and len(ring) >= 8
+    # the ring was shown every packet twice, and counts the outgoing copies as foreign
+    (_, rc), (_, pc) = pairs
+    assert rc.frames == 2 * pc.frames and rc.foreign == pc.foreign + pc.frames
+
+
+@pytest.mark.netns
+def test_ring_filter_rejects_in_the_kernel(lab):
+    e = _open(lab, "ring", "cli0", "tcp dst port 9")
+    w = BufferWriter()
+    c = cap.Capturer(w, addresses=_local(lab))
+    try:
+        _send(lab, _segments(lab, 50))   # to port 8080: the filter rejects them all
+        time.sleep(0.2)
+        assert e.read(c) == 0 and c.frames == 0
+        assert e.kernel_stats()[0] == 0  # never queued
+        _send(lab, _segments(lab, 5, dport=9))  # positive control
+        _drain([(e, c)], 5)
+        assert c.records == 5
+    finally:
+        e.close()
+
+
+@pytest.mark.netns
+def test_ring_counts_drops_and_recovers(lab):
+    """A ring of 32 frames, not read while 100 packets arrive: 32 kept, 68 counted as
+    dropped; then it takes packets again."""
+    e = _open(lab, "ring", "cli0", snaplen=200, buffer_kib=4)
+    assert e.frame_nr == 32, e.describe()
+    w = BufferWriter()
+    c = cap.Capturer(w, addresses=_local(lab))
+    try:
+        sent = _segments(lab, 100, sizes=(10,))
+        _send(lab, sent)
+        time.sleep(0.2)
+        _drain([(e, c)], 100, timeout=0.3)
+        assert [r["data"] for r in _recs(w)] == sent[:32]
+        assert e.drops() == (68, 0) and e.kernel_stats()[:2] == (100, 68)
+        more = _segments(lab, 10, sizes=(20,))
+        _send(lab, more)
+        _drain([(e, c)], 42)
+        assert [r["data"] for r in _recs(w)[32:]] == more and e.drops()[0] == 68
+    finally:
+        e.close()
+
+
+@pytest.mark.netns
+def test_ring_wraps_many_times(lab):
+    """3000 packets through a ring of 32 frames, read as they come (sent in bursts that
+    fit): every one, in order, none dropped; the ring went round ~90 times."""
+    e = _open(lab, "ring", "cli0", snaplen=200, buffer_kib=4)
+    w = BufferWriter()
+    c = cap.Capturer(w, addresses=_local(lab))
+    try:
+        sent = _segments(lab, 3000, sizes=(0, 7, 100))
+        for i in range(0, len(sent), 20):
+            _send(lab, sent[i:i + 20])
+            _drain([(e, c)], i + 20)
+        got = _recs(w)
+        assert [r["data"] for r in got] == sent
+        assert e.drops()[0] == 0 and c.frames == len(sent)
+        assert all(a["ts"] <= b["ts"] for a, b in zip(got, got[1:]))
+    finally:
+        e.close()
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("kind", ["ring", "pcap"])
+def test_ring_snaplen_cuts_like_pcap(lab, kind):
+    """-s 100: a 1040-byte datagram is kept as its first 86 bytes (after 14 of Ethernet)
+    with its length; a short one whole."""
+    e = _open(lab, kind, "cli0", snaplen=100)
+    w = BufferWriter()
+    c = cap.Capturer(w, addresses=_local(lab))
+    try:
+        big, small = _segments(lab, 2, sizes=(1000, 10), v6_every=0)
+        _send(lab, [big, small])
+        _drain([(e, c)], 2)
+        assert [(r["data"], r.get("len")) for r in _recs(w)] == [(big[:86], len(big)),
+                                                                (small, None)]
+        assert c.truncated == 1
+    finally:
+        e.close()

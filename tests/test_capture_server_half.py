@@ -315,7 +315,7 @@ def test_tc_diff_takes_a_server_half_stream_as_the_original(tmp_path):
 
 # -- the lab: real clients, a real server, tcpdump beside ---------------------------------
 @pytest.mark.netns
-@pytest.mark.parametrize("engine", ["pcap", "afpacket"])
+@pytest.mark.parametrize("engine", ["pcap", "afpacket", "ring"])
 @pytest.mark.parametrize("iface", ["cli0", "any"])
 def test_live_server_half_equals_tcpdump_connection_by_connection(lab, tmp_path, engine, iface):
     import subprocess

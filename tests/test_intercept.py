@@ -82,12 +82,13 @@ def forge_syn(lab, src, dst, sport, dport, seq):
 
 
 @pytest.mark.netns
+@pytest.mark.parametrize("engine", ["ring", "pcap", "afpacket"])
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-def test_synack_captured_on_assistant(lab, v6):
+def test_synack_captured_on_assistant(lab, v6, engine):
     lab.start_server("target", port=8080)
     client = lab.client_ip6 if v6 else lab.client_ip
     target = lab.target_ip6 if v6 else lab.target_ip
-    ic = Intercept(lab, "assistant", "lan0", "-F", "tcp and src port 8080")
+    ic = Intercept(lab, "assistant", "lan0", "-F", "tcp and src port 8080", "--engine", engine)
     try:
         time.sleep(0.2)  # an idle link: the latency below is the idle-link case
         sport, seq = random.randint(20000, 60000), random.getrandbits(32)
@@ -108,20 +109,26 @@ def test_synack_captured_on_assistant(lab, v6):
         assert rec["len"] == len(rec["data"]) == tcp.ihl + tcp.doff  # headers only
         assert abs(rec["ts"] - time.time_ns()) < 10 * 10**9
         assert ic.header["tool"] == "tc-intercept"
+        if engine != "afpacket":  # (afpacket's timestamps: when read)
+            assert rec["ts"] <= time.time_ns()
     finally:
         rc, err = ic.stop()
     assert rc == 0
     assert "replies written" in err and "dropped" in err
+    assert " 0 dropped" in err and "kernel: 0 received" not in err
 
 
 @pytest.mark.netns
-def test_payload_of_a_real_connection(lab, tmp_path):
-    """A real HTTP exchange online -> target, captured on the target's side: payload kept."""
+@pytest.mark.parametrize("engine", ["ring", "pcap"])
+def test_payload_of_a_real_connection(lab, tmp_path, engine):
+    """A real HTTP exchange online -> target, captured on the target's side (outgoing
+    there): payload kept."""
     (tmp_path / "index.html").write_text("x" * 3000)
     lab.start_server("target", port=8080, directory=tmp_path)
     full = Intercept(lab, "target", "-i", "lan0", "-F", "tcp and src port 8080",
-                     "--payload", "all")
-    cut = Intercept(lab, "target", "lan0", "-F", "tcp and src port 8080", "--payload", "5")
+                     "--payload", "all", "--engine", engine)
+    cut = Intercept(lab, "target", "lan0", "-F", "tcp and src port 8080", "--payload", "5",
+                    "--engine", engine)
     try:
         fetch = ("import urllib.request,sys; "
                  "print(len(urllib.request.urlopen(sys.argv[1], timeout=3).read()))")
@@ -147,10 +154,65 @@ def test_payload_of_a_real_connection(lab, tmp_path):
         cut.stop()
 
 
-def test_unknown_interface_exit_66():
-    r = tc.call(["tc-intercept", "nosuch-if0"])
+@pytest.mark.parametrize("engine", ["ring", "pcap", "afpacket"])
+def test_unknown_interface_exit_66(engine):
+    r = tc.call(["tc-intercept", "nosuch-if0", "--engine", engine])
     assert r.returncode == 66
     assert b"no such interface" in r.stderr
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("engine", ["ring", "pcap", "afpacket"])
+def test_interface_down_exit_69(lab, engine):
+    lab.run("assistant", ["ip", "link", "set", "lan0", "down"], check=True)
+    r = lab.run("assistant", [sys.executable, tc.tool_path("tc-intercept"), "lan0",
+                              "--engine", engine], capture_output=True, env=tc.tool_env(),
+                timeout=30)
+    assert r.returncode == 69, r.stderr
+    assert b"interface is down" in r.stderr and r.stderr.count(b"\n") == 1
+
+
+@pytest.mark.netns
+def test_engines_give_the_same_records_on_loopback(lab):
+    """In process, on lo (both directions, each packet shown twice to AF_PACKET): the
+    ring's and libpcap's batches make the same fb records, each packet once."""
+    from tcpcopylib.intercept import Interceptor, open_engine, snaplen_for
+    from tcpcopylib.testing import BufferWriter
+
+    port = 8098
+    with lab.enter("online"):
+        engines = [open_engine(kind, "lo", f"tcp port {port}", snaplen_for(5), promisc=False)
+                   for kind in ("ring", "pcap")]
+    ics = [Interceptor(e, BufferWriter(), payload=5) for e in engines]
+    try:
+        with lab.enter("online"):
+            srv = socket.create_server(("127.0.0.1", port))
+            cl = socket.create_connection(("127.0.0.1", port))
+        with srv, cl:
+            conn, _ = srv.accept()
+            with conn:
+                cl.sendall(b"hello")
+                assert conn.recv(10) == b"hello"
+                conn.sendall(b"x" * 2000)
+        time.sleep(0.1)
+        deadline = time.monotonic() + 2
+        for e, ic in zip(engines, ics):
+            while time.monotonic() < deadline and (e.read_batches(ic) or ic.written < 7):
+                time.sleep(0.01)
+    finally:
+        for e in engines:
+            e.close()
+    def records(buf):
+        import io
+
+        f = io.BytesIO(bytes(buf))
+        dec = cbor2.CBORDecoder(f)
+        while f.tell() < len(buf):
+            yield {k: v for k, v in dec.decode().items() if k != "ts"}
+
+    ring, pcap = (list(records(ic.writer.buf)) for ic in ics)
+    assert ring == pcap and len(ring) >= 7
+    assert [p for p in (parse_tcp(r["data"]).payload for r in ring) if p] == [b"hello", b"xxxxx"]
 
 
 def test_usage_errors():
@@ -202,8 +264,7 @@ def test_batch_fast_path_equals_generic(tmp_path, payload):
     meta = b"".join(struct.pack("=IIII", 1700000000, 2, o, len(f)) for o, f in zip(offs, frames))
 
     class Cap:
-        def datalink(self):
-            return LINKTYPE_ETHERNET
+        linktype = LINKTYPE_ETHERNET
 
     path = tmp_path / "out.cbor"
     w = RecordWriter(os.open(path, os.O_WRONLY | os.O_CREAT), tool="t")

@@ -122,8 +122,7 @@ def test_names_and_libpcap_numbers():
 
 def test_interceptor_refuses_an_unsupported_link_type():
     class Cap:
-        def datalink(self):
-            return 147
+        linktype = 147
 
     with pytest.raises(UsageError, match="unsupported link type 147"):
         Interceptor(Cap(), BufferWriter())
@@ -267,8 +266,7 @@ def test_capturer_frame_uses_the_link_decoders():
 # -- tc-intercept: the inline Ethernet batch and the per-frame path -------------------------
 def _interceptor(lt, payload):
     class Cap:
-        def datalink(self):
-            return lt
+        linktype = lt
 
     w = BufferWriter()
     return Interceptor(Cap(), w, payload=payload), w

@@ -49,9 +49,10 @@ class Tool(BaseTool):
                        help="stop after writing COUNT packet records")
         p.add_argument("-w", "--write", default="-", metavar="FILE", action=_OutputAction,
                        help="write the stream to FILE instead of stdout ('-')")
-        p.add_argument("--engine", choices=("pcap", "afpacket"), default="pcap",
-                       help="capture engine: libpcap via pcapy-ng (default) or an AF_PACKET "
-                            "socket")
+        p.add_argument("--engine", choices=("pcap", "ring", "afpacket"), default="pcap",
+                       help="capture engine: libpcap via pcapy-ng (default; 1 ms block "
+                            "timer), a TPACKET_V2 ring read as soon as a packet arrives, or "
+                            "an AF_PACKET socket (one recvfrom per packet)")
         p.add_argument("--mtu", type=int, default=0, metavar="BYTES",
                        help="split GRO/LRO super-segments longer than this (default: the "
                             "interface MTU; 1500 for 'any')")
@@ -63,7 +64,7 @@ class Tool(BaseTool):
         p.add_argument("--shed-lag", type=number_arg(float, 0, True, 1e9), metavar="MS",
                        default=SHED_LAG_MS,
                        help="while more than MS behind the kernel (the packets read are that "
-                            "old; engine pcap), and for 0.2 s after a kernel drop, shed "
+                            "old; engines pcap and ring), and for 0.2 s after a kernel drop, shed "
                             "new sessions whole (counted) so that the others stay whole "
                             f"(default {SHED_LAG_MS}; 0: off, drops too)")
         p.add_argument("-S", "--server-half", action="store_true",

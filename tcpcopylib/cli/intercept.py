@@ -15,7 +15,7 @@ def _payload(text: str) -> int:
 
 class Tool(_Tool):
     name = "tc-intercept"
-    summary = ("Capture the target's replies (live, libpcap) and write them as fb records: "
+    summary = ("Capture the target's replies (live) and write them as fb records: "
                "IP and TCP headers, optionally the first bytes of payload.")
     epilog = ("example (on the assistant):\n  tc-intercept eth1 -F 'tcp and src port 8080' | "
               "tc-feedback --listen tcp::36524")
@@ -24,6 +24,7 @@ class Tool(_Tool):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.icpt = None
+        self.final_stats = None  # the kernel's counts, taken before the engine is closed
 
     def add_arguments(self, p):
         p.add_argument("iface", nargs="?", metavar="IFACE",
@@ -38,6 +39,10 @@ class Tool(_Tool):
                        help="do not put the interface into promiscuous mode")
         p.add_argument("-B", "--buffer-size", type=int, default=65536, metavar="KIB",
                        help="kernel capture buffer in KiB (default 65536)")
+        p.add_argument("--engine", choices=("ring", "pcap", "afpacket"), default="ring",
+                       help="capture engine: a TPACKET_V2 ring read as soon as a reply "
+                            "arrives (default), libpcap via pcapy-ng (1 ms block timer), or "
+                            "an AF_PACKET socket (one recvfrom per packet)")
         p.add_argument("-c", "--count", type=int, default=0, metavar="N",
                        help="exit after writing N records (default: run until stopped)")
         p.add_argument("--stats-interval", type=float, default=10.0, metavar="S",
@@ -45,7 +50,7 @@ class Tool(_Tool):
 
     def run(self, args):
         from tcpcopylib.errors import UsageError
-        from tcpcopylib.intercept import Interceptor, open_capture, snaplen_for
+        from tcpcopylib.intercept import Interceptor, open_engine, snaplen_for
         from tcpcopylib.records import header
 
         iface = args.iface_opt or args.iface
@@ -53,24 +58,31 @@ class Tool(_Tool):
             raise UsageError("give one interface: tc-intercept IFACE (or -i IFACE)")
         if args.buffer_size < 64 or args.count < 0 or args.stats_interval <= 0:
             raise UsageError("--buffer-size >= 64, --count >= 0, --stats-interval > 0")
-        cap = open_capture(iface, args.filter, snaplen_for(args.payload),
-                           promisc=not args.no_promisc, buffer_size=args.buffer_size << 10)
-        writer = self.record_writer(header(self.name, iface=iface, filter=args.filter))
-        tick = (lambda: self.warn(self.stats_line())) if args.verbose else None
-        self.icpt = Interceptor(cap, writer, payload=args.payload, tick=tick,
-                                tick_s=args.stats_interval)
-        self.info(f"capturing on {iface}, filter {args.filter!r}")
+        engine = open_engine(args.engine, iface, args.filter, snaplen_for(args.payload),
+                             promisc=not args.no_promisc, buffer_size=args.buffer_size << 10)
         try:
-            self.icpt.run(limit=args.count)
+            warning = getattr(engine, "warning", lambda: None)()
+            if warning:
+                self.warn(warning)
+            writer = self.record_writer(header(self.name, iface=iface, filter=args.filter))
+            tick = (lambda: self.warn(self.stats_line())) if args.verbose else None
+            self.icpt = Interceptor(engine, writer, payload=args.payload, tick=tick,
+                                    tick_s=args.stats_interval)
+            self.info(f"capturing on {iface}, filter {args.filter!r} ({engine.describe()})")
+            try:
+                self.icpt.run(limit=args.count)
+            finally:
+                writer.flush()
         finally:
-            writer.flush()
+            self.final_stats = self.icpt.kernel_stats() if self.icpt else (0, 0, 0)
+            engine.close()
         return 0
 
     def stats_line(self):
         i = self.icpt
         if i is None:
             return None
-        recv, drop, ifdrop = i.kernel_stats()
+        recv, drop, ifdrop = self.final_stats or i.kernel_stats()
         return (f"{i.captured} packets captured, {i.written} replies written, {i.skipped} "
                 f"skipped (not TCP); kernel: {recv} received, {drop} dropped, "
                 f"{ifdrop} dropped by interface")
@@ -79,7 +91,7 @@ class Tool(_Tool):
         i = self.icpt
         if i is None:
             return super().stats_dict()
-        recv, drop, ifdrop = i.kernel_stats()
+        recv, drop, ifdrop = self.final_stats or i.kernel_stats()
         return {"captured": i.captured, "written": i.written, "skipped": i.skipped,
                 "kernel_received": recv, "kernel_drops": drop, "if_drops": ifdrop,
                 "summary": self.stats_line()}
