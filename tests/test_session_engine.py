@@ -47,9 +47,9 @@ def test_captured_syn_forwarded_with_isn_options_and_claim_first(isns):
     assert syn.flags == TH_SYN and syn.seq == CISN and syn.options == opts
     assert (syn.src, syn.sport, syn.dst, syn.dport) == (C, 5000, T, 80)
     h.pkts()
+    h.now += MS
     h.client(TH_ACK, CISN + 1, SISN + 1)
     assert h.pkts() == []  # captured handshake ACK is not forwarded
-    h.now += MS
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
     (ack,) = h.pkts()
     assert ack.flags == TH_ACK and ack.seq == CISN + 1 and ack.ack == TISN + 1
@@ -273,6 +273,42 @@ def test_no_wait_still_judges_the_last_request_by_its_own_captured_ack(isns):
     assert h.outcomes() == {"completed": 1}
 
 
+def test_a_request_keeps_its_offset_from_a_late_accept_and_a_gate_adds_nothing(isns):
+    """The target accepted 30 ms after the online server did (its SYN-ACK came back late):
+    each request goes at its recorded offset from the accept (when it was due, plus 30 ms),
+    as duplex data does, and when the gate opens: the later of the two, not their sum.
+    (Gated requests went when due, 30 ms early counted from the accept.)"""
+    CISN, TISN, SISN = isns
+    h = EngineRig(isns)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.now += MS
+    h.client(TH_ACK, CISN + 1, SISN + 1)  # the online server accepted at 1 ms
+    h.advance(30)
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)  # the target at 31 ms
+    h.pkts()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")  # 30 ms after the accept
+    h.advance(15)
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")  # after a 100-byte answer
+    h.advance(5)
+    h.client(TH_ACK | TH_PSH, CISN + 9, SISN + 201, b"req3")  # after another
+    h.advance(9)
+    assert h.pkts() == []
+    h.advance(1)
+    assert [p.payload for p in h.pkts()] == [b"req1"]  # 30 ms after the target's accept
+    h.advance(5)
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"a" * 100)  # complete, req2 not due
+    assert [p.payload for p in h.pkts() if p.payload] == []
+    h.advance(9)
+    assert [p.payload for p in h.pkts() if p.payload] == []
+    h.advance(1)
+    assert [p.payload for p in h.pkts() if p.payload] == [b"req2"]  # at its offset
+    h.advance(14)  # req3's offset has passed; its answer is late
+    assert [p.payload for p in h.pkts() if p.payload] == []
+    h.target(TH_ACK | TH_PSH, TISN + 101, CISN + 9, b"b" * 100)
+    assert [p.payload for p in h.pkts() if p.payload] == [b"req3"]  # at once, not 30 ms on
+    assert h.e.st.gate_bytes == 2
+
+
 def test_greeting_waits_for_server_first_bytes(isns):
     CISN, TISN, SISN = isns
     h = EngineRig(isns)
@@ -313,8 +349,8 @@ def test_rto_retransmit_adaptive_and_backoff(isns):
     CISN, TISN, SISN = isns
     h = EngineRig(isns, rto_min=10 * MS)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.now += 50 * MS  # 50 ms RTT to the target (and online: it accepted no later)
     h.client(TH_ACK, CISN + 1, SISN + 1)
-    h.now += 50 * MS  # 50 ms RTT to the target
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.pkts()
@@ -333,12 +369,12 @@ def test_rto_retransmit_adaptive_and_backoff(isns):
 def test_rto_follows_the_rtt_of_data_too(isns):
     CISN, TISN, SISN = isns
     # (push_gap=0: req2, 100 ms after req1 with no answer between, would make the session
-    # duplex, its data held by the target's 40 ms late accept; see test_session_duplex.py)
+    # duplex; see test_session_duplex.py)
     h = EngineRig(isns, rto_min=10 * MS, push_gap=0)
     h.now = 5 * SEC  # (times are measured from the SYN, not from 0)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.now += 40 * MS  # SYN RTT 40 ms: RTO = 40 + 4 * 20 = 120 ms (online too: no late accept)
     h.client(TH_ACK, CISN + 1, SISN + 1)
-    h.now += 40 * MS  # SYN RTT 40 ms: RTO = 40 + 4 * 20 = 120 ms
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.advance(100)
@@ -539,8 +575,8 @@ def test_no_rtt_sample_from_a_retransmitted_segment(isns):
     CISN, TISN, SISN = isns
     h = EngineRig(isns, rto_min=10 * MS, push_gap=0)  # (as in the test above)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
-    h.client(TH_ACK, CISN + 1, SISN + 1)
     h.now += 40 * MS  # RTO 120 ms
+    h.client(TH_ACK, CISN + 1, SISN + 1)
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.advance(125)  # retransmitted at 120 ms; the RTO backs off to 240 ms
@@ -646,6 +682,7 @@ def test_zero_window_probes_start_one_rto_after_the_first_wait_and_are_not_postp
     h = EngineRig(isns)  # RTO: the 200 ms floor
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.now += MS
+    h.client(TH_ACK, CISN + 1, SISN + 1)
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, win=0, opts=MSS_OPT)  # a zero window at once
     h.pkts()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a")

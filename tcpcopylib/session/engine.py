@@ -22,6 +22,12 @@ advance), or it sent some data and then went quiet for ``quiet`` ns, or it sent 
 has acknowledged everything and stayed silent for ``gate_timeout`` ns (no deadlock), or
 it closed. A client FIN or RST waits the same way.
 
+No client data goes before its recorded offset from the connection's accept (_before_offset):
+when it was due, plus ``est_lag``, how much later the target accepted the replayed
+connection than the online server accepted the captured one (our handshake ACK waits for
+the SYN-ACK's way back through the feedback). Gated data goes at the later of that time and
+the gate's opening, not at their sum (the response it waited for was late by as much).
+
 Duplex sessions (the server speaks on its own; tc-session(1), DUPLEX SESSIONS): the gate
 above assumes that the server bytes the client had seen answered the client. Servers that
 push (WebSocket, redis SUBSCRIBE, Server-Sent Events, chat and game servers) break that:
@@ -39,10 +45,9 @@ quicker), and an HTTP/1.1 request asking for an Upgrade (WebSocket, h2c), or a r
 SUBSCRIBE, PSUBSCRIBE or SSUBSCRIBE (in RESP), once the server answered it (the next advance) and the target did too (the data that followed the answer
 online waits for the target's first bytes after the request, not for as many as the online
 server sent: some may have been pushes). From then on the session is duplex: its client
-data is released when it is due, on its recorded timing, as the original client sent it
-without waiting for the server (at its recorded offset from the connection's accept: due,
-plus how much later the target accepted the replayed connection than the online server
-accepted the captured one); the data before that point was gated as above. Advances
+data is released on its recorded timing (at its recorded offset from the accept, as above),
+as the original client sent it without waiting for the server; the data before that point
+was gated as above. Advances
 of one byte (the server's FIN) do not count; ``push_gap`` 0 turns detection off.
 """
 
@@ -835,12 +840,15 @@ class Engine:
         self.late[i] += 1
 
     def _may_release(self, s, seg, now) -> bool:
-        """Gating: may the head of the queue go now?"""
+        """Gating: may the head of the queue go now? Not before its recorded offset from the
+        accept (_before_offset), and then, unless the session is duplex, when the gate says
+        so: the later of the two, never their sum."""
+        if seg.due is not None and now < seg.due + s.est_lag:  # _before_offset(), inline
+            s.gate_at = seg.due + s.est_lag
+            return False
         if s.duplex == DUPLEX:
-            # sent without waiting for the server: it goes at its recorded offset (a new
-            # group for _response_missing's bookkeeping)
-            if self._before_offset(s, seg, now):
-                return False
+            # sent without waiting for the server, at its recorded offset (a new group for
+            # _response_missing's bookkeeping)
             s.gate_at = 0
             if seg.cack is not None and seg.cack != s.last_cack:
                 self._new_group(s, seg, now)
@@ -860,10 +868,8 @@ class Engine:
         expected = _signed(seg.cack - s.last_cack) if new_group else None
         if s.duplex == UPGRADE_ANSWERED and new_group and s.rcv_nxt + s.t_fin > s.mark:
             # the target answered the Upgrade (its first bytes: the 101): the rest of the
-            # online advance may be pushes, which the target's need not match; the data
-            # keeps its offset from the accept, as the duplex data after it will
-            if self._before_offset(s, seg, now):
-                return False
+            # online advance may be pushes, which the target's need not match (the data
+            # is past its offset from the accept, checked above)
             reason = "gate_bytes"
         else:
             reason = self._response_complete(s, expected, now)
@@ -886,10 +892,10 @@ class Engine:
         s.group_data = False
 
     def _before_offset(self, s, seg, now) -> bool:
-        """True (s's timer set) while data that did not wait for the server is before its
-        recorded offset from the connection's accept: when it was due, plus how much later
-        the target accepted our connection than the online server accepted the captured
-        one (the SYN-ACK's way back through the feedback)."""
+        """True (s's timer set) while client data is before its recorded offset from the
+        connection's accept: when it was due, plus how much later the target accepted our
+        connection than the online server accepted the captured one (the SYN-ACK's way
+        back through the feedback)."""
         if seg.due is not None and now < seg.due + s.est_lag:
             s.gate_at = seg.due + s.est_lag
             return True
