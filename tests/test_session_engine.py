@@ -309,6 +309,29 @@ def test_a_request_keeps_its_offset_from_a_late_accept_and_a_gate_adds_nothing(i
     assert h.e.st.gate_bytes == 2
 
 
+def test_offsets_count_between_due_times_not_when_records_came(isns):
+    """Live input: each record is due at its capture time on the timing rule, but reaches
+    the engine a little later, by a jitter of its own. Offsets from the accept count between
+    due times: the handshake ACK that came 5 ms late does not move the data after it 5 ms
+    early (nor would the old hold to the first record's latency hide it)."""
+    CISN, TISN, SISN = isns
+    h = EngineRig(isns)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    ack = build_tcp(C, O, 5000, 80, CISN + 1, SISN + 1, TH_ACK, 65535)
+    h.now = 6 * MS
+    h.e.client_packet(ack, h.now, 1 * MS)  # the online accept: 1 ms; handed over at 6 ms
+    h.now = 7 * MS
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)  # the target's: 6 ms later
+    h.pkts()
+    h.now = 31 * MS + 200_000
+    req = build_tcp(C, O, 5000, 80, CISN + 1, SISN + 1, TH_ACK | TH_PSH, 65535, b"", b"req")
+    h.e.client_packet(req, h.now, 31 * MS)  # 30 ms after the accept online
+    h.advance(5.7)
+    assert h.pkts() == []
+    h.advance(0.1)  # 37 ms: 30 ms after the target's accept
+    assert [p.payload for p in h.pkts()] == [b"req"]
+
+
 def test_greeting_waits_for_server_first_bytes(isns):
     CISN, TISN, SISN = isns
     h = EngineRig(isns)

@@ -3,7 +3,8 @@
 One ``Engine`` replays many captured client connections against a target. It is
 driven from outside (the CLI's select loop, or a test with a fake clock):
 
-* ``client_packet(data, now)``  -- a captured client->server datagram that is due now;
+* ``client_packet(data, now, due)`` -- a captured client->server datagram, due at ``due``
+  (its input timestamp on the timing rule; now if not given) and handed over now;
 * ``feedback_packet(data, now, orig_len)`` -- a reply of the target (tc-feedback);
 * ``next_deadline()`` / ``on_timer(now)`` -- the engine's timers;
 * ``emit(data, sid, now)`` -- callback receiving every datagram to send to the target;
@@ -27,6 +28,9 @@ when it was due, plus ``est_lag``, how much later the target accepted the replay
 connection than the online server accepted the captured one (our handshake ACK waits for
 the SYN-ACK's way back through the feedback). Gated data goes at the later of that time and
 the gate's opening, not at their sum (the response it waited for was late by as much).
+Offsets count between due times (client_packet's ``due``: the input timestamps on the
+timing rule), not between the times the records reached the engine, whose jitter (a live
+capture's) would move them.
 
 Duplex sessions (the server speaks on its own; tc-session(1), DUPLEX SESSIONS): the gate
 above assumes that the server bytes the client had seen answered the client. Servers that
@@ -349,9 +353,14 @@ class Engine:
         self.on_end = None      # optional callback(session, outcome), e.g. for -v
 
     # == input ==========================================================================
-    def client_packet(self, data, now: int) -> None:
-        """A captured packet, due now."""
+    def client_packet(self, data, now: int, due=None) -> None:
+        """A captured packet, handed over now. ``due``: when it was due (its timestamp on
+        the timing rule, tcpcopylib.session.timing; now if None or later): client data
+        keeps its offset from the accept counted between due times (_before_offset), so
+        that how late each record reached us (a live capture's jitter) does not move it."""
         self.now = now
+        if due is None or due > now:
+            due = now
         self.st.pkts_in += 1
         p = parse_tcp_fast(data)
         if p is None:
@@ -369,7 +378,8 @@ class Engine:
         s = self.sessions.get(key)
         if s is not None and self.cfg.copies == 1 and not flags & TH_SYN:  # the usual case
             self._client_segment(s, seq, ack, flags,
-                                 bytes(data[ihl + doff:ihl + doff + plen]) if plen else b"", now)
+                                 bytes(data[ihl + doff:ihl + doff + plen]) if plen else b"", now,
+                                 due)
             return
         payload = None  # (not copied for the server->client packets of a capture)
         for copy in range(self.cfg.copies):  # -n: each copy is a session of its own
@@ -392,7 +402,7 @@ class Engine:
                 continue
             if payload is None:
                 payload = bytes(data[ihl + doff:ihl + doff + plen]) if plen else b""
-            self._client_segment(s, seq, ack, flags, payload, now)
+            self._client_segment(s, seq, ack, flags, payload, now, due)
 
     def _new_session(self, key, k, copy, data, p, now):
         """A new session for copy `copy` of captured key; None if the packet was consumed
@@ -551,8 +561,9 @@ class Engine:
             if self.claims is not None:
                 self.claims.release(*tup)
 
-    def _client_segment(self, s, seq, ack, flags, payload, now):
-        """Queue captured data/FIN/RST in sequence order, trimming duplicates."""
+    def _client_segment(self, s, seq, ack, flags, payload, now, due):
+        """Queue captured data/FIN/RST in sequence order, trimming duplicates (due: see
+        client_packet)."""
         if s.state == DONE:
             return
         if s.fin_off is not None or s.client_rst:
@@ -571,7 +582,7 @@ class Engine:
                 gap = self.cfg.push_gap
                 s.push_gap = gap + 2 * (now - s.created) if gap and not s.fake else gap
                 if not s.fake:
-                    s.hs_t = now
+                    s.hs_t = due
             elif s.duplex != DUPLEX and (ack - s.max_cack) & M32 != 1:
                 went_duplex = self._server_spoke(s, now)
             s.max_cack = ack
@@ -588,9 +599,9 @@ class Engine:
         if payload and s.duplex != DUPLEX and off + len(payload) > s.exp:
             self._client_spoke(s, payload, now)  # (new data, not a retransmission)
         if off > s.exp:
-            self._hold_gap(s, off, payload, flags, cack, now)
+            self._hold_gap(s, off, payload, flags, cack, now, due)
             return
-        self._append(s, off, payload, flags, cack, now)
+        self._append(s, off, payload, flags, cack, due)
         if s.ooo is not None or s.gap_since is not None:  # else _fill_from_ooo is a no-op
             self._fill_from_ooo(s)
         self._push(s, now)
@@ -649,10 +660,10 @@ class Engine:
         if flags & TH_FIN:
             s.fin_off = end
 
-    def _hold_gap(self, s, off, payload, flags, cack, now):
+    def _hold_gap(self, s, off, payload, flags, cack, now, due):
         if s.ooo is None:
             s.ooo = []
-        s.ooo.append((off, payload, flags, cack, now))
+        s.ooo.append((off, payload, flags, cack, due))
         s.ooo.sort(key=lambda x: x[0])
         if s.gap_since is None:
             s.gap_since = now
