@@ -1,7 +1,10 @@
 """Release timed records on a schedule: the timing contract of DESIGN.md section 4.
 
 A record with an integer ``ts`` (ns) is due at ``anchor_wall + (ts - anchor_ts) / speed``,
-anchored at the first timed record seen. Options reshape that schedule:
+anchored at the first timed record seen. A live stream (timestamps within ``LIVE_NS`` of the
+wall clock when read) passes straight through: at speed 1, a live record that would wait
+(it came quicker than the anchor record did) moves the anchor back so it is due at once
+(see Timeline). Options reshape that schedule:
 
 - ``max_gap`` (s, recording time): a jump between consecutive timestamps larger than this
   (forwards or backwards) counts as exactly ``max_gap``; the anchor is shifted, so the rest
@@ -20,13 +23,22 @@ import time
 
 NS = 1_000_000_000
 LONG_WAIT_NS = 3600 * NS  # a wait worth a warning (a timestamp far ahead)
+# a record stamped this close to the wall clock when it is read is live (Timeline.at)
+LIVE_NS = 20_000_000
 
 
 class Timeline:
     """The timing rule, its one implementation (tc-pace's Pacer and tc-session's DueQueue
     both schedule with it): a timed record is due at ``anchor_wall + (ts - anchor_ts) /
     speed`` (clock ns), anchored at the first record ``at()`` is asked about. A gap clamp
-    moves the anchor (either end), so the records after it keep their pace."""
+    moves the anchor (either end), so the records after it keep their pace.
+
+    Live records (stamped within LIVE_NS of the wall clock when read: tc-capture's,
+    tc-session's output) are due at once: at speed 1, one that the anchor would hold (it
+    travelled quicker than the anchor record did, e.g. the first record of a pipeline
+    starting up) moves ``anchor_wall`` back so that it is due now. Otherwise the first
+    record's latency would delay every later record of the stream by as much. A recording
+    (its stamps long past) keeps its pace."""
 
     __slots__ = ("speed", "anchor_wall", "anchor_ts")
 
@@ -35,12 +47,18 @@ class Timeline:
         self.anchor_wall: int | None = None  # None until the first timed record
         self.anchor_ts = 0
 
-    def at(self, ts: int, now: int) -> int:
+    def at(self, ts: int, now: int, wall=None) -> int:
         """When a record stamped ``ts`` is due; the first one anchors the timeline at
-        ``now``."""
+        ``now``. ``wall()``: the wall clock (ns since the epoch), when ``now`` is another
+        clock's (asked only when the record would wait); None: ``now`` is the wall clock."""
         if self.anchor_wall is None:
             self.anchor_wall, self.anchor_ts = now, ts
-        return self.anchor_wall + self.scaled(ts - self.anchor_ts)
+        due = self.anchor_wall + self.scaled(ts - self.anchor_ts)
+        if due > now and self.speed == 1 and \
+                -LIVE_NS <= (now if wall is None else wall()) - ts <= LIVE_NS:
+            self.anchor_wall -= due - now  # a live record: due at once (see above)
+            return now
+        return due
 
     def scaled(self, offset: int) -> int:
         """A span of recording time (ns) as clock time."""
@@ -57,7 +75,7 @@ class Timeline:
 class Pacer:
     def __init__(self, speed: float = 1.0, max_gap: float | None = None,
                  rate: float | None = None, delay: float = 0.0,
-                 clock=time.monotonic_ns, sleep=time.sleep):
+                 clock=time.monotonic_ns, sleep=time.sleep, wall=time.time_ns):
         if not speed > 0:
             raise ValueError("speed must be > 0")
         if rate is not None and not rate > 0:
@@ -73,6 +91,7 @@ class Pacer:
         self.delay_ns = round(delay * NS)
         self.clock = clock
         self.sleep = sleep
+        self.wall = wall  # the clock live records are stamped with (Timeline.at)
         self.warn = None  # warn(msg): told about a wait of an hour or more
         self.origin_ts: int | None = None   # first ts seen (for rewriting ts)
         self.prev_ts: int | None = None
@@ -96,7 +115,7 @@ class Pacer:
                 if gap > limit or gap < -limit:
                     self.timeline.anchor_ts += gap - limit
             self.prev_ts = ts
-        t = self.timeline.at(ts, now) + self.delay_ns
+        t = self.timeline.at(ts, now, self.wall) + self.delay_ns
         if self.interval_ns is None:
             return t
         base = self._slot_base
@@ -119,7 +138,7 @@ class Pacer:
         (``origin_ts + (planned - anchor_wall)``): ``ts`` itself with no option set."""
         now = self.clock()
         if self._plain and self.origin_ts is not None:
-            planned = self.timeline.at(ts, now) + self.delay_ns
+            planned = self.timeline.at(ts, now, self.wall) + self.delay_ns
         else:
             planned = self.plan(ts, now)
         if planned > now:

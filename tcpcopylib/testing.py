@@ -471,13 +471,14 @@ class EngineRig:
         return {k: v for k, v in self.e.st.outcomes.items() if v}
 
     def open(self, sport=5000, synack_opts=MSS_OPT, client_opts=MSS_OPT, cack=None) -> list:
-        """A captured SYN and handshake ACK (acking cack, by default the online server's
-        SYN), the target's SYN-ACK; returns the packets sent."""
+        """A captured SYN and, 1 ms later, handshake ACK (acking cack, by default the
+        online server's SYN), the target's SYN-ACK with it (the target accepted no later
+        than the online server: data keeps its due time); returns the packets sent."""
         from tcpcopylib.packet import TH_ACK, TH_SYN
 
         cisn, tisn, sisn = self.isns
         self.client(TH_SYN, cisn, 0, opts=client_opts, sport=sport)
-        self.client(TH_ACK, cisn + 1, sisn + 1 if cack is None else cack, sport=sport)
         self.now += 1 * MS
+        self.client(TH_ACK, cisn + 1, sisn + 1 if cack is None else cack, sport=sport)
         self.target(TH_SYN | TH_ACK, tisn, cisn + 1, opts=synack_opts, dport=sport)
         return self.pkts()

@@ -124,8 +124,8 @@ def p(xs, q):
 def within_bounds(kind, mode, dx, gated, stats) -> bool:
     """Duplex requests: |offset difference| (early is as wrong as late); request/response
     requests: how late (one that reached the target early, counted from the accept, did so
-    because the target accepted late: the SYN-ACK's way back through the feedback, which
-    gated sessions do not make up for, as before duplex sessions)."""
+    by the jitter of the relays' accept times, read in user space: every client message
+    keeps its recorded offset from the target's accept, duplex or gated)."""
     dx_limit = float(os.environ.get("TC_DUPLEX_P99_MS", "40"))
     gated_limit = float(os.environ.get("TC_TIMING_P99_MS", "25"))
     print(f"\n{kind} {mode}: duplex requests {len(dx)} p50 {p(dx, .5):.2f} p99 {p(dx, .99):.2f}"

@@ -81,6 +81,39 @@ def test_live_stream_passes_straight_through():
     assert out == [round((o + 0.0001) * NS) for o in offsets]
 
 
+def test_a_live_stream_is_not_held_back_by_its_first_records_latency():
+    """Records stamped with the wall clock as they were made (tc-session's output,
+    tc-capture's) go as they come, however late the first one came (here 5 ms: a pipeline
+    starting up): the anchor moves back to the quickest of them. Anchored at the first
+    record alone, every later record was held until it was as late as the first (4.9 ms
+    more each: tc-session's gated requests, one hop further). A recording keeps its pace,
+    and --delay still adds its latency."""
+    offsets = [0, 0.01, 0.02, 0.5, 0.5, 0.7]
+    arrivals = [0.005, 0.0101, 0.0201, 0.5001, 0.5001, 0.7003]
+    for delay in (0, 0.002):
+        clock = FakeClock()
+        start = clock.now
+        out, recs, p = replay(offsets, clock=clock, arrivals=arrivals, delay=delay,
+                              wall=lambda: T0 + clock.now - start)  # the stamps' clock
+        # due at its stamp plus the smallest latency so far, plus the delay
+        late = [min(a - o for o, a in zip(secs(*offsets[:k + 1]), secs(*arrivals)))
+                for k in range(len(offsets))]
+        want = [max(a, o + lat + round(delay * NS))
+                for o, a, lat in zip(secs(*offsets), secs(*arrivals), late)]
+        assert out == want, delay
+        assert delay or out == secs(*arrivals)
+        assert [r["ts"] for r in recs] == [T0 + v + round(delay * NS)
+                                           for v in secs(*offsets)]
+    # the same stamps read a second after they were made: a recording, at its pace
+    clock = FakeClock()
+    start = clock.now
+    out, _, _ = replay(offsets, clock=clock, arrivals=arrivals,
+                       wall=lambda: T0 + clock.now - start + NS)
+    assert out == [5 * MS + v for v in secs(*offsets)]
+    out, _, _ = replay(offsets, arrivals=arrivals)  # (stamps of 2023: a recording)
+    assert out == [5 * MS + v for v in secs(*offsets)]
+
+
 def test_max_gap_clamps_idle_gaps_by_shifting_the_anchor():
     offsets = [0, 1, 6, 6.5, 106, 107]   # gaps 1, 5, 0.5, 99.5, 1
     out, recs, _ = replay(offsets, max_gap=2)

@@ -47,9 +47,9 @@ def test_captured_syn_forwarded_with_isn_options_and_claim_first(isns):
     assert syn.flags == TH_SYN and syn.seq == CISN and syn.options == opts
     assert (syn.src, syn.sport, syn.dst, syn.dport) == (C, 5000, T, 80)
     h.pkts()
+    h.now += MS
     h.client(TH_ACK, CISN + 1, SISN + 1)
     assert h.pkts() == []  # captured handshake ACK is not forwarded
-    h.now += MS
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
     (ack,) = h.pkts()
     assert ack.flags == TH_ACK and ack.seq == CISN + 1 and ack.ack == TISN + 1
@@ -273,6 +273,65 @@ def test_no_wait_still_judges_the_last_request_by_its_own_captured_ack(isns):
     assert h.outcomes() == {"completed": 1}
 
 
+def test_a_request_keeps_its_offset_from_a_late_accept_and_a_gate_adds_nothing(isns):
+    """The target accepted 30 ms after the online server did (its SYN-ACK came back late):
+    each request goes at its recorded offset from the accept (when it was due, plus 30 ms),
+    as duplex data does, and when the gate opens: the later of the two, not their sum.
+    (Gated requests went when due, 30 ms early counted from the accept.)"""
+    CISN, TISN, SISN = isns
+    h = EngineRig(isns)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.now += MS
+    h.client(TH_ACK, CISN + 1, SISN + 1)  # the online server accepted at 1 ms
+    h.advance(30)
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)  # the target at 31 ms
+    h.pkts()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")  # 30 ms after the accept
+    h.advance(15)
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")  # after a 100-byte answer
+    h.advance(5)
+    h.client(TH_ACK | TH_PSH, CISN + 9, SISN + 201, b"req3")  # after another
+    h.advance(9)
+    assert h.pkts() == []
+    h.advance(1)
+    assert [p.payload for p in h.pkts()] == [b"req1"]  # 30 ms after the target's accept
+    h.advance(5)
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"a" * 100)  # complete, req2 not due
+    assert [p.payload for p in h.pkts() if p.payload] == []
+    h.advance(9)
+    assert [p.payload for p in h.pkts() if p.payload] == []
+    h.advance(1)
+    assert [p.payload for p in h.pkts() if p.payload] == [b"req2"]  # at its offset
+    h.advance(14)  # req3's offset has passed; its answer is late
+    assert [p.payload for p in h.pkts() if p.payload] == []
+    h.target(TH_ACK | TH_PSH, TISN + 101, CISN + 9, b"b" * 100)
+    assert [p.payload for p in h.pkts() if p.payload] == [b"req3"]  # at once, not 30 ms on
+    assert h.e.st.gate_bytes == 2
+
+
+def test_offsets_count_between_due_times_not_when_records_came(isns):
+    """Live input: each record is due at its capture time on the timing rule, but reaches
+    the engine a little later, by a jitter of its own. Offsets from the accept count between
+    due times: the handshake ACK that came 5 ms late does not move the data after it 5 ms
+    early (nor would the old hold to the first record's latency hide it)."""
+    CISN, TISN, SISN = isns
+    h = EngineRig(isns)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    ack = build_tcp(C, O, 5000, 80, CISN + 1, SISN + 1, TH_ACK, 65535)
+    h.now = 6 * MS
+    h.e.client_packet(ack, h.now, 1 * MS)  # the online accept: 1 ms; handed over at 6 ms
+    h.now = 7 * MS
+    h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)  # the target's: 6 ms later
+    h.pkts()
+    h.now = 31 * MS + 200_000
+    req = build_tcp(C, O, 5000, 80, CISN + 1, SISN + 1, TH_ACK | TH_PSH, 65535, b"", b"req")
+    h.e.client_packet(req, h.now, 31 * MS)  # 30 ms after the accept online
+    h.advance(5.7)
+    assert h.pkts() == []
+    h.advance(0.1)  # 37 ms: 30 ms after the target's accept
+    assert [p.payload for p in h.pkts()] == [b"req"]
+
+
 def test_greeting_waits_for_server_first_bytes(isns):
     CISN, TISN, SISN = isns
     h = EngineRig(isns)
@@ -313,8 +372,8 @@ def test_rto_retransmit_adaptive_and_backoff(isns):
     CISN, TISN, SISN = isns
     h = EngineRig(isns, rto_min=10 * MS)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.now += 50 * MS  # 50 ms RTT to the target (and online: it accepted no later)
     h.client(TH_ACK, CISN + 1, SISN + 1)
-    h.now += 50 * MS  # 50 ms RTT to the target
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req")
     h.pkts()
@@ -333,12 +392,12 @@ def test_rto_retransmit_adaptive_and_backoff(isns):
 def test_rto_follows_the_rtt_of_data_too(isns):
     CISN, TISN, SISN = isns
     # (push_gap=0: req2, 100 ms after req1 with no answer between, would make the session
-    # duplex, its data held by the target's 40 ms late accept; see test_session_duplex.py)
+    # duplex; see test_session_duplex.py)
     h = EngineRig(isns, rto_min=10 * MS, push_gap=0)
     h.now = 5 * SEC  # (times are measured from the SYN, not from 0)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.now += 40 * MS  # SYN RTT 40 ms: RTO = 40 + 4 * 20 = 120 ms (online too: no late accept)
     h.client(TH_ACK, CISN + 1, SISN + 1)
-    h.now += 40 * MS  # SYN RTT 40 ms: RTO = 40 + 4 * 20 = 120 ms
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.advance(100)
@@ -539,8 +598,8 @@ def test_no_rtt_sample_from_a_retransmitted_segment(isns):
     CISN, TISN, SISN = isns
     h = EngineRig(isns, rto_min=10 * MS, push_gap=0)  # (as in the test above)
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
-    h.client(TH_ACK, CISN + 1, SISN + 1)
     h.now += 40 * MS  # RTO 120 ms
+    h.client(TH_ACK, CISN + 1, SISN + 1)
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, opts=MSS_OPT)
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
     h.advance(125)  # retransmitted at 120 ms; the RTO backs off to 240 ms
@@ -646,6 +705,7 @@ def test_zero_window_probes_start_one_rto_after_the_first_wait_and_are_not_postp
     h = EngineRig(isns)  # RTO: the 200 ms floor
     h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
     h.now += MS
+    h.client(TH_ACK, CISN + 1, SISN + 1)
     h.target(TH_SYN | TH_ACK, TISN, CISN + 1, win=0, opts=MSS_OPT)  # a zero window at once
     h.pkts()
     h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"a")
@@ -1325,6 +1385,30 @@ def test_due_queue_replays_recorded_offsets():
     assert q.pop_due(50 * SEC + 299 * MS) == []
     assert q.pop_due(50 * SEC + 300 * MS) == ["b", "c"]
     assert DueQueue(asap=True).due_time(5, now=77) == 77
+
+
+def test_due_queue_live_records_are_due_when_read_however_late_the_first_came():
+    """Live records (stamped close to the wall clock, which tc-session's clock is) are due
+    as they are read, even after a first record that came late (tc-capture starting up):
+    the anchor moves back. Anchored at the first record alone, each later one was held
+    until it was as late as the first. A recording (stamps long past) keeps its pace."""
+    w = 1_800_000_000 * SEC  # the wall clock when the stream begins
+    stamps = [w, w + 10 * MS, w + 20 * MS, w + 20 * MS, w + 500 * MS]
+    reads = [w + 5 * MS, w + 10 * MS + 100_000, w + 20 * MS + 50_000, w + 20 * MS + 60_000,
+             w + 500 * MS + 300_000]
+    q, inline = DueQueue(), DueQueue()
+    for ts, now in zip(stamps, reads):
+        q.push(ts, ts, now)
+        inline.push_records([(ts, ts)], now, None)
+    # due at its stamp plus the smallest latency so far (none is due after it was read)
+    fastest = [min(r - ts for ts, r in zip(stamps[:k + 1], reads)) for k in range(len(reads))]
+    want = [ts + lat for ts, lat in zip(stamps, fastest)]
+    assert [due for due, _ in q.q] == want == [due for due, _ in inline.q]
+    assert want[:3] == reads[:3] and all(d <= r for d, r in zip(want, reads))
+    rec = DueQueue()  # the same stamps an hour later: a recording, at its pace
+    for ts, now in zip(stamps, reads):
+        rec.push(ts, ts, now + 3600 * SEC)
+    assert [due - 3600 * SEC for due, _ in rec.q] == [w + 5 * MS + ts - w for ts in stamps]
 
 
 def test_stream_parser_incremental():

@@ -63,11 +63,11 @@ cdef class Engine:
     cdef public object next_sid, now, on_end
     cdef public list late
     cdef public object late_sum
-    cpdef client_packet(self, data, now)
+    cpdef client_packet(self, data, now, due=*)
     cpdef _new_session(self, key, k, copy, data, p, now)
     cpdef _is_server_side(self, key, flags)
     cpdef _detach(self, Session s)
-    cpdef _client_segment(self, Session s, seq, ack, flags, payload, now)
+    cpdef _client_segment(self, Session s, seq, ack, flags, payload, now, due)
     cpdef _server_spoke(self, Session s, now)
     cpdef _client_spoke(self, Session s, payload, now)
     cpdef _go_duplex(self, Session s)

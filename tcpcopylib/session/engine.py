@@ -3,7 +3,8 @@
 One ``Engine`` replays many captured client connections against a target. It is
 driven from outside (the CLI's select loop, or a test with a fake clock):
 
-* ``client_packet(data, now)``  -- a captured client->server datagram that is due now;
+* ``client_packet(data, now, due)`` -- a captured client->server datagram, due at ``due``
+  (its input timestamp on the timing rule; now if not given) and handed over now;
 * ``feedback_packet(data, now, orig_len)`` -- a reply of the target (tc-feedback);
 * ``next_deadline()`` / ``on_timer(now)`` -- the engine's timers;
 * ``emit(data, sid, now)`` -- callback receiving every datagram to send to the target;
@@ -22,6 +23,15 @@ advance), or it sent some data and then went quiet for ``quiet`` ns, or it sent 
 has acknowledged everything and stayed silent for ``gate_timeout`` ns (no deadlock), or
 it closed. A client FIN or RST waits the same way.
 
+No client data goes before its recorded offset from the connection's accept (_before_offset):
+when it was due, plus ``est_lag``, how much later the target accepted the replayed
+connection than the online server accepted the captured one (our handshake ACK waits for
+the SYN-ACK's way back through the feedback). Gated data goes at the later of that time and
+the gate's opening, not at their sum (the response it waited for was late by as much).
+Offsets count between due times (client_packet's ``due``: the input timestamps on the
+timing rule), not between the times the records reached the engine, whose jitter (a live
+capture's) would move them.
+
 Duplex sessions (the server speaks on its own; tc-session(1), DUPLEX SESSIONS): the gate
 above assumes that the server bytes the client had seen answered the client. Servers that
 push (WebSocket, redis SUBSCRIBE, Server-Sent Events, chat and game servers) break that:
@@ -39,10 +49,9 @@ quicker), and an HTTP/1.1 request asking for an Upgrade (WebSocket, h2c), or a r
 SUBSCRIBE, PSUBSCRIBE or SSUBSCRIBE (in RESP), once the server answered it (the next advance) and the target did too (the data that followed the answer
 online waits for the target's first bytes after the request, not for as many as the online
 server sent: some may have been pushes). From then on the session is duplex: its client
-data is released when it is due, on its recorded timing, as the original client sent it
-without waiting for the server (at its recorded offset from the connection's accept: due,
-plus how much later the target accepted the replayed connection than the online server
-accepted the captured one); the data before that point was gated as above. Advances
+data is released on its recorded timing (at its recorded offset from the accept, as above),
+as the original client sent it without waiting for the server; the data before that point
+was gated as above. Advances
 of one byte (the server's FIN) do not count; ``push_gap`` 0 turns detection off.
 """
 
@@ -344,9 +353,14 @@ class Engine:
         self.on_end = None      # optional callback(session, outcome), e.g. for -v
 
     # == input ==========================================================================
-    def client_packet(self, data, now: int) -> None:
-        """A captured packet, due now."""
+    def client_packet(self, data, now: int, due=None) -> None:
+        """A captured packet, handed over now. ``due``: when it was due (its timestamp on
+        the timing rule, tcpcopylib.session.timing; now if None or later): client data
+        keeps its offset from the accept counted between due times (_before_offset), so
+        that how late each record reached us (a live capture's jitter) does not move it."""
         self.now = now
+        if due is None or due > now:
+            due = now
         self.st.pkts_in += 1
         p = parse_tcp_fast(data)
         if p is None:
@@ -364,7 +378,8 @@ class Engine:
         s = self.sessions.get(key)
         if s is not None and self.cfg.copies == 1 and not flags & TH_SYN:  # the usual case
             self._client_segment(s, seq, ack, flags,
-                                 bytes(data[ihl + doff:ihl + doff + plen]) if plen else b"", now)
+                                 bytes(data[ihl + doff:ihl + doff + plen]) if plen else b"", now,
+                                 due)
             return
         payload = None  # (not copied for the server->client packets of a capture)
         for copy in range(self.cfg.copies):  # -n: each copy is a session of its own
@@ -387,7 +402,7 @@ class Engine:
                 continue
             if payload is None:
                 payload = bytes(data[ihl + doff:ihl + doff + plen]) if plen else b""
-            self._client_segment(s, seq, ack, flags, payload, now)
+            self._client_segment(s, seq, ack, flags, payload, now, due)
 
     def _new_session(self, key, k, copy, data, p, now):
         """A new session for copy `copy` of captured key; None if the packet was consumed
@@ -546,8 +561,9 @@ class Engine:
             if self.claims is not None:
                 self.claims.release(*tup)
 
-    def _client_segment(self, s, seq, ack, flags, payload, now):
-        """Queue captured data/FIN/RST in sequence order, trimming duplicates."""
+    def _client_segment(self, s, seq, ack, flags, payload, now, due):
+        """Queue captured data/FIN/RST in sequence order, trimming duplicates (due: see
+        client_packet)."""
         if s.state == DONE:
             return
         if s.fin_off is not None or s.client_rst:
@@ -566,7 +582,7 @@ class Engine:
                 gap = self.cfg.push_gap
                 s.push_gap = gap + 2 * (now - s.created) if gap and not s.fake else gap
                 if not s.fake:
-                    s.hs_t = now
+                    s.hs_t = due
             elif s.duplex != DUPLEX and (ack - s.max_cack) & M32 != 1:
                 went_duplex = self._server_spoke(s, now)
             s.max_cack = ack
@@ -583,9 +599,9 @@ class Engine:
         if payload and s.duplex != DUPLEX and off + len(payload) > s.exp:
             self._client_spoke(s, payload, now)  # (new data, not a retransmission)
         if off > s.exp:
-            self._hold_gap(s, off, payload, flags, cack, now)
+            self._hold_gap(s, off, payload, flags, cack, now, due)
             return
-        self._append(s, off, payload, flags, cack, now)
+        self._append(s, off, payload, flags, cack, due)
         if s.ooo is not None or s.gap_since is not None:  # else _fill_from_ooo is a no-op
             self._fill_from_ooo(s)
         self._push(s, now)
@@ -644,10 +660,10 @@ class Engine:
         if flags & TH_FIN:
             s.fin_off = end
 
-    def _hold_gap(self, s, off, payload, flags, cack, now):
+    def _hold_gap(self, s, off, payload, flags, cack, now, due):
         if s.ooo is None:
             s.ooo = []
-        s.ooo.append((off, payload, flags, cack, now))
+        s.ooo.append((off, payload, flags, cack, due))
         s.ooo.sort(key=lambda x: x[0])
         if s.gap_since is None:
             s.gap_since = now
@@ -835,12 +851,15 @@ class Engine:
         self.late[i] += 1
 
     def _may_release(self, s, seg, now) -> bool:
-        """Gating: may the head of the queue go now?"""
+        """Gating: may the head of the queue go now? Not before its recorded offset from the
+        accept (_before_offset), and then, unless the session is duplex, when the gate says
+        so: the later of the two, never their sum."""
+        if seg.due is not None and now < seg.due + s.est_lag:  # _before_offset(), inline
+            s.gate_at = seg.due + s.est_lag
+            return False
         if s.duplex == DUPLEX:
-            # sent without waiting for the server: it goes at its recorded offset (a new
-            # group for _response_missing's bookkeeping)
-            if self._before_offset(s, seg, now):
-                return False
+            # sent without waiting for the server, at its recorded offset (a new group for
+            # _response_missing's bookkeeping)
             s.gate_at = 0
             if seg.cack is not None and seg.cack != s.last_cack:
                 self._new_group(s, seg, now)
@@ -860,10 +879,8 @@ class Engine:
         expected = _signed(seg.cack - s.last_cack) if new_group else None
         if s.duplex == UPGRADE_ANSWERED and new_group and s.rcv_nxt + s.t_fin > s.mark:
             # the target answered the Upgrade (its first bytes: the 101): the rest of the
-            # online advance may be pushes, which the target's need not match; the data
-            # keeps its offset from the accept, as the duplex data after it will
-            if self._before_offset(s, seg, now):
-                return False
+            # online advance may be pushes, which the target's need not match (the data
+            # is past its offset from the accept, checked above)
             reason = "gate_bytes"
         else:
             reason = self._response_complete(s, expected, now)
@@ -886,10 +903,10 @@ class Engine:
         s.group_data = False
 
     def _before_offset(self, s, seg, now) -> bool:
-        """True (s's timer set) while data that did not wait for the server is before its
-        recorded offset from the connection's accept: when it was due, plus how much later
-        the target accepted our connection than the online server accepted the captured
-        one (the SYN-ACK's way back through the feedback)."""
+        """True (s's timer set) while client data is before its recorded offset from the
+        connection's accept: when it was due, plus how much later the target accepted our
+        connection than the online server accepted the captured one (the SYN-ACK's way
+        back through the feedback)."""
         if seg.due is not None and now < seg.due + s.est_lag:
             s.gate_at = seg.due + s.est_lag
             return True

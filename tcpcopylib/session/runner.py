@@ -160,7 +160,8 @@ class SessionStage:
         q = self.due.q
         client_packet = self.engine.client_packet
         while q and q[0][0] <= now:  # due.pop_due(), inline
-            client_packet(q.popleft()[1], now)
+            due, data = q.popleft()
+            client_packet(data, now, due)
         self.engine.on_timer(now)
 
     def next_due(self):

@@ -35,7 +35,7 @@ import termios
 
 from tcpcopylib.packet import TH_ACK, TH_FIN, TH_PSH, TH_RST, TH_SYN, endpoint_str, ip_str
 from tcpcopylib.session.alloc import stable_hash
-from tcpcopylib.session.engine import (_OUT4, _OUT6, CLOSED, DONE, DUPLEX, ESTAB, FAILURES, M32,
+from tcpcopylib.session.engine import (_OUT4, _OUT6, CLOSED, DONE, ESTAB, FAILURES, M32,
                                        MS, NEW, OUTCOMES, SYN_SENT, WINDOW, Engine,
                                        outcome_lines)
 from tcpcopylib.session.runner import SessionStage
@@ -280,7 +280,7 @@ class SocketEngine(Engine):
                 nxt = q[k]
                 if not nxt.data or nxt.cack != s.last_cack:  # (_may_release's fast path)
                     break
-                if s.duplex == DUPLEX and self._before_offset(s, nxt, now):
+                if self._before_offset(s, nxt, now):
                     break  # (as _may_release: not before its offset from the accept)
                 if nxt.due is not None:
                     self._note_late(nxt, now)
