@@ -330,6 +330,16 @@ def test_offsets_count_between_due_times_not_when_records_came(isns):
     assert h.pkts() == []
     h.advance(0.1)  # 37 ms: 30 ms after the target's accept
     assert [p.payload for p in h.pkts()] == [b"req"]
+    h.target(TH_ACK, TISN + 1, CISN + 4)
+    # a record handed over more than 20 ms late (a backlog) counts from when it came: the
+    # session does not keep a lag we have caught up with
+    h.now = 300 * MS
+    late = build_tcp(C, O, 5000, 80, CISN + 4, SISN + 1, TH_ACK | TH_PSH, 65535, b"", b"r2")
+    h.e.client_packet(late, h.now, 100 * MS)
+    h.advance(5.9)
+    assert h.pkts() == []
+    h.advance(0.1)  # 6 ms (the target's late accept) after it came, not at once
+    assert [p.payload for p in h.pkts()] == [b"r2"]
 
 
 def test_greeting_waits_for_server_first_bytes(isns):

@@ -30,7 +30,7 @@ the SYN-ACK's way back through the feedback). Gated data goes at the later of th
 the gate's opening, not at their sum (the response it waited for was late by as much).
 Offsets count between due times (client_packet's ``due``: the input timestamps on the
 timing rule), not between the times the records reached the engine, whose jitter (a live
-capture's) would move them.
+capture's, up to ``JITTER``) would move them.
 
 Duplex sessions (the server speaks on its own; tc-session(1), DUPLEX SESSIONS): the gate
 above assumes that the server bytes the client had seen answered the client. Servers that
@@ -71,6 +71,8 @@ SEC = 1_000_000_000
 WINDOW = 65535          # the window we advertise: we are an infinite sink
 TIME_WAIT = 60 * SEC    # Linux TCP_TIMEWAIT_LEN
 COMPACT_MIN = 4096      # timer heap entries before ended sessions' ones are dropped
+JITTER = 20 * MS        # client_packet: a record handed over later than this after it was
+                        # due (a backlog, an overloaded tc-session) counts from when it came
 
 _TSOPT = struct.Struct("!BBBBII")
 # whole headers as sent (TCP without options): IPv4 + TCP, IPv6 + TCP
@@ -355,11 +357,13 @@ class Engine:
     # == input ==========================================================================
     def client_packet(self, data, now: int, due=None) -> None:
         """A captured packet, handed over now. ``due``: when it was due (its timestamp on
-        the timing rule, tcpcopylib.session.timing; now if None or later): client data
-        keeps its offset from the accept counted between due times (_before_offset), so
-        that how late each record reached us (a live capture's jitter) does not move it."""
+        the timing rule, tcpcopylib.session.timing): client data keeps its offset from the
+        accept counted between due times (_before_offset), so that how late each record
+        reached us (a live capture's jitter) does not move it. None, later than now, or
+        more than JITTER before it (a backlog: a session does not keep the lag it began
+        with once we catch up): now."""
         self.now = now
-        if due is None or due > now:
+        if due is None or not now - JITTER <= due <= now:
             due = now
         self.st.pkts_in += 1
         p = parse_tcp_fast(data)
