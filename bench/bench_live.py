@@ -173,6 +173,7 @@ def run_rate(a, rate, workdir, form="pipe") -> dict:
         else:
             live = h.start_live(lab, Path(workdir) / "live", port=PORT,
                                 capture_args=a.capture_arg, session_args=a.session_arg,
+                                intercept_args=a.intercept_arg,
                                 send={"send": True, "one": "capture"}.get(form, False))
         try:
             pids = {n: live.procs[n].pid for n in TOOLS if n in live.procs}
@@ -220,6 +221,9 @@ def main(argv=None) -> int:
                     help="extra tc-capture option (repeatable), e.g. --capture-arg=-s1600")
     ap.add_argument("--session-arg", action="append", default=[],
                     help="extra tc-session option (repeatable)")
+    ap.add_argument("--intercept-arg", action="append", default=[],
+                    help="extra tc-intercept option (repeatable), e.g. --intercept-arg="
+                         "--engine=pcap")
     ap.add_argument("--forms", default="pipe",
                     help="pipe, send, one, c, comma-separated (alternating): the online "
                          "pipeline with tc-pace | tc-emit, tc-session --send, or "

@@ -473,16 +473,19 @@ def wait_settled(log_dir, quiet=0.5, timeout=10.0) -> int:
     return last
 
 
-def start_feedback(lab, workdir, port, sock_name="fb.sock", v6=False, replies=None):
+def start_feedback(lab, workdir, port, sock_name="fb.sock", v6=False, replies=None,
+                   intercept_args=()):
     """tc-intercept lan0 | tc-feedback --listen unix:SOCK in the assistant; returns procs, addr.
-    replies: a file that keeps the target's replies with payload (--payload all | tee)."""
+    replies: a file that keeps the target's replies with payload (--payload all | tee);
+    intercept_args: more tc-intercept options."""
     sock = Path(workdir) / sock_name
     sock.unlink(missing_ok=True)
     env = tool_env()
     ic = Proc(lab, "assistant", [tool("tc-intercept"), lab.assist_if, "-F",
                                  f"tcp and src port {port}", "--stats", "-v",
                                  "--stats-interval", "3600",
-                                 *(["--payload", "all"] if replies else [])],
+                                 *(["--payload", "all"] if replies else []),
+                                 *map(str, intercept_args)],
               stdout=subprocess.PIPE, env=env, name="tc-intercept")
     src = ic
     if replies:
@@ -541,7 +544,8 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
         if feedback == "classic":
             fbprocs, addr = start_feedback_tcp(lab, tport, classic=True)
         else:
-            fbprocs, addr = start_feedback(lab, workdir, tport, replies=replies)
+            fbprocs, addr = start_feedback(lab, workdir, tport, replies=replies,
+                                           intercept_args=intercept_args)
         procs.update(fbprocs)
         target = f"[{lab.target_ip6}]:{tport}" if v6 else f"{lab.target_ip}:{tport}"
         env = tool_env()
@@ -632,8 +636,8 @@ class Live:
         self.stopped = True
         try:
             chain = [n for n in self.procs if n not in ("tc-intercept", "tc-feedback")]
-            # the capture stage (tc-session itself with --capture): it ends, the rest drain
-            self.procs[chain[0]].stop(timeout=5 if chain[0] == "tc-capture" else timeout)
+            if chain:  # the capture stage (tc-session itself with --capture) ends first
+                self.procs[chain[0]].stop(timeout=5 if chain[0] == "tc-capture" else timeout)
             deadline = time.monotonic() + timeout
             for name in chain[1:]:  # (in pipeline order: filters included)
                 self.procs[name].wait(max(0.1, deadline - time.monotonic()))
@@ -671,7 +675,7 @@ class Live:
 def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, tee=None,
                capture_args=(), capture_filter=None, session_args=(), pace_args=(),
                emit_args=(), feedback=True, feedback_env=False, replies=None,
-               send=False, filters=()) -> Live:
+               send=False, filters=(), intercept_args=()) -> Live:
     """Start, on online: tc-capture IFACE | [tee FILE |] tc-session | tc-pace | tc-emit
     (send: tc-capture IFACE | [tee FILE |] tc-session --send [EMIT_ARGS], in one process;
     send="capture": tc-session --capture IFACE --send [EMIT_ARGS], one process for all).
@@ -701,7 +705,8 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
             fbprocs, addr = start_feedback_tcp(lab, tport, classic=feedback == "classic")
             procs.update(fbprocs)
         elif feedback:
-            fbprocs, addr = start_feedback(lab, workdir, tport, replies=replies)
+            fbprocs, addr = start_feedback(lab, workdir, tport, replies=replies,
+                                           intercept_args=intercept_args)
             procs.update(fbprocs)
         target = f"[{lab.target_ip6}]:{tport}" if v6 else f"{lab.target_ip}:{tport}"
         env = tool_env()
