@@ -515,7 +515,7 @@ DRAIN = 30  # tc-session --drain for replays (seconds)
 def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=None,
            session_args=(), pace_args=(), timeout=120.0, start_target=True,
            emit_args=(), trace=True, readpcap_args=(), replies=None,
-           send=False, feedback="unix", filters=()) -> Replay:
+           send=False, feedback="unix", filters=(), intercept_args=()) -> Replay:
     """Replay pcap into a recording server on the target; every process bounded and stopped.
 
     trace: tcpdump on the target's lan0 writes WORKDIR/target.pcap (for diagnosis).
