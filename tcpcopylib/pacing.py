@@ -2,8 +2,8 @@
 
 A record with an integer ``ts`` (ns) is due at ``anchor_wall + (ts - anchor_ts) / speed``,
 anchored at the first timed record seen. A live stream (timestamps within ``LIVE_NS`` of the
-wall clock when read) passes straight through: at speed 1, a live record that would wait
-(it came quicker than the anchor record did) moves the anchor back so it is due at once
+wall clock when read) passes straight through tc-pace: at speed 1, a live record that would
+wait (it came quicker than the anchor record did) moves the anchor back so it is due at once
 (see Timeline). Options reshape that schedule:
 
 - ``max_gap`` (s, recording time): a jump between consecutive timestamps larger than this
@@ -33,12 +33,15 @@ class Timeline:
     speed`` (clock ns), anchored at the first record ``at()`` is asked about. A gap clamp
     moves the anchor (either end), so the records after it keep their pace.
 
-    Live records (stamped within LIVE_NS of the wall clock when read: tc-capture's,
-    tc-session's output) are due at once: at speed 1, one that the anchor would hold (it
-    travelled quicker than the anchor record did, e.g. the first record of a pipeline
-    starting up) moves ``anchor_wall`` back so that it is due now. Otherwise the first
-    record's latency would delay every later record of the stream by as much. A recording
-    (its stamps long past) keeps its pace."""
+    With ``wall`` (tc-pace's Pacer), live records (stamped within LIVE_NS of the wall clock
+    when read: tc-session's output) are due at once: at speed 1, one that the anchor would
+    hold (it travelled quicker than the anchor record did, e.g. the first record of a
+    pipeline starting up) moves ``anchor_wall`` back so that it is due now. Otherwise the
+    first record's latency would delay every later record of the stream by as much. A
+    recording (its stamps long past) keeps its pace. tc-session's DueQueue passes no
+    ``wall``: its due times are where offsets from a connection's accept are counted
+    (engine._before_offset), which a moving anchor would shift (by up to 15 ms in a live
+    lab run); there the first record's latency stays a floor."""
 
     __slots__ = ("speed", "anchor_wall", "anchor_ts")
 
@@ -49,13 +52,13 @@ class Timeline:
 
     def at(self, ts: int, now: int, wall=None) -> int:
         """When a record stamped ``ts`` is due; the first one anchors the timeline at
-        ``now``. ``wall()``: the wall clock (ns since the epoch), when ``now`` is another
-        clock's (asked only when the record would wait); None: ``now`` is the wall clock."""
+        ``now``. ``wall()``: the wall clock (ns since the epoch; asked only when the record
+        would wait), for live records to pass at once (see above); None: never."""
         if self.anchor_wall is None:
             self.anchor_wall, self.anchor_ts = now, ts
         due = self.anchor_wall + self.scaled(ts - self.anchor_ts)
-        if due > now and self.speed == 1 and \
-                -LIVE_NS <= (now if wall is None else wall()) - ts <= LIVE_NS:
+        if due > now and wall is not None and self.speed == 1 and \
+                -LIVE_NS <= wall() - ts <= LIVE_NS:
             self.anchor_wall -= due - now  # a live record: due at once (see above)
             return now
         return due

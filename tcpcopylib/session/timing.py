@@ -1,8 +1,9 @@
 """When an input record is due (DESIGN.md §4): anchor_wall + (ts - anchor_ts) / speed.
 
 The rule is pacing.Timeline's; the anchor is the first packet record seen. Live records
-(ts within pacing.LIVE_NS of the wall clock, which ``now`` is here) come out due at once,
-however late the anchor record came; a pcap read at full speed is held and released at its
+(ts close to the wall clock) come out due at once, or held to the first record's latency:
+the anchor does not move (unlike tc-pace's), since offsets from a connection's accept are
+counted between these due times; a pcap read at full speed is held and released at its
 recorded pace. Due times never go backwards, so records keep their input order.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import collections
 
 # a wait this long for the next packet (1 h) is worth a warning: a timestamp far ahead
-from tcpcopylib.pacing import LIVE_NS, LONG_WAIT_NS, Timeline
+from tcpcopylib.pacing import LONG_WAIT_NS, Timeline
 
 
 class DueQueue:
@@ -84,10 +85,6 @@ class DueQueue:
                 aw, ats = timeline.anchor_wall, timeline.anchor_ts
             elif speed == 1:
                 due = aw + ts - ats
-                if due > now and -LIVE_NS <= now - ts <= LIVE_NS:  # live (Timeline.at)
-                    aw -= due - now
-                    timeline.anchor_wall = aw
-                    due = now
             else:
                 due = aw + round((ts - ats) / speed)  # (as Timeline.scaled)
             if due < last:
