@@ -26,7 +26,6 @@ MAX_L2 = 28         # Ethernet + 2 VLAN tags, or Linux cooked v2 (20)
 MAX_HEADERS = 120   # IPv4 (<= 60) + TCP (<= 60); IPv6 fixed header 40 + TCP 60
 BUFFER_SIZE = 64 << 20
 BATCH = 1024
-LINGER_BATCH = 64  # after a batch of fewer frames, an engine with a linger waits that long
 
 _META = struct.Struct("=IIII")   # next_batch: sec, usec, offset, caplen
 
@@ -233,7 +232,9 @@ class Interceptor:
         poll = select.poll()
         poll.register(engine.fd, select.POLLIN)
         next_tick = time.monotonic() + self.tick_s if self.tick else None
-        linger = getattr(engine, "linger", 0)  # as capture.capture_loop (RingEngine.linger)
+        from tcpcopylib.capture import LINGER_BATCH  # as capture_loop (RingEngine.linger)
+
+        linger = getattr(engine, "linger", 0)
         while True:
             got = read(self, BATCH)
             if self.done:
