@@ -14,7 +14,7 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 # the modules compiled, as in tcpcopylib.COMPILED_MODULES (tests/test_build.py checks)
-COMPILED = ["tcpcopylib/session/engine.py"]
+COMPILED = ["tcpcopylib/session/engine.py", "tcpcopylib/session/runner.py", "tcpcopylib/emit.py", "tcpcopylib/wire.py", "tcpcopylib/packet.py", "tcpcopylib/streamparse.py", "tcpcopylib/records.py", "tcpcopylib/feedback.py", "tcpcopylib/capture.py"]
 
 DIRECTIVES = {
     "language_level": 3,
@@ -29,6 +29,11 @@ def _warn(msg):
 
 class OptionalBuildExt(build_ext):
     """build_ext whose failure (no compiler, no Python.h) leaves the pure-Python build."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if not self.parallel:  # the modules' C compiles side by side (-j): one per core
+            self.parallel = os.cpu_count() or 1
 
     def run(self):
         try:
@@ -53,7 +58,7 @@ def ext_modules():
         return []
     try:
         return cythonize(COMPILED, compiler_directives=DIRECTIVES, build_dir="build/cython",
-                         quiet=True)
+                         quiet=True, nthreads=os.cpu_count() or 1)
     except Exception as e:  # noqa: BLE001 (a Cython error: the .py still runs)
         _warn(f"Cython failed ({e})")
         return []

@@ -11,7 +11,9 @@ import os as _os
 import sys as _sys
 
 # Modules that setup.py compiles with Cython when it can (from these same .py files).
-COMPILED_MODULES = ("tcpcopylib.session.engine",)
+COMPILED_MODULES = ("tcpcopylib.session.engine", "tcpcopylib.session.runner", "tcpcopylib.emit",
+                    "tcpcopylib.wire", "tcpcopylib.packet", "tcpcopylib.streamparse",
+                    "tcpcopylib.records", "tcpcopylib.feedback", "tcpcopylib.capture")
 
 
 def pure_forced() -> bool:

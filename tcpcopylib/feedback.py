@@ -208,8 +208,9 @@ class PeerStreamParser(StreamParser):
 
     def feed(self, data: bytes, mode: int = AS_RAW) -> list:
         """(record, raw bytes or None) pairs, whatever ``mode`` (feed_fast passes one)."""
-        return [(item, raw if type(raw) is bytes else None)
-                for item, raw in super().feed(data, AS_RAW)]
+        pairs = super().feed(data, AS_RAW)  # (not in the comprehension: compiled, its
+        return [(item, raw if type(raw) is bytes else None)  # scope has no __class__)
+                for item, raw in pairs]
 
 
 def version_error(peer_v, who: str) -> str | None:
