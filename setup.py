@@ -14,7 +14,22 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 # the modules compiled, as in tcpcopylib.COMPILED_MODULES (tests/test_build.py checks)
-COMPILED = ["tcpcopylib/session/engine.py", "tcpcopylib/session/runner.py", "tcpcopylib/emit.py", "tcpcopylib/wire.py", "tcpcopylib/packet.py", "tcpcopylib/streamparse.py", "tcpcopylib/records.py", "tcpcopylib/feedback.py", "tcpcopylib/capture.py"]
+COMPILED = [
+    "tcpcopylib/session/engine.py",
+    "tcpcopylib/session/runner.py",
+    "tcpcopylib/session/timing.py",
+    "tcpcopylib/session/mapping.py",
+    "tcpcopylib/emit.py",
+    "tcpcopylib/wire.py",
+    "tcpcopylib/packet.py",
+    "tcpcopylib/streamparse.py",
+    "tcpcopylib/records.py",
+    "tcpcopylib/feedback.py",
+    "tcpcopylib/capture.py",
+    "tcpcopylib/pacing.py",
+    "tcpcopylib/pcapio.py",
+    "tcpcopylib/readpcap.py",
+]
 
 DIRECTIVES = {
     "language_level": 3,

@@ -11,9 +11,22 @@ import os as _os
 import sys as _sys
 
 # Modules that setup.py compiles with Cython when it can (from these same .py files).
-COMPILED_MODULES = ("tcpcopylib.session.engine", "tcpcopylib.session.runner", "tcpcopylib.emit",
-                    "tcpcopylib.wire", "tcpcopylib.packet", "tcpcopylib.streamparse",
-                    "tcpcopylib.records", "tcpcopylib.feedback", "tcpcopylib.capture")
+COMPILED_MODULES = (
+    "tcpcopylib.session.engine",
+    "tcpcopylib.session.runner",
+    "tcpcopylib.session.timing",
+    "tcpcopylib.session.mapping",
+    "tcpcopylib.emit",
+    "tcpcopylib.wire",
+    "tcpcopylib.packet",
+    "tcpcopylib.streamparse",
+    "tcpcopylib.records",
+    "tcpcopylib.feedback",
+    "tcpcopylib.capture",
+    "tcpcopylib.pacing",
+    "tcpcopylib.pcapio",
+    "tcpcopylib.readpcap",
+)
 
 
 def pure_forced() -> bool:

@@ -48,7 +48,7 @@ def _compiled_modules():
 
 def test_setup_compiles_the_listed_modules():
     text = (REPO / "setup.py").read_text()
-    listed = ast.literal_eval(re.search(r"^COMPILED = (\[.*?\])", text, re.M).group(1))
+    listed = ast.literal_eval(re.search(r"^COMPILED = (\[.*?\])", text, re.M | re.S).group(1))
     assert [p.removesuffix(".py").replace("/", ".") for p in listed] == \
         list(_compiled_modules())
 
