@@ -96,7 +96,8 @@ def one_run(a) -> dict:
             run.mkdir()
             target = lab_test.start_service(lab, "target", kind, run, port)
             try:
-                rep = h.replay(lab, pcap, run, port=port, start_target=False, trace=False,
+                rep = h.replay(lab, pcap, run, port=port, start_target=False,
+                               trace=bool(a.keep),
                                session_args=["--drain", "5", "--any-port", *a.session_arg],
                                intercept_args=a.intercept_arg, timeout=a.timeout)
             finally:
@@ -127,6 +128,14 @@ def one_run(a) -> dict:
             if a.form != "c":
                 diag = live.diagnostics()
             online_dir, target_dir = work_dir / f"{kind}-online", work_dir / f"{kind}-target"
+        if a.keep:  # (for a look at the relays' logs)
+            import shutil
+
+            shutil.copytree(online_dir, Path(a.keep) / "online", dirs_exist_ok=True)
+            shutil.copytree(target_dir, Path(a.keep) / "target", dirs_exist_ok=True)
+            for f in (work_dir / "run" / "target.pcap", work_dir / f"{kind}.pcap"):
+                if f.exists():  # (offline: the target's lan0 and the recording)
+                    shutil.copy(f, Path(a.keep))
         rec, rep_ = tapcap.connections(online_dir), tapcap.connections(target_dir)
         out["connections"] = [len(rec), len(rep_)]
         try:
@@ -147,6 +156,7 @@ def one_run(a) -> dict:
 def child(a, kind, mode, tree: Path, form: str) -> dict:
     argv = [sys.executable, str(Path(__file__).resolve()), "--one", kind, mode,
             "--scale", str(a.scale), "--form", form, "--timeout", str(a.timeout),
+            *(["--keep", f"{a.keep}/{kind}-{mode}-{form}"] if a.keep else []),
             *(f"--session-arg={x}" for x in a.session_arg),
             *(f"--capture-arg={x}" for x in a.capture_arg),
             *(f"--intercept-arg={x}" for x in a.intercept_arg)]
@@ -196,6 +206,9 @@ def main(argv=None) -> int:
     ap.add_argument("--c-intercept", metavar="PATH")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per run at most")
     ap.add_argument("-v", "--verbose", action="store_true", help="the runs' stderr")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="copy the relays' logs of the (last) run of each kind and mode to "
+                         "DIR/online and DIR/target (offline: and a capture on the target's lan0)")
     ap.add_argument("--one", nargs=2, metavar=("KIND", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--form", default="ours", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -24,6 +24,10 @@ CHUNK = 1 << 17
 POLL_WAITED_NS = 200_000  # a poll that took longer waited for its input to become readable
 OUT_BATCH = 1 << 16     # output bytes buffered before a flush within one loop turn
 FD_SETSIZE = 1024       # select() takes descriptors below it only
+# loop turns for a near deadline (_poll_timeout): each at the deadline exactly, up to a
+# burst of TIMED_BURST_NS / TIMED_EVERY_NS of them; then one per TIMED_EVERY_NS at most
+TIMED_EVERY_NS = 1_000_000
+TIMED_BURST_NS = 8 * TIMED_EVERY_NS
 
 
 class FinePoll:
@@ -287,6 +291,7 @@ class SessionRunner(Interruptible):
         self.reading = self.eof = False
         self.drain_until = None
         self.next_stats = 0.0
+        self.timed_tat = 0  # the timed wake-ups' limiter (_poll_timeout)
         self._rbuf = memoryview(bytearray(CHUNK))
         stage.out.before_flush = self._flush_claims
 
@@ -405,9 +410,20 @@ class SessionRunner(Interruptible):
 
     def _poll_timeout(self, now: int):
         """The wait in ms until the earliest deadline, exact (a float; None: block): a
-        packet released by a timer goes out when it is due, not up to a ms later."""
+        packet released by a timer goes out when it is due, not up to a ms later (poll()'s
+        whole ms). Within a limit: a busy replay, every packet due at a time of its own,
+        would turn the loop once per packet (tc-session's CPU 1.4 to 1.7 times). Turns for
+        a deadline less than TIMED_EVERY_NS away come in bursts of TIMED_BURST_NS /
+        TIMED_EVERY_NS at most, then one per TIMED_EVERY_NS, which sends what is due by
+        then together (a generic cell rate algorithm: timed_tat moves on with each)."""
         ds = [d for d in (self.stage.next_due(), self.drain_until) if d is not None]
-        t = (min(ds) - now) / SEC if ds else None
+        t = None
+        if ds:
+            d = min(ds)
+            if d - now < TIMED_EVERY_NS:
+                d = max(d, self.timed_tat - TIMED_BURST_NS)
+                self.timed_tat = max(self.timed_tat, now) + TIMED_EVERY_NS
+            t = (d - now) / SEC
         if self.stats_every:
             left = self.next_stats - self.monotonic()
             t = left if t is None else min(t, left)
