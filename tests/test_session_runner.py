@@ -437,3 +437,19 @@ def test_fine_poll_waits_with_the_exact_timeout(monkeypatch):
     assert p.poll(0.25) == [] and len(calls) == 3
     os.close(r)
     os.close(w)
+
+
+def test_a_busy_replay_turns_the_loop_at_most_once_per_ms_after_a_burst():
+    # 40 SYNs due 0.1 ms apart: the first ones go out at their due times, one loop turn
+    # each; then the loop turns once per ms (TIMED_EVERY_NS) and sends what is due by then
+    recs = [{"t": "pkt", "ts": T0 + i * 100_000,
+             "data": build_tcp(C, O, 5000 + i, 80, 1000, 0, TH_SYN)} for i in range(40)]
+    r, in_fd, out_fd, ft, _ = make(["--no-feedback", "--drain", "0"], recs)
+    r.run(in_fd)
+    sent = {parse_tcp(x["data"]).sport - 5000: x["ts"] - START for x in output(out_fd)
+            if x["t"] == "pkt" and parse_tcp(x["data"]).flags == TH_SYN}
+    late = [sent[i] - i * 100_000 for i in range(40)]
+    burst = runner_mod.TIMED_BURST_NS // runner_mod.TIMED_EVERY_NS
+    assert late[:burst] == [0] * burst
+    assert all(0 <= x <= runner_mod.TIMED_EVERY_NS for x in late) and max(late) > 0
+    assert len(set(sent.values())) < 40 - burst  # (batches)
