@@ -146,6 +146,10 @@ def one_run(a) -> dict:
         except AssertionError as e:
             out["error"] = f"comparison failed: {str(e)[:600]}"
             out["late"] = []
+        except ValueError as e:  # (gated_late: the target's reads grouped the requests
+            # otherwise, e.g. two of them in one read: not the same request/response turns)
+            out["error"] = f"requests not paired with the recording's: {e}"
+            out["late"] = []
         if stats and a.form != "c":
             out["release_lateness"] = stats.get("release_lateness", {}).get("buckets")
     return out
