@@ -42,7 +42,9 @@ class FakeTime:
         return self.ns
 
     def monotonic(self):
-        return self.ns / 1e9
+        # seconds since the start, plus an uptime: a float of START / 1e9 (1e9 s) would
+        # be 120 ns coarse, and the runner's waits are exact to the ns
+        return (self.ns - START) / 1e9 + 1000.0
 
     # the poll object the runner is given
     def register(self, fd, ev):
@@ -57,7 +59,9 @@ class FakeTime:
             return ready
         assert timeout_ms is not None, "the loop would block for ever"
         self.waits.append(timeout_ms)
-        target = self.ns + timeout_ms * MS
+        # a float: the runner's wait is exact (at least 1 ns: a wait of less, a float's
+        # rounding error, would not move the clock)
+        target = self.ns + max(round(timeout_ms * MS), 1)
         for t in sorted(self.at):  # a scheduled event interrupts the wait
             if self.ns < START + t <= target:
                 self.ns = START + t
@@ -367,3 +371,85 @@ def test_socket_mode_on_the_runner_a_refused_connection_ends_its_session_at_once
     assert sess["conns"][0][3] is None and sess["sent"] == [] and sess["bytes_sent"] == 0
     assert r.stage.engine.sst.connect_failures == 1 and r.stage.engine.sessions == {}
     assert ft.ns - START <= 50 * MS  # the input's end, not --drain
+
+
+# -- waits to the microsecond: a packet released by a timer goes out when it is due -------
+
+class ScriptedFeedback(LosingFeedback):
+    """A feedback connection whose replies the test hands in (reply()): readable then."""
+
+    def __init__(self):
+        super().__init__()
+        self.a.recv(1)  # (LosingFeedback's byte: not readable at the start)
+        self.replies = []
+
+    def reply(self, data):
+        self.replies.append((data, None))
+        self.b.send(b"x")
+
+    def read_replies(self):
+        self.a.recv(64)
+        out, self.replies = self.replies, []
+        return out
+
+
+def test_a_packet_held_by_a_timer_goes_out_at_its_due_time_not_the_next_whole_ms():
+    # captured: SYN at 0, the handshake's ACK (the online accept) at 0.1 ms, the request
+    # at 0.5 ms. The target's SYN-ACK comes back at 0.4 ms: its accept was 0.3 ms later
+    # than the online one, so the request is held (the engine's timer) until 0.8 ms. From
+    # 0.5 ms the loop waits 0.3 ms, exactly (with poll()'s whole ms: 1 ms, out at 1.5 ms).
+    T = ip_bytes("10.2.0.5")
+    recs = [syn(0, 0),
+            {"t": "pkt", "ts": T0 + 100_000, "data": build_tcp(C, O, 5000, 80, 1001, 5001, TH_ACK)},
+            {"t": "pkt", "ts": T0 + 500_000,
+             "data": build_tcp(C, O, 5000, 80, 1001, 5001, TH_PSH | TH_ACK, payload=b"GET /")}]
+    fb = ScriptedFeedback()
+    r, in_fd, out_fd, ft, _ = make(["--drain", "0.01"], recs, fb=fb)
+    ft.at[400_000] = lambda: fb.reply(build_tcp(T, C, 80, 5000, 7000, 1001, TH_SYN | TH_ACK))
+    r.run(in_fd)
+    sent = [(x["ts"] - START, bytes(parse_tcp(x["data"]).payload))
+            for x in output(out_fd) if x["t"] == "pkt" and parse_tcp(x["data"]).payload]
+    assert sent == [(800_000, b"GET /")]
+    assert [round(w, 9) for w in ft.waits[:4]] == [0.1, 0.4, 0.1, 0.3]  # (ms; to 0.5, 0.8)
+
+
+def test_fine_poll_waits_with_the_exact_timeout(monkeypatch):
+    """FinePoll: a timed wait goes to select() with the timeout to the microsecond; no
+    timeout, 0, or a descriptor select() cannot take go to poll()."""
+    r, w = os.pipe()
+    calls = []
+    real_select = select.select
+
+    def spy(rd, wr, ex, timeout):
+        calls.append(timeout)
+        return real_select(rd, wr, ex, timeout)
+
+    monkeypatch.setattr(runner_mod.select, "select", spy)
+    p = runner_mod.FinePoll()
+    p.register(r, select.POLLIN)
+    assert p.poll(0.25) == [] and calls == [0.25e-3]
+    os.write(w, b"x")
+    assert p.poll(0.25) == [(r, select.POLLIN)] and p.poll(0) == [(r, select.POLLIN)]
+    assert p.poll(None) == [(r, select.POLLIN)] and len(calls) == 2
+    monkeypatch.setattr(runner_mod, "FD_SETSIZE", r)  # as if r were too high for select()
+    assert p.poll(0.25) == [(r, select.POLLIN)] and len(calls) == 2
+    p.unregister(r)
+    assert p.poll(0.25) == [] and len(calls) == 3
+    os.close(r)
+    os.close(w)
+
+
+def test_a_busy_replay_turns_the_loop_at_most_once_per_ms_after_a_burst():
+    # 40 SYNs due 0.1 ms apart: the first ones go out at their due times, one loop turn
+    # each; then the loop turns once per ms (TIMED_EVERY_NS) and sends what is due by then
+    recs = [{"t": "pkt", "ts": T0 + i * 100_000,
+             "data": build_tcp(C, O, 5000 + i, 80, 1000, 0, TH_SYN)} for i in range(40)]
+    r, in_fd, out_fd, ft, _ = make(["--no-feedback", "--drain", "0"], recs)
+    r.run(in_fd)
+    sent = {parse_tcp(x["data"]).sport - 5000: x["ts"] - START for x in output(out_fd)
+            if x["t"] == "pkt" and parse_tcp(x["data"]).flags == TH_SYN}
+    late = [sent[i] - i * 100_000 for i in range(40)]
+    burst = runner_mod.TIMED_BURST_NS // runner_mod.TIMED_EVERY_NS
+    assert late[:burst] == [0] * burst
+    assert all(0 <= x <= runner_mod.TIMED_EVERY_NS for x in late) and max(late) > 0
+    assert len(set(sent.values())) < 40 - burst  # (batches)

@@ -23,6 +23,39 @@ MAX_PENDING = 100_000   # records held for their due time before we stop reading
 CHUNK = 1 << 17
 POLL_WAITED_NS = 200_000  # a poll that took longer waited for its input to become readable
 OUT_BATCH = 1 << 16     # output bytes buffered before a flush within one loop turn
+FD_SETSIZE = 1024       # select() takes descriptors below it only
+# loop turns for a near deadline (_poll_timeout): each at the deadline exactly, up to a
+# burst of TIMED_BURST_NS / TIMED_EVERY_NS of them; then one per TIMED_EVERY_NS at most
+TIMED_EVERY_NS = 1_000_000
+TIMED_BURST_NS = 8 * TIMED_EVERY_NS
+
+
+class FinePoll:
+    """select.poll() with a timeout to the microsecond: poll(timeout_ms) takes a float.
+    select.poll rounds a timeout up to whole ms, so a packet due at a timer would go out
+    up to 1 ms late (0.5 ms on average); a timed wait goes to select.select on the same
+    descriptors instead (its timeout is a timeval), as long as they all fit in its
+    FD_SETSIZE (else to poll, rounded up). No timeout (block) and 0 stay with poll."""
+
+    def __init__(self):
+        self._poll = select.poll()
+        self._fds: list[int] = []
+
+    def register(self, fd: int, events: int = select.POLLIN) -> None:
+        assert events == select.POLLIN, "select() stands in for POLLIN only"
+        self._poll.register(fd, events)
+        if fd not in self._fds:
+            self._fds.append(fd)
+
+    def unregister(self, fd: int) -> None:
+        self._poll.unregister(fd)
+        self._fds.remove(fd)
+
+    def poll(self, timeout_ms=None) -> list:
+        if not timeout_ms or max(self._fds, default=0) >= FD_SETSIZE:
+            return self._poll.poll(None if timeout_ms is None else math.ceil(timeout_ms))
+        ready = select.select(self._fds, (), (), timeout_ms * 1e-3)[0]
+        return [(fd, select.POLLIN) for fd in ready]
 
 
 class PacketOutput:
@@ -216,7 +249,8 @@ class SessionRunner(Interruptible):
     feedback lag, or None; ``admission``: an admission.Admission, which sets the engine's
     ``shedding`` every turn (``max_rss`` alone: one for --max-memory); ``on_stats()``:
     called every ``stats_every`` s; ``clock()``
-    (wall ns), ``monotonic()`` (s) and ``poll`` (a select.poll object) are injectable.
+    (wall ns), ``monotonic()`` (s) and ``poll`` (a FinePoll: select.poll's interface, its
+    timeout in ms as a float, to the ns) are injectable.
     interrupt(signum) may be called from a signal handler: the first stops reading and
     drains, a second ends at once."""
 
@@ -238,7 +272,7 @@ class SessionRunner(Interruptible):
         self.lag = lag
         self.warn = warn
         self.clock, self.monotonic = clock, monotonic
-        self.poll = poll if poll is not None else select.poll()
+        self.poll = poll if poll is not None else FinePoll()
         self.stop_sig = self.stop_count = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -257,6 +291,7 @@ class SessionRunner(Interruptible):
         self.reading = self.eof = False
         self.drain_until = None
         self.next_stats = 0.0
+        self.timed_tat = 0  # the timed wake-ups' limiter (_poll_timeout)
         self._rbuf = memoryview(bytearray(CHUNK))
         stage.out.before_flush = self._flush_claims
 
@@ -374,9 +409,21 @@ class SessionRunner(Interruptible):
             self.reading = True
 
     def _poll_timeout(self, now: int):
-        """poll() timeout in ms until the earliest deadline (None: block)."""
+        """The wait in ms until the earliest deadline, exact (a float; None: block): a
+        packet released by a timer goes out when it is due, not up to a ms later (poll()'s
+        whole ms). Within a limit: a busy replay, every packet due at a time of its own,
+        would turn the loop once per packet (tc-session's CPU 1.4 to 1.7 times). Turns for
+        a deadline less than TIMED_EVERY_NS away come in bursts of TIMED_BURST_NS /
+        TIMED_EVERY_NS at most, then one per TIMED_EVERY_NS, which sends what is due by
+        then together (a generic cell rate algorithm: timed_tat moves on with each)."""
         ds = [d for d in (self.stage.next_due(), self.drain_until) if d is not None]
-        t = (min(ds) - now) / SEC if ds else None
+        t = None
+        if ds:
+            d = min(ds)
+            if d - now < TIMED_EVERY_NS:
+                d = max(d, self.timed_tat - TIMED_BURST_NS)
+                self.timed_tat = max(self.timed_tat, now) + TIMED_EVERY_NS
+            t = (d - now) / SEC
         if self.stats_every:
             left = self.next_stats - self.monotonic()
             t = left if t is None else min(t, left)
@@ -387,8 +434,7 @@ class SessionRunner(Interruptible):
         if self.fb_down is not None:
             retry = max(0.0, self.fb_next - self.monotonic())
             t = retry if t is None else min(t, retry)
-        # as selectors does: milliseconds, rounded up (wait at least timeout)
-        return None if t is None else math.ceil(t * 1e3) if t > 0 else 0
+        return None if t is None else t * 1e3 if t > 0 else 0
 
     def _read_input(self, now: int) -> bool:
         """Read what the input holds; True at its end."""
