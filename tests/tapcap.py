@@ -41,6 +41,14 @@ class Conn:
             else:
                 self.events.append((f[0], int(f[1]), int(f[2]) if len(f) > 2 else 0))
 
+    @classmethod
+    def from_parts(cls, name, accept, peer, local, events, c2s, s2c) -> "Conn":
+        """A connection from elsewhere than a relay's logs (wire_connections)."""
+        c = cls.__new__(cls)
+        c.name, c.accept, c.peer, c.local = name, accept, peer, local
+        c.events, c.c2s, c.s2c = events, c2s, s2c
+        return c
+
     def arrivals(self) -> list[tuple[int, int]]:
         """[(ns after accept, client bytes received so far)] per read of client data."""
         out, total = [], 0
@@ -72,6 +80,80 @@ class Conn:
 def connections(log_dir) -> list[Conn]:
     names = sorted(p[:-len(".events")] for p in os.listdir(log_dir) if p.endswith(".events"))
     return [Conn(os.path.join(log_dir, n)) for n in names]
+
+
+def wire_connections(pcap_path, port: int) -> list[Conn]:
+    """The connections to port in a capture taken at the server's interface, as the relay
+    would have logged them if it had read every segment when the kernel got it: accepted
+    when the handshake's ACK came, c2s/s2c events at each segment's new bytes (a
+    retransmission adds none), FINs and RSTs. Those times do not include the relay's own
+    delays (a busy relay accepts and reads late), so they measure the replay alone."""
+    import dpkt
+
+    conns, order = {}, []
+    with open(pcap_path, "rb") as f:
+        head = f.read(4)
+        f.seek(0)
+        r = dpkt.pcapng.Reader(f) if head == b"\x0a\x0d\x0d\x0a" else dpkt.pcap.Reader(f)
+        link = r.datalink()
+        for ts, buf in r:
+            try:
+                ip = (dpkt.ethernet.Ethernet(buf).data if link == dpkt.pcap.DLT_EN10MB
+                      else dpkt.sll.SLL(buf).data if link == 113 else dpkt.ip.IP(buf))
+            except (dpkt.UnpackError, IndexError):
+                continue
+            if not isinstance(ip, (dpkt.ip.IP, dpkt.ip6.IP6)):
+                continue
+            t = ip.data
+            if not isinstance(t, dpkt.tcp.TCP) or port not in (t.sport, t.dport):
+                continue
+            ns = round(float(ts) * 1e9)
+            c2s = t.dport == port
+            cip, sip = (ip.src, ip.dst) if c2s else (ip.dst, ip.src)
+            key = (cip, t.sport if c2s else t.dport)
+            if c2s and t.flags & TH_SYN:
+                if key in conns:
+                    continue  # a retransmitted SYN
+                conns[key] = {"isn": {"c2s": t.seq + 1}, "accept": None, "events": [],
+                              "data": {"c2s": bytearray(), "s2c": bytearray()},
+                              "peer": (socket.inet_ntop(
+                                  socket.AF_INET6 if len(cip) == 16 else socket.AF_INET, cip),
+                                  key[1]),
+                              "local": (socket.inet_ntop(
+                                  socket.AF_INET6 if len(sip) == 16 else socket.AF_INET, sip),
+                                  port)}
+                order.append(key)
+                continue
+            c = conns.get(key)
+            if c is None:
+                continue
+            d = "c2s" if c2s else "s2c"
+            if t.flags & TH_SYN:  # the SYN-ACK
+                c["isn"]["s2c"] = t.seq + 1
+                continue
+            if c2s and c["accept"] is None:
+                c["accept"] = ns  # the handshake's ACK (or the first segment after the SYN)
+            if d not in c["isn"] or c["accept"] is None:
+                continue
+            off = (t.seq - c["isn"][d]) & 0xFFFFFFFF
+            have = c["data"][d]
+            new = t.data[len(have) - off:] if off <= len(have) else b""
+            if new:
+                have += new
+                c["events"].append((d, ns, len(new)))
+            if t.flags & (TH_FIN | TH_RST):
+                side = "c" if c2s else "s"
+                kind = f"{side}_fin" if t.flags & TH_FIN else f"{side}_rst"
+                if not any(k == kind for k, _, _ in c["events"]):
+                    c["events"].append((kind, ns, 0))
+    out = []
+    for i, key in enumerate(order):
+        c = conns[key]
+        if c["accept"] is not None:
+            out.append(Conn.from_parts(f"{i + 1:06d}", c["accept"], c["peer"], c["local"],
+                                       c["events"], bytes(c["data"]["c2s"]),
+                                       bytes(c["data"]["s2c"])))
+    return out
 
 
 def _packed(ip: str) -> bytes:

@@ -96,7 +96,12 @@ def run_clients(lab, kind, port=PORT) -> None:
 def compare(kind, online_dir, target_dir, stats, diag=""):
     """Every connection's client bytes at the target exact; the lateness (ms) of its
     requests: (duplex ones, request/response ones)."""
-    rec, rep = tapcap.connections(online_dir), tapcap.connections(target_dir)
+    return compare_conns(kind, tapcap.connections(online_dir), tapcap.connections(target_dir),
+                         stats, diag)
+
+
+def compare_conns(kind, rec, rep, stats, diag=""):
+    """compare() on connections (tapcap.Conn) read from the relays' logs or a capture."""
     assert len(rec) >= 2 and len(rep) == len(rec), (kind, len(rec), len(rep), stats, diag)
     assert sorted(c.c2s for c in rep) == sorted(c.c2s for c in rec), (kind, stats, diag)
     assert stats is not None and stats["outcomes"]["completed"] == len(rec), (stats, diag)
