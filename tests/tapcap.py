@@ -99,7 +99,8 @@ def wire_connections(pcap_path, port: int) -> list[Conn]:
         for ts, buf in r:
             try:
                 ip = (dpkt.ethernet.Ethernet(buf).data if link == dpkt.pcap.DLT_EN10MB
-                      else dpkt.sll.SLL(buf).data if link == 113 else dpkt.ip.IP(buf))
+                      else dpkt.sll.SLL(buf).data if link == 113  # (Linux cooked)
+                      else dpkt.ip6.IP6(buf) if buf[0] >> 4 == 6 else dpkt.ip.IP(buf))
             except (dpkt.UnpackError, IndexError):
                 continue
             if not isinstance(ip, (dpkt.ip.IP, dpkt.ip6.IP6)):
