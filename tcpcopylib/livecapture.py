@@ -214,7 +214,7 @@ class LiveCapture:
         return (f"{d['records']} packets written, {s2c}{d['frames']} captured, {d['foreign']} "
                 f"not inbound TCP to this host, {d['supersegs']} super-segments split into "
                 f"{d['split_records']}, {d['truncated']} truncated, {d['shed_sessions']} "
-                f"sessions shed ({d['shed_packets']} packets), {d['kernel_drops']} "
+                f"sessions shed ({d['shed_packets']} packets{shed_why}), {d['kernel_drops']} "
                 f"dropped by kernel, {d['if_drops']} dropped by interface, "
                 f"{self.elapsed():.2f} s, {d['cpu_us_per_packet']:.2f} µs CPU per packet")
 

@@ -836,3 +836,13 @@ def test_ring_snaplen_cuts_like_pcap(lab, kind):
         assert c.truncated == 1
     finally:
         e.close()
+
+
+def test_the_stats_line_says_why_sessions_were_shed():
+    from tcpcopylib.livecapture import LiveCapture
+
+    live = LiveCapture("tc-capture", "lo")  # (not opened: its counters only)
+    live.capturer = c = cap.Capturer(BufferWriter(), addresses=(B4, B6), shed_lag_ms=100)
+    c.shed_sessions, c.shed_packets = 3, 7
+    c.shed_reasons.update({"lag": 2, "capture-drops": 1})
+    assert "3 sessions shed (7 packets; 1 capture-drops; 2 lag)" in live.stats_line()
