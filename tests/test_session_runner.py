@@ -453,3 +453,24 @@ def test_a_busy_replay_turns_the_loop_at_most_once_per_ms_after_a_burst():
     assert late[:burst] == [0] * burst
     assert all(0 <= x <= runner_mod.TIMED_EVERY_NS for x in late) and max(late) > 0
     assert len(set(sent.values())) < 40 - burst  # (batches)
+
+
+def test_a_deadline_after_a_busy_spell_of_input_waits_at_most_a_turn():
+    # 10,000 turns made by input, 0.1 ms apart, each with a packet due 0.5 ms later, then
+    # the input stops: the next packet, due in 0.1 ms, waits at most TIMED_EVERY_NS (the
+    # limiter once counted a ms per turn and had it wait 9 s)
+    class Stage:
+        due = None
+
+        def next_due(self):
+            return self.due
+
+    r = runner_mod.SessionRunner.__new__(runner_mod.SessionRunner)
+    r.stage, r.drain_until, r.stats_every, r.fb_down, r.timed_tat = Stage(), None, 0, None, 0
+    now = T0
+    for _ in range(10_000):
+        r.stage.due = now + 500_000
+        assert r._poll_timeout(now) <= runner_mod.TIMED_EVERY_NS / 1e6 + 0.5
+        now += 100_000
+    r.stage.due = now + 100_000
+    assert 0.1 <= r._poll_timeout(now) <= runner_mod.TIMED_EVERY_NS / 1e6

@@ -415,14 +415,18 @@ class SessionRunner(Interruptible):
         would turn the loop once per packet (tc-session's CPU 1.4 to 1.7 times). Turns for
         a deadline less than TIMED_EVERY_NS away come in bursts of TIMED_BURST_NS /
         TIMED_EVERY_NS at most, then one per TIMED_EVERY_NS, which sends what is due by
-        then together (a generic cell rate algorithm: timed_tat moves on with each)."""
+        then together (a generic cell rate algorithm: timed_tat moves on with each). Input
+        turns the loop too, each turn moving timed_tat on: it is kept within a turn's
+        TIMED_EVERY_NS of the burst, so that a deadline after a busy spell waits no more
+        than that (not one ms for every turn the input made)."""
         ds = [d for d in (self.stage.next_due(), self.drain_until) if d is not None]
         t = None
         if ds:
             d = min(ds)
             if d - now < TIMED_EVERY_NS:
                 d = max(d, self.timed_tat - TIMED_BURST_NS)
-                self.timed_tat = max(self.timed_tat, now) + TIMED_EVERY_NS
+                self.timed_tat = min(max(self.timed_tat, now) + TIMED_EVERY_NS,
+                                     now + TIMED_BURST_NS + TIMED_EVERY_NS)
             t = (d - now) / SEC
         if self.stats_every:
             left = self.next_stats - self.monotonic()
