@@ -14,6 +14,7 @@
 cimport cython
 
 cpdef _signed(d)
+cpdef bint _queued_data(list queue)
 cpdef _ts_option(opts)
 
 @cython.final  # (not subclassed: calls skip the override check)
@@ -81,6 +82,7 @@ cdef class Engine:
     cpdef _send_ack(self, Session s, now)
     cpdef _send_rst(self, Session s)
     cpdef _send_segment(self, Session s, off, data, flags, now, retransmit=*)
+    cpdef _push(self, Session s, now, arm=*)
     cpdef _note_late(self, Seg seg, now)
     cpdef _may_release(self, Session s, Seg seg, now)
     cpdef _new_group(self, Session s, Seg seg, now)
@@ -92,6 +94,7 @@ cdef class Engine:
     cpdef _fb_data(self, Session s, seq, plen, flags, now)
     cpdef _rtt_sample(self, Session s, r)
     cpdef _retransmit(self, Session s, now)
+    cpdef _target_reset(self, Session s, now)
     cpdef _check_closed(self, Session s, now)
     cpdef _reconnect(self, Session s, now, rst=*)
     cpdef _arm(self, Session s)
@@ -99,6 +102,7 @@ cdef class Engine:
     cpdef next_deadline(self)
     @cython.locals(s=Session)
     cpdef on_timer(self, now)
+    cpdef _session_timer(self, Session s, now)
     cpdef _check_idle(self, Session s, now)
     cpdef _response_missing(self, Session s)
     cpdef _finish(self, Session s, outcome, now, rst=*)
