@@ -291,6 +291,15 @@ class Session:
         self.group_data = False
 
 
+def _queued_data(queue):
+    """Does a Seg of queue hold data (not only a FIN/RST)? (A function, not a generator
+    expression in the methods: those stay C-callable when compiled, see engine.pxd.)"""
+    for seg in queue:
+        if seg.data:
+            return True
+    return False
+
+
 def _signed(d):
     """A 32-bit difference as a signed int."""
     return ((d + 0x80000000) & M32) - 0x80000000
@@ -787,7 +796,7 @@ class Engine:
                 if s.queue:
                     self._send_syn(s, now)
             elif s.state == CLOSED:
-                if any(seg.data for seg in s.queue):
+                if _queued_data(s.queue):
                     self._reconnect(s, now)
             return
         q = s.queue
@@ -1098,7 +1107,7 @@ class Engine:
 
     def _target_reset(self, s, now):
         s.state = CLOSED
-        if s.queue and any(seg.data for seg in s.queue) or s.unacked:
+        if s.queue and _queued_data(s.queue) or s.unacked:
             self._reconnect(s, now, rst=False)
         elif s.fin_sent and s.snd_una == s.snd_nxt or s.t_fin:
             self._finish(s, "reconnected" if s.reconnects else "completed", now, rst=False)
@@ -1240,7 +1249,7 @@ class Engine:
                     return
             if s.linger_at and now >= s.linger_at:
                 s.linger_at = 0
-                if not s.queue or not any(seg.data for seg in s.queue):
+                if not s.queue or not _queued_data(s.queue):
                     # one side closed long ago and nothing is left: end it
                     self._finish(s, "reconnected" if s.reconnects else "completed", now)
                     return
@@ -1261,7 +1270,7 @@ class Engine:
             return "no_synack" if s.state == SYN_SENT else "unfinished"
         if s.ooo:
             return "capture_gap"
-        if any(seg.data for seg in s.queue) or s.unacked:
+        if _queued_data(s.queue) or s.unacked:
             return "unfinished"
         if self._response_missing(s) > 0 and s.rcv_nxt + s.t_fin == s.mark:
             return "unfinished"  # the last request never got a response
