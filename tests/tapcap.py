@@ -88,70 +88,51 @@ def wire_connections(pcap_path, port: int) -> list[Conn]:
     when the handshake's ACK came, c2s/s2c events at each segment's new bytes (a
     retransmission adds none), FINs and RSTs. Those times do not include the relay's own
     delays (a busy relay accepts and reads late), so they measure the replay alone."""
-    import dpkt
+    from replay_harness import parse_tcp, pcap_ip_packets
 
     conns, order = {}, []
-    with open(pcap_path, "rb") as f:
-        head = f.read(4)
-        f.seek(0)
-        r = dpkt.pcapng.Reader(f) if head == b"\x0a\x0d\x0d\x0a" else dpkt.pcap.Reader(f)
-        link = r.datalink()
-        for ts, buf in r:
-            try:
-                ip = (dpkt.ethernet.Ethernet(buf).data if link == dpkt.pcap.DLT_EN10MB
-                      else dpkt.sll.SLL(buf).data if link == 113  # (Linux cooked)
-                      else dpkt.ip6.IP6(buf) if buf[0] >> 4 == 6 else dpkt.ip.IP(buf))
-            except (dpkt.UnpackError, IndexError):
-                continue
-            if not isinstance(ip, (dpkt.ip.IP, dpkt.ip6.IP6)):
-                continue
-            t = ip.data
-            if not isinstance(t, dpkt.tcp.TCP) or port not in (t.sport, t.dport):
-                continue
-            ns = round(float(ts) * 1e9)
-            c2s = t.dport == port
-            cip, sip = (ip.src, ip.dst) if c2s else (ip.dst, ip.src)
-            key = (cip, t.sport if c2s else t.dport)
-            if c2s and t.flags & TH_SYN:
-                if key in conns:
-                    continue  # a retransmitted SYN
-                conns[key] = {"isn": {"c2s": t.seq + 1}, "accept": None, "events": [],
+    for ts, ip in pcap_ip_packets(pcap_path):
+        t = parse_tcp(ip)
+        if t is None or port not in (t[2], t[3]):
+            continue
+        src, dst, sport, dport, seq, _ack, flags, payload = t
+        ns = round(float(ts) * 1e9)
+        c2s = dport == port
+        key = (src, sport) if c2s else (dst, dport)
+        if c2s and flags & TH_SYN:
+            if key not in conns:  # (else a retransmitted SYN)
+                conns[key] = {"isn": {"c2s": seq + 1}, "accept": None, "events": [],
                               "data": {"c2s": bytearray(), "s2c": bytearray()},
-                              "peer": (socket.inet_ntop(
-                                  socket.AF_INET6 if len(cip) == 16 else socket.AF_INET, cip),
-                                  key[1]),
-                              "local": (socket.inet_ntop(
-                                  socket.AF_INET6 if len(sip) == 16 else socket.AF_INET, sip),
-                                  port)}
+                              "local": (dst, port)}
                 order.append(key)
-                continue
-            c = conns.get(key)
-            if c is None:
-                continue
-            d = "c2s" if c2s else "s2c"
-            if t.flags & TH_SYN:  # the SYN-ACK
-                c["isn"]["s2c"] = t.seq + 1
-                continue
-            if c2s and c["accept"] is None:
-                c["accept"] = ns  # the handshake's ACK (or the first segment after the SYN)
-            if d not in c["isn"] or c["accept"] is None:
-                continue
-            off = (t.seq - c["isn"][d]) & 0xFFFFFFFF
-            have = c["data"][d]
-            new = t.data[len(have) - off:] if off <= len(have) else b""
-            if new:
-                have += new
-                c["events"].append((d, ns, len(new)))
-            if t.flags & (TH_FIN | TH_RST):
-                side = "c" if c2s else "s"
-                kind = f"{side}_fin" if t.flags & TH_FIN else f"{side}_rst"
-                if not any(k == kind for k, _, _ in c["events"]):
-                    c["events"].append((kind, ns, 0))
+            continue
+        c = conns.get(key)
+        if c is None:
+            continue
+        d = "c2s" if c2s else "s2c"
+        if flags & TH_SYN:  # the SYN-ACK
+            c["isn"]["s2c"] = seq + 1
+            continue
+        if c2s and c["accept"] is None:
+            c["accept"] = ns  # the handshake's ACK (or the first segment after the SYN)
+        if d not in c["isn"] or c["accept"] is None:
+            continue
+        off = (seq - c["isn"][d]) & 0xFFFFFFFF
+        have = c["data"][d]
+        new = payload[len(have) - off:] if off <= len(have) else b""
+        if new:
+            have += new
+            c["events"].append((d, ns, len(new)))
+        if flags & (TH_FIN | TH_RST):
+            side = "c" if c2s else "s"
+            kind = f"{side}_fin" if flags & TH_FIN else f"{side}_rst"
+            if not any(k == kind for k, _, _ in c["events"]):
+                c["events"].append((kind, ns, 0))
     out = []
     for i, key in enumerate(order):
         c = conns[key]
         if c["accept"] is not None:
-            out.append(Conn.from_parts(f"{i + 1:06d}", c["accept"], c["peer"], c["local"],
+            out.append(Conn.from_parts(f"{i + 1:06d}", c["accept"], key, c["local"],
                                        c["events"], bytes(c["data"]["c2s"]),
                                        bytes(c["data"]["s2c"])))
     return out
