@@ -15,3 +15,25 @@ if REPO != Path(__file__).resolve().parent.parent:
                       f"of these tests ({Path(__file__).parent.parent}): set PYTHONPATH")
 
 env = tool_env  # the old name, for tests written before the kit (use tool_env)
+
+
+def loopback_exchange(lab, port: int, request: bytes, answer: bytes,
+                      client_reads: bool = False):
+    """In the lab's online namespace, one TCP connection on 127.0.0.1:port: the client sends
+    request (the server reads it whole), the server sends answer, both close. With
+    client_reads, the first bytes the client read (else None)."""
+    import socket
+
+    with lab.enter("online"):
+        srv = socket.create_server(("127.0.0.1", port))
+        cl = socket.create_connection(("127.0.0.1", port))
+    with srv, cl:
+        conn, _ = srv.accept()
+        with conn:
+            cl.sendall(request)
+            got = b""
+            while len(got) < len(request) and (part := conn.recv(len(request) - len(got))):
+                got += part
+            assert got == request
+            conn.sendall(answer)
+            return cl.recv(10) if client_reads else None

@@ -16,7 +16,7 @@ import cbor2
 import dpkt
 import pytest
 
-from tc import REPO, call, decode, tool_env, tool_path
+from tc import REPO, call, decode, loopback_exchange, tool_env, tool_path
 from tcpcopylib.testing import BufferWriter, Collector
 from tcpcopylib import capture as cap
 from tcpcopylib import link
@@ -736,16 +736,8 @@ def test_ring_both_ways_reads_loopback_once_and_knows_outgoing(lab):
                               server_ports={struct.pack("!H", port)}))
              for e, w in zip(engines, writers)]
     try:
-        with lab.enter("online"):
-            srv = socket.create_server(("127.0.0.1", port))
-            cl = socket.create_connection(("127.0.0.1", port))
-        with srv, cl:
-            conn, _ = srv.accept()
-            with conn:
-                cl.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                assert conn.recv(100)
-                conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * 3000)
-                assert cl.recv(10)
+        assert loopback_exchange(lab, port, b"GET / HTTP/1.0\r\n\r\n",
+                                 b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * 3000, client_reads=True)
         time.sleep(0.1)
         _drain(pairs, 10 ** 9, timeout=0.5)
     finally:

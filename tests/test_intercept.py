@@ -185,15 +185,7 @@ def test_engines_give_the_same_records_on_loopback(lab):
                    for kind in ("ring", "pcap")]
     ics = [Interceptor(e, BufferWriter(), payload=5) for e in engines]
     try:
-        with lab.enter("online"):
-            srv = socket.create_server(("127.0.0.1", port))
-            cl = socket.create_connection(("127.0.0.1", port))
-        with srv, cl:
-            conn, _ = srv.accept()
-            with conn:
-                cl.sendall(b"hello")
-                assert conn.recv(10) == b"hello"
-                conn.sendall(b"x" * 2000)
+        tc.loopback_exchange(lab, port, b"hello", b"x" * 2000)
         time.sleep(0.1)
         deadline = time.monotonic() + 2
         for e, ic in zip(engines, ics):
