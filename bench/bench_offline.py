@@ -2,7 +2,7 @@
 """Offline replay at -a 10: a recording of about a million packets replayed ten times faster.
 
     python3 bench/bench_offline.py [--sessions 92000] [--rate 1000] [--requests 2]
-                                   [--speed 10] [--forms pipe,send] [--batch 32]
+                                   [--speed 10] [--forms pipe,send,shards2] [--batch 32]
                                    [--repeat N] [--profile DIR] [--keep DIR]
 
 Builds a pcap of N short HTTP/1.1 sessions (bench_session.generate_pcap: K requests each,
@@ -50,6 +50,8 @@ def chain(form, pcap, target, addr, stats_json, speed, batch, profile):
                str(stats_json), "-a", str(speed), "--drain", "10"]
     if form == "send":
         return [["tc-readpcap", *b, str(pcap)], [*session, "--send"]]
+    if form.startswith("shards"):  # shardsN: tc-session --send --shards N
+        return [["tc-readpcap", *b, str(pcap)], [*session, "--send", "--shards", form[6:]]]
     return [["tc-readpcap", *b, str(pcap)], [*session, *b], ["tc-pace"], ["tc-emit"]]
 
 
