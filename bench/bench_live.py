@@ -3,7 +3,7 @@
 
     python3 bench/bench_live.py [--rates 500,1000,2000,3000] [--duration 10] [--conns 20]
                                 [--close] [--client wrk|python] [--offloads]
-                                [--forms pipe,send,one,c] [--repeat N]
+                                [--forms pipe,send,one,c] [--assistant pipe|one] [--repeat N]
 
 For each rate R, in a fresh namespace lab:
 
@@ -12,6 +12,7 @@ For each rate R, in a fresh namespace lab:
              checking client tests/servers/live_http_client.py --rate R (threads)
   online:    nginx :8080, and tc-capture cli0 | tc-session --target T | tc-pace | tc-emit
   assistant: tc-intercept lan0 -F 'tcp and src port 8080' | tc-feedback --listen unix:SOCK
+             (--assistant one: tc-feedback --capture lan0 ..., one process)
   target:    nginx :8080
 
 and prints the client's requests/s, completion % (requests in the target's access log over
@@ -25,7 +26,8 @@ N times each): "pipe" is `tc-session | tc-pace | tc-emit`, "send" is `tc-session
 (the same packets sent from tc-session's process), "one" is `tc-session --capture cli0
 --send` (no tc-capture either: the online host's work in one process); each run also prints the online host's
 CPU (capture + session [+ pace + emit], user and system) per replayed session and per
-request, and the end the mean of each form and their ratio.
+request, and the assistant's (tc-intercept + tc-feedback, or C's intercept), and at the end
+the mean of each form and their ratios.
 
 --forms ...,c adds C TCPCopy in the same lab and the same run: `tcpcopy -x PORT-TARGET:PORT
 -s ASSISTANT` on the online host and `intercept -i lan0 -F 'tcp and src port PORT'` on the
@@ -76,6 +78,7 @@ def start_nginx(lab, host, workdir):
 
 
 ONLINE = ("tc-capture", "tc-session", "tc-pace", "tc-emit", "tcpcopy")  # online host's stages
+ASSISTANT = ("tc-intercept", "tc-feedback", "intercept")  # the assistant's
 
 
 def cpu_split(pid) -> tuple[int, int]:
@@ -131,7 +134,8 @@ def kernel_drops(live) -> str:
     if isinstance(live, CTcpcopy):
         return "-"
     cap = live.capture_counts()
-    m = re.search(r"(\d+) dropped(?:,| by)", live.procs["tc-intercept"].stderr)
+    assistant = live.procs.get("tc-intercept") or live.procs["tc-feedback"]  # (its capture)
+    m = re.search(r"(\d+) dropped(?:,| by)", assistant.stderr)
     return (f"{cap.get('dropped by kernel', '?')}+{cap.get('dropped by interface', '?')}"
             f"/{m.group(1) if m else '?'}")
 
@@ -174,7 +178,8 @@ def run_rate(a, rate, workdir, form="pipe") -> dict:
             live = h.start_live(lab, Path(workdir) / "live", port=PORT,
                                 capture_args=a.capture_arg, session_args=a.session_arg,
                                 intercept_args=a.intercept_arg,
-                                send={"send": True, "one": "capture"}.get(form, False))
+                                send={"send": True, "one": "capture"}.get(form, False),
+                                feedback="capture" if a.assistant == "one" else True)
         try:
             pids = {n: live.procs[n].pid for n in TOOLS if n in live.procs}
             for pid in pids.values() if a.nice else ():
@@ -199,10 +204,12 @@ def run_rate(a, rate, workdir, form="pipe") -> dict:
               if v and k not in ("completed", "reconnected")}
     user = sum(used[n][0] for n in ONLINE if n in used) / CLK
     system = sum(used[n][1] for n in ONLINE if n in used) / CLK
+    assistant = sum(sum(used[n]) for n in ASSISTANT if n in used) / CLK
     return {"rate": rate, "client": client, "online": online_n, "target": target_n,
             "completion": 100.0 * target_n / online_n if online_n else 0.0,
             "drops": kernel_drops(live), "failed": failed, "cpu": cpu, "form": form,
             "sessions": st.get("sessions", 0), "online_user_s": user, "online_sys_s": system,
+            "assistant_s": assistant,
             "per_stage_s": {n: (used[n][0] / CLK, used[n][1] / CLK) for n in used},
             "rcs": {n: live.rc(n) for n in (*h.LIVE_CHAIN, "tcpcopy") if n in live.procs}}
 
@@ -228,6 +235,9 @@ def main(argv=None) -> int:
                     help="pipe, send, one, c, comma-separated (alternating): the online "
                          "pipeline with tc-pace | tc-emit, tc-session --send, or "
                          "tc-session --capture --send (default pipe)")
+    ap.add_argument("--assistant", choices=("pipe", "one"), default="pipe",
+                    help="our assistant: tc-intercept | tc-feedback (pipe, the default) or "
+                         "tc-feedback --capture (one process)")
     ap.add_argument("--c-tcpcopy", metavar="PATH",
                     help="a C TCPCopy 1.3 binary you built, for the form c")
     ap.add_argument("--c-intercept", metavar="PATH",
@@ -240,7 +250,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     print(f"live pipeline, client {a.client}, {a.conns} connections, "
           f"{'short' if a.close else 'keep-alive'} connections, {a.duration} s per rate, "
-          f"offloads {'on' if a.offloads else 'off'}"
+          f"offloads {'on' if a.offloads else 'off'}, assistant {a.assistant}"
           + (f", tools at nice {a.nice}" if a.nice else ""))
     print(f"{'offered':>8} {'client rps':>10} {'online':>7} {'target':>7} {'complete':>9} "
           f"{'drops c+i/a':>11}  cpu % of a core: "
@@ -252,6 +262,7 @@ def main(argv=None) -> int:
     if "c" in forms and not (a.c_tcpcopy and a.c_intercept):
         ap.error("the form c needs --c-tcpcopy and --c-intercept")
     per_session: dict = {f: [] for f in forms}
+    assist: dict = {f: [] for f in forms}  # the assistant's CPU per session or request
     runs = [(int(rate), form) for rate in a.rates.split(",") for _ in range(a.repeat)
             for form in forms]
     for rate, form in runs:
@@ -266,12 +277,20 @@ def main(argv=None) -> int:
             per_req = online_s / r["online"] * 1e6
             per_sess = online_s / r["sessions"] * 1e6 if r["sessions"] else 0.0
             per_session[form].append((rate, per_sess if a.close else per_req))
+            n_unit = r["sessions"] if a.close else r["online"]
+            if n_unit:
+                assist[form].append((rate, r["assistant_s"] / n_unit * 1e6))
             print(f"{'':8} online host CPU {online_s:.2f} s (user {r['online_user_s']:.2f}, "
                   f"system {r['online_sys_s']:.2f}): "
                   + (f"{per_sess:.0f} us per session ({r['sessions']}), " if per_sess else "")
                   + f"{per_req:.0f} us per request; "
                   + ", ".join(f"{n.removeprefix('tc-')} {u:.2f}+{k:.2f}"
                               for n, (u, k) in r["per_stage_s"].items() if n in ONLINE))
+            if assist[form]:
+                print(f"{'':8} assistant CPU {r['assistant_s']:.2f} s: {assist[form][-1][1]:.0f}"
+                      f" us per {'session' if a.close else 'request'}; "
+                      + ", ".join(f"{n.removeprefix('tc-')} {u:.2f}+{k:.2f}"
+                                  for n, (u, k) in r["per_stage_s"].items() if n in ASSISTANT))
         notes = []
         if c["errors"] or c["rc"]:
             notes.append(f"client rc={c['rc']} errors: {c['errors']}")
@@ -293,6 +312,17 @@ def main(argv=None) -> int:
                       f"{'session' if a.close else 'request'} "
                       + ", ".join(f"{x:.0f}" for x in xs) + f" us (mean {means[form]:.0f})")
         unit = "session" if a.close else "request"
+        amean = {}
+        for form in forms:
+            xs = [us for r_, us in assist[form] if r_ == rate]
+            if xs:
+                amean[form] = sum(xs) / len(xs)
+                print(f"rate {rate}: {form}: assistant CPU per {unit} "
+                      + ", ".join(f"{x:.0f}" for x in xs) + f" us (mean {amean[form]:.0f})")
+        for ours in ("pipe", "send", "one"):
+            if amean.get(ours) and amean.get("c"):
+                print(f"rate {rate}: assistant CPU per {unit}, {ours} ({a.assistant}) / c "
+                      f"= {amean[ours] / amean['c']:.2f}")
         for ours, base in (("send", "pipe"), ("one", "send"), ("pipe", "c"), ("send", "c"),
                            ("one", "c")):
             if means.get(ours) and means.get(base):

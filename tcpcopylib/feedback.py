@@ -791,9 +791,13 @@ class FeedbackServer:
             self.unix_path = None
 
     # -- the loop ------------------------------------------------------------------------
-    def serve(self, in_fd: int, drain_s: float = 5.0, tick=None, tick_s: float = 0.0) -> None:
+    def serve(self, in_fd: int, drain_s: float = 5.0, tick=None, tick_s: float = 0.0,
+              take=None, name: str | None = None) -> None:
         """Run until the input ends, then until held replies and client buffers are done
-        (at most hold time + drain_s)."""
+        (at most hold time + drain_s). ``take``: an input in this process rather than a
+        stream on ``in_fd`` (tc-feedback --capture): when in_fd is readable, take()
+        returns the stream's next bytes (b"": none yet); such an input never ends (a
+        signal stops the loop)."""
         # select.poll directly (poll, unlike epoll, accepts regular files): the selectors
         # wrapper costs more than the routing itself at ~5 replies per wake-up
         self._poll = poll = select.poll()
@@ -807,7 +811,7 @@ class FeedbackServer:
         # one input buffer: a fresh 256 KiB bytes per read costs an mmap/mremap/munmap
         rbuf = bytearray(1 << 18)
         rview = memoryview(rbuf)
-        decoder = PeerStreamParser("<stdin>" if in_fd == 0 else f"input fd {in_fd}")
+        decoder = PeerStreamParser(name or ("<stdin>" if in_fd == 0 else f"input fd {in_fd}"))
         eof_at = None
         next_tick = time.monotonic() + tick_s if tick else None
         while True:
@@ -842,7 +846,11 @@ class FeedbackServer:
                     next_tick = now + tick_s
                 timeout = min(timeout, math.ceil(max(0.0, next_tick - now) * 1e3))
             for fd, ev in poll.poll(timeout):
-                if fd == in_fd:
+                if fd == in_fd and take is not None:
+                    data = take()
+                    if data:
+                        self._serve_input(decoder, data)
+                elif fd == in_fd:
                     n = os.readv(in_fd, (rbuf,))
                     if not n:
                         poll.unregister(in_fd)

@@ -224,6 +224,20 @@ class Interceptor:
         if len(out) >= writer.bufsize:
             writer.flush()
 
+    def take(self, max_reads: int = 8) -> bytes:
+        """In process (tc-feedback --capture; ``writer`` a livecapture.MemoryWriter): read
+        what the kernel holds now (at most ``max_reads`` batches) and return the records
+        made since the last call, the stream's header first. The reader waits for the
+        engine's fd (``engine.fd``), so no linger here: its loop batches by itself."""
+        read = self.engine.read_batches
+        for _ in range(max_reads):
+            if read(self, BATCH) < BATCH:
+                break
+        buf = self.writer.buf
+        data = bytes(buf)
+        buf.clear()
+        return data
+
     def run(self, limit: int = 0) -> None:
         """Capture until interrupted (or `limit` records written, for tests/benchmarks)."""
         engine, writer = self.engine, self.writer

@@ -474,13 +474,27 @@ def wait_settled(log_dir, quiet=0.5, timeout=10.0) -> int:
 
 
 def start_feedback(lab, workdir, port, sock_name="fb.sock", v6=False, replies=None,
-                   intercept_args=()):
+                   intercept_args=(), one_process=False):
     """tc-intercept lan0 | tc-feedback --listen unix:SOCK in the assistant; returns procs, addr.
     replies: a file that keeps the target's replies with payload (--payload all | tee);
-    intercept_args: more tc-intercept options."""
+    intercept_args: more tc-intercept options. one_process: `tc-feedback --capture lan0`
+    instead of the pipe (procs then holds only tc-feedback)."""
     sock = Path(workdir) / sock_name
     sock.unlink(missing_ok=True)
     env = tool_env()
+    if one_process:
+        assert not replies and not intercept_args, "one_process takes no tee nor options"
+        fb = Proc(lab, "assistant", [tool("tc-feedback"), "--capture", lab.assist_if,
+                                     "--capture-filter", f"tcp and src port {port}",
+                                     "--listen", f"unix:{sock}", "--stats", "-v"],
+                  env=env, name="tc-feedback")
+        deadline = time.monotonic() + 10
+        while not sock.exists() or not fb.wait_stderr(b"capturing on", 0.05):
+            if time.monotonic() > deadline or fb.p.poll() is not None:
+                fb.stop()
+                raise RuntimeError(f"tc-feedback --capture did not start: {fb!r}")
+            time.sleep(0.02)
+        return {"tc-feedback": fb}, f"unix:{sock}"
     ic = Proc(lab, "assistant", [tool("tc-intercept"), lab.assist_if, "-F",
                                  f"tcp and src port {port}", "--stats", "-v",
                                  "--stats-interval", "3600",
@@ -522,8 +536,9 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
     replies: a file for the target's replies with payload (for tc-diff).
     send: the chain in one process, tc-readpcap | tc-session --send [EMIT_ARGS] (no
     tc-pace, no tc-emit: pace_args must be empty).
-    feedback: "unix" (tc-feedback --listen unix:), or "classic" (tc-feedback --classic over
-    TCP, tc-session --feedback classic:).
+    feedback: "unix" (tc-feedback --listen unix:), "capture" (the same, the assistant in
+    one process: tc-feedback --capture), or "classic" (tc-feedback --classic over TCP,
+    tc-session --feedback classic:).
     filters: (tool, args) stages between tc-readpcap and tc-session (tc-rewrite, ...).
     """
     workdir = Path(workdir)
@@ -545,7 +560,8 @@ def replay(lab, pcap, workdir, port=PORT, target_port=None, v6=False, server_kw=
             fbprocs, addr = start_feedback_tcp(lab, tport, classic=True)
         else:
             fbprocs, addr = start_feedback(lab, workdir, tport, replies=replies,
-                                           intercept_args=intercept_args)
+                                           intercept_args=intercept_args,
+                                           one_process=feedback == "capture")
         procs.update(fbprocs)
         target = f"[{lab.target_ip6}]:{tport}" if v6 else f"{lab.target_ip}:{tport}"
         env = tool_env()
@@ -706,7 +722,8 @@ def start_live(lab, workdir, port=PORT, target_port=None, v6=False, iface=None, 
             procs.update(fbprocs)
         elif feedback:
             fbprocs, addr = start_feedback(lab, workdir, tport, replies=replies,
-                                           intercept_args=intercept_args)
+                                           intercept_args=intercept_args,
+                                           one_process=feedback == "capture")
             procs.update(fbprocs)
         target = f"[{lab.target_ip6}]:{tport}" if v6 else f"{lab.target_ip}:{tport}"
         env = tool_env()

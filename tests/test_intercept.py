@@ -213,6 +213,53 @@ def test_usage_errors():
 
 
 @pytest.mark.netns
+def test_take_gives_the_stream_in_process(lab):
+    """Interceptor.take (tc-feedback --capture): the stream's header, then the records
+    captured since the last call, each once; b"" when nothing came."""
+    from tcpcopylib.intercept import Interceptor, open_engine, snaplen_for
+    from tcpcopylib.livecapture import MemoryWriter
+    from tcpcopylib.records import StreamDecoder, header
+
+    port = 8097
+    with lab.enter("online"):
+        engine = open_engine("ring", "lo", f"tcp port {port}", snaplen_for(5), promisc=False)
+    ic = Interceptor(engine, MemoryWriter(-1, header("tc-intercept")), payload=5)
+    try:
+        first = ic.take()
+        tc.loopback_exchange(lab, port, b"hello", b"x" * 2000)
+        chunks = [first]
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and ic.written < 7:
+            chunks.append(ic.take())
+            time.sleep(0.01)
+        chunks.append(ic.take())
+        assert ic.take() == b""  # all was taken
+    finally:
+        engine.close()
+    items, pos, err = StreamDecoder("take", headers=True).parse(b"".join(chunks))
+    assert err is None and pos == sum(map(len, chunks))
+    assert items[0]["t"] == "header" and items[0]["tool"] == "tc-intercept"
+    fbs = [r for r in items[1:] if r.get("t") == "fb"]
+    assert len(fbs) == ic.written >= 7
+    assert [p for p in (parse_tcp(r["data"]).payload for r in fbs) if p] == [b"hello", b"xxxxx"]
+
+
+def test_feedback_capture_errors(tmp_path):
+    """tc-feedback --capture: a bad interface is 66 before anything listens; a FILE
+    beside it, or a bad option value, is a usage error."""
+    sock = tmp_path / "fb.sock"
+    r = tc.call(["tc-feedback", "--capture", "nosuch-if0", "--listen", f"unix:{sock}"])
+    assert r.returncode == 66 and b"no such interface" in r.stderr, r.stderr
+    assert not sock.exists()
+    r = tc.call(["tc-feedback", "--capture", "lo", "--listen", f"unix:{sock}", "in.cbor"])
+    assert r.returncode == 2 and b"no FILE" in r.stderr, r.stderr
+    for bad in (["--capture-payload", "lots"], ["--capture-buffer", "1"],
+                ["--capture-engine", "nosuch"]):
+        r = tc.call(["tc-feedback", "--capture", "lo", "--listen", f"unix:{sock}", *bad])
+        assert r.returncode == 2, (bad, r.stderr)
+
+
+@pytest.mark.netns
 def test_no_permission_exit_77():
     """Without CAP_NET_RAW (dropped from the bounding set, as root): 77."""
     import shutil

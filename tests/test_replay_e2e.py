@@ -8,6 +8,8 @@ Every test compares the client->server byte streams reassembled from the capture
 what the target's server received, and checks tc-session's --stats-json outcome counts.
 """
 
+import re
+
 import pytest
 
 import replay_harness as h
@@ -80,6 +82,28 @@ def test_replay_scenario_byte_identical(lab, tmp_path, scenario, v6, send):
     if send:  # every packet the engine made was sent, by tc-session itself
         em = rep.stats["emit"]
         assert em["sent"] == rep.stats["pkts_out"] > 0 and em["failed"] == 0, rep.stats
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_replay_with_the_assistant_in_one_process(lab, tmp_path, v6):
+    """tc-feedback --capture lan0 (no tc-intercept, no pipe) serves the same replies."""
+    scenario = "keepalive"
+    args, server_kw = SCENARIOS[scenario]
+    rec = h.record(lab, tmp_path / "rec", scenario, *args, server_kw=server_kw, v6=v6)
+    assert rec.client["n_errors"] == 0, rec.client
+    n = rec.client["conns"]
+    rep = h.replay(lab, rec.pcap, tmp_path / "replay", server_kw=server_kw, v6=v6,
+                   timeout=TIMEOUT, feedback="capture")
+    replay_ok(rep)
+    assert "tc-intercept" not in rep.procs
+    assert_identical(rec, rep, n)
+    assert completed(rep.stats) == n and failed(rep.stats) == 0, rep.stats
+    fb = rep.procs["tc-feedback"]
+    fb.stop()
+    line = fb.err.decode(errors="replace")
+    m = re.search(r"capture: (\d+) packets captured, (\d+) skipped", line)
+    assert m and int(m.group(1)) > 0, line  # the capture's counters are in its stats line
+    assert rep.stats["fb_in"] > 0 and rep.stats["fb_unmatched"] == 0, rep.stats
 
 
 # -- (2) a capture that starts mid-connection --------------------------------------------------

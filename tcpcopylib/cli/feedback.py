@@ -1,6 +1,7 @@
 """tc-feedback: deliver the target's replies (fb records) to the tc-session that owns them."""
 
 from tcpcopylib.cli.common import Tool as _Tool
+from tcpcopylib.cli.intercept import payload_bytes
 from tcpcopylib.feedback import AUTH_TIMEOUT, CLIENT_INPUT, MAX_CLIENTS, TOTAL_INPUT
 
 CLASSIC_PORT = 36524  # intercept's (tcpcopylib.classic.DEFAULT_PORT; not imported: startup)
@@ -14,13 +15,18 @@ class Tool(_Tool):
               "tc-feedback --listen tcp::36524\n"
               "  tc-intercept eth1 -F 'tcp and src port 8080' | "
               "tc-feedback --classic --allow 10.0.0.7\n"
-              "    (serves an existing tcpcopy 1.3 -s ASSISTANT, as intercept would)")
+              "    (serves an existing tcpcopy 1.3 -s ASSISTANT, as intercept would)\n"
+              "  tc-feedback --capture eth1 --capture-filter 'tcp and src port 8080' "
+              "--listen tcp::36524\n"
+              "    (the first example in one process: no pipe between capture and server)")
     writes_records = False
     interrupt_is_success = True  # a server stopped by Ctrl-C/SIGTERM is not a failure
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.server = None
+        self.icpt = None            # with --capture: the Interceptor in this process
+        self.capture_stats = None   # its kernel counts, taken before the engine closed
 
     def add_arguments(self, p):
         p.add_argument("input", nargs="?", default="-", metavar="FILE",
@@ -45,6 +51,23 @@ class Tool(_Tool):
         p.add_argument("--drain-s", type=float, default=5.0, metavar="S",
                        help="after the input ends, wait at most S seconds (beyond the hold "
                             "time) for clients to read what is queued for them (default 5)")
+
+        c = p.add_argument_group("capturing in this process (--capture; tc-intercept's options)")
+        c.add_argument("--capture", metavar="IFACE",
+                       help="capture the target's replies on IFACE in this process, as "
+                            "`tc-intercept IFACE |` before it would (the same records, "
+                            "without the hop; less CPU); no FILE; ends at SIGINT/SIGTERM; "
+                            "needs root or CAP_NET_RAW")
+        c.add_argument("--capture-filter", default="tcp", metavar="EXPR",
+                       help="with --capture: BPF filter (tcpdump language), as tc-intercept "
+                            "-F; default 'tcp'")
+        c.add_argument("--capture-engine", choices=("ring", "pcap", "afpacket"), default="ring",
+                       help="with --capture: as tc-intercept --engine (default ring)")
+        c.add_argument("--capture-buffer", type=int, default=65536, metavar="KIB",
+                       help="with --capture: kernel capture buffer in KiB, as tc-intercept -B "
+                            "(default 65536)")
+        c.add_argument("--capture-payload", type=payload_bytes, default=0, metavar="N|all",
+                       help="with --capture: as tc-intercept --payload (default 0)")
 
         t = p.add_argument_group("trust and limits (see tc-feedback(8): Authentication, Limits)")
         t.add_argument("--key", metavar="FILE",
@@ -83,7 +106,17 @@ class Tool(_Tool):
         if args.classic and args.classic == listen:
             raise UsageError(f"--classic and --listen both ask for {listen}: give them "
                              f"different addresses")
-        in_fd = self.open_input(args.input)
+        if args.capture and args.input != "-":
+            raise UsageError("--capture is the input: give no FILE with it")
+        if args.capture_buffer < 64:
+            raise UsageError("--capture-buffer >= 64 is required")
+        take = name = None
+        if args.capture:  # (opened first: a bad interface or no root fails before we listen)
+            self.icpt = self._open_capture(args)
+            in_fd, take = self.icpt.engine.fd, self.icpt.take
+            name = f"capture on {args.capture}"
+        else:
+            in_fd = self.open_input(args.input)
         self.server = srv = FeedbackServer(listen, hold_ms=args.hold_ms, hold_max=args.hold_max,
                                            client_buffer=args.client_buffer, warn=self.warn,
                                            info=self.info, key=key, allow=allow,
@@ -99,19 +132,68 @@ class Tool(_Tool):
             self.info(f"listening on {args.classic} for classic tcpcopy clients")
         tick = (lambda: self.warn(srv.stats_line())) if args.verbose else None
         try:
-            srv.serve(in_fd, drain_s=args.drain_s, tick=tick, tick_s=10.0)
+            srv.serve(in_fd, drain_s=args.drain_s, tick=tick, tick_s=10.0, take=take,
+                      name=name)
         finally:
             srv.close()
+            if self.icpt is not None:
+                self.capture_stats = self.icpt.kernel_stats()  # (before the engine closes)
+                self.icpt.engine.close()
         return 0
 
+    def _open_capture(self, args):
+        """--capture IFACE: tc-intercept's engine and Interceptor, its records kept in
+        memory for the server's loop (Interceptor.take)."""
+        from tcpcopylib.intercept import Interceptor, open_engine, snaplen_for
+        from tcpcopylib.livecapture import MemoryWriter
+        from tcpcopylib.records import header
+
+        iface = args.capture
+        engine = open_engine(args.capture_engine, iface, args.capture_filter,
+                             snaplen_for(args.capture_payload),
+                             buffer_size=args.capture_buffer << 10)
+        try:
+            warning = getattr(engine, "warning", lambda: None)()
+            if warning:
+                self.warn(warning)
+            writer = MemoryWriter(-1, header("tc-intercept", iface=iface,
+                                             filter=args.capture_filter))
+            icpt = Interceptor(engine, writer, payload=args.capture_payload)
+        except BaseException:
+            engine.close()
+            raise
+        self.info(f"capturing on {iface}, filter {args.capture_filter!r} "
+                  f"({engine.describe()})")
+        return icpt
+
+    def capture_counts(self) -> dict | None:
+        """--capture's counters, as tc-intercept's --stats-json has them; None without it."""
+        i = self.icpt
+        if i is None:
+            return None
+        recv, drop, ifdrop = self.capture_stats or i.kernel_stats()
+        return {"captured": i.captured, "written": i.written, "skipped": i.skipped,
+                "kernel_received": recv, "kernel_drops": drop, "if_drops": ifdrop}
+
     def stats_line(self):
-        return self.server.stats_line() if self.server else None
+        if self.server is None:
+            return None
+        c = self.capture_counts()
+        if c is None:
+            return self.server.stats_line()
+        return (f"{self.server.stats_line()}; capture: {c['captured']} packets captured, "
+                f"{c['skipped']} skipped (not TCP), {c['kernel_drops']} dropped by kernel, "
+                f"{c['if_drops']} dropped by interface")
 
     def stats_dict(self) -> dict:
         srv = self.server
         if srv is None:
             return super().stats_dict()
-        return {**srv.stats_dict(), "summary": self.stats_line()}
+        d = {**srv.stats_dict(), "summary": self.stats_line()}
+        c = self.capture_counts()
+        if c is not None:
+            d["capture"] = c
+        return d
 
 
 def main(argv=None):

@@ -3,7 +3,8 @@
 from tcpcopylib.cli.common import Tool as _Tool
 
 
-def _payload(text: str) -> int:
+def payload_bytes(text: str) -> int:
+    """--payload's argument: N bytes, or 'all' (-1)."""
     import argparse
 
     if text == "all":
@@ -33,7 +34,7 @@ class Tool(_Tool):
                        help="same as IFACE")
         p.add_argument("-F", "--filter", default="tcp", metavar="EXPR",
                        help="BPF filter in tcpdump syntax (default: 'tcp')")
-        p.add_argument("--payload", type=_payload, default=0, metavar="N|all",
+        p.add_argument("--payload", type=payload_bytes, default=0, metavar="N|all",
                        help="also keep the first N payload bytes of each reply (default 0)")
         p.add_argument("-p", "--no-promisc", action="store_true",
                        help="do not put the interface into promiscuous mode")
