@@ -706,3 +706,58 @@ def test_client_input_split_anywhere_gives_the_same_claims():
         assert set(srv.routes) == want and c.keys == want, trial
         a.close()
         b.close()
+
+
+def test_client_releases_alone_wait_for_a_claim_or_their_time():
+    """flush(releases_may_wait=True), tc-session's every turn: a claim goes at once (its
+    SYN follows), releases alone wait (one message per session instead of two) until the
+    next claim, RELEASE_BATCH of them or releases_due; flush() sends them at once."""
+    from tcpcopylib.feedback import RELEASE_BATCH
+
+    def sent(sock):
+        import io
+
+        sock.setblocking(False)
+        try:
+            data = sock.recv(1 << 20)
+        except BlockingIOError:
+            return []
+        f = io.BytesIO(data)
+        out = []
+        while f.tell() < len(data):
+            rec = cbor2.load(f)
+            out += [(kind, e[1]) for kind in ("add", "del") for e in rec.get(kind, ())]
+        return out
+
+    c = FeedbackClient("unix:/nonexistent", name="t")
+    a, b = socket.socketpair()
+    c.sock = a
+    ip, tip = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 5])
+    try:
+        c.claim(ip, 1001, tip, 80)
+        c.flush(releases_may_wait=True)
+        assert sent(b) == [("add", 1001)]  # a claim: at once
+        c.release(ip, 1001, tip, 80)
+        c.flush(releases_may_wait=True)
+        assert sent(b) == [] and c.releases_due is not None  # a release alone: waits
+        c.claim(ip, 1002, tip, 80)
+        c.flush(releases_may_wait=True)
+        assert sent(b) == [("del", 1001), ("add", 1002)]  # with the next claim, in order
+        assert c.releases_due is None
+        c.release(ip, 1002, tip, 80)
+        c.flush(releases_may_wait=True)
+        c.releases_due = time.monotonic_ns() - 1  # (its time has come)
+        c.flush(releases_may_wait=True)
+        assert sent(b) == [("del", 1002)]
+        for port in range(2000, 2000 + RELEASE_BATCH):  # RELEASE_BATCH of them: they go
+            c.release(ip, port, tip, 80)
+            c.flush(releases_may_wait=True)
+        assert [p for _, p in sent(b)] == list(range(2000, 2000 + RELEASE_BATCH))
+        c.release(ip, 3000, tip, 80)
+        c.flush(releases_may_wait=True)
+        assert sent(b) == []
+        c.flush()  # (at the end: everything)
+        assert sent(b) == [("del", 3000)]
+    finally:
+        a.close()
+        b.close()
