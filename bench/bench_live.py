@@ -90,6 +90,17 @@ def cpu_split(pid) -> tuple[int, int]:
     return int(f[11]), int(f[12])
 
 
+def switches(pid) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of a process so far: its wake-ups, and the
+    times it was preempted (each costs a Python process more than its own work)."""
+    try:
+        st = dict(ln.split(":\t") for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if "ctxt_switches" in ln)
+    except OSError:
+        return 0, 0
+    return int(st["voluntary_ctxt_switches"]), int(st["nonvoluntary_ctxt_switches"])
+
+
 def cpu_ticks(pid) -> int:
     return sum(cpu_split(pid))
 
@@ -185,12 +196,15 @@ def run_rate(a, rate, workdir, form="pipe") -> dict:
             for pid in pids.values() if a.nice else ():
                 os.setpriority(os.PRIO_PROCESS, pid, a.nice)
             cpu0 = {n: cpu_split(p) for n, p in pids.items()}
+            sw0 = {n: switches(p) for n, p in pids.items()}
             t0 = time.monotonic()
             client = run_client(lab, a, rate, workdir)
             time.sleep(1.5)  # the last replies and FINs
             wall = time.monotonic() - t0
             used = {n: tuple(x1 - x0 for x1, x0 in zip(cpu_split(p), cpu0[n]))
                     for n, p in pids.items()}
+            sw = {n: tuple(x1 - x0 for x1, x0 in zip(switches(p), sw0[n]))
+                  for n, p in pids.items()}
             cpu = {n: sum(used[n]) / CLK / wall * 100 for n in used}
         finally:
             live.stop()
@@ -209,7 +223,7 @@ def run_rate(a, rate, workdir, form="pipe") -> dict:
             "completion": 100.0 * target_n / online_n if online_n else 0.0,
             "drops": kernel_drops(live), "failed": failed, "cpu": cpu, "form": form,
             "sessions": st.get("sessions", 0), "online_user_s": user, "online_sys_s": system,
-            "assistant_s": assistant,
+            "assistant_s": assistant, "switches": sw,
             "per_stage_s": {n: (used[n][0] / CLK, used[n][1] / CLK) for n in used},
             "rcs": {n: live.rc(n) for n in (*h.LIVE_CHAIN, "tcpcopy") if n in live.procs}}
 
@@ -291,6 +305,10 @@ def main(argv=None) -> int:
                       f" us per {'session' if a.close else 'request'}; "
                       + ", ".join(f"{n.removeprefix('tc-')} {u:.2f}+{k:.2f}"
                                   for n, (u, k) in r["per_stage_s"].items() if n in ASSISTANT))
+            print(f"{'':8} context switches per {'session' if a.close else 'request'} "
+                  f"(woken+preempted): " + ", ".join(
+                      f"{n.removeprefix('tc-')} {v / n_unit:.2f}+{i / n_unit:.2f}"
+                      for n, (v, i) in r["switches"].items() if n_unit))
         notes = []
         if c["errors"] or c["rc"]:
             notes.append(f"client rc={c['rc']} errors: {c['errors']}")
