@@ -307,12 +307,9 @@ class ClassicFeedbackClient:
             self.live.pop(MSG.pack(client_ip, client_port, CLIENT_ADD, target_ip,
                                    target_port), None)
 
-    releases_due = None  # (FeedbackClient's: releases send nothing here, none wait)
-
-    def flush(self, releases_may_wait: bool = False) -> None:
+    def flush(self) -> None:
         """Send what is pending, whole: intercept reads each message with a blocking read,
-        so a message is never left half-sent (wait for the socket at most send_timeout).
-        (releases_may_wait: as FeedbackClient.flush's; no release is ever pending here.)"""
+        so a message is never left half-sent (wait for the socket at most send_timeout)."""
         if not self._out:
             return
         if self.sock is None:   # (reconnect() sends the live ones again)

@@ -74,11 +74,6 @@ AUTH_TIMEOUT = 5.0  # seconds from accept to a client's header (and auth) at mos
 MAX_CLAIMS = 1 << 20  # connections claimed by one client at a time
 MAX_DEPTH = 8  # nesting of a client record's arrays and maps
 CLAIM_CHUNK = 1024  # entries per claim record a FeedbackClient writes (~90 KB at most)
-# flush(releases_may_wait=True): releases with no claim to go with them wait for one, for at
-# most RELEASE_WAIT_NS or until RELEASE_BATCH of them are pending (one message instead of
-# two per session: fewer sends here, fewer wake-ups of tc-feedback)
-RELEASE_WAIT_NS = 50_000_000
-RELEASE_BATCH = 64
 FRAME_BUDGET = 4096  # bytes of a client's input framed per turn of the loop
 SERVER_RECORD = 16 << 20  # FeedbackClient: an unfinished record from the server at most
 
@@ -346,7 +341,6 @@ class FeedbackClient:
         self.sock: socket.socket | None = None
         self._ops: list = []  # (kind, [encoded entry, ...]) in call order
         self.live: dict = {}  # encoded entry -> None: claimed and not released
-        self.releases_due = None  # ns (monotonic): when the releases waiting must go
         self._decoder = PeerStreamParser(f"feedback server {self.address}")
         self._pending: list = []
         self._auth: list = []  # auth records received, not yet looked at
@@ -436,7 +430,6 @@ class FeedbackClient:
         self.close()
         self._decoder = PeerStreamParser(f"feedback server {self.address}")
         self._pending, self._auth, self._ops = [], [], []
-        self.releases_due = None
         self._eof = False
         self.server_header = None
         self.connect(timeout)
@@ -571,8 +564,6 @@ class FeedbackClient:
             self.live[entry] = None
         else:
             self.live.pop(entry, None)
-            if self.releases_due is None:
-                self.releases_due = time.monotonic_ns() + RELEASE_WAIT_NS
         ops = self._ops
         if ops and ops[-1][0] == kind:
             ops[-1][1].append(entry)
@@ -585,18 +576,11 @@ class FeedbackClient:
     def release(self, client_ip: bytes, client_port: int, target_ip: bytes, target_port: int) -> None:
         self._op("del", client_ip, client_port, target_ip, target_port)
 
-    def flush(self, releases_may_wait: bool = False) -> None:
+    def flush(self) -> None:
         """Send the pending claims and releases: one claim record per run of either kind,
-        as cbor2.dumps({"t": "claim", kind: entries}) encodes it. releases_may_wait:
-        releases alone (no claim pending) stay for a later flush, until ``releases_due``
-        or RELEASE_BATCH of them (a claim must go at once: its SYN follows it)."""
-        ops = self._ops
-        if not ops:
+        as cbor2.dumps({"t": "claim", kind: entries}) encodes it."""
+        if not self._ops:
             return
-        if releases_may_wait and len(ops) == 1 and ops[0][0] == "del" \
-                and len(ops[0][1]) < RELEASE_BATCH and time.monotonic_ns() < self.releases_due:
-            return
-        self.releases_due = None
         if self.sock is None:  # (reconnect() claims the live ones again)
             self._ops = []
             return

@@ -206,9 +206,8 @@ class LosingFeedback:
         self.claims += 1
 
     release = claim
-    releases_due = None  # (FeedbackClient's: this one never holds releases back)
 
-    def flush(self, releases_may_wait=False):
+    def flush(self):
         pass
 
     def close(self):
@@ -468,7 +467,6 @@ def test_a_deadline_after_a_busy_spell_of_input_waits_at_most_a_turn():
 
     r = runner_mod.SessionRunner.__new__(runner_mod.SessionRunner)
     r.stage, r.drain_until, r.stats_every, r.fb_down, r.timed_tat = Stage(), None, 0, None, 0
-    r.fb = None  # (no feedback: no held releases)
     now = T0
     for _ in range(10_000):
         r.stage.due = now + 500_000

@@ -64,9 +64,7 @@ class QuietFeedback:
     def release(self, cip, cport, tip, tport):
         self.ops.append(("release", cport))
 
-    releases_due = None  # (FeedbackClient's: this one never holds releases back)
-
-    def flush(self, releases_may_wait=False):
+    def flush(self):
         self.log.events += self.ops
         self.ops = []
 

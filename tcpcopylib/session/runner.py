@@ -438,9 +438,6 @@ class SessionRunner(Interruptible):
         if self.fb_down is not None:
             retry = max(0.0, self.fb_next - self.monotonic())
             t = retry if t is None else min(t, retry)
-        elif self.fb is not None and self.fb.releases_due is not None:  # (held releases)
-            release = max(0.0, (self.fb.releases_due - time.monotonic_ns()) / SEC)
-            t = release if t is None else min(t, release)
         return None if t is None else t * 1e3 if t > 0 else 0
 
     def _read_input(self, now: int) -> bool:
@@ -482,14 +479,13 @@ class SessionRunner(Interruptible):
             self.lag.observe(lag * 1e-9 if lag > 0 else 0.0)
 
     def _flush_claims(self) -> None:
-        """Before the output is flushed: the claims the engine made go out first (releases
-        alone may wait for the next claim: FeedbackClient.flush, _poll_timeout)."""
+        """Before the output is flushed: the claims the engine made go out first."""
         from tcpcopylib.errors import UnavailableError
 
         fb = self.fb
         if fb is not None and fb.sock is not None:
             try:
-                fb.flush(releases_may_wait=True)
+                fb.flush()
             except UnavailableError as e:
                 self._fb_lost(e)
 
