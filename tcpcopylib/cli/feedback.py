@@ -130,7 +130,7 @@ class Tool(_Tool):
             self.info(f"listening on {listen}")
         if args.classic:
             self.info(f"listening on {args.classic} for classic tcpcopy clients")
-        tick = (lambda: self.warn(srv.stats_line())) if args.verbose else None
+        tick = (lambda: self.warn(self.stats_line())) if args.verbose else None
         try:
             srv.serve(in_fd, drain_s=args.drain_s, tick=tick, tick_s=10.0, take=take,
                       name=name)
