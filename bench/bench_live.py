@@ -320,23 +320,22 @@ def main(argv=None) -> int:
             print(f"{'':8} {n}")
         worst = min(worst, r["completion"])
     print(f"lowest completion: {worst:.2f}%")
-    for rate in sorted({rate for rate, _ in runs}):
+    unit = "session" if a.close else "request"
+
+    def mean_by_form(rate, runs_by_form, what):
+        """{form: mean us per unit at rate}, each form's runs printed."""
         means = {}
         for form in forms:
-            xs = [us for r_, us in per_session[form] if r_ == rate]
+            xs = [us for r_, us in runs_by_form[form] if r_ == rate]
             if xs:
                 means[form] = sum(xs) / len(xs)
-                print(f"rate {rate}: {form}: online host CPU per "
-                      f"{'session' if a.close else 'request'} "
+                print(f"rate {rate}: {form}: {what} CPU per {unit} "
                       + ", ".join(f"{x:.0f}" for x in xs) + f" us (mean {means[form]:.0f})")
-        unit = "session" if a.close else "request"
-        amean = {}
-        for form in forms:
-            xs = [us for r_, us in assist[form] if r_ == rate]
-            if xs:
-                amean[form] = sum(xs) / len(xs)
-                print(f"rate {rate}: {form}: assistant CPU per {unit} "
-                      + ", ".join(f"{x:.0f}" for x in xs) + f" us (mean {amean[form]:.0f})")
+        return means
+
+    for rate in sorted({rate for rate, _ in runs}):
+        means = mean_by_form(rate, per_session, "online host")
+        amean = mean_by_form(rate, assist, "assistant")
         for ours in ("pipe", "send", "one"):
             if amean.get(ours) and amean.get("c"):
                 print(f"rate {rate}: assistant CPU per {unit}, {ours} ({a.assistant}) / c "
