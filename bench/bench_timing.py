@@ -144,7 +144,8 @@ def one_run(a) -> dict:
 
             shutil.copytree(online_dir, Path(a.keep) / "online", dirs_exist_ok=True)
             shutil.copytree(target_dir, Path(a.keep) / "target", dirs_exist_ok=True)
-            for f in (work_dir / "run" / "target.pcap", work_dir / f"{kind}.pcap"):
+            for f in (work_dir / "run" / "target.pcap", work_dir / f"{kind}.pcap",
+                      *wire.values()):
                 if f.exists():  # (offline: the target's lan0 and the recording)
                     shutil.copy(f, Path(a.keep))
         if a.wire:
@@ -228,7 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true", help="the runs' stderr")
     ap.add_argument("--keep", metavar="DIR",
                     help="copy the relays' logs of the (last) run of each kind and mode to "
-                         "DIR/online and DIR/target (offline: and a capture on the target's lan0)")
+                         "DIR/online and DIR/target (offline: and a capture on the target's "
+                         "lan0; --wire: its captures)")
     ap.add_argument("--wire", action="store_true",
                     help="times from captures at the online and the target server's "
                          "interfaces (tcpdump), not from the relays' reads: the replay's "
