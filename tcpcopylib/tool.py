@@ -285,13 +285,13 @@ class Tool:
         """run(args), its errors turned into an exit status; None when it died of SIGPIPE
         (_die_of_sigpipe reported and, on fd 1, raised the signal).
 
-        While run() runs, the objects made before it (the modules imported, the parser:
-        the start-up heap) are out of the cyclic garbage collector's reach (gc.freeze): a
-        full collection walks every object it tracks, 2 to 4 ms for a tool's start-up heap
-        (10 on a busy machine), at a moment of its own choosing, often just as a replay
-        starts: a request due then went out that much later. Objects made later are
-        collected as usual; unfreeze() afterwards (a tool run in process, as by a test,
-        leaves its caller's heap as it found it)."""
+        The objects made before run() (the modules imported, the parser: the start-up
+        heap) are taken out of the cyclic garbage collector's reach (gc.freeze), for good:
+        a full collection walks every object it tracks, 2 to 4 ms for a tool's start-up
+        heap (up to 25 on a busy machine), at a moment of its own choosing, often as a
+        replay starts, and so does the one at exit (tc-readpcap exits while the replay
+        goes on): a request due then went out that much later. Objects made later are
+        collected as usual. (A caller running a tool in process may gc.unfreeze().)"""
         gc.freeze()
         try:
             try:
@@ -299,7 +299,6 @@ class Tool:
                     self.metrics.start()
                 return self.run(args) or EX_OK
             finally:
-                gc.unfreeze()
                 # Ignore a second signal while we wrap up.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
