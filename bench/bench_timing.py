@@ -4,6 +4,7 @@
     python3 bench/bench_timing.py [--kinds http,greeting,pipelined,ws] [--modes live,offline]
                                   [--scale N] [--repeat N] [--compare DIR]
                                   [--session-arg ARG] [--capture-arg ARG] [--intercept-arg ARG]
+                                  [--wire] [--send] [--keep DIR]
                                   [--c-tcpcopy PATH --c-intercept PATH] [-v]
 
 The set-up of tests/test_duplex_lab.py (reused from it by import: its servers behind the
@@ -102,7 +103,8 @@ def one_run(a) -> dict:
                 rep = h.replay(lab, pcap, run, port=port, start_target=False,
                                trace=bool(a.keep or a.wire),
                                session_args=["--drain", "5", "--any-port", *a.session_arg],
-                               intercept_args=a.intercept_arg, timeout=a.timeout)
+                               intercept_args=a.intercept_arg, timeout=a.timeout,
+                               send=a.send)
             finally:
                 lab_test.stop_service(lab, target)
             stats, diag = rep.stats, rep.diagnostics()
@@ -121,7 +123,7 @@ def one_run(a) -> dict:
                 live = h.start_live(lab, work_dir, port=port,
                                     session_args=["--drain", "5", *a.session_arg],
                                     capture_args=a.capture_arg,
-                                    intercept_args=a.intercept_arg)
+                                    intercept_args=a.intercept_arg, send=a.send)
             tds = []
             if a.wire:
                 wire = {"online": work_dir / "online.pcap", "target": work_dir / "target.pcap"}
@@ -144,7 +146,8 @@ def one_run(a) -> dict:
 
             shutil.copytree(online_dir, Path(a.keep) / "online", dirs_exist_ok=True)
             shutil.copytree(target_dir, Path(a.keep) / "target", dirs_exist_ok=True)
-            for f in (work_dir / "run" / "target.pcap", work_dir / f"{kind}.pcap"):
+            for f in (work_dir / "run" / "target.pcap", work_dir / f"{kind}.pcap",
+                      *wire.values()):
                 if f.exists():  # (offline: the target's lan0 and the recording)
                     shutil.copy(f, Path(a.keep))
         if a.wire:
@@ -177,6 +180,7 @@ def child(a, kind, mode, tree: Path, form: str) -> dict:
             "--scale", str(a.scale), "--form", form, "--timeout", str(a.timeout),
             *(["--keep", f"{a.keep}/{kind}-{mode}-{form}"] if a.keep else []),
             *(["--wire"] if a.wire else []),
+            *(["--send"] if a.send else []),
             *(f"--session-arg={x}" for x in a.session_arg),
             *(f"--capture-arg={x}" for x in a.capture_arg),
             *(f"--intercept-arg={x}" for x in a.intercept_arg)]
@@ -228,11 +232,15 @@ def main(argv=None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true", help="the runs' stderr")
     ap.add_argument("--keep", metavar="DIR",
                     help="copy the relays' logs of the (last) run of each kind and mode to "
-                         "DIR/online and DIR/target (offline: and a capture on the target's lan0)")
+                         "DIR/online and DIR/target (offline: and a capture on the target's "
+                         "lan0; --wire: its captures)")
     ap.add_argument("--wire", action="store_true",
                     help="times from captures at the online and the target server's "
                          "interfaces (tcpdump), not from the relays' reads: the replay's "
                          "timing without the relays' own delays")
+    ap.add_argument("--send", action="store_true",
+                    help="tc-session --send: tc-session sends (no tc-pace | tc-emit "
+                         "processes after it), live and offline")
     ap.add_argument("--one", nargs=2, metavar=("KIND", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--form", default="ours", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -608,7 +608,9 @@ class PcapEngine:
             cap = pcapy.create(iface)
             cap.set_snaplen(snaplen)
             cap.set_promisc(1 if promisc else 0)
-            cap.set_timeout(1)  # ms; no immediate mode in pcapy-ng: a 1 ms block timer instead
+            # ms; no immediate mode in pcapy-ng: a block timer instead, which the kernel
+            # counts in ticks (1 ms asked: one tick, 4 ms at HZ=250)
+            cap.set_timeout(1)
             cap.set_buffer_size(buffer_kib * 1024)
             status = cap.activate()  # pcapy-ng returns libpcap's status, it does not raise
         except pcapy.PcapError as e:
@@ -680,7 +682,7 @@ class PcapEngine:
         return self.read(consumer, max_n)
 
     def describe(self) -> str:
-        return "libpcap TPACKET_V3 ring, 1 ms block timer"
+        return "libpcap TPACKET_V3 ring, block timer 1 ms or one kernel tick"
 
     def close(self) -> None:
         self.cap.close()

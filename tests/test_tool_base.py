@@ -61,3 +61,35 @@ def test_records_never_go_to_a_terminal():
         os.close(slave)
     assert r.returncode == 2
     assert b"refusing to write a binary record stream to a terminal" in r.stderr
+
+
+def test_start_up_heap_is_out_of_the_collectors_reach_while_a_tool_runs():
+    """Tool.main freezes what was made before run() (gc.freeze), so that no full
+    collection walks it in the middle of a replay, nor at the tool's exit."""
+    import gc
+    import io
+
+    from tcpcopylib.tool import Tool
+
+    made_at_start_up = [[]]  # a container: tracked by the collector
+    seen = {}
+
+    def walked_by_collections(obj) -> bool:
+        return any(o is obj for o in gc.get_objects())  # (the frozen ones are not listed)
+
+    class Probe(Tool):
+        name = "tc-probe"
+        writes_records = False
+
+        def run(self, args):
+            seen["walked"] = walked_by_collections(made_at_start_up)
+            seen["made_in_run_walked"] = walked_by_collections(made_in_run := [[]])
+            del made_in_run
+
+    assert walked_by_collections(made_at_start_up)
+    try:
+        assert Probe(stdout_fd=1, stderr=io.StringIO()).main([]) == 0
+        assert seen == {"walked": False, "made_in_run_walked": True}
+        assert not walked_by_collections(made_at_start_up)  # (nor by the one at exit)
+    finally:
+        gc.unfreeze()  # this test process's heap as it was
