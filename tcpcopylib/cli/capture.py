@@ -51,8 +51,9 @@ class Tool(BaseTool):
                        help="write the stream to FILE instead of stdout ('-')")
         p.add_argument("--engine", choices=("pcap", "ring", "afpacket"), default="pcap",
                        help="capture engine: libpcap via pcapy-ng (default; a block timer of "
-                            "1 ms or one kernel tick, 4 ms at HZ=250), a TPACKET_V2 ring read as soon as a packet arrives, or "
-                            "an AF_PACKET socket (one recvfrom per packet)")
+                            "1 ms or one kernel tick, 4 ms at HZ=250), a TPACKET_V2 ring read "
+                            "as soon as a packet arrives, or an AF_PACKET socket (one recvfrom "
+                            "per packet)")
         p.add_argument("--mtu", type=int, default=0, metavar="BYTES",
                        help="split GRO/LRO super-segments longer than this (default: the "
                             "interface MTU; 1500 for 'any')")
