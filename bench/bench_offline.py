@@ -55,10 +55,10 @@ def chain(form, pcap, target, addr, stats_json, speed, batch, profile):
     return [["tc-readpcap", *b, str(pcap)], [*session, *b], ["tc-pace"], ["tc-emit"]]
 
 
-def run_once(form, pcap, speed, batch, workdir, timeout, profile=None):
+def run_once(form, pcap, speed, batch, workdir, timeout, profile=None, assistant="pipe"):
     with Lab() as lab:
         srv, log = bs.start_target(lab, "nginx", workdir)
-        fbprocs, addr = h.start_feedback(lab, workdir, PORT)
+        fbprocs, addr = h.start_feedback(lab, workdir, PORT, one_process=assistant == "one")
         stats_json = Path(workdir) / "stats.json"
         env = h.tool_env()
         procs, prev = [], None
@@ -112,6 +112,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--profile", metavar="DIR", help="cProfile tc-session into DIR")
     ap.add_argument("--keep", metavar="DIR", help="keep the work directory (and the pcap)")
+    ap.add_argument("--assistant", choices=("pipe", "one"), default="pipe",
+                    help="tc-intercept | tc-feedback (pipe, the default) or tc-feedback "
+                         "--capture (one process)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_offline: needs root (network namespaces)", file=sys.stderr)
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
     goal = duration / a.speed * 1.1
     print(f"recording: {packets} packets, {a.sessions} sessions x {a.requests} requests, "
           f"{duration:.1f} s; -a {a.speed:g}: goal {goal:.2f} s wall at 100 %; "
-          f"-B {a.batch}")
+          f"-B {a.batch}; assistant {a.assistant}")
     for form in a.forms.split(","):
         for _ in range(a.repeat):
             rd = work / form
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
             if a.profile:
                 Path(a.profile).mkdir(parents=True, exist_ok=True)
             done, wall, st, (nreq, nsess, span), cpu, errs = run_once(
-                form, pcap, a.speed, a.batch, rd, a.timeout, a.profile)
+                form, pcap, a.speed, a.batch, rd, a.timeout, a.profile, a.assistant)
             wakeups = cpu.pop("_wakeups", {})
             sys_s = cpu.pop("_sys", {})
             outs = {k: v for k, v in st.get("outcomes", {}).items() if v}
