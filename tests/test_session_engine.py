@@ -1122,6 +1122,25 @@ def test_no_synack_times_out_with_rst(isns):
     assert h.outcomes() == {"no_synack": 1}
 
 
+def test_a_syn_cut_short_by_the_end_is_unfinished_one_sent_again_no_synack(isns):
+    """At the end of the input, a session waiting for its SYN-ACK is "no_synack" (check the
+    route) only if its SYN already went unanswered for an RTO and was sent again; one sent a
+    moment before the end is "unfinished" (raise --drain), as the truth of it."""
+    CISN, TISN, SISN = isns
+    h = EngineRig(isns, connect_timeout=30 * SEC)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.advance(1500)  # retransmitted at 1 s
+    assert [p.flags for p in h.pkts()] == [TH_SYN, TH_SYN]
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"no_synack": 1}
+    h = EngineRig(isns, connect_timeout=30 * SEC)
+    h.client(TH_SYN, CISN, 0, opts=MSS_OPT)
+    h.advance(100)
+    assert [p.flags for p in h.pkts()] == [TH_SYN]
+    h.e.close_all(h.now)
+    assert h.outcomes() == {"unfinished": 1}
+
+
 def test_idle_timeout_with_pending_data(isns):
     CISN, TISN, SISN = isns
     h = EngineRig(isns, idle_timeout=30 * SEC, keepalive_timeout=60 * SEC)

@@ -275,7 +275,7 @@ def test_cli_max_sessions_sheds_with_reason_in_stats_and_session_map(tmp_path):
     assert st["outcomes"]["shed"] == 3 and st["shed_reasons"] == {"max-sessions": 3}
     sess = [x for x in tc.decode(r.stdout) if x["t"] == "sess"]
     assert sorted((x["orig"][1], x["outcome"], x.get("reason")) for x in sess) == [
-        (5000, "no_synack", None), (5001, "shed", "max-sessions"),
+        (5000, "unfinished", None), (5001, "shed", "max-sessions"),
         (5002, "shed", "max-sessions"), (5003, "shed", "max-sessions")]
     assert "shed: 3 (max-sessions)" in r.stderr.decode()
     assert r.stderr.decode().count("overloaded (max-sessions)") == 1

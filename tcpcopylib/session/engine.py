@@ -1267,7 +1267,10 @@ class Engine:
     def _end_outcome(self, s) -> str:
         """The outcome of a session cut short (end of input, signal, tuple reuse)."""
         if s.state in (NEW, SYN_SENT):
-            return "no_synack" if s.state == SYN_SENT else "unfinished"
+            # a SYN sent again and still unanswered: no SYN-ACK (the route, the target);
+            # one sent less than an RTO before the end: cut short, like one not begun
+            retried = s.state == SYN_SENT and s.rto > self.cfg.rto_init
+            return "no_synack" if retried else "unfinished"
         if s.ooo:
             return "capture_gap"
         if _queued_data(s.queue) or s.unacked:
