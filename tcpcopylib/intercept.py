@@ -115,6 +115,29 @@ def open_engine(kind: str, iface: str, bpf: str, snaplen: int, promisc: bool = T
         raise NoPermissionError(f"{iface}: capturing needs root or CAP_NET_RAW") from e
 
 
+def open_interceptor(kind: str, iface: str, bpf: str, payload: int, buffer_size: int,
+                     make_writer, *, promisc: bool = True, warn=print, info=None, tick=None,
+                     tick_s: float = 10.0) -> "Interceptor":
+    """tc-intercept's capture, opened (open_engine), as tc-intercept and tc-feedback
+    --capture use it: the engine's warning said, ``make_writer()`` called once the capture is
+    open (a stream is started only then), the "capturing on" line given to ``info``. The
+    engine is closed if anything after opening it fails; else the caller closes
+    ``.engine``."""
+    engine = open_engine(kind, iface, bpf, snaplen_for(payload), promisc=promisc,
+                         buffer_size=buffer_size)
+    try:
+        warning = getattr(engine, "warning", lambda: None)()
+        if warning:
+            warn(warning)
+        icpt = Interceptor(engine, make_writer(), payload=payload, tick=tick, tick_s=tick_s)
+    except BaseException:
+        engine.close()
+        raise
+    if info is not None:
+        info(f"capturing on {iface}, filter {bpf!r} ({engine.describe()})")
+    return icpt
+
+
 class Interceptor:
     """Capture loop: frames in, encoded fb records out through a RecordWriter.
 
@@ -147,6 +170,20 @@ class Interceptor:
             return tuple(self.engine.kernel_stats())
         except Exception:  # noqa: BLE001 - a closed or odd handle: no numbers
             return (0, 0, 0)
+
+    def counts(self, kernel=None) -> dict:
+        """The counters (--stats-json); ``kernel``: kernel_stats() taken earlier (before the
+        engine was closed), else asked now."""
+        recv, drop, ifdrop = kernel or self.kernel_stats()
+        return {"captured": self.captured, "written": self.written, "skipped": self.skipped,
+                "kernel_received": recv, "kernel_drops": drop, "if_drops": ifdrop}
+
+    def stats_line(self, kernel=None) -> str:
+        """The counters in words (--stats, -v)."""
+        c = self.counts(kernel)
+        return (f"{c['captured']} packets captured, {c['written']} replies written, "
+                f"{c['skipped']} skipped (not TCP); kernel: {c['kernel_received']} received, "
+                f"{c['kernel_drops']} dropped, {c['if_drops']} dropped by interface")
 
     def _frame(self, buf, ts: int, start: int = 0, end: int = -1) -> None:
         """One captured frame, buf[start:end] (a batch buffer, or a whole frame)."""

@@ -142,57 +142,32 @@ class Tool(_Tool):
         return 0
 
     def _open_capture(self, args):
-        """--capture IFACE: tc-intercept's engine and Interceptor, its records kept in
-        memory for the server's loop (Interceptor.take)."""
-        from tcpcopylib.intercept import Interceptor, open_engine, snaplen_for
+        """--capture IFACE: tc-intercept's capture, its records kept in memory for the
+        server's loop (Interceptor.take)."""
+        from tcpcopylib.intercept import open_interceptor
         from tcpcopylib.livecapture import MemoryWriter
         from tcpcopylib.records import header
 
-        iface = args.capture
-        engine = open_engine(args.capture_engine, iface, args.capture_filter,
-                             snaplen_for(args.capture_payload),
-                             buffer_size=args.capture_buffer << 10)
-        try:
-            warning = getattr(engine, "warning", lambda: None)()
-            if warning:
-                self.warn(warning)
-            writer = MemoryWriter(-1, header("tc-intercept", iface=iface,
-                                             filter=args.capture_filter))
-            icpt = Interceptor(engine, writer, payload=args.capture_payload)
-        except BaseException:
-            engine.close()
-            raise
-        self.info(f"capturing on {iface}, filter {args.capture_filter!r} "
-                  f"({engine.describe()})")
-        return icpt
-
-    def capture_counts(self) -> dict | None:
-        """--capture's counters, as tc-intercept's --stats-json has them; None without it."""
-        i = self.icpt
-        if i is None:
-            return None
-        recv, drop, ifdrop = self.capture_stats or i.kernel_stats()
-        return {"captured": i.captured, "written": i.written, "skipped": i.skipped,
-                "kernel_received": recv, "kernel_drops": drop, "if_drops": ifdrop}
+        iface, bpf = args.capture, args.capture_filter
+        return open_interceptor(
+            args.capture_engine, iface, bpf, args.capture_payload, args.capture_buffer << 10,
+            lambda: MemoryWriter(-1, header("tc-intercept", iface=iface, filter=bpf)),
+            warn=self.warn, info=self.info)
 
     def stats_line(self):
         if self.server is None:
             return None
-        c = self.capture_counts()
-        if c is None:
+        if self.icpt is None:
             return self.server.stats_line()
-        return (f"{self.server.stats_line()}; capture: {c['captured']} packets captured, "
-                f"{c['skipped']} skipped (not TCP), {c['kernel_drops']} dropped by kernel, "
-                f"{c['if_drops']} dropped by interface")
+        return f"{self.server.stats_line()}; capture: {self.icpt.stats_line(self.capture_stats)}"
 
     def stats_dict(self) -> dict:
         srv = self.server
         if srv is None:
             return super().stats_dict()
         d = {**srv.stats_dict(), "summary": self.stats_line()}
-        c = self.capture_counts()
-        if c is not None:
-            d["capture"] = c
+        if self.icpt is not None:  # (tc-intercept's counters, as its --stats-json has them)
+            d["capture"] = self.icpt.counts(self.capture_stats)
         return d
 
 

@@ -51,7 +51,7 @@ class Tool(_Tool):
 
     def run(self, args):
         from tcpcopylib.errors import UsageError
-        from tcpcopylib.intercept import Interceptor, open_engine, snaplen_for
+        from tcpcopylib.intercept import open_interceptor
         from tcpcopylib.records import header
 
         iface = args.iface_opt or args.iface
@@ -59,43 +59,29 @@ class Tool(_Tool):
             raise UsageError("give one interface: tc-intercept IFACE (or -i IFACE)")
         if args.buffer_size < 64 or args.count < 0 or args.stats_interval <= 0:
             raise UsageError("--buffer-size >= 64, --count >= 0, --stats-interval > 0")
-        engine = open_engine(args.engine, iface, args.filter, snaplen_for(args.payload),
-                             promisc=not args.no_promisc, buffer_size=args.buffer_size << 10)
+        tick = (lambda: self.warn(self.stats_line())) if args.verbose else None
+        self.icpt = icpt = open_interceptor(
+            args.engine, iface, args.filter, args.payload, args.buffer_size << 10,
+            lambda: self.record_writer(header(self.name, iface=iface, filter=args.filter)),
+            promisc=not args.no_promisc, warn=self.warn, info=self.info, tick=tick,
+            tick_s=args.stats_interval)
         try:
-            warning = getattr(engine, "warning", lambda: None)()
-            if warning:
-                self.warn(warning)
-            writer = self.record_writer(header(self.name, iface=iface, filter=args.filter))
-            tick = (lambda: self.warn(self.stats_line())) if args.verbose else None
-            self.icpt = Interceptor(engine, writer, payload=args.payload, tick=tick,
-                                    tick_s=args.stats_interval)
-            self.info(f"capturing on {iface}, filter {args.filter!r} ({engine.describe()})")
             try:
-                self.icpt.run(limit=args.count)
+                icpt.run(limit=args.count)
             finally:
-                writer.flush()
+                icpt.writer.flush()
         finally:
-            self.final_stats = self.icpt.kernel_stats() if self.icpt else (0, 0, 0)
-            engine.close()
+            self.final_stats = icpt.kernel_stats()
+            icpt.engine.close()
         return 0
 
     def stats_line(self):
-        i = self.icpt
-        if i is None:
-            return None
-        recv, drop, ifdrop = self.final_stats or i.kernel_stats()
-        return (f"{i.captured} packets captured, {i.written} replies written, {i.skipped} "
-                f"skipped (not TCP); kernel: {recv} received, {drop} dropped, "
-                f"{ifdrop} dropped by interface")
+        return self.icpt.stats_line(self.final_stats) if self.icpt else None
 
     def stats_dict(self) -> dict:
-        i = self.icpt
-        if i is None:
+        if self.icpt is None:
             return super().stats_dict()
-        recv, drop, ifdrop = self.final_stats or i.kernel_stats()
-        return {"captured": i.captured, "written": i.written, "skipped": i.skipped,
-                "kernel_received": recv, "kernel_drops": drop, "if_drops": ifdrop,
-                "summary": self.stats_line()}
+        return {**self.icpt.counts(self.final_stats), "summary": self.stats_line()}
 
 
 def main(argv=None):
