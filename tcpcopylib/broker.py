@@ -22,11 +22,13 @@ Delivery (see tc-publish(1) and tc-subscribe(1)):
   flight, so retries never reorder a partition. Input is read only when the previous chunk
   is stored (backpressure reaches the capture as a full pipe, nothing is buffered here).
 - subscribe: a pull consumer over the partitions of K/M, fetching a bounded batch; each
-  message is written downstream, then acknowledged. A message redelivered (its ack lost,
-  or not sent before the ack wait) has a stream sequence we have passed: it is dropped,
-  so no record reaches a session twice. Tc-Pub/Tc-Seq headers tell gaps (messages the
-  stream dropped before we read them: "lost") and duplicates that slipped past the
-  broker's duplicate window.
+  message is written downstream, then acknowledged. Tc-Pub/Tc-Seq headers give each
+  publisher's partition its order: a message redelivered (its ack lost, or not sent
+  before the ack wait) or stored twice (past the broker's duplicate window) is dropped,
+  so no record reaches a session twice; a gap (a fetch's answer lost with a broker node,
+  its messages delivered again only after the ack wait) is filled by reading the
+  stream directly before the later message is written; what the stream no longer holds
+  is counted "lost".
 
 nats-py is imported only inside the functions that connect (the tools' --help and
 --version stay light, and a checkout without it fails with a clear message).
@@ -610,38 +612,59 @@ class SubscribeStats:
         self.redelivered = 0   # dropped: a stream sequence already written
         self.duplicates = 0    # dropped: a publisher sequence already written
         self.lost = 0          # messages missing between two of one publisher's partition
+        self.recovered = 0     # messages a delivery skipped, read from the stream instead
         self.late = 0          # messages written more than late_after after they were stored
         self.max_lag = 0.0     # seconds, the largest (write time - store time)
 
 
 class Deduper:
-    """What a subscriber has written: the last stream sequence, and per (publisher,
-    partition) the last message number. ``check(stream_seq, pub, k, seq)`` says whether a
-    message is new, counting what is dropped or missing in ``stats``."""
+    """What a subscriber has written, per (publisher, partition): the last message number
+    and its stream sequence. ``check(stream_seq, pub, k, seq)`` says whether a message is
+    new and how many of that publisher's messages of partition k are missing before it.
+
+    A pull consumer delivers in stream order only while nothing is lost on the way: a
+    fetch whose answer died with a broker node leaves its messages pending, and the later
+    ones come first; the pending ones come again after the ack wait. So order and
+    duplicates are judged per (publisher, partition), whose messages the stream holds in
+    order (tc-publish has one in flight per partition), and a gap is for the caller to
+    fill from the stream (``deliver`` reads the missing messages directly) before the
+    message is written; only what the stream does not hold is counted lost.
+    Messages without our headers (another publisher's) are judged by stream sequence."""
 
     def __init__(self, stats):
         self.stats = stats
-        self.last_stream_seq = 0
-        self.last: dict = {}
+        self.last_stream_seq = 0  # of messages without headers
+        self.last: dict = {}  # (pub, k) -> (message number, stream sequence)
 
-    def check(self, stream_seq: int, pub: str | None, k: int, seq: int | None) -> bool:
+    def check(self, stream_seq: int, pub: str | None, k: int, seq: int | None) -> int | None:
+        """None: drop it (written already); else the number of messages missing before it
+        (0: it comes next). ``written`` must follow for each message written."""
         st = self.stats
-        if stream_seq <= self.last_stream_seq:
-            st.redelivered += 1
-            return False
-        if pub is not None and seq is not None:
-            key = (pub, k)
-            last = self.last.get(key)
-            if last is not None:
-                if seq <= last:
-                    st.duplicates += 1
-                    self.last_stream_seq = stream_seq
-                    return False
-                if seq > last + 1:
-                    st.lost += seq - last - 1
-            self.last[key] = seq
-        self.last_stream_seq = stream_seq
-        return True
+        if pub is None or seq is None:
+            if stream_seq <= self.last_stream_seq:
+                st.redelivered += 1
+                return None
+            return 0
+        last = self.last.get((pub, k))
+        if last is None:
+            return 0  # a publisher first seen mid-way: no gap
+        if seq <= last[0]:
+            if stream_seq <= last[1]:
+                st.redelivered += 1  # delivered again
+            else:
+                st.duplicates += 1  # stored twice (a retry past the duplicate window)
+            return None
+        return seq - last[0] - 1
+
+    def written(self, stream_seq: int, pub: str | None, k: int, seq: int | None) -> None:
+        if pub is None or seq is None:
+            self.last_stream_seq = max(self.last_stream_seq, stream_seq)
+        else:
+            self.last[(pub, k)] = (seq, stream_seq)
+
+    def after(self, pub: str, k: int) -> tuple:
+        """(message number, stream sequence) of the last written of (pub, k)."""
+        return self.last[(pub, k)]
 
 
 async def fetch_ready(psub, nc, batch: int, timeout: float) -> list:
@@ -682,6 +705,57 @@ def partition_from_subject(subj: str) -> int:
         return 0
 
 
+def message_id(subj: str, hdr: dict) -> tuple:
+    """(publisher, partition, message number) of a message; publisher and number are None
+    without tc-publish's headers."""
+    seq = hdr.get(H_SEQ)
+    return (hdr.get(H_PUB), partition_from_subject(subj),
+            int(seq) if seq and seq.isdigit() else None)
+
+
+MAX_GAP_READS = 1024  # stream messages read at most to fill one gap in a delivery
+
+
+async def read_missing(js, subj: str, pub: str, k: int, seq: int, dedup, stream_seq: int):
+    """The messages of publisher ``pub`` on partition ``k`` that come between the last one
+    written and message ``seq`` (stream sequence ``stream_seq``), read from the stream
+    directly, in order; those it does not hold (never stored, or dropped by its limits)
+    are not in the list."""
+    nats = _nats()
+    want, after = dedup.after(pub, k)
+    want += 1
+    stream = js_stream_name(subj.split(".")[1])
+    found = []
+    at = after + 1
+    for _ in range(MAX_GAP_READS):
+        if at >= stream_seq or want >= seq:
+            break
+        try:
+            raw = await js.get_msg(stream, seq=at, subject=subj, next=True)
+        except nats.js.errors.NotFoundError:
+            break
+        if raw.seq >= stream_seq:
+            break
+        _, _, n = message_id(subj, raw.headers or {})
+        if (raw.headers or {}).get(H_PUB) == pub and n is not None and want <= n < seq:
+            found.append(raw)
+            want = n + 1
+        at = raw.seq + 1
+    return found
+
+
+def _write_message(writer, st, data: bytes, hdr: dict, lag: float, late_after: float) -> None:
+    writer.buf += data
+    count = hdr.get(H_RECORDS, "0")
+    st.records += int(count) if count.isdigit() else 0
+    st.messages += 1
+    st.bytes += len(data)
+    if lag > st.max_lag:
+        st.max_lag = lag
+    if lag > late_after:
+        st.late += 1
+
+
 async def wait_stream(js, stream: str, retry_for: float, stop) -> int | None:
     """The stream's partition count, waiting (retry_for at most) for a publisher to create
     it; None if ``stop`` (an asyncio.Event) is set first."""
@@ -718,15 +792,17 @@ def consumer_config(subjects: list, batch: int, ack_wait: float, since: float | 
     return cfg
 
 
-async def deliver(sub, nc, writer, st, batch: int, until: float | None, late_after: float,
-                  retry_for: float, stop, info) -> None:
+async def deliver(sub, nc, js, writer, st, batch: int, until: float | None,
+                  late_after: float, retry_for: float, stop, info, dedup=None) -> None:
     """The subscriber's loop: fetch what is ready, write the new messages' records to
     ``writer`` (a RecordWriter), flush, then acknowledge; until ``stop`` is set or the
-    messages pass ``until`` (epoch seconds of the broker's store time)."""
+    messages pass ``until`` (epoch seconds of the broker's store time). ``dedup``: what
+    was written before (a Deduper of ``st``; a new one by default)."""
     import asyncio
 
     nats = _nats()
-    dedup = Deduper(st)
+    if dedup is None:
+        dedup = Deduper(st)
     last_ok = time.monotonic()
     while not stop.is_set():
         try:
@@ -755,21 +831,22 @@ async def deliver(sub, nc, writer, st, batch: int, until: float | None, late_aft
                 done = True
                 break
             hdr = msg.headers or {}
-            seq = hdr.get(H_SEQ)
-            if dedup.check(md.sequence.stream, hdr.get(H_PUB),
-                           partition_from_subject(msg.subject),
-                           int(seq) if seq and seq.isdigit() else None):
-                data = msg.data
-                writer.buf += data
-                count = hdr.get(H_RECORDS, "0")
-                st.records += int(count) if count.isdigit() else 0
-                st.messages += 1
-                st.bytes += len(data)
-                lag = now - stored
-                if lag > st.max_lag:
-                    st.max_lag = lag
-                if lag > late_after:
-                    st.late += 1
+            pub, k, seq = message_id(msg.subject, hdr)
+            stream_seq = md.sequence.stream
+            missing = dedup.check(stream_seq, pub, k, seq)
+            if missing:  # delivered out of order: the stream has the missing ones
+                found = await with_retry(
+                    lambda: read_missing(js, msg.subject, pub, k, seq, dedup, stream_seq),
+                    retry_for, "reading the stream", info)
+                for raw in found:
+                    _write_message(writer, st, raw.data or b"", raw.headers or {},
+                                   now - stored, late_after)
+                    dedup.written(raw.seq, pub, k, int(raw.headers[H_SEQ]))
+                st.recovered += len(found)
+                st.lost += missing - len(found)
+            if missing is not None:
+                _write_message(writer, st, msg.data, hdr, now - stored, late_after)
+                dedup.written(stream_seq, pub, k, seq)
             written.append(msg)
         writer.flush()  # downstream has the records (the pipe holds them) ...
         for msg in written:  # ... before the broker forgets them

@@ -165,17 +165,28 @@ def test_replies_by_port_block_reach_only_their_block(server, tmp_path):
     assert r.returncode == 2, r.stderr
 
 
-def test_deduper_drops_redeliveries_and_duplicates_and_counts_gaps():
+def test_deduper_drops_redeliveries_and_duplicates_and_measures_gaps():
     st = broker.SubscribeStats()
     d = broker.Deduper(st)
-    assert d.check(10, "a", 0, 1)
-    assert d.check(11, "a", 1, 1)
-    assert not d.check(11, "a", 1, 1)       # redelivered (stream sequence passed)
-    assert not d.check(9, "a", 0, 1)
-    assert not d.check(12, "a", 0, 1)       # stored twice (past the duplicate window)
-    assert d.check(15, "a", 0, 4)           # 2 and 3 of partition 0 never came
-    assert d.check(16, "b", 0, 7)           # a publisher first seen mid-way: no gap
-    assert (st.redelivered, st.duplicates, st.lost) == (2, 1, 2)
+
+    def take(stream_seq, pub, k, seq):
+        missing = d.check(stream_seq, pub, k, seq)
+        if missing is not None:
+            d.written(stream_seq, pub, k, seq)
+        return missing
+
+    assert take(10, "a", 0, 1) == 0
+    assert take(11, "a", 1, 1) == 0
+    assert take(11, "a", 1, 1) is None      # delivered again
+    assert take(9, "a", 0, 1) is None
+    assert take(12, "a", 0, 1) is None      # stored twice (past the duplicate window)
+    assert take(15, "a", 0, 4) == 2         # 2 and 3 of partition 0 not delivered before it
+    assert d.after("a", 0) == (4, 15)
+    assert take(13, "a", 0, 2) is None      # ... and 2 delivered after it: too late
+    assert take(16, "b", 0, 7) == 0         # a publisher first seen mid-way: no gap
+    # another publisher's messages (no headers): by stream sequence
+    assert take(20, None, 0, None) == 0 and take(20, None, 0, None) is None
+    assert (st.redelivered, st.duplicates) == (4, 1)
 
 
 def test_times_durations_and_shares():
@@ -358,6 +369,64 @@ def test_duplicates_are_stored_once_written_once_and_gaps_counted(server, tmp_pa
     assert [ts - cf.TS0 for ts, _ in _pairs(r.stdout)] == [0, 1, 3]
     st = json.loads(stats.read_text())
     assert (st["duplicates"], st["lost"], st["records"]) == (1, 1, 3), st
+
+
+def test_a_message_delivered_late_is_read_from_the_stream_in_its_place(server, tmp_path):
+    """A fetch whose answer is lost (a broker node killed under it) leaves its messages
+    pending: the consumer delivers the later ones first, the lost ones after the ack wait.
+    The subscriber reads the missing ones from the stream and writes every message once,
+    in its publisher's order (it once wrote the later ones, counted a loss and dropped
+    the late one as delivered again: a session cut short in the broker lab)."""
+    import asyncio
+
+    import nats
+
+    from tcpcopylib.records import RecordWriter, header
+
+    subj = broker.subject("gap", 0)
+    out = tmp_path / "out.tcr"
+    st = broker.SubscribeStats()
+
+    def message(i):
+        rec = {"t": "pkt", "ts": cf.TS0 + i,
+               "data": build_tcp(cf.A4, cf.B4, 35000 + i, 80, 1, 0, TH_SYN)}
+        return stream([rec])[len(stream([])):], {
+            broker.H_MSG_ID: f"p:0:{i}", broker.H_PUB: "p", broker.H_SEQ: str(i),
+            broker.H_RECORDS: "1"}
+
+    async def go():
+        nc = await nats.connect(server.url, token=natskit.TOKEN)
+        try:
+            js = nc.jetstream()
+            await broker.ensure_stream(js, "gap", 1, 3600.0, 1)
+            cfg = broker.consumer_config([subj], 64, 30.0, None, False)
+            sub = await js.pull_subscribe(subj, durable="lossy",
+                                          stream=broker.js_stream_name("gap"), config=cfg)
+            with open(out, "wb") as f:
+                writer = RecordWriter(f.fileno(), header("test"))
+                dedup = broker.Deduper(st)
+
+                async def deliver_what_is_stored():
+                    await broker.deliver(sub, nc, js, writer, st, 64, time.time(), 5.0,
+                                         10.0, asyncio.Event(), print, dedup=dedup)
+
+                await js.publish(subj, *message(1)[:1], headers=message(1)[1])
+                await deliver_what_is_stored()  # message 1 written and acknowledged
+                for i in range(2, 6):
+                    payload, hdr = message(i)
+                    await js.publish(subj, payload, headers=hdr)
+                # another pull on the consumer takes 2 and 3 and is never heard of again
+                thief = await js.pull_subscribe(subj, durable="lossy",
+                                                stream=broker.js_stream_name("gap"))
+                stolen = await thief.fetch(2, timeout=5)
+                assert [m.headers[broker.H_SEQ] for m in stolen] == ["2", "3"]
+                await deliver_what_is_stored()  # 4 and 5 come, 2 and 3 in 30 s only
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+    assert [ts - cf.TS0 for ts, _ in _pairs(out.read_bytes())] == [1, 2, 3, 4, 5]
+    assert (st.recovered, st.lost, st.records, st.messages) == (2, 0, 5, 5)
 
 
 def test_since_and_until_select_by_the_time_stored(server, tmp_path):
