@@ -141,14 +141,33 @@ def count_lines(path) -> int:
     return sum(1 for _ in p.open()) if p.exists() else 0
 
 
+def wait_target_quiet(log, least=1.5, quiet=2.5, most=20.0) -> None:
+    """After the client's end: wait until the target's access log has not grown for
+    ``quiet`` seconds (``least`` at least, ``most`` at most), so that a replay running
+    behind under load is measured on what it delivers, not cut at a fixed moment. (nginx
+    writes the log at least once a second: flush=1s in bench_session.NGINX_CONF.)"""
+    t0 = time.monotonic()
+    size, still = -1, t0
+    while True:
+        now = time.monotonic()
+        p = Path(log)
+        n = p.stat().st_size if p.exists() else 0
+        if n != size:
+            size, still = n, now
+        if now - t0 >= most or (now - t0 >= least and now - still >= quiet):
+            return
+        time.sleep(0.1)
+
+
 def kernel_drops(live) -> str:
     if isinstance(live, CTcpcopy):
         return "-"
     cap = live.capture_counts()
     assistant = live.procs.get("tc-intercept") or live.procs["tc-feedback"]  # (its capture)
     m = re.search(r"(\d+) dropped(?:,| by)", assistant.stderr)
+    shed = cap.get("sessions shed")
     return (f"{cap.get('dropped by kernel', '?')}+{cap.get('dropped by interface', '?')}"
-            f"/{m.group(1) if m else '?'}")
+            f"/{m.group(1) if m else '?'}" + (f" shed {shed}" if shed else ""))
 
 
 class CTcpcopy:
@@ -199,7 +218,7 @@ def run_rate(a, rate, workdir, form="pipe") -> dict:
             sw0 = {n: switches(p) for n, p in pids.items()}
             t0 = time.monotonic()
             client = run_client(lab, a, rate, workdir)
-            time.sleep(1.5)  # the last replies and FINs
+            wait_target_quiet(tgt_log)  # the last replies and FINs, a replay behind
             wall = time.monotonic() - t0
             used = {n: tuple(x1 - x0 for x1, x0 in zip(cpu_split(p), cpu0[n]))
                     for n, p in pids.items()}

@@ -682,7 +682,7 @@ class Live:
             return {}
         out = {}
         for part in lines[-1].rsplit(": ", 1)[-1].split(", "):
-            m = re.fullmatch(r"(\d+) ([a-z][A-Za-z -]*?)(?: into \d+)?", part)
+            m = re.fullmatch(r"(\d+) ([a-z][A-Za-z -]*?)(?: into \d+)?(?: \(.*\))?", part)
             if m:  # integer counts only (not the elapsed time or CPU cost)
                 out[m.group(2)] = int(m.group(1))
         return out

@@ -1497,6 +1497,55 @@ def test_captured_syn_again_is_a_retransmission_unless_its_isn_changed(isns):
     assert h.e.st.sessions == 2 and h.outcomes() == {"unfinished": 1}
 
 
+def test_a_captured_session_whose_port_is_reused_before_its_replay_ends_goes_on(isns):
+    """Behind a busy capture the client may already have finished a connection and opened
+    the next one on the same 4-tuple while the replay of the first still waits for the
+    target: the first (its FIN captured: its script is whole) goes on to its end beside
+    the new one, which gets another client port, instead of being cut short."""
+    CISN, TISN, SISN = isns
+    h = EngineRig(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")  # after 100 bytes of answer
+    h.client(TH_ACK | TH_FIN, CISN + 9, SISN + 201)
+    assert [p.payload for p in h.pkts()] == [b"req1"]  # req2 waits for the answer
+    h.client(TH_SYN, CISN + 100000, 0, opts=MSS_OPT)  # the 4-tuple again, a new ISN
+    (syn,) = h.pkts()  # no RST for the first one
+    assert syn.flags == TH_SYN and syn.seq == CISN + 100000 and syn.sport != 5000
+    assert h.e.st.set_aside == 1 and h.e.active() == 2 and h.outcomes() == {}
+    # the first session's answers reach it by its own client port
+    h.target(TH_ACK | TH_PSH, TISN + 1, CISN + 5, b"r" * 100)
+    assert [p.payload for p in h.pkts() if p.payload] == [b"req2"]
+    h.target(TH_ACK | TH_PSH, TISN + 101, CISN + 9, b"s" * 100)
+    (fin,) = [p for p in h.pkts() if p.flags & TH_FIN]
+    assert fin.sport == 5000 and fin.seq == CISN + 9
+    h.target(TH_ACK | TH_FIN, TISN + 201, CISN + 10)
+    h.pkts()
+    assert h.outcomes() == {"completed": 1}
+    # the new connection is a session of its own, on its own port
+    h.now += MS
+    h.client(TH_ACK, CISN + 100001, SISN + 5001)
+    h.target(TH_SYN | TH_ACK, TISN + 7000, CISN + 100001, opts=MSS_OPT, dport=syn.sport)
+    h.client(TH_ACK | TH_PSH, CISN + 100001, SISN + 5001, b"next")
+    assert [(p.sport, p.payload) for p in h.pkts() if p.payload] == [(syn.sport, b"next")]
+    assert h.e.st.sessions == 2
+
+
+def test_a_session_whose_port_is_reused_before_its_end_was_captured_is_cut_short(isns):
+    """Without its FIN or RST (lost by the capture, say) the old session cannot know its
+    end: it ends with the outcome it has reached, the new one takes the 4-tuple."""
+    CISN, TISN, SISN = isns
+    h = EngineRig(isns)
+    h.open()
+    h.client(TH_ACK | TH_PSH, CISN + 1, SISN + 1, b"req1")
+    h.client(TH_ACK | TH_PSH, CISN + 5, SISN + 101, b"req2")
+    h.pkts()
+    h.client(TH_SYN, CISN + 100000, 0, opts=MSS_OPT)
+    rst, syn = h.pkts()
+    assert rst.flags & TH_RST and syn.flags == TH_SYN and syn.seq == CISN + 100000
+    assert h.e.st.set_aside == 0 and h.outcomes() == {"unfinished": 1}
+
+
 def test_drain_waits_for_the_last_response_the_client_acknowledged(isns):
     CISN, TISN, SISN = isns
     h = EngineRig(isns)

@@ -26,7 +26,7 @@ cdef class Stats:
     cdef public i64 sessions, syn_sent, fake_syn, retransmits, rto_expired, fast_retransmits
     cdef public i64 syn_retransmits, fb_in, fb_unmatched, acks_sent, reconnections, port_remaps
     cdef public i64 client_dups, client_trimmed, window_waits, zero_window_probes, gate_bytes, gate_quiet
-    cdef public i64 gate_timeout, gate_closed, peak_active, duplex
+    cdef public i64 gate_timeout, gate_closed, peak_active, duplex, set_aside
     cdef public object outcomes
 
 @cython.final  # (not subclassed: calls skip the override check)

@@ -161,7 +161,8 @@ class Stats:
                  "fast_retransmits", "syn_retransmits", "fb_in", "fb_unmatched",
                  "acks_sent", "reconnections", "port_remaps", "client_dups",
                  "client_trimmed", "window_waits", "zero_window_probes", "gate_bytes",
-                 "gate_quiet", "gate_timeout", "gate_closed", "peak_active", "duplex", "outcomes")
+                 "gate_quiet", "gate_timeout", "gate_closed", "peak_active", "duplex",
+                 "set_aside", "outcomes")
 
     def __init__(self):
         for k in self.__slots__:
@@ -408,7 +409,10 @@ class Engine:
             elif flags & TH_SYN:
                 if not flags & TH_ACK and s.base is not None and seq != (s.base - 1) & M32:
                     # the client reused the 4-tuple for a new connection
-                    self._finish(s, self._end_outcome(s), now)
+                    if s.fin_off is not None or s.client_rst:
+                        self._set_aside(s)  # the old one has its whole script: it goes on
+                    else:
+                        self._finish(s, self._end_outcome(s), now)
                     self.failed_keys.pop(hash(k), None)
                     if self._new_session(key, k, copy, data, p, now) is False:
                         return
@@ -534,6 +538,19 @@ class Engine:
     def _sampled(self, ip, port, now) -> bool:
         pct = self.share(now)
         return pct >= 100 or sample_share(ip, port) < pct
+
+    def _set_aside(self, s) -> None:
+        """The client opened a new connection on s's captured 4-tuple while s is still being
+        replayed (we run behind the capture, and the client reuses its ports fast: under
+        load, a few hundred ms apart). The online connection is over and its FIN or RST
+        is queued in s, so s goes on to its end under a key of its own (its packets are
+        all here; the target's replies find it by its own client port, by_target), and the
+        new connection gets a session and a client port of its own. (It was cut short as
+        unfinished before: a loss at the target that the capture had not made.)"""
+        del self.sessions[s.key]
+        s.key = (s.key, "set aside", s.sid)
+        self.sessions[s.key] = s
+        self.st.set_aside += 1
 
     def _attach(self, s, tip, tport, now) -> bool:
         """Give s a client address:port free towards tip:tport and claim the 4-tuple;
@@ -1367,7 +1384,8 @@ class Engine:
             f"{st.window_waits}, zero-window probes {st.zero_window_probes}")
         lines.append(f"feedback: {st.fb_in} received, {st.fb_unmatched} unmatched")
         lines.append(f"client ports: {st.port_remaps} moved, {self.alloc.early_reuses} reused "
-                     f"early; at most {st.peak_active} sessions live at once")
+                     f"early; {st.set_aside} sessions went on beside a newer connection on "
+                     f"their captured 4-tuple; at most {st.peak_active} sessions live at once")
         return "\n".join(lines)
 
 
