@@ -199,6 +199,16 @@ def check_send(args) -> None:
 def _capture(g) -> None:
     from tcpcopylib.capture import DEFAULT_BUFFER_KIB, ENGINES
 
+    # The pcap engine's ring holds 128 blocks per 32 MiB, each handed over on the block
+    # timer (one kernel tick): a few thousand packets a second fill a block's first few
+    # KiB only, so the ring holds time, about 0.13 to 0.5 s per 32 MiB, not bytes. In
+    # tc-session the capture waits while the engine works and the machine is busy: 4
+    # times tc-capture's buffer holds 0.5 to 2 s, longer than its lag before shedding
+    # (500 ms), so overload sheds whole sessions before the kernel drops packets
+    # (bench_live --forms one at 4,000 sessions/s: 148 to 7,192 packets dropped in 6 of
+    # 9 runs with 32 MiB, none in 5 runs with 128 MiB).
+    CAPTURE_BUFFER_KIB = 4 * DEFAULT_BUFFER_KIB
+
     g.add_argument("--capture", metavar="IFACE",
                    help="capture on IFACE in this process, as `tc-capture IFACE |` before "
                         "it would (the same records, without the hop; less CPU); no FILE; "
@@ -209,9 +219,11 @@ def _capture(g) -> None:
     g.add_argument("--capture-engine", choices=sorted(ENGINES), default="pcap",
                    help="with --capture: as tc-capture --engine (default pcap)")
     g.add_argument("--capture-buffer", type=number_arg(int, 1, True, 1 << 22),
-                   default=DEFAULT_BUFFER_KIB, metavar="KIB",
+                   default=CAPTURE_BUFFER_KIB, metavar="KIB",
                    help=f"with --capture: kernel capture buffer in KiB, as tc-capture -B "
-                        f"(default {DEFAULT_BUFFER_KIB})")
+                        f"(default {CAPTURE_BUFFER_KIB}: {CAPTURE_BUFFER_KIB // DEFAULT_BUFFER_KIB}"
+                        f" times tc-capture's, for the session work stalls the capture "
+                        f"in this process; see tc-session(1))")
 
 
 def check_capture(args) -> None:
