@@ -609,8 +609,8 @@ class FdReader:
 class SubscribeStats:
     def __init__(self):
         self.messages = self.records = self.bytes = 0
-        self.redelivered = 0   # dropped: a stream sequence already written
-        self.duplicates = 0    # dropped: a publisher sequence already written
+        self.redelivered = 0   # dropped: a message written already, delivered again
+        self.duplicates = 0    # dropped: a message the stream stored twice
         self.lost = 0          # messages missing between two of one publisher's partition
         self.recovered = 0     # messages a delivery skipped, read from the stream instead
         self.late = 0          # messages written more than late_after after they were stored
@@ -716,17 +716,16 @@ def message_id(subj: str, hdr: dict) -> tuple:
 MAX_GAP_READS = 1024  # stream messages read at most to fill one gap in a delivery
 
 
-async def read_missing(js, subj: str, pub: str, k: int, seq: int, dedup, stream_seq: int):
-    """The messages of publisher ``pub`` on partition ``k`` that come between the last one
-    written and message ``seq`` (stream sequence ``stream_seq``), read from the stream
-    directly, in order; those it does not hold (never stored, or dropped by its limits)
+async def read_missing(js, stream: str, subj: str, pub: str, after: tuple, seq: int,
+                       stream_seq: int) -> list:
+    """The messages of publisher ``pub`` on subject ``subj`` of JetStream stream ``stream``
+    that come between ``after`` (message number, stream sequence: the last one written)
+    and message ``seq`` (at ``stream_seq``), read from the stream directly, in order, as
+    (message, number); those it does not hold (never stored, or dropped by its limits)
     are not in the list."""
     nats = _nats()
-    want, after = dedup.after(pub, k)
-    want += 1
-    stream = js_stream_name(subj.split(".")[1])
+    want, at = after[0] + 1, after[1] + 1
     found = []
-    at = after + 1
     for _ in range(MAX_GAP_READS):
         if at >= stream_seq or want >= seq:
             break
@@ -736,9 +735,9 @@ async def read_missing(js, subj: str, pub: str, k: int, seq: int, dedup, stream_
             break
         if raw.seq >= stream_seq:
             break
-        _, _, n = message_id(subj, raw.headers or {})
-        if (raw.headers or {}).get(H_PUB) == pub and n is not None and want <= n < seq:
-            found.append(raw)
+        by, _, n = message_id(subj, raw.headers or {})
+        if by == pub and n is not None and want <= n < seq:
+            found.append((raw, n))
             want = n + 1
         at = raw.seq + 1
     return found
@@ -836,12 +835,13 @@ async def deliver(sub, nc, js, writer, st, batch: int, until: float | None,
             missing = dedup.check(stream_seq, pub, k, seq)
             if missing:  # delivered out of order: the stream has the missing ones
                 found = await with_retry(
-                    lambda: read_missing(js, msg.subject, pub, k, seq, dedup, stream_seq),
+                    lambda: read_missing(js, md.stream, msg.subject, pub, dedup.after(pub, k),
+                                         seq, stream_seq),
                     retry_for, "reading the stream", info)
-                for raw in found:
+                for raw, n in found:
                     _write_message(writer, st, raw.data or b"", raw.headers or {},
                                    now - stored, late_after)
-                    dedup.written(raw.seq, pub, k, int(raw.headers[H_SEQ]))
+                    dedup.written(raw.seq, pub, k, n)
                 st.recovered += len(found)
                 st.lost += missing - len(found)
             if missing is not None:

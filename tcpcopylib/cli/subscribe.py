@@ -120,8 +120,8 @@ class Tool(BaseTool):
                 self.name, upstream="tc-publish", stream=args.stream,
                 partition=f"{k}/{m}", partitions=n))
             writer.flush()  # the header now: downstream starts before the first record
-            await broker.deliver(sub, nc, js, writer, self.stats, args.batch, until, late_after,
-                                 retry_for, stop, self.info)
+            await broker.deliver(sub, nc, js, writer, self.stats, args.batch, until,
+                                 late_after, retry_for, stop, self.info)
         finally:
             try:
                 await asyncio.wait_for(nc.close(), 5)  # (flushes the last acks)
@@ -137,7 +137,8 @@ class Tool(BaseTool):
             return None
         return (f"{s.records} records in {s.messages} messages ({s.bytes} bytes) written, "
                 f"{s.redelivered} redelivered and {s.duplicates} duplicate messages dropped, "
-                f"{s.recovered} read again after a gap in the delivery, {s.lost} lost, {s.late} late (max lag {s.max_lag:.3f} s), "
+                f"{s.recovered} read again after a gap in the delivery, {s.lost} lost, "
+                f"{s.late} late (max lag {s.max_lag:.3f} s), "
                 f"{self.elapsed():.2f} s")
 
     def stats_dict(self) -> dict:
@@ -145,9 +146,9 @@ class Tool(BaseTool):
         d = {"summary": self.stats_line()}
         if s is not None:
             d.update(records=s.records, messages=s.messages, bytes=s.bytes,
-                     redelivered=s.redelivered, duplicates=s.duplicates, recovered=s.recovered,
-                     lost=s.lost,
-                     late=s.late, max_lag_s=round(s.max_lag, 6))
+                     redelivered=s.redelivered, duplicates=s.duplicates,
+                     recovered=s.recovered, lost=s.lost, late=s.late,
+                     max_lag_s=round(s.max_lag, 6))
         return d
 
 
